@@ -1,0 +1,1 @@
+"""otacm's command line and configuration: the edge where the process meets its operator."""

@@ -1,0 +1,244 @@
+"""The one typed settings object, built once at the edge and passed down.
+
+Values come from ``OTACM_*`` environment variables and, optionally, a TOML file (named by
+``OTACM_CONFIG_FILE`` or ``--config``); the environment wins over the file. An OTA sells
+for many venues, so the settings hold a list of venue connections: the file lists them as
+``[[connections]]`` tables, and a single venue can be configured from the environment
+alone (``OTACM_TENANT``, ``OTACM_COMPANY``, ``OTACM_API_KEY``, ...), which adds one
+connection named ``OTACM_CONNECTION_NAME`` (default ``default``).
+
+Secrets (API keys, webhook client states) are ``SecretStr``: they never appear in
+``repr``, logs or error messages.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import quote, unquote
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_API_BASE_URL = "https://api.npretail.app"
+DEFAULT_DATABASE_URL = "sqlite:///var/otacm.sqlite3"
+MIN_POLL_INTERVAL = 10.0
+_API_VERSION = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+class SettingsError(ValueError):
+    """The configuration is unusable; the message names the setting."""
+
+
+def split_comma_list(value: Any) -> Any:
+    """``"a, b,,c"`` → ``["a", "b", "c"]``: lists in the environment are comma lists."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+CommaList = Annotated[list[str], NoDecode]
+SecretCommaList = Annotated[list[SecretStr], NoDecode]
+
+
+def encode_company(company: str) -> str:
+    """The company name as one path segment, percent-encoded exactly once.
+
+    The venue's documents show the company both raw (``CRONUS International Ltd.``) and
+    already encoded, once (``%20``) or twice (``%2520``); decoding until stable and then
+    encoding once makes every form give the same URL.
+    """
+    decoded = company
+    for _ in range(5):
+        once_more = unquote(decoded)
+        if once_more == decoded:
+            break
+        decoded = once_more
+    return quote(decoded, safe="")
+
+
+class VenueConnection(BaseModel):
+    """One venue (tenant and company) the OTA sells for, with its own key and partners."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(default="default", min_length=1, max_length=64, pattern=r"^[\w.-]+$")
+    api_base_url: str = DEFAULT_API_BASE_URL
+    tenant: str = Field(min_length=1)
+    environment: str = Field(default="production", min_length=1)
+    company: str = Field(min_length=1)
+    api_key: SecretStr
+    api_version: str | None = None
+    partner_ids: list[str] = Field(default_factory=list)
+    webhook_client_states: list[SecretStr] = Field(default_factory=list)
+
+    @field_validator("partner_ids", "webhook_client_states", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        return split_comma_list(value)
+
+    @field_validator("partner_ids")
+    @classmethod
+    def _lowercase_guids(cls, value: list[str]) -> list[str]:
+        # The venue writes GUIDs lowercase without braces; so do we, to compare them.
+        return [partner.strip("{}").lower() for partner in value]
+
+    @field_validator("api_version")
+    @classmethod
+    def _version_is_a_date(cls, value: str | None) -> str | None:
+        if value is not None and not _API_VERSION.match(value):
+            raise ValueError("api_version must be a date, YYYY-MM-DD")
+        return value
+
+    @field_validator("webhook_client_states")
+    @classmethod
+    def _states_fit(cls, value: list[SecretStr]) -> list[SecretStr]:
+        if any(len(state.get_secret_value()) > 50 for state in value):
+            raise ValueError("a webhook client state is at most 50 characters")
+        return value
+
+    @property
+    def base_url(self) -> str:
+        """``{api_base_url}/{tenant}/{environment}/{company}``, the company encoded once."""
+        root = self.api_base_url.rstrip("/")
+        return f"{root}/{self.tenant}/{self.environment}/{encode_company(self.company)}"
+
+    @property
+    def api_identity(self) -> tuple[str, str]:
+        """What the venue's rate limits count by: the API root and the key."""
+        return (self.api_base_url.rstrip("/"), self.api_key.get_secret_value())
+
+    def masked(self) -> dict[str, Any]:
+        """The connection for display: secrets replaced by a hint of their length."""
+        return {
+            "name": self.name,
+            "base_url": self.base_url,
+            "api_version": self.api_version or "(latest)",
+            "api_key": mask(self.api_key),
+            "partner_ids": list(self.partner_ids),
+            "webhook_client_states": [mask(s) for s in self.webhook_client_states],
+        }
+
+
+def mask(secret: SecretStr) -> str:
+    """A secret for display: never its characters, only whether it is set."""
+    length = len(secret.get_secret_value())
+    return f"****({length} chars)" if length else "(empty)"
+
+
+class Settings(BaseSettings):
+    """Everything otacm is configured with. Tests build it by hand."""
+
+    model_config = SettingsConfigDict(env_prefix="OTACM_", extra="ignore", frozen=True)
+
+    database_url: str = DEFAULT_DATABASE_URL
+    poll_interval: float = Field(default=15.0, ge=MIN_POLL_INTERVAL)
+    connections: list[VenueConnection] = Field(default_factory=list)
+
+    # The single-venue form, from the environment alone.
+    connection_name: str = "default"
+    api_base_url: str = DEFAULT_API_BASE_URL
+    tenant: str | None = None
+    environment: str = "production"
+    company: str | None = None
+    api_key: SecretStr | None = None
+    api_version: str | None = None
+    partner_ids: CommaList = Field(default_factory=list)
+    webhook_client_states: SecretCommaList = Field(default_factory=list)
+
+    @field_validator("partner_ids", "webhook_client_states", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        return split_comma_list(value)
+
+    @model_validator(mode="after")
+    def _fold_single_venue(self) -> Settings:
+        single = (self.tenant, self.company, self.api_key)
+        if any(value is not None for value in single):
+            missing = [
+                f"OTACM_{name.upper()}"
+                for name, value in zip(("tenant", "company", "api_key"), single, strict=True)
+                if value is None
+            ]
+            if missing:
+                raise ValueError(f"a venue from the environment also needs {', '.join(missing)}")
+            venue = VenueConnection(
+                name=self.connection_name,
+                api_base_url=self.api_base_url,
+                tenant=self.tenant,
+                environment=self.environment,
+                company=self.company,
+                api_key=self.api_key,
+                api_version=self.api_version,
+                partner_ids=self.partner_ids,
+                webhook_client_states=self.webhook_client_states,
+            )
+            if all(c.name != venue.name for c in self.connections):
+                object.__setattr__(self, "connections", [*self.connections, venue])
+        names = [c.name for c in self.connections]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"venue connection names must be unique: {', '.join(duplicates)}")
+        return self
+
+    @classmethod
+    def load(cls, config_file: Path | None = None) -> Settings:
+        """Settings from the environment, over the TOML ``config_file`` if one is given.
+
+        Raises:
+            SettingsError: the file cannot be read or a value is invalid.
+        """
+        file_values: dict[str, Any] = {}
+        if config_file is not None:
+            try:
+                file_values = tomllib.loads(config_file.read_text(encoding="utf-8"))
+            except OSError as exc:
+                message = f"cannot read config file {config_file}: {exc.strerror}"
+                raise SettingsError(message) from exc
+            except tomllib.TOMLDecodeError as exc:
+                raise SettingsError(f"config file {config_file} is not valid TOML: {exc}") from exc
+        try:
+            from_env = cls()
+            overrides = from_env.model_dump(exclude_unset=True, exclude={"connections"})
+            return cls.model_validate({**file_values, **overrides})
+        except ValueError as exc:
+            raise SettingsError(describe_validation_error(exc)) from None
+
+    def connection(self, name: str) -> VenueConnection:
+        """The venue connection called ``name``.
+
+        Raises:
+            SettingsError: no connection has that name.
+        """
+        for venue in self.connections:
+            if venue.name == name:
+                return venue
+        known = ", ".join(c.name for c in self.connections) or "none configured"
+        raise SettingsError(f"no venue connection named {name!r} (known: {known})")
+
+    def masked(self) -> dict[str, Any]:
+        """The effective configuration for display, secrets masked."""
+        return {
+            "database_url": mask_database_url(self.database_url),
+            "poll_interval": self.poll_interval,
+            "connections": [c.masked() for c in self.connections],
+        }
+
+
+def mask_database_url(url: str) -> str:
+    """A database URL with any password replaced."""
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1****@", url)
+
+
+def describe_validation_error(exc: ValueError) -> str:
+    """One line per invalid setting, naming it, without echoing the value (it may be secret)."""
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return str(exc)
+    lines = []
+    for error in errors():
+        where = ".".join(str(part) for part in error.get("loc", ())) or "settings"
+        lines.append(f"{where}: {error.get('msg', 'invalid')}")
+    return "invalid settings: " + "; ".join(lines)
