@@ -133,7 +133,8 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="OTACM_", extra="ignore", frozen=True)
 
-    database_url: str = DEFAULT_DATABASE_URL
+    # May carry a password: shown only through masked().
+    database_url: str = Field(default=DEFAULT_DATABASE_URL, repr=False)
     poll_interval: float = Field(default=15.0, ge=MIN_POLL_INTERVAL)
     connections: list[VenueConnection] = Field(default_factory=list)
 

@@ -342,5 +342,3 @@ class Subscription(WireModel):
     notification_url: OptionalText
     event_name: OptionalText
     client_state: Annotated[str | None, Field(default=None, repr=False)]
-
-

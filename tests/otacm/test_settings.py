@@ -1,0 +1,174 @@
+"""Settings: environment, file, several venue connections, secrets kept secret."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr
+
+from otacm.settings import (
+    DEFAULT_DATABASE_URL,
+    Settings,
+    SettingsError,
+    VenueConnection,
+    encode_company,
+    mask_database_url,
+)
+
+KEY = "k-very-secret-key-0001"
+
+
+def single_venue_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTACM_TENANT", "01234567-89ab-cdef-0123-456789abcdef")
+    monkeypatch.setenv("OTACM_COMPANY", "CRONUS International Ltd.")
+    monkeypatch.setenv("OTACM_API_KEY", KEY)
+    monkeypatch.setenv("OTACM_PARTNER_IDS", "21E8C1D2-3F4A-4C5B-9E6D-7F8A9B0C1D2E, {abc}")
+    monkeypatch.setenv("OTACM_WEBHOOK_CLIENT_STATES", "state-one,state-two")
+
+
+def test_defaults_need_no_environment() -> None:
+    """With nothing configured, otacm uses SQLite under ./var/ and has no venues."""
+    settings = Settings.load()
+    assert settings.database_url == DEFAULT_DATABASE_URL
+    assert settings.database_url.startswith("sqlite:///var/")
+    assert settings.connections == []
+    assert settings.poll_interval == 15.0
+
+
+def test_single_venue_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """OTACM_* variables alone make one connection, comma lists split, GUIDs lowercased."""
+    single_venue_env(monkeypatch)
+    monkeypatch.setenv("OTACM_API_VERSION", "2026-05-01")
+    monkeypatch.setenv("OTACM_POLL_INTERVAL", "30")
+    settings = Settings.load()
+    (venue,) = settings.connections
+    assert venue.name == "default"
+    assert venue.partner_ids == ["21e8c1d2-3f4a-4c5b-9e6d-7f8a9b0c1d2e", "abc"]
+    assert [s.get_secret_value() for s in venue.webhook_client_states] == [
+        "state-one",
+        "state-two",
+    ]
+    assert venue.api_version == "2026-05-01"
+    assert settings.poll_interval == 30.0
+
+
+def test_incomplete_single_venue_names_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A venue half-configured in the environment is refused, naming the missing variables."""
+    monkeypatch.setenv("OTACM_TENANT", "t")
+    with pytest.raises(SettingsError, match="OTACM_COMPANY, OTACM_API_KEY"):
+        Settings.load()
+
+
+def test_poll_interval_below_the_venue_advice_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The venue advises polling no faster than every 10 s; less is a configuration error."""
+    monkeypatch.setenv("OTACM_POLL_INTERVAL", "5")
+    with pytest.raises(SettingsError, match="poll_interval"):
+        Settings.load()
+
+
+def test_file_lists_several_venues_and_environment_adds_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A TOML file holds several connections; the environment's venue joins them."""
+    config = tmp_path / "otacm.toml"
+    config.write_text(
+        """
+database_url = "sqlite:///from-file.sqlite3"
+poll_interval = 20
+
+[[connections]]
+name = "castle"
+tenant = "t1"
+company = "Castle Ltd."
+api_key = "castle-key-123"
+partner_ids = ["p1"]
+webhook_client_states = ["c1"]
+
+[[connections]]
+name = "zoo"
+tenant = "t2"
+environment = "sandbox"
+company = "Zoo A/S"
+api_key = "zoo-key-456"
+partner_ids = "p2,p3"
+"""
+    )
+    single_venue_env(monkeypatch)
+    monkeypatch.setenv("OTACM_CONNECTION_NAME", "museum")
+    monkeypatch.setenv("OTACM_POLL_INTERVAL", "25")
+    settings = Settings.load(config)
+    assert [c.name for c in settings.connections] == ["castle", "zoo", "museum"]
+    assert settings.connection("zoo").partner_ids == ["p2", "p3"]
+    assert settings.database_url == "sqlite:///from-file.sqlite3"
+    assert settings.poll_interval == 25.0, "the environment wins over the file"
+
+
+def test_duplicate_connection_names_are_refused(tmp_path: Path) -> None:
+    """Two connections with one name would mix their orders; the file is refused."""
+    config = tmp_path / "otacm.toml"
+    venue = 'name = "a"\ntenant = "t"\ncompany = "c"\napi_key = "k"\n'
+    config.write_text(f"[[connections]]\n{venue}\n[[connections]]\n{venue}")
+    with pytest.raises(SettingsError, match="unique: a"):
+        Settings.load(config)
+
+
+def test_unreadable_or_invalid_file_is_one_clear_error(tmp_path: Path) -> None:
+    """A missing file or broken TOML is named in the error."""
+    with pytest.raises(SettingsError, match="cannot read config file"):
+        Settings.load(tmp_path / "missing.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("connections = [")
+    with pytest.raises(SettingsError, match="not valid TOML"):
+        Settings.load(broken)
+
+
+def test_unknown_connection_is_named() -> None:
+    """Asking for a connection that does not exist lists the known ones."""
+    settings = Settings(connections=[VenueConnection(tenant="t", company="c", api_key=KEY)])
+    with pytest.raises(SettingsError, match=r"'other' \(known: default\)"):
+        settings.connection("other")
+
+
+@pytest.mark.parametrize(
+    "company",
+    [
+        "CRONUS International Ltd.",
+        "CRONUS%20International%20Ltd.",
+        "CRONUS%2520International%2520Ltd.",
+    ],
+)
+def test_company_is_encoded_exactly_once(company: str) -> None:
+    """Raw, once- and twice-encoded company names all give the same single-encoded path."""
+    venue = VenueConnection(tenant="t", environment="production", company=company, api_key=KEY)
+    assert venue.base_url == ("https://api.npretail.app/t/production/CRONUS%20International%20Ltd.")
+
+
+def test_company_with_slash_and_percent_stays_one_segment() -> None:
+    """A company name with '/' cannot escape its path segment."""
+    assert encode_company("Zoo A/S") == "Zoo%20A%2FS"
+
+
+def test_secrets_never_in_repr_or_masked_view(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Neither repr nor the doctor's masked view shows a key, client state or DB password."""
+    single_venue_env(monkeypatch)
+    monkeypatch.setenv("OTACM_DATABASE_URL", "postgresql://otacm:db-pass-99@db/otacm")
+    settings = Settings.load()
+    shown = repr(settings) + str(settings) + repr(settings.masked())
+    for secret in (KEY, "state-one", "state-two", "db-pass-99"):
+        assert secret not in shown
+    assert mask_database_url(settings.database_url) == "postgresql://otacm:****@db/otacm"
+
+
+def test_client_states_longer_than_the_venue_allows_are_refused() -> None:
+    """The venue accepts client states of at most 50 characters."""
+    with pytest.raises(ValueError, match="at most 50"):
+        VenueConnection(
+            tenant="t", company="c", api_key=KEY, webhook_client_states=[SecretStr("x" * 51)]
+        )
+
+
+def test_api_version_must_be_a_date() -> None:
+    """The version pin is a date, as the venue's x-api-version header expects."""
+    with pytest.raises(ValueError, match="YYYY-MM-DD"):
+        VenueConnection(tenant="t", company="c", api_key=KEY, api_version="latest")

@@ -1,0 +1,347 @@
+"""The wire models against every JSON example in the venue's own documents, and webhooks.
+
+The seeds show examples as line-numbered code blocks (``1{``, ``2 "orderId": ...``) and
+request bodies inside curl ``-d '...'`` arguments; the helpers below strip the numbers
+and parse every one, so a model that drifts from the documents fails here.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import json
+import re
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from venue.models import (
+    ORDER_PROCESSED_EVENT,
+    ConfirmRequest,
+    Notification,
+    Order,
+    OrderRequest,
+    OrderStatus,
+    OrderSummary,
+    parse_notifications,
+    parse_page,
+)
+
+SEEDS = Path(__file__).resolve().parents[3] / "shared" / "seeds"
+# Seeds documenting the older synchronous API, whose responses lack buyFromOrderReference.
+SYNC_SEEDS = ("003_",)
+CUSTOMER_DATA = ("Jane Doe", "John Doe", "guest@example.com")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One code block of a seed: a curl command or a JSON document, numbers stripped."""
+
+    seed: str
+    index: int
+    text: str
+
+    @property
+    def is_curl(self) -> bool:
+        return self.text.startswith("curl")
+
+    @property
+    def id(self) -> str:
+        return f"{self.seed[:3]}-{self.index}"
+
+
+def _blocks(seed: Path) -> list[Example]:
+    """The numbered code blocks of one seed: a block starts at ``1{``, ``1[`` or ``1curl``
+    and runs while each line starts with the next line number."""
+    examples: list[Example] = []
+    lines = seed.read_text(encoding="utf-8").splitlines()
+    position = 0
+    while position < len(lines):
+        line = lines[position]
+        if not re.match(r"^1(\{|\[|curl )", line):
+            position += 1
+            continue
+        body: list[str] = []
+        number = 1
+        while position < len(lines) and lines[position].startswith(str(number)):
+            body.append(lines[position][len(str(number)) :])
+            number += 1
+            position += 1
+        examples.append(Example(seed.name, len(examples), "\n".join(body)))
+    return examples
+
+
+@functools.cache
+def _examples() -> tuple[Example, ...]:
+    return tuple(example for seed in sorted(SEEDS.glob("*.txt")) for example in _blocks(seed))
+
+
+def _json_documents() -> list[tuple[Example, Any]]:
+    return [(e, json.loads(e.text)) for e in _examples() if not e.is_curl]
+
+
+def _curl_bodies() -> list[tuple[Example, str, Any]]:
+    """(example, URL, decoded ``-d '...'`` body) for each curl command that sends JSON."""
+    found = []
+    for example in _examples():
+        body = re.search(r"-d '(.*?)'", example.text, re.DOTALL)
+        if example.is_curl and body:
+            url = re.search(r"https://\S+", example.text)
+            assert url is not None, example.text
+            found.append((example, url.group(0), json.loads(body.group(1))))
+    return found
+
+
+def _orders() -> list[tuple[Example, Any]]:
+    return [(e, doc) for e, doc in _json_documents() if isinstance(doc, dict)]
+
+
+def _lists() -> list[tuple[Example, Any]]:
+    return [(e, doc) for e, doc in _json_documents() if isinstance(doc, list)]
+
+
+def _order_requests() -> list[tuple[Example, Any]]:
+    return [(e, body) for e, url, body in _curl_bodies() if not url.endswith("/confirm")]
+
+
+def _confirm_requests() -> list[tuple[Example, Any]]:
+    return [(e, body) for e, url, body in _curl_bodies() if url.endswith("/confirm")]
+
+
+def _params(pairs: list[tuple[Example, Any]]) -> pytest.MarkDecorator:
+    return pytest.mark.parametrize(
+        ("example", "raw"), pairs, ids=[example.id for example, _ in pairs]
+    )
+
+
+# --- the examples themselves ------------------------------------------------------------
+
+
+def test_every_seed_example_is_found() -> None:
+    """The extractor finds all 17 examples of the seeds, so the tests below cannot pass empty."""
+    # 003 (sync): create, confirm, replace, delete; 004 (async): the same and getOrder.
+    assert len(_orders()) == 9
+    assert len(_lists()) == 2
+    assert len(_order_requests()) == 4
+    assert len(_confirm_requests()) == 2
+    assert len(_examples()) == 22  # plus 5 curl commands without a body (get, delete, list)
+
+
+@_params(_orders())
+def test_documented_order_responses_parse(example: Example, raw: Any) -> None:
+    """Each documented order response parses as Order with exact money and UTC times."""
+    order = Order.model_validate_json(example.text)
+
+    assert order.order_id == "9c6b2f4e-2b71-4d23-9d6a-a3b4c5d6e7f8"
+    assert order.status in (OrderStatus.ISSUED, OrderStatus.SUBMITTED)
+    assert order.partner_id == raw["partnerId"]
+    assert order.received_at == dt.datetime(2026, 5, 15, 9, 30, tzinfo=dt.UTC)
+    assert order.payment_reference == "PAY-987654"
+    wallet = order.items[0].wallets[0]
+    assert isinstance(wallet.unit_price_excl_vat, Decimal)
+    assert wallet.unit_price_excl_vat == Decimal("80")
+    assert wallet.unit_price_incl_vat == Decimal("100")
+    assert wallet.currency_code == "DKK"
+    assert wallet.wallet_reference_number == "141234529930210327"
+    assert wallet.external_reference_number == "JD-2026-001"
+    assert wallet.issued_at == dt.datetime(2026, 5, 15, 9, 30, 5, tzinfo=dt.UTC)
+    assert wallet.issued_at.utcoffset() == dt.timedelta(0)
+    asset = wallet.assets[0]
+    assert (asset.type, asset.reference_number) == ("ticket", "ATF-BIL010665L-3")
+    assert order.items[0].visit_date == dt.date(2026, 6, 1)
+    assert order.items[0].visit_time == dt.time(10, 30)
+
+
+@_params(_orders())
+def test_older_synchronous_responses_lack_the_vendor_reference(example: Example, raw: Any) -> None:
+    """Synchronous-era responses parse with buy_from_order_reference None; async ones carry it."""
+    order = Order.model_validate_json(example.text)
+
+    if example.seed.startswith(SYNC_SEEDS):
+        assert "buyFromOrderReference" not in raw
+        assert order.buy_from_order_reference is None
+        assert order.items[0].line_no == 10000
+    else:
+        assert order.buy_from_order_reference == "CM-20260515093000-A1B2"
+        assert order.items[0].line_no == 100000
+
+
+@_params(_lists())
+def test_documented_list_responses_parse_as_pages(example: Example, raw: Any) -> None:
+    """The bare-array list examples parse via parse_page as one final page of summaries."""
+    page = parse_page(example.text, OrderSummary)
+
+    assert page.more_pages is False
+    assert page.next_page_key is None
+    assert len(page.data) == len(raw) == 1
+    summary = page.data[0]
+    assert summary.status is OrderStatus.ISSUED
+    assert summary.sell_to_order_reference == "PARTNER-ORDER-2026-00042"
+    assert summary.received_at == dt.datetime(2026, 5, 15, 9, 30, tzinfo=dt.UTC)
+
+
+@_params(_order_requests())
+def test_documented_order_requests_parse_and_round_trip(example: Example, raw: Any) -> None:
+    """Each curl createOrder/replaceOrder body parses as OrderRequest and serialises unchanged."""
+    request = OrderRequest.model_validate(raw)
+
+    item = request.items[0]
+    assert (item.item_number, item.quantity) == ("31001", 2)
+    assert (item.visit_date, item.visit_time) == (dt.date(2026, 6, 1), dt.time(10, 30))
+    assert item.wallet is not None
+    assert item.wallet.external_reference_numbers == ["JD-2026-001", "JOHN-2026-001"]
+    assert item.wallet.names is not None and len(item.wallet.names) == item.quantity
+    assert request.to_wire() == raw
+
+
+@_params(_confirm_requests())
+def test_documented_confirm_requests_parse(example: Example, raw: Any) -> None:
+    """Each curl confirmOrder body parses as ConfirmRequest and serialises back unchanged."""
+    request = ConfirmRequest.model_validate(raw)
+
+    assert request.payment_reference == "PAY-987654"
+    assert request.to_wire() == raw
+
+
+# --- details the examples do not show ---------------------------------------------------
+
+
+def test_money_from_json_text_is_exact() -> None:
+    """A fractional price parses to the exact Decimal written, never a float approximation."""
+    order = Order.model_validate_json(
+        '{"orderId": "o", "status": "Issued", "partnerId": "p", "sellToOrderReference": "R",'
+        ' "items": [{"lineNo": 100000, "itemNumber": "1", "wallets":'
+        ' [{"unitPriceExclVat": 80.10, "unitPriceInclVat": 0.1}]}]}'
+    )
+
+    wallet = order.items[0].wallets[0]
+    assert wallet.unit_price_excl_vat == Decimal("80.10")
+    assert wallet.unit_price_incl_vat == Decimal("0.1")
+
+
+def test_change_feed_summaries_carry_row_versions_and_tolerate_unknown_fields() -> None:
+    """A replication page keeps rowVersion and row id, and unknown fields do not fail it."""
+    page = parse_page(
+        json.dumps(
+            {
+                "morePages": True,
+                "nextPageKey": "k2",
+                "nextPageURL": "https://example.invalid/next",
+                "data": [
+                    {
+                        "id": "row-1",
+                        "rowVersion": 42,
+                        "orderId": "o",
+                        "status": "Cancelled",
+                        "partnerId": "p",
+                        "sellToOrderReference": "R",
+                        "receivedAt": "2026-05-15T11:30:00+02:00",
+                        "somethingNew": {"nested": True},
+                    }
+                ],
+            }
+        ),
+        OrderSummary,
+    )
+
+    assert (page.more_pages, page.next_page_key) == (True, "k2")
+    summary = page.data[0]
+    assert (summary.id, summary.row_version, summary.status) == ("row-1", 42, "Cancelled")
+    assert summary.received_at == dt.datetime(2026, 5, 15, 9, 30, tzinfo=dt.UTC)
+    assert summary.model_extra == {"somethingNew": {"nested": True}}
+
+
+# --- webhooks ---------------------------------------------------------------------------
+
+NOTIFICATION = {
+    "appId": "992c2309-cca4-43cb-9e41-911f482ec088",
+    "clientState": "s3cret-state",
+    "eventName": ORDER_PROCESSED_EVENT,
+    "eventVersion": "1.0",
+    "timestamp": "2024-01-15T10:30:00Z",
+    "companyName": "CRONUS International Ltd.",
+    "payload": {
+        "orderId": "9c6b2f4e-2b71-4d23-9d6a-a3b4c5d6e7f8",
+        "buyFromOrderReference": "CM-20260515093000-A1B2",
+        "status": "Issued",
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"value": [NOTIFICATION, NOTIFICATION]},
+        {"values": [NOTIFICATION, NOTIFICATION]},
+        NOTIFICATION,
+    ],
+    ids=["value", "values", "bare"],
+)
+def test_all_three_webhook_envelopes_parse(body: Any) -> None:
+    """The value, values and bare envelopes all yield typed ota_cm_order_processed payloads."""
+    notifications = parse_notifications(body)
+
+    assert len(notifications) == (1 if body is NOTIFICATION else 2)
+    for notification in notifications:
+        assert notification.client_state == "s3cret-state"
+        assert notification.timestamp == dt.datetime(2024, 1, 15, 10, 30, tzinfo=dt.UTC)
+        payload = notification.order_processed()
+        assert payload is not None
+        assert payload.order_id == "9c6b2f4e-2b71-4d23-9d6a-a3b4c5d6e7f8"
+        assert payload.status is OrderStatus.ISSUED
+
+
+def test_unknown_notification_fields_and_events_are_tolerated() -> None:
+    """Extra fields are kept, and another event parses but has no order-processed payload."""
+    other = {**NOTIFICATION, "eventName": "some_other_event", "companyId": "c", "newField": 1}
+
+    [notification] = parse_notifications({"value": [other]})
+
+    assert notification.company_id == "c"
+    assert notification.model_extra == {"newField": 1}
+    assert notification.order_processed() is None
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"value": [{"eventName": ORDER_PROCESSED_EVENT}]}, "clientState"),
+        ({"values": "not a list"}, "values"),
+        ({"eventName": ORDER_PROCESSED_EVENT}, "clientState"),
+        ({"clientState": "s"}, "eventName"),
+    ],
+)
+def test_invalid_envelopes_raise_naming_the_field(body: Any, field: str) -> None:
+    """A body of none of the shapes raises ValidationError whose errors name the bad field."""
+    with pytest.raises(ValidationError) as caught:
+        parse_notifications(body)
+
+    locations = [part for error in caught.value.errors() for part in error["loc"]]
+    assert field in locations
+
+
+def test_invalid_payload_of_our_event_raises() -> None:
+    """An ota_cm_order_processed notification without an orderId fails when typed."""
+    [notification] = parse_notifications({**NOTIFICATION, "payload": {"status": "Issued"}})
+
+    with pytest.raises(ValidationError, match="orderId"):
+        notification.order_processed()
+
+
+def test_reprs_hide_client_state_and_customer_data() -> None:
+    """repr() and str() of notifications, orders and requests never show secrets or customers."""
+    [notification] = parse_notifications(NOTIFICATION)
+    order = Order.model_validate_json(_orders()[0][0].text)
+    request = OrderRequest.model_validate(_order_requests()[0][1])
+    assert isinstance(notification, Notification)
+
+    for model in (notification, order, request, order.items[0], order.items[0].wallets[0]):
+        for text in (repr(model), str(model)):
+            assert "s3cret-state" not in text
+            for personal in CUSTOMER_DATA:
+                assert personal not in text
+    assert "9c6b2f4e-2b71-4d23-9d6a-a3b4c5d6e7f8" in repr(order)  # ids stay visible

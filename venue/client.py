@@ -1,0 +1,482 @@
+"""The partner's client of the venue's OTA Channel Manager API.
+
+:class:`VenueClient` is a thin class around an injected ``httpx.Client``: one method per
+endpoint, wire JSON turned into :mod:`venue.models` at this edge, failures turned into
+:mod:`venue.errors`. Transport errors, 429, 503 and 504 are retried with stamina
+(exponential backoff with jitter, bounded by attempts and a deadline); every other answer
+is final. Calls pass through the identity's shared :class:`~venue.throttle.Throttle`.
+Each call is logged as one line of method, path, status, duration and the venue's
+``x-npr-version``; never the API key, never a query value or a body (they hold customer
+names and e-mails). :func:`open_client` is the factory that owns its ``httpx.Client``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import httpx
+import stamina
+from pydantic import BaseModel, SecretStr, ValidationError
+
+from otacm.settings import VenueConnection
+from venue.errors import (
+    VenueProtocolError,
+    VenueUnavailable,
+    error_for_status,
+)
+from venue.models import (
+    ORDER_PROCESSED_EVENT,
+    ConfirmRequest,
+    ErrorBody,
+    Order,
+    OrderRequest,
+    OrderStatus,
+    OrderSummary,
+    Page,
+    Subscription,
+    SubscriptionRequest,
+    normalize_reference,
+    parse_page,
+)
+from venue.throttle import Throttle, throttle_for
+
+logger = logging.getLogger(__name__)
+
+# The venue queues a request up to 8 minutes before answering 503; waiting that long on
+# one call helps nobody, so a read timeout here is a transport error and is retried.
+DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How long a call keeps trying when the venue is unavailable or rate-limits it.
+
+    No new attempt starts once ``deadline`` seconds have passed since the first, so a
+    call ends within roughly ``deadline + wait_max`` plus one request's timeout.
+    """
+
+    attempts: int = 6
+    deadline: float = 60.0
+    wait_initial: float = 1.0
+    wait_max: float = 15.0
+    wait_jitter: float = 1.0
+
+
+def _retryable(exc: Exception) -> bool:
+    """Transport errors, 429, 503 and 504 (all :class:`VenueUnavailable`); nothing else."""
+    return isinstance(exc, VenueUnavailable)
+
+
+def _segment(value: str) -> str:
+    """One path segment, percent-encoded, so an id can never add or escape a path level."""
+    return quote(value, safe="")
+
+
+def _utc_text(value: dt.datetime) -> str:
+    """A query datetime as ISO 8601 UTC with ``Z``, as the venue documents."""
+    if value.tzinfo is None:
+        raise ValueError("query datetimes must be timezone-aware")
+    return value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+class VenueClient:
+    """One venue connection's API, over an ``httpx.Client`` the caller owns.
+
+    The client does not manage the life cycle of the ``httpx.Client`` passed to it: whoever
+    created it closes it (or use :func:`open_client`). Request timeouts are the
+    ``httpx.Client``'s; URLs are absolute, so its ``base_url`` is not used.
+
+    Retried calls are not all idempotent at the venue: a createOrder whose first attempt
+    landed answers the retry with a duplicate-reference rejection
+    (:attr:`~venue.errors.VenueRejected.is_duplicate_reference`; find the order with
+    :meth:`find_by_reference`), and a replaceOrder's retry may find the order Submitted.
+
+    Args:
+        http: the HTTP client to send requests with.
+        connection: the venue, its key, its version pin.
+        throttle: the concurrency and rate limit to respect; by default the one shared by
+            every client of ``connection.api_identity`` in this process.
+        retry: attempts, deadline and backoff for transient failures.
+    """
+
+    def __init__(
+        self,
+        http: httpx.Client,
+        connection: VenueConnection,
+        *,
+        throttle: Throttle | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self._http = http
+        self._base_url = connection.base_url
+        self._headers = {
+            "x-np-api-key": connection.api_key.get_secret_value(),
+            "Accept": "application/json",
+        }
+        if connection.api_version:
+            self._headers["x-api-version"] = connection.api_version
+        self._throttle = throttle or throttle_for(connection.api_identity)
+        self._retry = retry or RetryPolicy()
+
+    def __repr__(self) -> str:
+        return f"VenueClient({self._base_url!r})"
+
+    # --- orders -----------------------------------------------------------------------
+
+    def create_order(self, request: OrderRequest, *, sync: bool = False) -> Order:
+        """Submit a new order (createOrder).
+
+        Args:
+            request: the order.
+            sync: issue inside the call (``?sync=1``, undocumented; fires no webhook).
+
+        Returns:
+            The order as accepted: usually Submitted; already settled on the older
+            synchronous API or with ``sync``.
+
+        Raises:
+            VenueRejected: refused; ``is_duplicate_reference`` when the reference is taken.
+            VenueError: any other failure.
+        """
+        params = {"sync": "1"} if sync else None
+        response = self._call("POST", "/channelManager", params=params, json=request.to_wire())
+        return self._parse("POST", "/channelManager", response, Order)
+
+    def get_order(self, order_id: str) -> Order:
+        """The full order, with items, wallets and assets (getOrder).
+
+        Raises:
+            VenueNotFound: no such order (or it was deleted outright).
+            VenueError: any other failure.
+        """
+        path = f"/channelManager/{_segment(order_id)}"
+        return self._parse("GET", path, self._call("GET", path), Order)
+
+    def confirm_order(self, order_id: str, payment_reference: str) -> Order:
+        """Confirm a Draft order's payment, making it Issued (confirmOrder).
+
+        A no-op returning the order unchanged when it is already Issued.
+
+        Raises:
+            VenueRejected: the order cannot be confirmed in its status.
+            VenueError: any other failure.
+        """
+        path = f"/channelManager/{_segment(order_id)}/confirm"
+        body = ConfirmRequest(payment_reference=payment_reference).to_wire()
+        return self._parse("POST", path, self._call("POST", path, json=body), Order)
+
+    def replace_order(self, order_id: str, request: OrderRequest) -> Order:
+        """Replace a Draft or Error order's header and items (replaceOrder).
+
+        Returns:
+            The order, Submitted again.
+
+        Raises:
+            VenueRejected: the order is in another status, or the request is invalid.
+            VenueError: any other failure.
+        """
+        path = f"/channelManager/{_segment(order_id)}"
+        response = self._call("PUT", path, json=request.to_wire())
+        return self._parse("PUT", path, response, Order)
+
+    def delete_order(self, order_id: str) -> Order | None:
+        """Cancel an Issued order, or remove a Draft or Error one (deleteOrder).
+
+        Returns:
+            The order as the venue answered it, or ``None`` when the body was empty.
+
+        Raises:
+            VenueRejected: the order is still in flight.
+            VenueNotFound: no such order.
+            VenueError: any other failure.
+        """
+        path = f"/channelManager/{_segment(order_id)}"
+        response = self._call("DELETE", path)
+        if not response.content.strip():
+            return None
+        return self._parse("DELETE", path, response, Order)
+
+    def list_orders(
+        self,
+        partner_id: str,
+        *,
+        statuses: Iterable[OrderStatus | str] | None = None,
+        sell_to_order_reference: str | None = None,
+        received_from: dt.datetime | None = None,
+        received_to: dt.datetime | None = None,
+        page_size: int | None = None,
+    ) -> Iterator[OrderSummary]:
+        """The partner's orders as summaries, every page (listOrdersByPartner).
+
+        Filters combine with AND; ``statuses`` are OR-ed; the ``received_*`` bounds are
+        inclusive and must be timezone-aware. Pages are requested lazily while iterating.
+
+        Raises:
+            VenueError: a page could not be fetched.
+        """
+        params: dict[str, str] = {}
+        if statuses is not None:
+            params["status"] = ",".join(str(status) for status in statuses)
+        if sell_to_order_reference is not None:
+            params["sellToOrderReference"] = normalize_reference(sell_to_order_reference)
+        if received_from is not None:
+            params["receivedAtFrom"] = _utc_text(received_from)
+        if received_to is not None:
+            params["receivedAtTo"] = _utc_text(received_to)
+        if page_size is not None:
+            params["pageSize"] = str(page_size)
+        path = f"/channelManager/orders/{_segment(partner_id)}"
+        return self._paged(path, params, OrderSummary)
+
+    def change_feed(
+        self,
+        partner_id: str,
+        last_row_version: int | None,
+        page_size: int | None = None,
+    ) -> Iterator[OrderSummary]:
+        """The partner's orders created or changed after ``last_row_version``, oldest first.
+
+        ``None`` starts from the beginning. Rows deleted outright do not appear; a long
+        transaction can commit a lower row version late, so callers re-read with a small
+        overlap below their high-water mark and upsert.
+
+        Raises:
+            VenueError: a page could not be fetched.
+        """
+        params = {"sync": "true"}
+        if last_row_version is not None:
+            params["lastRowVersion"] = str(last_row_version)
+        if page_size is not None:
+            params["pageSize"] = str(page_size)
+        path = f"/channelManager/orders/{_segment(partner_id)}"
+        return self._paged(path, params, OrderSummary)
+
+    def find_by_reference(self, partner_id: str, reference: str) -> list[OrderSummary]:
+        """The partner's orders with this ``sellToOrderReference`` (compared case-blind).
+
+        Usually none or one; more only in the venue's history of deleted-and-resubmitted
+        Error orders.
+        """
+        wanted = normalize_reference(reference)
+        return [
+            summary
+            for summary in self.list_orders(partner_id, sell_to_order_reference=reference)
+            if normalize_reference(summary.sell_to_order_reference) == wanted
+        ]
+
+    # --- webhook subscriptions --------------------------------------------------------
+
+    def create_subscription(
+        self,
+        notification_url: str,
+        client_state: str | SecretStr,
+        event_name: str = ORDER_PROCESSED_EVENT,
+    ) -> Subscription:
+        """Subscribe ``notification_url`` to ``event_name`` (``POST /webhook``).
+
+        Args:
+            notification_url: where the venue will POST notifications.
+            client_state: the shared secret (at most 50 characters) each one will carry.
+            event_name: the business event.
+        """
+        if isinstance(client_state, SecretStr):
+            client_state = client_state.get_secret_value()
+        body = SubscriptionRequest(
+            notification_url=notification_url, event_name=event_name, client_state=client_state
+        ).to_wire()
+        return self._parse(
+            "POST", "/webhook", self._call("POST", "/webhook", json=body), Subscription
+        )
+
+    def list_subscriptions(self) -> list[Subscription]:
+        """This company's webhook subscriptions (``GET /webhooks``)."""
+        return list(self._paged("/webhooks", {}, Subscription))
+
+    def delete_subscription(self, subscription_id: str) -> None:
+        """Remove a webhook subscription (``DELETE /webhook/{id}``).
+
+        Raises:
+            VenueNotFound: no such subscription.
+            VenueError: any other failure.
+        """
+        self._call("DELETE", f"/webhook/{_segment(subscription_id)}")
+
+    # --- the edge ---------------------------------------------------------------------
+
+    def _paged(
+        self, path: str, params: dict[str, str], item_type: type[ModelT]
+    ) -> Iterator[ModelT]:
+        """Every item of a cursor-paged list, each next request built from ``nextPageKey``.
+
+        ``nextPageURL`` is never followed: the venue re-appends query values to it
+        without encoding them.
+        """
+        seen_keys: set[str] = set()
+        page_params = dict(params)
+        while True:
+            response = self._call("GET", path, params=page_params)
+            page: Page[ModelT] = self._parse_list(path, response, item_type)
+            yield from page.data
+            key = page.next_page_key
+            if not page.more_pages or not key:
+                return
+            if key in seen_keys:
+                raise VenueProtocolError("GET", path, reason="nextPageKey repeats a page")
+            seen_keys.add(key)
+            page_params = {**params, "pageKey": key}
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, str] | None = None,
+        json: Any = None,
+    ) -> httpx.Response:
+        """Send one call with retries; the 2xx response, or the error for the last answer."""
+        policy = self._retry
+        attempt_no = 0
+        try:
+            for attempt in stamina.retry_context(
+                on=_retryable,
+                attempts=policy.attempts,
+                timeout=policy.deadline,
+                wait_initial=policy.wait_initial,
+                wait_max=policy.wait_max,
+                wait_jitter=policy.wait_jitter,
+            ):
+                with attempt:
+                    attempt_no = attempt.num
+                    return self._send(method, path, params, json, attempt_no)
+        except VenueUnavailable as exc:
+            logger.warning(
+                "venue %s %s gave up after %d attempts (%s)",
+                method,
+                path,
+                attempt_no,
+                exc.status or type(exc.__cause__).__name__,
+            )
+            raise
+        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        params: dict[str, str] | None,
+        json: Any,
+        attempt: int,
+    ) -> httpx.Response:
+        """One attempt: the 2xx response, or the matching :class:`VenueError`."""
+        started = time.perf_counter()
+        try:
+            with self._throttle.slot():
+                response = self._http.request(
+                    method,
+                    self._base_url + path,
+                    params=params,
+                    json=json,
+                    headers=self._headers,
+                )
+        except httpx.TransportError as exc:
+            logger.warning(
+                "venue %s %s failed: %s after %.0f ms (attempt %d)",
+                method,
+                path,
+                type(exc).__name__,
+                (time.perf_counter() - started) * 1000,
+                attempt,
+            )
+            raise VenueUnavailable(method, path, reason=type(exc).__name__) from exc
+        logger.info(
+            "venue %s %s -> %d in %.0f ms (x-npr-version %s, attempt %d)",
+            method,
+            path,
+            response.status_code,
+            (time.perf_counter() - started) * 1000,
+            response.headers.get("x-npr-version", "-"),
+            attempt,
+        )
+        if response.is_success:
+            return response
+        code, message = self._error_body(response)
+        raise error_for_status(method, path, response.status_code, code=code, message=message)
+
+    @staticmethod
+    def _error_body(response: httpx.Response) -> tuple[str | None, str | None]:
+        """The venue's ``code`` and ``message``, when the error body has them."""
+        try:
+            body = ErrorBody.model_validate_json(response.content)
+        except ValidationError:
+            return None, None
+        return (
+            body.code if "code" in body.model_fields_set else None,
+            body.message if "message" in body.model_fields_set else None,
+        )
+
+    @staticmethod
+    def _parse(method: str, path: str, response: httpx.Response, model: type[ModelT]) -> ModelT:
+        """The body as ``model``, or :class:`VenueProtocolError` naming the bad fields."""
+        try:
+            return model.model_validate_json(response.content)
+        except ValidationError as exc:
+            raise _protocol_error(method, path, response, model, exc) from exc
+
+    @staticmethod
+    def _parse_list(path: str, response: httpx.Response, model: type[ModelT]) -> Page[ModelT]:
+        """A list body (page envelope, ``{"value": [...]}`` or bare array) of ``model``."""
+        try:
+            return parse_page(response.content, model)
+        except ValueError as exc:  # bad JSON (json.JSONDecodeError) or a ValidationError
+            raise _protocol_error("GET", path, response, model, exc) from exc
+
+
+def _protocol_error(
+    method: str, path: str, response: httpx.Response, model: type[BaseModel], exc: ValueError
+) -> VenueProtocolError:
+    """Name what was wrong without echoing the body: input values may be personal."""
+    if isinstance(exc, ValidationError):
+        problems = [
+            f"{'.'.join(str(part) for part in error['loc']) or 'body'}: {error['msg']}"
+            for error in exc.errors(include_input=False, include_url=False)[:3]
+        ]
+        detail = "; ".join(problems)
+    else:
+        detail = "not JSON"
+    return VenueProtocolError(
+        method,
+        path,
+        status=response.status_code,
+        reason=f"body does not parse as {model.__name__}: {detail}",
+    )
+
+
+@contextmanager
+def open_client(
+    connection: VenueConnection,
+    *,
+    transport: httpx.BaseTransport | None = None,
+    timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+    throttle: Throttle | None = None,
+    retry: RetryPolicy | None = None,
+) -> Iterator[VenueClient]:
+    """A :class:`VenueClient` over an ``httpx.Client`` of its own, closed on exit.
+
+    Args:
+        connection: the venue to talk to.
+        transport: the HTTP transport (tests pass ``httpx.MockTransport``).
+        timeout: per-request timeouts.
+        throttle: as for :class:`VenueClient`.
+        retry: as for :class:`VenueClient`.
+    """
+    with httpx.Client(transport=transport, timeout=timeout) as http:
+        yield VenueClient(http, connection, throttle=throttle, retry=retry)

@@ -1,0 +1,142 @@
+"""Every way a call to the venue can fail, as one exception hierarchy.
+
+The client raises only these; transport and validation errors are translated with
+``raise ... from exc``. Each error names the call (method and path below the API base,
+never the key) and carries the venue's ``code`` and ``message`` when its body had them::
+
+    VenueError                   any failure; also an unexpected status (500, 502, 3xx)
+    ├── VenueUnavailable         transport error, 503, 504: retried until attempts or
+    │   │                        the deadline run out, then raised
+    │   └── VenueRateLimited     429: retried the same way
+    ├── VenueAuthError           401: the API key is wrong or revoked
+    ├── VenueForbidden           403: the key lacks a permission
+    ├── VenueNotFound            404 ``resource_not_found``: no such order or subscription
+    ├── VenueRejected            400 and any other 4xx: see ``may_be_transient`` and
+    │                            ``is_duplicate_reference``
+    └── VenueProtocolError       a 2xx body that is not what the API documents
+"""
+
+from __future__ import annotations
+
+# Fragments of the venue's 400 messages that say "not a verdict on the order": the
+# documented mid-flight rejection and the shapes Business Central gives internal failures.
+_TRANSIENT_MARKERS = (
+    "mid-flight",
+    "retry once",
+    "unexpected",
+    "internal error",
+    "deadlock",
+    "locked by another",
+)
+
+
+class VenueError(Exception):
+    """A call to the venue failed.
+
+    Attributes:
+        method: the HTTP method of the call.
+        path: the path below the API base (order and partner ids, no query, no key).
+        status: the HTTP status, or ``None`` when no response arrived.
+        code: the venue's snake_case error code, when its body had one.
+        message: the venue's human-readable message, when its body had one.
+    """
+
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        message: str | None = None,
+        reason: str | None = None,
+    ) -> None:
+        self.method = method
+        self.path = path
+        self.status = status
+        self.code = code
+        self.message = message
+        parts = [f"{method} {path}"]
+        if status is not None:
+            parts.append(f"HTTP {status}")
+        if code:
+            parts.append(code)
+        if message:
+            parts.append(message)
+        if reason:
+            parts.append(reason)
+        super().__init__(": ".join(parts))
+
+
+class VenueUnavailable(VenueError):
+    """The venue could not be reached or did not answer in time (transport error, 503, 504).
+
+    Raised once the client's retries are spent; ``__cause__`` holds the transport error,
+    if there was one.
+    """
+
+
+class VenueRateLimited(VenueUnavailable):
+    """The venue's gateway refused the call for the rate limit (429); retries are spent."""
+
+
+class VenueAuthError(VenueError):
+    """The venue did not accept the API key (401)."""
+
+
+class VenueForbidden(VenueError):
+    """The API key is valid but lacks the permission for this call (403)."""
+
+
+class VenueNotFound(VenueError):
+    """The order or subscription does not exist (404 ``resource_not_found``).
+
+    After deleteOrder on a Draft or Error order this is the expected answer.
+    """
+
+
+class VenueRejected(VenueError):
+    """The venue refused the request (400 ``generic_error`` or another 4xx).
+
+    Nearly every Channel Manager failure is a 400, and not all of them are final: an order
+    that is mid-flight, or an unexpected internal failure, also answers 400. Re-read the
+    order with getOrder before treating a rejection as the order's fate.
+    """
+
+    @property
+    def may_be_transient(self) -> bool:
+        """The venue's rules say this may pass: the order is mid-flight or the venue failed."""
+        text = (self.message or "").lower()
+        return any(marker in text for marker in _TRANSIENT_MARKERS)
+
+    @property
+    def is_duplicate_reference(self) -> bool:
+        """The partner already has an order with this ``sellToOrderReference``."""
+        return self.status == 400 and "already exists" in (self.message or "").lower()
+
+
+class VenueProtocolError(VenueError):
+    """The venue answered with a body the API does not document (bad JSON, wrong shape)."""
+
+
+def error_for_status(
+    method: str,
+    path: str,
+    status: int,
+    *,
+    code: str | None = None,
+    message: str | None = None,
+) -> VenueError:
+    """The exception for a non-2xx answer; the one place statuses map to classes."""
+    kinds: dict[int, type[VenueError]] = {
+        401: VenueAuthError,
+        403: VenueForbidden,
+        404: VenueNotFound,
+        429: VenueRateLimited,
+        503: VenueUnavailable,
+        504: VenueUnavailable,
+    }
+    kind = kinds.get(status)
+    if kind is None:
+        kind = VenueRejected if 400 <= status < 500 else VenueError
+    return kind(method, path, status=status, code=code, message=message)
