@@ -1,0 +1,901 @@
+"""The database schema of otacm, and the writes every part of it shares.
+
+Everything stored belongs to one venue connection (:class:`VenueConnection`). The tables,
+by the stage of the flow that fills them:
+
+- ledger: :class:`LedgerLine` — the shop's sales, one per (partner, shop reference);
+- receive: :class:`Inbox` — webhook notifications and poll findings, stored before they
+  are acted on; :class:`Outbox` — calls to the venue recorded before they are made;
+- mirror: :class:`VenueOrder` with :class:`OrderItem`, :class:`Wallet`, :class:`Asset`,
+  and :class:`StatusChange`, every status an order was seen in;
+- heartbeat: :class:`FeedCursor` (the change feed's high-water mark) and
+  :class:`JobLease` (which process runs a scheduled job);
+- reconcile and report: :class:`ReconRun`, :class:`ReconTotal`, :class:`ReconException`
+  and :class:`ExceptionEvent`.
+
+Every "nothing doubled" rule is a unique constraint, so ``IntegrityError`` means "already
+had it". Times are aware UTC (:class:`~storage.types.UTCDateTime`), money is ``Decimal``
+(:class:`~storage.types.Money`) with its currency beside it. Enum-like columns are
+strings with a CHECK constraint, read back as the ``StrEnum`` members below.
+
+The functions at the end (:func:`ensure_connection`, :func:`upsert_order`,
+:func:`mark_removed`, :func:`inbox_dedup_key`) take a session and never commit: the
+caller owns the transaction.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from decimal import Decimal
+from enum import StrEnum
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    mapped_column,
+    relationship,
+    validates,
+)
+
+from storage.types import Money, UTCDateTime, utcnow
+from venue import models as wire
+from venue.models import OrderStatus, normalize_reference
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+"""Constraint names are deterministic, so migrations can name what they alter or drop."""
+
+# A 64-bit surrogate key; SQLite only auto-increments a column declared INTEGER.
+BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+GUID = sa.String(64)
+REFERENCE = sa.String(100)
+CURRENCY = sa.String(3)
+ACTOR = sa.String(100)
+
+
+class Base(DeclarativeBase):
+    """The declarative base; its metadata is what the migrations must build."""
+
+    metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
+
+
+def _enum(enum_class: type[StrEnum], name: str, length: int = 16) -> sa.Enum:
+    """A string column limited to ``enum_class``'s values by a CHECK named ``name``.
+
+    Not a native PostgreSQL enum: adding a value is then a plain constraint change.
+    """
+    return sa.Enum(
+        enum_class,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=length,
+        values_callable=lambda members: [member.value for member in members],
+        validate_strings=True,
+    )
+
+
+# --- enumerations ----------------------------------------------------------------------
+
+
+class LedgerState(StrEnum):
+    """What became of a sale in the shop."""
+
+    ACTIVE = "active"
+    CANCELLED = "cancelled"
+    REFUNDED = "refunded"
+
+
+class LedgerSource(StrEnum):
+    """How a sale entered the ledger."""
+
+    IMPORT = "import"
+    SUBMIT = "submit"
+
+
+class ChangeSource(StrEnum):
+    """Where otacm learned of an order's status."""
+
+    WEBHOOK = "webhook"
+    POLL = "poll"
+    FEED = "feed"
+    FETCH = "fetch"
+    SUBMIT = "submit"
+    REPLACE = "replace"
+    CONFIRM = "confirm"
+    DELETE = "delete"
+    IMPORT = "import"
+
+
+class InboxSource(StrEnum):
+    """What put a row in the inbox: a webhook, or a poll that found a change."""
+
+    WEBHOOK = "webhook"
+    POLL = "poll"
+    FEED = "feed"
+
+
+class InboxState(StrEnum):
+    """Where an inbox row is in its processing."""
+
+    PENDING = "pending"
+    LEASED = "leased"
+    DONE = "done"
+    DEAD = "dead"
+
+
+class OutboxOperation(StrEnum):
+    """The venue call an outbox row stands for."""
+
+    CREATE = "create"
+    REPLACE = "replace"
+    CONFIRM = "confirm"
+    DELETE = "delete"
+
+
+class OutboxState(StrEnum):
+    """Where an outbox row is: waiting, being sent, sent, refused (failed), given up (dead)."""
+
+    PENDING = "pending"
+    LEASED = "leased"
+    SENT = "sent"
+    FAILED = "failed"
+    DEAD = "dead"
+
+
+class ReconTrigger(StrEnum):
+    """Who started a reconciliation run."""
+
+    MANUAL = "manual"
+    SCHEDULED = "scheduled"
+
+
+class ReconRunState(StrEnum):
+    """A reconciliation run's progress."""
+
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+
+
+class ExceptionState(StrEnum):
+    """A reconciliation exception's state in finance's review."""
+
+    OPEN = "open"
+    RESOLVED = "resolved"
+    ACCEPTED = "accepted"
+    CLOSED = "closed"
+
+
+class ExceptionAction(StrEnum):
+    """What happened to a reconciliation exception, for its history."""
+
+    OPENED = "opened"
+    SEEN = "seen"
+    CLOSED = "closed"
+    REOPENED = "reopened"
+    RESOLVED = "resolved"
+    ACCEPTED = "accepted"
+
+
+# --- tenants ---------------------------------------------------------------------------
+
+
+class VenueConnection(Base):
+    """A venue the OTA sells for, as named in the settings; owner of every other row."""
+
+    __tablename__ = "venue_connection"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+# --- ledger ----------------------------------------------------------------------------
+
+
+class LedgerLine(Base):
+    """One sale in the shop's ledger: what finance expects the venue to have.
+
+    ``reference_key`` is ``shop_reference`` in the venue's form (trimmed, upper-cased);
+    it is set whenever ``shop_reference`` is, and is what "the same sale" means.
+    """
+
+    __tablename__ = "ledger_line"
+    __table_args__ = (
+        sa.UniqueConstraint("connection_id", "partner_id", "reference_key"),
+        sa.Index(None, "connection_id", "sold_at"),
+        sa.CheckConstraint("quantity >= 0", name="quantity_not_negative"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    connection_id: Mapped[int] = mapped_column(sa.ForeignKey("venue_connection.id"))
+    partner_id: Mapped[str] = mapped_column(GUID)
+    shop_reference: Mapped[str] = mapped_column(REFERENCE)
+    reference_key: Mapped[str] = mapped_column(REFERENCE)
+    sold_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    quantity: Mapped[int]
+    amount: Mapped[Decimal] = mapped_column(Money)
+    currency: Mapped[str] = mapped_column(CURRENCY)
+    amount_includes_vat: Mapped[bool] = mapped_column(default=True)
+    payment_reference: Mapped[str | None] = mapped_column(REFERENCE)
+    # The buyFromOrderReference the shop recorded, when it recorded one.
+    venue_reference: Mapped[str | None] = mapped_column(sa.String(50))
+    external_reference_numbers: Mapped[list[str] | None] = mapped_column(sa.JSON)
+    state: Mapped[LedgerState] = mapped_column(
+        _enum(LedgerState, "state"), default=LedgerState.ACTIVE
+    )
+    source: Mapped[LedgerSource] = mapped_column(_enum(LedgerSource, "source"))
+    # The order request as submitted through otacm (camelCase wire JSON).
+    request: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+    @validates("shop_reference")
+    def _set_reference_key(self, key: str, value: str) -> str:
+        self.reference_key = normalize_reference(value)
+        return value
+
+
+# --- the mirror of the venue's orders --------------------------------------------------
+
+
+class VenueOrder(Base):
+    """The local copy of one venue order: its header as the venue last returned it.
+
+    ``removed_at`` is set when the venue no longer knows the order (deleted while Draft
+    or Error); the row and its history stay. ``items_digest`` fingerprints the items last
+    stored, so an unchanged getOrder answer rewrites nothing.
+    """
+
+    __tablename__ = "venue_order"
+    __table_args__ = (
+        sa.UniqueConstraint("connection_id", "order_id"),
+        sa.Index(None, "connection_id", "partner_id", "reference_key"),
+        sa.Index(None, "connection_id", "buy_from_order_reference"),
+        sa.Index(None, "connection_id", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    connection_id: Mapped[int] = mapped_column(sa.ForeignKey("venue_connection.id"))
+    order_id: Mapped[str] = mapped_column(GUID)
+    partner_id: Mapped[str] = mapped_column(GUID)
+    sell_to_order_reference: Mapped[str] = mapped_column(REFERENCE)
+    reference_key: Mapped[str] = mapped_column(REFERENCE)
+    buy_from_order_reference: Mapped[str | None] = mapped_column(sa.String(50))
+    status: Mapped[OrderStatus] = mapped_column(_enum(OrderStatus, "status"))
+    status_message: Mapped[str | None] = mapped_column(sa.Text)
+    status_changed_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    received_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    sell_to_email: Mapped[str | None] = mapped_column(sa.Text)
+    sell_to_name: Mapped[str | None] = mapped_column(sa.Text)
+    sell_to_language: Mapped[str | None] = mapped_column(sa.String(16))
+    payment_reference: Mapped[str | None] = mapped_column(REFERENCE)
+    job_id: Mapped[str | None] = mapped_column(GUID)
+    manifest_url: Mapped[str | None] = mapped_column(sa.Text)
+    row_version: Mapped[int | None] = mapped_column(sa.BigInteger)
+    items_digest: Mapped[str | None] = mapped_column(sa.String(64))
+    removed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    first_seen_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    fetched_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+    items: Mapped[list[OrderItem]] = relationship(
+        back_populates="order",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+        order_by="OrderItem.line_no",
+    )
+    status_changes: Mapped[list[StatusChange]] = relationship(
+        back_populates="order",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+        order_by="StatusChange.id",
+    )
+
+    @validates("sell_to_order_reference")
+    def _set_reference_key(self, key: str, value: str) -> str:
+        self.reference_key = normalize_reference(value)
+        return value
+
+
+class OrderItem(Base):
+    """A line of a venue order."""
+
+    __tablename__ = "order_item"
+    __table_args__ = (sa.UniqueConstraint("venue_order_id", "line_no"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    venue_order_id: Mapped[int] = mapped_column(sa.ForeignKey("venue_order.id", ondelete="CASCADE"))
+    line_no: Mapped[int]
+    item_number: Mapped[str] = mapped_column(sa.String(50))
+    description: Mapped[str | None] = mapped_column(sa.Text)
+    is_package: Mapped[bool] = mapped_column(default=False)
+    quantity: Mapped[int]
+    visit_date: Mapped[dt.date | None]
+    visit_time: Mapped[dt.time | None]
+    sell_to_name: Mapped[str | None] = mapped_column(sa.Text)
+    sell_to_email: Mapped[str | None] = mapped_column(sa.Text)
+    sell_to_language: Mapped[str | None] = mapped_column(sa.String(16))
+
+    order: Mapped[VenueOrder] = relationship(back_populates="items")
+    wallets: Mapped[list[Wallet]] = relationship(
+        back_populates="item",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+        order_by="Wallet.seq_no",
+    )
+
+
+class Wallet(Base):
+    """A wallet of an order line: one admission or package, its price and its assets.
+
+    ``wallet_id`` is the venue's walletId (all zeros before minting), not a row id.
+    """
+
+    __tablename__ = "wallet"
+    __table_args__ = (
+        sa.UniqueConstraint("order_item_id", "seq_no"),
+        sa.Index(None, "wallet_reference_number"),
+        sa.Index(None, "external_reference_number"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    order_item_id: Mapped[int] = mapped_column(sa.ForeignKey("order_item.id", ondelete="CASCADE"))
+    seq_no: Mapped[int]
+    wallet_id: Mapped[str | None] = mapped_column(GUID)
+    wallet_reference_number: Mapped[str | None] = mapped_column(sa.String(50))
+    external_reference_number: Mapped[str | None] = mapped_column(REFERENCE)
+    name: Mapped[str | None] = mapped_column(sa.Text)
+    issued_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    unit_price_excl_vat: Mapped[Decimal | None] = mapped_column(Money)
+    unit_price_incl_vat: Mapped[Decimal | None] = mapped_column(Money)
+    currency_code: Mapped[str | None] = mapped_column(CURRENCY)
+    manifest_url: Mapped[str | None] = mapped_column(sa.Text)
+
+    item: Mapped[OrderItem] = relationship(back_populates="wallets")
+    assets: Mapped[list[Asset]] = relationship(
+        back_populates="wallet",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+        order_by="Asset.position",
+    )
+
+
+class Asset(Base):
+    """A minted ticket or coupon in a wallet.
+
+    ``wallet_id`` here is the wallet *row*; ``asset_row_id`` is the venue's ``id`` of the
+    asset and ``asset_id`` its ``assetId``. ``position`` keeps the venue's order.
+    """
+
+    __tablename__ = "asset"
+    __table_args__ = (
+        sa.UniqueConstraint("wallet_id", "position"),
+        sa.Index(None, "reference_number"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    wallet_id: Mapped[int] = mapped_column(sa.ForeignKey("wallet.id", ondelete="CASCADE"))
+    position: Mapped[int]
+    asset_row_id: Mapped[str | None] = mapped_column(GUID)
+    type: Mapped[str | None] = mapped_column(sa.String(32))
+    asset_id: Mapped[str | None] = mapped_column(GUID)
+    reference_number: Mapped[str | None] = mapped_column(REFERENCE)
+    item_number: Mapped[str | None] = mapped_column(sa.String(50))
+    description: Mapped[str | None] = mapped_column(sa.Text)
+
+    wallet: Mapped[Wallet] = relationship(back_populates="assets")
+
+
+class StatusChange(Base):
+    """A status an order was seen in, when, and from where.
+
+    ``status`` is ``None`` when the order was found removed at the venue.
+    """
+
+    __tablename__ = "status_change"
+    __table_args__ = (
+        sa.Index(None, "venue_order_id", "observed_at"),
+        sa.Index(None, "inbox_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    venue_order_id: Mapped[int] = mapped_column(sa.ForeignKey("venue_order.id", ondelete="CASCADE"))
+    status: Mapped[OrderStatus | None] = mapped_column(_enum(OrderStatus, "status"))
+    status_message: Mapped[str | None] = mapped_column(sa.Text)
+    observed_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    source: Mapped[ChangeSource] = mapped_column(_enum(ChangeSource, "source"))
+    inbox_id: Mapped[int | None] = mapped_column(sa.ForeignKey("inbox.id", ondelete="SET NULL"))
+
+    order: Mapped[VenueOrder] = relationship(back_populates="status_changes")
+
+
+# --- inbox and outbox ------------------------------------------------------------------
+
+
+class Inbox(Base):
+    """A notification (or poll finding) stored before it is acted on.
+
+    ``payload`` is the notification without its ``clientState`` (a secret); ``dedup_key``
+    is :func:`inbox_dedup_key` of it, so an exact repeat is stored once. Workers claim
+    rows by ``(state, next_attempt_at)`` and hold them with a lease.
+    """
+
+    __tablename__ = "inbox"
+    __table_args__ = (
+        sa.UniqueConstraint("connection_id", "dedup_key"),
+        sa.Index(None, "state", "next_attempt_at"),
+        sa.Index(None, "connection_id", "order_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    connection_id: Mapped[int] = mapped_column(sa.ForeignKey("venue_connection.id"))
+    source: Mapped[InboxSource] = mapped_column(_enum(InboxSource, "source"))
+    event_name: Mapped[str] = mapped_column(sa.String(100))
+    order_id: Mapped[str | None] = mapped_column(GUID)
+    buy_from_order_reference: Mapped[str | None] = mapped_column(sa.String(50))
+    # The status the notification announced: a hint, perhaps stale, so not an enum.
+    notified_status: Mapped[str | None] = mapped_column(sa.String(32))
+    notified_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    payload: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
+    dedup_key: Mapped[str] = mapped_column(sa.String(64))
+    state: Mapped[InboxState] = mapped_column(
+        _enum(InboxState, "state"), default=InboxState.PENDING
+    )
+    attempts: Mapped[int] = mapped_column(default=0)
+    lease_owner: Mapped[str | None] = mapped_column(ACTOR)
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(sa.Text)
+    processed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+
+
+class Outbox(Base):
+    """A call to the venue, recorded in the same transaction as the sale it serves.
+
+    ``order_id`` is the order the call targets (replace, confirm, delete) or, once a
+    create is sent, the order it made.
+    """
+
+    __tablename__ = "outbox"
+    __table_args__ = (
+        sa.Index(None, "state", "next_attempt_at"),
+        sa.Index(None, "ledger_line_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    connection_id: Mapped[int] = mapped_column(sa.ForeignKey("venue_connection.id"))
+    ledger_line_id: Mapped[int] = mapped_column(sa.ForeignKey("ledger_line.id"))
+    operation: Mapped[OutboxOperation] = mapped_column(_enum(OutboxOperation, "operation"))
+    request: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
+    state: Mapped[OutboxState] = mapped_column(
+        _enum(OutboxState, "state"), default=OutboxState.PENDING
+    )
+    attempts: Mapped[int] = mapped_column(default=0)
+    lease_owner: Mapped[str | None] = mapped_column(ACTOR)
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(sa.Text)
+    order_id: Mapped[str | None] = mapped_column(GUID)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+
+
+# --- heartbeat -------------------------------------------------------------------------
+
+
+class FeedCursor(Base):
+    """The highest ``rowVersion`` read from a partner's change feed."""
+
+    __tablename__ = "feed_cursor"
+
+    connection_id: Mapped[int] = mapped_column(
+        sa.ForeignKey("venue_connection.id"), primary_key=True
+    )
+    partner_id: Mapped[str] = mapped_column(GUID, primary_key=True)
+    last_row_version: Mapped[int] = mapped_column(sa.BigInteger)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class JobLease(Base):
+    """Which process runs the scheduled job ``name``, until when."""
+
+    __tablename__ = "job_lease"
+
+    name: Mapped[str] = mapped_column(sa.String(100), primary_key=True)
+    owner: Mapped[str] = mapped_column(ACTOR)
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+
+# --- reconciliation --------------------------------------------------------------------
+
+
+class ReconRun(Base):
+    """One comparison of the ledger with the mirror over a period."""
+
+    __tablename__ = "recon_run"
+    __table_args__ = (sa.Index(None, "connection_id", "started_at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    connection_id: Mapped[int] = mapped_column(sa.ForeignKey("venue_connection.id"))
+    started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    period_from: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    period_to: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    trigger: Mapped[ReconTrigger] = mapped_column(_enum(ReconTrigger, "trigger"))
+    state: Mapped[ReconRunState] = mapped_column(
+        _enum(ReconRunState, "state"), default=ReconRunState.RUNNING
+    )
+    # The finance user who started a manual run; None for scheduled runs.
+    actor: Mapped[str | None] = mapped_column(ACTOR)
+    error: Mapped[str | None] = mapped_column(sa.Text)
+
+    totals: Mapped[list[ReconTotal]] = relationship(
+        back_populates="run", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+
+class ReconTotal(Base):
+    """A run's count and amounts for one currency and category."""
+
+    __tablename__ = "recon_total"
+    __table_args__ = (sa.UniqueConstraint("recon_run_id", "currency", "category"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    recon_run_id: Mapped[int] = mapped_column(sa.ForeignKey("recon_run.id", ondelete="CASCADE"))
+    currency: Mapped[str] = mapped_column(CURRENCY)
+    category: Mapped[str] = mapped_column(sa.String(32))
+    count: Mapped[int]
+    ledger_amount: Mapped[Decimal] = mapped_column(Money)
+    venue_amount: Mapped[Decimal] = mapped_column(Money)
+
+    run: Mapped[ReconRun] = relationship(back_populates="totals")
+
+
+class ReconException(Base):
+    """A difference between ledger and mirror, tracked across runs until it is closed.
+
+    ``subject_key`` names what differs (a reference key, an order id); with the category
+    it identifies the exception, so a difference seen again is the same exception.
+    """
+
+    __tablename__ = "recon_exception"
+    __table_args__ = (
+        sa.UniqueConstraint("connection_id", "category", "subject_key"),
+        sa.Index(None, "connection_id", "state"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    connection_id: Mapped[int] = mapped_column(sa.ForeignKey("venue_connection.id"))
+    category: Mapped[str] = mapped_column(sa.String(32))
+    subject_key: Mapped[str] = mapped_column(REFERENCE)
+    ledger_line_id: Mapped[int | None] = mapped_column(
+        sa.ForeignKey("ledger_line.id", ondelete="SET NULL")
+    )
+    venue_order_id: Mapped[int | None] = mapped_column(
+        sa.ForeignKey("venue_order.id", ondelete="SET NULL")
+    )
+    currency: Mapped[str | None] = mapped_column(CURRENCY)
+    ledger_amount: Mapped[Decimal | None] = mapped_column(Money)
+    venue_amount: Mapped[Decimal | None] = mapped_column(Money)
+    details: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
+    state: Mapped[ExceptionState] = mapped_column(
+        _enum(ExceptionState, "state"), default=ExceptionState.OPEN
+    )
+    first_seen_run_id: Mapped[int] = mapped_column(sa.ForeignKey("recon_run.id"))
+    last_seen_run_id: Mapped[int] = mapped_column(sa.ForeignKey("recon_run.id"))
+    closed_run_id: Mapped[int | None] = mapped_column(sa.ForeignKey("recon_run.id"))
+    first_seen_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+    events: Mapped[list[ExceptionEvent]] = relationship(
+        back_populates="exception",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+        order_by="ExceptionEvent.id",
+    )
+
+
+class ExceptionEvent(Base):
+    """One entry in an exception's history: what happened, who did it, and why."""
+
+    __tablename__ = "exception_event"
+    __table_args__ = (sa.Index(None, "recon_exception_id", "at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    recon_exception_id: Mapped[int] = mapped_column(
+        sa.ForeignKey("recon_exception.id", ondelete="CASCADE")
+    )
+    recon_run_id: Mapped[int | None] = mapped_column(sa.ForeignKey("recon_run.id"))
+    action: Mapped[ExceptionAction] = mapped_column(_enum(ExceptionAction, "action"))
+    actor: Mapped[str | None] = mapped_column(ACTOR)
+    note: Mapped[str | None] = mapped_column(sa.Text)
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+    exception: Mapped[ReconException] = relationship(back_populates="events")
+
+
+# --- shared writes ---------------------------------------------------------------------
+
+
+def ensure_connection(session: Session, name: str) -> int:
+    """The id of the venue connection ``name``, creating its row if it is new.
+
+    Safe when several processes start at once: a concurrent insert of the same name is
+    absorbed by a savepoint and the existing row is read.
+
+    Args:
+        session: the caller's session; not committed.
+        name: the connection's name from the settings.
+
+    Returns:
+        The connection's id.
+    """
+    query = sa.select(VenueConnection.id).where(VenueConnection.name == name)
+    existing = session.scalar(query)
+    if existing is not None:
+        return existing
+    try:
+        with session.begin_nested():
+            row = VenueConnection(name=name)
+            session.add(row)
+    except IntegrityError:
+        return session.execute(query).scalar_one()
+    return row.id
+
+
+def upsert_order(
+    session: Session,
+    connection_id: int,
+    order: wire.Order,
+    *,
+    source: ChangeSource,
+    observed_at: dt.datetime,
+    inbox_id: int | None = None,
+) -> VenueOrder:
+    """Store a full order as the venue returned it: header, items, wallets, assets.
+
+    The venue's answer is the truth: the header is overwritten and the items (with their
+    wallets and assets) are replaced wholesale when they differ from those stored. A
+    :class:`StatusChange` is appended when the order is new, was marked removed, or its
+    status or status message changed. The order row is locked (``FOR UPDATE`` on
+    PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` already serializes writers), so concurrent
+    upserts of one order apply one after the other.
+
+    Args:
+        session: the caller's session; flushed, not committed.
+        connection_id: the venue connection the order belongs to.
+        order: the order from getOrder, createOrder, confirmOrder, replaceOrder...
+        source: where the order came from, recorded on the status change.
+        observed_at: when the venue gave this answer (aware).
+        inbox_id: the inbox row being processed, if any.
+
+    Returns:
+        The stored order.
+    """
+    order_id = _guid(order.order_id)
+    row = _locked_order(session, connection_id, order_id)
+    is_new = row is None
+    if row is None:
+        row = VenueOrder(
+            connection_id=connection_id,
+            order_id=order_id,
+            first_seen_at=observed_at,
+            status_changed_at=observed_at,
+        )
+        _apply_header(row, order)
+        try:
+            with session.begin_nested():
+                session.add(row)
+        except IntegrityError:
+            # Another process stored this order first: update its row instead.
+            row = _locked_order(session, connection_id, order_id)
+            if row is None:
+                raise
+            is_new = False
+
+    status_message = _text(order.status_message)
+    changed = (
+        is_new
+        or row.removed_at is not None
+        or (row.status, row.status_message) != (order.status, status_message)
+    )
+    _apply_header(row, order)
+    row.removed_at = None
+    row.fetched_at = observed_at
+
+    digest = _items_digest(order.items)
+    if digest != row.items_digest:
+        if row.items:
+            row.items.clear()
+            # Delete the old lines before inserting new ones with the same line numbers.
+            session.flush()
+        row.items.extend(_item(item) for item in order.items)
+        row.items_digest = digest
+
+    if changed:
+        row.status_changed_at = observed_at
+        session.add(
+            StatusChange(
+                order=row,
+                status=order.status,
+                status_message=status_message,
+                observed_at=observed_at,
+                source=source,
+                inbox_id=inbox_id,
+            )
+        )
+    session.flush()
+    return row
+
+
+def mark_removed(
+    session: Session,
+    connection_id: int,
+    order_id: str,
+    observed_at: dt.datetime,
+    source: ChangeSource,
+    *,
+    inbox_id: int | None = None,
+) -> VenueOrder | None:
+    """Record that the venue no longer knows an order (getOrder answered 404).
+
+    The row, its items and its history stay; ``removed_at`` is set and a status change
+    with no status is appended, once.
+
+    Args:
+        session: the caller's session; flushed, not committed.
+        connection_id: the venue connection the order belongs to.
+        order_id: the venue's orderId.
+        observed_at: when the venue answered (aware).
+        source: what found the order gone.
+        inbox_id: the inbox row being processed, if any.
+
+    Returns:
+        The order, or ``None`` when it was never stored.
+    """
+    row = _locked_order(session, connection_id, _guid(order_id))
+    if row is None or row.removed_at is not None:
+        return row
+    row.removed_at = observed_at
+    row.status_changed_at = observed_at
+    session.add(
+        StatusChange(
+            order=row,
+            status=None,
+            status_message=None,
+            observed_at=observed_at,
+            source=source,
+            inbox_id=inbox_id,
+        )
+    )
+    session.flush()
+    return row
+
+
+def inbox_dedup_key(notification: Mapping[str, Any]) -> str:
+    """The :attr:`Inbox.dedup_key` of a notification: equal only for exact repeats.
+
+    The SHA-256 of the notification as canonical JSON (sorted keys, no spaces) without
+    its ``clientState``, which differs across a secret rotation but not in meaning.
+    """
+    canonical = {key: value for key, value in notification.items() if key != "clientState"}
+    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _text(value: str | None) -> str | None:
+    # The venue sends "" for "no value"; stored as NULL, so that "" and a missing field
+    # are the same and a blank status message is no change.
+    if value is None or not value.strip():
+        return None
+    return value
+
+
+def _guid(value: str) -> str:
+    # The venue writes GUIDs lowercase without braces; normalize anything else to that.
+    return value.strip().strip("{}").lower()
+
+
+def _locked_order(session: Session, connection_id: int, order_id: str) -> VenueOrder | None:
+    query = (
+        sa.select(VenueOrder)
+        .where(VenueOrder.connection_id == connection_id, VenueOrder.order_id == order_id)
+        .with_for_update()
+    )
+    return session.scalars(query).one_or_none()
+
+
+def _apply_header(row: VenueOrder, order: wire.Order) -> None:
+    row.partner_id = _guid(order.partner_id)
+    row.sell_to_order_reference = order.sell_to_order_reference
+    # Older (synchronous) API versions omit buyFromOrderReference: keep the one we know.
+    if _text(order.buy_from_order_reference) is not None:
+        row.buy_from_order_reference = _text(order.buy_from_order_reference)
+    row.status = order.status
+    row.status_message = _text(order.status_message)
+    row.received_at = order.received_at
+    row.sell_to_email = _text(order.sell_to_email)
+    row.sell_to_name = _text(order.sell_to_name)
+    row.sell_to_language = _text(order.sell_to_language)
+    row.payment_reference = _text(order.payment_reference)
+    row.job_id = _text(order.job_id)
+    row.manifest_url = _text(order.manifest_url)
+
+
+def _items_digest(items: Sequence[wire.OrderItem]) -> str:
+    text = json.dumps(
+        [item.model_dump(mode="json") for item in items],
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _item(item: wire.OrderItem) -> OrderItem:
+    return OrderItem(
+        line_no=item.line_no,
+        item_number=item.item_number,
+        description=_text(item.description),
+        is_package=item.is_package,
+        quantity=item.quantity,
+        visit_date=item.visit_date,
+        visit_time=item.visit_time,
+        sell_to_name=_text(item.sell_to_name),
+        sell_to_email=_text(item.sell_to_email),
+        sell_to_language=_text(item.sell_to_language),
+        wallets=[
+            _wallet(wallet, seq_no)
+            for wallet, seq_no in zip(item.wallets, _seq_nos(item.wallets), strict=True)
+        ],
+    )
+
+
+def _seq_nos(wallets: Sequence[wire.Wallet]) -> Iterable[int]:
+    given = [wallet.seq_no for wallet in wallets]
+    if None in given or len(set(given)) != len(given):
+        # Missing or repeated numbers: number the wallets in the venue's order instead.
+        return range(1, len(wallets) + 1)
+    return [seq_no for seq_no in given if seq_no is not None]
+
+
+def _wallet(wallet: wire.Wallet, seq_no: int) -> Wallet:
+    return Wallet(
+        seq_no=seq_no,
+        wallet_id=_text(wallet.wallet_id),
+        wallet_reference_number=_text(wallet.wallet_reference_number),
+        external_reference_number=_text(wallet.external_reference_number),
+        name=_text(wallet.name),
+        issued_at=wallet.issued_at,
+        unit_price_excl_vat=wallet.unit_price_excl_vat,
+        unit_price_incl_vat=wallet.unit_price_incl_vat,
+        currency_code=_text(wallet.currency_code),
+        manifest_url=_text(wallet.manifest_url),
+        assets=[
+            Asset(
+                position=position,
+                asset_row_id=_text(asset.id),
+                type=_text(asset.type),
+                asset_id=_text(asset.asset_id),
+                reference_number=_text(asset.reference_number),
+                item_number=_text(asset.item_number),
+                description=_text(asset.description),
+            )
+            for position, asset in enumerate(wallet.assets, start=1)
+        ],
+    )

@@ -1,0 +1,155 @@
+"""Engines: SQLite's pragmas and transaction mode, PostgreSQL's driver, shared behaviour."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError, InternalError
+
+from storage.engine import (
+    SQLITE_BEGIN_OPTION,
+    SQLITE_BUSY_TIMEOUT_MS,
+    make_engine,
+    make_sessions,
+)
+
+scratch = sa.MetaData()
+note = sa.Table(
+    "note",
+    scratch,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("text", sa.String(20), unique=True),
+)
+
+
+@pytest.fixture
+def sqlite_file(tmp_path: Path) -> Path:
+    """A SQLite database path in a directory that does not exist yet."""
+    return tmp_path / "var" / "nested" / "otacm.sqlite3"
+
+
+def test_sqlite_creates_directory_and_sets_pragmas(sqlite_file: Path) -> None:
+    """A file database gets its directory, WAL, NORMAL sync, foreign keys and a busy timeout."""
+    engine = make_engine(f"sqlite:///{sqlite_file}")
+    try:
+        with engine.connect() as connection:
+            pragmas = {
+                name: connection.exec_driver_sql(f"PRAGMA {name}").scalar()
+                for name in ("journal_mode", "synchronous", "foreign_keys", "busy_timeout")
+            }
+    finally:
+        engine.dispose()
+
+    assert sqlite_file.exists()
+    assert pragmas == {
+        "journal_mode": "wal",
+        "synchronous": 1,
+        "foreign_keys": 1,
+        "busy_timeout": SQLITE_BUSY_TIMEOUT_MS,
+    }
+
+
+def test_sqlite_transaction_holds_the_write_lock_from_begin(sqlite_file: Path) -> None:
+    """A transaction takes SQLite's write lock at BEGIN, before it writes anything."""
+    engine = make_engine(f"sqlite:///{sqlite_file}")
+    scratch.create_all(engine)
+    other = sqlite3.connect(sqlite_file, timeout=0, isolation_level=None)
+    try:
+        with engine.begin() as connection:
+            connection.execute(sa.select(note.c.id)).all()
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                other.execute("BEGIN IMMEDIATE")
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+        engine.dispose()
+
+
+def test_sqlite_deferred_reader_does_not_block_a_writer(sqlite_file: Path) -> None:
+    """With ``sqlite_begin="DEFERRED"`` a read-only transaction leaves the write lock free."""
+    engine = make_engine(f"sqlite:///{sqlite_file}")
+    scratch.create_all(engine)
+    reader = engine.execution_options(**{SQLITE_BEGIN_OPTION: "DEFERRED"})
+    other = sqlite3.connect(sqlite_file, timeout=0, isolation_level=None)
+    try:
+        with reader.begin() as connection:
+            connection.execute(sa.select(note.c.id)).all()
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("INSERT INTO note (text) VALUES ('written')")
+            other.execute("COMMIT")
+    finally:
+        other.close()
+        engine.dispose()
+
+
+def test_postgresql_urls_use_psycopg() -> None:
+    """``postgresql://`` and ``postgres://`` mean psycopg 3, without connecting."""
+    for url in ("postgresql://otacm@db.example/otacm", "postgres://otacm@db.example/otacm"):
+        engine = make_engine(url)
+        try:
+            assert engine.dialect.name == "postgresql"
+            assert engine.dialect.driver == "psycopg"
+        finally:
+            engine.dispose()
+
+
+def test_savepoint_rolls_back_alone(engine: sa.Engine) -> None:
+    """A failed savepoint undoes only its own work; the enclosing transaction commits."""
+    scratch.create_all(engine)
+    with engine.begin() as connection:
+        connection.execute(note.insert().values(text="kept"))
+        with pytest.raises(IntegrityError), connection.begin_nested():
+            connection.execute(note.insert().values(text="doubled"))
+            connection.execute(note.insert().values(text="doubled"))
+        connection.execute(note.insert().values(text="after"))
+
+    with engine.connect() as connection:
+        texts = connection.execute(sa.select(note.c.text).order_by(note.c.id)).scalars().all()
+    assert texts == ["kept", "after"]
+
+
+def test_ddl_is_transactional(engine: sa.Engine) -> None:
+    """A table created in a rolled-back transaction is gone: migrations are all or nothing."""
+    with engine.connect() as connection:
+        transaction = connection.begin()
+        scratch.create_all(connection)
+        transaction.rollback()
+
+    assert not sa.inspect(engine).has_table("note")
+
+
+def test_read_only_sessions_leave_sqlite_write_lock_free(sqlite_file: Path) -> None:
+    """A read-only session's transaction does not hold SQLite's write lock."""
+    engine = make_engine(f"sqlite:///{sqlite_file}")
+    scratch.create_all(engine)
+    other = sqlite3.connect(sqlite_file, timeout=0, isolation_level=None)
+    try:
+        with make_sessions(engine, read_only=True).begin() as session:
+            session.execute(sa.select(note.c.id)).all()
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("ROLLBACK")
+    finally:
+        other.close()
+        engine.dispose()
+
+
+@pytest.mark.postgresql
+def test_read_only_sessions_refuse_writes_on_postgresql(postgresql_url: str) -> None:
+    """On PostgreSQL a read-only session is a READ ONLY transaction; the pool is left clean."""
+    engine = make_engine(postgresql_url)
+    try:
+        scratch.create_all(engine)
+        read_only = make_sessions(engine, read_only=True)
+        with pytest.raises(InternalError, match="read-only"), read_only.begin() as session:
+            session.execute(note.insert().values(text="refused"))
+        with make_sessions(engine).begin() as session:
+            session.execute(note.insert().values(text="written"))
+            assert session.execute(sa.select(note.c.text)).scalars().all() == ["written"]
+            session.execute(note.delete())
+    finally:
+        scratch.drop_all(engine)
+        engine.dispose()

@@ -1,0 +1,534 @@
+"""The schema's rules and shared writes: nothing doubled, orders mirrored as the venue says."""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import threading
+import time
+from decimal import Decimal
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from storage.models import (
+    Asset,
+    ChangeSource,
+    Inbox,
+    InboxSource,
+    LedgerLine,
+    LedgerSource,
+    OrderItem,
+    StatusChange,
+    VenueOrder,
+    Wallet,
+    ensure_connection,
+    inbox_dedup_key,
+    mark_removed,
+    upsert_order,
+)
+from venue.models import Order, OrderStatus
+
+ORDER_ID = "5f0c1d2e-3a4b-4c5d-8e9f-0a1b2c3d4e5f"
+PARTNER_ID = "a1b2c3d4-e5f6-4a7b-8c9d-0e1f2a3b4c5d"
+T0 = dt.datetime(2026, 5, 15, 9, 30, tzinfo=dt.UTC)
+ZERO_GUID = "00000000-0000-0000-0000-000000000000"
+
+
+def wire_order(status: str = "Submitted", *, minted: bool = False) -> dict[str, Any]:
+    """A getOrder answer: two lines, a package with two wallets; minted wallets have assets."""
+
+    def wallet(seq: int, external: str, price: str) -> dict[str, Any]:
+        number = f"WR-{seq:04d}-{external}" if minted else ""
+        return {
+            "seqNo": seq,
+            "walletId": f"9d8c7b6a-0000-4000-8000-00000000000{seq}" if minted else ZERO_GUID,
+            "walletReferenceNumber": number,
+            "externalReferenceNumber": external,
+            "name": f"Visitor {seq}",
+            "issuedAt": "2026-05-15T09:31:02Z" if minted else "",
+            "unitPriceExclVat": price,
+            "unitPriceInclVat": str(Decimal(price) * Decimal("1.25")),
+            "currencyCode": "DKK",
+            "manifestUrl": f"https://manifest.example/w/{seq}" if minted else "",
+            "assets": (
+                [
+                    {
+                        "id": f"asset-row-{seq}-1",
+                        "type": "ticket",
+                        "assetId": f"TK-{seq}-1",
+                        "referenceNumber": f"REF{seq}01",
+                        "itemNumber": "ADULT",
+                        "description": "Adult admission",
+                    },
+                    {
+                        "id": f"asset-row-{seq}-2",
+                        "type": "coupon",
+                        "assetId": f"CP-{seq}-2",
+                        "referenceNumber": f"REF{seq}02",
+                        "itemNumber": "CAFE",
+                        "description": "Café voucher",
+                    },
+                ]
+                if minted
+                else []
+            ),
+        }
+
+    return {
+        "orderId": ORDER_ID,
+        "status": status,
+        "statusMessage": "",
+        "partnerId": PARTNER_ID,
+        "sellToOrderReference": "SHOP-1001",
+        "buyFromOrderReference": "CM-20260515093000-A1B2",
+        "receivedAt": "2026-05-15T09:30:00Z",
+        "sellToEmail": "buyer@example.com",
+        "sellToName": "A. Buyer",
+        "sellToLanguage": "ENU",
+        "paymentReference": "PAY-77",
+        "jobId": "",
+        "manifestUrl": "https://manifest.example/o/1" if minted else "",
+        "items": [
+            {
+                "lineNo": 100000,
+                "itemNumber": "ADULT",
+                "description": "Adult admission",
+                "isPackage": False,
+                "quantity": 2,
+                "visitDate": "2026-06-01",
+                "visitTime": "10:00:00",
+                "wallets": [wallet(1, "EXT-1", "100.00"), wallet(2, "EXT-2", "100.00")],
+            },
+            {
+                "lineNo": 200000,
+                "itemNumber": "FAMILY",
+                "description": "Family package",
+                "isPackage": True,
+                "quantity": 1,
+                "visitDate": "2026-06-01",
+                "visitTime": "",
+                "wallets": [wallet(3, "EXT-3", "333.333333")],
+            },
+        ],
+    }
+
+
+def parse(raw: dict[str, Any]) -> Order:
+    """The wire dict as the client would hand it over."""
+    return Order.model_validate(raw)
+
+
+@pytest.fixture
+def connection_id(sessions: sessionmaker[Session]) -> int:
+    """The id of the venue connection ``default``."""
+    with sessions.begin() as session:
+        return ensure_connection(session, "default")
+
+
+def count(session: Session, model: type[Any]) -> int:
+    """How many rows ``model``'s table has."""
+    return session.execute(sa.select(sa.func.count()).select_from(model)).scalar_one()
+
+
+def ledger_line(connection_id: int, reference: str, **overrides: Any) -> LedgerLine:
+    """A sale as the shop's import would record it."""
+    values: dict[str, Any] = {
+        "connection_id": connection_id,
+        "partner_id": PARTNER_ID,
+        "shop_reference": reference,
+        "sold_at": T0,
+        "quantity": 2,
+        "amount": Decimal("250.00"),
+        "currency": "DKK",
+        "source": LedgerSource.IMPORT,
+    }
+    return LedgerLine(**(values | overrides))
+
+
+def inbox_row(connection_id: int, notification: dict[str, Any]) -> Inbox:
+    """A webhook notification as the receiver would store it."""
+    payload = {key: value for key, value in notification.items() if key != "clientState"}
+    return Inbox(
+        connection_id=connection_id,
+        source=InboxSource.WEBHOOK,
+        event_name=notification["eventName"],
+        order_id=notification["payload"]["orderId"],
+        received_at=T0,
+        next_attempt_at=T0,
+        payload=payload,
+        dedup_key=inbox_dedup_key(notification),
+    )
+
+
+NOTIFICATION = {
+    "appId": "992c2309-cca4-43cb-9e41-911f482ec088",
+    "clientState": "first-secret",
+    "eventName": "ota_cm_order_processed",
+    "eventVersion": "1.0",
+    "timestamp": "2026-05-15T09:31:05Z",
+    "companyName": "CRONUS International Ltd.",
+    "payload": {"orderId": ORDER_ID, "buyFromOrderReference": "CM-1", "status": "Issued"},
+}
+
+
+# --- connections and "nothing doubled" ---------------------------------------------------
+
+
+def test_ensure_connection_is_idempotent(sessions: sessionmaker[Session]) -> None:
+    """The same name gives the same id every time; another name gets its own row."""
+    with sessions.begin() as session:
+        first = ensure_connection(session, "default")
+    with sessions.begin() as session:
+        again = ensure_connection(session, "default")
+        other = ensure_connection(session, "museum")
+
+    assert again == first
+    assert other != first
+
+
+def test_ledger_reference_is_unique_case_insensitively(
+    sessions: sessionmaker[Session], connection_id: int
+) -> None:
+    """A second sale with the same reference in another case is refused."""
+    with sessions.begin() as session:
+        session.add(ledger_line(connection_id, "abc-1"))
+
+    with pytest.raises(IntegrityError), sessions.begin() as session:
+        session.add(ledger_line(connection_id, " ABC-1 "))
+
+    with sessions.begin() as session:
+        stored = session.scalars(sa.select(LedgerLine)).one()
+        session.add(ledger_line(connection_id, "ABC-1", partner_id="another-partner"))
+    assert (stored.shop_reference, stored.reference_key) == ("abc-1", "ABC-1")
+    assert stored.amount == Decimal("250.00")
+    assert stored.sold_at == T0
+
+
+def test_inbox_stores_an_exact_repeat_once(
+    sessions: sessionmaker[Session], connection_id: int
+) -> None:
+    """The same notification again (even under a rotated clientState) hits the unique key."""
+    with sessions.begin() as session:
+        session.add(inbox_row(connection_id, NOTIFICATION))
+
+    repeat = copy.deepcopy(NOTIFICATION) | {"clientState": "rotated-secret"}
+    with pytest.raises(IntegrityError), sessions.begin() as session:
+        session.add(inbox_row(connection_id, repeat))
+
+    later = copy.deepcopy(NOTIFICATION) | {"timestamp": "2026-05-15T09:45:00Z"}
+    with sessions.begin() as session:
+        session.add(inbox_row(connection_id, later))
+        assert count(session, Inbox) == 2
+        assert "clientState" not in session.scalars(sa.select(Inbox.payload)).first()
+
+
+def test_inbox_dedup_key_ignores_key_order_and_client_state() -> None:
+    """Equal notifications give equal keys; any other difference gives another key."""
+    reordered = dict(reversed(list(NOTIFICATION.items()))) | {"clientState": "x"}
+
+    assert inbox_dedup_key(reordered) == inbox_dedup_key(NOTIFICATION)
+    assert inbox_dedup_key(NOTIFICATION | {"eventVersion": "1.1"}) != inbox_dedup_key(NOTIFICATION)
+
+
+def test_order_id_is_unique_per_connection(
+    sessions: sessionmaker[Session], connection_id: int
+) -> None:
+    """Two rows for one venue orderId are refused; another connection may have it."""
+
+    def order_row(connection: int) -> VenueOrder:
+        return VenueOrder(
+            connection_id=connection,
+            order_id=ORDER_ID,
+            partner_id=PARTNER_ID,
+            sell_to_order_reference="SHOP-1001",
+            status=OrderStatus.SUBMITTED,
+            status_changed_at=T0,
+            first_seen_at=T0,
+        )
+
+    with sessions.begin() as session:
+        session.add(order_row(connection_id))
+    with pytest.raises(IntegrityError), sessions.begin() as session:
+        session.add(order_row(connection_id))
+    with sessions.begin() as session:
+        session.add(order_row(ensure_connection(session, "museum")))
+
+
+def test_check_constraint_refuses_unknown_state(
+    sessions: sessionmaker[Session], connection_id: int
+) -> None:
+    """The database itself refuses a state outside the enum, whatever wrote it."""
+    with sessions.begin() as session:
+        session.add(inbox_row(connection_id, NOTIFICATION))
+
+    with pytest.raises(IntegrityError), sessions.begin() as session:
+        session.execute(sa.update(Inbox).values(state=sa.literal_column("'bogus'")))
+
+
+# --- the order mirror --------------------------------------------------------------------
+
+
+def test_upsert_stores_the_whole_order(sessions: sessionmaker[Session], connection_id: int) -> None:
+    """Header, items, wallets with prices, assets and a first status change are stored."""
+    with sessions.begin() as session:
+        upsert_order(
+            session,
+            connection_id,
+            parse(wire_order("Issued", minted=True)),
+            source=ChangeSource.WEBHOOK,
+            observed_at=T0,
+        )
+
+    with sessions.begin() as session:
+        order = session.scalars(sa.select(VenueOrder)).one()
+        assert (order.order_id, order.status, order.reference_key) == (
+            ORDER_ID,
+            OrderStatus.ISSUED,
+            "SHOP-1001",
+        )
+        assert order.buy_from_order_reference == "CM-20260515093000-A1B2"
+        assert order.received_at == dt.datetime(2026, 5, 15, 9, 30, tzinfo=dt.UTC)
+        assert order.status_message is None
+        assert [item.line_no for item in order.items] == [100000, 200000]
+        assert order.items[1].is_package
+        assert order.items[0].visit_time == dt.time(10, 0)
+        assert order.items[1].visit_time is None
+        wallets = [wallet for item in order.items for wallet in item.wallets]
+        assert [wallet.seq_no for wallet in wallets] == [1, 2, 3]
+        assert wallets[2].unit_price_excl_vat == Decimal("333.333333")
+        assert wallets[2].unit_price_incl_vat == Decimal("416.666666")
+        assert wallets[0].issued_at == dt.datetime(2026, 5, 15, 9, 31, 2, tzinfo=dt.UTC)
+        assert [asset.type for asset in wallets[0].assets] == ["ticket", "coupon"]
+        assert wallets[0].assets[0].asset_row_id == "asset-row-1-1"
+        assert count(session, Asset) == 6
+        changes = [(c.status, c.source, c.observed_at) for c in order.status_changes]
+        assert changes == [(OrderStatus.ISSUED, ChangeSource.WEBHOOK, T0)]
+
+
+def test_upsert_with_new_status_appends_one_change_and_replaces_wallets(
+    sessions: sessionmaker[Session], connection_id: int
+) -> None:
+    """Submitted shells, then the Issued order: one more status change, minted wallets only."""
+    with sessions.begin() as session:
+        upsert_order(
+            session,
+            connection_id,
+            parse(wire_order("Submitted")),
+            source=ChangeSource.SUBMIT,
+            observed_at=T0,
+        )
+    later = T0 + dt.timedelta(minutes=1)
+    with sessions.begin() as session:
+        order = upsert_order(
+            session,
+            connection_id,
+            parse(wire_order("Issued", minted=True)),
+            source=ChangeSource.POLL,
+            observed_at=later,
+        )
+        order_pk = order.id
+
+    with sessions.begin() as session:
+        changes = session.execute(
+            sa.select(StatusChange.status, StatusChange.source).order_by(StatusChange.id)
+        ).all()
+        assert changes == [
+            (OrderStatus.SUBMITTED, ChangeSource.SUBMIT),
+            (OrderStatus.ISSUED, ChangeSource.POLL),
+        ]
+        assert count(session, OrderItem) == 2
+        assert count(session, Wallet) == 3
+        assert count(session, Asset) == 6
+        numbers = session.scalars(
+            sa.select(Wallet.wallet_reference_number).order_by(Wallet.seq_no)
+        ).all()
+        assert numbers == ["WR-0001-EXT-1", "WR-0002-EXT-2", "WR-0003-EXT-3"]
+        order = session.get_one(VenueOrder, order_pk)
+        assert (order.status_changed_at, order.fetched_at, order.first_seen_at) == (
+            later,
+            later,
+            T0,
+        )
+
+
+def test_identical_upsert_changes_nothing(
+    sessions: sessionmaker[Session], connection_id: int
+) -> None:
+    """The same answer again appends no status change and rewrites no line or wallet."""
+    answer = parse(wire_order("Issued", minted=True))
+    with sessions.begin() as session:
+        upsert_order(session, connection_id, answer, source=ChangeSource.WEBHOOK, observed_at=T0)
+        wallet_ids = session.scalars(sa.select(Wallet.id).order_by(Wallet.id)).all()
+
+    with sessions.begin() as session:
+        upsert_order(
+            session,
+            connection_id,
+            answer,
+            source=ChangeSource.POLL,
+            observed_at=T0 + dt.timedelta(seconds=15),
+        )
+
+    with sessions.begin() as session:
+        assert count(session, StatusChange) == 1
+        assert session.scalars(sa.select(Wallet.id).order_by(Wallet.id)).all() == wallet_ids
+
+
+def test_upsert_records_a_new_status_message(
+    sessions: sessionmaker[Session], connection_id: int
+) -> None:
+    """Error with another reason is a change too: finance sees each reason the venue gave."""
+    first = wire_order("Error") | {"statusMessage": "Unknown item 'ADULT'"}
+    second = wire_order("Error") | {"statusMessage": "stuck in Processing"}
+    with sessions.begin() as session:
+        for observed_at, raw in ((T0, first), (T0 + dt.timedelta(hours=1), second)):
+            upsert_order(
+                session,
+                connection_id,
+                parse(raw),
+                source=ChangeSource.FETCH,
+                observed_at=observed_at,
+            )
+
+    with sessions.begin() as session:
+        messages = session.scalars(sa.select(StatusChange.status_message).order_by(StatusChange.id))
+        assert list(messages) == ["Unknown item 'ADULT'", "stuck in Processing"]
+
+
+def test_upsert_keeps_a_known_buy_from_reference(
+    sessions: sessionmaker[Session], connection_id: int
+) -> None:
+    """An older API answer without buyFromOrderReference does not erase the one known."""
+    older_api = wire_order("Issued", minted=True)
+    del older_api["buyFromOrderReference"]
+    with sessions.begin() as session:
+        upsert_order(
+            session, connection_id, parse(wire_order()), source=ChangeSource.SUBMIT, observed_at=T0
+        )
+        order = upsert_order(
+            session, connection_id, parse(older_api), source=ChangeSource.FETCH, observed_at=T0
+        )
+
+        assert order.buy_from_order_reference == "CM-20260515093000-A1B2"
+        assert order.status == OrderStatus.ISSUED
+
+
+def test_concurrent_first_upserts_make_one_order(
+    sessions: sessionmaker[Session], connection_id: int
+) -> None:
+    """Two workers storing the same new order at once end with one row and both changes."""
+    errors: list[BaseException] = []
+
+    def second_worker() -> None:
+        try:
+            with sessions.begin() as session:
+                upsert_order(
+                    session,
+                    connection_id,
+                    parse(wire_order("Issued", minted=True)),
+                    source=ChangeSource.POLL,
+                    observed_at=T0 + dt.timedelta(seconds=1),
+                )
+        except BaseException as exc:  # handed to the test thread
+            errors.append(exc)
+
+    with sessions.begin() as session:
+        upsert_order(
+            session, connection_id, parse(wire_order()), source=ChangeSource.SUBMIT, observed_at=T0
+        )
+        worker = threading.Thread(target=second_worker)
+        worker.start()
+        # Give the second worker time to block on this uncommitted order (on PostgreSQL
+        # at the unique key, on SQLite at BEGIN IMMEDIATE) before committing.
+        time.sleep(0.3)
+    worker.join(timeout=30)
+
+    assert not worker.is_alive()
+    assert errors == []
+    with sessions.begin() as session:
+        assert count(session, VenueOrder) == 1
+        statuses = session.scalars(sa.select(StatusChange.status).order_by(StatusChange.id))
+        assert list(statuses) == [OrderStatus.SUBMITTED, OrderStatus.ISSUED]
+        assert count(session, Wallet) == 3
+
+
+def test_mark_removed_records_the_removal_once(
+    sessions: sessionmaker[Session], connection_id: int
+) -> None:
+    """A 404 sets removed_at and appends one status change with no status; repeats add none."""
+    gone = T0 + dt.timedelta(minutes=5)
+    with sessions.begin() as session:
+        upsert_order(
+            session,
+            connection_id,
+            parse(wire_order("Draft", minted=True)),
+            source=ChangeSource.WEBHOOK,
+            observed_at=T0,
+        )
+    with sessions.begin() as session:
+        removed = mark_removed(session, connection_id, ORDER_ID.upper(), gone, ChangeSource.POLL)
+        again = mark_removed(
+            session, connection_id, ORDER_ID, gone + dt.timedelta(minutes=1), ChangeSource.POLL
+        )
+        unknown = mark_removed(session, connection_id, ZERO_GUID, gone, ChangeSource.POLL)
+
+    assert removed is not None
+    assert again is removed
+    assert unknown is None
+    with sessions.begin() as session:
+        order = session.scalars(sa.select(VenueOrder)).one()
+        assert order.removed_at == gone
+        assert [(c.status, c.observed_at) for c in order.status_changes] == [
+            (OrderStatus.DRAFT, T0),
+            (None, gone),
+        ]
+        assert count(session, Wallet) == 3
+
+
+def test_order_seen_again_after_removal_is_live(
+    sessions: sessionmaker[Session], connection_id: int
+) -> None:
+    """An order found again after a 404 loses ``removed_at`` and its history says so."""
+    draft = parse(wire_order("Draft", minted=True))
+    with sessions.begin() as session:
+        upsert_order(session, connection_id, draft, source=ChangeSource.FETCH, observed_at=T0)
+        mark_removed(session, connection_id, ORDER_ID, T0, ChangeSource.FETCH)
+        order = upsert_order(
+            session,
+            connection_id,
+            draft,
+            source=ChangeSource.FEED,
+            observed_at=T0 + dt.timedelta(minutes=1),
+        )
+
+        assert order.removed_at is None
+        statuses = session.scalars(sa.select(StatusChange.status).order_by(StatusChange.id))
+        assert list(statuses) == [OrderStatus.DRAFT, None, OrderStatus.DRAFT]
+
+
+def test_deleting_an_order_cascades_to_its_lines(
+    sessions: sessionmaker[Session], connection_id: int
+) -> None:
+    """Foreign keys are enforced with cascades on both databases (SQLite needs a pragma)."""
+    with sessions.begin() as session:
+        upsert_order(
+            session,
+            connection_id,
+            parse(wire_order("Issued", minted=True)),
+            source=ChangeSource.WEBHOOK,
+            observed_at=T0,
+        )
+    with sessions.begin() as session:
+        session.execute(sa.delete(VenueOrder))
+
+    with sessions.begin() as session:
+        assert [count(session, model) for model in (OrderItem, Wallet, Asset, StatusChange)] == [
+            0,
+            0,
+            0,
+            0,
+        ]
