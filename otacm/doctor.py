@@ -79,7 +79,11 @@ def check_database(url: str) -> Check:
             connection.execute(text(f"DROP TABLE {probe}"))
         current, head = current_revision(engine), head_revision()
     except SQLAlchemyError as exc:
-        return Check("database", False, f"cannot write to {shown}: {first_line(getattr(exc, "orig", None) or exc)}")
+        return Check(
+            "database",
+            False,
+            f"cannot write to {shown}: {first_line(getattr(exc, 'orig', None) or exc)}",
+        )
     finally:
         engine.dispose()
     if current != head:

@@ -128,6 +128,14 @@ def mask(secret: SecretStr) -> str:
     return f"****({length} chars)" if length else "(empty)"
 
 
+class _ConfigFileSetting(BaseSettings):
+    """Only ``OTACM_CONFIG_FILE``: where to find the file, before the file is read."""
+
+    model_config = SettingsConfigDict(env_prefix="OTACM_", extra="ignore")
+
+    config_file: Path | None = None
+
+
 class Settings(BaseSettings):
     """Everything otacm is configured with. Tests build it by hand."""
 
@@ -137,6 +145,16 @@ class Settings(BaseSettings):
     database_url: str = Field(default=DEFAULT_DATABASE_URL, repr=False)
     poll_interval: float = Field(default=15.0, ge=MIN_POLL_INTERVAL)
     connections: list[VenueConnection] = Field(default_factory=list)
+
+    # The receiver: a webhook body larger than this is refused with 413; a database that
+    # cannot take the write within db_lock_timeout seconds gets the venue a 503 (it retries).
+    webhook_max_bytes: int = Field(default=1_048_576, ge=1024)
+    db_lock_timeout: float = Field(default=5.0, gt=0)
+    # The worker: how long a claimed inbox row is held, and how often it is tried before
+    # it is dead-lettered for a person (``otacm inbox replay``).
+    inbox_lease_seconds: float = Field(default=60.0, gt=0)
+    inbox_max_attempts: int = Field(default=8, ge=1)
+    worker_batch_size: int = Field(default=50, ge=1)
 
     # The single-venue form, from the environment alone.
     connection_name: str = "default"
@@ -188,9 +206,14 @@ class Settings(BaseSettings):
     def load(cls, config_file: Path | None = None) -> Settings:
         """Settings from the environment, over the TOML ``config_file`` if one is given.
 
+        Without ``config_file``, the file named by ``OTACM_CONFIG_FILE`` (if any) is read:
+        this is how processes that have no command line (gunicorn's app factory) find it.
+
         Raises:
             SettingsError: the file cannot be read or a value is invalid.
         """
+        if config_file is None:
+            config_file = _ConfigFileSetting().config_file
         file_values: dict[str, Any] = {}
         if config_file is not None:
             try:

@@ -172,3 +172,13 @@ def test_api_version_must_be_a_date() -> None:
     """The version pin is a date, as the venue's x-api-version header expects."""
     with pytest.raises(ValueError, match="YYYY-MM-DD"):
         VenueConnection(tenant="t", company="c", api_key=KEY, api_version="latest")
+
+
+def test_config_file_named_by_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Processes with no command line (gunicorn) find the file through OTACM_CONFIG_FILE."""
+    config = tmp_path / "otacm.toml"
+    config.write_text('database_url = "sqlite:///named.sqlite3"\n')
+    monkeypatch.setenv("OTACM_CONFIG_FILE", str(config))
+    assert Settings.load().database_url == "sqlite:///named.sqlite3"
