@@ -1,0 +1,438 @@
+"""The sandbox's HTTP surface: the venue's API and the sandbox's own ``/_sandbox/`` endpoints.
+
+Below ``/{tenant}/{environment}/{company}`` (the company compared after percent-decoding,
+so ``%20`` and ``%2520`` both work) it serves the venue's paths — createOrder
+(``POST /channelManager``, ``?sync=1`` issuing inside the call), getOrder, confirmOrder,
+replaceOrder, deleteOrder, listOrdersByPartner and the webhook subscription endpoints —
+behind the API key (``x-np-api-key`` or ``Authorization: Bearer``). Every answer carries
+``x-npr-version``, ``x-npr-duration`` and ``x-npr-request-id``; every error is the
+venue's ``{"code", "message"}`` from one handler, and an unexpected failure is a 400
+``generic_error`` as the venue's is. The gateway faults (429, 503, latency) strike
+before authentication; every call is counted by endpoint name and status.
+
+The sandbox's own endpoints need no key and live only under ``/_sandbox/``:
+
+- ``GET /_sandbox/config``: tenant, environment, company, apiKey, partners, catalog,
+  and ``baseUrl`` (the API base on this server);
+- ``GET /_sandbox/stats`` (``DELETE`` zeroes it): see :mod:`sandbox.stats`;
+- ``GET``/``POST /_sandbox/faults``: read or change faults; fields in :mod:`sandbox.faults`;
+- ``POST /_sandbox/tick``: run one pickup cycle now, answer what it did;
+- ``GET``/``POST /_sandbox/clock``: the sandbox's time; ``{"advanceSeconds": N}`` moves it
+  forward (the sweeper's hour in an instant).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hmac
+import json
+import logging
+import time
+import uuid
+from decimal import Decimal
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from flask import Blueprint, Flask, Response, current_app, g, request
+from pydantic import ValidationError
+from werkzeug.exceptions import HTTPException
+
+from otacm.settings import encode_company
+from sandbox.config import SandboxConfig
+from sandbox.errors import (
+    InvalidRequest,
+    ResourceNotFound,
+    SandboxError,
+    ServiceUnavailable,
+    TooManyRequests,
+    Unauthorized,
+)
+from sandbox.orders import describe_validation_error
+from sandbox.runtime import SandboxRuntime
+from sandbox.state import OrderRecord
+from venue.models import (
+    ORDER_PROCESSED_EVENT,
+    Order,
+    OrderStatus,
+    OrderSummary,
+    Subscription,
+    SubscriptionRequest,
+)
+
+logger = logging.getLogger(__name__)
+
+api = Blueprint("venue", __name__, url_prefix="/<tenant>/<environment>/<path:company>")
+admin = Blueprint("sandbox", __name__, url_prefix="/_sandbox")
+
+
+def create_sandbox_app(
+    config: SandboxConfig | None = None, *, runtime: SandboxRuntime | None = None
+) -> Flask:
+    """The sandbox as a Flask app.
+
+    Args:
+        config: the venue to simulate; the defaults when omitted.
+        runtime: an existing runtime to serve (its config wins). Without one the app
+            builds its own, which its creator must close: ``sandbox_runtime(app).close()``.
+    """
+    if runtime is None:
+        runtime = SandboxRuntime(config or SandboxConfig())
+    app = Flask(__name__)
+    app.extensions["sandbox"] = runtime
+    app.register_blueprint(api)
+    app.register_blueprint(admin)
+    app.register_error_handler(SandboxError, _sandbox_error)
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Exception, _unexpected_error)
+    app.before_request(_start_timer)
+    app.after_request(_finish)
+    return app
+
+
+def sandbox_runtime(app: Flask) -> SandboxRuntime:
+    """The runtime an app serves."""
+    runtime: SandboxRuntime = app.extensions["sandbox"]
+    return runtime
+
+
+def _runtime() -> SandboxRuntime:
+    return sandbox_runtime(current_app)
+
+
+# --- responses and errors -------------------------------------------------------------
+
+
+def json_response(payload: Any, status: int = 200) -> Response:
+    """``payload`` as JSON; money (``Decimal``) as JSON numbers, as the venue sends it."""
+    return Response(
+        json.dumps(payload, default=_json_number), status=status, mimetype="application/json"
+    )
+
+
+def _json_number(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        if value == value.to_integral_value():
+            return int(value)
+        # A float only to carry the number into JSON text, and only when its shortest
+        # repr is exactly the decimal (true of any price in cents); else the exact string.
+        as_float = float(value)
+        return as_float if Decimal(repr(as_float)) == value else str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def error_response(status: int, code: str, message: str) -> Response:
+    """The venue's error body ``{"code", "message"}``."""
+    return json_response({"code": code, "message": message}, status)
+
+
+def _sandbox_error(exc: SandboxError) -> Response:
+    return error_response(exc.status, exc.code, exc.message)
+
+
+def _http_error(exc: HTTPException) -> Response:
+    status = exc.code or 500
+    code = "resource_not_found" if status == 404 else (exc.name or "error").lower()
+    return error_response(status, code.replace(" ", "_"), exc.description or exc.name)
+
+
+def _unexpected_error(exc: Exception) -> Response:
+    # The venue answers an internal failure with 400 generic_error too.
+    logger.exception("unexpected error in %s %s", request.method, request.path)
+    return error_response(400, "generic_error", f"Unexpected error: {type(exc).__name__}")
+
+
+def _start_timer() -> None:
+    g.started = time.perf_counter()
+
+
+def _finish(response: Response) -> Response:
+    runtime = _runtime()
+    elapsed_ms = (time.perf_counter() - g.get("started", time.perf_counter())) * 1000
+    response.headers["x-npr-version"] = runtime.config.api_version
+    response.headers["x-npr-duration"] = f"{elapsed_ms:.0f}"
+    response.headers["x-npr-request-id"] = str(uuid.uuid4())
+    if request.blueprint == api.name and request.endpoint:
+        runtime.stats.record_call(request.endpoint.rpartition(".")[2], response.status_code)
+    return response
+
+
+def _body() -> Any:
+    raw = request.get_data(cache=True)
+    if not raw.strip():
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise InvalidRequest("The request body is not valid JSON") from None
+
+
+# --- the venue's API: gateway, auth, addressing ---------------------------------------
+
+
+@api.url_value_preprocessor
+def _take_address(endpoint: str | None, values: dict[str, Any] | None) -> None:
+    if values is not None:
+        g.address = (values.pop("tenant"), values.pop("environment"), values.pop("company"))
+
+
+@api.before_request
+def _gateway_and_auth() -> None:
+    runtime = _runtime()
+    faults = runtime.faults.faults
+    if faults.latency_ms:
+        time.sleep(faults.latency_ms / 1000)
+    if runtime.faults.roll(faults.rate_429):
+        raise TooManyRequests("Rate limit exceeded; slow down and retry later")
+    if runtime.faults.roll(faults.rate_503):
+        raise ServiceUnavailable("The request timed out in the queue; retry later")
+    if not _key_matches(runtime.config.api_key.get_secret_value()):
+        raise Unauthorized("Missing or invalid API key (x-np-api-key)")
+    tenant, environment, company = g.address
+    config = runtime.config
+    if tenant.lower() != config.tenant.lower():
+        raise ResourceNotFound(f"Unknown tenant '{tenant}'")
+    if environment.lower() != config.environment.lower():
+        raise ResourceNotFound(f"Unknown environment '{environment}'")
+    if encode_company(company) != encode_company(config.company):
+        raise ResourceNotFound(f"Unknown company '{unquote(encode_company(company))}'")
+
+
+def _key_matches(expected: str) -> bool:
+    supplied = request.headers.get("x-np-api-key")
+    if supplied is None:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer":
+            supplied = token.strip()
+    return supplied is not None and hmac.compare_digest(supplied.encode(), expected.encode())
+
+
+# --- orders ---------------------------------------------------------------------------
+
+
+def _order_json(order: Order) -> dict[str, Any]:
+    wire = order.to_wire()
+    if _runtime().config.legacy_sync:
+        # The older synchronous API has no buyFromOrderReference and no empty statusMessage.
+        wire.pop("buyFromOrderReference", None)
+        if not wire.get("statusMessage"):
+            wire.pop("statusMessage", None)
+    for item in wire.get("items", []):
+        for wallet in item.get("wallets", []):
+            for key in ("unitPriceExclVat", "unitPriceInclVat"):
+                if key in wallet:
+                    wallet[key] = Decimal(wallet[key])
+    return wire
+
+
+def _summary_json(record: OrderRecord, replication: bool) -> dict[str, Any]:
+    summary = OrderSummary(
+        **record.order.model_dump(exclude={"items"}),
+        id=str(record.entry_no),
+        row_version=record.row_version if replication else None,
+    )
+    wire = summary.to_wire()
+    if _runtime().config.legacy_sync:
+        wire.pop("buyFromOrderReference", None)
+    return wire
+
+
+def _issued_in_call(record: OrderRecord) -> OrderRecord:
+    """Issue now (``?sync=1`` or legacy mode); a failed issuance answers 400, order left Error.
+
+    Raises:
+        InvalidRequest: issuance failed; the message is the order's statusMessage.
+    """
+    runtime = _runtime()
+    sync = request.args.get("sync", "").lower() in ("1", "true")
+    if not (sync or runtime.config.legacy_sync):
+        return record
+    final = runtime.pipeline.process_now(record)
+    if final.status is OrderStatus.ERROR:
+        raise InvalidRequest(final.order.status_message or "The order could not be issued")
+    return final
+
+
+@api.post("/channelManager", endpoint="createOrder")
+def create_order() -> Response:
+    """createOrder: 201 with the order as Submitted (or issued, synchronously)."""
+    record = _runtime().orders.create(_body())
+    return json_response(_order_json(_issued_in_call(record).order), 201)
+
+
+@api.get("/channelManager/<order_id>", endpoint="getOrder")
+def get_order(order_id: str) -> Response:
+    """getOrder: the full order."""
+    return json_response(_order_json(_runtime().orders.get(order_id).order))
+
+
+@api.post("/channelManager/<order_id>/confirm", endpoint="confirmOrder")
+def confirm_order(order_id: str) -> Response:
+    """confirmOrder: Draft → Issued; a no-op on Issued."""
+    return json_response(_order_json(_runtime().orders.confirm(order_id, _body()).order))
+
+
+@api.put("/channelManager/<order_id>", endpoint="replaceOrder")
+def replace_order(order_id: str) -> Response:
+    """replaceOrder: new contents for a Draft or Error order, back to Submitted."""
+    record = _runtime().orders.replace(order_id, _body())
+    return json_response(_order_json(_issued_in_call(record).order))
+
+
+@api.delete("/channelManager/<order_id>", endpoint="deleteOrder")
+def delete_order(order_id: str) -> Response:
+    """deleteOrder: Cancelled (kept) or removed, as the order's status decides."""
+    return json_response(_order_json(_runtime().orders.delete(order_id).order))
+
+
+@api.get("/channelManager/orders/<partner_id>", endpoint="listOrdersByPartner")
+def list_orders(partner_id: str) -> Response:
+    """listOrdersByPartner: one page of summaries, filtered, or the change feed."""
+    page = _runtime().orders.list(partner_id, request.args.to_dict())
+    next_url = ""
+    if page.next_page_key:
+        # As the venue does: the query values re-appended as they are, not encoded again.
+        query = "&".join(p for p in (page.query_text, f"pageKey={page.next_page_key}") if p)
+        next_url = f"{request.base_url}?{query}"
+    return json_response(
+        {
+            "morePages": page.next_page_key is not None,
+            "nextPageKey": page.next_page_key or "",
+            "nextPageURL": next_url,
+            "data": [_summary_json(r, page.replication) for r in page.records],
+        }
+    )
+
+
+# --- webhook subscriptions ------------------------------------------------------------
+
+
+@api.post("/webhook", endpoint="createWebhook")
+def create_webhook() -> Response:
+    """Subscribe a URL to an event; 201 with the subscription."""
+    body = _body()
+    try:
+        wanted = SubscriptionRequest.model_validate(body if isinstance(body, dict) else {})
+    except ValidationError as exc:
+        raise InvalidRequest(describe_validation_error(exc)) from None
+    if wanted.event_name != ORDER_PROCESSED_EVENT:
+        raise InvalidRequest(f"Unknown eventName '{wanted.event_name}'")
+    url = urlsplit(wanted.notification_url)
+    if url.scheme not in ("http", "https") or not url.netloc:
+        raise InvalidRequest("notificationUrl must be an absolute http(s) URL")
+    subscription = Subscription(
+        id=str(uuid.uuid4()),
+        notification_url=wanted.notification_url,
+        event_name=wanted.event_name,
+        client_state=wanted.client_state,
+    )
+    runtime = _runtime()
+    runtime.store.add_subscription(subscription, runtime.clock.now())
+    logger.info("webhook subscription %s created", subscription.id)
+    return json_response(subscription.to_wire(), 201)
+
+
+@api.get("/webhooks", endpoint="listWebhooks")
+@api.get("/webhook", endpoint="listWebhooks")
+def list_webhooks() -> Response:
+    """Every subscription, in Business Central's ``{"value": [...]}`` list shape."""
+    return json_response({"value": [s.to_wire() for s in _runtime().store.subscriptions()]})
+
+
+@api.get("/webhook/<subscription_id>", endpoint="getWebhook")
+def get_webhook(subscription_id: str) -> Response:
+    """One subscription."""
+    subscription = _runtime().store.subscription(subscription_id)
+    if subscription is None:
+        raise ResourceNotFound(f"Subscription '{subscription_id}' was not found")
+    return json_response(subscription.to_wire())
+
+
+@api.delete("/webhook/<subscription_id>", endpoint="deleteWebhook")
+def delete_webhook(subscription_id: str) -> Response:
+    """Remove a subscription; answers with the subscription removed."""
+    store = _runtime().store
+    subscription = store.subscription(subscription_id)
+    if subscription is None or not store.remove_subscription(subscription_id):
+        raise ResourceNotFound(f"Subscription '{subscription_id}' was not found")
+    logger.info("webhook subscription %s deleted", subscription.id)
+    return json_response(subscription.to_wire())
+
+
+# --- the sandbox's own endpoints ------------------------------------------------------
+
+
+@admin.get("/config")
+def show_config() -> Response:
+    """What a client needs to configure itself against this sandbox."""
+    config = _runtime().config
+    base_path = f"/{config.tenant}/{config.environment}/{encode_company(config.company)}"
+    return json_response(
+        {**config.public_json(), "baseUrl": request.host_url.rstrip("/") + base_path}
+    )
+
+
+@admin.get("/stats")
+def show_stats() -> Response:
+    """The call, webhook and pipeline counters."""
+    return json_response(_runtime().stats.snapshot())
+
+
+@admin.delete("/stats")
+def reset_stats() -> Response:
+    """Zero the counters."""
+    runtime = _runtime()
+    runtime.stats.reset()
+    return json_response(runtime.stats.snapshot())
+
+
+@admin.get("/faults")
+def show_faults() -> Response:
+    """The faults in force."""
+    return json_response(_runtime().faults.faults.to_json())
+
+
+@admin.post("/faults")
+def set_faults() -> Response:
+    """Change some faults (fields in :mod:`sandbox.faults`); answers all now in force."""
+    body = _body()
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object of faults")
+    try:
+        faults = _runtime().faults.update(body)
+    except ValidationError as exc:
+        raise InvalidRequest(describe_validation_error(exc)) from None
+    logger.info("faults changed: %s", ", ".join(sorted(body)))
+    return json_response(faults.to_json())
+
+
+@admin.post("/tick")
+def tick() -> Response:
+    """Run one pickup cycle now."""
+    return json_response(_runtime().pipeline.run_cycle().to_json())
+
+
+@admin.get("/clock")
+def show_clock() -> Response:
+    """The sandbox's time and how far it runs ahead of the real time."""
+    return _clock_json()
+
+
+@admin.post("/clock")
+def advance_clock() -> Response:
+    """Move the sandbox's time forward: ``{"advanceSeconds": N}``."""
+    body = _body()
+    seconds = body.get("advanceSeconds") if isinstance(body, dict) else None
+    if not isinstance(seconds, int | float) or isinstance(seconds, bool) or seconds < 0:
+        raise InvalidRequest("advanceSeconds must be a number of seconds, at least 0")
+    _runtime().clock.advance(dt.timedelta(seconds=seconds))
+    return _clock_json()
+
+
+def _clock_json() -> Response:
+    clock = _runtime().clock
+    return json_response(
+        {
+            "now": clock.now().strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "offsetSeconds": clock.offset.total_seconds(),
+        }
+    )

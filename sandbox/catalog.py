@@ -1,0 +1,190 @@
+"""The simulated venue's catalog: the items it sells and what each one issues.
+
+The catalog is a JSON file (``catalog.json`` beside this module is the default) of items,
+each of one *kind*:
+
+- ``ticket``: one wallet per unit of quantity, each holding one ticket;
+- ``group``: one wallet per line whatever the quantity, holding one group ticket;
+- ``package``: one wallet per package, holding one asset per component (tickets, and
+  coupons where the package yields them); only packages accept ``componentSchedule``;
+- ``coupon``: one wallet per unit, holding one coupon.
+
+Prices are per unit of quantity, excluding and including VAT, in the item's currency. A
+wallet carries its item's unit price, so a line's amount is ``quantity * unit price`` for
+every kind — a group wallet admits ``quantity`` people at the per-person price.
+
+A package line's ``wallet.componentSchedule`` is a list of ``{"itemNumber", "visitDate",
+"visitTime"}`` objects moving a ticket component to another visit. The sandbox treats a
+schedule as invalid — the order then ends in Error at processing, as the venue's does —
+when it is not a list of objects, names an item that is not a ticket component of the
+package, names a component twice, or gives a ``visitDate`` that is missing, not
+``YYYY-MM-DD``, or before the line's own visit date, or a ``visitTime`` not ``HH:mm:ss``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from decimal import Decimal
+from enum import StrEnum
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_TIME = re.compile(r"^\d{2}:\d{2}:\d{2}$")
+
+
+class CatalogError(ValueError):
+    """The catalog file cannot be read or is not a valid catalog; the message says why."""
+
+
+class ItemKind(StrEnum):
+    """How an item turns into wallets."""
+
+    TICKET = "ticket"
+    GROUP = "group"
+    PACKAGE = "package"
+    COUPON = "coupon"
+
+
+class _CatalogModel(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, frozen=True, extra="forbid"
+    )
+
+
+class Component(_CatalogModel):
+    """One asset a package issues: a ticket or a coupon."""
+
+    item_number: str = Field(min_length=1)
+    description: str
+    type: Literal["ticket", "coupon"]
+
+
+class CatalogItem(_CatalogModel):
+    """An item the venue sells, with its price and (for packages) its components."""
+
+    item_number: str = Field(min_length=1, max_length=20)
+    description: str
+    kind: ItemKind
+    unit_price_excl_vat: Decimal = Field(ge=0)
+    unit_price_incl_vat: Decimal = Field(ge=0)
+    currency_code: str = Field(min_length=3, max_length=3)
+    components: tuple[Component, ...] = ()
+
+    @model_validator(mode="after")
+    def _components_fit_kind(self) -> CatalogItem:
+        tickets = [c for c in self.components if c.type == "ticket"]
+        if self.kind is ItemKind.PACKAGE and not tickets:
+            raise ValueError(f"package {self.item_number} needs at least one ticket component")
+        if self.kind is not ItemKind.PACKAGE and self.components:
+            raise ValueError(f"only packages have components ({self.item_number})")
+        if self.unit_price_excl_vat > self.unit_price_incl_vat:
+            raise ValueError(f"{self.item_number}: price excl. VAT exceeds price incl. VAT")
+        return self
+
+    @property
+    def is_package(self) -> bool:
+        """Whether the item expands into component assets."""
+        return self.kind is ItemKind.PACKAGE
+
+    def wallet_count(self, quantity: int) -> int:
+        """How many wallets a line of ``quantity`` units issues."""
+        return 1 if self.kind is ItemKind.GROUP else quantity
+
+    def asset_templates(self) -> tuple[Component, ...]:
+        """The assets one wallet of this item holds: its components, or the item itself."""
+        if self.components:
+            return self.components
+        asset_type: Literal["ticket", "coupon"] = (
+            "coupon" if self.kind is ItemKind.COUPON else "ticket"
+        )
+        return (
+            Component(item_number=self.item_number, description=self.description, type=asset_type),
+        )
+
+    def schedule_problem(self, schedule: Any, visit_date: dt.date) -> str | None:
+        """Why ``schedule`` is not a valid componentSchedule for this package, or ``None``.
+
+        Args:
+            schedule: the ``wallet.componentSchedule`` value as the partner sent it.
+            visit_date: the line's own visit date; no component may come before it.
+        """
+        if not isinstance(schedule, list) or not all(isinstance(e, dict) for e in schedule):
+            return "componentSchedule must be a list of objects"
+        tickets = {c.item_number.upper() for c in self.components if c.type == "ticket"}
+        seen: set[str] = set()
+        for entry in schedule:
+            number = str(entry.get("itemNumber") or "")
+            if number.upper() not in tickets:
+                return f"'{number}' is not a ticket component of package '{self.item_number}'"
+            if number.upper() in seen:
+                return f"component '{number}' is scheduled twice"
+            seen.add(number.upper())
+            date_text = entry.get("visitDate")
+            if not isinstance(date_text, str) or not _DATE.match(date_text):
+                return f"component '{number}' needs a visitDate as YYYY-MM-DD"
+            try:
+                date = dt.date.fromisoformat(date_text)
+            except ValueError:
+                return f"component '{number}' has an invalid visitDate '{date_text}'"
+            if date < visit_date:
+                return f"component '{number}' is scheduled before the line's visitDate"
+            time_text = entry.get("visitTime")
+            if time_text is not None and (
+                not isinstance(time_text, str) or not _TIME.match(time_text)
+            ):
+                return f"component '{number}' needs a visitTime as HH:mm:ss"
+        return None
+
+
+class Catalog(_CatalogModel):
+    """Every item the venue sells, looked up by item number (case-insensitively)."""
+
+    items: tuple[CatalogItem, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _numbers_unique(self) -> Catalog:
+        numbers = [item.item_number.upper() for item in self.items]
+        duplicates = sorted({n for n in numbers if numbers.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"item numbers must be unique: {', '.join(duplicates)}")
+        return self
+
+    def get(self, item_number: str) -> CatalogItem | None:
+        """The item numbered ``item_number``, or ``None`` when the venue does not sell it."""
+        wanted = item_number.strip().upper()
+        return next((i for i in self.items if i.item_number.upper() == wanted), None)
+
+    def to_json(self) -> dict[str, Any]:
+        """The catalog as JSON (camelCase, prices as strings), as ``/_sandbox/config`` shows it."""
+        return self.model_dump(mode="json", by_alias=True)
+
+
+def load_catalog(path: Path | None = None) -> Catalog:
+    """Read a catalog file; without a path, the default catalog shipped with the sandbox.
+
+    Raises:
+        CatalogError: the file cannot be read, is not JSON, or is not a valid catalog.
+    """
+    try:
+        if path is None:
+            text = resources.files("sandbox").joinpath("catalog.json").read_text("utf-8")
+        else:
+            text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CatalogError(f"cannot read catalog {path}: {exc.strerror}") from exc
+    try:
+        return Catalog.model_validate(json.loads(text))
+    except json.JSONDecodeError as exc:
+        raise CatalogError(f"catalog {path or 'catalog.json'} is not JSON: {exc}") from exc
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'catalog'}: {e['msg']}" for e in exc.errors()
+        )
+        raise CatalogError(f"catalog {path or 'catalog.json'} is invalid: {problems}") from exc

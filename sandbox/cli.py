@@ -1,0 +1,283 @@
+"""``otacm sandbox``: run the simulated venue from the command line until stopped.
+
+Every option also reads an ``OTACM_SANDBOX_*`` environment variable (shown in
+``--help``); the command line wins. The command prints the API base and the sandbox's
+own endpoints, then serves until Ctrl-C or SIGTERM. Clients learn the key, partners and
+catalog from ``GET /_sandbox/config``.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import click
+from pydantic import SecretStr, ValidationError
+
+from sandbox.catalog import CatalogError, load_catalog
+from sandbox.config import (
+    DEFAULT_API_KEY,
+    DEFAULT_COMPANY,
+    DEFAULT_ENVIRONMENT,
+    DEFAULT_PARTNERS,
+    DEFAULT_PICKUP_INTERVAL,
+    DEFAULT_TENANT,
+    MEMORY,
+    Partner,
+    SandboxConfig,
+)
+from sandbox.faults import Faults
+from sandbox.server import SandboxServer
+
+DEFAULT_PORT = 8765
+_RATE = click.FloatRange(0.0, 1.0)
+_FAULT_OPTIONS = (
+    "drop_rate",
+    "duplicate_rate",
+    "delay_seconds",
+    "reorder",
+    "envelope",
+    "rate_429",
+    "rate_503",
+    "latency_ms",
+    "stall_scheduled_rate",
+    "stall_processing_rate",
+    "error_rate",
+    "seed",
+)
+
+
+def _env(name: str) -> dict[str, Any]:
+    return {"envvar": f"OTACM_SANDBOX_{name}", "show_envvar": True}
+
+
+@click.command("sandbox")
+@click.option("--host", default="127.0.0.1", show_default=True, **_env("HOST"))
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=DEFAULT_PORT, show_default=True, **_env("PORT")
+)
+@click.option(
+    "--pickup-interval",
+    "pickup_interval",
+    metavar="SECONDS",
+    type=click.FloatRange(min=0),
+    default=DEFAULT_PICKUP_INTERVAL,
+    show_default=True,
+    help="Seconds between pickup cycles; 0: only POST /_sandbox/tick.",
+    **_env("PICKUP_INTERVAL"),
+)
+@click.option(
+    "--state",
+    "state",
+    metavar="FILE",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="SQLite file keeping orders and subscriptions across restarts (default: in memory).",
+    **_env("STATE"),
+)
+@click.option(
+    "--catalog",
+    "catalog",
+    metavar="FILE",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Catalog JSON (default: the one shipped with the sandbox).",
+    **_env("CATALOG"),
+)
+@click.option("--tenant", default=DEFAULT_TENANT, show_default=True, **_env("TENANT"))
+@click.option(
+    "--environment", default=DEFAULT_ENVIRONMENT, show_default=True, **_env("ENVIRONMENT")
+)
+@click.option("--company", default=DEFAULT_COMPANY, show_default=True, **_env("COMPANY"))
+@click.option("--api-key", "api_key", default=DEFAULT_API_KEY, show_default=True, **_env("API_KEY"))
+@click.option(
+    "--partners",
+    metavar="ID[:inactive],...",
+    default=",".join(f"{p.id}{'' if p.active else ':inactive'}" for p in DEFAULT_PARTNERS),
+    show_default=True,
+    help="Partner ids the venue knows.",
+    **_env("PARTNERS"),
+)
+@click.option(
+    "--legacy-sync/--no-legacy-sync",
+    default=False,
+    show_default=True,
+    help="Answer like the older synchronous API version.",
+    **_env("LEGACY_SYNC"),
+)
+@click.option(
+    "--webhook-max-batch",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    **_env("WEBHOOK_MAX_BATCH"),
+)
+@click.option(
+    "--webhook-max-attempts",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    **_env("WEBHOOK_MAX_ATTEMPTS"),
+)
+@click.option(
+    "--webhook-backoff",
+    metavar="SECONDS",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="Wait before the first webhook retry; doubles.",
+    **_env("WEBHOOK_BACKOFF"),
+)
+@click.option(
+    "--drop-rate", type=_RATE, default=0.0, help="Share of webhooks dropped.", **_env("DROP_RATE")
+)
+@click.option(
+    "--duplicate-rate",
+    type=_RATE,
+    default=0.0,
+    help="Share of webhooks sent twice.",
+    **_env("DUPLICATE_RATE"),
+)
+@click.option(
+    "--delay-seconds",
+    type=click.FloatRange(0, 600),
+    default=0.0,
+    help="Wait before each webhook POST.",
+    **_env("DELAY_SECONDS"),
+)
+@click.option(
+    "--reorder/--no-reorder",
+    default=False,
+    help="Shuffle webhook notifications.",
+    **_env("REORDER"),
+)
+@click.option(
+    "--envelope",
+    type=click.Choice(["value", "values", "bare"]),
+    default="value",
+    show_default=True,
+    help="Webhook body shape.",
+    **_env("ENVELOPE"),
+)
+@click.option(
+    "--rate-429",
+    "rate_429",
+    type=_RATE,
+    default=0.0,
+    help="Share of API calls answered 429.",
+    **_env("RATE_429"),
+)
+@click.option(
+    "--rate-503",
+    "rate_503",
+    type=_RATE,
+    default=0.0,
+    help="Share of API calls answered 503.",
+    **_env("RATE_503"),
+)
+@click.option(
+    "--latency-ms",
+    type=click.IntRange(0, 600_000),
+    default=0,
+    help="Added to every API call.",
+    **_env("LATENCY_MS"),
+)
+@click.option(
+    "--stall-scheduled-rate",
+    type=_RATE,
+    default=0.0,
+    help="Share of orders left in Scheduled.",
+    **_env("STALL_SCHEDULED_RATE"),
+)
+@click.option(
+    "--stall-processing-rate",
+    type=_RATE,
+    default=0.0,
+    help="Share of orders left in Processing.",
+    **_env("STALL_PROCESSING_RATE"),
+)
+@click.option(
+    "--error-rate",
+    type=_RATE,
+    default=0.0,
+    help="Share of processing runs ending in Error.",
+    **_env("ERROR_RATE"),
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=None,
+    help="Seed for the fault dice (repeatable runs).",
+    **_env("SEED"),
+)
+def sandbox_command(**options: Any) -> None:
+    """Run a simulation of the venue's OTA Channel Manager API, with fault injection."""
+    config = build_config(options)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+    try:
+        server = SandboxServer(config, host=options["host"], port=options["port"]).start()
+    except OSError as exc:
+        where = f"{options['host']}:{options['port']}"
+        raise click.ClickException(f"cannot listen on {where}: {exc.strerror}") from exc
+    try:
+        click.echo(f"Sandbox listening on {server.url}")
+        click.echo(f"Venue API base: {server.base_url}")
+        click.echo(
+            f"Sandbox endpoints: {server.url}/_sandbox/ (config, stats, faults, tick, clock)"
+        )
+        _wait_for_stop()
+    finally:
+        server.stop()
+        click.echo("Sandbox stopped")
+
+
+def build_config(options: dict[str, Any]) -> SandboxConfig:
+    """The :class:`SandboxConfig` the command's options describe.
+
+    Raises:
+        click.ClickException: the catalog, the partners or another value is invalid.
+    """
+    try:
+        partners = tuple(
+            Partner.parse(text) for text in options["partners"].split(",") if text.strip()
+        )
+        faults = Faults(**{name: options[name] for name in _FAULT_OPTIONS})
+        extra: dict[str, Any] = {}
+        if options["catalog"] is not None:
+            extra["catalog"] = load_catalog(options["catalog"])
+        return SandboxConfig(
+            tenant=options["tenant"],
+            environment=options["environment"],
+            company=options["company"],
+            api_key=SecretStr(options["api_key"]),
+            partners=partners,
+            pickup_interval=options["pickup_interval"],
+            state_path=str(options["state"]) if options["state"] else MEMORY,
+            legacy_sync=options["legacy_sync"],
+            faults=faults,
+            webhook_max_batch=options["webhook_max_batch"],
+            webhook_max_attempts=options["webhook_max_attempts"],
+            webhook_backoff=options["webhook_backoff"],
+            **extra,
+        )
+    except CatalogError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except (ValidationError, ValueError) as exc:
+        raise click.ClickException(f"invalid sandbox configuration: {exc}") from exc
+
+
+def _wait_for_stop() -> None:
+    """Block until Ctrl-C or SIGTERM."""
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)

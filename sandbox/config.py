@@ -1,0 +1,140 @@
+"""The sandbox's configuration: who the simulated venue is and how it behaves.
+
+A :class:`SandboxConfig` names the tenant, environment, company and API key the sandbox
+answers to, the partners it knows (active or not), its catalog, the pickup cadence,
+where its state lives, the webhook delivery settings, the older synchronous mode and the
+faults it starts with. It is built once at the edge (``otacm sandbox`` or a test) and
+passed down; nothing here reads the environment.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+from sandbox.catalog import Catalog, load_catalog
+from sandbox.faults import Faults
+
+DEFAULT_TENANT = "01234567-89ab-cdef-0123-456789abcdef"
+DEFAULT_ENVIRONMENT = "sandbox"
+DEFAULT_COMPANY = "CRONUS International Ltd."
+DEFAULT_API_KEY = "sandbox-api-key"
+DEFAULT_PICKUP_INTERVAL = 60.0
+MEMORY = ":memory:"
+
+
+class Partner(BaseModel):
+    """A partnership the venue knows; orders from an inactive one are rejected."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str = Field(min_length=1)
+    active: bool = True
+
+    @field_validator("id")
+    @classmethod
+    def _lowercase_guid(cls, value: str) -> str:
+        # The venue writes GUIDs lowercase without braces.
+        return value.strip().strip("{}").lower()
+
+    @classmethod
+    def parse(cls, text: str) -> Partner:
+        """``"<id>"`` or ``"<id>:inactive"`` (the CLI's and environment's form).
+
+        Raises:
+            ValueError: the state after the colon is neither ``active`` nor ``inactive``.
+        """
+        partner_id, _, state = text.strip().partition(":")
+        if state not in ("", "active", "inactive"):
+            raise ValueError(f"partner state must be 'active' or 'inactive', not {state!r}")
+        return cls(id=partner_id, active=state != "inactive")
+
+
+DEFAULT_PARTNERS = (
+    Partner(id="21e8c1d2-3f4a-4c5b-9e6d-7f8a9b0c1d2e"),
+    Partner(id="5b7c9d1e-2f3a-4b5c-8d6e-7f8091a2b3c4"),
+    Partner(id="9f8e7d6c-5b4a-4392-8170-6f5e4d3c2b1a", active=False),
+)
+
+
+class SandboxConfig(BaseModel):
+    """Everything a sandbox is started with. Tests build it by hand.
+
+    Attributes:
+        pickup_interval: seconds between automatic pickup cycles (the venue's cadence is
+            about 60 s); 0 turns the automatic cycle off — ``POST /_sandbox/tick`` only.
+        state_path: ``":memory:"`` or a SQLite file that keeps orders, row versions and
+            subscriptions across restarts.
+        legacy_sync: behave like the older synchronous API version (seeds 000 and 003).
+        webhook_max_batch: most notifications in one webhook POST.
+        webhook_max_attempts: POSTs per batch before giving up (1 = no retry).
+        webhook_backoff: seconds before the first retry; doubles with each retry.
+        timezone: the venue's local time zone; "visitDate not in the past" uses its date.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tenant: str = Field(default=DEFAULT_TENANT, min_length=1, pattern=r"^[^/]+$")
+    environment: str = Field(default=DEFAULT_ENVIRONMENT, min_length=1, pattern=r"^[^/]+$")
+    company: str = Field(default=DEFAULT_COMPANY, min_length=1)
+    api_key: SecretStr = SecretStr(DEFAULT_API_KEY)
+    partners: tuple[Partner, ...] = DEFAULT_PARTNERS
+    catalog: Catalog = Field(default_factory=load_catalog)
+    pickup_interval: float = Field(default=DEFAULT_PICKUP_INTERVAL, ge=0)
+    state_path: str = MEMORY
+    legacy_sync: bool = False
+    faults: Faults = Faults()
+    webhook_max_batch: int = Field(default=100, ge=1)
+    webhook_max_attempts: int = Field(default=5, ge=1)
+    webhook_backoff: float = Field(default=1.0, ge=0)
+    webhook_timeout: float = Field(default=10.0, gt=0)
+    timezone: str = "Europe/Copenhagen"
+    api_version: str = "2025-06-01"
+    manifest_base_url: str = "https://manifests.npretail.app/wallets/manifest"
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_set(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value():
+            raise ValueError("the sandbox needs a non-empty API key")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {value!r}") from exc
+        return value
+
+    @property
+    def line_step(self) -> int:
+        """Line numbers count 100000, 200000, …; the older synchronous API used 10000."""
+        return 10000 if self.legacy_sync else 100000
+
+    def partner(self, partner_id: str) -> Partner | None:
+        """The partner with ``partner_id`` (any case, braces allowed), or ``None``."""
+        wanted = partner_id.strip().strip("{}").lower()
+        return next((p for p in self.partners if p.id == wanted), None)
+
+    def local_today(self, now: dt.datetime) -> dt.date:
+        """The venue's local date at the instant ``now``."""
+        return now.astimezone(ZoneInfo(self.timezone)).date()
+
+    def public_json(self) -> dict[str, Any]:
+        """What ``GET /_sandbox/config`` tells a client so it can configure itself."""
+        return {
+            "tenant": self.tenant,
+            "environment": self.environment,
+            "company": self.company,
+            "apiKey": self.api_key.get_secret_value(),
+            "partners": [{"id": p.id, "active": p.active} for p in self.partners],
+            "catalog": self.catalog.to_json(),
+            "pickupInterval": self.pickup_interval,
+            "legacySync": self.legacy_sync,
+            "apiVersion": self.api_version,
+        }

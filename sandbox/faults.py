@@ -1,0 +1,117 @@
+"""Fault injection: which faults are on, and the seeded random source that fires them.
+
+Faults are set when the sandbox starts (:class:`sandbox.config.SandboxConfig` ``faults``,
+``otacm sandbox`` flags, ``OTACM_SANDBOX_*`` variables) and changed at run time with
+``POST /_sandbox/faults``. That endpoint takes a JSON object with any of these fields
+(camelCase or snake_case); fields left out keep their current value, and the answer is
+the complete set now in force (``GET /_sandbox/faults`` reads it):
+
+- ``dropRate`` (0 to 1): share of webhook notifications never sent (counted ``dropped``).
+- ``duplicateRate`` (0 to 1): share of notifications sent a second time, in a separate POST
+  right after their batch — an exact repeat, as a retry would be (counted ``duplicated``).
+- ``delaySeconds`` (≥ 0): wait before each webhook POST.
+- ``reorder`` (bool): shuffle a processing run's notifications before batching them, and
+  the order in which the batches are sent.
+- ``envelope`` (``"value"`` | ``"values"`` | ``"bare"``): the webhook body shape;
+  ``bare`` sends one notification object per POST.
+- ``rate429``, ``rate503`` (0 to 1): share of API calls answered 429 ``too_many_requests``
+  or 503 ``service_unavailable`` by the "gateway", before any work is done.
+- ``latencyMs`` (≥ 0): added to every API call.
+- ``stallScheduledRate``, ``stallProcessingRate`` (0 to 1): share of picked-up orders left
+  hanging in Scheduled or Processing, for the sweeper to find (advance the clock with
+  ``POST /_sandbox/clock``).
+- ``errorRate`` (0 to 1): share of processing runs that end in Error with "Unexpected error
+  while issuing the order; replace it to retry".
+- ``seed`` (int or null): reseeds the random source that decides every fault, so a run
+  is repeatable; null seeds it from the system.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Mapping, MutableSequence
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+Envelope = Literal["value", "values", "bare"]
+Rate = Annotated[float, Field(ge=0.0, le=1.0)]
+T = TypeVar("T")
+
+
+class Faults(BaseModel):
+    """The faults in force; all off by default."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, frozen=True, extra="forbid"
+    )
+
+    drop_rate: Rate = 0.0
+    duplicate_rate: Rate = 0.0
+    delay_seconds: float = Field(default=0.0, ge=0.0, le=600.0)
+    reorder: bool = False
+    envelope: Envelope = "value"
+    rate_429: Rate = 0.0
+    rate_503: Rate = 0.0
+    latency_ms: int = Field(default=0, ge=0, le=600_000)
+    stall_scheduled_rate: Rate = 0.0
+    stall_processing_rate: Rate = 0.0
+    error_rate: Rate = 0.0
+    seed: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The faults as ``GET /_sandbox/faults`` shows them (camelCase)."""
+        return self.model_dump(mode="json", by_alias=True)
+
+
+class FaultInjector:
+    """The faults in force and the one seeded random source that decides them.
+
+    Thread-safe: the API threads, the pipeline and the webhook thread all roll dice here.
+    """
+
+    def __init__(self, faults: Faults) -> None:
+        self._lock = threading.Lock()
+        self._faults = faults
+        # Not for secrets: a seedable generator so a test run repeats exactly.
+        self._random = random.Random(faults.seed)  # noqa: S311
+
+    @property
+    def faults(self) -> Faults:
+        """The faults in force now."""
+        with self._lock:
+            return self._faults
+
+    def update(self, changes: Mapping[str, Any]) -> Faults:
+        """Change some faults, keep the rest; reseed when ``changes`` names ``seed``.
+
+        Raises:
+            pydantic.ValidationError: a field is unknown or out of range; nothing changes.
+        """
+        with self._lock:
+            current = self._faults.model_dump(by_alias=True)
+            merged = Faults.model_validate({**current, **_by_alias(changes)})
+            self._faults = merged
+            if "seed" in changes:
+                self._random.seed(merged.seed)
+            return merged
+
+    def roll(self, rate: float) -> bool:
+        """True with probability ``rate``; never consumes randomness when the rate is 0."""
+        if rate <= 0.0:
+            return False
+        with self._lock:
+            return self._random.random() < rate
+
+    def shuffle(self, items: MutableSequence[T]) -> None:
+        """Shuffle ``items`` in place with the seeded source."""
+        with self._lock:
+            self._random.shuffle(items)
+
+
+def _by_alias(changes: Mapping[str, Any]) -> dict[str, Any]:
+    """Field names as the camelCase aliases, so a snake_case key replaces its alias."""
+    known = {name: field.alias or name for name, field in Faults.model_fields.items()}
+    return {known.get(key, key): value for key, value in changes.items()}

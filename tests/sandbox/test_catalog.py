@@ -1,0 +1,88 @@
+"""The catalog file: the shipped default, and clear errors for broken ones."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import pytest
+
+from sandbox.catalog import CatalogError, load_catalog
+
+
+def test_default_catalog_has_every_kind_and_two_currencies() -> None:
+    """The shipped catalog covers tickets, a group, packages (one with a coupon), coupons."""
+    catalog = load_catalog()
+    assert {item.kind for item in catalog.items} == {"ticket", "group", "package", "coupon"}
+    assert {item.currency_code for item in catalog.items} >= {"DKK", "EUR"}
+    package = catalog.get("40100")
+    assert package is not None and package.is_package
+    assert {c.type for c in package.components} == {"ticket", "coupon"}
+    group = catalog.get("31050")
+    assert group is not None and group.wallet_count(8) == 1
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ("not json", "is not JSON"),
+        (json.dumps({"items": []}), "is invalid"),
+        (
+            json.dumps(
+                {
+                    "items": [
+                        {
+                            "itemNumber": "P1",
+                            "description": "Empty package",
+                            "kind": "package",
+                            "unitPriceExclVat": "1",
+                            "unitPriceInclVat": "1",
+                            "currencyCode": "DKK",
+                        }
+                    ]
+                }
+            ),
+            "needs at least one ticket component",
+        ),
+    ],
+    ids=["not-json", "no-items", "package-without-tickets"],
+)
+def test_broken_catalogs_are_refused_with_the_reason(
+    tmp_path: Path, content: str, problem: str
+) -> None:
+    """A catalog that is not valid raises CatalogError saying why."""
+    path = tmp_path / "catalog.json"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(CatalogError, match=problem):
+        load_catalog(path)
+
+
+@pytest.mark.parametrize(
+    ("schedule", "problem"),
+    [
+        ({"itemNumber": "31001"}, "must be a list of objects"),
+        ([{"itemNumber": "CPN-CAFE10", "visitDate": "2030-01-02"}], "not a ticket component"),
+        (
+            [
+                {"itemNumber": "31001", "visitDate": "2030-01-02"},
+                {"itemNumber": "31001", "visitDate": "2030-01-03"},
+            ],
+            "scheduled twice",
+        ),
+        ([{"itemNumber": "31001"}], "needs a visitDate"),
+        ([{"itemNumber": "31001", "visitDate": "2029-12-31"}], "before the line's visitDate"),
+        ([{"itemNumber": "31001", "visitDate": "2030-01-01", "visitTime": "9"}], "HH:mm:ss"),
+        ([{"itemNumber": "31020", "visitDate": "2030-01-05", "visitTime": "09:00:00"}], None),
+    ],
+    ids=["not-a-list", "coupon", "twice", "no-date", "too-early", "bad-time", "valid"],
+)
+def test_component_schedule_rules(schedule: object, problem: str | None) -> None:
+    """What makes a componentSchedule invalid, as the module documents it."""
+    package = load_catalog().get("40100")
+    assert package is not None
+    found = package.schedule_problem(schedule, dt.date(2030, 1, 1))
+    if problem is None:
+        assert found is None
+    else:
+        assert found is not None and problem in found

@@ -1,0 +1,186 @@
+"""listOrdersByPartner over real HTTP: filters, cursor paging and the row-version change feed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.sandbox.conftest import OTHER_PARTNER, PARTNER, Venue, order_body
+
+LIST = f"/channelManager/orders/{PARTNER}"
+
+
+def ids(page: dict[str, Any]) -> list[str]:
+    """The orderIds on one page."""
+    return [row["orderId"] for row in page["data"]]
+
+
+def test_summaries_are_compact_and_carry_a_row_id(venue: Venue) -> None:
+    """Summaries have the header without items, and an ``id`` that is not the orderId."""
+    order = venue.create(order_body())
+    page = venue.api.get(LIST).json()
+    assert page["morePages"] is False
+    assert page["nextPageKey"] == "" and page["nextPageURL"] == ""
+    (summary,) = page["data"]
+    assert "items" not in summary
+    assert summary["orderId"] == order["orderId"]
+    assert summary["buyFromOrderReference"] == order["buyFromOrderReference"]
+    assert summary["id"] and summary["id"] != order["orderId"]
+    assert "rowVersion" not in summary
+
+
+def test_lists_only_the_partners_own_orders(venue: Venue) -> None:
+    """Another partner's orders never appear in this partner's list."""
+    mine = venue.create(order_body("MINE"))["orderId"]
+    venue.create(order_body("THEIRS", partner=OTHER_PARTNER))
+    assert ids(venue.api.get(LIST).json()) == [mine]
+
+
+def test_status_filter_is_a_comma_list_ored(venue: Venue) -> None:
+    """``status=Draft,Error`` returns orders in either status and no others."""
+    draft = venue.create(order_body("A", payment=None))["orderId"]
+    issued = venue.create(order_body("B"))["orderId"]
+    venue.tick()
+    submitted = venue.create(order_body("C"))["orderId"]
+
+    assert ids(venue.api.get(LIST, params={"status": "Draft,Issued"}).json()) == [draft, issued]
+    assert ids(venue.api.get(LIST, params={"status": "submitted"}).json()) == [submitted]
+    assert len(venue.api.get(LIST).json()["data"]) == 3
+
+
+def test_unknown_status_is_refused(venue: Venue) -> None:
+    """A status the venue does not have is a 400 naming it."""
+    response = venue.api.get(LIST, params={"status": "Issued,Shipped"})
+    assert response.status_code == 400
+    assert response.json() == {"code": "generic_error", "message": "Unknown status 'Shipped'"}
+
+
+def test_reference_filter_is_exact_and_case_insensitive(venue: Venue) -> None:
+    """``sellToOrderReference`` matches one order exactly, in any case."""
+    wanted = venue.create(order_body("REF-1"))["orderId"]
+    venue.create(order_body("REF-10"))
+    page = venue.api.get(LIST, params={"sellToOrderReference": " ref-1"}).json()
+    assert ids(page) == [wanted]
+
+
+def test_received_at_window_is_inclusive(venue: Venue) -> None:
+    """receivedAtFrom and receivedAtTo include orders received exactly at the bounds."""
+    first = venue.create(order_body("A"))
+    venue.advance(3600)
+    second = venue.create(order_body("B"))
+    venue.advance(3600)
+    third = venue.create(order_body("C"))
+
+    window = {"receivedAtFrom": second["receivedAt"], "receivedAtTo": third["receivedAt"]}
+    assert ids(venue.api.get(LIST, params=window).json()) == [second["orderId"], third["orderId"]]
+    exact = {"receivedAtFrom": first["receivedAt"], "receivedAtTo": first["receivedAt"]}
+    assert ids(venue.api.get(LIST, params=exact).json()) == [first["orderId"]]
+
+
+def test_malformed_received_at_is_refused(venue: Venue) -> None:
+    """A receivedAt bound that is not ISO 8601 is a 400 naming the parameter."""
+    response = venue.api.get(LIST, params={"receivedAtFrom": "yesterday"})
+    assert response.status_code == 400
+    assert response.json()["message"].startswith("receivedAtFrom must be an ISO 8601 date-time")
+
+
+def test_paging_follows_page_keys_that_keep_the_filters(venue: Venue) -> None:
+    """pageSize=2 over 5 matching orders gives pages of 2, 2, 1; pageKey alone keeps the filter."""
+    venue.create(order_body("ISSUED-1"))
+    venue.create(order_body("ISSUED-2"))
+    venue.tick()  # two Issued orders the filter must keep out of every page
+    submitted = [venue.create(order_body(f"S-{n}"))["orderId"] for n in range(5)]
+
+    pages = [venue.api.get(LIST, params={"status": "Submitted", "pageSize": 2}).json()]
+    while pages[-1]["morePages"]:
+        key = pages[-1]["nextPageKey"]
+        assert f"pageKey={key}" in pages[-1]["nextPageURL"]
+        pages.append(venue.api.get(LIST, params={"pageKey": key}).json())
+
+    assert [len(p["data"]) for p in pages] == [2, 2, 1]
+    assert [i for p in pages for i in ids(p)] == submitted
+    assert pages[-1]["nextPageKey"] == ""
+
+
+def test_next_page_url_can_be_followed(venue: Venue) -> None:
+    """nextPageURL (re-appending the query unencoded) leads to the next page."""
+    for n in range(3):
+        venue.create(order_body(f"R-{n}"))
+    first = venue.api.get(LIST, params={"status": "Submitted", "pageSize": 2}).json()
+    second = venue.api.get(first["nextPageURL"]).json()
+    assert len(second["data"]) == 1
+
+
+def test_page_size_bounds(venue: Venue) -> None:
+    """pageSize must be between 1 and 20000."""
+    for size in ("0", "20001", "many"):
+        response = venue.api.get(LIST, params={"pageSize": size})
+        assert response.status_code == 400
+        assert response.json()["message"] == "pageSize must be an integer between 1 and 20000"
+    assert venue.api.get(LIST, params={"pageSize": "20000"}).status_code == 200
+
+
+def test_foreign_or_garbled_page_key_is_refused(venue: Venue) -> None:
+    """A pageKey that this list did not issue is a 400."""
+    for n in range(3):
+        venue.create(order_body(f"K-{n}"))
+    key = venue.api.get(LIST, params={"pageSize": 1}).json()["nextPageKey"]
+    other = venue.api.get(f"/channelManager/orders/{OTHER_PARTNER}", params={"pageKey": key})
+    garbled = venue.api.get(LIST, params={"pageKey": "not-a-key"})
+    assert other.status_code == 400 and garbled.status_code == 400
+
+
+def test_unknown_partner_list_is_refused(venue: Venue) -> None:
+    """Listing for a partner the venue does not know is a 400."""
+    response = venue.api.get("/channelManager/orders/11111111-2222-3333-4444-555555555555")
+    assert response.status_code == 400
+    assert response.json()["message"].startswith("Unknown partnerId")
+
+
+def test_replication_orders_by_row_version(venue: Venue) -> None:
+    """``sync=true`` lists by rowVersion ascending, each record carrying it."""
+    first = venue.create(order_body("A"))["orderId"]
+    second = venue.create(order_body("B"))["orderId"]
+    venue.tick()  # both change: A then B, three times each
+    venue.api.post(f"/channelManager/{first}/confirm", json={"paymentReference": "X"})
+    venue.api.delete(f"/channelManager/{first}")  # A cancelled: changed last
+
+    page = venue.api.get(LIST, params={"sync": "true"}).json()
+    versions = [row["rowVersion"] for row in page["data"]]
+    assert ids(page) == [second, first]
+    assert versions == sorted(versions) and len(set(versions)) == 2
+
+
+def test_change_feed_returns_exactly_the_rows_changed_since(venue: Venue) -> None:
+    """``lastRowVersion=N`` returns the rows changed after N — confirm and cancel included,
+    webhook or not — and rows deleted outright simply vanish."""
+    draft = venue.create(order_body("DRAFT", payment=None))["orderId"]
+    issued = venue.create(order_body("ISSUED"))["orderId"]
+    doomed = venue.create(order_body("DOOMED", payment=None))["orderId"]
+    untouched = venue.create(order_body("UNTOUCHED"))["orderId"]
+    venue.tick()
+    feed = venue.api.get(LIST, params={"sync": "true"}).json()
+    assert set(ids(feed)) == {draft, issued, doomed, untouched}
+    high_water = max(row["rowVersion"] for row in feed["data"])
+
+    venue.api.post(f"/channelManager/{draft}/confirm", json={"paymentReference": "P"})
+    venue.api.delete(f"/channelManager/{issued}")
+    venue.api.delete(f"/channelManager/{doomed}")
+
+    changes = venue.api.get(LIST, params={"sync": "true", "lastRowVersion": high_water}).json()
+    assert ids(changes) == [draft, issued]
+    assert [row["status"] for row in changes["data"]] == ["Issued", "Cancelled"]
+    assert all(row["rowVersion"] > high_water for row in changes["data"])
+    newest = max(row["rowVersion"] for row in changes["data"])
+    nothing = venue.api.get(LIST, params={"sync": "true", "lastRowVersion": newest}).json()
+    assert nothing["data"] == []
+
+
+def test_change_feed_pages_without_gaps_or_repeats(venue: Venue) -> None:
+    """Paging the change feed with pageSize=2 visits every row once, in row-version order."""
+    created = [venue.create(order_body(f"F-{n}"))["orderId"] for n in range(5)]
+    pages = [venue.api.get(LIST, params={"sync": "true", "pageSize": 2}).json()]
+    while pages[-1]["morePages"]:
+        pages.append(venue.api.get(LIST, params={"pageKey": pages[-1]["nextPageKey"]}).json())
+    rows = [row for page in pages for row in page["data"]]
+    assert [row["orderId"] for row in rows] == created
+    assert all("rowVersion" in row for row in rows)

@@ -1,0 +1,449 @@
+"""The documented walkthrough and the order rules, over real HTTP (seeds 002 and 004)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.sandbox.conftest import (
+    INACTIVE_PARTNER,
+    OTHER_PARTNER,
+    PARTNER,
+    Venue,
+    future,
+    line,
+    order_body,
+)
+
+ZERO_GUID = "00000000-0000-0000-0000-000000000000"
+GUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def bad_schedule_line() -> dict[str, Any]:
+    """A package line whose schedule names an item that is not one of its components."""
+    schedule = [{"itemNumber": "52001", "visitDate": future(31), "visitTime": "12:00:00"}]
+    return line("40100", wallet={"componentSchedule": schedule})
+
+
+def test_submit_answers_submitted_with_wallet_shells(venue: Venue) -> None:
+    """createOrder answers 201 Submitted, references normalised, wallets as shells."""
+    body = order_body("  partner-order-42 ", payment=" pay-987654 ")
+    body["items"] = [line(quantity=2, wallet={"externalReferenceNumbers": ["JD-1", "JD-2"]})]
+    response = venue.api.post("/channelManager", json=body)
+
+    assert response.status_code == 201
+    order = response.json()
+    assert order["status"] == "Submitted"
+    assert order["statusMessage"] == ""
+    assert GUID.match(order["orderId"])
+    assert order["sellToOrderReference"] == "PARTNER-ORDER-42"
+    assert order["paymentReference"] == "PAY-987654"
+    assert re.match(r"^CM-\d{12}-[0-9A-F]{4}$", order["buyFromOrderReference"])
+    assert len(order["buyFromOrderReference"]) <= 20
+    (item,) = order["items"]
+    assert item["lineNo"] == 100000
+    assert [w["externalReferenceNumber"] for w in item["wallets"]] == ["JD-1", "JD-2"]
+    assert {w["walletId"] for w in item["wallets"]} == {ZERO_GUID}
+    assert {w["walletReferenceNumber"] for w in item["wallets"]} == {""}
+
+
+def test_responses_carry_the_venue_headers(venue: Venue) -> None:
+    """Every answer, errors included, carries x-npr-version and x-npr-duration."""
+    for response in (venue.api.post("/channelManager", json=order_body()), venue.api.get("/x/y")):
+        assert response.headers["x-npr-version"]
+        assert int(response.headers["x-npr-duration"]) >= 0
+
+
+def test_tick_issues_an_order_with_a_payment_reference(venue: Venue) -> None:
+    """A pickup cycle takes a paid order to Issued with minted wallets, assets and prices."""
+    body = order_body(payment="PAY-1")
+    body["items"] = [line(quantity=2, wallet={"names": ["Jane", "John"]})]
+    order_id = venue.create(body)["orderId"]
+
+    report = venue.tick()
+
+    assert report["processed"] == [{"orderId": order_id, "status": "Issued"}]
+    order = venue.get(order_id)
+    assert order["status"] == "Issued"
+    assert order["jobId"] and order_id in order["manifestUrl"]
+    wallets = order["items"][0]["wallets"]
+    assert [w["name"] for w in wallets] == ["Jane", "John"]
+    for wallet in wallets:
+        assert GUID.match(wallet["walletId"]) and wallet["walletId"] != ZERO_GUID
+        assert re.match(r"^\d{18}$", wallet["walletReferenceNumber"])
+        assert wallet["unitPriceExclVat"] == 80
+        assert wallet["unitPriceInclVat"] == 100
+        assert wallet["currencyCode"] == "DKK"
+        assert wallet["issuedAt"] and wallet["manifestUrl"]
+        (asset,) = wallet["assets"]
+        assert asset["type"] == "ticket" and asset["itemNumber"] == "31001"
+        assert asset["referenceNumber"].startswith("ATF-")
+
+
+def test_item_kinds_mint_their_wallets(venue: Venue) -> None:
+    """Tickets mint per unit, a group one wallet, a package one per package with its
+    components (and coupon) as assets; prices come in DKK and EUR."""
+    items = [line("31050", quantity=6), line("40100", quantity=2), line("52001", quantity=1)]
+    order_id = venue.create(order_body(items=items))["orderId"]
+    venue.tick()
+
+    group, package, cruise = venue.get(order_id)["items"]
+    assert [i["lineNo"] for i in (group, package, cruise)] == [100000, 200000, 300000]
+    assert len(group["wallets"]) == 1 and group["quantity"] == 6
+    assert len(package["wallets"]) == 2 and package["isPackage"] is True
+    assets = package["wallets"][0]["assets"]
+    assert [(a["itemNumber"], a["type"]) for a in assets] == [
+        ("31001", "ticket"),
+        ("31020", "ticket"),
+        ("CPN-CAFE10", "coupon"),
+    ]
+    assert cruise["wallets"][0]["currencyCode"] == "EUR"
+    assert cruise["wallets"][0]["unitPriceInclVat"] == 25
+
+
+def test_valid_component_schedule_issues(venue: Venue) -> None:
+    """A package schedule naming its own ticket components on or after the visit issues."""
+    schedule = [{"itemNumber": "31020", "visitDate": future(31), "visitTime": "14:00:00"}]
+    body = order_body(items=[line("40100", wallet={"componentSchedule": schedule})])
+    order_id = venue.create(body)["orderId"]
+    venue.tick()
+    assert venue.get(order_id)["status"] == "Issued"
+
+
+def test_invalid_component_schedule_ends_in_error(venue: Venue) -> None:
+    """A schedule naming a non-component ends the run in Error with the reason."""
+    order_id = venue.create(order_body(items=[bad_schedule_line()]))["orderId"]
+    venue.tick()
+    order = venue.get(order_id)
+    assert order["status"] == "Error"
+    assert "componentSchedule" in order["statusMessage"]
+    assert "'52001' is not a ticket component of package '40100'" in order["statusMessage"]
+
+
+def test_unpaid_order_rests_in_draft_until_confirmed(venue: Venue) -> None:
+    """Without paymentReference the order settles in Draft; confirmOrder issues it."""
+    order_id = venue.create(order_body(payment=None))["orderId"]
+    venue.tick()
+    draft = venue.get(order_id)
+    assert draft["status"] == "Draft"
+    assert draft["items"][0]["wallets"][0]["walletReferenceNumber"]
+
+    response = venue.api.post(
+        f"/channelManager/{order_id}/confirm", json={"paymentReference": "p-9"}
+    )
+
+    assert response.status_code == 200
+    assert response.json()["status"] == "Issued"
+    assert response.json()["paymentReference"] == "P-9"
+    assert response.json()["items"] == draft["items"]
+
+
+def test_confirm_on_issued_is_a_no_op(venue: Venue) -> None:
+    """Confirming an Issued order returns it unchanged and changes no row version."""
+    order_id = venue.create(order_body(payment="PAY-1"))["orderId"]
+    venue.tick()
+    before = venue.get(order_id)
+    feed = venue.api.get(f"/channelManager/orders/{PARTNER}", params={"sync": "true"}).json()
+
+    response = venue.api.post(f"/channelManager/{order_id}/confirm", json={"paymentReference": "X"})
+
+    assert response.status_code == 200
+    assert response.json() == before
+    last = feed["data"][-1]["rowVersion"]
+    changes = venue.api.get(
+        f"/channelManager/orders/{PARTNER}", params={"sync": "true", "lastRowVersion": last}
+    )
+    assert changes.json()["data"] == []
+
+
+def test_confirm_is_refused_outside_draft_and_issued(venue: Venue) -> None:
+    """Confirming an in-flight order is a 400 naming its status."""
+    order_id = venue.create(order_body(payment=None))["orderId"]
+    response = venue.api.post(f"/channelManager/{order_id}/confirm", json={"paymentReference": "X"})
+    assert response.status_code == 400
+    assert response.json() == {
+        "code": "generic_error",
+        "message": "Order cannot be confirmed in status Submitted",
+    }
+
+
+def test_confirm_needs_a_payment_reference(venue: Venue) -> None:
+    """confirmOrder without paymentReference is a 400 naming the field."""
+    order_id = venue.create(order_body(payment=None))["orderId"]
+    venue.tick()
+    response = venue.api.post(f"/channelManager/{order_id}/confirm", json={})
+    assert response.status_code == 400
+    assert response.json()["message"] == "paymentReference is required"
+
+
+def test_replace_resubmits_a_draft(venue: Venue) -> None:
+    """replaceOrder on a Draft swaps items, returns Submitted, keeps the identity."""
+    created = venue.create(order_body(payment=None))
+    order_id = created["orderId"]
+    venue.tick()
+
+    body = order_body(payment="PAY-2", items=[line("31002", quantity=3)])
+    response = venue.api.put(f"/channelManager/{order_id}", json=body)
+
+    assert response.status_code == 200
+    replaced = response.json()
+    assert replaced["status"] == "Submitted"
+    assert replaced["orderId"] == order_id
+    assert replaced["buyFromOrderReference"] == created["buyFromOrderReference"]
+    assert [w["walletId"] for w in replaced["items"][0]["wallets"]] == [ZERO_GUID] * 3
+    venue.tick()
+    issued = venue.get(order_id)
+    assert issued["status"] == "Issued"
+    assert issued["items"][0]["itemNumber"] == "31002"
+
+
+def test_replace_fixes_an_error_order(venue: Venue) -> None:
+    """An Error order is replaced with a valid schedule and then issues."""
+    order_id = venue.create(order_body(items=[bad_schedule_line()]))["orderId"]
+    venue.tick()
+    response = venue.api.put(f"/channelManager/{order_id}", json=order_body())
+    assert response.status_code == 200
+    venue.tick()
+    assert venue.get(order_id)["status"] == "Issued"
+
+
+@pytest.mark.parametrize("settle", [False, True], ids=["Submitted", "Issued"])
+def test_replace_is_refused_outside_draft_and_error(venue: Venue, settle: bool) -> None:
+    """replaceOrder on an in-flight or Issued order is a 400 naming its status."""
+    order_id = venue.create(order_body())["orderId"]
+    if settle:
+        venue.tick()
+    response = venue.api.put(f"/channelManager/{order_id}", json=order_body())
+    status = "Issued" if settle else "Submitted"
+    assert response.status_code == 400
+    assert response.json() == {
+        "code": "generic_error",
+        "message": f"Order cannot be replaced in status {status}",
+    }
+
+
+def test_replace_cannot_change_partner_or_reference(venue: Venue) -> None:
+    """partnerId and sellToOrderReference are immutable under PUT."""
+    order_id = venue.create(order_body(payment=None))["orderId"]
+    venue.tick()
+    other_reference = venue.api.put(f"/channelManager/{order_id}", json=order_body("ORDER-2"))
+    other_partner = venue.api.put(
+        f"/channelManager/{order_id}", json=order_body(partner=OTHER_PARTNER)
+    )
+    assert other_reference.status_code == 400
+    assert "sellToOrderReference is immutable" in other_reference.json()["message"]
+    assert other_partner.status_code == 400
+    assert "partnerId is immutable" in other_partner.json()["message"]
+    assert venue.get(order_id)["status"] == "Draft"
+
+
+def test_delete_keeps_an_issued_order_as_cancelled(venue: Venue) -> None:
+    """Deleting an Issued order keeps the row as Cancelled with its wallets destroyed."""
+    order_id = venue.create(order_body())["orderId"]
+    venue.tick()
+
+    response = venue.api.delete(f"/channelManager/{order_id}")
+
+    assert response.status_code == 200
+    assert response.json()["status"] == "Cancelled"
+    order = venue.get(order_id)
+    assert order["status"] == "Cancelled"
+    assert all(item["wallets"] == [] for item in order["items"])
+    again = venue.api.delete(f"/channelManager/{order_id}")
+    assert again.status_code == 200 and again.json()["status"] == "Cancelled"
+
+
+@pytest.mark.parametrize("items", [None, [bad_schedule_line()]], ids=["Draft", "Error"])
+def test_delete_removes_a_draft_or_error_order(venue: Venue, items: Any) -> None:
+    """Deleting a Draft or Error order removes it: getOrder then answers 404."""
+    order_id = venue.create(order_body(payment=None, items=items))["orderId"]
+    venue.tick()
+
+    assert venue.api.delete(f"/channelManager/{order_id}").status_code == 200
+
+    gone = venue.api.get(f"/channelManager/{order_id}")
+    assert gone.status_code == 404
+    assert gone.json()["code"] == "resource_not_found"
+
+
+def test_delete_is_refused_in_flight(venue: Venue) -> None:
+    """Deleting a Submitted order is the transient 400 'mid-flight'."""
+    order_id = venue.create(order_body())["orderId"]
+    response = venue.api.delete(f"/channelManager/{order_id}")
+    assert response.status_code == 400
+    assert response.json() == {
+        "code": "generic_error",
+        "message": "Order is mid-flight (status Submitted); retry once it has settled",
+    }
+    assert venue.get(order_id)["status"] == "Submitted"
+
+
+def test_duplicate_reference_is_refused(venue: Venue) -> None:
+    """A second order with the same reference (any case, any spaces) is a 400."""
+    venue.create(order_body("order-7"))
+    response = venue.api.post("/channelManager", json=order_body("  Order-7 "))
+    assert response.status_code == 400
+    message = f"Order with sellToOrderReference 'ORDER-7' already exists for partner '{PARTNER}'"
+    assert response.json() == {"code": "generic_error", "message": message}
+
+
+def test_duplicate_of_an_error_order_replaces_it(venue: Venue) -> None:
+    """Resubmitting an Error order's reference deletes it and accepts a new orderId."""
+    old_id = venue.create(order_body("ORDER-8", items=[bad_schedule_line()]))["orderId"]
+    venue.tick()
+    assert venue.get(old_id)["status"] == "Error"
+
+    new = venue.create(order_body("ORDER-8"))
+
+    assert new["orderId"] != old_id
+    assert new["sellToOrderReference"] == "ORDER-8"
+    assert venue.api.get(f"/channelManager/{old_id}").status_code == 404
+
+
+def test_references_are_cut_at_fifty_characters(venue: Venue) -> None:
+    """Over-long references are silently truncated to 50 characters."""
+    order = venue.create(order_body("r" * 60, payment="p" * 70))
+    assert order["sellToOrderReference"] == "R" * 50
+    assert order["paymentReference"] == "P" * 50
+
+
+def _without(field: str) -> dict[str, Any]:
+    body = order_body()
+    del body[field]
+    return body
+
+
+VALIDATION_CASES = {
+    "unknown item": (order_body(items=[line("99999")]), "Unknown item '99999'"),
+    "past visit": (
+        order_body(items=[line(), {**line(), "visitDate": "2020-01-01"}]),
+        "items[1] visitDate must not be in the past",
+    ),
+    "names length": (
+        order_body(items=[line(quantity=2, wallet={"names": ["Only One"]})]),
+        "wallet.names array length (1) must equal 2 on line 100000",
+    ),
+    "group names length": (
+        order_body(items=[line("31050", quantity=4, wallet={"names": ["A", "B"]})]),
+        "wallet.names array length (2) must equal 1 on line 100000",
+    ),
+    "external references length": (
+        order_body(
+            items=[line(), line(quantity=3, wallet={"externalReferenceNumbers": ["A", "B"]})]
+        ),
+        "wallet.externalReferenceNumbers array length (2) must equal 3 on line 200000",
+    ),
+    "schedule on a ticket": (
+        order_body(items=[line(wallet={"componentSchedule": []})]),
+        "wallet.componentSchedule is only valid for package items",
+    ),
+    "unknown partner": (
+        order_body(partner="11111111-2222-3333-4444-555555555555"),
+        "Unknown partnerId '11111111-2222-3333-4444-555555555555'",
+    ),
+    "inactive partner": (
+        order_body(partner=INACTIVE_PARTNER),
+        f"Partner '{INACTIVE_PARTNER}' is not active",
+    ),
+    "missing partner": (_without("partnerId"), "partnerId is required"),
+    "missing reference": (_without("sellToOrderReference"), "sellToOrderReference is required"),
+    "blank reference": (order_body("   "), "sellToOrderReference is required"),
+    "missing items": (_without("items"), "items is required"),
+    "zero quantity": (
+        order_body(items=[line(quantity=0)]),
+        "items[0].quantity: Input should be greater than or equal to 1",
+    ),
+    "visit time format": (
+        order_body(items=[{**line(), "visitTime": "10:30"}]),
+        "items[0] visitTime must be a time as HH:mm:ss",
+    ),
+    "visit date format": (
+        order_body(items=[{**line(), "visitDate": "01/06/2030"}]),
+        "items[0] visitDate must be a date as YYYY-MM-DD",
+    ),
+    "not an object": ([1, 2], "The request body must be a JSON object"),
+}
+
+
+@pytest.mark.parametrize(("body", "message"), VALIDATION_CASES.values(), ids=VALIDATION_CASES)
+def test_invalid_orders_are_refused_with_the_venues_message(
+    venue: Venue, body: Any, message: str
+) -> None:
+    """Each validation rule answers 400 generic_error with its message, storing nothing."""
+    response = venue.api.post("/channelManager", json=body)
+    assert response.status_code == 400
+    assert response.json() == {"code": "generic_error", "message": message}
+    listed = venue.api.get(f"/channelManager/orders/{PARTNER}").json()
+    assert listed["data"] == []
+
+
+def test_body_that_is_not_json_is_refused(venue: Venue) -> None:
+    """A body that does not parse as JSON is a 400 saying so."""
+    response = venue.api.post(
+        "/channelManager", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+    assert response.json()["message"] == "The request body is not valid JSON"
+
+
+def test_unknown_order_is_404(venue: Venue) -> None:
+    """getOrder for an id the venue never issued answers 404 resource_not_found."""
+    response = venue.api.get("/channelManager/6c2b1a0e-0000-4000-8000-000000000000")
+    assert response.status_code == 404
+    assert response.json()["code"] == "resource_not_found"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"x-np-api-key": "wrong"}, {"Authorization": "Bearer wrong"}],
+    ids=["missing", "wrong", "wrong-bearer"],
+)
+def test_calls_without_the_key_are_401(venue: Venue, headers: dict[str, str]) -> None:
+    """A missing or wrong key is a 401 with the venue's error body."""
+    response = httpx.get(
+        f"{venue.server.base_url}/channelManager/orders/{PARTNER}", headers=headers
+    )
+    assert response.status_code == 401
+    assert response.json()["code"] == "unauthorized"
+    assert response.json()["message"]
+
+
+def test_bearer_key_is_accepted(venue: Venue) -> None:
+    """The older pages' ``Authorization: Bearer <key>`` works too."""
+    response = httpx.get(
+        f"{venue.server.base_url}/channelManager/orders/{PARTNER}",
+        headers={"Authorization": f"Bearer {venue.server.api_key}"},
+    )
+    assert response.status_code == 200
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "/00000000-0000-0000-0000-000000000000/sandbox/CRONUS%20International%20Ltd.",
+        "/01234567-89ab-cdef-0123-456789abcdef/production/CRONUS%20International%20Ltd.",
+        "/01234567-89ab-cdef-0123-456789abcdef/sandbox/Other%20Company",
+    ],
+    ids=["tenant", "environment", "company"],
+)
+def test_unknown_address_is_404(venue: Venue, address: str) -> None:
+    """An unknown tenant, environment or company answers 404 resource_not_found."""
+    response = httpx.get(
+        f"{venue.server.url}{address}/channelManager/orders/{PARTNER}",
+        headers={"x-np-api-key": venue.server.api_key},
+    )
+    assert response.status_code == 404
+    assert response.json()["code"] == "resource_not_found"
+
+
+@pytest.mark.parametrize(
+    "company", ["CRONUS%20International%20Ltd.", "CRONUS%2520International%2520Ltd."]
+)
+def test_company_is_compared_after_decoding(venue: Venue, company: str) -> None:
+    """The company works encoded once (%20) and twice (%2520), as the seeds show it."""
+    url = f"{venue.server.url}/{venue.server.config.tenant}/sandbox/{company}/channelManager"
+    response = httpx.post(url, json=order_body(), headers={"x-np-api-key": venue.server.api_key})
+    assert response.status_code == 201

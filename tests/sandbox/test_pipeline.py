@@ -1,0 +1,153 @@
+"""The background pipeline: cadence, row versions, the sweeper (via the clock), ``?sync=1``
+and the older synchronous API version."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from tests.sandbox.conftest import PARTNER, Receiver, Venue, future, line, order_body
+
+LIST = f"/channelManager/orders/{PARTNER}"
+
+
+def feed_row(venue: Venue, order_id: str) -> dict[str, Any]:
+    """The order's row in the change feed."""
+    rows = venue.api.get(LIST, params={"sync": "true"}).json()["data"]
+    return next(row for row in rows if row["orderId"] == order_id)
+
+
+def test_every_step_takes_a_new_row_version(venue: Venue) -> None:
+    """Submitted → Scheduled → Processing → Issued is three changes: three row versions."""
+    order_id = venue.create(order_body())["orderId"]
+    submitted = feed_row(venue, order_id)["rowVersion"]
+    venue.tick()
+    assert feed_row(venue, order_id)["rowVersion"] == submitted + 3
+
+
+def test_pickup_runs_on_its_cadence(make_venue: Callable[..., Venue]) -> None:
+    """With a pickup interval set, orders settle without any tick."""
+    venue = make_venue(pickup_interval=0.1)
+    order_id = venue.create(order_body())["orderId"]
+    deadline = time.monotonic() + 5
+    while venue.get(order_id)["status"] != "Issued":
+        assert time.monotonic() < deadline, "the cadence never picked the order up"
+        time.sleep(0.05)
+
+
+def test_stuck_processing_becomes_error_after_an_hour(venue: Venue, receiver: Receiver) -> None:
+    """An order stalled in Processing turns Error after an hour of sandbox time, silently."""
+    venue.subscribe(receiver.url)
+    venue.faults(stallProcessingRate=1)
+    order_id = venue.create(order_body())["orderId"]
+    report = venue.tick()
+    assert report["stalled"] == [{"orderId": order_id, "status": "Processing"}]
+    venue.faults(stallProcessingRate=0)
+
+    venue.advance(30 * 60)
+    venue.tick()
+    assert venue.get(order_id)["status"] == "Processing"
+
+    venue.advance(31 * 60)
+    report = venue.tick()
+
+    assert report["timedOut"] == [order_id]
+    order = venue.get(order_id)
+    assert order["status"] == "Error"
+    assert "stuck in Processing" in order["statusMessage"]
+    assert venue.settle_webhooks()["webhooks"]["posts"] == 0
+    assert receiver.bodies == []
+
+
+def test_stale_scheduled_goes_back_to_submitted(venue: Venue) -> None:
+    """An order left in Scheduled for over 5 minutes is swept back and processed again."""
+    venue.faults(stallScheduledRate=1)
+    order_id = venue.create(order_body())["orderId"]
+    assert venue.tick()["stalled"] == [{"orderId": order_id, "status": "Scheduled"}]
+    venue.faults(stallScheduledRate=0)
+
+    venue.tick()
+    assert venue.get(order_id)["status"] == "Scheduled"  # not yet 5 minutes
+    venue.advance(301)
+    report = venue.tick()
+
+    assert report["rescheduled"] == [order_id]
+    assert report["processed"] == [{"orderId": order_id, "status": "Issued"}]
+
+
+def test_error_rate_fault_fails_the_run(venue: Venue) -> None:
+    """``errorRate`` makes processing end in Error with the venue's kind of message."""
+    venue.faults(errorRate=1)
+    order_id = venue.create(order_body())["orderId"]
+    venue.tick()
+    order = venue.get(order_id)
+    assert order["status"] == "Error"
+    assert order["statusMessage"].startswith("Unexpected error while issuing")
+
+
+def test_visit_date_passed_before_pickup_fails_the_run(venue: Venue) -> None:
+    """An order whose visit date has passed by the time it is picked up ends in Error."""
+    order_id = venue.create(order_body(items=[line()]))["orderId"]
+    venue.advance(40 * 86400)
+    venue.tick()
+    order = venue.get(order_id)
+    assert order["status"] == "Error"
+    assert order["statusMessage"] == "items[0] visitDate must not be in the past"
+
+
+def test_sync_param_issues_inside_the_call(venue: Venue) -> None:
+    """``?sync=1`` answers the final order, buyFromOrderReference included."""
+    response = venue.api.post("/channelManager", params={"sync": "1"}, json=order_body())
+    assert response.status_code == 201
+    order = response.json()
+    assert order["status"] == "Issued"
+    assert order["buyFromOrderReference"]
+    assert order["items"][0]["wallets"][0]["walletReferenceNumber"]
+    assert venue.tick()["processed"] == []
+
+
+def test_sync_param_failure_answers_400_and_leaves_error(venue: Venue) -> None:
+    """A failed synchronous issuance is a 400 with the reason; the order stays as Error."""
+    schedule = [{"itemNumber": "99999", "visitDate": future()}]
+    body = order_body("SYNC-ERR", items=[line("40100", wallet={"componentSchedule": schedule})])
+    response = venue.api.post("/channelManager", params={"sync": "1"}, json=body)
+    assert response.status_code == 400
+    assert "componentSchedule" in response.json()["message"]
+    listed = venue.api.get(LIST, params={"sellToOrderReference": "SYNC-ERR"}).json()["data"]
+    assert [row["status"] for row in listed] == ["Error"]
+
+
+def test_legacy_sync_answers_the_final_state(
+    make_venue: Callable[..., Venue], receiver: Receiver
+) -> None:
+    """The older API issues inside createOrder/replaceOrder, without buyFromOrderReference,
+    with lines numbered 10000, and announces nothing."""
+    venue = make_venue(legacy_sync=True)
+    venue.subscribe(receiver.url)
+
+    issued = venue.create(order_body("OLD-1"))
+    draft = venue.create(order_body("OLD-2", payment=None))
+
+    assert issued["status"] == "Issued"
+    assert "buyFromOrderReference" not in issued
+    assert issued["items"][0]["lineNo"] == 10000
+    assert issued["items"][0]["wallets"][0]["walletReferenceNumber"]
+    assert draft["status"] == "Draft"
+    assert "buyFromOrderReference" not in venue.get(issued["orderId"])
+    replaced = venue.api.put(f"/channelManager/{draft['orderId']}", json=order_body("OLD-2"))
+    assert replaced.json()["status"] == "Issued"
+    assert venue.settle_webhooks()["webhooks"]["posts"] == 0
+
+
+def test_legacy_sync_failure_is_an_error_response(make_venue: Callable[..., Venue]) -> None:
+    """In the older API a failed issuance answers an error and leaves the order as Error."""
+    venue = make_venue(legacy_sync=True)
+    schedule = [{"itemNumber": "31001", "visitDate": "not a date"}]
+    body = order_body("OLD-ERR", items=[line("40100", wallet={"componentSchedule": schedule})])
+    response = venue.api.post("/channelManager", json=body)
+    assert response.status_code == 400
+    assert response.json()["code"] == "generic_error"
+    (row,) = venue.api.get(LIST, params={"sellToOrderReference": "OLD-ERR"}).json()["data"]
+    assert row["status"] == "Error"
+    assert "visitDate" in row["statusMessage"]
