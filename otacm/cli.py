@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from otacm.logs import configure_logging
 from otacm.settings import Settings, SettingsError
@@ -142,3 +143,43 @@ def doctor(cli: CliContext, as_json: bool, timeout: float) -> None:
             click.echo(f"{'ok  ' if check.ok else 'FAIL'} {check.name}: {check.detail}")
     if not all(check.ok for check in checks):
         raise SystemExit(1)
+
+
+@main.command()
+@click.option("--orders", default=20, show_default=True, help="How many sample orders to send.")
+@click.option(
+    "--pickup-interval",
+    default=1.0,
+    show_default=True,
+    help="The sandbox's pickup cadence in seconds (the venue's is about 60).",
+)
+@click.option("--seed", type=int, default=None, help="Seed for the sample orders (repeatable).")
+@click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for settling.")
+@click.pass_context
+def demo(
+    ctx: click.Context, orders: int, pickup_interval: float, seed: int | None, timeout: float
+) -> None:
+    """Run the sandbox, send it sample orders through otacm, and watch them settle."""
+    from otacm.demo import run_demo
+
+    if ctx.parent and ctx.parent.get_parameter_source("log_level") is ParameterSource.DEFAULT:
+        # Every call would log a line; the demo shows progress bars and a summary instead.
+        configure_logging("WARNING")
+
+    try:
+        report = run_demo(
+            orders=orders, pickup_interval=pickup_interval, seed=seed, timeout=timeout
+        )
+    except TimeoutError as exc:
+        raise click.ClickException(str(exc)) from None
+    for line in report.lines():
+        click.echo(line)
+
+
+def _register_sandbox() -> None:
+    from sandbox.cli import sandbox_command
+
+    main.add_command(sandbox_command, "sandbox")
+
+
+_register_sandbox()

@@ -40,6 +40,8 @@ def configure_logging(level: str, secrets: Iterable[SecretStr] = ()) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     handler.addFilter(RedactSecrets(s.get_secret_value() for s in secrets))
+    # werkzeug raises its logger to INFO and adds its own handler unless the level is set.
+    logging.getLogger("werkzeug").setLevel(level.upper())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

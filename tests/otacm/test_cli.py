@@ -106,3 +106,51 @@ def test_db_upgrade_is_repeatable(tmp_path: Path, url: str) -> None:
     assert first[1].splitlines()[-1] == second[1].splitlines()[-1] == "database at revision 0001"
     code, output = run(["db", "current"], env)
     assert code == 0 and output.strip().endswith(": current")
+
+
+def test_doctor_names_a_refused_api_key(tmp_path: Path) -> None:
+    """Against the sandbox over HTTP, a wrong key gives one FAIL line saying so, and exit 1."""
+    from sandbox import SandboxConfig, SandboxServer
+
+    with SandboxServer(SandboxConfig(pickup_interval=0)) as sandbox:
+        env = venue_env(tmp_path, sandbox.url)
+        env["OTACM_TENANT"] = sandbox.config.tenant
+        env["OTACM_ENVIRONMENT"] = sandbox.config.environment
+        env["OTACM_COMPANY"] = sandbox.config.company
+        assert run(["db", "upgrade"], env)[0] == 0
+        code, output = run(["doctor"], env)
+        assert code == 1
+        (failure,) = [line for line in output.splitlines() if line.startswith("FAIL")]
+        assert failure.startswith("FAIL venue default:")
+        assert "refused the API key" in failure
+        assert "doctor-secret-key" not in output
+
+        env["OTACM_API_KEY"] = sandbox.api_key
+        env["OTACM_PARTNER_IDS"] = sandbox.config.partners[0].id
+        code, output = run(["doctor"], env)
+        assert code == 0, output
+        assert "ok   venue default:" in output
+
+
+def test_demo_settles_every_order(tmp_path: Path) -> None:
+    """`otacm demo`, the README's main job, runs as a real process and settles every order."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "otacm", "demo", "--orders", "6", "--pickup-interval", "0.2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "orders submitted: 6" in result.stdout
+    statuses = {
+        line.split()[0]: int(line.split()[1])
+        for line in result.stdout.splitlines()
+        if line.startswith("  ") and line.split()[0] in ("Issued", "Error", "Draft")
+    }
+    assert statuses == {"Issued": 5, "Error": 1}, result.stdout
+    assert "Invalid componentSchedule" in result.stdout
