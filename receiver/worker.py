@@ -1,0 +1,705 @@
+"""The inbox worker: turns stored notifications into getOrder calls and a mirrored order.
+
+This module owns the life of an :class:`~storage.models.Inbox` row after the receiver
+stored it: :func:`claim_batch` leases due rows to one worker, :func:`process_claims` calls
+getOrder once per order (rows of one batch for the same order share the call, outside any
+database transaction) and applies the venue's answer with
+:func:`~storage.models.upsert_order` — the venue's status is the truth, the notification's
+only a hint — or :func:`~storage.models.mark_removed` on a 404. Venue failures send a row
+back to pending with exponential backoff (:func:`backoff`) until ``max_attempts``, then to
+the dead letters, which :func:`replay_dead` (``otacm inbox replay``) makes pending again.
+:func:`run_once` is one claim-and-process pass and :func:`run_forever` the loop a worker
+process runs. Claims on PostgreSQL use ``FOR UPDATE SKIP LOCKED``; on SQLite every
+transaction begins ``IMMEDIATE`` (:mod:`storage.engine`), so claimers take the single
+write lock one at a time and a claimer never sees a row another has just leased. A worker
+killed at any point loses nothing: its rows stay leased until the lease expires, then
+another claim takes them; an apply only lands while the row is still leased by its owner,
+so a late worker cannot apply twice.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import random
+import socket
+import threading
+import uuid
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, fields
+
+import sqlalchemy as sa
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from storage.models import (
+    ChangeSource,
+    Inbox,
+    InboxSource,
+    InboxState,
+    mark_removed,
+    upsert_order,
+)
+from storage.types import utcnow
+from venue.client import VenueClient
+from venue.errors import VenueError, VenueNotFound, VenueRejected, VenueUnavailable
+from venue.models import Order
+
+logger = logging.getLogger(__name__)
+
+BACKOFF_BASE_SECONDS = 10.0
+"""The delay before the second attempt of a row; each further attempt doubles it."""
+
+BACKOFF_CAP_SECONDS = 600.0
+"""The longest delay between two attempts of a row."""
+
+LAST_ERROR_MAX_CHARS = 300
+"""How much of a failure's description an inbox row keeps in ``last_error``."""
+
+_CHANGE_SOURCES = {
+    InboxSource.WEBHOOK: ChangeSource.WEBHOOK,
+    InboxSource.POLL: ChangeSource.POLL,
+    InboxSource.FEED: ChangeSource.FEED,
+}
+
+# Statements below change inbox rows by id only; no ORM object of them is in a session.
+_NO_SYNC = {"synchronize_session": False}
+
+
+@dataclass(frozen=True)
+class Claim:
+    """An inbox row leased to this worker: what processing it needs, not the ORM object.
+
+    Attributes:
+        id: the inbox row.
+        connection_id: the venue connection the row belongs to.
+        order_id: the venue's orderId, or ``None`` for events that name no order.
+        source: what put the row in the inbox.
+        attempts: how many times the row has been claimed, this claim included.
+        notified_status: the status the notification announced (a hint, maybe stale).
+        lease_expires_at: until when the row is this worker's.
+    """
+
+    id: int
+    connection_id: int
+    order_id: str | None
+    source: InboxSource
+    attempts: int
+    notified_status: str | None
+    lease_expires_at: dt.datetime
+
+
+@dataclass
+class WorkerReport:
+    """What one pass did, counted in rows unless the name says otherwise.
+
+    Attributes:
+        claimed: rows leased by the pass.
+        fetched: orders getOrder returned.
+        done: rows finished (applied, found removed, or naming no order).
+        retried: rows sent back to pending after a failure, to try again later.
+        dead: rows dead-lettered (attempts spent, or leases expired too often).
+        removed: orders the venue no longer knows (404), marked removed.
+        venue_calls: getOrder calls made (the client's own retries not counted).
+        lease_lost: rows another worker had re-claimed by the time this one applied.
+        abandoned: rows left leased after our own database failed; their lease expires.
+    """
+
+    claimed: int = 0
+    fetched: int = 0
+    done: int = 0
+    retried: int = 0
+    dead: int = 0
+    removed: int = 0
+    venue_calls: int = 0
+    lease_lost: int = 0
+    abandoned: int = 0
+
+    def add(self, other: WorkerReport) -> None:
+        """Add ``other``'s counts to this report's."""
+        for field in fields(self):
+            setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
+
+
+def new_owner() -> str:
+    """A lease owner name unique to this worker: host, process id and a random part."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def backoff(attempts: int, *, jitter: Callable[[], float] = random.random) -> dt.timedelta:
+    """How long a row waits after its ``attempts``-th failed attempt.
+
+    Exponential from :data:`BACKOFF_BASE_SECONDS`, capped at :data:`BACKOFF_CAP_SECONDS`,
+    with "equal jitter": between half and all of that delay, so rows that failed together
+    (a venue outage) do not all come back in the same second, yet none comes back early.
+
+    Args:
+        attempts: attempts made so far (1 after the first failure).
+        jitter: a source of numbers in ``[0, 1)``.
+
+    Returns:
+        The delay before the next attempt.
+    """
+    exponent = min(max(attempts, 1) - 1, 32)  # beyond 2**32 the cap has long applied
+    ceiling = min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2**exponent)
+    return dt.timedelta(seconds=ceiling / 2 + ceiling / 2 * jitter())
+
+
+def claim_batch(
+    sessions: sessionmaker[Session],
+    *,
+    owner: str,
+    now: dt.datetime,
+    limit: int,
+    lease_seconds: float,
+    connection_ids: Collection[int] | None = None,
+    max_attempts: int | None = None,
+) -> list[Claim]:
+    """Lease up to ``limit`` due inbox rows to ``owner``, in one short transaction.
+
+    Due rows are pending ones whose ``next_attempt_at`` has come, and leased ones whose
+    lease has expired (their worker died or stalled), oldest id first. On PostgreSQL the
+    rows are selected ``FOR UPDATE SKIP LOCKED``, so concurrent claimers take disjoint
+    rows without waiting on each other. SQLite has no row locks; its transactions begin
+    ``IMMEDIATE``, so a claimer holds the database's single write lock from its SELECT to
+    its commit and claimers run one after the other, each seeing the rows the previous
+    one leased. Each claimed row's ``attempts`` goes up by one.
+
+    Args:
+        sessions: the session factory; the claim commits its own transaction.
+        owner: the worker's name (:func:`new_owner`), written as the lease owner.
+        now: the current time (aware).
+        limit: the most rows to claim.
+        lease_seconds: how long the rows stay this worker's.
+        connection_ids: claim only rows of these connections (those this worker has a
+            venue client for); ``None`` for all.
+        max_attempts: when given, an expired lease on a row already claimed this many
+            times dead-letters the row instead of claiming it again, so a row that kills
+            or stalls every worker that takes it stops being retried.
+
+    Returns:
+        The claimed rows, by id.
+    """
+    if limit < 1 or (connection_ids is not None and not connection_ids):
+        return []
+    lease_expires_at = now + dt.timedelta(seconds=lease_seconds)
+    due = sa.or_(
+        sa.and_(Inbox.state == InboxState.PENDING, Inbox.next_attempt_at <= now),
+        sa.and_(Inbox.state == InboxState.LEASED, Inbox.lease_expires_at < now),
+    )
+    query = (
+        sa.select(
+            Inbox.id,
+            Inbox.connection_id,
+            Inbox.order_id,
+            Inbox.source,
+            Inbox.attempts,
+            Inbox.state,
+            Inbox.notified_status,
+        )
+        .where(due)
+        .order_by(Inbox.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    if connection_ids is not None:
+        query = query.where(Inbox.connection_id.in_(sorted(connection_ids)))
+
+    with sessions.begin() as session:
+        rows = session.execute(query).all()
+        spent = [
+            row.id
+            for row in rows
+            if max_attempts is not None
+            and row.state == InboxState.LEASED
+            and row.attempts >= max_attempts
+        ]
+        if spent:
+            session.execute(
+                sa.update(Inbox)
+                .where(Inbox.id.in_(spent))
+                .values(
+                    state=InboxState.DEAD,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    last_error=f"lease expired on attempt {max_attempts} "
+                    "(the worker died or stalled)",
+                )
+                .execution_options(**_NO_SYNC)
+            )
+            for inbox_id in spent:
+                logger.error("inbox %d dead-lettered: its lease expired too often", inbox_id)
+        claims = [
+            Claim(
+                id=row.id,
+                connection_id=row.connection_id,
+                order_id=row.order_id,
+                source=row.source,
+                attempts=row.attempts + 1,
+                notified_status=row.notified_status,
+                lease_expires_at=lease_expires_at,
+            )
+            for row in rows
+            if row.id not in spent
+        ]
+        if claims:
+            session.execute(
+                sa.update(Inbox)
+                .where(Inbox.id.in_([claim.id for claim in claims]))
+                .values(
+                    state=InboxState.LEASED,
+                    lease_owner=owner,
+                    lease_expires_at=lease_expires_at,
+                    attempts=Inbox.attempts + 1,
+                )
+                .execution_options(**_NO_SYNC)
+            )
+    return claims
+
+
+def process_claims(
+    sessions: sessionmaker[Session],
+    clients: Mapping[int, VenueClient],
+    claims: Sequence[Claim],
+    *,
+    owner: str,
+    now: dt.datetime,
+    max_attempts: int,
+) -> WorkerReport:
+    """Fetch and apply the orders of claimed rows: one getOrder per order, then one write.
+
+    Rows naming the same order on the same connection share one getOrder call. The call
+    is made with no database transaction open; the answer is applied in a transaction of
+    its own, and only to the rows still leased by ``owner`` — a row whose lease expired
+    and was re-claimed by another worker is left to that worker. A failure of our own
+    database leaves the rows leased: the lease expires and another pass takes them.
+
+    Args:
+        sessions: the session factory; each order's writes commit on their own.
+        clients: the venue client of each connection id.
+        claims: rows claimed by ``owner`` (:func:`claim_batch`).
+        owner: the lease owner the claims were made with.
+        now: the time to record as observed and processed (aware).
+        max_attempts: attempts after which a failing row is dead-lettered.
+
+    Returns:
+        The counts of this pass; ``claimed`` is left at zero.
+    """
+    report = WorkerReport()
+    if not claims:
+        return report
+    no_order = [claim for claim in claims if not claim.order_id]
+    if no_order:
+        # Events naming no order need no call: they are simply finished.
+        try:
+            with sessions.begin() as session:
+                finished = _finish(session, no_order, owner=owner, now=now)
+        except SQLAlchemyError as exc:
+            _abandon(no_order, None, exc, report)
+        else:
+            report.done += len(finished)
+            report.lease_lost += len(no_order) - len(finished)
+
+    groups: dict[tuple[int, str], list[Claim]] = {}
+    for claim in claims:
+        if claim.order_id:
+            key = (claim.connection_id, _normalize_guid(claim.order_id))
+            groups.setdefault(key, []).append(claim)
+    for (connection_id, order_id), group in groups.items():
+        try:
+            _process_order(
+                sessions,
+                clients.get(connection_id),
+                group,
+                order_id,
+                owner=owner,
+                now=now,
+                max_attempts=max_attempts,
+                report=report,
+            )
+        except SQLAlchemyError as exc:
+            _abandon(group, order_id, exc, report)
+    return report
+
+
+def run_once(
+    sessions: sessionmaker[Session],
+    clients: Mapping[int, VenueClient],
+    *,
+    owner: str,
+    now: dt.datetime,
+    batch_size: int = 50,
+    lease_seconds: float = 60.0,
+    max_attempts: int = 8,
+) -> WorkerReport:
+    """One pass of the worker: claim a batch of due rows and process them.
+
+    Only rows of connections in ``clients`` are claimed. The defaults match the settings
+    ``worker_batch_size``, ``inbox_lease_seconds`` and ``inbox_max_attempts``.
+
+    Args:
+        sessions: the session factory.
+        clients: the venue client of each connection id; the caller creates and closes
+            them (:func:`venue.client.open_client`).
+        owner: this worker's lease owner name (:func:`new_owner`).
+        now: the current time (aware).
+        batch_size: the most rows to claim.
+        lease_seconds: how long claimed rows stay this worker's. Make it comfortably
+            longer than a batch takes; a batch that outlives it loses no row, but other
+            workers may fetch its orders again.
+        max_attempts: attempts after which a row is dead-lettered.
+
+    Returns:
+        What the pass did.
+    """
+    claims = claim_batch(
+        sessions,
+        owner=owner,
+        now=now,
+        limit=batch_size,
+        lease_seconds=lease_seconds,
+        connection_ids=clients.keys(),
+        max_attempts=max_attempts,
+    )
+    report = process_claims(
+        sessions, clients, claims, owner=owner, now=now, max_attempts=max_attempts
+    )
+    report.claimed = len(claims)
+    return report
+
+
+def run_forever(
+    sessions: sessionmaker[Session],
+    clients: Mapping[int, VenueClient],
+    *,
+    owner: str,
+    stop: threading.Event,
+    poll_interval: float = 1.0,
+    batch_size: int = 50,
+    lease_seconds: float = 60.0,
+    max_attempts: int = 8,
+    clock: Callable[[], dt.datetime] = utcnow,
+) -> None:
+    """Run :func:`run_once` until ``stop`` is set, waiting ``poll_interval`` when idle.
+
+    A pass that claimed rows is followed at once by another (a backlog drains at full
+    speed); a pass that found nothing, or failed, waits on ``stop``, so setting it ends
+    the loop within one pass. A failing pass is logged and does not end the loop: a
+    database that is briefly away must not stop the worker.
+
+    Args:
+        sessions: the session factory.
+        clients: the venue client of each connection id; the caller owns them.
+        owner: this worker's lease owner name (:func:`new_owner`).
+        stop: set it to end the loop.
+        poll_interval: seconds to wait when there is nothing to do.
+        batch_size: as for :func:`run_once`.
+        lease_seconds: as for :func:`run_once`.
+        max_attempts: as for :func:`run_once`.
+        clock: the current time, asked once per pass.
+    """
+    logger.info("inbox worker %s started", owner)
+    while not stop.is_set():
+        try:
+            report = run_once(
+                sessions,
+                clients,
+                owner=owner,
+                now=clock(),
+                batch_size=batch_size,
+                lease_seconds=lease_seconds,
+                max_attempts=max_attempts,
+            )
+        except Exception:
+            # Whatever failed (the database at claim time, a bug), the claimed rows are
+            # safe under their leases; keep the worker alive and try again shortly.
+            logger.exception("inbox worker pass failed")
+            stop.wait(poll_interval)
+            continue
+        if report.claimed:
+            logger.info(
+                "inbox pass: %d claimed, %d done, %d retried, %d dead, %d venue calls",
+                report.claimed,
+                report.done,
+                report.retried,
+                report.dead,
+                report.venue_calls,
+            )
+        else:
+            stop.wait(poll_interval)
+    logger.info("inbox worker %s stopped", owner)
+
+
+def replay_dead(
+    session: Session,
+    *,
+    now: dt.datetime,
+    connection_id: int | None = None,
+    ids: Collection[int] | None = None,
+) -> int:
+    """Make dead-lettered rows pending again, due at ``now``, with their attempts reset.
+
+    ``last_error`` stays until the row next succeeds or fails, so the reason remains
+    visible meanwhile.
+
+    Args:
+        session: the caller's session; not committed.
+        now: when the rows become due (aware).
+        connection_id: only rows of this connection.
+        ids: only these rows.
+
+    Returns:
+        How many rows were made pending.
+    """
+    query = sa.update(Inbox).where(Inbox.state == InboxState.DEAD)
+    if connection_id is not None:
+        query = query.where(Inbox.connection_id == connection_id)
+    if ids is not None:
+        query = query.where(Inbox.id.in_(sorted(ids)))
+    result = session.execute(
+        query.values(
+            state=InboxState.PENDING,
+            attempts=0,
+            next_attempt_at=now,
+            lease_owner=None,
+            lease_expires_at=None,
+        ).execution_options(**_NO_SYNC)
+    )
+    count = int(result.rowcount)  # type: ignore[attr-defined]
+    if count:
+        logger.info("replayed %d dead-lettered inbox rows", count)
+    return count
+
+
+# --- one order ------------------------------------------------------------------------
+
+
+def _process_order(
+    sessions: sessionmaker[Session],
+    client: VenueClient | None,
+    group: list[Claim],
+    order_id: str,
+    *,
+    owner: str,
+    now: dt.datetime,
+    max_attempts: int,
+    report: WorkerReport,
+) -> None:
+    """Fetch one order for the rows of ``group`` and apply the answer, or retry them.
+
+    Raises:
+        SQLAlchemyError: our database failed; the rows are as they were, still leased.
+    """
+    if client is None:
+        _retry(
+            sessions,
+            group,
+            f"no venue client for connection {group[0].connection_id}",
+            owner=owner,
+            now=now,
+            max_attempts=max_attempts,
+            report=report,
+        )
+        return
+
+    # The network call happens with no transaction open: a slow venue must not hold
+    # a database lock (on SQLite, the only write lock).
+    report.venue_calls += 1
+    try:
+        order: Order | None = client.get_order(order_id)
+    except VenueNotFound:
+        order = None
+    except VenueError as exc:
+        logger.warning("order %s: getOrder failed: %s (inbox %s)", order_id, exc, _ids(group))
+        _retry(
+            sessions,
+            group,
+            _describe(exc),
+            owner=owner,
+            now=now,
+            max_attempts=max_attempts,
+            report=report,
+        )
+        return
+    if order is not None:
+        report.fetched += 1
+
+    try:
+        _apply(sessions, group, order_id, order, owner=owner, now=now, report=report)
+    except SQLAlchemyError:
+        raise  # the transaction rolled back; process_claims leaves the rows to their lease
+    except Exception as exc:
+        # A fault of ours with this answer (not the database's, not the venue's): log it,
+        # and retry the rows like a venue failure, so they end dead-lettered, not lost.
+        logger.exception("order %s: could not apply the venue's answer", order_id)
+        _retry(
+            sessions,
+            group,
+            f"internal error applying the order: {type(exc).__name__}",
+            owner=owner,
+            now=now,
+            max_attempts=max_attempts,
+            report=report,
+        )
+
+
+def _apply(
+    sessions: sessionmaker[Session],
+    group: list[Claim],
+    order_id: str,
+    order: Order | None,
+    *,
+    owner: str,
+    now: dt.datetime,
+    report: WorkerReport,
+) -> None:
+    """In one transaction: finish the rows still ours, then mirror ``order`` (None: 404)."""
+    with sessions.begin() as session:
+        finished = _finish(session, group, owner=owner, now=now)
+        if finished:
+            first = min(finished)
+            source = _CHANGE_SOURCES[next(c.source for c in group if c.id == first)]
+            connection_id = group[0].connection_id
+            if order is None:
+                mark_removed(session, connection_id, order_id, now, source, inbox_id=first)
+            else:
+                upsert_order(
+                    session, connection_id, order, source=source, observed_at=now, inbox_id=first
+                )
+        # else: every row was re-claimed by another worker after our lease expired; that
+        # worker applies its own answer, and applying ours too would double the history.
+
+    report.done += len(finished)
+    report.lease_lost += len(group) - len(finished)
+    if not finished:
+        logger.warning("order %s: lease lost on inbox %s; not applied", order_id, _ids(group))
+    elif order is None:
+        report.removed += 1
+        logger.info("order %s: removed at the venue (inbox %s)", order_id, finished)
+    else:
+        notified = sorted({c.notified_status for c in group if c.notified_status})
+        logger.info(
+            "order %s: %s (notified %s; inbox %s)",
+            order_id,
+            order.status,
+            "/".join(notified) or "-",
+            finished,
+        )
+
+
+def _abandon(
+    group: list[Claim], order_id: str | None, exc: SQLAlchemyError, report: WorkerReport
+) -> None:
+    """Leave rows to their lease after our own database failed while processing them."""
+    # Nothing of the failed transaction was written; the rows stay leased, and the
+    # first claim after their lease expires takes them again.
+    logger.warning(
+        "order %s: database error %s; inbox %s left to its lease",
+        order_id or "-",
+        type(exc).__name__,
+        _ids(group),
+    )
+    report.abandoned += len(group)
+
+
+def _finish(session: Session, group: list[Claim], *, owner: str, now: dt.datetime) -> list[int]:
+    """Mark the rows of ``group`` still leased by ``owner`` done; their ids."""
+    # The lease check is in the UPDATE's WHERE: on PostgreSQL the row lock it takes makes
+    # a concurrent re-claim wait for this transaction (and then find the row done), and
+    # a re-claim that committed first makes this match nothing.
+    statement = (
+        sa.update(Inbox)
+        .where(
+            Inbox.id.in_(_ids(group)),
+            Inbox.state == InboxState.LEASED,
+            Inbox.lease_owner == owner,
+        )
+        .values(
+            state=InboxState.DONE,
+            processed_at=now,
+            lease_owner=None,
+            lease_expires_at=None,
+            last_error=None,
+        )
+        .returning(Inbox.id)
+        .execution_options(**_NO_SYNC)
+    )
+    return sorted(session.scalars(statement).all())
+
+
+def _retry(
+    sessions: sessionmaker[Session],
+    group: list[Claim],
+    reason: str,
+    *,
+    owner: str,
+    now: dt.datetime,
+    max_attempts: int,
+    report: WorkerReport,
+) -> None:
+    """Send the rows still ours back to pending after their backoff, or dead-letter them."""
+    reason = reason[:LAST_ERROR_MAX_CHARS]
+    outcomes: list[tuple[Claim, InboxState | None]] = []
+    with sessions.begin() as session:
+        for claim in group:
+            state = InboxState.DEAD if claim.attempts >= max_attempts else InboxState.PENDING
+            values: dict[str, object] = {"state": state}
+            if state is InboxState.PENDING:
+                values["next_attempt_at"] = now + backoff(claim.attempts)
+            result = session.execute(
+                sa.update(Inbox)
+                .where(
+                    Inbox.id == claim.id,
+                    Inbox.state == InboxState.LEASED,
+                    Inbox.lease_owner == owner,
+                )
+                .values(**values, lease_owner=None, lease_expires_at=None, last_error=reason)
+                .execution_options(**_NO_SYNC)
+            )
+            # No row matched: another worker re-claimed it after our lease expired.
+            outcomes.append((claim, state if result.rowcount else None))  # type: ignore[attr-defined]
+    for claim, outcome in outcomes:
+        if outcome is None:
+            report.lease_lost += 1
+        elif outcome is InboxState.DEAD:
+            logger.error(
+                "inbox %d (order %s) dead-lettered after %d attempts: %s",
+                claim.id,
+                claim.order_id or "-",
+                claim.attempts,
+                reason,
+            )
+            report.dead += 1
+        else:
+            report.retried += 1
+
+
+def _describe(exc: VenueError) -> str:
+    """A failure for ``last_error``: the kind, status and the venue's code and message.
+
+    Built from the error's fields, never from a body: the venue's messages for getOrder
+    name orders and states, not customers, and a person needs them to act.
+    """
+    parts = [type(exc).__name__]
+    if exc.status is not None:
+        parts.append(f"HTTP {exc.status}")
+    elif isinstance(exc, VenueUnavailable) and exc.__cause__ is not None:
+        parts.append(type(exc.__cause__).__name__)
+    if exc.code:
+        parts.append(exc.code)
+    if exc.message:
+        parts.append(exc.message)
+    if isinstance(exc, VenueRejected) and exc.may_be_transient:
+        parts.append("(transient)")
+    return ": ".join(parts)
+
+
+def _normalize_guid(value: str) -> str:
+    # The venue writes GUIDs lowercase without braces; rows naming one order in other
+    # spellings must still share its call.
+    return value.strip().strip("{}").lower()
+
+
+def _ids(group: Sequence[Claim]) -> list[int]:
+    return [claim.id for claim in group]
