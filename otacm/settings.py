@@ -155,6 +155,9 @@ class Settings(BaseSettings):
     inbox_lease_seconds: float = Field(default=60.0, gt=0)
     inbox_max_attempts: int = Field(default=8, ge=1)
     worker_batch_size: int = Field(default=50, ge=1)
+    # The shop's JSON API (/api/) creates orders with the venue's key: it answers only
+    # requests bearing one of these tokens, and is closed while none is configured.
+    api_tokens: SecretCommaList = Field(default_factory=list)
 
     # The single-venue form, from the environment alone.
     connection_name: str = "default"
@@ -167,7 +170,7 @@ class Settings(BaseSettings):
     partner_ids: CommaList = Field(default_factory=list)
     webhook_client_states: SecretCommaList = Field(default_factory=list)
 
-    @field_validator("partner_ids", "webhook_client_states", mode="before")
+    @field_validator("partner_ids", "webhook_client_states", "api_tokens", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:
         return split_comma_list(value)

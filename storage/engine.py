@@ -7,9 +7,10 @@ work with (``with sessions.begin() as session:``).
 SQLite (one box): the database file's directory is created; every connection runs in WAL
 mode (readers never block the writer, nor the writer readers), with
 ``synchronous=NORMAL`` (durable at checkpoints, safe with WAL), foreign keys enforced and
-a busy timeout of :data:`SQLITE_BUSY_TIMEOUT_MS`. Transactions: the ``sqlite3`` driver's
-own transaction handling is turned off (it skips ``BEGIN`` before SELECTs and DDL, which
-breaks savepoints and transactional DDL) and SQLAlchemy emits ``BEGIN IMMEDIATE`` itself.
+a busy timeout of :data:`SQLITE_BUSY_TIMEOUT_MS` (or ``lock_timeout``). Transactions: the
+``sqlite3`` driver's own transaction handling is turned off (it skips ``BEGIN`` before
+SELECTs and DDL, which breaks savepoints and transactional DDL) and SQLAlchemy emits
+``BEGIN IMMEDIATE`` itself.
 ``IMMEDIATE`` takes SQLite's single write lock when the transaction starts, so:
 
 - a transaction that reads and then writes (claiming an inbox row, a lease, an upsert)
@@ -27,10 +28,16 @@ PostgreSQL (several nodes): ``postgresql://`` means psycopg 3; connections are p
 before use (a restarted server or a dropped idle connection costs a retry, not an error)
 and pooled. Transactions run at PostgreSQL's default READ COMMITTED; row claims use
 ``FOR UPDATE SKIP LOCKED``.
+
+``make_engine(url, lock_timeout=seconds)`` bounds how long a statement waits for a lock
+on either database, for callers that must answer in time (the webhook receiver answers
+503 rather than keep the venue waiting).
 """
 
 from __future__ import annotations
 
+import math
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +57,7 @@ _SQLITE_BEGIN_MODES = frozenset({"DEFERRED", "IMMEDIATE", "EXCLUSIVE"})
 _POSTGRESQL_DRIVERS = {"postgres": "postgresql+psycopg", "postgresql": "postgresql+psycopg"}
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, lock_timeout: float | None = None) -> Engine:
     """An engine for ``url``, configured for its database (see the module docstring).
 
     The caller owns the engine and disposes of it (``engine.dispose()``) when done.
@@ -58,16 +65,35 @@ def make_engine(url: str) -> Engine:
     Args:
         url: a SQLAlchemy database URL; ``sqlite:///path`` or ``postgresql://...``
             (``postgresql://`` and ``postgres://`` use psycopg 3).
+        lock_timeout: seconds a statement may wait for a lock (or, on PostgreSQL, run)
+            before it fails with ``OperationalError``; for callers that must answer in
+            time, such as the webhook receiver. SQLite: the busy timeout (default
+            :data:`SQLITE_BUSY_TIMEOUT_MS`). PostgreSQL: the session's ``lock_timeout``
+            and ``statement_timeout``, and the waits for a new connection and for a
+            pooled one (default: no limit but the server's).
 
     Returns:
         A new engine; no connection is opened until it is first used.
     """
+    if lock_timeout is not None and lock_timeout <= 0:
+        raise ValueError("lock_timeout must be positive")
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
-        return _sqlite_engine(parsed)
+        busy_ms = SQLITE_BUSY_TIMEOUT_MS if lock_timeout is None else round(lock_timeout * 1000)
+        return _sqlite_engine(parsed, busy_timeout_ms=max(busy_ms, 1))
     if parsed.drivername in _POSTGRESQL_DRIVERS:
         parsed = parsed.set(drivername=_POSTGRESQL_DRIVERS[parsed.drivername])
     if parsed.get_backend_name() == "postgresql":
+        connect_args: dict[str, Any] = {"application_name": "otacm"}
+        pool_options: dict[str, Any] = {}
+        if lock_timeout is not None:
+            timeout_ms = max(round(lock_timeout * 1000), 1)
+            connect_args["options"] = (
+                f"-c lock_timeout={timeout_ms:d} -c statement_timeout={timeout_ms:d}"
+            )
+            # libpq counts whole seconds and treats anything below 2 as 2.
+            connect_args["connect_timeout"] = max(math.ceil(lock_timeout), 2)
+            pool_options["pool_timeout"] = lock_timeout
         return create_engine(
             parsed,
             pool_pre_ping=True,
@@ -75,7 +101,8 @@ def make_engine(url: str) -> Engine:
             max_overflow=10,
             # Recycle before typical firewall and PgBouncer idle limits cut connections.
             pool_recycle=1800,
-            connect_args={"application_name": "otacm"},
+            connect_args=connect_args,
+            **pool_options,
         )
     return create_engine(parsed, pool_pre_ping=True)
 
@@ -100,25 +127,28 @@ def make_sessions(engine: Engine, *, read_only: bool = False) -> sessionmaker[Se
     return sessionmaker(engine, expire_on_commit=False)
 
 
-def _sqlite_engine(url: URL) -> Engine:
+def _sqlite_engine(url: URL, *, busy_timeout_ms: int) -> Engine:
     database = url.database or ""
     in_memory = database in ("", ":memory:") or "mode=memory" in database
     if not in_memory and not url.query.get("uri"):
         Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url)
-    event.listen(engine, "connect", _configure_sqlite_connection)
+    # The driver's own timeout covers opening the file, before the pragma below is set.
+    engine = create_engine(url, connect_args={"timeout": busy_timeout_ms / 1000})
+    event.listen(engine, "connect", partial(_configure_sqlite_connection, busy_timeout_ms))
     event.listen(engine, "begin", _begin_sqlite_transaction)
     return engine
 
 
-def _configure_sqlite_connection(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+def _configure_sqlite_connection(
+    busy_timeout_ms: int, dbapi_connection: Any, record: ConnectionPoolEntry
+) -> None:
     # Hand transaction control to SQLAlchemy (see _begin_sqlite_transaction): the driver's
     # legacy mode would start transactions only before INSERT/UPDATE/DELETE.
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     try:
         # Pragmas outside a transaction: journal_mode and foreign_keys are no-ops inside one.
-        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS:d}")
+        cursor.execute(f"PRAGMA busy_timeout = {busy_timeout_ms:d}")
         cursor.execute("PRAGMA journal_mode = WAL")
         cursor.execute("PRAGMA synchronous = NORMAL")
         cursor.execute("PRAGMA foreign_keys = ON")

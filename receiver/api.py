@@ -1,0 +1,201 @@
+"""The shop's JSON API: ``POST /api/orders`` submits one order through otacm.
+
+The :data:`api` blueprint owns the view; the work is :func:`receiver.outbox.submit_now`:
+the sale and its createOrder are recorded first, then sent once at once. The body is the
+venue's order request (``spec/API.md``) plus optional ``amount``, ``currency``,
+``amountIncludesVat`` and ``connection`` (a connection name; by default the only one).
+The answers:
+
+- 201: the venue accepted the order (or already had it from an earlier attempt whose
+  answer was lost); the body names it: ``orderId``, ``status`` (the venue's),
+  ``buyFromOrderReference``, with ``outcome`` ``sent``;
+- 200: this (partner, reference) was submitted and sent before; the body is the same,
+  with ``outcome`` ``duplicate``: submitting again changes nothing;
+- 202: recorded, but the venue could not take it now; the outbox retries it (``outcome``
+  ``recorded``, ``message`` says why, ``nextAttemptAt`` when);
+- 422 with the venue's ``code`` and ``message``: the venue refused the order; the sale
+  stays recorded, its outbox row ``failed``;
+- 401 ``not_authorized`` without ``Authorization: Bearer <token>`` naming one of the
+  configured ``api_tokens`` (the API is closed while none is configured);
+- 400 ``invalid_json``, 400 ``invalid_order`` naming the field (``items.0.quantity``),
+  400 ``unknown_connection``, 413 ``body_too_large``, 415 ``unsupported_media_type``;
+  503 while the database cannot take the write (nothing is sent then).
+
+Errors have the receiver's one JSON shape (:mod:`receiver.errors`). The venue client
+comes from ``app.extensions[CLIENT_FACTORY]`` — by default :func:`open_venue_client`, a
+client of its own per request with short retries (the outbox retries later anyway) —
+so tests can give the app another transport or retry policy.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from decimal import Decimal
+from typing import Any, cast
+
+from flask import Blueprint, Response, current_app, jsonify, request
+from flask.blueprints import BlueprintSetupState
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from otacm.settings import VenueConnection
+from receiver.context import current_receiver
+from receiver.errors import (
+    BodyTooLarge,
+    InvalidJson,
+    NotAuthorized,
+    ReceiverError,
+    UnsupportedMediaType,
+    error_response,
+)
+from receiver.outbox import (
+    SUBMIT_NOW_RETRY,
+    SubmissionError,
+    SubmitStatus,
+    choose_connection,
+    parse_submission,
+    submit_now,
+)
+from storage.types import utcnow
+from venue.client import VenueClient, open_client
+
+logger = logging.getLogger(__name__)
+
+api = Blueprint("api", __name__, url_prefix="/api")
+
+CLIENT_FACTORY = "otacm.api.venue_client"
+"""The key in ``app.extensions`` of the callable that opens a venue client for a request."""
+
+VenueClientFactory = Callable[[VenueConnection], AbstractContextManager[VenueClient]]
+"""Opens a venue client for one connection, closed when the ``with`` block ends."""
+
+_STATUS_CODES = {
+    SubmitStatus.SENT: 201,
+    SubmitStatus.DUPLICATE: 200,
+    SubmitStatus.RECORDED: 202,
+}
+
+
+class InvalidOrder(ReceiverError):
+    """The body is JSON but not an order submission; the message names the field."""
+
+    status = 400
+    code = "invalid_order"
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field or 'body'}: {problem}")
+        self.field = field
+
+
+class UnknownConnection(ReceiverError):
+    """The submission names no configured venue connection (or must name one)."""
+
+    status = 400
+    code = "unknown_connection"
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+def open_venue_client(connection: VenueConnection) -> AbstractContextManager[VenueClient]:
+    """The default :data:`CLIENT_FACTORY`: a client of its own, with short retries."""
+    return open_client(connection, retry=SUBMIT_NOW_RETRY)
+
+
+@api.record_once
+def _install_client_factory(state: BlueprintSetupState) -> None:
+    # Set when the blueprint is registered, unless the app (or a test) already chose one.
+    state.app.extensions.setdefault(CLIENT_FACTORY, open_venue_client)
+
+
+@api.before_request
+def _require_token() -> None:
+    """Only holders of a configured API token may create orders with the venue's key."""
+    tokens = current_receiver().settings.api_tokens
+    if not tokens:
+        raise NotAuthorized("the API is closed: no OTACM_API_TOKENS are configured")
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    offered = given.strip().encode()
+    # Every token is compared, in constant time, so timing tells nothing about which.
+    matches = [hmac.compare_digest(offered, t.get_secret_value().encode()) for t in tokens]
+    if scheme.lower() != "bearer" or not any(matches):
+        raise NotAuthorized("send 'Authorization: Bearer <token>' with a configured API token")
+
+
+@api.post("/orders")
+def create_order() -> Response:
+    """Record one order and send it to the venue (see the module docstring)."""
+    receiver = current_receiver()
+    # Nothing can be recorded until the database is ready: until then a 503.
+    connection_ids = receiver.connection_ids()
+    body = _read_json_body(receiver.settings.webhook_max_bytes)
+    try:
+        submission = parse_submission(body)
+        venue = choose_connection(receiver.settings, submission.connection)
+    except SubmissionError as exc:
+        if exc.code == "unknown_connection":
+            raise UnknownConnection(exc.field, exc.problem) from None
+        raise InvalidOrder(exc.field, exc.problem) from None
+
+    factory = cast(VenueClientFactory, current_app.extensions[CLIENT_FACTORY])
+    with factory(venue) as client:
+        outcome = submit_now(
+            receiver.sessions,
+            client,
+            connection_ids[venue.name],
+            submission.request,
+            now=utcnow(),
+            amount=submission.amount,
+            currency=submission.currency,
+            amount_includes_vat=submission.amount_includes_vat,
+            connection=venue.name,
+        )
+    logger.info(
+        "POST /api/orders %s: %s (order %s, outbox %s)",
+        outcome.reference,
+        outcome.status,
+        outcome.order_id or "-",
+        outcome.outbox_id,
+    )
+    if outcome.status is SubmitStatus.FAILED:
+        return error_response(
+            422, outcome.code or "venue_rejected", outcome.message or "the venue refused the order"
+        )
+    response = jsonify(outcome.to_json())
+    response.status_code = _STATUS_CODES[outcome.status]
+    return response
+
+
+def _read_json_body(limit: int) -> Any:
+    """The decoded JSON body, no larger than ``limit`` bytes, numbers as ``Decimal``.
+
+    Raises:
+        BodyTooLarge: the body is over ``limit``.
+        UnsupportedMediaType: the body is not declared as JSON.
+        InvalidJson: the body does not decode.
+    """
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge(limit)
+    if not request.is_json:
+        raise UnsupportedMediaType(request.mimetype)
+    # One byte over the limit is read, so a body that reaches it is known to be too large.
+    request.max_content_length = limit + 1
+    try:
+        data = request.get_data(cache=False)
+    except RequestEntityTooLarge as exc:
+        raise BodyTooLarge(limit) from exc
+    if len(data) > limit:
+        raise BodyTooLarge(limit)
+    try:
+        # Amounts are money: decoded exactly, never through float.
+        return json.loads(data, parse_float=Decimal)
+    except UnicodeDecodeError as exc:
+        raise InvalidJson("it is not UTF-8 text") from exc
+    except json.JSONDecodeError as exc:
+        raise InvalidJson(f"{exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+    except RecursionError as exc:
+        raise InvalidJson("it is nested too deeply") from exc

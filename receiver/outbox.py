@@ -1,0 +1,1372 @@
+"""The submission path: a sale recorded first, then sent to the venue, retried until it lands.
+
+This module owns the life of a submitted order from the shop's request to the venue's
+answer. :func:`parse_submission` turns the JSON the shop sends (the venue's order request
+plus the sale's ``amount``, ``currency``, ``amountIncludesVat`` and ``connection``) into
+a :class:`Submission`. :func:`record_submission` writes, in the caller's transaction, the
+:class:`~storage.models.LedgerLine` (source ``submit``) and a pending
+:class:`~storage.models.Outbox` row (operation ``create``) — so nothing is lost if the
+call then fails; the ledger's unique (partner, reference) makes a repeat a no-op.
+:func:`send_outbox_row` and :func:`run_outbox_once` lease pending rows (as the inbox
+worker does, :mod:`receiver.worker`: ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, ``BEGIN
+IMMEDIATE`` serializing claimers on SQLite), call createOrder with no transaction open,
+and apply the answer in a transaction of its own:
+
+- an order (201 Submitted, or already settled on the older synchronous API) → the row is
+  ``sent`` with its ``order_id`` and the order is mirrored (``ChangeSource.SUBMIT``);
+- a duplicate-reference 400 (an earlier attempt landed but its answer was lost) → the
+  order is found by reference, fetched, mirrored, and the row is ``sent``;
+- 429, 503, 504, transport errors, a 400 that :attr:`~venue.errors.VenueRejected.may_be_transient`,
+  and anything that is not the order's fault (401, 403, 404, 5xx) → back to ``pending``
+  with :func:`~receiver.worker.backoff`, ``dead`` after ``max_attempts``;
+- any other rejection → ``failed`` with the venue's message, unless a look-up by reference
+  finds the venue kept an order after all (the older API leaves a failed issuance in
+  Error). The ledger line stays: finance must see the sale that was never issued.
+
+Our own database failing leaves the row leased; the lease expires and a later pass
+sends again (the venue then answers "duplicate", resolved as above). :func:`submit_now`
+is what ``otacm submit`` (:func:`submit_file`) and ``POST /api/orders``
+(:mod:`receiver.api`) do: record, then try once at once. Logs name outbox ids, order
+ids, references and statuses — never customer names, e-mails or keys.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, fields
+from decimal import Decimal
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic.alias_generators import to_camel
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from otacm.settings import Settings, VenueConnection
+from receiver.worker import LAST_ERROR_MAX_CHARS, _describe, backoff, new_owner
+from storage.models import (
+    ChangeSource,
+    LedgerLine,
+    LedgerSource,
+    LedgerState,
+    Outbox,
+    OutboxOperation,
+    OutboxState,
+    VenueOrder,
+    ensure_connection,
+    upsert_order,
+)
+from venue.client import RetryPolicy, VenueClient
+from venue.errors import VenueError, VenueNotFound, VenueRejected
+from venue.models import Order, OrderRequest, OrderStatus, OrderSummary, normalize_reference
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LEASE_SECONDS = 300.0
+"""How long a claimed outbox row stays one sender's: longer than a createOrder with all
+of the client's own retries (its deadline, one more wait and one request's timeout)."""
+
+DEFAULT_MAX_ATTEMPTS = 8
+"""Claims of an outbox row before it is given up (``dead``)."""
+
+SUBMIT_NOW_RETRY = RetryPolicy(attempts=2, deadline=10.0, wait_initial=0.5, wait_max=2.0)
+"""The client retry policy for sending while someone waits (``POST /api/orders``): the
+outbox retries later anyway, so the caller gets "recorded, will retry" within seconds."""
+
+NO_CURRENCY = "XXX"
+"""The ledger currency of a sale submitted without an amount: ISO 4217's "no currency"
+(the amount is then 0), so finance sees that the shop did not say what it charged."""
+
+REFERENCE_MAX_CHARS = 50
+"""The venue's width of ``sellToOrderReference`` and ``paymentReference``; it silently
+truncates longer text, which would break matching, so longer text is refused here."""
+
+# The top-level fields of a submission that are the sale's, not the venue's request.
+_TERMS_KEYS = frozenset({"amount", "currency", "amountIncludesVat", "connection"})
+
+# Statements below change outbox rows by id only; no ORM object of them is in a session.
+_NO_SYNC = {"synchronize_session": False}
+
+
+# --- what the shop sends -----------------------------------------------------------------
+
+
+class SubmissionError(ValueError):
+    """A submission the shop sent cannot be accepted; nothing was recorded.
+
+    Attributes:
+        field: the dotted path of the problem (``items.0.quantity``), ``""`` for the body.
+        problem: what is wrong with it.
+        code: a stable snake_case code: ``invalid_order`` or ``unknown_connection``.
+    """
+
+    def __init__(self, field: str, problem: str, *, code: str = "invalid_order") -> None:
+        self.field = field
+        self.problem = problem
+        self.code = code
+        super().__init__(f"{field or 'body'}: {problem}")
+
+
+class _SaleTerms(BaseModel):
+    """The shop's own fields of a submission, beside the venue's order request."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+    amount: Decimal | None = Field(default=None, ge=0, allow_inf_nan=False)
+    currency: str | None = Field(default=None, pattern=r"^[A-Za-z]{3}$")
+    amount_includes_vat: bool = True
+    connection: str | None = Field(default=None, min_length=1)
+
+    @field_validator("currency")
+    @classmethod
+    def _upper(cls, value: str | None) -> str | None:
+        return None if value is None else value.upper()
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One order the shop submits: the venue's request and what the shop charged.
+
+    Attributes:
+        request: the createOrder body, exactly as it will be sent.
+        amount: what the shop charged for the sale, if it said.
+        currency: the currency of ``amount`` (ISO 4217, upper case).
+        amount_includes_vat: whether ``amount`` includes VAT.
+        connection: the venue connection's name, if the shop named one.
+    """
+
+    request: OrderRequest
+    amount: Decimal | None = None
+    currency: str | None = None
+    amount_includes_vat: bool = True
+    connection: str | None = None
+
+    @property
+    def reference(self) -> str:
+        """The shop's order number (``sellToOrderReference``)."""
+        return self.request.sell_to_order_reference
+
+
+def parse_submission(raw: Any) -> Submission:
+    """A submission from decoded JSON: an OrderRequest plus the sale's own fields.
+
+    The venue's request is validated as :class:`~venue.models.OrderRequest`; beside it the
+    object may carry ``amount`` (a number or a numeric string; decode JSON with
+    ``parse_float=Decimal`` to keep it exact), ``currency`` (required with ``amount``),
+    ``amountIncludesVat`` (default true) and ``connection`` (a connection name).
+
+    Args:
+        raw: the decoded JSON object.
+
+    Returns:
+        The submission.
+
+    Raises:
+        SubmissionError: naming the first invalid field.
+    """
+    if not isinstance(raw, dict):
+        raise SubmissionError("", "an order must be a JSON object")
+    terms_raw = {key: value for key, value in raw.items() if key in _TERMS_KEYS}
+    request_raw = {key: value for key, value in raw.items() if key not in _TERMS_KEYS}
+    try:
+        terms = _SaleTerms.model_validate(terms_raw)
+        request = OrderRequest.model_validate(request_raw)
+    except ValidationError as exc:
+        error = exc.errors(include_url=False, include_input=False)[0]
+        raise SubmissionError(_dotted(error["loc"]), error["msg"]) from None
+    if (terms.amount is None) != (terms.currency is None):
+        missing = "currency" if terms.currency is None else "amount"
+        other = "amount" if missing == "currency" else "currency"
+        raise SubmissionError(missing, f"required when {other} is given")
+    if not request.sell_to_order_reference.strip():
+        raise SubmissionError("sellToOrderReference", "must not be blank")
+    for name, value in (
+        ("sellToOrderReference", request.sell_to_order_reference),
+        ("paymentReference", request.payment_reference),
+    ):
+        if value is not None and len(value.strip()) > REFERENCE_MAX_CHARS:
+            raise SubmissionError(name, f"at most {REFERENCE_MAX_CHARS} characters")
+    if not request.partner_id.strip("{} "):
+        raise SubmissionError("partnerId", "must not be blank")
+    return Submission(
+        request=request,
+        amount=terms.amount,
+        currency=terms.currency,
+        amount_includes_vat=terms.amount_includes_vat,
+        connection=terms.connection,
+    )
+
+
+def choose_connection(settings: Settings, name: str | None) -> VenueConnection:
+    """The venue connection a submission names, or the only one when it names none.
+
+    Raises:
+        SubmissionError: code ``unknown_connection``: no such connection, none
+            configured, or several and the submission named none.
+    """
+    names = [venue.name for venue in settings.connections]
+    if name is None:
+        if len(names) == 1:
+            return settings.connections[0]
+        problem = (
+            "no venue connection is configured"
+            if not names
+            else f"required when several venue connections are configured ({', '.join(names)})"
+        )
+        raise SubmissionError("connection", problem, code="unknown_connection")
+    for venue in settings.connections:
+        if venue.name == name:
+            return venue
+    known = ", ".join(names) or "none configured"
+    raise SubmissionError(
+        "connection",
+        f"no venue connection named {name!r} (known: {known})",
+        code="unknown_connection",
+    )
+
+
+# --- recording ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What :func:`record_submission` stored or found.
+
+    Attributes:
+        line: the sale's ledger line.
+        outbox: its createOrder outbox row.
+        already_recorded: the (partner, reference) was submitted before; nothing doubled.
+        requeued: the earlier submission had failed or been given up, and this one put
+            it back in the queue with the new request.
+    """
+
+    line: LedgerLine
+    outbox: Outbox
+    already_recorded: bool
+    requeued: bool = False
+
+
+def record_submission(
+    session: Session,
+    connection_id: int,
+    request: OrderRequest,
+    *,
+    now: dt.datetime,
+    amount: Decimal | None = None,
+    currency: str | None = None,
+    amount_includes_vat: bool = True,
+) -> Recorded:
+    """Record a sale and its pending createOrder, before any call to the venue.
+
+    The ledger line: source ``submit``, state ``active``, ``shop_reference`` the
+    request's ``sellToOrderReference``, ``quantity`` the sum of its items' quantities,
+    ``amount`` and ``currency`` as given (0 in :data:`NO_CURRENCY` when the shop gave
+    none), the request's wire JSON. The outbox row: ``create``, pending, due at ``now``,
+    the same JSON.
+
+    Submitting a (partner, reference) again doubles nothing: the ledger's unique
+    constraint (``IntegrityError`` under a savepoint) means "already had it", and the
+    existing line and row come back with ``already_recorded``. Two exceptions, both
+    about the outbox row, never a second line: a line imported from the shop's export
+    without a row gets its first one; a row that ``failed`` (refused by the venue) or
+    went ``dead`` is put back in the queue with this request, because its sale was never
+    issued and the shop is trying again.
+
+    Args:
+        session: the caller's session; flushed, not committed.
+        connection_id: the venue connection the sale belongs to.
+        request: the createOrder body.
+        now: when the sale is recorded (aware).
+        amount: what the shop charged; with ``currency``.
+        currency: ISO 4217 code of ``amount``.
+        amount_includes_vat: whether ``amount`` includes VAT.
+
+    Returns:
+        The line and row, and whether they were already there.
+    """
+    if (amount is None) != (currency is None):
+        raise ValueError("amount and currency go together")
+    wire = request.to_wire()
+    partner_id = _guid(request.partner_id)
+    reference_key = normalize_reference(request.sell_to_order_reference)
+
+    line = _locked_line(session, connection_id, partner_id, reference_key)
+    if line is None:
+        line = LedgerLine(
+            connection_id=connection_id,
+            partner_id=partner_id,
+            shop_reference=request.sell_to_order_reference.strip(),
+            sold_at=now,
+            quantity=sum(item.quantity for item in request.items),
+            amount=amount if amount is not None else Decimal(0),
+            currency=currency.upper() if currency is not None else NO_CURRENCY,
+            amount_includes_vat=amount_includes_vat,
+            payment_reference=_blank_to_none(request.payment_reference),
+            external_reference_numbers=_external_references(request),
+            state=LedgerState.ACTIVE,
+            source=LedgerSource.SUBMIT,
+            request=wire,
+        )
+        try:
+            with session.begin_nested():
+                session.add(line)
+                session.flush()
+                outbox = _new_outbox(connection_id, line.id, wire, now)
+                session.add(outbox)
+        except IntegrityError:
+            # Another submission of the same sale committed first: that one is the sale.
+            line = _locked_line(session, connection_id, partner_id, reference_key)
+            if line is None:
+                raise
+        else:
+            session.flush()
+            logger.info(
+                "sale %s recorded: ledger line %d, outbox %d", reference_key, line.id, outbox.id
+            )
+            return Recorded(line, outbox, already_recorded=False)
+
+    existing = session.scalars(
+        sa.select(Outbox)
+        .where(Outbox.ledger_line_id == line.id, Outbox.operation == OutboxOperation.CREATE)
+        .order_by(Outbox.id.desc())
+        .limit(1)
+        .with_for_update()
+    ).one_or_none()
+    if existing is None:
+        # A sale imported from the shop's export, now submitted through otacm.
+        if line.request is None:
+            line.request = wire
+        outbox = _new_outbox(connection_id, line.id, wire, now)
+        session.add(outbox)
+        session.flush()
+        logger.info(
+            "sale %s: ledger line %d now queued as outbox %d", reference_key, line.id, outbox.id
+        )
+        return Recorded(line, outbox, already_recorded=True)
+    if existing.state in (OutboxState.FAILED, OutboxState.DEAD):
+        previous = existing.state
+        existing.request = wire
+        existing.state = OutboxState.PENDING
+        existing.attempts = 0
+        existing.next_attempt_at = now
+        existing.lease_owner = None
+        existing.lease_expires_at = None
+        line.request = wire
+        line.quantity = sum(item.quantity for item in request.items)
+        line.payment_reference = _blank_to_none(request.payment_reference)
+        line.external_reference_numbers = _external_references(request)
+        if amount is not None and currency is not None:
+            line.amount, line.currency = amount, currency.upper()
+            line.amount_includes_vat = amount_includes_vat
+        session.flush()
+        logger.info(
+            "sale %s submitted again: outbox %d was %s, queued again",
+            reference_key,
+            existing.id,
+            previous,
+        )
+        return Recorded(line, existing, already_recorded=True, requeued=True)
+    logger.info(
+        "sale %s already recorded: ledger line %d, outbox %d is %s",
+        reference_key,
+        line.id,
+        existing.id,
+        existing.state,
+    )
+    return Recorded(line, existing, already_recorded=True)
+
+
+def _new_outbox(
+    connection_id: int, ledger_line_id: int, wire: dict[str, Any], now: dt.datetime
+) -> Outbox:
+    return Outbox(
+        connection_id=connection_id,
+        ledger_line_id=ledger_line_id,
+        operation=OutboxOperation.CREATE,
+        request=wire,
+        state=OutboxState.PENDING,
+        attempts=0,
+        next_attempt_at=now,
+    )
+
+
+def _locked_line(
+    session: Session, connection_id: int, partner_id: str, reference_key: str
+) -> LedgerLine | None:
+    # Locked so that two re-submissions of one sale cannot both add or requeue its row.
+    return session.scalars(
+        sa.select(LedgerLine)
+        .where(
+            LedgerLine.connection_id == connection_id,
+            LedgerLine.partner_id == partner_id,
+            LedgerLine.reference_key == reference_key,
+        )
+        .with_for_update()
+    ).one_or_none()
+
+
+def _external_references(request: OrderRequest) -> list[str] | None:
+    found = [
+        number
+        for item in request.items
+        if item.wallet is not None and item.wallet.external_reference_numbers
+        for number in item.wallet.external_reference_numbers
+    ]
+    return found or None
+
+
+# --- claiming ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OutboxClaim:
+    """An outbox row leased to one sender: what sending it needs, not the ORM object.
+
+    Attributes:
+        id: the outbox row.
+        connection_id: the venue connection the row belongs to.
+        ledger_line_id: the sale it serves.
+        request: the stored createOrder body (wire JSON).
+        attempts: how many times the row has been claimed, this claim included.
+        lease_expires_at: until when the row is this sender's.
+    """
+
+    id: int
+    connection_id: int
+    ledger_line_id: int
+    request: dict[str, Any] | None
+    attempts: int
+    lease_expires_at: dt.datetime
+
+
+def claim_outbox(
+    sessions: sessionmaker[Session],
+    *,
+    owner: str,
+    now: dt.datetime,
+    limit: int,
+    lease_seconds: float,
+    connection_ids: Collection[int] | None = None,
+    ids: Collection[int] | None = None,
+    max_attempts: int | None = None,
+) -> list[OutboxClaim]:
+    """Lease up to ``limit`` due createOrder rows to ``owner``, in one short transaction.
+
+    Due: pending with ``next_attempt_at`` come, or leased with the lease expired (its
+    sender died or stalled), oldest id first. PostgreSQL selects them ``FOR UPDATE SKIP
+    LOCKED``, so concurrent claimers take disjoint rows; SQLite's ``BEGIN IMMEDIATE``
+    makes claimers take the write lock one after the other, each seeing what the
+    previous leased. Only ``create`` rows are claimed: other operations have no sender yet.
+
+    Args:
+        sessions: the session factory; the claim commits its own transaction.
+        owner: the sender's name (:func:`~receiver.worker.new_owner`).
+        now: the current time (aware).
+        limit: the most rows to claim.
+        lease_seconds: how long the rows stay ``owner``'s.
+        connection_ids: only rows of these connections; ``None`` for all.
+        ids: only these rows; ``None`` for all.
+        max_attempts: an expired lease on a row already claimed this many times makes
+            the row ``dead`` instead of claiming it again.
+
+    Returns:
+        The claimed rows, by id.
+    """
+    if limit < 1 or (connection_ids is not None and not connection_ids):
+        return []
+    if ids is not None and not ids:
+        return []
+    lease_expires_at = now + dt.timedelta(seconds=lease_seconds)
+    due = sa.or_(
+        sa.and_(Outbox.state == OutboxState.PENDING, Outbox.next_attempt_at <= now),
+        sa.and_(Outbox.state == OutboxState.LEASED, Outbox.lease_expires_at < now),
+    )
+    query = (
+        sa.select(
+            Outbox.id,
+            Outbox.connection_id,
+            Outbox.ledger_line_id,
+            Outbox.request,
+            Outbox.attempts,
+            Outbox.state,
+        )
+        .where(due, Outbox.operation == OutboxOperation.CREATE)
+        .order_by(Outbox.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    if connection_ids is not None:
+        query = query.where(Outbox.connection_id.in_(sorted(connection_ids)))
+    if ids is not None:
+        query = query.where(Outbox.id.in_(sorted(ids)))
+
+    with sessions.begin() as session:
+        rows = session.execute(query).all()
+        spent = [
+            row.id
+            for row in rows
+            if max_attempts is not None
+            and row.state == OutboxState.LEASED
+            and row.attempts >= max_attempts
+        ]
+        if spent:
+            session.execute(
+                sa.update(Outbox)
+                .where(Outbox.id.in_(spent))
+                .values(
+                    state=OutboxState.DEAD,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    last_error=f"lease expired on attempt {max_attempts} "
+                    "(the sender died or stalled)",
+                )
+                .execution_options(**_NO_SYNC)
+            )
+            for outbox_id in spent:
+                logger.error("outbox %d given up: its lease expired too often", outbox_id)
+        claims = [
+            OutboxClaim(
+                id=row.id,
+                connection_id=row.connection_id,
+                ledger_line_id=row.ledger_line_id,
+                request=row.request,
+                attempts=row.attempts + 1,
+                lease_expires_at=lease_expires_at,
+            )
+            for row in rows
+            if row.id not in spent
+        ]
+        if claims:
+            session.execute(
+                sa.update(Outbox)
+                .where(Outbox.id.in_([claim.id for claim in claims]))
+                .values(
+                    state=OutboxState.LEASED,
+                    lease_owner=owner,
+                    lease_expires_at=lease_expires_at,
+                    attempts=Outbox.attempts + 1,
+                )
+                .execution_options(**_NO_SYNC)
+            )
+    return claims
+
+
+# --- sending -----------------------------------------------------------------------------
+
+
+class SendOutcome(StrEnum):
+    """What one send of an outbox row came to."""
+
+    SENT = "sent"
+    """The venue has the order; the row is ``sent`` and the order mirrored."""
+    RETRYING = "retrying"
+    """A failure that may pass; the row is pending again, after its backoff."""
+    FAILED = "failed"
+    """The venue refused the order; the row is ``failed`` with its message."""
+    DEAD = "dead"
+    """Attempts are spent; the row is ``dead`` for a person to look at."""
+    NOT_CLAIMED = "not_claimed"
+    """The row was not due (sent, failed, in backoff, or leased by another sender)."""
+    LEASE_LOST = "lease_lost"
+    """Another sender re-claimed the row while this one called; that one applies."""
+    ABANDONED = "abandoned"
+    """Our database failed; the row stays leased until its lease expires."""
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """The result of sending one outbox row.
+
+    Attributes:
+        outbox_id: the row.
+        outcome: what came of it.
+        state: the row's state afterwards, as far as this sender knows.
+        order: the venue's order, when it has one.
+        order_id: the venue's orderId, when known.
+        message: the venue's message on a refusal, or the failure on a retry.
+        code: the venue's error code on a refusal.
+        resolved_by_reference: the order was found by its reference after the venue
+            said it already had one (an earlier attempt's answer was lost).
+        next_attempt_at: when a retried row is due again.
+    """
+
+    outbox_id: int
+    outcome: SendOutcome
+    state: OutboxState | None = None
+    order: Order | None = None
+    order_id: str | None = None
+    message: str | None = None
+    code: str | None = None
+    resolved_by_reference: bool = False
+    next_attempt_at: dt.datetime | None = None
+
+
+@dataclass
+class OutboxReport:
+    """What one :func:`run_outbox_once` pass did, counted in rows.
+
+    Attributes:
+        claimed: rows leased by the pass.
+        sent: rows the venue accepted (including those resolved by reference).
+        resolved: of ``sent``, rows found by reference after a duplicate answer.
+        retried: rows sent back to pending after a failure that may pass.
+        failed: rows the venue refused.
+        dead: rows given up after ``max_attempts``.
+        lease_lost: rows another sender had re-claimed by the time this one applied.
+        abandoned: rows left leased after our own database failed.
+        venue_calls: rows sent to createOrder (look-ups and the client's retries not counted).
+    """
+
+    claimed: int = 0
+    sent: int = 0
+    resolved: int = 0
+    retried: int = 0
+    failed: int = 0
+    dead: int = 0
+    lease_lost: int = 0
+    abandoned: int = 0
+    venue_calls: int = 0
+
+    def add(self, result: SendResult) -> None:
+        """Count one row's result."""
+        self.venue_calls += 1
+        counter = {
+            SendOutcome.SENT: "sent",
+            SendOutcome.RETRYING: "retried",
+            SendOutcome.FAILED: "failed",
+            SendOutcome.DEAD: "dead",
+            SendOutcome.LEASE_LOST: "lease_lost",
+            SendOutcome.ABANDONED: "abandoned",
+        }.get(result.outcome)
+        if counter is not None:
+            setattr(self, counter, getattr(self, counter) + 1)
+        if result.resolved_by_reference:
+            self.resolved += 1
+
+    def as_dict(self) -> dict[str, int]:
+        """The counts by name, for logs and ``--json``."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def send_outbox_row(
+    sessions: sessionmaker[Session],
+    client: VenueClient,
+    outbox_id: int,
+    *,
+    owner: str,
+    now: dt.datetime,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+) -> SendResult:
+    """Claim one outbox row if it is due, send it, and apply the venue's answer.
+
+    Args:
+        sessions: the session factory; claim and apply commit on their own.
+        client: the venue client of the row's connection.
+        outbox_id: the row.
+        owner: the lease owner name (:func:`~receiver.worker.new_owner`).
+        now: the current time (aware).
+        lease_seconds: how long the row is held while it is sent.
+        max_attempts: attempts after which a failing row is ``dead``.
+
+    Returns:
+        What came of it; ``NOT_CLAIMED`` with the row's current state when it was not due.
+    """
+    claims = claim_outbox(
+        sessions,
+        owner=owner,
+        now=now,
+        limit=1,
+        lease_seconds=lease_seconds,
+        ids=[outbox_id],
+        max_attempts=max_attempts,
+    )
+    if not claims:
+        with sessions.begin() as session:
+            row = session.get(Outbox, outbox_id)
+            state = None if row is None else row.state
+            order_id = None if row is None else row.order_id
+            message = None if row is None else row.last_error
+        return SendResult(
+            outbox_id, SendOutcome.NOT_CLAIMED, state=state, order_id=order_id, message=message
+        )
+    return _send_claim(sessions, client, claims[0], owner=owner, now=now, max_attempts=max_attempts)
+
+
+def run_outbox_once(
+    sessions: sessionmaker[Session],
+    clients: Mapping[int, VenueClient],
+    *,
+    owner: str,
+    now: dt.datetime,
+    batch_size: int = 50,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+) -> OutboxReport:
+    """One pass of the outbox sender: claim a batch of due rows and send each.
+
+    Only rows of connections in ``clients`` are claimed. Rows are sent one after the
+    other; each createOrder is made with no transaction open.
+
+    Args:
+        sessions: the session factory.
+        clients: the venue client of each connection id; the caller creates and closes
+            them (:func:`venue.client.open_client`).
+        owner: this sender's lease owner name (:func:`~receiver.worker.new_owner`).
+        now: the current time (aware).
+        batch_size: the most rows to claim.
+        lease_seconds: how long claimed rows stay this sender's; make it longer than a
+            batch takes, or other senders may send its rows again (the venue then
+            answers "duplicate", which resolves to the same order).
+        max_attempts: attempts after which a row is ``dead``.
+
+    Returns:
+        What the pass did.
+    """
+    claims = claim_outbox(
+        sessions,
+        owner=owner,
+        now=now,
+        limit=batch_size,
+        lease_seconds=lease_seconds,
+        connection_ids=clients.keys(),
+        max_attempts=max_attempts,
+    )
+    report = OutboxReport(claimed=len(claims))
+    for claim in claims:
+        report.add(
+            _send_claim(
+                sessions,
+                clients[claim.connection_id],
+                claim,
+                owner=owner,
+                now=now,
+                max_attempts=max_attempts,
+            )
+        )
+    if claims:
+        logger.info("outbox pass: %s", report.as_dict())
+    return report
+
+
+def _send_claim(
+    sessions: sessionmaker[Session],
+    client: VenueClient,
+    claim: OutboxClaim,
+    *,
+    owner: str,
+    now: dt.datetime,
+    max_attempts: int,
+) -> SendResult:
+    """Send one claimed row and apply the answer; a database failure leaves it leased."""
+    try:
+        return _send_create(
+            sessions, client, claim, owner=owner, now=now, max_attempts=max_attempts
+        )
+    except SQLAlchemyError as exc:
+        # Nothing of the failed transaction was written; the row stays leased, and the
+        # first claim after the lease expires sends it again.
+        logger.warning(
+            "outbox %d: database error %s; left to its lease", claim.id, type(exc).__name__
+        )
+        return SendResult(claim.id, SendOutcome.ABANDONED, state=OutboxState.LEASED)
+
+
+def _send_create(
+    sessions: sessionmaker[Session],
+    client: VenueClient,
+    claim: OutboxClaim,
+    *,
+    owner: str,
+    now: dt.datetime,
+    max_attempts: int,
+) -> SendResult:
+    try:
+        request = OrderRequest.model_validate(claim.request or {})
+    except ValidationError as exc:
+        error = exc.errors(include_url=False, include_input=False)[0]
+        problem = f"the stored request is invalid: {_dotted(error['loc'])}: {error['msg']}"
+        return _refuse(sessions, claim, problem, None, owner=owner, now=now)
+    reference = normalize_reference(request.sell_to_order_reference)
+
+    # The call happens with no transaction open: a slow venue must not hold a database
+    # lock (on SQLite, the only write lock).
+    try:
+        order = client.create_order(request)
+    except VenueRejected as exc:
+        if exc.is_duplicate_reference:
+            logger.info("outbox %d: %s is already at the venue; finding it", claim.id, reference)
+            return _resolve(
+                sessions,
+                client,
+                claim,
+                request,
+                exc,
+                owner=owner,
+                now=now,
+                max_attempts=max_attempts,
+            )
+        if exc.may_be_transient:
+            return _retry(sessions, claim, exc, owner=owner, now=now, max_attempts=max_attempts)
+        # A refusal, but "a 400 is not proof": the older synchronous API answers a failed
+        # issuance with one and keeps the order in Error, and a retry after an earlier
+        # attempt landed may be refused for another reason (a visit date now past).
+        return _resolve(
+            sessions, client, claim, request, exc, owner=owner, now=now, max_attempts=max_attempts
+        )
+    except VenueError as exc:
+        # Unavailable, rate limited, 5xx, a bad body, or the key or address is wrong: none
+        # is a verdict on the order, so it waits and tries again.
+        return _retry(sessions, claim, exc, owner=owner, now=now, max_attempts=max_attempts)
+    return _mark_sent(sessions, claim, order, owner=owner, now=now, resolved=False)
+
+
+def _resolve(
+    sessions: sessionmaker[Session],
+    client: VenueClient,
+    claim: OutboxClaim,
+    request: OrderRequest,
+    rejection: VenueRejected,
+    *,
+    owner: str,
+    now: dt.datetime,
+    max_attempts: int,
+) -> SendResult:
+    """After a rejection: the order the venue has under this reference, else the verdict."""
+    duplicate = rejection.is_duplicate_reference
+    try:
+        found = client.find_by_reference(request.partner_id, request.sell_to_order_reference)
+        order = client.get_order(_latest(found).order_id) if found else None
+    except VenueRejected as exc:
+        if duplicate or exc.may_be_transient:
+            return _retry(sessions, claim, exc, owner=owner, now=now, max_attempts=max_attempts)
+        order = None  # the partner itself is refused: the venue holds no order of it
+    except VenueNotFound as exc:
+        if duplicate:
+            return _retry(sessions, claim, exc, owner=owner, now=now, max_attempts=max_attempts)
+        order = None
+    except VenueError as exc:
+        return _retry(sessions, claim, exc, owner=owner, now=now, max_attempts=max_attempts)
+    if order is not None:
+        return _mark_sent(sessions, claim, order, owner=owner, now=now, resolved=True)
+    if duplicate:
+        # "Already exists", yet nothing by that reference: the venue is mid-change
+        # (an Error order being replaced); ask again later.
+        return _retry(sessions, claim, rejection, owner=owner, now=now, max_attempts=max_attempts)
+    message = rejection.message or str(rejection)
+    return _refuse(sessions, claim, message, rejection.code, owner=owner, now=now)
+
+
+def _latest(found: Sequence[OrderSummary]) -> OrderSummary:
+    # Several only in the venue's history of deleted-and-resubmitted Error orders; the
+    # one received last is the one the reference names now.
+    epoch = dt.datetime.min.replace(tzinfo=dt.UTC)
+    return max(found, key=lambda summary: summary.received_at or epoch)
+
+
+def _still_ours(claim: OutboxClaim, owner: str) -> sa.ColumnElement[bool]:
+    # The lease check is in the UPDATE's WHERE: on PostgreSQL its row lock makes a
+    # concurrent re-claim wait for this transaction, and a re-claim that committed
+    # first makes this match nothing.
+    return sa.and_(
+        Outbox.id == claim.id,
+        Outbox.state == OutboxState.LEASED,
+        Outbox.lease_owner == owner,
+    )
+
+
+def _mark_sent(
+    sessions: sessionmaker[Session],
+    claim: OutboxClaim,
+    order: Order,
+    *,
+    owner: str,
+    now: dt.datetime,
+    resolved: bool,
+) -> SendResult:
+    """In one transaction: the row ``sent`` (if still ours) and the order mirrored."""
+    order_id = _guid(order.order_id)
+    with sessions.begin() as session:
+        updated = session.execute(
+            sa.update(Outbox)
+            .where(_still_ours(claim, owner))
+            .values(
+                state=OutboxState.SENT,
+                order_id=order_id,
+                sent_at=now,
+                lease_owner=None,
+                lease_expires_at=None,
+                last_error=None,
+            )
+            .execution_options(**_NO_SYNC)
+        ).rowcount  # type: ignore[attr-defined]
+        if updated:
+            upsert_order(
+                session, claim.connection_id, order, source=ChangeSource.SUBMIT, observed_at=now
+            )
+    if not updated:
+        logger.warning("outbox %d: lease lost; order %s left to its new sender", claim.id, order_id)
+        return SendResult(claim.id, SendOutcome.LEASE_LOST, order=order, order_id=order_id)
+    logger.info(
+        "outbox %d sent: order %s (%s) is %s%s",
+        claim.id,
+        order_id,
+        normalize_reference(order.sell_to_order_reference),
+        order.status,
+        ", found by reference" if resolved else "",
+    )
+    return SendResult(
+        claim.id,
+        SendOutcome.SENT,
+        state=OutboxState.SENT,
+        order=order,
+        order_id=order_id,
+        resolved_by_reference=resolved,
+    )
+
+
+def _refuse(
+    sessions: sessionmaker[Session],
+    claim: OutboxClaim,
+    message: str,
+    code: str | None,
+    *,
+    owner: str,
+    now: dt.datetime,
+) -> SendResult:
+    """The row ``failed`` with the venue's message; its ledger line stays as it is."""
+    with sessions.begin() as session:
+        updated = session.execute(
+            sa.update(Outbox)
+            .where(_still_ours(claim, owner))
+            .values(
+                state=OutboxState.FAILED,
+                lease_owner=None,
+                lease_expires_at=None,
+                last_error=message[:LAST_ERROR_MAX_CHARS],
+            )
+            .execution_options(**_NO_SYNC)
+        ).rowcount  # type: ignore[attr-defined]
+    if not updated:
+        return SendResult(claim.id, SendOutcome.LEASE_LOST)
+    logger.warning("outbox %d refused by the venue: %s", claim.id, message)
+    return SendResult(
+        claim.id, SendOutcome.FAILED, state=OutboxState.FAILED, message=message, code=code
+    )
+
+
+def _retry(
+    sessions: sessionmaker[Session],
+    claim: OutboxClaim,
+    exc: VenueError,
+    *,
+    owner: str,
+    now: dt.datetime,
+    max_attempts: int,
+) -> SendResult:
+    """The row back to pending after its backoff, or ``dead`` once attempts are spent."""
+    reason = _describe(exc)[:LAST_ERROR_MAX_CHARS]
+    state = OutboxState.DEAD if claim.attempts >= max_attempts else OutboxState.PENDING
+    next_attempt_at = now + backoff(claim.attempts) if state is OutboxState.PENDING else None
+    values: dict[str, object] = {"state": state}
+    if next_attempt_at is not None:
+        values["next_attempt_at"] = next_attempt_at
+    with sessions.begin() as session:
+        updated = session.execute(
+            sa.update(Outbox)
+            .where(_still_ours(claim, owner))
+            .values(**values, lease_owner=None, lease_expires_at=None, last_error=reason)
+            .execution_options(**_NO_SYNC)
+        ).rowcount  # type: ignore[attr-defined]
+    if not updated:
+        return SendResult(claim.id, SendOutcome.LEASE_LOST)
+    if state is OutboxState.DEAD:
+        logger.error("outbox %d given up after %d attempts: %s", claim.id, claim.attempts, reason)
+        return SendResult(claim.id, SendOutcome.DEAD, state=state, message=reason, code=exc.code)
+    logger.warning(
+        "outbox %d: attempt %d failed (%s); next at %s",
+        claim.id,
+        claim.attempts,
+        reason,
+        next_attempt_at.isoformat() if next_attempt_at else "-",
+    )
+    return SendResult(
+        claim.id,
+        SendOutcome.RETRYING,
+        state=state,
+        message=reason,
+        code=exc.code,
+        next_attempt_at=next_attempt_at,
+    )
+
+
+# --- submitting now ----------------------------------------------------------------------
+
+
+class SubmitStatus(StrEnum):
+    """What a submission came to, for the shop."""
+
+    SENT = "sent"
+    """The venue accepted the order (or already had it from an earlier attempt)."""
+    RECORDED = "recorded"
+    """Recorded; the venue could not take it yet, and the outbox will retry."""
+    FAILED = "failed"
+    """The venue refused the order; the sale stays in the ledger, marked failed."""
+    DUPLICATE = "duplicate"
+    """Submitted and sent before; the answer is the order the venue already has."""
+
+
+@dataclass(frozen=True)
+class SubmitOutcome:
+    """The answer to one submission: what ``otacm submit`` prints and the API returns.
+
+    Attributes:
+        reference: the shop's order number (``sellToOrderReference``).
+        status: sent, recorded, failed or duplicate.
+        order_id: the venue's orderId, once the venue has the order.
+        message: for a person: the venue's refusal, or why it will be retried.
+        code: the venue's error code when it refused the order.
+        order_status: the order's status at the venue (Submitted, Issued...).
+        status_message: the venue's ``statusMessage`` of the order.
+        buy_from_order_reference: the venue's own document number of the order.
+        partner_id: the partner the order is for.
+        connection: the venue connection's name.
+        ledger_line_id: the sale's ledger line.
+        outbox_id: the sale's createOrder outbox row.
+        next_attempt_at: when a recorded order will be tried again.
+    """
+
+    reference: str
+    status: SubmitStatus
+    order_id: str | None = None
+    message: str | None = None
+    code: str | None = None
+    order_status: OrderStatus | None = None
+    status_message: str | None = None
+    buy_from_order_reference: str | None = None
+    partner_id: str | None = None
+    connection: str | None = None
+    ledger_line_id: int | None = None
+    outbox_id: int | None = None
+    next_attempt_at: dt.datetime | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The outcome as JSON (camelCase; ``None`` values kept as ``null``).
+
+        ``outcome`` is :attr:`status` (sent, recorded, failed, duplicate); ``status`` is
+        the order's status at the venue, named as in the venue's own order JSON.
+        """
+        return {
+            "outcome": str(self.status),
+            "reference": self.reference,
+            "orderId": self.order_id,
+            "status": None if self.order_status is None else str(self.order_status),
+            "statusMessage": self.status_message,
+            "buyFromOrderReference": self.buy_from_order_reference,
+            "message": self.message,
+            "code": self.code,
+            "partnerId": self.partner_id,
+            "connection": self.connection,
+            "ledgerLineId": self.ledger_line_id,
+            "outboxId": self.outbox_id,
+            "nextAttemptAt": None
+            if self.next_attempt_at is None
+            else self.next_attempt_at.isoformat(),
+        }
+
+    def describe(self) -> str:
+        """One line for a terminal: reference, status, and the order or the reason."""
+        parts = [self.reference, str(self.status)]
+        if self.order_id:
+            parts.append(f"order {self.order_id}")
+        if self.order_status:
+            parts.append(str(self.order_status))
+        if self.buy_from_order_reference:
+            parts.append(self.buy_from_order_reference)
+        if self.message:
+            parts.append(self.message)
+        return "  ".join(parts)
+
+
+def submit_now(
+    sessions: sessionmaker[Session],
+    client: VenueClient,
+    connection_id: int,
+    request: OrderRequest,
+    *,
+    now: dt.datetime,
+    amount: Decimal | None = None,
+    currency: str | None = None,
+    amount_includes_vat: bool = True,
+    connection: str | None = None,
+    owner: str | None = None,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+) -> SubmitOutcome:
+    """Record a sale and its createOrder, then try once to send it at once.
+
+    A failure that may pass leaves the sale recorded and queued (``recorded``); a
+    refusal leaves it recorded and marked (``failed``); a sale already submitted and
+    sent answers with the order the venue has (``duplicate``).
+
+    Args:
+        sessions: the session factory; recording and sending commit on their own.
+        client: the venue client of ``connection_id``.
+        connection_id: the venue connection's row id.
+        request: the createOrder body.
+        now: the current time (aware).
+        amount: what the shop charged; with ``currency``.
+        currency: ISO 4217 code of ``amount``.
+        amount_includes_vat: whether ``amount`` includes VAT.
+        connection: the connection's name, for the outcome.
+        owner: the lease owner name; a new one (:func:`~receiver.worker.new_owner`) if
+            not given.
+        lease_seconds: how long the row is held while it is sent.
+        max_attempts: as for :func:`send_outbox_row`.
+
+    Returns:
+        The outcome.
+
+    Raises:
+        sqlalchemy.exc.SQLAlchemyError: the sale could not be recorded; nothing was sent.
+    """
+    with sessions.begin() as session:
+        recorded = record_submission(
+            session,
+            connection_id,
+            request,
+            now=now,
+            amount=amount,
+            currency=currency,
+            amount_includes_vat=amount_includes_vat,
+        )
+        outbox_id, state = recorded.outbox.id, recorded.outbox.state
+        base = SubmitOutcome(
+            reference=request.sell_to_order_reference,
+            status=SubmitStatus.RECORDED,
+            partner_id=recorded.line.partner_id,
+            connection=connection,
+            ledger_line_id=recorded.line.id,
+            outbox_id=outbox_id,
+        )
+    if state is OutboxState.SENT:
+        return _stored_outcome(sessions, base, connection_id, already=True)
+
+    result = send_outbox_row(
+        sessions,
+        client,
+        outbox_id,
+        owner=owner or new_owner(),
+        now=now,
+        lease_seconds=lease_seconds,
+        max_attempts=max_attempts,
+    )
+    if result.outcome is SendOutcome.SENT and result.order is not None:
+        order = result.order
+        return _with(
+            base,
+            status=SubmitStatus.SENT,
+            order_id=result.order_id,
+            order_status=order.status,
+            status_message=_blank_to_none(order.status_message),
+            buy_from_order_reference=_blank_to_none(order.buy_from_order_reference),
+            message="found at the venue by its reference" if result.resolved_by_reference else None,
+        )
+    if result.outcome is SendOutcome.FAILED:
+        return _with(base, status=SubmitStatus.FAILED, message=result.message, code=result.code)
+    if result.outcome is SendOutcome.RETRYING:
+        return _with(
+            base,
+            message=f"recorded; the venue could not take it now ({result.message}); will retry",
+            next_attempt_at=result.next_attempt_at,
+        )
+    # Not sent by this call (not due, another sender has it, our database failed, or
+    # attempts spent): say what is stored.
+    return _stored_outcome(sessions, base, connection_id, already=recorded.already_recorded)
+
+
+def _stored_outcome(
+    sessions: sessionmaker[Session], base: SubmitOutcome, connection_id: int, *, already: bool
+) -> SubmitOutcome:
+    """The outcome from what is stored for ``base``'s outbox row (and its mirrored order)."""
+    with sessions.begin() as session:
+        row = session.get(Outbox, base.outbox_id)
+        if row is None:  # pragma: no cover - recorded in this call, never deleted
+            return base
+        if row.state is OutboxState.SENT:
+            mirrored = session.scalars(
+                sa.select(VenueOrder).where(
+                    VenueOrder.connection_id == connection_id,
+                    VenueOrder.order_id == row.order_id,
+                )
+            ).one_or_none()
+            return _with(
+                base,
+                status=SubmitStatus.DUPLICATE if already else SubmitStatus.SENT,
+                order_id=row.order_id,
+                order_status=None if mirrored is None else mirrored.status,
+                status_message=None if mirrored is None else mirrored.status_message,
+                buy_from_order_reference=None
+                if mirrored is None
+                else mirrored.buy_from_order_reference,
+            )
+        if row.state in (OutboxState.FAILED, OutboxState.DEAD):
+            return _with(base, status=SubmitStatus.FAILED, message=row.last_error)
+        waiting = "being sent" if row.state is OutboxState.LEASED else "queued"
+        detail = f" (last failure: {row.last_error})" if row.last_error else ""
+        return _with(
+            base,
+            message=f"recorded and {waiting}; will retry{detail}",
+            next_attempt_at=row.next_attempt_at if row.state is OutboxState.PENDING else None,
+        )
+
+
+def _with(base: SubmitOutcome, **changes: Any) -> SubmitOutcome:
+    values = {f.name: getattr(base, f.name) for f in fields(base)}
+    return SubmitOutcome(**{**values, **changes})
+
+
+# --- submitting a file -------------------------------------------------------------------
+
+
+def read_submissions(text: str) -> list[Submission]:
+    """The submissions in a file's text: one JSON object, a JSON array, or JSON lines.
+
+    Every entry is validated before any is returned, so a bad file records nothing.
+    Numbers are decoded as ``Decimal``, so amounts stay exact.
+
+    Raises:
+        SubmissionError: the text is not JSON, or an entry is invalid; the field names
+            the entry (``[2].items.0.quantity``, ``line 3: amount``).
+    """
+    try:
+        decoded: Any = json.loads(text, parse_float=Decimal)
+    except json.JSONDecodeError as whole:
+        if whole.msg != "Extra data":
+            raise SubmissionError(
+                "", f"not valid JSON: {whole.msg} at line {whole.lineno} column {whole.colno}"
+            ) from None
+        # Several values one after the other: JSON lines, one object per line.
+        entries: list[tuple[str, Any]] = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                entries.append((f"line {number}: ", json.loads(line, parse_float=Decimal)))
+            except json.JSONDecodeError as exc:
+                raise SubmissionError(
+                    f"line {number}", f"not valid JSON: {exc.msg} at column {exc.colno}"
+                ) from None
+    else:
+        if isinstance(decoded, list):
+            entries = [(f"[{index}].", entry) for index, entry in enumerate(decoded)]
+        else:
+            entries = [("", decoded)]
+    if not entries:
+        raise SubmissionError("", "no orders in the file")
+    submissions = []
+    for where, entry in entries:
+        try:
+            submissions.append(parse_submission(entry))
+        except SubmissionError as exc:
+            raise SubmissionError(
+                f"{where}{exc.field}".rstrip(". :"), exc.problem, code=exc.code
+            ) from None
+    return submissions
+
+
+def submit_file(
+    settings: Settings,
+    path: Path,
+    *,
+    sessions: sessionmaker[Session],
+    clients: Mapping[str, VenueClient],
+    now: dt.datetime,
+    owner: str | None = None,
+) -> list[SubmitOutcome]:
+    """``otacm submit FILE``: record and send every order in ``path``.
+
+    The file holds one JSON object, a JSON array of them, or JSON lines; each object is
+    the venue's order request plus optional ``amount``, ``currency``,
+    ``amountIncludesVat`` and ``connection`` (:func:`parse_submission`). The whole file
+    is validated (and each entry's connection resolved) before anything is recorded.
+    Each order is then recorded and sent once (:func:`submit_now`); those the venue
+    cannot take now stay queued for the outbox sender.
+
+    Args:
+        settings: the connections to submit to.
+        path: the file.
+        sessions: the session factory.
+        clients: a venue client for each connection name used by the file; the caller
+            creates and closes them.
+        now: the current time (aware).
+        owner: the lease owner name; a new one if not given.
+
+    Returns:
+        One outcome per order, in the file's order.
+
+    Raises:
+        SubmissionError: the file is unreadable or invalid, an entry names an unknown
+            connection, or no client was given for one; nothing was recorded.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise SubmissionError("", f"cannot read {path}: {reason}") from None
+    submissions = read_submissions(text)
+    chosen = []
+    for index, submission in enumerate(submissions):
+        try:
+            venue = choose_connection(settings, submission.connection)
+        except SubmissionError as exc:
+            where = f"[{index}]." if len(submissions) > 1 else ""
+            raise SubmissionError(f"{where}{exc.field}", exc.problem, code=exc.code) from None
+        if venue.name not in clients:
+            raise SubmissionError(
+                "connection",
+                f"no venue client for connection {venue.name!r}",
+                code="unknown_connection",
+            )
+        chosen.append(venue.name)
+    with sessions.begin() as session:
+        ids = {name: ensure_connection(session, name) for name in sorted(set(chosen))}
+    owner = owner or new_owner()
+    return [
+        submit_now(
+            sessions,
+            clients[name],
+            ids[name],
+            submission.request,
+            now=now,
+            amount=submission.amount,
+            currency=submission.currency,
+            amount_includes_vat=submission.amount_includes_vat,
+            connection=name,
+            owner=owner,
+        )
+        for submission, name in zip(submissions, chosen, strict=True)
+    ]
+
+
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+def _guid(value: str) -> str:
+    # The venue writes GUIDs lowercase without braces; so do the ledger and the mirror.
+    return value.strip().strip("{}").lower()
+
+
+def _blank_to_none(value: str | None) -> str | None:
+    if value is None or not value.strip():
+        return None
+    return value.strip()

@@ -1,0 +1,256 @@
+"""The webhook view: ``POST /webhooks/ota-cm``, the venue's ``ota_cm_order_processed`` in.
+
+A POST goes through a short checklist, each failure with its own answer
+(:mod:`receiver.errors`), in this order:
+
+0. until the database is reachable and migrated (so that each connection's row id is
+   known) → 503 ``schema_not_current`` or ``database_unavailable``;
+1. body larger than ``settings.webhook_max_bytes`` → 413 ``body_too_large`` (by its
+   ``Content-Length`` before reading, and while reading a chunked body);
+2. not declared as JSON → 415 ``unsupported_media_type``; not decodable → 400
+   ``invalid_json``;
+3. none of the three envelope shapes (``{"value": [...]}``, ``{"values": [...]}``, a
+   bare notification), or an ``ota_cm_order_processed`` payload without ``orderId`` →
+   400 ``invalid_notification``, naming the field (``value.0.clientState``);
+4. a ``clientState`` that no venue connection is configured with → 401
+   ``unknown_client_state``, and nothing of the POST is stored. Each state names its
+   connection, so one POST may carry notifications of several connections;
+5. otherwise every notification is stored in the inbox (:mod:`receiver.inbox`) in one
+   transaction, and only then the answer is 200 ``{"stored": n, "duplicates": m}``.
+   A database that cannot take the write in ``settings.db_lock_timeout`` → 503
+   ``database_unavailable``, so the venue retries; never a 4xx for our own trouble.
+
+Notifications of other events and unknown fields are stored and acknowledged, not
+refused. A ``validationToken`` query parameter (Business Central's handshake) is echoed
+as plain text, on GET and POST. The body is decoded and validated once, and the rows
+are plain dicts: this view is the hot path.
+
+Logs name order ids and statuses, never client states, company or user data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, request
+from pydantic import ValidationError
+from werkzeug.exceptions import MethodNotAllowed, RequestEntityTooLarge
+
+from receiver.context import Receiver, current_receiver
+from receiver.errors import (
+    DATABASE_UNAVAILABLE,
+    BodyTooLarge,
+    DatabaseUnavailable,
+    InvalidJson,
+    InvalidNotification,
+    ReceiverError,
+    UnknownClientState,
+    UnsupportedMediaType,
+    describe_database_error,
+)
+from receiver.inbox import NewInboxRow, StoreResult, store_notifications
+from storage.models import InboxSource
+from storage.types import utcnow
+from venue.models import ORDER_PROCESSED_EVENT, Notification, parse_notifications
+
+logger = logging.getLogger(__name__)
+
+bp = Blueprint("webhook", __name__)
+
+WEBHOOK_PATH = "/webhooks/ota-cm"
+
+# Column widths of the inbox (storage.models.Inbox). The event name and the orderId must
+# fit (a 400 otherwise); the reference and the status are hints, kept whole in the
+# payload, so one that does not fit leaves its column empty rather than failing the POST.
+_ORDER_ID_MAX = 64
+_EVENT_NAME_MAX = 100
+_REFERENCE_MAX = 50
+_STATUS_MAX = 32
+
+
+@bp.route(WEBHOOK_PATH, methods=["GET", "POST"])
+def receive() -> Response:
+    """Store the notifications of one webhook POST in the inbox (see the module docstring)."""
+    token = request.args.get("validationToken")
+    if token is not None:
+        return _echo(token)
+    if request.method != "POST":
+        raise MethodNotAllowed(valid_methods=["POST"])
+    receiver = current_receiver()
+    try:
+        result = _receive(receiver)
+    except ReceiverError as exc:
+        receiver.metrics.webhook.rejected(exc.code)
+        raise
+    receiver.metrics.webhook.stored.inc(result.stored)
+    receiver.metrics.webhook.duplicate.inc(result.duplicates)
+    return jsonify(stored=result.stored, duplicates=result.duplicates)
+
+
+def _echo(token: str) -> Response:
+    response = Response(token, status=200, mimetype="text/plain")
+    # The token is the caller's text: never let a browser sniff it into HTML.
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    return response
+
+
+def _receive(receiver: Receiver) -> StoreResult:
+    # Nothing can be attributed to a connection (nor stored) until the database is
+    # ready; until then every POST is a 503, which the venue retries.
+    connection_ids = receiver.connection_ids()
+    body = _read_json_body(receiver.settings.webhook_max_bytes)
+    rows = _inbox_rows(receiver, connection_ids, body)
+    if not rows:
+        return StoreResult(stored=0, duplicates=0, ids=())
+    try:
+        with receiver.engine.begin() as connection:
+            result = store_notifications(connection, rows)
+    except DATABASE_UNAVAILABLE as exc:
+        reason = describe_database_error(exc)
+        logger.warning("webhook not stored, database unavailable: %s", reason)
+        raise DatabaseUnavailable(reason) from exc
+    if logger.isEnabledFor(logging.INFO):
+        orders = [f"{r['order_id']}={r['notified_status']}" for r in rows if r["order_id"]]
+        logger.info(
+            "webhook stored %d, duplicates %d: %s",
+            result.stored,
+            result.duplicates,
+            ", ".join(orders) or "no order notifications",
+        )
+    return result
+
+
+def _read_json_body(limit: int) -> Any:
+    """The decoded JSON body, no larger than ``limit`` bytes."""
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge(limit)
+    if not request.is_json:
+        raise UnsupportedMediaType(request.mimetype)
+    # Enforced while reading too: a chunked body has no Content-Length to check first.
+    # werkzeug stops reading at the maximum without complaint, so allow one byte more
+    # than the limit: a body that reaches it is over the limit, one that stops short is
+    # whole.
+    request.max_content_length = limit + 1
+    try:
+        data = request.get_data(cache=False)
+    except RequestEntityTooLarge as exc:
+        raise BodyTooLarge(limit) from exc
+    if len(data) > limit:
+        raise BodyTooLarge(limit)
+    try:
+        return json.loads(data)
+    except UnicodeDecodeError as exc:
+        raise InvalidJson("it is not UTF-8 text") from exc
+    except json.JSONDecodeError as exc:
+        raise InvalidJson(f"{exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+    except RecursionError as exc:
+        raise InvalidJson("it is nested too deeply") from exc
+
+
+def _inbox_rows(receiver: Receiver, connection_ids: dict[str, int], body: Any) -> list[NewInboxRow]:
+    """The inbox rows of a decoded webhook body, each attributed to its connection.
+
+    Every notification is validated before any state is judged, so an invalid POST is
+    a 400 whatever its states.
+
+    Raises:
+        InvalidNotification: the body is no envelope, or a notification is invalid.
+        UnknownClientState: a notification's ``clientState`` is not configured.
+    """
+    try:
+        notifications = parse_notifications(body)
+    except ValidationError as exc:
+        error = exc.errors(include_url=False, include_input=False)[0]
+        raise InvalidNotification(_dotted(error["loc"]), error["msg"]) from None
+    prefix, wire_items = _envelope(body)
+    received_at = utcnow()
+    rows: list[NewInboxRow] = []
+    owners: dict[str, int | None] = {}  # clientState → connection id, for this POST
+    unknown_state: str | None = None
+    for index, (notification, wire) in enumerate(zip(notifications, wire_items, strict=True)):
+        where = f"{prefix}{index}."
+        order_id, reference, status = _order_fields(notification, where)
+        state = notification.client_state
+        if state not in owners:
+            name = receiver.connection_for(state)
+            owners[state] = None if name is None else connection_ids[name]
+        connection_id = owners[state]
+        if connection_id is None:
+            unknown_state = unknown_state or f"{where}clientState"
+            continue
+        rows.append(
+            {
+                "connection_id": connection_id,
+                "source": InboxSource.WEBHOOK,
+                "event_name": notification.event_name,
+                "order_id": order_id,
+                "buy_from_order_reference": reference,
+                "notified_status": status,
+                "notified_at": notification.timestamp,
+                "received_at": received_at,
+                # Stored without the secret; the rest as received, unknown fields too.
+                "payload": {key: value for key, value in wire.items() if key != "clientState"},
+            }
+        )
+    if unknown_state is not None:
+        logger.warning(
+            "webhook refused: unknown client state at %s (%d notification(s)) from %s",
+            unknown_state,
+            len(notifications),
+            request.remote_addr,
+        )
+        raise UnknownClientState(unknown_state)
+    return rows
+
+
+def _order_fields(
+    notification: Notification, where: str
+) -> tuple[str | None, str | None, str | None]:
+    """``(orderId, buyFromOrderReference, status)`` of an order notification, else Nones.
+
+    Only orderId is required: the status is a hint (a status this code does not know
+    yet must not cost the venue's subscription a 400), and so is the reference.
+
+    Raises:
+        InvalidNotification: the event name is too long, or an order notification has
+            no usable orderId.
+    """
+    if len(notification.event_name) > _EVENT_NAME_MAX:
+        raise InvalidNotification(f"{where}eventName", f"at most {_EVENT_NAME_MAX} characters")
+    if notification.event_name != ORDER_PROCESSED_EVENT:
+        return None, None, None
+    payload = notification.payload
+    raw_order_id = payload.get("orderId")
+    if not isinstance(raw_order_id, str) or not raw_order_id.strip("{} "):
+        raise InvalidNotification(f"{where}payload.orderId", "an order id is required")
+    # The venue writes GUIDs lowercase without braces; so does the order mirror.
+    order_id = raw_order_id.strip().strip("{}").lower()
+    if len(order_id) > _ORDER_ID_MAX:
+        raise InvalidNotification(f"{where}payload.orderId", f"at most {_ORDER_ID_MAX} characters")
+    reference = _hint(payload.get("buyFromOrderReference"), _REFERENCE_MAX)
+    return order_id, reference, _hint(payload.get("status"), _STATUS_MAX)
+
+
+def _hint(value: Any, width: int) -> str | None:
+    if isinstance(value, str) and value.strip() and len(value) <= width:
+        return value
+    return None
+
+
+def _envelope(body: Any) -> tuple[str, list[dict[str, Any]]]:
+    """The field path prefix and the raw notifications of a body ``parse_notifications`` took.
+
+    The same three shapes, in the same order, as :func:`venue.models.parse_notifications`;
+    the raw dicts are what is stored: as received, unknown fields included.
+    """
+    if isinstance(body, dict) and "value" in body:
+        return "value.", body["value"]
+    if isinstance(body, dict) and "values" in body:
+        return "values.", body["values"]
+    return "", [body]
+
+
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in loc)

@@ -1,0 +1,1045 @@
+"""The submission path on SQLite and PostgreSQL: record first, send, handle every answer, retry.
+
+Unit tests play the venue with :class:`FakeVenue` over ``httpx.MockTransport``: createOrder
+answers are scripted one per call (201 Submitted, a settled synchronous answer, an error
+status, or a lost answer: the order is stored and the call then times out), and the
+venue keeps its orders, so duplicate references, the look-up by reference and getOrder
+behave as the venue's do. Integration tests run the same path over real HTTP against
+the sandbox. Time is passed in, so backoff is tested without sleeping.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import threading
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from pydantic import SecretStr
+from sqlalchemy.orm import Session, sessionmaker
+
+from otacm.settings import Settings, VenueConnection
+from receiver.outbox import (
+    NO_CURRENCY,
+    OutboxReport,
+    SendOutcome,
+    SubmissionError,
+    SubmitStatus,
+    choose_connection,
+    claim_outbox,
+    parse_submission,
+    read_submissions,
+    record_submission,
+    run_outbox_once,
+    send_outbox_row,
+    submit_file,
+    submit_now,
+)
+from sandbox import SandboxConfig, SandboxServer
+from sandbox.config import DEFAULT_PARTNERS
+from storage.models import (
+    ChangeSource,
+    LedgerLine,
+    LedgerSource,
+    LedgerState,
+    Outbox,
+    OutboxOperation,
+    OutboxState,
+    StatusChange,
+    VenueOrder,
+    Wallet,
+    ensure_connection,
+)
+from storage.types import utcnow
+from venue.client import RetryPolicy, VenueClient, open_client
+from venue.models import OrderRequest, OrderStatus, normalize_reference
+from venue.throttle import Throttle
+
+PARTNER = DEFAULT_PARTNERS[0].id
+INACTIVE_PARTNER = DEFAULT_PARTNERS[2].id
+T0 = dt.datetime(2026, 5, 15, 9, 30, tzinfo=dt.UTC)
+ONCE = RetryPolicy(attempts=1)
+DUPLICATE_MESSAGE = (
+    "Order with sellToOrderReference '{reference}' already exists for partner '{partner}'"
+)
+
+CONNECTION = VenueConnection(
+    name="default",
+    api_base_url="http://venue.invalid",
+    tenant="01234567-89ab-cdef-0123-456789abcdef",
+    company="CRONUS International Ltd.",
+    api_key=SecretStr("key-outbox-1a2b3c"),
+    partner_ids=[PARTNER],
+)
+
+
+def future(days: int = 30) -> str:
+    """A visit date ``days`` from today, as YYYY-MM-DD."""
+    return (utcnow() + dt.timedelta(days=days)).date().isoformat()
+
+
+def order_body(reference: str = "SHOP-1001", **changes: Any) -> dict[str, Any]:
+    """A createOrder body the venue accepts: two lines, three tickets."""
+    body: dict[str, Any] = {
+        "partnerId": PARTNER,
+        "sellToOrderReference": reference,
+        "sellToEmail": "guest@example.com",
+        "sellToName": "Jane Doe",
+        "sellToLanguage": "ENU",
+        "paymentReference": "PAY-1",
+        "items": [
+            {
+                "itemNumber": "31001",
+                "visitDate": future(),
+                "visitTime": "10:30:00",
+                "quantity": 2,
+                "wallet": {"externalReferenceNumbers": ["EXT-1", "EXT-2"]},
+            },
+            {"itemNumber": "31002", "visitDate": future(), "visitTime": "10:30:00", "quantity": 1},
+        ],
+    }
+    return {**body, **changes}
+
+
+def order_request(reference: str = "SHOP-1001", **changes: Any) -> OrderRequest:
+    """:func:`order_body` as the wire model."""
+    return OrderRequest.model_validate(order_body(reference, **changes))
+
+
+# --- the venue, played by a MockTransport ------------------------------------------------
+
+Script = Callable[["FakeVenue", dict[str, Any]], httpx.Response]
+
+
+class FakeVenue:
+    """The venue's createOrder, getOrder and listOrdersByPartner, with scripted creates.
+
+    Each createOrder takes the next entry of ``scripts`` (or :meth:`accept` when none is
+    left); the venue refuses a reference it already has, as the real one does.
+
+    Attributes:
+        orders: the venue's orders (wire JSON) by orderId.
+        scripts: how to answer the next createOrder calls, in order.
+        calls: calls by name (``create``, ``get``, ``list``).
+    """
+
+    def __init__(self) -> None:
+        self.orders: dict[str, dict[str, Any]] = {}
+        self.scripts: list[Script] = []
+        self.calls: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        """The MockTransport handler."""
+        path = request.url.path
+        with self._lock:
+            if request.method == "POST" and path.endswith("/channelManager"):
+                self.calls["create"] += 1
+                body = json.loads(request.content)
+                script = self.scripts.pop(0) if self.scripts else FakeVenue.accept
+                return script(self, body)
+            if request.method == "GET" and "/channelManager/orders/" in path:
+                self.calls["list"] += 1
+                wanted = normalize_reference(request.url.params["sellToOrderReference"])
+                data = [
+                    {k: v for k, v in order.items() if k != "items"}
+                    for order in self.orders.values()
+                    if normalize_reference(order["sellToOrderReference"]) == wanted
+                ]
+                return httpx.Response(200, json={"morePages": False, "data": data})
+            if request.method == "GET" and "/channelManager/" in path:
+                self.calls["get"] += 1
+                order = self.orders.get(path.rsplit("/", 1)[-1])
+                if order is None:
+                    return error(404, "Order was not found", code="resource_not_found")
+                return httpx.Response(200, json=order)
+        raise AssertionError(f"unexpected call {request.method} {path}")
+
+    def store(
+        self, body: dict[str, Any], status: str = "Submitted", **extra: Any
+    ) -> dict[str, Any]:
+        """Keep an order made from ``body``; the order JSON."""
+        order_id = str(uuid.uuid4())
+        order = {
+            "orderId": order_id,
+            "status": status,
+            "statusMessage": "",
+            "partnerId": body["partnerId"],
+            "sellToOrderReference": normalize_reference(body["sellToOrderReference"]),
+            "buyFromOrderReference": f"CM-20260515093000-{order_id[:4].upper()}",
+            "receivedAt": "2026-05-15T09:30:00Z",
+            "paymentReference": body.get("paymentReference"),
+            "items": [],
+            **extra,
+        }
+        self.orders[order_id] = order
+        return order
+
+    def has(self, body: dict[str, Any]) -> bool:
+        """Whether an order of ``body``'s reference exists."""
+        wanted = normalize_reference(body["sellToOrderReference"])
+        return any(
+            normalize_reference(o["sellToOrderReference"]) == wanted for o in self.orders.values()
+        )
+
+    def accept(self, body: dict[str, Any]) -> httpx.Response:
+        """201 Submitted, or the venue's duplicate refusal."""
+        if self.has(body):
+            message = DUPLICATE_MESSAGE.format(
+                reference=normalize_reference(body["sellToOrderReference"]),
+                partner=body["partnerId"],
+            )
+            return error(400, message)
+        return httpx.Response(201, json=self.store(body))
+
+    def issue_synchronously(self, body: dict[str, Any]) -> httpx.Response:
+        """The older synchronous API: 201 Issued with wallets, no buyFromOrderReference."""
+        order = self.store(body, status="Issued", items=[issued_line()])
+        del order["buyFromOrderReference"]
+        return httpx.Response(201, json=order)
+
+    def lose_answer(self, body: dict[str, Any]) -> httpx.Response:
+        """Store the order, then lose the answer: the call times out."""
+        self.store(body)
+        raise httpx.ReadTimeout("the answer was lost")
+
+
+def error(status: int, message: str, code: str = "generic_error") -> httpx.Response:
+    """The venue's error body."""
+    return httpx.Response(status, json={"code": code, "message": message})
+
+
+def answer(status: int, message: str) -> Script:
+    """A script that answers one createOrder with an error."""
+    return lambda venue, body: error(status, message)
+
+
+def issued_line() -> dict[str, Any]:
+    """An order line with one minted wallet, as the synchronous API returns it."""
+    return {
+        "lineNo": 10000,
+        "itemNumber": "31001",
+        "description": "Castle Admission",
+        "quantity": 1,
+        "visitDate": future(),
+        "visitTime": "10:30:00",
+        "wallets": [
+            {
+                "seqNo": 1,
+                "walletId": "5a1c2b3d-4e5f-6071-8293-a4b5c6d7e8f9",
+                "walletReferenceNumber": "141234529930210327",
+                "externalReferenceNumber": "EXT-1",
+                "issuedAt": "2026-05-15T09:30:05Z",
+                "unitPriceExclVat": "80.00",
+                "unitPriceInclVat": "100.00",
+                "currencyCode": "DKK",
+                "assets": [{"type": "ticket", "referenceNumber": "ATF-1"}],
+            }
+        ],
+    }
+
+
+@pytest.fixture
+def venue() -> FakeVenue:
+    """An empty venue."""
+    return FakeVenue()
+
+
+@pytest.fixture
+def client(venue: FakeVenue) -> Iterator[VenueClient]:
+    """A venue client over ``venue``, trying each call once."""
+    with open_client(
+        CONNECTION,
+        transport=httpx.MockTransport(venue.handle),
+        retry=ONCE,
+        throttle=Throttle(),
+    ) as venue_client:
+        yield venue_client
+
+
+@pytest.fixture
+def connection_id(sessions: sessionmaker[Session]) -> int:
+    """The row id of the test connection."""
+    with sessions.begin() as session:
+        return ensure_connection(session, CONNECTION.name)
+
+
+def submit(
+    sessions: sessionmaker[Session],
+    client: VenueClient,
+    connection_id: int,
+    reference: str = "SHOP-1001",
+    *,
+    now: dt.datetime = T0,
+    **changes: Any,
+) -> Any:
+    """``submit_now`` of :func:`order_body`, charged 300.00 DKK."""
+    return submit_now(
+        sessions,
+        client,
+        connection_id,
+        order_request(reference, **changes),
+        now=now,
+        amount=Decimal("300.00"),
+        currency="DKK",
+        owner="tester",
+    )
+
+
+def rows(sessions: sessionmaker[Session], model: type[Any]) -> list[Any]:
+    """Every row of ``model``, by id."""
+    with sessions.begin() as session:
+        return list(session.scalars(sa.select(model).order_by(model.id)).all())
+
+
+def mirrored(sessions: sessionmaker[Session]) -> list[tuple[str, OrderStatus, list[ChangeSource]]]:
+    """The mirror: each order's id, status and the sources of its status changes."""
+    with sessions.begin() as session:
+        return [
+            (order.order_id, order.status, [change.source for change in order.status_changes])
+            for order in session.scalars(sa.select(VenueOrder).order_by(VenueOrder.id))
+        ]
+
+
+# --- parsing ------------------------------------------------------------------------------
+
+
+def test_a_submission_is_the_order_request_plus_the_sale() -> None:
+    """The sale's fields are split off; the rest is the venue's request, unchanged."""
+    raw = order_body(amount=Decimal("300.50"), currency="dkk", amountIncludesVat=False)
+    raw["connection"] = "default"
+
+    submission = parse_submission(raw)
+
+    assert submission.amount == Decimal("300.50")
+    assert submission.currency == "DKK"
+    assert submission.amount_includes_vat is False
+    assert submission.connection == "default"
+    assert "amount" not in submission.request.to_wire()
+    assert submission.request.to_wire()["items"][0]["quantity"] == 2
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"items": []}, "items"),
+        ({"sellToOrderReference": None}, "sellToOrderReference"),
+        ({"sellToOrderReference": "X" * 51}, "sellToOrderReference"),
+        ({"amount": "12.50"}, "currency"),
+        ({"currency": "DKK"}, "amount"),
+        ({"amount": "-1", "currency": "DKK"}, "amount"),
+        ({"currency": "kroner", "amount": "1"}, "currency"),
+    ],
+)
+def test_an_invalid_submission_names_its_field(change: dict[str, Any], field: str) -> None:
+    """Each invalid submission is refused with the field that is wrong."""
+    with pytest.raises(SubmissionError) as caught:
+        parse_submission(order_body(**change))
+
+    assert caught.value.field == field
+
+
+def test_an_invalid_line_names_the_line_and_field() -> None:
+    """A bad quantity is named down to the item: ``items.1.quantity``."""
+    body = order_body()
+    body["items"][1]["quantity"] = 0
+
+    with pytest.raises(SubmissionError, match=r"^items\.1\.quantity: "):
+        parse_submission(body)
+
+
+def test_the_only_connection_is_the_default_and_several_need_a_name() -> None:
+    """No name picks the only connection; with two, the name is required and checked."""
+    other = CONNECTION.model_copy(update={"name": "other"})
+    one = Settings(connections=[CONNECTION])
+    two = Settings(connections=[CONNECTION, other])
+
+    assert choose_connection(one, None).name == "default"
+    assert choose_connection(two, "other").name == "other"
+    with pytest.raises(SubmissionError, match="required when several") as several:
+        choose_connection(two, None)
+    with pytest.raises(SubmissionError, match="no venue connection named 'nope'") as unknown:
+        choose_connection(two, "nope")
+    assert several.value.code == unknown.value.code == "unknown_connection"
+
+
+def test_a_file_may_be_an_object_an_array_or_json_lines() -> None:
+    """The three file shapes give the same submissions; amounts stay exact Decimals."""
+    first = {**order_body("A-1"), "amount": 0.1, "currency": "DKK"}
+    second = order_body("A-2")
+    shapes = [
+        json.dumps(first),
+        json.dumps([first, second]),
+        json.dumps(first) + "\n\n" + json.dumps(second) + "\n",
+    ]
+
+    parsed = [read_submissions(text) for text in shapes]
+
+    assert [s.reference for s in parsed[0]] == ["A-1"]
+    assert [s.reference for s in parsed[1]] == [s.reference for s in parsed[2]] == ["A-1", "A-2"]
+    assert parsed[2][0].amount == Decimal("0.1")
+
+
+def test_an_invalid_entry_in_a_file_names_the_entry() -> None:
+    """An error in an array names the index; in JSON lines, the line."""
+    bad = order_body("B-2", items=[])
+    as_array = json.dumps([order_body("B-1"), bad])
+    as_lines = json.dumps(order_body("B-1")) + "\n" + json.dumps(bad)
+
+    with pytest.raises(SubmissionError, match=r"^\[1\]\.items: "):
+        read_submissions(as_array)
+    with pytest.raises(SubmissionError, match=r"^line 2: items: "):
+        read_submissions(as_lines)
+    with pytest.raises(SubmissionError, match="not valid JSON"):
+        read_submissions("{nope")
+
+
+# --- recording ----------------------------------------------------------------------------
+
+
+def test_recording_writes_the_ledger_line_and_a_pending_outbox_row(
+    sessions: sessionmaker[Session], connection_id: int
+) -> None:
+    """One transaction stores the sale (source submit, active) and its pending createOrder."""
+    request = order_request(" shop-1001 ")
+    with sessions.begin() as session:
+        recorded = record_submission(
+            session, connection_id, request, now=T0, amount=Decimal("300.00"), currency="dkk"
+        )
+
+    assert recorded.already_recorded is False
+    [line] = rows(sessions, LedgerLine)
+    assert (line.source, line.state, line.partner_id) == (
+        LedgerSource.SUBMIT,
+        LedgerState.ACTIVE,
+        PARTNER,
+    )
+    assert (line.shop_reference, line.reference_key) == ("shop-1001", "SHOP-1001")
+    assert (line.quantity, line.amount, line.currency) == (3, Decimal("300.00"), "DKK")
+    assert line.sold_at == T0
+    assert line.payment_reference == "PAY-1"
+    assert line.external_reference_numbers == ["EXT-1", "EXT-2"]
+    assert line.request == request.to_wire()
+    [outbox] = rows(sessions, Outbox)
+    assert (outbox.operation, outbox.state, outbox.attempts) == (
+        OutboxOperation.CREATE,
+        OutboxState.PENDING,
+        0,
+    )
+    assert (outbox.ledger_line_id, outbox.next_attempt_at) == (line.id, T0)
+    assert outbox.request == request.to_wire()
+
+
+def test_a_sale_without_an_amount_is_recorded_in_no_currency(
+    sessions: sessionmaker[Session], connection_id: int
+) -> None:
+    """Without an amount the line says so: 0 in ISO 4217's "no currency"."""
+    with sessions.begin() as session:
+        record_submission(session, connection_id, order_request(), now=T0)
+
+    [line] = rows(sessions, LedgerLine)
+    assert (line.amount, line.currency) == (Decimal(0), NO_CURRENCY)
+
+
+def test_recording_the_same_sale_again_doubles_nothing(
+    sessions: sessionmaker[Session], connection_id: int
+) -> None:
+    """The same (partner, reference), in any case, returns the stored line and row."""
+    with sessions.begin() as session:
+        first = record_submission(session, connection_id, order_request("SHOP-7"), now=T0)
+        first_ids = (first.line.id, first.outbox.id)
+    with sessions.begin() as session:
+        again = record_submission(
+            session, connection_id, order_request(" shop-7"), now=T0 + dt.timedelta(hours=1)
+        )
+        again_ids = (again.line.id, again.outbox.id)
+
+    assert again.already_recorded is True
+    assert again_ids == first_ids
+    assert len(rows(sessions, LedgerLine)) == len(rows(sessions, Outbox)) == 1
+
+
+# --- sending: each answer -------------------------------------------------------------------
+
+
+def test_a_201_submitted_marks_the_row_sent_and_mirrors_the_order(
+    sessions: sessionmaker[Session], client: VenueClient, venue: FakeVenue, connection_id: int
+) -> None:
+    """The venue's Submitted answer: row sent with its order id, order mirrored from submit."""
+    outcome = submit(sessions, client, connection_id)
+
+    [order_id] = venue.orders
+    assert outcome.status is SubmitStatus.SENT
+    assert (outcome.order_id, outcome.order_status) == (order_id, OrderStatus.SUBMITTED)
+    assert outcome.buy_from_order_reference == venue.orders[order_id]["buyFromOrderReference"]
+    [outbox] = rows(sessions, Outbox)
+    assert (outbox.state, outbox.order_id, outbox.sent_at, outbox.attempts) == (
+        OutboxState.SENT,
+        order_id,
+        T0,
+        1,
+    )
+    assert outbox.lease_owner is None
+    assert mirrored(sessions) == [(order_id, OrderStatus.SUBMITTED, [ChangeSource.SUBMIT])]
+
+
+def test_a_synchronous_issued_answer_is_stored_as_settled(
+    sessions: sessionmaker[Session], client: VenueClient, venue: FakeVenue, connection_id: int
+) -> None:
+    """The older API's Issued answer, wallets and no buyFromOrderReference, is a settled order."""
+    venue.scripts = [FakeVenue.issue_synchronously]
+
+    outcome = submit(sessions, client, connection_id)
+
+    assert outcome.status is SubmitStatus.SENT
+    assert outcome.order_status is OrderStatus.ISSUED
+    assert outcome.buy_from_order_reference is None
+    assert mirrored(sessions) == [(outcome.order_id, OrderStatus.ISSUED, [ChangeSource.SUBMIT])]
+    [wallet] = rows(sessions, Wallet)
+    assert wallet.wallet_reference_number == "141234529930210327"
+
+
+def test_a_duplicate_reference_is_resolved_by_reference(
+    sessions: sessionmaker[Session], client: VenueClient, venue: FakeVenue, connection_id: int
+) -> None:
+    """The venue already has the reference: the order is found, fetched and mirrored."""
+    existing = venue.store(order_body(), status="Issued")
+
+    outcome = submit(sessions, client, connection_id)
+
+    assert outcome.status is SubmitStatus.SENT
+    assert outcome.order_id == existing["orderId"]
+    assert outcome.order_status is OrderStatus.ISSUED
+    assert venue.calls == Counter(create=1, list=1, get=1)
+    assert len(venue.orders) == 1
+    [outbox] = rows(sessions, Outbox)
+    assert (outbox.state, outbox.order_id) == (OutboxState.SENT, existing["orderId"])
+    assert mirrored(sessions) == [(existing["orderId"], OrderStatus.ISSUED, [ChangeSource.SUBMIT])]
+
+
+def test_a_transient_503_is_retried_after_its_backoff(
+    sessions: sessionmaker[Session], client: VenueClient, venue: FakeVenue, connection_id: int
+) -> None:
+    """A 503 leaves the sale recorded and pending; the next pass after the backoff sends it."""
+    venue.scripts = [answer(503, "The request timed out in the queue; retry later")]
+
+    outcome = submit(sessions, client, connection_id)
+
+    assert outcome.status is SubmitStatus.RECORDED
+    assert "will retry" in (outcome.message or "")
+    [outbox] = rows(sessions, Outbox)
+    assert outbox.state is OutboxState.PENDING
+    assert outbox.next_attempt_at > T0
+    assert outbox.last_error is not None and "HTTP 503" in outbox.last_error
+    assert outcome.next_attempt_at == outbox.next_attempt_at
+    assert venue.orders == {}
+
+    early = run_outbox_once(
+        sessions,
+        {connection_id: client},
+        owner="worker",
+        now=outbox.next_attempt_at - dt.timedelta(seconds=1),
+    )
+    later = run_outbox_once(
+        sessions, {connection_id: client}, owner="worker", now=outbox.next_attempt_at
+    )
+
+    assert early == OutboxReport()
+    assert (later.claimed, later.sent) == (1, 1)
+    [outbox] = rows(sessions, Outbox)
+    [order_id] = venue.orders
+    assert (outbox.state, outbox.order_id, outbox.attempts, outbox.last_error) == (
+        OutboxState.SENT,
+        order_id,
+        2,
+        None,
+    )
+
+
+def test_a_duplicate_that_cannot_be_found_yet_is_retried(
+    sessions: sessionmaker[Session], client: VenueClient, venue: FakeVenue, connection_id: int
+) -> None:
+    """ "Already exists" with nothing under the reference (yet) is retried, never failed."""
+    message = DUPLICATE_MESSAGE.format(reference="SHOP-1001", partner=PARTNER)
+    venue.scripts = [answer(400, message)]
+
+    outcome = submit(sessions, client, connection_id)
+
+    assert outcome.status is SubmitStatus.RECORDED
+    assert venue.calls == Counter(create=1, list=1)
+    [outbox] = rows(sessions, Outbox)
+    assert outbox.state is OutboxState.PENDING
+    assert "already exists" in (outbox.last_error or "")
+
+
+def test_a_mid_flight_400_is_retried_not_failed(
+    sessions: sessionmaker[Session], client: VenueClient, venue: FakeVenue, connection_id: int
+) -> None:
+    """A 400 the venue's rules call transient sends the row back to pending."""
+    venue.scripts = [
+        answer(400, "Order is mid-flight (status Processing); retry once it has settled")
+    ]
+
+    outcome = submit(sessions, client, connection_id)
+
+    assert outcome.status is SubmitStatus.RECORDED
+    [outbox] = rows(sessions, Outbox)
+    assert outbox.state is OutboxState.PENDING
+
+
+def test_a_definitive_400_fails_with_the_venues_message(
+    sessions: sessionmaker[Session], client: VenueClient, venue: FakeVenue, connection_id: int
+) -> None:
+    """A validation refusal: the row fails with the message; the ledger line stays."""
+    venue.scripts = [answer(400, "Unknown item '99999'")]
+
+    outcome = submit(sessions, client, connection_id)
+
+    assert outcome.status is SubmitStatus.FAILED
+    assert (outcome.code, outcome.message) == ("generic_error", "Unknown item '99999'")
+    [outbox] = rows(sessions, Outbox)
+    assert (outbox.state, outbox.last_error, outbox.order_id) == (
+        OutboxState.FAILED,
+        "Unknown item '99999'",
+        None,
+    )
+    [line] = rows(sessions, LedgerLine)
+    assert line.state is LedgerState.ACTIVE
+    assert mirrored(sessions) == []
+    assert (
+        run_outbox_once(
+            sessions, {connection_id: client}, owner="w", now=T0 + dt.timedelta(days=1)
+        ).claimed
+        == 0
+    )
+
+
+def test_a_refusal_that_left_an_order_behind_is_that_order(
+    sessions: sessionmaker[Session], client: VenueClient, venue: FakeVenue, connection_id: int
+) -> None:
+    """The older API refuses a failed issuance but keeps the order in Error: it is mirrored."""
+
+    def fail_issuing(fake: FakeVenue, body: dict[str, Any]) -> httpx.Response:
+        fake.store(body, status="Error", statusMessage="Ticket could not be issued")
+        return error(400, "Ticket could not be issued")
+
+    venue.scripts = [fail_issuing]
+
+    outcome = submit(sessions, client, connection_id)
+
+    assert outcome.status is SubmitStatus.SENT
+    assert (outcome.order_status, outcome.status_message) == (
+        OrderStatus.ERROR,
+        "Ticket could not be issued",
+    )
+    [outbox] = rows(sessions, Outbox)
+    assert outbox.state is OutboxState.SENT
+
+
+def test_a_lost_answer_resolves_to_exactly_one_order(
+    sessions: sessionmaker[Session], client: VenueClient, venue: FakeVenue, connection_id: int
+) -> None:
+    """The order landed but its answer was lost: the retry's duplicate finds that order."""
+    venue.scripts = [FakeVenue.lose_answer]
+
+    first = submit(sessions, client, connection_id)
+    [outbox] = rows(sessions, Outbox)
+    report = run_outbox_once(
+        sessions, {connection_id: client}, owner="worker", now=outbox.next_attempt_at
+    )
+
+    assert first.status is SubmitStatus.RECORDED
+    assert "ReadTimeout" in (first.message or "")
+    assert (report.sent, report.resolved) == (1, 1)
+    [order_id] = venue.orders
+    assert venue.calls["create"] == 2
+    [outbox] = rows(sessions, Outbox)
+    assert (outbox.state, outbox.order_id) == (OutboxState.SENT, order_id)
+    assert len(rows(sessions, LedgerLine)) == 1
+    assert mirrored(sessions) == [(order_id, OrderStatus.SUBMITTED, [ChangeSource.SUBMIT])]
+
+
+def test_a_lost_answer_is_resolved_within_the_clients_own_retry(
+    sessions: sessionmaker[Session], venue: FakeVenue, connection_id: int
+) -> None:
+    """With client retries, the retry's duplicate is resolved in the same send."""
+    venue.scripts = [FakeVenue.lose_answer]
+    retries = RetryPolicy(attempts=2, wait_initial=0, wait_max=0, wait_jitter=0)
+    with open_client(
+        CONNECTION, transport=httpx.MockTransport(venue.handle), retry=retries, throttle=Throttle()
+    ) as retrying:
+        outcome = submit(sessions, retrying, connection_id)
+
+    assert outcome.status is SubmitStatus.SENT
+    assert outcome.order_id in venue.orders and len(venue.orders) == 1
+
+
+def test_resubmitting_a_sent_sale_answers_with_the_existing_order(
+    sessions: sessionmaker[Session], client: VenueClient, venue: FakeVenue, connection_id: int
+) -> None:
+    """The same sale again: ``duplicate`` with the order, no call, nothing doubled."""
+    first = submit(sessions, client, connection_id)
+
+    again = submit(sessions, client, connection_id, now=T0 + dt.timedelta(minutes=5))
+
+    assert again.status is SubmitStatus.DUPLICATE
+    assert (again.order_id, again.order_status, again.buy_from_order_reference) == (
+        first.order_id,
+        OrderStatus.SUBMITTED,
+        first.buy_from_order_reference,
+    )
+    assert venue.calls["create"] == 1
+    assert len(rows(sessions, LedgerLine)) == len(rows(sessions, Outbox)) == 1
+
+
+def test_resubmitting_a_refused_sale_sends_the_new_request(
+    sessions: sessionmaker[Session], client: VenueClient, venue: FakeVenue, connection_id: int
+) -> None:
+    """A refused sale submitted again, corrected, is queued and sent on the same line."""
+    venue.scripts = [answer(400, "Unknown item '99999'")]
+    refused = submit(sessions, client, connection_id)
+
+    fixed = submit(sessions, client, connection_id, now=T0 + dt.timedelta(minutes=5))
+
+    assert (refused.status, fixed.status) == (SubmitStatus.FAILED, SubmitStatus.SENT)
+    assert fixed.outbox_id == refused.outbox_id
+    assert len(rows(sessions, LedgerLine)) == len(rows(sessions, Outbox)) == 1
+
+
+def test_a_row_is_given_up_after_its_last_attempt(
+    sessions: sessionmaker[Session], client: VenueClient, venue: FakeVenue, connection_id: int
+) -> None:
+    """A transient failure on the last allowed attempt makes the row dead, not pending."""
+    venue.scripts = [answer(503, "busy"), answer(503, "still busy")]
+    submit(sessions, client, connection_id)
+    [outbox] = rows(sessions, Outbox)
+
+    report = run_outbox_once(
+        sessions, {connection_id: client}, owner="w", now=outbox.next_attempt_at, max_attempts=2
+    )
+
+    assert report.dead == 1
+    [outbox] = rows(sessions, Outbox)
+    assert outbox.state is OutboxState.DEAD
+    assert "still busy" in (outbox.last_error or "")
+
+
+def test_an_expired_lease_is_claimed_again_and_a_row_is_never_sent_twice_at_once(
+    sessions: sessionmaker[Session], client: VenueClient, venue: FakeVenue, connection_id: int
+) -> None:
+    """A sender that died leaves its row leased; after the lease it is sent by another."""
+    with sessions.begin() as session:
+        outbox_id = record_submission(session, connection_id, order_request(), now=T0).outbox.id
+    [claim] = claim_outbox(sessions, owner="died", now=T0, limit=10, lease_seconds=60)
+
+    busy = send_outbox_row(
+        sessions, client, outbox_id, owner="other", now=T0 + dt.timedelta(seconds=30)
+    )
+    report = run_outbox_once(
+        sessions, {connection_id: client}, owner="other", now=T0 + dt.timedelta(seconds=61)
+    )
+
+    assert claim.id == outbox_id
+    assert (busy.outcome, busy.state) == (SendOutcome.NOT_CLAIMED, OutboxState.LEASED)
+    assert (report.claimed, report.sent) == (1, 1)
+    assert venue.calls["create"] == 1
+    [outbox] = rows(sessions, Outbox)
+    assert (outbox.state, outbox.attempts) == (OutboxState.SENT, 2)
+
+
+class ApplyFails:
+    """Sessions whose ``fail_on``-th transaction fails to begin, as a database gone away would."""
+
+    def __init__(self, sessions: sessionmaker[Session], fail_on: int) -> None:
+        self.sessions = sessions
+        self.fail_on = fail_on
+        self.begun = 0
+
+    def begin(self) -> Any:
+        """The next transaction, or ``OperationalError`` for the ``fail_on``-th."""
+        self.begun += 1
+        if self.begun == self.fail_on:
+            raise sa.exc.OperationalError("UPDATE outbox", {}, Exception("server closed"))
+        return self.sessions.begin()
+
+
+def test_our_database_failing_after_the_call_leaves_the_row_to_its_lease(
+    sessions: sessionmaker[Session], client: VenueClient, venue: FakeVenue, connection_id: int
+) -> None:
+    """The venue took the order but we could not write it: the row stays leased, then
+    is sent again after its lease, and the duplicate resolves to that one order."""
+    with sessions.begin() as session:
+        outbox_id = record_submission(session, connection_id, order_request(), now=T0).outbox.id
+    flaky: Any = ApplyFails(sessions, fail_on=2)  # 1: the claim, 2: applying the answer
+
+    result = send_outbox_row(flaky, client, outbox_id, owner="first", now=T0, lease_seconds=60)
+
+    assert (result.outcome, result.state) == (SendOutcome.ABANDONED, OutboxState.LEASED)
+    [outbox] = rows(sessions, Outbox)
+    assert (outbox.state, outbox.lease_owner) == (OutboxState.LEASED, "first")
+    assert mirrored(sessions) == []
+
+    report = run_outbox_once(
+        sessions, {connection_id: client}, owner="second", now=T0 + dt.timedelta(seconds=61)
+    )
+
+    assert (report.sent, report.resolved) == (1, 1)
+    [order_id] = venue.orders
+    [outbox] = rows(sessions, Outbox)
+    assert (outbox.state, outbox.order_id) == (OutboxState.SENT, order_id)
+
+
+def test_concurrent_submissions_of_one_sale_make_one_line_and_one_order(
+    sessions: sessionmaker[Session], venue: FakeVenue, connection_id: int
+) -> None:
+    """Four threads submit the same sale at once: one ledger line, one row, one order."""
+    barrier = threading.Barrier(4)
+    outcomes: list[Any] = []
+    failures: list[BaseException] = []
+
+    def one() -> None:
+        try:
+            with open_client(
+                CONNECTION,
+                transport=httpx.MockTransport(venue.handle),
+                retry=ONCE,
+                throttle=Throttle(),
+            ) as own:
+                barrier.wait(timeout=10)
+                outcomes.append(submit(sessions, own, connection_id))
+        except BaseException as exc:  # reported below, in the test's thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+
+    assert failures == []
+    assert len(outcomes) == 4
+    assert len(venue.orders) == 1
+    assert venue.calls["create"] == 1
+    assert len(rows(sessions, LedgerLine)) == len(rows(sessions, Outbox)) == 1
+    assert {o.status for o in outcomes} <= {
+        SubmitStatus.SENT,
+        SubmitStatus.DUPLICATE,
+        SubmitStatus.RECORDED,
+    }
+    # Which thread reports "sent" depends on who claims the row first (the recorder or a
+    # repeat); what matters is that every answer names the one order the venue made.
+    assert SubmitStatus.SENT in {o.status for o in outcomes}
+    (order_id,) = venue.orders
+    assert {o.order_id for o in outcomes if o.status is not SubmitStatus.RECORDED} == {order_id}
+
+
+def test_a_pass_claims_only_rows_of_connections_it_has_a_client_for(
+    sessions: sessionmaker[Session], client: VenueClient, venue: FakeVenue, connection_id: int
+) -> None:
+    """Rows of another connection stay pending for the sender that can reach it."""
+    with sessions.begin() as session:
+        other_id = ensure_connection(session, "other")
+        record_submission(session, other_id, order_request("OTHER-1"), now=T0)
+        record_submission(session, connection_id, order_request("MINE-1"), now=T0)
+
+    report = run_outbox_once(sessions, {connection_id: client}, owner="w", now=T0)
+
+    assert (report.claimed, report.sent) == (1, 1)
+    assert [o.state for o in rows(sessions, Outbox)] == [OutboxState.PENDING, OutboxState.SENT]
+
+
+def test_an_outcome_prints_and_serializes_without_customer_data(
+    sessions: sessionmaker[Session], client: VenueClient, venue: FakeVenue, connection_id: int
+) -> None:
+    """``describe()`` and ``to_json()`` name the order, never the customer."""
+    outcome = submit(sessions, client, connection_id)
+
+    text = outcome.describe() + json.dumps(outcome.to_json())
+
+    assert outcome.to_json()["outcome"] == "sent"
+    assert outcome.to_json()["status"] == "Submitted"
+    assert outcome.order_id is not None and outcome.order_id in text
+    assert "Jane Doe" not in text and "guest@example.com" not in text
+
+
+def test_submit_file_records_and_sends_every_order(
+    sessions: sessionmaker[Session],
+    client: VenueClient,
+    venue: FakeVenue,
+    connection_id: int,
+    tmp_path: Path,
+) -> None:
+    """``otacm submit FILE`` with JSON lines: one outcome per order, in the file's order."""
+    path = tmp_path / "orders.jsonl"
+    entries = [
+        {**order_body("F-1"), "amount": "300.00", "currency": "DKK"},
+        order_body("F-2"),
+        order_body("F-1"),
+    ]
+    path.write_text("\n".join(json.dumps(entry) for entry in entries), encoding="utf-8")
+    settings = Settings(connections=[CONNECTION])
+
+    outcomes = submit_file(settings, path, sessions=sessions, clients={"default": client}, now=T0)
+
+    assert [(o.reference, o.status) for o in outcomes] == [
+        ("F-1", SubmitStatus.SENT),
+        ("F-2", SubmitStatus.SENT),
+        ("F-1", SubmitStatus.DUPLICATE),
+    ]
+    assert outcomes[2].order_id == outcomes[0].order_id
+    assert {o.connection for o in outcomes} == {"default"}
+    assert len(rows(sessions, LedgerLine)) == 2
+
+
+def test_a_bad_file_records_nothing(
+    sessions: sessionmaker[Session], client: VenueClient, venue: FakeVenue, tmp_path: Path
+) -> None:
+    """One invalid entry stops the whole file before anything is recorded or sent."""
+    path = tmp_path / "orders.json"
+    path.write_text(json.dumps([order_body("G-1"), order_body("G-2", items=[])]), encoding="utf-8")
+    settings = Settings(connections=[CONNECTION])
+
+    with pytest.raises(SubmissionError, match=r"^\[1\]\.items: "):
+        submit_file(settings, path, sessions=sessions, clients={"default": client}, now=T0)
+
+    assert rows(sessions, LedgerLine) == []
+    assert venue.calls == Counter()
+
+
+# --- against the sandbox, over HTTP ---------------------------------------------------------
+
+
+@pytest.fixture
+def sandbox() -> Iterator[SandboxServer]:
+    """The sandbox on a free port, picking up only when told (``tick``)."""
+    with SandboxServer(SandboxConfig(pickup_interval=0)) as server:
+        yield server
+
+
+def sandbox_connection(server: SandboxServer, name: str = "sandbox") -> VenueConnection:
+    """A venue connection to ``server``, as its ``/_sandbox/config`` describes it."""
+    config = server.config
+    return VenueConnection(
+        name=name,
+        api_base_url=server.url,
+        tenant=config.tenant,
+        environment=config.environment,
+        company=config.company,
+        api_key=config.api_key,
+        partner_ids=[partner.id for partner in config.partners if partner.active],
+    )
+
+
+@pytest.fixture
+def sandbox_client(sandbox: SandboxServer) -> Iterator[VenueClient]:
+    """A venue client of the sandbox, trying each call once."""
+    with open_client(sandbox_connection(sandbox), retry=ONCE, throttle=Throttle()) as venue_client:
+        yield venue_client
+
+
+def unique_reference() -> str:
+    """A reference no other test uses."""
+    return f"SHOP-{uuid.uuid4().hex[:10].upper()}"
+
+
+def test_submitting_to_the_sandbox_mirrors_the_submitted_order(
+    sessions: sessionmaker[Session],
+    sandbox: SandboxServer,
+    sandbox_client: VenueClient,
+    connection_id: int,
+) -> None:
+    """Over HTTP: Submitted, mirrored from submit; the venue's pickup does not touch the mirror."""
+    reference = unique_reference()
+
+    outcome = submit(sessions, sandbox_client, connection_id, reference, now=utcnow())
+    sandbox.tick()
+
+    assert outcome.status is SubmitStatus.SENT
+    assert outcome.order_status is OrderStatus.SUBMITTED
+    assert (outcome.buy_from_order_reference or "").startswith("CM-")
+    assert mirrored(sessions) == [(outcome.order_id, OrderStatus.SUBMITTED, [ChangeSource.SUBMIT])]
+    [outbox] = rows(sessions, Outbox)
+    assert (outbox.state, outbox.order_id) == (OutboxState.SENT, outcome.order_id)
+    # The venue issued it; learning that is the worker's job (webhook, poll), not this path's.
+    assert sandbox_client.get_order(outcome.order_id).status is OrderStatus.ISSUED
+
+
+def test_a_reference_the_sandbox_already_has_resolves_to_its_order(
+    sessions: sessionmaker[Session],
+    sandbox_client: VenueClient,
+    connection_id: int,
+) -> None:
+    """Over HTTP: an order created earlier (answer lost) is found by reference, not doubled."""
+    reference = unique_reference()
+    earlier = sandbox_client.create_order(order_request(reference))
+
+    outcome = submit(sessions, sandbox_client, connection_id, reference, now=utcnow())
+
+    assert outcome.status is SubmitStatus.SENT
+    assert outcome.order_id == earlier.order_id
+    assert outcome.message == "found at the venue by its reference"
+    assert len(sandbox_client.find_by_reference(PARTNER, reference)) == 1
+    [outbox] = rows(sessions, Outbox)
+    assert (outbox.state, outbox.order_id) == (OutboxState.SENT, earlier.order_id)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (
+            {"items": [{"itemNumber": "99999", "visitDate": future(), "quantity": 1}]},
+            "Unknown item '99999'",
+        ),
+        (
+            {"items": [{"itemNumber": "31001", "visitDate": "2020-01-01", "quantity": 1}]},
+            "items[0] visitDate must not be in the past",
+        ),
+        ({"partnerId": INACTIVE_PARTNER}, f"Partner '{INACTIVE_PARTNER}' is not active"),
+    ],
+)
+def test_the_sandboxs_validation_message_fails_the_row(
+    sessions: sessionmaker[Session],
+    sandbox_client: VenueClient,
+    connection_id: int,
+    changes: dict[str, Any],
+    message: str,
+) -> None:
+    """Over HTTP: the venue's own refusal is kept on the failed row; the sale stays."""
+    outcome = submit(
+        sessions, sandbox_client, connection_id, unique_reference(), now=utcnow(), **changes
+    )
+
+    assert outcome.status is SubmitStatus.FAILED
+    assert (outcome.code, outcome.message) == ("generic_error", message)
+    [outbox] = rows(sessions, Outbox)
+    assert (outbox.state, outbox.last_error) == (OutboxState.FAILED, message)
+    assert len(rows(sessions, LedgerLine)) == 1
+    assert mirrored(sessions) == []
+
+
+def test_the_sandboxs_synchronous_mode_is_stored_as_settled(
+    sessions: sessionmaker[Session], connection_id: int
+) -> None:
+    """Over HTTP, the older synchronous API: Issued at once, stored as settled."""
+    with (
+        SandboxServer(SandboxConfig(pickup_interval=0, legacy_sync=True)) as legacy,
+        open_client(sandbox_connection(legacy), retry=ONCE, throttle=Throttle()) as legacy_client,
+    ):
+        outcome = submit(sessions, legacy_client, connection_id, unique_reference(), now=utcnow())
+
+    assert outcome.status is SubmitStatus.SENT
+    assert outcome.order_status is OrderStatus.ISSUED
+    assert outcome.buy_from_order_reference is None
+    [(_, status, sources)] = mirrored(sessions)
+    assert (status, sources) == (OrderStatus.ISSUED, [ChangeSource.SUBMIT])
+    assert len(rows(sessions, Wallet)) == 3
+    with sessions.begin() as session:
+        assert session.scalar(sa.select(sa.func.count()).select_from(StatusChange)) == 1
