@@ -176,6 +176,210 @@ def demo(
         click.echo(line)
 
 
+DEFAULT_BIND = "127.0.0.1:8000"
+
+
+def _bind_option(function: Any) -> Any:
+    return click.option(
+        "--bind",
+        default=DEFAULT_BIND,
+        show_default=True,
+        envvar="OTACM_BIND",
+        help="HOST:PORT to listen on, as gunicorn's --bind (env: OTACM_BIND).",
+    )(function)
+
+
+def _workers_option(function: Any) -> Any:
+    return click.option(
+        "--workers",
+        type=click.IntRange(min=1),
+        default=None,
+        help="gunicorn worker processes (default: two per core plus one).",
+    )(function)
+
+
+@main.command()
+@_bind_option
+@_workers_option
+@pass_cli
+def web(cli: CliContext, bind: str, workers: int | None) -> None:
+    """Serve the receiver (webhooks, health, metrics, the API) under gunicorn."""
+    metrics_directory_for_workers()
+    from otacm.processes import gunicorn_options, run_web
+
+    run_web(cli.settings, gunicorn_options(bind, workers))
+
+
+def metrics_directory_for_workers() -> None:
+    """Give gunicorn's workers a shared Prometheus directory, so /metrics sums them all.
+
+    prometheus-client reads ``PROMETHEUS_MULTIPROC_DIR`` when it is first imported, so this
+    runs before the app is loaded; a directory the operator set is kept as it is.
+    """
+    import os
+    import tempfile
+
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="otacm-metrics-")
+
+
+@main.command()
+@pass_cli
+def worker(cli: CliContext) -> None:
+    """Run the inbox worker: fetch every notified order with getOrder and mirror it."""
+    import threading
+
+    from otacm.processes import SchemaNotCurrentError, run_worker, stop_on_signals
+
+    stop = threading.Event()
+    stop_on_signals(stop)
+    try:
+        run_worker(cli.settings, stop)
+    except SchemaNotCurrentError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+@pass_cli
+def scheduler(cli: CliContext) -> None:
+    """Run the scheduled jobs (outbox retries; later the heartbeat) in this process."""
+    import threading
+
+    from otacm.processes import SchemaNotCurrentError, run_scheduler, stop_on_signals
+
+    stop = threading.Event()
+    stop_on_signals(stop)
+    try:
+        run_scheduler(cli.settings, stop)
+    except SchemaNotCurrentError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+@_bind_option
+@_workers_option
+@pass_cli
+def serve(cli: CliContext, bind: str, workers: int | None) -> None:
+    """Everything on one box: migrate, then run web, worker and scheduler together."""
+    from otacm.processes import otacm_command
+    from otacm.processes import serve as serve_roles
+    from storage.engine import make_engine
+    from storage.migrate import upgrade
+
+    engine = make_engine(cli.settings.database_url)
+    try:
+        upgrade(engine)
+    finally:
+        engine.dispose()
+    config = str(cli.config_file) if cli.config_file else None
+    raise SystemExit(serve_roles(otacm_command(config, cli.log_level), bind, workers))
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the outcomes as JSON.")
+@pass_cli
+def submit(cli: CliContext, file: Path, as_json: bool) -> None:
+    """Record the orders in FILE in the ledger, then send each to the venue.
+
+    FILE holds the venue's order request as JSON (one object, an array, or JSON lines),
+    each optionally with "amount", "currency", "amountIncludesVat" and "connection".
+    The sale is recorded first: an order the venue cannot take now stays queued and is
+    retried by the scheduler. Exits 1 if any order was refused or is only queued.
+    """
+    from contextlib import ExitStack
+
+    from receiver.outbox import SUBMIT_NOW_RETRY, SubmissionError, SubmitStatus, submit_file
+    from storage.engine import make_engine, make_sessions
+    from storage.types import utcnow
+    from venue.client import open_client
+
+    settings = cli.settings
+    engine = make_engine(settings.database_url)
+    with ExitStack() as stack:
+        stack.callback(engine.dispose)
+        clients = {
+            c.name: stack.enter_context(open_client(c, retry=SUBMIT_NOW_RETRY))
+            for c in settings.connections
+        }
+        try:
+            outcomes = submit_file(
+                settings, file, sessions=make_sessions(engine), clients=clients, now=utcnow()
+            )
+        except SubmissionError as exc:
+            raise click.ClickException(f"{file}: {exc}") from None
+    if as_json:
+        echo_json([outcome.to_json() for outcome in outcomes])
+    else:
+        for outcome in outcomes:
+            click.echo(outcome.describe())
+    done = (SubmitStatus.SENT, SubmitStatus.DUPLICATE)
+    if any(outcome.status not in done for outcome in outcomes):
+        raise SystemExit(1)
+
+
+@main.group()
+def orders() -> None:
+    """Orders as the local mirror knows them."""
+
+
+@orders.command("show")
+@click.argument("key")
+@click.option("--json", "as_json", is_flag=True, help="Print the order(s) as JSON.")
+@pass_cli
+def orders_show(cli: CliContext, key: str, as_json: bool) -> None:
+    """Print the order(s) named by KEY (orderId, shop reference or venue reference).
+
+    Shows the header, every line with its wallets and assets, the full timeline of
+    status changes with their source, and the ledger line. Exits 1 if none is found.
+    """
+    from otacm.orders import find_orders, order_story, story_lines
+    from storage.engine import make_engine, make_sessions
+
+    engine = make_engine(cli.settings.database_url)
+    try:
+        with make_sessions(engine, read_only=True).begin() as session:
+            stories = [order_story(session, order) for order in find_orders(session, key)]
+    finally:
+        engine.dispose()
+    if not stories:
+        raise click.ClickException(f"no stored order has the orderId or reference {key!r}")
+    if as_json:
+        echo_json(stories)
+        return
+    for story in stories:
+        for line in story_lines(story):
+            click.echo(line)
+
+
+@main.group()
+def inbox() -> None:
+    """The webhook inbox: notifications waiting, done, or dead-lettered."""
+
+
+@inbox.command("replay")
+@click.option("--id", "ids", type=int, multiple=True, help="Only this inbox row (repeatable).")
+@click.option("--connection", default=None, help="Only rows of this venue connection.")
+@pass_cli
+def inbox_replay(cli: CliContext, ids: tuple[int, ...], connection: str | None) -> None:
+    """Put dead-lettered inbox rows back in the queue for the worker to try again."""
+    from receiver.worker import replay_dead
+    from storage.engine import make_engine, make_sessions
+    from storage.models import ensure_connection
+    from storage.types import utcnow
+
+    if connection is not None:
+        cli.settings.connection(connection)  # an unknown name is an error, not "0 rows"
+    engine = make_engine(cli.settings.database_url)
+    try:
+        with make_sessions(engine).begin() as session:
+            connection_id = ensure_connection(session, connection) if connection else None
+            count = replay_dead(session, now=utcnow(), connection_id=connection_id, ids=ids or None)
+    finally:
+        engine.dispose()
+    click.echo(f"{count} dead-lettered inbox row(s) queued again")
+
+
 def _register_sandbox() -> None:
     from sandbox.cli import sandbox_command
 

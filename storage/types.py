@@ -95,9 +95,21 @@ def to_micros(amount: Decimal | int) -> int:
     return int(amount.quantize(_MONEY_QUANTUM, rounding=ROUND_HALF_EVEN).scaleb(MONEY_PLACES))
 
 
+CENTS = Decimal("0.01")
+
+
 def from_micros(micros: int | Decimal) -> Decimal:
-    """Whole micro-units back as a ``Decimal`` with :data:`MONEY_PLACES` places."""
-    return Decimal(micros).scaleb(-MONEY_PLACES)
+    """Whole micro-units back as a ``Decimal``, written as people write amounts.
+
+    Trailing zeros past the cents are dropped (``100.00``, ``35.956``), so amounts read
+    back print as they were given; the value is exact either way.
+    """
+    value = Decimal(micros).scaleb(-MONEY_PLACES)
+    trimmed = value.normalize()
+    exponent = trimmed.as_tuple().exponent
+    if isinstance(exponent, int) and exponent <= -2:
+        return trimmed
+    return value.quantize(CENTS)
 
 
 class _MicroUnits(BigInteger):
