@@ -155,23 +155,38 @@ def doctor(cli: CliContext, as_json: bool, timeout: float) -> None:
 )
 @click.option("--seed", type=int, default=None, help="Seed for the sample orders (repeatable).")
 @click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for settling.")
+@click.option(
+    "--database-url",
+    default=None,
+    help="Where the demo's daemon stores everything (default: a fresh ./var/demo.sqlite3).",
+)
 @click.pass_context
 def demo(
-    ctx: click.Context, orders: int, pickup_interval: float, seed: int | None, timeout: float
+    ctx: click.Context,
+    orders: int,
+    pickup_interval: float,
+    seed: int | None,
+    timeout: float,
+    database_url: str | None,
 ) -> None:
-    """Run the sandbox, send it sample orders through otacm, and watch them settle."""
-    from otacm.demo import run_demo
+    """Run the sandbox and the daemon, send sample orders, and watch them settle locally.
+
+    Starts the simulated venue, then `otacm serve` on a demo database, subscribes the
+    receiver to the venue's webhook, submits orders through POST /api/orders, waits
+    until the local mirror holds every order settled, and prints what it holds.
+    """
+    from otacm.demo import fresh_demo_database, run_demo
 
     if ctx.parent and ctx.parent.get_parameter_source("log_level") is ParameterSource.DEFAULT:
         # Every call would log a line; the demo shows progress bars and a summary instead.
         configure_logging("WARNING")
-
-    try:
-        report = run_demo(
-            orders=orders, pickup_interval=pickup_interval, seed=seed, timeout=timeout
-        )
-    except TimeoutError as exc:
-        raise click.ClickException(str(exc)) from None
+    report = run_demo(
+        orders=orders,
+        pickup_interval=pickup_interval,
+        seed=seed,
+        timeout=timeout,
+        database_url=database_url or fresh_demo_database(),
+    )
     for line in report.lines():
         click.echo(line)
 
@@ -369,7 +384,10 @@ def inbox_replay(cli: CliContext, ids: tuple[int, ...], connection: str | None) 
     from storage.types import utcnow
 
     if connection is not None:
-        cli.settings.connection(connection)  # an unknown name is an error, not "0 rows"
+        try:
+            cli.settings.connection(connection)  # an unknown name is an error, not "0 rows"
+        except SettingsError as exc:
+            raise click.ClickException(str(exc)) from None
     engine = make_engine(cli.settings.database_url)
     try:
         with make_sessions(engine).begin() as session:

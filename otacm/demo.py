@@ -1,58 +1,84 @@
-"""``otacm demo``: the whole round trip against the built-in sandbox, for a newcomer to watch.
+"""``otacm demo``: the daemon against the built-in sandbox, for a newcomer to watch.
 
-It starts the sandbox on loopback, configures a venue connection from the sandbox's own
-``/_sandbox/config`` (as any client of it would), submits a stream of sample orders
-through otacm's venue client, waits for the venue's pipeline to settle them, confirms the
-Drafts, and ends with a summary: orders by status, wallets minted, amounts per currency,
-and the reason of every Error. Sample orders are drawn from the sandbox's catalog with a
-seeded random generator, so a run can be repeated exactly.
+It starts the sandbox (the simulated venue) on loopback, then ``otacm serve`` — web,
+worker and scheduler — as a child process on a demo database, subscribes the receiver to
+the venue's ``ota_cm_order_processed`` webhook, and sends a stream of sample orders
+through otacm's own API (``POST /api/orders``: the sale is recorded, then createOrder is
+called). The venue settles them on its cadence and notifies the receiver; the worker
+fetches each order in full. The demo watches the local mirror fill, then prints what it
+holds: orders by status, wallets, issued value per currency, the reason of every Error,
+and how many venue API calls each order cost.
+
+Sample orders come from the sandbox's catalog with a seeded random generator, so a run
+can be repeated exactly: most are paid (→ Issued), some are not (→ Draft, awaiting
+payment), and the last is a package with an impossible component schedule (→ Error).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import os
 import random
+import secrets
+import socket
+import subprocess
+import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import click
 import httpx
+import sqlalchemy as sa
 from pydantic import SecretStr
 
 from otacm.settings import VenueConnection
-from venue.client import VenueClient
-from venue.models import Order, OrderRequest, OrderRequestItem, OrderStatus, WalletRequest
+from venue.models import OrderRequest, OrderRequestItem, OrderStatus, WalletRequest
 
 GUESTS = ("Ada Lovelace", "Alan Turing", "Grace Hopper", "Edsger Dijkstra", "Barbara Liskov")
+DEMO_DATABASE = Path("var") / "demo.sqlite3"
 
 
 @dataclass
 class DemoReport:
-    """What the demo saw, for its closing summary."""
+    """What the local mirror holds at the end of the demo."""
 
     submitted: int = 0
-    confirmed: int = 0
     by_status: Counter[str] = field(default_factory=Counter)
     wallets: int = 0
     amounts: dict[str, Decimal] = field(default_factory=lambda: defaultdict(Decimal))
     errors: list[tuple[str, str]] = field(default_factory=list)
-    venue_calls: int = 0
+    venue_calls: dict[str, int] = field(default_factory=dict)
+    webhooks_sent: int = 0
+    database_url: str = ""
+    example_reference: str = ""
 
     def lines(self) -> Iterator[str]:
         """The summary as lines for a terminal."""
-        yield f"orders submitted: {self.submitted}, Drafts confirmed: {self.confirmed}"
+        yield f"orders submitted through otacm: {self.submitted}; in the local mirror:"
         for status, count in sorted(self.by_status.items()):
             yield f"  {status:<10} {count}"
-        yield f"wallets minted: {self.wallets}"
+        yield f"wallets mirrored: {self.wallets}"
         for currency, amount in sorted(self.amounts.items()):
             yield f"  issued value {currency}: {amount:.2f} incl. VAT"
         for reference, reason in self.errors:
             yield f"  {reference} ended in Error: {reason}"
-        yield f"venue API calls: {self.venue_calls}"
+        calls = ", ".join(f"{name} {count}" for name, count in sorted(self.venue_calls.items()))
+        yield f"venue API calls: {calls}; webhooks delivered: {self.webhooks_sent}"
+        if self.submitted:
+            fetched = self.venue_calls.get("getOrder", 0)
+            yield f"getOrder calls per order: {fetched / self.submitted:.2f}"
+        yield f"database: {self.database_url}"
+        if self.example_reference:
+            yield (
+                f"look closer: OTACM_DATABASE_URL={self.database_url} "
+                f"otacm orders show {self.example_reference}"
+            )
 
 
 def connection_from_sandbox(sandbox_url: str, http: httpx.Client) -> VenueConnection:
@@ -66,6 +92,7 @@ def connection_from_sandbox(sandbox_url: str, http: httpx.Client) -> VenueConnec
         company=config["company"],
         api_key=SecretStr(config["apiKey"]),
         partner_ids=[p["id"] for p in config["partners"] if p["active"]],
+        webhook_client_states=[SecretStr(secrets.token_urlsafe(24))],
     )
 
 
@@ -77,12 +104,11 @@ def sample_orders(
     rng: random.Random,
     today: dt.date,
     run_tag: str,
-) -> list[OrderRequest]:
-    """``count`` orders over the catalog: most paid (→ Issued), some not (→ Draft), and one
-    package with an impossible component schedule (→ Error), as a shop would send them."""
+) -> list[tuple[OrderRequest, Decimal, str]]:
+    """``count`` orders over the catalog, each with what the shop charged and its currency."""
     visit = today + dt.timedelta(days=7)
-    orders = []
     packages = [entry for entry in catalog if entry["kind"] == "package"]
+    orders = []
     for number in range(1, count + 1):
         last = number == count
         # The last order is always a package with a broken schedule: one Error to show.
@@ -96,25 +122,25 @@ def sample_orders(
             component_schedule=_schedule(entry, visit, broken=last),
         )
         paid = rng.random() < 0.75
-        orders.append(
-            OrderRequest(
-                partner_id=partner_id,
-                sell_to_order_reference=reference,
-                sell_to_email="guest@example.com",
-                sell_to_name=wallet.names[0] if wallet.names else None,
-                sell_to_language="ENU",
-                payment_reference=f"PAY-{run_tag}-{number:04d}" if paid else None,
-                items=[
-                    OrderRequestItem(
-                        item_number=entry["itemNumber"],
-                        visit_date=visit,
-                        visit_time=dt.time(10, 30),
-                        quantity=quantity,
-                        wallet=wallet,
-                    )
-                ],
-            )
+        request = OrderRequest(
+            partner_id=partner_id,
+            sell_to_order_reference=reference,
+            sell_to_email="guest@example.com",
+            sell_to_name=wallet.names[0] if wallet.names else None,
+            sell_to_language="ENU",
+            payment_reference=f"PAY-{run_tag}-{number:04d}" if paid else None,
+            items=[
+                OrderRequestItem(
+                    item_number=entry["itemNumber"],
+                    visit_date=visit,
+                    visit_time=dt.time(10, 30),
+                    quantity=quantity,
+                    wallet=wallet,
+                )
+            ],
         )
+        charged = Decimal(str(entry["unitPriceInclVat"])) * quantity
+        orders.append((request, charged, str(entry["currencyCode"])))
     return orders
 
 
@@ -129,102 +155,202 @@ def _schedule(entry: dict[str, Any], visit: dt.date, *, broken: bool) -> Any:
     ]
 
 
-def wait_until_settled(
-    client: VenueClient,
-    partner_id: str,
-    order_ids: set[str],
-    *,
-    timeout: float,
-    on_progress: Callable[[int], None],
-) -> list[Order]:
-    """Poll the partner's in-flight list until none of ``order_ids`` is in flight.
+def free_port() -> int:
+    """A loopback port that is free now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
-    One list call per round (not a getOrder per order), then one getOrder per settled
-    order for its wallets.
+
+def daemon_environment(
+    connection: VenueConnection, database_url: str, api_token: str
+) -> dict[str, str]:
+    """The child's environment: this one without any OTACM_*, plus the demo's venue."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("OTACM_")}
+    environment.update(
+        {
+            "OTACM_DATABASE_URL": database_url,
+            "OTACM_CONNECTION_NAME": connection.name,
+            "OTACM_API_BASE_URL": connection.api_base_url,
+            "OTACM_TENANT": connection.tenant,
+            "OTACM_ENVIRONMENT": connection.environment,
+            "OTACM_COMPANY": connection.company,
+            "OTACM_API_KEY": connection.api_key.get_secret_value(),
+            "OTACM_PARTNER_IDS": ",".join(connection.partner_ids),
+            "OTACM_WEBHOOK_CLIENT_STATES": ",".join(
+                s.get_secret_value() for s in connection.webhook_client_states
+            ),
+            "OTACM_API_TOKENS": api_token,
+        }
+    )
+    return environment
+
+
+@contextmanager
+def running_daemon(environment: dict[str, str], bind: str, log: Path) -> Iterator[str]:
+    """``otacm serve`` as a child process until the block ends; yields its base URL.
 
     Raises:
-        TimeoutError: orders were still in flight after ``timeout`` seconds.
+        click.ClickException: the daemon did not become ready.
+    """
+    url = f"http://{bind}"
+    command = [sys.executable, "-m", "otacm", "serve", "--bind", bind, "--workers", "2"]
+    with log.open("w") as output:
+        child = subprocess.Popen(command, env=environment, stdout=output, stderr=output)
+        try:
+            wait_for(lambda: _ready(url), timeout=60, what=f"otacm serve (log: {log})")
+            if child.poll() is not None:
+                raise click.ClickException(f"otacm serve exited; see {log}")
+            yield url
+        finally:
+            child.terminate()
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def wait_for(predicate: Callable[[], bool], *, timeout: float, what: str) -> None:
+    """Return once ``predicate()`` holds; poll twice a second.
+
+    Raises:
+        click.ClickException: it did not hold within ``timeout`` seconds.
     """
     deadline = time.monotonic() + timeout
-    in_flight = [s.value for s in OrderStatus if s.in_flight]
-    settled_before = 0
-    while True:
-        pending = {s.order_id for s in client.list_orders(partner_id, statuses=in_flight)}
-        pending &= order_ids
-        settled = len(order_ids) - len(pending)
-        on_progress(settled - settled_before)
-        settled_before = settled
-        if not pending:
-            break
+    while not predicate():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{len(pending)} orders still in flight after {timeout:.0f} s")
+            raise click.ClickException(f"gave up waiting for {what} after {timeout:.0f} s")
         time.sleep(0.5)
-    return [client.get_order(order_id) for order_id in sorted(order_ids)]
 
 
-def summarize(orders: Sequence[Order], report: DemoReport) -> None:
-    """Add the settled ``orders`` to ``report``."""
-    for order in orders:
-        report.by_status[order.status.value] += 1
-        if order.status is OrderStatus.ERROR:
-            report.errors.append((order.sell_to_order_reference, order.status_message or ""))
-        for item in order.items:
-            report.wallets += len(item.wallets)
-            priced = [w for w in item.wallets if w.unit_price_incl_vat is not None]
-            if order.status is OrderStatus.ISSUED and priced:
-                # Prices are per unit: a group ticket's one wallet stands for every guest.
-                unit = priced[0].unit_price_incl_vat or Decimal(0)
-                report.amounts[priced[0].currency_code or "?"] += unit * item.quantity
+def settled_count(engine: sa.Engine, references: set[str]) -> int:
+    """How many of ``references`` the local mirror holds in a settled status."""
+    from storage.models import VenueOrder
+
+    in_flight = [status for status in OrderStatus if status.in_flight]
+    query = sa.select(sa.func.count()).where(
+        VenueOrder.reference_key.in_(references), VenueOrder.status.not_in(in_flight)
+    )
+    with engine.connect() as connection:
+        return int(connection.execute(query).scalar_one())
+
+
+def mirror_report(engine: sa.Engine, references: set[str], report: DemoReport) -> None:
+    """Fill ``report`` from the local mirror's orders of ``references``."""
+    from sqlalchemy.orm import Session, selectinload
+
+    from storage.models import OrderItem, VenueOrder
+
+    query = (
+        sa.select(VenueOrder)
+        .where(VenueOrder.reference_key.in_(references))
+        .options(selectinload(VenueOrder.items).selectinload(OrderItem.wallets))
+        .order_by(VenueOrder.reference_key)
+    )
+    with Session(engine) as session:
+        for order in session.scalars(query):
+            report.by_status[order.status.value] += 1
+            if order.status is OrderStatus.ERROR:
+                report.errors.append((order.sell_to_order_reference, order.status_message or ""))
+            elif order.status is OrderStatus.ISSUED and not report.example_reference:
+                report.example_reference = order.sell_to_order_reference
+            for item in order.items:
+                report.wallets += len(item.wallets)
+                priced = [w for w in item.wallets if w.unit_price_incl_vat is not None]
+                if order.status is OrderStatus.ISSUED and priced:
+                    # Prices are per unit: a group ticket's one wallet stands for every guest.
+                    unit = priced[0].unit_price_incl_vat or Decimal(0)
+                    report.amounts[priced[0].currency_code or "?"] += unit * item.quantity
 
 
 def run_demo(
-    *, orders: int, pickup_interval: float, seed: int | None, timeout: float
+    *, orders: int, pickup_interval: float, seed: int | None, timeout: float, database_url: str
 ) -> DemoReport:
-    """Start the sandbox, send ``orders`` sample orders through otacm's client, settle them.
+    """Run sandbox and daemon, send ``orders`` sample orders, report the local mirror.
 
     Raises:
-        TimeoutError: the sandbox did not settle every order within ``timeout`` seconds.
+        click.ClickException: the daemon did not start, or orders did not settle in time.
     """
     from sandbox import SandboxConfig, SandboxServer
+    from storage.engine import make_engine
     from venue.client import open_client
 
     rng = random.Random(seed)  # noqa: S311 - sample orders, not secrets
     run_tag = f"{rng.randrange(16**4):04X}"
-    report = DemoReport()
-    with SandboxServer(SandboxConfig(pickup_interval=pickup_interval)) as sandbox:
-        click.echo(f"sandbox (the simulated venue) listening on {sandbox.url}")
-        with httpx.Client(timeout=10) as http:
-            connection = connection_from_sandbox(sandbox.url, http)
-            catalog = http.get(f"{sandbox.url}/_sandbox/config").json()["catalog"]["items"]
-        partner_id = connection.partner_ids[0]
-        requests = sample_orders(
+    report = DemoReport(database_url=database_url)
+    api_token = secrets.token_urlsafe(24)
+    with ExitStack() as stack:
+        sandbox = stack.enter_context(SandboxServer(SandboxConfig(pickup_interval=pickup_interval)))
+        click.echo(f"sandbox (the simulated venue) on {sandbox.url}")
+        http = stack.enter_context(httpx.Client(timeout=30))
+        connection = connection_from_sandbox(sandbox.url, http)
+        catalog = http.get(f"{sandbox.url}/_sandbox/config").json()["catalog"]["items"]
+
+        bind = f"127.0.0.1:{free_port()}"
+        log = Path("var") / "demo-serve.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        environment = daemon_environment(connection, database_url, api_token)
+        daemon = stack.enter_context(running_daemon(environment, bind, log))
+        click.echo(f"otacm serve (web, worker, scheduler) on {daemon}; its log: {log}")
+
+        client = stack.enter_context(open_client(connection))
+        state = connection.webhook_client_states[0]
+        client.create_subscription(f"{daemon}/webhooks/ota-cm", state)
+        click.echo("subscribed the receiver to ota_cm_order_processed")
+
+        samples = sample_orders(
             catalog,
-            partner_id,
+            connection.partner_ids[0],
             orders,
             rng=rng,
             today=dt.datetime.now(dt.UTC).date(),
             run_tag=run_tag,
         )
-        with open_client(connection) as client:
-            order_ids: dict[str, Order] = {}
-            with click.progressbar(requests, label="submitting orders    ") as bar:
-                for request in bar:
-                    order = client.create_order(request)
-                    order_ids[order.order_id] = order
-            report.submitted = len(order_ids)
-            click.echo(f"all {len(order_ids)} orders Submitted; the venue picks them up")
-            with click.progressbar(length=len(order_ids), label="waiting for the venue") as bar:
-                settled = wait_until_settled(
-                    client, partner_id, set(order_ids), timeout=timeout, on_progress=bar.update
-                )
-            drafts = [o for o in settled if o.status is OrderStatus.DRAFT]
-            for draft in drafts:
-                client.confirm_order(draft.order_id, f"PAY-{run_tag}-LATE")
-            report.confirmed = len(drafts)
-            final = [client.get_order(order_id) for order_id in sorted(order_ids)]
-            summarize(final, report)
-        stats = httpx.get(f"{sandbox.url}/_sandbox/stats", timeout=10).json()
-        report.venue_calls = sum(
-            count for by_status in stats["calls"].values() for count in by_status.values()
-        )
+        headers = {"Authorization": f"Bearer {api_token}"}
+        with click.progressbar(samples, label="submitting orders to otacm ") as bar:
+            for request, charged, currency in bar:
+                body = {**request.to_wire(), "amount": str(charged), "currency": currency}
+                answer = http.post(f"{daemon}/api/orders", json=body, headers=headers)
+                if answer.status_code not in (200, 201, 202):
+                    raise click.ClickException(f"POST /api/orders: {answer.text}")
+        report.submitted = len(samples)
+        references = {request.sell_to_order_reference.upper() for request, _, _ in samples}
+
+        engine = make_engine(database_url)
+        stack.callback(engine.dispose)
+        with click.progressbar(
+            length=len(references), label="settled in the local mirror"
+        ) as settling:
+            seen = 0
+
+            def all_settled() -> bool:
+                nonlocal seen
+                now = settled_count(engine, references)
+                settling.update(now - seen)
+                seen = now
+                return now == len(references)
+
+            wait_for(all_settled, timeout=timeout, what="the orders to settle locally")
+        mirror_report(engine, references, report)
+        stats = http.get(f"{sandbox.url}/_sandbox/stats").json()
+        report.venue_calls = {
+            name: sum(by_status.values()) for name, by_status in stats["calls"].items()
+        }
+        report.webhooks_sent = int(stats["webhooks"]["sent"])
     return report
+
+
+def fresh_demo_database() -> str:
+    """The demo's own SQLite file under ./var/, emptied so each run starts clean."""
+    DEMO_DATABASE.parent.mkdir(parents=True, exist_ok=True)
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{DEMO_DATABASE}{suffix}").unlink(missing_ok=True)
+    return f"sqlite:///{DEMO_DATABASE.resolve()}"

@@ -132,25 +132,29 @@ def test_doctor_names_a_refused_api_key(tmp_path: Path) -> None:
         assert "ok   venue default:" in output
 
 
-def test_demo_settles_every_order(tmp_path: Path) -> None:
-    """`otacm demo`, the README's main job, runs as a real process and settles every order."""
+def test_demo_settles_every_order_in_the_local_mirror(tmp_path: Path) -> None:
+    """`otacm demo`, the README's main job: sandbox + daemon as real processes, every order
+    notified by webhook, fetched once, and settled in the local mirror."""
     import subprocess
     import sys
 
     result = subprocess.run(
-        [sys.executable, "-m", "otacm", "demo", "--orders", "6", "--pickup-interval", "0.2"],
+        [sys.executable, "-m", "otacm", "demo", "--orders", "8", "--pickup-interval", "0.3"],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=180,
         cwd=tmp_path,
         check=False,
     )
-    assert result.returncode == 0, result.stderr
-    assert "orders submitted: 6" in result.stdout
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "orders submitted through otacm: 8" in result.stdout
     statuses = {
         line.split()[0]: int(line.split()[1])
         for line in result.stdout.splitlines()
         if line.startswith("  ") and line.split()[0] in ("Issued", "Error", "Draft")
     }
-    assert statuses == {"Issued": 5, "Error": 1}, result.stdout
+    assert sum(statuses.values()) == 8, result.stdout
+    assert statuses["Error"] == 1
     assert "Invalid componentSchedule" in result.stdout
+    assert "getOrder calls per order: 1.00" in result.stdout
+    assert (tmp_path / "var" / "demo.sqlite3").exists()
