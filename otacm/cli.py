@@ -229,13 +229,19 @@ def metrics_directory_for_workers() -> None:
     """Give gunicorn's workers a shared Prometheus directory, so /metrics sums them all.
 
     prometheus-client reads ``PROMETHEUS_MULTIPROC_DIR`` when it is first imported, so this
-    runs before the app is loaded; a directory the operator set is kept as it is.
+    runs before the app is loaded. A directory the operator named is created if missing
+    and emptied of an earlier run's files, as prometheus-client requires.
     """
     import os
     import tempfile
 
-    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="otacm-metrics-")
+        return
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    for stale in Path(directory).glob("*.db"):
+        stale.unlink()
 
 
 @main.command()
