@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -91,12 +93,14 @@ def open_runtime(settings: Settings) -> Iterator[Runtime]:
     Raises:
         SchemaNotCurrentError: the database is not migrated; the role cannot start.
     """
+    from receiver.metrics import VenueCallMetrics
     from storage.engine import make_engine, make_sessions
     from storage.migrate import is_current
     from storage.models import ensure_connection
     from venue.client import open_client
 
     engine = make_engine(settings.database_url)
+    venue_calls = VenueCallMetrics(registry=None)
     with ExitStack() as stack:
         stack.callback(engine.dispose)
         if not is_current(engine):
@@ -108,7 +112,9 @@ def open_runtime(settings: Settings) -> Iterator[Runtime]:
         with sessions.begin() as session:
             ids = {c.name: ensure_connection(session, c.name) for c in settings.connections}
         for connection in settings.connections:
-            clients[ids[connection.name]] = stack.enter_context(open_client(connection))
+            clients[ids[connection.name]] = stack.enter_context(
+                open_client(connection, observer=venue_calls.observe)
+            )
         yield Runtime(sessions=sessions, clients=clients)
 
 
@@ -203,7 +209,12 @@ def serve(base_command: Sequence[str], bind: str, workers: int | None) -> int:
     }
     stop = threading.Event()
     stop_on_signals(stop)
-    children = {name: subprocess.Popen(command) for name, command in roles.items()}
+    # One metrics directory for the three roles, so the web role's /metrics shows the
+    # worker's and scheduler's venue calls too.
+    environment = dict(os.environ)
+    metrics_directory = tempfile.mkdtemp(prefix="otacm-metrics-")
+    environment["PROMETHEUS_MULTIPROC_DIR"] = metrics_directory
+    children = {name: subprocess.Popen(command, env=environment) for name, command in roles.items()}
     logger.info("serve: web on %s, worker and scheduler started", bind)
     died: str | None = None
     while not stop.is_set() and died is None:
@@ -222,6 +233,7 @@ def serve(base_command: Sequence[str], bind: str, workers: int | None) -> int:
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
+    shutil.rmtree(metrics_directory, ignore_errors=True)
     return 0 if died is None else 1
 
 

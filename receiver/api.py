@@ -60,7 +60,7 @@ from receiver.outbox import (
     submit_now,
 )
 from storage.types import utcnow
-from venue.client import VenueClient, open_client
+from venue.client import CallObserver, VenueClient, open_client
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +69,9 @@ api = Blueprint("api", __name__, url_prefix="/api")
 CLIENT_FACTORY = "otacm.api.venue_client"
 """The key in ``app.extensions`` of the callable that opens a venue client for a request."""
 
-VenueClientFactory = Callable[[VenueConnection], AbstractContextManager[VenueClient]]
-"""Opens a venue client for one connection, closed when the ``with`` block ends."""
+VenueClientFactory = Callable[[VenueConnection, CallObserver], AbstractContextManager[VenueClient]]
+"""Opens a venue client for one connection, reporting its calls to the observer; the
+client is closed when the ``with`` block ends."""
 
 _STATUS_CODES = {
     SubmitStatus.SENT: 201,
@@ -101,9 +102,11 @@ class UnknownConnection(ReceiverError):
         self.field = field
 
 
-def open_venue_client(connection: VenueConnection) -> AbstractContextManager[VenueClient]:
+def open_venue_client(
+    connection: VenueConnection, observer: CallObserver
+) -> AbstractContextManager[VenueClient]:
     """The default :data:`CLIENT_FACTORY`: a client of its own, with short retries."""
-    return open_client(connection, retry=SUBMIT_NOW_RETRY)
+    return open_client(connection, retry=SUBMIT_NOW_RETRY, observer=observer)
 
 
 @api.record_once
@@ -142,7 +145,7 @@ def create_order() -> Response:
         raise InvalidOrder(exc.field, exc.problem) from None
 
     factory = cast(VenueClientFactory, current_app.extensions[CLIENT_FACTORY])
-    with factory(venue) as client:
+    with factory(venue, receiver.metrics.venue_calls.observe) as client:
         outcome = submit_now(
             receiver.sessions,
             client,

@@ -20,10 +20,13 @@ Two kinds of metric, because a receiver runs as several gunicorn worker processe
   ``otacm_dead_letters{connection,queue="inbox"|"outbox"}``, and ``otacm_database_up``
   (0 when the queries failed; the other gauges are then absent, not zero).
 
-Other parts add their own counters the same way: the worker's venue calls, for
-instance, are counters built with ``registry=`` :attr:`Metrics.registry` when they run in
-the app's process, and appear through ``PROMETHEUS_MULTIPROC_DIR`` when they run in
-another.
+- **Venue calls** (:class:`VenueCallMetrics`), counted wherever a venue client runs (the
+  API's submissions here; getOrder in the worker; the scheduler's jobs):
+  ``otacm_venue_calls_total{endpoint,status}`` and the latency histogram
+  ``otacm_venue_call_seconds{endpoint}``, labelled by the API's endpoint names
+  (``getOrder``), never by path. The worker and scheduler are other processes: their
+  calls reach this endpoint when they share its ``PROMETHEUS_MULTIPROC_DIR`` (``otacm
+  serve`` gives all three one directory; on a scaled node, give every role the same one).
 """
 
 from __future__ import annotations
@@ -34,7 +37,14 @@ from collections.abc import Callable, Iterable, Sequence
 
 import sqlalchemy as sa
 from flask import Blueprint, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client import values as prometheus_values
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -85,6 +95,32 @@ class WebhookCounters:
     def rejected(self, code: str) -> None:
         """Count one webhook POST answered with the error ``code``."""
         self._rejections.labels(code=code).inc()
+
+
+class VenueCallMetrics:
+    """Counts and times every call to the venue; its :meth:`observe` is a client's observer."""
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        # registry=None is prometheus-client's default registry: what a worker process
+        # writes to PROMETHEUS_MULTIPROC_DIR for the web role's scrape.
+        self._calls = Counter(
+            "otacm_venue_calls",
+            "Calls to the venue's API, by endpoint and HTTP status ('none': no answer).",
+            ["endpoint", "status"],
+            registry=registry or REGISTRY,
+        )
+        self._seconds = Histogram(
+            "otacm_venue_call_seconds",
+            "Time of each call to the venue's API, by endpoint.",
+            ["endpoint"],
+            buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=registry or REGISTRY,
+        )
+
+    def observe(self, endpoint: str, status: int | None, seconds: float) -> None:
+        """Record one call (a :data:`venue.client.CallObserver`)."""
+        self._calls.labels(endpoint, str(status) if status is not None else "none").inc()
+        self._seconds.labels(endpoint).observe(seconds)
 
 
 class InboxCollector(Collector):
@@ -209,6 +245,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         """Where this process's metrics are registered; other parts may add theirs."""
         self.webhook = WebhookCounters(self.registry)
+        self.venue_calls = VenueCallMetrics(self.registry)
         self.inbox = InboxCollector(read_sessions, connection_names)
         self.registry.register(self.inbox)
         if multiprocess_mode():

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -71,6 +72,31 @@ class RetryPolicy:
     wait_jitter: float = 1.0
 
 
+CallObserver = Callable[[str, int | None, float], None]
+"""Told of every attempt: the endpoint's name, the HTTP status (``None`` when no answer
+came) and the seconds it took. Metrics hang on it; it must not raise."""
+
+_ENDPOINTS = (
+    ("POST", re.compile(r"^/channelManager$"), "createOrder"),
+    ("GET", re.compile(r"^/channelManager/orders/[^/]+$"), "listOrdersByPartner"),
+    ("GET", re.compile(r"^/channelManager/[^/]+$"), "getOrder"),
+    ("POST", re.compile(r"^/channelManager/[^/]+/confirm$"), "confirmOrder"),
+    ("PUT", re.compile(r"^/channelManager/[^/]+$"), "replaceOrder"),
+    ("DELETE", re.compile(r"^/channelManager/[^/]+$"), "deleteOrder"),
+    ("POST", re.compile(r"^/webhook$"), "createWebhook"),
+    ("GET", re.compile(r"^/webhooks?$"), "listWebhooks"),
+    ("DELETE", re.compile(r"^/webhook/[^/]+$"), "deleteWebhook"),
+)
+
+
+def endpoint_name(method: str, path: str) -> str:
+    """The API's name for a call (``getOrder``), never its path: ids stay out of labels."""
+    for endpoint_method, pattern, name in _ENDPOINTS:
+        if method == endpoint_method and pattern.match(path):
+            return name
+    return "other"
+
+
 def _retryable(exc: Exception) -> bool:
     """Transport errors, 429, 503 and 504 (all :class:`VenueUnavailable`); nothing else."""
     return isinstance(exc, VenueUnavailable)
@@ -106,6 +132,7 @@ class VenueClient:
         throttle: the concurrency and rate limit to respect; by default the one shared by
             every client of ``connection.api_identity`` in this process.
         retry: attempts, deadline and backoff for transient failures.
+        observer: told of every attempt (metrics); see :data:`CallObserver`.
     """
 
     def __init__(
@@ -115,6 +142,7 @@ class VenueClient:
         *,
         throttle: Throttle | None = None,
         retry: RetryPolicy | None = None,
+        observer: CallObserver | None = None,
     ) -> None:
         self._http = http
         self._base_url = connection.base_url
@@ -126,6 +154,7 @@ class VenueClient:
             self._headers["x-api-version"] = connection.api_version
         self._throttle = throttle or throttle_for(connection.api_identity)
         self._retry = retry or RetryPolicy()
+        self._observer = observer
 
     def __repr__(self) -> str:
         return f"VenueClient({self._base_url!r})"
@@ -388,6 +417,7 @@ class VenueClient:
                     headers=self._headers,
                 )
         except httpx.TransportError as exc:
+            self._observe(method, path, None, started)
             logger.warning(
                 "venue %s %s failed: %s after %.0f ms (attempt %d)",
                 method,
@@ -397,6 +427,7 @@ class VenueClient:
                 attempt,
             )
             raise VenueUnavailable(method, path, reason=type(exc).__name__) from exc
+        self._observe(method, path, response.status_code, started)
         logger.info(
             "venue %s %s -> %d in %.0f ms (x-npr-version %s, attempt %d)",
             method,
@@ -410,6 +441,10 @@ class VenueClient:
             return response
         code, message = self._error_body(response)
         raise error_for_status(method, path, response.status_code, code=code, message=message)
+
+    def _observe(self, method: str, path: str, status: int | None, started: float) -> None:
+        if self._observer is not None:
+            self._observer(endpoint_name(method, path), status, time.perf_counter() - started)
 
     @staticmethod
     def _error_body(response: httpx.Response) -> tuple[str | None, str | None]:
@@ -468,6 +503,7 @@ def open_client(
     timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
     throttle: Throttle | None = None,
     retry: RetryPolicy | None = None,
+    observer: CallObserver | None = None,
 ) -> Iterator[VenueClient]:
     """A :class:`VenueClient` over an ``httpx.Client`` of its own, closed on exit.
 
@@ -477,6 +513,7 @@ def open_client(
         timeout: per-request timeouts.
         throttle: as for :class:`VenueClient`.
         retry: as for :class:`VenueClient`.
+        observer: as for :class:`VenueClient`.
     """
     with httpx.Client(transport=transport, timeout=timeout) as http:
-        yield VenueClient(http, connection, throttle=throttle, retry=retry)
+        yield VenueClient(http, connection, throttle=throttle, retry=retry, observer=observer)

@@ -45,7 +45,7 @@ from tests.receiver.test_outbox import (
     sandbox_connection,
     unique_reference,
 )
-from venue.client import VenueClient, open_client
+from venue.client import CallObserver, VenueClient, open_client
 from venue.models import OrderStatus
 from venue.throttle import Throttle
 
@@ -71,8 +71,10 @@ def api_app(make_app: Callable[[Settings], Flask], settings: Settings) -> Flask:
     """A receiver app serving ``POST /api/orders``, its venue clients trying once."""
     app = make_app(settings)
 
-    def venue_client(connection: VenueConnection) -> AbstractContextManager[VenueClient]:
-        return open_client(connection, retry=ONCE, throttle=Throttle())
+    def venue_client(
+        connection: VenueConnection, observer: CallObserver
+    ) -> AbstractContextManager[VenueClient]:
+        return open_client(connection, retry=ONCE, throttle=Throttle(), observer=observer)
 
     app.extensions[CLIENT_FACTORY] = venue_client
     return app
@@ -302,3 +304,12 @@ def test_the_api_is_closed_while_no_token_is_configured(
     )
     assert response.status_code == 401
     assert "OTACM_API_TOKENS" in response.get_json()["message"]
+
+
+def test_the_apis_venue_calls_are_in_metrics(http: FlaskClient) -> None:
+    """After a submission, /metrics counts the createOrder call by endpoint and status."""
+    status, _ = post(http, order_body(unique_reference()))
+    assert status == 201
+    metrics = http.get("/metrics").get_data(as_text=True)
+    assert 'otacm_venue_calls_total{endpoint="createOrder",status="201"} 1.0' in metrics
+    assert 'otacm_venue_call_seconds_count{endpoint="createOrder"} 1.0' in metrics
