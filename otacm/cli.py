@@ -219,29 +219,41 @@ def _workers_option(function: Any) -> Any:
 @pass_cli
 def web(cli: CliContext, bind: str, workers: int | None) -> None:
     """Serve the receiver (webhooks, health, metrics, the API) under gunicorn."""
-    metrics_directory_for_workers()
+    import shutil
+
+    own_directory = metrics_directory_for_workers()
     from otacm.processes import gunicorn_options, run_web
 
-    run_web(cli.settings, gunicorn_options(bind, workers))
+    try:
+        run_web(cli.settings, gunicorn_options(bind, workers))
+    finally:
+        if own_directory is not None:
+            shutil.rmtree(own_directory, ignore_errors=True)
 
 
-def metrics_directory_for_workers() -> None:
+def metrics_directory_for_workers() -> Path | None:
     """Give gunicorn's workers a shared Prometheus directory, so /metrics sums them all.
 
     prometheus-client reads ``PROMETHEUS_MULTIPROC_DIR`` when it is first imported, so this
     runs before the app is loaded. A directory the operator named is created if missing
     and emptied of an earlier run's files, as prometheus-client requires.
+
+    Returns:
+        The directory this made (the caller removes it when gunicorn stops), or ``None``
+        when the operator named one.
     """
     import os
     import tempfile
 
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if not directory:
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="otacm-metrics-")
-        return
+        created = tempfile.mkdtemp(prefix="otacm-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = created
+        return Path(created)
     Path(directory).mkdir(parents=True, exist_ok=True)
     for stale in Path(directory).glob("*.db"):
         stale.unlink()
+    return None
 
 
 @main.command()
