@@ -27,9 +27,10 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from otacm.settings import Settings
+from otacm.settings import Settings, VenueConnection
 from venue.client import VenueClient
 
 logger = logging.getLogger(__name__)
@@ -80,10 +81,15 @@ def run_web(settings: Settings, options: dict[str, Any]) -> None:
 
 @dataclass
 class Runtime:
-    """What the worker and scheduler roles share: sessions and one client per connection."""
+    """What the worker and scheduler roles share: the database and each connection's client.
 
+    ``connections`` and ``clients`` are keyed by the connection's row id.
+    """
+
+    engine: Engine
     sessions: sessionmaker[Session]
     clients: dict[int, VenueClient]
+    connections: dict[int, VenueConnection]
 
 
 @contextmanager
@@ -115,7 +121,12 @@ def open_runtime(settings: Settings) -> Iterator[Runtime]:
             clients[ids[connection.name]] = stack.enter_context(
                 open_client(connection, observer=venue_calls.observe)
             )
-        yield Runtime(sessions=sessions, clients=clients)
+        yield Runtime(
+            engine=engine,
+            sessions=sessions,
+            clients=clients,
+            connections={ids[c.name]: c for c in settings.connections},
+        )
 
 
 class SchemaNotCurrentError(RuntimeError):

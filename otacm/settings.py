@@ -155,6 +155,32 @@ class Settings(BaseSettings):
     inbox_lease_seconds: float = Field(default=60.0, gt=0)
     inbox_max_attempts: int = Field(default=8, ge=1)
     worker_batch_size: int = Field(default=50, ge=1)
+
+    # The heartbeat (scheduler role). The change feed re-reads this many row versions
+    # below its high-water mark, because a long venue transaction can commit a lower
+    # row version late.
+    feed_overlap: int = Field(default=50, ge=0)
+    # An order in flight longer than this is looked up directly (getOrder), in case the
+    # feed and the webhook both missed it; one in flight longer than stuck_after (the
+    # venue's own limit for Processing) is reported as stuck.
+    in_flight_check_after: float = Field(default=600.0, ge=MIN_POLL_INTERVAL)
+    stuck_after: float = Field(default=3600.0, ge=MIN_POLL_INTERVAL)
+    # Draft and Error orders can be deleted at the venue with no trace in the feed: they
+    # are re-read this often to notice it.
+    open_order_recheck: float = Field(default=900.0, ge=MIN_POLL_INTERVAL)
+    # A sale submitted through otacm that the mirror still lacks after this long is
+    # looked up at the venue by its reference.
+    submission_grace: float = Field(default=120.0, ge=0)
+    # Actions otacm takes on the partner's behalf.
+    auto_confirm_drafts: bool = True
+    # Where the venue should POST webhooks (this receiver's public URL); when set, the
+    # scheduler checks every subscription_check_interval seconds that each connection's
+    # subscription exists and recreates it when it is missing.
+    webhook_url: str | None = None
+    subscription_check_interval: float = Field(default=300.0, ge=MIN_POLL_INTERVAL)
+    # Secrets otacm generates itself (webhook client states from `otacm subscribe`) are
+    # kept in files here, readable by the owner only.
+    secrets_dir: Path = Path("var/secrets")
     # The shop's JSON API (/api/) creates orders with the venue's key: it answers only
     # requests bearing one of these tokens, and is closed while none is configured.
     api_tokens: SecretCommaList = Field(default_factory=list)

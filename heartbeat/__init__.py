@@ -1,0 +1,8 @@
+"""The heartbeat: scheduled jobs that see what webhooks miss, recover, and act.
+
+Webhooks are a hint, not a guarantee. The jobs here follow each partner's change feed,
+look up orders in flight for too long, find submissions the venue never answered for,
+confirm paid drafts, keep the webhook subscription alive, and coordinate so that each
+job runs at most once at a time across every scheduler process sharing the database.
+Each job is a plain function of its inputs; :mod:`otacm.processes` schedules them.
+"""
