@@ -118,3 +118,88 @@ def _insert_statement(dialect: str) -> ReturningInsert[int]:
     return insert.on_conflict_do_nothing(index_elements=["connection_id", "dedup_key"]).returning(
         _INBOX.c.id
     )
+
+
+POLL_EVENT = "otacm_lookup"
+"""The ``event_name`` of inbox rows otacm writes itself: "fetch this order"."""
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """An order a scheduled job wants fetched by the worker (getOrder, then the mirror).
+
+    Attributes:
+        order_id: the venue's orderId.
+        reason: why (``feed``, ``in_flight``, ``recheck``, ``submission``...), for the
+            row's payload and the logs.
+        status: the status the job saw, when it saw one (a hint, like a webhook's).
+        row_version: the change feed's ``rowVersion`` of what the job saw. Two lookups
+            of one order at one row version are the same lookup, stored once; lookups
+            without one are told apart by when they were asked for.
+        buy_from_order_reference: the venue's reference, when the job saw it.
+    """
+
+    order_id: str
+    reason: str
+    status: str | None = None
+    row_version: int | None = None
+    buy_from_order_reference: str | None = None
+
+
+def queue_lookups(
+    connection: Connection, connection_id: int, lookups: Sequence[Lookup], *, now: dt.datetime
+) -> StoreResult:
+    """Queue getOrder calls for the worker, as inbox rows with source ``poll``.
+
+    Orders that already have a pending or leased inbox row (a webhook's, or an earlier
+    lookup's) are skipped and counted as duplicates: the worker's coming fetch answers
+    this lookup too. The same goes for a lookup already stored at the same row version.
+
+    Args:
+        connection: the caller's connection, in its transaction; not committed.
+        connection_id: the venue connection the orders belong to.
+        lookups: the orders to fetch.
+        now: when the lookups were asked for (aware); the rows are due at once.
+
+    Returns:
+        How many rows were stored and how many lookups were skipped.
+    """
+    if not lookups:
+        return StoreResult(stored=0, duplicates=0, ids=())
+    order_ids = sorted({lookup.order_id for lookup in lookups})
+    waiting = set(
+        connection.scalars(
+            sa.select(Inbox.order_id).where(
+                Inbox.connection_id == connection_id,
+                Inbox.order_id.in_(order_ids),
+                Inbox.state.in_([InboxState.PENDING, InboxState.LEASED]),
+            )
+        )
+    )
+    rows: list[NewInboxRow] = []
+    for lookup in lookups:
+        if lookup.order_id in waiting:
+            continue
+        payload: dict[str, Any] = {"orderId": lookup.order_id, "reason": lookup.reason}
+        if lookup.status is not None:
+            payload["status"] = lookup.status
+        if lookup.row_version is not None:
+            payload["rowVersion"] = lookup.row_version
+        else:
+            payload["requestedAt"] = now.isoformat()
+        rows.append(
+            {
+                "connection_id": connection_id,
+                "source": InboxSource.POLL,
+                "event_name": POLL_EVENT,
+                "order_id": lookup.order_id,
+                "buy_from_order_reference": lookup.buy_from_order_reference,
+                "notified_status": lookup.status,
+                "notified_at": now,
+                "received_at": now,
+                "payload": payload,
+            }
+        )
+    result = store_notifications(connection, rows)
+    skipped = len(lookups) - len(rows)
+    return StoreResult(stored=result.stored, duplicates=result.duplicates + skipped, ids=result.ids)

@@ -8,7 +8,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from receiver.inbox import NewInboxRow, store_notifications
+from receiver.inbox import POLL_EVENT, Lookup, NewInboxRow, queue_lookups, store_notifications
 from storage.models import Inbox, InboxSource, ensure_connection
 
 NOW = dt.datetime(2024, 1, 15, 10, 31, tzinfo=dt.UTC)
@@ -61,3 +61,46 @@ def test_an_empty_batch_stores_nothing(sessions: sessionmaker[Session]) -> None:
         result = store_notifications(session.connection(), [])
 
     assert (result.stored, result.duplicates, result.ids) == (0, 0, ())
+
+
+def test_lookups_are_queued_once_per_order_and_row_version(
+    sessions: sessionmaker[Session],
+) -> None:
+    """A lookup is skipped while its order waits in the inbox, or at a row version stored."""
+    order_a, order_b = "0" * 31 + "a", "0" * 31 + "b"
+    with sessions.begin() as session:
+        connection_id = ensure_connection(session, "c")
+        first = queue_lookups(
+            session.connection(),
+            connection_id,
+            [Lookup(order_a, "feed", "Issued", row_version=7), Lookup(order_b, "in_flight")],
+            now=NOW,
+        )
+        # Both still pending: asking again stores nothing.
+        again = queue_lookups(
+            session.connection(),
+            connection_id,
+            [Lookup(order_a, "feed", "Issued", row_version=7), Lookup(order_b, "in_flight")],
+            now=NOW + dt.timedelta(seconds=15),
+        )
+        session.execute(sa.update(Inbox).values(state="done"))
+        # Done now: the same row version is still the same lookup; a new ask is new.
+        later = queue_lookups(
+            session.connection(),
+            connection_id,
+            [Lookup(order_a, "feed", "Issued", row_version=7), Lookup(order_b, "in_flight")],
+            now=NOW + dt.timedelta(seconds=30),
+        )
+        stored = session.execute(
+            sa.select(
+                Inbox.order_id, Inbox.source, Inbox.event_name, Inbox.notified_status
+            ).order_by(Inbox.id)
+        ).all()
+
+    assert (first.stored, again.stored, again.duplicates) == (2, 0, 2)
+    assert (later.stored, later.duplicates) == (1, 1)
+    assert stored == [
+        (order_a, InboxSource.POLL, POLL_EVENT, "Issued"),
+        (order_b, InboxSource.POLL, POLL_EVENT, None),
+        (order_b, InboxSource.POLL, POLL_EVENT, None),
+    ]
