@@ -18,7 +18,11 @@ The sandbox's own endpoints need no key and live only under ``/_sandbox/``:
 - ``GET``/``POST /_sandbox/faults``: read or change faults; fields in :mod:`sandbox.faults`;
 - ``POST /_sandbox/tick``: run one pickup cycle now, answer what it did;
 - ``GET``/``POST /_sandbox/clock``: the sandbox's time; ``{"advanceSeconds": N}`` moves it
-  forward (the sweeper's hour in an instant).
+  forward (the sweeper's hour in an instant);
+- ``POST /_sandbox/restore``: simulate a restore of the venue's database: every order's
+  ``rowVersion`` is renumbered 1..n in its current order and the counter reset to n, so
+  later changes take versions below those a client has seen (a backwards change feed);
+  answers ``{"orders": n, "rowVersion": n}``.
 """
 
 from __future__ import annotations
@@ -426,6 +430,14 @@ def advance_clock() -> Response:
         raise InvalidRequest("advanceSeconds must be a number of seconds, at least 0")
     _runtime().clock.advance(dt.timedelta(seconds=seconds))
     return _clock_json()
+
+
+@admin.post("/restore")
+def restore() -> Response:
+    """Renumber every order's row version 1..n, as after a database restore."""
+    count = _runtime().store.renumber_row_versions()
+    logger.info("row versions renumbered 1..%d (simulated restore)", count)
+    return json_response({"orders": count, "rowVersion": count})
 
 
 def _clock_json() -> Response:

@@ -5,6 +5,8 @@ plus the request it was last submitted with) in SQLite — ``":memory:"`` or a f
 code path for both, so a restarted sandbox keeps its orders, row versions and webhook
 subscriptions. Every write of an order takes the next value of one global row-version
 counter, as Business Central's ``rowVersion`` does; rows deleted outright simply vanish.
+:meth:`OrderStore.renumber_row_versions` simulates a restore of the venue's database,
+after which row versions go backwards.
 One connection serves every thread, guarded by a re-entrant lock: the store is the
 sandbox's single point of serialisation, and :meth:`OrderStore.transaction` groups
 several steps into one atomic unit.
@@ -264,6 +266,35 @@ class OrderStore:
         """Delete the order's row outright: it vanishes from every list and feed."""
         with self.transaction():
             self._db.execute("DELETE FROM orders WHERE order_id = ?", (order_id,))
+
+    def renumber_row_versions(self) -> int:
+        """Simulate a restore of the venue's database: row versions start again low.
+
+        Every order's row version becomes 1..n in their current row-version order, and
+        the counter is reset to n, so the next change takes n + 1: lower than versions a
+        client may already have seen (a backwards ``rowVersion``). Orders, statuses and
+        documents are unchanged.
+
+        Returns:
+            n, the number of orders (and the counter's new value).
+        """
+        with self.transaction():
+            order_ids = [
+                row[0]
+                for row in self._db.execute("SELECT order_id FROM orders ORDER BY row_version")
+            ]
+            # Ascending, one row at a time: the i-th smallest version is at least i, so
+            # the new value never collides with a version not yet renumbered (UNIQUE).
+            for number, order_id in enumerate(order_ids, start=1):
+                self._db.execute(
+                    "UPDATE orders SET row_version = ? WHERE order_id = ?", (number, order_id)
+                )
+            self._db.execute(
+                "INSERT INTO counters (name, value) VALUES ('row_version', ?)"
+                " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                (len(order_ids),),
+            )
+        return len(order_ids)
 
     def next_value(self, counter: str) -> int:
         """The next value of the named, persistent counter (first value 1)."""

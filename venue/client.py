@@ -281,13 +281,29 @@ class VenueClient:
         Raises:
             VenueError: a page could not be fetched.
         """
+        for page in self.change_feed_pages(partner_id, last_row_version, page_size):
+            yield from page.data
+
+    def change_feed_pages(
+        self,
+        partner_id: str,
+        last_row_version: int | None,
+        page_size: int | None = None,
+    ) -> Iterator[Page[OrderSummary]]:
+        """:meth:`change_feed` a page at a time: one venue call per page yielded.
+
+        For callers that commit their progress page by page (the heartbeat's feed).
+
+        Raises:
+            VenueError: a page could not be fetched.
+        """
         params = {"sync": "true"}
         if last_row_version is not None:
             params["lastRowVersion"] = str(last_row_version)
         if page_size is not None:
             params["pageSize"] = str(page_size)
         path = f"/channelManager/orders/{_segment(partner_id)}"
-        return self._paged(path, params, OrderSummary)
+        return self._pages(path, params, OrderSummary)
 
     def find_by_reference(self, partner_id: str, reference: str) -> list[OrderSummary]:
         """The partner's orders with this ``sellToOrderReference`` (compared case-blind).
@@ -344,7 +360,14 @@ class VenueClient:
     def _paged(
         self, path: str, params: dict[str, str], item_type: type[ModelT]
     ) -> Iterator[ModelT]:
-        """Every item of a cursor-paged list, each next request built from ``nextPageKey``.
+        """Every item of a cursor-paged list (see :meth:`_pages`)."""
+        for page in self._pages(path, params, item_type):
+            yield from page.data
+
+    def _pages(
+        self, path: str, params: dict[str, str], item_type: type[ModelT]
+    ) -> Iterator[Page[ModelT]]:
+        """Every page of a cursor-paged list, each next request built from ``nextPageKey``.
 
         ``nextPageURL`` is never followed: the venue re-appends query values to it
         without encoding them.
@@ -354,7 +377,7 @@ class VenueClient:
         while True:
             response = self._call("GET", path, params=page_params)
             page: Page[ModelT] = self._parse_list(path, response, item_type)
-            yield from page.data
+            yield page
             key = page.next_page_key
             if not page.more_pages or not key:
                 return

@@ -1,0 +1,499 @@
+"""The change feed: each partner's listOrdersByPartner with ``sync=true&lastRowVersion``.
+
+:func:`run_feed` follows every configured partner's feed once; :func:`follow_feed` follows
+one. A pass reads from a little below the stored high-water mark
+(:class:`~storage.models.FeedCursor`) to the end, page by page, and compares each
+summary with the mirror (:class:`~storage.models.VenueOrder`):
+
+- an order in flight (Submitted, Scheduled, Processing) never costs a getOrder: an
+  unknown one gets a header-only mirror row from its summary, a known one whose status
+  moved gets its header status updated, with a :class:`~storage.models.StatusChange`
+  (source ``poll``); items, wallets and assets are left alone;
+- a settled order (Draft, Issued, Error, Cancelled) that differs from the mirror — unknown,
+  marked removed, another status or status message, or a higher ``rowVersion`` than the
+  one the mirror was adopted at — is queued for the worker
+  (:func:`receiver.inbox.queue_lookups`, reason ``feed``), which fetches it as it does
+  for a webhook;
+- a settled order equal to the mirror costs nothing: its ``rowVersion`` is recorded on
+  the mirror (*adopted*), so that the order fetched for a webhook is not fetched again.
+
+``VenueOrder.row_version`` is the highest ``rowVersion`` at which the mirror is known to
+hold the order. When the feed sees an order go back into flight (a replaceOrder), it
+clears the field: the content it holds belongs to no version any more, and the fetch
+that follows the order's settling — for a webhook or for the feed — is adopted when the
+feed next sees the settled summary. Keeping the in-flight summary's version instead
+would make every order whose webhook arrived look changed (its settled version is
+higher than its in-flight one) and cost a second getOrder.
+
+Each page is applied in one transaction that also moves the cursor up to the highest
+``rowVersion`` read so far (never down), so a pass killed between pages loses nothing:
+the next one starts from the last committed page. Re-reads are idempotent.
+
+The venue restored from a backup makes ``rowVersion`` go backwards. A pass notices when
+not even the row at the high-water mark comes back (at least that row is always re-read)
+and confirms with a full listing: when its highest version is below the cursor too, the
+listing is applied like any pass and the cursor set to that version — the one place it
+goes down — with a warning. (The newest rows all deleted outright looks the same, and
+lowering the cursor is then just as right.) A restore followed by more changes than the
+high-water mark before the next pass is not noticed; those changes below the mark are
+missed until the order changes again, and the watchdog's re-reads cover Draft and Error
+orders meanwhile.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from receiver.inbox import Lookup, queue_lookups
+from storage.models import ChangeSource, FeedCursor, StatusChange, VenueOrder
+from venue.client import VenueClient
+from venue.errors import VenueError
+from venue.models import OrderStatus, OrderSummary
+
+logger = logging.getLogger(__name__)
+
+FEED_REASON = "feed"
+"""The ``reason`` of the lookups the feed queues."""
+
+_CHUNK = 500
+"""Order ids per ``IN (...)`` list: far below SQLite's limit on bound parameters."""
+
+
+@dataclass
+class FeedReport:
+    """What a feed pass did, in counts.
+
+    Attributes:
+        partners: partner feeds read.
+        listed: summaries read.
+        queued: lookups stored in the inbox (getOrder to come).
+        updated: mirror headers written from in-flight summaries (no getOrder).
+        adopted: summaries equal to the mirror whose ``rowVersion`` was recorded.
+        restarted: feeds re-read in full because the ``rowVersion`` went backwards.
+        venue_calls: list pages requested, failed requests included.
+        errors: partner feeds cut short by a venue error.
+    """
+
+    partners: int = 0
+    listed: int = 0
+    queued: int = 0
+    updated: int = 0
+    adopted: int = 0
+    restarted: int = 0
+    venue_calls: int = 0
+    errors: int = 0
+
+    def add(self, other: FeedReport) -> None:
+        """Add ``other``'s counts to this report's."""
+        for field in fields(self):
+            setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
+
+    def as_dict(self) -> dict[str, int]:
+        """The counts by name, for logs and ``otacm poll --json``."""
+        return {field.name: getattr(self, field.name) for field in fields(self)}
+
+
+def run_feed(
+    sessions: sessionmaker[Session],
+    clients: Mapping[int, VenueClient],
+    partners: Mapping[int, Sequence[str]],
+    *,
+    now: dt.datetime,
+    overlap: int,
+    page_size: int | None = None,
+) -> FeedReport:
+    """Follow the change feed of every partner of every connection, once.
+
+    A venue error ends one partner's pass (its cursor stays at its last committed page)
+    and the next partner is read; errors are counted, not raised.
+
+    Args:
+        sessions: the session factory; each page commits its own transaction.
+        clients: the venue client of each connection id; the caller owns them.
+        partners: the partner ids to follow, by connection id.
+        now: when the pass runs (aware): the time of status changes and lookups.
+        overlap: row versions re-read below each high-water mark (setting ``feed_overlap``).
+        page_size: summaries per page; the venue's default (20000) when omitted.
+
+    Returns:
+        The counts of every partner's pass added up.
+
+    Raises:
+        sqlalchemy.exc.SQLAlchemyError: our database failed; pages committed so far stay.
+    """
+    total = FeedReport()
+    for connection_id, partner_ids in partners.items():
+        client = clients.get(connection_id)
+        if client is None:
+            logger.warning("change feed: no venue client for connection %d", connection_id)
+            total.errors += len(partner_ids)
+            continue
+        for partner_id in partner_ids:
+            total.add(
+                follow_feed(
+                    sessions,
+                    client,
+                    connection_id=connection_id,
+                    partner_id=partner_id,
+                    now=now,
+                    overlap=overlap,
+                    page_size=page_size,
+                )
+            )
+    return total
+
+
+def follow_feed(
+    sessions: sessionmaker[Session],
+    client: VenueClient,
+    *,
+    connection_id: int,
+    partner_id: str,
+    now: dt.datetime,
+    overlap: int,
+    page_size: int | None = None,
+) -> FeedReport:
+    """Read one partner's change feed to its end and bring the mirror up to it.
+
+    See the module docstring for the decisions. A venue error is logged and counted in
+    ``errors``; the pages applied before it stay, with the cursor.
+
+    Args:
+        sessions: the session factory; each page commits its own transaction.
+        client: the connection's venue client; the caller owns it.
+        connection_id: the venue connection.
+        partner_id: the partner whose feed to read.
+        now: when the pass runs (aware).
+        overlap: row versions re-read below the high-water mark; at least the row at
+            the mark itself is always re-read (that is how a restore is noticed).
+        page_size: summaries per page; the venue's default when omitted.
+
+    Returns:
+        What the pass did.
+
+    Raises:
+        sqlalchemy.exc.SQLAlchemyError: our database failed; pages committed so far stay.
+    """
+    report = FeedReport(partners=1)
+    feed = _Feed(sessions, client, connection_id, partner_id, now, page_size, report)
+    try:
+        cursor = feed.cursor()
+        if cursor is None:
+            feed.read(None)
+        else:
+            highest = feed.read(max(cursor - max(overlap, 1), 0))
+            if cursor > 0 and (highest is None or highest < cursor):
+                feed.verify(cursor)
+    except VenueError as exc:
+        # The request that failed was a call too.
+        report.venue_calls += 1
+        report.errors += 1
+        logger.warning(
+            "change feed of partner %s (connection %d) failed: %s; "
+            "the cursor stays at the last page applied",
+            partner_id,
+            connection_id,
+            exc,
+        )
+    return report
+
+
+class _Feed:
+    """One pass over one partner's feed: the reading, and the writing of each page."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        client: VenueClient,
+        connection_id: int,
+        partner_id: str,
+        now: dt.datetime,
+        page_size: int | None,
+        report: FeedReport,
+    ) -> None:
+        self.sessions = sessions
+        self.client = client
+        self.connection_id = connection_id
+        self.partner_id = partner_id
+        self.now = now
+        self.page_size = page_size
+        self.report = report
+
+    def cursor(self) -> int | None:
+        """The stored high-water mark, or ``None`` before the first row was read."""
+        with self.sessions.begin() as session:
+            return session.scalar(
+                sa.select(FeedCursor.last_row_version).where(
+                    FeedCursor.connection_id == self.connection_id,
+                    FeedCursor.partner_id == self.partner_id,
+                )
+            )
+
+    def read(self, after: int | None, *, listing: bool = False) -> int | None:
+        """Apply the feed after row version ``after`` (``None``: all), page by page.
+
+        Args:
+            after: the ``lastRowVersion`` to ask for.
+            listing: this is a full listing confirming a restore: summaries older than
+                the mirror's version are taken as the truth, not as stale.
+
+        Returns:
+            The highest row version read, or ``None`` when the feed was empty.
+        """
+        highest: int | None = None
+        for page in self.client.change_feed_pages(self.partner_id, after, self.page_size):
+            self.report.venue_calls += 1
+            self.report.listed += len(page.data)
+            versions = [s.row_version for s in page.data if s.row_version is not None]
+            if versions:
+                highest = max(versions if highest is None else [highest, *versions])
+            if not page.data:
+                continue
+            with self.sessions.begin() as session:
+                self.apply(session, page.data, listing=listing)
+                if highest is not None:
+                    self.advance(session, highest)
+        return highest
+
+    def verify(self, cursor: int) -> None:
+        """Confirm with a full listing that the venue went back below ``cursor``; if so, restart.
+
+        The listing is applied like any pass; then, if nothing in it reaches the cursor,
+        the cursor is set to the listing's highest version (0 when it is empty).
+        """
+        highest = self.read(None, listing=True)
+        if highest is not None and highest >= cursor:
+            return  # a row at or above the mark came back after all: nothing went backwards
+        restart_at = highest or 0
+        with self.sessions.begin() as session:
+            # Only from the mark this pass started at: a concurrent pass may have moved it.
+            moved = session.execute(
+                sa.update(FeedCursor)
+                .where(
+                    FeedCursor.connection_id == self.connection_id,
+                    FeedCursor.partner_id == self.partner_id,
+                    FeedCursor.last_row_version == cursor,
+                )
+                .values(last_row_version=restart_at, updated_at=self.now)
+                .execution_options(synchronize_session=False)
+            )
+        if moved.rowcount:  # type: ignore[attr-defined]
+            self.report.restarted += 1
+            logger.warning(
+                "change feed of partner %s (connection %d) went backwards: nothing at or "
+                "above rowVersion %d any more (a venue restore, or the newest orders "
+                "deleted); re-read in full, the cursor is now %d",
+                self.partner_id,
+                self.connection_id,
+                cursor,
+                restart_at,
+            )
+
+    def advance(self, session: Session, version: int) -> None:
+        """Raise the cursor to ``version``, creating it; never lower it."""
+        values = {
+            "connection_id": self.connection_id,
+            "partner_id": self.partner_id,
+            "last_row_version": version,
+            "updated_at": self.now,
+        }
+        insert: postgresql.Insert | sqlite.Insert
+        if session.get_bind().dialect.name == "postgresql":
+            insert = postgresql.insert(FeedCursor).values(values)
+        else:
+            insert = sqlite.insert(FeedCursor).values(values)
+        session.execute(
+            insert.on_conflict_do_update(
+                index_elements=["connection_id", "partner_id"],
+                set_={
+                    "last_row_version": insert.excluded.last_row_version,
+                    "updated_at": insert.excluded.updated_at,
+                },
+                where=FeedCursor.last_row_version < insert.excluded.last_row_version,
+            )
+        )
+
+    def apply(self, session: Session, summaries: Sequence[OrderSummary], *, listing: bool) -> None:
+        """Compare one page's summaries with the mirror and write what differs."""
+        latest: dict[str, OrderSummary] = {}
+        for summary in summaries:
+            # In row-version order: a later summary of the same order is the newer one.
+            latest[_guid(summary.order_id)] = summary
+        mirrored = {row.order_id: row for row in self.locked_orders(session, latest)}
+        lookups: list[Lookup] = []
+        new_orders: list[OrderSummary] = []
+        for order_id, summary in latest.items():
+            row = mirrored.get(order_id)
+            if row is None:
+                if summary.status.in_flight:
+                    new_orders.append(summary)
+                else:
+                    lookups.append(_lookup(order_id, summary, listing=listing))
+                continue
+            lookup = self.decide(session, row, summary, listing=listing)
+            if lookup is not None:
+                lookups.append(lookup)
+        if new_orders:
+            self.add_headers(session, new_orders)
+        if lookups:
+            result = queue_lookups(session.connection(), self.connection_id, lookups, now=self.now)
+            self.report.queued += result.stored
+
+    def decide(
+        self, session: Session, row: VenueOrder, summary: OrderSummary, *, listing: bool
+    ) -> Lookup | None:
+        """Apply one summary to its mirror row; the lookup to queue, if it needs one."""
+        version = summary.row_version
+        known = row.row_version
+        if not listing and version is not None and known is not None and version < known:
+            return None  # an older state than the mirror holds (a late re-read)
+        message = _blank(summary.status_message)
+        same = row.removed_at is None and (row.status, row.status_message) == (
+            summary.status,
+            message,
+        )
+        if not same and row.fetched_at is not None and row.fetched_at > self.now:
+            # Fetched after this pass began: the mirror is newer than the summary (a
+            # webhook's fetch raced this page); the next pass compares again.
+            return None
+        if summary.status.in_flight:
+            if not same:
+                self.update_header(session, row, summary, message)
+            return None
+        if same:
+            if version is None or known == version:
+                return None
+            # Unknown: the mirror came from a fetch made after the order settled (for a
+            # webhook, or for an earlier pass), so it holds this version. Higher: only in
+            # a listing after a restore, whose versions are the truth now.
+            if known is None or known > version:
+                row.row_version = version
+                self.report.adopted += 1
+                return None
+        # Another status, removed, or a newer version of the same status (a new processing
+        # run the feed saw nothing of): fetch it. The fetch will be at least this version.
+        if version is not None:
+            row.row_version = version
+        return _lookup(row.order_id, summary, listing=listing)
+
+    def update_header(
+        self, session: Session, row: VenueOrder, summary: OrderSummary, message: str | None
+    ) -> None:
+        """Record an in-flight step on a known order: status, message, history; no items."""
+        row.status = summary.status
+        row.status_message = message
+        row.status_changed_at = self.now
+        row.removed_at = None
+        # The content held belongs to no version now; the settled fetch will be adopted.
+        row.row_version = None
+        if row.buy_from_order_reference is None:
+            row.buy_from_order_reference = _blank(summary.buy_from_order_reference)
+        session.add(_status_change(row, summary.status, message, self.now))
+        self.report.updated += 1
+
+    def add_headers(self, session: Session, summaries: Sequence[OrderSummary]) -> None:
+        """Header-only mirror rows for unknown in-flight orders, with their first status."""
+        try:
+            with session.begin_nested():
+                session.add_all(_header(self.connection_id, s, self.now) for s in summaries)
+        except IntegrityError:
+            # The worker stored some of these orders meanwhile (from a fetch, so newer
+            # than a summary): add the others one by one and leave those alone.
+            for summary in summaries:
+                try:
+                    with session.begin_nested():
+                        session.add(_header(self.connection_id, summary, self.now))
+                except IntegrityError:
+                    continue
+                self.report.updated += 1
+        else:
+            self.report.updated += len(summaries)
+
+    def locked_orders(self, session: Session, order_ids: Iterable[str]) -> list[VenueOrder]:
+        """The mirror rows of ``order_ids``, locked against a concurrent worker's upsert.
+
+        ``FOR UPDATE`` on PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` already serializes.
+        """
+        wanted = sorted(order_ids)
+        rows: list[VenueOrder] = []
+        for start in range(0, len(wanted), _CHUNK):
+            rows.extend(
+                session.scalars(
+                    sa.select(VenueOrder)
+                    .where(
+                        VenueOrder.connection_id == self.connection_id,
+                        VenueOrder.order_id.in_(wanted[start : start + _CHUNK]),
+                    )
+                    .order_by(VenueOrder.order_id)
+                    .with_for_update()
+                )
+            )
+        return rows
+
+
+def _lookup(order_id: str, summary: OrderSummary, *, listing: bool) -> Lookup:
+    # After a restore, row versions are reused: a lookup keyed by one could collide with
+    # an older one of the same order and be dropped as a repeat, so none is given.
+    return Lookup(
+        order_id,
+        FEED_REASON,
+        status=str(summary.status),
+        row_version=None if listing else summary.row_version,
+        buy_from_order_reference=_blank(summary.buy_from_order_reference),
+    )
+
+
+def _header(connection_id: int, summary: OrderSummary, now: dt.datetime) -> VenueOrder:
+    """A mirror row from a summary: the header only, as the feed first saw the order."""
+    message = _blank(summary.status_message)
+    row = VenueOrder(
+        connection_id=connection_id,
+        order_id=_guid(summary.order_id),
+        partner_id=_guid(summary.partner_id),
+        sell_to_order_reference=summary.sell_to_order_reference,
+        buy_from_order_reference=_blank(summary.buy_from_order_reference),
+        status=summary.status,
+        status_message=message,
+        status_changed_at=now,
+        received_at=summary.received_at,
+        sell_to_email=_blank(summary.sell_to_email),
+        sell_to_name=_blank(summary.sell_to_name),
+        sell_to_language=_blank(summary.sell_to_language),
+        payment_reference=_blank(summary.payment_reference),
+        job_id=_blank(summary.job_id),
+        manifest_url=_blank(summary.manifest_url),
+        row_version=None,
+        first_seen_at=now,
+    )
+    _status_change(row, summary.status, message, now)
+    return row
+
+
+def _status_change(
+    row: VenueOrder, status: OrderStatus, message: str | None, now: dt.datetime
+) -> StatusChange:
+    # Appended to ``row.status_changes`` through the relationship; a new row brings it
+    # into the session, a row already there needs ``session.add``.
+    return StatusChange(
+        order=row, status=status, status_message=message, observed_at=now, source=ChangeSource.POLL
+    )
+
+
+def _blank(value: str | None) -> str | None:
+    # As the mirror stores them: the venue's "" means no value.
+    if value is None or not value.strip():
+        return None
+    return value
+
+
+def _guid(value: str) -> str:
+    # As the mirror stores them: lowercase, no braces.
+    return value.strip().strip("{}").lower()

@@ -1,0 +1,241 @@
+"""The watchdog: mirrored orders to look up directly because nothing has told us of them.
+
+:func:`check_orders` makes no venue call itself: it queues lookups
+(:func:`receiver.inbox.queue_lookups`) for the inbox worker, which calls getOrder and
+mirrors the answer, or marks the order removed on a 404. It picks, oldest first and at
+most ``limit`` a run (the API quota):
+
+- orders in flight that nothing has been heard of for ``in_flight_after`` — neither a
+  status change (webhook, feed, submission) nor a fetch — reason ``in_flight``. Both
+  times count: a fetch that finds the order still in the same step leaves
+  ``status_changed_at`` alone but sets ``fetched_at``, so an order stuck for an hour is
+  looked up once per ``in_flight_after``, not on every run;
+- Draft and Error orders not re-read for ``open_recheck`` (their ``fetched_at``), reason
+  ``recheck``: deleting one removes it at the venue without a trace in the change feed,
+  and so does the venue when a new order takes an Error order's reference (the old
+  orderId vanishes). A 404 on the re-read marks them removed.
+
+Orders that already wait in the inbox (a webhook's row or an earlier lookup, pending or
+leased) are left out: the coming fetch answers for them too.
+
+:func:`stuck_condition` is the one definition of a *stuck* order — in flight, not
+removed, in its status since before a cutoff — which the metrics and the reconciliation
+share. The watchdog counts the orders stuck past ``stuck_after`` and logs them as a
+warning on every run.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, fields
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session, sessionmaker
+
+from receiver.inbox import Lookup, queue_lookups
+from storage.models import Inbox, InboxState, VenueOrder
+from venue.models import IN_FLIGHT_STATUSES, OrderStatus
+
+logger = logging.getLogger(__name__)
+
+IN_FLIGHT_REASON = "in_flight"
+"""The ``reason`` of lookups of orders in flight for too long."""
+
+RECHECK_REASON = "recheck"
+"""The ``reason`` of re-reads of Draft and Error orders."""
+
+OPEN_STATUSES = (OrderStatus.DRAFT, OrderStatus.ERROR)
+"""Settled, but the partner may still replace or delete the order (it may vanish)."""
+
+_Candidate = sa.Row[int, str, OrderStatus, str | None]
+"""A candidate for a lookup: connection id, orderId, status, buyFromOrderReference."""
+
+STUCK_IDS_LOGGED = 10
+"""How many stuck orderIds a warning names; the count is always complete."""
+
+
+@dataclass
+class WatchdogReport:
+    """What a watchdog run did, in counts.
+
+    Attributes:
+        in_flight: in-flight orders queued for a direct look-up.
+        rechecked: Draft and Error orders queued for a re-read (they may be gone).
+        stuck: orders in flight past ``stuck_after`` (logged as a warning).
+    """
+
+    in_flight: int = 0
+    rechecked: int = 0
+    stuck: int = 0
+
+    def add(self, other: WatchdogReport) -> None:
+        """Add ``other``'s counts to this report's."""
+        for field in fields(self):
+            setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
+
+    def as_dict(self) -> dict[str, int]:
+        """The counts by name, for logs and ``otacm poll --json``."""
+        return {field.name: getattr(self, field.name) for field in fields(self)}
+
+
+def stuck_condition(cutoff: dt.datetime) -> sa.ColumnElement[bool]:
+    """Whether a :class:`~storage.models.VenueOrder` is stuck: in flight since before ``cutoff``.
+
+    In flight is Submitted, Scheduled or Processing; a removed order is not stuck. The
+    time is ``status_changed_at``, when otacm saw the order enter its current status.
+
+    Args:
+        cutoff: orders in their status since before this are stuck (``now - stuck_after``).
+    """
+    return sa.and_(
+        VenueOrder.status.in_(sorted(IN_FLIGHT_STATUSES)),
+        VenueOrder.removed_at.is_(None),
+        VenueOrder.status_changed_at < cutoff,
+    )
+
+
+def check_orders(
+    sessions: sessionmaker[Session],
+    *,
+    now: dt.datetime,
+    in_flight_after: dt.timedelta,
+    open_recheck: dt.timedelta,
+    stuck_after: dt.timedelta,
+    connection_ids: Collection[int] | None = None,
+    limit: int = 500,
+) -> WatchdogReport:
+    """Queue look-ups of quiet in-flight orders and re-reads of Draft/Error orders.
+
+    See the module docstring. In-flight orders come first; re-reads take what is left of
+    ``limit``. One transaction; no venue call.
+
+    Args:
+        sessions: the session factory; the run commits its own transaction.
+        now: the current time (aware).
+        in_flight_after: how long an in-flight order may go unheard of (setting
+            ``in_flight_check_after``).
+        open_recheck: how often a Draft or Error order is re-read (setting
+            ``open_order_recheck``).
+        stuck_after: how long in flight makes an order stuck (setting ``stuck_after``).
+        connection_ids: only orders of these connections; every connection when omitted.
+        limit: the most lookups queued by one run.
+
+    Returns:
+        What the run queued and how many orders are stuck.
+    """
+    report = WatchdogReport()
+    scope: list[sa.ColumnElement[bool]] = []
+    if connection_ids is not None:
+        scope.append(VenueOrder.connection_id.in_(sorted(connection_ids)))
+    waiting = (
+        sa.select(Inbox.id)
+        .where(
+            Inbox.connection_id == VenueOrder.connection_id,
+            Inbox.order_id == VenueOrder.order_id,
+            Inbox.state.in_([InboxState.PENDING, InboxState.LEASED]),
+        )
+        .exists()
+    )
+    columns = (
+        VenueOrder.connection_id,
+        VenueOrder.order_id,
+        VenueOrder.status,
+        VenueOrder.buy_from_order_reference,
+    )
+    quiet_since = now - in_flight_after
+    recheck_before = now - open_recheck
+    # The later of the last status change and the last fetch: when we last heard of it.
+    last_heard = sa.case(
+        (
+            sa.and_(
+                VenueOrder.fetched_at.is_not(None),
+                VenueOrder.fetched_at > VenueOrder.status_changed_at,
+            ),
+            VenueOrder.fetched_at,
+        ),
+        else_=VenueOrder.status_changed_at,
+    )
+    with sessions.begin() as session:
+        quiet = session.execute(
+            sa.select(*columns)
+            .where(
+                *scope,
+                VenueOrder.status.in_(sorted(IN_FLIGHT_STATUSES)),
+                VenueOrder.removed_at.is_(None),
+                VenueOrder.status_changed_at < quiet_since,
+                sa.or_(VenueOrder.fetched_at.is_(None), VenueOrder.fetched_at < quiet_since),
+                ~waiting,
+            )
+            .order_by(last_heard, VenueOrder.id)
+            .limit(limit)
+        ).all()
+        open_orders: Sequence[_Candidate] = ()
+        if len(quiet) < limit:
+            open_orders = session.execute(
+                sa.select(*columns)
+                .where(
+                    *scope,
+                    VenueOrder.status.in_(OPEN_STATUSES),
+                    VenueOrder.removed_at.is_(None),
+                    sa.or_(
+                        VenueOrder.fetched_at < recheck_before,
+                        sa.and_(
+                            VenueOrder.fetched_at.is_(None),
+                            VenueOrder.status_changed_at < recheck_before,
+                        ),
+                    ),
+                    ~waiting,
+                )
+                .order_by(sa.func.coalesce(VenueOrder.fetched_at, VenueOrder.status_changed_at))
+                .order_by(VenueOrder.id)
+                .limit(limit - len(quiet))
+            ).all()
+        report.in_flight = _queue(session, quiet, IN_FLIGHT_REASON, now)
+        report.rechecked = _queue(session, open_orders, RECHECK_REASON, now)
+
+        stuck_where = [*scope, stuck_condition(now - stuck_after)]
+        report.stuck = session.scalar(sa.select(sa.func.count()).where(*stuck_where)) or 0
+        stuck_ids: list[str] = []
+        if report.stuck:
+            stuck_ids = list(
+                session.scalars(
+                    sa.select(VenueOrder.order_id)
+                    .where(*stuck_where)
+                    .order_by(VenueOrder.status_changed_at, VenueOrder.id)
+                    .limit(STUCK_IDS_LOGGED)
+                )
+            )
+    if report.stuck:
+        logger.warning(
+            "%d orders in flight for over %s (stuck; oldest first: %s)",
+            report.stuck,
+            stuck_after,
+            ", ".join(stuck_ids),
+        )
+    if report.in_flight or report.rechecked:
+        logger.info(
+            "watchdog queued %d in-flight look-ups and %d re-reads",
+            report.in_flight,
+            report.rechecked,
+        )
+    return report
+
+
+def _queue(
+    session: Session,
+    rows: Sequence[_Candidate],
+    reason: str,
+    now: dt.datetime,
+) -> int:
+    """Queue a lookup per row, grouped by connection; how many were stored."""
+    by_connection: dict[int, list[Lookup]] = {}
+    for connection_id, order_id, status, buy_from in rows:
+        by_connection.setdefault(connection_id, []).append(
+            Lookup(order_id, reason, status=str(status), buy_from_order_reference=buy_from)
+        )
+    stored = 0
+    for connection_id, lookups in sorted(by_connection.items()):
+        stored += queue_lookups(session.connection(), connection_id, lookups, now=now).stored
+    return stored

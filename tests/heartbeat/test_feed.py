@@ -1,0 +1,312 @@
+"""The change feed (``heartbeat.feed``) against the sandbox over real HTTP, no webhooks.
+
+Every test runs on SQLite and PostgreSQL. No receiver is subscribed, so what the mirror
+learns, the feed found (and the worker fetched).
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from heartbeat.feed import FeedReport, follow_feed, run_feed
+from sandbox.pipeline import STUCK_MESSAGE
+from storage.models import InboxSource
+from tests.heartbeat.conftest import HeartbeatStack, line
+from venue.client import open_client
+from venue.models import OrderStatus
+
+
+def test_the_feed_alone_mirrors_every_order_in_its_true_state(stack: HeartbeatStack) -> None:
+    """Issued, Draft and Error orders end mirrored with their wallets; each fetched once.
+
+    The in-flight step before the pickup costs no getOrder: the feed writes the header.
+    """
+    issued = [stack.create(f"ISSUED-{n}") for n in range(4)]
+    drafts = [stack.create(f"DRAFT-{n}", paid=False) for n in range(2)]
+    errors = [stack.create_error(f"ERROR-{n}") for n in range(2)]
+    every = issued + drafts + errors
+
+    first = stack.feed()
+
+    assert (first.partners, first.listed, first.updated, first.queued) == (2, 8, 8, 0)
+    assert stack.drain().claimed == 0
+    assert stack.calls("getOrder") == 0
+    for order_id in every:
+        row = stack.mirror(order_id)
+        truth = stack.truth(order_id)
+        assert row is not None and truth is not None
+        assert (row.status, row.items, row.fetched_at) == (OrderStatus.SUBMITTED, [], None)
+        assert row.buy_from_order_reference == truth.buy_from_order_reference
+
+    stack.tick()
+    second, worker = stack.sync()
+
+    assert (second.queued, worker.fetched, worker.done) == (8, 8, 8)
+    mirrored = stack.assert_mirrored(every)
+    assert {mirrored[o].status for o in issued} == {OrderStatus.ISSUED}
+    assert {mirrored[o].status for o in drafts} == {OrderStatus.DRAFT}
+    assert {mirrored[o].status for o in errors} == {OrderStatus.ERROR}
+    assert all(mirrored[o].status_message for o in errors)
+    assert stack.calls("getOrder") == len(every)
+    assert stack.history(issued[0]) == [("Submitted", "poll"), ("Issued", "poll")]
+    assert {row.source for row in stack.inbox()} == {InboxSource.POLL}
+    assert stack.cursor() == max(stack.truth_row_version(o) for o in every)
+
+
+def test_unknown_settled_orders_are_fetched_once_and_then_adopted(stack: HeartbeatStack) -> None:
+    """Orders first seen settled are fetched; the next pass only records their rowVersion."""
+    orders = [stack.create(f"LATE-{n}") for n in range(3)]
+    stack.tick()
+
+    first, _ = stack.sync()
+    second = stack.feed(overlap=1000)
+
+    assert (first.queued, first.updated) == (3, 0)
+    assert (second.queued, second.updated, second.adopted) == (0, 0, 3)
+    assert stack.calls("getOrder") == 3
+    mirrored = stack.assert_mirrored(orders)
+    assert {row.row_version for row in mirrored.values()} == {
+        stack.truth_row_version(o) for o in orders
+    }
+
+
+def test_rerunning_the_feed_changes_nothing(stack: HeartbeatStack) -> None:
+    """A second pass re-reading every row (overlap) stores nothing and calls no getOrder."""
+    orders = [stack.create(f"AGAIN-{n}", paid=n % 2 == 0) for n in range(4)]
+    stack.feed()
+    stack.tick()
+    stack.sync()
+    stack.sync()
+    before, get_calls = stack.snapshot(), stack.calls("getOrder")
+
+    again = stack.feed(overlap=1000)
+
+    assert again.as_dict() == {
+        **FeedReport().as_dict(),
+        "partners": 2,
+        "listed": len(orders),
+        "venue_calls": 2,
+    }
+    assert stack.drain().claimed == 0
+    assert stack.snapshot() == before
+    assert stack.calls("getOrder") == get_calls
+
+
+def test_confirm_and_cancel_are_seen_by_the_feed(stack: HeartbeatStack) -> None:
+    """confirmOrder (Draft → Issued) and deleteOrder of an Issued order (→ Cancelled) fire no
+    webhook; the feed sees both and the worker mirrors them."""
+    draft = stack.create("TO-CONFIRM", paid=False)
+    issued = stack.create("TO-CANCEL")
+    stack.tick()
+    stack.sync()
+    assert stack.mirror(draft).status is OrderStatus.DRAFT  # type: ignore[union-attr]
+    stack.reset_stats()
+
+    stack.venue.confirm_order(draft, "PAID-LATER")
+    stack.venue.delete_order(issued)
+    report, worker = stack.sync()
+
+    assert (report.queued, worker.fetched) == (2, 2)
+    mirrored = stack.assert_mirrored([draft, issued])
+    assert mirrored[draft].status is OrderStatus.ISSUED
+    assert mirrored[draft].payment_reference == "PAID-LATER"
+    assert mirrored[issued].status is OrderStatus.CANCELLED
+    assert [w for item in mirrored[issued].items for w in item.wallets] == []
+    assert stack.history(issued)[-1] == ("Cancelled", "poll")
+    assert stack.calls("getOrder") == 2
+
+
+def test_a_replaced_order_re_enters_flight_and_settles_again(stack: HeartbeatStack) -> None:
+    """An Error order replaced goes back in flight (header only, no getOrder), then settles."""
+    order_id = stack.create_error("FIX-ME")
+    stack.tick()
+    stack.sync()
+    assert stack.mirror(order_id).status is OrderStatus.ERROR  # type: ignore[union-attr]
+    gets = stack.calls("getOrder")
+
+    stack.venue.replace_order(order_id, stack.order_request("FIX-ME", items=[line(quantity=2)]))
+    in_flight, _ = stack.sync()
+
+    assert (in_flight.updated, in_flight.queued) == (1, 0)
+    assert stack.mirror(order_id).status is OrderStatus.SUBMITTED  # type: ignore[union-attr]
+    assert stack.calls("getOrder") == gets
+
+    stack.tick()
+    settled, _ = stack.sync()
+
+    assert settled.queued == 1
+    (row,) = stack.assert_mirrored([order_id]).values()
+    assert row.status is OrderStatus.ISSUED
+    assert sum(len(item.wallets) for item in row.items) == 2
+    assert stack.history(order_id) == [
+        ("Error", "poll"),
+        ("Submitted", "poll"),
+        ("Issued", "poll"),
+    ]
+    assert stack.calls("getOrder") == gets + 1
+
+
+def test_a_processing_run_unseen_in_flight_is_found_by_its_row_version(
+    stack: HeartbeatStack,
+) -> None:
+    """A Draft replaced and settled Draft again between two passes: same status, new version,
+    so it is fetched and the new lines mirrored."""
+    order_id = stack.create("REDO", paid=False)
+    stack.tick()
+    stack.sync()
+    stack.sync()  # adopts the settled version
+
+    stack.venue.replace_order(
+        order_id, stack.order_request("REDO", paid=False, items=[line(quantity=3)])
+    )
+    stack.tick()
+    report, worker = stack.sync()
+
+    assert (report.queued, worker.fetched) == (1, 1)
+    (row,) = stack.assert_mirrored([order_id]).values()
+    assert row.status is OrderStatus.DRAFT
+    assert sum(len(item.wallets) for item in row.items) == 3
+
+
+def test_the_sweepers_silent_error_is_seen_by_the_feed(stack: HeartbeatStack) -> None:
+    """An order stalled in Processing, turned to Error by the venue's sweeper an hour later
+    (no webhook), is seen by the feed with the venue's reason."""
+    stack.faults(stallProcessingRate=1.0)
+    order_id = stack.create("STALLS")
+    stack.tick()
+    stalled, _ = stack.sync()
+    assert (stalled.updated, stalled.queued) == (1, 0)
+    assert stack.mirror(order_id).status is OrderStatus.PROCESSING  # type: ignore[union-attr]
+    assert stack.calls("getOrder") == 0
+
+    stack.faults(stallProcessingRate=0.0)
+    stack.advance(3601)
+    assert stack.tick().timed_out == [order_id]
+    swept, worker = stack.sync()
+
+    assert (swept.queued, worker.fetched) == (1, 1)
+    (row,) = stack.assert_mirrored([order_id]).values()
+    assert (row.status, row.status_message) == (OrderStatus.ERROR, STUCK_MESSAGE)
+    assert stack.history(order_id) == [("Processing", "poll"), ("Error", "poll")]
+
+
+def test_a_restore_sends_the_cursor_down_and_later_changes_are_still_seen(
+    stack: HeartbeatStack,
+) -> None:
+    """rowVersion going backwards (a venue restore) is noticed, the feed re-read in full and
+    the cursor lowered; changes made after the restore reach the mirror."""
+    draft = stack.create("BEFORE-DRAFT", paid=False)
+    issued = stack.create("BEFORE-ISSUED")
+    stack.tick()
+    stack.sync()
+    high_water = stack.cursor()
+    assert high_water is not None and high_water > 2
+
+    assert stack.restore() == {"orders": 2, "rowVersion": 2}
+    stack.venue.confirm_order(draft, "PAID-AFTER-RESTORE")  # rowVersion 3
+    newcomer = stack.create("AFTER-RESTORE")  # rowVersion 4: both below the high-water mark
+    restarted, _ = stack.sync()
+
+    assert restarted.restarted == 1
+    assert stack.cursor() == 4 < high_water
+    assert restarted.queued == 1 and restarted.updated == 1  # the confirm; the newcomer's header
+    assert stack.mirror(draft).status is OrderStatus.ISSUED  # type: ignore[union-attr]
+    assert stack.mirror(newcomer).status is OrderStatus.SUBMITTED  # type: ignore[union-attr]
+
+    stack.tick()
+    later, _ = stack.sync()
+
+    assert (later.restarted, later.queued) == (0, 1)
+    stack.assert_mirrored([draft, issued, newcomer])
+    assert stack.cursor() == stack.truth_row_version(newcomer)
+
+
+def test_an_empty_feed_and_a_feed_emptied_by_deletes(stack: HeartbeatStack) -> None:
+    """No orders: no cursor, one call per partner. Every order deleted: the cursor goes to 0
+    once, and idle passes after that cost one call per partner again."""
+    empty = stack.feed()
+    assert empty.as_dict() == {**FeedReport().as_dict(), "partners": 2, "venue_calls": 2}
+    assert stack.cursor() is None
+
+    order_id = stack.create("SHORT-LIVED", paid=False)
+    stack.tick()
+    stack.sync()
+    assert stack.cursor() == stack.truth_row_version(order_id)
+    stack.venue.delete_order(order_id)
+
+    emptied = stack.feed()
+    idle = stack.feed()
+
+    assert (emptied.restarted, emptied.venue_calls) == (1, 3)
+    assert stack.cursor() == 0
+    assert (idle.restarted, idle.venue_calls, idle.queued) == (0, 2, 0)
+
+
+class Killed(Exception):
+    """Stands for the process dying in the middle of a feed pass."""
+
+
+class DieOnNextPage(httpx.BaseTransport):
+    """Real HTTP to the sandbox, except that asking for a second page kills the caller."""
+
+    def __init__(self) -> None:
+        self._inner = httpx.HTTPTransport()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if "pageKey" in request.url.params:
+            raise Killed
+        return self._inner.handle_request(request)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+def test_a_pass_killed_between_pages_keeps_the_pages_before(stack: HeartbeatStack) -> None:
+    """A pass that dies at its second page keeps the first page's work and cursor; the next
+    pass goes on from there."""
+    orders = [stack.create(f"PAGED-{n}") for n in range(5)]
+    stack.tick()
+    versions = sorted(stack.truth_row_version(o) for o in orders)
+
+    with (
+        open_client(stack.settings.connections[0], transport=DieOnNextPage()) as dying,
+        pytest.raises(Killed),
+    ):
+        follow_feed(
+            stack.sessions,
+            dying,
+            connection_id=stack.connection_id,
+            partner_id=stack.partner_id,
+            now=stack.now(),
+            overlap=0,
+            page_size=2,
+        )
+
+    assert stack.cursor() == versions[1]
+    assert len(stack.inbox()) == 2
+    report = stack.feed(page_size=2)
+    assert report.queued == 3
+    stack.drain()
+    stack.assert_mirrored(orders)
+    assert stack.cursor() == versions[-1]
+    assert stack.calls("getOrder") == 5
+
+
+def test_a_venue_error_on_one_partner_does_not_stop_the_others(stack: HeartbeatStack) -> None:
+    """A partner the venue refuses is logged and counted; the next partner is still read."""
+    order_id = stack.create("GOOD-PARTNER")
+    stack.tick()
+
+    report = run_feed(
+        stack.sessions,
+        stack.clients,
+        {stack.connection_id: ["00000000-dead-4bad-8bad-000000000000", stack.partner_id]},
+        now=stack.now(),
+        overlap=10,
+    )
+
+    assert (report.partners, report.errors, report.queued) == (2, 1, 1)
+    assert stack.cursor("00000000-dead-4bad-8bad-000000000000") is None
+    stack.drain()
+    stack.assert_mirrored([order_id])
