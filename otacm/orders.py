@@ -1,22 +1,54 @@
-"""``otacm orders show``: one order's whole story as the mirror knows it.
+"""``otacm orders``: one order's whole story, and the actions a person takes on one.
 
 An order is found by the venue's orderId, the shop's reference (``sellToOrderReference``,
-any case) or the venue's own ``buyFromOrderReference``. Its story is the header, every
-line with its wallets and assets, every status change with its time and source, and the
-ledger line it belongs to. Customer names and e-mails are left out: this output ends up
-in terminals, tickets and chat.
+any case) or the venue's own ``buyFromOrderReference``. Its story (``orders show``) is the
+header, every line with its wallets and assets, every status change with its time and
+source, and the ledger line it belongs to.
+
+``orders replace`` and ``orders cancel`` act on the order the reference names now (the
+latest the venue still has): :func:`replace_order` and :func:`cancel_order` record the
+replaceOrder or deleteOrder in the outbox and send it at once
+(:func:`receiver.outbox.act_now`); an answer that may pass leaves it queued for the
+scheduler. They check what cannot change (a replacement's partner and reference), but
+send whatever the mirror says of the order's state: the venue decides, the mirror may
+lag it (an order shown Submitted may be in Error by now), and a refusal costs one call
+and changes nothing but the record of it.
+
+Customer names and e-mails are left out of everything printed: this output ends up in
+terminals, tickets and chat.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import datetime as dt
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, selectinload, sessionmaker
 
-from storage.models import LedgerLine, OrderItem, VenueConnection, VenueOrder, Wallet
-from venue.models import normalize_reference
+from receiver.outbox import (
+    SendOutcome,
+    SendResult,
+    Submission,
+    SubmissionError,
+    act_now,
+    read_submissions,
+    replacement_body,
+)
+from storage.models import (
+    LedgerLine,
+    OrderItem,
+    OutboxOperation,
+    VenueConnection,
+    VenueOrder,
+    Wallet,
+)
+from venue.client import VenueClient
+from venue.models import OrderStatus, normalize_reference
 
 
 def find_orders(session: Session, key: str) -> list[VenueOrder]:
@@ -169,3 +201,307 @@ def story_lines(story: dict[str, Any]) -> Iterator[str]:
             f"  ledger: {ledger['state']} sale of {ledger['quantity']} for {ledger['amount']}"
             f" {ledger['currency']} ({ledger['source']})"
         )
+
+
+# --- acting on an order ----------------------------------------------------------------
+
+
+class OrderActionError(Exception):
+    """An action a person asked for cannot be sent; nothing was recorded. The message says why."""
+
+
+class ActionStatus(StrEnum):
+    """What ``orders replace`` or ``orders cancel`` came to."""
+
+    REPLACED = "replaced"
+    """The venue took the replacement; the order is in flight again (Submitted), or
+    already settled on the older synchronous API."""
+    CANCELLED = "cancelled"
+    """The venue keeps the order as Cancelled; its wallets are destroyed."""
+    REMOVED = "removed"
+    """The order was a Draft or in Error: the venue removed it outright (or had already)."""
+    QUEUED = "queued"
+    """Recorded; the venue could not take it now, and the scheduler sends it again."""
+    REFUSED = "refused"
+    """The venue refused it; its message says why."""
+
+
+@dataclass(frozen=True)
+class ActionOutcome:
+    """The answer to ``orders replace`` or ``orders cancel``: what the command prints.
+
+    Attributes:
+        reference: the shop's order number.
+        status: what came of the action.
+        connection: the venue connection's name.
+        order_id: the venue's orderId.
+        order_status: the order's status at the venue afterwards, when the venue said.
+        message: the venue's refusal, or why the action waits.
+        outbox_id: the action's outbox row.
+        next_attempt_at: when a queued action is tried again.
+    """
+
+    reference: str
+    status: ActionStatus
+    connection: str
+    order_id: str
+    order_status: OrderStatus | None = None
+    message: str | None = None
+    outbox_id: int | None = None
+    next_attempt_at: dt.datetime | None = None
+
+    @property
+    def done(self) -> bool:
+        """Whether the venue carried the action out."""
+        return self.status in (ActionStatus.REPLACED, ActionStatus.CANCELLED, ActionStatus.REMOVED)
+
+    def to_json(self) -> dict[str, Any]:
+        """The outcome as JSON (camelCase); ``status`` is the order's at the venue."""
+        return {
+            "outcome": str(self.status),
+            "reference": self.reference,
+            "connection": self.connection,
+            "orderId": self.order_id,
+            "status": None if self.order_status is None else str(self.order_status),
+            "message": self.message,
+            "outboxId": self.outbox_id,
+            "nextAttemptAt": None
+            if self.next_attempt_at is None
+            else self.next_attempt_at.isoformat(),
+        }
+
+    def describe(self) -> str:
+        """One line for a terminal: reference, outcome, order, and the status or reason."""
+        parts = [self.reference, str(self.status), f"order {self.order_id}"]
+        if self.order_status is not None:
+            parts.append(f"now {self.order_status}")
+        if self.message:
+            parts.append(self.message)
+        return "  ".join(parts)
+
+
+@dataclass(frozen=True)
+class _Target:
+    connection_id: int
+    connection: str
+    order_id: str
+    partner_id: str
+    reference: str
+    reference_key: str
+
+
+def current_order(session: Session, key: str, connection_id: int | None = None) -> VenueOrder:
+    """The order ``key`` names now: the latest the venue still has (not marked removed).
+
+    A reference can name several orders over time (an Error order replaced by a new
+    submission gets a new orderId); the one received last is current.
+
+    Args:
+        session: the caller's session.
+        key: an orderId, shop reference or venue reference.
+        connection_id: only this connection's orders; ``None`` for any.
+
+    Raises:
+        OrderActionError: no such order, or orders of several connections match.
+    """
+    found = [
+        order
+        for order in find_orders(session, key)
+        if order.removed_at is None and connection_id in (None, order.connection_id)
+    ]
+    if not found:
+        raise OrderActionError(
+            f"no stored order under {key!r} that the venue still has"
+            " (`otacm orders show` lists what is stored)"
+        )
+    if len({order.connection_id for order in found}) > 1:
+        raise OrderActionError(
+            f"orders of several venue connections are stored under {key!r}: name one with"
+            " --connection"
+        )
+    epoch = dt.datetime.min.replace(tzinfo=dt.UTC)
+    return max(found, key=lambda order: (order.received_at or epoch, order.first_seen_at, order.id))
+
+
+def read_replacement(path: Path) -> Submission:
+    """The one order request in ``path`` (as ``otacm submit`` reads a file).
+
+    Raises:
+        SubmissionError: the file is unreadable, not JSON, invalid, or holds several orders.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise SubmissionError("", f"cannot read {path}: {reason}") from None
+    found = read_submissions(text)
+    if len(found) != 1:
+        raise SubmissionError("", f"a replacement is one order, and the file holds {len(found)}")
+    return found[0]
+
+
+def replace_order(
+    sessions: sessionmaker[Session],
+    clients: Mapping[str, VenueClient],
+    key: str,
+    replacement: Submission,
+    *,
+    now: dt.datetime,
+    connection: str | None = None,
+    owner: str | None = None,
+) -> ActionOutcome:
+    """``otacm orders replace``: send ``replacement`` for the order ``key`` names now.
+
+    The replacement must name the order's partner and reference (the venue keeps both
+    immutable). Whatever the mirror says of the order's state, the venue is asked: only
+    a Draft or Error order can be replaced, and the venue's refusal names its status.
+    A replacement that lands also updates the sale's ledger line (request, quantity,
+    references, and amount when the file gives one).
+
+    Args:
+        sessions: the session factory.
+        clients: a venue client per connection name; the caller creates and closes them.
+        key: an orderId, shop reference or venue reference.
+        replacement: the new order request (:func:`read_replacement`).
+        now: the current time (aware).
+        connection: the venue connection's name, to choose among several; the file's
+            ``connection`` is used when this is not given.
+        owner: the lease owner name; a new one if not given.
+
+    Raises:
+        OrderActionError: no such order, the file's partner or reference differ from the
+            order's, or no client for its connection; nothing was recorded.
+    """
+    if connection and replacement.connection and connection != replacement.connection:
+        raise OrderActionError(
+            f"--connection {connection!r} and the file's connection"
+            f" {replacement.connection!r} differ"
+        )
+    target = _target(sessions, key, connection or replacement.connection)
+    request = replacement.request
+    partner = request.partner_id.strip().strip("{}").lower()
+    if partner != target.partner_id:
+        raise OrderActionError(
+            f"partnerId {request.partner_id!r} in the file is not the order's"
+            f" ({target.partner_id}); the venue keeps it immutable"
+        )
+    if normalize_reference(request.sell_to_order_reference) != target.reference_key:
+        raise OrderActionError(
+            f"sellToOrderReference {request.sell_to_order_reference!r} in the file is not"
+            f" the order's ({target.reference}); the venue keeps it immutable"
+        )
+    result = act_now(
+        sessions,
+        _client(clients, target),
+        target.connection_id,
+        OutboxOperation.REPLACE,
+        target.order_id,
+        request=replacement_body(replacement),
+        now=now,
+        owner=owner,
+    )
+    return _outcome(target, OutboxOperation.REPLACE, result)
+
+
+def cancel_order(
+    sessions: sessionmaker[Session],
+    clients: Mapping[str, VenueClient],
+    key: str,
+    *,
+    now: dt.datetime,
+    connection: str | None = None,
+    owner: str | None = None,
+) -> ActionOutcome:
+    """``otacm orders cancel``: deleteOrder of the order ``key`` names now.
+
+    An Issued order is kept by the venue as Cancelled (wallets destroyed); a Draft or
+    Error order is removed outright. The venue refuses an order in flight (Submitted,
+    Scheduled, Processing): run the command again once it has settled.
+
+    Args:
+        sessions: the session factory.
+        clients: a venue client per connection name; the caller creates and closes them.
+        key: an orderId, shop reference or venue reference.
+        now: the current time (aware).
+        connection: the venue connection's name, to choose among several.
+        owner: the lease owner name; a new one if not given.
+
+    Raises:
+        OrderActionError: no such order, or no client for its connection; nothing was
+            recorded.
+    """
+    target = _target(sessions, key, connection)
+    result = act_now(
+        sessions,
+        _client(clients, target),
+        target.connection_id,
+        OutboxOperation.DELETE,
+        target.order_id,
+        now=now,
+        owner=owner,
+    )
+    return _outcome(target, OutboxOperation.DELETE, result)
+
+
+def _target(sessions: sessionmaker[Session], key: str, connection: str | None) -> _Target:
+    with sessions.begin() as session:
+        connection_id = None
+        if connection is not None:
+            connection_id = session.scalar(
+                sa.select(VenueConnection.id).where(VenueConnection.name == connection)
+            )
+            if connection_id is None:
+                raise OrderActionError(f"no order of venue connection {connection!r} is stored")
+        order = current_order(session, key, connection_id)
+        return _Target(
+            connection_id=order.connection_id,
+            connection=session.get_one(VenueConnection, order.connection_id).name,
+            order_id=order.order_id,
+            partner_id=order.partner_id,
+            reference=order.sell_to_order_reference,
+            reference_key=order.reference_key,
+        )
+
+
+def _client(clients: Mapping[str, VenueClient], target: _Target) -> VenueClient:
+    client = clients.get(target.connection)
+    if client is None:
+        raise OrderActionError(
+            f"order {target.order_id} belongs to venue connection {target.connection!r},"
+            " which is not configured"
+        )
+    return client
+
+
+def _outcome(target: _Target, operation: OutboxOperation, result: SendResult) -> ActionOutcome:
+    order_status = None if result.order is None else result.order.status
+    message = result.message
+    next_attempt_at = None
+    if result.outcome is SendOutcome.SENT:
+        if result.removed:
+            status, order_status = ActionStatus.REMOVED, None
+        elif operation is OutboxOperation.REPLACE:
+            status = ActionStatus.REPLACED
+        else:
+            status = ActionStatus.CANCELLED
+    elif result.outcome in (SendOutcome.FAILED, SendOutcome.DEAD):
+        status, order_status = ActionStatus.REFUSED, None
+    elif result.outcome is SendOutcome.RETRYING:
+        status = ActionStatus.QUEUED
+        message = f"the venue could not take it now ({message}); the scheduler retries"
+        next_attempt_at = result.next_attempt_at
+    else:
+        # Not sent by this call: behind an earlier action on the order, another sender
+        # has it, or our database failed after the call. It is recorded either way.
+        status = ActionStatus.QUEUED
+        message = "recorded; the scheduler sends it after the earlier actions on this order"
+    return ActionOutcome(
+        reference=target.reference,
+        status=status,
+        connection=target.connection,
+        order_id=target.order_id,
+        order_status=order_status,
+        message=message,
+        outbox_id=result.outbox_id,
+        next_attempt_at=next_attempt_at,
+    )

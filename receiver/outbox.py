@@ -1,33 +1,59 @@
-"""The submission path: a sale recorded first, then sent to the venue, retried until it lands.
+"""The outbox: every call that changes an order at the venue, recorded first, then sent.
 
-This module owns the life of a submitted order from the shop's request to the venue's
-answer. :func:`parse_submission` turns the JSON the shop sends (the venue's order request
-plus the sale's ``amount``, ``currency``, ``amountIncludesVat`` and ``connection``) into
-a :class:`Submission`. :func:`record_submission` writes, in the caller's transaction, the
-:class:`~storage.models.LedgerLine` (source ``submit``) and a pending
-:class:`~storage.models.Outbox` row (operation ``create``) — so nothing is lost if the
-call then fails; the ledger's unique (partner, reference) makes a repeat a no-op.
+This module owns the life of a change otacm asks the venue for, from the moment it is
+decided to the venue's answer. Four operations (:class:`~storage.models.OutboxOperation`):
+
+- ``create``: a sale the shop submits. :func:`parse_submission` turns the JSON the shop
+  sends (the venue's order request plus the sale's ``amount``, ``currency``,
+  ``amountIncludesVat`` and ``connection``) into a :class:`Submission`;
+  :func:`record_submission` writes, in the caller's transaction, the
+  :class:`~storage.models.LedgerLine` (source ``submit``) and a pending
+  :class:`~storage.models.Outbox` row — so nothing is lost if the call then fails; the
+  ledger's unique (partner, reference) makes a repeat a no-op.
+- ``confirm``, ``replace``, ``delete``: an action on an order the venue already has
+  (confirmOrder, replaceOrder, deleteOrder), recorded by :func:`record_action` with the
+  order's id and, when the ledger has its sale, the sale's line.
+
 :func:`send_outbox_row` and :func:`run_outbox_once` lease pending rows (as the inbox
 worker does, :mod:`receiver.worker`: ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, ``BEGIN
-IMMEDIATE`` serializing claimers on SQLite), call createOrder with no transaction open,
-and apply the answer in a transaction of its own:
+IMMEDIATE`` serializing claimers on SQLite; a row waits while an earlier row for the same
+order is unfinished, so one order's calls reach the venue in the order they were
+decided), make the call with no transaction open, and apply the answer in a transaction
+of its own, only while the row is still leased by its sender:
 
-- an order (201 Submitted, or already settled on the older synchronous API) → the row is
-  ``sent`` with its ``order_id`` and the order is mirrored (``ChangeSource.SUBMIT``);
-- a duplicate-reference 400 (an earlier attempt landed but its answer was lost) → the
-  order is found by reference, fetched, mirrored, and the row is ``sent``;
-- 429, 503, 504, transport errors, a 400 that :attr:`~venue.errors.VenueRejected.may_be_transient`,
-  and anything that is not the order's fault (401, 403, 404, 5xx) → back to ``pending``
-  with :func:`~receiver.worker.backoff`, ``dead`` after ``max_attempts``;
-- any other rejection → ``failed`` with the venue's message, unless a look-up by reference
-  finds the venue kept an order after all (the older API leaves a failed issuance in
-  Error). The ledger line stays: finance must see the sale that was never issued.
+- an order → the row is ``sent`` and the order mirrored (:func:`~storage.models.upsert_order`
+  with the operation's :class:`~storage.models.ChangeSource`: no webhook fires for confirm
+  or delete, so the answer is the only news of them); a replaceOrder that lands also
+  updates the sale's ledger line (its request, quantity, references, and the amount when
+  the replacement carries one);
+- deleteOrder of a Draft or Error order removes it at the venue: the row is ``sent`` and
+  the order marked removed (:func:`~storage.models.mark_removed`); of an Issued or
+  Cancelled order, the Cancelled order is mirrored;
+- createOrder's duplicate-reference 400 (an earlier attempt landed but its answer was
+  lost) → the order is found by reference, fetched, mirrored, and the row is ``sent``;
+  a replaceOrder refused on a retry is checked the same way (the order now holds the
+  replacement: an earlier attempt landed); confirmOrder is idempotent at the venue
+  (confirming an Issued order returns it unchanged), and deleting a Cancelled one too;
+- 429, 503, 504, transport errors, a 400 that :attr:`~venue.errors.VenueRejected.may_be_transient`
+  and anything that is not the order's fault (401, 403, 5xx) → back to ``pending`` with
+  :func:`~receiver.worker.backoff`, ``dead`` after ``max_attempts``. One exception:
+  deleteOrder of an order in flight ("mid-flight ... retry once it has settled") is
+  ``failed`` — a cancel is a person's decision, and carrying it out minutes later, after
+  the order was issued, is not what they were told; they run it again once it settled;
+- 404 → ``failed`` ("the venue no longer knows the order") and the order marked removed;
+  for deleteOrder a 404 is the goal reached: ``sent``, the order marked removed;
+- any other rejection → ``failed`` with the venue's message (createOrder: unless a
+  look-up by reference finds the venue kept an order after all, as the older API does
+  with a failed issuance in Error). After a refused action the order is queued for a
+  fresh getOrder (:func:`~receiver.inbox.queue_lookups`): the refusal says the mirror
+  was stale. A sale's ledger line stays: finance must see the sale that was never issued.
 
 Our own database failing leaves the row leased; the lease expires and a later pass
-sends again (the venue then answers "duplicate", resolved as above). :func:`submit_now`
+sends again (createOrder then answers "duplicate", resolved as above). :func:`submit_now`
 is what ``otacm submit`` (:func:`submit_file`) and ``POST /api/orders``
-(:mod:`receiver.api`) do: record, then try once at once. Logs name outbox ids, order
-ids, references and statuses — never customer names, e-mails or keys.
+(:mod:`receiver.api`) do: record, then try once at once; :func:`act_now` the same for an
+action (``otacm orders replace`` / ``cancel``, the heartbeat's confirmations). Logs name
+outbox ids, order ids, references and statuses — never customer names, e-mails or keys.
 """
 
 from __future__ import annotations
@@ -35,7 +61,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, fields
 from decimal import Decimal
 from enum import StrEnum
@@ -46,10 +72,11 @@ import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from otacm.settings import Settings, VenueConnection
-from receiver.worker import LAST_ERROR_MAX_CHARS, _describe, backoff, new_owner
+from receiver.inbox import Lookup, queue_lookups
+from receiver.worker import LAST_ERROR_MAX_CHARS, backoff, describe_venue_error, new_owner
 from storage.models import (
     ChangeSource,
     LedgerLine,
@@ -60,6 +87,7 @@ from storage.models import (
     OutboxState,
     VenueOrder,
     ensure_connection,
+    mark_removed,
     upsert_order,
 )
 from venue.client import RetryPolicy, VenueClient
@@ -423,6 +451,82 @@ def _external_references(request: OrderRequest) -> list[str] | None:
     return found or None
 
 
+def sale_of(session: Session, connection_id: int, order_id: str) -> LedgerLine | None:
+    """The ledger line of a mirrored order's sale: same connection, partner and reference.
+
+    ``None`` when the order is not mirrored or the ledger has no such sale (an order made
+    through another channel).
+    """
+    return session.scalars(
+        sa.select(LedgerLine)
+        .join(
+            VenueOrder,
+            sa.and_(
+                VenueOrder.connection_id == LedgerLine.connection_id,
+                VenueOrder.partner_id == LedgerLine.partner_id,
+                VenueOrder.reference_key == LedgerLine.reference_key,
+            ),
+        )
+        .where(VenueOrder.connection_id == connection_id, VenueOrder.order_id == _guid(order_id))
+    ).one_or_none()
+
+
+def record_action(
+    session: Session,
+    connection_id: int,
+    operation: OutboxOperation,
+    order_id: str,
+    *,
+    now: dt.datetime,
+    request: dict[str, Any] | None = None,
+) -> Outbox:
+    """Record a pending confirm, replace or delete of an order, before any call to the venue.
+
+    The row names the order and, when the ledger has the order's sale
+    (:func:`sale_of`), the sale's line; it is due at ``now``. Every call records a new
+    row: two actions decided one after the other are two calls, sent in that order.
+
+    Args:
+        session: the caller's session; flushed, not committed.
+        connection_id: the venue connection the order belongs to.
+        operation: ``confirm``, ``replace`` or ``delete``.
+        order_id: the venue's orderId.
+        now: when the action was decided (aware).
+        request: the call's body as wire JSON: ``{"paymentReference": ...}`` to confirm;
+            for replace the order request, optionally with the sale's ``amount``,
+            ``currency`` and ``amountIncludesVat`` (applied to the ledger line once the
+            replacement lands); ``None`` to delete.
+
+    Returns:
+        The pending row.
+
+    Raises:
+        ValueError: ``operation`` is ``create`` (use :func:`record_submission`), or the
+            request does not fit the operation.
+    """
+    if operation is OutboxOperation.CREATE:
+        raise ValueError("a create is recorded with its sale: record_submission")
+    takes_request = operation is not OutboxOperation.DELETE
+    if (request is not None) != takes_request:
+        raise ValueError(f"{operation} takes {'a' if takes_request else 'no'} request")
+    order_id = _guid(order_id)
+    line = sale_of(session, connection_id, order_id)
+    row = Outbox(
+        connection_id=connection_id,
+        ledger_line_id=None if line is None else line.id,
+        operation=operation,
+        request=request,
+        state=OutboxState.PENDING,
+        attempts=0,
+        next_attempt_at=now,
+        order_id=order_id,
+    )
+    session.add(row)
+    session.flush()
+    logger.info("order %s: %s recorded as outbox %d", order_id, operation, row.id)
+    return row
+
+
 # --- claiming ----------------------------------------------------------------------------
 
 
@@ -433,15 +537,19 @@ class OutboxClaim:
     Attributes:
         id: the outbox row.
         connection_id: the venue connection the row belongs to.
-        ledger_line_id: the sale it serves.
-        request: the stored createOrder body (wire JSON).
+        operation: the call to make.
+        ledger_line_id: the sale it serves, if the ledger has it.
+        order_id: the order a confirm, replace or delete targets (``None`` for a create).
+        request: the stored body (wire JSON); ``None`` for a delete.
         attempts: how many times the row has been claimed, this claim included.
         lease_expires_at: until when the row is this sender's.
     """
 
     id: int
     connection_id: int
-    ledger_line_id: int
+    operation: OutboxOperation
+    ledger_line_id: int | None
+    order_id: str | None
     request: dict[str, Any] | None
     attempts: int
     lease_expires_at: dt.datetime
@@ -458,13 +566,14 @@ def claim_outbox(
     ids: Collection[int] | None = None,
     max_attempts: int | None = None,
 ) -> list[OutboxClaim]:
-    """Lease up to ``limit`` due createOrder rows to ``owner``, in one short transaction.
+    """Lease up to ``limit`` due outbox rows to ``owner``, in one short transaction.
 
     Due: pending with ``next_attempt_at`` come, or leased with the lease expired (its
-    sender died or stalled), oldest id first. PostgreSQL selects them ``FOR UPDATE SKIP
-    LOCKED``, so concurrent claimers take disjoint rows; SQLite's ``BEGIN IMMEDIATE``
-    makes claimers take the write lock one after the other, each seeing what the
-    previous leased. Only ``create`` rows are claimed: other operations have no sender yet.
+    sender died or stalled), oldest id first — except a row for an order that has an
+    earlier row still pending or leased: it waits its turn, so a cancel decided after a
+    replace never overtakes it. PostgreSQL selects them ``FOR UPDATE SKIP LOCKED``, so
+    concurrent claimers take disjoint rows; SQLite's ``BEGIN IMMEDIATE`` makes claimers
+    take the write lock one after the other, each seeing what the previous leased.
 
     Args:
         sessions: the session factory; the claim commits its own transaction.
@@ -489,16 +598,29 @@ def claim_outbox(
         sa.and_(Outbox.state == OutboxState.PENDING, Outbox.next_attempt_at <= now),
         sa.and_(Outbox.state == OutboxState.LEASED, Outbox.lease_expires_at < now),
     )
+    earlier = aliased(Outbox)
+    waits_its_turn = (
+        sa.exists()
+        .where(
+            earlier.connection_id == Outbox.connection_id,
+            earlier.order_id == Outbox.order_id,
+            earlier.id < Outbox.id,
+            earlier.state.in_([OutboxState.PENDING, OutboxState.LEASED]),
+        )
+        .correlate(Outbox)
+    )
     query = (
         sa.select(
             Outbox.id,
             Outbox.connection_id,
+            Outbox.operation,
             Outbox.ledger_line_id,
+            Outbox.order_id,
             Outbox.request,
             Outbox.attempts,
             Outbox.state,
         )
-        .where(due, Outbox.operation == OutboxOperation.CREATE)
+        .where(due, sa.or_(Outbox.order_id.is_(None), ~waits_its_turn))
         .order_by(Outbox.id)
         .limit(limit)
         .with_for_update(skip_locked=True)
@@ -536,7 +658,9 @@ def claim_outbox(
             OutboxClaim(
                 id=row.id,
                 connection_id=row.connection_id,
+                operation=row.operation,
                 ledger_line_id=row.ledger_line_id,
+                order_id=row.order_id,
                 request=row.request,
                 attempts=row.attempts + 1,
                 lease_expires_at=lease_expires_at,
@@ -566,15 +690,16 @@ class SendOutcome(StrEnum):
     """What one send of an outbox row came to."""
 
     SENT = "sent"
-    """The venue has the order; the row is ``sent`` and the order mirrored."""
+    """The venue did it; the row is ``sent`` and the order mirrored (or marked removed)."""
     RETRYING = "retrying"
     """A failure that may pass; the row is pending again, after its backoff."""
     FAILED = "failed"
-    """The venue refused the order; the row is ``failed`` with its message."""
+    """The venue refused the call; the row is ``failed`` with its message."""
     DEAD = "dead"
     """Attempts are spent; the row is ``dead`` for a person to look at."""
     NOT_CLAIMED = "not_claimed"
-    """The row was not due (sent, failed, in backoff, or leased by another sender)."""
+    """The row was not due (sent, failed, in backoff, waiting behind an earlier row for
+    its order, or leased by another sender)."""
     LEASE_LOST = "lease_lost"
     """Another sender re-claimed the row while this one called; that one applies."""
     ABANDONED = "abandoned"
@@ -589,12 +714,16 @@ class SendResult:
         outbox_id: the row.
         outcome: what came of it.
         state: the row's state afterwards, as far as this sender knows.
-        order: the venue's order, when it has one.
+        order: the venue's order, when it answered with one (for a delete that removed
+            the order: the order as it was).
         order_id: the venue's orderId, when known.
         message: the venue's message on a refusal, or the failure on a retry.
         code: the venue's error code on a refusal.
-        resolved_by_reference: the order was found by its reference after the venue
-            said it already had one (an earlier attempt's answer was lost).
+        removed: the order is gone at the venue (deleted while Draft or Error, or a 404).
+        resolved: the answer to an earlier attempt was lost and the order was found
+            holding its result afterwards.
+        resolved_by_reference: of ``resolved``, a createOrder whose order was found by
+            its reference after the venue said it already had one.
         next_attempt_at: when a retried row is due again.
     """
 
@@ -605,6 +734,8 @@ class SendResult:
     order_id: str | None = None
     message: str | None = None
     code: str | None = None
+    removed: bool = False
+    resolved: bool = False
     resolved_by_reference: bool = False
     next_attempt_at: dt.datetime | None = None
 
@@ -615,19 +746,21 @@ class OutboxReport:
 
     Attributes:
         claimed: rows leased by the pass.
-        sent: rows the venue accepted (including those resolved by reference).
-        resolved: of ``sent``, rows found by reference after a duplicate answer.
+        sent: rows the venue carried out (including those resolved after a lost answer).
+        resolved: of ``sent``, rows whose earlier answer was lost, found afterwards.
+        removed: of ``sent``, orders now gone at the venue (deleted while Draft or Error).
         retried: rows sent back to pending after a failure that may pass.
         failed: rows the venue refused.
         dead: rows given up after ``max_attempts``.
         lease_lost: rows another sender had re-claimed by the time this one applied.
         abandoned: rows left leased after our own database failed.
-        venue_calls: rows sent to createOrder (look-ups and the client's retries not counted).
+        venue_calls: rows sent to the venue (look-ups and the client's retries not counted).
     """
 
     claimed: int = 0
     sent: int = 0
     resolved: int = 0
+    removed: int = 0
     retried: int = 0
     failed: int = 0
     dead: int = 0
@@ -648,8 +781,9 @@ class OutboxReport:
         }.get(result.outcome)
         if counter is not None:
             setattr(self, counter, getattr(self, counter) + 1)
-        if result.resolved_by_reference:
-            self.resolved += 1
+        if result.outcome is SendOutcome.SENT:
+            self.resolved += result.resolved
+            self.removed += result.removed
 
     def as_dict(self) -> dict[str, int]:
         """The counts by name, for logs and ``--json``."""
@@ -713,8 +847,8 @@ def run_outbox_once(
 ) -> OutboxReport:
     """One pass of the outbox sender: claim a batch of due rows and send each.
 
-    Only rows of connections in ``clients`` are claimed. Rows are sent one after the
-    other; each createOrder is made with no transaction open.
+    Only rows of connections in ``clients`` are claimed, whatever their operation. Rows
+    are sent one after the other; each call is made with no transaction open.
 
     Args:
         sessions: the session factory.
@@ -767,10 +901,9 @@ def _send_claim(
     max_attempts: int,
 ) -> SendResult:
     """Send one claimed row and apply the answer; a database failure leaves it leased."""
+    send = _SENDERS[claim.operation]
     try:
-        return _send_create(
-            sessions, client, claim, owner=owner, now=now, max_attempts=max_attempts
-        )
+        return send(sessions, client, claim, owner=owner, now=now, max_attempts=max_attempts)
     except SQLAlchemyError as exc:
         # Nothing of the failed transaction was written; the row stays leased, and the
         # first claim after the lease expires sends it again.
@@ -826,7 +959,180 @@ def _send_create(
         # Unavailable, rate limited, 5xx, a bad body, or the key or address is wrong: none
         # is a verdict on the order, so it waits and tries again.
         return _retry(sessions, claim, exc, owner=owner, now=now, max_attempts=max_attempts)
-    return _mark_sent(sessions, claim, order, owner=owner, now=now, resolved=False)
+    return _mark_sent(sessions, claim, order, owner=owner, now=now)
+
+
+def _send_confirm(
+    sessions: sessionmaker[Session],
+    client: VenueClient,
+    claim: OutboxClaim,
+    *,
+    owner: str,
+    now: dt.datetime,
+    max_attempts: int,
+) -> SendResult:
+    payment = (claim.request or {}).get("paymentReference")
+    if claim.order_id is None or not isinstance(payment, str) or not payment.strip():
+        problem = "the stored confirm names no order or no paymentReference"
+        return _refuse(sessions, claim, problem, None, owner=owner, now=now)
+    try:
+        # Idempotent at the venue: an order already Issued (an earlier attempt landed
+        # and its answer was lost) comes back unchanged.
+        order = client.confirm_order(claim.order_id, payment)
+    except VenueError as exc:
+        return _action_failed(sessions, claim, exc, owner=owner, now=now, max_attempts=max_attempts)
+    return _mark_sent(sessions, claim, order, owner=owner, now=now)
+
+
+def _send_replace(
+    sessions: sessionmaker[Session],
+    client: VenueClient,
+    claim: OutboxClaim,
+    *,
+    owner: str,
+    now: dt.datetime,
+    max_attempts: int,
+) -> SendResult:
+    try:
+        replacement = parse_submission(claim.request or {})
+    except SubmissionError as exc:
+        problem = f"the stored request is invalid: {exc}"
+        return _refuse(sessions, claim, problem, None, owner=owner, now=now)
+    if claim.order_id is None:
+        return _refuse(
+            sessions, claim, "the stored replace names no order", None, owner=owner, now=now
+        )
+    try:
+        order = client.replace_order(claim.order_id, replacement.request)
+    except VenueRejected as exc:
+        if claim.attempts > 1 and not exc.may_be_transient:
+            # An earlier attempt may have landed with its answer lost: the order is then
+            # in flight (or settled) holding the replacement, and refuses a second one.
+            return _resolve_replace(
+                sessions,
+                client,
+                claim,
+                replacement,
+                exc,
+                owner=owner,
+                now=now,
+                max_attempts=max_attempts,
+            )
+        return _action_failed(sessions, claim, exc, owner=owner, now=now, max_attempts=max_attempts)
+    except VenueError as exc:
+        return _action_failed(sessions, claim, exc, owner=owner, now=now, max_attempts=max_attempts)
+    return _mark_sent(sessions, claim, order, owner=owner, now=now, replacement=replacement)
+
+
+def _send_delete(
+    sessions: sessionmaker[Session],
+    client: VenueClient,
+    claim: OutboxClaim,
+    *,
+    owner: str,
+    now: dt.datetime,
+    max_attempts: int,
+) -> SendResult:
+    if claim.order_id is None:
+        return _refuse(
+            sessions, claim, "the stored delete names no order", None, owner=owner, now=now
+        )
+    try:
+        order = client.delete_order(claim.order_id)
+    except VenueError as exc:
+        return _action_failed(sessions, claim, exc, owner=owner, now=now, max_attempts=max_attempts)
+    # A Draft or Error order is removed outright (the answer is the order as it was, or
+    # nothing); an Issued one is kept as Cancelled, and deleting that again changes nothing.
+    removed = order is None or order.status in (OrderStatus.DRAFT, OrderStatus.ERROR)
+    return _mark_sent(sessions, claim, order, owner=owner, now=now, removed=removed)
+
+
+_Sender = Callable[..., SendResult]
+
+_SENDERS: dict[OutboxOperation, _Sender] = {
+    OutboxOperation.CREATE: _send_create,
+    OutboxOperation.CONFIRM: _send_confirm,
+    OutboxOperation.REPLACE: _send_replace,
+    OutboxOperation.DELETE: _send_delete,
+}
+
+_CHANGE_SOURCES = {
+    OutboxOperation.CREATE: ChangeSource.SUBMIT,
+    OutboxOperation.CONFIRM: ChangeSource.CONFIRM,
+    OutboxOperation.REPLACE: ChangeSource.REPLACE,
+    OutboxOperation.DELETE: ChangeSource.DELETE,
+}
+
+NO_LONGER_KNOWN = "the venue no longer knows the order"
+"""The row's ``last_error`` when the venue answers an action on an order with 404."""
+
+
+def _action_failed(
+    sessions: sessionmaker[Session],
+    claim: OutboxClaim,
+    exc: VenueError,
+    *,
+    owner: str,
+    now: dt.datetime,
+    max_attempts: int,
+) -> SendResult:
+    """A confirm, replace or delete that failed: retried, refused, or (404) the order gone."""
+    if isinstance(exc, VenueNotFound):
+        if claim.operation is OutboxOperation.DELETE:
+            # Gone is what a delete asks for, whoever removed it (or an earlier attempt
+            # whose answer was lost).
+            return _mark_sent(
+                sessions, claim, None, owner=owner, now=now, removed=True, message=NO_LONGER_KNOWN
+            )
+        return _refuse(
+            sessions, claim, NO_LONGER_KNOWN, exc.code, owner=owner, now=now, removed=True
+        )
+    if isinstance(exc, VenueRejected):
+        mid_flight = "mid-flight" in (exc.message or "").lower()
+        if exc.may_be_transient and not (claim.operation is OutboxOperation.DELETE and mid_flight):
+            return _retry(sessions, claim, exc, owner=owner, now=now, max_attempts=max_attempts)
+        message = exc.message or str(exc)
+        return _refuse(sessions, claim, message, exc.code, owner=owner, now=now, recheck=True)
+    # Unavailable, rate limited, 5xx, a bad body, or the key or address is wrong: none is
+    # a verdict on the order, so it waits and tries again.
+    return _retry(sessions, claim, exc, owner=owner, now=now, max_attempts=max_attempts)
+
+
+def _resolve_replace(
+    sessions: sessionmaker[Session],
+    client: VenueClient,
+    claim: OutboxClaim,
+    replacement: Submission,
+    rejection: VenueRejected,
+    *,
+    owner: str,
+    now: dt.datetime,
+    max_attempts: int,
+) -> SendResult:
+    """After a retried replace is refused: ``sent`` if the order holds the replacement."""
+    assert claim.order_id is not None  # checked by the caller
+    try:
+        order = client.get_order(claim.order_id)
+    except VenueNotFound as exc:
+        return _action_failed(sessions, claim, exc, owner=owner, now=now, max_attempts=max_attempts)
+    except VenueError as exc:
+        return _retry(sessions, claim, exc, owner=owner, now=now, max_attempts=max_attempts)
+    replaceable = order.status in (OrderStatus.DRAFT, OrderStatus.ERROR)
+    if not replaceable and _lines(order) == _requested_lines(replacement.request):
+        logger.info("outbox %d: order %s already holds the replacement", claim.id, order.order_id)
+        return _mark_sent(
+            sessions, claim, order, owner=owner, now=now, resolved=True, replacement=replacement
+        )
+    message = rejection.message or str(rejection)
+    return _refuse(sessions, claim, message, rejection.code, owner=owner, now=now, observed=order)
+
+
+def _lines(order: Order) -> list[tuple[str, int, dt.date | None]]:
+    return sorted((item.item_number, item.quantity, item.visit_date) for item in order.items)
+
+
+def _requested_lines(request: OrderRequest) -> list[tuple[str, int, dt.date | None]]:
+    return sorted((item.item_number, item.quantity, item.visit_date) for item in request.items)
 
 
 def _resolve(
@@ -840,7 +1146,7 @@ def _resolve(
     now: dt.datetime,
     max_attempts: int,
 ) -> SendResult:
-    """After a rejection: the order the venue has under this reference, else the verdict."""
+    """After a rejected create: the order the venue has under this reference, else the verdict."""
     duplicate = rejection.is_duplicate_reference
     try:
         found = client.find_by_reference(request.partner_id, request.sell_to_order_reference)
@@ -886,14 +1192,24 @@ def _still_ours(claim: OutboxClaim, owner: str) -> sa.ColumnElement[bool]:
 def _mark_sent(
     sessions: sessionmaker[Session],
     claim: OutboxClaim,
-    order: Order,
+    order: Order | None,
     *,
     owner: str,
     now: dt.datetime,
-    resolved: bool,
+    removed: bool = False,
+    resolved: bool = False,
+    replacement: Submission | None = None,
+    message: str | None = None,
 ) -> SendResult:
-    """In one transaction: the row ``sent`` (if still ours) and the order mirrored."""
-    order_id = _guid(order.order_id)
+    """In one transaction: the row ``sent`` (if still ours) and the venue's answer mirrored.
+
+    ``order`` is upserted with the operation's change source, or, when ``removed``, the
+    order is marked removed. A ``replacement`` that landed is copied to the sale's
+    ledger line.
+    """
+    order_id = _guid(order.order_id) if order is not None else claim.order_id
+    assert order_id is not None, "an answer without an order is a delete's, which names one"
+    source = _CHANGE_SOURCES[claim.operation]
     with sessions.begin() as session:
         updated = session.execute(
             sa.update(Outbox)
@@ -909,28 +1225,63 @@ def _mark_sent(
             .execution_options(**_NO_SYNC)
         ).rowcount  # type: ignore[attr-defined]
         if updated:
-            upsert_order(
-                session, claim.connection_id, order, source=ChangeSource.SUBMIT, observed_at=now
-            )
+            if removed:
+                mark_removed(session, claim.connection_id, order_id, now, source)
+            elif order is not None:
+                upsert_order(session, claim.connection_id, order, source=source, observed_at=now)
+            if replacement is not None and claim.ledger_line_id is not None:
+                _apply_replacement(session, claim.ledger_line_id, replacement)
     if not updated:
         logger.warning("outbox %d: lease lost; order %s left to its new sender", claim.id, order_id)
         return SendResult(claim.id, SendOutcome.LEASE_LOST, order=order, order_id=order_id)
-    logger.info(
-        "outbox %d sent: order %s (%s) is %s%s",
-        claim.id,
-        order_id,
-        normalize_reference(order.sell_to_order_reference),
-        order.status,
-        ", found by reference" if resolved else "",
-    )
+    if claim.operation is OutboxOperation.CREATE and order is not None:
+        logger.info(
+            "outbox %d sent: order %s (%s) is %s%s",
+            claim.id,
+            order_id,
+            normalize_reference(order.sell_to_order_reference),
+            order.status,
+            ", found by reference" if resolved else "",
+        )
+    else:
+        logger.info(
+            "outbox %d sent: %s of order %s: %s",
+            claim.id,
+            claim.operation,
+            order_id,
+            "removed" if removed else (order.status if order is not None else "-"),
+        )
     return SendResult(
         claim.id,
         SendOutcome.SENT,
         state=OutboxState.SENT,
         order=order,
         order_id=order_id,
-        resolved_by_reference=resolved,
+        message=message,
+        removed=removed,
+        resolved=resolved,
+        resolved_by_reference=resolved and claim.operation is OutboxOperation.CREATE,
     )
+
+
+def _apply_replacement(session: Session, ledger_line_id: int, replacement: Submission) -> None:
+    """The sale's ledger line after its order was replaced: the new request and its terms."""
+    line = session.get(LedgerLine, ledger_line_id, with_for_update=True)
+    if line is None:  # pragma: no cover - ledger lines are never deleted
+        return
+    request = replacement.request
+    line.request = request.to_wire()
+    line.quantity = sum(item.quantity for item in request.items)
+    line.external_reference_numbers = _external_references(request)
+    # A replacement without a payment reference leaves the order a Draft to confirm; the
+    # sale's own payment reference stays the shop's record of it.
+    payment = _blank_to_none(request.payment_reference)
+    if payment is not None:
+        line.payment_reference = payment
+    if replacement.amount is not None and replacement.currency is not None:
+        line.amount, line.currency = replacement.amount, replacement.currency
+        line.amount_includes_vat = replacement.amount_includes_vat
+    session.flush()
 
 
 def _refuse(
@@ -941,8 +1292,17 @@ def _refuse(
     *,
     owner: str,
     now: dt.datetime,
+    removed: bool = False,
+    recheck: bool = False,
+    observed: Order | None = None,
 ) -> SendResult:
-    """The row ``failed`` with the venue's message; its ledger line stays as it is."""
+    """The row ``failed`` with the venue's message; a sale's ledger line stays as it is.
+
+    For an action on an order, what the refusal says about the order is recorded with
+    it: ``removed`` marks it removed (a 404), ``observed`` mirrors the order as just
+    fetched, and ``recheck`` queues a getOrder for the worker (the mirror was stale).
+    """
+    source = _CHANGE_SOURCES[claim.operation]
     with sessions.begin() as session:
         updated = session.execute(
             sa.update(Outbox)
@@ -955,11 +1315,45 @@ def _refuse(
             )
             .execution_options(**_NO_SYNC)
         ).rowcount  # type: ignore[attr-defined]
+        if updated and claim.order_id is not None:
+            if removed:
+                mark_removed(session, claim.connection_id, claim.order_id, now, source)
+            elif observed is not None:
+                upsert_order(
+                    session,
+                    claim.connection_id,
+                    observed,
+                    source=ChangeSource.FETCH,
+                    observed_at=now,
+                )
+            elif recheck:
+                queue_lookups(
+                    session.connection(),
+                    claim.connection_id,
+                    [Lookup(claim.order_id, f"{claim.operation}_refused")],
+                    now=now,
+                )
     if not updated:
         return SendResult(claim.id, SendOutcome.LEASE_LOST)
-    logger.warning("outbox %d refused by the venue: %s", claim.id, message)
+    if claim.order_id is None:
+        logger.warning("outbox %d refused by the venue: %s", claim.id, message)
+    else:
+        logger.warning(
+            "outbox %d: %s of order %s refused by the venue: %s",
+            claim.id,
+            claim.operation,
+            claim.order_id,
+            message,
+        )
     return SendResult(
-        claim.id, SendOutcome.FAILED, state=OutboxState.FAILED, message=message, code=code
+        claim.id,
+        SendOutcome.FAILED,
+        state=OutboxState.FAILED,
+        order=observed,
+        order_id=claim.order_id,
+        message=message,
+        code=code,
+        removed=removed,
     )
 
 
@@ -973,7 +1367,7 @@ def _retry(
     max_attempts: int,
 ) -> SendResult:
     """The row back to pending after its backoff, or ``dead`` once attempts are spent."""
-    reason = _describe(exc)[:LAST_ERROR_MAX_CHARS]
+    reason = describe_venue_error(exc)[:LAST_ERROR_MAX_CHARS]
     state = OutboxState.DEAD if claim.attempts >= max_attempts else OutboxState.PENDING
     next_attempt_at = now + backoff(claim.attempts) if state is OutboxState.PENDING else None
     values: dict[str, object] = {"state": state}
@@ -990,7 +1384,14 @@ def _retry(
         return SendResult(claim.id, SendOutcome.LEASE_LOST)
     if state is OutboxState.DEAD:
         logger.error("outbox %d given up after %d attempts: %s", claim.id, claim.attempts, reason)
-        return SendResult(claim.id, SendOutcome.DEAD, state=state, message=reason, code=exc.code)
+        return SendResult(
+            claim.id,
+            SendOutcome.DEAD,
+            state=state,
+            order_id=claim.order_id,
+            message=reason,
+            code=exc.code,
+        )
     logger.warning(
         "outbox %d: attempt %d failed (%s); next at %s",
         claim.id,
@@ -1002,6 +1403,7 @@ def _retry(
         claim.id,
         SendOutcome.RETRYING,
         state=state,
+        order_id=claim.order_id,
         message=reason,
         code=exc.code,
         next_attempt_at=next_attempt_at,
@@ -1232,6 +1634,75 @@ def _stored_outcome(
 def _with(base: SubmitOutcome, **changes: Any) -> SubmitOutcome:
     values = {f.name: getattr(base, f.name) for f in fields(base)}
     return SubmitOutcome(**{**values, **changes})
+
+
+# --- acting on an order now -------------------------------------------------------------
+
+
+def replacement_body(replacement: Submission) -> dict[str, Any]:
+    """The stored body of a replace: the order request, plus the sale's amount if given.
+
+    The amount travels as a string (JSON has no decimals); :func:`parse_submission`
+    reads it back exactly when the row is sent.
+    """
+    body = replacement.request.to_wire()
+    if replacement.amount is not None and replacement.currency is not None:
+        body["amount"] = str(replacement.amount)
+        body["currency"] = replacement.currency
+        body["amountIncludesVat"] = replacement.amount_includes_vat
+    return body
+
+
+def act_now(
+    sessions: sessionmaker[Session],
+    client: VenueClient,
+    connection_id: int,
+    operation: OutboxOperation,
+    order_id: str,
+    *,
+    now: dt.datetime,
+    request: dict[str, Any] | None = None,
+    owner: str | None = None,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+) -> SendResult:
+    """Record a confirm, replace or delete of an order, then try once to send it at once.
+
+    As :func:`submit_now` for a sale: the row is committed before the call, so a failure
+    that may pass leaves it queued for the outbox sender (``RETRYING``); a row behind an
+    earlier unfinished row for the same order is only recorded (``NOT_CLAIMED``).
+
+    Args:
+        sessions: the session factory; recording and sending commit on their own.
+        client: the venue client of ``connection_id``.
+        connection_id: the venue connection's row id.
+        operation: ``confirm``, ``replace`` or ``delete``.
+        order_id: the venue's orderId.
+        now: the current time (aware).
+        request: the body, as for :func:`record_action`.
+        owner: the lease owner name; a new one if not given.
+        lease_seconds: how long the row is held while it is sent.
+        max_attempts: as for :func:`send_outbox_row`.
+
+    Returns:
+        What came of the send.
+
+    Raises:
+        sqlalchemy.exc.SQLAlchemyError: the action could not be recorded; nothing was sent.
+    """
+    with sessions.begin() as session:
+        outbox_id = record_action(
+            session, connection_id, operation, order_id, now=now, request=request
+        ).id
+    return send_outbox_row(
+        sessions,
+        client,
+        outbox_id,
+        owner=owner or new_owner(),
+        now=now,
+        lease_seconds=lease_seconds,
+        max_attempts=max_attempts,
+    )
 
 
 # --- submitting a file -------------------------------------------------------------------

@@ -44,7 +44,7 @@ from storage.models import (
 from storage.types import utcnow
 from venue.client import VenueClient
 from venue.errors import VenueError, VenueNotFound, VenueRejected, VenueUnavailable
-from venue.models import Order
+from venue.models import Order, OrderStatus
 
 logger = logging.getLogger(__name__)
 
@@ -515,7 +515,7 @@ def _process_order(
         _retry(
             sessions,
             group,
-            _describe(exc),
+            describe_venue_error(exc),
             owner=owner,
             now=now,
             max_attempts=max_attempts,
@@ -555,6 +555,7 @@ def _apply(
     report: WorkerReport,
 ) -> None:
     """In one transaction: finish the rows still ours, then mirror ``order`` (None: 404)."""
+    newly_in_error: str | None = None
     with sessions.begin() as session:
         finished = _finish(session, group, owner=owner, now=now)
         if finished:
@@ -564,9 +565,11 @@ def _apply(
             if order is None:
                 mark_removed(session, connection_id, order_id, now, source, inbox_id=first)
             else:
-                upsert_order(
+                row = upsert_order(
                     session, connection_id, order, source=source, observed_at=now, inbox_id=first
                 )
+                if row.status is OrderStatus.ERROR and row.status_changed_at == now:
+                    newly_in_error = row.status_message or "no reason given"
         # else: every row was re-claimed by another worker after our lease expired; that
         # worker applies its own answer, and applying ours too would double the history.
 
@@ -577,6 +580,14 @@ def _apply(
     elif order is None:
         report.removed += 1
         logger.info("order %s: removed at the venue (inbox %s)", order_id, finished)
+    elif newly_in_error is not None:
+        # A person must fix and replace (or cancel) it: `otacm orders errors` lists them.
+        logger.warning(
+            "order %s (%s): Error at the venue: %s",
+            order_id,
+            order.sell_to_order_reference,
+            newly_in_error,
+        )
     else:
         notified = sorted({c.notified_status for c in group if c.notified_status})
         logger.info(
@@ -675,7 +686,7 @@ def _retry(
             report.retried += 1
 
 
-def _describe(exc: VenueError) -> str:
+def describe_venue_error(exc: VenueError) -> str:
     """A failure for ``last_error``: the kind, status and the venue's code and message.
 
     Built from the error's fields, never from a body: the venue's messages for getOrder

@@ -1,4 +1,5 @@
-"""`otacm submit`, `otacm orders show` and `otacm inbox replay` against the sandbox."""
+"""`otacm submit`, `otacm orders show|replace|cancel|errors` and `otacm inbox replay`
+against the sandbox, over real HTTP, on a SQLite database."""
 
 from __future__ import annotations
 
@@ -7,11 +8,18 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from click.testing import CliRunner
+from pydantic import SecretStr
 
 from otacm.cli import main
+from otacm.settings import VenueConnection
 from sandbox import SandboxConfig, SandboxServer
+from storage.engine import make_engine, make_sessions
+from storage.models import ChangeSource, ensure_connection, upsert_order
+from storage.types import utcnow
+from venue.client import open_client
 
 
 @pytest.fixture
@@ -131,3 +139,173 @@ def test_inbox_replay_reports_how_many_rows(env: dict[str, str]) -> None:
     code, output = run(["inbox", "replay", "--connection", "elsewhere"], env)
     assert code == 1
     assert "no venue connection named 'elsewhere'" in output
+
+
+# --- orders replace, cancel, errors ----------------------------------------------------------
+
+
+def faults(sandbox: SandboxServer, **changes: object) -> None:
+    """``POST /_sandbox/faults``."""
+    response = httpx.post(f"{sandbox.url}/_sandbox/faults", json=changes, timeout=10)
+    assert response.status_code == 200, response.text
+
+
+def submitted(tmp_path: Path, env: dict[str, str], body: dict[str, object]) -> str:
+    """``otacm submit`` of one order; its orderId."""
+    path = tmp_path / f"{body['sellToOrderReference']}.json"
+    path.write_text(json.dumps(body))
+    code, output = run(["submit", str(path), "--json"], env)
+    assert code == 0, output
+    (outcome,) = json.loads(output)
+    return str(outcome["orderId"])
+
+
+def mirror_from_venue(env: dict[str, str], order_id: str) -> None:
+    """What the worker does after a webhook: getOrder, and the answer into the mirror."""
+    connection = VenueConnection(
+        name="default",
+        api_base_url=env["OTACM_API_BASE_URL"],
+        tenant=env["OTACM_TENANT"],
+        environment=env["OTACM_ENVIRONMENT"],
+        company=env["OTACM_COMPANY"],
+        api_key=SecretStr(env["OTACM_API_KEY"]),
+    )
+    engine = make_engine(env["OTACM_DATABASE_URL"])
+    try:
+        with open_client(connection) as client, make_sessions(engine).begin() as session:
+            upsert_order(
+                session,
+                ensure_connection(session, "default"),
+                client.get_order(order_id),
+                source=ChangeSource.FETCH,
+                observed_at=utcnow(),
+            )
+    finally:
+        engine.dispose()
+
+
+def test_orders_replace_sends_a_fixed_order_whatever_the_mirror_shows(
+    tmp_path: Path, sandbox: SandboxServer, env: dict[str, str]
+) -> None:
+    """The venue put the order in Error (the mirror still says Submitted): the fixed
+    request from FILE is sent, the order is Submitted again with the new lines, and the
+    sale's ledger line takes the new amount."""
+    partner = sandbox.config.partners[0].id
+    faults(sandbox, errorRate=1.0)
+    order_id = submitted(tmp_path, env, order("cli-err", partner))
+    sandbox.tick()
+    faults(sandbox, errorRate=0.0)
+    fixed = tmp_path / "fixed.json"
+    fixed.write_text(json.dumps({**order("CLI-ERR", partner, "31002"), "amount": "100.00"}))
+
+    code, output = run(["orders", "replace", "CLI-ERR", str(fixed), "--json"], env)
+
+    assert code == 0, output
+    outcome = json.loads(output)
+    assert (outcome["outcome"], outcome["status"]) == ("replaced", "Submitted")
+    assert outcome["orderId"] == order_id
+    code, output = run(["orders", "show", "CLI-ERR"], env)
+    assert "2 x 31002" in output  # the mirror holds the venue's answer: the new lines
+    assert "ledger: active sale of 2 for 100.00 DKK (submit)" in output
+
+
+def test_orders_replace_refuses_what_cannot_be_sent_naming_the_problem(
+    tmp_path: Path, sandbox: SandboxServer, env: dict[str, str]
+) -> None:
+    """A file that is not JSON, holds two orders, or changes the partner or reference is
+    refused before anything is sent; an unknown REF too; an Issued order is refused by
+    the venue with its reason. Each: exit 1 and one line naming the problem."""
+    partner = sandbox.config.partners[0].id
+    other_partner = sandbox.config.partners[1].id
+    submitted(tmp_path, env, order("cli-issued", partner))
+    sandbox.tick()
+    files = {
+        "not-json": "{nope",
+        "two": json.dumps([order("CLI-ISSUED", partner), order("CLI-ISSUED", partner)]),
+        "reference": json.dumps(order("CLI-OTHER", partner)),
+        "partner": json.dumps(order("CLI-ISSUED", other_partner)),
+        "good": json.dumps(order("CLI-ISSUED", partner, "31002")),
+    }
+    for name, text in files.items():
+        (tmp_path / f"{name}.json").write_text(text)
+
+    def replace(ref: str, name: str) -> tuple[int, str]:
+        return run(["orders", "replace", ref, str(tmp_path / f"{name}.json")], env)
+
+    cases = [
+        (replace("CLI-ISSUED", "not-json"), "not valid JSON"),
+        (replace("CLI-ISSUED", "two"), "a replacement is one order, and the file holds 2"),
+        (replace("CLI-ISSUED", "reference"), "sellToOrderReference 'CLI-OTHER' in the file"),
+        (replace("CLI-ISSUED", "partner"), f"partnerId '{other_partner}' in the file"),
+        (replace("NOPE-1", "good"), "no stored order under 'NOPE-1'"),
+        (replace("CLI-ISSUED", "good"), "refused  order"),
+    ]
+    for (code, output), problem in cases:
+        assert code == 1, output
+        assert problem in output, output
+    assert "Order cannot be replaced in status Issued" in cases[-1][0][1]
+
+
+def test_orders_cancel_cancels_removes_or_says_why_not(
+    tmp_path: Path, sandbox: SandboxServer, env: dict[str, str]
+) -> None:
+    """In flight: refused with the venue's reason, exit 1 (an unknown connection too).
+    Issued: Cancelled. A Draft: removed."""
+    partner = sandbox.config.partners[0].id
+    submitted(tmp_path, env, order("cli-cancel", partner))
+    unpaid = {k: v for k, v in order("cli-draft", partner).items() if k != "paymentReference"}
+    submitted(tmp_path, env, unpaid)
+
+    code, output = run(["orders", "cancel", "CLI-CANCEL"], env)
+    assert code == 1
+    assert "refused" in output and "mid-flight (status Submitted)" in output
+    code, output = run(["orders", "cancel", "CLI-CANCEL", "--connection", "elsewhere"], env)
+    assert code == 1
+    assert "no venue connection named 'elsewhere'" in output
+
+    sandbox.tick()
+    code, output = run(["orders", "cancel", "CLI-CANCEL", "--json"], env)
+    assert code == 0, output
+    assert (json.loads(output)["outcome"], json.loads(output)["status"]) == (
+        "cancelled",
+        "Cancelled",
+    )
+    code, output = run(["orders", "cancel", "cli-draft"], env)
+    assert code == 0, output
+    assert output.startswith("CLI-DRAFT  removed  order ")
+    assert "Jane Doe" not in output
+
+
+def test_orders_errors_lists_the_venues_reasons(
+    tmp_path: Path, sandbox: SandboxServer, env: dict[str, str]
+) -> None:
+    """Orders the mirror has in Error, with the venue's reason; --json for scripts; an
+    unknown connection is an error."""
+    faults(sandbox, errorRate=1.0)
+    order_id = submitted(tmp_path, env, order("cli-broken", sandbox.config.partners[0].id))
+    sandbox.tick()
+    mirror_from_venue(env, order_id)
+
+    code, output = run(["orders", "errors"], env)
+    assert code == 0, output
+    assert output.startswith(f"CLI-BROKEN  order {order_id}  CM-")
+    assert "Unexpected error while issuing the order" in output
+    assert output.rstrip().endswith("1 order(s) in Error")
+
+    code, output = run(["orders", "errors", "--json", "--connection", "default"], env)
+    assert code == 0, output
+    (listed,) = json.loads(output)
+    assert (listed["orderId"], listed["inLedger"]) == (order_id, True)
+    assert "Jane Doe" not in output and "jane@example.com" not in output
+
+    code, output = run(["orders", "errors", "--connection", "elsewhere"], env)
+    assert code == 1
+    assert "no venue connection named 'elsewhere'" in output
+
+
+@pytest.mark.parametrize("command", ["replace", "cancel", "errors"])
+def test_each_orders_command_explains_itself(command: str) -> None:
+    """``--help`` works without any configuration."""
+    result = CliRunner().invoke(main, ["orders", command, "--help"])
+    assert result.exit_code == 0
+    assert "--json" in result.output and "--connection" in result.output

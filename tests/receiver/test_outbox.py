@@ -29,14 +29,17 @@ from sqlalchemy.orm import Session, sessionmaker
 from otacm.settings import Settings, VenueConnection
 from receiver.outbox import (
     NO_CURRENCY,
+    NO_LONGER_KNOWN,
     OutboxReport,
     SendOutcome,
     SubmissionError,
     SubmitStatus,
+    act_now,
     choose_connection,
     claim_outbox,
     parse_submission,
     read_submissions,
+    record_action,
     record_submission,
     run_outbox_once,
     send_outbox_row,
@@ -47,6 +50,7 @@ from sandbox import SandboxConfig, SandboxServer
 from sandbox.config import DEFAULT_PARTNERS
 from storage.models import (
     ChangeSource,
+    Inbox,
     LedgerLine,
     LedgerSource,
     LedgerState,
@@ -128,12 +132,15 @@ class FakeVenue:
     Attributes:
         orders: the venue's orders (wire JSON) by orderId.
         scripts: how to answer the next createOrder calls, in order.
-        calls: calls by name (``create``, ``get``, ``list``).
+        answers: how to answer the next confirmOrder, replaceOrder or deleteOrder calls.
+        calls: calls by name (``create``, ``get``, ``list``, ``confirm``, ``replace``,
+            ``delete``).
     """
 
     def __init__(self) -> None:
         self.orders: dict[str, dict[str, Any]] = {}
         self.scripts: list[Script] = []
+        self.answers: list[httpx.Response] = []
         self.calls: Counter[str] = Counter()
         self._lock = threading.Lock()
 
@@ -141,6 +148,10 @@ class FakeVenue:
         """The MockTransport handler."""
         path = request.url.path
         with self._lock:
+            if request.method in ("PUT", "DELETE") or path.endswith("/confirm"):
+                name = {"PUT": "replace", "DELETE": "delete"}.get(request.method, "confirm")
+                self.calls[name] += 1
+                return self.answers.pop(0)
             if request.method == "POST" and path.endswith("/channelManager"):
                 self.calls["create"] += 1
                 body = json.loads(request.content)
@@ -912,6 +923,134 @@ def test_a_bad_file_records_nothing(
 
     assert rows(sessions, LedgerLine) == []
     assert venue.calls == Counter()
+
+
+# --- actions on an order ------------------------------------------------------------------
+
+ORDER_ID = "0b7d6c5e-4f3a-4b2c-9d1e-8f7a6b5c4d3e"
+MID_FLIGHT = "Order is mid-flight (status Processing); retry once it has settled"
+
+
+def action_request(operation: OutboxOperation) -> dict[str, Any] | None:
+    """A valid stored body for ``operation``."""
+    if operation is OutboxOperation.CONFIRM:
+        return {"paymentReference": "PAY-1"}
+    if operation is OutboxOperation.REPLACE:
+        return order_body()
+    return None
+
+
+def test_an_action_is_recorded_for_an_order_and_never_as_a_create(
+    sessions: sessionmaker[Session], connection_id: int
+) -> None:
+    """A confirm names its order, due now; a create or a body that does not fit is refused."""
+    with sessions.begin() as session:
+        row = record_action(
+            session,
+            connection_id,
+            OutboxOperation.CONFIRM,
+            "{" + ORDER_ID.upper() + "}",
+            now=T0,
+            request={"paymentReference": "PAY-1"},
+        )
+        with pytest.raises(ValueError, match="record_submission"):
+            record_action(session, connection_id, OutboxOperation.CREATE, ORDER_ID, now=T0)
+        with pytest.raises(ValueError, match="delete takes no request"):
+            record_action(
+                session, connection_id, OutboxOperation.DELETE, ORDER_ID, now=T0, request={}
+            )
+
+    assert (row.order_id, row.state, row.next_attempt_at) == (ORDER_ID, OutboxState.PENDING, T0)
+    assert row.ledger_line_id is None
+
+
+# (operation, the venue's answer: status and message, what the send comes to)
+ACTION_FAILURES = [
+    (OutboxOperation.CONFIRM, 400, MID_FLIGHT, SendOutcome.RETRYING),
+    (OutboxOperation.REPLACE, 400, MID_FLIGHT, SendOutcome.RETRYING),
+    (OutboxOperation.DELETE, 400, MID_FLIGHT, SendOutcome.FAILED),
+    (OutboxOperation.DELETE, 400, "Unexpected error; try again", SendOutcome.RETRYING),
+    (OutboxOperation.CONFIRM, 503, "busy", SendOutcome.RETRYING),
+    (OutboxOperation.DELETE, 401, "Missing or invalid API key", SendOutcome.RETRYING),
+    (OutboxOperation.CONFIRM, 400, "Order cannot be confirmed in status Error", SendOutcome.FAILED),
+    (OutboxOperation.REPLACE, 404, "Order was not found", SendOutcome.FAILED),
+    (OutboxOperation.DELETE, 404, "Order was not found", SendOutcome.SENT),
+]
+
+
+def test_an_actions_failure_is_retried_refused_or_the_order_gone(
+    sessions: sessionmaker[Session], client: VenueClient, venue: FakeVenue, connection_id: int
+) -> None:
+    """Transient failures wait their backoff, except a mid-flight delete (a person's cancel
+    is refused, not carried out later); a refusal fails the row and queues a fresh getOrder;
+    404 fails a confirm or replace, and is a delete's goal reached."""
+    for operation, status, message, outcome in ACTION_FAILURES:
+        case = f"{operation} answered {status} {message!r}"
+        order_id = str(uuid.uuid4())
+        code = "resource_not_found" if status == 404 else "generic_error"
+        venue.answers = [error(status, message, code=code)]
+
+        result = act_now(
+            sessions,
+            client,
+            connection_id,
+            operation,
+            order_id,
+            now=T0,
+            request=action_request(operation),
+            owner="tester",
+        )
+
+        assert result.outcome is outcome, case
+        assert venue.answers == [], case
+        with sessions.begin() as session:
+            row = session.scalars(sa.select(Outbox).where(Outbox.order_id == order_id)).one()
+            lookups = session.scalars(sa.select(Inbox.id).where(Inbox.order_id == order_id)).all()
+        expected = {
+            SendOutcome.RETRYING: OutboxState.PENDING,
+            SendOutcome.FAILED: OutboxState.FAILED,
+            SendOutcome.SENT: OutboxState.SENT,
+        }[outcome]
+        assert (row.operation, row.state) == (operation, expected), case
+        if outcome is SendOutcome.RETRYING:
+            assert row.next_attempt_at > T0, case
+        refused = outcome is SendOutcome.FAILED and status == 400
+        assert len(lookups) == (1 if refused else 0), case
+        if status == 404:
+            assert result.removed, case
+            assert row.last_error == (None if outcome is SendOutcome.SENT else NO_LONGER_KNOWN)
+
+
+def test_a_pass_sends_every_operation(
+    sessions: sessionmaker[Session], client: VenueClient, venue: FakeVenue, connection_id: int
+) -> None:
+    """One pass claims creates and actions alike, oldest first, and sends each."""
+    confirmed = {**venue.store(order_body("OTHER-1"), status="Issued"), "orderId": ORDER_ID}
+    venue.answers = [httpx.Response(200, json=confirmed), httpx.Response(200, content=b"")]
+    with sessions.begin() as session:
+        record_submission(session, connection_id, order_request(), now=T0)
+        for operation in (OutboxOperation.CONFIRM, OutboxOperation.DELETE):
+            record_action(
+                session,
+                connection_id,
+                operation,
+                ORDER_ID,
+                now=T0,
+                request=action_request(operation),
+            )
+
+    first = run_outbox_once(sessions, {connection_id: client}, owner="w", now=T0)
+    second = run_outbox_once(sessions, {connection_id: client}, owner="w", now=T0)
+
+    # The delete waits for the confirm of the same order: the next pass sends it.
+    assert (first.claimed, first.sent, second.claimed, second.removed) == (2, 2, 1, 1)
+    assert [(r.operation, r.state) for r in rows(sessions, Outbox)] == [
+        (OutboxOperation.CREATE, OutboxState.SENT),
+        (OutboxOperation.CONFIRM, OutboxState.SENT),
+        (OutboxOperation.DELETE, OutboxState.SENT),
+    ]
+    sources = {order_id: changes for order_id, _, changes in mirrored(sessions)}
+    assert sources[ORDER_ID] == [ChangeSource.CONFIRM, ChangeSource.DELETE]
 
 
 # --- against the sandbox, over HTTP ---------------------------------------------------------

@@ -465,6 +465,34 @@ def test_each_processed_order_is_logged_without_customer_data(
         assert secret not in caplog.text
 
 
+def test_an_order_newly_in_error_is_a_warning_with_the_venues_reason_once(
+    sessions: sessionmaker[Session],
+    clients: dict[int, VenueClient],
+    connection_id: int,
+    venue: FakeVenue,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Error needs a person: one WARNING with the venue's reason, not one per fetch."""
+    venue.orders[ORDER_ID] = {
+        **venue_order(status="Error"),
+        "statusMessage": "Unknown item '99999'",
+    }
+    add_row(sessions, connection_id, status="Error")
+
+    with caplog.at_level(logging.INFO):
+        once(sessions, clients, T0)
+        add_row(sessions, connection_id, status="Error")
+        once(sessions, clients, T0 + dt.timedelta(seconds=30))
+
+    warnings = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "receiver.worker" and r.levelno == logging.WARNING
+    ]
+    assert len(warnings) == 1
+    assert ORDER_ID in warnings[0] and "Unknown item '99999'" in warnings[0]
+
+
 # --- the venue's failures ----------------------------------------------------------------
 
 
