@@ -8,16 +8,23 @@ alone (``OTACM_TENANT``, ``OTACM_COMPANY``, ``OTACM_API_KEY``, ...), which adds 
 connection named ``OTACM_CONNECTION_NAME`` (default ``default``).
 
 Secrets (API keys, webhook client states) are ``SecretStr``: they never appear in
-``repr``, logs or error messages.
+``repr``, logs or error messages. The webhook client states of a connection are the
+configured ones plus those ``otacm subscribe`` generated and keeps in a file of its own
+under ``secrets_dir`` (:meth:`VenueConnection.client_states`; the file is read and
+written here too, :func:`read_client_states` and its neighbours), so a generated state
+is accepted without editing the configuration.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 import tomllib
+from collections.abc import Collection
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import quote, unquote
+from urllib.parse import quote, unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -25,6 +32,10 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 DEFAULT_API_BASE_URL = "https://api.npretail.app"
 DEFAULT_DATABASE_URL = "sqlite:///var/otacm.sqlite3"
 MIN_POLL_INTERVAL = 10.0
+CLIENT_STATE_MAX_CHARS = 50
+"""The venue keeps a subscription's ``clientState`` to at most this many characters."""
+CLIENT_STATES_SUFFIX = ".webhook-client-states"
+"""The name of a connection's generated client states file is its name plus this."""
 _API_VERSION = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
@@ -41,6 +52,25 @@ def split_comma_list(value: Any) -> Any:
 
 CommaList = Annotated[list[str], NoDecode]
 SecretCommaList = Annotated[list[SecretStr], NoDecode]
+
+
+def check_webhook_url(url: str) -> str:
+    """``url`` trimmed, if it is an absolute http(s) URL the venue can POST webhooks to.
+
+    Raises:
+        ValueError: it is not; the message says what is wrong.
+    """
+    url = url.strip()
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - parsing the port is what raises for a bad one
+    except ValueError:
+        raise ValueError(f"webhook URL {url!r} does not parse") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"webhook URL {url!r} must be an absolute http(s) URL")
+    if parts.fragment:
+        raise ValueError(f"webhook URL {url!r} must not have a #fragment")
+    return url
 
 
 def encode_company(company: str) -> str:
@@ -95,7 +125,7 @@ class VenueConnection(BaseModel):
     @field_validator("webhook_client_states")
     @classmethod
     def _states_fit(cls, value: list[SecretStr]) -> list[SecretStr]:
-        if any(len(state.get_secret_value()) > 50 for state in value):
+        if any(len(state.get_secret_value()) > CLIENT_STATE_MAX_CHARS for state in value):
             raise ValueError("a webhook client state is at most 50 characters")
         return value
 
@@ -109,6 +139,32 @@ class VenueConnection(BaseModel):
     def api_identity(self) -> tuple[str, str]:
         """What the venue's rate limits count by: the API root and the key."""
         return (self.api_base_url.rstrip("/"), self.api_key.get_secret_value())
+
+    def client_state_file(self, secrets_dir: Path) -> Path:
+        """The file of the webhook client states otacm generated for this connection."""
+        return secrets_dir / f"{self.name}{CLIENT_STATES_SUFFIX}"
+
+    def client_states(self, secrets_dir: Path) -> list[SecretStr]:
+        """Every client state a webhook of this connection may carry, each once.
+
+        The configured states (``webhook_client_states``) first, in their order, then
+        those in :meth:`client_state_file`, in the file's order. The first of the list
+        is the one new subscriptions use. The file is read at each call, so a state
+        that ``otacm subscribe`` added counts without a restart.
+
+        Args:
+            secrets_dir: the settings' ``secrets_dir``.
+
+        Raises:
+            SettingsError: the file cannot be read or holds an over-long state.
+        """
+        states = list(self.webhook_client_states)
+        seen = {state.get_secret_value() for state in states}
+        for state in read_client_states(self.client_state_file(secrets_dir)):
+            if state.get_secret_value() not in seen:
+                seen.add(state.get_secret_value())
+                states.append(state)
+        return states
 
     def masked(self) -> dict[str, Any]:
         """The connection for display: secrets replaced by a hint of their length."""
@@ -201,6 +257,11 @@ class Settings(BaseSettings):
     def _split(cls, value: Any) -> Any:
         return split_comma_list(value)
 
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_url_is_absolute(cls, value: str | None) -> str | None:
+        return None if value is None or not value.strip() else check_webhook_url(value)
+
     @model_validator(mode="after")
     def _fold_single_venue(self) -> Settings:
         single = (self.tenant, self.company, self.api_key)
@@ -278,6 +339,118 @@ class Settings(BaseSettings):
             "poll_interval": self.poll_interval,
             "connections": [c.masked() for c in self.connections],
         }
+
+
+# --- generated secrets -------------------------------------------------------------------
+
+
+def read_client_states(path: Path) -> list[SecretStr]:
+    """The client states in a generated states file: one a line; blank lines and ``#``
+    comments skipped. A file that does not exist (or cannot, its directory being a
+    file) holds none; writing one then says what is wrong.
+
+    Raises:
+        SettingsError: the file cannot be read, or a line is longer than the venue allows
+            (named by its number, never its text).
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
+        raise SettingsError(f"cannot read webhook client states file {path}: {reason}") from None
+    states = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        state = line.strip()
+        if not state or state.startswith("#"):
+            continue
+        if len(state) > CLIENT_STATE_MAX_CHARS:
+            raise SettingsError(
+                f"{path}, line {number}: a webhook client state is at most "
+                f"{CLIENT_STATE_MAX_CHARS} characters"
+            )
+        states.append(SecretStr(state))
+    return states
+
+
+def add_client_state(path: Path, state: SecretStr) -> None:
+    """Append ``state`` to the generated states file at ``path``, durably.
+
+    The directory is made owner-only (0700) and the file owner-readable (0600) before
+    anything is written; the line is on disk (fsync) when this returns, so a
+    subscription made next with the state can never outlive the only copy of it.
+
+    Raises:
+        OSError: the directory or the file cannot be written.
+        ValueError: the state is empty, longer than the venue allows, or spans lines.
+    """
+    value = state.get_secret_value()
+    if not value or len(value) > CLIENT_STATE_MAX_CHARS or value != value.strip():
+        raise ValueError("a client state is 1 to 50 characters, without surrounding blanks")
+    if "\n" in value or "\r" in value or value.startswith("#"):
+        raise ValueError("a client state is one line and does not start with '#'")
+    _private_directory(path.parent)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        # O_CREAT's mode only applies to a new file; an existing one is narrowed too.
+        os.fchmod(descriptor, 0o600)
+        os.write(descriptor, f"{value}\n".encode())
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+    _sync_directory(path.parent)
+
+
+def remove_client_states(path: Path, retired: Collection[SecretStr]) -> int:
+    """Rewrite the generated states file at ``path`` without the ``retired`` states.
+
+    The new file replaces the old one atomically (written beside it, 0600, fsynced,
+    renamed), so a crash leaves either file whole.
+
+    Returns:
+        How many lines were removed.
+
+    Raises:
+        SettingsError: the file cannot be read.
+        OSError: it cannot be rewritten.
+    """
+    gone = {state.get_secret_value() for state in retired}
+    if not gone or not path.exists():
+        return 0
+    kept = [s.get_secret_value() for s in read_client_states(path)]
+    remaining = [state for state in kept if state not in gone]
+    removed = len(kept) - len(remaining)
+    if not removed:
+        return 0
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            os.fchmod(handle.fileno(), 0o600)
+            handle.writelines(f"{state}\n" for state in remaining)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    _sync_directory(path.parent)
+    return removed
+
+
+def _private_directory(directory: Path) -> None:
+    """Make ``directory`` (and its parents) if need be; the directory itself owner-only."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    directory.chmod(0o700)
+
+
+def _sync_directory(directory: Path) -> None:
+    # A new or renamed file is durable only once its directory entry is.
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def mask_database_url(url: str) -> str:

@@ -12,8 +12,11 @@ from otacm.settings import (
     Settings,
     SettingsError,
     VenueConnection,
+    add_client_state,
     encode_company,
     mask_database_url,
+    read_client_states,
+    remove_client_states,
 )
 
 KEY = "k-very-secret-key-0001"
@@ -182,3 +185,102 @@ def test_config_file_named_by_the_environment(
     config.write_text('database_url = "sqlite:///named.sqlite3"\n')
     monkeypatch.setenv("OTACM_CONFIG_FILE", str(config))
     assert Settings.load().database_url == "sqlite:///named.sqlite3"
+
+
+# --- webhook client states: configured, plus the generated states file --------------------
+
+
+def plain(states: list[SecretStr]) -> list[str]:
+    return [state.get_secret_value() for state in states]
+
+
+def test_generated_states_join_the_configured_ones(tmp_path: Path) -> None:
+    """A connection's states are the configured ones first, then its file's, each once."""
+    secrets_dir = tmp_path / "secrets"
+    venue = VenueConnection(
+        name="castle",
+        tenant="t",
+        company="c",
+        api_key=KEY,
+        webhook_client_states=[SecretStr("configured-1"), SecretStr("configured-2")],
+    )
+    assert plain(venue.client_states(secrets_dir)) == ["configured-1", "configured-2"]
+    path = venue.client_state_file(secrets_dir)
+    assert path == secrets_dir / "castle.webhook-client-states"
+    add_client_state(path, SecretStr("generated-1"))
+    add_client_state(path, SecretStr("configured-2"))
+    add_client_state(path, SecretStr("generated-2"))
+    assert plain(venue.client_states(secrets_dir)) == [
+        "configured-1",
+        "configured-2",
+        "generated-1",
+        "generated-2",
+    ]
+    # Another connection's file is its own.
+    other = VenueConnection(name="zoo", tenant="t", company="c", api_key=KEY)
+    assert other.client_states(secrets_dir) == []
+
+
+def test_states_file_is_owner_only(tmp_path: Path) -> None:
+    """The generated states live in a 0700 directory, in a 0600 file, even a loose one."""
+    secrets_dir = tmp_path / "var" / "secrets"
+    path = secrets_dir / "default.webhook-client-states"
+    add_client_state(path, SecretStr("first-state"))
+    assert secrets_dir.stat().st_mode & 0o777 == 0o700
+    assert path.stat().st_mode & 0o777 == 0o600
+    path.chmod(0o644)
+    secrets_dir.chmod(0o755)
+    add_client_state(path, SecretStr("second-state"))
+    assert secrets_dir.stat().st_mode & 0o777 == 0o700
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert path.read_text() == "first-state\nsecond-state\n"
+
+
+def test_states_file_skips_blanks_and_comments_and_refuses_long_lines(tmp_path: Path) -> None:
+    """Blank lines and # comments are not states; an over-long line is named, not shown."""
+    path = tmp_path / "default.webhook-client-states"
+    assert read_client_states(path) == [], "a missing file holds no state"
+    path.write_text("# rotated 2026-01-01\n\n  padded-state  \nsecond\n")
+    assert plain(read_client_states(path)) == ["padded-state", "second"]
+    path.write_text("ok\n" + "y" * 51 + "\n")
+    with pytest.raises(SettingsError, match="line 2: a webhook client state is at most 50") as exc:
+        read_client_states(path)
+    assert "y" * 51 not in str(exc.value)
+
+
+def test_states_that_cannot_be_stored_are_refused(tmp_path: Path) -> None:
+    """Nothing the venue would refuse, or that would not read back the same, is written."""
+    path = tmp_path / "default.webhook-client-states"
+    for bad in ("", "x" * 51, " padded", "two\nlines", "#comment"):
+        with pytest.raises(ValueError, match="client state"):
+            add_client_state(path, SecretStr(bad))
+    assert not path.exists()
+
+
+def test_retired_states_are_removed_from_the_file(tmp_path: Path) -> None:
+    """A rotation's old states leave the file; the rest stay, in order, still 0600."""
+    path = tmp_path / "secrets" / "default.webhook-client-states"
+    for state in ("old-1", "keep-1", "old-2", "keep-2"):
+        add_client_state(path, SecretStr(state))
+    assert remove_client_states(path, [SecretStr("old-1"), SecretStr("old-2")]) == 2
+    assert plain(read_client_states(path)) == ["keep-1", "keep-2"]
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert remove_client_states(path, [SecretStr("absent")]) == 0
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name], "no temporary left"
+
+
+@pytest.mark.parametrize(
+    "url", ["ftp://example.com/hook", "/webhooks/ota-cm", "example.com/hook", "https://"]
+)
+def test_webhook_url_must_be_absolute_http(url: str) -> None:
+    """The venue can only POST to an absolute http(s) URL; anything else is refused."""
+    with pytest.raises(ValueError, match="webhook_url"):
+        Settings(webhook_url=url)
+
+
+def test_webhook_url_accepted_as_given() -> None:
+    """A good URL is kept (trimmed); an empty one means "not set"."""
+    assert Settings(webhook_url=" https://shop.example/webhooks/ota-cm ").webhook_url == (
+        "https://shop.example/webhooks/ota-cm"
+    )
+    assert Settings(webhook_url="").webhook_url is None
