@@ -41,9 +41,15 @@ class CliContext:
                 self._settings = Settings.load(self.config_file)
             except SettingsError as exc:
                 raise click.ClickException(str(exc)) from None
-            secrets = [c.api_key for c in self._settings.connections] + [
-                state for c in self._settings.connections for state in c.webhook_client_states
-            ]
+            connections = self._settings.connections
+            try:
+                states = [
+                    s for c in connections for s in c.client_states(self._settings.secrets_dir)
+                ]
+            except SettingsError:
+                # An unreadable states file is reported by the commands that need it.
+                states = [s for c in connections for s in c.webhook_client_states]
+            secrets = [c.api_key for c in connections] + states
             configure_logging(self.log_level, secrets)
         return self._settings
 
@@ -289,6 +295,41 @@ def scheduler(cli: CliContext) -> None:
 
 
 @main.command()
+@click.option(
+    "--job",
+    "jobs",
+    multiple=True,
+    metavar="NAME",
+    help="Only this job (repeatable): change_feed, watchdog, retry_outbox, "
+    "lost_submissions, confirm_drafts, check_subscriptions.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the outcomes as JSON.")
+@pass_cli
+def poll(cli: CliContext, jobs: tuple[str, ...], as_json: bool) -> None:
+    """Run the scheduled jobs once now, due or not, and print what each did.
+
+    The same jobs as the scheduler (change feed, watchdog, outbox retries, lost
+    submissions, draft confirmation, subscription check), through the same locks: a job
+    a scheduler is running right now is reported busy, not run twice. One line per job
+    (`name: outcome key=value ...`). Exits 1 if any job failed.
+    """
+    from heartbeat.coordination import JobOutcome
+    from otacm.processes import SchemaNotCurrentError, UnknownJobError, run_poll
+
+    try:
+        results = run_poll(cli.settings, jobs)
+    except (SchemaNotCurrentError, UnknownJobError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        echo_json([result.as_dict() for result in results])
+    else:
+        for result in results:
+            click.echo(result.line())
+    if any(result.outcome is JobOutcome.FAILED for result in results):
+        raise SystemExit(1)
+
+
+@main.command()
 @_bind_option
 @_workers_option
 @pass_cli
@@ -351,6 +392,84 @@ def submit(cli: CliContext, file: Path, as_json: bool) -> None:
         raise SystemExit(1)
 
 
+@main.command("subscribe")
+@click.option("--url", required=True, help="The receiver's public webhook URL (http or https).")
+@click.option("--connection", "connection_name", default=None, help="The venue connection's name.")
+@click.option(
+    "--new-state",
+    is_flag=True,
+    help="Rotate: a new client state, a new subscription, the old ones deleted.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@pass_cli
+def subscribe_command(
+    cli: CliContext, url: str, connection_name: str | None, new_state: bool, as_json: bool
+) -> None:
+    """Subscribe URL to the venue's ota_cm_order_processed webhook.
+
+    Does nothing when a usable subscription for URL exists. A connection with no client
+    state gets a generated one, kept in OTACM_SECRETS_DIR (default var/secrets) as
+    <connection>.webhook-client-states, readable by the owner only, and accepted by the
+    receiver without a restart; the state itself is never printed. --connection is
+    needed when several venues are configured. Exits 1 on failure, and when something
+    is left for a person to do (printed as warnings).
+    """
+    from heartbeat.subscriptions import COMMAND_RETRY, SubscriptionError, subscribe
+    from otacm.settings import check_webhook_url
+    from venue.client import open_client
+    from venue.errors import VenueAuthError, VenueError, VenueUnavailable
+
+    try:
+        url = check_webhook_url(url)
+    except ValueError as exc:
+        raise click.ClickException(f"--url: {exc}") from None
+    settings = cli.settings
+    try:
+        if connection_name is not None:
+            connection = settings.connection(connection_name)
+        elif len(settings.connections) == 1:
+            (connection,) = settings.connections
+        elif not settings.connections:
+            raise SettingsError(
+                "no venue connection is configured (OTACM_TENANT, OTACM_COMPANY, "
+                "OTACM_API_KEY, or [[connections]] in the config file)"
+            )
+        else:
+            names = ", ".join(c.name for c in settings.connections)
+            raise SettingsError(f"several venue connections ({names}): name one with --connection")
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        with open_client(connection, retry=COMMAND_RETRY) as client:
+            result = subscribe(
+                connection,
+                client,
+                url=url,
+                secrets_dir=settings.secrets_dir,
+                new_state=new_state,
+            )
+    except SubscriptionError as exc:
+        raise click.ClickException(str(exc)) from None
+    except VenueUnavailable as exc:
+        raise click.ClickException(
+            f"the venue of {connection.name} is unreachable: {exc}"
+        ) from None
+    except VenueAuthError as exc:
+        raise click.ClickException(
+            f"the venue of {connection.name} refused the API key: {exc}"
+        ) from None
+    except VenueError as exc:
+        raise click.ClickException(f"the venue of {connection.name} refused: {exc}") from None
+    if as_json:
+        echo_json(result.to_json())
+    else:
+        click.echo(result.describe())
+        for warning in result.warnings:
+            click.echo(f"warning: {warning}", err=True)
+    if result.warnings:
+        raise SystemExit(1)
+
+
 @main.group()
 def orders() -> None:
     """Orders as the local mirror knows them."""
@@ -383,6 +502,151 @@ def orders_show(cli: CliContext, key: str, as_json: bool) -> None:
     for story in stories:
         for line in story_lines(story):
             click.echo(line)
+
+
+def _order_action(cli: CliContext, connection: str | None, act: Any) -> Any:
+    """Run ``act(sessions, clients)`` with the database and every connection's client."""
+    from contextlib import ExitStack
+
+    from otacm.orders import OrderActionError
+    from receiver.outbox import SUBMIT_NOW_RETRY
+    from storage.engine import make_engine, make_sessions
+    from venue.client import open_client
+
+    settings = cli.settings
+    if connection is not None:
+        try:
+            settings.connection(connection)  # an unknown name is an error, not "no order"
+        except SettingsError as exc:
+            raise click.ClickException(str(exc)) from None
+    engine = make_engine(settings.database_url)
+    with ExitStack() as stack:
+        stack.callback(engine.dispose)
+        clients = {
+            c.name: stack.enter_context(open_client(c, retry=SUBMIT_NOW_RETRY))
+            for c in settings.connections
+        }
+        try:
+            return act(make_sessions(engine), clients)
+        except OrderActionError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+def _print_action(outcome: Any, as_json: bool) -> None:
+    """Print an ``orders replace``/``cancel`` outcome; exit 1 unless the venue did it."""
+    if as_json:
+        echo_json(outcome.to_json())
+    else:
+        click.echo(outcome.describe())
+    if not outcome.done:
+        raise SystemExit(1)
+
+
+@orders.command("replace")
+@click.argument("key", metavar="REF")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--connection", default=None, help="The venue connection, when several have REF.")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+@pass_cli
+def orders_replace(
+    cli: CliContext, key: str, file: Path, connection: str | None, as_json: bool
+) -> None:
+    """Replace the order REF names now with the order request in FILE (replaceOrder).
+
+    REF is the shop's reference, the venue's reference or the orderId. FILE holds one
+    order request as `otacm submit` reads it; its partnerId and sellToOrderReference must
+    be the order's. Only a Draft or Error order can be replaced: the venue is asked
+    whatever the local mirror shows, and its refusal is printed. The order then goes
+    through the venue's pipeline again. Exits 1 unless the venue took the replacement
+    (refused, or queued for the scheduler to retry).
+    """
+    from otacm.orders import read_replacement, replace_order
+    from receiver.outbox import SubmissionError
+    from storage.types import utcnow
+
+    try:
+        replacement = read_replacement(file)
+    except SubmissionError as exc:
+        raise click.ClickException(f"{file}: {exc}") from None
+    outcome = _order_action(
+        cli,
+        connection or replacement.connection,
+        lambda sessions, clients: replace_order(
+            sessions, clients, key, replacement, now=utcnow(), connection=connection
+        ),
+    )
+    _print_action(outcome, as_json)
+
+
+@orders.command("cancel")
+@click.argument("key", metavar="REF")
+@click.option("--connection", default=None, help="The venue connection, when several have REF.")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+@pass_cli
+def orders_cancel(cli: CliContext, key: str, connection: str | None, as_json: bool) -> None:
+    """Cancel the order REF names now at the venue (deleteOrder).
+
+    An Issued order is kept by the venue as Cancelled, its wallets destroyed; a Draft or
+    Error order is removed outright. The venue refuses an order still in flight
+    (Submitted, Scheduled, Processing): run the command again once it has settled.
+    Exits 1 unless the order is now cancelled or removed.
+    """
+    from otacm.orders import cancel_order
+    from storage.types import utcnow
+
+    outcome = _order_action(
+        cli,
+        connection,
+        lambda sessions, clients: cancel_order(
+            sessions, clients, key, now=utcnow(), connection=connection
+        ),
+    )
+    _print_action(outcome, as_json)
+
+
+@orders.command("errors")
+@click.option("--connection", default=None, help="Only orders of this venue connection.")
+@click.option("--json", "as_json", is_flag=True, help="Print the orders as JSON.")
+@pass_cli
+def orders_errors(cli: CliContext, connection: str | None, as_json: bool) -> None:
+    """List the orders the venue left in Error, with its reason, oldest first.
+
+    Each shows the shop's and the venue's reference, since when it is in Error, and
+    whether the ledger has the sale. Fix one with `otacm orders replace`, or drop it
+    with `otacm orders cancel`.
+    """
+    import sqlalchemy as sa
+
+    from heartbeat.actions import error_orders
+    from storage.engine import make_engine, make_sessions
+    from storage.models import VenueConnection
+
+    if connection is not None:
+        try:
+            cli.settings.connection(connection)  # an unknown name is an error, not "none"
+        except SettingsError as exc:
+            raise click.ClickException(str(exc)) from None
+    engine = make_engine(cli.settings.database_url)
+    try:
+        with make_sessions(engine, read_only=True).begin() as session:
+            connection_id = None
+            if connection is not None:
+                connection_id = session.scalar(
+                    sa.select(VenueConnection.id).where(VenueConnection.name == connection)
+                )
+            found = (
+                []
+                if connection is not None and connection_id is None
+                else error_orders(session, connection_id)
+            )
+    finally:
+        engine.dispose()
+    if as_json:
+        echo_json([order.to_json() for order in found])
+        return
+    for order in found:
+        click.echo(order.describe())
+    click.echo(f"{len(found)} order(s) in Error")
 
 
 @main.group()

@@ -9,20 +9,28 @@ inside gunicorn's workers (each worker would run every job again).
 
 The worker and scheduler build their engine and venue clients here and close them when
 they stop; the jobs themselves are plain functions of their inputs
-(:func:`receiver.worker.run_once`, :func:`receiver.outbox.run_outbox_once`).
+(:func:`receiver.worker.run_once`, :func:`receiver.outbox.run_outbox_once`, the
+heartbeat's), listed with their intervals by :func:`scheduled_jobs`. Any number of
+schedulers, on any number of nodes, may share one database: every run goes through
+:func:`heartbeat.coordination.run_job`, which keeps each job to one run at a time (a
+database lock that dies with its holder) and one run per interval (the job's run record).
+Work found by the jobs is shared with the workers through the inbox's claims.
+``otacm poll`` (:func:`run_poll`) runs the same jobs once, now.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
+import random
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +38,7 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from heartbeat.coordination import JobOutcome, ScheduledJob, describe_error, run_job
 from otacm.settings import Settings, VenueConnection
 from venue.client import VenueClient
 
@@ -37,6 +46,16 @@ logger = logging.getLogger(__name__)
 
 OUTBOX_RETRY_SECONDS = 10.0
 """How often the scheduler sends outbox rows whose earlier attempt failed."""
+
+LOST_SUBMISSIONS_SECONDS = 60.0
+"""How often the scheduler looks for submissions the venue never answered for."""
+
+SCHEDULER_JITTER = 0.05
+"""A random delay of up to this share of a job's interval is added to each tick, so that
+several nodes' schedulers do not all fire in the same millisecond..."""
+
+SCHEDULER_MAX_JITTER = 2.0
+"""...but never more than this many seconds."""
 
 
 def gunicorn_options(bind: str, workers: int | None = None) -> dict[str, Any]:
@@ -149,43 +168,229 @@ def run_worker(settings: Settings, stop: threading.Event) -> None:
         )
 
 
-def scheduled_jobs(
-    settings: Settings, runtime: Runtime
-) -> list[tuple[str, float, Callable[[], None]]]:
-    """The scheduler's jobs as (name, interval in seconds, function of nothing)."""
+def scheduled_jobs(settings: Settings, runtime: Runtime) -> list[ScheduledJob]:
+    """The scheduler's jobs, each a thin closure over ``runtime``; see the module docstring.
+
+    Jobs that the settings switch off (``confirm_drafts`` without
+    ``auto_confirm_drafts``, ``check_subscriptions`` without ``webhook_url``) are left out.
+    """
+    from heartbeat.actions import confirm_paid_drafts
+    from heartbeat.feed import run_feed
+    from heartbeat.submissions import find_lost_submissions
+    from heartbeat.subscriptions import check_subscriptions
+    from heartbeat.watchdog import check_orders
     from receiver.outbox import run_outbox_once
+    from receiver.worker import new_owner
+
+    owner = new_owner()
+
+    def change_feed(now: dt.datetime) -> object:
+        partners = {cid: conn.partner_ids for cid, conn in runtime.connections.items()}
+        return run_feed(
+            runtime.sessions, runtime.clients, partners, now=now, overlap=settings.feed_overlap
+        )
+
+    def watchdog(now: dt.datetime) -> object:
+        return check_orders(
+            runtime.sessions,
+            now=now,
+            in_flight_after=dt.timedelta(seconds=settings.in_flight_check_after),
+            open_recheck=dt.timedelta(seconds=settings.open_order_recheck),
+            stuck_after=dt.timedelta(seconds=settings.stuck_after),
+            connection_ids=runtime.clients.keys(),
+        )
+
+    def retry_outbox(now: dt.datetime) -> object:
+        return run_outbox_once(runtime.sessions, runtime.clients, owner=owner, now=now)
+
+    def lost_submissions(now: dt.datetime) -> object:
+        return find_lost_submissions(
+            runtime.sessions,
+            runtime.clients,
+            now=now,
+            grace=dt.timedelta(seconds=settings.submission_grace),
+        )
+
+    def confirm_drafts(now: dt.datetime) -> object:
+        return confirm_paid_drafts(runtime.sessions, runtime.clients, owner=owner, now=now)
+
+    jobs = [
+        ScheduledJob("change_feed", settings.poll_interval, change_feed),
+        ScheduledJob("watchdog", settings.poll_interval, watchdog),
+        ScheduledJob("retry_outbox", OUTBOX_RETRY_SECONDS, retry_outbox),
+        ScheduledJob("lost_submissions", LOST_SUBMISSIONS_SECONDS, lost_submissions),
+    ]
+    if settings.auto_confirm_drafts:
+        jobs.append(ScheduledJob("confirm_drafts", settings.poll_interval, confirm_drafts))
+    if settings.webhook_url:
+        url = settings.webhook_url
+
+        def subscriptions(now: dt.datetime) -> object:
+            return check_subscriptions(
+                runtime.connections, runtime.clients, url=url, secrets_dir=settings.secrets_dir
+            )
+
+        jobs.append(
+            ScheduledJob("check_subscriptions", settings.subscription_check_interval, subscriptions)
+        )
+    return jobs
+
+
+def report_dict(report: object) -> dict[str, Any]:
+    """A job's report as a dict: its ``as_dict()``, or ``{}`` when it has none."""
+    as_dict = getattr(report, "as_dict", None)
+    if callable(as_dict):
+        return dict(as_dict())
+    return {}
+
+
+def did_something(report: object) -> bool:
+    """Whether a job's report counts anything: a non-zero number or a non-empty value."""
+    return any(report_dict(report).values())
+
+
+def run_scheduled(
+    runtime: Runtime, job: ScheduledJob, *, owner: str, force: bool = False
+) -> tuple[JobOutcome, object | None]:
+    """Run one job through :func:`~heartbeat.coordination.run_job` now, and log the outcome.
+
+    A run that did something is logged at INFO; a run that found nothing to do, a busy
+    or not-due job, at DEBUG. A failure has been logged at ERROR, with its traceback, by
+    ``run_job``.
+    """
+    from storage.types import utcnow
+
+    outcome, report = run_job(
+        runtime.engine, runtime.sessions, job, owner=owner, now=utcnow(), force=force
+    )
+    if outcome is JobOutcome.RAN and did_something(report):
+        logger.info("job %s: %s", job.name, report_dict(report))
+    elif outcome is not JobOutcome.FAILED:
+        logger.debug("job %s: %s", job.name, outcome)
+    return outcome, report
+
+
+def run_scheduler(settings: Settings, stop: threading.Event) -> None:
+    """APScheduler in this process, running :func:`scheduled_jobs` until ``stop``.
+
+    Every job is an interval job calling :func:`run_scheduled`; any number of schedulers
+    may run against one database (:mod:`heartbeat.coordination` keeps each job to one
+    run at a time and one run per interval). The first ticks come within a few seconds of
+    the start, so a restarted scheduler catches up with jobs that are due.
+    """
+    from apscheduler.schedulers.background import BackgroundScheduler
+
     from receiver.worker import new_owner
     from storage.types import utcnow
 
     owner = new_owner()
-
-    def retry_outbox() -> None:
-        report = run_outbox_once(runtime.sessions, runtime.clients, owner=owner, now=utcnow())
-        if report.claimed:
-            logger.info("outbox pass: %s", report.as_dict())
-
-    return [("retry_outbox", OUTBOX_RETRY_SECONDS, retry_outbox)]
-
-
-def run_scheduler(settings: Settings, stop: threading.Event) -> None:
-    """APScheduler in this process only, running :func:`scheduled_jobs` until ``stop``."""
-    from apscheduler.schedulers.background import BackgroundScheduler
-
+    if not logger.isEnabledFor(logging.DEBUG):
+        # APScheduler logs every tick at INFO; run_scheduled logs the outcomes that matter.
+        logging.getLogger("apscheduler.executors").setLevel(logging.WARNING)
     with open_runtime(settings) as runtime:
         scheduler = BackgroundScheduler(timezone="UTC")
-        for name, seconds, job in scheduled_jobs(settings, runtime):
-            # One run at a time; runs missed while one was slow are merged, not queued.
+        for job in scheduled_jobs(settings, runtime):
+            jitter = min(job.interval * SCHEDULER_JITTER, SCHEDULER_MAX_JITTER)
+            # One run at a time; ticks missed while one was slow are merged, not queued;
+            # the jitter keeps several nodes from firing in the same millisecond.
             scheduler.add_job(
-                job, "interval", seconds=seconds, id=name, max_instances=1, coalesce=True
+                run_scheduled,
+                "interval",
+                args=(runtime, job),
+                kwargs={"owner": owner},
+                seconds=job.interval,
+                jitter=jitter,
+                next_run_time=utcnow() + dt.timedelta(seconds=random.uniform(0, jitter)),  # noqa: S311
+                id=job.name,
+                name=job.name,
+                max_instances=1,
+                coalesce=True,
             )
         scheduler.start()
         logger.info(
-            "scheduler started with jobs: %s", ", ".join(j.id for j in scheduler.get_jobs())
+            "scheduler %s started with jobs: %s",
+            owner,
+            ", ".join(j.id for j in scheduler.get_jobs()),
         )
         try:
             stop.wait()
         finally:
             scheduler.shutdown(wait=True)
+
+
+@dataclass(frozen=True)
+class PollResult:
+    """What one job did in ``otacm poll``.
+
+    Attributes:
+        job: the job's name.
+        outcome: ran, busy (a scheduler is running it right now) or failed.
+        report: the job's report as a dict (``{"error": ...}`` when it failed).
+    """
+
+    job: str
+    outcome: JobOutcome
+    report: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        """For ``--json``."""
+        return {"job": self.job, "outcome": str(self.outcome), "report": self.report}
+
+    def line(self) -> str:
+        """One line for people: ``name: outcome key=value ...``."""
+        details = " ".join(f"{key}={value}" for key, value in self.report.items())
+        return f"{self.job}: {self.outcome}" + (f" {details}" if details else "")
+
+
+def run_poll(settings: Settings, names: Sequence[str] = ()) -> list[PollResult]:
+    """Run the scheduled jobs once now (``otacm poll``), whether due or not.
+
+    Each job goes through :func:`~heartbeat.coordination.run_job` with ``force``: the
+    run is recorded and the lock applies, so a job a scheduler is running right now is
+    reported busy rather than run twice.
+
+    Args:
+        settings: the configuration.
+        names: the jobs to run (default: every job the settings enable).
+
+    Returns:
+        One result per job, in the scheduler's order.
+
+    Raises:
+        SchemaNotCurrentError: the database is not migrated.
+        UnknownJobError: a name is not one of the enabled jobs.
+    """
+    from receiver.worker import new_owner
+
+    with open_runtime(settings) as runtime:
+        jobs = scheduled_jobs(settings, runtime)
+        known = [job.name for job in jobs]
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise UnknownJobError(
+                f"unknown or disabled job(s): {', '.join(unknown)} (jobs: {', '.join(known)})"
+            )
+        owner = new_owner()
+        results = []
+        for job in jobs:
+            if names and job.name not in names:
+                continue
+            outcome, report = run_scheduled(runtime, job, owner=owner, force=True)
+            if outcome is JobOutcome.FAILED:
+                details = {"error": describe_error(_exception(report))}
+            else:
+                details = report_dict(report)
+            results.append(PollResult(job.name, outcome, details))
+        return results
+
+
+class UnknownJobError(ValueError):
+    """``otacm poll --job`` named a job that does not exist or is switched off."""
+
+
+def _exception(report: object) -> BaseException:
+    # run_job's companion of FAILED is the exception.
+    return report if isinstance(report, BaseException) else RuntimeError(str(report))
 
 
 def stop_on_signals(stop: threading.Event) -> None:

@@ -9,7 +9,7 @@ by the stage of the flow that fills them:
 - mirror: :class:`VenueOrder` with :class:`OrderItem`, :class:`Wallet`, :class:`Asset`,
   and :class:`StatusChange`, every status an order was seen in;
 - heartbeat: :class:`FeedCursor` (the change feed's high-water mark) and
-  :class:`JobLease` (which process runs a scheduled job);
+  :class:`JobRun` (each scheduled job's last run and when it is next due);
 - reconcile and report: :class:`ReconRun`, :class:`ReconTotal`, :class:`ReconException`
   and :class:`ExceptionEvent`.
 
@@ -480,7 +480,8 @@ class Outbox(Base):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     connection_id: Mapped[int] = mapped_column(sa.ForeignKey("venue_connection.id"))
-    ledger_line_id: Mapped[int] = mapped_column(sa.ForeignKey("ledger_line.id"))
+    # None for a call on a venue order that has no sale in the ledger (an orphan).
+    ledger_line_id: Mapped[int | None] = mapped_column(sa.ForeignKey("ledger_line.id"))
     operation: Mapped[OutboxOperation] = mapped_column(_enum(OutboxOperation, "operation"))
     request: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
     state: Mapped[OutboxState] = mapped_column(
@@ -512,14 +513,30 @@ class FeedCursor(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
 
-class JobLease(Base):
-    """Which process runs the scheduled job ``name``, until when."""
+class JobRun(Base):
+    """The run record of the scheduled job ``name``, shared by every scheduler process.
 
-    __tablename__ = "job_lease"
+    Who may run a job *right now* is decided by a database lock
+    (:func:`heartbeat.coordination.job_lock`), not by this row; the row says when the
+    job last ran and when it is next due, so that several schedulers ticking on their
+    own clocks run it once per interval between them, not once each. ``finished_at`` is
+    ``None`` while a run is under way, or when its process died mid-run;
+    ``last_success_at`` is when the last successful run ended. ``runs``
+    counts the runs started; ``failures`` the failed runs since the last success.
+    ``last_error`` is the last failure's exception type and message, never a secret.
+    """
+
+    __tablename__ = "job_run"
 
     name: Mapped[str] = mapped_column(sa.String(100), primary_key=True)
     owner: Mapped[str] = mapped_column(ACTOR)
-    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    last_success_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    next_due_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    runs: Mapped[int] = mapped_column(default=0)
+    failures: Mapped[int] = mapped_column(default=0)
+    last_error: Mapped[str | None] = mapped_column(sa.Text)
 
 
 # --- reconciliation --------------------------------------------------------------------

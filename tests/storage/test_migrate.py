@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import sqlalchemy as sa
 from alembic import command
 from alembic.autogenerate import compare_metadata
@@ -86,3 +87,65 @@ def test_check_constraints_exist_in_the_database(migrated_engine: sa.Engine) -> 
     names = {check["name"] for check in inspector.get_check_constraints("inbox")}
 
     assert {"ck_inbox_state", "ck_inbox_source"} <= names
+
+
+def _outbox_row(connection: sa.Connection, ledger_line_id: int | None) -> None:
+    connection.execute(
+        sa.text(
+            "INSERT INTO outbox (connection_id, ledger_line_id, operation, state, attempts,"
+            " next_attempt_at, created_at) VALUES (1, :line, 'delete', 'pending', 0, :at, :at)"
+        ),
+        {"line": ledger_line_id, "at": "2026-05-27 12:00:00+00:00"},
+    )
+
+
+def test_0002_keeps_outbox_rows_and_lets_them_go_without_a_ledger_line(
+    engine: sa.Engine,
+) -> None:
+    """Upgrading from 0001 keeps the outbox's rows and CHECKs; a row may then have no sale."""
+    migrate.upgrade(engine, "0001")
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text("INSERT INTO venue_connection (id, name, created_at) VALUES (1, 'v', :at)"),
+            {"at": "2026-05-27 12:00:00+00:00"},
+        )
+        connection.execute(
+            sa.text(
+                "INSERT INTO ledger_line (id, connection_id, partner_id, shop_reference,"
+                " reference_key, sold_at, quantity, amount, currency, amount_includes_vat,"
+                " state, source, created_at, updated_at) VALUES (1, 1, 'p', 'S-1', 'S-1', :at,"
+                " 1, 0, 'DKK', true, 'active', 'import', :at, :at)"
+            ),
+            {"at": "2026-05-27 12:00:00+00:00"},
+        )
+        _outbox_row(connection, 1)
+
+    migrate.upgrade(engine)
+
+    with engine.begin() as connection:
+        _outbox_row(connection, None)
+        lines = connection.scalars(sa.text("SELECT ledger_line_id FROM outbox ORDER BY id")).all()
+    assert lines == [1, None]
+    inspector = sa.inspect(engine)
+    assert {"ck_outbox_state", "ck_outbox_operation"} <= {
+        check["name"] for check in inspector.get_check_constraints("outbox")
+    }
+    assert "job_run" in inspector.get_table_names()
+    assert "job_lease" not in inspector.get_table_names()
+
+
+def test_0002_downgrade_refuses_outbox_rows_without_a_ledger_line(
+    migrated_engine: sa.Engine,
+) -> None:
+    """Revision 0001 cannot hold an outbox row without a sale: the downgrade says so."""
+    with migrated_engine.begin() as connection:
+        connection.execute(
+            sa.text("INSERT INTO venue_connection (id, name, created_at) VALUES (1, 'v', :at)"),
+            {"at": "2026-05-27 12:00:00+00:00"},
+        )
+        _outbox_row(connection, None)
+
+    with pytest.raises(RuntimeError, match="1 outbox row"), migrated_engine.begin() as connection:
+        command.downgrade(migrate.alembic_config(connection), "0001")
+
+    assert migrate.is_current(migrated_engine)
