@@ -7,6 +7,7 @@ JSON shape of :mod:`receiver.errors`. Gunicorn loads it as ``'receiver:create_ap
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 
 from flask import Flask
@@ -58,7 +59,11 @@ def create_app(settings: Settings | None = None) -> Flask:
             engine=engine,
             sessions=make_sessions(engine),
             read_sessions=read_sessions,
-            metrics=metrics.Metrics(read_sessions, [c.name for c in settings.connections]),
+            metrics=metrics.Metrics(
+                read_sessions,
+                [c.name for c in settings.connections],
+                stuck_after=dt.timedelta(seconds=settings.stuck_after),
+            ),
         )
     except BaseException:
         engine.dispose()

@@ -3,22 +3,41 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 import subprocess
 import sys
 import textwrap
+import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 from flask.testing import FlaskClient
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.orm import Session, sessionmaker
 
+from receiver.metrics import DatabaseCollector, first_settlements
 from receiver.webhook import WEBHOOK_PATH
+from storage.engine import make_sessions
 from storage.migrate import upgrade
-from storage.models import Inbox, InboxState
+from storage.models import (
+    ChangeSource,
+    Inbox,
+    InboxSource,
+    InboxState,
+    JobRun,
+    OrderItem,
+    StatusChange,
+    VenueOrder,
+    Wallet,
+    ensure_connection,
+    inbox_dedup_key,
+)
 from tests.receiver.notifications import STATE_B, notification
+from venue.models import OrderStatus
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -147,3 +166,274 @@ def test_counters_of_several_processes_add_up_in_multiprocess_mode(tmp_path: Pat
     assert value(first, stored, outcome="stored") == 1
     assert value(second, stored, outcome="stored") == 2
     assert value(second, "otacm_inbox_depth", connection="venue-a", state="pending") == 2
+
+
+# --- delivery health, stuck and Error orders, scheduled jobs ------------------------------
+
+NOW = dt.datetime(2026, 5, 27, 12, 0, tzinfo=dt.UTC)
+STUCK_AFTER = dt.timedelta(hours=1)
+
+
+def ago(**delta: float) -> dt.datetime:
+    """``NOW`` minus a time span."""
+    return NOW - dt.timedelta(**delta)
+
+
+class Planter:
+    """Writes mirror rows with known times, as the worker and the heartbeat would."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def order(
+        self,
+        connection: str,
+        changes: list[tuple[OrderStatus | None, ChangeSource, dt.datetime]],
+        *,
+        issued_at: dt.datetime | None = None,
+        notified_at: dt.datetime | None = None,
+        removed_at: dt.datetime | None = None,
+    ) -> VenueOrder:
+        """An order that went through ``changes``, with a wallet and a webhook if given."""
+        connection_id = ensure_connection(self.session, connection)
+        # A removal (no status) leaves the last status on the order row.
+        status = [s for s, _, _ in changes if s is not None][-1]
+        changed_at = changes[-1][2]
+        row = VenueOrder(
+            connection_id=connection_id,
+            order_id=str(uuid.uuid4()),
+            partner_id=str(uuid.uuid4()),
+            sell_to_order_reference=f"SHOP-{uuid.uuid4().hex[:8]}",
+            status=status,
+            status_changed_at=changed_at,
+            first_seen_at=changes[0][2],
+            removed_at=removed_at,
+        )
+        if issued_at is not None:
+            wallet = Wallet(seq_no=1, issued_at=issued_at)
+            # A later wallet: the earliest one is the evidence.
+            later = Wallet(seq_no=2, issued_at=issued_at + dt.timedelta(seconds=7))
+            row.items = [
+                OrderItem(line_no=100000, item_number="31001", quantity=2, wallets=[wallet, later])
+            ]
+        row.status_changes = [
+            StatusChange(status=s, source=source, observed_at=at) for s, source, at in changes
+        ]
+        self.session.add(row)
+        self.session.flush()
+        if notified_at is not None:
+            self.webhook(connection_id, row.order_id, notified_at)
+        return row
+
+    def webhook(self, connection_id: int, order: str, notified_at: dt.datetime) -> None:
+        """A webhook's inbox row for ``order``, stamped ``notified_at`` by the venue."""
+        payload = {"orderId": order, "timestamp": notified_at.isoformat()}
+        self.session.add(
+            Inbox(
+                connection_id=connection_id,
+                source=InboxSource.WEBHOOK,
+                event_name="ota_cm_order_processed",
+                order_id=order,
+                notified_status="Issued",
+                notified_at=notified_at,
+                received_at=notified_at,
+                payload=payload,
+                dedup_key=inbox_dedup_key(payload),
+                state=InboxState.DONE,
+                next_attempt_at=notified_at,
+            )
+        )
+        self.session.flush()
+
+
+def collect(engine: sa.Engine, *names: str) -> Samples:
+    """What a :class:`DatabaseCollector` yields at ``NOW``, as samples by name and labels."""
+    collector = DatabaseCollector(
+        make_sessions(engine, read_only=True),
+        names,
+        stuck_after=STUCK_AFTER,
+        clock=lambda: NOW,
+    )
+    registry = CollectorRegistry()
+    registry.register(collector)
+    return parse(generate_latest(registry).decode())
+
+
+def test_delivery_health_counts_settlements_by_source_and_measures_the_lag(
+    migrated_engine: sa.Engine, sessions: sessionmaker[Session]
+) -> None:
+    """Orders first settled in the last 24 h are counted by source; lags are exact."""
+    S, W = ChangeSource, OrderStatus  # short names keep the plantings on one line each
+    with sessions.begin() as session:
+        plant = Planter(session)
+        # Webhook: known 20 s after its first wallet was issued (the webhook came later).
+        plant.order(
+            "venue-a",
+            [(W.SUBMITTED, S.SUBMIT, ago(hours=2)), (W.ISSUED, S.WEBHOOK, ago(hours=1))],
+            issued_at=ago(hours=1, seconds=20),
+            notified_at=ago(hours=1, seconds=10),
+        )
+        # No webhook: the feed found it, 100 s after issue.
+        plant.order(
+            "venue-a",
+            [(W.PROCESSING, S.POLL, ago(hours=1)), (W.ISSUED, S.FEED, ago(minutes=30))],
+            issued_at=ago(minutes=31, seconds=40),
+        )
+        # Draft, by webhook, 60 s after minting; the webhook's timestamp is later.
+        plant.order(
+            "venue-a",
+            [(W.DRAFT, S.WEBHOOK, ago(hours=5))],
+            issued_at=ago(hours=5, seconds=60),
+            notified_at=ago(hours=5, seconds=40),
+        )
+        # The venue's clock ahead of ours: its evidence is after our knowledge; lag 0.
+        plant.order(
+            "venue-a",
+            [(W.ISSUED, S.WEBHOOK, ago(hours=1))],
+            notified_at=ago(hours=1) + dt.timedelta(seconds=5),
+        )
+        # Error found by a look-up, and Cancelled found by the feed: no wallet, no
+        # webhook, so no lag (untimed). Only the Error one is in Error now.
+        plant.order(
+            "venue-a",
+            [(W.SUBMITTED, S.SUBMIT, ago(hours=3)), (W.ERROR, S.POLL, ago(minutes=10))],
+        )
+        plant.order("venue-a", [(W.CANCELLED, S.FEED, ago(hours=1))])
+        # Error, then deleted at the venue: neither in Error now nor settled in the window.
+        plant.order(
+            "venue-a",
+            [(W.ERROR, S.WEBHOOK, ago(hours=30)), (None, S.POLL, ago(hours=2))],
+            removed_at=ago(hours=2),
+            notified_at=ago(hours=30),
+        )
+        # First settled 30 h ago; replaced and settled again within the window: not counted.
+        plant.order(
+            "venue-a",
+            [
+                (W.ISSUED, S.WEBHOOK, ago(hours=30)),
+                (W.SUBMITTED, S.REPLACE, ago(hours=3)),
+                (W.ISSUED, S.WEBHOOK, ago(hours=2)),
+            ],
+            issued_at=ago(hours=2, seconds=1),
+        )
+        # In flight for 3 h (stuck), and for 10 minutes (not yet).
+        plant.order("venue-a", [(W.PROCESSING, S.FEED, ago(hours=3))])
+        plant.order("venue-a", [(W.SUBMITTED, S.SUBMIT, ago(minutes=10))])
+        # Another connection: settled in the synchronous createOrder answer.
+        plant.order(
+            "venue-b", [(W.ISSUED, S.SUBMIT, ago(hours=2))], issued_at=ago(hours=2, seconds=3)
+        )
+
+    samples = collect(migrated_engine, "venue-a", "venue-b", "venue-c")
+
+    settled = "otacm_orders_settled_recent"
+    by_source_a = {
+        source.value: value(samples, settled, connection="venue-a", learned_from=source.value)
+        for source in ChangeSource
+    }
+    assert by_source_a == {
+        **{source.value: 0 for source in ChangeSource},
+        "webhook": 3,
+        "feed": 2,
+        "poll": 1,
+    }
+    assert value(samples, settled, connection="venue-b", learned_from="submit") == 1
+    assert value(samples, settled, connection="venue-c", learned_from="webhook") == 0
+
+    lag = "otacm_settlement_lag_seconds"
+    # venue-a's lags: 0, 20, 60, 100 s; quantiles interpolate between the closest ranks.
+    assert value(samples, lag, connection="venue-a", quantile="0.5") == pytest.approx(40)
+    assert value(samples, lag, connection="venue-a", quantile="0.95") == pytest.approx(94)
+    assert value(samples, f"{lag}_count", connection="venue-a") == 4
+    assert value(samples, f"{lag}_sum", connection="venue-a") == pytest.approx(180)
+    assert value(samples, "otacm_settlement_lag_untimed", connection="venue-a") == 2
+    assert value(samples, lag, connection="venue-b", quantile="0.95") == pytest.approx(3)
+    assert value(samples, f"{lag}_count", connection="venue-b") == 1
+    assert value(samples, "otacm_settlement_lag_untimed", connection="venue-b") == 0
+    assert math.isnan(value(samples, lag, connection="venue-c", quantile="0.5"))
+    assert value(samples, f"{lag}_count", connection="venue-c") == 0
+
+    assert value(samples, "otacm_orders_stuck", connection="venue-a") == 1
+    assert value(samples, "otacm_orders_stuck", connection="venue-b") == 0
+    assert value(samples, "otacm_orders_in_error", connection="venue-a") == 1
+    assert value(samples, "otacm_orders_in_error", connection="venue-c") == 0
+    assert value(samples, "otacm_database_up") == 1
+
+
+def test_the_window_is_read_from_the_newest_status_changes(
+    sessions: sessionmaker[Session],
+) -> None:
+    """Only the newest ``max_changes`` status changes are read, however old the window."""
+    with sessions.begin() as session:
+        plant = Planter(session)
+        orders = [
+            plant.order("venue-a", [(OrderStatus.ISSUED, ChangeSource.WEBHOOK, ago(hours=n))])
+            for n in (3, 2, 1)
+        ]
+        first = first_settlements(ago(hours=24), max_changes=2)
+        found = session.scalars(sa.select(first.c.venue_order_id)).all()
+
+    assert sorted(found) == sorted(order.id for order in orders[1:])
+
+
+def test_job_health_from_the_run_records(
+    client: FlaskClient, sessions: sessionmaker[Session]
+) -> None:
+    """Last success and consecutive failures per job; no success sample before one."""
+    finished = ago(seconds=30)
+    with sessions.begin() as session:
+        common = {"owner": "node-1", "next_due_at": NOW, "runs": 7}
+        session.add_all(
+            [
+                JobRun(
+                    name="change_feed",
+                    started_at=ago(seconds=31),
+                    finished_at=finished,
+                    last_success_at=finished,
+                    failures=0,
+                    **common,
+                ),
+                # Failing now, after an earlier success.
+                JobRun(
+                    name="watchdog",
+                    started_at=ago(seconds=20),
+                    finished_at=ago(seconds=19),
+                    last_success_at=ago(seconds=600),
+                    failures=2,
+                    last_error="VenueUnavailable: 503",
+                    **common,
+                ),
+                # Never succeeded yet.
+                JobRun(
+                    name="confirm_drafts",
+                    started_at=ago(seconds=5),
+                    finished_at=ago(seconds=4),
+                    failures=1,
+                    last_error="VenueUnavailable: 503",
+                    **common,
+                ),
+            ]
+        )
+
+    samples = scrape(client)
+
+    success = "otacm_job_last_success_timestamp_seconds"
+    assert value(samples, success, job="change_feed") == finished.timestamp()
+    assert value(samples, success, job="watchdog") == ago(seconds=600).timestamp()
+    assert (success, frozenset({("job", "confirm_drafts")})) not in samples
+    assert value(samples, "otacm_job_failures", job="change_feed") == 0
+    assert value(samples, "otacm_job_failures", job="watchdog") == 2
+    assert value(samples, "otacm_job_failures", job="confirm_drafts") == 1
+
+
+def test_an_empty_mirror_reports_zeros_for_every_connection(client: FlaskClient) -> None:
+    """Delivery health has a series per configured connection before any order."""
+    samples = scrape(client)
+
+    for connection in ("venue-a", "venue-b"):
+        for source in ("webhook", "poll", "feed"):
+            settled = "otacm_orders_settled_recent"
+            assert value(samples, settled, connection=connection, learned_from=source) == 0
+        assert value(samples, "otacm_settlement_lag_seconds_count", connection=connection) == 0
+        assert value(samples, "otacm_orders_stuck", connection=connection) == 0
+        assert value(samples, "otacm_orders_in_error", connection=connection) == 0
