@@ -281,7 +281,12 @@ def worker(cli: CliContext) -> None:
 @main.command()
 @pass_cli
 def scheduler(cli: CliContext) -> None:
-    """Run the scheduled jobs (outbox retries; later the heartbeat) in this process."""
+    """Run the scheduled jobs in this process: change feed, watchdog, outbox retries,
+    lost submissions, draft confirms, subscription checks (see `otacm poll --help`).
+
+    Any number of schedulers may share one database: each job runs at most once at a
+    time, and once per interval, across all of them.
+    """
     import threading
 
     from otacm.processes import SchemaNotCurrentError, run_scheduler, stop_on_signals

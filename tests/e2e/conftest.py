@@ -120,7 +120,8 @@ def order_lines(order: Order | VenueOrder) -> list[Any]:
     """An order's lines, wallets, prices and assets as comparable values.
 
     The venue's wire model and the mirror's rows share these attribute names, so one
-    function reads both: the mirror is right when both give the same list.
+    function reads both: the mirror is right when both give the same list. The venue's
+    "" (no value, as in a wallet shell's reference) is stored as NULL, so both read None.
     """
     return [
         (
@@ -131,8 +132,8 @@ def order_lines(order: Order | VenueOrder) -> list[Any]:
                 (
                     wallet.seq_no,
                     wallet.wallet_id,
-                    wallet.wallet_reference_number,
-                    wallet.external_reference_number,
+                    wallet.wallet_reference_number or None,
+                    wallet.external_reference_number or None,
                     wallet.issued_at,
                     wallet.unit_price_excl_vat,
                     wallet.unit_price_incl_vat,
