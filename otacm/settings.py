@@ -22,6 +22,7 @@ import re
 import tempfile
 import tomllib
 from collections.abc import Collection
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote, unquote, urlsplit
@@ -237,6 +238,15 @@ class Settings(BaseSettings):
     # Secrets otacm generates itself (webhook client states from `otacm subscribe`) are
     # kept in files here, readable by the owner only.
     secrets_dir: Path = Path("var/secrets")
+
+    # Reconciliation. An order still in flight this long after the sale counts as an
+    # exception (stuck), not as pending; amounts that differ by no more than the
+    # tolerance (in the sale's currency) match. The scheduled run, daily, covers the
+    # last recon_lookback_days days, so late changes at the venue are seen again.
+    recon_grace: float = Field(default=3600.0, ge=0)
+    recon_amount_tolerance: Decimal = Field(default=Decimal("0.01"), ge=0)
+    recon_lookback_days: int = Field(default=7, ge=1)
+    recon_interval: float = Field(default=86400.0, ge=MIN_POLL_INTERVAL)
     # The shop's JSON API (/api/) creates orders with the venue's key: it answers only
     # requests bearing one of these tokens, and is closed while none is configured.
     api_tokens: SecretCommaList = Field(default_factory=list)
