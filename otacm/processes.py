@@ -222,6 +222,24 @@ def scheduled_jobs(settings: Settings, runtime: Runtime) -> list[ScheduledJob]:
     ]
     if settings.auto_confirm_drafts:
         jobs.append(ScheduledJob("confirm_drafts", settings.poll_interval, confirm_drafts))
+
+    def reconcile(now: dt.datetime) -> object:
+        from reconciler.engine import reconcile_connections
+        from storage.models import ReconTrigger
+
+        return reconcile_connections(
+            runtime.sessions,
+            sorted(runtime.connections),
+            period_from=now - dt.timedelta(days=settings.recon_lookback_days),
+            period_to=now,
+            now=now,
+            trigger=ReconTrigger.SCHEDULED,
+            actor=None,
+            grace=dt.timedelta(seconds=settings.recon_grace),
+            tolerance=settings.recon_amount_tolerance,
+        )
+
+    jobs.append(ScheduledJob("reconcile", settings.recon_interval, reconcile))
     if settings.webhook_url:
         url = settings.webhook_url
 

@@ -589,18 +589,24 @@ class ReconException(Base):
 
     ``subject_key`` names what differs (a reference key, an order id); with the category
     it identifies the exception, so a difference seen again is the same exception.
+    ``subject_at`` is when the subject happened (the sale's ``sold_at``, an orphan
+    order's ``received_at``): a run closes only the exceptions whose subject lies in its
+    period and that it did not find again.
     """
 
     __tablename__ = "recon_exception"
     __table_args__ = (
         sa.UniqueConstraint("connection_id", "category", "subject_key"),
         sa.Index(None, "connection_id", "state"),
+        sa.Index(None, "connection_id", "subject_at"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     connection_id: Mapped[int] = mapped_column(sa.ForeignKey("venue_connection.id"))
     category: Mapped[str] = mapped_column(sa.String(32))
-    subject_key: Mapped[str] = mapped_column(REFERENCE)
+    # ledger:<partner id>:<reference key> or order:<order id>; longer than a reference.
+    subject_key: Mapped[str] = mapped_column(sa.String(200))
+    subject_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     ledger_line_id: Mapped[int | None] = mapped_column(
         sa.ForeignKey("ledger_line.id", ondelete="SET NULL")
     )

@@ -37,7 +37,14 @@ from venue.client import open_client
 from venue.models import OrderRequest
 
 POLL_INTERVAL_JOBS = ["change_feed", "watchdog", "confirm_drafts"]
-ALL_JOBS = ["change_feed", "watchdog", "retry_outbox", "lost_submissions", "confirm_drafts"]
+ALL_JOBS = [
+    "change_feed",
+    "watchdog",
+    "retry_outbox",
+    "lost_submissions",
+    "confirm_drafts",
+    "reconcile",
+]
 
 
 @pytest.fixture

@@ -1,0 +1,683 @@
+"""The reconciliation engine: one run compares a connection's ledger with its order mirror.
+
+A run (:func:`reconcile`) covers one venue connection and a period ``[from, to)``. All
+of the comparison is set-based SQL, the same on SQLite and PostgreSQL (a few dialect
+spellings aside): the findings go into a temporary table with ``INSERT … SELECT``, the
+run's totals are a ``GROUP BY`` over it, and the exceptions are merged from it with
+``INSERT … SELECT`` and ``UPDATE … FROM``. No Python loop ever walks the rows.
+
+**Scope.** Ledger lines of the connection with ``sold_at`` in the period; venue orders
+that are live (not removed) with ``received_at`` (``first_seen_at`` when the venue gave
+none) in the period, for orphans. A ledger line matches the live orders of the same
+connection with the same ``(partner_id, reference_key)``, wherever their ``received_at``
+lies; ``reference_key`` is the normalized (trimmed, upper-cased) reference on both sides,
+so references compare case-insensitively by construction.
+
+**One category per ledger line**, the first that applies:
+
+1. ``missing_at_venue``: no live order under its reference;
+2. ``multiple_orders``: more than one (e.g. an Error replaced by a duplicate);
+3. ``in_flight`` / ``stuck_in_flight``: the order is Submitted, Scheduled or Processing.
+   It is in flight while the sale *or* the order's last status change is within the
+   grace period (``>= now - grace``), stuck otherwise. The later of the two clocks
+   counts: a sale replaced long after it was sold, or an order that just moved from
+   Submitted to Processing, is progressing; an order with no sale and no change within
+   the grace is stuck;
+4. ``venue_error``: the order is in Error;
+5. ``cancelled_in_ledger``: cancelled or refunded in the ledger, Issued or Draft at the
+   venue;
+6. ``cancelled_at_venue``: active in the ledger, Cancelled at the venue;
+7. ``matched``: cancelled or refunded in the ledger and Cancelled at the venue (no
+   content checks: nothing is owed either way);
+8. ``draft_unconfirmed``: active in the ledger, Draft at the venue. With or without a
+   payment reference: a sale in the ledger is sold, and a Draft issues no tickets, so
+   finance must see it either way (``details`` does not hide which);
+9. ``reference_mismatch``: the ledger recorded a ``venue_reference`` and it is not the
+   order's ``buyFromOrderReference`` (case-insensitive);
+10. ``quantity_mismatch``: the ledger quantity is not the sum of the order's item
+    quantities;
+11. ``currency_mismatch``: a wallet's currency is not the ledger's (skipped when no
+    wallet has a currency);
+12. ``amount_mismatch``: ``|ledger amount - sum of wallet unit prices|`` exceeds the
+    tolerance, with prices including VAT when the ledger amount does and excluding it
+    otherwise (skipped when no wallet has a price on that basis);
+13. ``external_reference_mismatch``: the ledger lists external reference numbers (a
+    non-empty list) and their set is not the set of the wallets' (trimmed,
+    case-insensitive);
+14. ``matched``.
+
+**Orphans**: live orders in the period with no ledger line of the same key (in any
+period) are ``orphan``.
+
+**Totals** per (currency, category): count, ledger amount and venue amount. The
+ledger side counts in the ledger's currency; the venue amount of a ledger line is the
+sum over its live orders on the ledger's VAT basis (0 when none is priced). Orphans
+count in their wallets' currency ("XXX" when unknown or mixed), with ledger amount 0
+and venue amount the prices including VAT.
+
+**Exceptions** (every category but ``matched`` and ``in_flight``) persist across runs,
+identified by ``(connection, category, subject_key)`` with subject_key
+``ledger:<partner_id>:<reference_key>`` or ``order:<order_id>`` (orphans). Found again:
+``seen`` (amounts and details refreshed; resolved and accepted ones keep finance's
+state), or ``reopened`` when it had been closed. New: ``open`` with an ``opened`` event.
+Not found again although its subject (``subject_at``) lies in the run's period and it
+is open, resolved or accepted: ``closed`` by this run, with a ``closed`` event. So
+re-running a period yields the same totals, no new exceptions and no ``opened`` events.
+
+**Lifecycle.** The run row is committed first (``running``); the comparison runs in one
+transaction that also finishes the run, holding the connection's row lock (runs of one
+connection never interleave; SQLite's ``BEGIN IMMEDIATE`` serializes anyway). On a
+failure the work is rolled back and the run is recorded ``failed`` with the error, then
+:class:`ReconRunFailed` is raised.
+"""
+
+# The SQL below is assembled from this module's constants (table names, category values,
+# dialect spellings), never from data: every value goes through a bind parameter.
+# ruff: noqa: S608
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session, sessionmaker
+
+from reconciler.categories import Category
+from storage.models import ReconRun, ReconRunState, ReconTrigger, VenueConnection
+from storage.types import UTCDateTime, to_micros
+
+logger = logging.getLogger(__name__)
+
+MAX_ERROR_LENGTH = 500
+"""How much of a failure's message the run row keeps."""
+
+POSTGRESQL_WORK_MEM = "128MB"
+"""``work_mem`` of a run's transaction on PostgreSQL: enough to hash a million rows."""
+
+UNKNOWN_CURRENCY = "XXX"
+"""ISO 4217's "no currency": an orphan whose wallets name none, or several."""
+
+_FINDINGS = "recon_finding"
+_EXCEPTION_CATEGORIES = tuple(sorted(c.value for c in Category if c.is_exception))
+
+
+class ReconRunFailed(RuntimeError):
+    """A run failed; its work was rolled back and its row records the error.
+
+    Attributes:
+        run_id: the failed run's id.
+    """
+
+    def __init__(self, run_id: int, error: str) -> None:
+        super().__init__(f"reconciliation run {run_id} failed: {error}")
+        self.run_id = run_id
+
+
+def reconcile(
+    sessions: sessionmaker[Session],
+    *,
+    connection_id: int,
+    period_from: dt.datetime,
+    period_to: dt.datetime,
+    now: dt.datetime,
+    trigger: ReconTrigger,
+    actor: str | None,
+    grace: dt.timedelta,
+    tolerance: Decimal,
+) -> int:
+    """Run one reconciliation of ``connection_id`` over ``[period_from, period_to)``.
+
+    Args:
+        sessions: the session factory; the run owns its transactions.
+        connection_id: the venue connection's row id.
+        period_from: start of the period (aware, inclusive).
+        period_to: end of the period (aware, exclusive).
+        now: the run's time: its start, and the clock of the grace period.
+        trigger: manual or scheduled.
+        actor: who started a manual run (``None`` for scheduled runs).
+        grace: how long an order may stay in flight before it is stuck.
+        tolerance: the largest amount difference that still matches.
+
+    Returns:
+        The run's id.
+
+    Raises:
+        ValueError: the period is empty or a time is naive (no run is recorded).
+        ReconRunFailed: the comparison failed; the run is recorded ``failed``.
+    """
+    for name, value in (("period_from", period_from), ("period_to", period_to), ("now", now)):
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(f"{name} must be an aware datetime, not {value.isoformat()}")
+    if period_from >= period_to:
+        raise ValueError(
+            f"empty period: {period_from.isoformat()} is not before {period_to.isoformat()}"
+        )
+    started = time.monotonic()
+    with sessions.begin() as session:
+        run = ReconRun(
+            connection_id=connection_id,
+            started_at=now,
+            period_from=period_from,
+            period_to=period_to,
+            trigger=trigger,
+            state=ReconRunState.RUNNING,
+            actor=actor,
+        )
+        session.add(run)
+        session.flush()
+        run_id = run.id
+    logger.info(
+        "reconciliation run %s: connection %s, %s to %s",
+        run_id,
+        connection_id,
+        period_from.isoformat(),
+        period_to.isoformat(),
+    )
+    try:
+        with sessions.begin() as session:
+            # One run of a connection at a time (PostgreSQL; SQLite serializes writers).
+            session.execute(
+                sa.select(VenueConnection.id)
+                .where(VenueConnection.id == connection_id)
+                .with_for_update()
+            )
+            params = {
+                "connection_id": connection_id,
+                "run_id": run_id,
+                "period_from": period_from,
+                "period_to": period_to,
+                "now": now,
+                "cutoff": now - grace,
+                "tolerance": to_micros(tolerance),
+                "actor": actor,
+            }
+            _compare(session, params)
+            session.execute(
+                sa.update(ReconRun)
+                .where(ReconRun.id == run_id)
+                .values(state=ReconRunState.FINISHED, finished_at=_finished(now, started))
+            )
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}".strip()[:MAX_ERROR_LENGTH]
+        logger.exception("reconciliation run %s failed", run_id)
+        with sessions.begin() as session:
+            session.execute(
+                sa.update(ReconRun)
+                .where(ReconRun.id == run_id)
+                .values(
+                    state=ReconRunState.FAILED, finished_at=_finished(now, started), error=error
+                )
+            )
+        raise ReconRunFailed(run_id, error) from exc
+    logger.info("reconciliation run %s finished", run_id)
+    return run_id
+
+
+def _finished(now: dt.datetime, started: float) -> dt.datetime:
+    # On the run's own clock: ``now`` plus the time the run took.
+    return now + dt.timedelta(seconds=time.monotonic() - started)
+
+
+def _compare(session: Session, params: dict[str, Any]) -> None:
+    """Fill the work tables, then the run's totals and the exceptions, all in SQL.
+
+    Each step is an ``INSERT … SELECT`` into a temporary table with a primary key, so
+    the next step joins on an index and both databases plan it the same simple way
+    (no large join of nested views left to the planner's guesses).
+    """
+    postgresql = session.get_bind().dialect.name == "postgresql"
+    timestamp = "TIMESTAMP WITH TIME ZONE" if postgresql else "TEXT"
+    tables = {
+        # Live orders the run looks at: those of its ledger lines, and its orphans
+        # (line_id NULL). An order has one reference key, so at most one ledger line.
+        "recon_candidate": "order_pk BIGINT PRIMARY KEY, line_id BIGINT",
+        "recon_item_total": "order_pk BIGINT PRIMARY KEY, quantity BIGINT",
+        "recon_wallet_total": (
+            "order_pk BIGINT PRIMARY KEY, incl BIGINT, excl BIGINT, "
+            "currency_min VARCHAR(3), currency_max VARCHAR(3)"
+        ),
+        "recon_line_total": (
+            "line_id BIGINT PRIMARY KEY, order_count INTEGER NOT NULL, order_pk BIGINT, "
+            "quantity BIGINT, incl BIGINT, excl BIGINT, "
+            "currency_min VARCHAR(3), currency_max VARCHAR(3)"
+        ),
+        "recon_ledger_ref": "line_id BIGINT, ref VARCHAR(100), PRIMARY KEY (line_id, ref)",
+        "recon_wallet_ref": "line_id BIGINT, ref VARCHAR(100), PRIMARY KEY (line_id, ref)",
+        "recon_ref_differs": "line_id BIGINT PRIMARY KEY",
+        _FINDINGS: f"""
+            line_id BIGINT,
+            order_pk BIGINT,
+            order_count INTEGER NOT NULL,
+            category VARCHAR(32) NOT NULL,
+            subject_key VARCHAR(200) NOT NULL,
+            subject_at {timestamp},
+            currency VARCHAR(3) NOT NULL,
+            ledger_amount BIGINT,
+            venue_amount BIGINT,
+            shop_reference VARCHAR(100),
+            order_guid VARCHAR(64),
+            status VARCHAR(16),
+            ledger_state VARCHAR(16),
+            ledger_quantity INTEGER,
+            venue_quantity BIGINT,
+            venue_currency VARCHAR(8),
+            venue_reference VARCHAR(50),
+            buy_from_order_reference VARCHAR(50)
+        """,
+    }
+    if postgresql:
+        # The run's joins and aggregates are hashed; PostgreSQL's default 4 MB spills a
+        # million rows to disk many times over. For this transaction only.
+        _execute(session, f"SET LOCAL work_mem = '{POSTGRESQL_WORK_MEM}'", params)
+    for table, columns in tables.items():
+        if postgresql:
+            _execute(session, f"CREATE TEMPORARY TABLE {table} ({columns}) ON COMMIT DROP", params)
+        else:
+            _execute(session, f"DROP TABLE IF EXISTS temp.{table}", params)
+            _execute(session, f"CREATE TEMPORARY TABLE {table} ({columns})", params)
+
+    steps = [
+        ("recon_candidate", _CANDIDATES_SQL),
+        ("recon_candidate", _ORPHAN_CANDIDATES_SQL),
+        ("recon_item_total", _ITEM_TOTALS_SQL),
+        ("recon_wallet_total", _WALLET_TOTALS_SQL),
+        ("recon_line_total", _LINE_TOTALS_SQL),
+        ("recon_ledger_ref", _ledger_refs_sql(postgresql)),
+        ("recon_wallet_ref", _WALLET_REFS_SQL),
+        ("recon_ref_differs", _REFS_DIFFER_SQL),
+        (_FINDINGS, _LEDGER_FINDINGS_SQL),
+        (_FINDINGS, _ORPHAN_FINDINGS_SQL),
+    ]
+    for table, sql in steps:
+        _execute(session, sql, params)
+        if postgresql:
+            # Temporary tables are never auto-analyzed; the next steps need estimates.
+            _execute(session, f"ANALYZE {table}", params)
+    _execute(session, f"CREATE INDEX recon_finding_subject ON {_FINDINGS} (subject_key)", params)
+
+    _execute(session, _TOTALS_SQL, params)
+    _merge_exceptions(session, params, postgresql)
+    if not postgresql:
+        for table in tables:
+            _execute(session, f"DROP TABLE temp.{table}", params)
+
+
+def _execute(session: Session, sql: str, params: dict[str, Any]) -> None:
+    statement = sa.text(sql).bindparams(
+        *(
+            sa.bindparam(name, type_=UTCDateTime())
+            for name in ("period_from", "period_to", "now", "cutoff")
+            if f":{name}" in sql
+        )
+    )
+    used = {name: value for name, value in params.items() if f":{name}" in sql}
+    started = time.monotonic()
+    result = session.execute(statement, used)
+    rows = getattr(result, "rowcount", -1)
+    logger.debug(
+        "%s: %s rows in %.2fs", " ".join(sql.split())[:60], rows, time.monotonic() - started
+    )
+
+
+_IN_FLIGHT = "'Submitted', 'Scheduled', 'Processing'"
+_ACTIVE = "'open', 'resolved', 'accepted'"
+_IN_PERIOD = (
+    "l.connection_id = :connection_id AND l.sold_at >= :period_from AND l.sold_at < :period_to"
+)
+
+_CANDIDATES_SQL = f"""
+    INSERT INTO recon_candidate (order_pk, line_id)
+    SELECT o.id, l.id
+    FROM ledger_line l
+    JOIN venue_order o
+      ON o.connection_id = l.connection_id AND o.partner_id = l.partner_id
+     AND o.reference_key = l.reference_key AND o.removed_at IS NULL
+    WHERE {_IN_PERIOD}
+"""
+
+_ORPHAN_CANDIDATES_SQL = """
+    INSERT INTO recon_candidate (order_pk, line_id)
+    SELECT o.id, NULL
+    FROM venue_order o
+    WHERE o.connection_id = :connection_id AND o.removed_at IS NULL
+      AND COALESCE(o.received_at, o.first_seen_at) >= :period_from
+      AND COALESCE(o.received_at, o.first_seen_at) < :period_to
+      AND NOT EXISTS (
+          SELECT 1 FROM ledger_line l
+          WHERE l.connection_id = o.connection_id AND l.partner_id = o.partner_id
+            AND l.reference_key = o.reference_key
+      )
+"""
+
+_ITEM_TOTALS_SQL = """
+    INSERT INTO recon_item_total (order_pk, quantity)
+    SELECT c.order_pk, SUM(i.quantity)
+    FROM recon_candidate c JOIN order_item i ON i.venue_order_id = c.order_pk
+    GROUP BY c.order_pk
+"""
+
+_WALLET_TOTALS_SQL = """
+    INSERT INTO recon_wallet_total (order_pk, incl, excl, currency_min, currency_max)
+    SELECT c.order_pk, SUM(w.unit_price_incl_vat), SUM(w.unit_price_excl_vat),
+           MIN(UPPER(w.currency_code)), MAX(UPPER(w.currency_code))
+    FROM recon_candidate c
+    JOIN order_item i ON i.venue_order_id = c.order_pk
+    JOIN wallet w ON w.order_item_id = i.id
+    GROUP BY c.order_pk
+"""
+
+_LINE_TOTALS_SQL = """
+    INSERT INTO recon_line_total (
+        line_id, order_count, order_pk, quantity, incl, excl, currency_min, currency_max
+    )
+    SELECT c.line_id, COUNT(*), MIN(c.order_pk), SUM(it.quantity), SUM(wt.incl),
+           SUM(wt.excl), MIN(wt.currency_min), MAX(wt.currency_max)
+    FROM recon_candidate c
+    LEFT JOIN recon_item_total it ON it.order_pk = c.order_pk
+    LEFT JOIN recon_wallet_total wt ON wt.order_pk = c.order_pk
+    WHERE c.line_id IS NOT NULL
+    GROUP BY c.line_id
+"""
+
+
+def _ledger_refs_sql(postgresql: bool) -> str:
+    """The external reference numbers each ledger line lists, one row per distinct one."""
+    if postgresql:
+        elements = (
+            "json_array_elements_text(CASE WHEN json_typeof(l.external_reference_numbers) "
+            "= 'array' THEN l.external_reference_numbers ELSE '[]'::json END) AS j(value)"
+        )
+    else:
+        elements = (
+            "json_each(CASE WHEN json_type(l.external_reference_numbers) = 'array' "
+            "THEN l.external_reference_numbers ELSE '[]' END) AS j"
+        )
+    return f"""
+    INSERT INTO recon_ledger_ref (line_id, ref)
+    SELECT DISTINCT l.id, UPPER(TRIM(j.value))
+    FROM ledger_line l CROSS JOIN {elements}
+    WHERE {_IN_PERIOD} AND l.external_reference_numbers IS NOT NULL
+      AND j.value IS NOT NULL
+    """
+
+
+_WALLET_REFS_SQL = """
+    INSERT INTO recon_wallet_ref (line_id, ref)
+    SELECT DISTINCT p.line_id, UPPER(TRIM(w.external_reference_number))
+    FROM (SELECT DISTINCT line_id FROM recon_ledger_ref) r
+    JOIN recon_line_total p ON p.line_id = r.line_id AND p.order_count = 1
+    JOIN order_item i ON i.venue_order_id = p.order_pk
+    JOIN wallet w ON w.order_item_id = i.id
+    WHERE w.external_reference_number IS NOT NULL
+"""
+
+_REFS_DIFFER_SQL = """
+    INSERT INTO recon_ref_differs (line_id)
+    SELECT DISTINCT COALESCE(lr.line_id, wr.line_id)
+    FROM recon_ledger_ref lr
+    FULL OUTER JOIN recon_wallet_ref wr ON wr.line_id = lr.line_id AND wr.ref = lr.ref
+    WHERE lr.line_id IS NULL OR wr.line_id IS NULL
+"""
+
+_C = Category
+_LEDGER_FINDINGS_SQL = f"""
+    INSERT INTO {_FINDINGS} (
+        line_id, order_pk, order_count, category, subject_key, subject_at, currency,
+        ledger_amount, venue_amount, shop_reference, order_guid, status, ledger_state,
+        ledger_quantity, venue_quantity, venue_currency, venue_reference,
+        buy_from_order_reference
+    )
+    SELECT
+        id, order_pk, order_count,
+        CASE
+            WHEN order_count = 0 THEN '{_C.MISSING_AT_VENUE}'
+            WHEN order_count > 1 THEN '{_C.MULTIPLE_ORDERS}'
+            WHEN status IN ({_IN_FLIGHT}) THEN
+                CASE WHEN sold_at >= :cutoff OR status_changed_at >= :cutoff
+                     THEN '{_C.IN_FLIGHT}' ELSE '{_C.STUCK_IN_FLIGHT}' END
+            WHEN status = 'Error' THEN '{_C.VENUE_ERROR}'
+            WHEN state <> 'active' AND status IN ('Issued', 'Draft')
+                THEN '{_C.CANCELLED_IN_LEDGER}'
+            WHEN state = 'active' AND status = 'Cancelled' THEN '{_C.CANCELLED_AT_VENUE}'
+            WHEN state <> 'active' THEN '{_C.MATCHED}'
+            WHEN status = 'Draft' THEN '{_C.DRAFT_UNCONFIRMED}'
+            WHEN recorded_reference IS NOT NULL AND (
+                buy_from_order_reference IS NULL
+                OR UPPER(recorded_reference) <> UPPER(TRIM(buy_from_order_reference))
+            ) THEN '{_C.REFERENCE_MISMATCH}'
+            WHEN quantity <> COALESCE(venue_quantity, 0) THEN '{_C.QUANTITY_MISMATCH}'
+            WHEN currency_min IS NOT NULL AND (
+                currency_min <> UPPER(currency) OR currency_max <> UPPER(currency)
+            ) THEN '{_C.CURRENCY_MISMATCH}'
+            WHEN venue_amount IS NOT NULL AND ABS(amount - venue_amount) > :tolerance
+                THEN '{_C.AMOUNT_MISMATCH}'
+            WHEN refs_differ THEN '{_C.EXTERNAL_REFERENCE_MISMATCH}'
+            ELSE '{_C.MATCHED}'
+        END,
+        'ledger:' || partner_id || ':' || reference_key,
+        sold_at, currency, amount, venue_amount, shop_reference, order_guid, status, state,
+        quantity, venue_quantity,
+        CASE WHEN currency_min = currency_max THEN currency_min
+             ELSE currency_min || '/' || currency_max END,
+        recorded_reference, buy_from_order_reference
+    FROM (
+        SELECT l.id, l.partner_id, l.reference_key, l.shop_reference, l.sold_at,
+               l.quantity, l.amount, l.currency, l.state,
+               NULLIF(TRIM(l.venue_reference), '') AS recorded_reference,
+               p.order_pk, COALESCE(p.order_count, 0) AS order_count,
+               p.quantity AS venue_quantity, p.currency_min, p.currency_max,
+               CASE WHEN l.amount_includes_vat THEN p.incl ELSE p.excl END AS venue_amount,
+               o.order_id AS order_guid, o.status, o.status_changed_at,
+               o.buy_from_order_reference,
+               rd.line_id IS NOT NULL AS refs_differ
+        FROM ledger_line l
+        LEFT JOIN recon_line_total p ON p.line_id = l.id
+        LEFT JOIN venue_order o ON o.id = p.order_pk
+        LEFT JOIN recon_ref_differs rd ON rd.line_id = l.id
+        WHERE {_IN_PERIOD}
+    ) compared
+"""
+
+_ORPHAN_FINDINGS_SQL = f"""
+    INSERT INTO {_FINDINGS} (
+        line_id, order_pk, order_count, category, subject_key, subject_at, currency,
+        ledger_amount, venue_amount, shop_reference, order_guid, status, ledger_state,
+        ledger_quantity, venue_quantity, venue_currency, venue_reference,
+        buy_from_order_reference
+    )
+    SELECT NULL, o.id, 1, '{Category.ORPHAN}', 'order:' || o.order_id,
+           COALESCE(o.received_at, o.first_seen_at),
+           CASE WHEN wt.currency_min = wt.currency_max THEN wt.currency_min
+                ELSE '{UNKNOWN_CURRENCY}' END,
+           NULL, wt.incl, o.sell_to_order_reference, o.order_id, o.status, NULL, NULL,
+           it.quantity,
+           CASE WHEN wt.currency_min = wt.currency_max THEN wt.currency_min
+                ELSE wt.currency_min || '/' || wt.currency_max END,
+           NULL, o.buy_from_order_reference
+    FROM recon_candidate c
+    JOIN venue_order o ON o.id = c.order_pk
+    LEFT JOIN recon_item_total it ON it.order_pk = c.order_pk
+    LEFT JOIN recon_wallet_total wt ON wt.order_pk = c.order_pk
+    WHERE c.line_id IS NULL
+"""
+
+_TOTALS_SQL = f"""
+    INSERT INTO recon_total (
+        recon_run_id, currency, category, count, ledger_amount, venue_amount
+    )
+    SELECT :run_id, currency, category, COUNT(*),
+           COALESCE(SUM(ledger_amount), 0), COALESCE(SUM(venue_amount), 0)
+    FROM {_FINDINGS}
+    GROUP BY currency, category
+"""
+
+
+def _merge_exceptions(session: Session, params: dict[str, Any], postgresql: bool) -> None:
+    """Open, see, reopen and close the connection's exceptions from the findings."""
+    json_object = "json_build_object" if postgresql else "json_object"
+    details = f"""{json_object}(
+        'shop_reference', f.shop_reference, 'order_id', f.order_guid,
+        'order_count', f.order_count, 'status', f.status, 'ledger_state', f.ledger_state,
+        'quantity', f.ledger_quantity, 'venue_quantity', f.venue_quantity,
+        'venue_currency', f.venue_currency, 'venue_reference', f.venue_reference,
+        'buy_from_order_reference', f.buy_from_order_reference)"""
+    is_exception = "f.category IN (" + ", ".join(f"'{c}'" for c in _EXCEPTION_CATEGORIES) + ")"
+    same = (
+        "e.connection_id = :connection_id AND e.category = f.category "
+        "AND e.subject_key = f.subject_key"
+    )
+    # Known exceptions found again: the event first, while the old state is still there.
+    _execute(
+        session,
+        f"""
+        INSERT INTO exception_event (recon_exception_id, recon_run_id, action, actor, note, at)
+        SELECT e.id, :run_id,
+               CASE WHEN e.state = 'closed' THEN 'reopened' ELSE 'seen' END,
+               :actor, NULL, :now
+        FROM {_FINDINGS} f JOIN recon_exception e ON {same}
+        WHERE {is_exception}
+        """,
+        params,
+    )
+    _execute(
+        session,
+        f"""
+        UPDATE recon_exception
+        SET state = CASE WHEN state = 'closed' THEN 'open' ELSE state END,
+            closed_run_id = NULL,
+            last_seen_run_id = :run_id,
+            ledger_line_id = f.line_id,
+            venue_order_id = f.order_pk,
+            currency = f.currency,
+            ledger_amount = f.ledger_amount,
+            venue_amount = f.venue_amount,
+            details = {details},
+            subject_at = f.subject_at,
+            updated_at = :now
+        FROM {_FINDINGS} f
+        WHERE recon_exception.connection_id = :connection_id
+          AND recon_exception.category = f.category
+          AND recon_exception.subject_key = f.subject_key
+        """,
+        params,
+    )
+    _execute(
+        session,
+        f"""
+        INSERT INTO recon_exception (
+            connection_id, category, subject_key, ledger_line_id, venue_order_id, currency,
+            ledger_amount, venue_amount, details, subject_at, state, first_seen_run_id,
+            last_seen_run_id, closed_run_id, first_seen_at, updated_at
+        )
+        SELECT :connection_id, f.category, f.subject_key, f.line_id, f.order_pk, f.currency,
+               f.ledger_amount, f.venue_amount, {details}, f.subject_at, 'open', :run_id,
+               :run_id, NULL, :now, :now
+        FROM {_FINDINGS} f
+        WHERE {is_exception}
+          AND NOT EXISTS (SELECT 1 FROM recon_exception e WHERE {same})
+        """,
+        params,
+    )
+    _execute(
+        session,
+        """
+        INSERT INTO exception_event (recon_exception_id, recon_run_id, action, actor, note, at)
+        SELECT e.id, :run_id, 'opened', :actor, NULL, :now
+        FROM recon_exception e
+        WHERE e.connection_id = :connection_id AND e.first_seen_run_id = :run_id
+        """,
+        params,
+    )
+    stale = f"""
+        connection_id = :connection_id AND state IN ({_ACTIVE})
+        AND subject_at >= :period_from AND subject_at < :period_to
+        AND last_seen_run_id <> :run_id
+    """
+    _execute(
+        session,
+        f"""
+        INSERT INTO exception_event (recon_exception_id, recon_run_id, action, actor, note, at)
+        SELECT id, :run_id, 'closed', :actor, NULL, :now
+        FROM recon_exception WHERE {stale}
+        """,
+        params,
+    )
+    _execute(
+        session,
+        f"""
+        UPDATE recon_exception
+        SET state = 'closed', closed_run_id = :run_id, updated_at = :now
+        WHERE {stale}
+        """,
+        params,
+    )
+
+
+@dataclass(frozen=True)
+class ReconcileReport:
+    """What :func:`reconcile_connections` did: a run per connection, and those that failed.
+
+    Attributes:
+        runs: the run id of each connection, by connection row id.
+        failed: the connections whose run failed.
+    """
+
+    runs: dict[int, int] = field(default_factory=dict)
+    failed: list[int] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """For logs and ``--json``."""
+        return {"runs": len(self.runs), "failed": len(self.failed)}
+
+
+def reconcile_connections(
+    sessions: sessionmaker[Session],
+    connection_ids: Iterable[int],
+    *,
+    period_from: dt.datetime,
+    period_to: dt.datetime,
+    now: dt.datetime,
+    trigger: ReconTrigger,
+    actor: str | None,
+    grace: dt.timedelta,
+    tolerance: Decimal,
+) -> ReconcileReport:
+    """Reconcile each connection over one period: the scheduled job and ``otacm reconcile``.
+
+    A failing connection does not stop the others; the first failure is raised once all
+    have run, so the job's run record shows it.
+
+    Returns:
+        The run of each connection.
+
+    Raises:
+        ReconRunFailed: a connection's run failed (the others finished).
+    """
+    report = ReconcileReport()
+    first_failure: ReconRunFailed | None = None
+    for connection_id in connection_ids:
+        try:
+            report.runs[connection_id] = reconcile(
+                sessions,
+                connection_id=connection_id,
+                period_from=period_from,
+                period_to=period_to,
+                now=now,
+                trigger=trigger,
+                actor=actor,
+                grace=grace,
+                tolerance=tolerance,
+            )
+        except ReconRunFailed as failure:
+            report.runs[connection_id] = failure.run_id
+            report.failed.append(connection_id)
+            first_failure = first_failure or failure
+    if first_failure is not None:
+        raise first_failure
+    return report

@@ -1,0 +1,157 @@
+"""Finance's actions on reconciliation exceptions, and the list of runs.
+
+Runs open, see, reopen and close exceptions (:mod:`reconciler.engine`); people resolve
+(the difference was fixed) or accept (the difference is right as it is) an *open*
+exception, always with a note. Each action is an :class:`~storage.models.ExceptionEvent`
+with who did it and when, so an exception's history is complete. A resolved or accepted
+exception that a later run no longer finds is closed by that run; one that keeps being
+found stays as finance left it.
+
+Errors::
+
+    ValueError
+    ├── NoteRequired            a blank note
+    └── ExceptionNotOpen        the exception is not open
+    LookupError
+    └── ExceptionNotFound       no exception with that id
+
+The functions take a session and never commit: the caller owns the transaction.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from storage.models import (
+    ExceptionAction,
+    ExceptionEvent,
+    ExceptionState,
+    ReconException,
+    ReconRun,
+)
+
+
+class NoteRequired(ValueError):
+    """Resolving or accepting an exception needs a note saying why."""
+
+    def __init__(self, exception_id: int) -> None:
+        super().__init__(f"a note is required to resolve or accept exception {exception_id}")
+        self.exception_id = exception_id
+
+
+class ExceptionNotFound(LookupError):
+    """No reconciliation exception has this id."""
+
+    def __init__(self, exception_id: int) -> None:
+        super().__init__(f"no reconciliation exception {exception_id}")
+        self.exception_id = exception_id
+
+
+class ExceptionNotOpen(ValueError):
+    """Only open exceptions can be resolved or accepted."""
+
+    def __init__(self, exception_id: int, state: str) -> None:
+        super().__init__(
+            f"exception {exception_id} is {state}: only open exceptions can be resolved or accepted"
+        )
+        self.exception_id = exception_id
+        self.state = state
+
+
+def resolve(
+    session: Session, exception_id: int, *, actor: str, note: str, now: dt.datetime
+) -> ReconException:
+    """Mark an open exception resolved: the difference was fixed.
+
+    Args:
+        session: the caller's session; flushed, not committed.
+        exception_id: the exception's id.
+        actor: who resolves it.
+        note: why; required.
+        now: when (aware).
+
+    Returns:
+        The exception, now ``resolved``.
+
+    Raises:
+        NoteRequired: the note is blank.
+        ExceptionNotFound: no such exception.
+        ExceptionNotOpen: the exception is not open.
+    """
+    return _act(session, exception_id, ExceptionAction.RESOLVED, actor=actor, note=note, now=now)
+
+
+def accept(
+    session: Session, exception_id: int, *, actor: str, note: str, now: dt.datetime
+) -> ReconException:
+    """Mark an open exception accepted: the difference is right as it is.
+
+    Args:
+        session: the caller's session; flushed, not committed.
+        exception_id: the exception's id.
+        actor: who accepts it.
+        note: why; required.
+        now: when (aware).
+
+    Returns:
+        The exception, now ``accepted``.
+
+    Raises:
+        NoteRequired: the note is blank.
+        ExceptionNotFound: no such exception.
+        ExceptionNotOpen: the exception is not open.
+    """
+    return _act(session, exception_id, ExceptionAction.ACCEPTED, actor=actor, note=note, now=now)
+
+
+def list_runs(
+    session: Session, connection_id: int | None = None, limit: int = 50
+) -> list[ReconRun]:
+    """The latest reconciliation runs, newest first.
+
+    Args:
+        session: the caller's session.
+        connection_id: only this connection's runs (default: every connection's).
+        limit: at most this many.
+    """
+    query = sa.select(ReconRun).order_by(ReconRun.started_at.desc(), ReconRun.id.desc())
+    if connection_id is not None:
+        query = query.where(ReconRun.connection_id == connection_id)
+    return list(session.scalars(query.limit(limit)))
+
+
+_STATE_AFTER = {
+    ExceptionAction.RESOLVED: ExceptionState.RESOLVED,
+    ExceptionAction.ACCEPTED: ExceptionState.ACCEPTED,
+}
+
+
+def _act(
+    session: Session,
+    exception_id: int,
+    action: ExceptionAction,
+    *,
+    actor: str,
+    note: str,
+    now: dt.datetime,
+) -> ReconException:
+    if not note or not note.strip():
+        raise NoteRequired(exception_id)
+    # Locked, so two people acting at once apply one after the other (the second fails).
+    exception = session.scalars(
+        sa.select(ReconException).where(ReconException.id == exception_id).with_for_update()
+    ).one_or_none()
+    if exception is None:
+        raise ExceptionNotFound(exception_id)
+    if exception.state != ExceptionState.OPEN:
+        raise ExceptionNotOpen(exception_id, str(exception.state))
+    exception.state = _STATE_AFTER[action]
+    exception.updated_at = now
+    session.add(
+        ExceptionEvent(exception=exception, action=action, actor=actor, note=note.strip(), at=now)
+    )
+    session.flush()
+    return exception
