@@ -655,6 +655,150 @@ def orders_errors(cli: CliContext, connection: str | None, as_json: bool) -> Non
 
 
 @main.group()
+def ledger() -> None:
+    """The shop's ledger: the sales finance expects the venue to have."""
+
+
+LEDGER_BAD_SHOWN = 50
+"""Bad rows `otacm ledger import` prints; the rest are counted."""
+
+
+@ledger.command("import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--connection", default=None, help="The venue connection (needed if several).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["csv", "jsonl"]),
+    default=None,
+    help="The file's format; by default from its extension (.csv, .jsonl, .ndjson).",
+)
+@click.option("--skip-bad", is_flag=True, help="Import the good rows even if some are bad.")
+@click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON.")
+@pass_cli
+def ledger_import(
+    cli: CliContext,
+    file: Path,
+    connection: str | None,
+    fmt: str | None,
+    skip_bad: bool,
+    as_json: bool,
+) -> None:
+    """Import the shop's sales from FILE (CSV or JSON lines) into the ledger.
+
+    Columns: docs/ledger-format.md. A sale is known by its partner and reference
+    (case-insensitive): importing again updates it, never doubles it. Bad rows are
+    printed with their line, column and reason (the first 50, then a count); a file
+    with any bad row changes nothing (exit 1) unless --skip-bad imports the others
+    (exit 0). Prints how many sales were inserted, updated, unchanged, and bad.
+    """
+    from reconciler.ledger import LedgerFileError, import_ledger
+    from storage.engine import make_engine, make_sessions
+    from storage.models import ensure_connection
+    from storage.types import utcnow
+
+    settings = cli.settings
+    try:
+        if connection is not None:
+            name = settings.connection(connection).name
+        elif len(settings.connections) == 1:
+            name = settings.connections[0].name
+        elif not settings.connections:
+            raise SettingsError(
+                "no venue connection is configured (OTACM_TENANT, OTACM_COMPANY, "
+                "OTACM_API_KEY, or [[connections]] in the config file)"
+            )
+        else:
+            names = ", ".join(c.name for c in settings.connections)
+            raise SettingsError(f"several venue connections ({names}): name one with --connection")
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+    engine = make_engine(settings.database_url)
+    try:
+        sessions = make_sessions(engine)
+        with sessions.begin() as session:
+            connection_id = ensure_connection(session, name)
+        result = import_ledger(
+            sessions, file, connection_id=connection_id, now=utcnow(), fmt=fmt, skip_bad=skip_bad
+        )
+    except LedgerFileError as exc:
+        raise click.ClickException(f"{file}: {exc}") from None
+    finally:
+        engine.dispose()
+    if as_json:
+        echo_json(result.to_json(limit=LEDGER_BAD_SHOWN))
+    else:
+        for bad in result.bad_rows[:LEDGER_BAD_SHOWN]:
+            click.echo(f"bad: {bad.describe()}")
+        if result.bad > LEDGER_BAD_SHOWN:
+            click.echo(f"bad: ... and {result.bad - LEDGER_BAD_SHOWN} more")
+        click.echo(
+            f"{result.inserted} inserted, {result.updated} updated, "
+            f"{result.unchanged} unchanged, {result.bad} bad"
+        )
+    if not result.written:
+        click.echo(
+            f"nothing imported: {result.bad} bad row(s); fix them, or import the others "
+            "with --skip-bad",
+            err=True,
+        )
+        raise SystemExit(1)
+
+
+# The formats of reconciler.report.REPORT_FORMATS, named here so --help loads no renderer.
+REPORT_FORMAT_NAMES = ("csv", "xlsx", "html", "json")
+
+
+@main.command()
+@click.argument("run_id", metavar="RUN", type=int)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(REPORT_FORMAT_NAMES),
+    default="csv",
+    show_default=True,
+    help="csv: the exception table; xlsx: summary and exception sheets; "
+    "html: one self-contained page with a chart; json: everything, for scripts.",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    default=None,
+    help="Write to FILE instead of standard output (needed for xlsx on a terminal).",
+)
+@pass_cli
+def report(cli: CliContext, run_id: int, fmt: str, output: Path | None) -> None:
+    """Write the report of reconciliation run RUN: its totals and its exceptions.
+
+    Ages are counted to now. xlsx is binary: it goes to FILE, or to standard output
+    only when that is redirected. Exits 1 if no run has the id RUN.
+    """
+    import sys
+
+    from reconciler.report import RunNotFound, load_run_report, render_report
+    from storage.engine import make_engine, make_sessions
+    from storage.types import utcnow
+
+    if fmt == "xlsx" and output is None and sys.stdout.isatty():
+        raise click.UsageError("xlsx is a binary file: name it with -o FILE, or redirect stdout")
+    engine = make_engine(cli.settings.database_url)
+    try:
+        with make_sessions(engine, read_only=True).begin() as session:
+            data = load_run_report(session, run_id, now=utcnow())
+    except RunNotFound as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        engine.dispose()
+    content = render_report(data, fmt)
+    if output is None:
+        click.echo(content, nl=False)  # bytes go to the binary stream as they are
+        return
+    output.write_bytes(content)
+    click.echo(f"wrote the {fmt} report of run {run_id} to {output}", err=True)
+
+
+@main.group()
 def inbox() -> None:
     """The webhook inbox: notifications waiting, done, or dead-lettered."""
 
@@ -683,6 +827,228 @@ def inbox_replay(cli: CliContext, ids: tuple[int, ...], connection: str | None) 
     finally:
         engine.dispose()
     click.echo(f"{count} dead-lettered inbox row(s) queued again")
+
+
+@main.group()
+def finance() -> None:
+    """The finance pages' users (/finance/)."""
+
+
+@finance.command("hash-password")
+@click.option("--name", prompt="User name", help="The finance user's name.")
+def finance_hash_password(name: str) -> None:
+    """Make a finance user's entry for OTACM_FINANCE_USERS: name:password-hash.
+
+    The password is read twice from the terminal, never echoed, and only its salted
+    scrypt hash is printed: add the line to OTACM_FINANCE_USERS (comma-separated) or to
+    the config file's finance_users list.
+    """
+    from receiver.finance.auth import hash_password
+
+    name = name.strip()
+    if not name or ":" in name or "," in name:
+        raise click.ClickException("a user name is not empty and has no ':' or ','")
+    password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    if not password:
+        raise click.ClickException("the password is empty")
+    click.echo(f"{name}:{hash_password(password)}")
+
+
+def _utc_moment(value: str | None, option: str) -> Any:
+    """An ISO date or datetime from the command line, in UTC (naive means UTC)."""
+    import datetime as dt
+
+    if value is None:
+        return None
+    try:
+        moment = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is not an ISO date or datetime", param_hint=option
+        ) from None
+    return moment.replace(tzinfo=dt.UTC) if moment.tzinfo is None else moment.astimezone(dt.UTC)
+
+
+@main.command("reconcile")
+@click.option("--from", "period_from", default=None, help="Start (ISO date/datetime, UTC).")
+@click.option("--to", "period_to", default=None, help="End, exclusive (default: now).")
+@click.option("--connection", default=None, help="Only this venue connection.")
+@click.option("--actor", default=None, help="Who runs it (default: the OS user).")
+@click.option("--json", "as_json", is_flag=True, help="Print the runs and totals as JSON.")
+@pass_cli
+def reconcile_command(
+    cli: CliContext,
+    period_from: str | None,
+    period_to: str | None,
+    connection: str | None,
+    actor: str | None,
+    as_json: bool,
+) -> None:
+    """Reconcile the ledger with the venue's orders over a period, and print the totals.
+
+    The period defaults to the last OTACM_RECON_LOOKBACK_DAYS days ending now. Each
+    connection gets a run; re-running a period is safe. Exits 1 if a run failed.
+    """
+    import datetime as dt
+    import getpass
+
+    import sqlalchemy as sa
+
+    from reconciler.engine import ReconRunFailed, reconcile_connections
+    from storage.engine import make_engine, make_sessions
+    from storage.models import ReconRun, ReconTotal, ReconTrigger, ensure_connection
+    from storage.types import utcnow
+
+    settings = cli.settings
+    try:
+        names = [settings.connection(connection).name] if connection else None
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+    now = utcnow()
+    end = _utc_moment(period_to, "--to") or now
+    start = _utc_moment(period_from, "--from") or end - dt.timedelta(
+        days=settings.recon_lookback_days
+    )
+    if start >= end:
+        raise click.BadParameter("--from must be before --to", param_hint="--from")
+    engine = make_engine(settings.database_url)
+    try:
+        sessions = make_sessions(engine)
+        with sessions.begin() as session:
+            ids = {
+                ensure_connection(session, c.name): c.name
+                for c in settings.connections
+                if names is None or c.name in names
+            }
+        failed = None
+        try:
+            report = reconcile_connections(
+                sessions,
+                sorted(ids),
+                period_from=start,
+                period_to=end,
+                now=now,
+                trigger=ReconTrigger.MANUAL,
+                actor=actor or getpass.getuser(),
+                grace=dt.timedelta(seconds=settings.recon_grace),
+                tolerance=settings.recon_amount_tolerance,
+            )
+            run_ids = report.runs
+        except ReconRunFailed as exc:
+            failed = exc
+            with sessions() as session:
+                run_ids = {
+                    run.connection_id: run.id
+                    for run in session.scalars(
+                        sa.select(ReconRun).where(ReconRun.started_at == now)
+                    )
+                }
+        with sessions() as session:
+            runs: list[dict[str, Any]] = []
+            for connection_id, run_id in sorted(run_ids.items()):
+                run = session.get(ReconRun, run_id)
+                totals = session.scalars(
+                    sa.select(ReconTotal)
+                    .where(ReconTotal.recon_run_id == run_id)
+                    .order_by(ReconTotal.currency, ReconTotal.category)
+                ).all()
+                runs.append(
+                    {
+                        "run": run_id,
+                        "connection": ids[connection_id],
+                        "state": str(run.state) if run else None,
+                        "error": run.error if run else None,
+                        "period_from": start.isoformat(),
+                        "period_to": end.isoformat(),
+                        "totals": [
+                            {
+                                "currency": t.currency,
+                                "category": t.category,
+                                "count": t.count,
+                                "ledger_amount": str(t.ledger_amount),
+                                "venue_amount": str(t.venue_amount),
+                            }
+                            for t in totals
+                        ],
+                    }
+                )
+    finally:
+        engine.dispose()
+    if as_json:
+        echo_json(runs)
+    else:
+        for entry in runs:
+            click.echo(
+                f"run {entry['run']} ({entry['connection']}, {start.isoformat()} to "
+                f"{end.isoformat()}): {entry['state']}"
+                + (f": {entry['error']}" if entry["error"] else "")
+            )
+            for t in entry["totals"]:
+                click.echo(
+                    f"  {t['currency']} {t['category']}: {t['count']} "
+                    f"ledger {t['ledger_amount']} venue {t['venue_amount']}"
+                )
+    if failed is not None:
+        raise SystemExit(1)
+
+
+@main.group()
+def exceptions() -> None:
+    """Reconciliation exceptions: resolve or accept them, with a note."""
+
+
+def _exception_action(
+    cli: CliContext, action: str, exception_id: int, note: str | None, actor: str | None
+) -> None:
+    import getpass
+
+    from reconciler import exceptions as actions
+    from storage.engine import make_engine, make_sessions
+    from storage.types import utcnow
+
+    act = actions.resolve if action == "resolve" else actions.accept
+    engine = make_engine(cli.settings.database_url)
+    try:
+        with make_sessions(engine).begin() as session:
+            row = act(
+                session,
+                exception_id,
+                actor=actor or getpass.getuser(),
+                note=note or "",
+                now=utcnow(),
+            )
+            state = str(row.state)
+    except (actions.NoteRequired, actions.ExceptionNotOpen, actions.ExceptionNotFound) as exc:
+        raise click.ClickException(str(exc).strip("'\"")) from None
+    finally:
+        engine.dispose()
+    click.echo(f"exception {exception_id}: {state}")
+
+
+def _exception_options(function: Any) -> Any:
+    function = click.option("--actor", default=None, help="Who (default: the OS user).")(function)
+    function = click.option("--note", default=None, help="Why; required.")(function)
+    return click.argument("exception_id", type=int, metavar="ID")(function)
+
+
+@exceptions.command("resolve")
+@_exception_options
+@pass_cli
+def exceptions_resolve(
+    cli: CliContext, exception_id: int, note: str | None, actor: str | None
+) -> None:
+    """Mark open exception ID resolved (the difference was fixed); --note is required."""
+    _exception_action(cli, "resolve", exception_id, note, actor)
+
+
+@exceptions.command("accept")
+@_exception_options
+@pass_cli
+def exceptions_accept(
+    cli: CliContext, exception_id: int, note: str | None, actor: str | None
+) -> None:
+    """Mark open exception ID accepted (the difference is right); --note is required."""
+    _exception_action(cli, "accept", exception_id, note, actor)
 
 
 def _register_sandbox() -> None:

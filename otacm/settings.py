@@ -17,8 +17,10 @@ is accepted without editing the configuration.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import secrets
 import tempfile
 import tomllib
 from collections.abc import Collection
@@ -37,6 +39,8 @@ CLIENT_STATE_MAX_CHARS = 50
 """The venue keeps a subscription's ``clientState`` to at most this many characters."""
 CLIENT_STATES_SUFFIX = ".webhook-client-states"
 """The name of a connection's generated client states file is its name plus this."""
+SESSION_KEY_FILE = "session-key"
+"""The file under ``secrets_dir`` holding the generated session key of the finance pages."""
 _API_VERSION = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
@@ -250,6 +254,15 @@ class Settings(BaseSettings):
     # The shop's JSON API (/api/) creates orders with the venue's key: it answers only
     # requests bearing one of these tokens, and is closed while none is configured.
     api_tokens: SecretCommaList = Field(default_factory=list)
+    # The finance pages (/finance/): who may sign in, as "name:password-hash" entries
+    # (hashes from `otacm finance hash-password`; never a plain password), and the key
+    # that signs their session cookie. Without session_key, one is generated once into
+    # secrets_dir/session-key (see session_secret). finance_cookie_secure marks the
+    # cookie Secure: set it when the pages are served over https, as they should be
+    # anywhere but http://localhost.
+    finance_users: SecretCommaList = Field(default_factory=list)
+    session_key: SecretStr | None = None
+    finance_cookie_secure: bool = False
 
     # The single-venue form, from the environment alone.
     connection_name: str = "default"
@@ -262,10 +275,30 @@ class Settings(BaseSettings):
     partner_ids: CommaList = Field(default_factory=list)
     webhook_client_states: SecretCommaList = Field(default_factory=list)
 
-    @field_validator("partner_ids", "webhook_client_states", "api_tokens", mode="before")
+    @field_validator(
+        "partner_ids", "webhook_client_states", "api_tokens", "finance_users", mode="before"
+    )
     @classmethod
     def _split(cls, value: Any) -> Any:
         return split_comma_list(value)
+
+    @field_validator("finance_users")
+    @classmethod
+    def _finance_users_are_hashed(cls, value: list[SecretStr]) -> list[SecretStr]:
+        # Never the entry in the message: it holds a password hash.
+        names = []
+        for number, entry in enumerate(value, start=1):
+            name, _, password_hash = entry.get_secret_value().partition(":")
+            if not name.strip() or "$" not in password_hash:
+                raise ValueError(
+                    f"finance user {number} must be 'name:password-hash'"
+                    " (make the hash with `otacm finance hash-password`)"
+                )
+            names.append(name.strip())
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"finance user names must be unique: {', '.join(duplicates)}")
+        return value
 
     @field_validator("webhook_url")
     @classmethod
@@ -341,6 +374,28 @@ class Settings(BaseSettings):
                 return venue
         known = ", ".join(c.name for c in self.connections) or "none configured"
         raise SettingsError(f"no venue connection named {name!r} (known: {known})")
+
+    def finance_password_hashes(self) -> dict[str, SecretStr]:
+        """Each finance user's password hash, by user name (:attr:`finance_users`)."""
+        users = {}
+        for entry in self.finance_users:
+            name, _, password_hash = entry.get_secret_value().partition(":")
+            users[name.strip()] = SecretStr(password_hash.strip())
+        return users
+
+    def session_secret(self) -> SecretStr:
+        """The key that signs the finance pages' session cookie.
+
+        ``session_key`` when configured; otherwise the key in ``secrets_dir/session-key``,
+        generated there (owner-only, 0600) the first time: every process of the
+        deployment, and every restart, then signs with the same key.
+
+        Raises:
+            OSError: the key file cannot be read or written.
+        """
+        if self.session_key is not None and self.session_key.get_secret_value():
+            return self.session_key
+        return read_or_create_secret(self.secrets_dir / SESSION_KEY_FILE)
 
     def masked(self) -> dict[str, Any]:
         """The effective configuration for display, secrets masked."""
@@ -446,6 +501,39 @@ def remove_client_states(path: Path, retired: Collection[SecretStr]) -> int:
         raise
     _sync_directory(path.parent)
     return removed
+
+
+def read_or_create_secret(path: Path) -> SecretStr:
+    """The secret in the file at ``path``, generated (random, 0600, durable) if there is none.
+
+    Several processes may start at once: the new key is written whole to a file beside
+    ``path`` and then linked into place, which fails if another process linked its key
+    first; that one is then read. Every process ends up with the same key.
+
+    Raises:
+        OSError: the file cannot be read or written.
+    """
+    try:
+        existing = path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        existing = ""
+    if existing:
+        return SecretStr(existing)
+    _private_directory(path.parent)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(descriptor, "w", encoding="ascii") as handle:
+            os.fchmod(handle.fileno(), 0o600)
+            handle.write(secrets.token_urlsafe(48) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        # Another process's key already in place wins; this one is dropped.
+        with contextlib.suppress(FileExistsError):
+            os.link(temporary, path)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+    _sync_directory(path.parent)
+    return SecretStr(path.read_text(encoding="ascii").strip())
 
 
 def _private_directory(directory: Path) -> None:

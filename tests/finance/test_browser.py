@@ -1,0 +1,105 @@
+"""The finance pages in a real headless Chromium (Debian's ``chromium``, driven by
+Playwright through ``executable_path``) against a real HTTP server: sign in, open a run,
+filter, drill down, resolve with a note, download the XLSX and read it back."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import threading
+from collections.abc import Iterator
+
+import pytest
+from flask import Flask
+from openpyxl import load_workbook
+from werkzeug.serving import make_server
+
+from tests.finance.conftest import PASSWORD, USER, seed_run
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        CHROMIUM is None, reason="Debian's chromium is not installed (scripts/ensure-chromium)"
+    ),
+    # One database is enough here: the pages' SQL runs on both in test_pages.
+    pytest.mark.parametrize("engine", ["sqlite"], indirect=True),
+]
+
+
+@pytest.fixture
+def base_url(app: Flask) -> Iterator[str]:
+    """The app served over real HTTP on a free port, in a thread."""
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join()
+
+
+@pytest.fixture
+def browser_page(base_url: str):
+    """A fresh headless Chromium page."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=["--no-sandbox"]
+        )
+        try:
+            context = browser.new_context(accept_downloads=True)
+            yield context.new_page()
+        finally:
+            browser.close()
+
+
+def test_finance_review_in_a_browser(browser_page, base_url, sessions):
+    """Signed out → sign-in; then run, filter, drill down, resolve, download the XLSX."""
+    seeded = seed_run(sessions)
+    page = browser_page
+    page.goto(f"{base_url}/finance/runs/{seeded.run_id}")
+    assert "/finance/sign-in" in page.url
+    assert page.get_by_role("heading", name="Sign in").is_visible()
+    assert "SHOP-100" not in page.content()
+
+    page.fill("#name", USER)
+    page.fill("#password", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url(f"**/finance/runs/{seeded.run_id}")
+    assert page.locator("table.totals").count() == 2
+
+    page.select_option("select[name=category]", "amount_mismatch")
+    page.click("text=Filter")
+    page.wait_for_url("**category=amount_mismatch**")
+    rows = page.locator("table.exceptions tbody tr")
+    assert rows.count() == 1 and "SHOP-100" in rows.first.inner_text()
+
+    rows.first.locator("a").first.click()
+    page.wait_for_url(f"**/finance/exceptions/{seeded.amount_exception_id}**")
+    assert "W-0001" in page.locator("table.wallets").inner_text()
+    assert "webhook" in page.locator("table.timeline").inner_text()
+
+    note = "Venue refunded 20.00; credit note CN-7"
+    page.fill("#note", note)
+    page.click("button[value=resolve]")
+    page.wait_for_selector(".flash")
+    history = page.locator("table.history").inner_text()
+    assert note in history and USER in history and "resolved" in history
+
+    page.click("text=Back to the run")
+    page.wait_for_url(f"**/finance/runs/{seeded.run_id}**")
+    with page.expect_download() as download_info:
+        page.click("a.button:text('XLSX')")
+    data = download_info.value.path().read_bytes()
+    book = load_workbook(io.BytesIO(data))
+    cells = {str(c.value) for sheet in book.worksheets for row in sheet for c in row}
+    assert {"SHOP-100", "SHOP-200"} <= cells
+
+    page.click("text=Sign out")
+    page.wait_for_url("**/finance/sign-in")
+    page.goto(f"{base_url}/finance/")
+    assert "/finance/sign-in" in page.url and "SHOP-" not in page.content()
