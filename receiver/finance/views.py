@@ -41,7 +41,6 @@ from markupsafe import Markup
 from sqlalchemy.orm import Session
 from werkzeug.datastructures import MultiDict
 
-from otacm.orders import order_story
 from receiver.context import current_receiver
 from reconciler import report as report_module
 from reconciler.categories import Category
@@ -275,6 +274,9 @@ def _exception_page(
         order = (
             None if found.venue_order_id is None else session.get(VenueOrder, found.venue_order_id)
         )
+        # Imported here: otacm.orders uses the outbox, whose package imports this app.
+        from otacm.orders import order_story
+
         story = None if order is None else order_story(session, order)
         age_days = max((now - found.first_seen_at).days, 0)
         page = render_template(
