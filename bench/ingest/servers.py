@@ -1,7 +1,7 @@
 """What the ingest benchmark runs its load against, each started fresh in a temporary directory.
 
-- :func:`postgresql_server`: a throwaway PostgreSQL server (``initdb`` and ``pg_ctl``,
-  run as the ``postgres`` system user when this runs as root) with its default
+- :func:`postgresql_server`: a throwaway PostgreSQL server
+  (:func:`storage.testing.throwaway_postgresql`, shared with the tests) with its default
   durability (``fsync`` and ``synchronous_commit`` on, as in production), listening on
   a unix socket in its directory and on a free loopback port.
 - :class:`DatabaseFactory`: a new, empty database per server under test: a SQLite file,
@@ -14,22 +14,26 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import socket
 import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import sqlalchemy as sa
 
 from storage.engine import make_engine
+from storage.testing import (
+    PostgresqlError,
+    PostgresqlMissing,
+    PostgresqlServer,
+    throwaway_postgresql,
+)
+from storage.testing import free_port as free_port  # re-exported: __main__ takes it from here
 
 READY_TIMEOUT = 60.0
 """Seconds a server may take to start and answer its readiness check."""
@@ -39,98 +43,28 @@ class BenchSetupError(RuntimeError):
     """Something the benchmark needs could not be started; the message says what."""
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def postgresql_program(name: str) -> str:
-    """The path of a PostgreSQL server program (``initdb``, ``pg_ctl``).
-
-    Raises:
-        BenchSetupError: PostgreSQL's server is not installed.
-    """
-    found = shutil.which(name)
-    if found:
-        return found
-    candidates = sorted(
-        Path("/usr/lib/postgresql").glob(f"*/bin/{name}"),
-        key=lambda path: int(path.parts[-3]) if path.parts[-3].isdigit() else 0,
-    )
-    if candidates:
-        return str(candidates[-1])
-    raise BenchSetupError(
-        f"PostgreSQL's {name} is neither on PATH nor under /usr/lib/postgresql/*/bin: "
-        "install the PostgreSQL server (apt-get install postgresql), or run --db sqlite"
-    )
-
-
-@dataclass(frozen=True)
-class PostgresqlServer:
-    """A running PostgreSQL server: the URL of its ``postgres`` database, its postmaster."""
-
-    url: str
-    pid: int
-
-
 @contextmanager
 def postgresql_server() -> Iterator[PostgresqlServer]:
     """A PostgreSQL server in a temporary directory, stopped and removed afterwards.
 
+    :func:`storage.testing.throwaway_postgresql` with production's durability and room
+    for every gunicorn worker's pool (``max_connections=200``).
+
     Raises:
-        BenchSetupError: the server cannot be initialized or started.
+        BenchSetupError: the server is not installed, or cannot be initialized or started.
     """
-    initdb, pg_ctl = postgresql_program("initdb"), postgresql_program("pg_ctl")
-    # Outside any private temporary tree: the server (as ``postgres``) must reach it.
-    base = Path(tempfile.mkdtemp(prefix="otacm-bench-pg-"))
-    run_as: list[str] = []
-    if os.geteuid() == 0:
-        run_as = ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups"]
-        shutil.chown(base, "postgres", "postgres")
-    data, log = base / "data", base / "server.log"
-    port = free_port()
-
-    def run(*args: str) -> None:
-        done = subprocess.run(
-            [*run_as, *args], capture_output=True, text=True, timeout=120, check=False
-        )
-        if done.returncode != 0:
-            server_log = log.read_text(errors="replace") if log.exists() else ""
-            raise BenchSetupError(
-                f"{Path(args[0]).name} failed ({done.returncode}):\n"
-                f"{done.stdout}{done.stderr}{server_log}"
+    with ExitStack() as stack:
+        try:
+            server = stack.enter_context(
+                throwaway_postgresql(
+                    durable=True, settings={"max_connections": "200"}, prefix="otacm-bench-pg-"
+                )
             )
-
-    try:
-        run(
-            initdb,
-            "-D",
-            str(data),
-            "-U",
-            "postgres",
-            "-A",
-            "trust",
-            "-E",
-            "UTF8",
-            "--no-instructions",
-        )
-        options = f"-c listen_addresses=127.0.0.1 -p {port} -k {base} -c max_connections=200"
-        run(pg_ctl, "-D", str(data), "-l", str(log), "-w", "-t", "60", "-o", options, "start")
-        pid = int((data / "postmaster.pid").read_text().split("\n", 1)[0])
-        yield PostgresqlServer(
-            f"postgresql+psycopg://postgres@/postgres?host={base}&port={port}", pid
-        )
-    finally:
-        if (data / "postmaster.pid").exists():
-            subprocess.run(
-                [*run_as, pg_ctl, "-D", str(data), "-m", "fast", "stop"],
-                capture_output=True,
-                timeout=60,
-                check=False,
-            )
-        shutil.rmtree(base, ignore_errors=True)
+        except PostgresqlMissing as exc:
+            raise BenchSetupError(f"{exc}; or run --db sqlite") from exc
+        except PostgresqlError as exc:
+            raise BenchSetupError(str(exc)) from exc
+        yield server
 
 
 @dataclass

@@ -13,7 +13,7 @@ import pytest
 
 from otacm.settings import Settings
 from tests.e2e.conftest import E2E, OtacmProcess, otacm_environment, wait_until
-from tests.heartbeat.conftest import error_line
+from tests.support.stack import error_line
 from venue.models import OrderStatus
 
 # The shortest change-feed interval the settings accept (the venue advises no less).

@@ -15,6 +15,10 @@ parametrizing ``sandbox_changes`` (the :class:`SandboxConfig`) or ``settings_cha
 (the :class:`Settings`). Time is virtual: :meth:`HeartbeatStack.advance` moves otacm's
 clock and the venue's together, so nothing sleeps.
 
+The layers and helpers shared with the end-to-end tests are :mod:`tests.support.stack`'s;
+this module adds what only the heartbeat's tests have: the virtual clock, otacm's own venue
+client and the jobs run on it, and more ways to look at the venue and the mirror.
+
 Other heartbeat test modules import from here read-only; keep the names stable.
 """
 
@@ -25,93 +29,65 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 import pytest
 import sqlalchemy as sa
 from pydantic import SecretStr
-from sqlalchemy.orm import Session, selectinload, sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from heartbeat.feed import FeedReport, run_feed
 from heartbeat.watchdog import WatchdogReport, check_orders
 from otacm.settings import Settings
-from receiver.worker import WorkerReport, new_owner, run_once
-from sandbox import Faults, SandboxConfig, SandboxServer
-from sandbox.pipeline import CycleReport
-from storage.engine import make_sessions
-from storage.models import (
-    Base,
-    FeedCursor,
-    Inbox,
-    OrderItem,
-    VenueOrder,
-    Wallet,
-    ensure_connection,
-)
+from receiver.worker import WorkerReport, new_owner
+from sandbox import SandboxServer
+from storage.models import FeedCursor, VenueOrder, ensure_connection
 from storage.types import utcnow
-from tests.e2e.conftest import line, order_lines, visit_date, wait_until
+from tests.support.stack import (
+    SandboxStack,
+    drain_inbox,
+    error_line,
+    line,
+    order_lines,
+    read_sessions,
+    sandbox_admin,
+    sandbox_changes,
+    sandbox_settings,
+    serve_sandbox,
+    settings_changes,
+    visit_date,
+    wait_until,
+)
 from venue.client import VenueClient, open_client
-from venue.models import Order, OrderRequest, OrderStatus
 
+# What tests import from here (their own or shared), and the shared fixtures, which are
+# registered here by being imported.
 __all__ = [
     "HeartbeatStack",
     "error_line",
     "line",
     "order_lines",
+    "read_sessions",
+    "sandbox_changes",
+    "settings_changes",
     "visit_date",
     "wait_until",
 ]
 
-WORKER_LEASE_SECONDS = 30.0
-
-
-def error_line() -> dict[str, Any]:
-    """An order line the venue accepts but fails to issue: the order ends in Error.
-
-    A package line whose ``componentSchedule`` names an item that is not one of the
-    package's ticket components (the sandbox checks schedules at processing, as the
-    venue does).
-    """
-    return line(
-        "40100",
-        wallet={"componentSchedule": [{"itemNumber": "99999", "visitDate": visit_date()}]},
-    )
-
-
-def _blanks_as_none(value: Any) -> Any:
-    """``value`` with every ``""`` inside as ``None``, as the mirror stores the venue's blanks."""
-    if value == "":
-        return None
-    if isinstance(value, list | tuple):
-        return type(value)(_blanks_as_none(part) for part in value)
-    return value
-
 
 @dataclass
-class HeartbeatStack:
+class HeartbeatStack(SandboxStack):
     """The venue, otacm's database and worker, and the helpers heartbeat tests share.
 
-    Attributes:
-        sandbox: the simulated venue.
-        settings: otacm's settings (one connection: the sandbox).
-        connection_id: that connection's row id.
+    Attributes (besides :class:`~tests.support.stack.SandboxStack`'s):
+        connection_id: the sandbox connection's row id.
         client: otacm's venue client, used by the heartbeat jobs and the worker.
-        venue: the tests' own venue client, for acting as the shop would (create,
-            confirm, replace, delete). Its calls count at the venue too.
         sessions: read-write sessions on otacm's database (the jobs' own).
-        read_sessions: read-only sessions, for the checks.
-        admin: an HTTP client of the sandbox's ``/_sandbox`` endpoints.
         offset: how far otacm's virtual clock runs ahead of the real time.
         owner: the worker's lease owner name.
     """
 
-    sandbox: SandboxServer
-    settings: Settings
     connection_id: int
     client: VenueClient
-    venue: VenueClient
     sessions: sessionmaker[Session]
-    read_sessions: sessionmaker[Session]
-    admin: httpx.Client
     offset: dt.timedelta = dt.timedelta(0)
     owner: str = field(default_factory=new_owner)
 
@@ -129,11 +105,6 @@ class HeartbeatStack:
             assert response.status_code == 200, response.text
 
     # --- otacm's jobs ----------------------------------------------------------------
-
-    @property
-    def partner_id(self) -> str:
-        """The sandbox's first (active) partner."""
-        return self.settings.connections[0].partner_ids[0]
 
     @property
     def clients(self) -> dict[int, VenueClient]:
@@ -180,19 +151,9 @@ class HeartbeatStack:
 
     def drain(self, *, max_passes: int = 100) -> WorkerReport:
         """The inbox worker's ``run_once`` until a pass claims nothing; the sum of passes."""
-        total = WorkerReport()
-        for _ in range(max_passes):
-            report = run_once(
-                self.sessions,
-                self.clients,
-                owner=self.owner,
-                now=self.now(),
-                lease_seconds=WORKER_LEASE_SECONDS,
-            )
-            total.add(report)
-            if not report.claimed:
-                return total
-        raise AssertionError(f"the worker still claimed rows after {max_passes} passes")
+        return drain_inbox(
+            self.sessions, self.clients, owner=self.owner, clock=self.now, max_passes=max_passes
+        )
 
     def sync(self) -> tuple[FeedReport, WorkerReport]:
         """A feed pass, then the worker until idle: what one heartbeat does for the feed."""
@@ -200,26 +161,6 @@ class HeartbeatStack:
         return report, self.drain()
 
     # --- acting as the shop ------------------------------------------------------------
-
-    def order_body(
-        self, reference: str, *, paid: bool = True, items: list[dict[str, Any]] | None = None
-    ) -> dict[str, Any]:
-        """A valid createOrder body; unpaid (no paymentReference) orders end as Draft."""
-        body: dict[str, Any] = {
-            "partnerId": self.partner_id,
-            "sellToOrderReference": reference,
-            "sellToEmail": "guest@example.com",
-            "sellToName": "Jane Doe",
-            "sellToLanguage": "ENU",
-            "items": items if items is not None else [line()],
-        }
-        if paid:
-            body["paymentReference"] = f"PAY-{reference}"
-        return body
-
-    def order_request(self, reference: str, **kwargs: Any) -> OrderRequest:
-        """:meth:`order_body` as the venue client's request model."""
-        return OrderRequest.model_validate(self.order_body(reference, **kwargs))
 
     def create(self, reference: str, **kwargs: Any) -> str:
         """createOrder at the venue with the tests' client; the new orderId."""
@@ -229,16 +170,6 @@ class HeartbeatStack:
         """An order that will end in Error when processed; its orderId."""
         return self.create(reference, items=[error_line()])
 
-    def tick(self) -> CycleReport:
-        """One pickup cycle at the venue: Submitted orders settle (no webhook reaches us)."""
-        return self.sandbox.tick()
-
-    def faults(self, **changes: Any) -> dict[str, Any]:
-        """``POST /_sandbox/faults`` (camelCase names); the faults now in force."""
-        response = self.admin.post("/faults", json=changes)
-        assert response.status_code == 200, response.text
-        return dict(response.json())
-
     def restore(self) -> dict[str, Any]:
         """``POST /_sandbox/restore``: the venue's row versions start again from 1."""
         response = self.admin.post("/restore")
@@ -247,24 +178,9 @@ class HeartbeatStack:
 
     # --- looking at the venue ------------------------------------------------------------
 
-    def stats(self) -> dict[str, Any]:
-        """``GET /_sandbox/stats``."""
-        response = self.admin.get("/stats")
-        assert response.status_code == 200, response.text
-        return dict(response.json())
-
-    def calls(self, endpoint: str) -> int:
-        """How many calls the venue answered at ``endpoint`` (``getOrder``...), any status."""
-        return sum(self.stats()["calls"].get(endpoint, {}).values())
-
     def reset_stats(self) -> None:
         """Zero the venue's counters."""
         assert self.admin.delete("/stats").status_code == 200
-
-    def truth(self, order_id: str) -> Order | None:
-        """The order as getOrder would show it (read in-process: not counted), or ``None``."""
-        record = self.sandbox.runtime.store.get(order_id)
-        return None if record is None else record.order
 
     def truth_row_version(self, order_id: str) -> int:
         """The venue's current row version of an order."""
@@ -284,63 +200,10 @@ class HeartbeatStack:
                 )
             )
 
-    def inbox(self) -> list[Inbox]:
-        """Every inbox row, oldest first."""
-        with self.read_sessions.begin() as session:
-            return list(session.scalars(sa.select(Inbox).order_by(Inbox.id)))
-
-    def mirror(self, order_id: str) -> VenueOrder | None:
-        """The mirrored order with its lines, wallets, assets and history, if stored."""
-        query = (
-            sa.select(VenueOrder)
-            .where(VenueOrder.order_id == order_id)
-            .options(
-                selectinload(VenueOrder.items)
-                .selectinload(OrderItem.wallets)
-                .selectinload(Wallet.assets),
-                selectinload(VenueOrder.status_changes),
-            )
-        )
-        with self.read_sessions.begin() as session:
-            rows = list(session.scalars(query))
-        assert len(rows) <= 1, f"order {order_id} is mirrored {len(rows)} times"
-        return rows[0] if rows else None
-
     def mirrored_ids(self) -> set[str]:
         """The orderIds of every mirrored order, removed ones included."""
         with self.read_sessions.begin() as session:
             return set(session.scalars(sa.select(VenueOrder.order_id)))
-
-    def history(self, order_id: str) -> list[tuple[str | None, str]]:
-        """The order's status changes as (status, source), oldest first."""
-        row = self.mirror(order_id)
-        assert row is not None, f"order {order_id} is not mirrored"
-        return [
-            (None if c.status is None else str(c.status), str(c.source)) for c in row.status_changes
-        ]
-
-    def assert_mirrored(self, order_ids: list[str]) -> dict[str, VenueOrder]:
-        """Each order is mirrored once, exactly as the venue's getOrder shows it now."""
-        mirrored = {}
-        for order_id in order_ids:
-            truth = self.truth(order_id)
-            assert truth is not None, f"order {order_id} is not at the venue"
-            row = self.mirror(order_id)
-            assert row is not None, f"order {order_id} ({truth.status}) is not mirrored"
-            assert (row.status, row.removed_at) == (truth.status, None), order_id
-            assert row.status_message == (truth.status_message or None), order_id
-            assert row.buy_from_order_reference == truth.buy_from_order_reference, order_id
-            assert row.payment_reference == truth.payment_reference, order_id
-            assert row.manifest_url == truth.manifest_url, order_id
-            assert _blanks_as_none(order_lines(row)) == _blanks_as_none(order_lines(truth)), (
-                order_id
-            )
-            if truth.status in (OrderStatus.ISSUED, OrderStatus.DRAFT):
-                wallets = [w for item in row.items for w in item.wallets]
-                assert wallets, order_id
-                assert all(w.wallet_reference_number and w.assets for w in wallets), order_id
-            mirrored[order_id] = row
-        return mirrored
 
     def assert_removed(self, order_id: str) -> VenueOrder:
         """The order is gone at the venue and marked removed in the mirror."""
@@ -350,38 +213,12 @@ class HeartbeatStack:
         assert row.removed_at is not None, f"order {order_id} is not marked removed"
         return row
 
-    def snapshot(self) -> dict[str, list[tuple[Any, ...]]]:
-        """Every row of every otacm table, by table, in primary-key order."""
-        tables: dict[str, list[tuple[Any, ...]]] = {}
-        with self.read_sessions.begin() as session:
-            for table in Base.metadata.sorted_tables:
-                query = sa.select(table).order_by(*table.primary_key.columns)
-                tables[table.name] = [tuple(row) for row in session.execute(query)]
-        return tables
-
-
-@pytest.fixture
-def sandbox_changes() -> dict[str, Any]:
-    """Changes to the sandbox's config; tests parametrize this to change the venue."""
-    return {}
-
 
 @pytest.fixture
 def sandbox(sandbox_changes: dict[str, Any]) -> Iterator[SandboxServer]:
     """The simulated venue on a free port: no pickup cadence, seeded faults."""
-    values: dict[str, Any] = {
-        "pickup_interval": 0,
-        "webhook_backoff": 0.05,
-        "faults": Faults(seed=20240515),
-    }
-    with SandboxServer(SandboxConfig(**{**values, **sandbox_changes})) as server:
+    with serve_sandbox(sandbox_changes) as server:
         yield server
-
-
-@pytest.fixture
-def settings_changes() -> dict[str, Any]:
-    """Changes to otacm's settings; tests parametrize this."""
-    return {}
 
 
 @pytest.fixture
@@ -389,18 +226,8 @@ def settings(
     migrated_engine: sa.Engine, sandbox: SandboxServer, settings_changes: dict[str, Any]
 ) -> Settings:
     """otacm configured for the sandbox's venue, on the migrated test database."""
-    config = sandbox.config
-    values: dict[str, Any] = {
-        "database_url": migrated_engine.url.render_as_string(hide_password=False),
-        "api_base_url": sandbox.url,
-        "tenant": config.tenant,
-        "environment": config.environment,
-        "company": config.company,
-        "api_key": config.api_key,
-        "partner_ids": [partner.id for partner in config.partners if partner.active],
-        "webhook_client_states": [SecretStr("heartbeat-client-state-3f9a")],
-    }
-    return Settings(**{**values, **settings_changes})
+    own = {"webhook_client_states": [SecretStr("heartbeat-client-state-3f9a")]}
+    return sandbox_settings(sandbox, migrated_engine, own, settings_changes)
 
 
 @pytest.fixture
@@ -408,7 +235,7 @@ def stack(
     sandbox: SandboxServer,
     settings: Settings,
     sessions: sessionmaker[Session],
-    migrated_engine: sa.Engine,
+    read_sessions: sessionmaker[Session],
 ) -> Iterator[HeartbeatStack]:
     """The venue, otacm's database, its venue client and the tests' own; no webhooks."""
     (connection,) = settings.connections
@@ -417,7 +244,7 @@ def stack(
     with (
         open_client(connection) as client,
         open_client(connection) as venue,
-        httpx.Client(base_url=f"{sandbox.url}/_sandbox", timeout=10) as admin,
+        sandbox_admin(sandbox) as admin,
     ):
         yield HeartbeatStack(
             sandbox=sandbox,
@@ -426,6 +253,6 @@ def stack(
             client=client,
             venue=venue,
             sessions=sessions,
-            read_sessions=make_sessions(migrated_engine, read_only=True),
+            read_sessions=read_sessions,
             admin=admin,
         )

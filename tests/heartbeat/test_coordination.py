@@ -31,8 +31,9 @@ from heartbeat.coordination import (
 )
 from storage.engine import make_engine, make_sessions
 from storage.models import JobRun
-from tests.e2e.conftest import ROOT, wait_until
 from tests.heartbeat.job_competitor import JOB_NAME, marker, marker_metadata
+from tests.support.processes import ROOT
+from tests.support.stack import wait_until
 
 T0 = dt.datetime(2026, 5, 27, 12, 0, tzinfo=dt.UTC)
 INTERVAL = 60.0

@@ -25,14 +25,8 @@ from sandbox import Faults, SandboxConfig, SandboxServer
 from storage.engine import make_engine, make_sessions
 from storage.migrate import upgrade
 from storage.models import Inbox, JobRun, VenueOrder
-from tests.e2e.conftest import (
-    ROOT,
-    OtacmProcess,
-    line,
-    otacm_environment,
-    run_otacm,
-    wait_until,
-)
+from tests.support.processes import ROOT, OtacmProcess, otacm_environment, run_otacm
+from tests.support.stack import line, wait_until
 from venue.client import open_client
 from venue.models import OrderRequest
 

@@ -29,7 +29,8 @@ from receiver.webhook import WEBHOOK_PATH
 from sandbox import SandboxServer
 from sandbox.webhooks import APP_ID
 from storage.models import Inbox
-from tests.e2e.conftest import LiveReceiver, free_port, line, receiver, wait_until
+from storage.testing import free_port
+from tests.support.stack import LiveReceiver, line, receiver, wait_until
 from venue.client import open_client
 from venue.models import ORDER_PROCESSED_EVENT, OrderRequest
 

@@ -1,0 +1,165 @@
+"""A throwaway PostgreSQL server, for the tests and the benchmarks; never used in production.
+
+:func:`throwaway_postgresql` runs ``initdb`` and ``pg_ctl`` in a new temporary directory
+(as the ``postgres`` system user, through ``setpriv``, when this process is root: the
+server refuses to run as root), serves on a unix socket in that directory and on a free
+loopback port, with trust authentication for the ``postgres`` role, and stops the server
+and removes the directory when the block ends. Its callers choose what differs between
+them: the tests want speed (``durable=False``: no fsync, data thrown away at an immediate
+stop), the benchmarks production's durability and their own server settings.
+
+It lives in :mod:`storage` (beside :func:`storage.engine.make_engine`, whose URLs it
+serves) because both ``tests/`` and ``bench/`` import the installed packages, while the
+benchmarks run as scripts (``python bench/ingest``) that cannot import ``tests``.
+Importing it starts nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+# Generous: initdb and a first start on a loaded CI machine take seconds, not minutes.
+COMMAND_TIMEOUT = 120
+START_TIMEOUT = 60
+"""Seconds ``pg_ctl start`` waits for the server to accept connections."""
+
+
+class PostgresqlError(RuntimeError):
+    """The throwaway server could not be initialized or started; the message says why."""
+
+
+class PostgresqlMissing(PostgresqlError):
+    """PostgreSQL's server programs are not installed."""
+
+
+@dataclass(frozen=True)
+class PostgresqlServer:
+    """A running throwaway PostgreSQL server.
+
+    Attributes:
+        pid: the postmaster's process id (its backends are its children).
+        directory: its temporary directory: the data, the log and the socket.
+        port: the loopback port it listens on.
+    """
+
+    pid: int
+    directory: Path
+    port: int
+
+    @property
+    def url(self) -> str:
+        """The URL of its ``postgres`` database, the one to create others from."""
+        return self.database_url("postgres")
+
+    def database_url(self, name: str) -> str:
+        """The URL of database ``name`` on this server (which may not exist yet)."""
+        return f"postgresql+psycopg://postgres@/{name}?host={self.directory}&port={self.port}"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def postgresql_program(name: str) -> str:
+    """The path of a PostgreSQL server program (``initdb``, ``pg_ctl``).
+
+    On PATH, or else the newest version under Debian's ``/usr/lib/postgresql/*/bin``
+    (Debian keeps the server programs off PATH).
+
+    Raises:
+        PostgresqlMissing: the PostgreSQL server is not installed.
+    """
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(
+        Path("/usr/lib/postgresql").glob(f"*/bin/{name}"),
+        key=lambda path: int(path.parts[-3]) if path.parts[-3].isdigit() else 0,
+    )
+    if candidates:
+        return str(candidates[-1])
+    raise PostgresqlMissing(
+        f"PostgreSQL's {name} is neither on PATH nor under /usr/lib/postgresql/*/bin: "
+        "install the PostgreSQL server (scripts/ensure-postgresql, or apt-get install postgresql)"
+    )
+
+
+@contextmanager
+def throwaway_postgresql(
+    *, durable: bool = True, settings: Mapping[str, str] | None = None, prefix: str = "otacm-pg-"
+) -> Iterator[PostgresqlServer]:
+    """A PostgreSQL server in a new temporary directory, stopped and removed afterwards.
+
+    Args:
+        durable: ``True`` keeps PostgreSQL's defaults (fsync, full-page writes and
+            synchronous commit on, as in production) and stops the server cleanly
+            (``-m fast``). ``False`` turns all three off, skips initdb's sync and stops
+            it with ``-m immediate``: nothing it holds outlives the block, so nothing
+            needs to reach the disk.
+        settings: further server settings (``{"max_connections": "200"}``), passed
+            as ``-c name=value``.
+        prefix: the temporary directory's name prefix, to tell whose server it is.
+
+    Yields:
+        The running server.
+
+    Raises:
+        PostgresqlMissing: the server programs are not installed.
+        PostgresqlError: ``initdb`` or ``pg_ctl start`` failed; with their output and
+            the server's log.
+    """
+    initdb, pg_ctl = postgresql_program("initdb"), postgresql_program("pg_ctl")
+    # Not under a private temporary tree (pytest's tmp_path is the user's alone): the
+    # server, as ``postgres``, must reach its own socket directory.
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    run_as: list[str] = []
+    if os.geteuid() == 0:
+        run_as = ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups"]
+        shutil.chown(base, "postgres", "postgres")
+    data, log = base / "data", base / "server.log"
+    port = free_port()
+
+    def run(*args: str) -> None:
+        done = subprocess.run(
+            [*run_as, *args], capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=False
+        )
+        if done.returncode != 0:
+            server_log = log.read_text(errors="replace") if log.exists() else ""
+            raise PostgresqlError(
+                f"{Path(args[0]).name} failed ({done.returncode}):\n"
+                f"{done.stdout}{done.stderr}{server_log}"
+            )
+
+    options = [f"-c listen_addresses=127.0.0.1 -p {port} -k {base}"]
+    if not durable:
+        options.append("-F -c fsync=off -c full_page_writes=off -c synchronous_commit=off")
+    options.extend(f"-c {name}={value}" for name, value in (settings or {}).items())
+    try:
+        initdb_options = [] if durable else ["--no-sync"]
+        run(initdb, "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8",
+            *initdb_options, "--no-instructions")  # fmt: skip
+        run(pg_ctl, "-D", str(data), "-l", str(log), "-w", "-t", str(START_TIMEOUT),
+            "-o", " ".join(options), "start")  # fmt: skip
+        pid = int((data / "postmaster.pid").read_text().split("\n", 1)[0])
+        yield PostgresqlServer(pid=pid, directory=base, port=port)
+    finally:
+        if (data / "postmaster.pid").exists():
+            stop_mode = "fast" if durable else "immediate"
+            subprocess.run(
+                [*run_as, pg_ctl, "-D", str(data), "-m", stop_mode, "stop"],
+                capture_output=True,
+                timeout=60,
+                check=False,
+            )
+        shutil.rmtree(base, ignore_errors=True)
