@@ -48,6 +48,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from receiver.inbox import Lookup, queue_lookups
+from storage.lease import NO_SYNC
 from storage.models import (
     LedgerLine,
     LedgerSource,
@@ -71,9 +72,6 @@ MIN_RECHECK = dt.timedelta(minutes=5)
 
 MAX_RECHECK = dt.timedelta(days=1)
 """The longest wait before a line found missing is looked up again."""
-
-# Statements below change outbox rows by id only; no ORM object of them is in a session.
-_NO_SYNC = {"synchronize_session": False}
 
 
 @dataclass
@@ -306,7 +304,7 @@ def _record(
                         sent_at=now,
                         last_error=None,
                     )
-                    .execution_options(**_NO_SYNC)
+                    .execution_options(**NO_SYNC)
                 )
             # Should the worker's fetch not make the mirror match after all, look again
             # after a grace period rather than at every run.
@@ -337,7 +335,7 @@ def _put_off(session: Session, suspect: _Suspect, until: dt.datetime) -> None:
             Outbox.state.in_([OutboxState.SENT, OutboxState.DEAD]),
         )
         .values(next_attempt_at=until)
-        .execution_options(**_NO_SYNC)
+        .execution_options(**NO_SYNC)
     )
 
 

@@ -490,8 +490,8 @@ def orders_show(cli: CliContext, key: str, as_json: bool) -> None:
     Shows the header, every line with its wallets and assets, the full timeline of
     status changes with their source, and the ledger line. Exits 1 if none is found.
     """
-    from otacm.orders import find_orders, order_story, story_lines
     from storage.engine import make_engine, make_sessions
+    from storage.story import find_orders, order_story, story_lines
 
     engine = make_engine(cli.settings.database_url)
     try:

@@ -14,12 +14,12 @@ decided to the venue's answer. Four operations (:class:`~storage.models.OutboxOp
   (confirmOrder, replaceOrder, deleteOrder), recorded by :func:`record_action` with the
   order's id and, when the ledger has its sale, the sale's line.
 
-:func:`send_outbox_row` and :func:`run_outbox_once` lease pending rows (as the inbox
-worker does, :mod:`receiver.worker`: ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, ``BEGIN
-IMMEDIATE`` serializing claimers on SQLite; a row waits while an earlier row for the same
-order is unfinished, so one order's calls reach the venue in the order they were
-decided), make the call with no transaction open, and apply the answer in a transaction
-of its own, only while the row is still leased by its sender:
+:func:`send_outbox_row` and :func:`run_outbox_once` lease pending rows (with the inbox
+worker's lease mechanism, :class:`storage.lease.LeasedQueue`: ``FOR UPDATE SKIP LOCKED``
+on PostgreSQL, ``BEGIN IMMEDIATE`` serializing claimers on SQLite; a row waits while an
+earlier row for the same order is unfinished, so one order's calls reach the venue in the
+order they were decided), make the call with no transaction open, and apply the answer
+in a transaction of its own, only while the row is still leased by its sender:
 
 - an order → the row is ``sent`` and the order mirrored (:func:`~storage.models.upsert_order`
   with the operation's :class:`~storage.models.ChangeSource`: no webhook fires for confirm
@@ -77,6 +77,7 @@ from sqlalchemy.orm import Session, aliased, sessionmaker
 from otacm.settings import Settings, VenueConnection
 from receiver.inbox import Lookup, queue_lookups
 from receiver.worker import LAST_ERROR_MAX_CHARS, backoff, describe_venue_error, new_owner
+from storage.lease import LeasedQueue
 from storage.models import (
     ChangeSource,
     LedgerLine,
@@ -118,8 +119,15 @@ truncates longer text, which would break matching, so longer text is refused her
 # The top-level fields of a submission that are the sale's, not the venue's request.
 _TERMS_KEYS = frozenset({"amount", "currency", "amountIncludesVat", "connection"})
 
-# Statements below change outbox rows by id only; no ORM object of them is in a session.
-_NO_SYNC = {"synchronize_session": False}
+_QUEUE = LeasedQueue(
+    Outbox,
+    pending=OutboxState.PENDING,
+    leased=OutboxState.LEASED,
+    dead=OutboxState.DEAD,
+    holder="sender",
+    gave_up="given up",
+    logger=logger,
+)
 
 
 # --- what the shop sends -----------------------------------------------------------------
@@ -589,15 +597,8 @@ def claim_outbox(
     Returns:
         The claimed rows, by id.
     """
-    if limit < 1 or (connection_ids is not None and not connection_ids):
-        return []
     if ids is not None and not ids:
         return []
-    lease_expires_at = now + dt.timedelta(seconds=lease_seconds)
-    due = sa.or_(
-        sa.and_(Outbox.state == OutboxState.PENDING, Outbox.next_attempt_at <= now),
-        sa.and_(Outbox.state == OutboxState.LEASED, Outbox.lease_expires_at < now),
-    )
     earlier = aliased(Outbox)
     waits_its_turn = (
         sa.exists()
@@ -609,78 +610,43 @@ def claim_outbox(
         )
         .correlate(Outbox)
     )
-    query = (
-        sa.select(
+    where = [sa.or_(Outbox.order_id.is_(None), ~waits_its_turn)]
+    if ids is not None:
+        where.append(Outbox.id.in_(sorted(ids)))
+    return _QUEUE.claim(
+        sessions,
+        _claim,
+        columns=(
             Outbox.id,
             Outbox.connection_id,
             Outbox.operation,
             Outbox.ledger_line_id,
             Outbox.order_id,
             Outbox.request,
-            Outbox.attempts,
-            Outbox.state,
-        )
-        .where(due, sa.or_(Outbox.order_id.is_(None), ~waits_its_turn))
-        .order_by(Outbox.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
+        ),
+        owner=owner,
+        now=now,
+        limit=limit,
+        lease_seconds=lease_seconds,
+        connection_ids=connection_ids,
+        where=where,
+        max_attempts=max_attempts,
     )
-    if connection_ids is not None:
-        query = query.where(Outbox.connection_id.in_(sorted(connection_ids)))
-    if ids is not None:
-        query = query.where(Outbox.id.in_(sorted(ids)))
 
-    with sessions.begin() as session:
-        rows = session.execute(query).all()
-        spent = [
-            row.id
-            for row in rows
-            if max_attempts is not None
-            and row.state == OutboxState.LEASED
-            and row.attempts >= max_attempts
-        ]
-        if spent:
-            session.execute(
-                sa.update(Outbox)
-                .where(Outbox.id.in_(spent))
-                .values(
-                    state=OutboxState.DEAD,
-                    lease_owner=None,
-                    lease_expires_at=None,
-                    last_error=f"lease expired on attempt {max_attempts} "
-                    "(the sender died or stalled)",
-                )
-                .execution_options(**_NO_SYNC)
-            )
-            for outbox_id in spent:
-                logger.error("outbox %d given up: its lease expired too often", outbox_id)
-        claims = [
-            OutboxClaim(
-                id=row.id,
-                connection_id=row.connection_id,
-                operation=row.operation,
-                ledger_line_id=row.ledger_line_id,
-                order_id=row.order_id,
-                request=row.request,
-                attempts=row.attempts + 1,
-                lease_expires_at=lease_expires_at,
-            )
-            for row in rows
-            if row.id not in spent
-        ]
-        if claims:
-            session.execute(
-                sa.update(Outbox)
-                .where(Outbox.id.in_([claim.id for claim in claims]))
-                .values(
-                    state=OutboxState.LEASED,
-                    lease_owner=owner,
-                    lease_expires_at=lease_expires_at,
-                    attempts=Outbox.attempts + 1,
-                )
-                .execution_options(**_NO_SYNC)
-            )
-    return claims
+
+def _claim(
+    row: sa.Row[*tuple[Any, ...]], attempts: int, lease_expires_at: dt.datetime
+) -> OutboxClaim:
+    return OutboxClaim(
+        id=row.id,
+        connection_id=row.connection_id,
+        operation=row.operation,
+        ledger_line_id=row.ledger_line_id,
+        order_id=row.order_id,
+        request=row.request,
+        attempts=attempts,
+        lease_expires_at=lease_expires_at,
+    )
 
 
 # --- sending -----------------------------------------------------------------------------
@@ -901,9 +867,9 @@ def _send_claim(
     max_attempts: int,
 ) -> SendResult:
     """Send one claimed row and apply the answer; a database failure leaves it leased."""
-    send = _SENDERS[claim.operation]
+    send = _Send(sessions, client, claim, owner=owner, now=now, max_attempts=max_attempts)
     try:
-        return send(sessions, client, claim, owner=owner, now=now, max_attempts=max_attempts)
+        return _SENDERS[claim.operation](send)
     except SQLAlchemyError as exc:
         # Nothing of the failed transaction was written; the row stays leased, and the
         # first claim after the lease expires sends it again.
@@ -913,148 +879,8 @@ def _send_claim(
         return SendResult(claim.id, SendOutcome.ABANDONED, state=OutboxState.LEASED)
 
 
-def _send_create(
-    sessions: sessionmaker[Session],
-    client: VenueClient,
-    claim: OutboxClaim,
-    *,
-    owner: str,
-    now: dt.datetime,
-    max_attempts: int,
-) -> SendResult:
-    try:
-        request = OrderRequest.model_validate(claim.request or {})
-    except ValidationError as exc:
-        error = exc.errors(include_url=False, include_input=False)[0]
-        problem = f"the stored request is invalid: {_dotted(error['loc'])}: {error['msg']}"
-        return _refuse(sessions, claim, problem, None, owner=owner, now=now)
-    reference = normalize_reference(request.sell_to_order_reference)
-
-    # The call happens with no transaction open: a slow venue must not hold a database
-    # lock (on SQLite, the only write lock).
-    try:
-        order = client.create_order(request)
-    except VenueRejected as exc:
-        if exc.is_duplicate_reference:
-            logger.info("outbox %d: %s is already at the venue; finding it", claim.id, reference)
-            return _resolve(
-                sessions,
-                client,
-                claim,
-                request,
-                exc,
-                owner=owner,
-                now=now,
-                max_attempts=max_attempts,
-            )
-        if exc.may_be_transient:
-            return _retry(sessions, claim, exc, owner=owner, now=now, max_attempts=max_attempts)
-        # A refusal, but "a 400 is not proof": the older synchronous API answers a failed
-        # issuance with one and keeps the order in Error, and a retry after an earlier
-        # attempt landed may be refused for another reason (a visit date now past).
-        return _resolve(
-            sessions, client, claim, request, exc, owner=owner, now=now, max_attempts=max_attempts
-        )
-    except VenueError as exc:
-        # Unavailable, rate limited, 5xx, a bad body, or the key or address is wrong: none
-        # is a verdict on the order, so it waits and tries again.
-        return _retry(sessions, claim, exc, owner=owner, now=now, max_attempts=max_attempts)
-    return _mark_sent(sessions, claim, order, owner=owner, now=now)
-
-
-def _send_confirm(
-    sessions: sessionmaker[Session],
-    client: VenueClient,
-    claim: OutboxClaim,
-    *,
-    owner: str,
-    now: dt.datetime,
-    max_attempts: int,
-) -> SendResult:
-    payment = (claim.request or {}).get("paymentReference")
-    if claim.order_id is None or not isinstance(payment, str) or not payment.strip():
-        problem = "the stored confirm names no order or no paymentReference"
-        return _refuse(sessions, claim, problem, None, owner=owner, now=now)
-    try:
-        # Idempotent at the venue: an order already Issued (an earlier attempt landed
-        # and its answer was lost) comes back unchanged.
-        order = client.confirm_order(claim.order_id, payment)
-    except VenueError as exc:
-        return _action_failed(sessions, claim, exc, owner=owner, now=now, max_attempts=max_attempts)
-    return _mark_sent(sessions, claim, order, owner=owner, now=now)
-
-
-def _send_replace(
-    sessions: sessionmaker[Session],
-    client: VenueClient,
-    claim: OutboxClaim,
-    *,
-    owner: str,
-    now: dt.datetime,
-    max_attempts: int,
-) -> SendResult:
-    try:
-        replacement = parse_submission(claim.request or {})
-    except SubmissionError as exc:
-        problem = f"the stored request is invalid: {exc}"
-        return _refuse(sessions, claim, problem, None, owner=owner, now=now)
-    if claim.order_id is None:
-        return _refuse(
-            sessions, claim, "the stored replace names no order", None, owner=owner, now=now
-        )
-    try:
-        order = client.replace_order(claim.order_id, replacement.request)
-    except VenueRejected as exc:
-        if claim.attempts > 1 and not exc.may_be_transient:
-            # An earlier attempt may have landed with its answer lost: the order is then
-            # in flight (or settled) holding the replacement, and refuses a second one.
-            return _resolve_replace(
-                sessions,
-                client,
-                claim,
-                replacement,
-                exc,
-                owner=owner,
-                now=now,
-                max_attempts=max_attempts,
-            )
-        return _action_failed(sessions, claim, exc, owner=owner, now=now, max_attempts=max_attempts)
-    except VenueError as exc:
-        return _action_failed(sessions, claim, exc, owner=owner, now=now, max_attempts=max_attempts)
-    return _mark_sent(sessions, claim, order, owner=owner, now=now, replacement=replacement)
-
-
-def _send_delete(
-    sessions: sessionmaker[Session],
-    client: VenueClient,
-    claim: OutboxClaim,
-    *,
-    owner: str,
-    now: dt.datetime,
-    max_attempts: int,
-) -> SendResult:
-    if claim.order_id is None:
-        return _refuse(
-            sessions, claim, "the stored delete names no order", None, owner=owner, now=now
-        )
-    try:
-        order = client.delete_order(claim.order_id)
-    except VenueError as exc:
-        return _action_failed(sessions, claim, exc, owner=owner, now=now, max_attempts=max_attempts)
-    # A Draft or Error order is removed outright (the answer is the order as it was, or
-    # nothing); an Issued one is kept as Cancelled, and deleting that again changes nothing.
-    removed = order is None or order.status in (OrderStatus.DRAFT, OrderStatus.ERROR)
-    return _mark_sent(sessions, claim, order, owner=owner, now=now, removed=removed)
-
-
-_Sender = Callable[..., SendResult]
-
-_SENDERS: dict[OutboxOperation, _Sender] = {
-    OutboxOperation.CREATE: _send_create,
-    OutboxOperation.CONFIRM: _send_confirm,
-    OutboxOperation.REPLACE: _send_replace,
-    OutboxOperation.DELETE: _send_delete,
-}
+NO_LONGER_KNOWN = "the venue no longer knows the order"
+"""The row's ``last_error`` when the venue answers an action on an order with 404."""
 
 _CHANGE_SOURCES = {
     OutboxOperation.CREATE: ChangeSource.SUBMIT,
@@ -1063,68 +889,332 @@ _CHANGE_SOURCES = {
     OutboxOperation.DELETE: ChangeSource.DELETE,
 }
 
-NO_LONGER_KNOWN = "the venue no longer knows the order"
-"""The row's ``last_error`` when the venue answers an action on an order with 404."""
+
+@dataclass(frozen=True)
+class _Send:
+    """One claimed row being sent, and the three ways its attempt ends.
+
+    :meth:`sent`, :meth:`refuse` and :meth:`retry` each write in a transaction of their
+    own, and only while the row is still leased by ``owner``
+    (:meth:`~storage.lease.LeasedQueue.settle`); when another sender has re-claimed it,
+    they write nothing and answer ``LEASE_LOST``.
+    """
+
+    sessions: sessionmaker[Session]
+    client: VenueClient
+    claim: OutboxClaim
+    owner: str
+    now: dt.datetime
+    max_attempts: int
+
+    def sent(
+        self,
+        order: Order | None,
+        *,
+        removed: bool = False,
+        resolved: bool = False,
+        replacement: Submission | None = None,
+        message: str | None = None,
+    ) -> SendResult:
+        """In one transaction: the row ``sent`` and the venue's answer mirrored.
+
+        ``order`` is upserted with the operation's change source, or, when ``removed``,
+        the order is marked removed. A ``replacement`` that landed is copied to the sale's
+        ledger line.
+        """
+        claim, now = self.claim, self.now
+        order_id = _guid(order.order_id) if order is not None else claim.order_id
+        assert order_id is not None, "an answer without an order is a delete's, which names one"
+        source = _CHANGE_SOURCES[claim.operation]
+        with self.sessions.begin() as session:
+            updated = _QUEUE.settle(
+                session,
+                [claim.id],
+                owner=self.owner,
+                state=OutboxState.SENT,
+                order_id=order_id,
+                sent_at=now,
+                last_error=None,
+            )
+            if updated:
+                if removed:
+                    mark_removed(session, claim.connection_id, order_id, now, source)
+                elif order is not None:
+                    upsert_order(
+                        session, claim.connection_id, order, source=source, observed_at=now
+                    )
+                if replacement is not None and claim.ledger_line_id is not None:
+                    _apply_replacement(session, claim.ledger_line_id, replacement)
+        if not updated:
+            logger.warning(
+                "outbox %d: lease lost; order %s left to its new sender", claim.id, order_id
+            )
+            return SendResult(claim.id, SendOutcome.LEASE_LOST, order=order, order_id=order_id)
+        if claim.operation is OutboxOperation.CREATE and order is not None:
+            logger.info(
+                "outbox %d sent: order %s (%s) is %s%s",
+                claim.id,
+                order_id,
+                normalize_reference(order.sell_to_order_reference),
+                order.status,
+                ", found by reference" if resolved else "",
+            )
+        else:
+            logger.info(
+                "outbox %d sent: %s of order %s: %s",
+                claim.id,
+                claim.operation,
+                order_id,
+                "removed" if removed else (order.status if order is not None else "-"),
+            )
+        return SendResult(
+            claim.id,
+            SendOutcome.SENT,
+            state=OutboxState.SENT,
+            order=order,
+            order_id=order_id,
+            message=message,
+            removed=removed,
+            resolved=resolved,
+            resolved_by_reference=resolved and claim.operation is OutboxOperation.CREATE,
+        )
+
+    def refuse(
+        self,
+        message: str,
+        code: str | None = None,
+        *,
+        removed: bool = False,
+        recheck: bool = False,
+        observed: Order | None = None,
+    ) -> SendResult:
+        """The row ``failed`` with the venue's message; a sale's ledger line stays as it is.
+
+        For an action on an order, what the refusal says about the order is recorded with
+        it: ``removed`` marks it removed (a 404), ``observed`` mirrors the order as just
+        fetched, and ``recheck`` queues a getOrder for the worker (the mirror was stale).
+        """
+        claim, now = self.claim, self.now
+        source = _CHANGE_SOURCES[claim.operation]
+        with self.sessions.begin() as session:
+            updated = _QUEUE.settle(
+                session,
+                [claim.id],
+                owner=self.owner,
+                state=OutboxState.FAILED,
+                last_error=message[:LAST_ERROR_MAX_CHARS],
+            )
+            if updated and claim.order_id is not None:
+                if removed:
+                    mark_removed(session, claim.connection_id, claim.order_id, now, source)
+                elif observed is not None:
+                    upsert_order(
+                        session,
+                        claim.connection_id,
+                        observed,
+                        source=ChangeSource.FETCH,
+                        observed_at=now,
+                    )
+                elif recheck:
+                    queue_lookups(
+                        session.connection(),
+                        claim.connection_id,
+                        [Lookup(claim.order_id, f"{claim.operation}_refused")],
+                        now=now,
+                    )
+        if not updated:
+            return SendResult(claim.id, SendOutcome.LEASE_LOST)
+        if claim.order_id is None:
+            logger.warning("outbox %d refused by the venue: %s", claim.id, message)
+        else:
+            logger.warning(
+                "outbox %d: %s of order %s refused by the venue: %s",
+                claim.id,
+                claim.operation,
+                claim.order_id,
+                message,
+            )
+        return SendResult(
+            claim.id,
+            SendOutcome.FAILED,
+            state=OutboxState.FAILED,
+            order=observed,
+            order_id=claim.order_id,
+            message=message,
+            code=code,
+            removed=removed,
+        )
+
+    def retry(self, exc: VenueError) -> SendResult:
+        """The row back to pending after its backoff, or ``dead`` once attempts are spent."""
+        claim = self.claim
+        reason = describe_venue_error(exc)[:LAST_ERROR_MAX_CHARS]
+        retry_at = self.now + backoff(claim.attempts)
+        with self.sessions.begin() as session:
+            state = _QUEUE.retry(
+                session,
+                claim.id,
+                owner=self.owner,
+                attempts=claim.attempts,
+                max_attempts=self.max_attempts,
+                retry_at=retry_at,
+                reason=reason,
+            )
+        if state is None:
+            return SendResult(claim.id, SendOutcome.LEASE_LOST)
+        if state is OutboxState.DEAD:
+            logger.error(
+                "outbox %d given up after %d attempts: %s", claim.id, claim.attempts, reason
+            )
+            return SendResult(
+                claim.id,
+                SendOutcome.DEAD,
+                state=state,
+                order_id=claim.order_id,
+                message=reason,
+                code=exc.code,
+            )
+        logger.warning(
+            "outbox %d: attempt %d failed (%s); next at %s",
+            claim.id,
+            claim.attempts,
+            reason,
+            retry_at.isoformat(),
+        )
+        return SendResult(
+            claim.id,
+            SendOutcome.RETRYING,
+            state=state,
+            order_id=claim.order_id,
+            message=reason,
+            code=exc.code,
+            next_attempt_at=retry_at,
+        )
 
 
-def _action_failed(
-    sessions: sessionmaker[Session],
-    claim: OutboxClaim,
-    exc: VenueError,
-    *,
-    owner: str,
-    now: dt.datetime,
-    max_attempts: int,
-) -> SendResult:
+def _send_create(send: _Send) -> SendResult:
+    try:
+        request = OrderRequest.model_validate(send.claim.request or {})
+    except ValidationError as exc:
+        error = exc.errors(include_url=False, include_input=False)[0]
+        return send.refuse(
+            f"the stored request is invalid: {_dotted(error['loc'])}: {error['msg']}"
+        )
+
+    # The call happens with no transaction open: a slow venue must not hold a database
+    # lock (on SQLite, the only write lock).
+    try:
+        order = send.client.create_order(request)
+    except VenueRejected as exc:
+        if exc.is_duplicate_reference:
+            logger.info(
+                "outbox %d: %s is already at the venue; finding it",
+                send.claim.id,
+                normalize_reference(request.sell_to_order_reference),
+            )
+            return _resolve(send, request, exc)
+        if exc.may_be_transient:
+            return send.retry(exc)
+        # A refusal, but "a 400 is not proof": the older synchronous API answers a failed
+        # issuance with one and keeps the order in Error, and a retry after an earlier
+        # attempt landed may be refused for another reason (a visit date now past).
+        return _resolve(send, request, exc)
+    except VenueError as exc:
+        # Unavailable, rate limited, 5xx, a bad body, or the key or address is wrong: none
+        # is a verdict on the order, so it waits and tries again.
+        return send.retry(exc)
+    return send.sent(order)
+
+
+def _send_confirm(send: _Send) -> SendResult:
+    order_id = send.claim.order_id
+    payment = (send.claim.request or {}).get("paymentReference")
+    if order_id is None or not isinstance(payment, str) or not payment.strip():
+        return send.refuse("the stored confirm names no order or no paymentReference")
+    try:
+        # Idempotent at the venue: an order already Issued (an earlier attempt landed
+        # and its answer was lost) comes back unchanged.
+        order = send.client.confirm_order(order_id, payment)
+    except VenueError as exc:
+        return _action_failed(send, exc)
+    return send.sent(order)
+
+
+def _send_replace(send: _Send) -> SendResult:
+    claim = send.claim
+    try:
+        replacement = parse_submission(claim.request or {})
+    except SubmissionError as exc:
+        return send.refuse(f"the stored request is invalid: {exc}")
+    if claim.order_id is None:
+        return send.refuse("the stored replace names no order")
+    try:
+        order = send.client.replace_order(claim.order_id, replacement.request)
+    except VenueError as exc:
+        if isinstance(exc, VenueRejected) and claim.attempts > 1 and not exc.may_be_transient:
+            # An earlier attempt may have landed with its answer lost: the order is then
+            # in flight (or settled) holding the replacement, and refuses a second one.
+            return _resolve_replace(send, replacement, exc)
+        return _action_failed(send, exc)
+    return send.sent(order, replacement=replacement)
+
+
+def _send_delete(send: _Send) -> SendResult:
+    if send.claim.order_id is None:
+        return send.refuse("the stored delete names no order")
+    try:
+        order = send.client.delete_order(send.claim.order_id)
+    except VenueError as exc:
+        return _action_failed(send, exc)
+    # A Draft or Error order is removed outright (the answer is the order as it was, or
+    # nothing); an Issued one is kept as Cancelled, and deleting that again changes nothing.
+    removed = order is None or order.status in (OrderStatus.DRAFT, OrderStatus.ERROR)
+    return send.sent(order, removed=removed)
+
+
+_SENDERS: dict[OutboxOperation, Callable[[_Send], SendResult]] = {
+    OutboxOperation.CREATE: _send_create,
+    OutboxOperation.CONFIRM: _send_confirm,
+    OutboxOperation.REPLACE: _send_replace,
+    OutboxOperation.DELETE: _send_delete,
+}
+
+
+def _action_failed(send: _Send, exc: VenueError) -> SendResult:
     """A confirm, replace or delete that failed: retried, refused, or (404) the order gone."""
+    operation = send.claim.operation
     if isinstance(exc, VenueNotFound):
-        if claim.operation is OutboxOperation.DELETE:
+        if operation is OutboxOperation.DELETE:
             # Gone is what a delete asks for, whoever removed it (or an earlier attempt
             # whose answer was lost).
-            return _mark_sent(
-                sessions, claim, None, owner=owner, now=now, removed=True, message=NO_LONGER_KNOWN
-            )
-        return _refuse(
-            sessions, claim, NO_LONGER_KNOWN, exc.code, owner=owner, now=now, removed=True
-        )
+            return send.sent(None, removed=True, message=NO_LONGER_KNOWN)
+        return send.refuse(NO_LONGER_KNOWN, exc.code, removed=True)
     if isinstance(exc, VenueRejected):
         mid_flight = "mid-flight" in (exc.message or "").lower()
-        if exc.may_be_transient and not (claim.operation is OutboxOperation.DELETE and mid_flight):
-            return _retry(sessions, claim, exc, owner=owner, now=now, max_attempts=max_attempts)
-        message = exc.message or str(exc)
-        return _refuse(sessions, claim, message, exc.code, owner=owner, now=now, recheck=True)
+        if exc.may_be_transient and not (operation is OutboxOperation.DELETE and mid_flight):
+            return send.retry(exc)
+        return send.refuse(exc.message or str(exc), exc.code, recheck=True)
     # Unavailable, rate limited, 5xx, a bad body, or the key or address is wrong: none is
     # a verdict on the order, so it waits and tries again.
-    return _retry(sessions, claim, exc, owner=owner, now=now, max_attempts=max_attempts)
+    return send.retry(exc)
 
 
-def _resolve_replace(
-    sessions: sessionmaker[Session],
-    client: VenueClient,
-    claim: OutboxClaim,
-    replacement: Submission,
-    rejection: VenueRejected,
-    *,
-    owner: str,
-    now: dt.datetime,
-    max_attempts: int,
-) -> SendResult:
+def _resolve_replace(send: _Send, replacement: Submission, rejection: VenueRejected) -> SendResult:
     """After a retried replace is refused: ``sent`` if the order holds the replacement."""
-    assert claim.order_id is not None  # checked by the caller
+    assert send.claim.order_id is not None  # checked by the caller
     try:
-        order = client.get_order(claim.order_id)
+        order = send.client.get_order(send.claim.order_id)
     except VenueNotFound as exc:
-        return _action_failed(sessions, claim, exc, owner=owner, now=now, max_attempts=max_attempts)
+        return _action_failed(send, exc)
     except VenueError as exc:
-        return _retry(sessions, claim, exc, owner=owner, now=now, max_attempts=max_attempts)
+        return send.retry(exc)
     replaceable = order.status in (OrderStatus.DRAFT, OrderStatus.ERROR)
     if not replaceable and _lines(order) == _requested_lines(replacement.request):
-        logger.info("outbox %d: order %s already holds the replacement", claim.id, order.order_id)
-        return _mark_sent(
-            sessions, claim, order, owner=owner, now=now, resolved=True, replacement=replacement
+        logger.info(
+            "outbox %d: order %s already holds the replacement", send.claim.id, order.order_id
         )
-    message = rejection.message or str(rejection)
-    return _refuse(sessions, claim, message, rejection.code, owner=owner, now=now, observed=order)
+        return send.sent(order, resolved=True, replacement=replacement)
+    return send.refuse(rejection.message or str(rejection), rejection.code, observed=order)
 
 
 def _lines(order: Order) -> list[tuple[str, int, dt.date | None]]:
@@ -1135,40 +1225,29 @@ def _requested_lines(request: OrderRequest) -> list[tuple[str, int, dt.date | No
     return sorted((item.item_number, item.quantity, item.visit_date) for item in request.items)
 
 
-def _resolve(
-    sessions: sessionmaker[Session],
-    client: VenueClient,
-    claim: OutboxClaim,
-    request: OrderRequest,
-    rejection: VenueRejected,
-    *,
-    owner: str,
-    now: dt.datetime,
-    max_attempts: int,
-) -> SendResult:
+def _resolve(send: _Send, request: OrderRequest, rejection: VenueRejected) -> SendResult:
     """After a rejected create: the order the venue has under this reference, else the verdict."""
     duplicate = rejection.is_duplicate_reference
     try:
-        found = client.find_by_reference(request.partner_id, request.sell_to_order_reference)
-        order = client.get_order(_latest(found).order_id) if found else None
+        found = send.client.find_by_reference(request.partner_id, request.sell_to_order_reference)
+        order = send.client.get_order(_latest(found).order_id) if found else None
     except VenueRejected as exc:
         if duplicate or exc.may_be_transient:
-            return _retry(sessions, claim, exc, owner=owner, now=now, max_attempts=max_attempts)
+            return send.retry(exc)
         order = None  # the partner itself is refused: the venue holds no order of it
     except VenueNotFound as exc:
         if duplicate:
-            return _retry(sessions, claim, exc, owner=owner, now=now, max_attempts=max_attempts)
+            return send.retry(exc)
         order = None
     except VenueError as exc:
-        return _retry(sessions, claim, exc, owner=owner, now=now, max_attempts=max_attempts)
+        return send.retry(exc)
     if order is not None:
-        return _mark_sent(sessions, claim, order, owner=owner, now=now, resolved=True)
+        return send.sent(order, resolved=True)
     if duplicate:
         # "Already exists", yet nothing by that reference: the venue is mid-change
         # (an Error order being replaced); ask again later.
-        return _retry(sessions, claim, rejection, owner=owner, now=now, max_attempts=max_attempts)
-    message = rejection.message or str(rejection)
-    return _refuse(sessions, claim, message, rejection.code, owner=owner, now=now)
+        return send.retry(rejection)
+    return send.refuse(rejection.message or str(rejection), rejection.code)
 
 
 def _latest(found: Sequence[OrderSummary]) -> OrderSummary:
@@ -1176,92 +1255,6 @@ def _latest(found: Sequence[OrderSummary]) -> OrderSummary:
     # one received last is the one the reference names now.
     epoch = dt.datetime.min.replace(tzinfo=dt.UTC)
     return max(found, key=lambda summary: summary.received_at or epoch)
-
-
-def _still_ours(claim: OutboxClaim, owner: str) -> sa.ColumnElement[bool]:
-    # The lease check is in the UPDATE's WHERE: on PostgreSQL its row lock makes a
-    # concurrent re-claim wait for this transaction, and a re-claim that committed
-    # first makes this match nothing.
-    return sa.and_(
-        Outbox.id == claim.id,
-        Outbox.state == OutboxState.LEASED,
-        Outbox.lease_owner == owner,
-    )
-
-
-def _mark_sent(
-    sessions: sessionmaker[Session],
-    claim: OutboxClaim,
-    order: Order | None,
-    *,
-    owner: str,
-    now: dt.datetime,
-    removed: bool = False,
-    resolved: bool = False,
-    replacement: Submission | None = None,
-    message: str | None = None,
-) -> SendResult:
-    """In one transaction: the row ``sent`` (if still ours) and the venue's answer mirrored.
-
-    ``order`` is upserted with the operation's change source, or, when ``removed``, the
-    order is marked removed. A ``replacement`` that landed is copied to the sale's
-    ledger line.
-    """
-    order_id = _guid(order.order_id) if order is not None else claim.order_id
-    assert order_id is not None, "an answer without an order is a delete's, which names one"
-    source = _CHANGE_SOURCES[claim.operation]
-    with sessions.begin() as session:
-        updated = session.execute(
-            sa.update(Outbox)
-            .where(_still_ours(claim, owner))
-            .values(
-                state=OutboxState.SENT,
-                order_id=order_id,
-                sent_at=now,
-                lease_owner=None,
-                lease_expires_at=None,
-                last_error=None,
-            )
-            .execution_options(**_NO_SYNC)
-        ).rowcount  # type: ignore[attr-defined]
-        if updated:
-            if removed:
-                mark_removed(session, claim.connection_id, order_id, now, source)
-            elif order is not None:
-                upsert_order(session, claim.connection_id, order, source=source, observed_at=now)
-            if replacement is not None and claim.ledger_line_id is not None:
-                _apply_replacement(session, claim.ledger_line_id, replacement)
-    if not updated:
-        logger.warning("outbox %d: lease lost; order %s left to its new sender", claim.id, order_id)
-        return SendResult(claim.id, SendOutcome.LEASE_LOST, order=order, order_id=order_id)
-    if claim.operation is OutboxOperation.CREATE and order is not None:
-        logger.info(
-            "outbox %d sent: order %s (%s) is %s%s",
-            claim.id,
-            order_id,
-            normalize_reference(order.sell_to_order_reference),
-            order.status,
-            ", found by reference" if resolved else "",
-        )
-    else:
-        logger.info(
-            "outbox %d sent: %s of order %s: %s",
-            claim.id,
-            claim.operation,
-            order_id,
-            "removed" if removed else (order.status if order is not None else "-"),
-        )
-    return SendResult(
-        claim.id,
-        SendOutcome.SENT,
-        state=OutboxState.SENT,
-        order=order,
-        order_id=order_id,
-        message=message,
-        removed=removed,
-        resolved=resolved,
-        resolved_by_reference=resolved and claim.operation is OutboxOperation.CREATE,
-    )
 
 
 def _apply_replacement(session: Session, ledger_line_id: int, replacement: Submission) -> None:
@@ -1282,132 +1275,6 @@ def _apply_replacement(session: Session, ledger_line_id: int, replacement: Submi
         line.amount, line.currency = replacement.amount, replacement.currency
         line.amount_includes_vat = replacement.amount_includes_vat
     session.flush()
-
-
-def _refuse(
-    sessions: sessionmaker[Session],
-    claim: OutboxClaim,
-    message: str,
-    code: str | None,
-    *,
-    owner: str,
-    now: dt.datetime,
-    removed: bool = False,
-    recheck: bool = False,
-    observed: Order | None = None,
-) -> SendResult:
-    """The row ``failed`` with the venue's message; a sale's ledger line stays as it is.
-
-    For an action on an order, what the refusal says about the order is recorded with
-    it: ``removed`` marks it removed (a 404), ``observed`` mirrors the order as just
-    fetched, and ``recheck`` queues a getOrder for the worker (the mirror was stale).
-    """
-    source = _CHANGE_SOURCES[claim.operation]
-    with sessions.begin() as session:
-        updated = session.execute(
-            sa.update(Outbox)
-            .where(_still_ours(claim, owner))
-            .values(
-                state=OutboxState.FAILED,
-                lease_owner=None,
-                lease_expires_at=None,
-                last_error=message[:LAST_ERROR_MAX_CHARS],
-            )
-            .execution_options(**_NO_SYNC)
-        ).rowcount  # type: ignore[attr-defined]
-        if updated and claim.order_id is not None:
-            if removed:
-                mark_removed(session, claim.connection_id, claim.order_id, now, source)
-            elif observed is not None:
-                upsert_order(
-                    session,
-                    claim.connection_id,
-                    observed,
-                    source=ChangeSource.FETCH,
-                    observed_at=now,
-                )
-            elif recheck:
-                queue_lookups(
-                    session.connection(),
-                    claim.connection_id,
-                    [Lookup(claim.order_id, f"{claim.operation}_refused")],
-                    now=now,
-                )
-    if not updated:
-        return SendResult(claim.id, SendOutcome.LEASE_LOST)
-    if claim.order_id is None:
-        logger.warning("outbox %d refused by the venue: %s", claim.id, message)
-    else:
-        logger.warning(
-            "outbox %d: %s of order %s refused by the venue: %s",
-            claim.id,
-            claim.operation,
-            claim.order_id,
-            message,
-        )
-    return SendResult(
-        claim.id,
-        SendOutcome.FAILED,
-        state=OutboxState.FAILED,
-        order=observed,
-        order_id=claim.order_id,
-        message=message,
-        code=code,
-        removed=removed,
-    )
-
-
-def _retry(
-    sessions: sessionmaker[Session],
-    claim: OutboxClaim,
-    exc: VenueError,
-    *,
-    owner: str,
-    now: dt.datetime,
-    max_attempts: int,
-) -> SendResult:
-    """The row back to pending after its backoff, or ``dead`` once attempts are spent."""
-    reason = describe_venue_error(exc)[:LAST_ERROR_MAX_CHARS]
-    state = OutboxState.DEAD if claim.attempts >= max_attempts else OutboxState.PENDING
-    next_attempt_at = now + backoff(claim.attempts) if state is OutboxState.PENDING else None
-    values: dict[str, object] = {"state": state}
-    if next_attempt_at is not None:
-        values["next_attempt_at"] = next_attempt_at
-    with sessions.begin() as session:
-        updated = session.execute(
-            sa.update(Outbox)
-            .where(_still_ours(claim, owner))
-            .values(**values, lease_owner=None, lease_expires_at=None, last_error=reason)
-            .execution_options(**_NO_SYNC)
-        ).rowcount  # type: ignore[attr-defined]
-    if not updated:
-        return SendResult(claim.id, SendOutcome.LEASE_LOST)
-    if state is OutboxState.DEAD:
-        logger.error("outbox %d given up after %d attempts: %s", claim.id, claim.attempts, reason)
-        return SendResult(
-            claim.id,
-            SendOutcome.DEAD,
-            state=state,
-            order_id=claim.order_id,
-            message=reason,
-            code=exc.code,
-        )
-    logger.warning(
-        "outbox %d: attempt %d failed (%s); next at %s",
-        claim.id,
-        claim.attempts,
-        reason,
-        next_attempt_at.isoformat() if next_attempt_at else "-",
-    )
-    return SendResult(
-        claim.id,
-        SendOutcome.RETRYING,
-        state=state,
-        order_id=claim.order_id,
-        message=reason,
-        code=exc.code,
-        next_attempt_at=next_attempt_at,
-    )
 
 
 # --- submitting now ----------------------------------------------------------------------

@@ -9,7 +9,8 @@ only a hint — or :func:`~storage.models.mark_removed` on a 404. Venue failures
 back to pending with exponential backoff (:func:`backoff`) until ``max_attempts``, then to
 the dead letters, which :func:`replay_dead` (``otacm inbox replay``) makes pending again.
 :func:`run_once` is one claim-and-process pass and :func:`run_forever` the loop a worker
-process runs. Claims on PostgreSQL use ``FOR UPDATE SKIP LOCKED``; on SQLite every
+process runs. Leases are taken and ended by :class:`storage.lease.LeasedQueue`, as the
+outbox's are. Claims on PostgreSQL use ``FOR UPDATE SKIP LOCKED``; on SQLite every
 transaction begins ``IMMEDIATE`` (:mod:`storage.engine`), so claimers take the single
 write lock one at a time and a claimer never sees a row another has just leased. A worker
 killed at any point loses nothing: its rows stay leased until the lease expires, then
@@ -28,11 +29,13 @@ import threading
 import uuid
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, fields
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from storage.lease import NO_SYNC, LeasedQueue
 from storage.models import (
     ChangeSource,
     Inbox,
@@ -63,8 +66,15 @@ _CHANGE_SOURCES = {
     InboxSource.FEED: ChangeSource.FEED,
 }
 
-# Statements below change inbox rows by id only; no ORM object of them is in a session.
-_NO_SYNC = {"synchronize_session": False}
+_QUEUE = LeasedQueue(
+    Inbox,
+    pending=InboxState.PENDING,
+    leased=InboxState.LEASED,
+    dead=InboxState.DEAD,
+    holder="worker",
+    gave_up="dead-lettered",
+    logger=logger,
+)
 
 
 @dataclass(frozen=True)
@@ -181,81 +191,35 @@ def claim_batch(
     Returns:
         The claimed rows, by id.
     """
-    if limit < 1 or (connection_ids is not None and not connection_ids):
-        return []
-    lease_expires_at = now + dt.timedelta(seconds=lease_seconds)
-    due = sa.or_(
-        sa.and_(Inbox.state == InboxState.PENDING, Inbox.next_attempt_at <= now),
-        sa.and_(Inbox.state == InboxState.LEASED, Inbox.lease_expires_at < now),
-    )
-    query = (
-        sa.select(
+    return _QUEUE.claim(
+        sessions,
+        _claim,
+        columns=(
             Inbox.id,
             Inbox.connection_id,
             Inbox.order_id,
             Inbox.source,
-            Inbox.attempts,
-            Inbox.state,
             Inbox.notified_status,
-        )
-        .where(due)
-        .order_by(Inbox.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
+        ),
+        owner=owner,
+        now=now,
+        limit=limit,
+        lease_seconds=lease_seconds,
+        connection_ids=connection_ids,
+        max_attempts=max_attempts,
     )
-    if connection_ids is not None:
-        query = query.where(Inbox.connection_id.in_(sorted(connection_ids)))
 
-    with sessions.begin() as session:
-        rows = session.execute(query).all()
-        spent = [
-            row.id
-            for row in rows
-            if max_attempts is not None
-            and row.state == InboxState.LEASED
-            and row.attempts >= max_attempts
-        ]
-        if spent:
-            session.execute(
-                sa.update(Inbox)
-                .where(Inbox.id.in_(spent))
-                .values(
-                    state=InboxState.DEAD,
-                    lease_owner=None,
-                    lease_expires_at=None,
-                    last_error=f"lease expired on attempt {max_attempts} "
-                    "(the worker died or stalled)",
-                )
-                .execution_options(**_NO_SYNC)
-            )
-            for inbox_id in spent:
-                logger.error("inbox %d dead-lettered: its lease expired too often", inbox_id)
-        claims = [
-            Claim(
-                id=row.id,
-                connection_id=row.connection_id,
-                order_id=row.order_id,
-                source=row.source,
-                attempts=row.attempts + 1,
-                notified_status=row.notified_status,
-                lease_expires_at=lease_expires_at,
-            )
-            for row in rows
-            if row.id not in spent
-        ]
-        if claims:
-            session.execute(
-                sa.update(Inbox)
-                .where(Inbox.id.in_([claim.id for claim in claims]))
-                .values(
-                    state=InboxState.LEASED,
-                    lease_owner=owner,
-                    lease_expires_at=lease_expires_at,
-                    attempts=Inbox.attempts + 1,
-                )
-                .execution_options(**_NO_SYNC)
-            )
-    return claims
+
+def _claim(row: sa.Row[*tuple[Any, ...]], attempts: int, lease_expires_at: dt.datetime) -> Claim:
+    return Claim(
+        id=row.id,
+        connection_id=row.connection_id,
+        order_id=row.order_id,
+        source=row.source,
+        attempts=attempts,
+        notified_status=row.notified_status,
+        lease_expires_at=lease_expires_at,
+    )
 
 
 def process_claims(
@@ -464,7 +428,7 @@ def replay_dead(
             next_attempt_at=now,
             lease_owner=None,
             lease_expires_at=None,
-        ).execution_options(**_NO_SYNC)
+        ).execution_options(**NO_SYNC)
     )
     count = int(result.rowcount)  # type: ignore[attr-defined]
     if count:
@@ -616,27 +580,14 @@ def _abandon(
 
 def _finish(session: Session, group: list[Claim], *, owner: str, now: dt.datetime) -> list[int]:
     """Mark the rows of ``group`` still leased by ``owner`` done; their ids."""
-    # The lease check is in the UPDATE's WHERE: on PostgreSQL the row lock it takes makes
-    # a concurrent re-claim wait for this transaction (and then find the row done), and
-    # a re-claim that committed first makes this match nothing.
-    statement = (
-        sa.update(Inbox)
-        .where(
-            Inbox.id.in_(_ids(group)),
-            Inbox.state == InboxState.LEASED,
-            Inbox.lease_owner == owner,
-        )
-        .values(
-            state=InboxState.DONE,
-            processed_at=now,
-            lease_owner=None,
-            lease_expires_at=None,
-            last_error=None,
-        )
-        .returning(Inbox.id)
-        .execution_options(**_NO_SYNC)
+    return _QUEUE.settle(
+        session,
+        _ids(group),
+        owner=owner,
+        state=InboxState.DONE,
+        processed_at=now,
+        last_error=None,
     )
-    return sorted(session.scalars(statement).all())
 
 
 def _retry(
@@ -651,27 +602,25 @@ def _retry(
 ) -> None:
     """Send the rows still ours back to pending after their backoff, or dead-letter them."""
     reason = reason[:LAST_ERROR_MAX_CHARS]
-    outcomes: list[tuple[Claim, InboxState | None]] = []
     with sessions.begin() as session:
-        for claim in group:
-            state = InboxState.DEAD if claim.attempts >= max_attempts else InboxState.PENDING
-            values: dict[str, object] = {"state": state}
-            if state is InboxState.PENDING:
-                values["next_attempt_at"] = now + backoff(claim.attempts)
-            result = session.execute(
-                sa.update(Inbox)
-                .where(
-                    Inbox.id == claim.id,
-                    Inbox.state == InboxState.LEASED,
-                    Inbox.lease_owner == owner,
-                )
-                .values(**values, lease_owner=None, lease_expires_at=None, last_error=reason)
-                .execution_options(**_NO_SYNC)
+        outcomes = [
+            (
+                claim,
+                _QUEUE.retry(
+                    session,
+                    claim.id,
+                    owner=owner,
+                    attempts=claim.attempts,
+                    max_attempts=max_attempts,
+                    retry_at=now + backoff(claim.attempts),
+                    reason=reason,
+                ),
             )
-            # No row matched: another worker re-claimed it after our lease expired.
-            outcomes.append((claim, state if result.rowcount else None))  # type: ignore[attr-defined]
+            for claim in group
+        ]
     for claim, outcome in outcomes:
         if outcome is None:
+            # Another worker re-claimed the row after our lease expired.
             report.lease_lost += 1
         elif outcome is InboxState.DEAD:
             logger.error(

@@ -8,7 +8,7 @@
   :data:`reconciler.report.REPORT_FORMATS`, at ``/finance/runs/<id>/report.<format>``);
 - ``/finance/exceptions/<id>``: one exception, its history (who did what, when, with
   which note), the sale's ledger line and the venue order's full story
-  (:func:`otacm.orders.order_story`: lines, wallets, every status change and where it
+  (:func:`storage.story.order_story`: lines, wallets, every status change and where it
   came from), and the forms to resolve or accept it with a note, recorded under the
   signed-in user's name.
 
@@ -71,6 +71,7 @@ from storage.models import (
     VenueConnection,
     VenueOrder,
 )
+from storage.story import order_story
 from storage.types import utcnow
 
 bp = Blueprint("views", __name__)
@@ -274,9 +275,6 @@ def _exception_page(
         order = (
             None if found.venue_order_id is None else session.get(VenueOrder, found.venue_order_id)
         )
-        # Imported here: otacm.orders uses the outbox, whose package imports this app.
-        from otacm.orders import order_story
-
         story = None if order is None else order_story(session, order)
         age_days = max((now - found.first_seen_at).days, 0)
         page = render_template(
