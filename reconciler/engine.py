@@ -2,16 +2,20 @@
 
 A run (:func:`reconcile`) covers one venue connection and a period ``[from, to)``. All
 of the comparison is set-based SQL, the same on SQLite and PostgreSQL (a few dialect
-spellings aside): the findings go into a temporary table with ``INSERT … SELECT``, the
-run's totals are a ``GROUP BY`` over it, and the exceptions are merged from it with
-``INSERT … SELECT`` and ``UPDATE … FROM``. No Python loop ever walks the rows.
+spellings aside): one finding per sale and per orphan goes into a temporary table with
+``INSERT … SELECT``, the run's totals are a ``GROUP BY`` over it, and the exceptions are
+merged from it with ``INSERT … SELECT`` and ``UPDATE … FROM``. No Python loop ever walks
+the rows.
 
 **Scope.** Ledger lines of the connection with ``sold_at`` in the period; venue orders
 that are live (not removed) with ``received_at`` (``first_seen_at`` when the venue gave
 none) in the period, for orphans. A ledger line matches the live orders of the same
 connection with the same ``(partner_id, reference_key)``, wherever their ``received_at``
 lies; ``reference_key`` is the normalized (trimmed, upper-cased) reference on both sides,
-so references compare case-insensitively by construction.
+so references compare case-insensitively by construction. What an order holds (its
+items' quantity, its wallets' prices, currencies and external reference numbers) is read
+from the totals the order keeps (:meth:`~storage.models.VenueOrder.summarize_items`), so
+a run reads one row per sale and per order, never an item or a wallet.
 
 **One category per ledger line**, the first that applies:
 
@@ -38,12 +42,14 @@ so references compare case-insensitively by construction.
     quantities;
 11. ``currency_mismatch``: a wallet's currency is not the ledger's (skipped when no
     wallet has a currency);
-12. ``amount_mismatch``: ``|ledger amount - sum of wallet unit prices|`` exceeds the
+12. ``amount_mismatch``: ``|ledger amount - what the orders come to|`` exceeds the
     tolerance, with prices including VAT when the ledger amount does and excluding it
-    otherwise (skipped when no wallet has a price on that basis);
+    otherwise (skipped when no wallet has a price on that basis). Wallet prices are per
+    unit: a group ticket's one wallet counts for its item's whole quantity
+    (:func:`~storage.models.order_totals`);
 13. ``external_reference_mismatch``: the ledger lists external reference numbers (a
     non-empty list) and their set is not the set of the wallets' (trimmed,
-    case-insensitive);
+    case-insensitive: both sides are kept as :func:`~venue.models.reference_set_key`);
 14. ``matched``.
 
 **Orphans**: live orders in the period with no ledger line of the same key (in any
@@ -104,6 +110,7 @@ UNKNOWN_CURRENCY = "XXX"
 """ISO 4217's "no currency": an orphan whose wallets name none, or several."""
 
 _FINDINGS = "recon_finding"
+_EXCEPTION_FINDINGS = "recon_exception_finding"
 _EXCEPTION_CATEGORIES = tuple(sorted(c.value for c in Category if c.is_exception))
 
 
@@ -225,56 +232,45 @@ def _finished(now: dt.datetime, started: float) -> dt.datetime:
 
 
 def _compare(session: Session, params: dict[str, Any]) -> None:
-    """Fill the work tables, then the run's totals and the exceptions, all in SQL.
+    """Find every sale's and orphan's category, then the run's totals and exceptions, in SQL.
 
-    Each step is an ``INSERT … SELECT`` into a temporary table with a primary key, so
-    the next step joins on an index and both databases plan it the same simple way
-    (no large join of nested views left to the planner's guesses).
+    Two ``INSERT … SELECT`` statements write one finding per sale of the period and per
+    orphan into a temporary table; each order's totals are columns of its row (kept by
+    :meth:`~storage.models.VenueOrder.summarize_items`), so a sale needs no item or
+    wallet. Only the exceptions, a small share, then get the wide rows their details need.
     """
     postgresql = session.get_bind().dialect.name == "postgresql"
     timestamp = "TIMESTAMP WITH TIME ZONE" if postgresql else "TEXT"
+    finding = f"""
+        line_id BIGINT,
+        order_pk BIGINT,
+        order_count INTEGER NOT NULL,
+        category VARCHAR(32) NOT NULL,
+        subject_at {timestamp},
+        currency VARCHAR(3) NOT NULL,
+        ledger_amount BIGINT,
+        venue_amount BIGINT,
+        venue_quantity BIGINT,
+        venue_currency TEXT"""
     tables = {
-        # Live orders the run looks at: those of its ledger lines, and its orphans
-        # (line_id NULL). An order has one reference key, so at most one ledger line.
-        "recon_candidate": "order_pk BIGINT PRIMARY KEY, line_id BIGINT",
-        "recon_item_total": "order_pk BIGINT PRIMARY KEY, quantity BIGINT",
-        "recon_wallet_total": (
-            "order_pk BIGINT PRIMARY KEY, incl BIGINT, excl BIGINT, "
-            "currency_min VARCHAR(3), currency_max VARCHAR(3)"
-        ),
-        "recon_line_total": (
-            "line_id BIGINT PRIMARY KEY, order_count INTEGER NOT NULL, order_pk BIGINT, "
-            "quantity BIGINT, incl BIGINT, excl BIGINT, "
-            "currency_min VARCHAR(3), currency_max VARCHAR(3)"
-        ),
-        "recon_ledger_ref": "line_id BIGINT, ref VARCHAR(100), PRIMARY KEY (line_id, ref)",
-        "recon_wallet_ref": "line_id BIGINT, ref VARCHAR(100), PRIMARY KEY (line_id, ref)",
-        "recon_ref_differs": "line_id BIGINT PRIMARY KEY",
-        _FINDINGS: f"""
-            line_id BIGINT,
-            order_pk BIGINT,
-            order_count INTEGER NOT NULL,
-            category VARCHAR(32) NOT NULL,
+        _FINDINGS: finding,
+        _EXCEPTION_FINDINGS: f"""{finding},
             subject_key VARCHAR(200) NOT NULL,
-            subject_at {timestamp},
-            currency VARCHAR(3) NOT NULL,
-            ledger_amount BIGINT,
-            venue_amount BIGINT,
             shop_reference VARCHAR(100),
             order_guid VARCHAR(64),
             status VARCHAR(16),
             ledger_state VARCHAR(16),
             ledger_quantity INTEGER,
-            venue_quantity BIGINT,
-            venue_currency VARCHAR(8),
             venue_reference VARCHAR(50),
             buy_from_order_reference VARCHAR(50)
         """,
     }
     if postgresql:
-        # The run's joins and aggregates are hashed; PostgreSQL's default 4 MB spills a
-        # million rows to disk many times over. For this transaction only.
+        # The sales' join and grouping are hashed; PostgreSQL's default 4 MB spills a
+        # million rows to disk many times over. JIT compiles each statement anew and
+        # costs more than it saves here. For this transaction only.
         _execute(session, f"SET LOCAL work_mem = '{POSTGRESQL_WORK_MEM}'", params)
+        _execute(session, "SET LOCAL jit = off", params)
     for table, columns in tables.items():
         if postgresql:
             _execute(session, f"CREATE TEMPORARY TABLE {table} ({columns}) ON COMMIT DROP", params)
@@ -282,24 +278,20 @@ def _compare(session: Session, params: dict[str, Any]) -> None:
             _execute(session, f"DROP TABLE IF EXISTS temp.{table}", params)
             _execute(session, f"CREATE TEMPORARY TABLE {table} ({columns})", params)
 
-    steps = [
-        ("recon_candidate", _CANDIDATES_SQL),
-        ("recon_candidate", _ORPHAN_CANDIDATES_SQL),
-        ("recon_item_total", _ITEM_TOTALS_SQL),
-        ("recon_wallet_total", _WALLET_TOTALS_SQL),
-        ("recon_line_total", _LINE_TOTALS_SQL),
-        ("recon_ledger_ref", _ledger_refs_sql(postgresql)),
-        ("recon_wallet_ref", _WALLET_REFS_SQL),
-        ("recon_ref_differs", _REFS_DIFFER_SQL),
+    for table, sql in (
         (_FINDINGS, _LEDGER_FINDINGS_SQL),
         (_FINDINGS, _ORPHAN_FINDINGS_SQL),
-    ]
-    for table, sql in steps:
+        (_EXCEPTION_FINDINGS, _EXCEPTION_FINDINGS_SQL),
+    ):
         _execute(session, sql, params)
         if postgresql:
             # Temporary tables are never auto-analyzed; the next steps need estimates.
             _execute(session, f"ANALYZE {table}", params)
-    _execute(session, f"CREATE INDEX recon_finding_subject ON {_FINDINGS} (subject_key)", params)
+    _execute(
+        session,
+        f"CREATE INDEX recon_exception_finding_subject ON {_EXCEPTION_FINDINGS} (subject_key)",
+        params,
+    )
 
     _execute(session, _TOTALS_SQL, params)
     _merge_exceptions(session, params, postgresql)
@@ -330,109 +322,17 @@ _ACTIVE = "'open', 'resolved', 'accepted'"
 _IN_PERIOD = (
     "l.connection_id = :connection_id AND l.sold_at >= :period_from AND l.sold_at < :period_to"
 )
-
-_CANDIDATES_SQL = f"""
-    INSERT INTO recon_candidate (order_pk, line_id)
-    SELECT o.id, l.id
-    FROM ledger_line l
-    JOIN venue_order o
-      ON o.connection_id = l.connection_id AND o.partner_id = l.partner_id
-     AND o.reference_key = l.reference_key AND o.removed_at IS NULL
-    WHERE {_IN_PERIOD}
-"""
-
-_ORPHAN_CANDIDATES_SQL = """
-    INSERT INTO recon_candidate (order_pk, line_id)
-    SELECT o.id, NULL
-    FROM venue_order o
-    WHERE o.connection_id = :connection_id AND o.removed_at IS NULL
-      AND COALESCE(o.received_at, o.first_seen_at) >= :period_from
-      AND COALESCE(o.received_at, o.first_seen_at) < :period_to
-      AND NOT EXISTS (
-          SELECT 1 FROM ledger_line l
-          WHERE l.connection_id = o.connection_id AND l.partner_id = o.partner_id
-            AND l.reference_key = o.reference_key
-      )
-"""
-
-_ITEM_TOTALS_SQL = """
-    INSERT INTO recon_item_total (order_pk, quantity)
-    SELECT c.order_pk, SUM(i.quantity)
-    FROM recon_candidate c JOIN order_item i ON i.venue_order_id = c.order_pk
-    GROUP BY c.order_pk
-"""
-
-_WALLET_TOTALS_SQL = """
-    INSERT INTO recon_wallet_total (order_pk, incl, excl, currency_min, currency_max)
-    SELECT c.order_pk, SUM(w.unit_price_incl_vat), SUM(w.unit_price_excl_vat),
-           MIN(UPPER(w.currency_code)), MAX(UPPER(w.currency_code))
-    FROM recon_candidate c
-    JOIN order_item i ON i.venue_order_id = c.order_pk
-    JOIN wallet w ON w.order_item_id = i.id
-    GROUP BY c.order_pk
-"""
-
-_LINE_TOTALS_SQL = """
-    INSERT INTO recon_line_total (
-        line_id, order_count, order_pk, quantity, incl, excl, currency_min, currency_max
-    )
-    SELECT c.line_id, COUNT(*), MIN(c.order_pk), SUM(it.quantity), SUM(wt.incl),
-           SUM(wt.excl), MIN(wt.currency_min), MAX(wt.currency_max)
-    FROM recon_candidate c
-    LEFT JOIN recon_item_total it ON it.order_pk = c.order_pk
-    LEFT JOIN recon_wallet_total wt ON wt.order_pk = c.order_pk
-    WHERE c.line_id IS NOT NULL
-    GROUP BY c.line_id
-"""
-
-
-def _ledger_refs_sql(postgresql: bool) -> str:
-    """The external reference numbers each ledger line lists, one row per distinct one."""
-    if postgresql:
-        elements = (
-            "json_array_elements_text(CASE WHEN json_typeof(l.external_reference_numbers) "
-            "= 'array' THEN l.external_reference_numbers ELSE '[]'::json END) AS j(value)"
-        )
-    else:
-        elements = (
-            "json_each(CASE WHEN json_type(l.external_reference_numbers) = 'array' "
-            "THEN l.external_reference_numbers ELSE '[]' END) AS j"
-        )
-    return f"""
-    INSERT INTO recon_ledger_ref (line_id, ref)
-    SELECT DISTINCT l.id, UPPER(TRIM(j.value))
-    FROM ledger_line l CROSS JOIN {elements}
-    WHERE {_IN_PERIOD} AND l.external_reference_numbers IS NOT NULL
-      AND j.value IS NOT NULL
-    """
-
-
-_WALLET_REFS_SQL = """
-    INSERT INTO recon_wallet_ref (line_id, ref)
-    SELECT DISTINCT p.line_id, UPPER(TRIM(w.external_reference_number))
-    FROM (SELECT DISTINCT line_id FROM recon_ledger_ref) r
-    JOIN recon_line_total p ON p.line_id = r.line_id AND p.order_count = 1
-    JOIN order_item i ON i.venue_order_id = p.order_pk
-    JOIN wallet w ON w.order_item_id = i.id
-    WHERE w.external_reference_number IS NOT NULL
-"""
-
-_REFS_DIFFER_SQL = """
-    INSERT INTO recon_ref_differs (line_id)
-    SELECT DISTINCT COALESCE(lr.line_id, wr.line_id)
-    FROM recon_ledger_ref lr
-    FULL OUTER JOIN recon_wallet_ref wr ON wr.line_id = lr.line_id AND wr.ref = lr.ref
-    WHERE lr.line_id IS NULL OR wr.line_id IS NULL
-"""
-
+_FINDING_COLUMNS = (
+    "line_id, order_pk, order_count, category, subject_at, currency, ledger_amount, "
+    "venue_amount, venue_quantity, venue_currency"
+)
 _C = Category
+
+# Each sale of the period with its live orders (grouped by the sale's primary key, on
+# which every other column of the sale depends). With one order, MIN() is that order's
+# value; with several the category is multiple_orders and no order's value decides.
 _LEDGER_FINDINGS_SQL = f"""
-    INSERT INTO {_FINDINGS} (
-        line_id, order_pk, order_count, category, subject_key, subject_at, currency,
-        ledger_amount, venue_amount, shop_reference, order_guid, status, ledger_state,
-        ledger_quantity, venue_quantity, venue_currency, venue_reference,
-        buy_from_order_reference
-    )
+    INSERT INTO {_FINDINGS} ({_FINDING_COLUMNS})
     SELECT
         id, order_pk, order_count,
         CASE
@@ -457,54 +357,79 @@ _LEDGER_FINDINGS_SQL = f"""
             ) THEN '{_C.CURRENCY_MISMATCH}'
             WHEN venue_amount IS NOT NULL AND ABS(amount - venue_amount) > :tolerance
                 THEN '{_C.AMOUNT_MISMATCH}'
-            WHEN refs_differ THEN '{_C.EXTERNAL_REFERENCE_MISMATCH}'
+            WHEN listed_references IS NOT NULL AND (
+                wallet_references IS NULL OR wallet_references <> listed_references
+            ) THEN '{_C.EXTERNAL_REFERENCE_MISMATCH}'
             ELSE '{_C.MATCHED}'
         END,
-        'ledger:' || partner_id || ':' || reference_key,
-        sold_at, currency, amount, venue_amount, shop_reference, order_guid, status, state,
-        quantity, venue_quantity,
+        sold_at, currency, amount, venue_amount, venue_quantity,
         CASE WHEN currency_min = currency_max THEN currency_min
-             ELSE currency_min || '/' || currency_max END,
-        recorded_reference, buy_from_order_reference
+             ELSE currency_min || '/' || currency_max END
     FROM (
-        SELECT l.id, l.partner_id, l.reference_key, l.shop_reference, l.sold_at,
-               l.quantity, l.amount, l.currency, l.state,
+        SELECT l.id, l.sold_at, l.quantity, l.amount, l.currency, l.state,
                NULLIF(TRIM(l.venue_reference), '') AS recorded_reference,
-               p.order_pk, COALESCE(p.order_count, 0) AS order_count,
-               p.quantity AS venue_quantity, p.currency_min, p.currency_max,
-               CASE WHEN l.amount_includes_vat THEN p.incl ELSE p.excl END AS venue_amount,
-               o.order_id AS order_guid, o.status, o.status_changed_at,
-               o.buy_from_order_reference,
-               rd.line_id IS NOT NULL AS refs_differ
+               l.external_references_key AS listed_references,
+               COUNT(o.id) AS order_count, MIN(o.id) AS order_pk,
+               SUM(o.items_quantity) AS venue_quantity,
+               CASE WHEN l.amount_includes_vat THEN SUM(o.amount_incl_vat)
+                    ELSE SUM(o.amount_excl_vat) END AS venue_amount,
+               MIN(o.wallet_currencies) AS currency_min,
+               MAX(o.wallet_currencies) AS currency_max,
+               MIN(o.status) AS status, MIN(o.status_changed_at) AS status_changed_at,
+               MIN(o.buy_from_order_reference) AS buy_from_order_reference,
+               MIN(o.wallet_external_references) AS wallet_references
         FROM ledger_line l
-        LEFT JOIN recon_line_total p ON p.line_id = l.id
-        LEFT JOIN venue_order o ON o.id = p.order_pk
-        LEFT JOIN recon_ref_differs rd ON rd.line_id = l.id
+        LEFT JOIN venue_order o
+          ON o.connection_id = l.connection_id AND o.partner_id = l.partner_id
+         AND o.reference_key = l.reference_key AND o.removed_at IS NULL
         WHERE {_IN_PERIOD}
+        GROUP BY l.id
     ) compared
 """
 
+# Live orders of the period that no sale has, in any period. An order's time is
+# received_at, or first_seen_at when the venue gave none; spelled out as two ranges
+# rather than COALESCE(...) so the planner estimates them from the columns' statistics
+# (with COALESCE it guesses a few thousand rows, and probes the ledger's index once per
+# order instead of hashing it once).
 _ORPHAN_FINDINGS_SQL = f"""
-    INSERT INTO {_FINDINGS} (
-        line_id, order_pk, order_count, category, subject_key, subject_at, currency,
-        ledger_amount, venue_amount, shop_reference, order_guid, status, ledger_state,
-        ledger_quantity, venue_quantity, venue_currency, venue_reference,
-        buy_from_order_reference
-    )
-    SELECT NULL, o.id, 1, '{Category.ORPHAN}', 'order:' || o.order_id,
-           COALESCE(o.received_at, o.first_seen_at),
-           CASE WHEN wt.currency_min = wt.currency_max THEN wt.currency_min
+    INSERT INTO {_FINDINGS} ({_FINDING_COLUMNS})
+    SELECT NULL, o.id, 1, '{Category.ORPHAN}', COALESCE(o.received_at, o.first_seen_at),
+           CASE WHEN LENGTH(o.wallet_currencies) = 3 THEN o.wallet_currencies
                 ELSE '{UNKNOWN_CURRENCY}' END,
-           NULL, wt.incl, o.sell_to_order_reference, o.order_id, o.status, NULL, NULL,
-           it.quantity,
-           CASE WHEN wt.currency_min = wt.currency_max THEN wt.currency_min
-                ELSE wt.currency_min || '/' || wt.currency_max END,
-           NULL, o.buy_from_order_reference
-    FROM recon_candidate c
-    JOIN venue_order o ON o.id = c.order_pk
-    LEFT JOIN recon_item_total it ON it.order_pk = c.order_pk
-    LEFT JOIN recon_wallet_total wt ON wt.order_pk = c.order_pk
-    WHERE c.line_id IS NULL
+           NULL, o.amount_incl_vat, o.items_quantity, o.wallet_currencies
+    FROM venue_order o
+    WHERE o.connection_id = :connection_id AND o.removed_at IS NULL
+      AND (
+          (o.received_at >= :period_from AND o.received_at < :period_to)
+          OR (o.received_at IS NULL
+              AND o.first_seen_at >= :period_from AND o.first_seen_at < :period_to)
+      )
+      AND NOT EXISTS (
+          SELECT 1 FROM ledger_line l
+          WHERE l.connection_id = o.connection_id AND l.partner_id = o.partner_id
+            AND l.reference_key = o.reference_key
+      )
+"""
+
+# The exceptions among the findings, with what their details show: a few thousand rows
+# at most, where the findings are one per sale.
+_EXCEPTION_FINDINGS_SQL = f"""
+    INSERT INTO {_EXCEPTION_FINDINGS} (
+        {_FINDING_COLUMNS}, subject_key, shop_reference, order_guid, status, ledger_state,
+        ledger_quantity, venue_reference, buy_from_order_reference
+    )
+    SELECT f.line_id, f.order_pk, f.order_count, f.category, f.subject_at, f.currency,
+           f.ledger_amount, f.venue_amount, f.venue_quantity, f.venue_currency,
+           CASE WHEN f.line_id IS NULL THEN 'order:' || o.order_id
+                ELSE 'ledger:' || l.partner_id || ':' || l.reference_key END,
+           COALESCE(l.shop_reference, o.sell_to_order_reference), o.order_id, o.status,
+           l.state, l.quantity, NULLIF(TRIM(l.venue_reference), ''),
+           o.buy_from_order_reference
+    FROM {_FINDINGS} f
+    LEFT JOIN ledger_line l ON l.id = f.line_id
+    LEFT JOIN venue_order o ON o.id = f.order_pk
+    WHERE f.category IN ({", ".join(f"'{c}'" for c in _EXCEPTION_CATEGORIES)})
 """
 
 _TOTALS_SQL = f"""
@@ -519,7 +444,7 @@ _TOTALS_SQL = f"""
 
 
 def _merge_exceptions(session: Session, params: dict[str, Any], postgresql: bool) -> None:
-    """Open, see, reopen and close the connection's exceptions from the findings."""
+    """Open, see, reopen and close the connection's exceptions from the exception findings."""
     json_object = "json_build_object" if postgresql else "json_object"
     details = f"""{json_object}(
         'shop_reference', f.shop_reference, 'order_id', f.order_guid,
@@ -527,7 +452,6 @@ def _merge_exceptions(session: Session, params: dict[str, Any], postgresql: bool
         'quantity', f.ledger_quantity, 'venue_quantity', f.venue_quantity,
         'venue_currency', f.venue_currency, 'venue_reference', f.venue_reference,
         'buy_from_order_reference', f.buy_from_order_reference)"""
-    is_exception = "f.category IN (" + ", ".join(f"'{c}'" for c in _EXCEPTION_CATEGORIES) + ")"
     same = (
         "e.connection_id = :connection_id AND e.category = f.category "
         "AND e.subject_key = f.subject_key"
@@ -540,8 +464,7 @@ def _merge_exceptions(session: Session, params: dict[str, Any], postgresql: bool
         SELECT e.id, :run_id,
                CASE WHEN e.state = 'closed' THEN 'reopened' ELSE 'seen' END,
                :actor, NULL, :now
-        FROM {_FINDINGS} f JOIN recon_exception e ON {same}
-        WHERE {is_exception}
+        FROM {_EXCEPTION_FINDINGS} f JOIN recon_exception e ON {same}
         """,
         params,
     )
@@ -560,7 +483,7 @@ def _merge_exceptions(session: Session, params: dict[str, Any], postgresql: bool
             details = {details},
             subject_at = f.subject_at,
             updated_at = :now
-        FROM {_FINDINGS} f
+        FROM {_EXCEPTION_FINDINGS} f
         WHERE recon_exception.connection_id = :connection_id
           AND recon_exception.category = f.category
           AND recon_exception.subject_key = f.subject_key
@@ -578,9 +501,8 @@ def _merge_exceptions(session: Session, params: dict[str, Any], postgresql: bool
         SELECT :connection_id, f.category, f.subject_key, f.line_id, f.order_pk, f.currency,
                f.ledger_amount, f.venue_amount, {details}, f.subject_at, 'open', :run_id,
                :run_id, NULL, :now, :now
-        FROM {_FINDINGS} f
-        WHERE {is_exception}
-          AND NOT EXISTS (SELECT 1 FROM recon_exception e WHERE {same})
+        FROM {_EXCEPTION_FINDINGS} f
+        WHERE NOT EXISTS (SELECT 1 FROM recon_exception e WHERE {same})
         """,
         params,
     )

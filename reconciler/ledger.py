@@ -41,7 +41,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from storage.models import LedgerLine, LedgerSource, LedgerState
 from storage.types import MONEY_PLACES
-from venue.models import normalize_reference
+from venue.models import normalize_reference, reference_set_key
 
 logger = logging.getLogger(__name__)
 
@@ -581,6 +581,7 @@ def _upsert(
             "payment_reference": row.payment_reference,
             "venue_reference": row.venue_reference,
             "ext_numbers": row.external_reference_numbers,
+            "external_references_key": reference_set_key(row.external_reference_numbers or ()),
             "state": row.state,
             "source": LedgerSource.IMPORT,
             "created_at": now,
@@ -633,6 +634,10 @@ def _upsert_statement(dialect: str) -> Any:
             # PostgreSQL's json has no equality; the same list serializes the same way.
             value, old = sa.cast(value, sa.Text), sa.cast(old, sa.Text)
         differs.append(value.is_distinct_from(old))
+    # Derived from the list: kept with it, and never the reason a row is written.
+    new["external_references_key"] = sa.func.coalesce(
+        excluded.external_references_key, _TABLE.c.external_references_key
+    )
     return insert.on_conflict_do_update(
         index_elements=["connection_id", "partner_id", "reference_key"],
         set_={**new, "updated_at": excluded.updated_at},

@@ -25,13 +25,14 @@ caller owns the transaction.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from decimal import Decimal
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
@@ -46,7 +47,7 @@ from sqlalchemy.orm import (
 
 from storage.types import Money, UTCDateTime, utcnow
 from venue import models as wire
-from venue.models import OrderStatus, normalize_reference
+from venue.models import OrderStatus, normalize_reference, reference_set_key
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -235,6 +236,9 @@ class LedgerLine(Base):
     # The buyFromOrderReference the shop recorded, when it recorded one.
     venue_reference: Mapped[str | None] = mapped_column(sa.String(50))
     external_reference_numbers: Mapped[list[str] | None] = mapped_column(sa.JSON)
+    # The listed numbers as one comparable text (:func:`~venue.models.reference_set_key`),
+    # set whenever they are: what a reconciliation compares with the wallets'.
+    external_references_key: Mapped[str | None] = mapped_column(sa.Text)
     state: Mapped[LedgerState] = mapped_column(
         _enum(LedgerState, "state"), default=LedgerState.ACTIVE
     )
@@ -247,6 +251,11 @@ class LedgerLine(Base):
     @validates("shop_reference")
     def _set_reference_key(self, key: str, value: str) -> str:
         self.reference_key = normalize_reference(value)
+        return value
+
+    @validates("external_reference_numbers")
+    def _set_external_references_key(self, key: str, value: list[str] | None) -> list[str] | None:
+        self.external_references_key = reference_set_key(value or ())
         return value
 
 
@@ -288,6 +297,14 @@ class VenueOrder(Base):
     manifest_url: Mapped[str | None] = mapped_column(sa.Text)
     row_version: Mapped[int | None] = mapped_column(sa.BigInteger)
     items_digest: Mapped[str | None] = mapped_column(sa.String(64))
+    # What the items and wallets add up to (:meth:`summarize_items`), kept on the order
+    # so that a reconciliation reads one row per order instead of joining and grouping
+    # every item and wallet on each run.
+    items_quantity: Mapped[int | None] = mapped_column(sa.BigInteger)
+    amount_incl_vat: Mapped[Decimal | None] = mapped_column(Money)
+    amount_excl_vat: Mapped[Decimal | None] = mapped_column(Money)
+    wallet_currencies: Mapped[str | None] = mapped_column(sa.Text)
+    wallet_external_references: Mapped[str | None] = mapped_column(sa.Text)
     removed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     first_seen_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     fetched_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
@@ -310,6 +327,15 @@ class VenueOrder(Base):
     def _set_reference_key(self, key: str, value: str) -> str:
         self.reference_key = normalize_reference(value)
         return value
+
+    def summarize_items(self) -> None:
+        """Set the order's totals (:func:`order_totals`) from its items and wallets as they are.
+
+        Runs before every flush that adds an order or changes its items or wallets
+        (:func:`_summarize_orders`).
+        """
+        for name, value in dataclasses.asdict(order_totals(self.items)).items():
+            setattr(self, name, value)
 
 
 class OrderItem(Base):
@@ -820,6 +846,111 @@ def inbox_dedup_key(notification: Mapping[str, Any]) -> str:
     canonical = {key: value for key, value in notification.items() if key != "clientState"}
     text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class WalletFigures(Protocol):
+    """What the totals read of a wallet (a :class:`Wallet`, or a row with these fields)."""
+
+    @property
+    def unit_price_incl_vat(self) -> Decimal | None: ...
+    @property
+    def unit_price_excl_vat(self) -> Decimal | None: ...
+    @property
+    def currency_code(self) -> str | None: ...
+    @property
+    def external_reference_number(self) -> str | None: ...
+
+
+class ItemFigures(Protocol):
+    """What the totals read of an item (an :class:`OrderItem`, or a row with these fields)."""
+
+    @property
+    def quantity(self) -> int: ...
+    @property
+    def wallets(self) -> Sequence[WalletFigures]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class OrderTotals:
+    """What an order's items and wallets come to; the columns of the same names keep it.
+
+    Attributes:
+        items_quantity: the items' quantities added up (``None`` without items).
+        amount_incl_vat: what the items come to with VAT (see :func:`order_totals`).
+        amount_excl_vat: the same without VAT.
+        wallet_currencies: the wallets' currency codes, upper-cased, each once, sorted,
+            joined by "/" (``"EUR"``, ``"EUR/GBP"``).
+        wallet_external_references: the wallets' external reference numbers as one
+            :func:`~venue.models.reference_set_key`.
+    """
+
+    items_quantity: int | None
+    amount_incl_vat: Decimal | None
+    amount_excl_vat: Decimal | None
+    wallet_currencies: str | None
+    wallet_external_references: str | None
+
+
+def order_totals(items: Sequence[ItemFigures]) -> OrderTotals:
+    """The totals of an order with these items.
+
+    A wallet's unit price is per unit. An item with a wallet per unit (single tickets, a
+    package per wallet) comes to its wallets' prices added up; a group ticket's one
+    wallet stands for the item's whole quantity, so it comes to the price times the
+    quantity. Both are the wallets' prices added up and scaled by quantity / wallets,
+    which is how any other shape is counted too. Only priced wallets add up; an amount is
+    ``None`` when no wallet has a price on its VAT basis.
+    """
+    wallets = [wallet for item in items for wallet in item.wallets]
+    currencies = {
+        wallet.currency_code.strip().upper()
+        for wallet in wallets
+        if wallet.currency_code and wallet.currency_code.strip()
+    }
+    return OrderTotals(
+        items_quantity=sum(item.quantity for item in items) if items else None,
+        amount_incl_vat=_amount(items, lambda wallet: wallet.unit_price_incl_vat),
+        amount_excl_vat=_amount(items, lambda wallet: wallet.unit_price_excl_vat),
+        wallet_currencies="/".join(sorted(currencies)) or None,
+        wallet_external_references=reference_set_key(
+            wallet.external_reference_number for wallet in wallets
+        ),
+    )
+
+
+def _amount(
+    items: Sequence[ItemFigures], price: Callable[[WalletFigures], Decimal | None]
+) -> Decimal | None:
+    total: Decimal | None = None
+    for item in items:
+        prices = [known for wallet in item.wallets if (known := price(wallet)) is not None]
+        if prices:
+            line = sum(prices, Decimal(0)) * item.quantity / len(item.wallets)
+            total = line if total is None else total + line
+    return total
+
+
+@sa.event.listens_for(Session, "before_flush")
+def _summarize_orders(session: Session, flush_context: Any, instances: Any) -> None:
+    """Keep every order's totals in step with its items and wallets, whoever writes them.
+
+    An order is summed again when it is new, its list of items changed, or one of its
+    items or wallets is new or changed; a change to the header alone leaves them be.
+    """
+    orders: dict[int, VenueOrder] = {}
+    for row in (*session.new, *session.dirty):
+        order: VenueOrder | None = None
+        if isinstance(row, VenueOrder):
+            if row in session.new or sa.inspect(row).attrs["items"].history.has_changes():
+                order = row
+        elif isinstance(row, OrderItem):
+            order = row.order
+        elif isinstance(row, Wallet) and row.item is not None:
+            order = row.item.order
+        if order is not None:
+            orders[id(order)] = order
+    for order in orders.values():
+        order.summarize_items()
 
 
 def _text(value: str | None) -> str | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Iterable
 from decimal import Decimal
 from enum import StrEnum
 from typing import Annotated, Any, Generic, TypeVar
@@ -99,6 +100,17 @@ def normalize_reference(reference: str) -> str:
     References compare case-insensitively; this is the one place that decides how.
     """
     return reference.strip().upper()
+
+
+def reference_set_key(references: Iterable[str | None]) -> str | None:
+    """A set of reference codes as one text that compares equal exactly when the sets do.
+
+    Each code in the venue's form (:func:`normalize_reference`), blanks left out, every
+    code once, sorted, one per line; ``None`` when no code is left. The external
+    reference numbers a sale lists and those its wallets carry are compared this way.
+    """
+    codes = sorted({normalize_reference(code) for code in references if code and code.strip()})
+    return "\n".join(codes) or None
 
 
 # --- requests -------------------------------------------------------------------------

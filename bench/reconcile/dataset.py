@@ -37,6 +37,7 @@ import sqlalchemy as sa
 
 from reconciler.categories import Category
 from storage.models import VenueConnection
+from venue.models import reference_set_key
 
 CURRENCIES = ("EUR", "GBP", "USD")
 PARTNERS = (
@@ -63,6 +64,7 @@ LEDGER_COLUMNS = [
     "payment_reference",
     "venue_reference",
     "external_reference_numbers",
+    "external_references_key",
     "state",
     "source",
     "created_at",
@@ -82,6 +84,11 @@ ORDER_COLUMNS = [
     "received_at",
     "payment_reference",
     "row_version",
+    "items_quantity",
+    "amount_incl_vat",
+    "amount_excl_vat",
+    "wallet_currencies",
+    "wallet_external_references",
     "removed_at",
     "first_seen_at",
     "fetched_at",
@@ -314,6 +321,12 @@ def _rows(
                 ts(received),
                 f"pay-{key}",
                 key,
+                # What VenueOrder.summarize_items keeps for the one item written below.
+                quantity,
+                unit_incl * len(externals),
+                unit_excl * len(externals),
+                currency,
+                reference_set_key(externals),
                 ts(removed),
                 changed_at if received is None else ts(received),
                 changed_at,
@@ -438,6 +451,7 @@ def _rows(
                 f"pay-{i}",
                 venue_reference,
                 None if recorded_externals is None else json.dumps(recorded_externals),
+                reference_set_key(recorded_externals or ()),
                 ledger_state,
                 "import",
                 sold_at,
@@ -513,6 +527,7 @@ def _rows(
                 "EUR",
                 yes,
                 f"pay-{line}",
+                None,
                 None,
                 None,
                 "active",

@@ -158,7 +158,7 @@ class Planted:
 
 
 def plant_every_case(sessions: sessionmaker[Session], name: str = "venue") -> Planted:
-    """One case of every category (three matched, one in flight), plus out-of-scope rows."""
+    """One case of every category (four matched, one in flight), plus out-of-scope rows."""
     with sessions.begin() as session:
         connection_id = ensure_connection(session, name)
         book = Book(session, connection_id)
@@ -175,6 +175,9 @@ def plant_every_case(sessions: sessionmaker[Session], name: str = "venue") -> Pl
         # Matched on the excluding-VAT basis, within the tolerance.
         book.line("MATCH-EXCL", amount="16.525", includes_vat=False)
         book.order("MATCH-EXCL")
+        # Matched: a group ticket, one wallet priced per guest for all three.
+        book.line("GROUP", quantity=3, amount="30.00")
+        book.order("GROUP", wallets=[Price()], quantity=3)
         # Matched: cancelled in both.
         book.line("CANCELLED-BOTH", state=LedgerState.CANCELLED)
         book.order("CANCELLED-BOTH", OrderStatus.CANCELLED)
@@ -319,14 +322,14 @@ def test_every_category_is_found_once_with_its_amounts(
         assert run_row.finished_at is not None and run_row.finished_at >= NOW
 
         by_category = totals(session, run_id)
-        assert by_category[("EUR", "matched")] == (3, Decimal("56.525"), Decimal("56.52"))
+        assert by_category[("EUR", "matched")] == (4, Decimal("86.525"), Decimal("86.52"))
         assert by_category[("EUR", "in_flight")] == (1, Decimal("20.00"), Decimal("20.00"))
         assert by_category[("EUR", "amount_mismatch")] == (1, Decimal("25.00"), Decimal("20.00"))
         assert by_category[("EUR", "missing_at_venue")] == (1, Decimal("20.00"), Decimal(0))
         assert by_category[("EUR", "multiple_orders")] == (1, Decimal("20.00"), Decimal("40.00"))
         assert by_category[("EUR", "orphan")] == (1, Decimal(0), Decimal("10.00"))
         counts = {category: count for (_, category), (count, _, _) in by_category.items()}
-        assert sum(counts.values()) == len(planted.expected) + 4
+        assert sum(counts.values()) == len(planted.expected) + 5
         assert set(counts) == {c.value for c in planted.expected.values()} | {
             "matched",
             "in_flight",
@@ -371,7 +374,7 @@ def test_a_fixed_case_is_closed_and_a_reappearing_one_reopened(
         fixed = exceptions_by_key(session, planted.connection_id)[key]
         assert (fixed.state, fixed.closed_run_id) == ("closed", second)
         assert actions(session, second).count("closed") == 1
-        assert totals(session, second)[("EUR", "matched")][0] == 4
+        assert totals(session, second)[("EUR", "matched")][0] == 5
 
     set_amount("21.00")
     third = run(sessions, planted.connection_id)
@@ -448,14 +451,14 @@ def test_a_failed_run_is_recorded_and_leaves_nothing_behind(
     """When the comparison fails, the run is marked failed with the error; no totals."""
     planted = plant_every_case(sessions)
     with sessions.begin() as session:
-        session.execute(sa.text("ALTER TABLE wallet RENAME TO wallet_elsewhere"))
+        session.execute(sa.text("ALTER TABLE ledger_line RENAME TO ledger_elsewhere"))
     with pytest.raises(ReconRunFailed) as failure:
         run(sessions, planted.connection_id)
     with sessions() as session:
         failed = session.get(ReconRun, failure.value.run_id)
         assert failed is not None
         assert failed.state == "failed"
-        assert failed.error is not None and "wallet" in failed.error
+        assert failed.error is not None and "ledger_line" in failed.error
         assert totals(session, failed.id) == {}
         assert exceptions_by_key(session, planted.connection_id) == {}
 

@@ -157,8 +157,8 @@ def test_the_cli_reconciles_a_period_and_resolves_with_a_note(
     (report,) = json.loads(first.stdout)
     assert (report["connection"], report["state"]) == ("default", "finished")
     counts = {t["category"]: t["count"] for t in report["totals"]}
-    assert counts["matched"] == 3 and counts["orphan"] == 1
-    assert sum(counts.values()) == len(planted.expected) + 4
+    assert counts["matched"] == 4 and counts["orphan"] == 1
+    assert sum(counts.values()) == len(planted.expected) + 5
     again = json.loads(_otacm(sessions, *args).stdout)
     assert again[0]["totals"] == report["totals"] and again[0]["run"] != report["run"]
 

@@ -86,6 +86,7 @@ def test_csv_is_imported_exactly(
     assert first.amount_includes_vat is False
     assert (first.payment_reference, first.venue_reference) == ("PAY-1", "VEN-1")
     assert first.external_reference_numbers == ["A1", "A2"]
+    assert first.external_references_key == "A1\nA2"
     assert first.state is LedgerState.REFUNDED
     assert first.source is LedgerSource.IMPORT
     assert first.created_at == first.updated_at == T0
@@ -93,6 +94,7 @@ def test_csv_is_imported_exactly(
     assert second.state is LedgerState.ACTIVE
     assert second.payment_reference is None
     assert second.external_reference_numbers is None
+    assert second.external_references_key is None
     assert (second.quantity, second.amount) == (0, Decimal("0.10"))
 
 
@@ -137,10 +139,16 @@ def test_a_changed_row_updates_its_sale_only(
 ) -> None:
     """A re-import with one sale changed updates that one; blank optional fields keep theirs."""
     path = tmp_path / "sales.jsonl"
-    rows = [sale("U-1", payment_reference="PAY-U1"), sale("U-2")]
+    rows = [
+        sale("U-1", payment_reference="PAY-U1", external_reference_numbers=["b", "A"]),
+        sale("U-2", external_reference_numbers=["C"]),
+    ]
     import_ledger(sessions, write_jsonl(path, rows), connection_id=connection_id, now=T0)
     later = T0 + dt.timedelta(hours=1)
-    rows = [sale("u-1", state="cancelled", amount="150.5"), sale("U-2")]
+    rows = [
+        sale("u-1", state="cancelled", amount="150.5"),
+        sale("U-2", external_reference_numbers=["C"]),
+    ]
     result = import_ledger(
         sessions, write_jsonl(path, rows), connection_id=connection_id, now=later
     )
@@ -150,6 +158,7 @@ def test_a_changed_row_updates_its_sale_only(
     changed = found["U-1"]
     assert (changed.state, changed.amount) == (LedgerState.CANCELLED, Decimal("150.50"))
     assert changed.payment_reference == "PAY-U1"  # absent in the file: kept
+    assert changed.external_references_key == "A\nB"  # and so are the listed numbers
     assert changed.shop_reference == "U-1"  # the first spelling stays
     assert (changed.created_at, changed.updated_at) == (T0, later)
     assert found["U-2"].updated_at == T0
