@@ -8,6 +8,7 @@ default and for scripts with ``--json``; failures are one clear line and a non-z
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,7 +153,13 @@ def doctor(cli: CliContext, as_json: bool, timeout: float) -> None:
 
 
 @main.command()
-@click.option("--orders", default=20, show_default=True, help="How many sample orders to send.")
+@click.option(
+    "--orders",
+    type=click.IntRange(min=1),
+    default=20,
+    show_default=True,
+    help="How many sample orders to send.",
+)
 @click.option(
     "--pickup-interval",
     default=1.0,
@@ -166,6 +173,12 @@ def doctor(cli: CliContext, as_json: bool, timeout: float) -> None:
     default=None,
     help="Where the demo's daemon stores everything (default: a fresh ./var/demo.sqlite3).",
 )
+@click.option(
+    "--stay/--no-stay",
+    default=None,
+    help="Keep the daemon and the finance pages up after the report until Ctrl-C "
+    "(default: --stay when standard input is a terminal).",
+)
 @click.pass_context
 def demo(
     ctx: click.Context,
@@ -174,27 +187,32 @@ def demo(
     seed: int | None,
     timeout: float,
     database_url: str | None,
+    stay: bool | None,
 ) -> None:
-    """Run the sandbox and the daemon, send sample orders, and watch them settle locally.
+    """Run the sandbox and the daemon, send sample orders, and reconcile them with a ledger.
 
     Starts the simulated venue, then `otacm serve` on a demo database, subscribes the
     receiver to the venue's webhook, submits orders through POST /api/orders, waits
-    until the local mirror holds every order settled, and prints what it holds.
+    until the local mirror holds every order settled, and prints what it holds. Then it
+    plants a few mismatches (an order placed at the venue directly; a ledger export with
+    a sale the venue never got, one repriced and one refunded, imported from
+    var/demo-ledger.jsonl), runs a reconciliation, prints its totals and exceptions, and
+    where to open the finance pages with a demo user and a password made up for the run.
     """
     from otacm.demo import fresh_demo_database, run_demo
 
     if ctx.parent and ctx.parent.get_parameter_source("log_level") is ParameterSource.DEFAULT:
         # Every call would log a line; the demo shows progress bars and a summary instead.
         configure_logging("WARNING")
-    report = run_demo(
+    run_demo(
         orders=orders,
         pickup_interval=pickup_interval,
         seed=seed,
         timeout=timeout,
         database_url=database_url or fresh_demo_database(),
+        # Staying suits a person at a terminal; scripts and CI (no terminal) must not hang.
+        stay=sys.stdin.isatty() if stay is None else stay,
     )
-    for line in report.lines():
-        click.echo(line)
 
 
 DEFAULT_BIND = "127.0.0.1:8000"
@@ -774,8 +792,6 @@ def report(cli: CliContext, run_id: int, fmt: str, output: Path | None) -> None:
     Ages are counted to now. xlsx is binary: it goes to FILE, or to standard output
     only when that is redirected. Exits 1 if no run has the id RUN.
     """
-    import sys
-
     from reconciler.report import RunNotFound, load_run_report, render_report
     from storage.engine import make_engine, make_sessions
     from storage.types import utcnow

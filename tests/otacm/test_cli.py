@@ -141,7 +141,10 @@ def test_demo_settles_every_order_in_the_local_mirror(tmp_path: Path) -> None:
     import sys
 
     result = subprocess.run(
-        [sys.executable, "-m", "otacm", "demo", "--orders", "8", "--pickup-interval", "0.3"],
+        [
+            *(sys.executable, "-m", "otacm", "demo", "--orders", "8", "--pickup-interval", "0.3"),
+            "--no-stay",  # a terminal on stdin would otherwise keep the demo up until Ctrl-C
+        ],
         capture_output=True,
         text=True,
         timeout=180,
