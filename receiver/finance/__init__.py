@@ -20,7 +20,8 @@ import datetime as dt
 import secrets
 from collections.abc import Iterable
 
-from flask import Blueprint, Flask, Response, render_template
+from flask import Blueprint, Flask, Request, Response, render_template
+from flask.sessions import SecureCookieSession, SecureCookieSessionInterface
 from flask.typing import ResponseReturnValue
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from werkzeug.exceptions import HTTPException
@@ -37,10 +38,12 @@ CONTENT_SECURITY_POLICY = (
     "script-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
 )
 
+PREFIX = "/finance"
+
 bp = Blueprint(
     "finance",
     __name__,
-    url_prefix="/finance",
+    url_prefix=PREFIX,
     template_folder="templates",
     static_folder="static",
 )
@@ -78,6 +81,21 @@ def _error_page(error: HTTPException) -> ResponseReturnValue:
     return render_template("finance/error.html", title=title, message=message), status
 
 
+class FinanceSessions(SecureCookieSessionInterface):
+    """The signed session cookie, opened only for the finance pages.
+
+    Nothing else (the webhook, the API, health, metrics) uses a session, and opening
+    one builds the cookie's signer: work the webhook, the receiver's busiest path,
+    does not need on every POST.
+    """
+
+    def open_session(self, app: Flask, request: Request) -> SecureCookieSession | None:
+        """The session of a finance page; ``None`` (Flask's null session) elsewhere."""
+        if request.path != PREFIX and not request.path.startswith(f"{PREFIX}/"):
+            return None
+        return super().open_session(app, request)
+
+
 def init_app(app: Flask, settings: Settings, *, exempt: Iterable[Blueprint] = ()) -> None:
     """Register the finance pages on ``app``, with their session cookie and CSRF protection.
 
@@ -98,7 +116,7 @@ def init_app(app: Flask, settings: Settings, *, exempt: Iterable[Blueprint] = ()
     app.config.update(
         SECRET_KEY=key,
         SESSION_COOKIE_NAME=SESSION_COOKIE,
-        SESSION_COOKIE_PATH="/finance",
+        SESSION_COOKIE_PATH=PREFIX,
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
         SESSION_COOKIE_SECURE=settings.finance_cookie_secure,
@@ -106,6 +124,7 @@ def init_app(app: Flask, settings: Settings, *, exempt: Iterable[Blueprint] = ()
         # A token lives as long as the sign-in it belongs to.
         WTF_CSRF_TIME_LIMIT=None,
     )
+    app.session_interface = FinanceSessions()
     csrf.init_app(app)
     for blueprint in exempt:
         csrf.exempt(blueprint)

@@ -9,6 +9,7 @@ import os
 
 import pytest
 from click.testing import CliRunner
+from flask import Flask, request
 from flask.testing import FlaskClient
 from openpyxl import load_workbook
 from pydantic import SecretStr
@@ -266,3 +267,19 @@ def test_hash_password_command():
     name, _, password_hash = line.partition(":")
     assert name == "carol" and "pw-1234" not in line
     assert authenticate({"carol": SecretStr(password_hash)}, "carol", "pw-1234") == "carol"
+
+
+def test_only_the_finance_pages_open_a_session(app: Flask) -> None:
+    """The webhook and the other endpoints get Flask's null session, never the cookie's."""
+    interface = app.session_interface
+    for path, opened in (
+        ("/finance/", True),
+        ("/finance", True),
+        ("/finance/runs/1", True),
+        ("/webhooks/ota-cm", False),
+        ("/api/orders", False),
+        ("/financeX", False),
+    ):
+        with app.test_request_context(path, method="POST"):
+            session = interface.open_session(app, request)
+            assert (session is not None) == opened, path
