@@ -50,15 +50,13 @@ import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 from sqlalchemy.orm import Session, sessionmaker
-from werkzeug.serving import make_server
 from workload import PlannedOrder, Workload
 
 from heartbeat.feed import run_feed
 from heartbeat.watchdog import check_orders
 from otacm.settings import Settings, VenueConnection
-from receiver import create_app
-from receiver.context import EXTENSION, Receiver
 from receiver.metrics import SETTLED_STATUSES
+from receiver.testing import served_receiver
 from receiver.webhook import WEBHOOK_PATH
 from receiver.worker import new_owner, run_once
 from sandbox import Faults, SandboxConfig, SandboxServer
@@ -312,7 +310,7 @@ def run_otacm(
         venue = stack.enter_context(open_venue(drop_rate=drop_rate, seed=seed, start=start))
         settings = otacm_settings(url, venue)
         timing = Timing.from_settings(settings)
-        receiver_url = stack.enter_context(serve_receiver(settings))
+        receiver_url = stack.enter_context(served_receiver(settings)).url
         venue.client.create_subscription(f"{receiver_url}{WEBHOOK_PATH}", CLIENT_STATE)
 
         engine = make_engine(url)
@@ -379,29 +377,6 @@ def otacm_settings(url: str, venue: Venue) -> Settings:
         partner_ids=[venue.partner_id],
         webhook_client_states=[SecretStr(CLIENT_STATE)],
     )
-
-
-@contextmanager
-def serve_receiver(settings: Settings) -> Iterator[str]:
-    """``receiver.create_app(settings)`` in werkzeug's threaded server; yields its URL."""
-    app = create_app(settings)
-    receiver: Receiver = app.extensions[EXTENSION]
-    try:
-        server = make_server("127.0.0.1", 0, app, threaded=True)
-    except BaseException:
-        receiver.close()
-        raise
-    thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="receiver", daemon=True
-    )
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        thread.join(timeout=10)
-        server.server_close()
-        receiver.close()
 
 
 def _first_settled() -> sa.Select[str, dt.datetime]:

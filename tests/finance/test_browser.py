@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import io
 import shutil
-import threading
 from collections.abc import Iterator
 
 import pytest
 from flask import Flask
 from openpyxl import load_workbook
-from werkzeug.serving import make_server
 
+from receiver.testing import served
 from tests.finance.conftest import PASSWORD, USER, seed_run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -31,14 +30,8 @@ pytestmark = [
 @pytest.fixture
 def base_url(app: Flask) -> Iterator[str]:
     """The app served over real HTTP on a free port, in a thread."""
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        thread.join()
+    with served(app) as url:
+        yield url
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,9 +15,9 @@ import pytest
 import sqlalchemy as sa
 from flask import Flask
 from sqlalchemy.orm import Session, sessionmaker
-from werkzeug.serving import make_server
 
 from otacm.settings import Settings
+from receiver.testing import served
 from receiver.webhook import WEBHOOK_PATH
 from storage.migrate import upgrade
 from storage.models import Inbox
@@ -29,15 +28,8 @@ from tests.receiver.test_metrics import parse, value
 @pytest.fixture
 def base_url(app: Flask) -> Iterator[str]:
     """The app served by werkzeug's threaded server on a free port."""
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, name="receiver", daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        thread.join(timeout=10)
-        server.server_close()
+    with served(app) as url:
+        yield url
 
 
 @pytest.fixture

@@ -18,7 +18,6 @@ Nothing waits on a fixed sleep: :func:`wait_until` polls against a deadline.
 from __future__ import annotations
 
 import datetime as dt
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -29,11 +28,9 @@ import httpx
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, selectinload, sessionmaker
-from werkzeug.serving import make_server
 
 from otacm.settings import Settings
-from receiver import create_app
-from receiver.context import EXTENSION, Receiver
+from receiver.testing import LiveReceiver, served_receiver
 from receiver.worker import WorkerReport, run_once
 from sandbox import Faults, SandboxConfig, SandboxServer
 from sandbox.pipeline import CycleReport
@@ -203,35 +200,11 @@ def read_sessions(migrated_engine: sa.Engine) -> sessionmaker[Session]:
     return make_sessions(migrated_engine, read_only=True)
 
 
-@dataclass
-class LiveReceiver:
-    """``receiver.create_app(settings)`` served on a real port."""
-
-    url: str
-    receiver: Receiver
-
-
 @pytest.fixture
 def receiver(settings: Settings) -> Iterator[LiveReceiver]:
     """The receiver app in werkzeug's threaded server; stopped, and its engine disposed."""
-    app = create_app(settings)
-    receiver: Receiver = app.extensions[EXTENSION]
-    try:
-        server = make_server("127.0.0.1", 0, app, threaded=True)
-    except BaseException:
-        receiver.close()
-        raise
-    thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="receiver", daemon=True
-    )
-    thread.start()
-    try:
-        yield LiveReceiver(f"http://127.0.0.1:{server.server_port}", receiver)
-    finally:
-        server.shutdown()
-        thread.join(timeout=10)
-        server.server_close()
-        receiver.close()
+    with served_receiver(settings) as live:
+        yield live
 
 
 def drain_inbox(
