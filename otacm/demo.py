@@ -36,9 +36,11 @@ import os
 import random
 import secrets
 import shlex
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -731,12 +733,23 @@ def write_finance_config(path: Path, database_url: str, finance: FinanceAccess) 
 
 
 def stay_until_interrupted() -> None:
-    """Block until Ctrl-C (SIGINT), which then ends the demo normally."""
+    """Block until Ctrl-C (SIGINT) or SIGTERM, either of which then ends the demo normally.
+
+    The handlers are set here rather than inherited: a shell that starts the demo in the
+    background leaves SIGINT ignored, and Python keeps it so; the demo must stop anyway.
+    """
+    stop = threading.Event()
+    previous = {
+        signum: signal.signal(signum, lambda *_: stop.set())
+        for signum in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        click.echo("\nstopping the daemon and the sandbox")
+        while not stop.wait(0.5):
+            pass
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+    click.echo("\nstopping the daemon and the sandbox")
 
 
 def run_demo(
