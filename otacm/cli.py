@@ -448,18 +448,7 @@ def subscribe_command(
         raise click.ClickException(f"--url: {exc}") from None
     settings = cli.settings
     try:
-        if connection_name is not None:
-            connection = settings.connection(connection_name)
-        elif len(settings.connections) == 1:
-            (connection,) = settings.connections
-        elif not settings.connections:
-            raise SettingsError(
-                "no venue connection is configured (OTACM_TENANT, OTACM_COMPANY, "
-                "OTACM_API_KEY, or [[connections]] in the config file)"
-            )
-        else:
-            names = ", ".join(c.name for c in settings.connections)
-            raise SettingsError(f"several venue connections ({names}): name one with --connection")
+        connection = settings.one_connection(connection_name)
     except SettingsError as exc:
         raise click.ClickException(str(exc)) from None
     try:
@@ -717,18 +706,7 @@ def ledger_import(
 
     settings = cli.settings
     try:
-        if connection is not None:
-            name = settings.connection(connection).name
-        elif len(settings.connections) == 1:
-            name = settings.connections[0].name
-        elif not settings.connections:
-            raise SettingsError(
-                "no venue connection is configured (OTACM_TENANT, OTACM_COMPANY, "
-                "OTACM_API_KEY, or [[connections]] in the config file)"
-            )
-        else:
-            names = ", ".join(c.name for c in settings.connections)
-            raise SettingsError(f"several venue connections ({names}): name one with --connection")
+        name = settings.one_connection(connection).name
     except SettingsError as exc:
         raise click.ClickException(str(exc)) from None
     engine = make_engine(settings.database_url)

@@ -375,6 +375,25 @@ class Settings(BaseSettings):
         known = ", ".join(c.name for c in self.connections) or "none configured"
         raise SettingsError(f"no venue connection named {name!r} (known: {known})")
 
+    def one_connection(self, name: str | None) -> VenueConnection:
+        """The connection called ``name``, or, with no name, the only one configured.
+
+        Raises:
+            SettingsError: no connection has that name; none is configured; or several
+                are and none was named.
+        """
+        if name is not None:
+            return self.connection(name)
+        if len(self.connections) == 1:
+            return self.connections[0]
+        if not self.connections:
+            raise SettingsError(
+                "no venue connection is configured (OTACM_TENANT, OTACM_COMPANY, "
+                "OTACM_API_KEY, or [[connections]] in the config file)"
+            )
+        names = ", ".join(c.name for c in self.connections)
+        raise SettingsError(f"several venue connections ({names}): name one with --connection")
+
     def finance_password_hashes(self) -> dict[str, SecretStr]:
         """Each finance user's password hash, by user name (:attr:`finance_users`)."""
         users = {}

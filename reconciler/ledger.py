@@ -77,20 +77,10 @@ _AMOUNT = re.compile(r"\d+(\.\d+)?")
 _CURRENCY = re.compile(r"[A-Za-z]{3}")
 _TRUE = frozenset({"true", "1", "yes"})
 _FALSE = frozenset({"false", "0", "no"})
-# The shop's fields: what a re-import may change. Not shop_reference (the spelling the
-# sale was first recorded with; for a submitted sale, what the venue was sent), source,
-# request or created_at.
-_SHOP_FIELDS = (
-    "sold_at",
-    "quantity",
-    "amount",
-    "currency",
-    "amount_includes_vat",
-    "payment_reference",
-    "venue_reference",
-    "external_reference_numbers",
-    "state",
-)
+# The shop's fields: what a re-import may change — every column but the sale's key.
+# Not shop_reference (the spelling the sale was first recorded with; for a submitted
+# sale, what the venue was sent), source, request or created_at.
+_SHOP_FIELDS = tuple(column for column in COLUMNS if column not in ("partner_id", "reference"))
 # Optional fields: a blank or absent value keeps what the ledger has, so an export that
 # does not carry them never erases what a submission recorded.
 _KEPT_WHEN_BLANK = frozenset({"payment_reference", "venue_reference", "external_reference_numbers"})
