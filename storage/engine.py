@@ -32,17 +32,28 @@ and pooled. Transactions run at PostgreSQL's default READ COMMITTED; row claims 
 ``make_engine(url, lock_timeout=seconds)`` bounds how long a statement waits for a lock
 on either database, for callers that must answer in time (the webhook receiver answers
 503 rather than keep the venue waiting).
+
+:func:`driver_transaction` is for the one hot path where SQLAlchemy's own ``Connection``
+costs more CPU than the database's work (the webhook's single INSERT): a pooled driver
+connection in one transaction (``BEGIN DEFERRED`` on SQLite, the driver's implicit
+``BEGIN`` on PostgreSQL), whose errors are raised as SQLAlchemy's exception classes, so
+callers handle them as they would anywhere else.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Dialect, Engine, create_engine, event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.engine.interfaces import DBAPICursor
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry
 
@@ -161,3 +172,94 @@ def _begin_sqlite_transaction(connection: Connection) -> None:
     if mode.upper() not in _SQLITE_BEGIN_MODES:
         raise ValueError(f"{SQLITE_BEGIN_OPTION} must be one of {sorted(_SQLITE_BEGIN_MODES)}")
     connection.exec_driver_sql(f"BEGIN {mode.upper()}")
+
+
+@dataclass(frozen=True, slots=True)
+class DriverTransaction:
+    """A driver connection's transaction, opened by :func:`driver_transaction`."""
+
+    dialect: Dialect
+    cursor: DBAPICursor
+
+    def returning(self, statement: str, parameters: Sequence[Any]) -> list[Any]:
+        """Run ``statement`` (SQL text in the driver's paramstyle); its rows' first column.
+
+        Raises:
+            sqlalchemy.exc.DBAPIError: the driver's error, as SQLAlchemy's class for it
+                (``OperationalError`` for a locked or unreachable database...).
+        """
+        try:
+            self.cursor.execute(statement, parameters)
+            return [row[0] for row in self.cursor.fetchall()]
+        except self.dialect.loaded_dbapi.Error as exc:
+            raise _wrapped(exc, statement, self.dialect) from exc
+
+
+@contextmanager
+def driver_transaction(engine: Engine) -> Iterator[DriverTransaction]:
+    """One transaction on a pooled driver connection: committed on exit, rolled back on error.
+
+    The connection comes from (and goes back to) ``engine``'s pool, configured as every
+    other (busy or lock timeout, WAL, pre-ping). A connection the driver reports lost is
+    invalidated rather than pooled again.
+
+    Raises:
+        sqlalchemy.exc.DBAPIError: the driver failed to connect, begin or commit.
+    """
+    dialect = engine.dialect
+    try:
+        connection = engine.raw_connection()
+    except dialect.loaded_dbapi.Error as exc:
+        raise _wrapped(exc, "connect", dialect) from exc
+    try:
+        cursor = connection.cursor()
+        try:
+            if dialect.name == "sqlite":
+                # The driver's own transactions are off (see make_engine); deferred, so
+                # the write lock is taken by the first write, as the receiver wants.
+                _execute(cursor, "BEGIN DEFERRED", dialect)
+            yield DriverTransaction(dialect, cursor)
+            try:
+                connection.commit()
+            except dialect.loaded_dbapi.Error as exc:
+                raise _wrapped(exc, "COMMIT", dialect) from exc
+        except BaseException as exc:
+            original = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
+            if isinstance(original, dialect.loaded_dbapi.Error) and dialect.is_disconnect(
+                original, connection.dbapi_connection, cursor
+            ):
+                connection.invalidate(original)
+            else:
+                _roll_back(connection, dialect)
+            raise
+        finally:
+            cursor.close()
+    finally:
+        connection.close()
+
+
+def _execute(cursor: DBAPICursor, statement: str, dialect: Dialect) -> None:
+    try:
+        cursor.execute(statement)
+    except dialect.loaded_dbapi.Error as exc:
+        raise _wrapped(exc, statement, dialect) from exc
+
+
+def _roll_back(connection: Any, dialect: Dialect) -> None:
+    try:
+        connection.rollback()
+    except dialect.loaded_dbapi.Error:
+        # Nothing was committed; the pool's reset on return tries again or discards it.
+        connection.invalidate()
+
+
+def _wrapped(exc: Exception, statement: str, dialect: Dialect) -> sa_exc.StatementError:
+    # Parameters hidden: they are payloads, and never belong in an error or a log.
+    return sa_exc.DBAPIError.instance(
+        statement,
+        None,
+        exc,
+        dialect.loaded_dbapi.Error,
+        hide_parameters=True,
+        dialect=dialect,
+    )

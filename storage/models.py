@@ -19,7 +19,7 @@ had it". Times are aware UTC (:class:`~storage.types.UTCDateTime`), money is ``D
 strings with a CHECK constraint, read back as the ``StrEnum`` members below.
 
 The functions at the end (:func:`ensure_connection`, :func:`upsert_order`,
-:func:`mark_removed`, :func:`inbox_dedup_key`) take a session and never commit: the
+:func:`mark_removed`) take a session and never commit: the
 caller owns the transaction.
 """
 
@@ -456,8 +456,9 @@ class StatusChange(Base):
 class Inbox(Base):
     """A notification (or poll finding) stored before it is acted on.
 
-    ``payload`` is the notification without its ``clientState`` (a secret); ``dedup_key``
-    is :func:`inbox_dedup_key` of it, so an exact repeat is stored once. Workers claim
+    ``payload`` is the notification without its ``clientState`` (a secret), as
+    :func:`canonical_payload` writes it; ``dedup_key`` is :func:`inbox_dedup_key` of that
+    text, so an exact repeat is stored once. Workers claim
     rows by ``(state, next_attempt_at)`` and hold them with a lease.
     """
 
@@ -837,15 +838,20 @@ def mark_removed(
     return row
 
 
-def inbox_dedup_key(notification: Mapping[str, Any]) -> str:
-    """The :attr:`Inbox.dedup_key` of a notification: equal only for exact repeats.
+def canonical_payload(notification: Mapping[str, Any]) -> str:
+    """A notification as :attr:`Inbox.payload` keeps it: canonical JSON, no ``clientState``.
 
-    The SHA-256 of the notification as canonical JSON (sorted keys, no spaces) without
-    its ``clientState``, which differs across a secret rotation but not in meaning.
+    Canonical (sorted keys, no spaces) so that the same notification is the same text
+    whatever order its fields came in: the text :func:`inbox_dedup_key` hashes. The
+    ``clientState`` is a secret, and differs across a rotation but not in meaning.
     """
     canonical = {key: value for key, value in notification.items() if key != "clientState"}
-    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return json.dumps(canonical, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def inbox_dedup_key(payload: str) -> str:
+    """The :attr:`Inbox.dedup_key` of a :func:`canonical_payload`: equal only for exact repeats."""
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
 class WalletFigures(Protocol):

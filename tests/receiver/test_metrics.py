@@ -33,6 +33,7 @@ from storage.models import (
     StatusChange,
     VenueOrder,
     Wallet,
+    canonical_payload,
     ensure_connection,
     inbox_dedup_key,
 )
@@ -238,7 +239,7 @@ class Planter:
                 notified_at=notified_at,
                 received_at=notified_at,
                 payload=payload,
-                dedup_key=inbox_dedup_key(payload),
+                dedup_key=inbox_dedup_key(canonical_payload(payload)),
                 state=InboxState.DONE,
                 next_attempt_at=notified_at,
             )

@@ -20,9 +20,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from otacm.settings import Settings
 from receiver.webhook import WEBHOOK_PATH
+from storage.engine import DriverTransaction
 from storage.migrate import upgrade
 from storage.models import Inbox, InboxSource, InboxState, VenueConnection
-from tests.receiver.conftest import receiver_of, settings_for
+from tests.receiver.conftest import settings_for
 from tests.receiver.notifications import (
     ALL_STATES,
     STATE_A,
@@ -99,25 +100,23 @@ def test_each_envelope_shape_is_stored(
 
 
 def test_a_batch_of_twenty_is_stored_in_one_insert(
-    app: Flask, client: FlaskClient, sessions: sessionmaker[Session]
+    client: FlaskClient, sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Twenty notifications in one POST are stored by a single INSERT statement."""
     batch = [notification() for _ in range(20)]
-    inserts: list[str] = []
+    statements: list[str] = []
+    send = DriverTransaction.returning
 
-    def count_inserts(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if statement.lstrip().upper().startswith("INSERT"):
-            inserts.append(statement)
+    def recording(self: DriverTransaction, statement: str, parameters: Any) -> list[Any]:
+        statements.append(statement)
+        return send(self, statement, parameters)
 
-    engine = receiver_of(app).engine
-    sa.event.listen(engine, "before_cursor_execute", count_inserts)
-    try:
-        response = post(client, {"value": batch})
-    finally:
-        sa.event.remove(engine, "before_cursor_execute", count_inserts)
+    monkeypatch.setattr(DriverTransaction, "returning", recording)
+    response = post(client, {"value": batch})
 
     assert response.get_json() == {"stored": 20, "duplicates": 0}
-    assert len(inserts) == 1
+    assert len(statements) == 1
+    assert statements[0].startswith("INSERT INTO inbox")
     stored = [row["order_id"] for row in stored_rows(sessions)]
     assert sorted(stored) == sorted(n["payload"]["orderId"] for n in batch)
 

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError, InternalError
+from sqlalchemy.exc import IntegrityError, InternalError, OperationalError
 
 from storage.engine import (
     SQLITE_BEGIN_OPTION,
     SQLITE_BUSY_TIMEOUT_MS,
+    driver_transaction,
     make_engine,
     make_sessions,
 )
@@ -152,4 +153,63 @@ def test_read_only_sessions_refuse_writes_on_postgresql(postgresql_url: str) -> 
             session.execute(note.delete())
     finally:
         scratch.drop_all(engine)
+        engine.dispose()
+
+
+def _insert_note(engine: sa.Engine, text: str) -> str:
+    """The INSERT ... RETURNING of one note, as SQL text for the engine's driver."""
+    placeholder = "?" if engine.dialect.name == "sqlite" else "%s"
+    return f"INSERT INTO note (text) VALUES ({placeholder}) RETURNING text"  # noqa: S608
+
+
+def test_driver_transaction_commits_on_exit(engine: sa.Engine) -> None:
+    """What a driver transaction wrote is there for every other connection once it ends."""
+    scratch.create_all(engine)
+
+    with driver_transaction(engine) as transaction:
+        assert transaction.returning(_insert_note(engine, "a"), ("a",)) == ["a"]
+
+    with engine.connect() as connection:
+        assert connection.scalars(sa.select(note.c.text)).all() == ["a"]
+
+
+def test_driver_transaction_rolls_back_and_raises_sqlalchemy_errors(engine: sa.Engine) -> None:
+    """A failed statement undoes the whole transaction and is raised as SQLAlchemy's class."""
+    scratch.create_all(engine)
+    with engine.begin() as connection:
+        connection.execute(note.insert(), {"text": "taken"})
+
+    with pytest.raises(IntegrityError) as raised, driver_transaction(engine) as transaction:
+        transaction.returning(_insert_note(engine, "new"), ("new",))
+        transaction.returning(_insert_note(engine, "taken"), ("taken",))
+
+    # The parameters (payloads, on the hot path) are not quoted; PostgreSQL's own
+    # message may still name the key, so callers log the error's class only.
+    assert "[parameters:" not in str(raised.value)
+    with engine.connect() as connection:
+        assert connection.scalars(sa.select(note.c.text)).all() == ["taken"]
+    # The connection went back to the pool usable.
+    with driver_transaction(engine) as transaction:
+        transaction.returning(_insert_note(engine, "later"), ("later",))
+
+
+def test_driver_transaction_waits_for_the_sqlite_write_lock_then_fails(
+    sqlite_file: Path,
+) -> None:
+    """On a locked SQLite database the write waits out the lock timeout: OperationalError."""
+    engine = make_engine(f"sqlite:///{sqlite_file}", lock_timeout=0.2)
+    scratch.create_all(engine)
+    other = sqlite3.connect(sqlite_file, timeout=0, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        with (
+            pytest.raises(OperationalError, match="locked"),
+            driver_transaction(engine) as transaction,
+        ):
+            transaction.returning(_insert_note(engine, "a"), ("a",))
+        other.execute("ROLLBACK")
+        with driver_transaction(engine) as transaction:
+            assert transaction.returning(_insert_note(engine, "a"), ("a",)) == ["a"]
+    finally:
+        other.close()
         engine.dispose()

@@ -25,6 +25,7 @@ from storage.models import (
     StatusChange,
     VenueOrder,
     Wallet,
+    canonical_payload,
     ensure_connection,
     inbox_dedup_key,
     mark_removed,
@@ -160,7 +161,7 @@ def inbox_row(connection_id: int, notification: dict[str, Any]) -> Inbox:
         received_at=T0,
         next_attempt_at=T0,
         payload=payload,
-        dedup_key=inbox_dedup_key(notification),
+        dedup_key=inbox_dedup_key(canonical_payload(notification)),
     )
 
 
@@ -230,8 +231,13 @@ def test_inbox_dedup_key_ignores_key_order_and_client_state() -> None:
     """Equal notifications give equal keys; any other difference gives another key."""
     reordered = dict(reversed(list(NOTIFICATION.items()))) | {"clientState": "x"}
 
-    assert inbox_dedup_key(reordered) == inbox_dedup_key(NOTIFICATION)
-    assert inbox_dedup_key(NOTIFICATION | {"eventVersion": "1.1"}) != inbox_dedup_key(NOTIFICATION)
+    def key(notification: dict[str, Any]) -> str:
+        return inbox_dedup_key(canonical_payload(notification))
+
+    assert canonical_payload(reordered) == canonical_payload(NOTIFICATION)
+    assert "clientState" not in canonical_payload(reordered)
+    assert key(reordered) == key(NOTIFICATION)
+    assert key(NOTIFICATION | {"eventVersion": "1.1"}) != key(NOTIFICATION)
 
 
 def test_order_id_is_unique_per_connection(
