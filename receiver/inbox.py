@@ -102,7 +102,7 @@ def store_notifications(
     unique: dict[tuple[int, str], tuple[Any, ...]] = {}
     for row in rows:
         payload = canonical_payload(row["payload"])
-        dedup_key = inbox_dedup_key(payload)
+        dedup_key = inbox_dedup_key(payload, row["payload"].get("timestamp"))
         received_at = database_time(row["received_at"])
         # Repeats inside one batch are dropped here: one statement cannot insert a row
         # and conflict with it, and the count of duplicates stays exact.

@@ -458,7 +458,7 @@ class Inbox(Base):
 
     ``payload`` is the notification without its ``clientState`` (a secret), as
     :func:`canonical_payload` writes it; ``dedup_key`` is :func:`inbox_dedup_key` of that
-    text, so an exact repeat is stored once. Workers claim
+    text (led by the notification's time), so an exact repeat is stored once. Workers claim
     rows by ``(state, next_attempt_at)`` and hold them with a lease.
     """
 
@@ -849,9 +849,29 @@ def canonical_payload(notification: Mapping[str, Any]) -> str:
     return json.dumps(canonical, sort_keys=True, separators=(",", ":"), default=str)
 
 
-def inbox_dedup_key(payload: str) -> str:
-    """The :attr:`Inbox.dedup_key` of a :func:`canonical_payload`: equal only for exact repeats."""
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+def inbox_dedup_key(payload: str, timestamp: object = None) -> str:
+    """The :attr:`Inbox.dedup_key` of a :func:`canonical_payload`: equal only for exact repeats.
+
+    The SHA-256 of the payload, led by the digits of the notification's own
+    ``timestamp`` field when it has one (``timestamp``: that field, as received). The
+    key stays a function of the payload alone, so a repeat still finds its first copy;
+    the lead makes new keys arrive in about the order of the unique index, so storing a
+    batch touches the index's last pages instead of one random page per notification
+    (which, on SQLite, a commit writes out whole).
+    """
+    digest = hashlib.sha256(payload.encode("utf-8")).hexdigest()
+    if not isinstance(timestamp, str):
+        return digest
+    lead = "".join(
+        character for character in timestamp if character.isascii() and character.isdigit()
+    )
+    return (lead[:_DEDUP_KEY_LEAD] + digest)[:_DEDUP_KEY_LENGTH]
+
+
+# A key is 64 characters (Inbox.dedup_key): at most 20 digits of time (to the
+# microsecond and a little more), the rest (at least 176 bits) of the payload's hash.
+_DEDUP_KEY_LENGTH = 64
+_DEDUP_KEY_LEAD = 20
 
 
 class WalletFigures(Protocol):

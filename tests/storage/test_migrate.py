@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
+from typing import Any
+
 import pytest
 import sqlalchemy as sa
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
+from receiver.inbox import store_notifications
 from storage import migrate
-from storage.models import Base
+from storage.models import Base, InboxSource, canonical_payload, inbox_dedup_key
 
 
 def test_upgrade_from_empty_creates_every_table(engine: sa.Engine) -> None:
@@ -149,3 +154,74 @@ def test_0002_downgrade_refuses_outbox_rows_without_a_ledger_line(
         command.downgrade(migrate.alembic_config(connection), "0001")
 
     assert migrate.is_current(migrated_engine)
+
+
+def test_0005_rekeys_the_inbox_so_a_repeat_of_an_older_notification_is_still_one(
+    engine: sa.Engine,
+) -> None:
+    """Keys stored before 0005 are recomputed; a repeat after the upgrade is not stored."""
+    migrate.upgrade(engine, "0004")
+    webhook: dict[str, Any] = {
+        "eventName": "ota_cm_order_processed",
+        "timestamp": "2026-05-15T09:31:05Z",
+        "payload": {"orderId": "o-1", "status": "Issued"},
+    }
+    lookup: dict[str, Any] = {"orderId": "o-2", "reason": "feed", "rowVersion": 7}
+    at = "2026-05-15 09:31:06.000000"
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text("INSERT INTO venue_connection (id, name, created_at) VALUES (1, 'v', :at)"),
+            {"at": at},
+        )
+        for row_id, payload in ((1, webhook), (2, lookup)):
+            text = canonical_payload(payload)
+            connection.execute(
+                sa.text(
+                    "INSERT INTO inbox (id, connection_id, source, event_name, order_id,"
+                    " received_at, payload, dedup_key, state, attempts, next_attempt_at)"
+                    " VALUES (:id, 1, 'webhook', 'e', :order, :at, :payload, :key, 'done', 1, :at)"
+                ),
+                {
+                    "id": row_id,
+                    "order": f"o-{row_id}",
+                    "at": at,
+                    "payload": text,
+                    "key": hashlib.sha256(text.encode()).hexdigest(),  # the key before 0005
+                },
+            )
+
+    migrate.upgrade(engine)
+
+    def keys() -> dict[int, str]:
+        with engine.connect() as connection:
+            return dict(connection.execute(sa.text("SELECT id, dedup_key FROM inbox")).all())
+
+    new_webhook_key = inbox_dedup_key(canonical_payload(webhook), webhook["timestamp"])
+    assert new_webhook_key.startswith("20260515093105")
+    assert keys() == {1: new_webhook_key, 2: inbox_dedup_key(canonical_payload(lookup))}
+    with engine.begin() as connection:
+        repeat = store_notifications(
+            connection,
+            [
+                {
+                    "connection_id": 1,
+                    "source": InboxSource.WEBHOOK,
+                    "event_name": "ota_cm_order_processed",
+                    "order_id": "o-1",
+                    "buy_from_order_reference": None,
+                    "notified_status": "Issued",
+                    "notified_at": dt.datetime(2026, 5, 15, 9, 31, 5, tzinfo=dt.UTC),
+                    "received_at": dt.datetime(2026, 5, 15, 9, 40, tzinfo=dt.UTC),
+                    "payload": webhook | {"clientState": "rotated"},
+                }
+            ],
+        )
+    assert (repeat.stored, repeat.duplicates) == (0, 1)
+
+    with engine.begin() as connection:
+        command.downgrade(migrate.alembic_config(connection), "0004")
+    plain = {
+        row_id: hashlib.sha256(canonical_payload(payload).encode()).hexdigest()
+        for row_id, payload in ((1, webhook), (2, lookup))
+    }
+    assert keys() == plain

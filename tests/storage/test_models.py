@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import hashlib
 import threading
 import time
 from decimal import Decimal
@@ -227,17 +228,37 @@ def test_inbox_stores_an_exact_repeat_once(
         assert "clientState" not in session.scalars(sa.select(Inbox.payload)).first()
 
 
+def _key(notification: dict[str, Any]) -> str:
+    return inbox_dedup_key(canonical_payload(notification), notification.get("timestamp"))
+
+
 def test_inbox_dedup_key_ignores_key_order_and_client_state() -> None:
     """Equal notifications give equal keys; any other difference gives another key."""
     reordered = dict(reversed(list(NOTIFICATION.items()))) | {"clientState": "x"}
 
-    def key(notification: dict[str, Any]) -> str:
-        return inbox_dedup_key(canonical_payload(notification))
-
     assert canonical_payload(reordered) == canonical_payload(NOTIFICATION)
     assert "clientState" not in canonical_payload(reordered)
-    assert key(reordered) == key(NOTIFICATION)
-    assert key(NOTIFICATION | {"eventVersion": "1.1"}) != key(NOTIFICATION)
+    assert _key(reordered) == _key(NOTIFICATION)
+    assert _key(NOTIFICATION | {"eventVersion": "1.1"}) != _key(NOTIFICATION)
+    later = NOTIFICATION | {"timestamp": "2026-05-15T09:31:06Z"}
+    assert _key(later) != _key(NOTIFICATION)
+
+
+def test_inbox_dedup_keys_lead_with_the_notifications_time() -> None:
+    """Keys sort by the notification's time, then its hash; without a time, the hash alone."""
+    payload = canonical_payload(NOTIFICATION)
+    digest = hashlib.sha256(payload.encode()).hexdigest()
+
+    assert _key(NOTIFICATION) == ("20260515093105" + digest)[:64]
+    assert inbox_dedup_key(payload) == digest
+    assert inbox_dedup_key(payload, 1747301465) == digest  # not the venue's text: no lead
+    # Only ASCII digits lead, at most twenty; the key is always 64 characters.
+    odd = inbox_dedup_key(payload, "２０٣ 2026-05-15T09:31:05.123456789+02:00")
+    assert odd == ("20260515093105123456" + digest)[:64]
+    stamps = ["2026-05-15T09:31:05.001Z", "2026-05-15T09:31:05.002Z", "2026-05-15T10:00:00.000Z"]
+    keys = [_key(NOTIFICATION | {"timestamp": stamp}) for stamp in stamps]
+    assert keys == sorted(keys)
+    assert {len(key) for key in keys} == {64}
 
 
 def test_order_id_is_unique_per_connection(
