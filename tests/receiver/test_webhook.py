@@ -19,6 +19,7 @@ from flask.testing import FlaskClient
 from sqlalchemy.orm import Session, sessionmaker
 
 from otacm.settings import Settings
+from receiver import inbox
 from receiver.webhook import WEBHOOK_PATH
 from storage.engine import DriverTransaction
 from storage.migrate import upgrade
@@ -119,6 +120,36 @@ def test_a_batch_of_twenty_is_stored_in_one_insert(
     assert statements[0].startswith("INSERT INTO inbox")
     stored = [row["order_id"] for row in stored_rows(sessions)]
     assert sorted(stored) == sorted(n["payload"]["orderId"] for n in batch)
+
+
+def test_a_batch_larger_than_one_statement_is_stored_whole_or_not_at_all(
+    client: FlaskClient, sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """100 notifications at 40 rows per INSERT take three, in one transaction; a failing
+    third stores none of them."""
+    monkeypatch.setattr(inbox, "_ROWS_PER_STATEMENT", 40)
+    batch = [notification() for _ in range(100)]
+    statements: list[int] = []
+    send = DriverTransaction.returning
+
+    def failing_third(self: DriverTransaction, statement: str, parameters: Any) -> list[Any]:
+        statements.append(statement.count("), (") + 1)  # rows in this INSERT
+        if len(statements) == 3:
+            raise sa.exc.OperationalError(statement, None, Exception("database is locked"))
+        return send(self, statement, parameters)
+
+    monkeypatch.setattr(DriverTransaction, "returning", failing_third)
+    refused = post(client, {"value": batch})
+
+    assert refused.status_code == 503
+    assert stored_rows(sessions) == []
+
+    response = post(client, {"value": batch})
+
+    assert response.get_json() == {"stored": 100, "duplicates": 0}
+    assert statements == [40, 40, 20, 40, 40, 20]
+    assert len(stored_rows(sessions)) == 100
+    assert post(client, {"value": batch}).get_json() == {"stored": 0, "duplicates": 100}
 
 
 def test_an_exact_repeat_is_not_stored_twice(
