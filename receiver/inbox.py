@@ -13,9 +13,10 @@ This is the webhook's hot path, so it does as little as it can per row: the payl
 serialized once (:func:`~storage.models.canonical_payload`), for its column and its
 dedup key alike; each distinct time is converted once by the column type's own bind
 processor; and the statement is SQL text cached per row count rather than compiled from
-a construct per call. The webhook sends it on a driver connection
-(:func:`storage.engine.driver_transaction`); code holding a SQLAlchemy ``Connection``
-sends it with ``exec_driver_sql``. (On PostgreSQL,
+a construct per call, with the database's native placeholders. The webhook sends it on a
+driver connection (:func:`storage.engine.driver_transaction`); code holding a SQLAlchemy
+``Connection`` sends it on the driver connection under it, in its transaction
+(:func:`storage.engine.driver_statements`). (On PostgreSQL,
 ``INSERT ... SELECT FROM unnest(...)`` with one array per column was measured too: about
 15% less CPU for twenty rows, but half again as slow for the common single
 notification, so not worth a second statement.)
@@ -37,7 +38,7 @@ from typing import Any, TypedDict
 import sqlalchemy as sa
 from sqlalchemy import Connection, Dialect
 
-from storage.engine import DriverTransaction
+from storage.engine import DriverTransaction, driver_statements, native_placeholders
 from storage.models import Inbox, InboxSource, InboxState, canonical_payload, inbox_dedup_key
 
 _INBOX: sa.Table = Inbox.__table__  # type: ignore[assignment]
@@ -46,7 +47,8 @@ _INBOX: sa.Table = Inbox.__table__  # type: ignore[assignment]
 class NewInboxRow(TypedDict):
     """The columns a producer fills for one inbox row; the rest are :func:`store_notifications`'.
 
-    ``payload`` is the notification as received, without its ``clientState``.
+    ``payload`` is the notification as received; its ``clientState`` (a secret) is left
+    out of what is stored (:func:`~storage.models.canonical_payload`).
     """
 
     connection_id: int
@@ -125,16 +127,23 @@ def store_notifications(
             ),
         )
     values = list(unique.values())
+    if isinstance(connection, DriverTransaction):
+        ids = _insert(connection, values)
+    else:
+        with driver_statements(connection) as transaction:
+            ids = _insert(transaction, values)
+    return StoreResult(stored=len(ids), duplicates=len(rows) - len(ids), ids=tuple(ids))
+
+
+def _insert(transaction: DriverTransaction, values: list[tuple[Any, ...]]) -> list[int]:
+    """Insert rows of :data:`_COLUMNS` values; the ids of those not already stored."""
     ids: list[int] = []
     for start in range(0, len(values), _ROWS_PER_STATEMENT):
         chunk = values[start : start + _ROWS_PER_STATEMENT]
-        statement = _insert_statement(connection.dialect.name, len(chunk))
+        statement = _insert_statement(transaction.dialect, len(chunk))
         parameters = tuple(value for row_values in chunk for value in row_values)
-        if isinstance(connection, DriverTransaction):
-            ids.extend(connection.returning(statement, parameters))
-        else:
-            ids.extend(connection.exec_driver_sql(statement, parameters).scalars())
-    return StoreResult(stored=len(ids), duplicates=len(rows) - len(ids), ids=tuple(ids))
+        ids.extend(transaction.returning(statement, parameters))
+    return ids
 
 
 # The columns store_notifications fills, in the order of its value tuples.
@@ -155,23 +164,25 @@ _COLUMNS = (
 )
 # Rows per INSERT: 13,000 parameters, within SQLite's 32,766 and PostgreSQL's 65,535.
 _ROWS_PER_STATEMENT = 1000
-_PLACEHOLDERS = {"sqlite": "?", "postgresql": "%s"}
 
 
 @lru_cache(maxsize=64)
-def _insert_statement(dialect: str, row_count: int) -> str:
+def _insert_statement(dialect: Dialect, row_count: int) -> str:
     """``INSERT ... VALUES`` ``row_count`` rows ``ON CONFLICT DO NOTHING RETURNING id``, as text.
 
     Text for the driver rather than a SQLAlchemy construct: compiling and binding the
     construct costs more CPU than the database's own work for a webhook POST.
     """
-    if dialect not in _PLACEHOLDERS:
-        raise NotImplementedError(f"the inbox runs on SQLite or PostgreSQL, not {dialect}")
-    row = "(" + ", ".join([_PLACEHOLDERS[dialect]] * len(_COLUMNS)) + ")"
+    width = len(_COLUMNS)
+    placeholders = native_placeholders(dialect, width * row_count)
+    rows = (
+        "(" + ", ".join(placeholders[start : start + width]) + ")"
+        for start in range(0, len(placeholders), width)
+    )
     # Only fixed names and placeholders go into the text; the values are parameters.
     return (
         f"INSERT INTO {_INBOX.name} ({', '.join(_COLUMNS)}) "  # noqa: S608
-        f"VALUES {', '.join([row] * row_count)}"
+        f"VALUES {', '.join(rows)}"
         " ON CONFLICT (connection_id, dedup_key) DO NOTHING RETURNING id"
     )
 

