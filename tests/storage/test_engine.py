@@ -12,6 +12,7 @@ from sqlalchemy.exc import IntegrityError, InternalError, OperationalError
 from storage.engine import (
     SQLITE_BEGIN_OPTION,
     SQLITE_BUSY_TIMEOUT_MS,
+    driver_statements,
     driver_transaction,
     make_engine,
     make_sessions,
@@ -192,6 +193,24 @@ def test_driver_transaction_rolls_back_and_raises_sqlalchemy_errors(engine: sa.E
     # The connection went back to the pool usable.
     with driver_transaction(engine) as transaction:
         transaction.returning(_insert_note(engine, "later"), ("later",))
+
+
+def test_driver_statements_run_in_the_connections_transaction(engine: sa.Engine) -> None:
+    """Statements on the driver connection under a Connection commit or roll back with it."""
+    scratch.create_all(engine)
+
+    with engine.connect() as connection:
+        with pytest.raises(ValueError, match="transaction"), driver_statements(connection):
+            pass
+        with connection.begin(), driver_statements(connection) as transaction:
+            assert transaction.returning(_insert_note(engine, "kept"), ("kept",)) == ["kept"]
+        outer = connection.begin()
+        with driver_statements(connection) as transaction:
+            transaction.returning(_insert_note(engine, "undone"), ("undone",))
+        outer.rollback()
+
+    with engine.connect() as connection:
+        assert connection.scalars(sa.select(note.c.text)).all() == ["kept"]
 
 
 def test_driver_transaction_waits_for_the_sqlite_write_lock_then_fails(
