@@ -129,14 +129,13 @@ def check_orders(
     scope: list[sa.ColumnElement[bool]] = []
     if connection_ids is not None:
         scope.append(VenueOrder.connection_id.in_(sorted(connection_ids)))
-    waiting = (
-        sa.select(Inbox.id)
-        .where(
-            Inbox.connection_id == VenueOrder.connection_id,
-            Inbox.order_id == VenueOrder.order_id,
+    # Orders with a row still waiting in the inbox: read once from the in-flight rows
+    # (found by state; the inbox has no index by order), not searched per order.
+    waiting = sa.tuple_(VenueOrder.connection_id, VenueOrder.order_id).in_(
+        sa.select(Inbox.connection_id, Inbox.order_id).where(
             Inbox.state.in_([InboxState.PENDING, InboxState.LEASED]),
+            Inbox.order_id.is_not(None),  # NOT IN a set holding NULL would match nothing
         )
-        .exists()
     )
     columns = (
         VenueOrder.connection_id,

@@ -241,15 +241,16 @@ def queue_lookups(
     if not lookups:
         return StoreResult(stored=0, duplicates=0, ids=())
     order_ids = sorted({lookup.order_id for lookup in lookups})
-    waiting = set(
-        connection.scalars(
-            sa.select(Inbox.order_id).where(
-                Inbox.connection_id == connection_id,
-                Inbox.order_id.in_(order_ids),
-                Inbox.state.in_([InboxState.PENDING, InboxState.LEASED]),
-            )
+    # Searched among the in-flight rows, by state (the inbox has no index by order, and
+    # a condition on connection_id would lead SQLite to the dedup key's index, which
+    # holds every row the connection ever had): the connection is compared here.
+    in_flight = connection.execute(
+        sa.select(Inbox.connection_id, Inbox.order_id).where(
+            Inbox.state.in_([InboxState.PENDING, InboxState.LEASED]),
+            Inbox.order_id.in_(order_ids),
         )
     )
+    waiting = {order_id for owner, order_id in in_flight if owner == connection_id}
     rows: list[NewInboxRow] = []
     for lookup in lookups:
         if lookup.order_id in waiting:

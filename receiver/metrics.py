@@ -74,7 +74,6 @@ from receiver.errors import DATABASE_UNAVAILABLE, describe_database_error
 from storage.models import (
     ChangeSource,
     Inbox,
-    InboxSource,
     InboxState,
     JobRun,
     OrderItem,
@@ -354,9 +353,9 @@ def settlement_lag(
     """Seconds from the venue settling an order to otacm knowing it, or ``None``.
 
     The venue gives no settlement time as such. Two things it does give are no earlier
-    than the settlement: the ``timestamp`` of the webhook that announced it
-    (``Inbox.notified_at`` of a webhook row) and the ``issuedAt`` of the wallets it
-    minted. The earlier of them stands for the settlement. An order with neither
+    than the settlement: the ``timestamp`` of the webhook that announced it (the earliest
+    the worker applied, ``VenueOrder.first_notified_at``) and the ``issuedAt`` of the
+    wallets it minted. The earlier of them stands for the settlement. An order with neither
     (settled with no webhook and no wallet: an Error or Cancelled order whose webhook
     never came) has no lag. A negative difference (clocks apart, or evidence of a later
     re-settlement) counts as 0.
@@ -406,17 +405,8 @@ class _Delivery:
 def _read_delivery(session: Session, *, now: dt.datetime, stuck_after: dt.timedelta) -> _Delivery:
     delivery = _Delivery()
     first = first_settlements(now - DELIVERY_WINDOW)
-    # The settlement's evidence, per order: both subqueries are index searches, of
-    # inbox (connection_id, order_id) and of the items' and wallets' unique keys.
-    notified = (
-        sa.select(sa.func.min(Inbox.notified_at))
-        .where(
-            Inbox.connection_id == VenueOrder.connection_id,
-            Inbox.order_id == VenueOrder.order_id,
-            Inbox.source == InboxSource.WEBHOOK,
-        )
-        .scalar_subquery()
-    )
+    # The settlement's evidence, per order: its first webhook's time, kept on the order,
+    # and its wallets' earliest issue (an index search of the items' and wallets' keys).
     issued = (
         sa.select(sa.func.min(Wallet.issued_at))
         .join(OrderItem, OrderItem.id == Wallet.order_item_id)
@@ -426,7 +416,13 @@ def _read_delivery(session: Session, *, now: dt.datetime, stuck_after: dt.timede
     # One row per order of the window (at most WINDOW_MAX_CHANGES of them; a few
     # thousand a day in practice): the counts and the lags come from one read of it.
     settlements = (
-        sa.select(VenueConnection.name, first.c.source, first.c.observed_at, notified, issued)
+        sa.select(
+            VenueConnection.name,
+            first.c.source,
+            first.c.observed_at,
+            VenueOrder.first_notified_at,
+            issued,
+        )
         .select_from(first)
         .join(VenueOrder, VenueOrder.id == first.c.venue_order_id)
         .join(VenueConnection, VenueConnection.id == VenueOrder.connection_id)

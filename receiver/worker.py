@@ -41,6 +41,7 @@ from storage.models import (
     Inbox,
     InboxSource,
     InboxState,
+    VenueOrder,
     mark_removed,
     upsert_order,
 )
@@ -89,6 +90,7 @@ class Claim:
         attempts: how many times the row has been claimed, this claim included.
         notified_status: the status the notification announced (a hint, maybe stale).
         lease_expires_at: until when the row is this worker's.
+        notified_at: the notification's own ``timestamp``, when it had one.
     """
 
     id: int
@@ -98,6 +100,7 @@ class Claim:
     attempts: int
     notified_status: str | None
     lease_expires_at: dt.datetime
+    notified_at: dt.datetime | None = None
 
 
 @dataclass
@@ -200,6 +203,7 @@ def claim_batch(
             Inbox.order_id,
             Inbox.source,
             Inbox.notified_status,
+            Inbox.notified_at,
         ),
         owner=owner,
         now=now,
@@ -219,6 +223,7 @@ def _claim(row: sa.Row[*tuple[Any, ...]], attempts: int, lease_expires_at: dt.da
         attempts=attempts,
         notified_status=row.notified_status,
         lease_expires_at=lease_expires_at,
+        notified_at=row.notified_at,
     )
 
 
@@ -526,14 +531,21 @@ def _apply(
             first = min(finished)
             source = _CHANGE_SOURCES[next(c.source for c in group if c.id == first)]
             connection_id = group[0].connection_id
+            row: VenueOrder | None
             if order is None:
-                mark_removed(session, connection_id, order_id, now, source, inbox_id=first)
+                row = mark_removed(session, connection_id, order_id, now, source, inbox_id=first)
             else:
                 row = upsert_order(
                     session, connection_id, order, source=source, observed_at=now, inbox_id=first
                 )
                 if row.status is OrderStatus.ERROR and row.status_changed_at == now:
                     newly_in_error = row.status_message or "no reason given"
+            if row is not None:
+                row.note_webhooks(
+                    claim.notified_at
+                    for claim in group
+                    if claim.id in finished and claim.source is InboxSource.WEBHOOK
+                )
         # else: every row was re-claimed by another worker after our lease expired; that
         # worker applies its own answer, and applying ours too would double the history.
 

@@ -223,7 +223,10 @@ class Planter:
         self.session.add(row)
         self.session.flush()
         if notified_at is not None:
+            # As the worker leaves an applied webhook: its row done, its time on the order.
             self.webhook(connection_id, row.order_id, notified_at)
+            row.note_webhooks([notified_at])
+            self.session.flush()
         return row
 
     def webhook(self, connection_id: int, order: str, notified_at: dt.datetime) -> None:

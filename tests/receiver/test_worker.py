@@ -430,6 +430,34 @@ def test_rows_for_one_order_share_one_get_order(
     assert (change.inbox_id, change.source) == (first, ChangeSource.WEBHOOK)
 
 
+def test_the_order_keeps_the_earliest_webhook_time_it_applied(
+    sessions: sessionmaker[Session],
+    clients: dict[int, VenueClient],
+    connection_id: int,
+) -> None:
+    """first_notified_at: the earliest webhook applied, whatever order they came in; polls
+    do not count (they are otacm's own time, not the venue's)."""
+    add_row(sessions, connection_id, source=InboxSource.POLL, received_at=T0)
+    once(sessions, clients, T0 + dt.timedelta(seconds=1))
+    order = mirrored(sessions)
+    assert order is not None
+    assert order.first_notified_at is None
+
+    add_row(sessions, connection_id, received_at=T0 + dt.timedelta(seconds=30))
+    add_row(sessions, connection_id, received_at=T0 + dt.timedelta(seconds=20))
+    once(sessions, clients, T0 + dt.timedelta(seconds=40))
+    order = mirrored(sessions)
+    assert order is not None
+    assert order.first_notified_at == T0 + dt.timedelta(seconds=20)
+
+    add_row(sessions, connection_id, received_at=T0 + dt.timedelta(seconds=10))
+    add_row(sessions, connection_id, received_at=T0 + dt.timedelta(seconds=50))
+    once(sessions, clients, T0 + dt.timedelta(seconds=60))
+    order = mirrored(sessions)
+    assert order is not None
+    assert order.first_notified_at == T0 + dt.timedelta(seconds=10)
+
+
 def test_a_row_naming_no_order_is_done_without_a_call(
     sessions: sessionmaker[Session],
     clients: dict[int, VenueClient],

@@ -225,3 +225,75 @@ def test_0005_rekeys_the_inbox_so_a_repeat_of_an_older_notification_is_still_one
         for row_id, payload in ((1, webhook), (2, lookup))
     }
     assert keys() == plain
+
+
+def test_0006_keeps_each_orders_first_webhook_time_and_drops_the_inbox_index_by_order(
+    engine: sa.Engine,
+) -> None:
+    """0006 fills first_notified_at from the earliest webhook row (polls aside)."""
+    migrate.upgrade(engine, "0005")
+    at = "2026-05-15 09:31:06.000000"
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text("INSERT INTO venue_connection (id, name, created_at) VALUES (1, 'v', :at)"),
+            {"at": at},
+        )
+        for order in ("o-1", "o-2"):
+            connection.execute(
+                sa.text(
+                    "INSERT INTO venue_order (connection_id, order_id, partner_id,"
+                    " sell_to_order_reference, reference_key, status, status_changed_at,"
+                    " first_seen_at, updated_at)"
+                    " VALUES (1, :order, 'p', 'r', :order, 'Issued', :at, :at, :at)"
+                ),
+                {"order": order, "at": at},
+            )
+        rows = [
+            (1, "webhook", "o-1", "2026-05-15 09:31:05.000000"),
+            (2, "webhook", "o-1", "2026-05-15 09:30:05.000000"),
+            (3, "poll", "o-1", "2026-05-15 09:29:05.000000"),
+            (4, "poll", "o-2", "2026-05-15 09:29:05.000000"),
+        ]
+        for row_id, source, order, notified in rows:
+            connection.execute(
+                sa.text(
+                    "INSERT INTO inbox (id, connection_id, source, event_name, order_id,"
+                    " notified_at, received_at, payload, dedup_key, state, attempts,"
+                    " next_attempt_at)"
+                    " VALUES (:id, 1, :source, 'e', :order, :notified, :at, '{}', :key, 'done',"
+                    " 1, :at)"
+                ),
+                {
+                    "id": row_id,
+                    "source": source,
+                    "order": order,
+                    "notified": notified,
+                    "at": at,
+                    "key": f"k{row_id}",
+                },
+            )
+
+    migrate.upgrade(engine)
+
+    def first_notified() -> dict[str, Any]:
+        with engine.connect() as connection:
+            table = Base.metadata.tables["venue_order"]
+            query = sa.select(table.c.order_id, table.c.first_notified_at)
+            return {order: notified for order, notified in connection.execute(query)}
+
+    assert first_notified() == {
+        "o-1": dt.datetime(2026, 5, 15, 9, 30, 5, tzinfo=dt.UTC),
+        "o-2": None,
+    }
+    assert "ix_inbox_connection_id_order_id" not in {
+        index["name"] for index in sa.inspect(engine).get_indexes("inbox")
+    }
+
+    with engine.begin() as connection:
+        command.downgrade(migrate.alembic_config(connection), "0005")
+    inspector = sa.inspect(engine)
+    assert "ix_inbox_connection_id_order_id" in {
+        index["name"] for index in inspector.get_indexes("inbox")
+    }
+    columns = {column["name"] for column in inspector.get_columns("venue_order")}
+    assert "first_notified_at" not in columns
