@@ -202,11 +202,9 @@ class DriverTransaction:
             sqlalchemy.exc.DBAPIError: the driver's error, as SQLAlchemy's class for it
                 (``OperationalError`` for a locked or unreachable database...).
         """
-        try:
+        with _driver_errors(self.dialect, statement):
             self.cursor.execute(statement, parameters)
             return [row[0] for row in self.cursor.fetchall()]
-        except self.dialect.loaded_dbapi.Error as exc:
-            raise _wrapped(exc, statement, self.dialect) from exc
 
 
 @contextmanager
@@ -221,22 +219,19 @@ def driver_transaction(engine: Engine) -> Iterator[DriverTransaction]:
         sqlalchemy.exc.DBAPIError: the driver failed to connect, begin or commit.
     """
     dialect = engine.dialect
-    try:
+    with _driver_errors(dialect, "connect"):
         connection = engine.raw_connection()
-    except dialect.loaded_dbapi.Error as exc:
-        raise _wrapped(exc, "connect", dialect) from exc
     try:
         cursor = _native_cursor(dialect, connection.driver_connection)
         try:
             if dialect.name == "sqlite":
                 # The driver's own transactions are off (see make_engine); deferred, so
                 # the write lock is taken by the first write, as the receiver wants.
-                _execute(cursor, "BEGIN DEFERRED", dialect)
+                with _driver_errors(dialect, "BEGIN DEFERRED"):
+                    cursor.execute("BEGIN DEFERRED")
             yield DriverTransaction(dialect, cursor)
-            try:
+            with _driver_errors(dialect, "COMMIT"):
                 connection.commit()
-            except dialect.loaded_dbapi.Error as exc:
-                raise _wrapped(exc, "COMMIT", dialect) from exc
         except BaseException as exc:
             original = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
             if isinstance(original, dialect.loaded_dbapi.Error) and dialect.is_disconnect(
@@ -282,13 +277,6 @@ def _native_cursor(dialect: Dialect, driver_connection: Any) -> DBAPICursor:
     return driver_connection.cursor()  # type: ignore[no-any-return]
 
 
-def _execute(cursor: DBAPICursor, statement: str, dialect: Dialect) -> None:
-    try:
-        cursor.execute(statement)
-    except dialect.loaded_dbapi.Error as exc:
-        raise _wrapped(exc, statement, dialect) from exc
-
-
 def _roll_back(connection: Any, dialect: Dialect) -> None:
     try:
         connection.rollback()
@@ -297,13 +285,18 @@ def _roll_back(connection: Any, dialect: Dialect) -> None:
         connection.invalidate()
 
 
-def _wrapped(exc: Exception, statement: str, dialect: Dialect) -> sa_exc.StatementError:
-    # Parameters hidden: they are payloads, and never belong in an error or a log.
-    return sa_exc.DBAPIError.instance(
-        statement,
-        None,
-        exc,
-        dialect.loaded_dbapi.Error,
-        hide_parameters=True,
-        dialect=dialect,
-    )
+@contextmanager
+def _driver_errors(dialect: Dialect, statement: str) -> Iterator[None]:
+    """Raise the driver's errors inside as SQLAlchemy's class for each, naming ``statement``."""
+    try:
+        yield
+    except dialect.loaded_dbapi.Error as exc:
+        # Parameters hidden: they are payloads, and never belong in an error or a log.
+        raise sa_exc.DBAPIError.instance(
+            statement,
+            None,
+            exc,
+            dialect.loaded_dbapi.Error,
+            hide_parameters=True,
+            dialect=dialect,
+        ) from exc
