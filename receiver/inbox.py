@@ -13,18 +13,19 @@ This is the webhook's hot path, so it does as little as it can per row: the payl
 serialized once (:func:`~storage.models.canonical_payload`), for its column and its
 dedup key alike; each distinct time is converted once by the column type's own bind
 processor; and the statement is SQL text cached per row count rather than compiled from
-a construct per call, with the database's native placeholders. The webhook sends it on a
-driver connection (:func:`storage.engine.driver_transaction`); code holding a SQLAlchemy
+a construct per call, with the database's native placeholders. Given the engine (the
+webhook), it sends it on a driver connection (:func:`storage.engine.driver_transaction`),
+alone in autocommit mode when the rows fit one statement; code holding a SQLAlchemy
 ``Connection`` sends it on the driver connection under it, in its transaction
 (:func:`storage.engine.driver_statements`). (On PostgreSQL,
 ``INSERT ... SELECT FROM unnest(...)`` with one array per column was measured too: about
 15% less CPU for twenty rows, but half again as slow for the common single
 notification, so not worth a second statement.)
 
-It takes the caller's ``Connection``, not a ``Session``: a session's bookkeeping costs
-more than the insert itself on SQLite, and the webhook view, which owns the transaction,
-has nothing else for one to do. Code that holds a session passes
-``session.connection()``. Either way it never commits.
+It takes an engine or the caller's ``Connection``, not a ``Session``: a session's
+bookkeeping costs more than the insert itself on SQLite, and the webhook view has
+nothing else for one to do. Code that holds a session passes ``session.connection()``,
+and commits itself.
 """
 
 from __future__ import annotations
@@ -36,9 +37,14 @@ from functools import cache, lru_cache
 from typing import Any, TypedDict
 
 import sqlalchemy as sa
-from sqlalchemy import Connection, Dialect
+from sqlalchemy import Connection, Dialect, Engine
 
-from storage.engine import DriverTransaction, driver_statements, native_placeholders
+from storage.engine import (
+    DriverTransaction,
+    driver_statements,
+    driver_transaction,
+    native_placeholders,
+)
 from storage.models import Inbox, InboxSource, InboxState, canonical_payload, inbox_dedup_key
 
 _INBOX: sa.Table = Inbox.__table__  # type: ignore[assignment]
@@ -71,17 +77,15 @@ class StoreResult:
     ids: tuple[int, ...]
 
 
-def store_notifications(
-    connection: Connection | DriverTransaction, rows: Sequence[NewInboxRow]
-) -> StoreResult:
+def store_notifications(target: Engine | Connection, rows: Sequence[NewInboxRow]) -> StoreResult:
     """Store ``rows`` in the inbox, skipping exact repeats, in one statement.
 
     A repeat is a row whose connection and dedup key are already stored, or appear
     earlier in ``rows``; it is counted in ``duplicates``, not stored.
 
     Args:
-        connection: the caller's connection (or the webhook's driver transaction), in
-            its transaction; not committed.
+        target: an engine (the webhook's), and the rows are committed here, all or none;
+            or the caller's connection, in its transaction, not committed.
         rows: the new rows, as producers fill them.
 
     Returns:
@@ -92,7 +96,7 @@ def store_notifications(
             unreachable, timed out); nothing of the batch is stored once the caller's
             transaction rolls back.
     """
-    to_database = _time_binder(connection.dialect)
+    to_database = _time_binder(target.dialect)
     times: dict[dt.datetime | None, Any] = {None: None}
 
     def database_time(value: dt.datetime | None) -> Any:
@@ -127,10 +131,13 @@ def store_notifications(
             ),
         )
     values = list(unique.values())
-    if isinstance(connection, DriverTransaction):
-        ids = _insert(connection, values)
+    if isinstance(target, Engine):
+        # Most POSTs fit one statement, which then needs no BEGIN and COMMIT of its own.
+        one_statement = len(values) <= _ROWS_PER_STATEMENT
+        with driver_transaction(target, one_statement=one_statement) as transaction:
+            ids = _insert(transaction, values)
     else:
-        with driver_statements(connection) as transaction:
+        with driver_statements(target) as transaction:
             ids = _insert(transaction, values)
     return StoreResult(stored=len(ids), duplicates=len(rows) - len(ids), ids=tuple(ids))
 

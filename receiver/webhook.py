@@ -51,7 +51,6 @@ from receiver.errors import (
     describe_database_error,
 )
 from receiver.inbox import NewInboxRow, StoreResult, store_notifications
-from storage.engine import driver_transaction
 from storage.models import InboxSource
 from storage.types import utcnow
 from venue.models import ORDER_PROCESSED_EVENT, Notification, parse_notifications
@@ -106,12 +105,11 @@ def _receive(receiver: Receiver) -> StoreResult:
     if not rows:
         return StoreResult(stored=0, duplicates=0, ids=())
     try:
-        # One INSERT on a driver connection, BEGIN DEFERRED on SQLite: the INSERT itself
-        # takes the write lock (waiting for it up to the lock timeout, as BEGIN IMMEDIATE
-        # would) after its parameters are prepared, so the lock every writer queues for
-        # is held for less time.
-        with driver_transaction(receiver.engine) as transaction:
-            result = store_notifications(transaction, rows)
+        # One INSERT on a driver connection, without BEGIN IMMEDIATE on SQLite: the INSERT
+        # itself takes the write lock (waiting for it up to the lock timeout, as BEGIN
+        # IMMEDIATE would) after its parameters are prepared, so the lock every writer
+        # queues for is held for less time.
+        result = store_notifications(receiver.engine, rows)
     except DATABASE_UNAVAILABLE as exc:
         reason = describe_database_error(exc)
         logger.warning("webhook not stored, database unavailable: %s", reason)

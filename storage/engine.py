@@ -36,8 +36,10 @@ on either database, for callers that must answer in time (the webhook receiver a
 :func:`driver_transaction` is for the one hot path where SQLAlchemy's own ``Connection``
 costs more CPU than the database's work (the webhook's single INSERT): a pooled driver
 connection in one transaction (``BEGIN DEFERRED`` on SQLite, the driver's implicit
-``BEGIN`` on PostgreSQL), whose errors are raised as SQLAlchemy's exception classes, so
-callers handle them as they would anywhere else. :func:`driver_statements` gives the same
+``BEGIN`` on PostgreSQL; or, for a caller that sends one statement, that statement alone
+in autocommit mode, which spares PostgreSQL's ``BEGIN`` and ``COMMIT`` round trips),
+whose errors are raised as SQLAlchemy's exception classes, so callers handle them as
+they would anywhere else. :func:`driver_statements` gives the same
 interface inside a SQLAlchemy ``Connection``'s transaction. Statements there are SQL text
 with the database's native placeholders (:func:`native_placeholders`: ``?`` on SQLite,
 ``$1, $2...`` on PostgreSQL, sent by psycopg's ``RawCursor``): psycopg rewrites ``%s``
@@ -50,7 +52,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -188,32 +189,51 @@ def native_placeholders(dialect: Dialect, count: int) -> list[str]:
     raise NotImplementedError(f"otacm runs on SQLite or PostgreSQL, not {dialect.name}")
 
 
-@dataclass(frozen=True, slots=True)
 class DriverTransaction:
     """A driver connection's transaction (:func:`driver_transaction`, :func:`driver_statements`)."""
 
-    dialect: Dialect
-    cursor: DBAPICursor
+    __slots__ = ("_statements_left", "cursor", "dialect")
+
+    def __init__(
+        self, dialect: Dialect, cursor: DBAPICursor, *, one_statement: bool = False
+    ) -> None:
+        self.dialect = dialect
+        self.cursor = cursor
+        self._statements_left = 1 if one_statement else None
 
     def returning(self, statement: str, parameters: Sequence[Any]) -> list[Any]:
         """Run ``statement`` (SQL text, :func:`native_placeholders`); its rows' first column.
 
         Raises:
+            RuntimeError: a second statement in a ``one_statement`` transaction.
             sqlalchemy.exc.DBAPIError: the driver's error, as SQLAlchemy's class for it
                 (``OperationalError`` for a locked or unreachable database...).
         """
+        if self._statements_left is not None:
+            if self._statements_left == 0:
+                # Sent in autocommit mode, the first one is already committed.
+                raise RuntimeError("a one-statement transaction has sent its statement")
+            self._statements_left -= 1
         with _driver_errors(self.dialect, statement):
             self.cursor.execute(statement, parameters)
             return [row[0] for row in self.cursor.fetchall()]
 
 
 @contextmanager
-def driver_transaction(engine: Engine) -> Iterator[DriverTransaction]:
+def driver_transaction(
+    engine: Engine, *, one_statement: bool = False
+) -> Iterator[DriverTransaction]:
     """One transaction on a pooled driver connection: committed on exit, rolled back on error.
 
     The connection comes from (and goes back to) ``engine``'s pool, configured as every
     other (busy or lock timeout, WAL, pre-ping). A connection the driver reports lost is
     invalidated rather than pooled again.
+
+    Args:
+        engine: whose pool lends the connection.
+        one_statement: the caller sends a single statement, which is atomic by itself:
+            it runs in the driver's autocommit mode, without ``BEGIN`` and ``COMMIT``
+            (two round trips fewer on PostgreSQL), and a second one is refused.
 
     Raises:
         sqlalchemy.exc.DBAPIError: the driver failed to connect, begin or commit.
@@ -221,15 +241,21 @@ def driver_transaction(engine: Engine) -> Iterator[DriverTransaction]:
     dialect = engine.dialect
     with _driver_errors(dialect, "connect"):
         connection = engine.raw_connection()
+    driver = connection.driver_connection
+    # SQLite's driver is always in autocommit mode here (see make_engine): BEGIN opens a
+    # transaction. psycopg's opens one before the first statement unless told not to.
+    autocommit = one_statement and dialect.name == "postgresql"
     try:
-        cursor = _native_cursor(dialect, connection.driver_connection)
+        cursor = _native_cursor(dialect, driver)
         try:
-            if dialect.name == "sqlite":
-                # The driver's own transactions are off (see make_engine); deferred, so
-                # the write lock is taken by the first write, as the receiver wants.
+            if autocommit:
+                driver.autocommit = True  # type: ignore[union-attr]
+            elif dialect.name == "sqlite" and not one_statement:
+                # Deferred, so the write lock is taken by the first write, as the
+                # receiver wants.
                 with _driver_errors(dialect, "BEGIN DEFERRED"):
                     cursor.execute("BEGIN DEFERRED")
-            yield DriverTransaction(dialect, cursor)
+            yield DriverTransaction(dialect, cursor, one_statement=one_statement)
             with _driver_errors(dialect, "COMMIT"):
                 connection.commit()
         except BaseException as exc:
@@ -238,11 +264,14 @@ def driver_transaction(engine: Engine) -> Iterator[DriverTransaction]:
                 original, connection.dbapi_connection, cursor
             ):
                 connection.invalidate(original)
+                autocommit = False  # nothing left to restore
             else:
                 _roll_back(connection, dialect)
             raise
         finally:
             cursor.close()
+            if autocommit:
+                _leave_autocommit(connection, dialect)
     finally:
         connection.close()
 
@@ -275,6 +304,15 @@ def _native_cursor(dialect: Dialect, driver_connection: Any) -> DBAPICursor:
 
         return RawCursor(driver_connection)  # type: ignore[return-value]
     return driver_connection.cursor()  # type: ignore[no-any-return]
+
+
+def _leave_autocommit(connection: Any, dialect: Dialect) -> None:
+    # Pooled connections are all alike: transactions begin implicitly.
+    try:
+        connection.driver_connection.autocommit = False
+    except dialect.loaded_dbapi.Error:
+        # Still in a transaction, or broken: not to be lent again.
+        connection.invalidate()
 
 
 def _roll_back(connection: Any, dialect: Dialect) -> None:

@@ -195,6 +195,35 @@ def test_driver_transaction_rolls_back_and_raises_sqlalchemy_errors(engine: sa.E
         transaction.returning(_insert_note(engine, "later"), ("later",))
 
 
+def test_a_one_statement_transaction_commits_its_statement_and_refuses_a_second(
+    engine: sa.Engine,
+) -> None:
+    """One statement, sent alone (autocommit), is committed; a second is never sent; the
+    pooled connection lends transactions again afterwards, failed statement or not."""
+    scratch.create_all(engine)
+    with engine.begin() as connection:
+        connection.execute(note.insert(), {"text": "taken"})
+
+    with (
+        pytest.raises(RuntimeError, match="one-statement"),
+        driver_transaction(engine, one_statement=True) as transaction,
+    ):
+        assert transaction.returning(_insert_note(engine, "a"), ("a",)) == ["a"]
+        transaction.returning(_insert_note(engine, "b"), ("b",))
+    with (
+        pytest.raises(IntegrityError),
+        driver_transaction(engine, one_statement=True) as transaction,
+    ):
+        transaction.returning(_insert_note(engine, "taken"), ("taken",))
+
+    # Back in a transaction of several statements: a failing second undoes the first.
+    with pytest.raises(IntegrityError), driver_transaction(engine) as transaction:
+        transaction.returning(_insert_note(engine, "undone"), ("undone",))
+        transaction.returning(_insert_note(engine, "taken"), ("taken",))
+    with engine.connect() as connection:
+        assert sorted(connection.scalars(sa.select(note.c.text))) == ["a", "taken"]
+
+
 def test_driver_statements_run_in_the_connections_transaction(engine: sa.Engine) -> None:
     """Statements on the driver connection under a Connection commit or roll back with it."""
     scratch.create_all(engine)
