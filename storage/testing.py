@@ -24,6 +24,7 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 # Generous: initdb and a first start on a loaded CI machine take seconds, not minutes.
@@ -45,14 +46,19 @@ class PostgresqlServer:
     """A running throwaway PostgreSQL server.
 
     Attributes:
-        pid: the postmaster's process id (its backends are its children).
         directory: its temporary directory: the data, the log and the socket.
         port: the loopback port it listens on.
+        options: the server's command-line options (``pg_ctl -o``).
     """
 
-    pid: int
     directory: Path
     port: int
+    options: str
+
+    @property
+    def pid(self) -> int:
+        """The postmaster's process id (its backends are its children)."""
+        return int((self.directory / "data" / "postmaster.pid").read_text().split("\n", 1)[0])
 
     @property
     def url(self) -> str:
@@ -62,6 +68,25 @@ class PostgresqlServer:
     def database_url(self, name: str) -> str:
         """The URL of database ``name`` on this server (which may not exist yet)."""
         return f"postgresql+psycopg://postgres@/{name}?host={self.directory}&port={self.port}"
+
+    @contextmanager
+    def stopped(self) -> Iterator[None]:
+        """The server stopped as an administrator would (``-m fast``: every session is
+        ended, clients find their connections closed), started again when the block ends.
+
+        Raises:
+            PostgresqlError: ``pg_ctl stop`` or ``start`` failed; with their output and the
+                server's log.
+        """
+        pg_ctl, data = postgresql_program("pg_ctl"), str(self.directory / "data")
+        _run_as_server_user(self.directory, pg_ctl, "-D", data, "-m", "fast", "-w", "stop")
+        try:
+            yield
+        finally:
+            _run_as_server_user(
+                self.directory, pg_ctl, "-D", data, "-l", str(self.directory / "server.log"),
+                "-w", "-t", str(START_TIMEOUT), "-o", self.options, "start",
+            )  # fmt: skip
 
 
 def free_port() -> int:
@@ -123,43 +148,57 @@ def throwaway_postgresql(
     # Not under a private temporary tree (pytest's tmp_path is the user's alone): the
     # server, as ``postgres``, must reach its own socket directory.
     base = Path(tempfile.mkdtemp(prefix=prefix))
-    run_as: list[str] = []
     if os.geteuid() == 0:
-        run_as = ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups"]
         shutil.chown(base, "postgres", "postgres")
     data, log = base / "data", base / "server.log"
     port = free_port()
 
-    def run(*args: str) -> None:
-        done = subprocess.run(
-            [*run_as, *args], capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=False
-        )
-        if done.returncode != 0:
-            server_log = log.read_text(errors="replace") if log.exists() else ""
-            raise PostgresqlError(
-                f"{Path(args[0]).name} failed ({done.returncode}):\n"
-                f"{done.stdout}{done.stderr}{server_log}"
-            )
-
-    options = [f"-c listen_addresses=127.0.0.1 -p {port} -k {base}"]
+    run = partial(_run_as_server_user, base)
+    option_list = [f"-c listen_addresses=127.0.0.1 -p {port} -k {base}"]
     if not durable:
-        options.append("-F -c fsync=off -c full_page_writes=off -c synchronous_commit=off")
-    options.extend(f"-c {name}={value}" for name, value in (settings or {}).items())
+        option_list.append("-F -c fsync=off -c full_page_writes=off -c synchronous_commit=off")
+    option_list.extend(f"-c {name}={value}" for name, value in (settings or {}).items())
+    options = " ".join(option_list)
     try:
         initdb_options = [] if durable else ["--no-sync"]
         run(initdb, "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8",
             *initdb_options, "--no-instructions")  # fmt: skip
         run(pg_ctl, "-D", str(data), "-l", str(log), "-w", "-t", str(START_TIMEOUT),
-            "-o", " ".join(options), "start")  # fmt: skip
-        pid = int((data / "postmaster.pid").read_text().split("\n", 1)[0])
-        yield PostgresqlServer(pid=pid, directory=base, port=port)
+            "-o", options, "start")  # fmt: skip
+        yield PostgresqlServer(directory=base, port=port, options=options)
     finally:
         if (data / "postmaster.pid").exists():
             stop_mode = "fast" if durable else "immediate"
             subprocess.run(
-                [*run_as, pg_ctl, "-D", str(data), "-m", stop_mode, "stop"],
+                [*_server_user_prefix(), pg_ctl, "-D", str(data), "-m", stop_mode, "stop"],
                 capture_output=True,
                 timeout=60,
                 check=False,
             )
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _server_user_prefix() -> list[str]:
+    """What runs a command as ``postgres`` when this process is root (the server refuses
+    to run as root)."""
+    if os.geteuid() == 0:
+        return ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups"]
+    return []
+
+
+def _run_as_server_user(directory: Path, *args: str) -> None:
+    """Run a server program for the server in ``directory``; its output and log if it fails."""
+    done = subprocess.run(
+        [*_server_user_prefix(), *args],
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT,
+        check=False,
+    )
+    if done.returncode != 0:
+        log = directory / "server.log"
+        server_log = log.read_text(errors="replace") if log.exists() else ""
+        raise PostgresqlError(
+            f"{Path(args[0]).name} failed ({done.returncode}):\n"
+            f"{done.stdout}{done.stderr}{server_log}"
+        )

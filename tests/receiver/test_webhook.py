@@ -21,9 +21,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from otacm.settings import Settings
 from receiver import inbox
 from receiver.webhook import WEBHOOK_PATH
-from storage.engine import DriverTransaction
+from storage.engine import DriverTransaction, make_engine, make_sessions
 from storage.migrate import upgrade
 from storage.models import Inbox, InboxSource, InboxState, VenueConnection
+from storage.testing import throwaway_postgresql
 from tests.receiver.conftest import settings_for
 from tests.receiver.notifications import (
     ALL_STATES,
@@ -502,6 +503,41 @@ def database_locked(engine: sa.Engine) -> Iterator[None]:
         connection.exec_driver_sql("LOCK TABLE inbox IN ACCESS EXCLUSIVE MODE")
         yield
         transaction.rollback()
+
+
+@pytest.mark.postgresql
+def test_a_stopped_postgresql_is_503_and_its_restart_costs_nothing_more(
+    make_app: Callable[[Settings], Flask],
+) -> None:
+    """While the server is down the answer is 503; once it is back the pooled connections it
+    closed are replaced unseen, the retry is stored once and nothing stored before is lost."""
+    with throwaway_postgresql(durable=False, prefix="otacm-pg-stopped-") as server:
+        engine = make_engine(server.url)
+        try:
+            upgrade(engine)
+            client = make_app(settings_for(engine, db_lock_timeout=2.0)).test_client()
+            before = {"value": [notification() for _ in range(3)]}
+            assert post(client, before).get_json() == {"stored": 3, "duplicates": 0}
+            with server.stopped():  # a restart between two POSTs
+                pass
+            after_restart = {"value": [notification()]}
+            assert post(client, after_restart).get_json() == {"stored": 1, "duplicates": 0}
+            body = {"value": [notification(), notification()]}
+
+            with server.stopped():
+                refused = post(client, body)
+            retried = post(client, body)
+
+            assert_error(refused, 503, "database_unavailable")
+            assert retried.get_json() == {"stored": 2, "duplicates": 0}
+            stored = stored_rows(make_sessions(engine))
+            sent = [
+                n["payload"]["orderId"]
+                for n in (*before["value"], *after_restart["value"], *body["value"])
+            ]
+            assert sorted(row["order_id"] for row in stored) == sorted(sent)
+        finally:
+            engine.dispose()
 
 
 def test_an_unmigrated_database_is_503_until_it_is_upgraded(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
+import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -156,6 +158,61 @@ def test_read_only_sessions_refuse_writes_on_postgresql(postgresql_url: str) -> 
     finally:
         scratch.drop_all(engine)
         engine.dispose()
+
+
+@pytest.mark.postgresql
+def test_pooled_connections_the_server_closed_are_replaced_on_checkout(
+    postgresql_url: str,
+) -> None:
+    """Backends the server terminated (as a restart does) cost a reconnection, not an error;
+    a pooled connection the server kept is reused."""
+    engine = make_engine(postgresql_url)
+    try:
+        with ExitStack() as held:  # three connections at once, so the pool keeps three
+            connections = [held.enter_context(engine.connect()) for _ in range(3)]
+            pids = [_backend_pid(connection) for connection in connections]
+        kept, *terminated = pids
+        _terminate_backends(postgresql_url, terminated)
+
+        with ExitStack() as held:
+            connections = [held.enter_context(engine.connect()) for _ in range(3)]
+            after = [_backend_pid(connection) for connection in connections]
+        assert kept in after
+        assert not set(terminated) & set(after)
+        # The hot path's driver connections come from the same pool, checked the same way.
+        _terminate_backends(postgresql_url, after)
+        with driver_transaction(engine, one_statement=True) as transaction:
+            assert transaction.returning("SELECT pg_backend_pid()", ())[0] not in after
+    finally:
+        engine.dispose()
+
+
+def _backend_pid(connection: sa.Connection) -> int:
+    pid: int = connection.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+    return pid
+
+
+def _terminate_backends(url: str, pids: list[int]) -> None:
+    """Terminate the backends from a connection of their own and wait until they are gone."""
+    observer = make_engine(url)
+    try:
+        with observer.connect() as connection:
+            connection.exec_driver_sql(
+                "SELECT pg_terminate_backend(pid) FROM unnest(%(pids)s::int[]) AS pid",
+                {"pids": pids},
+            )
+        for _ in range(200):
+            with observer.connect() as connection:
+                left = connection.exec_driver_sql(
+                    "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%(pids)s)",
+                    {"pids": pids},
+                ).scalar_one()
+            if not left:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"backends {pids} still running")
+    finally:
+        observer.dispose()
 
 
 def _insert_note(engine: sa.Engine, text: str) -> str:
