@@ -78,6 +78,10 @@ def gunicorn_options(bind: str, workers: int | None = None) -> dict[str, Any]:
         "errorlog": "-",
         "loglevel": "info",
         "proc_name": "otacm-web",
+        # gunicorn's runtime control socket (gunicornc) lives at one per-user path that
+        # every gunicorn on the box would share, and fails noisily where the home is
+        # read-only (systemd's ProtectHome); otacm's processes are managed by signals.
+        "control_socket_disable": True,
     }
 
 

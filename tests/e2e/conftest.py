@@ -369,3 +369,4 @@ def gunicorn_e2e(
     ) as stack:
         yield stack
     assert web.stop() == 0, web.output()
+    assert "Control socket listening" not in web.output()

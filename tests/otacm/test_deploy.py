@@ -45,6 +45,7 @@ def test_gunicorn_conf_is_the_settings_otacm_web_uses(tmp_path: Path) -> None:
     assert printed["workers"] == "3"
     assert printed["worker_class"] == expected["worker_class"]
     assert printed["timeout"] == str(expected["timeout"])
+    assert printed["control_socket_disable"] == "True"
 
 
 def test_every_role_has_a_unit_that_waits_for_the_migration() -> None:
