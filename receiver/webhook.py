@@ -7,11 +7,16 @@ A POST goes through a short checklist, each failure with its own answer
    known) → 503 ``schema_not_current`` or ``database_unavailable``;
 1. body larger than ``settings.webhook_max_bytes`` → 413 ``body_too_large`` (by its
    ``Content-Length`` before reading, and while reading a chunked body);
-2. not declared as JSON → 415 ``unsupported_media_type``; not decodable → 400
-   ``invalid_json``;
+2. not declared as JSON → 415 ``unsupported_media_type``; not decodable as standard
+   JSON (RFC 8259: no ``NaN`` or ``Infinity``, no number beyond a double's range, nor
+   one of more digits than Python converts) → 400 ``invalid_json``;
 3. none of the three envelope shapes (``{"value": [...]}``, ``{"values": [...]}``, a
-   bare notification), or an ``ota_cm_order_processed`` payload without ``orderId`` →
-   400 ``invalid_notification``, naming the field (``value.0.clientState``);
+   bare notification), or an ``ota_cm_order_processed`` payload without ``orderId``, or
+   an event name or order id that no text column can take (a NUL character, which
+   PostgreSQL refuses, or an unpaired surrogate from a ``\\ud800`` escape, which neither
+   database can encode) → 400 ``invalid_notification``, naming the field
+   (``value.0.clientState``). The reference and status are hints: one that cannot be
+   stored leaves its column empty, and the payload keeps it (escaped);
 4. a ``clientState`` that no venue connection is configured with → 401
    ``unknown_client_state``, and nothing of the POST is stored. Each state names its
    connection, so one POST may carry notifications of several connections;
@@ -32,6 +37,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import sys
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
@@ -146,13 +153,40 @@ def _read_json_body(limit: int) -> Any:
     if len(data) > limit:
         raise BodyTooLarge(limit)
     try:
-        return json.loads(data)
+        # UTF-8 only (RFC 8259), a leading byte order mark ignored.
+        return _JSON.decode(data.decode("utf-8-sig"))
     except UnicodeDecodeError as exc:
         raise InvalidJson("it is not UTF-8 text") from exc
     except json.JSONDecodeError as exc:
         raise InvalidJson(f"{exc.msg} at line {exc.lineno} column {exc.colno}") from exc
     except RecursionError as exc:
         raise InvalidJson("it is nested too deeply") from exc
+    except _NotStandardJson as exc:
+        raise InvalidJson(str(exc)) from exc
+    except ValueError as exc:
+        # The one other: an integer of more digits than Python converts.
+        limit = sys.get_int_max_str_digits()
+        raise InvalidJson(f"a number has more than {limit} digits") from exc
+
+
+class _NotStandardJson(ValueError):
+    """What Python's json module reads but JSON does not have, nor the payload column."""
+
+
+def _refuse_constant(name: str) -> Any:
+    # NaN and Infinity: stored, they would make the payload invalid JSON (PostgreSQL
+    # refuses it).
+    raise _NotStandardJson(f"{name} is not a JSON value")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise _NotStandardJson(f"the number {text[:40]} is out of range")
+    return value
+
+
+_JSON = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
 
 
 def _inbox_rows(receiver: Receiver, connection_ids: dict[str, int], body: Any) -> list[NewInboxRow]:
@@ -225,6 +259,8 @@ def _order_fields(
     """
     if len(notification.event_name) > _EVENT_NAME_MAX:
         raise InvalidNotification(f"{where}eventName", f"at most {_EVENT_NAME_MAX} characters")
+    if not _storable(notification.event_name):
+        raise InvalidNotification(f"{where}eventName", _UNSTORABLE)
     if notification.event_name != ORDER_PROCESSED_EVENT:
         return None, None, None
     payload = notification.payload
@@ -235,14 +271,34 @@ def _order_fields(
     order_id = raw_order_id.strip().strip("{}").lower()
     if len(order_id) > _ORDER_ID_MAX:
         raise InvalidNotification(f"{where}payload.orderId", f"at most {_ORDER_ID_MAX} characters")
+    if not _storable(order_id):
+        raise InvalidNotification(f"{where}payload.orderId", _UNSTORABLE)
     reference = _hint(payload.get("buyFromOrderReference"), _REFERENCE_MAX)
     return order_id, reference, _hint(payload.get("status"), _STATUS_MAX)
 
 
 def _hint(value: Any, width: int) -> str | None:
-    if isinstance(value, str) and value.strip() and len(value) <= width:
+    if isinstance(value, str) and value.strip() and len(value) <= width and _storable(value):
         return value
     return None
+
+
+_UNSTORABLE = "text without NUL characters or unpaired surrogates"
+
+
+def _storable(text: str) -> bool:
+    """Whether a text column takes ``text`` on either database: PostgreSQL refuses NUL
+    characters, and an unpaired surrogate (a JSON ``\\ud800`` escape alone) cannot be
+    encoded as UTF-8. Checked on both, so an answer never depends on the database."""
+    if "\x00" in text:
+        return False
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _envelope(body: Any) -> tuple[str, list[dict[str, Any]]]:

@@ -316,6 +316,24 @@ def test_a_chunked_body_is_measured_while_it_is_read(
         assert len(stored_rows(sessions)) == len(stored_before) + 1
 
 
+def test_a_utf8_body_may_start_with_a_byte_order_mark(
+    client: FlaskClient, sessions: sessionmaker[Session]
+) -> None:
+    """RFC 8259 lets a parser ignore a leading BOM, and some senders write one."""
+    sent = notification()
+    body = b"\xef\xbb\xbf" + json.dumps({"value": [sent]}).encode()
+
+    response = client.post(WEBHOOK_PATH, data=body, content_type="application/json")
+
+    assert response.get_json() == {"stored": 1, "duplicates": 0}
+    assert [row["order_id"] for row in stored_rows(sessions)] == [sent["payload"]["orderId"]]
+
+
+def _with_raw_extra(value: str) -> str:
+    """A notification's JSON with a field ``extra`` whose value is ``value`` as written."""
+    return json.dumps({"value": [notification(extra="@")]}).replace('"@"', value)
+
+
 @pytest.mark.parametrize(
     ("content_type", "data", "status", "code"),
     [
@@ -326,8 +344,26 @@ def test_a_chunked_body_is_measured_while_it_is_read(
         ("application/json", b"\xff\xfe\xfa{}", 400, "invalid_json"),
         ("application/json", "", 400, "invalid_json"),
         ("application/json", "[" * 100_000, 400, "invalid_json"),
+        ("application/json", _with_raw_extra("NaN"), 400, "invalid_json"),
+        ("application/json", _with_raw_extra("-Infinity"), 400, "invalid_json"),
+        ("application/json", _with_raw_extra("1e400"), 400, "invalid_json"),
+        ("application/json", _with_raw_extra("9" * 5000), 400, "invalid_json"),
+        ("application/json", json.dumps(notification()).encode("utf-16"), 400, "invalid_json"),
     ],
-    ids=["text", "no-type", "form", "truncated", "not-utf8", "empty", "deep"],
+    ids=[
+        "text",
+        "no-type",
+        "form",
+        "truncated",
+        "not-utf8",
+        "empty",
+        "deep",
+        "nan",
+        "infinity",
+        "float-out-of-range",
+        "too-many-digits",
+        "utf-16",
+    ],
 )
 def test_a_body_that_is_not_json_is_refused(
     make_app: Callable[[Settings], Flask],
@@ -368,6 +404,10 @@ def _without(notification_: dict[str, Any], *path: str) -> dict[str, Any]:
         ({"value": [notification(timestamp="yesterday")]}, "value.0.timestamp"),
         ({"value": [notification(payload="not an object")]}, "value.0.payload"),
         ({"value": [notification(event="e" * 101)]}, "value.0.eventName"),
+        ({"value": [notification(event="ota_cm\u0000")]}, "value.0.eventName"),
+        ({"value": [notification(event="ota_cm_\ud800")]}, "value.0.eventName"),
+        ({"value": [notification(), notification("0rder\u0000")]}, "value.1.payload.orderId"),
+        ({"value": [notification("\udfff0rder")]}, "value.0.payload.orderId"),
         ({"value": {"not": "a list"}}, "value"),
         ([notification()], "body"),
     ],
@@ -380,6 +420,10 @@ def _without(notification_: dict[str, Any], *path: str) -> dict[str, Any]:
         "bad-timestamp",
         "payload-not-object",
         "event-name-too-long",
+        "event-name-nul",
+        "event-name-lone-surrogate",
+        "order-id-nul",
+        "order-id-lone-surrogate",
         "value-not-list",
         "array",
     ],
@@ -397,6 +441,24 @@ def test_an_invalid_envelope_is_400_naming_the_field(
     message = assert_error(response, 400, "invalid_notification")["message"]
     assert message.startswith(f"{field}: ")
     assert stored_rows(sessions) == stored_before
+
+
+@pytest.mark.parametrize("text", ["Iss\u0000ued", "\ud800Issued"], ids=["nul", "lone-surrogate"])
+def test_a_hint_no_column_can_take_is_left_out_and_kept_in_the_payload(
+    client: FlaskClient, sessions: sessionmaker[Session], text: str
+) -> None:
+    """A status or reference with a NUL or an unpaired surrogate is stored without its hint
+    column (the same on both databases); the payload keeps it, escaped."""
+    sent = notification(status=text, reference=text)
+
+    response = post(client, {"value": [sent]})
+
+    assert response.get_json() == {"stored": 1, "duplicates": 0}
+    (row,) = stored_rows(sessions)
+    assert (row["notified_status"], row["buy_from_order_reference"]) == (None, None)
+    assert row["order_id"] == sent["payload"]["orderId"]
+    assert row["payload"]["payload"]["status"] == text
+    assert row["payload"]["payload"]["buyFromOrderReference"] == text
 
 
 def test_an_unknown_client_state_is_401_and_nothing_is_stored(
