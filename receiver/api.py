@@ -30,25 +30,20 @@ so tests can give the app another transport or retry policy.
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from decimal import Decimal
-from typing import Any, cast
+from typing import cast
 
 from flask import Blueprint, Response, current_app, jsonify, request
 from flask.blueprints import BlueprintSetupState
-from werkzeug.exceptions import RequestEntityTooLarge
 
 from otacm.settings import VenueConnection
+from receiver.body import read_json_body
 from receiver.context import current_receiver
 from receiver.errors import (
-    BodyTooLarge,
-    InvalidJson,
     NotAuthorized,
     ReceiverError,
-    UnsupportedMediaType,
     error_response,
 )
 from receiver.outbox import (
@@ -135,7 +130,8 @@ def create_order() -> Response:
     receiver = current_receiver()
     # Nothing can be recorded until the database is ready: until then a 503.
     connection_ids = receiver.connection_ids()
-    body = _read_json_body(receiver.settings.webhook_max_bytes)
+    # Amounts are money: decoded exactly, never through float.
+    body = read_json_body(receiver.settings.webhook_max_bytes, exact_numbers=True)
     try:
         submission = parse_submission(body)
         venue = choose_connection(receiver.settings, submission.connection)
@@ -171,34 +167,3 @@ def create_order() -> Response:
     response = jsonify(outcome.to_json())
     response.status_code = _STATUS_CODES[outcome.status]
     return response
-
-
-def _read_json_body(limit: int) -> Any:
-    """The decoded JSON body, no larger than ``limit`` bytes, numbers as ``Decimal``.
-
-    Raises:
-        BodyTooLarge: the body is over ``limit``.
-        UnsupportedMediaType: the body is not declared as JSON.
-        InvalidJson: the body does not decode.
-    """
-    if request.content_length is not None and request.content_length > limit:
-        raise BodyTooLarge(limit)
-    if not request.is_json:
-        raise UnsupportedMediaType(request.mimetype)
-    # One byte over the limit is read, so a body that reaches it is known to be too large.
-    request.max_content_length = limit + 1
-    try:
-        data = request.get_data(cache=False)
-    except RequestEntityTooLarge as exc:
-        raise BodyTooLarge(limit) from exc
-    if len(data) > limit:
-        raise BodyTooLarge(limit)
-    try:
-        # Amounts are money: decoded exactly, never through float.
-        return json.loads(data, parse_float=Decimal)
-    except UnicodeDecodeError as exc:
-        raise InvalidJson("it is not UTF-8 text") from exc
-    except json.JSONDecodeError as exc:
-        raise InvalidJson(f"{exc.msg} at line {exc.lineno} column {exc.colno}") from exc
-    except RecursionError as exc:
-        raise InvalidJson("it is nested too deeply") from exc

@@ -75,6 +75,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from otacm.settings import Settings, VenueConnection
+from receiver.body import JsonRefused, decode_json
 from receiver.inbox import Lookup, queue_lookups
 from receiver.worker import LAST_ERROR_MAX_CHARS, backoff, describe_venue_error, new_owner
 from storage.lease import LeasedQueue
@@ -91,6 +92,7 @@ from storage.models import (
     mark_removed,
     upsert_order,
 )
+from storage.types import MONEY_MAX, UNSTORABLE_TEXT, storable_text
 from venue.client import RetryPolicy, VenueClient
 from venue.errors import VenueError, VenueNotFound, VenueRejected
 from venue.models import Order, OrderRequest, OrderStatus, OrderSummary, normalize_reference
@@ -156,7 +158,7 @@ class _SaleTerms(BaseModel):
         alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
     )
 
-    amount: Decimal | None = Field(default=None, ge=0, allow_inf_nan=False)
+    amount: Decimal | None = Field(default=None, ge=0, le=MONEY_MAX, allow_inf_nan=False)
     currency: str | None = Field(default=None, pattern=r"^[A-Za-z]{3}$")
     amount_includes_vat: bool = True
     connection: str | None = Field(default=None, min_length=1)
@@ -210,6 +212,9 @@ def parse_submission(raw: Any) -> Submission:
     """
     if not isinstance(raw, dict):
         raise SubmissionError("", "an order must be a JSON object")
+    unstorable = _unstorable_field(raw)
+    if unstorable is not None:
+        raise SubmissionError(unstorable, UNSTORABLE_TEXT)
     terms_raw = {key: value for key, value in raw.items() if key in _TERMS_KEYS}
     request_raw = {key: value for key, value in raw.items() if key not in _TERMS_KEYS}
     try:
@@ -1586,7 +1591,9 @@ def read_submissions(text: str) -> list[Submission]:
             the entry (``[2].items.0.quantity``, ``line 3: amount``).
     """
     try:
-        decoded: Any = json.loads(text, parse_float=Decimal)
+        decoded: Any = decode_json(text, exact_numbers=True)
+    except (JsonRefused, RecursionError) as refused:
+        raise SubmissionError("", f"not valid JSON: {_refusal(refused)}") from None
     except json.JSONDecodeError as whole:
         if whole.msg != "Extra data":
             raise SubmissionError(
@@ -1598,10 +1605,14 @@ def read_submissions(text: str) -> list[Submission]:
             if not line.strip():
                 continue
             try:
-                entries.append((f"line {number}: ", json.loads(line, parse_float=Decimal)))
+                entries.append((f"line {number}: ", decode_json(line, exact_numbers=True)))
             except json.JSONDecodeError as exc:
                 raise SubmissionError(
                     f"line {number}", f"not valid JSON: {exc.msg} at column {exc.colno}"
+                ) from None
+            except (JsonRefused, RecursionError) as refused:
+                raise SubmissionError(
+                    f"line {number}", f"not valid JSON: {_refusal(refused)}"
                 ) from None
     else:
         if isinstance(decoded, list):
@@ -1619,6 +1630,30 @@ def read_submissions(text: str) -> list[Submission]:
                 f"{where}{exc.field}".rstrip(". :"), exc.problem, code=exc.code
             ) from None
     return submissions
+
+
+def _unstorable_field(value: Any, path: str = "") -> str | None:
+    """The dotted path of the first key or string in ``value`` no text column takes."""
+    if isinstance(value, str):
+        return None if storable_text(value) else path
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if not storable_text(str(key)):
+                return where
+            found = _unstorable_field(item, where)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _unstorable_field(item, f"{path}.{index}" if path else str(index))
+            if found is not None:
+                return found
+    return None
+
+
+def _refusal(exc: JsonRefused | RecursionError) -> str:
+    return "it is nested too deeply" if isinstance(exc, RecursionError) else str(exc)
 
 
 def submit_file(

@@ -35,31 +35,26 @@ Logs name order ids and statuses, never client states, company or user data.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import sys
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 from pydantic import ValidationError
-from werkzeug.exceptions import MethodNotAllowed, RequestEntityTooLarge
+from werkzeug.exceptions import MethodNotAllowed
 
+from receiver.body import read_json_body
 from receiver.context import Receiver, current_receiver
 from receiver.errors import (
     DATABASE_UNAVAILABLE,
-    BodyTooLarge,
     DatabaseUnavailable,
-    InvalidJson,
     InvalidNotification,
     ReceiverError,
     UnknownClientState,
-    UnsupportedMediaType,
     describe_database_error,
 )
 from receiver.inbox import NewInboxRow, StoreResult, store_notifications
 from storage.models import InboxSource
-from storage.types import utcnow
+from storage.types import UNSTORABLE_TEXT, storable_text, utcnow
 from venue.models import ORDER_PROCESSED_EVENT, Notification, parse_notifications
 
 logger = logging.getLogger(__name__)
@@ -107,7 +102,7 @@ def _receive(receiver: Receiver) -> StoreResult:
     # Nothing can be attributed to a connection (nor stored) until the database is
     # ready; until then every POST is a 503, which the venue retries.
     connection_ids = receiver.connection_ids()
-    body = _read_json_body(receiver.settings.webhook_max_bytes)
+    body = read_json_body(receiver.settings.webhook_max_bytes)
     rows = _inbox_rows(receiver, connection_ids, body)
     if not rows:
         return StoreResult(stored=0, duplicates=0, ids=())
@@ -133,60 +128,6 @@ def _receive(receiver: Receiver) -> StoreResult:
             ", ".join(orders) or "no order notifications",
         )
     return result
-
-
-def _read_json_body(limit: int) -> Any:
-    """The decoded JSON body, no larger than ``limit`` bytes."""
-    if request.content_length is not None and request.content_length > limit:
-        raise BodyTooLarge(limit)
-    if not request.is_json:
-        raise UnsupportedMediaType(request.mimetype)
-    # Enforced while reading too: a chunked body has no Content-Length to check first.
-    # werkzeug stops reading at the maximum without complaint, so allow one byte more
-    # than the limit: a body that reaches it is over the limit, one that stops short is
-    # whole.
-    request.max_content_length = limit + 1
-    try:
-        data = request.get_data(cache=False)
-    except RequestEntityTooLarge as exc:
-        raise BodyTooLarge(limit) from exc
-    if len(data) > limit:
-        raise BodyTooLarge(limit)
-    try:
-        # UTF-8 only (RFC 8259), a leading byte order mark ignored.
-        return _JSON.decode(data.decode("utf-8-sig"))
-    except UnicodeDecodeError as exc:
-        raise InvalidJson("it is not UTF-8 text") from exc
-    except json.JSONDecodeError as exc:
-        raise InvalidJson(f"{exc.msg} at line {exc.lineno} column {exc.colno}") from exc
-    except RecursionError as exc:
-        raise InvalidJson("it is nested too deeply") from exc
-    except _NotStandardJson as exc:
-        raise InvalidJson(str(exc)) from exc
-    except ValueError as exc:
-        # The one other: an integer of more digits than Python converts.
-        limit = sys.get_int_max_str_digits()
-        raise InvalidJson(f"a number has more than {limit} digits") from exc
-
-
-class _NotStandardJson(ValueError):
-    """What Python's json module reads but JSON does not have, nor the payload column."""
-
-
-def _refuse_constant(name: str) -> Any:
-    # NaN and Infinity: stored, they would make the payload invalid JSON (PostgreSQL
-    # refuses it).
-    raise _NotStandardJson(f"{name} is not a JSON value")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if math.isinf(value):
-        raise _NotStandardJson(f"the number {text[:40]} is out of range")
-    return value
-
-
-_JSON = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
 
 
 def _inbox_rows(receiver: Receiver, connection_ids: dict[str, int], body: Any) -> list[NewInboxRow]:
@@ -259,8 +200,8 @@ def _order_fields(
     """
     if len(notification.event_name) > _EVENT_NAME_MAX:
         raise InvalidNotification(f"{where}eventName", f"at most {_EVENT_NAME_MAX} characters")
-    if not _storable(notification.event_name):
-        raise InvalidNotification(f"{where}eventName", _UNSTORABLE)
+    if not storable_text(notification.event_name):
+        raise InvalidNotification(f"{where}eventName", UNSTORABLE_TEXT)
     if notification.event_name != ORDER_PROCESSED_EVENT:
         return None, None, None
     payload = notification.payload
@@ -271,34 +212,16 @@ def _order_fields(
     order_id = raw_order_id.strip().strip("{}").lower()
     if len(order_id) > _ORDER_ID_MAX:
         raise InvalidNotification(f"{where}payload.orderId", f"at most {_ORDER_ID_MAX} characters")
-    if not _storable(order_id):
-        raise InvalidNotification(f"{where}payload.orderId", _UNSTORABLE)
+    if not storable_text(order_id):
+        raise InvalidNotification(f"{where}payload.orderId", UNSTORABLE_TEXT)
     reference = _hint(payload.get("buyFromOrderReference"), _REFERENCE_MAX)
     return order_id, reference, _hint(payload.get("status"), _STATUS_MAX)
 
 
 def _hint(value: Any, width: int) -> str | None:
-    if isinstance(value, str) and value.strip() and len(value) <= width and _storable(value):
+    if isinstance(value, str) and value.strip() and len(value) <= width and storable_text(value):
         return value
     return None
-
-
-_UNSTORABLE = "text without NUL characters or unpaired surrogates"
-
-
-def _storable(text: str) -> bool:
-    """Whether a text column takes ``text`` on either database: PostgreSQL refuses NUL
-    characters, and an unpaired surrogate (a JSON ``\\ud800`` escape alone) cannot be
-    encoded as UTF-8. Checked on both, so an answer never depends on the database."""
-    if "\x00" in text:
-        return False
-    if text.isascii():
-        return True
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _envelope(body: Any) -> tuple[str, list[dict[str, Any]]]:

@@ -24,11 +24,36 @@ MONEY_PLACES = 6
 """Decimal places :class:`Money` keeps; more are rounded half-even."""
 
 _MONEY_QUANTUM = Decimal(1).scaleb(-MONEY_PLACES)
+MONEY_MAX = Decimal(2**63 - 1).scaleb(-MONEY_PLACES)
+"""The largest amount :class:`Money` holds (a ``BIGINT`` of micro-units); validate
+amounts from outside against it."""
 # Operators whose other operand is a plain number, not an amount of money.
 _SCALING_OPERATORS = frozenset({operators.mul, operators.truediv, operators.floordiv})
 # Operators whose result is money again when the left operand is. Not division: SQL
 # integer division truncates, so divide amounts in Python.
 _MONEY_OPERATORS = frozenset({operators.mul, operators.add, operators.sub})
+
+
+UNSTORABLE_TEXT = "text without NUL characters or unpaired surrogates"
+"""What to tell the sender of a field :func:`storable_text` refuses."""
+
+
+def storable_text(text: str) -> bool:
+    """Whether a text column takes ``text`` on both databases.
+
+    PostgreSQL refuses NUL characters; an unpaired surrogate (what a JSON ``"\\ud800"``
+    escape alone decodes to) cannot be encoded as UTF-8 for either. Code that stores a
+    field from outside checks it, so an answer never depends on the database.
+    """
+    if "\x00" in text:
+        return False
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def utcnow() -> dt.datetime:

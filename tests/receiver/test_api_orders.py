@@ -206,6 +206,7 @@ def test_an_inactive_partner_is_answered_422(http: FlaskClient) -> None:
             {"items": [{"itemNumber": "31001", "visitDate": "tomorrow", "quantity": 1}]},
             "items.0.visitDate",
         ),
+        ({"sellToName": "Jane\u0000Doe"}, "sellToName"),
     ],
 )
 def test_an_invalid_order_is_answered_400_naming_the_field(
@@ -231,8 +232,15 @@ def test_a_body_that_is_not_json_is_answered_400(
     """400 ``invalid_json``; a body not declared as JSON is 415."""
     broken = http.post(ORDERS, data="{nope", content_type="application/json")
     text = http.post(ORDERS, data="hello", content_type="text/plain")
+    nan = json.dumps({**order_body(unique_reference()), "amount": "@", "currency": "DKK"})
+    not_a_number = http.post(
+        ORDERS, data=nan.replace('"@"', "NaN"), content_type="application/json"
+    )
 
     assert (broken.status_code, broken.get_json()["code"]) == (400, "invalid_json")
+    assert not_a_number.status_code == 400
+    assert not_a_number.get_json()["code"] == "invalid_json"
+    assert "NaN is not a JSON value" in not_a_number.get_json()["message"]
     assert (text.status_code, text.get_json()["code"]) == (415, "unsupported_media_type")
     assert rows(sessions, LedgerLine) == []
 

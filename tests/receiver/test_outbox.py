@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import threading
 import uuid
 from collections import Counter
@@ -62,7 +63,7 @@ from storage.models import (
     Wallet,
     ensure_connection,
 )
-from storage.types import utcnow
+from storage.types import MONEY_MAX, utcnow
 from venue.client import RetryPolicy, VenueClient, open_client
 from venue.models import OrderRequest, OrderStatus, normalize_reference
 from venue.throttle import Throttle
@@ -348,6 +349,12 @@ def test_a_submission_is_the_order_request_plus_the_sale() -> None:
         ({"currency": "DKK"}, "amount"),
         ({"amount": "-1", "currency": "DKK"}, "amount"),
         ({"currency": "kroner", "amount": "1"}, "currency"),
+        ({"amount": "1e400", "currency": "DKK"}, "amount"),
+        ({"amount": "9223372036854.775808", "currency": "DKK"}, "amount"),
+        ({"sellToName": "Jane\u0000Doe"}, "sellToName"),
+        ({"sellToEmail": "\ud800@example.com"}, "sellToEmail"),
+        ({"items": [{"itemNumber": "31001\u0000", "quantity": 1}]}, "items.0.itemNumber"),
+        ({"notes": {"gift\u0000": "yes"}}, "notes.gift\u0000"),
     ],
 )
 def test_an_invalid_submission_names_its_field(change: dict[str, Any], field: str) -> None:
@@ -356,6 +363,13 @@ def test_an_invalid_submission_names_its_field(change: dict[str, Any], field: st
         parse_submission(order_body(**change))
 
     assert caught.value.field == field
+
+
+def test_the_largest_amount_money_holds_is_accepted() -> None:
+    """One micro-unit below the refused amount above: what a BIGINT of micro-units holds."""
+    raw = {**order_body(), "amount": "9223372036854.775807", "currency": "DKK"}
+
+    assert parse_submission(raw).amount == MONEY_MAX
 
 
 def test_an_invalid_line_names_the_line_and_field() -> None:
@@ -411,6 +425,28 @@ def test_an_invalid_entry_in_a_file_names_the_entry() -> None:
         read_submissions(as_lines)
     with pytest.raises(SubmissionError, match="not valid JSON"):
         read_submissions("{nope")
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("NaN", "NaN is not a JSON value"),
+        ("Infinity", "Infinity is not a JSON value"),
+        ("9" * 5000, "a number has more than 4300 digits"),
+        ("[" * 100_000, "it is nested too deeply"),
+    ],
+    ids=["nan", "infinity", "too-many-digits", "too-deep"],
+)
+def test_a_file_with_what_json_does_not_have_is_refused(value: str, problem: str) -> None:
+    """Python's json reads NaN and Infinity; a file with them, or with a number or nesting
+    it cannot read, is refused whole, in any of the shapes."""
+    entry = json.dumps({**order_body("N-1"), "amount": "@", "currency": "DKK"})
+    with_value = entry.replace('"@"', value)
+
+    with pytest.raises(SubmissionError, match=f"not valid JSON: {re.escape(problem)}"):
+        read_submissions(with_value)
+    with pytest.raises(SubmissionError, match=rf"^line 2: not valid JSON: {re.escape(problem)}"):
+        read_submissions(json.dumps(order_body("N-0")) + "\n" + with_value)
 
 
 # --- recording ----------------------------------------------------------------------------

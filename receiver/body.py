@@ -1,0 +1,104 @@
+"""JSON in: request bodies and submission files decoded as standard JSON, one way.
+
+Python's ``json`` module reads more than JSON: ``NaN`` and ``Infinity``, numbers beyond a
+double's range (as infinity), and it fails with a bare ``ValueError`` on an integer of
+more digits than Python converts. Stored, the first two make a JSON column invalid
+(PostgreSQL refuses it); the last would be a 500. :func:`decode_json` refuses all three
+as :class:`JsonRefused`; :func:`read_json_body` reads a Flask request's body with the
+size limit and answers with :mod:`receiver.errors`.
+
+The text inside is another matter: a string may hold a NUL character or an unpaired
+surrogate (``"\\ud800"``), which is valid JSON but no text column takes
+(:func:`storage.types.storable_text`); the code that puts a field in a column checks it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from decimal import Decimal
+from typing import Any
+
+from flask import request
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from receiver.errors import BodyTooLarge, InvalidJson, UnsupportedMediaType
+
+
+class JsonRefused(ValueError):
+    """The text is not standard JSON (RFC 8259), or not one otacm can read."""
+
+
+def decode_json(text: str, *, exact_numbers: bool = False) -> Any:
+    """``text`` decoded as standard JSON; with ``exact_numbers``, fractions as ``Decimal``.
+
+    Raises:
+        json.JSONDecodeError: the text is not JSON (its ``msg`` says why; a document
+            followed by more text is ``"Extra data"``, as with ``json.loads``).
+        JsonRefused: ``NaN`` or ``Infinity``, a number out of range, or an integer of more
+            digits than Python converts.
+        RecursionError: the document is nested too deeply.
+    """
+    decoder = _EXACT if exact_numbers else _FLOATS
+    try:
+        return decoder.decode(text)
+    except (JsonRefused, json.JSONDecodeError):
+        raise
+    except ValueError as exc:
+        # The one other: an integer of more digits than Python's conversion limit.
+        limit = sys.get_int_max_str_digits()
+        raise JsonRefused(f"a number has more than {limit} digits") from exc
+
+
+def read_json_body(limit: int, *, exact_numbers: bool = False) -> Any:
+    """The request's body, no larger than ``limit`` bytes, decoded by :func:`decode_json`.
+
+    Raises:
+        BodyTooLarge: the body is over ``limit`` (by its ``Content-Length`` before it is
+            read, or while reading a chunked one).
+        UnsupportedMediaType: the body is not declared as JSON.
+        InvalidJson: the body is not UTF-8 standard JSON; the message says where or why.
+    """
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge(limit)
+    if not request.is_json:
+        raise UnsupportedMediaType(request.mimetype)
+    # Enforced while reading too: a chunked body has no Content-Length to check first.
+    # werkzeug stops reading at the maximum without complaint, so allow one byte more
+    # than the limit: a body that reaches it is over the limit, one that stops short is
+    # whole.
+    request.max_content_length = limit + 1
+    try:
+        data = request.get_data(cache=False)
+    except RequestEntityTooLarge as exc:
+        raise BodyTooLarge(limit) from exc
+    if len(data) > limit:
+        raise BodyTooLarge(limit)
+    try:
+        # UTF-8 only (RFC 8259), a leading byte order mark ignored.
+        return decode_json(data.decode("utf-8-sig"), exact_numbers=exact_numbers)
+    except UnicodeDecodeError as exc:
+        raise InvalidJson("it is not UTF-8 text") from exc
+    except json.JSONDecodeError as exc:
+        raise InvalidJson(f"{exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+    except RecursionError as exc:
+        raise InvalidJson("it is nested too deeply") from exc
+    except JsonRefused as exc:
+        raise InvalidJson(str(exc)) from exc
+
+
+def _refuse_constant(name: str) -> Any:
+    raise JsonRefused(f"{name} is not a JSON value")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise JsonRefused(f"the number {text[:40]} is out of range")
+    return value
+
+
+# Made once: json.loads with hooks would build a decoder per call, on the webhook's path.
+_FLOATS = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
+_EXACT = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=Decimal)
