@@ -83,10 +83,7 @@ class PostgresqlServer:
         try:
             yield
         finally:
-            _run_as_server_user(
-                self.directory, pg_ctl, "-D", data, "-l", str(self.directory / "server.log"),
-                "-w", "-t", str(START_TIMEOUT), "-o", self.options, "start",
-            )  # fmt: skip
+            _start_server(self.directory, self.options)
 
 
 def free_port() -> int:
@@ -150,7 +147,7 @@ def throwaway_postgresql(
     base = Path(tempfile.mkdtemp(prefix=prefix))
     if os.geteuid() == 0:
         shutil.chown(base, "postgres", "postgres")
-    data, log = base / "data", base / "server.log"
+    data = base / "data"
     port = free_port()
 
     run = partial(_run_as_server_user, base)
@@ -163,8 +160,7 @@ def throwaway_postgresql(
         initdb_options = [] if durable else ["--no-sync"]
         run(initdb, "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8",
             *initdb_options, "--no-instructions")  # fmt: skip
-        run(pg_ctl, "-D", str(data), "-l", str(log), "-w", "-t", str(START_TIMEOUT),
-            "-o", options, "start")  # fmt: skip
+        _start_server(base, options)
         yield PostgresqlServer(directory=base, port=port, options=options)
     finally:
         if (data / "postmaster.pid").exists():
@@ -176,6 +172,14 @@ def throwaway_postgresql(
                 check=False,
             )
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _start_server(directory: Path, options: str) -> None:
+    """``pg_ctl start`` the server in ``directory`` with ``options``, waiting until it serves."""
+    _run_as_server_user(
+        directory, postgresql_program("pg_ctl"), "-D", str(directory / "data"),
+        "-l", str(directory / "server.log"), "-w", "-t", str(START_TIMEOUT), "-o", options, "start",
+    )  # fmt: skip
 
 
 def _server_user_prefix() -> list[str]:
