@@ -92,7 +92,7 @@ from storage.models import (
     mark_removed,
     upsert_order,
 )
-from storage.types import MONEY_MAX, UNSTORABLE_TEXT, storable_text
+from storage.types import MONEY_MAX, UNSTORABLE_TEXT, unstorable_text_path
 from venue.client import RetryPolicy, VenueClient
 from venue.errors import VenueError, VenueNotFound, VenueRejected
 from venue.models import Order, OrderRequest, OrderStatus, OrderSummary, normalize_reference
@@ -212,7 +212,7 @@ def parse_submission(raw: Any) -> Submission:
     """
     if not isinstance(raw, dict):
         raise SubmissionError("", "an order must be a JSON object")
-    unstorable = _unstorable_field(raw)
+    unstorable = unstorable_text_path(raw)
     if unstorable is not None:
         raise SubmissionError(unstorable, UNSTORABLE_TEXT)
     terms_raw = {key: value for key, value in raw.items() if key in _TERMS_KEYS}
@@ -1630,26 +1630,6 @@ def read_submissions(text: str) -> list[Submission]:
                 f"{where}{exc.field}".rstrip(". :"), exc.problem, code=exc.code
             ) from None
     return submissions
-
-
-def _unstorable_field(value: Any, path: str = "") -> str | None:
-    """The dotted path of the first key or string in ``value`` no text column takes."""
-    if isinstance(value, str):
-        return None if storable_text(value) else path
-    if isinstance(value, dict):
-        for key, item in value.items():
-            where = f"{path}.{key}" if path else str(key)
-            if not storable_text(str(key)):
-                return where
-            found = _unstorable_field(item, where)
-            if found is not None:
-                return found
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            found = _unstorable_field(item, f"{path}.{index}" if path else str(index))
-            if found is not None:
-                return found
-    return None
 
 
 def _refusal(exc: JsonRefused | RecursionError) -> str:

@@ -648,7 +648,7 @@ def _retry(
 
 
 def describe_venue_error(exc: VenueError) -> str:
-    """A failure for ``last_error``: the kind, status and the venue's code and message.
+    """A failure for ``last_error``: kind, status, the venue's code and message, our finding.
 
     Built from the error's fields, never from a body: the venue's messages for getOrder
     name orders and states, not customers, and a person needs them to act.
@@ -662,6 +662,8 @@ def describe_venue_error(exc: VenueError) -> str:
         parts.append(exc.code)
     if exc.message:
         parts.append(exc.message)
+    if exc.reason:
+        parts.append(exc.reason)
     if isinstance(exc, VenueRejected) and exc.may_be_transient:
         parts.append("(transient)")
     return ": ".join(parts)

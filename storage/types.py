@@ -56,6 +56,29 @@ def storable_text(text: str) -> bool:
     return True
 
 
+def unstorable_text_path(value: Any, path: str = "") -> str | None:
+    """The dotted path of the first key or string in decoded JSON no text column takes.
+
+    ``None`` when :func:`storable_text` takes every one; a list index is a path segment.
+    """
+    if isinstance(value, str):
+        return None if storable_text(value) else path
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if not storable_text(str(key)):
+                return where
+            found = unstorable_text_path(item, where)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = unstorable_text_path(item, f"{path}.{index}" if path else str(index))
+            if found is not None:
+                return found
+    return None
+
+
 def utcnow() -> dt.datetime:
     """The current time, aware, in UTC: the default of every timestamp column."""
     return dt.datetime.now(dt.UTC)

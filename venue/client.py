@@ -23,10 +23,12 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
+import pydantic_core
 import stamina
 from pydantic import BaseModel, SecretStr, ValidationError
 
 from otacm.settings import VenueConnection
+from storage.types import UNSTORABLE_TEXT, unstorable_text_path
 from venue.errors import (
     VenueProtocolError,
     VenueUnavailable,
@@ -55,6 +57,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
+
+_NUL_ESCAPE = b"\\u0000"
 
 
 @dataclass(frozen=True)
@@ -485,17 +489,21 @@ class VenueClient:
     def _parse(method: str, path: str, response: httpx.Response, model: type[ModelT]) -> ModelT:
         """The body as ``model``, or :class:`VenueProtocolError` naming the bad fields."""
         try:
-            return model.model_validate_json(response.content)
+            parsed = model.model_validate_json(response.content)
         except ValidationError as exc:
             raise _protocol_error(method, path, response, model, exc) from exc
+        _refuse_unstorable_text(method, path, response, model)
+        return parsed
 
     @staticmethod
     def _parse_list(path: str, response: httpx.Response, model: type[ModelT]) -> Page[ModelT]:
         """A list body (page envelope, ``{"value": [...]}`` or bare array) of ``model``."""
         try:
-            return parse_page(response.content, model)
-        except ValueError as exc:  # bad JSON (json.JSONDecodeError) or a ValidationError
+            page = parse_page(response.content, model)
+        except ValueError as exc:  # bad JSON or a ValidationError
             raise _protocol_error("GET", path, response, model, exc) from exc
+        _refuse_unstorable_text("GET", path, response, model)
+        return page
 
 
 def _protocol_error(
@@ -516,6 +524,27 @@ def _protocol_error(
         status=response.status_code,
         reason=f"body does not parse as {model.__name__}: {detail}",
     )
+
+
+def _refuse_unstorable_text(
+    method: str, path: str, response: httpx.Response, model: type[BaseModel]
+) -> None:
+    """Refuse a body with text the mirror cannot store, naming where, on both databases.
+
+    JSON allows a NUL only as the ``\\u0000`` escape (the parser refuses a raw one, and
+    unpaired surrogates), so bodies without that escape, nearly all, skip the walk.
+    """
+    if _NUL_ESCAPE not in response.content:
+        return
+    where = unstorable_text_path(pydantic_core.from_json(response.content))
+    if where is not None:
+        raise VenueProtocolError(
+            method,
+            path,
+            status=response.status_code,
+            reason=f"body does not parse as {model.__name__}: {where or 'body'}: "
+            f"expected {UNSTORABLE_TEXT}",
+        )
 
 
 @contextmanager

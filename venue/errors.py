@@ -39,6 +39,7 @@ class VenueError(Exception):
         status: the HTTP status, or ``None`` when no response arrived.
         code: the venue's snake_case error code, when its body had one.
         message: the venue's human-readable message, when its body had one.
+        reason: what otacm found wrong with an answer, when the fault is in the answer.
     """
 
     def __init__(
@@ -56,6 +57,7 @@ class VenueError(Exception):
         self.status = status
         self.code = code
         self.message = message
+        self.reason = reason
         parts = [f"{method} {path}"]
         if status is not None:
             parts.append(f"HTTP {status}")

@@ -10,12 +10,12 @@ Both the current asynchronous responses and the older synchronous ones (which la
 from __future__ import annotations
 
 import datetime as dt
-import json
 from collections.abc import Iterable
 from decimal import Decimal
 from enum import StrEnum
 from typing import Annotated, Any, Generic, TypeVar
 
+import pydantic_core
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
@@ -255,7 +255,8 @@ def parse_page(content: bytes | str, item_type: type[ItemT]) -> Page[ItemT]:
     Raises:
         pydantic.ValidationError: the body is not a list response of ``item_type``.
     """
-    raw = json.loads(content)
+    # pydantic's parser, as for single bodies: it refuses unpaired surrogates, json does not.
+    raw = pydantic_core.from_json(content)
     if isinstance(raw, list):
         raw = {"morePages": False, "data": raw}
     elif isinstance(raw, dict) and "value" in raw and "data" not in raw:

@@ -616,6 +616,38 @@ def test_a_row_that_always_fails_is_dead_lettered_after_max_attempts(
     assert venue.calls[ORDER_ID] == 3
 
 
+def test_an_answer_with_a_nul_character_is_dead_lettered_naming_it_and_changes_nothing(
+    sessions: sessionmaker[Session],
+    clients: dict[int, VenueClient],
+    connection_id: int,
+    venue: FakeVenue,
+) -> None:
+    """One answer on both databases (PostgreSQL's text refuses NUL, SQLite's takes it)."""
+    add_row(sessions, connection_id)
+    assert once(sessions, clients, T0).done == 1
+    before = mirrored(sessions)
+    broken = venue_order(status="Cancelled")
+    broken["items"][0]["wallets"][0]["name"] = "Jane\x00Doe"
+    venue.orders[ORDER_ID] = broken
+    row_id = add_row(sessions, connection_id, status="Cancelled")
+    now = T0
+
+    for _ in range(2):
+        report = once(sessions, clients, now, max_attempts=2)
+        now = inbox(sessions, row_id).next_attempt_at
+
+    row = inbox(sessions, row_id)
+    assert (row.state, row.attempts, report.dead, report.abandoned) == (InboxState.DEAD, 2, 1, 0)
+    assert row.last_error == (
+        "VenueProtocolError: HTTP 200: body does not parse as Order: "
+        "items.0.wallets.0.name: expected text without NUL characters or unpaired surrogates"
+    )
+    after = mirrored(sessions)
+    assert before is not None and after is not None
+    assert (after.status, after.updated_at) == (OrderStatus.ISSUED, before.updated_at)
+    assert [change.status for change in status_changes(sessions)] == [OrderStatus.ISSUED]
+
+
 def test_replay_dead_makes_dead_letters_pending_and_they_are_processed(
     sessions: sessionmaker[Session],
     clients: dict[int, VenueClient],

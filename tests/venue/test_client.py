@@ -622,6 +622,43 @@ def test_an_undocumented_list_body_is_a_protocol_error(make_client: MakeClient) 
         list(client.list_orders(PARTNER))
 
 
+def test_a_nul_character_in_an_answer_is_a_protocol_error_naming_the_field(
+    make_client: MakeClient,
+) -> None:
+    """PostgreSQL's text refuses NUL: such an answer is refused here, the same on both databases."""
+    item = {"lineNo": 1, "itemNumber": "31001", "description": "Castle\x00"}
+    listed = [summary(1, statusMessage="\x00")]
+    client = make_client(Venue(reply(200, {**ORDER, "items": [item]}), reply(200, listed)))
+
+    with pytest.raises(VenueProtocolError) as caught:
+        client.get_order(ORDER_ID)
+    with pytest.raises(VenueProtocolError, match=r"0\.statusMessage: expected text without NUL"):
+        list(client.list_orders(PARTNER))
+
+    assert caught.value.status == 200
+    assert caught.value.reason == (
+        "body does not parse as Order: items.0.description: "
+        "expected text without NUL characters or unpaired surrogates"
+    )
+    assert CUSTOMER_NAME not in str(caught.value)
+
+
+def test_an_escaped_backslash_before_u0000_is_text_not_a_nul(make_client: MakeClient) -> None:
+    """The cheap test for a NUL escape can be fooled by ``\\\\u0000``; the walk is not."""
+    client = make_client(Venue(reply(200, {**ORDER, "statusMessage": "C:\\u0000"})))
+
+    assert client.get_order(ORDER_ID).status_message == "C:\\u0000"
+
+
+def test_an_unpaired_surrogate_in_a_list_is_a_protocol_error(make_client: MakeClient) -> None:
+    """List pages use the same parser as single answers: a lone ``\\ud800`` is not JSON text."""
+    body = b'{"data": [{"orderId": "o-1", "status": "Issued", "statusMessage": "\\ud800"}]}'
+    client = make_client(Venue(reply(200, body)))
+
+    with pytest.raises(VenueProtocolError, match="does not parse as OrderSummary: not JSON"):
+        list(client.list_orders(PARTNER))
+
+
 # --- retries ----------------------------------------------------------------------------
 
 
