@@ -32,6 +32,7 @@ and commits itself.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache, lru_cache
@@ -149,7 +150,7 @@ def _insert(transaction: DriverTransaction, values: list[tuple[Any, ...]]) -> li
     for start in range(0, len(values), _ROWS_PER_STATEMENT):
         chunk = values[start : start + _ROWS_PER_STATEMENT]
         statement = _insert_statement(transaction.dialect, len(chunk))
-        parameters = tuple(value for row_values in chunk for value in row_values)
+        parameters = tuple(itertools.chain.from_iterable(chunk))
         ids.extend(transaction.returning(statement, parameters))
     return ids
 

@@ -5,8 +5,10 @@ stored it: :func:`claim_batch` leases due rows to one worker, :func:`process_cla
 getOrder once per order (rows of one batch for the same order share the call, outside any
 database transaction) and applies the venue's answer with
 :func:`~storage.models.upsert_order` — the venue's status is the truth, the notification's
-only a hint — or :func:`~storage.models.mark_removed` on a 404. Venue failures send a row
-back to pending with exponential backoff (:func:`backoff`) until ``max_attempts``, then to
+only a hint — or :func:`~storage.models.mark_removed` on a 404. Venue failures, and answers
+the mirror cannot hold (a malformed body, text a column refuses or too wide for it, a
+number out of range: :class:`~venue.errors.VenueProtocolError`,
+:class:`~storage.models.ColumnOverflow`), send a row back to pending with exponential backoff (:func:`backoff`) until ``max_attempts``, then to
 the dead letters, which :func:`replay_dead` (``otacm inbox replay``) makes pending again.
 :func:`run_once` is one claim-and-process pass and :func:`run_forever` the loop a worker
 process runs. Leases are taken and ended by :class:`storage.lease.LeasedQueue`, as the
@@ -38,6 +40,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from storage.lease import NO_SYNC, LeasedQueue
 from storage.models import (
     ChangeSource,
+    ColumnOverflow,
     Inbox,
     InboxSource,
     InboxState,
@@ -496,6 +499,20 @@ def _process_order(
 
     try:
         _apply(sessions, group, order_id, order, owner=owner, now=now, report=report)
+    except ColumnOverflow as exc:
+        # A value of the answer the mirror cannot hold: the same answer would fail again,
+        # so the rows are retried with backoff and dead-lettered with the reason, not
+        # left to their lease like a failure of the database itself.
+        logger.warning("order %s: the mirror cannot hold the venue's answer: %s", order_id, exc)
+        _retry(
+            sessions,
+            group,
+            f"the mirror cannot hold the venue's answer: {exc}",
+            owner=owner,
+            now=now,
+            max_attempts=max_attempts,
+            report=report,
+        )
     except SQLAlchemyError:
         raise  # the transaction rolled back; process_claims leaves the rows to their lease
     except Exception as exc:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import json
 import re
@@ -46,7 +47,7 @@ from sqlalchemy.orm import (
     validates,
 )
 
-from storage.types import Money, UTCDateTime, utcnow
+from storage.types import MONEY_MAX, Money, UTCDateTime, utcnow
 from venue import models as wire
 from venue.models import OrderStatus, normalize_reference, reference_set_key
 
@@ -866,7 +867,12 @@ def canonical_payload(notification: Mapping[str, Any]) -> str:
     ``clientState`` is a secret, and differs across a rotation but not in meaning.
     """
     canonical = {key: value for key, value in notification.items() if key != "clientState"}
-    return json.dumps(canonical, sort_keys=True, separators=(",", ":"), default=str)
+    return _CANONICAL_JSON.encode(canonical)
+
+
+# What json.dumps(sort_keys=True, separators=(",", ":"), default=str) builds per call,
+# made once: this runs for every notification stored.
+_CANONICAL_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str)
 
 
 def inbox_dedup_key(payload: str, timestamp: object = None) -> str:
@@ -996,6 +1002,78 @@ def _summarize_orders(session: Session, flush_context: Any, instances: Any) -> N
             orders[id(order)] = order
     for order in orders.values():
         order.summarize_items()
+
+
+class ColumnOverflow(ValueError):
+    """A value its column cannot hold: text wider than its width, a number out of range.
+
+    PostgreSQL refuses such a value while SQLite keeps it whole, so every flush checks
+    first (:func:`_refuse_overflowing_values`) and the answer is the same on both. The
+    message names the table, the column and its limit, never the value (it may be a
+    customer's).
+    """
+
+    def __init__(self, table: str, column: str, limit: str) -> None:
+        super().__init__(f"{table}.{column}: {limit}")
+        self.table = table
+        self.column = column
+
+
+# An integer column's range on PostgreSQL (SQLite's INTEGER holds 64 bits whatever the
+# declared type); Money is a BIGINT of micro-units.
+_INTEGER_LIMITS: tuple[tuple[type[sa.types.TypeEngine[Any]], int, str], ...] = (
+    (sa.BigInteger, 2**63 - 1, "outside a 64-bit integer"),
+    (sa.SmallInteger, 2**15 - 1, "outside a 16-bit integer"),
+    (sa.Integer, 2**31 - 1, "outside a 32-bit integer"),
+)
+_Check = Callable[[Any], str | None]
+
+
+def _width_check(width: int) -> _Check:
+    limit = f"longer than {width} characters"
+    return lambda value: limit if isinstance(value, str) and len(value) > width else None
+
+
+def _range_check(largest: int | Decimal, limit: str) -> _Check:
+    bound = Decimal(largest)
+
+    def check(value: Any) -> str | None:
+        if isinstance(value, int | Decimal) and not isinstance(value, bool):
+            return limit if abs(Decimal(value)) > bound else None
+        return None
+
+    return check
+
+
+@functools.cache
+def _column_checks(mapper: sa.orm.Mapper[Any]) -> tuple[tuple[str, str, _Check], ...]:
+    """``(attribute, column, check)`` for each column of ``mapper`` with a limit to keep."""
+    checks: list[tuple[str, str, _Check]] = []
+    for prop in mapper.column_attrs:
+        for column in prop.columns:
+            kind = column.type
+            if isinstance(kind, Money):
+                checks.append((prop.key, column.name, _range_check(MONEY_MAX, "out of range")))
+            elif isinstance(kind, sa.String) and kind.length is not None:
+                checks.append((prop.key, column.name, _width_check(kind.length)))
+            else:
+                for integer, largest, limit in _INTEGER_LIMITS:
+                    if isinstance(kind, integer):
+                        checks.append((prop.key, column.name, _range_check(largest, limit)))
+                        break
+    return tuple(checks)
+
+
+@sa.event.listens_for(Session, "before_flush")
+def _refuse_overflowing_values(session: Session, flush_context: Any, instances: Any) -> None:
+    """Raise :class:`ColumnOverflow` before a row is written that a column cannot hold."""
+    for row in (*session.new, *session.dirty):
+        state = sa.inspect(row)
+        for key, column, check in _column_checks(state.mapper):
+            # The state's dict, not getattr: an attribute not loaded is not being written.
+            limit = check(state.dict.get(key))
+            if limit is not None:
+                raise ColumnOverflow(state.mapper.local_table.name, column, limit)
 
 
 def _text(value: str | None) -> str | None:

@@ -648,6 +648,44 @@ def test_an_answer_with_a_nul_character_is_dead_lettered_naming_it_and_changes_n
     assert [change.status for change in status_changes(sessions)] == [OrderStatus.ISSUED]
 
 
+def test_an_answer_the_mirror_cannot_hold_is_dead_lettered_naming_the_column(
+    sessions: sessionmaker[Session],
+    clients: dict[int, VenueClient],
+    connection_id: int,
+    venue: FakeVenue,
+) -> None:
+    """A currency code wider than its column: retried with the reason, then dead, on both."""
+    add_row(sessions, connection_id)
+    assert once(sessions, clients, T0).done == 1
+    before = mirrored(sessions)
+    wide = venue_order(status="Cancelled")
+    wide["items"][0]["wallets"][0]["currencyCode"] = "DKKK"
+    venue.orders[ORDER_ID] = wide
+    row_id = add_row(sessions, connection_id, status="Cancelled")
+    reason = (
+        "the mirror cannot hold the venue's answer: wallet.currency_code: longer than 3 characters"
+    )
+
+    first = once(sessions, clients, T0, max_attempts=2)
+    row = inbox(sessions, row_id)
+    assert (first.retried, first.abandoned, row.state, row.last_error) == (
+        1,
+        0,
+        InboxState.PENDING,
+        reason,
+    )
+    assert row.next_attempt_at > T0 + dt.timedelta(seconds=BACKOFF_BASE_SECONDS / 2 - 1)
+
+    last = once(sessions, clients, row.next_attempt_at, max_attempts=2)
+
+    row = inbox(sessions, row_id)
+    assert (last.dead, row.state, row.attempts, row.last_error) == (1, InboxState.DEAD, 2, reason)
+    after = mirrored(sessions)
+    assert before is not None and after is not None
+    assert (after.status, after.updated_at) == (OrderStatus.ISSUED, before.updated_at)
+    assert [change.status for change in status_changes(sessions)] == [OrderStatus.ISSUED]
+
+
 def test_replay_dead_makes_dead_letters_pending_and_they_are_processed(
     sessions: sessionmaker[Session],
     clients: dict[int, VenueClient],

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from storage.models import (
     Asset,
     ChangeSource,
+    ColumnOverflow,
     Inbox,
     InboxSource,
     LedgerLine,
@@ -117,6 +118,16 @@ def wire_order(status: str = "Submitted", *, minted: bool = False) -> dict[str, 
             },
         ],
     }
+
+
+def with_change(raw: dict[str, Any], change: tuple[Any, ...]) -> dict[str, Any]:
+    """``raw`` with the field at ``change``'s path (keys and indexes) set to its last item."""
+    *path, field, value = change
+    target: Any = raw
+    for step in path:
+        target = target[step]
+    target[field] = value
+    return raw
 
 
 def parse(raw: dict[str, Any]) -> Order:
@@ -535,6 +546,61 @@ def test_order_seen_again_after_removal_is_live(
         assert order.removed_at is None
         statuses = session.scalars(sa.select(StatusChange.status).order_by(StatusChange.id))
         assert list(statuses) == [OrderStatus.DRAFT, None, OrderStatus.DRAFT]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (("items", 0, "wallets", 0, "currencyCode", "DKKK"), "wallet.currency_code: longer than 3"),
+        (("items", 0, "quantity", 2**31), "order_item.quantity: outside a 32-bit integer"),
+        (("items", 0, "wallets", 0, "unitPriceExclVat", "1e13"), "price_excl_vat: out of range"),
+    ],
+    ids=["text-too-wide", "integer-out-of-range", "money-out-of-range"],
+)
+def test_a_value_no_column_holds_is_refused_the_same_on_both_databases(
+    sessions: sessionmaker[Session],
+    connection_id: int,
+    change: tuple[Any, ...],
+    message: str,
+) -> None:
+    """PostgreSQL would refuse it and SQLite keep it: refused before either sees it."""
+    raw = with_change(wire_order("Issued", minted=True), change)
+
+    with pytest.raises(ColumnOverflow, match=message), sessions.begin() as session:
+        upsert_order(session, connection_id, parse(raw), source=ChangeSource.POLL, observed_at=T0)
+
+    with sessions.begin() as session:
+        assert (count(session, VenueOrder), count(session, Wallet)) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        ("buyFromOrderReference", "C" * 50),
+        ("items", 0, "quantity", 2**31 - 1),
+        # The order's total (this wallet's price and two more) must fit too.
+        ("items", 0, "wallets", 0, "unitPriceExclVat", Decimal("9223372036000")),
+    ],
+    ids=["text", "integer", "money"],
+)
+def test_values_at_their_columns_limits_are_stored(
+    sessions: sessionmaker[Session], connection_id: int, change: tuple[Any, ...]
+) -> None:
+    """The limits are the columns' own: a value just inside one is stored whole."""
+    raw = with_change(wire_order("Issued", minted=True), change)
+    field, value = change[-2:]
+
+    with sessions.begin() as session:
+        upsert_order(session, connection_id, parse(raw), source=ChangeSource.POLL, observed_at=T0)
+
+    with sessions.begin() as session:
+        order = session.scalars(sa.select(VenueOrder)).one()
+        stored = {
+            "buyFromOrderReference": order.buy_from_order_reference,
+            "quantity": order.items[0].quantity,
+            "unitPriceExclVat": order.items[0].wallets[0].unit_price_excl_vat,
+        }
+        assert stored[field] == value
 
 
 def test_deleting_an_order_cascades_to_its_lines(
