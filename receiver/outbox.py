@@ -80,7 +80,10 @@ from receiver.inbox import Lookup, queue_lookups
 from receiver.worker import LAST_ERROR_MAX_CHARS, backoff, describe_venue_error, new_owner
 from storage.lease import LeasedQueue
 from storage.models import (
+    GUID_CHARS,
+    INTEGER_MAX,
     ChangeSource,
+    ColumnOverflow,
     LedgerLine,
     LedgerSource,
     LedgerState,
@@ -237,6 +240,10 @@ def parse_submission(raw: Any) -> Submission:
             raise SubmissionError(name, f"at most {REFERENCE_MAX_CHARS} characters")
     if not request.partner_id.strip("{} "):
         raise SubmissionError("partnerId", "must not be blank")
+    if len(request.partner_id.strip("{} ")) > GUID_CHARS:
+        raise SubmissionError("partnerId", f"at most {GUID_CHARS} characters")
+    if sum(item.quantity for item in request.items) > INTEGER_MAX:
+        raise SubmissionError("items", f"the quantities add up to more than {INTEGER_MAX}")
     return Submission(
         request=request,
         amount=terms.amount,
@@ -931,25 +938,42 @@ class _Send:
         order_id = _guid(order.order_id) if order is not None else claim.order_id
         assert order_id is not None, "an answer without an order is a delete's, which names one"
         source = _CHANGE_SOURCES[claim.operation]
-        with self.sessions.begin() as session:
-            updated = _QUEUE.settle(
-                session,
-                [claim.id],
-                owner=self.owner,
-                state=OutboxState.SENT,
-                order_id=order_id,
-                sent_at=now,
-                last_error=None,
+
+        def record(mirror: bool) -> list[int]:
+            with self.sessions.begin() as session:
+                updated = _QUEUE.settle(
+                    session,
+                    [claim.id],
+                    owner=self.owner,
+                    state=OutboxState.SENT,
+                    order_id=order_id,
+                    sent_at=now,
+                    last_error=None,
+                )
+                if updated:
+                    if removed:
+                        mark_removed(session, claim.connection_id, order_id, now, source)
+                    elif order is not None and mirror:
+                        upsert_order(
+                            session, claim.connection_id, order, source=source, observed_at=now
+                        )
+                    elif order is not None:
+                        lookup = Lookup(order_id, f"{claim.operation}_answer", order.status)
+                        queue_lookups(session.connection(), claim.connection_id, [lookup], now=now)
+                    if replacement is not None and claim.ledger_line_id is not None:
+                        _apply_replacement(session, claim.ledger_line_id, replacement)
+                return updated
+
+        try:
+            updated = record(mirror=True)
+        except ColumnOverflow as exc:
+            # The call landed, but the mirror cannot hold the answer. The row is sent all
+            # the same (sending it again would not change the answer), and the order is
+            # left to the worker, whose getOrder dead-letters it naming the column.
+            logger.warning(
+                "outbox %d: sent, but the mirror cannot hold order %s: %s", claim.id, order_id, exc
             )
-            if updated:
-                if removed:
-                    mark_removed(session, claim.connection_id, order_id, now, source)
-                elif order is not None:
-                    upsert_order(
-                        session, claim.connection_id, order, source=source, observed_at=now
-                    )
-                if replacement is not None and claim.ledger_line_id is not None:
-                    _apply_replacement(session, claim.ledger_line_id, replacement)
+            updated = record(mirror=False)
         if not updated:
             logger.warning(
                 "outbox %d: lease lost; order %s left to its new sender", claim.id, order_id

@@ -53,7 +53,7 @@ from receiver.errors import (
     describe_database_error,
 )
 from receiver.inbox import NewInboxRow, StoreResult, store_notifications
-from storage.models import InboxSource
+from storage.models import GUID_CHARS, InboxSource
 from storage.types import UNSTORABLE_TEXT, storable_text, utcnow
 from venue.models import ORDER_PROCESSED_EVENT, Notification, parse_notifications
 
@@ -66,7 +66,6 @@ WEBHOOK_PATH = "/webhooks/ota-cm"
 # Column widths of the inbox (storage.models.Inbox). The event name and the orderId must
 # fit (a 400 otherwise); the reference and the status are hints, kept whole in the
 # payload, so one that does not fit leaves its column empty rather than failing the POST.
-_ORDER_ID_MAX = 64
 _EVENT_NAME_MAX = 100
 _REFERENCE_MAX = 50
 _STATUS_MAX = 32
@@ -210,8 +209,8 @@ def _order_fields(
         raise InvalidNotification(f"{where}payload.orderId", "an order id is required")
     # The venue writes GUIDs lowercase without braces; so does the order mirror.
     order_id = raw_order_id.strip().strip("{}").lower()
-    if len(order_id) > _ORDER_ID_MAX:
-        raise InvalidNotification(f"{where}payload.orderId", f"at most {_ORDER_ID_MAX} characters")
+    if len(order_id) > GUID_CHARS:
+        raise InvalidNotification(f"{where}payload.orderId", f"at most {GUID_CHARS} characters")
     if not storable_text(order_id):
         raise InvalidNotification(f"{where}payload.orderId", UNSTORABLE_TEXT)
     reference = _hint(payload.get("buyFromOrderReference"), _REFERENCE_MAX)

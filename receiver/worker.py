@@ -8,16 +8,16 @@ database transaction) and applies the venue's answer with
 only a hint — or :func:`~storage.models.mark_removed` on a 404. Venue failures, and answers
 the mirror cannot hold (a malformed body, text a column refuses or too wide for it, a
 number out of range: :class:`~venue.errors.VenueProtocolError`,
-:class:`~storage.models.ColumnOverflow`), send a row back to pending with exponential backoff (:func:`backoff`) until ``max_attempts``, then to
-the dead letters, which :func:`replay_dead` (``otacm inbox replay``) makes pending again.
-:func:`run_once` is one claim-and-process pass and :func:`run_forever` the loop a worker
-process runs. Leases are taken and ended by :class:`storage.lease.LeasedQueue`, as the
-outbox's are. Claims on PostgreSQL use ``FOR UPDATE SKIP LOCKED``; on SQLite every
-transaction begins ``IMMEDIATE`` (:mod:`storage.engine`), so claimers take the single
-write lock one at a time and a claimer never sees a row another has just leased. A worker
-killed at any point loses nothing: its rows stay leased until the lease expires, then
-another claim takes them; an apply only lands while the row is still leased by its owner,
-so a late worker cannot apply twice.
+:class:`~storage.models.ColumnOverflow`), send a row back to pending with exponential
+backoff (:func:`backoff`) until ``max_attempts``, then to the dead letters, which
+:func:`replay_dead` (``otacm inbox replay``) makes pending again. :func:`run_once` is one
+claim-and-process pass and :func:`run_forever` the loop a worker process runs. Leases are
+taken and ended by :class:`storage.lease.LeasedQueue`, as the outbox's are. Claims on
+PostgreSQL use ``FOR UPDATE SKIP LOCKED``; on SQLite every transaction begins ``IMMEDIATE``
+(:mod:`storage.engine`), so claimers take the single write lock one at a time and a claimer
+never sees a row another has just leased. A worker killed at any point loses nothing: its
+rows stay leased until the lease expires, then another claim takes them; an apply only
+lands while the row is still leased by its owner, so a late worker cannot apply twice.
 """
 
 from __future__ import annotations

@@ -63,7 +63,9 @@ NAMING_CONVENTION = {
 # A 64-bit surrogate key; SQLite only auto-increments a column declared INTEGER.
 BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
-GUID = sa.String(64)
+GUID_CHARS = 64
+"""The width of a GUID column: room for any id the venue sends, braces and all."""
+GUID = sa.String(GUID_CHARS)
 REFERENCE = sa.String(100)
 CURRENCY = sa.String(3)
 ACTOR = sa.String(100)
@@ -1004,11 +1006,12 @@ def _summarize_orders(session: Session, flush_context: Any, instances: Any) -> N
         order.summarize_items()
 
 
-class ColumnOverflow(ValueError):
+class ColumnOverflow(sa.exc.SQLAlchemyError):
     """A value its column cannot hold: text wider than its width, a number out of range.
 
     PostgreSQL refuses such a value while SQLite keeps it whole, so every flush checks
-    first (:func:`_refuse_overflowing_values`) and the answer is the same on both. The
+    first (:func:`_refuse_overflowing_values`) and the answer is the same on both: this
+    error, which code handling database errors takes as it would PostgreSQL's. The
     message names the table, the column and its limit, never the value (it may be a
     customer's).
     """
@@ -1021,10 +1024,12 @@ class ColumnOverflow(ValueError):
 
 # An integer column's range on PostgreSQL (SQLite's INTEGER holds 64 bits whatever the
 # declared type); Money is a BIGINT of micro-units.
+INTEGER_MAX = 2**31 - 1
+"""The largest value of an ``INTEGER`` column (``Mapped[int]``), such as a quantity."""
 _INTEGER_LIMITS: tuple[tuple[type[sa.types.TypeEngine[Any]], int, str], ...] = (
     (sa.BigInteger, 2**63 - 1, "outside a 64-bit integer"),
     (sa.SmallInteger, 2**15 - 1, "outside a 16-bit integer"),
-    (sa.Integer, 2**31 - 1, "outside a 32-bit integer"),
+    (sa.Integer, INTEGER_MAX, "outside a 32-bit integer"),
 )
 _Check = Callable[[Any], str | None]
 

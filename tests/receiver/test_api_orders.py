@@ -207,6 +207,16 @@ def test_an_inactive_partner_is_answered_422(http: FlaskClient) -> None:
             "items.0.visitDate",
         ),
         ({"sellToName": "Jane\u0000Doe"}, "sellToName"),
+        ({"partnerId": "f" * 65}, "partnerId"),
+        (
+            {
+                "items": [
+                    {"itemNumber": "31001", "visitDate": "2099-06-01", "quantity": 2**30},
+                    {"itemNumber": "31001", "visitDate": "2099-06-01", "quantity": 2**30},
+                ]
+            },
+            "items",
+        ),
     ],
 )
 def test_an_invalid_order_is_answered_400_naming_the_field(

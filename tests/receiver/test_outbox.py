@@ -47,11 +47,14 @@ from receiver.outbox import (
     submit_file,
     submit_now,
 )
+from receiver.worker import run_once
 from sandbox import SandboxConfig, SandboxServer
 from sandbox.config import DEFAULT_PARTNERS
 from storage.models import (
     ChangeSource,
     Inbox,
+    InboxSource,
+    InboxState,
     LedgerLine,
     LedgerSource,
     LedgerState,
@@ -552,6 +555,42 @@ def test_a_synchronous_issued_answer_is_stored_as_settled(
     assert mirrored(sessions) == [(outcome.order_id, OrderStatus.ISSUED, [ChangeSource.SUBMIT])]
     [wallet] = rows(sessions, Wallet)
     assert wallet.wallet_reference_number == "141234529930210327"
+
+
+def test_an_answer_the_mirror_cannot_hold_is_sent_and_left_to_the_worker(
+    sessions: sessionmaker[Session], client: VenueClient, venue: FakeVenue, connection_id: int
+) -> None:
+    """The order exists at the venue: the row is sent, not sent again, and the worker's
+    getOrder of the order dead-letters it naming the column."""
+    venue.scripts = [lambda venue, body: httpx.Response(201, json=venue.store(body, **WIDE))]
+
+    outcome = submit(sessions, client, connection_id)
+
+    [order_id] = venue.orders
+    assert (outcome.status, outcome.order_id) == (SubmitStatus.SENT, order_id)
+    [outbox] = rows(sessions, Outbox)
+    assert (outbox.state, outbox.order_id) == (OutboxState.SENT, order_id)
+    assert mirrored(sessions) == []
+    [lookup] = rows(sessions, Inbox)
+    assert (lookup.order_id, lookup.source, lookup.state) == (
+        order_id,
+        InboxSource.POLL,
+        InboxState.PENDING,
+    )
+
+    report = run_once(sessions, {connection_id: client}, owner="w", now=T0, max_attempts=1)
+
+    [lookup] = rows(sessions, Inbox)
+    assert (report.dead, lookup.state) == (1, InboxState.DEAD)
+    assert lookup.last_error == (
+        "the mirror cannot hold the venue's answer: "
+        "venue_order.sell_to_language: longer than 16 characters"
+    )
+    assert (venue.calls["create"], mirrored(sessions)) == (1, [])
+
+
+WIDE = {"sellToLanguage": "E" * 17}
+"""A field wider than its column in the mirror (a language code is at most 16)."""
 
 
 def test_a_duplicate_reference_is_resolved_by_reference(
