@@ -380,14 +380,20 @@ def bench_database(database: str, plan: Plan) -> DatabaseReport:
         )
         for fraction in plan.single_fractions:
             rate = fraction * report.bare_limit
-            if fraction == GOAL_SINGLE_RATIO:
-                # The stack's own latency at the goal's rate, right before otacm's: a
-                # miss by both is the machine's (its speed drifts), by otacm alone otacm's.
-                load = f"{fraction:.0%}"
-                stages.append(bare.measure("bare", load, batch=1, seconds=plan.seconds, rate=rate))
-            stages.append(
-                web.measure("single", f"{fraction:.0%}", batch=1, seconds=plan.seconds, rate=rate)
-            )
+            load = f"{fraction:.0%}"
+            if fraction != GOAL_SINGLE_RATIO:
+                stages.append(web.measure("single", load, batch=1, seconds=plan.seconds, rate=rate))
+                continue
+            # At the goal's rate, rounds as for the maxima (a p99 of seconds of load moves
+            # with the machine's speed), each right after the stack's own at that rate: a
+            # miss by both is the machine's, by otacm alone otacm's.
+            for number in range(1, plan.rounds + 1):
+                for target, mode in ((bare, "bare"), (web, "single")):
+                    stages.append(
+                        target.measure(
+                            mode, f"{load}#{number}", batch=1, seconds=plan.seconds, rate=rate
+                        )
+                    )
         batch_rounds = [
             web.measure(
                 f"batch{BATCH}", f"max#{number}", batch=BATCH, seconds=plan.seconds, rate=None
@@ -416,36 +422,30 @@ def judge(report: DatabaseReport) -> list[Goal]:
     assert report.ratio is not None and report.bare_limit is not None
     assert report.single_max is not None and report.batch_max is not None
     goals: list[Goal] = []
-    at_goal = [
-        s
-        for s in report.stages
-        if s.mode == "single"
-        and s.offered_posts is not None
-        and s.offered_posts >= GOAL_SINGLE_RATIO * report.bare_limit * 0.999
-    ]
-    near = min(at_goal, key=lambda s: s.offered_posts or 0.0) if at_goal else None
     ratio_met = report.ratio >= GOAL_SINGLE_RATIO
     detail = (
         f"max {report.single_max:,.0f}/s, bare {report.bare_limit:,.0f}/s (medians of "
         f"{sum(s.load.startswith('max#') for s in report.stages if s.mode == 'bare')} rounds); "
         f"ratio {report.ratio:.2f} (median of the rounds' ratios; goal >= {GOAL_SINGLE_RATIO:.2f})"
     )
-    p99_met = False
-    if near is not None:
-        p99 = near.result.p99_ms
-        p99_met = near.kept_up and p99 is not None and p99 < GOAL_SINGLE_P99_MS
+    goal_load = f"{GOAL_SINGLE_RATIO:.0%}#"
+    at_goal = [s for s in report.stages if s.mode == "single" and s.load.startswith(goal_load)]
+    stack = [s for s in report.stages if s.mode == "bare" and s.load.startswith(goal_load)]
+    met = [
+        s
+        for s in at_goal
+        if s.kept_up and s.result.p99_ms is not None and s.result.p99_ms < GOAL_SINGLE_P99_MS
+    ]
+    # Met in most rounds: the median round meets it, as the maxima are medians of rounds.
+    p99_met = bool(at_goal) and 2 * len(met) > len(at_goal)
+    if at_goal:
         detail += (
-            f"; offered {near.offered_posts:,.0f}/s ({near.load}): achieved "
-            f"{near.posts_per_second:,.0f}/s, p99 {_ms(p99)} ms "
-            f"(goal < {GOAL_SINGLE_P99_MS:.0f} ms, all acknowledged)"
+            f"; offered {at_goal[0].offered_posts:,.0f}/s ({GOAL_SINGLE_RATIO:.0%}) in "
+            f"{len(at_goal)} rounds: p99 {', '.join(_ms(s.result.p99_ms) for s in at_goal)} ms, "
+            f"{len(met)} of {len(at_goal)} under {GOAL_SINGLE_P99_MS:.0f} ms with every POST "
+            f"acknowledged at the offered rate (most rounds must be); the bare endpoint just "
+            f"before each: p99 {', '.join(_ms(s.result.p99_ms) for s in stack)} ms"
         )
-        bare_there = [s for s in report.stages if s.mode == "bare" and s.load == near.load]
-        if bare_there:
-            stack = bare_there[0]
-            detail += (
-                f"; the bare endpoint just before at the same rate: achieved "
-                f"{stack.posts_per_second:,.0f}/s, p99 {_ms(stack.result.p99_ms)} ms"
-            )
     goals.append(Goal("single >= 80% of bare, p99 < 50 ms", ratio_met and p99_met, detail))
     batch_rate = report.batch_max * BATCH
     goals.append(
