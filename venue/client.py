@@ -542,8 +542,7 @@ def _refuse_unstorable_text(
             method,
             path,
             status=response.status_code,
-            reason=f"body does not parse as {model.__name__}: {where or 'body'}: "
-            f"expected {UNSTORABLE_TEXT}",
+            reason=f"{model.__name__} body: {where or 'body'}: expected {UNSTORABLE_TEXT}",
         )
 
 

@@ -622,7 +622,7 @@ def test_a_row_that_always_fails_is_dead_lettered_after_max_attempts(
         (
             "name",
             "Jane\x00Doe",
-            "VenueProtocolError: HTTP 200: body does not parse as Order: "
+            "VenueProtocolError: HTTP 200: Order body: "
             "items.0.wallets.0.name: expected text without NUL characters or unpaired surrogates",
         ),
         (

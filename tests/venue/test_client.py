@@ -637,7 +637,7 @@ def test_a_nul_character_in_an_answer_is_a_protocol_error_naming_the_field(
 
     assert caught.value.status == 200
     assert caught.value.reason == (
-        "body does not parse as Order: items.0.description: "
+        "Order body: items.0.description: "
         "expected text without NUL characters or unpaired surrogates"
     )
     assert CUSTOMER_NAME not in str(caught.value)
