@@ -53,7 +53,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from receiver.inbox import Lookup, queue_lookups
-from storage.models import ChangeSource, FeedCursor, StatusChange, VenueOrder
+from storage.models import ChangeSource, ColumnOverflow, FeedCursor, StatusChange, VenueOrder
 from venue.client import VenueClient
 from venue.errors import VenueError
 from venue.models import OrderStatus, OrderSummary
@@ -322,7 +322,48 @@ class _Feed:
         )
 
     def apply(self, session: Session, summaries: Sequence[OrderSummary], *, listing: bool) -> None:
-        """Compare one page's summaries with the mirror and write what differs."""
+        """Compare one page's summaries with the mirror and write what differs.
+
+        A summary the mirror cannot hold (a value wider than its column) must not stop
+        the feed at its page: the page is then taken an order at a time, and such an order
+        is queued for the worker instead, whose getOrder dead-letters it naming the column
+        when the full order cannot be held either.
+        """
+        counts = FeedReport(**self.report.as_dict())
+        try:
+            with session.begin_nested():
+                lookups = self.compare(session, summaries, listing=listing)
+        except ColumnOverflow:
+            self._restore_counts(counts)
+            lookups = []
+            for summary in summaries:
+                counts = FeedReport(**self.report.as_dict())
+                try:
+                    with session.begin_nested():
+                        lookups += self.compare(session, [summary], listing=listing)
+                except ColumnOverflow as exc:
+                    self._restore_counts(counts)
+                    order_id = _guid(summary.order_id)
+                    logger.warning(
+                        "change feed: the mirror cannot hold order %s as listed (%s); "
+                        "left to the worker",
+                        order_id,
+                        exc,
+                    )
+                    lookups.append(_lookup(order_id, summary, listing=listing))
+        if lookups:
+            result = queue_lookups(session.connection(), self.connection_id, lookups, now=self.now)
+            self.report.queued += result.stored
+
+    def _restore_counts(self, counts: FeedReport) -> None:
+        # The report is the caller's too: its fields go back, the object stays.
+        for field in fields(counts):
+            setattr(self.report, field.name, getattr(counts, field.name))
+
+    def compare(
+        self, session: Session, summaries: Sequence[OrderSummary], *, listing: bool
+    ) -> list[Lookup]:
+        """Write what differs between ``summaries`` and the mirror; the lookups to queue."""
         latest: dict[str, OrderSummary] = {}
         for summary in summaries:
             # In row-version order: a later summary of the same order is the newer one.
@@ -343,9 +384,7 @@ class _Feed:
                 lookups.append(lookup)
         if new_orders:
             self.add_headers(session, new_orders)
-        if lookups:
-            result = queue_lookups(session.connection(), self.connection_id, lookups, now=self.now)
-            self.report.queued += result.stored
+        return lookups
 
     def decide(
         self, session: Session, row: VenueOrder, summary: OrderSummary, *, listing: bool

@@ -48,6 +48,7 @@ from storage.engine import (
     native_placeholders,
 )
 from storage.models import Inbox, InboxSource, InboxState, canonical_payload, inbox_dedup_key
+from storage.types import storable_text
 
 _INBOX: sa.Table = Inbox.__table__  # type: ignore[assignment]
 
@@ -68,6 +69,24 @@ class NewInboxRow(TypedDict):
     notified_at: dt.datetime | None
     received_at: dt.datetime
     payload: dict[str, Any]
+
+
+REFERENCE_HINT_MAX = 50
+"""The width of :attr:`Inbox.buy_from_order_reference`."""
+STATUS_HINT_MAX = 32
+"""The width of :attr:`Inbox.notified_status`."""
+
+
+def hint(value: Any, width: int) -> str | None:
+    """A hint (a reference, a status) as its inbox column keeps it, or ``None``.
+
+    Hints are not the truth (the worker's getOrder is) and the payload keeps them whole,
+    so one that is blank, not text, wider than its column or not storable text leaves its
+    column empty rather than refusing what carries it.
+    """
+    if isinstance(value, str) and value.strip() and len(value) <= width and storable_text(value):
+        return value
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,8 +296,10 @@ def queue_lookups(
                 "source": InboxSource.POLL,
                 "event_name": POLL_EVENT,
                 "order_id": lookup.order_id,
-                "buy_from_order_reference": lookup.buy_from_order_reference,
-                "notified_status": lookup.status,
+                "buy_from_order_reference": hint(
+                    lookup.buy_from_order_reference, REFERENCE_HINT_MAX
+                ),
+                "notified_status": hint(lookup.status, STATUS_HINT_MAX),
                 "notified_at": now,
                 "received_at": now,
                 "payload": payload,

@@ -52,7 +52,14 @@ from receiver.errors import (
     UnknownClientState,
     describe_database_error,
 )
-from receiver.inbox import NewInboxRow, StoreResult, store_notifications
+from receiver.inbox import (
+    REFERENCE_HINT_MAX,
+    STATUS_HINT_MAX,
+    NewInboxRow,
+    StoreResult,
+    hint,
+    store_notifications,
+)
 from storage.models import GUID_CHARS, InboxSource
 from storage.types import UNSTORABLE_TEXT, storable_text, utcnow
 from venue.models import ORDER_PROCESSED_EVENT, Notification, parse_notifications
@@ -63,12 +70,9 @@ bp = Blueprint("webhook", __name__)
 
 WEBHOOK_PATH = "/webhooks/ota-cm"
 
-# Column widths of the inbox (storage.models.Inbox). The event name and the orderId must
-# fit (a 400 otherwise); the reference and the status are hints, kept whole in the
-# payload, so one that does not fit leaves its column empty rather than failing the POST.
+# Column width of the inbox's event name (storage.models.Inbox): it and the orderId must
+# fit (a 400 otherwise); the reference and the status are hints (receiver.inbox.hint).
 _EVENT_NAME_MAX = 100
-_REFERENCE_MAX = 50
-_STATUS_MAX = 32
 
 
 @bp.route(WEBHOOK_PATH, methods=["GET", "POST"])
@@ -213,14 +217,8 @@ def _order_fields(
         raise InvalidNotification(f"{where}payload.orderId", f"at most {GUID_CHARS} characters")
     if not storable_text(order_id):
         raise InvalidNotification(f"{where}payload.orderId", UNSTORABLE_TEXT)
-    reference = _hint(payload.get("buyFromOrderReference"), _REFERENCE_MAX)
-    return order_id, reference, _hint(payload.get("status"), _STATUS_MAX)
-
-
-def _hint(value: Any, width: int) -> str | None:
-    if isinstance(value, str) and value.strip() and len(value) <= width and storable_text(value):
-        return value
-    return None
+    reference = hint(payload.get("buyFromOrderReference"), REFERENCE_HINT_MAX)
+    return order_id, reference, hint(payload.get("status"), STATUS_HINT_MAX)
 
 
 def _envelope(body: Any) -> tuple[str, list[dict[str, Any]]]:

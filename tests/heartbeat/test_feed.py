@@ -6,6 +6,8 @@ learns, the feed found (and the worker fetched).
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -291,6 +293,56 @@ def test_a_pass_killed_between_pages_keeps_the_pages_before(stack: HeartbeatStac
     stack.assert_mirrored(orders)
     assert stack.cursor() == versions[-1]
     assert stack.calls("getOrder") == 5
+
+
+class WidenReference(httpx.BaseTransport):
+    """Real HTTP to the sandbox, except that list pages show one order's buyFromOrderReference
+    wider than the mirror's column holds (50 characters)."""
+
+    def __init__(self, order_id: str) -> None:
+        self._inner = httpx.HTTPTransport()
+        self._order_id = order_id
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = self._inner.handle_request(request)
+        if "/channelManager/orders/" not in request.url.path:
+            return response
+        page = json.loads(response.read())
+        for summary in page["data"]:
+            if summary["orderId"] == self._order_id:
+                summary["buyFromOrderReference"] = "CM-" + "W" * 60
+        return httpx.Response(response.status_code, json=page)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+def test_an_order_the_mirror_cannot_hold_as_listed_does_not_stop_the_feed(
+    stack: HeartbeatStack,
+) -> None:
+    """The rest of its page is written and the cursor moves on; that order is left to the
+    worker's getOrder (here the full order fits, so it is mirrored)."""
+    orders = [stack.create(f"WIDE-{n}") for n in range(3)]
+    versions = sorted(stack.truth_row_version(o) for o in orders)
+
+    with open_client(stack.settings.connections[0], transport=WidenReference(orders[1])) as odd:
+        report = stack.feed(client=odd)
+
+    assert (report.updated, report.queued) == (2, 1)
+    assert stack.cursor() == versions[-1]
+    assert {stack.mirror(o) is not None for o in (orders[0], orders[2])} == {True}
+    assert stack.mirror(orders[1]) is None
+    [lookup] = stack.inbox()
+    assert (lookup.order_id, lookup.source) == (orders[1], InboxSource.POLL)
+    assert lookup.buy_from_order_reference is None  # the hint does not fit its column either
+    stack.drain()
+    fetched, truth = stack.mirror(orders[1]), stack.truth(orders[1])
+    assert fetched is not None and truth is not None
+    assert fetched.buy_from_order_reference == truth.buy_from_order_reference
+    stack.tick()
+    stack.feed()
+    stack.drain()
+    stack.assert_mirrored(orders)
 
 
 def test_a_venue_error_on_one_partner_does_not_stop_the_others(stack: HeartbeatStack) -> None:
