@@ -131,7 +131,7 @@ def create_order() -> Response:
     # Nothing can be recorded until the database is ready: until then a 503.
     connection_ids = receiver.connection_ids()
     # Amounts are money: decoded exactly, never through float.
-    body = read_json_body(receiver.settings.webhook_max_bytes, exact_numbers=True)
+    body = read_json_body(request, receiver.settings.webhook_max_bytes, exact_numbers=True)
     try:
         submission = parse_submission(body)
         venue = choose_connection(receiver.settings, submission.connection)

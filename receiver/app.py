@@ -73,6 +73,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions[EXTENSION] = receiver
     register_error_handlers(app)
     app.register_blueprint(webhook.bp)
+    app.wsgi_app = webhook.WebhookPosts(app.wsgi_app, receiver)  # type: ignore[method-assign]
     app.register_blueprint(health.bp)
     app.register_blueprint(metrics.bp)
     app.register_blueprint(api.api)

@@ -4,8 +4,8 @@ Python's ``json`` module reads more than JSON: ``NaN`` and ``Infinity``, numbers
 double's range (as infinity), and it fails with a bare ``ValueError`` on an integer of
 more digits than Python converts. Stored, the first two make a JSON column invalid
 (PostgreSQL refuses it); the last would be a 500. :func:`decode_json` refuses all three
-as :class:`JsonRefused`; :func:`read_json_body` reads a Flask request's body with the
-size limit and answers with :mod:`receiver.errors`.
+as :class:`JsonRefused`; :func:`read_json_body` reads a request's body (Flask's or
+werkzeug's) with the size limit and answers with :mod:`receiver.errors`.
 
 The text inside is another matter: a string may hold a NUL character or an unpaired
 surrogate (``"\\ud800"``), which is valid JSON but no text column takes
@@ -20,8 +20,8 @@ import sys
 from decimal import Decimal
 from typing import Any
 
-from flask import request
 from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.wrappers import Request
 
 from receiver.errors import BodyTooLarge, InvalidJson, UnsupportedMediaType
 
@@ -51,8 +51,8 @@ def decode_json(text: str, *, exact_numbers: bool = False) -> Any:
         raise JsonRefused(f"a number has more than {limit} digits") from exc
 
 
-def read_json_body(limit: int, *, exact_numbers: bool = False) -> Any:
-    """The request's body, no larger than ``limit`` bytes, decoded by :func:`decode_json`.
+def read_json_body(request: Request, limit: int, *, exact_numbers: bool = False) -> Any:
+    """``request``'s body, no larger than ``limit`` bytes, decoded by :func:`decode_json`.
 
     Raises:
         BodyTooLarge: the body is over ``limit`` (by its ``Content-Length`` before it is

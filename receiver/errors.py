@@ -25,10 +25,11 @@ that escapes any view becomes one too (:func:`register_error_handlers`).
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response
 from sqlalchemy import exc as sa_exc
 from werkzeug.exceptions import HTTPException
 
@@ -162,9 +163,9 @@ def error_response(status: int, code: str, message: str) -> Response:
         code: a stable snake_case code.
         message: what went wrong, for a person; never a secret or a payload.
     """
-    response = jsonify(status=status, code=code, message=message)
-    response.status_code = status
-    return response
+    # Encoded here rather than by jsonify: the webhook answers outside a request context.
+    body = json.dumps({"code": code, "message": message, "status": status})
+    return Response(f"{body}\n", status=status, mimetype="application/json")
 
 
 def describe_database_error(exc: sa_exc.SQLAlchemyError) -> str:
@@ -189,7 +190,8 @@ def _handle_receiver_error(exc: ReceiverError) -> Response:
     return exc.response()
 
 
-def _handle_http_exception(exc: HTTPException) -> Response:
+def http_error_response(exc: HTTPException) -> Response:
+    """A werkzeug HTTP exception (a 405, a 400 for a cut-short body) as the one JSON shape."""
     status = exc.code or 500
     response = error_response(status, http_error_code(exc), exc.description or exc.name)
     for name, value in exc.get_headers():
@@ -211,7 +213,7 @@ def register_error_handlers(app: Flask) -> None:
     so they get the shape too, with code ``internal_error``; Flask logs them first.
     """
     app.register_error_handler(ReceiverError, _handle_receiver_error)
-    app.register_error_handler(HTTPException, _handle_http_exception)
+    app.register_error_handler(HTTPException, http_error_response)
     # Our own trouble is never the sender's fault: a 503 makes the venue retry.
     for database_error in DATABASE_UNAVAILABLE:
         app.register_error_handler(database_error, _handle_database_error)

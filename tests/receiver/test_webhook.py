@@ -617,6 +617,27 @@ def test_an_unmigrated_database_is_503_until_it_is_upgraded(
     assert accepted.get_json() == {"stored": 1, "duplicates": 0}
 
 
+def test_a_fault_of_ours_is_a_logged_500_in_the_one_shape_and_stores_nothing(
+    client: FlaskClient,
+    sessions: sessionmaker[Session],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An unexpected error while storing is answered as Flask answers one in a view."""
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("receiver.webhook.store_notifications", broken)
+
+    with caplog.at_level(logging.ERROR, logger="receiver.webhook"):
+        response = post(client, notification(order_id()))
+
+    assert_error(response, 500, "internal_error")
+    assert "a bug" in caplog.text
+    assert stored_rows(sessions) == []
+
+
 # --- handshake and other requests --------------------------------------------------------
 
 
