@@ -45,7 +45,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -329,7 +329,7 @@ class _Feed:
         is queued for the worker instead, whose getOrder dead-letters it naming the column
         when the full order cannot be held either.
         """
-        counts = FeedReport(**self.report.as_dict())
+        counts = replace(self.report)
         try:
             with session.begin_nested():
                 lookups = self.compare(session, summaries, listing=listing)
@@ -337,7 +337,7 @@ class _Feed:
             self._restore_counts(counts)
             lookups = []
             for summary in summaries:
-                counts = FeedReport(**self.report.as_dict())
+                counts = replace(self.report)
                 try:
                     with session.begin_nested():
                         lookups += self.compare(session, [summary], listing=listing)
