@@ -493,7 +493,9 @@ class Inbox(Base):
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
-    connection_id: Mapped[int] = mapped_column(sa.ForeignKey("venue_connection.id"))
+    # Not a foreign key: checking one locks the connection's row for every notification
+    # stored (migration 0007 says why, and what it guarded instead).
+    connection_id: Mapped[int]
     source: Mapped[InboxSource] = mapped_column(_enum(InboxSource, "source"))
     event_name: Mapped[str] = mapped_column(sa.String(100))
     order_id: Mapped[str | None] = mapped_column(GUID)

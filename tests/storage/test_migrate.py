@@ -297,3 +297,60 @@ def test_0006_keeps_each_orders_first_webhook_time_and_drops_the_inbox_index_by_
     }
     columns = {column["name"] for column in inspector.get_columns("venue_order")}
     assert "first_notified_at" not in columns
+
+
+def test_0007_drops_the_inbox_foreign_key_and_keeps_every_row(engine: sa.Engine) -> None:
+    """The inbox is copied whole (SQLite rebuilds the table) and goes on numbering its rows."""
+    migrate.upgrade(engine, "0006")
+    at = "2026-05-15 09:31:06.000000"
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text("INSERT INTO venue_connection (id, name, created_at) VALUES (1, 'v', :at)"),
+            {"at": at},
+        )
+        connection.execute(
+            sa.text(
+                "INSERT INTO inbox (connection_id, source, event_name, order_id,"
+                " notified_at, received_at, payload, dedup_key, state, attempts,"
+                " next_attempt_at)"
+                " VALUES (1, 'webhook', 'e', 'o-1', :at, :at, :payload, 'k7', 'pending',"
+                " 0, :at)"
+            ),
+            {"at": at, "payload": '{"a":1}'},
+        )
+
+    def inbox_rows() -> list[tuple[Any, ...]]:
+        with engine.connect() as connection:
+            return [tuple(row) for row in connection.execute(sa.text("SELECT * FROM inbox"))]
+
+    before = inbox_rows()
+
+    migrate.upgrade(engine)
+
+    assert inbox_rows() == before
+    assert sa.inspect(engine).get_foreign_keys("inbox") == []
+    stored = store_notifications(
+        engine,
+        [
+            {
+                "connection_id": 1,
+                "source": InboxSource.WEBHOOK,
+                "event_name": "e",
+                "order_id": "o-2",
+                "buy_from_order_reference": None,
+                "notified_status": None,
+                "notified_at": None,
+                "received_at": dt.datetime(2026, 5, 15, 9, 32, tzinfo=dt.UTC),
+                "payload": {"b": 2},
+            }
+        ],
+    )
+    assert stored.ids[0] > before[0][0]
+
+    with engine.begin() as connection:
+        command.downgrade(migrate.alembic_config(connection), "0006")
+    keys = sa.inspect(engine).get_foreign_keys("inbox")
+    assert [(key["name"], key["referred_table"]) for key in keys] == [
+        ("fk_inbox_connection_id_venue_connection", "venue_connection")
+    ]
+    assert len(inbox_rows()) == 2
