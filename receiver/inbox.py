@@ -36,7 +36,7 @@ import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache, lru_cache
-from typing import Any, TypedDict
+from typing import Any, TypedDict, cast
 
 import sqlalchemy as sa
 from sqlalchemy import Connection, Dialect, Engine
@@ -71,9 +71,18 @@ class NewInboxRow(TypedDict):
     payload: dict[str, Any]
 
 
-REFERENCE_HINT_MAX = 50
+def _width(column: str) -> int:
+    """The width of one of the inbox's text columns, as the model declares it."""
+    width = cast(sa.String, _INBOX.c[column].type).length
+    assert width is not None, f"inbox.{column} has no width"
+    return width
+
+
+EVENT_NAME_MAX = _width("event_name")
+"""The width of :attr:`Inbox.event_name`."""
+REFERENCE_HINT_MAX = _width("buy_from_order_reference")
 """The width of :attr:`Inbox.buy_from_order_reference`."""
-STATUS_HINT_MAX = 32
+STATUS_HINT_MAX = _width("notified_status")
 """The width of :attr:`Inbox.notified_status`."""
 
 

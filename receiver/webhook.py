@@ -59,6 +59,7 @@ from receiver.errors import (
     http_error_response,
 )
 from receiver.inbox import (
+    EVENT_NAME_MAX,
     REFERENCE_HINT_MAX,
     STATUS_HINT_MAX,
     NewInboxRow,
@@ -78,10 +79,6 @@ logger = logging.getLogger(__name__)
 bp = Blueprint("webhook", __name__)
 
 WEBHOOK_PATH = "/webhooks/ota-cm"
-
-# Column width of the inbox's event name (storage.models.Inbox): it and the orderId must
-# fit (a 400 otherwise); the reference and the status are hints (receiver.inbox.hint).
-_EVENT_NAME_MAX = 100
 
 
 @bp.route(WEBHOOK_PATH, methods=["GET", "POST"])
@@ -259,8 +256,8 @@ def _order_fields(
         InvalidNotification: the event name is too long, or an order notification has
             no usable orderId.
     """
-    if len(notification.event_name) > _EVENT_NAME_MAX:
-        raise InvalidNotification(f"{where}eventName", f"at most {_EVENT_NAME_MAX} characters")
+    if len(notification.event_name) > EVENT_NAME_MAX:
+        raise InvalidNotification(f"{where}eventName", f"at most {EVENT_NAME_MAX} characters")
     if not storable_text(notification.event_name):
         raise InvalidNotification(f"{where}eventName", UNSTORABLE_TEXT)
     if notification.event_name != ORDER_PROCESSED_EVENT:
