@@ -247,7 +247,7 @@ def _compare(session: Session, params: dict[str, Any]) -> None:
         order_count INTEGER NOT NULL,
         category VARCHAR(32) NOT NULL,
         subject_at {timestamp},
-        currency VARCHAR(3) NOT NULL,
+        currency VARCHAR(10) NOT NULL,
         ledger_amount BIGINT,
         venue_amount BIGINT,
         venue_quantity BIGINT,
@@ -395,7 +395,7 @@ _LEDGER_FINDINGS_SQL = f"""
 _ORPHAN_FINDINGS_SQL = f"""
     INSERT INTO {_FINDINGS} ({_FINDING_COLUMNS})
     SELECT NULL, o.id, 1, '{Category.ORPHAN}', COALESCE(o.received_at, o.first_seen_at),
-           CASE WHEN LENGTH(o.wallet_currencies) = 3 THEN o.wallet_currencies
+           CASE WHEN o.wallet_currencies NOT LIKE '%/%' THEN o.wallet_currencies
                 ELSE '{UNKNOWN_CURRENCY}' END,
            NULL, o.amount_incl_vat, o.items_quantity, o.wallet_currencies
     FROM venue_order o

@@ -74,7 +74,8 @@ class CatalogItem(_CatalogModel):
     kind: ItemKind
     unit_price_excl_vat: Decimal = Field(ge=0)
     unit_price_incl_vat: Decimal = Field(ge=0)
-    currency_code: str = Field(min_length=3, max_length=3)
+    # Business Central's Currency.Code is a Code[10] (CMOrderWallet CurrencyCode).
+    currency_code: str = Field(min_length=1, max_length=10)
     components: tuple[Component, ...] = ()
 
     @model_validator(mode="after")

@@ -68,6 +68,10 @@ GUID_CHARS = 64
 GUID = sa.String(GUID_CHARS)
 REFERENCE = sa.String(100)
 CURRENCY = sa.String(3)
+"""An ISO 4217 code, as the shop's ledger gives it."""
+VENUE_CURRENCY = sa.String(10)
+"""A currency as the venue writes it: Business Central's ``Currency.Code`` is a Code[10]
+(CMOrderWallet ``CurrencyCode``), the company's own code, not necessarily ISO 4217."""
 ACTOR = sa.String(100)
 
 
@@ -406,7 +410,7 @@ class Wallet(Base):
     issued_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     unit_price_excl_vat: Mapped[Decimal | None] = mapped_column(Money)
     unit_price_incl_vat: Mapped[Decimal | None] = mapped_column(Money)
-    currency_code: Mapped[str | None] = mapped_column(CURRENCY)
+    currency_code: Mapped[str | None] = mapped_column(VENUE_CURRENCY)
     manifest_url: Mapped[str | None] = mapped_column(sa.Text)
 
     item: Mapped[OrderItem] = relationship(back_populates="wallets")
@@ -627,7 +631,8 @@ class ReconTotal(Base):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     recon_run_id: Mapped[int] = mapped_column(sa.ForeignKey("recon_run.id", ondelete="CASCADE"))
-    currency: Mapped[str] = mapped_column(CURRENCY)
+    # The sale's currency, or an orphan order's as the venue wrote it.
+    currency: Mapped[str] = mapped_column(VENUE_CURRENCY)
     category: Mapped[str] = mapped_column(sa.String(32))
     count: Mapped[int]
     ledger_amount: Mapped[Decimal] = mapped_column(Money)
@@ -665,7 +670,7 @@ class ReconException(Base):
     venue_order_id: Mapped[int | None] = mapped_column(
         sa.ForeignKey("venue_order.id", ondelete="SET NULL")
     )
-    currency: Mapped[str | None] = mapped_column(CURRENCY)
+    currency: Mapped[str | None] = mapped_column(VENUE_CURRENCY)
     ledger_amount: Mapped[Decimal | None] = mapped_column(Money)
     venue_amount: Mapped[Decimal | None] = mapped_column(Money)
     details: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)

@@ -517,3 +517,26 @@ def test_the_scheduled_job_reconciles_every_connection_over_the_lookback(
         extra = {key: categories.pop(key) for key in set(categories) - set(planted.expected)}
         assert categories == planted.expected
         assert list(extra.values()) == ["orphan"]
+
+
+def test_an_orphan_counts_in_the_venues_own_currency_code(
+    sessions: sessionmaker[Session],
+) -> None:
+    """A company's currency code of up to ten characters (CMOrderWallet CurrencyCode,
+    Code[10]) is an orphan's currency as written; mixed codes count as XXX."""
+    with sessions.begin() as session:
+        connection_id = ensure_connection(session, "venue")
+        book = Book(session, connection_id)
+        own = book.order("OWN", wallets=[Price(currency="LOCALCUR10")])
+        mixed = book.order("MIXED", wallets=[Price(currency="EUR"), Price(currency="DKK")])
+
+    run_id = run(sessions, connection_id)
+
+    with sessions() as session:
+        found = exceptions_by_key(session, connection_id)
+        assert found[f"order:{own.order_id}"].currency == "LOCALCUR10"
+        assert found[f"order:{mixed.order_id}"].currency == "XXX"
+        assert totals(session, run_id) == {
+            ("LOCALCUR10", Category.ORPHAN): (1, Decimal(0), Decimal("10.00")),
+            ("XXX", Category.ORPHAN): (1, Decimal(0), Decimal("20.00")),
+        }

@@ -354,3 +354,37 @@ def test_0007_drops_the_inbox_foreign_key_and_keeps_every_row(engine: sa.Engine)
         ("fk_inbox_connection_id_venue_connection", "venue_connection")
     ]
     assert len(inbox_rows()) == 2
+
+
+def test_0008_widens_the_venues_currency_columns_to_ten(engine: sa.Engine) -> None:
+    """Business Central's Currency.Code is a Code[10] (CMOrderWallet CurrencyCode): the
+    columns holding a venue's currency take ten characters, and narrow back on downgrade."""
+
+    def widths() -> dict[str, int | None]:
+        inspector = sa.inspect(engine)
+        return {
+            f"{table}.{column['name']}": getattr(column["type"], "length", None)
+            for table, name in (
+                ("wallet", "currency_code"),
+                ("recon_total", "currency"),
+                ("recon_exception", "currency"),
+                ("ledger_line", "currency"),
+            )
+            for column in inspector.get_columns(table)
+            if column["name"] == name
+        }
+
+    migrate.upgrade(engine, "0007")
+    assert set(widths().values()) == {3}
+
+    migrate.upgrade(engine, "0008")
+    assert widths() == {
+        "wallet.currency_code": 10,
+        "recon_total.currency": 10,
+        "recon_exception.currency": 10,
+        "ledger_line.currency": 3,
+    }
+
+    with engine.begin() as connection:
+        command.downgrade(migrate.alembic_config(connection), "0007")
+    assert set(widths().values()) == {3}

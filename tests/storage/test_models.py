@@ -551,7 +551,10 @@ def test_order_seen_again_after_removal_is_live(
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (("items", 0, "wallets", 0, "currencyCode", "DKKK"), "wallet.currency_code: longer than 3"),
+        (
+            ("items", 0, "wallets", 0, "currencyCode", "C" * 11),
+            "wallet.currency_code: longer than 10",
+        ),
         (("items", 0, "quantity", 2**31), "order_item.quantity: outside a 32-bit integer"),
         (("items", 0, "wallets", 0, "unitPriceExclVat", "1e13"), "price_excl_vat: out of range"),
     ],
@@ -578,10 +581,13 @@ def test_a_value_no_column_holds_is_refused_the_same_on_both_databases(
     [
         ("buyFromOrderReference", "C" * 50),
         ("items", 0, "quantity", 2**31 - 1),
+        # A company's own currency code: Business Central's Currency.Code is a Code[10]
+        # (CMOrderWallet CurrencyCode).
+        ("items", 0, "wallets", 0, "currencyCode", "LOCALCUR10"),
         # The order's total (this wallet's price and two more) must fit too.
         ("items", 0, "wallets", 0, "unitPriceExclVat", Decimal("9223372036000")),
     ],
-    ids=["text", "integer", "money"],
+    ids=["text", "integer", "currency", "money"],
 )
 def test_values_at_their_columns_limits_are_stored(
     sessions: sessionmaker[Session], connection_id: int, change: tuple[Any, ...]
@@ -598,6 +604,7 @@ def test_values_at_their_columns_limits_are_stored(
         stored = {
             "buyFromOrderReference": order.buy_from_order_reference,
             "quantity": order.items[0].quantity,
+            "currencyCode": order.items[0].wallets[0].currency_code,
             "unitPriceExclVat": order.items[0].wallets[0].unit_price_excl_vat,
         }
         assert stored[field] == value
