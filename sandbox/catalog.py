@@ -9,9 +9,14 @@ each of one *kind*:
   coupons where the package yields them); only packages accept ``componentSchedule``;
 - ``coupon``: one wallet per unit, holding one coupon.
 
-Prices are per unit of quantity, excluding and including VAT, in the item's currency. A
-wallet carries its item's unit price, so a line's amount is ``quantity * unit price`` for
-every kind — a group wallet admits ``quantity`` people at the per-person price.
+Prices are per unit of quantity, excluding and including VAT, in the item's currency,
+each rounded to 0.01 before anything is multiplied. A wallet carries the price of
+everything it holds (:meth:`CatalogItem.wallet_price`, as CMTicketIssuer
+``AccumulatePriceOnWallet`` and CMCouponIssuer price the venue's wallets): a ticket's or
+coupon's wallet its unit price, a group ticket's one wallet the per-person price times
+the quantity, and a package's wallet the prices of its components (tickets and coupons)
+added up. A package lists each component's price, and its own unit price must be their
+sum, so that the catalog's package price is what its wallet carries.
 
 A package line's ``wallet.componentSchedule`` is a list of ``{"itemNumber", "visitDate",
 "visitTime"}`` objects moving a ticket component to another visit. The sandbox treats a
@@ -26,7 +31,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from enum import StrEnum
 from importlib import resources
 from pathlib import Path
@@ -37,6 +42,12 @@ from pydantic.alias_generators import to_camel
 
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _TIME = re.compile(r"^\d{2}:\d{2}:\d{2}$")
+_CENT = Decimal("0.01")
+
+
+def round_price(amount: Decimal) -> Decimal:
+    """``amount`` rounded to 0.01, halves away from zero, as the venue's ``Round(x, 0.01)``."""
+    return amount.quantize(_CENT, rounding=ROUND_HALF_UP)
 
 
 class CatalogError(ValueError):
@@ -64,6 +75,8 @@ class Component(_CatalogModel):
     item_number: str = Field(min_length=1)
     description: str
     type: Literal["ticket", "coupon"]
+    unit_price_excl_vat: Decimal = Field(default=Decimal(0), ge=0)
+    unit_price_incl_vat: Decimal = Field(default=Decimal(0), ge=0)
 
 
 class CatalogItem(_CatalogModel):
@@ -86,6 +99,16 @@ class CatalogItem(_CatalogModel):
             raise ValueError(f"only packages have components ({self.item_number})")
         if self.unit_price_excl_vat > self.unit_price_incl_vat:
             raise ValueError(f"{self.item_number}: price excl. VAT exceeds price incl. VAT")
+        if self.kind is ItemKind.PACKAGE:
+            excl, incl = self.wallet_price(1)
+            if (excl, incl) != (
+                round_price(self.unit_price_excl_vat),
+                round_price(self.unit_price_incl_vat),
+            ):
+                raise ValueError(
+                    f"package {self.item_number}: its unit price must be its components'"
+                    f" prices added up ({excl} excl., {incl} incl. VAT)"
+                )
         return self
 
     @property
@@ -96,6 +119,23 @@ class CatalogItem(_CatalogModel):
     def wallet_count(self, quantity: int) -> int:
         """How many wallets a line of ``quantity`` units issues."""
         return 1 if self.kind is ItemKind.GROUP else quantity
+
+    def wallet_price(self, quantity: int) -> tuple[Decimal, Decimal]:
+        """What one wallet of a line of ``quantity`` carries, excluding and including VAT.
+
+        CMTicketIssuer ``BuildTicketImportLines`` / ``AccumulatePriceOnWallet`` and
+        CMCouponIssuer ``IssueAndAttachForAddOnLine``: unit prices are rounded to 0.01
+        first; a group ticket's one wallet carries the unit price times the quantity, a
+        package's wallet its components' prices added up, any other wallet its unit price.
+        """
+        if self.kind is ItemKind.PACKAGE:
+            excl = sum((round_price(c.unit_price_excl_vat) for c in self.components), Decimal(0))
+            incl = sum((round_price(c.unit_price_incl_vat) for c in self.components), Decimal(0))
+            return excl, incl
+        excl, incl = round_price(self.unit_price_excl_vat), round_price(self.unit_price_incl_vat)
+        if self.kind is ItemKind.GROUP:
+            return excl * quantity, incl * quantity
+        return excl, incl
 
     def asset_templates(self) -> tuple[Component, ...]:
         """The assets one wallet of this item holds: its components, or the item itself."""

@@ -13,7 +13,8 @@ Issuance fails when a line's visit date has passed since submission, its item ha
 the catalog, its ``componentSchedule`` is invalid (see :mod:`sandbox.catalog`), or the
 ``errorRate`` fault fires. The ``stall*Rate`` faults leave an order hanging for the
 sweeper. Minting gives each wallet a GUID, an 18-digit reference number, the partner's
-external reference and name, the catalog price, a manifest URL and its assets (tickets
+external reference and name, the price of what it holds
+(:meth:`~sandbox.catalog.CatalogItem.wallet_price`), a manifest URL and its assets (tickets
 and coupons with reference numbers).
 """
 
@@ -220,19 +221,22 @@ class Pipeline:
                     raise IssueFailure(
                         f"Invalid componentSchedule on line {shell.line_no}: {problem}"
                     )
-            wallets = [self._wallet(item, w, issued_at) for w in shell.wallets]
+            wallets = [self._wallet(item, line.quantity, w, issued_at) for w in shell.wallets]
             lines.append(shell.model_copy(update={"wallets": wallets}))
         return lines
 
-    def _wallet(self, item: CatalogItem, shell: Wallet, issued_at: dt.datetime) -> Wallet:
+    def _wallet(
+        self, item: CatalogItem, quantity: int, shell: Wallet, issued_at: dt.datetime
+    ) -> Wallet:
         wallet_id = str(uuid.uuid4())
+        excl, incl = item.wallet_price(quantity)
         return shell.model_copy(
             update={
                 "wallet_id": wallet_id,
                 "wallet_reference_number": str(10**17 + secrets.randbelow(9 * 10**17)),
                 "issued_at": issued_at,
-                "unit_price_excl_vat": item.unit_price_excl_vat,
-                "unit_price_incl_vat": item.unit_price_incl_vat,
+                "unit_price_excl_vat": excl,
+                "unit_price_incl_vat": incl,
                 "currency_code": item.currency_code,
                 "manifest_url": self._manifest_url(wallet_id),
                 "assets": [

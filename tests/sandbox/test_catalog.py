@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -45,8 +46,34 @@ def test_default_catalog_has_every_kind_and_two_currencies() -> None:
             ),
             "needs at least one ticket component",
         ),
+        (
+            json.dumps(
+                {
+                    "items": [
+                        {
+                            "itemNumber": "P1",
+                            "description": "Package",
+                            "kind": "package",
+                            "unitPriceExclVat": "10.00",
+                            "unitPriceInclVat": "12.50",
+                            "currencyCode": "DKK",
+                            "components": [
+                                {
+                                    "itemNumber": "T1",
+                                    "description": "Ticket",
+                                    "type": "ticket",
+                                    "unitPriceExclVat": "8.00",
+                                    "unitPriceInclVat": "10.00",
+                                }
+                            ],
+                        }
+                    ]
+                }
+            ),
+            r"its components' prices added up \(8.00 excl., 10.00 incl. VAT\)",
+        ),
     ],
-    ids=["not-json", "no-items", "package-without-tickets"],
+    ids=["not-json", "no-items", "package-without-tickets", "package-price-not-its-sum"],
 )
 def test_broken_catalogs_are_refused_with_the_reason(
     tmp_path: Path, content: str, problem: str
@@ -56,6 +83,24 @@ def test_broken_catalogs_are_refused_with_the_reason(
     path.write_text(content, encoding="utf-8")
     with pytest.raises(CatalogError, match=problem):
         load_catalog(path)
+
+
+def test_wallet_prices_follow_the_venues_issuers() -> None:
+    """CMTicketIssuer CalculateDynamicTicketPrice / AccumulatePriceOnWallet: unit prices
+    are rounded to 0.01 before a group's one wallet multiplies them by the quantity; a
+    single ticket's wallet carries one unit price whatever the quantity; a package's
+    wallet carries its components' (and coupons', CMCouponIssuer) prices added up."""
+    catalog = load_catalog()
+    group = catalog.get("31050")
+    assert group is not None
+    odd = group.model_copy(update={"unit_price_excl_vat": Decimal("10.005")})
+    assert odd.wallet_price(3)[0] == Decimal("30.03")  # 10.01 x 3, not 30.015 rounded
+    single, package = catalog.get("31001"), catalog.get("40100")
+    assert single is not None and single.wallet_price(5) == (Decimal("80.00"), Decimal("100.00"))
+    assert package is not None and package.wallet_price(2) == (
+        Decimal("128.00"),  # 64.00 + 56.00 + 8.00 (the coupon)
+        Decimal("160.00"),
+    )
 
 
 @pytest.mark.parametrize(

@@ -104,6 +104,27 @@ def test_item_kinds_mint_their_wallets(venue: Venue) -> None:
     assert cruise["wallets"][0]["unitPriceInclVat"] == 25
 
 
+def test_wallets_carry_the_price_of_what_they_hold(venue: Venue) -> None:
+    """CMTicketIssuer BuildTicketImportLines / AccumulatePriceOnWallet and CMCouponIssuer
+    IssueAndAttachForAddOnLine: a single ticket's wallet carries its unit price, a group
+    ticket's one wallet the per-person price times the quantity, a package's wallet its
+    components and coupons added up."""
+    items = [line("31050", quantity=6), line("40100", quantity=2), line("31001", quantity=3)]
+    order_id = venue.create(order_body(items=items))["orderId"]
+    venue.tick()
+
+    group, package, single = venue.get(order_id)["items"]
+    prices = {
+        name: [(w["unitPriceExclVat"], w["unitPriceInclVat"]) for w in item["wallets"]]
+        for name, item in (("group", group), ("package", package), ("single", single))
+    }
+    assert prices == {
+        "group": [(360, 450)],  # 6 x 60.00 / 75.00
+        "package": [(128, 160)] * 2,  # 64 + 56 + 8 / 80 + 70 + 10
+        "single": [(80, 100)] * 3,
+    }
+
+
 def test_valid_component_schedule_issues(venue: Venue) -> None:
     """A package schedule naming its own ticket components on or after the visit issues."""
     schedule = [{"itemNumber": "31020", "visitDate": future(31), "visitTime": "14:00:00"}]
