@@ -18,17 +18,12 @@ the quantity, and a package's wallet the prices of its components (tickets and c
 added up. A package lists each component's price, and its own unit price must be their
 sum, so that the catalog's package price is what its wallet carries.
 
-A package line's ``wallet.componentSchedule`` is a list of ``{"itemNumber", "visitDate",
-"visitTime"}`` objects moving a ticket component to another visit. The sandbox treats a
-schedule as invalid — the order then ends in Error at processing, as the venue's does —
-when it is not a list of objects, names an item that is not a ticket component of the
-package, names a component twice, or gives a ``visitDate`` that is missing, not
-``YYYY-MM-DD``, or before the line's own visit date, or a ``visitTime`` not ``HH:mm:ss``.
+Packages are the only items that accept ``wallet.componentSchedule`` (its rules are the
+venue's request parser's, :mod:`sandbox.requests`).
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import re
 from decimal import ROUND_HALF_UP, Decimal
@@ -147,40 +142,6 @@ class CatalogItem(_CatalogModel):
         return (
             Component(item_number=self.item_number, description=self.description, type=asset_type),
         )
-
-    def schedule_problem(self, schedule: Any, visit_date: dt.date) -> str | None:
-        """Why ``schedule`` is not a valid componentSchedule for this package, or ``None``.
-
-        Args:
-            schedule: the ``wallet.componentSchedule`` value as the partner sent it.
-            visit_date: the line's own visit date; no component may come before it.
-        """
-        if not isinstance(schedule, list) or not all(isinstance(e, dict) for e in schedule):
-            return "componentSchedule must be a list of objects"
-        tickets = {c.item_number.upper() for c in self.components if c.type == "ticket"}
-        seen: set[str] = set()
-        for entry in schedule:
-            number = str(entry.get("itemNumber") or "")
-            if number.upper() not in tickets:
-                return f"'{number}' is not a ticket component of package '{self.item_number}'"
-            if number.upper() in seen:
-                return f"component '{number}' is scheduled twice"
-            seen.add(number.upper())
-            date_text = entry.get("visitDate")
-            if not isinstance(date_text, str) or not _DATE.match(date_text):
-                return f"component '{number}' needs a visitDate as YYYY-MM-DD"
-            try:
-                date = dt.date.fromisoformat(date_text)
-            except ValueError:
-                return f"component '{number}' has an invalid visitDate '{date_text}'"
-            if date < visit_date:
-                return f"component '{number}' is scheduled before the line's visitDate"
-            time_text = entry.get("visitTime")
-            if time_text is not None and (
-                not isinstance(time_text, str) or not _TIME.match(time_text)
-            ):
-                return f"component '{number}' needs a visitTime as HH:mm:ss"
-        return None
 
 
 class Catalog(_CatalogModel):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 from decimal import Decimal
 from pathlib import Path
@@ -101,33 +100,3 @@ def test_wallet_prices_follow_the_venues_issuers() -> None:
         Decimal("128.00"),  # 64.00 + 56.00 + 8.00 (the coupon)
         Decimal("160.00"),
     )
-
-
-@pytest.mark.parametrize(
-    ("schedule", "problem"),
-    [
-        ({"itemNumber": "31001"}, "must be a list of objects"),
-        ([{"itemNumber": "CPN-CAFE10", "visitDate": "2030-01-02"}], "not a ticket component"),
-        (
-            [
-                {"itemNumber": "31001", "visitDate": "2030-01-02"},
-                {"itemNumber": "31001", "visitDate": "2030-01-03"},
-            ],
-            "scheduled twice",
-        ),
-        ([{"itemNumber": "31001"}], "needs a visitDate"),
-        ([{"itemNumber": "31001", "visitDate": "2029-12-31"}], "before the line's visitDate"),
-        ([{"itemNumber": "31001", "visitDate": "2030-01-01", "visitTime": "9"}], "HH:mm:ss"),
-        ([{"itemNumber": "31020", "visitDate": "2030-01-05", "visitTime": "09:00:00"}], None),
-    ],
-    ids=["not-a-list", "coupon", "twice", "no-date", "too-early", "bad-time", "valid"],
-)
-def test_component_schedule_rules(schedule: object, problem: str | None) -> None:
-    """What makes a componentSchedule invalid, as the module documents it."""
-    package = load_catalog().get("40100")
-    assert package is not None
-    found = package.schedule_problem(schedule, dt.date(2030, 1, 1))
-    if problem is None:
-        assert found is None
-    else:
-        assert found is not None and problem in found
