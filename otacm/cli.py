@@ -386,7 +386,13 @@ def submit(cli: CliContext, file: Path, as_json: bool) -> None:
     """
     from contextlib import ExitStack
 
-    from receiver.outbox import SUBMIT_NOW_RETRY, SubmissionError, SubmitStatus, submit_file
+    from receiver.outbox import (
+        SUBMIT_NOW_RETRY,
+        SubmissionError,
+        SubmissionsRefused,
+        SubmitStatus,
+        submit_file,
+    )
     from storage.engine import make_engine, make_sessions
     from storage.types import utcnow
     from venue.client import open_client
@@ -403,6 +409,10 @@ def submit(cli: CliContext, file: Path, as_json: bool) -> None:
             outcomes = submit_file(
                 settings, file, sessions=make_sessions(engine), clients=clients, now=utcnow()
             )
+        except SubmissionsRefused as refused:
+            for exc in refused.refusals:  # one line per refused order
+                click.echo(f"Error: {file}: {exc}", err=True)
+            raise SystemExit(1) from None
         except SubmissionError as exc:
             raise click.ClickException(f"{file}: {exc}") from None
     if as_json:

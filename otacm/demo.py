@@ -433,11 +433,13 @@ def mirror_report(engine: sa.Engine, references: set[str], report: DemoReport) -
                 report.plantable.append(order.sell_to_order_reference)
             for item in order.items:
                 report.wallets += len(item.wallets)
-                priced = [w for w in item.wallets if w.unit_price_incl_vat is not None]
-                if order.status is OrderStatus.ISSUED and priced:
-                    # Prices are per unit: a group ticket's one wallet stands for every guest.
-                    unit = priced[0].unit_price_incl_vat or Decimal(0)
-                    report.amounts[priced[0].currency_code or "?"] += unit * item.quantity
+                if order.status is not OrderStatus.ISSUED:
+                    continue
+                # Each wallet carries the price of what it holds (a group ticket's one
+                # wallet the whole group's), so the issued value is their sum.
+                for wallet in item.wallets:
+                    if wallet.unit_price_incl_vat is not None:
+                        report.amounts[wallet.currency_code or "?"] += wallet.unit_price_incl_vat
 
 
 # --- the mismatches, the reconciliation and the finance pages -----------------------------

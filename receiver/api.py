@@ -17,7 +17,7 @@ The answers:
   stays recorded, its outbox row ``failed``;
 - 401 ``not_authorized`` without ``Authorization: Bearer <token>`` naming one of the
   configured ``api_tokens`` (the API is closed while none is configured);
-- 400 ``invalid_json``, 400 ``invalid_order`` naming the field (``items.0.quantity``),
+- 400 ``invalid_json``, 400 ``invalid_order`` naming the field (``items[0].quantity``),
   400 ``unknown_connection``, 413 ``body_too_large``, 415 ``unsupported_media_type``;
   503 while the database cannot take the write (nothing is sent then).
 

@@ -61,7 +61,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from decimal import Decimal
 from enum import StrEnum
@@ -142,7 +142,7 @@ class SubmissionError(ValueError):
     """A submission the shop sent cannot be accepted; nothing was recorded.
 
     Attributes:
-        field: the dotted path of the problem (``items.0.quantity``), ``""`` for the body.
+        field: the path of the problem (``items[0].quantity``), ``""`` for the body.
         problem: what is wrong with it.
         code: a stable snake_case code: ``invalid_order`` or ``unknown_connection``.
     """
@@ -152,6 +152,19 @@ class SubmissionError(ValueError):
         self.problem = problem
         self.code = code
         super().__init__(f"{field or 'body'}: {problem}")
+
+
+class SubmissionsRefused(SubmissionError):
+    """Several entries of one file cannot be accepted; nothing was recorded.
+
+    Attributes:
+        refusals: one error per refused entry, in the file's order.
+    """
+
+    def __init__(self, refusals: list[SubmissionError]) -> None:
+        first = refusals[0]
+        super().__init__(first.field, first.problem, code=first.code)
+        self.refusals = refusals
 
 
 class _SaleTerms(BaseModel):
@@ -217,7 +230,7 @@ def parse_submission(raw: Any) -> Submission:
         raise SubmissionError("", "an order must be a JSON object")
     unstorable = unstorable_text_path(raw)
     if unstorable is not None:
-        raise SubmissionError(unstorable, UNSTORABLE_TEXT)
+        raise SubmissionError(_dotted(tuple(_path_parts(unstorable))), UNSTORABLE_TEXT)
     terms_raw = {key: value for key, value in raw.items() if key in _TERMS_KEYS}
     request_raw = {key: value for key, value in raw.items() if key not in _TERMS_KEYS}
     try:
@@ -1612,7 +1625,8 @@ def read_submissions(text: str) -> list[Submission]:
 
     Raises:
         SubmissionError: the text is not JSON, or an entry is invalid; the field names
-            the entry (``[2].items.0.quantity``, ``line 3: amount``).
+            the entry (``[2].items[0].quantity``, ``line 3: amount``); when several
+            entries are invalid, :class:`SubmissionsRefused` lists each one.
     """
     try:
         decoded: Any = decode_json(text, exact_numbers=True)
@@ -1646,13 +1660,17 @@ def read_submissions(text: str) -> list[Submission]:
     if not entries:
         raise SubmissionError("", "no orders in the file")
     submissions = []
+    refusals = []
     for where, entry in entries:
         try:
             submissions.append(parse_submission(entry))
         except SubmissionError as exc:
-            raise SubmissionError(
-                f"{where}{exc.field}".rstrip(". :"), exc.problem, code=exc.code
-            ) from None
+            field = f"{where}{exc.field}".rstrip(". :")
+            refusals.append(SubmissionError(field, exc.problem, code=exc.code))
+    if len(refusals) == 1:
+        raise refusals[0]
+    if refusals:
+        raise SubmissionsRefused(refusals)
     return submissions
 
 
@@ -1734,8 +1752,18 @@ def submit_file(
     ]
 
 
+def _path_parts(dotted: str) -> Iterator[int | str]:
+    """The parts of a dotted path (``items.0.itemNumber``), list indexes as numbers."""
+    for part in dotted.split("."):
+        yield int(part) if part.isdigit() else part
+
+
 def _dotted(loc: tuple[int | str, ...]) -> str:
-    return ".".join(str(part) for part in loc)
+    """A field's path as the partner wrote it: ``items[0].visitTime``."""
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else f"{'.' if path else ''}{part}"
+    return path
 
 
 def _guid(value: str) -> str:

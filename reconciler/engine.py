@@ -44,9 +44,9 @@ a run reads one row per sale and per order, never an item or a wallet.
     wallet has a currency);
 12. ``amount_mismatch``: ``|ledger amount - what the orders come to|`` exceeds the
     tolerance, with prices including VAT when the ledger amount does and excluding it
-    otherwise (skipped when no wallet has a price on that basis). Wallet prices are per
-    unit: a group ticket's one wallet counts for its item's whole quantity
-    (:func:`~storage.models.order_totals`);
+    otherwise (skipped when no wallet has a price on that basis). The orders come to
+    what their wallets carry, added up: a group ticket's one wallet carries the whole
+    group's price (:func:`~storage.models.order_totals`);
 13. ``external_reference_mismatch``: the ledger lists external reference numbers (a
     non-empty list) and their set is not the set of the wallets' (trimmed,
     case-insensitive: both sides are kept as :func:`~venue.models.reference_set_key`);

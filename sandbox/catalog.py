@@ -9,24 +9,24 @@ each of one *kind*:
   coupons where the package yields them); only packages accept ``componentSchedule``;
 - ``coupon``: one wallet per unit, holding one coupon.
 
-Prices are per unit of quantity, excluding and including VAT, in the item's currency. A
-wallet carries its item's unit price, so a line's amount is ``quantity * unit price`` for
-every kind — a group wallet admits ``quantity`` people at the per-person price.
+Prices are per unit of quantity, excluding and including VAT, in the item's currency,
+each rounded to 0.01 before anything is multiplied. A wallet carries the price of
+everything it holds (:meth:`CatalogItem.wallet_price`, as CMTicketIssuer
+``AccumulatePriceOnWallet`` and CMCouponIssuer price the venue's wallets): a ticket's or
+coupon's wallet its unit price, a group ticket's one wallet the per-person price times
+the quantity, and a package's wallet the prices of its components (tickets and coupons)
+added up. A package lists each component's price, and its own unit price must be their
+sum, so that the catalog's package price is what its wallet carries.
 
-A package line's ``wallet.componentSchedule`` is a list of ``{"itemNumber", "visitDate",
-"visitTime"}`` objects moving a ticket component to another visit. The sandbox treats a
-schedule as invalid — the order then ends in Error at processing, as the venue's does —
-when it is not a list of objects, names an item that is not a ticket component of the
-package, names a component twice, or gives a ``visitDate`` that is missing, not
-``YYYY-MM-DD``, or before the line's own visit date, or a ``visitTime`` not ``HH:mm:ss``.
+Packages are the only items that accept ``wallet.componentSchedule`` (its rules are the
+venue's request parser's, :mod:`sandbox.requests`).
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import re
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from enum import StrEnum
 from importlib import resources
 from pathlib import Path
@@ -37,6 +37,12 @@ from pydantic.alias_generators import to_camel
 
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _TIME = re.compile(r"^\d{2}:\d{2}:\d{2}$")
+_CENT = Decimal("0.01")
+
+
+def round_price(amount: Decimal) -> Decimal:
+    """``amount`` rounded to 0.01, halves away from zero, as the venue's ``Round(x, 0.01)``."""
+    return amount.quantize(_CENT, rounding=ROUND_HALF_UP)
 
 
 class CatalogError(ValueError):
@@ -64,6 +70,8 @@ class Component(_CatalogModel):
     item_number: str = Field(min_length=1)
     description: str
     type: Literal["ticket", "coupon"]
+    unit_price_excl_vat: Decimal = Field(default=Decimal(0), ge=0)
+    unit_price_incl_vat: Decimal = Field(default=Decimal(0), ge=0)
 
 
 class CatalogItem(_CatalogModel):
@@ -87,6 +95,16 @@ class CatalogItem(_CatalogModel):
             raise ValueError(f"only packages have components ({self.item_number})")
         if self.unit_price_excl_vat > self.unit_price_incl_vat:
             raise ValueError(f"{self.item_number}: price excl. VAT exceeds price incl. VAT")
+        if self.kind is ItemKind.PACKAGE:
+            excl, incl = self.wallet_price(1)
+            if (excl, incl) != (
+                round_price(self.unit_price_excl_vat),
+                round_price(self.unit_price_incl_vat),
+            ):
+                raise ValueError(
+                    f"package {self.item_number}: its unit price must be its components'"
+                    f" prices added up ({excl} excl., {incl} incl. VAT)"
+                )
         return self
 
     @property
@@ -98,6 +116,23 @@ class CatalogItem(_CatalogModel):
         """How many wallets a line of ``quantity`` units issues."""
         return 1 if self.kind is ItemKind.GROUP else quantity
 
+    def wallet_price(self, quantity: int) -> tuple[Decimal, Decimal]:
+        """What one wallet of a line of ``quantity`` carries, excluding and including VAT.
+
+        CMTicketIssuer ``BuildTicketImportLines`` / ``AccumulatePriceOnWallet`` and
+        CMCouponIssuer ``IssueAndAttachForAddOnLine``: unit prices are rounded to 0.01
+        first; a group ticket's one wallet carries the unit price times the quantity, a
+        package's wallet its components' prices added up, any other wallet its unit price.
+        """
+        if self.kind is ItemKind.PACKAGE:
+            excl = sum((round_price(c.unit_price_excl_vat) for c in self.components), Decimal(0))
+            incl = sum((round_price(c.unit_price_incl_vat) for c in self.components), Decimal(0))
+            return excl, incl
+        excl, incl = round_price(self.unit_price_excl_vat), round_price(self.unit_price_incl_vat)
+        if self.kind is ItemKind.GROUP:
+            return excl * quantity, incl * quantity
+        return excl, incl
+
     def asset_templates(self) -> tuple[Component, ...]:
         """The assets one wallet of this item holds: its components, or the item itself."""
         if self.components:
@@ -108,40 +143,6 @@ class CatalogItem(_CatalogModel):
         return (
             Component(item_number=self.item_number, description=self.description, type=asset_type),
         )
-
-    def schedule_problem(self, schedule: Any, visit_date: dt.date) -> str | None:
-        """Why ``schedule`` is not a valid componentSchedule for this package, or ``None``.
-
-        Args:
-            schedule: the ``wallet.componentSchedule`` value as the partner sent it.
-            visit_date: the line's own visit date; no component may come before it.
-        """
-        if not isinstance(schedule, list) or not all(isinstance(e, dict) for e in schedule):
-            return "componentSchedule must be a list of objects"
-        tickets = {c.item_number.upper() for c in self.components if c.type == "ticket"}
-        seen: set[str] = set()
-        for entry in schedule:
-            number = str(entry.get("itemNumber") or "")
-            if number.upper() not in tickets:
-                return f"'{number}' is not a ticket component of package '{self.item_number}'"
-            if number.upper() in seen:
-                return f"component '{number}' is scheduled twice"
-            seen.add(number.upper())
-            date_text = entry.get("visitDate")
-            if not isinstance(date_text, str) or not _DATE.match(date_text):
-                return f"component '{number}' needs a visitDate as YYYY-MM-DD"
-            try:
-                date = dt.date.fromisoformat(date_text)
-            except ValueError:
-                return f"component '{number}' has an invalid visitDate '{date_text}'"
-            if date < visit_date:
-                return f"component '{number}' is scheduled before the line's visitDate"
-            time_text = entry.get("visitTime")
-            if time_text is not None and (
-                not isinstance(time_text, str) or not _TIME.match(time_text)
-            ):
-                return f"component '{number}' needs a visitTime as HH:mm:ss"
-        return None
 
 
 class Catalog(_CatalogModel):

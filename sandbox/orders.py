@@ -1,12 +1,14 @@
 """The venue's order rules: what createOrder, confirmOrder, replaceOrder, deleteOrder,
 getOrder and listOrdersByPartner accept, refuse, and do to the stored order.
 
-:class:`OrderBook` validates requests with the venue's own messages (``spec/API.md``,
-"Errors"), enforces the state machine — replace only from Draft or Error, confirm only
-from Draft (a no-op on Issued), delete keeping Issued/Cancelled orders as Cancelled and
-removing Draft/Error ones, nothing while in flight — and pages a partner's orders with
-the venue's filters, cursors and change feed. Issuance itself is :mod:`sandbox.pipeline`.
-Every failure is an :mod:`sandbox.errors` exception; nothing is stored when one is raised.
+:class:`OrderBook` validates requests as the venue does, with its messages
+(:mod:`sandbox.requests`, ChannelMgrOrderAgent), enforces the state machine — replace
+only from Draft or Error, confirm only from Draft (a no-op on Issued), delete keeping
+Issued/Cancelled orders as Cancelled and removing Draft/Error ones, nothing while in
+flight — and pages a partner's orders with the venue's filters, cursors and change
+feed. Issuance itself is :mod:`sandbox.pipeline`. Every failure is an
+:mod:`sandbox.errors` exception; nothing is stored when one is raised (but a createOrder
+that finds an Error order under its reference deletes it first, as the venue does).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import base64
 import binascii
 import datetime as dt
 import json
-import re
 import secrets
 import uuid
 from collections.abc import Mapping
@@ -27,13 +28,20 @@ from pydantic import ValidationError
 from sandbox.catalog import Catalog
 from sandbox.config import SandboxConfig
 from sandbox.errors import InvalidRequest, ResourceNotFound
+from sandbox.requests import (
+    Header,
+    VenueRequest,
+    body_object,
+    guid_text,
+    parse_header,
+    parse_items,
+    required_text,
+)
 from sandbox.state import Clock, OrderQuery, OrderRecord, OrderStore, stamp
 from venue.models import (
     IN_FLIGHT_STATUSES,
-    ConfirmRequest,
     Order,
     OrderItem,
-    OrderRequest,
     OrderStatus,
     Wallet,
     normalize_reference,
@@ -42,8 +50,6 @@ from venue.models import (
 ZERO_GUID = "00000000-0000-0000-0000-000000000000"
 REFERENCE_LENGTH = 50
 MAX_PAGE_SIZE = 20000
-_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-_TIME = re.compile(r"^\d{2}:\d{2}:\d{2}$")
 _TRUE = ("true", "1", "yes")
 
 
@@ -68,33 +74,6 @@ def describe_validation_error(exc: ValidationError) -> str:
         else:
             clauses.append(f"{where}: {error['msg']}")
     return "; ".join(clauses)
-
-
-def parse_order_request(body: Any) -> OrderRequest:
-    """The createOrder/replaceOrder body as a model, its formats checked.
-
-    Raises:
-        InvalidRequest: the body is not an order request; the message names the field.
-    """
-    if not isinstance(body, dict):
-        raise InvalidRequest("The request body must be a JSON object")
-    items = body.get("items")
-    if isinstance(items, list):
-        for index, item in enumerate(items):
-            if not isinstance(item, dict):
-                continue
-            # Checked on the raw text: pydantic would also take timestamps and "10:30".
-            visit_date, visit_time = item.get("visitDate"), item.get("visitTime")
-            if isinstance(visit_date, str) and not _DATE.match(visit_date):
-                raise InvalidRequest(f"items[{index}] visitDate must be a date as YYYY-MM-DD")
-            if visit_time is not None and (
-                not isinstance(visit_time, str) or not _TIME.match(visit_time)
-            ):
-                raise InvalidRequest(f"items[{index}] visitTime must be a time as HH:mm:ss")
-    try:
-        return OrderRequest.model_validate(body)
-    except ValidationError as exc:
-        raise InvalidRequest(describe_validation_error(exc)) from None
 
 
 def new_buy_from_reference(now: dt.datetime) -> str:
@@ -149,19 +128,28 @@ class OrderBook:
         Raises:
             InvalidRequest: the body is invalid or the reference is already taken.
         """
-        request = self._checked(parse_order_request(body))
-        partner_id = self._partner_id(request)
-        reference = reference_code(request.sell_to_order_reference) or ""
+        fields = body_object(body)
+        header = parse_header(fields)
+        partner = self._config.partner(header.partner_id)
+        if partner is None:
+            raise InvalidRequest(f"Unknown partnerId '{guid_text(header.partner_id)}'")
+        if not partner.active:
+            raise InvalidRequest(f"Partner '{guid_text(partner.id)}' is not active")
+        reference = header.sell_to_order_reference
         now = self._now()
         with self._store.transaction():
-            existing = self._store.find(partner_id, reference)
+            existing = self._store.find(partner.id, reference)
             if existing is not None:
                 if existing.status is not OrderStatus.ERROR:
                     raise InvalidRequest(
-                        f"Order with sellToOrderReference '{reference}' already exists"
-                        f" for partner '{partner_id}'"
+                        f"An order with sellToOrderReference '{reference}' already exists"
+                        f" for partner '{guid_text(partner.id)}'"
                     )
+                # ChannelMgrOrderAgent IsDuplicateOrder deletes the Error order before the
+                # items are read: it is gone even when the new order is then refused.
                 self._store.remove(existing.order_id)
+        request = self._parsed(fields, header)
+        with self._store.transaction():
             order = self._submitted(
                 str(uuid.uuid4()), request, received_at=now, buy_from=new_buy_from_reference(now)
             )
@@ -174,20 +162,17 @@ class OrderBook:
             ResourceNotFound: no such order.
             InvalidRequest: no paymentReference, or the order is neither Draft nor Issued.
         """
-        try:
-            payment = ConfirmRequest.model_validate(body if isinstance(body, dict) else {})
-        except ValidationError as exc:
-            raise InvalidRequest(describe_validation_error(exc)) from None
         with self._store.transaction():
             record = self.get(order_id)
             if record.status is OrderStatus.ISSUED:
                 return record
             if record.status is not OrderStatus.DRAFT:
                 raise InvalidRequest(f"Order cannot be confirmed in status {record.status}")
+            payment = required_text(body_object(body), "paymentReference")
             order = record.order.model_copy(
                 update={
                     "status": OrderStatus.ISSUED,
-                    "payment_reference": reference_code(payment.payment_reference),
+                    "payment_reference": reference_code(payment),
                 }
             )
             return self._store.save(order, record.request, self._now())
@@ -204,18 +189,13 @@ class OrderBook:
             record = self.get(order_id)
             if record.status not in (OrderStatus.DRAFT, OrderStatus.ERROR):
                 raise InvalidRequest(f"Order cannot be replaced in status {record.status}")
-            request = self._checked(parse_order_request(body))
+            header = parse_header(body_object(body))
             current = record.order
-            if self._partner_id(request) != current.partner_id:
-                raise InvalidRequest(
-                    f"partnerId is immutable: order '{current.order_id}' belongs to partner"
-                    f" '{current.partner_id}'"
-                )
-            if reference_code(request.sell_to_order_reference) != current.sell_to_order_reference:
-                raise InvalidRequest(
-                    "sellToOrderReference is immutable: order"
-                    f" '{current.order_id}' has '{current.sell_to_order_reference}'"
-                )
+            if header.partner_id != current.partner_id:
+                raise InvalidRequest("partnerId cannot be changed via PUT")
+            if header.sell_to_order_reference != current.sell_to_order_reference:
+                raise InvalidRequest("sellToOrderReference cannot be changed via PUT")
+            request = self._parsed(body, header)
             order = self._submitted(
                 current.order_id,
                 request,
@@ -295,70 +275,38 @@ class OrderBook:
         # The venue's timestamps have whole seconds.
         return self._clock.now().replace(microsecond=0)
 
-    def _partner_id(self, request: OrderRequest) -> str:
-        partner = self._config.partner(request.partner_id)
-        assert partner is not None  # _checked has made sure
-        return partner.id
-
-    def _checked(self, request: OrderRequest) -> OrderRequest:
-        """``request`` when the venue would accept it.
+    def _parsed(self, body: dict[str, Any], header: Header) -> VenueRequest:
+        """The request with its items read as the venue reads them.
 
         Raises:
             InvalidRequest: with the venue's message for the first problem found.
         """
-        partner = self._config.partner(request.partner_id)
-        if partner is None:
-            raise InvalidRequest(f"Unknown partnerId '{request.partner_id}'")
-        if not partner.active:
-            raise InvalidRequest(f"Partner '{request.partner_id}' is not active")
-        if reference_code(request.sell_to_order_reference) is None:
-            raise InvalidRequest("sellToOrderReference is required")
         today = self._config.local_today(self._clock.now())
-        for index, line in enumerate(request.items):
-            item = self.catalog.get(line.item_number)
-            if item is None:
-                raise InvalidRequest(f"Unknown item '{line.item_number}'")
-            if line.visit_date < today:
-                raise InvalidRequest(f"items[{index}] visitDate must not be in the past")
-            wallet = line.wallet
-            if wallet is None:
-                continue
-            expected = item.wallet_count(line.quantity)
-            line_no = (index + 1) * self._config.line_step
-            for field, values in (
-                ("names", wallet.names),
-                ("externalReferenceNumbers", wallet.external_reference_numbers),
-            ):
-                if values and len(values) != expected:
-                    raise InvalidRequest(
-                        f"wallet.{field} array length ({len(values)}) must equal {expected}"
-                        f" on line {line_no}"
-                    )
-            if wallet.component_schedule is not None and not item.is_package:
-                raise InvalidRequest("wallet.componentSchedule is only valid for package items")
-        return request
+        items = parse_items(body, header, self.catalog, today, self._config.line_step)
+        return VenueRequest(header, items)
 
     def _submitted(
-        self, order_id: str, request: OrderRequest, *, received_at: dt.datetime, buy_from: str
+        self, order_id: str, request: VenueRequest, *, received_at: dt.datetime, buy_from: str
     ) -> Order:
         """The order as the venue answers a submission: Submitted, wallets as shells."""
+        header = request.header
         return Order(
             order_id=order_id,
             status=OrderStatus.SUBMITTED,
             status_message="",
-            partner_id=self._partner_id(request),
-            sell_to_order_reference=reference_code(request.sell_to_order_reference) or "",
+            partner_id=header.partner_id,
+            sell_to_order_reference=header.sell_to_order_reference,
             buy_from_order_reference=buy_from,
             received_at=received_at,
-            sell_to_email=request.sell_to_email,
-            sell_to_name=request.sell_to_name,
-            sell_to_language=request.sell_to_language,
-            payment_reference=reference_code(request.payment_reference),
+            sell_to_email=header.sell_to_email or None,
+            sell_to_name=header.sell_to_name or None,
+            sell_to_language=header.sell_to_language or None,
+            payment_reference=header.payment_reference or None,
             items=shell_items(request, self._config),
         )
 
 
-def shell_items(request: OrderRequest, config: SandboxConfig) -> list[OrderItem]:
+def shell_items(request: VenueRequest, config: SandboxConfig) -> list[OrderItem]:
     """The order's lines before minting: wallets are shells carrying the partner's values.
 
     A shell has an all-zero ``walletId``, an empty ``walletReferenceNumber``, and the
@@ -367,31 +315,33 @@ def shell_items(request: OrderRequest, config: SandboxConfig) -> list[OrderItem]
     lines = []
     for index, line in enumerate(request.items):
         item = config.catalog.get(line.item_number)
-        names = (line.wallet.names if line.wallet else None) or []
-        references = (line.wallet.external_reference_numbers if line.wallet else None) or []
         count = item.wallet_count(line.quantity) if item else 0
+        names = line.names or ()
+        references = line.external_reference_numbers or ()
         wallets = [
             Wallet(
                 seq_no=seq + 1,
                 wallet_id=ZERO_GUID,
                 wallet_reference_number="",
-                external_reference_number=references[seq] if seq < len(references) else None,
-                name=names[seq] if seq < len(names) else None,
+                external_reference_number=(references[seq] or None)
+                if seq < len(references)
+                else None,
+                name=(names[seq] or None) if seq < len(names) else None,
             )
             for seq in range(count)
         ]
         lines.append(
             OrderItem(
                 line_no=(index + 1) * config.line_step,
-                item_number=item.item_number if item else line.item_number,
+                item_number=line.item_number,
                 description=item.description if item else None,
                 is_package=item.is_package if item else False,
                 quantity=line.quantity,
                 visit_date=line.visit_date,
                 visit_time=line.visit_time,
-                sell_to_name=request.sell_to_name,
-                sell_to_email=request.sell_to_email,
-                sell_to_language=request.sell_to_language,
+                sell_to_name=line.sell_to_name or None,
+                sell_to_email=line.sell_to_email or None,
+                sell_to_language=line.sell_to_language or None,
                 wallets=wallets,
             )
         )

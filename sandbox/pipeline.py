@@ -10,11 +10,12 @@ left terminal are announced in one ``ota_cm_order_processed`` run (batched per
 subscriber); the sweeper, ``?sync=1`` and the legacy synchronous mode announce nothing.
 
 Issuance fails when a line's visit date has passed since submission, its item has left
-the catalog, its ``componentSchedule`` is invalid (see :mod:`sandbox.catalog`), or the
-``errorRate`` fault fires. The ``stall*Rate`` faults leave an order hanging for the
-sweeper. Minting gives each wallet a GUID, an 18-digit reference number, the partner's
-external reference and name, the catalog price, a manifest URL and its assets (tickets
-and coupons with reference numbers).
+the catalog, its ``componentSchedule`` schedules a component twice or before the line's
+visit (the request parser lets both through), or the ``errorRate`` fault fires. The
+``stall*Rate`` faults leave an order hanging for the sweeper. Minting gives each wallet
+a GUID, an 18-digit reference number, the partner's external reference and name, the
+price of what it holds (:meth:`~sandbox.catalog.CatalogItem.wallet_price`), a manifest
+URL and its assets (tickets and coupons with reference numbers).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from sandbox.catalog import CatalogItem
 from sandbox.config import SandboxConfig
 from sandbox.faults import FaultInjector
 from sandbox.orders import shell_items
+from sandbox.requests import RequestLine
 from sandbox.state import Clock, OrderRecord, OrderStore
 from sandbox.stats import Stats
 from sandbox.webhooks import ProcessedEvent, WebhookDispatcher
@@ -213,26 +215,25 @@ class Pipeline:
                 raise IssueFailure(f"Unknown item '{line.item_number}'")
             if line.visit_date < today:
                 raise IssueFailure(f"items[{index}] visitDate must not be in the past")
-            schedule = line.wallet.component_schedule if line.wallet else None
-            if schedule is not None:
-                problem = item.schedule_problem(schedule, line.visit_date)
-                if problem:
-                    raise IssueFailure(
-                        f"Invalid componentSchedule on line {shell.line_no}: {problem}"
-                    )
-            wallets = [self._wallet(item, w, issued_at) for w in shell.wallets]
+            problem = _schedule_problem(line)
+            if problem:
+                raise IssueFailure(f"Invalid componentSchedule on line {shell.line_no}: {problem}")
+            wallets = [self._wallet(item, line.quantity, w, issued_at) for w in shell.wallets]
             lines.append(shell.model_copy(update={"wallets": wallets}))
         return lines
 
-    def _wallet(self, item: CatalogItem, shell: Wallet, issued_at: dt.datetime) -> Wallet:
+    def _wallet(
+        self, item: CatalogItem, quantity: int, shell: Wallet, issued_at: dt.datetime
+    ) -> Wallet:
         wallet_id = str(uuid.uuid4())
+        excl, incl = item.wallet_price(quantity)
         return shell.model_copy(
             update={
                 "wallet_id": wallet_id,
                 "wallet_reference_number": str(10**17 + secrets.randbelow(9 * 10**17)),
                 "issued_at": issued_at,
-                "unit_price_excl_vat": item.unit_price_excl_vat,
-                "unit_price_incl_vat": item.unit_price_incl_vat,
+                "unit_price_excl_vat": excl,
+                "unit_price_incl_vat": incl,
                 "currency_code": item.currency_code,
                 "manifest_url": self._manifest_url(wallet_id),
                 "assets": [
@@ -248,6 +249,25 @@ class Pipeline:
                 ],
             }
         )
+
+
+def _schedule_problem(line: RequestLine) -> str | None:
+    """Why the ticket import cannot take the line's componentSchedule, or ``None``.
+
+    The venue's request parser (ChannelMgrOrderAgent TryParseComponentScheduleEntry)
+    has already checked each entry's component, date and time; what it lets through and
+    the sandbox's issuance refuses — the order then ends in Error, as a failed ticket
+    import does (CMTicketIssuer RunTicketImport) — is a component scheduled twice or
+    before the line's own visit date.
+    """
+    seen: set[str] = set()
+    for entry in line.component_schedule or ():
+        if entry.item_number in seen:
+            return f"component '{entry.item_number}' is scheduled twice"
+        seen.add(entry.item_number)
+        if entry.visit_date < line.visit_date:
+            return f"component '{entry.item_number}' is scheduled before the line's visitDate"
+    return None
 
 
 def _asset_reference(asset_type: str) -> str:

@@ -25,7 +25,8 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from venue.models import Order, OrderRequest, OrderStatus, Subscription
+from sandbox.requests import VenueRequest
+from venue.models import Order, OrderStatus, Subscription
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS orders (
@@ -101,7 +102,7 @@ class OrderRecord:
     """
 
     order: Order
-    request: OrderRequest
+    request: VenueRequest
     entry_no: int
     row_version: int
     status_since: dt.datetime
@@ -228,7 +229,7 @@ class OrderStore:
         sql = f"SELECT * FROM orders WHERE {' AND '.join(where)} ORDER BY {order_by} LIMIT ?"  # noqa: S608
         return self._many(sql, (*args, limit))
 
-    def save(self, order: Order, request: OrderRequest, status_since: dt.datetime) -> OrderRecord:
+    def save(self, order: Order, request: VenueRequest, status_since: dt.datetime) -> OrderRecord:
         """Insert or update ``order``, giving it the next row version.
 
         Raises:
@@ -356,7 +357,7 @@ def _record(row: dict[str, str | int]) -> OrderRecord:
     document = json.loads(str(row["document"]))
     return OrderRecord(
         order=Order.model_validate(document["order"]),
-        request=OrderRequest.model_validate(document["request"]),
+        request=VenueRequest.from_wire(document["request"]),
         entry_no=int(row["entry_no"]),
         row_version=int(row["row_version"]),
         status_since=_instant(str(row["status_since"])),

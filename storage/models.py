@@ -954,12 +954,12 @@ class OrderTotals:
 def order_totals(items: Sequence[ItemFigures]) -> OrderTotals:
     """The totals of an order with these items.
 
-    A wallet's unit price is per unit. An item with a wallet per unit (single tickets, a
-    package per wallet) comes to its wallets' prices added up; a group ticket's one
-    wallet stands for the item's whole quantity, so it comes to the price times the
-    quantity. Both are the wallets' prices added up and scaled by quantity / wallets,
-    which is how any other shape is counted too. Only priced wallets add up; an amount is
-    ``None`` when no wallet has a price on its VAT basis.
+    The amounts are what the wallets carry, added up: the venue prices each wallet with
+    everything it holds (CMTicketIssuer ``AccumulatePriceOnWallet``, CMCouponIssuer), so a
+    single ticket's wallet carries its unit price, a group ticket's one wallet the
+    per-person price times the quantity, and a package's wallet its components and
+    coupons together. Only priced wallets add up; an amount is ``None`` when no wallet
+    has a price on its VAT basis.
     """
     wallets = [wallet for item in items for wallet in item.wallets]
     currencies = {
@@ -981,13 +981,10 @@ def order_totals(items: Sequence[ItemFigures]) -> OrderTotals:
 def _amount(
     items: Sequence[ItemFigures], price: Callable[[WalletFigures], Decimal | None]
 ) -> Decimal | None:
-    total: Decimal | None = None
-    for item in items:
-        prices = [known for wallet in item.wallets if (known := price(wallet)) is not None]
-        if prices:
-            line = sum(prices, Decimal(0)) * item.quantity / len(item.wallets)
-            total = line if total is None else total + line
-    return total
+    prices = [
+        known for item in items for wallet in item.wallets if (known := price(wallet)) is not None
+    ]
+    return sum(prices, Decimal(0)) if prices else None
 
 
 @sa.event.listens_for(Session, "before_flush")

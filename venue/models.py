@@ -10,14 +10,26 @@ Both the current asynchronous responses and the older synchronous ones (which la
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Iterable
 from decimal import Decimal
 from enum import StrEnum
 from typing import Annotated, Any, Generic, TypeVar
 
 import pydantic_core
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic.alias_generators import to_camel
+from pydantic_core import PydanticCustomError
 
 ORDER_PROCESSED_EVENT = "ota_cm_order_processed"
 
@@ -116,22 +128,104 @@ def reference_set_key(references: Iterable[str | None]) -> str | None:
 # --- requests -------------------------------------------------------------------------
 
 
-class WalletRequest(WireModel):
-    """Per-line wallet options of an order request."""
+# ChannelMgrOrderAgent GetRequiredDateField / GetRequiredTimeField: the venue matches the
+# text against these before it reads a date or a time, and refuses anything else.
+VISIT_DATE_PATTERN = re.compile(r"^\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])$")
+VISIT_TIME_PATTERN = re.compile(r"^([01]\d|2[0-3]):[0-5]\d:[0-5]\d$")
 
-    names: list[str] | None = Field(default=None, repr=False)
-    external_reference_numbers: list[str] | None = None
+
+def _visit_date(value: Any) -> dt.date:
+    """A visit date exactly as the venue takes it: ``YYYY-MM-DD`` text (or a ``date``)."""
+    if isinstance(value, dt.date) and not isinstance(value, dt.datetime):
+        return value
+    if not isinstance(value, str) or not VISIT_DATE_PATTERN.match(value):
+        raise PydanticCustomError("visit_date", "must be a date as YYYY-MM-DD")
+    try:
+        return dt.date.fromisoformat(value)
+    except ValueError:
+        raise PydanticCustomError(
+            "visit_date", "{value} is not a date of the calendar", {"value": value}
+        ) from None
+
+
+def _visit_time(value: Any) -> dt.time:
+    """A visit time exactly as the venue takes it: ``HH:mm:ss`` text, no fractions."""
+    if isinstance(value, dt.time):
+        if value.microsecond or value.tzinfo is not None:
+            raise PydanticCustomError(
+                "visit_time", "must be a time as HH:mm:ss, without fractions or offset"
+            )
+        return value
+    if not isinstance(value, str) or not VISIT_TIME_PATTERN.match(value):
+        raise PydanticCustomError("visit_time", "must be a time as HH:mm:ss")
+    return dt.time.fromisoformat(value)
+
+
+VisitDate = Annotated[
+    dt.date,
+    PlainValidator(_visit_date),
+    PlainSerializer(lambda value: value.isoformat(), return_type=str, when_used="json"),
+]
+VisitTime = Annotated[
+    dt.time,
+    PlainValidator(_visit_time),
+    PlainSerializer(lambda value: value.strftime("%H:%M:%S"), return_type=str, when_used="json"),
+]
+
+
+def _one_when_null(value: Any) -> Any:
+    """ChannelMgrOrderAgent TryParseItem: a null ``quantity`` is the default, 1."""
+    return 1 if value is None else value
+
+
+class WalletRequest(WireModel):
+    """Per-line wallet options of an order request.
+
+    ``names`` and ``externalReferenceNumbers``, when given, hold one entry per wallet the
+    line issues (ChannelMgrOrderAgent TryParseWalletBlock); an empty list is refused.
+    """
+
+    names: list[str] | None = Field(default=None, min_length=1, repr=False)
+    external_reference_numbers: list[str] | None = Field(default=None, min_length=1)
     component_schedule: Any = None
 
 
 class OrderRequestItem(WireModel):
-    """One line of an order request: a catalog item, a visit, a quantity."""
+    """One line of an order request: a catalog item, a visit, a quantity.
 
-    item_number: str
-    visit_date: dt.date
-    visit_time: dt.time | None = None
-    quantity: int = Field(ge=1)
+    As the venue refuses them (ChannelMgrOrderAgent TryParseItem): ``visitDate`` and
+    ``visitTime`` are required, exactly ``YYYY-MM-DD`` and ``HH:mm:ss``; ``quantity`` is
+    optional (absent or null is 1) and at least 1. A wallet list must match the wallets
+    the line issues (ExpectedWalletCount): the quantity, or 1 for a group ticket — which
+    only the catalog knows, so both are accepted here and the venue decides.
+    """
+
+    item_number: str = Field(min_length=1)
+    visit_date: VisitDate
+    visit_time: VisitTime
+    quantity: Annotated[int, BeforeValidator(_one_when_null)] = Field(default=1, ge=1)
     wallet: WalletRequest | None = None
+
+    @field_validator("wallet")
+    @classmethod
+    def _one_entry_per_wallet(
+        cls, wallet: WalletRequest | None, info: ValidationInfo
+    ) -> WalletRequest | None:
+        quantity = info.data.get("quantity")
+        if wallet is None or not isinstance(quantity, int):
+            return wallet
+        for name, values in (
+            ("names", wallet.names),
+            ("externalReferenceNumbers", wallet.external_reference_numbers),
+        ):
+            if values is not None and len(values) not in (quantity, 1):
+                raise PydanticCustomError(
+                    "wallet_count",
+                    "{name} holds {count} entries; a line of quantity {quantity} issues"
+                    " {quantity} wallets (1 for a group ticket), one entry each",
+                    {"name": name, "count": len(values), "quantity": quantity},
+                )
+        return wallet
 
 
 class OrderRequest(WireModel):

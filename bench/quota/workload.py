@@ -49,18 +49,18 @@ class PlannedOrder:
         line: dict[str, Any] = {
             "itemNumber": "31001",
             "visitDate": visit_date.isoformat(),
+            "visitTime": "10:00:00",
             "quantity": 1,
         }
         if self.outcome is Outcome.ERROR:
-            # A schedule naming an item that is not one of the package's components:
-            # accepted by createOrder, refused at processing (the order ends in Error).
-            schedule = [
-                {
-                    "itemNumber": "52001",
-                    "visitDate": visit_date.isoformat(),
-                    "visitTime": "12:00:00",
-                }
-            ]
+            # A schedule naming one component twice: accepted by createOrder (the venue's
+            # parser checks each entry alone), refused at processing (the order ends in Error).
+            entry = {
+                "itemNumber": "31020",
+                "visitDate": visit_date.isoformat(),
+                "visitTime": "12:00:00",
+            }
+            schedule = [entry, entry]
             line = {**line, "itemNumber": "40100", "wallet": {"componentSchedule": schedule}}
         body: dict[str, Any] = {
             "partnerId": partner_id,

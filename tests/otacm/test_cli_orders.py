@@ -124,6 +124,36 @@ def test_submit_of_an_invalid_file_names_the_field(tmp_path: Path, env: dict[str
     assert "items" in output
 
 
+def test_submit_refuses_each_order_the_venue_would_refuse_one_line_each(
+    tmp_path: Path, sandbox: SandboxServer, env: dict[str, str]
+) -> None:
+    """ChannelMgrOrderAgent GetRequiredTimeField / TryParseWalletBlock: `otacm submit`
+    refuses first what the venue would refuse, one line per refused order naming its
+    field, exit 1, and records and sends nothing."""
+    partner = sandbox.config.partners[0].id
+    good = order("cli-fine", partner)
+    no_time = order("cli-no-time", partner)
+    del no_time["items"][0]["visitTime"]  # type: ignore[index]
+    short_time = order("cli-short-time", partner)
+    short_time["items"][0]["visitTime"] = "10:00"  # type: ignore[index]
+    no_names = order("cli-no-names", partner)
+    no_names["items"][0]["wallet"] = {"names": []}  # type: ignore[index]
+    orders = tmp_path / "orders.json"
+    orders.write_text(json.dumps([good, no_time, short_time, no_names]))
+
+    code, output = run(["submit", str(orders)], env)
+
+    assert code == 1
+    refusals = [line for line in output.splitlines() if line.startswith("Error: ")]
+    assert refusals == [
+        f"Error: {orders}: [1].items[0].visitTime: Field required",
+        f"Error: {orders}: [2].items[0].visitTime: must be a time as HH:mm:ss",
+        f"Error: {orders}: [3].items[0].wallet.names: List should have at least 1 item"
+        " after validation, not 0",
+    ]
+    assert run(["orders", "show", "CLI-FINE"], env)[0] == 1  # nothing recorded nor sent
+
+
 def test_orders_show_of_an_unknown_key_exits_1(env: dict[str, str]) -> None:
     """Nothing stored under the key: one line saying so, exit 1."""
     code, output = run(["orders", "show", "NOPE-1"], env)
@@ -225,6 +255,7 @@ def test_orders_replace_refuses_what_cannot_be_sent_naming_the_problem(
         "reference": json.dumps(order("CLI-OTHER", partner)),
         "partner": json.dumps(order("CLI-ISSUED", other_partner)),
         "good": json.dumps(order("CLI-ISSUED", partner, "31002")),
+        "time": json.dumps(order("CLI-ISSUED", partner, "31002")).replace("10:00:00", "10:00"),
     }
     for name, text in files.items():
         (tmp_path / f"{name}.json").write_text(text)
@@ -238,6 +269,8 @@ def test_orders_replace_refuses_what_cannot_be_sent_naming_the_problem(
         (replace("CLI-ISSUED", "reference"), "sellToOrderReference 'CLI-OTHER' in the file"),
         (replace("CLI-ISSUED", "partner"), f"partnerId '{other_partner}' in the file"),
         (replace("NOPE-1", "good"), "no stored order under 'NOPE-1'"),
+        # ChannelMgrOrderAgent GetRequiredTimeField: refused before the venue is asked.
+        (replace("CLI-ISSUED", "time"), "items[0].visitTime: must be a time as HH:mm:ss"),
         (replace("CLI-ISSUED", "good"), "refused  order"),
     ]
     for (code, output), problem in cases:

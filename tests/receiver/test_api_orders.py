@@ -177,7 +177,7 @@ def test_a_refused_order_is_answered_422_with_the_venues_message(
     http: FlaskClient, sessions: sessionmaker[Session]
 ) -> None:
     """422 with the venue's code and message; the sale stays recorded, its row failed."""
-    items = [{"itemNumber": "99999", "visitDate": future(), "quantity": 1}]
+    items = [{"itemNumber": "99999", "visitDate": future(), "visitTime": "10:30:00", "quantity": 1}]
 
     status, body = post(http, order_body(unique_reference(), items=items))
 
@@ -193,7 +193,7 @@ def test_an_inactive_partner_is_answered_422(http: FlaskClient) -> None:
     status, body = post(http, order_body(unique_reference(), partnerId=INACTIVE_PARTNER))
 
     assert status == 422
-    assert body["message"] == f"Partner '{INACTIVE_PARTNER}' is not active"
+    assert body["message"] == f"Partner '{{{INACTIVE_PARTNER.upper()}}}' is not active"
 
 
 @pytest.mark.parametrize(
@@ -203,16 +203,35 @@ def test_an_inactive_partner_is_answered_422(http: FlaskClient) -> None:
         ({"sellToOrderReference": None}, "sellToOrderReference"),
         ({"amount": "12.50"}, "currency"),
         (
-            {"items": [{"itemNumber": "31001", "visitDate": "tomorrow", "quantity": 1}]},
-            "items.0.visitDate",
+            {
+                "items": [
+                    {
+                        "itemNumber": "31001",
+                        "visitDate": "tomorrow",
+                        "visitTime": "10:30:00",
+                        "quantity": 1,
+                    }
+                ]
+            },
+            "items[0].visitDate",
         ),
         ({"sellToName": "Jane\u0000Doe"}, "sellToName"),
         ({"partnerId": "f" * 65}, "partnerId"),
         (
             {
                 "items": [
-                    {"itemNumber": "31001", "visitDate": "2099-06-01", "quantity": 2**30},
-                    {"itemNumber": "31001", "visitDate": "2099-06-01", "quantity": 2**30},
+                    {
+                        "itemNumber": "31001",
+                        "visitDate": "2099-06-01",
+                        "visitTime": "10:30:00",
+                        "quantity": 2**30,
+                    },
+                    {
+                        "itemNumber": "31001",
+                        "visitDate": "2099-06-01",
+                        "visitTime": "10:30:00",
+                        "quantity": 2**30,
+                    },
                 ]
             },
             "items",
@@ -231,6 +250,52 @@ def test_an_invalid_order_is_answered_400_naming_the_field(
 
     assert status == 400
     assert body["code"] == "invalid_order"
+    assert body["message"].startswith(f"{field}: ")
+    assert rows(sessions, LedgerLine) == []
+    assert "createOrder" not in admin.get("/stats").json()["calls"]
+
+
+def _line(**changes: Any) -> dict[str, Any]:
+    base = {"itemNumber": "31001", "visitDate": "2099-06-01", "visitTime": "10:30:00"}
+    return {k: v for k, v in {**base, **changes}.items() if v is not None}
+
+
+VENUE_REFUSALS = {
+    "visitTime missing": ({"items": [_line(visitTime=None)]}, "items[0].visitTime"),
+    "visitTime HH:MM": ({"items": [_line(visitTime="10:30")]}, "items[0].visitTime"),
+    "visitTime fraction": (
+        {"items": [_line(), _line(visitTime="10:30:00.250")]},
+        "items[1].visitTime",
+    ),
+    "visitDate not YYYY-MM-DD": ({"items": [_line(visitDate="2099-6-1")]}, "items[0].visitDate"),
+    "quantity zero": ({"items": [_line(quantity=0)]}, "items[0].quantity"),
+    "names empty": ({"items": [_line(wallet={"names": []})]}, "items[0].wallet.names"),
+    "references empty": (
+        {"items": [_line(wallet={"externalReferenceNumbers": []})]},
+        "items[0].wallet.externalReferenceNumbers",
+    ),
+    "names of another count": (
+        {"items": [_line(quantity=3, wallet={"names": ["A", "B"]})]},
+        "items[0].wallet",
+    ),
+}
+
+
+@pytest.mark.parametrize(("change", "field"), VENUE_REFUSALS.values(), ids=list(VENUE_REFUSALS))
+def test_what_the_venue_would_refuse_is_refused_first_naming_the_field(
+    http: FlaskClient,
+    sessions: sessionmaker[Session],
+    admin: httpx.Client,
+    change: dict[str, Any],
+    field: str,
+) -> None:
+    """ChannelMgrOrderAgent TryParseItem / GetRequiredTimeField / GetRequiredDateField /
+    TryParseWalletBlock: POST /api/orders answers 400 ``{status, code, message}`` with the
+    message starting with the field; nothing is recorded and the venue is not called."""
+    status, body = post(http, order_body(unique_reference(), **change))
+
+    assert status == 400
+    assert (body["status"], body["code"]) == (400, "invalid_order")
     assert body["message"].startswith(f"{field}: ")
     assert rows(sessions, LedgerLine) == []
     assert "createOrder" not in admin.get("/stats").json()["calls"]

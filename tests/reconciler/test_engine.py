@@ -175,9 +175,12 @@ def plant_every_case(sessions: sessionmaker[Session], name: str = "venue") -> Pl
         # Matched on the excluding-VAT basis, within the tolerance.
         book.line("MATCH-EXCL", amount="16.525", includes_vat=False)
         book.order("MATCH-EXCL")
-        # Matched: a group ticket, one wallet priced per guest for all three.
+        # Matched: a group ticket, its one wallet carrying the price of all three guests
+        # (CMTicketIssuer AccumulatePriceOnWallet).
         book.line("GROUP", quantity=3, amount="30.00")
-        book.order("GROUP", wallets=[Price()], quantity=3)
+        book.order(
+            "GROUP", wallets=[Price(incl=Decimal("30.00"), excl=Decimal("24.78"))], quantity=3
+        )
         # Matched: cancelled in both.
         book.line("CANCELLED-BOTH", state=LedgerState.CANCELLED)
         book.order("CANCELLED-BOTH", OrderStatus.CANCELLED)

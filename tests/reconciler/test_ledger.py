@@ -298,7 +298,12 @@ def test_a_submitted_sale_keeps_its_source_and_request(
             "sellToOrderReference": "Web-77",
             "paymentReference": "PAY-77",
             "items": [
-                {"itemNumber": "31001", "visitDate": "2025-03-10", "quantity": 2},
+                {
+                    "itemNumber": "31001",
+                    "visitDate": "2025-03-10",
+                    "visitTime": "10:00:00",
+                    "quantity": 2,
+                },
             ],
         }
     )

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import json
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -45,8 +45,34 @@ def test_default_catalog_has_every_kind_and_two_currencies() -> None:
             ),
             "needs at least one ticket component",
         ),
+        (
+            json.dumps(
+                {
+                    "items": [
+                        {
+                            "itemNumber": "P1",
+                            "description": "Package",
+                            "kind": "package",
+                            "unitPriceExclVat": "10.00",
+                            "unitPriceInclVat": "12.50",
+                            "currencyCode": "DKK",
+                            "components": [
+                                {
+                                    "itemNumber": "T1",
+                                    "description": "Ticket",
+                                    "type": "ticket",
+                                    "unitPriceExclVat": "8.00",
+                                    "unitPriceInclVat": "10.00",
+                                }
+                            ],
+                        }
+                    ]
+                }
+            ),
+            r"its components' prices added up \(8.00 excl., 10.00 incl. VAT\)",
+        ),
     ],
-    ids=["not-json", "no-items", "package-without-tickets"],
+    ids=["not-json", "no-items", "package-without-tickets", "package-price-not-its-sum"],
 )
 def test_broken_catalogs_are_refused_with_the_reason(
     tmp_path: Path, content: str, problem: str
@@ -58,31 +84,19 @@ def test_broken_catalogs_are_refused_with_the_reason(
         load_catalog(path)
 
 
-@pytest.mark.parametrize(
-    ("schedule", "problem"),
-    [
-        ({"itemNumber": "31001"}, "must be a list of objects"),
-        ([{"itemNumber": "CPN-CAFE10", "visitDate": "2030-01-02"}], "not a ticket component"),
-        (
-            [
-                {"itemNumber": "31001", "visitDate": "2030-01-02"},
-                {"itemNumber": "31001", "visitDate": "2030-01-03"},
-            ],
-            "scheduled twice",
-        ),
-        ([{"itemNumber": "31001"}], "needs a visitDate"),
-        ([{"itemNumber": "31001", "visitDate": "2029-12-31"}], "before the line's visitDate"),
-        ([{"itemNumber": "31001", "visitDate": "2030-01-01", "visitTime": "9"}], "HH:mm:ss"),
-        ([{"itemNumber": "31020", "visitDate": "2030-01-05", "visitTime": "09:00:00"}], None),
-    ],
-    ids=["not-a-list", "coupon", "twice", "no-date", "too-early", "bad-time", "valid"],
-)
-def test_component_schedule_rules(schedule: object, problem: str | None) -> None:
-    """What makes a componentSchedule invalid, as the module documents it."""
-    package = load_catalog().get("40100")
-    assert package is not None
-    found = package.schedule_problem(schedule, dt.date(2030, 1, 1))
-    if problem is None:
-        assert found is None
-    else:
-        assert found is not None and problem in found
+def test_wallet_prices_follow_the_venues_issuers() -> None:
+    """CMTicketIssuer CalculateDynamicTicketPrice / AccumulatePriceOnWallet: unit prices
+    are rounded to 0.01 before a group's one wallet multiplies them by the quantity; a
+    single ticket's wallet carries one unit price whatever the quantity; a package's
+    wallet carries its components' (and coupons', CMCouponIssuer) prices added up."""
+    catalog = load_catalog()
+    group = catalog.get("31050")
+    assert group is not None
+    odd = group.model_copy(update={"unit_price_excl_vat": Decimal("10.005")})
+    assert odd.wallet_price(3)[0] == Decimal("30.03")  # 10.01 x 3, not 30.015 rounded
+    single, package = catalog.get("31001"), catalog.get("40100")
+    assert single is not None and single.wallet_price(5) == (Decimal("80.00"), Decimal("100.00"))
+    assert package is not None and package.wallet_price(2) == (
+        Decimal("128.00"),  # 64.00 + 56.00 + 8.00 (the coupon)
+        Decimal("160.00"),
+    )

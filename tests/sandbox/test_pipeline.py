@@ -109,7 +109,7 @@ def test_sync_param_issues_inside_the_call(venue: Venue) -> None:
 
 def test_sync_param_failure_answers_400_and_leaves_error(venue: Venue) -> None:
     """A failed synchronous issuance is a 400 with the reason; the order stays as Error."""
-    schedule = [{"itemNumber": "99999", "visitDate": future()}]
+    schedule = [{"itemNumber": "31001", "visitDate": future(1), "visitTime": "09:00:00"}]
     body = order_body("SYNC-ERR", items=[line("40100", wallet={"componentSchedule": schedule})])
     response = venue.api.post("/channelManager", params={"sync": "1"}, json=body)
     assert response.status_code == 400
@@ -143,7 +143,7 @@ def test_legacy_sync_answers_the_final_state(
 def test_legacy_sync_failure_is_an_error_response(make_venue: Callable[..., Venue]) -> None:
     """In the older API a failed issuance answers an error and leaves the order as Error."""
     venue = make_venue(legacy_sync=True)
-    schedule = [{"itemNumber": "31001", "visitDate": "not a date"}]
+    schedule = [{"itemNumber": "31001", "visitDate": future(1), "visitTime": "09:00:00"}]
     body = order_body("OLD-ERR", items=[line("40100", wallet={"componentSchedule": schedule})])
     response = venue.api.post("/channelManager", json=body)
     assert response.status_code == 400

@@ -8,6 +8,7 @@ migration that filled them for orders stored before they existed.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from decimal import Decimal
 from typing import Any
 
@@ -16,11 +17,37 @@ from alembic import command
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage import migrate
-from storage.models import ChangeSource, LedgerLine, VenueOrder, upsert_order
+from storage.models import ChangeSource, LedgerLine, VenueOrder, order_totals, upsert_order
 from tests.storage.test_models import T0, connection_id, ledger_line, parse, wire_order
 from venue.models import reference_set_key
 
 __all__ = ["connection_id"]  # the fixture, used by name
+
+
+@dataclasses.dataclass
+class _Wallet:
+    """A wallet as order_totals reads it."""
+
+    excl: str | None
+    incl: str | None
+    currency_code: str | None = "DKK"
+    external_reference_number: str | None = None
+
+    @property
+    def unit_price_excl_vat(self) -> Decimal | None:
+        return None if self.excl is None else Decimal(self.excl)
+
+    @property
+    def unit_price_incl_vat(self) -> Decimal | None:
+        return None if self.incl is None else Decimal(self.incl)
+
+
+@dataclasses.dataclass
+class _Item:
+    """An item as order_totals reads it."""
+
+    quantity: int
+    wallets: list[_Wallet]
 
 
 def totals(order: VenueOrder) -> tuple[Any, ...]:
@@ -97,20 +124,39 @@ def test_replaced_items_replace_the_totals_and_a_header_change_keeps_them(
         assert totals(order) == expected
 
 
-def test_a_group_tickets_one_wallet_counts_for_its_whole_quantity(
+def test_a_group_tickets_one_wallet_carries_the_whole_groups_price(
     sessions: sessionmaker[Session], connection_id: int
 ) -> None:
-    """Prices are per unit: one wallet for four guests comes to four times its price."""
+    """CMTicketIssuer AccumulatePriceOnWallet: a group ticket's one wallet carries the
+    per-person price times the quantity, so the order comes to what the wallet carries."""
     raw = wire_order("Issued")
     group = raw["items"][0]
     group["quantity"] = 4
-    group["wallets"] = group["wallets"][:1]  # 100.00 excl., 125.00 incl. VAT per guest
+    group["wallets"] = group["wallets"][:1]
+    group["wallets"][0]["unitPriceExclVat"] = "400.00"  # 4 guests at 100.00
+    group["wallets"][0]["unitPriceInclVat"] = "500.00"
     order_pk = upsert(sessions, connection_id, raw)
     with sessions() as session:
         order = session.get_one(VenueOrder, order_pk)
         assert order.items_quantity == 5
         assert order.amount_excl_vat == Decimal("400.00") + Decimal("333.333333")
         assert order.amount_incl_vat == Decimal("500.00") + Decimal("416.666666")
+
+
+def test_amounts_add_up_what_the_wallets_carry_whatever_the_quantity() -> None:
+    """CMTicketIssuer AccumulatePriceOnWallet / CMCouponIssuer IssueAndAttachForAddOnLine:
+    each wallet carries its own price (a ticket's unit price, a group's whole price, a
+    package's components and coupons), so the amounts are the wallets' prices added up,
+    never scaled by quantity / wallets; unpriced wallets add nothing."""
+    single = _Item(2, [_Wallet("80.00", "100.00"), _Wallet("80.00", "100.00")])
+    group = _Item(6, [_Wallet("360.00", "450.00")])
+    package = _Item(1, [_Wallet("128.00", "160.00")])
+    partly = _Item(3, [_Wallet("10.00", None), _Wallet(None, None), _Wallet("10.00", None)])
+    totals = order_totals([single, group, package, partly])
+    assert totals.items_quantity == 12
+    assert totals.amount_excl_vat == Decimal("668.00")
+    assert totals.amount_incl_vat == Decimal("810.00")
+    assert order_totals([_Item(5, [_Wallet(None, None)])]).amount_incl_vat is None
 
 
 def test_an_order_without_items_or_prices_has_no_totals(
@@ -131,13 +177,13 @@ def test_a_wallet_changed_in_place_updates_its_orders_totals(
     order_pk = upsert(sessions, connection_id, wire_order("Issued"))
     with sessions.begin() as session:
         order = session.get_one(VenueOrder, order_pk)
-        order.items[0].quantity = 4  # two wallets standing for four guests
+        order.items[0].quantity = 4  # counted; the amounts are what the wallets carry
         order.items[1].wallets[0].unit_price_excl_vat = Decimal("1.00")
         order.items[1].wallets[0].external_reference_number = "NEW"
     with sessions() as session:
         order = session.get_one(VenueOrder, order_pk)
         assert order.items_quantity == 5
-        assert order.amount_excl_vat == Decimal("401.00")
+        assert order.amount_excl_vat == Decimal("201.00")
         assert order.wallet_external_references == "EXT-1\nEXT-2\nNEW"
 
 
@@ -208,4 +254,43 @@ def test_0004_downgrades_to_the_columns_before_it(migrated_engine: sa.Engine) ->
     }
     assert "external_references_key" not in {
         column["name"] for column in inspector.get_columns("ledger_line")
+    }
+
+
+def test_0008_recomputes_stored_totals_as_the_wallets_carry_them(engine: sa.Engine) -> None:
+    """CMTicketIssuer AccumulatePriceOnWallet: totals kept before 0008 scaled a group
+    ticket's one wallet by its quantity; upgrading recomputes every order's totals from
+    what its wallets carry, and leaves orders without items alone."""
+    migrate.upgrade(engine, "0007")
+    at = "2026-05-27 12:00:00+00:00"
+    statements = [
+        "INSERT INTO venue_connection (id, name, created_at) VALUES (1, 'v', :at)",
+        # Order 1's totals as the scaling kept them: 6 x 450.00 for the group's wallet.
+        "INSERT INTO venue_order (id, connection_id, order_id, partner_id,"
+        " sell_to_order_reference, reference_key, status, status_changed_at, first_seen_at,"
+        " updated_at, items_quantity, amount_incl_vat, amount_excl_vat, wallet_currencies,"
+        " wallet_external_references) VALUES"
+        " (1, 1, 'o-1', 'p', 'S-1', 'S-1', 'Issued', :at, :at, :at, 8, 2900000000,"
+        " 2320000000, 'DKK', 'G-1\nT-1\nT-2'),"
+        " (2, 1, 'o-2', 'p', 'S-2', 'S-2', 'Submitted', :at, :at, :at,"
+        " NULL, NULL, NULL, NULL, NULL)",
+        "INSERT INTO order_item (id, venue_order_id, line_no, item_number, is_package, quantity)"
+        " VALUES (1, 1, 1, '31050', false, 6), (2, 1, 2, '31001', false, 2)",
+        "INSERT INTO wallet (id, order_item_id, seq_no, external_reference_number,"
+        " unit_price_excl_vat, unit_price_incl_vat, currency_code) VALUES"
+        " (1, 1, 1, 'G-1', 360000000, 450000000, 'DKK'),"
+        " (2, 2, 1, 'T-1', 80000000, 100000000, 'DKK'),"
+        " (3, 2, 2, 'T-2', 80000000, 100000000, 'DKK')",
+    ]
+    with engine.begin() as connection:
+        for statement in statements:
+            connection.execute(sa.text(statement), {"at": at})
+
+    migrate.upgrade(engine)
+
+    with Session(engine) as session:
+        orders = {order.id: totals(order) for order in session.scalars(sa.select(VenueOrder))}
+    assert orders == {
+        1: (8, Decimal("650.00"), Decimal("520.00"), "DKK", "G-1\nT-1\nT-2"),
+        2: (None, None, None, None, None),
     }

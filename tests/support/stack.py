@@ -72,21 +72,25 @@ def visit_date(days: int = 30) -> str:
 
 
 def line(item: str = "31001", quantity: int = 1, **extra: Any) -> dict[str, Any]:
-    """One order line of the sandbox's catalog."""
-    return {"itemNumber": item, "visitDate": visit_date(), "quantity": quantity, **extra}
+    """One order line of the sandbox's catalog, as the venue accepts it (visitTime too)."""
+    return {
+        "itemNumber": item,
+        "visitDate": visit_date(),
+        "visitTime": "10:30:00",
+        "quantity": quantity,
+        **extra,
+    }
 
 
 def error_line() -> dict[str, Any]:
     """An order line the venue accepts but fails to issue: the order ends in Error.
 
-    A package line whose ``componentSchedule`` names an item that is not one of the
-    package's ticket components (the sandbox checks schedules at processing, as the
-    venue does).
+    A package line whose ``componentSchedule`` names one component twice: the venue's
+    request parser checks each entry alone and takes it; the sandbox's issuance refuses
+    it (the order ends in Error).
     """
-    return line(
-        "40100",
-        wallet={"componentSchedule": [{"itemNumber": "99999", "visitDate": visit_date()}]},
-    )
+    entry = {"itemNumber": "31020", "visitDate": visit_date(), "visitTime": "12:00:00"}
+    return line("40100", wallet={"componentSchedule": [entry, entry]})
 
 
 # --- the mirror, as comparable values ----------------------------------------------------

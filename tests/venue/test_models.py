@@ -345,3 +345,93 @@ def test_reprs_hide_client_state_and_customer_data() -> None:
             for personal in CUSTOMER_DATA:
                 assert personal not in text
     assert "9c6b2f4e-2b71-4d23-9d6a-a3b4c5d6e7f8" in repr(order)  # ids stay visible
+
+
+def _request(**item: Any) -> dict[str, Any]:
+    line = {"itemNumber": "31001", "visitDate": "2030-06-01", "visitTime": "10:30:00", **item}
+    return {
+        "partnerId": "21e8c1d2-3f4a-4c5b-9e6d-7f8a9b0c1d2e",
+        "sellToOrderReference": "S-1",
+        "items": [{k: v for k, v in line.items() if v is not _ABSENT}],
+    }
+
+
+_ABSENT = object()
+
+REQUEST_REFUSALS = {
+    "visitTime missing": ({"visitTime": _ABSENT}, ("items", 0, "visitTime"), "Field required"),
+    "visitTime null": ({"visitTime": None}, ("items", 0, "visitTime"), "HH:mm:ss"),
+    "visitTime HH:MM": ({"visitTime": "10:30"}, ("items", 0, "visitTime"), "HH:mm:ss"),
+    "visitTime fraction": ({"visitTime": "10:30:00.5"}, ("items", 0, "visitTime"), "HH:mm:ss"),
+    "visitTime offset": ({"visitTime": "10:30:00Z"}, ("items", 0, "visitTime"), "HH:mm:ss"),
+    "visitTime 24h": ({"visitTime": "24:00:00"}, ("items", 0, "visitTime"), "HH:mm:ss"),
+    "visitDate missing": ({"visitDate": _ABSENT}, ("items", 0, "visitDate"), "Field required"),
+    "visitDate datetime": (
+        {"visitDate": "2030-06-01T00:00:00"},
+        ("items", 0, "visitDate"),
+        "YYYY-MM-DD",
+    ),
+    "visitDate short": ({"visitDate": "2030-6-1"}, ("items", 0, "visitDate"), "YYYY-MM-DD"),
+    "visitDate not a day": (
+        {"visitDate": "2030-02-30"},
+        ("items", 0, "visitDate"),
+        "not a date of the calendar",
+    ),
+    "quantity zero": ({"quantity": 0}, ("items", 0, "quantity"), "greater than or equal to 1"),
+    "names empty": ({"wallet": {"names": []}}, ("items", 0, "wallet", "names"), "at least 1"),
+    "references empty": (
+        {"wallet": {"externalReferenceNumbers": []}},
+        ("items", 0, "wallet", "externalReferenceNumbers"),
+        "at least 1",
+    ),
+    "names neither quantity nor one": (
+        {"quantity": 3, "wallet": {"names": ["A", "B"]}},
+        ("items", 0, "wallet"),
+        "names holds 2 entries; a line of quantity 3 issues 3 wallets",
+    ),
+    "references neither quantity nor one": (
+        {"quantity": 3, "wallet": {"externalReferenceNumbers": ["A", "B"]}},
+        ("items", 0, "wallet"),
+        "externalReferenceNumbers holds 2 entries",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("item", "loc", "problem"), REQUEST_REFUSALS.values(), ids=list(REQUEST_REFUSALS)
+)
+def test_order_requests_the_venue_would_refuse_are_refused_naming_the_field(
+    item: dict[str, Any], loc: tuple[Any, ...], problem: str
+) -> None:
+    """ChannelMgrOrderAgent TryParseItem / GetRequiredTimeField / GetRequiredDateField /
+    TryParseWalletBlock: what the venue refuses without its catalog, the request model
+    refuses first, naming the field."""
+    with pytest.raises(ValidationError) as caught:
+        OrderRequest.model_validate(_request(**item))
+    (error,) = caught.value.errors()
+    assert error["loc"] == loc
+    assert problem in error["msg"]
+
+
+def test_order_requests_the_venue_takes_are_taken_and_sent_as_it_reads_them() -> None:
+    """ChannelMgrOrderAgent TryParseItem: quantity is optional (absent or null is 1);
+    a wallet list of the quantity or of one entry (a group ticket's one wallet,
+    ExpectedWalletCount) is taken; visitTime is sent exactly as HH:mm:ss."""
+    absent = OrderRequest.model_validate(_request(quantity=_ABSENT))
+    null = OrderRequest.model_validate(_request(quantity=None))
+    assert absent.items[0].quantity == null.items[0].quantity == 1
+    group = OrderRequest.model_validate(_request(quantity=4, wallet={"names": ["Group"]}))
+    assert group.items[0].wallet is not None and group.items[0].wallet.names == ["Group"]
+    built = OrderRequest.model_validate(
+        {**_request(), "items": [{**_request()["items"][0], "visitTime": dt.time(9, 5)}]}
+    )
+    wire = built.to_wire()["items"][0]
+    assert (wire["visitDate"], wire["visitTime"], wire["quantity"]) == (
+        "2030-06-01",
+        "09:05:00",
+        1,
+    )
+    with pytest.raises(ValidationError, match="HH:mm:ss"):
+        OrderRequest.model_validate(
+            {**_request(), "items": [{**_request()["items"][0], "visitTime": dt.time(9, 5, 0, 1)}]}
+        )
