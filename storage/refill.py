@@ -1,7 +1,7 @@
 """Filling derived order columns for rows already stored, a thousand orders at a time.
 
 Migrations that add or change how ``venue_order``'s totals are derived
-(``0004_order_totals``, ``0008_wallet_prices``) recompute them here with the very
+(``0004_order_totals``, ``0009_wallet_prices``) recompute them here with the very
 function the application keeps them with (:func:`storage.models.order_totals`), reading
 items and wallets with plain SQL so that no ORM mapping newer than the migration is
 involved.

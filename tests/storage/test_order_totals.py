@@ -257,11 +257,11 @@ def test_0004_downgrades_to_the_columns_before_it(migrated_engine: sa.Engine) ->
     }
 
 
-def test_0008_recomputes_stored_totals_as_the_wallets_carry_them(engine: sa.Engine) -> None:
-    """CMTicketIssuer AccumulatePriceOnWallet: totals kept before 0008 scaled a group
+def test_0009_recomputes_stored_totals_as_the_wallets_carry_them(engine: sa.Engine) -> None:
+    """CMTicketIssuer AccumulatePriceOnWallet: totals kept before 0009 scaled a group
     ticket's one wallet by its quantity; upgrading recomputes every order's totals from
     what its wallets carry, and leaves orders without items alone."""
-    migrate.upgrade(engine, "0007")
+    migrate.upgrade(engine, "0008")
     at = "2026-05-27 12:00:00+00:00"
     statements = [
         "INSERT INTO venue_connection (id, name, created_at) VALUES (1, 'v', :at)",

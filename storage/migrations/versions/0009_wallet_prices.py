@@ -7,8 +7,8 @@ item's wallets by quantity / wallets, which counted a group sale ``quantity`` ti
 and made it a false amount mismatch. Every stored order's totals are recomputed with
 ``storage.models.order_totals`` (through ``storage.refill``), a thousand orders at a time.
 
-Revision ID: 0008
-Revises: 0007
+Revision ID: 0009
+Revises: 0008
 Create Date: 2026-12-06
 """
 
@@ -20,8 +20,8 @@ from alembic import op
 
 from storage.refill import refill_order_totals
 
-revision: str = "0008"
-down_revision: str | None = "0007"
+revision: str = "0009"
+down_revision: str | None = "0008"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
