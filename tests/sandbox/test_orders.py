@@ -437,13 +437,3 @@ def test_unknown_address_is_404(venue: Venue, address: str) -> None:
     )
     assert response.status_code == 404
     assert response.json()["code"] == "resource_not_found"
-
-
-@pytest.mark.parametrize(
-    "company", ["CRONUS%20International%20Ltd.", "CRONUS%2520International%2520Ltd."]
-)
-def test_company_is_compared_after_decoding(venue: Venue, company: str) -> None:
-    """The company works encoded once (%20) and twice (%2520), as the seeds show it."""
-    url = f"{venue.server.url}/{venue.server.config.tenant}/sandbox/{company}/channelManager"
-    response = httpx.post(url, json=order_body(), headers={"x-np-api-key": venue.server.api_key})
-    assert response.status_code == 201
