@@ -305,6 +305,17 @@ class VenueClient:
             params["pageSize"] = str(page_size)
         return self._paged(_partner_path(partner_id), params, OrderSummary)
 
+    def orders_page(self, partner_id: str, *, page_size: int) -> Page[OrderSummary]:
+        """The first page of the partner's orders, oldest received first: one call.
+
+        ``more_pages`` says whether more follow; for a count that need not be exact.
+
+        Raises:
+            VenueError: the page could not be fetched.
+        """
+        params = {"pageSize": str(page_size)}
+        return next(self._pages(_partner_path(partner_id), params, OrderSummary))
+
     def change_feed(
         self,
         partner_id: str,
