@@ -10,7 +10,8 @@ the POSTs for a background thread, so the pipeline never waits on a receiver.
 A POST answered 2xx is done. As Business Central's webhooks do, transport errors, 408,
 429 and 5xx are retried — up to ``webhook_max_attempts`` POSTs, waiting
 ``webhook_backoff`` seconds and doubling — and any other answer is final. After
-``webhook_deactivate_after`` consecutive final 4xx answers (a 2xx resets the count) the
+``webhook_deactivate_after`` consecutive final 4xx answers other than 408 and 429 (a 2xx
+resets the count) the
 subscription is marked inactive, as Business Central's can be: it stays listed, with
 ``subscriptionState`` ``Inactive``, and gets no more deliveries. The dispatcher
 owns its delivery thread and, unless one is passed in, its ``httpx.Client``;
@@ -281,7 +282,8 @@ class WebhookDispatcher:
         )
         self._stats.webhooks("failed", post.count)
         self._stats.pending(-post.count)
-        if status is not None and 400 <= status < 500:
+        if status is not None and 400 <= status < 500 and status not in _RETRYABLE:
+            # 408 and 429 ask for a retry; only the other 4xx say "do not send this".
             self._count_refusal(post.subscription_id)
 
     def _count_refusal(self, subscription_id: str) -> None:

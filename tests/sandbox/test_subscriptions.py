@@ -97,6 +97,20 @@ def test_repeated_refusals_make_a_subscription_inactive(
     assert venue.settle_webhooks()["webhooks"]["posts"] == posts, "no delivery when inactive"
 
 
+def test_answers_asking_for_a_retry_never_deactivate(
+    make_venue: Callable[..., Venue], receiver: Receiver
+) -> None:
+    """408 and 429 ask for a retry: even when the retries run out they do not count
+    toward making a subscription inactive (WEBHOOKS.md "Retries")."""
+    venue = make_venue(webhook_deactivate_after=1, webhook_max_attempts=2)
+    made = venue.subscribe(receiver.url)
+    receiver.answers = [429, 408]
+    venue.create(order_body("T-1"))
+    venue.tick()
+    assert venue.settle_webhooks()["webhooks"]["failed"] == 1
+    assert states(venue) == {made["id"]: "Active"}
+
+
 def test_without_the_option_refusals_never_deactivate(venue: Venue, receiver: Receiver) -> None:
     """By default (0) no number of refusals makes a subscription inactive."""
     made = venue.subscribe(receiver.url)
