@@ -8,7 +8,13 @@ URL exists at a connection; :func:`check_subscriptions`, a scheduled job, does t
 every connection and says when it had to recreate one.
 
 A subscription is *usable* when it names the URL and the event, is not reported
-inactive, and carries a client state the receiver accepts (when the venue shows it).
+inactive (``subscriptionState`` or a like field other than active: see ``_STATUS_FIELDS``),
+and carries a client state the receiver accepts (when the venue shows it). An unusable
+one counts as missing: a new one is made first, then the unusable one is deleted.
+Deleting an inactive one loses nothing (Business Central does not reactivate it by
+itself) and keeps an administrator's later reactivation from doubling every delivery.
+A create answered with an empty body (as Business Central's may be) is found by
+listing again.
 The state for a new subscription is the first of the connection's states
 (:meth:`otacm.settings.VenueConnection.client_states`: the configured ones, then those
 in its states file). When the connection has none, or a rotation is asked for, a new
@@ -56,8 +62,11 @@ STATE_BYTES = 24
 """Random bytes in a generated client state: 32 URL-safe characters, within the 50 the
 venue allows."""
 
-# What a venue might call a subscription's status, and the values that mean "working".
-_STATUS_FIELDS = ("status", "state", "subscriptionstatus")
+# What a venue might call a subscription's state, and the values that mean "working".
+# Business Central's external event subscriptions carry ``subscriptionState`` (its
+# subscription list page shows a subscription "not active" after repeated 4xx answers);
+# the others are the names other webhook APIs use. Field names compare case-blind.
+_STATUS_FIELDS = ("subscriptionstate", "state", "status", "subscriptionstatus")
 _ACTIVE_FIELDS = ("isactive", "active", "enabled")
 _ACTIVE_VALUES = frozenset({"active", "enabled", "ok", "running", "subscribed"})
 
@@ -204,7 +213,9 @@ def subscribe(
             ) from None
     else:
         state = states[0]
-    created = client.create_subscription(url, state)
+    created = client.create_subscription(url, state) or _find_created(
+        client, url, state, before={s.id for s in listed}
+    )
     logger.info(
         "webhook subscription %s for %s created at connection %s%s",
         created.id,
@@ -298,6 +309,31 @@ def check_subscriptions(
         for warning in result.warnings:
             logger.warning("connection %s: %s", connection.name, warning)
     return report
+
+
+def _find_created(
+    client: VenueClient, url: str, state: SecretStr, *, before: set[str]
+) -> Subscription:
+    """The subscription a create answered with an empty body: the new one listed for ``url``.
+
+    Business Central's external event subscriptions can answer 201 with no body
+    (``spec/WEBHOOKS.md``); the venue then lists it. New means not listed ``before``;
+    when several are new, the last listed, which is the newest on Business Central.
+
+    Raises:
+        SubscriptionError: the venue does not list it (the next check tries again).
+    """
+    made = [
+        s
+        for s in client.list_subscriptions()
+        if s.id not in before and _serves(s, url) and _is_usable(s, [state])
+    ]
+    if not made:
+        raise SubscriptionError(
+            f"the venue accepted the subscription for {url} with an empty answer but does "
+            "not list it; the next check will try again"
+        )
+    return made[-1]
 
 
 def _serves(subscription: Subscription, url: str) -> bool:

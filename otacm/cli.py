@@ -135,8 +135,10 @@ def db_current(cli: CliContext) -> None:
 def doctor(cli: CliContext, as_json: bool, timeout: float) -> None:
     """Print the effective configuration (secrets masked) and check what it points at.
 
-    Checks that the database can be opened and written and is migrated, and that every
-    venue connection's API answers and accepts its key. Exits non-zero on any failure.
+    Checks that the database can be opened and written and is migrated, that every
+    venue connection's API answers and accepts its key, which way of writing the company
+    in the path the venue answers (and the setting to use), and how many orders the venue
+    lists for each configured partner (WARN when none). Exits non-zero on any failure.
     """
     from otacm.doctor import run_checks
 
@@ -147,7 +149,8 @@ def doctor(cli: CliContext, as_json: bool, timeout: float) -> None:
     else:
         echo_json(settings.masked())
         for check in checks:
-            click.echo(f"{'ok  ' if check.ok else 'FAIL'} {check.name}: {check.detail}")
+            verdict = "FAIL" if not check.ok else "WARN" if check.warning else "ok  "
+            click.echo(f"{verdict} {check.name}: {check.detail}")
     if not all(check.ok for check in checks):
         raise SystemExit(1)
 

@@ -1,7 +1,10 @@
 """``otacm doctor``: checks that the configuration points at things that work.
 
 Each check is one line for a person: what was checked and, on failure, what is wrong in
-words that say what to fix. Nothing here changes stored data.
+words that say what to fix. Besides the database and each venue's key, the doctor finds
+out which way of writing the company in the path the venue answers, and counts each
+configured partner's orders (a mistyped partner id lists nothing, silently). Nothing
+here changes stored data.
 """
 
 from __future__ import annotations
@@ -12,16 +15,40 @@ from typing import Any
 
 import httpx
 
-from otacm.settings import Settings, VenueConnection, mask_database_url
+from otacm.settings import (
+    COMPANY_PATH_FORMS,
+    Settings,
+    VenueConnection,
+    company_name,
+    mask_database_url,
+)
+
+ORDER_COUNT_CAP = 100
+"""Orders counted per partner: one page of this size, so the check is one call however
+long the partner's history (a full count would page through all of it, customer names
+and e-mails included); beyond it the doctor says "at least"."""
+
+_FORM_EXAMPLES = {"percent": "%20", "double": "%2520", "plus": "+"}
 
 
 @dataclass(frozen=True)
 class Check:
-    """The outcome of one check."""
+    """The outcome of one check.
+
+    Attributes:
+        name: what was checked.
+        ok: it passed.
+        detail: one line for a person.
+        warning: passed, but a person should look.
+        facts: what was found, for ``--json`` (counts, forms), when there is more than
+            the line says.
+    """
 
     name: str
     ok: bool
     detail: str
+    warning: bool = False
+    facts: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The check as a JSON-ready dict."""
@@ -49,7 +76,7 @@ def run_checks(
             )
         )
     for venue in settings.connections:
-        checks.append(check_venue(venue, timeout=timeout, transport=transport))
+        checks.extend(check_venue(venue, timeout=timeout, transport=transport))
     return checks
 
 
@@ -98,9 +125,16 @@ def check_database(url: str) -> Check:
 
 def check_venue(
     venue: VenueConnection, *, timeout: float, transport: httpx.BaseTransport | None
-) -> Check:
-    """Make one cheap authenticated call to the venue and explain what came back."""
-    from venue.client import RetryPolicy, open_client
+) -> list[Check]:
+    """Check one venue connection with a few cheap authenticated calls.
+
+    First the connection as configured (one list call): does the venue answer, does it
+    take the key. When it answers, or does not know the company, the company is tried in
+    each form it can be written in (:func:`probe_company_forms`), and when the configured
+    form works, each partner's orders are counted (:func:`count_partner_orders`). A venue
+    that cannot be reached or refuses the key gets that one line only: the other calls
+    would fail the same way.
+    """
     from venue.errors import (
         VenueAuthError,
         VenueError,
@@ -110,24 +144,150 @@ def check_venue(
     )
 
     name = f"venue {venue.name}"
+    try:
+        _probe(venue, timeout=timeout, transport=transport)
+    except (VenueAuthError, VenueForbidden) as exc:
+        return [Check(name, False, f"{venue.base_url} refused the API key: {exc}")]
+    except VenueNotFound as exc:
+        checks = [Check(name, False, f"{venue.base_url} does not know this tenant/company: {exc}")]
+        return [*checks, probe_company_forms(venue, timeout=timeout, transport=transport)]
+    except VenueUnavailable as exc:
+        return [Check(name, False, f"cannot reach {venue.base_url}: {exc}")]
+    except VenueError as exc:
+        return [Check(name, False, f"{venue.base_url} answered with an error: {exc}")]
+    partners = ", ".join(venue.partner_ids) or "no partner ids configured"
+    return [
+        Check(name, True, f"{venue.base_url} accepted the key ({partners})"),
+        probe_company_forms(venue, timeout=timeout, transport=transport),
+        *count_partner_orders(venue, timeout=timeout, transport=transport),
+    ]
+
+
+def probe_company_forms(
+    venue: VenueConnection, *, timeout: float, transport: httpx.BaseTransport | None
+) -> Check:
+    """Which ways of writing the company in the path the venue answers, and the advice.
+
+    The venue's pages disagree (``%20``, ``%2520``, ``+``; ``spec/API.md``, "Addressing
+    and auth") and the gateway that decides is not in the vendor's source, so each is
+    tried with one cheap list call. Passes when the configured form is answered; fails
+    naming the setting to use when only another one is.
+    """
+    from venue.errors import VenueError
+
+    name = f"venue {venue.name} company path"
+    answered = []
+    refused = {}
+    for form in COMPANY_PATH_FORMS:
+        try:
+            _probe(
+                venue.model_copy(update={"company_path_form": form}),
+                timeout=timeout,
+                transport=transport,
+            )
+        except VenueError as exc:
+            refused[form] = exc.status or "no answer"
+            continue
+        answered.append(form)
+    shown = ", ".join(f"{form} ({_FORM_EXAMPLES[form]})" for form in answered)
+    configured = venue.company_path_form
+    advice = None if configured in answered or not answered else answered[0]
+    facts = {"configured": configured, "answered": answered, "use": advice or configured}
+    if configured in answered:
+        return Check(
+            name,
+            True,
+            f"the venue answers the company written as {shown}; configured: {configured}",
+            facts=facts,
+        )
+    if advice is not None:
+        return Check(
+            name,
+            False,
+            f"the venue does not answer the company written as {configured} "
+            f"({_FORM_EXAMPLES[configured]}) but answers {shown}: set company_path_form = "
+            f'"{advice}" for connection {venue.name} (OTACM_COMPANY_PATH_FORM={advice})',
+            facts=facts,
+        )
+    tried = ", ".join(f"{form}: {status}" for form, status in refused.items())
+    return Check(
+        name,
+        False,
+        f"the venue answers the company {company_name(venue.company)!r} in no form ({tried}): "
+        "check the tenant, environment and company name",
+        facts={**facts, "use": None},
+    )
+
+
+def count_partner_orders(
+    venue: VenueConnection, *, timeout: float, transport: httpx.BaseTransport | None
+) -> list[Check]:
+    """How many orders the venue lists for each configured partner, up to a cap.
+
+    The venue only filters by the partner id (ChannelMgrOrderAgent ListOrdersByPartner):
+    a mistyped but well-formed id lists nothing, silently. So a partner with no order at
+    all is a warning, to be checked against the id the venue issued.
+    """
+    from venue.client import RetryPolicy, open_client
+    from venue.errors import VenueError
+
+    checks = []
+    once = RetryPolicy(attempts=1, deadline=timeout)
+    with open_client(venue, transport=transport, timeout=timeout, retry=once) as client:
+        for partner in venue.partner_ids:
+            name = f"venue {venue.name} partner {partner}"
+            try:
+                page = client.orders_page(partner, page_size=ORDER_COUNT_CAP)
+            except VenueError as exc:
+                checks.append(Check(name, False, f"cannot list its orders: {exc}"))
+                continue
+            count = len(page.data)
+            facts = {"partnerId": partner, "orders": count, "atLeast": page.more_pages}
+            if count == 0:
+                checks.append(
+                    Check(
+                        name,
+                        True,
+                        "the venue lists no order for this partner: it answers an unknown "
+                        "partner id the same way, so if orders were sent, check the id with "
+                        "the venue",
+                        warning=True,
+                        facts=facts,
+                    )
+                )
+            elif page.more_pages:
+                checks.append(
+                    Check(
+                        name,
+                        True,
+                        f"the venue lists at least {count} orders (counted up to "
+                        f"{ORDER_COUNT_CAP}: one page, one call)",
+                        facts=facts,
+                    )
+                )
+            else:
+                checks.append(Check(name, True, f"the venue lists {count} order(s)", facts=facts))
+    return checks
+
+
+def _probe(
+    venue: VenueConnection, *, timeout: float, transport: httpx.BaseTransport | None
+) -> None:
+    """One cheap authenticated call: a one-row list of the first partner's orders, or the
+    subscription list when no partner is configured.
+
+    Raises:
+        VenueError: the call failed.
+    """
+    from venue.client import RetryPolicy, open_client
+
     # One attempt: the doctor reports what is wrong now rather than waiting it out.
     once = RetryPolicy(attempts=1, deadline=timeout)
-    try:
-        with open_client(venue, transport=transport, timeout=timeout, retry=once) as client:
-            if venue.partner_ids:
-                next(iter(client.list_orders(venue.partner_ids[0], page_size=1)), None)
-            else:
-                client.list_subscriptions()
-    except (VenueAuthError, VenueForbidden) as exc:
-        return Check(name, False, f"{venue.base_url} refused the API key: {exc}")
-    except VenueNotFound as exc:
-        return Check(name, False, f"{venue.base_url} does not know this tenant/company: {exc}")
-    except VenueUnavailable as exc:
-        return Check(name, False, f"cannot reach {venue.base_url}: {exc}")
-    except VenueError as exc:
-        return Check(name, False, f"{venue.base_url} answered with an error: {exc}")
-    partners = ", ".join(venue.partner_ids) or "no partner ids configured"
-    return Check(name, True, f"{venue.base_url} accepted the key ({partners})")
+    with open_client(venue, transport=transport, timeout=timeout, retry=once) as client:
+        if venue.partner_ids:
+            client.orders_page(venue.partner_ids[0], page_size=1)
+        else:
+            client.list_subscriptions()
 
 
 def first_line(exc: BaseException) -> str:

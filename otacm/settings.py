@@ -26,11 +26,13 @@ import tomllib
 from collections.abc import Collection
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any
-from urllib.parse import quote, unquote, urlsplit
+from typing import Annotated, Any, Literal
+from urllib.parse import quote, quote_plus, unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from venue.models import parse_guid
 
 DEFAULT_API_BASE_URL = "https://api.npretail.app"
 DEFAULT_DATABASE_URL = "sqlite:///var/otacm.sqlite3"
@@ -78,20 +80,45 @@ def check_webhook_url(url: str) -> str:
     return url
 
 
-def encode_company(company: str) -> str:
-    """The company name as one path segment, percent-encoded exactly once.
+CompanyPathForm = Literal["percent", "double", "plus"]
+COMPANY_PATH_FORMS: tuple[CompanyPathForm, ...] = ("percent", "double", "plus")
+"""How the company name can be written in the API path (``spec/API.md``, "Addressing and
+auth"): percent-encoded once (``%20``, the vendor's URL page), twice (``%2520``, the
+seeds' examples) or form-encoded (``+`` for a space, the vendor's "API URL" page)."""
 
-    The venue's documents show the company both raw (``CRONUS International Ltd.``) and
-    already encoded, once (``%20``) or twice (``%2520``); decoding until stable and then
-    encoding once makes every form give the same URL.
+
+def company_name(company: str) -> str:
+    """The company's name from any of the forms it may be configured in.
+
+    Raw (``CRONUS International Ltd.``), percent-encoded once or twice, or form-encoded.
+    A ``+`` is read as a space only in a text without spaces (a form encoder's output
+    has none); a name with a literal ``+`` and no space is written with ``%2B``.
+    Percent-escapes are then decoded until nothing changes.
     """
-    decoded = company
+    name = company.strip()
+    if " " not in name:
+        name = name.replace("+", " ")
     for _ in range(5):
-        once_more = unquote(decoded)
-        if once_more == decoded:
+        once_more = unquote(name)
+        if once_more == name:
             break
-        decoded = once_more
-    return quote(decoded, safe="")
+        name = once_more
+    return name
+
+
+def encode_company(company: str, form: CompanyPathForm = "percent") -> str:
+    """The company, given in any form :func:`company_name` reads, as one path segment.
+
+    Args:
+        company: the company as configured.
+        form: ``percent`` (a space is ``%20``), ``double`` (``%2520``) or ``plus`` (``+``);
+            every other character that needs it is percent-encoded (``/`` too).
+    """
+    name = company_name(company)
+    if form == "plus":
+        return quote_plus(name, safe="")
+    once = quote(name, safe="")
+    return quote(once, safe="") if form == "double" else once
 
 
 class VenueConnection(BaseModel):
@@ -104,6 +131,7 @@ class VenueConnection(BaseModel):
     tenant: str = Field(min_length=1)
     environment: str = Field(default="production", min_length=1)
     company: str = Field(min_length=1)
+    company_path_form: CompanyPathForm = "percent"
     api_key: SecretStr
     api_version: str | None = None
     partner_ids: list[str] = Field(default_factory=list)
@@ -116,9 +144,17 @@ class VenueConnection(BaseModel):
 
     @field_validator("partner_ids")
     @classmethod
-    def _lowercase_guids(cls, value: list[str]) -> list[str]:
-        # The venue writes GUIDs lowercase without braces; so do we, to compare them.
-        return [partner.strip("{}").lower() for partner in value]
+    def _partner_ids_are_guids(cls, value: list[str]) -> list[str]:
+        # The venue refuses a partner id that is not a GUID ("Invalid partnerId"); say so
+        # now, naming it. GUIDs are kept as the venue writes them (lowercase, no braces),
+        # to compare them.
+        guids = []
+        for partner in value:
+            guid = parse_guid(partner)
+            if guid is None:
+                raise ValueError(f"partner id {partner!r} is not a GUID")
+            guids.append(guid)
+        return guids
 
     @field_validator("api_version")
     @classmethod
@@ -136,9 +172,11 @@ class VenueConnection(BaseModel):
 
     @property
     def base_url(self) -> str:
-        """``{api_base_url}/{tenant}/{environment}/{company}``, the company encoded once."""
+        """``{api_base_url}/{tenant}/{environment}/{company}``, the company written in
+        :attr:`company_path_form`."""
         root = self.api_base_url.rstrip("/")
-        return f"{root}/{self.tenant}/{self.environment}/{encode_company(self.company)}"
+        company = encode_company(self.company, self.company_path_form)
+        return f"{root}/{self.tenant}/{self.environment}/{company}"
 
     @property
     def api_identity(self) -> tuple[str, str]:
@@ -176,6 +214,7 @@ class VenueConnection(BaseModel):
         return {
             "name": self.name,
             "base_url": self.base_url,
+            "company_path_form": self.company_path_form,
             "api_version": self.api_version or "(latest)",
             "api_key": mask(self.api_key),
             "partner_ids": list(self.partner_ids),
@@ -270,6 +309,7 @@ class Settings(BaseSettings):
     tenant: str | None = None
     environment: str = "production"
     company: str | None = None
+    company_path_form: CompanyPathForm = "percent"
     api_key: SecretStr | None = None
     api_version: str | None = None
     partner_ids: CommaList = Field(default_factory=list)
@@ -322,6 +362,7 @@ class Settings(BaseSettings):
                 tenant=self.tenant,
                 environment=self.environment,
                 company=self.company,
+                company_path_form=self.company_path_form,
                 api_key=self.api_key,
                 api_version=self.api_version,
                 partner_ids=self.partner_ids,

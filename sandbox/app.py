@@ -1,9 +1,12 @@
 """The sandbox's HTTP surface: the venue's API and the sandbox's own ``/_sandbox/`` endpoints.
 
-Below ``/{tenant}/{environment}/{company}`` (the company compared after percent-decoding,
-so ``%20`` and ``%2520`` both work) it serves the venue's paths — createOrder
-(``POST /channelManager``, ``?sync=1`` issuing inside the call), getOrder, confirmOrder,
-replaceOrder, deleteOrder, listOrdersByPartner and the webhook subscription endpoints —
+Below ``/{tenant}/{environment}/{company}`` (the company written in the one form the
+config's ``company_path_form`` names: ``%20``, ``%2520`` or ``+``) it serves the venue's
+paths — createOrder (``POST /channelManager``, ``?sync=1`` issuing inside the call),
+getOrder, confirmOrder, replaceOrder, deleteOrder, listOrdersByPartner and the webhook
+subscription endpoints (``POST /webhook``, ``GET /webhooks`` and ``GET /webhook`` as
+``webhook_list_paths`` allows, ``GET``/``DELETE /webhook/{id}``; each listed with its
+``subscriptionState``) —
 behind the API key (``x-np-api-key`` or ``Authorization: Bearer``). Every answer carries
 ``x-npr-version``, ``x-npr-duration`` and ``x-npr-request-id``; every error is the
 venue's ``{"code", "message"}`` from one handler, and an unexpected failure is a 400
@@ -17,6 +20,8 @@ The sandbox's own endpoints need no key and live only under ``/_sandbox/``:
 - ``GET /_sandbox/stats`` (``DELETE`` zeroes it): see :mod:`sandbox.stats`;
 - ``GET``/``POST /_sandbox/faults``: read or change faults; fields in :mod:`sandbox.faults`;
 - ``POST /_sandbox/tick``: run one pickup cycle now, answer what it did;
+- ``POST /_sandbox/webhooks/{id}/state``: ``{"subscriptionState": "Inactive"}`` (or
+  ``"Active"``) sets a subscription's state; an inactive one gets no deliveries;
 - ``GET``/``POST /_sandbox/clock``: the sandbox's time; ``{"advanceSeconds": N}`` moves it
   forward (the sweeper's hour in an instant);
 - ``POST /_sandbox/restore``: simulate a restore of the venue's database: every order's
@@ -31,6 +36,7 @@ import datetime as dt
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 from decimal import Decimal
@@ -41,7 +47,6 @@ from flask import Blueprint, Flask, Response, current_app, g, request
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
-from otacm.settings import encode_company
 from sandbox.config import SandboxConfig
 from sandbox.errors import (
     InvalidRequest,
@@ -53,7 +58,7 @@ from sandbox.errors import (
 )
 from sandbox.orders import describe_validation_error
 from sandbox.runtime import SandboxRuntime
-from sandbox.state import OrderRecord
+from sandbox.state import ACTIVE, INACTIVE, SUBSCRIPTION_STATE, OrderRecord
 from venue.models import (
     ORDER_PROCESSED_EVENT,
     Order,
@@ -197,8 +202,36 @@ def _gateway_and_auth() -> None:
         raise ResourceNotFound(f"Unknown tenant '{tenant}'")
     if environment.lower() != config.environment.lower():
         raise ResourceNotFound(f"Unknown environment '{environment}'")
-    if encode_company(company) != encode_company(config.company):
-        raise ResourceNotFound(f"Unknown company '{unquote(encode_company(company))}'")
+    if not _company_matches(company, config):
+        raise ResourceNotFound(f"Unknown company '{company}'")
+
+
+# RFC 3986's unreserved characters: percent-escaping one of them changes nothing.
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+
+
+def _company_matches(decoded: str, config: SandboxConfig) -> bool:
+    """Whether the request wrote the company in the one form this venue answers.
+
+    The segment is read from the raw request URI (werkzeug keeps it in ``RAW_URI``),
+    because the decoded path no longer tells ``%20`` from ``%2520`` or ``+`` reliably;
+    both sides are normalized as RFC 3986 allows (escapes in upper case, unreserved
+    characters unescaped). Without a raw URI, the decoded segment is compared.
+    """
+    raw_uri = request.environ.get("RAW_URI") or request.environ.get("REQUEST_URI")
+    if not raw_uri:
+        return decoded == unquote(config.company_path)
+    segments = urlsplit(raw_uri).path.split("/")
+    return len(segments) > 3 and _normal(segments[3]) == _normal(config.company_path)
+
+
+def _normal(segment: str) -> str:
+    def one(escape: re.Match[str]) -> str:
+        char = chr(int(escape.group(1), 16))
+        return char if char in _UNRESERVED else escape.group(0).upper()
+
+    return _ESCAPE.sub(one, segment)
 
 
 def _key_matches(expected: str) -> bool:
@@ -323,22 +356,40 @@ def create_webhook() -> Response:
     url = urlsplit(wanted.notification_url)
     if url.scheme not in ("http", "https") or not url.netloc:
         raise InvalidRequest("notificationUrl must be an absolute http(s) URL")
-    subscription = Subscription(
-        id=str(uuid.uuid4()),
-        notification_url=wanted.notification_url,
-        event_name=wanted.event_name,
-        client_state=wanted.client_state,
+    subscription = Subscription.model_validate(
+        {
+            "id": str(uuid.uuid4()),
+            "notificationUrl": wanted.notification_url,
+            "eventName": wanted.event_name,
+            "clientState": wanted.client_state,
+            SUBSCRIPTION_STATE: ACTIVE,
+        }
     )
     runtime = _runtime()
     runtime.store.add_subscription(subscription, runtime.clock.now())
     logger.info("webhook subscription %s created", subscription.id)
+    if runtime.config.webhook_create_empty_body:
+        # As Business Central's external event subscriptions may: find it by listing.
+        return Response(status=201)
     return json_response(subscription.to_wire(), 201)
 
 
 @api.get("/webhooks", endpoint="listWebhooks")
-@api.get("/webhook", endpoint="listWebhooks")
 def list_webhooks() -> Response:
-    """Every subscription, in Business Central's ``{"value": [...]}`` list shape."""
+    """Every subscription, with its ``subscriptionState``, in Business Central's
+    ``{"value": [...]}`` list shape."""
+    return _subscription_list("webhooks")
+
+
+@api.get("/webhook", endpoint="listWebhook")
+def list_webhook() -> Response:
+    """The same list at the path one vendor page shows."""
+    return _subscription_list("webhook")
+
+
+def _subscription_list(path: str) -> Response:
+    if _runtime().config.webhook_list_paths not in ("both", path):
+        raise ResourceNotFound("API endpoint not found")
     return json_response({"value": [s.to_wire() for s in _runtime().store.subscriptions()]})
 
 
@@ -369,7 +420,7 @@ def delete_webhook(subscription_id: str) -> Response:
 def show_config() -> Response:
     """What a client needs to configure itself against this sandbox."""
     config = _runtime().config
-    base_path = f"/{config.tenant}/{config.environment}/{encode_company(config.company)}"
+    base_path = f"/{config.tenant}/{config.environment}/{config.company_path}"
     return json_response(
         {**config.public_json(), "baseUrl": request.host_url.rstrip("/") + base_path}
     )
@@ -407,6 +458,21 @@ def set_faults() -> Response:
         raise InvalidRequest(describe_validation_error(exc)) from None
     logger.info("faults changed: %s", ", ".join(sorted(body)))
     return json_response(faults.to_json())
+
+
+@admin.post("/webhooks/<subscription_id>/state")
+def set_subscription_state(subscription_id: str) -> Response:
+    """Set a subscription's state: ``{"subscriptionState": "Inactive"}`` stops its
+    deliveries, as Business Central does after repeated 4xx answers; ``Active`` resumes."""
+    body = _body()
+    state = body.get(SUBSCRIPTION_STATE) if isinstance(body, dict) else None
+    if state not in (ACTIVE, INACTIVE):
+        raise InvalidRequest(f"{SUBSCRIPTION_STATE} must be '{ACTIVE}' or '{INACTIVE}'")
+    subscription = _runtime().store.set_subscription_state(subscription_id, state)
+    if subscription is None:
+        raise ResourceNotFound(f"Subscription '{subscription_id}' was not found")
+    logger.info("webhook subscription %s set %s", subscription.id, state)
+    return json_response(subscription.to_wire())
 
 
 @admin.post("/tick")

@@ -17,6 +17,7 @@ from typing import Any
 import click
 from pydantic import SecretStr, ValidationError
 
+from otacm.settings import COMPANY_PATH_FORMS
 from sandbox.catalog import CatalogError, load_catalog
 from sandbox.config import (
     DEFAULT_API_KEY,
@@ -90,6 +91,15 @@ def _env(name: str) -> dict[str, Any]:
     "--environment", default=DEFAULT_ENVIRONMENT, show_default=True, **_env("ENVIRONMENT")
 )
 @click.option("--company", default=DEFAULT_COMPANY, show_default=True, **_env("COMPANY"))
+@click.option(
+    "--company-path-form",
+    type=click.Choice(COMPANY_PATH_FORMS),
+    default="percent",
+    show_default=True,
+    help="The one way of writing the company in the path that is answered: "
+    "percent (%20), double (%2520) or plus (+).",
+    **_env("COMPANY_PATH_FORM"),
+)
 @click.option("--api-key", "api_key", default=DEFAULT_API_KEY, show_default=True, **_env("API_KEY"))
 @click.option(
     "--partners",
@@ -128,6 +138,30 @@ def _env(name: str) -> dict[str, Any]:
     show_default=True,
     help="Wait before the first webhook retry; doubles.",
     **_env("WEBHOOK_BACKOFF"),
+)
+@click.option(
+    "--webhook-create-empty-body/--no-webhook-create-empty-body",
+    default=False,
+    show_default=True,
+    help="Answer POST /webhook with 201 and an empty body.",
+    **_env("WEBHOOK_CREATE_EMPTY_BODY"),
+)
+@click.option(
+    "--webhook-list-paths",
+    type=click.Choice(["both", "webhooks", "webhook"]),
+    default="both",
+    show_default=True,
+    help="Which of GET /webhooks and GET /webhook list the subscriptions.",
+    **_env("WEBHOOK_LIST_PATHS"),
+)
+@click.option(
+    "--webhook-deactivate-after",
+    metavar="N",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Make a subscription inactive after N consecutive refused (4xx) deliveries; 0: never.",
+    **_env("WEBHOOK_DEACTIVATE_AFTER"),
 )
 @click.option(
     "--drop-rate", type=_RATE, default=0.0, help="Share of webhooks dropped.", **_env("DROP_RATE")
@@ -253,6 +287,7 @@ def build_config(options: dict[str, Any]) -> SandboxConfig:
             tenant=options["tenant"],
             environment=options["environment"],
             company=options["company"],
+            company_path_form=options["company_path_form"],
             api_key=SecretStr(options["api_key"]),
             partners=partners,
             pickup_interval=options["pickup_interval"],
@@ -262,6 +297,9 @@ def build_config(options: dict[str, Any]) -> SandboxConfig:
             webhook_max_batch=options["webhook_max_batch"],
             webhook_max_attempts=options["webhook_max_attempts"],
             webhook_backoff=options["webhook_backoff"],
+            webhook_create_empty_body=options["webhook_create_empty_body"],
+            webhook_list_paths=options["webhook_list_paths"],
+            webhook_deactivate_after=options["webhook_deactivate_after"],
             **extra,
         )
     except CatalogError as exc:

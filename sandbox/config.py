@@ -10,11 +10,12 @@ passed down; nothing here reads the environment.
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
+from otacm.settings import CompanyPathForm, encode_company
 from sandbox.catalog import Catalog, load_catalog
 from sandbox.faults import Faults
 
@@ -73,6 +74,16 @@ class SandboxConfig(BaseModel):
         webhook_max_attempts: POSTs per batch before giving up (1 = no retry).
         webhook_backoff: seconds before the first retry; doubles with each retry.
         timezone: the venue's local time zone; "visitDate not in the past" uses its date.
+        company_path_form: the one way of writing the company in the path the venue
+            answers (``percent``: ``%20``, ``double``: ``%2520``, ``plus``: ``+``); any
+            other is 404, as for an unknown company.
+        webhook_create_empty_body: answer ``POST /webhook`` with 201 and no body, as
+            Business Central's external event subscriptions may.
+        webhook_list_paths: which subscription list paths are served: ``both``, or only
+            ``webhooks`` or ``webhook`` (the other is 404).
+        webhook_deactivate_after: mark a subscription inactive (``subscriptionState``
+            ``Inactive``; no more deliveries) after this many consecutive final 4xx
+            answers from its receiver, as Business Central does; 0 never.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -91,6 +102,10 @@ class SandboxConfig(BaseModel):
     webhook_max_attempts: int = Field(default=5, ge=1)
     webhook_backoff: float = Field(default=1.0, ge=0)
     webhook_timeout: float = Field(default=10.0, gt=0)
+    company_path_form: CompanyPathForm = "percent"
+    webhook_create_empty_body: bool = False
+    webhook_list_paths: Literal["both", "webhooks", "webhook"] = "both"
+    webhook_deactivate_after: int = Field(default=0, ge=0)
     timezone: str = "Europe/Copenhagen"
     api_version: str = "2025-06-01"
     manifest_base_url: str = "https://manifests.npretail.app/wallets/manifest"
@@ -116,6 +131,11 @@ class SandboxConfig(BaseModel):
         """Line numbers count 100000, 200000, …; the older synchronous API used 10000."""
         return 10000 if self.legacy_sync else 100000
 
+    @property
+    def company_path(self) -> str:
+        """The company as the one path segment this venue answers."""
+        return encode_company(self.company, self.company_path_form)
+
     def partner(self, partner_id: str) -> Partner | None:
         """The partner with ``partner_id`` (any case, braces allowed), or ``None``."""
         wanted = partner_id.strip().strip("{}").lower()
@@ -131,6 +151,7 @@ class SandboxConfig(BaseModel):
             "tenant": self.tenant,
             "environment": self.environment,
             "company": self.company,
+            "companyPathForm": self.company_path_form,
             "apiKey": self.api_key.get_secret_value(),
             "partners": [{"id": p.id, "active": p.active} for p in self.partners],
             "catalog": self.catalog.to_json(),

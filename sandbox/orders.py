@@ -44,7 +44,9 @@ from venue.models import (
     OrderItem,
     OrderStatus,
     Wallet,
+    guid_caption,
     normalize_reference,
+    parse_guid,
 )
 
 ZERO_GUID = "00000000-0000-0000-0000-000000000000"
@@ -109,14 +111,22 @@ class OrderBook:
         return self._config.catalog
 
     def get(self, order_id: str) -> OrderRecord:
-        """getOrder.
+        """getOrder, and the first step of confirm, replace and delete.
+
+        As ChannelMgrOrderAgent TryGetOrderIdFromPath: an id that is not a GUID is a 400
+        "Invalid order id"; an unknown one a 404 naming the id as Business Central
+        formats a GUID.
 
         Raises:
+            InvalidRequest: the id is not a GUID.
             ResourceNotFound: no order has that id (or it was deleted outright).
         """
-        record = self._store.get(order_id.strip().strip("{}"))
+        guid = parse_guid(order_id)
+        if guid is None:
+            raise InvalidRequest("Invalid order id")
+        record = self._store.get(guid)
         if record is None:
-            raise ResourceNotFound(f"Order '{order_id}' was not found")
+            raise ResourceNotFound(f"Order '{guid_caption(guid)}' not found")
         return record
 
     def create(self, body: Any) -> OrderRecord:
@@ -163,6 +173,8 @@ class OrderBook:
             InvalidRequest: no paymentReference, or the order is neither Draft nor Issued.
         """
         with self._store.transaction():
+            # The vendor's order (ChannelMgrOrderAgent ConfirmOrder): the id, the order,
+            # the Issued no-op and the status come before the body is read.
             record = self.get(order_id)
             if record.status is OrderStatus.ISSUED:
                 return record
@@ -239,21 +251,25 @@ class OrderBook:
     def list(self, partner_id: str, args: Mapping[str, str]) -> ListPage:
         """listOrdersByPartner: filters, paging, and the ``sync=true`` change feed.
 
+        The partner id is only read as a GUID (ChannelMgrOrderAgent ListOrdersByPartner
+        ``Evaluate(PartnerId, ...)``) and then used as a filter: a partner the venue does
+        not know, or an inactive one, simply lists what it has, usually nothing.
+
         Raises:
-            InvalidRequest: a filter, page size or page key is invalid, or the partner
-                is unknown.
+            InvalidRequest: the partner id is not a GUID ("Invalid partnerId"), or a
+                filter, page size or page key is invalid.
         """
-        partner = self._config.partner(partner_id)
-        if partner is None:
-            raise InvalidRequest(f"Unknown partnerId '{partner_id}'")
+        guid = parse_guid(partner_id)
+        if guid is None:
+            raise InvalidRequest("Invalid partnerId")
         filters, cursor = dict(args), None
         if args.get("pageKey"):
             # A page key carries the first request's filters; only pageSize may change.
-            key = _decode_page_key(args["pageKey"], partner.id)
+            key = _decode_page_key(args["pageKey"], guid)
             filters, cursor = dict(key["f"]), key.get("c")
             if "pageSize" in args:
                 filters["pageSize"] = args["pageSize"]
-        query, page_size = _parse_filters(partner.id, filters)
+        query, page_size = _parse_filters(guid, filters)
         if cursor is not None:
             query = _resume_after(query, cursor)
         rows = self._store.query(query, page_size + 1)
@@ -265,7 +281,7 @@ class OrderBook:
                 last.row_version if query.by_row_version else [_received_stamp(last), last.entry_no]
             )
             original = {k: v for k, v in filters.items() if k != "pageKey"}
-            next_key = _encode_page_key({"p": partner.id, "f": original, "c": position})
+            next_key = _encode_page_key({"p": guid, "f": original, "c": position})
         query_text = "&".join(f"{k}={v}" for k, v in filters.items() if k != "pageKey")
         return ListPage(page, query.by_row_version, next_key, query_text)
 

@@ -22,7 +22,6 @@ from types import TracebackType
 
 from werkzeug.serving import BaseWSGIServer, make_server
 
-from otacm.settings import encode_company
 from sandbox.app import create_sandbox_app
 from sandbox.config import SandboxConfig
 from sandbox.pipeline import CycleReport
@@ -78,9 +77,10 @@ class SandboxServer:
 
     @property
     def base_url(self) -> str:
-        """The venue's API base: ``{url}/{tenant}/{environment}/{company encoded once}``."""
+        """The venue's API base: ``{url}/{tenant}/{environment}/{company}``, the company in
+        the one form the sandbox answers (``company_path_form``)."""
         config = self.config
-        return f"{self.url}/{config.tenant}/{config.environment}/{encode_company(config.company)}"
+        return f"{self.url}/{config.tenant}/{config.environment}/{config.company_path}"
 
     @property
     def api_key(self) -> str:

@@ -344,6 +344,21 @@ class OrderStore:
             ).fetchone()
         return Subscription.model_validate_json(row[0]) if row else None
 
+    def set_subscription_state(self, subscription_id: str, state: str) -> Subscription | None:
+        """Set a subscription's ``subscriptionState``; the subscription, or ``None``."""
+        with self.transaction():
+            row = self._db.execute(
+                "SELECT document FROM subscriptions WHERE id = ?", (subscription_id.lower(),)
+            ).fetchone()
+            if row is None:
+                return None
+            document = {**json.loads(row[0]), SUBSCRIPTION_STATE: state}
+            self._db.execute(
+                "UPDATE subscriptions SET document = ? WHERE id = ?",
+                (json.dumps(document), subscription_id.lower()),
+            )
+        return Subscription.model_validate(document)
+
     def remove_subscription(self, subscription_id: str) -> bool:
         """Delete a subscription; whether there was one."""
         with self.transaction():
@@ -351,6 +366,18 @@ class OrderStore:
                 "DELETE FROM subscriptions WHERE id = ?", (subscription_id.lower(),)
             )
         return cursor.rowcount > 0
+
+
+SUBSCRIPTION_STATE = "subscriptionState"
+"""The field in which a listed subscription says whether it still delivers, as Business
+Central's external event subscriptions do; its values are these two."""
+ACTIVE, INACTIVE = "Active", "Inactive"
+
+
+def subscription_active(subscription: Subscription) -> bool:
+    """Whether ``subscription`` still gets deliveries (one stored without a state does)."""
+    state: object = (subscription.model_extra or {}).get(SUBSCRIPTION_STATE, ACTIVE)
+    return state == ACTIVE
 
 
 def _record(row: dict[str, str | int]) -> OrderRecord:

@@ -9,7 +9,11 @@ the POSTs for a background thread, so the pipeline never waits on a receiver.
 
 A POST answered 2xx is done. As Business Central's webhooks do, transport errors, 408,
 429 and 5xx are retried — up to ``webhook_max_attempts`` POSTs, waiting
-``webhook_backoff`` seconds and doubling — and any other answer is final. The dispatcher
+``webhook_backoff`` seconds and doubling — and any other answer is final. After
+``webhook_deactivate_after`` consecutive final 4xx answers other than 408 and 429 (a 2xx
+resets the count) the
+subscription is marked inactive, as Business Central's can be: it stays listed, with
+``subscriptionState`` ``Inactive``, and gets no more deliveries. The dispatcher
 owns its delivery thread and, unless one is passed in, its ``httpx.Client``;
 :meth:`~WebhookDispatcher.close` stops the thread and closes the client it created.
 """
@@ -30,7 +34,7 @@ import httpx
 
 from sandbox.config import SandboxConfig
 from sandbox.faults import FaultInjector
-from sandbox.state import Clock, OrderStore
+from sandbox.state import INACTIVE, Clock, OrderStore, subscription_active
 from sandbox.stats import Stats
 from venue.models import ORDER_PROCESSED_EVENT, OrderStatus, Subscription
 
@@ -101,6 +105,8 @@ class WebhookDispatcher:
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
+        # Consecutive final 4xx answers per subscription; touched by the delivery thread.
+        self._refusals: dict[str, int] = {}
 
     def publish(self, events: Sequence[ProcessedEvent]) -> int:
         """Queue notifications of ``events`` for every subscriber; returns how many POSTs.
@@ -114,6 +120,8 @@ class WebhookDispatcher:
         posts = 0
         for subscription in self._store.subscriptions():
             if subscription.event_name != ORDER_PROCESSED_EVENT:
+                continue
+            if not subscription_active(subscription):
                 continue
             notes = [self._notification(subscription, e, timestamp) for e in events]
             kept = [n for n in notes if not self._faults.roll(faults.drop_rate)]
@@ -243,6 +251,7 @@ class WebhookDispatcher:
                 type(exc).__name__,
             )
         if status is not None and 200 <= status < 300:
+            self._refusals.pop(post.subscription_id, None)
             self._stats.webhooks("sent", post.count)
             self._stats.pending(-post.count)
             return
@@ -273,3 +282,20 @@ class WebhookDispatcher:
         )
         self._stats.webhooks("failed", post.count)
         self._stats.pending(-post.count)
+        if status is not None and 400 <= status < 500 and status not in _RETRYABLE:
+            # 408 and 429 ask for a retry; only the other 4xx say "do not send this".
+            self._count_refusal(post.subscription_id)
+
+    def _count_refusal(self, subscription_id: str) -> None:
+        """One more final 4xx for the subscription; at the limit it becomes inactive."""
+        limit = self._config.webhook_deactivate_after
+        refusals = self._refusals.get(subscription_id, 0) + 1
+        self._refusals[subscription_id] = refusals
+        if limit and refusals >= limit:
+            del self._refusals[subscription_id]
+            if self._store.set_subscription_state(subscription_id, INACTIVE) is not None:
+                logger.warning(
+                    "webhook subscription %s made inactive after %d refused deliveries",
+                    subscription_id,
+                    refusals,
+                )

@@ -30,6 +30,8 @@ from pydantic import BaseModel, SecretStr, ValidationError
 from otacm.settings import VenueConnection
 from storage.types import UNSTORABLE_TEXT, unstorable_text_path
 from venue.errors import (
+    VenueInvalidId,
+    VenueNotFound,
     VenueProtocolError,
     VenueUnavailable,
     error_for_status,
@@ -46,6 +48,7 @@ from venue.models import (
     Subscription,
     SubscriptionRequest,
     normalize_reference,
+    parse_guid,
     parse_page,
 )
 from venue.throttle import Throttle, throttle_for
@@ -57,6 +60,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
+
+SUBSCRIPTION_LIST_PATHS = ("/webhooks", "/webhook")
+"""Where the subscriptions are listed, in the order tried: the vendor's webhook pages
+show ``GET /webhooks``, one shows ``GET /webhook`` (``spec/WEBHOOKS.md``)."""
 
 _NUL_ESCAPE = b"\\u0000"
 
@@ -111,6 +118,34 @@ def _segment(value: str) -> str:
     return quote(value, safe="")
 
 
+def _order_path(method: str, order_id: str, suffix: str = "") -> str:
+    """``/channelManager/{orderId}{suffix}``, the id in the venue's own GUID form.
+
+    Raises:
+        VenueInvalidId: ``order_id`` is not a GUID; the venue would answer 400 "Invalid
+            order id" (ChannelMgrOrderAgent TryGetOrderIdFromPath), so nothing is sent.
+    """
+    guid = parse_guid(order_id)
+    if guid is None:
+        path = f"/channelManager/{_segment(order_id)}{suffix}"
+        raise VenueInvalidId(method, path, kind="order id", value=order_id)
+    return f"/channelManager/{guid}{suffix}"
+
+
+def _partner_path(partner_id: str) -> str:
+    """``/channelManager/orders/{partnerId}``, the id in the venue's own GUID form.
+
+    Raises:
+        VenueInvalidId: ``partner_id`` is not a GUID; the venue would answer 400 "Invalid
+            partnerId" (ChannelMgrOrderAgent ListOrdersByPartner), so nothing is sent.
+    """
+    guid = parse_guid(partner_id)
+    if guid is None:
+        path = f"/channelManager/orders/{_segment(partner_id)}"
+        raise VenueInvalidId("GET", path, kind="partnerId", value=partner_id)
+    return f"/channelManager/orders/{guid}"
+
+
 def _utc_text(value: dt.datetime) -> str:
     """A query datetime as ISO 8601 UTC with ``Z``, as the venue documents."""
     if value.tzinfo is None:
@@ -159,6 +194,7 @@ class VenueClient:
         self._throttle = throttle or throttle_for(connection.api_identity)
         self._retry = retry or RetryPolicy()
         self._observer = observer
+        self._subscription_list_paths = SUBSCRIPTION_LIST_PATHS
 
     def __repr__(self) -> str:
         return f"VenueClient({self._base_url!r})"
@@ -191,7 +227,7 @@ class VenueClient:
             VenueNotFound: no such order (or it was deleted outright).
             VenueError: any other failure.
         """
-        path = f"/channelManager/{_segment(order_id)}"
+        path = _order_path("GET", order_id)
         return self._parse("GET", path, self._call("GET", path), Order)
 
     def confirm_order(self, order_id: str, payment_reference: str) -> Order:
@@ -203,7 +239,7 @@ class VenueClient:
             VenueRejected: the order cannot be confirmed in its status.
             VenueError: any other failure.
         """
-        path = f"/channelManager/{_segment(order_id)}/confirm"
+        path = _order_path("POST", order_id, "/confirm")
         body = ConfirmRequest(payment_reference=payment_reference).to_wire()
         return self._parse("POST", path, self._call("POST", path, json=body), Order)
 
@@ -217,7 +253,7 @@ class VenueClient:
             VenueRejected: the order is in another status, or the request is invalid.
             VenueError: any other failure.
         """
-        path = f"/channelManager/{_segment(order_id)}"
+        path = _order_path("PUT", order_id)
         response = self._call("PUT", path, json=request.to_wire())
         return self._parse("PUT", path, response, Order)
 
@@ -232,7 +268,7 @@ class VenueClient:
             VenueNotFound: no such order.
             VenueError: any other failure.
         """
-        path = f"/channelManager/{_segment(order_id)}"
+        path = _order_path("DELETE", order_id)
         response = self._call("DELETE", path)
         if not response.content.strip():
             return None
@@ -267,8 +303,18 @@ class VenueClient:
             params["receivedAtTo"] = _utc_text(received_to)
         if page_size is not None:
             params["pageSize"] = str(page_size)
-        path = f"/channelManager/orders/{_segment(partner_id)}"
-        return self._paged(path, params, OrderSummary)
+        return self._paged(_partner_path(partner_id), params, OrderSummary)
+
+    def orders_page(self, partner_id: str, *, page_size: int) -> Page[OrderSummary]:
+        """The first page of the partner's orders, oldest received first: one call.
+
+        ``more_pages`` says whether more follow; for a count that need not be exact.
+
+        Raises:
+            VenueError: the page could not be fetched.
+        """
+        params = {"pageSize": str(page_size)}
+        return next(self._pages(_partner_path(partner_id), params, OrderSummary))
 
     def change_feed(
         self,
@@ -306,8 +352,7 @@ class VenueClient:
             params["lastRowVersion"] = str(last_row_version)
         if page_size is not None:
             params["pageSize"] = str(page_size)
-        path = f"/channelManager/orders/{_segment(partner_id)}"
-        return self._pages(path, params, OrderSummary)
+        return self._pages(_partner_path(partner_id), params, OrderSummary)
 
     def find_by_reference(self, partner_id: str, reference: str) -> list[OrderSummary]:
         """The partner's orders with this ``sellToOrderReference`` (compared case-blind).
@@ -329,26 +374,46 @@ class VenueClient:
         notification_url: str,
         client_state: str | SecretStr,
         event_name: str = ORDER_PROCESSED_EVENT,
-    ) -> Subscription:
+    ) -> Subscription | None:
         """Subscribe ``notification_url`` to ``event_name`` (``POST /webhook``).
 
         Args:
             notification_url: where the venue will POST notifications.
             client_state: the shared secret (at most 50 characters) each one will carry.
             event_name: the business event.
+
+        Returns:
+            The subscription made, or ``None`` when the venue answered 2xx with an empty
+            body (as Business Central's external event subscriptions may): find it with
+            :meth:`list_subscriptions`.
         """
         if isinstance(client_state, SecretStr):
             client_state = client_state.get_secret_value()
         body = SubscriptionRequest(
             notification_url=notification_url, event_name=event_name, client_state=client_state
         ).to_wire()
-        return self._parse(
-            "POST", "/webhook", self._call("POST", "/webhook", json=body), Subscription
-        )
+        response = self._call("POST", "/webhook", json=body)
+        if not response.content.strip():
+            return None
+        return self._parse("POST", "/webhook", response, Subscription)
 
     def list_subscriptions(self) -> list[Subscription]:
-        """This company's webhook subscriptions (``GET /webhooks``)."""
-        return list(self._paged("/webhooks", {}, Subscription))
+        """This company's webhook subscriptions: ``GET /webhooks``, or ``GET /webhook``.
+
+        The vendor's pages name both list paths; the other is tried when the first
+        answers 404, and the one that answered is used first from then on.
+
+        Raises:
+            VenueNotFound: neither path is served (or the company is not found).
+            VenueError: any other failure.
+        """
+        first, second = self._subscription_list_paths
+        try:
+            subscriptions = list(self._paged(first, {}, Subscription))
+        except VenueNotFound:
+            subscriptions = list(self._paged(second, {}, Subscription))
+            self._subscription_list_paths = (second, first)
+        return subscriptions
 
     def delete_subscription(self, subscription_id: str) -> None:
         """Remove a webhook subscription (``DELETE /webhook/{id}``).

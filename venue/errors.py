@@ -12,11 +12,16 @@ never the key) and carries the venue's ``code`` and ``message`` when its body ha
     ├── VenueForbidden           403: the key lacks a permission
     ├── VenueNotFound            404 ``resource_not_found``: no such order or subscription
     ├── VenueRejected            400 and any other 4xx: see ``may_be_transient`` and
-    │                            ``is_duplicate_reference``
+    │   │                        ``is_duplicate_reference``
+    │   └── VenueInvalidId       an order or partner id that is not a GUID (400 "Invalid
+    │                            order id" / "Invalid partnerId"), or refused before sending
     └── VenueProtocolError       a 2xx body that is not what the API documents
 """
 
 from __future__ import annotations
+
+import re
+from urllib.parse import unquote
 
 # Fragments of the venue's 400 messages that say "not a verdict on the order": the
 # documented mid-flight rejection and the shapes Business Central gives internal failures.
@@ -117,6 +122,77 @@ class VenueRejected(VenueError):
         return self.status == 400 and "already exists" in (self.message or "").lower()
 
 
+class VenueInvalidId(VenueRejected):
+    """An id in the path is not a GUID: the venue refuses it, with a 400 that names nothing.
+
+    ChannelMgrOrderAgent answers "Invalid order id" (getOrder, confirmOrder, replaceOrder,
+    deleteOrder) or "Invalid partnerId" (listOrdersByPartner) without saying which text it
+    read; this error names it. The client raises it before sending when it can tell, with
+    no ``status``. Never transient: the same id is refused every time.
+
+    Attributes:
+        kind: ``"order id"`` or ``"partnerId"``.
+        value: the text that is not a GUID.
+    """
+
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        *,
+        kind: str,
+        value: str,
+        status: int | None = None,
+        code: str | None = None,
+        message: str | None = None,
+    ) -> None:
+        self.kind = kind
+        self.value = value
+        super().__init__(
+            method,
+            path,
+            status=status,
+            code=code,
+            message=message,
+            reason=f"{kind} {value!r} is not a GUID",
+        )
+
+    @property
+    def may_be_transient(self) -> bool:
+        """Never: the id is wrong, not the moment."""
+        return False
+
+
+# The venue's messages for an id it cannot read as a GUID, and where that id sits in the
+# path (ChannelMgrApi routes: /channelManager/orders/:partnerId, /channelManager/:orderId).
+_INVALID_IDS = {
+    "invalid order id": ("order id", re.compile(r"^/channelManager/([^/]*)")),
+    "invalid partnerid": ("partnerId", re.compile(r"^/channelManager/orders/([^/]*)")),
+}
+
+
+def invalid_id_error(
+    method: str,
+    path: str,
+    *,
+    status: int | None,
+    code: str | None,
+    message: str | None,
+) -> VenueInvalidId | None:
+    """The :class:`VenueInvalidId` a 400 stands for, naming the id from ``path``; or ``None``."""
+    if status != 400 or message is None:
+        return None
+    known = _INVALID_IDS.get(message.strip().rstrip(".").lower())
+    if known is None:
+        return None
+    kind, where = known
+    found = where.match(path)
+    value = unquote(found.group(1)) if found else ""
+    return VenueInvalidId(
+        method, path, kind=kind, value=value, status=status, code=code, message=message
+    )
+
+
 class VenueProtocolError(VenueError):
     """The venue answered with a body the API does not document (bad JSON, wrong shape)."""
 
@@ -138,6 +214,9 @@ def error_for_status(
         503: VenueUnavailable,
         504: VenueUnavailable,
     }
+    invalid_id = invalid_id_error(method, path, status=status, code=code, message=message)
+    if invalid_id is not None:
+        return invalid_id
     kind = kinds.get(status)
     if kind is None:
         kind = VenueRejected if 400 <= status < 500 else VenueError

@@ -106,6 +106,35 @@ IN_FLIGHT_STATUSES = frozenset(
 )
 
 
+_GUID_FORMS = (
+    re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}"),
+    re.compile(r"[0-9A-Fa-f]{32}"),
+)
+
+
+def parse_guid(text: str) -> str | None:
+    """``text`` as the venue writes a GUID (lowercase, hyphens, no braces), or ``None``.
+
+    The venue reads ids from the path with Business Central's ``Evaluate`` into a Guid
+    (ChannelMgrOrderAgent TryGetOrderIdFromPath, ListOrdersByPartner), a .NET GUID parse:
+    the hyphenated form, bare or in braces or parentheses, or 32 hex digits, in any
+    case, surrounding blanks ignored. Anything else it refuses with a 400 ("Invalid
+    order id", "Invalid partnerId").
+    """
+    value = text.strip()
+    if len(value) == 38 and (value[0], value[-1]) in (("{", "}"), ("(", ")")):
+        value = value[1:-1]
+    if not any(form.fullmatch(value) for form in _GUID_FORMS):
+        return None
+    digits = value.replace("-", "").lower()
+    return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
+
+
+def guid_caption(guid: str) -> str:
+    """A GUID as Business Central's ``Format`` writes it into messages: braces, upper case."""
+    return "{" + guid.upper() + "}"
+
+
 def normalize_reference(reference: str) -> str:
     """The venue's form of a reference code: trimmed and upper-cased.
 

@@ -346,19 +346,21 @@ def test_an_order_the_mirror_cannot_hold_as_listed_does_not_stop_the_feed(
 
 
 def test_a_venue_error_on_one_partner_does_not_stop_the_others(stack: HeartbeatStack) -> None:
-    """A partner the venue refuses is logged and counted; the next partner is still read."""
+    """A partner the venue refuses (an id that is not a GUID: 400 "Invalid partnerId",
+    ChannelMgrOrderAgent ListOrdersByPartner) is logged and counted; the next partner is
+    still read."""
     order_id = stack.create("GOOD-PARTNER")
     stack.tick()
 
     report = run_feed(
         stack.sessions,
         stack.clients,
-        {stack.connection_id: ["00000000-dead-4bad-8bad-000000000000", stack.partner_id]},
+        {stack.connection_id: ["not-a-partner-guid", stack.partner_id]},
         now=stack.now(),
         overlap=10,
     )
 
     assert (report.partners, report.errors, report.queued) == (2, 1, 1)
-    assert stack.cursor("00000000-dead-4bad-8bad-000000000000") is None
+    assert stack.cursor("not-a-partner-guid") is None
     stack.drain()
     stack.assert_mirrored([order_id])

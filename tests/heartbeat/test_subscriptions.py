@@ -138,15 +138,22 @@ def test_a_subscription_with_a_state_we_refuse_is_replaced(
     assert made["id"] != foreign.id and made["clientState"] == FIRST
 
 
-def test_an_inactive_subscription_is_replaced(tmp_path: Path) -> None:
-    """A venue that reports a subscription inactive gets a new one, and the old is deleted."""
+INACTIVE_STATES = [
+    {"subscriptionState": "Inactive"},
+    {"subscriptionState": "disabled"},
+    {"SubscriptionState": "Deleted"},
+    {"state": "Suspended"},
+    {"status": "Inactive"},
+    {"isActive": False},
+]
+
+
+@pytest.mark.parametrize("state", INACTIVE_STATES, ids=lambda state: str(state))
+def test_an_inactive_subscription_is_replaced(tmp_path: Path, state: dict[str, Any]) -> None:
+    """A venue that lists a subscription as not active (Business Central's
+    ``subscriptionState``, or a like field) gets a new one, and the old is deleted."""
     store: dict[str, dict[str, Any]] = {
-        "old": {
-            "id": "old",
-            "notificationUrl": URL,
-            "eventName": ORDER_PROCESSED_EVENT,
-            "status": "Inactive",
-        }
+        "old": {"id": "old", "notificationUrl": URL, "eventName": ORDER_PROCESSED_EVENT, **state}
     }
 
     def venue_api(request: httpx.Request) -> httpx.Response:
@@ -155,7 +162,7 @@ def test_an_inactive_subscription_is_replaced(tmp_path: Path) -> None:
             return httpx.Response(200, json={"value": list(store.values())})
         if request.method == "POST" and path[-1] == "webhook":
             body = json.loads(request.content)
-            store["new"] = {"id": "new", **body, "status": "Active"}
+            store["new"] = {"id": "new", **body, "subscriptionState": "Active"}
             return httpx.Response(201, json=store["new"])
         if request.method == "DELETE" and path[-2] == "webhook":
             return httpx.Response(200, json=store.pop(path[-1]))
@@ -170,6 +177,96 @@ def test_an_inactive_subscription_is_replaced(tmp_path: Path) -> None:
         assert list(store) == ["new"] and store["new"]["clientState"] == FIRST
         again = subscribe(connection, client, url=URL, secrets_dir=tmp_path)
     assert (again.created, again.subscription_id) == (False, "new")
+
+
+@pytest.mark.parametrize(
+    "state",
+    [{"subscriptionState": "Active"}, {"subscriptionState": "ACTIVE"}, {"isActive": True}, {}],
+    ids=lambda state: str(state),
+)
+def test_an_active_or_stateless_subscription_is_kept(tmp_path: Path, state: dict[str, Any]) -> None:
+    """Active in any case, or with no state field at all, a subscription is ours to keep."""
+    listed_ = {"id": "ours", "notificationUrl": URL, "eventName": ORDER_PROCESSED_EVENT, **state}
+    seen: list[str] = []
+
+    def venue_api(request: httpx.Request) -> httpx.Response:
+        seen.append(request.method)
+        return httpx.Response(200, json={"value": [listed_]})
+
+    connection = VenueConnection(
+        tenant="t", company="c", api_key=SecretStr("k"), webhook_client_states=[SecretStr(FIRST)]
+    )
+    with open_client(connection, transport=httpx.MockTransport(venue_api)) as client:
+        result = subscribe(connection, client, url=URL, secrets_dir=tmp_path)
+    assert (result.created, result.subscription_id, seen) == (False, "ours", ["GET"])
+
+
+@pytest.mark.parametrize("sandbox_changes", [{"webhook_create_empty_body": True}])
+def test_a_create_answered_with_an_empty_body_is_found_by_listing(
+    sandbox: SandboxServer, tmp_path: Path
+) -> None:
+    """201 with no body: the new subscription is found by listing and reported as made;
+    the next check finds it (Business Central's external event subscriptions)."""
+    connection = venue_connection(sandbox, FIRST)
+    with open_client(connection) as client:
+        client.create_subscription("https://other.example/hook", "other-state-1")
+        result = subscribe(connection, client, url=URL, secrets_dir=tmp_path)
+        again = subscribe(connection, client, url=URL, secrets_dir=tmp_path)
+    (made,) = [s for s in sandbox.runtime.store.subscriptions() if s.notification_url == URL]
+    assert (result.created, result.subscription_id) == (True, made.id)
+    assert (again.created, again.subscription_id) == (False, made.id)
+
+
+@pytest.mark.parametrize("sandbox_changes", [{"webhook_create_empty_body": True}])
+def test_subscribe_command_with_an_empty_create_answer(
+    sandbox: SandboxServer, tmp_path: Path
+) -> None:
+    """`otacm subscribe` reports success, naming the subscription it found by listing."""
+    code, output = otacm(["subscribe", "--url", URL], command_env(sandbox, tmp_path))
+    assert code == 0, output
+    (made,) = sandbox.runtime.store.subscriptions()
+    assert f"subscription {made.id} for {URL} created at connection default" in output
+
+
+@pytest.mark.parametrize(
+    "sandbox_changes", [{"webhook_list_paths": "webhook"}, {"webhook_list_paths": "webhooks"}]
+)
+def test_the_check_works_with_either_list_path(sandbox: SandboxServer, tmp_path: Path) -> None:
+    """Whether the venue lists at /webhooks or only at /webhook, the check creates once
+    and then finds the subscription (``spec/WEBHOOKS.md``: try the other on 404)."""
+    connection = venue_connection(sandbox, FIRST)
+    with open_client(connection) as client:
+        reports = [
+            check_subscriptions({1: connection}, {1: client}, url=URL, secrets_dir=tmp_path)
+            for _ in range(2)
+        ]
+    assert [r.as_dict() for r in reports] == [
+        {"checked": 1, "present": 0, "created": 1, "errors": 0},
+        {"checked": 1, "present": 1, "created": 0, "errors": 0},
+    ]
+    assert len(sandbox.runtime.store.subscriptions()) == 1
+
+
+def test_a_subscription_the_venue_made_inactive_is_recreated(
+    sandbox: SandboxServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Listed with ``subscriptionState`` Inactive, the subscription counts as missing: the
+    check makes a new one, deletes the inactive one and says so."""
+    connection = venue_connection(sandbox, FIRST)
+    with open_client(connection) as client:
+        first = subscribe(connection, client, url=URL, secrets_dir=tmp_path)
+        admin = httpx.post(
+            f"{sandbox.url}/_sandbox/webhooks/{first.subscription_id}/state",
+            json={"subscriptionState": "Inactive"},
+        )
+        assert admin.status_code == 200, admin.text
+        caplog.set_level(logging.WARNING)
+        report = check_subscriptions({1: connection}, {1: client}, url=URL, secrets_dir=tmp_path)
+    assert report.as_dict() == {"checked": 1, "present": 0, "created": 1, "errors": 0}
+    (made,) = sandbox.runtime.store.subscriptions()
+    assert made.id != first.subscription_id and made.client_state == FIRST
+    assert (made.model_extra or {})["subscriptionState"] == "Active"
+    assert f"subscription for {URL} unusable at connection default" in caplog.text
 
 
 def test_failures_are_counted_per_connection(

@@ -8,11 +8,13 @@ import pytest
 from pydantic import SecretStr
 
 from otacm.settings import (
+    COMPANY_PATH_FORMS,
     DEFAULT_DATABASE_URL,
     Settings,
     SettingsError,
     VenueConnection,
     add_client_state,
+    company_name,
     encode_company,
     mask_database_url,
     read_client_states,
@@ -26,7 +28,10 @@ def single_venue_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OTACM_TENANT", "01234567-89ab-cdef-0123-456789abcdef")
     monkeypatch.setenv("OTACM_COMPANY", "CRONUS International Ltd.")
     monkeypatch.setenv("OTACM_API_KEY", KEY)
-    monkeypatch.setenv("OTACM_PARTNER_IDS", "21E8C1D2-3F4A-4C5B-9E6D-7F8A9B0C1D2E, {abc}")
+    monkeypatch.setenv(
+        "OTACM_PARTNER_IDS",
+        "21E8C1D2-3F4A-4C5B-9E6D-7F8A9B0C1D2E, {5b7c9d1e-2f3a-4b5c-8d6e-7f8091a2b3c4}",
+    )
     monkeypatch.setenv("OTACM_WEBHOOK_CLIENT_STATES", "state-one,state-two")
 
 
@@ -47,7 +52,10 @@ def test_single_venue_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = Settings.load()
     (venue,) = settings.connections
     assert venue.name == "default"
-    assert venue.partner_ids == ["21e8c1d2-3f4a-4c5b-9e6d-7f8a9b0c1d2e", "abc"]
+    assert venue.partner_ids == [
+        "21e8c1d2-3f4a-4c5b-9e6d-7f8a9b0c1d2e",
+        "5b7c9d1e-2f3a-4b5c-8d6e-7f8091a2b3c4",
+    ]
     assert [s.get_secret_value() for s in venue.webhook_client_states] == [
         "state-one",
         "state-two",
@@ -85,7 +93,7 @@ name = "castle"
 tenant = "t1"
 company = "Castle Ltd."
 api_key = "castle-key-123"
-partner_ids = ["p1"]
+partner_ids = ["11111111-1111-4111-8111-111111111111"]
 webhook_client_states = ["c1"]
 
 [[connections]]
@@ -94,7 +102,7 @@ tenant = "t2"
 environment = "sandbox"
 company = "Zoo A/S"
 api_key = "zoo-key-456"
-partner_ids = "p2,p3"
+partner_ids = "22222222-2222-4222-8222-222222222222,{33333333-3333-4333-8333-333333333333}"
 """
     )
     single_venue_env(monkeypatch)
@@ -102,7 +110,10 @@ partner_ids = "p2,p3"
     monkeypatch.setenv("OTACM_POLL_INTERVAL", "25")
     settings = Settings.load(config)
     assert [c.name for c in settings.connections] == ["castle", "zoo", "museum"]
-    assert settings.connection("zoo").partner_ids == ["p2", "p3"]
+    assert settings.connection("zoo").partner_ids == [
+        "22222222-2222-4222-8222-222222222222",
+        "33333333-3333-4333-8333-333333333333",
+    ]
     assert settings.database_url == "sqlite:///from-file.sqlite3"
     assert settings.poll_interval == 25.0, "the environment wins over the file"
 
@@ -139,12 +150,60 @@ def test_unknown_connection_is_named() -> None:
         "CRONUS International Ltd.",
         "CRONUS%20International%20Ltd.",
         "CRONUS%2520International%2520Ltd.",
+        "CRONUS+International+Ltd.",
     ],
 )
-def test_company_is_encoded_exactly_once(company: str) -> None:
-    """Raw, once- and twice-encoded company names all give the same single-encoded path."""
-    venue = VenueConnection(tenant="t", environment="production", company=company, api_key=KEY)
-    assert venue.base_url == ("https://api.npretail.app/t/production/CRONUS%20International%20Ltd.")
+def test_company_is_read_in_any_form_and_written_in_the_chosen_one(company: str) -> None:
+    """Raw, once- or twice-percent-encoded or form-encoded (+), the company is the same
+    name, written in the path as company_path_form says: %20 by default, %2520 or +."""
+    written = {}
+    for form in COMPANY_PATH_FORMS:
+        venue = VenueConnection(
+            tenant="t",
+            environment="production",
+            company=company,
+            company_path_form=form,
+            api_key=KEY,
+        )
+        written[form] = venue.base_url.removeprefix("https://api.npretail.app/t/production/")
+    assert written == {
+        "percent": "CRONUS%20International%20Ltd.",
+        "double": "CRONUS%2520International%2520Ltd.",
+        "plus": "CRONUS+International+Ltd.",
+    }
+    assert company_name(company) == "CRONUS International Ltd."
+
+
+def test_a_plus_is_a_space_only_where_no_space_is() -> None:
+    """A form encoder writes no space, so '+' is a space only in a text without one; a
+    literal '+' is kept beside a space, or written %2B."""
+    assert company_name("A+B Ltd") == "A+B Ltd"
+    assert company_name("A%2BB+Ltd") == "A+B Ltd"
+    assert encode_company("A+B Ltd", "plus") == "A%2BB+Ltd"
+    assert encode_company("A+B Ltd", "double") == "A%252BB%2520Ltd"
+
+
+def test_company_path_form_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """OTACM_COMPANY_PATH_FORM sets the single venue's form; another value is refused,
+    naming the setting."""
+    single_venue_env(monkeypatch)
+    monkeypatch.setenv("OTACM_COMPANY_PATH_FORM", "double")
+    (venue,) = Settings.load().connections
+    assert venue.base_url.endswith("/CRONUS%2520International%2520Ltd.")
+    assert venue.masked()["company_path_form"] == "double"
+    monkeypatch.setenv("OTACM_COMPANY_PATH_FORM", "spaces")
+    with pytest.raises(SettingsError, match="company_path_form"):
+        Settings.load()
+
+
+def test_partner_ids_must_be_guids(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A partner id that is not a GUID is refused when the settings load, naming it: the
+    venue would answer every list with 400 "Invalid partnerId" (ChannelMgrOrderAgent
+    ListOrdersByPartner)."""
+    single_venue_env(monkeypatch)
+    monkeypatch.setenv("OTACM_PARTNER_IDS", "21e8c1d2-3f4a-4c5b-9e6d-7f8a9b0c1d2e,partner-one")
+    with pytest.raises(SettingsError, match="partner id 'partner-one' is not a GUID"):
+        Settings.load()
 
 
 def test_company_with_slash_and_percent_stays_one_segment() -> None:

@@ -587,16 +587,6 @@ def test_unknown_address_is_404(venue: Venue, address: str) -> None:
     assert response.json()["code"] == "resource_not_found"
 
 
-@pytest.mark.parametrize(
-    "company", ["CRONUS%20International%20Ltd.", "CRONUS%2520International%2520Ltd."]
-)
-def test_company_is_compared_after_decoding(venue: Venue, company: str) -> None:
-    """The company works encoded once (%20) and twice (%2520), as the seeds show it."""
-    url = f"{venue.server.url}/{venue.server.config.tenant}/sandbox/{company}/channelManager"
-    response = httpx.post(url, json=order_body(), headers={"x-np-api-key": venue.server.api_key})
-    assert response.status_code == 201
-
-
 @pytest.mark.parametrize("quantity", [_GONE, None], ids=["absent", "null"])
 def test_quantity_absent_or_null_is_one(venue: Venue, quantity: Any) -> None:
     """ChannelMgrOrderAgent TryParseItem: quantity is optional; absent or null is 1."""

@@ -29,6 +29,7 @@ from venue.errors import (
     VenueAuthError,
     VenueError,
     VenueForbidden,
+    VenueInvalidId,
     VenueNotFound,
     VenueProtocolError,
     VenueRateLimited,
@@ -215,13 +216,76 @@ def test_get_order(make_client: MakeClient) -> None:
     assert order.order_id == ORDER_ID
 
 
-def test_ids_are_encoded_as_one_path_segment(make_client: MakeClient) -> None:
-    """An id containing '/' or '?' cannot reach another path or add a query."""
+def test_an_id_that_is_not_a_guid_is_refused_before_sending(make_client: MakeClient) -> None:
+    """An order or partner id that is not a GUID would get 400 "Invalid order id" /
+    "Invalid partnerId" (ChannelMgrOrderAgent TryGetOrderIdFromPath, ListOrdersByPartner):
+    nothing is sent, and the error names the id ('/' or '?' cannot reach another path)."""
     venue = Venue(reply(200, ORDER))
+    client = make_client(venue)
+    calls: list[Callable[[], object]] = [
+        lambda: client.get_order("a/b?c"),
+        lambda: client.confirm_order("a/b?c", "PAY"),
+        lambda: client.replace_order("a/b?c", REQUEST),
+        lambda: client.delete_order("a/b?c"),
+    ]
+    for call in calls:
+        with pytest.raises(VenueInvalidId) as caught:
+            call()
+        assert (caught.value.kind, caught.value.value, caught.value.status) == (
+            "order id",
+            "a/b?c",
+            None,
+        )
+        assert "order id 'a/b?c' is not a GUID" in str(caught.value)
+        assert not caught.value.may_be_transient
+    with pytest.raises(VenueInvalidId, match="partnerId 'partner-1' is not a GUID"):
+        client.list_orders("partner-1")
+    with pytest.raises(VenueInvalidId, match="partnerId 'partner-1' is not a GUID"):
+        list(client.change_feed("partner-1", None))
+    assert venue.requests == []
 
-    make_client(venue).get_order("a/b?c")
 
-    assert venue.last.url.raw_path == f"{BASE_PATH}/channelManager/a%2Fb%3Fc".encode()
+def test_ids_are_sent_as_the_venue_writes_them(make_client: MakeClient) -> None:
+    """A GUID in braces or upper case is sent lowercase without braces, the form the venue
+    writes (ChannelMgrOrderAgent BuildOrderResponseJson ``Format(..., 0, 4).ToLower()``)."""
+    venue = Venue(reply(200, ORDER), reply(200, []))
+    client = make_client(venue)
+
+    client.get_order("{" + ORDER_ID.upper() + "}")
+    list(client.list_orders(PARTNER.upper().replace("-", "")))
+
+    assert venue.requests[0].url.raw_path == f"{BASE_PATH}/channelManager/{ORDER_ID}".encode()
+    assert venue.requests[1].url.raw_path.startswith(
+        f"{BASE_PATH}/channelManager/orders/{PARTNER}".encode()
+    )
+
+
+@pytest.mark.parametrize(
+    ("message", "path", "kind"),
+    [
+        ("Invalid order id", f"/channelManager/{ORDER_ID}", "order id"),
+        ("Invalid partnerId", f"/channelManager/orders/{PARTNER}", "partnerId"),
+    ],
+)
+def test_the_venues_invalid_id_answer_names_the_id(
+    make_client: MakeClient, message: str, path: str, kind: str
+) -> None:
+    """Should the venue still answer 400 "Invalid order id" / "Invalid partnerId", the
+    error says which id it refused, and is not transient (ChannelMgrOrderAgent
+    TryGetOrderIdFromPath, ListOrdersByPartner)."""
+    venue = Venue(error(400, "generic_error", message))
+    client = make_client(venue)
+    with pytest.raises(VenueInvalidId) as caught:
+        if kind == "order id":
+            client.get_order(ORDER_ID)
+        else:
+            list(client.list_orders(PARTNER))
+    value = ORDER_ID if kind == "order id" else PARTNER
+    assert (caught.value.kind, caught.value.value, caught.value.status) == (kind, value, 400)
+    assert f"{path}: HTTP 400: generic_error: {message}: {kind} '{value}' is not a GUID" in str(
+        caught.value
+    )
+    assert isinstance(caught.value, VenueRejected) and not caught.value.may_be_transient
 
 
 def test_confirm_order(make_client: MakeClient) -> None:
@@ -418,7 +482,40 @@ def test_create_subscription(make_client: MakeClient) -> None:
         "eventName": "ota_cm_order_processed",
         "clientState": "state-123",
     }
-    assert subscription.id == "sub-1"
+    assert subscription is not None and subscription.id == "sub-1"
+
+
+@pytest.mark.parametrize("body", [b"", b"  \n"])
+def test_create_subscription_with_an_empty_answer_returns_none(
+    make_client: MakeClient, body: bytes
+) -> None:
+    """201 with no body (Business Central's external event subscriptions may answer so)
+    is None, not a protocol error: the caller finds the subscription by listing."""
+    venue = Venue(reply(201, body))
+    assert make_client(venue).create_subscription("https://ota.example/hook", "s") is None
+
+
+def test_list_subscriptions_falls_back_to_webhook_and_remembers(make_client: MakeClient) -> None:
+    """GET /webhooks answered 404: GET /webhook is tried, and asked first from then on
+    (the vendor's pages name both; ``spec/WEBHOOKS.md``)."""
+    not_found = error(404, "resource_not_found", "API endpoint not found")
+    listed = reply(200, {"value": [{"id": "s1"}]})
+    venue = Venue(not_found, listed, listed, listed)
+    client = make_client(venue)
+
+    assert [s.id for s in client.list_subscriptions()] == ["s1"]
+    assert [s.id for s in client.list_subscriptions()] == ["s1"]
+
+    paths = [r.url.raw_path.decode().removeprefix(BASE_PATH) for r in venue.requests]
+    assert paths == ["/webhooks", "/webhook", "/webhook"]
+
+
+def test_list_subscriptions_when_neither_path_answers(make_client: MakeClient) -> None:
+    """Both list paths 404: the second answer is the error."""
+    venue = Venue(error(404, "resource_not_found", "API endpoint not found"))
+    with pytest.raises(VenueNotFound, match="GET /webhook: HTTP 404"):
+        make_client(venue).list_subscriptions()
+    assert len(venue.requests) == 2
 
 
 @pytest.mark.parametrize(

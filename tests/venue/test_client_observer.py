@@ -52,7 +52,7 @@ def test_every_attempt_is_observed_with_its_status() -> None:
         ) as client,
         pytest.raises(VenueNotFound),
     ):
-        client.get_order("9c6b2f4e")
+        client.get_order("9c6b2f4e-2b71-4d23-9d6a-a3b4c5d6e7f8")
     assert [(endpoint, status) for endpoint, status, _ in seen] == [
         ("getOrder", 503),
         ("getOrder", 404),
