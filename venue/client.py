@@ -45,6 +45,7 @@ from venue.models import (
     Page,
     Subscription,
     SubscriptionRequest,
+    describe_validation_problem,
     normalize_reference,
     parse_page,
 )
@@ -268,7 +269,8 @@ class VenueClient:
         if page_size is not None:
             params["pageSize"] = str(page_size)
         path = f"/channelManager/orders/{_segment(partner_id)}"
-        return self._paged(path, params, OrderSummary)
+        pages = self._pages(path, params, OrderSummary, skip_unreadable=True)
+        return (summary for page in pages for summary in page.data)
 
     def change_feed(
         self,
@@ -296,7 +298,9 @@ class VenueClient:
     ) -> Iterator[Page[OrderSummary]]:
         """:meth:`change_feed` a page at a time: one venue call per page yielded.
 
-        For callers that commit their progress page by page (the heartbeat's feed).
+        For callers that commit their progress page by page (the heartbeat's feed). A
+        row that does not parse never fails its page: it is logged (ids only) and left
+        in the page's ``unreadable``, with its orderId and rowVersion when they read.
 
         Raises:
             VenueError: a page could not be fetched.
@@ -307,7 +311,7 @@ class VenueClient:
         if page_size is not None:
             params["pageSize"] = str(page_size)
         path = f"/channelManager/orders/{_segment(partner_id)}"
-        return self._pages(path, params, OrderSummary)
+        return self._pages(path, params, OrderSummary, skip_unreadable=True)
 
     def find_by_reference(self, partner_id: str, reference: str) -> list[OrderSummary]:
         """The partner's orders with this ``sellToOrderReference`` (compared case-blind).
@@ -369,18 +373,37 @@ class VenueClient:
             yield from page.data
 
     def _pages(
-        self, path: str, params: dict[str, str], item_type: type[ModelT]
+        self,
+        path: str,
+        params: dict[str, str],
+        item_type: type[ModelT],
+        *,
+        skip_unreadable: bool = False,
     ) -> Iterator[Page[ModelT]]:
         """Every page of a cursor-paged list, each next request built from ``nextPageKey``.
 
         ``nextPageURL`` is never followed: the venue re-appends query values to it
-        without encoding them.
+        without encoding them. With ``skip_unreadable``, a row that does not parse is
+        logged (its ids and the fields at fault, never its values) and kept in the
+        page's ``unreadable``; otherwise it fails the page.
         """
         seen_keys: set[str] = set()
         page_params = dict(params)
         while True:
             response = self._call("GET", path, params=page_params)
-            page: Page[ModelT] = self._parse_list(path, response, item_type)
+            page: Page[ModelT] = self._parse_list(
+                path, response, item_type, skip_unreadable=skip_unreadable
+            )
+            for row in page.unreadable:
+                logger.warning(
+                    "venue GET %s: row %d does not read (orderId %s, id %s, rowVersion %s): %s",
+                    path,
+                    row.index,
+                    row.order_id or "-",
+                    row.record_id or "-",
+                    "-" if row.row_version is None else row.row_version,
+                    row.problem,
+                )
             yield page
             key = page.next_page_key
             if not page.more_pages or not key:
@@ -496,13 +519,25 @@ class VenueClient:
         return parsed
 
     @staticmethod
-    def _parse_list(path: str, response: httpx.Response, model: type[ModelT]) -> Page[ModelT]:
-        """A list body (page envelope, ``{"value": [...]}`` or bare array) of ``model``."""
+    def _parse_list(
+        path: str, response: httpx.Response, model: type[ModelT], *, skip_unreadable: bool
+    ) -> Page[ModelT]:
+        """A list body (page envelope, ``{"value": [...]}`` or bare array) of ``model``.
+
+        With ``skip_unreadable``, a row with text the mirror cannot store is unreadable
+        like one that does not parse, rather than failing the whole page.
+        """
+        row_check = None
+        if skip_unreadable and _NUL_ESCAPE in response.content:
+            row_check = _unstorable_row_problem
         try:
-            page = parse_page(response.content, model)
+            page = parse_page(
+                response.content, model, skip_unreadable=skip_unreadable, row_check=row_check
+            )
         except ValueError as exc:  # bad JSON or a ValidationError
             raise _protocol_error("GET", path, response, model, exc) from exc
-        _refuse_unstorable_text("GET", path, response, model)
+        if not skip_unreadable:
+            _refuse_unstorable_text("GET", path, response, model)
         return page
 
 
@@ -510,14 +545,7 @@ def _protocol_error(
     method: str, path: str, response: httpx.Response, model: type[BaseModel], exc: ValueError
 ) -> VenueProtocolError:
     """Name what was wrong without echoing the body: input values may be personal."""
-    if isinstance(exc, ValidationError):
-        problems = [
-            f"{'.'.join(str(part) for part in error['loc']) or 'body'}: {error['msg']}"
-            for error in exc.errors(include_input=False, include_url=False)[:3]
-        ]
-        detail = "; ".join(problems)
-    else:
-        detail = "not JSON"
+    detail = describe_validation_problem(exc) if isinstance(exc, ValidationError) else "not JSON"
     return VenueProtocolError(
         method,
         path,
@@ -544,6 +572,12 @@ def _refuse_unstorable_text(
             status=response.status_code,
             reason=f"{model.__name__} body: {where or 'body'}: expected {UNSTORABLE_TEXT}",
         )
+
+
+def _unstorable_row_problem(row: Any) -> str | None:
+    """Where one list row holds text the mirror cannot store, or ``None``."""
+    where = unstorable_text_path(row)
+    return None if where is None else f"{where or 'row'}: expected {UNSTORABLE_TEXT}"
 
 
 @contextmanager
