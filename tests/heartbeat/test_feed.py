@@ -6,6 +6,7 @@ learns, the feed found (and the worker fetched).
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 
 import httpx
@@ -17,6 +18,9 @@ from storage.models import InboxSource
 from tests.heartbeat.conftest import HeartbeatStack, line
 from venue.client import open_client
 from venue.models import OrderStatus
+
+EVERYTHING = dt.timedelta(days=1)
+"""An overlap longer than any test's history: the pass re-reads the feed in full."""
 
 
 def test_the_feed_alone_mirrors_every_order_in_its_true_state(stack: HeartbeatStack) -> None:
@@ -62,7 +66,7 @@ def test_unknown_settled_orders_are_fetched_once_and_then_adopted(stack: Heartbe
     stack.tick()
 
     first, _ = stack.sync()
-    second = stack.feed(overlap=1000)
+    second = stack.feed(overlap=EVERYTHING)
 
     assert (first.queued, first.updated) == (3, 0)
     assert (second.queued, second.updated, second.adopted) == (0, 0, 3)
@@ -82,7 +86,7 @@ def test_rerunning_the_feed_changes_nothing(stack: HeartbeatStack) -> None:
     stack.sync()
     before, get_calls = stack.snapshot(), stack.calls("getOrder")
 
-    again = stack.feed(overlap=1000)
+    again = stack.feed(overlap=EVERYTHING)
 
     assert again.as_dict() == {
         **FeedReport().as_dict(),
@@ -281,7 +285,7 @@ def test_a_pass_killed_between_pages_keeps_the_pages_before(stack: HeartbeatStac
             connection_id=stack.connection_id,
             partner_id=stack.partner_id,
             now=stack.now(),
-            overlap=0,
+            overlap=dt.timedelta(0),
             page_size=2,
         )
 
@@ -355,7 +359,7 @@ def test_a_venue_error_on_one_partner_does_not_stop_the_others(stack: HeartbeatS
         stack.clients,
         {stack.connection_id: ["00000000-dead-4bad-8bad-000000000000", stack.partner_id]},
         now=stack.now(),
-        overlap=10,
+        overlap=dt.timedelta(minutes=10),
     )
 
     assert (report.partners, report.errors, report.queued) == (2, 1, 1)
