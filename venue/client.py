@@ -253,6 +253,8 @@ class VenueClient:
 
         Filters combine with AND; ``statuses`` are OR-ed; the ``received_*`` bounds are
         inclusive and must be timezone-aware. Pages are requested lazily while iterating.
+        A summary that does not read is logged (ids only) and left out, never failing
+        its page.
 
         Raises:
             VenueError: a page could not be fetched.
@@ -280,9 +282,10 @@ class VenueClient:
     ) -> Iterator[OrderSummary]:
         """The partner's orders created or changed after ``last_row_version``, oldest first.
 
-        ``None`` starts from the beginning. Rows deleted outright do not appear; a long
-        transaction can commit a lower row version late, so callers re-read with a small
-        overlap below their high-water mark and upsert.
+        ``None`` starts from the beginning. Rows deleted outright do not appear. The row
+        version is the venue's database-wide counter and a long transaction can commit
+        a lower one late, so callers re-read from their mark as it stood some minutes
+        ago and upsert (see :mod:`heartbeat.feed`).
 
         Raises:
             VenueError: a page could not be fetched.
