@@ -163,8 +163,10 @@ class Pipeline:
             if now - record.status_since > SCHEDULED_TIMEOUT:
                 self._move(record, OrderStatus.SUBMITTED)
                 report.rescheduled.append(record.order_id)
+        # A held change's order is locked by its open transaction: the sweeper waits.
+        held = self._store.held_ids()
         for record in self._store.with_status(OrderStatus.PROCESSING):
-            if now - record.status_since > PROCESSING_TIMEOUT:
+            if record.order_id not in held and now - record.status_since > PROCESSING_TIMEOUT:
                 self._move(
                     record,
                     OrderStatus.ERROR,

@@ -388,10 +388,10 @@ class OrderStore:
                 )
         return records
 
-    def held_count(self) -> int:
-        """How many changes are held, not yet committed."""
+    def held_ids(self) -> set[str]:
+        """The orders whose change is held, not yet committed (their rows are locked)."""
         with self._lock:
-            return int(self._db.execute("SELECT count(*) FROM held").fetchone()[0])
+            return {row[0] for row in self._db.execute("SELECT order_id FROM held")}
 
     def remove(self, order_id: str) -> None:
         """Delete the order's row outright: it vanishes from every list and feed."""

@@ -202,3 +202,17 @@ def test_legacy_sync_failure_is_an_error_response(make_venue: Callable[..., Venu
     (row,) = venue.api.get(LIST, params={"sellToOrderReference": "OLD-ERR"}).json()["data"]
     assert row["status"] == "Error"
     assert "visitDate" in row["statusMessage"]
+
+
+def test_the_sweeper_leaves_an_order_whose_commit_is_held(venue: Venue) -> None:
+    """A held change's order is locked by its open transaction (CMJobQueueRunner's
+    processing run): the stuck-order sweeper does not turn it Error under it, and the
+    commit lands as the run ended it."""
+    venue.faults(holdCommitSeconds=7200)
+    order_id = venue.create(order_body())["orderId"]
+    assert venue.tick()["held"] == [order_id]
+    venue.advance(3700)
+    assert venue.tick()["timedOut"] == []
+    assert venue.get(order_id)["status"] == "Processing"
+    venue.advance(3600)
+    assert venue.tick()["processed"] == [{"orderId": order_id, "status": "Issued"}]
