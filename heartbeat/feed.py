@@ -1,8 +1,8 @@
 """The change feed: each partner's listOrdersByPartner with ``sync=true&lastRowVersion``.
 
 :func:`run_feed` follows every configured partner's feed once; :func:`follow_feed` follows
-one. A pass reads from a little below the stored high-water mark
-(:class:`~storage.models.FeedCursor`) to the end, page by page, and compares each
+one. A pass reads from the high-water mark as it stood a configured time ago (the
+overlap, setting ``feed_overlap_minutes``) to the end, page by page, and compares each
 summary with the mirror (:class:`~storage.models.VenueOrder`):
 
 - an order in flight (Submitted, Scheduled, Processing) never costs a getOrder: an
@@ -25,9 +25,27 @@ feed next sees the settled summary. Keeping the in-flight summary's version inst
 would make every order whose webhook arrived look changed (its settled version is
 higher than its in-flight one) and cost a second getOrder.
 
+A summary that does not read (an unknown status, a malformed field) never fails its
+page: it is logged with its ids only, and queued for the worker when its orderId reads
+(the worker's getOrder then mirrors the order, or dead-letters it naming the field);
+one without a readable orderId is counted (``unreadable_unqueued``). Its rowVersion,
+when it reads, counts towards the cursor like any other.
+
 Each page is applied in one transaction that also moves the cursor up to the highest
 ``rowVersion`` read so far (never down), so a pass killed between pages loses nothing:
 the next one starts from the last committed page. Re-reads are idempotent.
+
+Why the overlap is a time: ``rowVersion`` is the venue's database row version
+(APIRequest ``GetRecords``: ``sync`` orders by the SystemRowVersion key,
+``lastRowVersion`` filters strictly above), one counter for the whole database bumped by
+every write to any table. A transaction takes a version when it writes a row and makes
+it visible when it commits, so a long one can commit below a mark a reader has already
+passed; how far below depends on how much the whole database wrote meanwhile, not on
+this partner's orders. So every value the cursor reaches is recorded with its time
+(:class:`~storage.models.FeedMark`), and a pass re-reads from the mark as it stood the
+overlap ago: any change committed since then is above that mark. While the recorded
+history is younger than the overlap (a new cursor, or one just lowered by a restore),
+the mark as it stood then is "nothing", and the pass reads the feed in full.
 
 The venue restored from a backup makes ``rowVersion`` go backwards. A pass notices when
 not even the row at the high-water mark comes back (at least that row is always re-read)
@@ -53,10 +71,17 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from receiver.inbox import Lookup, queue_lookups
-from storage.models import ChangeSource, ColumnOverflow, FeedCursor, StatusChange, VenueOrder
+from storage.models import (
+    ChangeSource,
+    ColumnOverflow,
+    FeedCursor,
+    FeedMark,
+    StatusChange,
+    VenueOrder,
+)
 from venue.client import VenueClient
 from venue.errors import VenueError
-from venue.models import OrderStatus, OrderSummary
+from venue.models import OrderStatus, OrderSummary, UnreadableRow
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +105,10 @@ class FeedReport:
         restarted: feeds re-read in full because the ``rowVersion`` went backwards.
         venue_calls: list pages requested, failed requests included.
         errors: partner feeds cut short by a venue error.
+        unreadable: summaries that did not read (each logged; queued when its orderId
+            reads).
+        unreadable_unqueued: of those, the ones without a readable orderId: logged and
+            counted only, nothing can fetch them.
     """
 
     partners: int = 0
@@ -90,6 +119,8 @@ class FeedReport:
     restarted: int = 0
     venue_calls: int = 0
     errors: int = 0
+    unreadable: int = 0
+    unreadable_unqueued: int = 0
 
     def add(self, other: FeedReport) -> None:
         """Add ``other``'s counts to this report's."""
@@ -107,7 +138,7 @@ def run_feed(
     partners: Mapping[int, Sequence[str]],
     *,
     now: dt.datetime,
-    overlap: int,
+    overlap: dt.timedelta,
     page_size: int | None = None,
 ) -> FeedReport:
     """Follow the change feed of every partner of every connection, once.
@@ -120,7 +151,8 @@ def run_feed(
         clients: the venue client of each connection id; the caller owns them.
         partners: the partner ids to follow, by connection id.
         now: when the pass runs (aware): the time of status changes and lookups.
-        overlap: row versions re-read below each high-water mark (setting ``feed_overlap``).
+        overlap: how long ago the mark stood that each pass re-reads from (setting
+            ``feed_overlap_minutes``).
         page_size: summaries per page; the venue's default (20000) when omitted.
 
     Returns:
@@ -158,7 +190,7 @@ def follow_feed(
     connection_id: int,
     partner_id: str,
     now: dt.datetime,
-    overlap: int,
+    overlap: dt.timedelta,
     page_size: int | None = None,
 ) -> FeedReport:
     """Read one partner's change feed to its end and bring the mirror up to it.
@@ -172,8 +204,9 @@ def follow_feed(
         connection_id: the venue connection.
         partner_id: the partner whose feed to read.
         now: when the pass runs (aware).
-        overlap: row versions re-read below the high-water mark; at least the row at
-            the mark itself is always re-read (that is how a restore is noticed).
+        overlap: the pass re-reads from the high-water mark as it stood this long
+            before ``now``; at least the row at the mark itself is always re-read (that
+            is how a restore is noticed).
         page_size: summaries per page; the venue's default when omitted.
 
     Returns:
@@ -185,11 +218,12 @@ def follow_feed(
     report = FeedReport(partners=1)
     feed = _Feed(sessions, client, connection_id, partner_id, now, page_size, report)
     try:
-        cursor = feed.cursor()
+        cursor, mark_then = feed.marks(now - overlap)
         if cursor is None:
             feed.read(None)
         else:
-            highest = feed.read(max(cursor - max(overlap, 1), 0))
+            start = None if mark_then is None else max(min(mark_then, cursor - 1), 0)
+            highest = feed.read(start)
             if cursor > 0 and (highest is None or highest < cursor):
                 feed.verify(cursor)
     except VenueError as exc:
@@ -227,15 +261,39 @@ class _Feed:
         self.page_size = page_size
         self.report = report
 
-    def cursor(self) -> int | None:
-        """The stored high-water mark, or ``None`` before the first row was read."""
+    def marks(self, then: dt.datetime) -> tuple[int | None, int | None]:
+        """The high-water mark now, and as it stood at ``then``; prunes older history.
+
+        Returns:
+            The stored high-water mark (``None`` before the first row was read), and the
+            highest mark recorded at or before ``then`` (``None`` when the history
+            recorded is all younger).
+        """
+        mine = (FeedMark.connection_id == self.connection_id) & (
+            FeedMark.partner_id == self.partner_id
+        )
         with self.sessions.begin() as session:
-            return session.scalar(
+            cursor = session.scalar(
                 sa.select(FeedCursor.last_row_version).where(
                     FeedCursor.connection_id == self.connection_id,
                     FeedCursor.partner_id == self.partner_id,
                 )
             )
+            anchor = session.execute(
+                sa.select(FeedMark.row_version, FeedMark.recorded_at)
+                .where(mine, FeedMark.recorded_at <= then)
+                .order_by(FeedMark.row_version.desc())
+                .limit(1)
+            ).first()
+            if anchor is None:
+                return cursor, None
+            # Marks recorded before the one standing at ``then`` will never be asked for.
+            session.execute(
+                sa.delete(FeedMark)
+                .where(mine, FeedMark.row_version < anchor.row_version)
+                .execution_options(synchronize_session=False)
+            )
+            return cursor, anchor.row_version
 
     def read(self, after: int | None, *, listing: bool = False) -> int | None:
         """Apply the feed after row version ``after`` (``None``: all), page by page.
@@ -251,17 +309,55 @@ class _Feed:
         highest: int | None = None
         for page in self.client.change_feed_pages(self.partner_id, after, self.page_size):
             self.report.venue_calls += 1
-            self.report.listed += len(page.data)
+            self.report.listed += len(page.data) + len(page.unreadable)
+            # An unreadable row's version counts too: its order is queued for getOrder.
             versions = [s.row_version for s in page.data if s.row_version is not None]
+            versions += [r.row_version for r in page.unreadable if r.row_version is not None]
             if versions:
                 highest = max(versions if highest is None else [highest, *versions])
-            if not page.data:
+            if not page.data and not page.unreadable:
                 continue
             with self.sessions.begin() as session:
                 self.apply(session, page.data, listing=listing)
+                self.queue_unreadable(session, page.unreadable, listing=listing)
                 if highest is not None:
                     self.advance(session, highest)
         return highest
+
+    def queue_unreadable(
+        self, session: Session, rows: Sequence[UnreadableRow], *, listing: bool
+    ) -> None:
+        """Leave the orders of rows that did not read to the worker's getOrder.
+
+        The client has logged each row (ids and the fields at fault). A row without a
+        readable orderId cannot be fetched: it is logged here with the feed it came
+        from, and counted.
+        """
+        lookups = []
+        for row in rows:
+            self.report.unreadable += 1
+            if row.order_id is None:
+                self.report.unreadable_unqueued += 1
+                logger.warning(
+                    "change feed of partner %s (connection %d): a summary without a readable "
+                    "orderId (id %s, rowVersion %s) is skipped: %s",
+                    self.partner_id,
+                    self.connection_id,
+                    row.record_id or "-",
+                    "-" if row.row_version is None else row.row_version,
+                    row.problem,
+                )
+                continue
+            lookups.append(
+                Lookup(
+                    row.order_id,
+                    FEED_REASON,
+                    row_version=None if listing else row.row_version,
+                )
+            )
+        if lookups:
+            result = queue_lookups(session.connection(), self.connection_id, lookups, now=self.now)
+            self.report.queued += result.stored
 
     def verify(self, cursor: int) -> None:
         """Confirm with a full listing that the venue went back below ``cursor``; if so, restart.
@@ -285,6 +381,18 @@ class _Feed:
                 .values(last_row_version=restart_at, updated_at=self.now)
                 .execution_options(synchronize_session=False)
             )
+            if moved.rowcount:  # type: ignore[attr-defined]
+                # The history counted versions as they were before the restore: none of it
+                # says where the renumbered feed stood, so it starts again from here.
+                session.execute(
+                    sa.delete(FeedMark)
+                    .where(
+                        FeedMark.connection_id == self.connection_id,
+                        FeedMark.partner_id == self.partner_id,
+                    )
+                    .execution_options(synchronize_session=False)
+                )
+                self.record_mark(session, restart_at)
         if moved.rowcount:  # type: ignore[attr-defined]
             self.report.restarted += 1
             logger.warning(
@@ -297,8 +405,23 @@ class _Feed:
                 restart_at,
             )
 
+    def record_mark(self, session: Session, version: int) -> None:
+        """Record that the cursor reached ``version`` now (kept if it was reached before)."""
+        values = {
+            "connection_id": self.connection_id,
+            "partner_id": self.partner_id,
+            "row_version": version,
+            "recorded_at": self.now,
+        }
+        insert: postgresql.Insert | sqlite.Insert
+        if session.get_bind().dialect.name == "postgresql":
+            insert = postgresql.insert(FeedMark).values(values)
+        else:
+            insert = sqlite.insert(FeedMark).values(values)
+        session.execute(insert.on_conflict_do_nothing())
+
     def advance(self, session: Session, version: int) -> None:
-        """Raise the cursor to ``version``, creating it; never lower it."""
+        """Raise the cursor to ``version``, creating it; never lower it; record the mark."""
         values = {
             "connection_id": self.connection_id,
             "partner_id": self.partner_id,
@@ -310,7 +433,7 @@ class _Feed:
             insert = postgresql.insert(FeedCursor).values(values)
         else:
             insert = sqlite.insert(FeedCursor).values(values)
-        session.execute(
+        moved = session.execute(
             insert.on_conflict_do_update(
                 index_elements=["connection_id", "partner_id"],
                 set_={
@@ -320,6 +443,8 @@ class _Feed:
                 where=FeedCursor.last_row_version < insert.excluded.last_row_version,
             )
         )
+        if moved.rowcount:  # type: ignore[attr-defined]
+            self.record_mark(session, version)
 
     def apply(self, session: Session, summaries: Sequence[OrderSummary], *, listing: bool) -> None:
         """Compare one page's summaries with the mirror and write what differs.

@@ -241,7 +241,7 @@ def count_partner_orders(
             except VenueError as exc:
                 checks.append(Check(name, False, f"cannot list its orders: {exc}"))
                 continue
-            count = len(page.data)
+            count = len(page.data) + len(page.unreadable)
             facts = {"partnerId": partner, "orders": count, "atLeast": page.more_pages}
             if count == 0:
                 checks.append(

@@ -18,6 +18,7 @@ is accepted without editing the configuration.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import os
 import re
 import secrets
@@ -37,6 +38,11 @@ from venue.models import parse_guid
 DEFAULT_API_BASE_URL = "https://api.npretail.app"
 DEFAULT_DATABASE_URL = "sqlite:///var/otacm.sqlite3"
 MIN_POLL_INTERVAL = 10.0
+RETIRED_FEED_OVERLAP = (
+    "feed_overlap counted row versions and is no longer read: the change feed's overlap "
+    "is a time now; set feed_overlap_minutes (OTACM_FEED_OVERLAP_MINUTES, default 10) "
+    "and remove feed_overlap"
+)
 CLIENT_STATE_MAX_CHARS = 50
 """The venue keeps a subscription's ``clientState`` to at most this many characters."""
 CLIENT_STATES_SUFFIX = ".webhook-client-states"
@@ -256,10 +262,11 @@ class Settings(BaseSettings):
     inbox_max_attempts: int = Field(default=8, ge=1)
     worker_batch_size: int = Field(default=50, ge=1)
 
-    # The heartbeat (scheduler role). The change feed re-reads this many row versions
-    # below its high-water mark, because a long venue transaction can commit a lower
-    # row version late.
-    feed_overlap: int = Field(default=50, ge=0)
+    # The heartbeat (scheduler role). The change feed re-reads from its high-water mark
+    # as it stood this many minutes ago: a long venue transaction can commit a lower
+    # row version late, and the row version is one counter for the venue's whole
+    # database, so only time says how far back that can be.
+    feed_overlap_minutes: float = Field(default=10.0, ge=0)
     # An order in flight longer than this is looked up directly (getOrder), in case the
     # feed and the webhook both missed it; one in flight longer than stuck_after (the
     # venue's own limit for Processing) is reported as stuck.
@@ -345,6 +352,18 @@ class Settings(BaseSettings):
     def _webhook_url_is_absolute(cls, value: str | None) -> str | None:
         return None if value is None or not value.strip() else check_webhook_url(value)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_retired_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "feed_overlap" in data:
+            raise ValueError(RETIRED_FEED_OVERLAP)
+        return data
+
+    @property
+    def feed_overlap(self) -> dt.timedelta:
+        """The change feed's overlap (``feed_overlap_minutes``) as a duration."""
+        return dt.timedelta(minutes=self.feed_overlap_minutes)
+
     @model_validator(mode="after")
     def _fold_single_venue(self) -> Settings:
         single = (self.tenant, self.company, self.api_key)
@@ -397,6 +416,8 @@ class Settings(BaseSettings):
                 raise SettingsError(message) from exc
             except tomllib.TOMLDecodeError as exc:
                 raise SettingsError(f"config file {config_file} is not valid TOML: {exc}") from exc
+        if any(name.upper() == "OTACM_FEED_OVERLAP" for name in os.environ):
+            raise SettingsError(f"OTACM_FEED_OVERLAP: {RETIRED_FEED_OVERLAP}")
         try:
             from_env = cls()
             overrides = from_env.model_dump(exclude_unset=True, exclude={"connections"})

@@ -63,7 +63,6 @@ from venue.models import (
     ORDER_PROCESSED_EVENT,
     Order,
     OrderStatus,
-    OrderSummary,
     Subscription,
     SubscriptionRequest,
 )
@@ -262,15 +261,45 @@ def _order_json(order: Order) -> dict[str, Any]:
 
 
 def _summary_json(record: OrderRecord, replication: bool) -> dict[str, Any]:
-    summary = OrderSummary(
-        **record.order.model_dump(exclude={"items"}),
-        id=str(record.entry_no),
-        row_version=record.row_version if replication else None,
-    )
-    wire = summary.to_wire()
+    """One summary as the venue's generic formatter writes it.
+
+    ChannelMgrOrderAgent ``ListOrdersByPartner`` names the fields; APIRequest
+    ``GetRecords`` adds ``id`` (the SystemId) and, with ``sync``, ``rowVersion``;
+    ``AddFieldToJson`` writes each by its type: every field present, blank text and codes
+    as ``""``, GUIDs lowercase, the status enum by its caption (``Processing...``; the
+    single-order answers keep the plain name), date-times in XML format, the row version
+    as text.
+    """
+    order = record.order
+    wire: dict[str, Any] = {
+        "orderId": order.order_id,
+        "partnerId": order.partner_id,
+        "sellToOrderReference": order.sell_to_order_reference,
+        "buyFromOrderReference": order.buy_from_order_reference or "",
+        "sellToEmail": order.sell_to_email or "",
+        "sellToName": order.sell_to_name or "",
+        "sellToLanguage": order.sell_to_language or "",
+        "paymentReference": order.payment_reference or "",
+        "status": order.status.caption,
+        "statusMessage": order.status_message or "",
+        "receivedAt": _xml_datetime(order.received_at),
+        "jobId": order.job_id or "",
+        "manifestUrl": order.manifest_url or "",
+        "id": record.system_id,
+    }
+    if replication:
+        wire["rowVersion"] = str(record.row_version)
     if _runtime().config.legacy_sync:
         wire.pop("buyFromOrderReference", None)
     return wire
+
+
+def _xml_datetime(moment: dt.datetime | None) -> str:
+    """A date-time as Format(..., 0, 9) writes it: UTC, ``Z``, fraction only when not zero."""
+    if moment is None:
+        return ""
+    text = moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f").rstrip("0").rstrip(".")
+    return text + "Z"
 
 
 def _issued_in_call(record: OrderRecord) -> OrderRecord:

@@ -47,6 +47,7 @@ _FAULT_OPTIONS = (
     "stall_scheduled_rate",
     "stall_processing_rate",
     "error_rate",
+    "hold_commit_seconds",
     "seed",
 )
 
@@ -237,6 +238,13 @@ def _env(name: str) -> dict[str, Any]:
     default=0.0,
     help="Share of processing runs ending in Error.",
     **_env("ERROR_RATE"),
+)
+@click.option(
+    "--hold-commit-seconds",
+    type=click.FloatRange(0.0, 86_400.0),
+    default=0.0,
+    help="Hold each processing run's last change this long before it is seen (a late commit).",
+    **_env("HOLD_COMMIT_SECONDS"),
 )
 @click.option(
     "--seed",

@@ -22,6 +22,12 @@ the complete set now in force (``GET /_sandbox/faults`` reads it):
   ``POST /_sandbox/clock``).
 - ``errorRate`` (0 to 1): share of processing runs that end in Error with "Unexpected error
   while issuing the order; replace it to retry".
+- ``holdCommitSeconds`` (≥ 0): a late commit. A background processing run's last change
+  (Issued, Draft or Error) takes its row version at once but is committed — seen by
+  getOrder, lists and the change feed, and announced by webhook — only at the first
+  pickup cycle this many seconds (sandbox time) later. Changes made meanwhile take
+  higher row versions and are seen at once, so the held change lands below a mark a
+  reader may already have passed.
 - ``seed`` (int or null): reseeds the random source that decides every fault, so a run
   is repeatable; null seeds it from the system.
 """
@@ -59,6 +65,7 @@ class Faults(BaseModel):
     stall_scheduled_rate: Rate = 0.0
     stall_processing_rate: Rate = 0.0
     error_rate: Rate = 0.0
+    hold_commit_seconds: float = Field(default=0.0, ge=0.0, le=86_400.0)
     seed: int | None = None
 
     def to_json(self) -> dict[str, Any]:

@@ -53,6 +53,7 @@ ZERO_GUID = "00000000-0000-0000-0000-000000000000"
 REFERENCE_LENGTH = 50
 MAX_PAGE_SIZE = 20000
 _TRUE = ("true", "1", "yes")
+_FALSE = ("false", "0", "no", "")
 
 
 def reference_code(text: str | None) -> str | None:
@@ -381,14 +382,17 @@ def _parse_filters(partner_id: str, args: Mapping[str, str]) -> tuple[OrderQuery
         if status is None:
             raise InvalidRequest(f"Unknown status '{text.strip()}'")
         statuses.append(status)
-    sync = (args.get("sync") or "").strip().lower() in _TRUE
-    last_row_version = None
-    if args.get("lastRowVersion"):
-        last_row_version = _int_param(args, "lastRowVersion", 0, None)
-        sync = True  # a row-version floor only makes sense in row-version order
-    page_size = (
-        _int_param(args, "pageSize", 1, MAX_PAGE_SIZE) if args.get("pageSize") else MAX_PAGE_SIZE
-    )
+    # APIRequest GetRecords: ``sync`` orders by the row version; ``lastRowVersion`` is
+    # read only when ``sync`` is given at all (true or false), and ignored without it.
+    sync, last_row_version = False, None
+    if "sync" in args:
+        sync = _bool_param(args, "sync")
+        if args.get("lastRowVersion"):
+            last_row_version = _int_param(args, "lastRowVersion", 0, None)
+    # A page size that is not a number is refused; one out of range is the maximum.
+    page_size = _int_param(args, "pageSize", None, None) if args.get("pageSize") else 0
+    if not 1 <= page_size <= MAX_PAGE_SIZE:
+        page_size = MAX_PAGE_SIZE
     reference = args.get("sellToOrderReference")
     query = OrderQuery(
         partner_id=partner_id,
@@ -402,15 +406,26 @@ def _parse_filters(partner_id: str, args: Mapping[str, str]) -> tuple[OrderQuery
     return query, page_size
 
 
-def _int_param(args: Mapping[str, str], name: str, low: int, high: int | None) -> int:
+def _int_param(args: Mapping[str, str], name: str, low: int | None, high: int | None) -> int:
+    bounds = ""
+    if low is not None:
+        bounds = f" between {low} and {high}" if high is not None else f" at least {low}"
     try:
         value = int(args[name])
     except ValueError:
-        value = low - 1
-    if value < low or (high is not None and value > high):
-        bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
-        raise InvalidRequest(f"{name} must be an integer {bounds}")
+        raise InvalidRequest(f"{name} must be an integer{bounds}") from None
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise InvalidRequest(f"{name} must be an integer{bounds}")
     return value
+
+
+def _bool_param(args: Mapping[str, str], name: str) -> bool:
+    text = args[name].strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise InvalidRequest(f"{name} must be true or false")
 
 
 def _instant_param(args: Mapping[str, str], name: str) -> dt.datetime | None:

@@ -9,6 +9,11 @@ fails. Each step is a change, so each takes a new row version. The orders one cy
 left terminal are announced in one ``ota_cm_order_processed`` run (batched per
 subscriber); the sweeper, ``?sync=1`` and the legacy synchronous mode announce nothing.
 
+With the ``holdCommitSeconds`` fault, a background run's last change is held: it takes
+its row version when the run ends but is committed (and announced) only by the first
+cycle that much later (:meth:`~sandbox.state.OrderStore.hold`), which releases it before
+sweeping: a late commit below versions taken meanwhile.
+
 Issuance fails when a line's visit date has passed since submission, its item has left
 the catalog, its ``componentSchedule`` schedules a component twice or before the line's
 visit (the request parser lets both through), or the ``errorRate`` fault fires. The
@@ -60,6 +65,7 @@ class CycleReport:
     timed_out: list[str] = field(default_factory=list)
     processed: list[tuple[str, OrderStatus]] = field(default_factory=list)
     stalled: list[tuple[str, OrderStatus]] = field(default_factory=list)
+    held: list[str] = field(default_factory=list)
     webhook_posts: int = 0
 
     def to_json(self) -> dict[str, Any]:
@@ -69,6 +75,7 @@ class CycleReport:
             "timedOut": self.timed_out,
             "processed": [{"orderId": i, "status": str(s)} for i, s in self.processed],
             "stalled": [{"orderId": i, "status": str(s)} for i, s in self.stalled],
+            "held": self.held,
             "webhookPosts": self.webhook_posts,
         }
 
@@ -98,11 +105,21 @@ class Pipeline:
         """Sweep, then process every Submitted order; announce the terminal ones."""
         report = CycleReport()
         with self._running:
-            self._sweep(report)
+            # Held changes first: a commit that is due lands before the sweeper looks.
             events = []
+            for released in self._store.release_due(self._clock.now()):
+                report.processed.append((released.order_id, released.status))
+                events.append(
+                    ProcessedEvent(
+                        released.order_id, released.order.buy_from_order_reference, released.status
+                    )
+                )
+            self._sweep(report)
             for record in self._store.with_status(OrderStatus.SUBMITTED):
                 final = self._run(record, background=True)
-                if final.status.settled:
+                if final is None:
+                    report.held.append(record.order_id)
+                elif final.status.settled:
                     report.processed.append((final.order_id, final.status))
                     events.append(
                         ProcessedEvent(
@@ -115,6 +132,7 @@ class Pipeline:
         self._stats.pipeline("cycles")
         self._stats.pipeline("processed", len(report.processed))
         self._stats.pipeline("stalled", len(report.stalled))
+        self._stats.pipeline("held", len(report.held))
         if report.processed or report.stalled or report.rescheduled or report.timed_out:
             logger.info(
                 "pickup cycle: %d processed, %d stalled, %d rescheduled, %d timed out",
@@ -135,6 +153,7 @@ class Pipeline:
             if current.status is not OrderStatus.SUBMITTED:
                 return current
             final = self._run(current, background=False)
+        assert final is not None  # only background runs are held
         self._stats.pipeline("processed")
         return final
 
@@ -146,8 +165,10 @@ class Pipeline:
             if now - record.status_since > SCHEDULED_TIMEOUT:
                 self._move(record, OrderStatus.SUBMITTED)
                 report.rescheduled.append(record.order_id)
+        # A held change's order is locked by its open transaction: the sweeper waits.
+        held = self._store.held_ids()
         for record in self._store.with_status(OrderStatus.PROCESSING):
-            if now - record.status_since > PROCESSING_TIMEOUT:
+            if record.order_id not in held and now - record.status_since > PROCESSING_TIMEOUT:
                 self._move(
                     record,
                     OrderStatus.ERROR,
@@ -160,8 +181,13 @@ class Pipeline:
 
     # --- one processing run -----------------------------------------------------------
 
-    def _run(self, record: OrderRecord, *, background: bool) -> OrderRecord:
-        """Submitted → Scheduled → Processing → Issued/Draft/Error (or a stall)."""
+    def _run(self, record: OrderRecord, *, background: bool) -> OrderRecord | None:
+        """Submitted → Scheduled → Processing → Issued/Draft/Error (or a stall).
+
+        Returns:
+            The order as the run left it, or ``None`` when its last change is held
+            (``holdCommitSeconds``) for a later cycle to commit.
+        """
         faults = self._faults.faults
         record = self._move(record, OrderStatus.SCHEDULED)
         if background and self._faults.roll(faults.stall_scheduled_rate):
@@ -176,20 +202,35 @@ class Pipeline:
             items = self._mint(record)
         except IssueFailure as failure:
             logger.info("order %s failed to issue", record.order_id)
-            return self._move(
+            return self._finish(
                 record,
                 OrderStatus.ERROR,
+                background=background,
                 status_message=str(failure),
                 items=shell_items(record.request, self._config),
             )
         status = OrderStatus.ISSUED if record.order.payment_reference else OrderStatus.DRAFT
-        return self._move(
+        return self._finish(
             record,
             status,
+            background=background,
             status_message="",
             items=items,
             manifest_url=self._manifest_url(record.order_id),
         )
+
+    def _finish(
+        self, record: OrderRecord, status: OrderStatus, *, background: bool, **changes: Any
+    ) -> OrderRecord | None:
+        """The run's last change: written now, or held for a late commit (``None``)."""
+        hold = self._faults.faults.hold_commit_seconds
+        if not (background and hold > 0):
+            return self._move(record, status, **changes)
+        now = self._clock.now()
+        order = record.order.model_copy(update={"status": status, **changes})
+        version = self._store.hold(order, record.request, now, now + dt.timedelta(seconds=hold))
+        logger.info("order %s: its last change (rowVersion %d) is held", record.order_id, version)
+        return None
 
     def _move(self, record: OrderRecord, status: OrderStatus, **changes: Any) -> OrderRecord:
         order = record.order.model_copy(update={"status": status, **changes})

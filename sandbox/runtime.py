@@ -9,6 +9,8 @@ closes it: :meth:`SandboxRuntime.close` stops webhook delivery and closes the st
 
 from __future__ import annotations
 
+import random
+
 import httpx
 
 from sandbox.config import SandboxConfig
@@ -41,7 +43,11 @@ class SandboxRuntime:
         self.clock = clock or Clock()
         self.stats = Stats()
         self.faults = FaultInjector(config.faults)
-        self.store = OrderStore(config.state_path)
+        # Seeded like the faults, its own source: the venue's other writes, repeatable.
+        self.store = OrderStore(
+            config.state_path,
+            activity=random.Random(config.faults.seed),  # noqa: S311
+        )
         self.orders = OrderBook(self.store, config, self.clock)
         self.dispatcher = WebhookDispatcher(
             self.store, config, self.faults, self.stats, self.clock, client=webhook_client

@@ -3,10 +3,21 @@
 :class:`OrderStore` keeps every order as a JSON document (the order as getOrder shows it,
 plus the request it was last submitted with) in SQLite — ``":memory:"`` or a file, one
 code path for both, so a restarted sandbox keeps its orders, row versions and webhook
-subscriptions. Every write of an order takes the next value of one global row-version
-counter, as Business Central's ``rowVersion`` does; rows deleted outright simply vanish.
+subscriptions; rows deleted outright simply vanish.
+
+``rowVersion`` is the venue's database row version (SQL Server ``rowversion``, read by
+APIRequest ``GetRecords``): one counter for the whole database, taken by every write to
+any table. So a change of an order takes a version for each of its lines and wallets
+and its header, after the versions taken by the rest of the venue's activity since the
+last change (a random number of writes, :data:`OTHER_WRITES_MAX` at most): consecutive
+orders' versions have large, irregular gaps. Each order also has a stable ``system_id``
+(its SystemId, the ``id`` of list summaries).
+
+A change can be *held* (:meth:`OrderStore.hold`): it takes its version at once but is
+committed, visible to every read, only when released (:meth:`OrderStore.release_due`):
+a late commit, landing below versions a reader may already have passed.
 :meth:`OrderStore.renumber_row_versions` simulates a restore of the venue's database,
-after which row versions go backwards.
+after which row versions go backwards (and held changes, never committed, are lost).
 One connection serves every thread, guarded by a re-entrant lock: the store is the
 sandbox's single point of serialisation, and :meth:`OrderStore.transaction` groups
 several steps into one atomic unit.
@@ -19,8 +30,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import random
 import sqlite3
 import threading
+import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,6 +45,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS orders (
     order_id     TEXT PRIMARY KEY,
     entry_no     INTEGER NOT NULL UNIQUE,
+    system_id    TEXT UNIQUE,
     partner_id   TEXT NOT NULL,
     reference    TEXT NOT NULL,
     status       TEXT NOT NULL,
@@ -51,7 +65,21 @@ CREATE TABLE IF NOT EXISTS counters (
     name  TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS held (
+    order_id     TEXT PRIMARY KEY,
+    row_version  INTEGER NOT NULL UNIQUE,
+    status       TEXT NOT NULL,
+    status_since TEXT NOT NULL,
+    document     TEXT NOT NULL,
+    visible_at   TEXT NOT NULL
+);
 """
+
+OTHER_WRITES_MAX = 40
+"""At most this many row versions taken by the rest of the venue between two changes."""
+
+FIRST_ROW_VERSION = 1_000_000_000_000
+"""Where a new database's counter starts: a venue's database has written a lot already."""
 
 
 def stamp(moment: dt.datetime) -> str:
@@ -96,9 +124,11 @@ class OrderRecord:
         order: the order as the venue shows it.
         request: the createOrder/replaceOrder body it was last submitted with (the
             pipeline mints from it: names, external references, component schedules).
-        entry_no: the internal row id (``id`` in list summaries; not the orderId).
-        row_version: the global row version of the order's last change.
+        entry_no: the internal row number (the receivedAt list's tie-breaker).
+        row_version: the database-wide row version of the order's last change.
         status_since: when the order entered its current status (the sweeper's clock).
+        system_id: the record's SystemId, a GUID (``id`` in list summaries; not the
+            orderId).
     """
 
     order: Order
@@ -106,6 +136,7 @@ class OrderRecord:
     entry_no: int
     row_version: int
     status_since: dt.datetime
+    system_id: str
 
     @property
     def order_id(self) -> str:
@@ -145,15 +176,30 @@ class OrderStore:
     (:meth:`close`).
     """
 
-    def __init__(self, path: str = ":memory:") -> None:
+    def __init__(self, path: str = ":memory:", *, activity: random.Random | None = None) -> None:
         self._lock = threading.RLock()
         self._depth = 0
+        # Not for secrets: how much the rest of the venue writes, repeatable when seeded.
+        self._activity = activity or random.Random()  # noqa: S311
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         try:
             self._db.executescript(_SCHEMA)
+            self._give_system_ids()
         except sqlite3.Error:
             self._db.close()
             raise
+
+    def _give_system_ids(self) -> None:
+        """A state file written before orders had a SystemId gets one for each."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(orders)")}
+        if "system_id" not in columns:
+            self._db.execute("ALTER TABLE orders ADD COLUMN system_id TEXT")
+            self._db.execute("CREATE UNIQUE INDEX orders_system_id ON orders (system_id)")
+        missing = self._db.execute("SELECT order_id FROM orders WHERE system_id IS NULL")
+        for (order_id,) in missing.fetchall():
+            self._db.execute(
+                "UPDATE orders SET system_id = ? WHERE order_id = ?", (str(uuid.uuid4()), order_id)
+            )
 
     def close(self) -> None:
         """Close the database connection."""
@@ -235,33 +281,118 @@ class OrderStore:
         Raises:
             sqlite3.IntegrityError: another order already has its (partner, reference).
         """
-        document = json.dumps({"order": order.to_wire(), "request": request.to_wire()})
         with self.transaction():
-            row_version = self.next_value("row_version")
-            existing = self._db.execute(
-                "SELECT entry_no FROM orders WHERE order_id = ?", (order.order_id,)
+            row_version = self.take_row_version(order)
+            return self._write(order, request, status_since, row_version)
+
+    def _write(
+        self, order: Order, request: VenueRequest, status_since: dt.datetime, row_version: int
+    ) -> OrderRecord:
+        """Insert or update the order's row at ``row_version`` (inside a transaction)."""
+        document = json.dumps({"order": order.to_wire(), "request": request.to_wire()})
+        existing = self._db.execute(
+            "SELECT entry_no, system_id FROM orders WHERE order_id = ?", (order.order_id,)
+        ).fetchone()
+        if existing:
+            entry_no, system_id = int(existing[0]), str(existing[1])
+        else:
+            entry_no, system_id = self.next_value("entry_no"), str(uuid.uuid4())
+        self._db.execute(
+            "INSERT INTO orders (order_id, entry_no, system_id, partner_id, reference, status,"
+            " received_at, status_since, row_version, document)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (order_id) DO UPDATE SET status = excluded.status,"
+            " status_since = excluded.status_since, row_version = excluded.row_version,"
+            " document = excluded.document",
+            (
+                order.order_id,
+                entry_no,
+                system_id,
+                order.partner_id,
+                order.sell_to_order_reference,
+                str(order.status),
+                stamp(order.received_at or status_since),
+                stamp(status_since),
+                row_version,
+                document,
+            ),
+        )
+        return OrderRecord(order, request, entry_no, row_version, status_since, system_id)
+
+    def take_row_version(self, order: Order) -> int:
+        """The row version a change of ``order`` takes: the database's counter moves on.
+
+        First by the writes of the rest of the venue since the last change, then by one
+        for each of the order's lines and wallets, and one for its header, which is
+        the order's version.
+        """
+        others = self._activity.randint(0, OTHER_WRITES_MAX)
+        own = len(order.items) + sum(len(item.wallets) for item in order.items)
+        with self.transaction():
+            row = self._db.execute(
+                "INSERT INTO counters (name, value) VALUES ('row_version', ?)"
+                " ON CONFLICT (name) DO UPDATE SET value = value + ? RETURNING value",
+                (FIRST_ROW_VERSION + others + own, others + own + 1),
             ).fetchone()
-            entry_no = existing[0] if existing else self.next_value("entry_no")
+        return int(row[0])
+
+    def hold(
+        self,
+        order: Order,
+        request: VenueRequest,
+        status_since: dt.datetime,
+        visible_at: dt.datetime,
+    ) -> int:
+        """Write a change that takes its row version now and is committed only later.
+
+        Until :meth:`release_due` commits it (at or after ``visible_at``), every read sees
+        the order as it was; changes made meanwhile take higher versions.
+
+        Returns:
+            The row version the change took.
+        """
+        with self.transaction():
+            row_version = self.take_row_version(order)
             self._db.execute(
-                "INSERT INTO orders (order_id, entry_no, partner_id, reference, status,"
-                " received_at, status_since, row_version, document)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (order_id) DO UPDATE SET status = excluded.status,"
-                " status_since = excluded.status_since, row_version = excluded.row_version,"
-                " document = excluded.document",
+                "INSERT INTO held (order_id, row_version, status, status_since, document,"
+                " visible_at) VALUES (?, ?, ?, ?, ?, ?)",
                 (
                     order.order_id,
-                    entry_no,
-                    order.partner_id,
-                    order.sell_to_order_reference,
-                    str(order.status),
-                    stamp(order.received_at or status_since),
-                    stamp(status_since),
                     row_version,
-                    document,
+                    str(order.status),
+                    stamp(status_since),
+                    json.dumps({"order": order.to_wire(), "request": request.to_wire()}),
+                    stamp(visible_at),
                 ),
             )
-        return OrderRecord(order, request, entry_no, row_version, status_since)
+        return row_version
+
+    def release_due(self, now: dt.datetime) -> list[OrderRecord]:
+        """Commit the held changes due by ``now``, each at the row version it took."""
+        with self.transaction():
+            due = self._db.execute(
+                "SELECT order_id, row_version, status_since, document FROM held"
+                " WHERE visible_at <= ? ORDER BY row_version",
+                (stamp(now),),
+            ).fetchall()
+            records = []
+            for order_id, row_version, status_since, document in due:
+                content = json.loads(document)
+                self._db.execute("DELETE FROM held WHERE order_id = ?", (order_id,))
+                records.append(
+                    self._write(
+                        Order.model_validate(content["order"]),
+                        VenueRequest.from_wire(content["request"]),
+                        _instant(status_since),
+                        int(row_version),
+                    )
+                )
+        return records
+
+    def held_ids(self) -> set[str]:
+        """The orders whose change is held, not yet committed (their rows are locked)."""
+        with self._lock:
+            return {row[0] for row in self._db.execute("SELECT order_id FROM held")}
 
     def remove(self, order_id: str) -> None:
         """Delete the order's row outright: it vanishes from every list and feed."""
@@ -272,14 +403,16 @@ class OrderStore:
         """Simulate a restore of the venue's database: row versions start again low.
 
         Every order's row version becomes 1..n in their current row-version order, and
-        the counter is reset to n, so the next change takes n + 1: lower than versions a
-        client may already have seen (a backwards ``rowVersion``). Orders, statuses and
-        documents are unchanged.
+        the counter is reset to n, so the next change takes a version just above n:
+        lower than versions a client may already have seen (a backwards ``rowVersion``).
+        Orders, statuses and documents are unchanged; held changes, never committed,
+        are lost, as a restore loses open transactions.
 
         Returns:
             n, the number of orders (and the counter's new value).
         """
         with self.transaction():
+            self._db.execute("DELETE FROM held")
             order_ids = [
                 row[0]
                 for row in self._db.execute("SELECT order_id FROM orders ORDER BY row_version")
@@ -388,4 +521,5 @@ def _record(row: dict[str, str | int]) -> OrderRecord:
         entry_no=int(row["entry_no"]),
         row_version=int(row["row_version"]),
         status_since=_instant(str(row["status_since"])),
+        system_id=str(row["system_id"]),
     )

@@ -17,7 +17,7 @@ from collections import Counter, defaultdict
 from typing import Any
 
 WEBHOOK_COUNTERS = ("sent", "failed", "dropped", "duplicated", "posts", "retries")
-PIPELINE_COUNTERS = ("cycles", "processed", "stalled", "rescheduled", "timedOut")
+PIPELINE_COUNTERS = ("cycles", "processed", "stalled", "held", "rescheduled", "timedOut")
 
 
 class Stats:

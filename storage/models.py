@@ -569,6 +569,26 @@ class FeedCursor(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
 
+class FeedMark(Base):
+    """A value the feed cursor reached, and when: the cursor's recent history.
+
+    ``rowVersion`` is one counter for the venue's whole database, so a number of
+    versions below the high-water mark says nothing about time; the feed re-reads from
+    the mark as it stood a configured number of minutes ago, which this history tells
+    (:mod:`heartbeat.feed`). Rows older than that window are pruned, but for the newest
+    of them.
+    """
+
+    __tablename__ = "feed_mark"
+
+    connection_id: Mapped[int] = mapped_column(
+        sa.ForeignKey("venue_connection.id"), primary_key=True
+    )
+    partner_id: Mapped[str] = mapped_column(GUID, primary_key=True)
+    row_version: Mapped[int] = mapped_column(sa.BigInteger, primary_key=True)
+    recorded_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+
 class JobRun(Base):
     """The run record of the scheduled job ``name``, shared by every scheduler process.
 

@@ -47,6 +47,7 @@ from venue.models import (
     Page,
     Subscription,
     SubscriptionRequest,
+    describe_validation_problem,
     normalize_reference,
     parse_guid,
     parse_page,
@@ -288,6 +289,8 @@ class VenueClient:
 
         Filters combine with AND; ``statuses`` are OR-ed; the ``received_*`` bounds are
         inclusive and must be timezone-aware. Pages are requested lazily while iterating.
+        A summary that does not read is logged (ids only) and left out, never failing
+        its page.
 
         Raises:
             VenueError: a page could not be fetched.
@@ -303,18 +306,21 @@ class VenueClient:
             params["receivedAtTo"] = _utc_text(received_to)
         if page_size is not None:
             params["pageSize"] = str(page_size)
-        return self._paged(_partner_path(partner_id), params, OrderSummary)
+        pages = self._pages(_partner_path(partner_id), params, OrderSummary, skip_unreadable=True)
+        return (summary for page in pages for summary in page.data)
 
     def orders_page(self, partner_id: str, *, page_size: int) -> Page[OrderSummary]:
         """The first page of the partner's orders, oldest received first: one call.
 
-        ``more_pages`` says whether more follow; for a count that need not be exact.
+        ``more_pages`` says whether more follow; for a count that need not be exact. Rows
+        that do not read are in the page's ``unreadable``.
 
         Raises:
             VenueError: the page could not be fetched.
         """
         params = {"pageSize": str(page_size)}
-        return next(self._pages(_partner_path(partner_id), params, OrderSummary))
+        path = _partner_path(partner_id)
+        return next(self._pages(path, params, OrderSummary, skip_unreadable=True))
 
     def change_feed(
         self,
@@ -324,9 +330,10 @@ class VenueClient:
     ) -> Iterator[OrderSummary]:
         """The partner's orders created or changed after ``last_row_version``, oldest first.
 
-        ``None`` starts from the beginning. Rows deleted outright do not appear; a long
-        transaction can commit a lower row version late, so callers re-read with a small
-        overlap below their high-water mark and upsert.
+        ``None`` starts from the beginning. Rows deleted outright do not appear. The row
+        version is the venue's database-wide counter and a long transaction can commit
+        a lower one late, so callers re-read from their mark as it stood some minutes
+        ago and upsert (see :mod:`heartbeat.feed`).
 
         Raises:
             VenueError: a page could not be fetched.
@@ -342,7 +349,9 @@ class VenueClient:
     ) -> Iterator[Page[OrderSummary]]:
         """:meth:`change_feed` a page at a time: one venue call per page yielded.
 
-        For callers that commit their progress page by page (the heartbeat's feed).
+        For callers that commit their progress page by page (the heartbeat's feed). A
+        row that does not parse never fails its page: it is logged (ids only) and left
+        in the page's ``unreadable``, with its orderId and rowVersion when they read.
 
         Raises:
             VenueError: a page could not be fetched.
@@ -352,7 +361,7 @@ class VenueClient:
             params["lastRowVersion"] = str(last_row_version)
         if page_size is not None:
             params["pageSize"] = str(page_size)
-        return self._pages(_partner_path(partner_id), params, OrderSummary)
+        return self._pages(_partner_path(partner_id), params, OrderSummary, skip_unreadable=True)
 
     def find_by_reference(self, partner_id: str, reference: str) -> list[OrderSummary]:
         """The partner's orders with this ``sellToOrderReference`` (compared case-blind).
@@ -434,18 +443,37 @@ class VenueClient:
             yield from page.data
 
     def _pages(
-        self, path: str, params: dict[str, str], item_type: type[ModelT]
+        self,
+        path: str,
+        params: dict[str, str],
+        item_type: type[ModelT],
+        *,
+        skip_unreadable: bool = False,
     ) -> Iterator[Page[ModelT]]:
         """Every page of a cursor-paged list, each next request built from ``nextPageKey``.
 
         ``nextPageURL`` is never followed: the venue re-appends query values to it
-        without encoding them.
+        without encoding them. With ``skip_unreadable``, a row that does not parse is
+        logged (its ids and the fields at fault, never its values) and kept in the
+        page's ``unreadable``; otherwise it fails the page.
         """
         seen_keys: set[str] = set()
         page_params = dict(params)
         while True:
             response = self._call("GET", path, params=page_params)
-            page: Page[ModelT] = self._parse_list(path, response, item_type)
+            page: Page[ModelT] = self._parse_list(
+                path, response, item_type, skip_unreadable=skip_unreadable
+            )
+            for row in page.unreadable:
+                logger.warning(
+                    "venue GET %s: row %d does not read (orderId %s, id %s, rowVersion %s): %s",
+                    path,
+                    row.index,
+                    row.order_id or "-",
+                    row.record_id or "-",
+                    "-" if row.row_version is None else row.row_version,
+                    row.problem,
+                )
             yield page
             key = page.next_page_key
             if not page.more_pages or not key:
@@ -561,13 +589,25 @@ class VenueClient:
         return parsed
 
     @staticmethod
-    def _parse_list(path: str, response: httpx.Response, model: type[ModelT]) -> Page[ModelT]:
-        """A list body (page envelope, ``{"value": [...]}`` or bare array) of ``model``."""
+    def _parse_list(
+        path: str, response: httpx.Response, model: type[ModelT], *, skip_unreadable: bool
+    ) -> Page[ModelT]:
+        """A list body (page envelope, ``{"value": [...]}`` or bare array) of ``model``.
+
+        With ``skip_unreadable``, a row with text the mirror cannot store is unreadable
+        like one that does not parse, rather than failing the whole page.
+        """
+        row_check = None
+        if skip_unreadable and _NUL_ESCAPE in response.content:
+            row_check = _unstorable_row_problem
         try:
-            page = parse_page(response.content, model)
+            page = parse_page(
+                response.content, model, skip_unreadable=skip_unreadable, row_check=row_check
+            )
         except ValueError as exc:  # bad JSON or a ValidationError
             raise _protocol_error("GET", path, response, model, exc) from exc
-        _refuse_unstorable_text("GET", path, response, model)
+        if not skip_unreadable:
+            _refuse_unstorable_text("GET", path, response, model)
         return page
 
 
@@ -575,14 +615,7 @@ def _protocol_error(
     method: str, path: str, response: httpx.Response, model: type[BaseModel], exc: ValueError
 ) -> VenueProtocolError:
     """Name what was wrong without echoing the body: input values may be personal."""
-    if isinstance(exc, ValidationError):
-        problems = [
-            f"{'.'.join(str(part) for part in error['loc']) or 'body'}: {error['msg']}"
-            for error in exc.errors(include_input=False, include_url=False)[:3]
-        ]
-        detail = "; ".join(problems)
-    else:
-        detail = "not JSON"
+    detail = describe_validation_problem(exc) if isinstance(exc, ValidationError) else "not JSON"
     return VenueProtocolError(
         method,
         path,
@@ -609,6 +642,12 @@ def _refuse_unstorable_text(
             status=response.status_code,
             reason=f"{model.__name__} body: {where or 'body'}: expected {UNSTORABLE_TEXT}",
         )
+
+
+def _unstorable_row_problem(row: Any) -> str | None:
+    """Where one list row holds text the mirror cannot store, or ``None``."""
+    where = unstorable_text_path(row)
+    return None if where is None else f"{where or 'row'}: expected {UNSTORABLE_TEXT}"
 
 
 @contextmanager

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from decimal import Decimal
 from enum import StrEnum
 from typing import Annotated, Any, Generic, TypeVar
@@ -25,6 +25,7 @@ from pydantic import (
     Field,
     PlainSerializer,
     PlainValidator,
+    ValidationError,
     ValidationInfo,
     field_validator,
 )
@@ -59,6 +60,35 @@ UtcDateTime = Annotated[
 OptionalDate = Annotated[dt.date | None, BeforeValidator(_blank_to_none), Field(default=None)]
 OptionalTime = Annotated[dt.time | None, BeforeValidator(_blank_to_none), Field(default=None)]
 OptionalText = Annotated[str | None, Field(default=None)]
+
+
+def parse_row_version(value: Any) -> int:
+    """A ``rowVersion`` as a number: the venue writes it as text (a formatted 64-bit integer).
+
+    Business Central formats the row version with ``Format(..., 0, 9)``: plain decimal
+    digits. A JSON number is taken too, as a gateway might convert it.
+
+    Raises:
+        ValueError: the value is not a non-negative whole number that fits 64 bits.
+    """
+    if isinstance(value, bool):
+        raise ValueError("rowVersion must be a whole number written as text")
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+        number = int(value.strip())
+    else:
+        raise ValueError("rowVersion must be a whole number written as text")
+    if not 0 <= number < 2**63:
+        raise ValueError("rowVersion must be a non-negative 64-bit integer")
+    return number
+
+
+def _row_version_or_none(value: Any) -> int | None:
+    return None if value is None else parse_row_version(value)
+
+
+RowVersion = Annotated[int | None, BeforeValidator(_row_version_or_none), Field(default=None)]
 # Customer data and shared secrets: kept out of reprs, so out of logs and tracebacks.
 PersonalText = Annotated[str | None, Field(default=None, repr=False)]
 SecretText = Annotated[str, Field(repr=False)]
@@ -80,7 +110,12 @@ class WireModel(BaseModel):
 
 
 class OrderStatus(StrEnum):
-    """An order's status at the venue."""
+    """An order's status at the venue, by its plain name (CMOrderStatus.Enum.al).
+
+    Single-order answers write the plain name; list summaries are written by the venue's
+    generic formatter, which renders the enum by its caption (``Processing...``). Both
+    read as the same member here, in any case: this is the one place that maps them.
+    """
 
     SUBMITTED = "Submitted"
     SCHEDULED = "Scheduled"
@@ -89,6 +124,18 @@ class OrderStatus(StrEnum):
     ISSUED = "Issued"
     ERROR = "Error"
     CANCELLED = "Cancelled"
+
+    @property
+    def caption(self) -> str:
+        """The enum value's caption, as the venue's list summaries write it."""
+        return _STATUS_CAPTIONS.get(self, self.value)
+
+    @classmethod
+    def _missing_(cls, value: object) -> OrderStatus | None:
+        # Called for anything that is not exactly a plain name: a caption, another case.
+        if not isinstance(value, str):
+            return None
+        return _STATUS_BY_TEXT.get(value.strip().casefold())
 
     @property
     def in_flight(self) -> bool:
@@ -104,6 +151,14 @@ class OrderStatus(StrEnum):
 IN_FLIGHT_STATUSES = frozenset(
     {OrderStatus.SUBMITTED, OrderStatus.SCHEDULED, OrderStatus.PROCESSING}
 )
+
+# CMOrderStatus.Enum.al: every caption equals its name except Processing's.
+_STATUS_CAPTIONS = {OrderStatus.PROCESSING: "Processing..."}
+_STATUS_BY_TEXT = {
+    text.casefold(): status
+    for status in OrderStatus
+    for text in (status.value, _STATUS_CAPTIONS.get(status, status.value))
+}
 
 
 _GUID_FORMS = (
@@ -351,32 +406,89 @@ class Order(OrderHeader):
 
 
 class OrderSummary(OrderHeader):
-    """A compact order from listOrdersByPartner; ``id`` is a row id, not the orderId."""
+    """A compact order from listOrdersByPartner.
+
+    ``id`` is the record's SystemId (a GUID), not the orderId; ``rowVersion`` (present
+    with ``sync=true``) is the database's row version, written as text
+    (APIRequest ``GetRecords`` / ``AddFieldToJson``).
+    """
 
     id: OptionalText
-    row_version: int | None = None
+    row_version: RowVersion
 
 
 ItemT = TypeVar("ItemT", bound=BaseModel)
+
+
+class UnreadableRow(WireModel):
+    """A list row that does not parse, with the ids that could still be read from it.
+
+    Only ids and the names of the fields at fault are kept: the row's values may be
+    personal (names, e-mails), so they never reach a log.
+
+    Attributes:
+        index: the row's position on its page, from 0.
+        order_id: its ``orderId`` when that is a GUID (lowercase), else ``None``.
+        record_id: its ``id`` (the record's SystemId) when that is a GUID, else ``None``.
+        row_version: its ``rowVersion`` when that reads, else ``None``.
+        problem: which fields are wrong and how, without their values.
+    """
+
+    index: int
+    order_id: str | None = None
+    record_id: str | None = None
+    row_version: int | None = None
+    problem: str
 
 
 class Page(WireModel, Generic[ItemT]):
     """One page of a cursor-paged list.
 
     The venue's examples also show bare JSON arrays; :func:`parse_page` accepts both.
+    ``unreadable`` holds the rows left out of ``data`` because they do not parse (only
+    when the caller asked for that); it is never read from the wire.
     """
 
     more_pages: bool = False
     next_page_key: OptionalText
     next_page_url: Annotated[str | None, Field(default=None, alias="nextPageURL")]
     data: list[ItemT] = Field(default_factory=list)
+    unreadable: list[UnreadableRow] = Field(default_factory=list, exclude=True)
 
 
-def parse_page(content: bytes | str, item_type: type[ItemT]) -> Page[ItemT]:
+class _Envelope(WireModel):
+    """A list page with its rows not yet parsed."""
+
+    more_pages: bool = False
+    next_page_key: OptionalText
+    next_page_url: Annotated[str | None, Field(default=None, alias="nextPageURL")]
+    data: list[Any] = Field(default_factory=list)
+
+
+RowCheck = Callable[[Any], str | None]
+"""A further check of one raw row: what is wrong with it (no values), or ``None``."""
+
+
+def parse_page(
+    content: bytes | str,
+    item_type: type[ItemT],
+    *,
+    skip_unreadable: bool = False,
+    row_check: RowCheck | None = None,
+) -> Page[ItemT]:
     """Parse a list response, whether a page envelope or a bare array.
 
+    Args:
+        content: the response body.
+        item_type: the model of one row.
+        skip_unreadable: a row that does not parse (or fails ``row_check``) is left out
+            of ``data`` and described in ``unreadable`` instead of failing the page.
+        row_check: a further check of each raw row.
+
     Raises:
-        pydantic.ValidationError: the body is not a list response of ``item_type``.
+        pydantic.ValidationError: the body is not a list response, or (unless
+            ``skip_unreadable``) a row is not an ``item_type``.
+        ValueError: a row fails ``row_check`` (unless ``skip_unreadable``).
     """
     # pydantic's parser, as for single bodies: it refuses unpaired surrogates, json does not.
     raw = pydantic_core.from_json(content)
@@ -385,7 +497,63 @@ def parse_page(content: bytes | str, item_type: type[ItemT]) -> Page[ItemT]:
     elif isinstance(raw, dict) and "value" in raw and "data" not in raw:
         # Business Central's OData list shape, seen on the webhook subscription list.
         raw = {"morePages": False, "data": raw["value"]}
-    return Page[item_type].model_validate(raw)  # type: ignore[valid-type]
+    envelope = _Envelope.model_validate(raw)
+    rows: list[ItemT] = []
+    unreadable: list[UnreadableRow] = []
+    for index, row in enumerate(envelope.data):
+        try:
+            problem = row_check(row) if row_check is not None else None
+            if problem is not None:
+                raise ValueError(problem)
+            rows.append(item_type.model_validate(row))
+        except ValueError as exc:  # a ValidationError too
+            if not skip_unreadable:
+                raise
+            unreadable.append(_unreadable_row(index, row, exc))
+    return Page[item_type](  # type: ignore[valid-type]
+        more_pages=envelope.more_pages,
+        next_page_key=envelope.next_page_key,
+        next_page_url=envelope.next_page_url,
+        data=rows,
+        unreadable=unreadable,
+    )
+
+
+def describe_validation_problem(exc: ValueError) -> str:
+    """What is wrong, naming fields, never echoing a value (values may be personal)."""
+    if isinstance(exc, ValidationError):
+        return "; ".join(
+            f"{'.'.join(str(part) for part in error['loc']) or 'body'}: {error['msg']}"
+            for error in exc.errors(include_input=False, include_url=False)[:3]
+        )
+    return str(exc)
+
+
+def _unreadable_row(index: int, row: Any, exc: ValueError) -> UnreadableRow:
+    """The ids that still read from a row that does not parse."""
+    fields = row if isinstance(row, dict) else {}
+    try:
+        row_version = _row_version_or_none(fields.get("rowVersion"))
+    except ValueError:
+        row_version = None
+    return UnreadableRow(
+        index=index,
+        order_id=guid_or_none(fields.get("orderId")),
+        record_id=guid_or_none(fields.get("id")),
+        row_version=row_version,
+        problem=describe_validation_problem(exc),
+    )
+
+
+_GUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def guid_or_none(value: Any) -> str | None:
+    """``value`` as a lowercase GUID without braces, or ``None`` when it is not one."""
+    if not isinstance(value, str):
+        return None
+    text = value.strip().strip("{}").lower()
+    return text if _GUID.match(text) else None
 
 
 class ErrorBody(WireModel):

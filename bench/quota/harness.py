@@ -128,7 +128,7 @@ class Timing:
     """The scheduled jobs' cadence, as otacm's settings give it."""
 
     poll_interval: int = 15
-    feed_overlap: int = 50
+    feed_overlap: dt.timedelta = dt.timedelta(minutes=10)
     in_flight_after: dt.timedelta = dt.timedelta(seconds=600)
     open_recheck: dt.timedelta = dt.timedelta(seconds=900)
     stuck_after: dt.timedelta = dt.timedelta(seconds=3600)

@@ -120,7 +120,7 @@ class HeartbeatStack(SandboxStack):
         self,
         *,
         client: VenueClient | None = None,
-        overlap: int | None = None,
+        overlap: dt.timedelta | None = None,
         page_size: int | None = None,
     ) -> FeedReport:
         """One pass of :func:`heartbeat.feed.run_feed` over every partner, at :meth:`now`."""

@@ -6,6 +6,7 @@ learns, the feed found (and the worker fetched).
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 
 import httpx
@@ -17,6 +18,9 @@ from storage.models import InboxSource
 from tests.heartbeat.conftest import HeartbeatStack, line
 from venue.client import open_client
 from venue.models import OrderStatus
+
+EVERYTHING = dt.timedelta(days=1)
+"""An overlap longer than any test's history: the pass re-reads the feed in full."""
 
 
 def test_the_feed_alone_mirrors_every_order_in_its_true_state(stack: HeartbeatStack) -> None:
@@ -62,7 +66,7 @@ def test_unknown_settled_orders_are_fetched_once_and_then_adopted(stack: Heartbe
     stack.tick()
 
     first, _ = stack.sync()
-    second = stack.feed(overlap=1000)
+    second = stack.feed(overlap=EVERYTHING)
 
     assert (first.queued, first.updated) == (3, 0)
     assert (second.queued, second.updated, second.adopted) == (0, 0, 3)
@@ -82,7 +86,7 @@ def test_rerunning_the_feed_changes_nothing(stack: HeartbeatStack) -> None:
     stack.sync()
     before, get_calls = stack.snapshot(), stack.calls("getOrder")
 
-    again = stack.feed(overlap=1000)
+    again = stack.feed(overlap=EVERYTHING)
 
     assert again.as_dict() == {
         **FeedReport().as_dict(),
@@ -206,12 +210,12 @@ def test_a_restore_sends_the_cursor_down_and_later_changes_are_still_seen(
     assert high_water is not None and high_water > 2
 
     assert stack.restore() == {"orders": 2, "rowVersion": 2}
-    stack.venue.confirm_order(draft, "PAID-AFTER-RESTORE")  # rowVersion 3
-    newcomer = stack.create("AFTER-RESTORE")  # rowVersion 4: both below the high-water mark
+    stack.venue.confirm_order(draft, "PAID-AFTER-RESTORE")  # just above 2
+    newcomer = stack.create("AFTER-RESTORE")  # above that: both below the high-water mark
     restarted, _ = stack.sync()
 
     assert restarted.restarted == 1
-    assert stack.cursor() == 4 < high_water
+    assert stack.cursor() == stack.truth_row_version(newcomer) < high_water
     assert restarted.queued == 1 and restarted.updated == 1  # the confirm; the newcomer's header
     assert stack.mirror(draft).status is OrderStatus.ISSUED  # type: ignore[union-attr]
     assert stack.mirror(newcomer).status is OrderStatus.SUBMITTED  # type: ignore[union-attr]
@@ -281,7 +285,7 @@ def test_a_pass_killed_between_pages_keeps_the_pages_before(stack: HeartbeatStac
             connection_id=stack.connection_id,
             partner_id=stack.partner_id,
             now=stack.now(),
-            overlap=0,
+            overlap=dt.timedelta(0),
             page_size=2,
         )
 
@@ -357,10 +361,104 @@ def test_a_venue_error_on_one_partner_does_not_stop_the_others(stack: HeartbeatS
         stack.clients,
         {stack.connection_id: ["not-a-partner-guid", stack.partner_id]},
         now=stack.now(),
-        overlap=10,
+        overlap=dt.timedelta(minutes=10),
     )
 
     assert (report.partners, report.errors, report.queued) == (2, 1, 1)
     assert stack.cursor("not-a-partner-guid") is None
     stack.drain()
     stack.assert_mirrored([order_id])
+
+
+def test_a_late_commit_below_the_mark_is_still_seen(stack: HeartbeatStack) -> None:
+    """A change that took its rowVersion before the mark moved past it, and was committed
+    after, is seen by the next pass: it re-reads from the mark as it stood the overlap ago.
+
+    Follows APIRequest GetRecords (``sync`` by the SystemRowVersion key, ``lastRowVersion``
+    strictly greater): the database's row version is taken at write and seen at commit.
+    """
+    overlap = dt.timedelta(minutes=5)
+    before = stack.create("BEFORE-THE-MARK")
+    stack.tick()
+    first = stack.feed(overlap=overlap)
+    stack.drain()
+    assert first.queued == 1 and stack.cursor() == stack.truth_row_version(before)
+    stack.advance(20 * 60)
+
+    stack.faults(holdCommitSeconds=60)
+    late = stack.create("LATE-COMMIT")
+    assert stack.tick().held == [late]  # its Issued change has its version, not yet seen
+    stack.faults(holdCommitSeconds=0)
+    meanwhile = stack.create("MEANWHILE")
+    passed = stack.feed(overlap=overlap)
+    high_water = stack.cursor()
+    assert passed.updated == 2 and high_water == stack.truth_row_version(meanwhile)
+    assert stack.mirror(late).status is OrderStatus.PROCESSING  # type: ignore[union-attr]
+
+    stack.advance(120)
+    stack.tick()  # the held change is committed, below the high-water mark
+    assert stack.truth_row_version(late) < high_water
+    resumed = stack.client.change_feed(stack.partner_id, high_water)
+    assert late not in {summary.order_id for summary in resumed}  # no overlap misses it
+
+    again = stack.feed(overlap=overlap)
+    stack.drain()
+
+    # Read from the mark as it stood five minutes ago (BEFORE's), not the whole feed.
+    assert (again.listed, again.queued) == (2, 2)
+    assert stack.mirror(late).status is OrderStatus.ISSUED  # type: ignore[union-attr]
+    stack.assert_mirrored([late, meanwhile])
+
+
+class GarbleSummaries(httpx.BaseTransport):
+    """Real HTTP to the sandbox, except that list pages show one order with a status the
+    client does not know and another without its orderId."""
+
+    def __init__(self, unknown_status: str, nameless: str) -> None:
+        self._inner = httpx.HTTPTransport()
+        self._unknown_status = unknown_status
+        self._nameless = nameless
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = self._inner.handle_request(request)
+        if "/channelManager/orders/" not in request.url.path:
+            return response
+        page = json.loads(response.read())
+        for summary in page["data"]:
+            if summary["orderId"] == self._unknown_status:
+                summary["status"] = "On hold"
+            elif summary["orderId"] == self._nameless:
+                del summary["orderId"]
+        return httpx.Response(response.status_code, json=page)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+def test_summaries_that_do_not_read_never_stop_the_feed(
+    stack: HeartbeatStack, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One row the client cannot read is logged by its ids and queued for getOrder; one
+    without a readable orderId is logged and counted; the rest of the page is applied and
+    the cursor moves past both (APIRequest GetRecords: a page of rows written one by one by
+    AddFieldToJson)."""
+    orders = [stack.create(f"ODD-{n}") for n in range(4)]
+    stack.tick()
+    versions = sorted(stack.truth_row_version(o) for o in orders)
+    odd, nameless = orders[1], orders[2]
+
+    with open_client(
+        stack.settings.connections[0], transport=GarbleSummaries(odd, nameless)
+    ) as garbled:
+        report = stack.feed(client=garbled)
+
+    assert (report.listed, report.unreadable, report.unreadable_unqueued) == (4, 2, 1)
+    assert report.queued == 3  # the two readable settled orders, and the unreadable one
+    assert stack.cursor() == versions[-1]
+    assert {row.order_id for row in stack.inbox()} == {orders[0], odd, orders[3]}
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("without a readable orderId" in line for line in warnings)
+    assert not any("Jane" in line or "@" in line for line in warnings)
+    stack.drain()
+    stack.assert_mirrored([orders[0], odd, orders[3]])
+    assert stack.mirror(nameless) is None

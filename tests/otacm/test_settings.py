@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 
 import pytest
@@ -343,3 +344,26 @@ def test_webhook_url_accepted_as_given() -> None:
         "https://shop.example/webhooks/ota-cm"
     )
     assert Settings(webhook_url="").webhook_url is None
+
+
+def test_the_feed_overlap_is_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """APIRequest GetRecords: rowVersion is the database's row version, one counter for
+    every table, so the change feed's overlap is minutes (default 10), not a count."""
+    assert Settings().feed_overlap == dt.timedelta(minutes=10)
+    monkeypatch.setenv("OTACM_FEED_OVERLAP_MINUTES", "2.5")
+    assert Settings.load().feed_overlap == dt.timedelta(minutes=2, seconds=30)
+
+
+def test_the_retired_row_version_overlap_is_refused_naming_its_successor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A settings file or environment that still names feed_overlap (a count of row
+    versions, meaningless for a database-wide counter: APIRequest GetRecords) is refused
+    with one clear message rather than silently ignored."""
+    config = tmp_path / "otacm.toml"
+    config.write_text("feed_overlap = 50\n", encoding="utf-8")
+    with pytest.raises(SettingsError, match="set feed_overlap_minutes"):
+        Settings.load(config)
+    monkeypatch.setenv("OTACM_FEED_OVERLAP", "50")
+    with pytest.raises(SettingsError, match=r"OTACM_FEED_OVERLAP: .*OTACM_FEED_OVERLAP_MINUTES"):
+        Settings.load()

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Callable
 from typing import Any
 
+from sandbox import Faults
 from tests.sandbox.conftest import OTHER_PARTNER, PARTNER, Venue, order_body
+from venue.models import OrderStatus
 
 LIST = f"/channelManager/orders/{PARTNER}"
 
@@ -15,17 +19,59 @@ def ids(page: dict[str, Any]) -> list[str]:
 
 
 def test_summaries_are_compact_and_carry_a_row_id(venue: Venue) -> None:
-    """Summaries have the header without items, and an ``id`` that is not the orderId."""
-    order = venue.create(order_body())
+    """ChannelMgrOrderAgent ListOrdersByPartner's fields, written by APIRequest
+    AddFieldToJson: every field present (blank text and codes as ""), no items; GetRecords
+    adds ``id``, the record's SystemId (a GUID, not the orderId, the same across changes),
+    and ``rowVersion`` only with ``sync``."""
+    order = venue.create(order_body(payment=None))
     page = venue.api.get(LIST).json()
     assert page["morePages"] is False
     assert page["nextPageKey"] == "" and page["nextPageURL"] == ""
     (summary,) = page["data"]
-    assert "items" not in summary
+    assert set(summary) == {
+        "orderId",
+        "partnerId",
+        "sellToOrderReference",
+        "buyFromOrderReference",
+        "sellToEmail",
+        "sellToName",
+        "sellToLanguage",
+        "paymentReference",
+        "status",
+        "statusMessage",
+        "receivedAt",
+        "jobId",
+        "manifestUrl",
+        "id",
+    }
     assert summary["orderId"] == order["orderId"]
     assert summary["buyFromOrderReference"] == order["buyFromOrderReference"]
-    assert summary["id"] and summary["id"] != order["orderId"]
-    assert "rowVersion" not in summary
+    assert (summary["paymentReference"], summary["jobId"], summary["manifestUrl"]) == ("", "", "")
+    assert "manifestUrl" not in order  # the single-order builder leaves an empty one out
+    assert summary["receivedAt"] == order["receivedAt"]
+    assert str(uuid.UUID(summary["id"])) == summary["id"] != order["orderId"]
+    venue.tick()
+    assert venue.api.get(LIST).json()["data"][0]["id"] == summary["id"]
+
+
+def test_summaries_write_the_status_by_its_caption(make_venue: Callable[..., Venue]) -> None:
+    """APIRequest AddFieldToJson writes an enum with Format: the caption of
+    CMOrderStatus.Enum.al ("Processing..."), while getOrder writes the plain name
+    (ChannelMgrOrderAgent GetStatusAsText)."""
+    venue = make_venue(faults=Faults(seed=7, stall_processing_rate=1.0))
+    stuck = venue.create(order_body("STUCK"))["orderId"]
+    venue.tick()
+    waiting = venue.create(order_body("WAITING"))["orderId"]
+
+    summaries = {row["orderId"]: row for row in venue.api.get(LIST).json()["data"]}
+    replicated = venue.api.get(LIST, params={"sync": "true"}).json()["data"]
+
+    assert summaries[stuck]["status"] == "Processing..."
+    assert venue.get(stuck)["status"] == "Processing"
+    assert summaries[waiting]["status"] == "Submitted"
+    assert {row["status"] for row in replicated} == {"Processing...", "Submitted"}
+    for row in summaries.values():
+        assert row["status"] == OrderStatus(venue.get(row["orderId"])["status"]).caption
 
 
 def test_lists_only_the_partners_own_orders(venue: Venue) -> None:
@@ -111,12 +157,35 @@ def test_next_page_url_can_be_followed(venue: Venue) -> None:
 
 
 def test_page_size_bounds(venue: Venue) -> None:
-    """pageSize must be between 1 and 20000."""
-    for size in ("0", "20001", "many"):
+    """APIRequest GetRecords: a pageSize below 1 or above 20000 is 20000; one that is not
+    a number is refused."""
+    for n in range(3):
+        venue.create(order_body(f"SIZE-{n}"))
+    for size in ("0", "-5", "20001"):
         response = venue.api.get(LIST, params={"pageSize": size})
-        assert response.status_code == 400
-        assert response.json()["message"] == "pageSize must be an integer between 1 and 20000"
+        assert response.status_code == 200
+        assert (len(response.json()["data"]), response.json()["morePages"]) == (3, False)
+    refused = venue.api.get(LIST, params={"pageSize": "many"})
+    assert refused.status_code == 400
+    assert refused.json()["message"] == "pageSize must be an integer"
     assert venue.api.get(LIST, params={"pageSize": "20000"}).status_code == 200
+
+
+def test_last_row_version_is_read_only_with_sync(venue: Venue) -> None:
+    """APIRequest GetRecords applies ``lastRowVersion`` only inside ``if sync given``:
+    without ``sync`` it is ignored (every order, no rowVersion); ``sync=false`` keeps the
+    filter but not the row-version order."""
+    first = venue.create(order_body("A"))["orderId"]
+    second = venue.create(order_body("B"))["orderId"]
+    mark = venue.api.get(LIST, params={"sync": "true"}).json()["data"][0]["rowVersion"]
+
+    ignored = venue.api.get(LIST, params={"lastRowVersion": mark}).json()["data"]
+    filtered = venue.api.get(LIST, params={"sync": "false", "lastRowVersion": mark}).json()
+
+    assert [row["orderId"] for row in ignored] == [first, second]
+    assert all("rowVersion" not in row for row in ignored)
+    assert [row["orderId"] for row in filtered["data"]] == [second]
+    assert venue.api.get(LIST, params={"sync": "maybe"}).status_code == 400
 
 
 def test_foreign_or_garbled_page_key_is_refused(venue: Venue) -> None:
@@ -138,7 +207,7 @@ def test_replication_orders_by_row_version(venue: Venue) -> None:
     venue.api.delete(f"/channelManager/{first}")  # A cancelled: changed last
 
     page = venue.api.get(LIST, params={"sync": "true"}).json()
-    versions = [row["rowVersion"] for row in page["data"]]
+    versions = [int(row["rowVersion"]) for row in page["data"]]
     assert ids(page) == [second, first]
     assert versions == sorted(versions) and len(set(versions)) == 2
 
@@ -153,7 +222,7 @@ def test_change_feed_returns_exactly_the_rows_changed_since(venue: Venue) -> Non
     venue.tick()
     feed = venue.api.get(LIST, params={"sync": "true"}).json()
     assert set(ids(feed)) == {draft, issued, doomed, untouched}
-    high_water = max(row["rowVersion"] for row in feed["data"])
+    high_water = max(int(row["rowVersion"]) for row in feed["data"])
 
     venue.api.post(f"/channelManager/{draft}/confirm", json={"paymentReference": "P"})
     venue.api.delete(f"/channelManager/{issued}")
@@ -162,8 +231,8 @@ def test_change_feed_returns_exactly_the_rows_changed_since(venue: Venue) -> Non
     changes = venue.api.get(LIST, params={"sync": "true", "lastRowVersion": high_water}).json()
     assert ids(changes) == [draft, issued]
     assert [row["status"] for row in changes["data"]] == ["Issued", "Cancelled"]
-    assert all(row["rowVersion"] > high_water for row in changes["data"])
-    newest = max(row["rowVersion"] for row in changes["data"])
+    assert all(int(row["rowVersion"]) > high_water for row in changes["data"])
+    newest = max(int(row["rowVersion"]) for row in changes["data"])
     nothing = venue.api.get(LIST, params={"sync": "true", "lastRowVersion": newest}).json()
     assert nothing["data"] == []
 

@@ -3,6 +3,7 @@ and the older synchronous API version."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -19,11 +20,61 @@ def feed_row(venue: Venue, order_id: str) -> dict[str, Any]:
 
 
 def test_every_step_takes_a_new_row_version(venue: Venue) -> None:
-    """Submitted → Scheduled → Processing → Issued is three changes: three row versions."""
+    """Submitted → Scheduled → Processing → Issued is three changes, each a higher row
+    version, written as text (APIRequest AddFieldToJson: field 0 by Format(..., 0, 9))."""
     order_id = venue.create(order_body())["orderId"]
     submitted = feed_row(venue, order_id)["rowVersion"]
     venue.tick()
-    assert feed_row(venue, order_id)["rowVersion"] == submitted + 3
+    issued = feed_row(venue, order_id)["rowVersion"]
+    assert isinstance(submitted, str) and submitted.isdigit() and issued.isdigit()
+    # Three changes, each taking versions for the line, the wallet and the header.
+    assert int(issued) >= int(submitted) + 3 * 3
+
+
+def test_the_row_version_is_one_counter_for_the_whole_database(venue: Venue) -> None:
+    """APIRequest GetRecords reads the SystemRowVersion: one counter for every table, so
+    consecutive orders' versions have large, irregular gaps (each change also writes its
+    lines and wallets, and the rest of the venue writes in between), and they are far
+    beyond 32 bits."""
+    for n in range(12):
+        venue.create(order_body(f"GAP-{n}", items=[line(quantity=1 + n % 3)]))
+    rows = venue.api.get(LIST, params={"sync": "true"}).json()["data"]
+    versions = [int(row["rowVersion"]) for row in rows]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(versions)]
+
+    assert versions[0] > 2**32
+    assert all(gap >= 3 for gap in gaps)  # the next order's line, wallet and header at least
+    assert len(set(gaps)) > 3
+
+
+def test_a_held_commit_lands_below_versions_seen_before_it(venue: Venue) -> None:
+    """A late commit (holdCommitSeconds): the processing run's last change takes its row
+    version when the run ends but is seen only a cycle after the hold; an order changed
+    meanwhile is seen first with a higher version, so a reader past it must look below
+    its mark to find the late one (APIRequest GetRecords: ``lastRowVersion`` is strictly
+    greater; SQL Server rowversion is taken at write, seen at commit)."""
+    venue.faults(holdCommitSeconds=60)
+    late = venue.create(order_body("LATE"))["orderId"]
+    assert venue.tick()["held"] == [late]
+    processing = feed_row(venue, late)
+    assert processing["status"] == "Processing..."  # the caption, in a summary
+    assert venue.get(late)["status"] == "Processing"  # the plain name, in an answer
+    early = venue.create(order_body("EARLY"))["orderId"]
+    high_water = int(feed_row(venue, early)["rowVersion"])
+
+    venue.advance(30)
+    waiting = venue.tick()  # not due yet: still Processing (the other order is held now)
+    assert (waiting["processed"], waiting["held"]) == ([], [early])
+    assert venue.get(late)["status"] == "Processing"
+    venue.advance(31)
+    committed = venue.tick()
+
+    assert committed["processed"] == [{"orderId": late, "status": "Issued"}]
+    assert venue.get(late)["status"] == "Issued"
+    issued = feed_row(venue, late)
+    assert int(processing["rowVersion"]) < int(issued["rowVersion"]) < high_water
+    after_mark = venue.api.get(LIST, params={"sync": "true", "lastRowVersion": high_water})
+    assert late not in {row["orderId"] for row in after_mark.json()["data"]}
 
 
 def test_pickup_runs_on_its_cadence(make_venue: Callable[..., Venue]) -> None:
@@ -151,3 +202,17 @@ def test_legacy_sync_failure_is_an_error_response(make_venue: Callable[..., Venu
     (row,) = venue.api.get(LIST, params={"sellToOrderReference": "OLD-ERR"}).json()["data"]
     assert row["status"] == "Error"
     assert "visitDate" in row["statusMessage"]
+
+
+def test_the_sweeper_leaves_an_order_whose_commit_is_held(venue: Venue) -> None:
+    """A held change's order is locked by its open transaction (CMJobQueueRunner's
+    processing run): the stuck-order sweeper does not turn it Error under it, and the
+    commit lands as the run ended it."""
+    venue.faults(holdCommitSeconds=7200)
+    order_id = venue.create(order_body())["orderId"]
+    assert venue.tick()["held"] == [order_id]
+    venue.advance(3700)
+    assert venue.tick()["timedOut"] == []
+    assert venue.get(order_id)["status"] == "Processing"
+    venue.advance(3600)
+    assert venue.tick()["processed"] == [{"orderId": order_id, "status": "Issued"}]

@@ -388,3 +388,36 @@ def test_0008_widens_the_venues_currency_columns_to_ten(engine: sa.Engine) -> No
     with engine.begin() as connection:
         command.downgrade(migrate.alembic_config(connection), "0007")
     assert set(widths().values()) == {3}
+
+
+def test_0010_records_each_feed_cursor_as_its_first_mark(engine: sa.Engine) -> None:
+    """The feed's overlap is a time (APIRequest GetRecords: rowVersion is the database's
+    row version): each existing cursor becomes the first mark of its history, recorded
+    at its updated_at; the downgrade drops the history."""
+    migrate.upgrade(engine, "0009")
+    at = "2026-05-15 09:31:06.000000"
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text("INSERT INTO venue_connection (id, name, created_at) VALUES (1, 'v', :at)"),
+            {"at": at},
+        )
+        connection.execute(
+            sa.text(
+                "INSERT INTO feed_cursor (connection_id, partner_id, last_row_version,"
+                " updated_at) VALUES (1, 'p-1', 9007199254740993, :at)"
+            ),
+            {"at": at},
+        )
+
+    migrate.upgrade(engine)
+
+    table = Base.metadata.tables["feed_mark"]
+    with engine.connect() as connection:
+        rows = connection.execute(sa.select(table)).all()
+    assert [tuple(row) for row in rows] == [
+        (1, "p-1", 9007199254740993, dt.datetime(2026, 5, 15, 9, 31, 6, tzinfo=dt.UTC))
+    ]
+
+    with engine.begin() as connection:
+        command.downgrade(migrate.alembic_config(connection), "0009")
+    assert "feed_mark" not in sa.inspect(engine).get_table_names()

@@ -710,13 +710,46 @@ def test_missing_fields_are_named_in_the_protocol_error(make_client: MakeClient)
 
 
 def test_an_undocumented_list_body_is_a_protocol_error(make_client: MakeClient) -> None:
-    """Bad JSON or a wrong shape on a list page is a protocol error, not a crash."""
-    client = make_client(Venue(reply(200, b"<html>"), reply(200, {"data": [{"status": 1}]})))
+    """Bad JSON or a page that is not a list page is a protocol error, not a crash."""
+    client = make_client(Venue(reply(200, b"<html>"), reply(200, {"data": {"status": 1}})))
 
     with pytest.raises(VenueProtocolError, match="does not parse as OrderSummary: not JSON"):
         list(client.list_orders(PARTNER))
-    with pytest.raises(VenueProtocolError, match="orderId"):
+    with pytest.raises(VenueProtocolError, match="data: Input should be a valid list"):
         list(client.list_orders(PARTNER))
+
+
+def test_a_summary_that_does_not_read_never_fails_its_page(
+    make_client: MakeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One bad row is logged by its ids and the fields at fault, never its values; the
+    other rows of the page, and the next page, still read.
+
+    Follows APIRequest GetRecords (one page of rows written field by field by
+    AddFieldToJson): a row the client cannot read is the venue's data, not a broken page.
+    """
+    caplog.set_level(logging.WARNING, logger="venue.client")
+    bad = summary(2, orderId=ORDER_ID, status="Shipped", rowVersion="17", sellToName=CUSTOMER_NAME)
+    first = {"morePages": True, "nextPageKey": "k1", "data": [summary(1), bad]}
+    second = {"data": [{"status": 1}, summary(3)]}
+    client = make_client(Venue(reply(200, first), reply(200, second)))
+
+    pages = list(client.change_feed_pages(PARTNER, None))
+
+    assert [[s.order_id for s in page.data] for page in pages] == [["order-1"], ["order-3"]]
+    [unreadable] = pages[0].unreadable
+    assert (unreadable.index, unreadable.order_id, unreadable.row_version) == (1, ORDER_ID, 17)
+    assert unreadable.problem.startswith("status: Input should be 'Submitted'")
+    [nameless] = pages[1].unreadable
+    assert (nameless.order_id, nameless.row_version) == (None, None)
+    assert "orderId: Field required" in nameless.problem
+    logged = [r.getMessage() for r in caplog.records if r.name == "venue.client"]
+    assert len(logged) == 2
+    assert f"row 1 does not read (orderId {ORDER_ID}, id -, rowVersion 17)" in logged[0]
+    assert all(CUSTOMER_NAME not in line and "Shipped" not in line for line in logged)
+    # Listing without the feed leaves the bad rows out the same way.
+    lister = make_client(Venue(reply(200, second)))
+    assert [s.order_id for s in lister.list_orders(PARTNER)] == ["order-3"]
 
 
 def test_a_nul_character_in_an_answer_is_a_protocol_error_naming_the_field(
@@ -724,13 +757,17 @@ def test_a_nul_character_in_an_answer_is_a_protocol_error_naming_the_field(
 ) -> None:
     """PostgreSQL's text refuses NUL: such an answer is refused here, the same on both databases."""
     item = {"lineNo": 1, "itemNumber": "31001", "description": "Castle\x00"}
-    listed = [summary(1, statusMessage="\x00")]
+    listed = [summary(1, statusMessage="\x00"), summary(2)]
     client = make_client(Venue(reply(200, {**ORDER, "items": [item]}), reply(200, listed)))
 
     with pytest.raises(VenueProtocolError) as caught:
         client.get_order(ORDER_ID)
-    with pytest.raises(VenueProtocolError, match=r"0\.statusMessage: expected text without NUL"):
-        list(client.list_orders(PARTNER))
+    # In a list, such a row is unreadable like one that does not parse: the page goes on.
+    [page] = client.change_feed_pages(PARTNER, None)
+    assert [s.order_id for s in page.data] == ["order-2"]
+    assert page.unreadable[0].problem == (
+        "statusMessage: expected text without NUL characters or unpaired surrogates"
+    )
 
     assert caught.value.status == 200
     assert caught.value.reason == (

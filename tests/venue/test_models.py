@@ -29,6 +29,7 @@ from venue.models import (
     OrderSummary,
     parse_notifications,
     parse_page,
+    parse_row_version,
 )
 
 SEEDS = Path(__file__).resolve().parents[3] / "shared" / "seeds"
@@ -253,6 +254,90 @@ def test_change_feed_summaries_carry_row_versions_and_tolerate_unknown_fields() 
     assert (summary.id, summary.row_version, summary.status) == ("row-1", 42, "Cancelled")
     assert summary.received_at == dt.datetime(2026, 5, 15, 9, 30, tzinfo=dt.UTC)
     assert summary.model_extra == {"somethingNew": {"nested": True}}
+
+
+# The vendor's summary as APIRequest AddFieldToJson writes it (ListOrdersByPartner's
+# fields): every field present, blanks as "", the status by its caption, the SystemId
+# as ``id`` and the row version as text.
+VENDOR_SUMMARY = {
+    "orderId": "9c6b2f4e-2b71-4d23-9d6a-a3b4c5d6e7f8",
+    "partnerId": "21e8c1d2-3f4a-4c5b-9e6d-7f8a9b0c1d2e",
+    "sellToOrderReference": "WEB-1001",
+    "buyFromOrderReference": "CM-260515093000-A1B2",
+    "sellToEmail": "",
+    "sellToName": "",
+    "sellToLanguage": "",
+    "paymentReference": "",
+    "status": "Processing...",
+    "statusMessage": "",
+    "receivedAt": "2026-05-15T09:30:00.123Z",
+    "jobId": "",
+    "manifestUrl": "",
+    "id": "0b8f1c2d-3e4f-4a5b-8c6d-7e8f9a0b1c2d",
+    "rowVersion": "1234567890123",
+}
+
+
+@pytest.mark.parametrize(
+    ("text", "status"),
+    [
+        *[(s.value, s) for s in OrderStatus],
+        ("Processing...", OrderStatus.PROCESSING),
+        ("processing...", OrderStatus.PROCESSING),
+        (" ISSUED ", OrderStatus.ISSUED),
+    ],
+)
+def test_statuses_read_by_plain_name_or_caption(text: str, status: OrderStatus) -> None:
+    """CMOrderStatus.Enum.al: single answers write the name (ChannelMgrOrderAgent
+    GetStatusAsText), list summaries the caption (APIRequest AddFieldToJson, Format); only
+    Processing's caption differs ("Processing..."). Both read as the same status."""
+    row = {**VENDOR_SUMMARY, "status": text}
+    assert OrderSummary.model_validate(row).status is status
+    assert Order.model_validate({**VENDOR_SUMMARY, "status": text}).status is status
+
+
+def test_captions_are_the_vendors() -> None:
+    """CMOrderStatus.Enum.al: every value's caption, as the sandbox writes summaries."""
+    assert {s.value: s.caption for s in OrderStatus} == {
+        "Submitted": "Submitted",
+        "Scheduled": "Scheduled",
+        "Processing": "Processing...",
+        "Draft": "Draft",
+        "Issued": "Issued",
+        "Error": "Error",
+        "Cancelled": "Cancelled",
+    }
+    with pytest.raises(ValidationError, match="status"):
+        OrderSummary.model_validate({**VENDOR_SUMMARY, "status": "Shipped"})
+
+
+def test_the_vendors_summary_reads() -> None:
+    """APIRequest AddFieldToJson: blanks as "", rowVersion as text (Format(..., 0, 9)),
+    ``id`` the SystemId GUID (GetRecords adds it), the status by caption."""
+    summary = OrderSummary.model_validate(VENDOR_SUMMARY)
+
+    assert summary.status is OrderStatus.PROCESSING
+    assert summary.row_version == 1234567890123
+    assert summary.id == VENDOR_SUMMARY["id"] != summary.order_id
+    assert summary.received_at == dt.datetime(2026, 5, 15, 9, 30, 0, 123000, tzinfo=dt.UTC)
+
+
+@pytest.mark.parametrize(
+    ("value", "number"),
+    [("0", 0), ("42", 42), (" 9223372036854775807 ", 2**63 - 1), (17, 17)],
+)
+def test_row_versions_read_from_text(value: Any, number: int) -> None:
+    """APIRequest AddFieldToJson writes field 0 (the row version) as Format(..., 0, 9):
+    decimal digits in a JSON string; a number is taken too."""
+    assert parse_row_version(value) == number
+
+
+@pytest.mark.parametrize("value", ["", "12a", "-1", "1.5", "1,234", True, 1.5, 2**63])
+def test_row_versions_that_are_not_whole_numbers_are_refused(value: Any) -> None:
+    """Anything but a non-negative 64-bit whole number is not a row version (APIRequest
+    AddFieldToJson: a BigInteger formatted with format 9)."""
+    with pytest.raises(ValueError, match="rowVersion"):
+        parse_row_version(value)
 
 
 # --- webhooks ---------------------------------------------------------------------------
