@@ -88,6 +88,15 @@ class OrderStatus(StrEnum):
         """A processing run has left the order here; a webhook may announce it."""
         return self in (OrderStatus.DRAFT, OrderStatus.ISSUED, OrderStatus.ERROR)
 
+    @property
+    def caption(self) -> str:
+        """The status as the venue formats it into text (CMOrderStatus ``Caption``).
+
+        Only Processing differs from its name: ``Processing...``. Messages that name a
+        status (deleteOrder's "mid-flight") and list summaries carry the caption.
+        """
+        return "Processing..." if self is OrderStatus.PROCESSING else self.value
+
 
 IN_FLIGHT_STATUSES = frozenset(
     {OrderStatus.SUBMITTED, OrderStatus.SCHEDULED, OrderStatus.PROCESSING}
