@@ -96,6 +96,7 @@ from storage.models import (
     VenueOrder,
     ensure_connection,
     mark_removed,
+    note_foreign_order,
     upsert_order,
 )
 from storage.types import MONEY_MAX, UNSTORABLE_TEXT, unstorable_text_path
@@ -282,6 +283,23 @@ def choose_connection(settings: Settings, name: str | None) -> VenueConnection:
         f"no venue connection named {name!r} (known: {known})",
         code="unknown_connection",
     )
+
+
+def check_partner(venue: VenueConnection, partner_id: str) -> None:
+    """Refuse a sale for a partner not configured for ``venue``.
+
+    The venue takes any partner of the company (ChannelMgrOrderAgent ``CreateOrder``
+    checks only that the partner is set up), but otacm mirrors and reconciles only the
+    configured partners' orders: a sale of another would be sent and then never followed.
+
+    Raises:
+        SubmissionError: naming ``partnerId``.
+    """
+    if _guid(partner_id) not in venue.partner_ids:
+        raise SubmissionError(
+            "partnerId",
+            f"partner {partner_id!r} is not configured for venue connection {venue.name!r}",
+        )
 
 
 # --- recording ---------------------------------------------------------------------------
@@ -965,6 +983,12 @@ class _Send:
                         queue_lookups(session.connection(), claim.connection_id, [lookup], now=now)
                     elif removed:
                         mark_removed(session, claim.connection_id, order_id, now, source)
+                    elif order is not None and not self.client.serves(order.partner_id):
+                        # Another partner's order (an action on an order the mirror
+                        # never held): its id is noted, nothing else of it kept.
+                        note_foreign_order(
+                            session, claim.connection_id, order_id, order.partner_id, now
+                        )
                     elif order is not None:
                         upsert_order(
                             session, claim.connection_id, order, source=source, observed_at=now
@@ -1760,6 +1784,7 @@ def submit_file(
     for index, submission in enumerate(submissions):
         try:
             venue = choose_connection(settings, submission.connection)
+            check_partner(venue, submission.request.partner_id)
         except SubmissionError as exc:
             where = f"[{index}]." if len(submissions) > 1 else ""
             raise SubmissionError(f"{where}{exc.field}", exc.problem, code=exc.code) from None

@@ -159,6 +159,22 @@ class VenueClient:
         self._throttle = throttle or throttle_for(connection.api_identity)
         self._retry = retry or RetryPolicy()
         self._observer = observer
+        self._partner_ids = frozenset(connection.partner_ids)
+
+    def serves(self, partner_id: str) -> bool:
+        """Whether ``partner_id`` is one of the partners configured for this connection.
+
+        The venue's webhooks and getOrder are company-wide (CMOrderWebhooks, and
+        ChannelMgrOrderAgent ``GetOrder`` has no partner check), so orders of other
+        partners of the same company reach otacm; only the configured partners' are ours
+        to mirror.
+        """
+        return partner_id.strip().strip("{}").lower() in self._partner_ids
+
+    @property
+    def partner_ids(self) -> frozenset[str]:
+        """The partners configured for this connection (lowercase GUIDs)."""
+        return self._partner_ids
 
     def __repr__(self) -> str:
         return f"VenueClient({self._base_url!r})"
