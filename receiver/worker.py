@@ -657,8 +657,7 @@ def _set_aside(
         report.foreign += 1
         # The order's partner is named, its customer and references never.
         logger.info(
-            "order %s: partner %s is not configured for this connection; not mirrored"
-            " (inbox %s%s)",
+            "order %s: partner %s not configured for the connection; not mirrored (inbox %s%s)",
             order_id,
             "(noted before)" if order is None else order.partner_id,
             finished,
