@@ -257,6 +257,7 @@ def scheduled_jobs(settings: Settings, runtime: Runtime) -> list[ScheduledJob]:
             actor=None,
             grace=dt.timedelta(seconds=settings.recon_grace),
             tolerance=settings.recon_amount_tolerance,
+            partners={cid: conn.partner_ids for cid, conn in runtime.connections.items()},
         )
 
     jobs.append(ScheduledJob("reconcile", settings.recon_interval, reconcile))

@@ -970,15 +970,8 @@ def forget_foreign_orders(
     for row in found:
         note_foreign_order(session, connection_id, row.order_id, row.partner_id, now)
     for chunk in _chunks([row.id for row in found], 500):
-        # Items, wallets, assets and status changes go by ON DELETE CASCADE on
-        # PostgreSQL; SQLite enforces foreign keys only when told, so they are deleted
-        # explicitly, innermost first.
-        wallet_ids = sa.select(Wallet.id).join(OrderItem).where(OrderItem.venue_order_id.in_(chunk))
-        session.execute(sa.delete(Asset).where(Asset.wallet_id.in_(wallet_ids)))
-        item_ids = sa.select(OrderItem.id).where(OrderItem.venue_order_id.in_(chunk))
-        session.execute(sa.delete(Wallet).where(Wallet.order_item_id.in_(item_ids)))
-        session.execute(sa.delete(OrderItem).where(OrderItem.venue_order_id.in_(chunk)))
-        session.execute(sa.delete(StatusChange).where(StatusChange.venue_order_id.in_(chunk)))
+        # Items, wallets, assets and status changes go with the order (ON DELETE CASCADE,
+        # enforced on SQLite too: storage.engine turns foreign keys on).
         session.execute(sa.delete(VenueOrder).where(VenueOrder.id.in_(chunk)))
     session.flush()
     return len(found)
