@@ -5,7 +5,11 @@ stored it: :func:`claim_batch` leases due rows to one worker, :func:`process_cla
 getOrder once per order (rows of one batch for the same order share the call, outside any
 database transaction) and applies the venue's answer with
 :func:`~storage.models.upsert_order` — the venue's status is the truth, the notification's
-only a hint — or :func:`~storage.models.mark_removed` on a 404. Venue failures, and answers
+only a hint — or :func:`~storage.models.mark_removed` on a 404. The venue notifies and
+answers getOrder company-wide, so an answer may be an order of a partner not configured
+for the connection: nothing of it is mirrored, its id alone is noted
+(:func:`~storage.models.note_foreign_order`), and later rows for it are finished with no
+call. Venue failures, and answers
 the mirror cannot hold (a malformed body, text a column refuses or too wide for it, a
 number out of range: :class:`~venue.errors.VenueProtocolError`,
 :class:`~storage.models.ColumnOverflow`), send a row back to pending with exponential
