@@ -1001,6 +1001,31 @@ def test_a_bad_file_records_nothing(
     assert venue.calls == Counter()
 
 
+def test_a_file_with_a_partner_not_configured_records_nothing(
+    sessions: sessionmaker[Session], client: VenueClient, venue: FakeVenue, tmp_path: Path
+) -> None:
+    """A sale for a partner the connection does not configure is refused, naming partnerId.
+
+    The venue would take any partner of the company (ChannelMgrOrderAgent ``CreateOrder``),
+    but otacm follows only the configured partners' orders.
+    """
+    path = tmp_path / "orders.jsonl"
+    entries = [order_body("P-1"), order_body("P-2", partnerId=INACTIVE_PARTNER)]
+    path.write_text("\n".join(json.dumps(entry) for entry in entries), encoding="utf-8")
+
+    with pytest.raises(SubmissionError, match=r"^\[1\]\.partnerId: .*not configured"):
+        submit_file(
+            Settings(connections=[CONNECTION]),
+            path,
+            sessions=sessions,
+            clients={"default": client},
+            now=T0,
+        )
+
+    assert rows(sessions, LedgerLine) == []
+    assert venue.calls == Counter()
+
+
 # --- actions on an order ------------------------------------------------------------------
 
 ORDER_ID = "0b7d6c5e-4f3a-4b2c-9d1e-8f7a6b5c4d3e"
