@@ -250,6 +250,9 @@ class OrderBook:
                 raise InvalidRequest(
                     f"Order is mid-flight (status {status.caption}); retry once it has settled."
                 )
+            if status is OrderStatus.CANCELLED:
+                # Already stripped and Cancelled: marking it again changes no field.
+                return record
             cancelled = record.order.model_copy(
                 update={
                     "status": OrderStatus.CANCELLED,
