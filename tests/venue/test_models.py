@@ -345,3 +345,15 @@ def test_reprs_hide_client_state_and_customer_data() -> None:
             for personal in CUSTOMER_DATA:
                 assert personal not in text
     assert "9c6b2f4e-2b71-4d23-9d6a-a3b4c5d6e7f8" in repr(order)  # ids stay visible
+
+
+def test_a_status_caption_is_its_name_except_processing() -> None:
+    """Messages naming a status carry its caption: CMOrderStatus ``Processing...``.
+
+    ChannelMgrOrderAgent ``DeleteOrder`` writes "mid-flight (status %1)" with the enum
+    formatted, which is its caption.
+    """
+    assert OrderStatus.PROCESSING.caption == "Processing..."
+    assert [s.caption for s in OrderStatus if s is not OrderStatus.PROCESSING] == [
+        s.value for s in OrderStatus if s is not OrderStatus.PROCESSING
+    ]
