@@ -150,7 +150,13 @@ def find_lost_submissions(
     if not clients or limit < 1:
         return report
     with sessions.begin() as session:
-        suspects = _suspects(session, clients.keys(), now=now, grace=grace, limit=limit)
+        suspects = _suspects(
+            session,
+            {cid: client.partner_ids for cid, client in clients.items()},
+            now=now,
+            grace=grace,
+            limit=limit,
+        )
     if not suspects:
         return report
 
@@ -203,13 +209,17 @@ def find_lost_submissions(
 
 def _suspects(
     session: Session,
-    connection_ids: Collection[int],
+    partners: Mapping[int, Collection[str]],
     *,
     now: dt.datetime,
     grace: dt.timedelta,
     limit: int,
 ) -> list[_Suspect]:
-    """The lines that look lost and are due for a look-up, oldest first."""
+    """The lines that look lost and are due for a look-up, oldest first.
+
+    Only lines of the partners configured for each connection (``partners``): a partner
+    since removed from the settings is not looked up, its orders no longer followed.
+    """
     newer = aliased(Outbox)
     # The line's latest create row: a newer one (a re-submission) supersedes it.
     superseded = sa.exists().where(
@@ -239,7 +249,16 @@ def _suspects(
         )
         .join(Outbox, Outbox.ledger_line_id == LedgerLine.id)
         .where(
-            LedgerLine.connection_id.in_(sorted(connection_ids)),
+            sa.or_(
+                sa.false(),
+                *(
+                    sa.and_(
+                        LedgerLine.connection_id == connection_id,
+                        LedgerLine.partner_id.in_(sorted(partner_ids)),
+                    )
+                    for connection_id, partner_ids in partners.items()
+                ),
+            ),
             LedgerLine.source == LedgerSource.SUBMIT,
             LedgerLine.state == LedgerState.ACTIVE,
             LedgerLine.created_at <= now - grace,

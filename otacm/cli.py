@@ -922,16 +922,18 @@ def reconcile_command(
     try:
         sessions = make_sessions(engine)
         with sessions.begin() as session:
-            ids = {
-                ensure_connection(session, c.name): c.name
+            chosen = {
+                ensure_connection(session, c.name): c
                 for c in settings.connections
                 if names is None or c.name in names
             }
+        ids = {connection_id: c.name for connection_id, c in chosen.items()}
         failed = None
         try:
             report = reconcile_connections(
                 sessions,
                 sorted(ids),
+                partners={connection_id: c.partner_ids for connection_id, c in chosen.items()},
                 period_from=start,
                 period_to=end,
                 now=now,

@@ -125,7 +125,8 @@ def open_runtime(settings: Settings) -> Iterator[Runtime]:
     from receiver.metrics import VenueCallMetrics
     from storage.engine import make_engine, make_sessions
     from storage.migrate import is_current
-    from storage.models import ensure_connection
+    from storage.models import ensure_connection, forget_foreign_orders
+    from storage.types import utcnow
     from venue.client import open_client
 
     engine = make_engine(settings.database_url)
@@ -140,6 +141,21 @@ def open_runtime(settings: Settings) -> Iterator[Runtime]:
         clients: dict[int, VenueClient] = {}
         with sessions.begin() as session:
             ids = {c.name: ensure_connection(session, c.name) for c in settings.connections}
+            # Orders of partners the settings no longer (or never) configured, mirrored
+            # before: erased at every start, so that neither reconciliation nor finance
+            # sees them and their customers' data does not stay. Partners change only
+            # with the settings, that is with a restart.
+            for connection in settings.connections:
+                erased = forget_foreign_orders(
+                    session, ids[connection.name], connection.partner_ids, utcnow()
+                )
+                if erased:
+                    logger.warning(
+                        "connection %s: %d mirrored orders of partners not configured for it"
+                        " erased",
+                        connection.name,
+                        erased,
+                    )
         for connection in settings.connections:
             clients[ids[connection.name]] = stack.enter_context(
                 open_client(connection, observer=venue_calls.observe)
@@ -241,6 +257,7 @@ def scheduled_jobs(settings: Settings, runtime: Runtime) -> list[ScheduledJob]:
             actor=None,
             grace=dt.timedelta(seconds=settings.recon_grace),
             tolerance=settings.recon_amount_tolerance,
+            partners={cid: conn.partner_ids for cid, conn in runtime.connections.items()},
         )
 
     jobs.append(ScheduledJob("reconcile", settings.recon_interval, reconcile))

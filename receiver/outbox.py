@@ -26,9 +26,12 @@ in a transaction of its own, only while the row is still leased by its sender:
   or delete, so the answer is the only news of them); a replaceOrder that lands also
   updates the sale's ledger line (its request, quantity, references, and the amount when
   the replacement carries one);
-- deleteOrder of a Draft or Error order removes it at the venue: the row is ``sent`` and
-  the order marked removed (:func:`~storage.models.mark_removed`); of an Issued or
-  Cancelled order, the Cancelled order is mirrored;
+- deleteOrder answers "Cancelled" whether the venue kept the order (Issued, Cancelled)
+  or then removed it (Draft, Error), so its answer's status is never read: a getOrder
+  after it decides — 404 → the row is ``sent`` and the order marked removed
+  (:func:`~storage.models.mark_removed`), an order → mirrored as it is (Cancelled); when
+  that getOrder fails, the mirror's status before the call says what to expect and the
+  worker's getOrder settles the mirror;
 - createOrder's duplicate-reference 400 (an earlier attempt landed but its answer was
   lost) → the order is found by reference, fetched, mirrored, and the row is ``sent``;
   a replaceOrder refused on a retry is checked the same way (the order now holds the
@@ -93,6 +96,7 @@ from storage.models import (
     VenueOrder,
     ensure_connection,
     mark_removed,
+    note_foreign_order,
     upsert_order,
 )
 from storage.types import MONEY_MAX, UNSTORABLE_TEXT, unstorable_text_path
@@ -292,6 +296,23 @@ def choose_connection(settings: Settings, name: str | None) -> VenueConnection:
         f"no venue connection named {name!r} (known: {known})",
         code="unknown_connection",
     )
+
+
+def check_partner(venue: VenueConnection, partner_id: str) -> None:
+    """Refuse a sale for a partner not configured for ``venue``.
+
+    The venue takes any partner of the company (ChannelMgrOrderAgent ``CreateOrder``
+    checks only that the partner is set up), but otacm mirrors and reconciles only the
+    configured partners' orders: a sale of another would be sent and then never followed.
+
+    Raises:
+        SubmissionError: naming ``partnerId``.
+    """
+    if _guid(partner_id) not in venue.partner_ids:
+        raise SubmissionError(
+            "partnerId",
+            f"partner {partner_id!r} is not configured for venue connection {venue.name!r}",
+        )
 
 
 # --- recording ---------------------------------------------------------------------------
@@ -940,12 +961,14 @@ class _Send:
         resolved: bool = False,
         replacement: Submission | None = None,
         message: str | None = None,
+        mirror: bool = True,
     ) -> SendResult:
         """In one transaction: the row ``sent`` and the venue's answer mirrored.
 
         ``order`` is upserted with the operation's change source, or, when ``removed``,
         the order is marked removed. A ``replacement`` that landed is copied to the sale's
-        ledger line.
+        ledger line. With ``mirror`` false nothing of the order is written; a getOrder is
+        queued for the worker instead (the answer could not be confirmed).
         """
         claim, now = self.claim, self.now
         order_id = _guid(order.order_id) if order is not None else claim.order_id
@@ -964,21 +987,31 @@ class _Send:
                     last_error=None,
                 )
                 if updated:
-                    if removed:
+                    if not mirror:
+                        lookup = Lookup(
+                            order_id,
+                            f"{claim.operation}_answer",
+                            None if order is None else order.status,
+                        )
+                        queue_lookups(session.connection(), claim.connection_id, [lookup], now=now)
+                    elif removed:
                         mark_removed(session, claim.connection_id, order_id, now, source)
-                    elif order is not None and mirror:
+                    elif order is not None and not self.client.serves(order.partner_id):
+                        # Another partner's order (an action on an order the mirror
+                        # never held): its id is noted, nothing else of it kept.
+                        note_foreign_order(
+                            session, claim.connection_id, order_id, order.partner_id, now
+                        )
+                    elif order is not None:
                         upsert_order(
                             session, claim.connection_id, order, source=source, observed_at=now
                         )
-                    elif order is not None:
-                        lookup = Lookup(order_id, f"{claim.operation}_answer", order.status)
-                        queue_lookups(session.connection(), claim.connection_id, [lookup], now=now)
                     if replacement is not None and claim.ledger_line_id is not None:
                         _apply_replacement(session, claim.ledger_line_id, replacement)
                 return updated
 
         try:
-            updated = record(mirror=True)
+            updated = record(mirror=mirror)
         except ColumnOverflow as exc:
             # The call landed, but the mirror cannot hold the answer. The row is sent all
             # the same (sending it again would not change the answer), and the order is
@@ -1202,16 +1235,63 @@ def _send_replace(send: _Send) -> SendResult:
 
 
 def _send_delete(send: _Send) -> SendResult:
-    if send.claim.order_id is None:
+    """deleteOrder, its effect decided by the order's state, confirmed by getOrder.
+
+    The venue answers every successful deleteOrder with the order marked ``Cancelled``
+    and no items — also when it then deleted the order outright (a Draft or Error order:
+    CMOrderIssuer ``DeleteOrder`` marks it through ``DestroyOrderAssets`` first, and
+    ChannelMgrOrderAgent ``DeleteOrder`` answers the record as marked). So the answer's
+    status says nothing about what happened: what the order was before the call (the
+    mirror's status) says what to expect, and a getOrder says what is: 404 → removed,
+    an order → mirrored as it is (an Issued one kept as Cancelled).
+    """
+    order_id = send.claim.order_id
+    if order_id is None:
         return send.refuse("the stored delete names no order")
+    before = _mirrored_status(send)
     try:
-        order = send.client.delete_order(send.claim.order_id)
+        answer = send.client.delete_order(order_id)
     except VenueError as exc:
         return _action_failed(send, exc)
-    # A Draft or Error order is removed outright (the answer is the order as it was, or
-    # nothing); an Issued one is kept as Cancelled, and deleting that again changes nothing.
-    removed = order is None or order.status in (OrderStatus.DRAFT, OrderStatus.ERROR)
-    return send.sent(order, removed=removed)
+    try:
+        order = send.client.get_order(order_id)
+    except VenueNotFound:
+        return send.sent(None, removed=True)
+    except VenueError as exc:
+        # The delete landed; only its confirmation failed. The row is sent, the result
+        # says what the state before the call implies, and the mirror is left to the
+        # worker's getOrder (a lookup is queued) rather than to the answer's status.
+        expected_removal = before in (OrderStatus.DRAFT, OrderStatus.ERROR)
+        logger.warning(
+            "outbox %d: order %s deleted (was %s); its getOrder failed (%s), left to the worker",
+            send.claim.id,
+            order_id,
+            before or "not mirrored",
+            describe_venue_error(exc),
+        )
+        return send.sent(answer, removed=expected_removal, mirror=False)
+    if before in (OrderStatus.DRAFT, OrderStatus.ERROR):
+        # The venue keeps a Draft or Error order only if it changed meanwhile.
+        logger.warning(
+            "outbox %d: order %s was %s, yet the venue kept it as %s",
+            send.claim.id,
+            order_id,
+            before,
+            order.status,
+        )
+    return send.sent(order)
+
+
+def _mirrored_status(send: _Send) -> OrderStatus | None:
+    """The mirror's status of the claimed order; ``None`` when not mirrored (or removed)."""
+    with send.sessions.begin() as session:
+        return session.scalar(
+            sa.select(VenueOrder.status).where(
+                VenueOrder.connection_id == send.claim.connection_id,
+                VenueOrder.order_id == _guid(send.claim.order_id or ""),
+                VenueOrder.removed_at.is_(None),
+            )
+        )
 
 
 _SENDERS: dict[OutboxOperation, Callable[[_Send], SendResult]] = {
@@ -1722,6 +1802,7 @@ def submit_file(
     for index, submission in enumerate(submissions):
         try:
             venue = choose_connection(settings, submission.connection)
+            check_partner(venue, submission.request.partner_id)
         except SubmissionError as exc:
             where = f"[{index}]." if len(submissions) > 1 else ""
             raise SubmissionError(f"{where}{exc.field}", exc.problem, code=exc.code) from None

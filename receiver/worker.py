@@ -5,7 +5,11 @@ stored it: :func:`claim_batch` leases due rows to one worker, :func:`process_cla
 getOrder once per order (rows of one batch for the same order share the call, outside any
 database transaction) and applies the venue's answer with
 :func:`~storage.models.upsert_order` — the venue's status is the truth, the notification's
-only a hint — or :func:`~storage.models.mark_removed` on a 404. Venue failures, and answers
+only a hint — or :func:`~storage.models.mark_removed` on a 404. The venue notifies and
+answers getOrder company-wide, so an answer may be an order of a partner not configured
+for the connection: nothing of it is mirrored, its id alone is noted
+(:func:`~storage.models.note_foreign_order`), and later rows for it are finished with no
+call. Venue failures, and answers
 the mirror cannot hold (a malformed body, text a column refuses or too wide for it, a
 number out of range: :class:`~venue.errors.VenueProtocolError`,
 :class:`~storage.models.ColumnOverflow`), send a row back to pending with exponential
@@ -45,7 +49,9 @@ from storage.models import (
     InboxSource,
     InboxState,
     VenueOrder,
+    foreign_order_ids,
     mark_removed,
+    note_foreign_order,
     upsert_order,
 )
 from storage.types import utcnow
@@ -117,6 +123,8 @@ class WorkerReport:
         retried: rows sent back to pending after a failure, to try again later.
         dead: rows dead-lettered (attempts spent, or leases expired too often).
         removed: orders the venue no longer knows (404), marked removed.
+        foreign: orders of partners not configured for the connection, left unmirrored:
+            fetched once and noted by id, or already noted (no call).
         venue_calls: getOrder calls made (the client's own retries not counted).
         lease_lost: rows another worker had re-claimed by the time this one applied.
         abandoned: rows left leased after our own database failed; their lease expires.
@@ -128,6 +136,7 @@ class WorkerReport:
     retried: int = 0
     dead: int = 0
     removed: int = 0
+    foreign: int = 0
     venue_calls: int = 0
     lease_lost: int = 0
     abandoned: int = 0
@@ -278,8 +287,17 @@ def process_claims(
         if claim.order_id:
             key = (claim.connection_id, _normalize_guid(claim.order_id))
             groups.setdefault(key, []).append(claim)
+    try:
+        known_foreign = _known_foreign(sessions, clients, groups.keys())
+    except SQLAlchemyError as exc:
+        for (_, order_id), group in groups.items():
+            _abandon(group, order_id, exc, report)
+        return report
     for (connection_id, order_id), group in groups.items():
         try:
+            if (connection_id, order_id) in known_foreign:
+                _set_aside(sessions, group, order_id, None, owner=owner, now=now, report=report)
+                continue
             _process_order(
                 sessions,
                 clients.get(connection_id),
@@ -496,6 +514,9 @@ def _process_order(
         return
     if order is not None:
         report.fetched += 1
+        if not client.serves(order.partner_id):
+            _set_aside(sessions, group, order_id, order, owner=owner, now=now, report=report)
+            return
 
     try:
         _apply(sessions, group, order_id, order, owner=owner, now=now, report=report)
@@ -589,6 +610,62 @@ def _apply(
             order.status,
             "/".join(notified) or "-",
             finished,
+        )
+
+
+def _known_foreign(
+    sessions: sessionmaker[Session],
+    clients: Mapping[int, VenueClient],
+    keys: Collection[tuple[int, str]],
+) -> set[tuple[int, str]]:
+    """Of the (connection, order) pairs, those noted as another partner's: no call needed."""
+    by_connection: dict[int, list[str]] = {}
+    for connection_id, order_id in keys:
+        by_connection.setdefault(connection_id, []).append(order_id)
+    found: set[tuple[int, str]] = set()
+    with sessions.begin() as session:
+        for connection_id, order_ids in by_connection.items():
+            client = clients.get(connection_id)
+            if client is None:
+                continue
+            noted = foreign_order_ids(session, connection_id, order_ids, client.partner_ids)
+            found.update((connection_id, order_id) for order_id in noted)
+    return found
+
+
+def _set_aside(
+    sessions: sessionmaker[Session],
+    group: list[Claim],
+    order_id: str,
+    order: Order | None,
+    *,
+    owner: str,
+    now: dt.datetime,
+    report: WorkerReport,
+) -> None:
+    """Finish the rows of another partner's order without mirroring anything of it.
+
+    The venue notifies and answers getOrder company-wide (CMOrderWebhooks;
+    ChannelMgrOrderAgent ``GetOrder``), so an order of a partner not configured for the
+    connection can arrive. ``order`` is the one getOrder just returned (its id and
+    partner are noted, :func:`~storage.models.note_foreign_order`), or ``None`` when it
+    was noted before: then no call was made.
+    """
+    with sessions.begin() as session:
+        finished = _finish(session, group, owner=owner, now=now)
+        if finished and order is not None:
+            note_foreign_order(session, group[0].connection_id, order_id, order.partner_id, now)
+    report.done += len(finished)
+    report.lease_lost += len(group) - len(finished)
+    if finished:
+        report.foreign += 1
+        # The order's partner is named, its customer and references never.
+        logger.info(
+            "order %s: partner %s not configured for the connection; not mirrored (inbox %s%s)",
+            order_id,
+            "(noted before)" if order is None else order.partner_id,
+            finished,
+            "" if order is not None else "; no venue call",
         )
 
 

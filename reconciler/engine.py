@@ -85,8 +85,9 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -137,6 +138,7 @@ def reconcile(
     actor: str | None,
     grace: dt.timedelta,
     tolerance: Decimal,
+    partner_ids: Collection[str] | None = None,
 ) -> int:
     """Run one reconciliation of ``connection_id`` over ``[period_from, period_to)``.
 
@@ -150,6 +152,10 @@ def reconcile(
         actor: who started a manual run (``None`` for scheduled runs).
         grace: how long an order may stay in flight before it is stuck.
         tolerance: the largest amount difference that still matches.
+        partner_ids: the partners configured for the connection: only their sales and
+            orders are compared (the venue's webhooks and getOrder are company-wide, so
+            other partners' orders may have reached the mirror). ``None`` compares every
+            partner's.
 
     Returns:
         The run's id.
@@ -203,6 +209,7 @@ def reconcile(
                 "cutoff": now - grace,
                 "tolerance": to_micros(tolerance),
                 "actor": actor,
+                "partner_ids": None if partner_ids is None else sorted(partner_ids),
             }
             _compare(session, params)
             session.execute(
@@ -301,6 +308,7 @@ def _compare(session: Session, params: dict[str, Any]) -> None:
 
 
 def _execute(session: Session, sql: str, params: dict[str, Any]) -> None:
+    sql = _scoped(sql, params.get("partner_ids"))
     statement = sa.text(sql).bindparams(
         *(
             sa.bindparam(name, type_=UTCDateTime())
@@ -308,6 +316,8 @@ def _execute(session: Session, sql: str, params: dict[str, Any]) -> None:
             if f":{name}" in sql
         )
     )
+    if ":partner_ids" in sql:
+        statement = statement.bindparams(sa.bindparam("partner_ids", expanding=True))
     used = {name: value for name, value in params.items() if f":{name}" in sql}
     started = time.monotonic()
     result = session.execute(statement, used)
@@ -315,6 +325,27 @@ def _execute(session: Session, sql: str, params: dict[str, Any]) -> None:
     logger.debug(
         "%s: %s rows in %.2fs", " ".join(sql.split())[:60], rows, time.monotonic() - started
     )
+
+
+def _partner_scope(alias: str) -> str:
+    """A marker: here the statement restricts ``alias``'s rows to the configured partners."""
+    return f"/* partners of {alias} */"
+
+
+_PARTNER_SCOPE = re.compile(r"/\* partners of (\w+) \*/")
+
+
+def _scoped(sql: str, partner_ids: list[str] | None) -> str:
+    """``sql`` with its partner scopes: the configured partners' rows only, or every row.
+
+    An empty list matches no partner, and so no row (``IN`` over nothing is spelled
+    ``1 = 0``, which every database takes).
+    """
+    if partner_ids is None:
+        return _PARTNER_SCOPE.sub("", sql)
+    if not partner_ids:
+        return _PARTNER_SCOPE.sub("AND 1 = 0", sql)
+    return _PARTNER_SCOPE.sub(lambda m: f"AND {m.group(1)}.partner_id IN :partner_ids", sql)
 
 
 _IN_FLIGHT = "'Submitted', 'Scheduled', 'Processing'"
@@ -382,7 +413,7 @@ _LEDGER_FINDINGS_SQL = f"""
         LEFT JOIN venue_order o
           ON o.connection_id = l.connection_id AND o.partner_id = l.partner_id
          AND o.reference_key = l.reference_key AND o.removed_at IS NULL
-        WHERE {_IN_PERIOD}
+        WHERE {_IN_PERIOD} {_partner_scope("l")}
         GROUP BY l.id
     ) compared
 """
@@ -399,7 +430,7 @@ _ORPHAN_FINDINGS_SQL = f"""
                 ELSE '{UNKNOWN_CURRENCY}' END,
            NULL, o.amount_incl_vat, o.items_quantity, o.wallet_currencies
     FROM venue_order o
-    WHERE o.connection_id = :connection_id AND o.removed_at IS NULL
+    WHERE o.connection_id = :connection_id AND o.removed_at IS NULL {_partner_scope("o")}
       AND (
           (o.received_at >= :period_from AND o.received_at < :period_to)
           OR (o.received_at IS NULL
@@ -569,11 +600,13 @@ def reconcile_connections(
     actor: str | None,
     grace: dt.timedelta,
     tolerance: Decimal,
+    partners: Mapping[int, Collection[str]] | None = None,
 ) -> ReconcileReport:
     """Reconcile each connection over one period: the scheduled job and ``otacm reconcile``.
 
     A failing connection does not stop the others; the first failure is raised once all
-    have run, so the job's run record shows it.
+    have run, so the job's run record shows it. ``partners`` gives each connection's
+    configured partners, to which its run is restricted (:func:`reconcile`).
 
     Returns:
         The run of each connection.
@@ -595,6 +628,7 @@ def reconcile_connections(
                 actor=actor,
                 grace=grace,
                 tolerance=tolerance,
+                partner_ids=None if partners is None else partners.get(connection_id, ()),
             )
         except ReconRunFailed as failure:
             report.runs[connection_id] = failure.run_id

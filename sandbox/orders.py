@@ -4,9 +4,10 @@ getOrder and listOrdersByPartner accept, refuse, and do to the stored order.
 :class:`OrderBook` validates requests as the venue does, with its messages
 (:mod:`sandbox.requests`, ChannelMgrOrderAgent), enforces the state machine — replace
 only from Draft or Error, confirm only from Draft (a no-op on Issued), delete keeping
-Issued/Cancelled orders as Cancelled and removing Draft/Error ones, nothing while in
-flight — and pages a partner's orders with the venue's filters, cursors and change
-feed. Issuance itself is :mod:`sandbox.pipeline`. Every failure is an
+Issued/Cancelled orders as Cancelled and removing Draft/Error ones (answering "Cancelled"
+for both), nothing while in flight — and pages a partner's orders with the venue's
+filters, cursors and change feed. Issuance itself is :mod:`sandbox.pipeline`. Every
+failure is an
 :mod:`sandbox.errors` exception; nothing is stored when one is raised (but a createOrder
 that finds an Error order under its reference deletes it first, as the venue does).
 """
@@ -218,10 +219,17 @@ class OrderBook:
             return self._store.save(order, request, self._now())
 
     def delete(self, order_id: str) -> OrderRecord:
-        """deleteOrder: Issued/Cancelled → Cancelled (wallets destroyed); Draft/Error → gone.
+        """deleteOrder: Issued/Cancelled → kept as Cancelled; Draft/Error → gone.
+
+        As the venue does (ChannelMgrOrderAgent ``DeleteOrder``, CMOrderIssuer
+        ``DeleteOrder`` / ``DestroyOrderAssets``), every settled order first has its
+        assets destroyed and its lines deleted, and is marked Cancelled with no status
+        message, job or manifest; a Draft or Error order is then deleted outright. The
+        answer is the order as marked, so it says ``Cancelled`` with no items either way,
+        although the Draft or Error one is gone (getOrder answers 404).
 
         Returns:
-            The order as kept (Cancelled) or as it was when removed.
+            The order as marked Cancelled (kept, or as it was just before its deletion).
 
         Raises:
             ResourceNotFound: no such order.
@@ -231,22 +239,25 @@ class OrderBook:
             record = self.get(order_id)
             status = record.status
             if status in IN_FLIGHT_STATUSES:
+                # The venue formats the status by its caption (CMOrderStatus).
                 raise InvalidRequest(
-                    f"Order is mid-flight (status {status}); retry once it has settled"
+                    f"Order is mid-flight (status {status.caption}); retry once it has settled."
                 )
             if status is OrderStatus.CANCELLED:
-                return record
-            if status in (OrderStatus.DRAFT, OrderStatus.ERROR):
-                self._store.remove(record.order_id)
+                # Already stripped and Cancelled: marking it again changes no field.
                 return record
             cancelled = record.order.model_copy(
                 update={
                     "status": OrderStatus.CANCELLED,
                     "status_message": "",
+                    "job_id": "",
                     "manifest_url": None,
-                    "items": [i.model_copy(update={"wallets": []}) for i in record.order.items],
+                    "items": [],
                 }
             )
+            if status in (OrderStatus.DRAFT, OrderStatus.ERROR):
+                self._store.remove(record.order_id)
+                return replace(record, order=cancelled)
             return self._store.save(cancelled, record.request, self._now())
 
     def list(self, partner_id: str, args: Mapping[str, str]) -> ListPage:

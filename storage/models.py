@@ -31,7 +31,7 @@ import functools
 import hashlib
 import json
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from decimal import Decimal
 from enum import StrEnum
 from typing import Any, Protocol
@@ -471,6 +471,26 @@ class StatusChange(Base):
     order: Mapped[VenueOrder] = relationship(back_populates="status_changes")
 
 
+class ForeignOrder(Base):
+    """An order of a partner not configured for the connection: its id alone, never mirrored.
+
+    The venue's webhooks and getOrder are company-wide (CMOrderWebhooks; ChannelMgrOrderAgent
+    ``GetOrder`` has no partner check), so other partners' orders reach otacm. The first
+    getOrder that shows one is the last: its id is kept here (with its partner, to let it
+    in should that partner be configured later) and nothing else of it — no names,
+    e-mails or references — so later notifications of it are settled with no venue call.
+    """
+
+    __tablename__ = "foreign_order"
+    __table_args__ = (sa.UniqueConstraint("connection_id", "order_id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    connection_id: Mapped[int] = mapped_column(sa.ForeignKey("venue_connection.id"))
+    order_id: Mapped[str] = mapped_column(GUID)
+    partner_id: Mapped[str] = mapped_column(GUID)
+    noted_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+
 # --- inbox and outbox ------------------------------------------------------------------
 
 
@@ -886,6 +906,105 @@ def mark_removed(
     )
     session.flush()
     return row
+
+
+def note_foreign_order(
+    session: Session, connection_id: int, order_id: str, partner_id: str, now: dt.datetime
+) -> None:
+    """Remember that ``order_id`` is another partner's (:class:`ForeignOrder`), once.
+
+    Args:
+        session: the caller's session; flushed, not committed.
+        connection_id: the venue connection the order reached.
+        order_id: the venue's orderId.
+        partner_id: the order's partner, not configured for the connection.
+        now: when it was found (aware).
+    """
+    order_id = _guid(order_id)
+    known = sa.select(ForeignOrder.id).where(
+        ForeignOrder.connection_id == connection_id, ForeignOrder.order_id == order_id
+    )
+    if session.scalar(known) is not None:
+        return
+    try:
+        with session.begin_nested():
+            session.add(
+                ForeignOrder(
+                    connection_id=connection_id,
+                    order_id=order_id,
+                    partner_id=_guid(partner_id),
+                    noted_at=now,
+                )
+            )
+    except IntegrityError:
+        pass  # another process noted it first
+
+
+def foreign_order_ids(
+    session: Session, connection_id: int, order_ids: Iterable[str], partner_ids: Collection[str]
+) -> set[str]:
+    """Of ``order_ids``, those known to belong to a partner not in ``partner_ids``.
+
+    Args:
+        session: the caller's session (read only).
+        connection_id: the venue connection.
+        order_ids: orderIds (any spelling); answered normalized.
+        partner_ids: the partners configured for the connection now; a noted order of
+            one of them is no longer foreign.
+    """
+    wanted = sorted({_guid(order_id) for order_id in order_ids})
+    if not wanted:
+        return set()
+    query = sa.select(ForeignOrder.order_id).where(
+        ForeignOrder.connection_id == connection_id, ForeignOrder.order_id.in_(wanted)
+    )
+    if partner_ids:
+        query = query.where(ForeignOrder.partner_id.not_in(sorted(partner_ids)))
+    return set(session.scalars(query))
+
+
+def forget_foreign_orders(
+    session: Session, connection_id: int, partner_ids: Collection[str], now: dt.datetime
+) -> int:
+    """Erase the mirrored orders of partners not configured for the connection.
+
+    Orders mirrored before otacm refused other partners' orders, or of a partner since
+    removed from the settings, must reach neither reconciliation nor finance, and their
+    customers' names and e-mails must not stay. Each such order is deleted from the mirror
+    (its items, wallets, assets and status changes with it) and its id alone noted
+    (:class:`ForeignOrder`), so a later notification of it costs no venue call.
+
+    Args:
+        session: the caller's session; flushed, not committed.
+        connection_id: the venue connection.
+        partner_ids: the partners configured for it (normalized, as the settings hold them).
+        now: when (aware).
+
+    Returns:
+        How many orders were erased (none when no partner is configured).
+    """
+    if not partner_ids:
+        # No partner configured is a setting missing, not a decision to erase the whole
+        # mirror; nothing new is mirrored for the connection meanwhile.
+        return 0
+    query = sa.select(VenueOrder.id, VenueOrder.order_id, VenueOrder.partner_id).where(
+        VenueOrder.connection_id == connection_id,
+        VenueOrder.partner_id.not_in(sorted(partner_ids)),
+    )
+    found = session.execute(query).all()
+    for row in found:
+        note_foreign_order(session, connection_id, row.order_id, row.partner_id, now)
+    for chunk in _chunks([row.id for row in found], 500):
+        # Items, wallets, assets and status changes go with the order (ON DELETE CASCADE,
+        # enforced on SQLite too: storage.engine turns foreign keys on).
+        session.execute(sa.delete(VenueOrder).where(VenueOrder.id.in_(chunk)))
+    session.flush()
+    return len(found)
+
+
+def _chunks(values: Sequence[int], size: int) -> Iterator[list[int]]:
+    for start in range(0, len(values), size):
+        yield list(values[start : start + size])
 
 
 def canonical_payload(notification: Mapping[str, Any]) -> str:

@@ -196,6 +196,23 @@ class VenueClient:
         self._retry = retry or RetryPolicy()
         self._observer = observer
         self._subscription_list_paths = SUBSCRIPTION_LIST_PATHS
+        self._partner_ids = frozenset(connection.partner_ids)
+
+    def serves(self, partner_id: str) -> bool:
+        """Whether ``partner_id`` is one of the partners configured for this connection.
+
+        The venue's webhooks and getOrder are company-wide (CMOrderWebhooks, and
+        ChannelMgrOrderAgent ``GetOrder`` has no partner check), so orders of other
+        partners of the same company reach otacm; only the configured partners' are ours
+        to mirror.
+        """
+        guid = parse_guid(partner_id)
+        return guid is not None and guid in self._partner_ids
+
+    @property
+    def partner_ids(self) -> frozenset[str]:
+        """The partners configured for this connection (lowercase GUIDs)."""
+        return self._partner_ids
 
     def __repr__(self) -> str:
         return f"VenueClient({self._base_url!r})"

@@ -127,7 +127,8 @@ class OrderStatus(StrEnum):
 
     @property
     def caption(self) -> str:
-        """The enum value's caption, as the venue's list summaries write it."""
+        """The status as the venue formats it into text (CMOrderStatus ``Caption``): list
+        summaries and messages that name a status (deleteOrder's "mid-flight") carry it."""
         return _STATUS_CAPTIONS.get(self, self.value)
 
     @classmethod

@@ -193,3 +193,30 @@ def test_connections_without_a_client_and_inactive_lines_are_left_alone(
     assert report.as_dict() == {"checked": 1, "found": 1, "missing": 0, "errors": 0}
     with stack.read_sessions.begin() as session:
         assert session.scalar(sa.select(sa.func.count()).select_from(Inbox)) == 1
+
+
+def test_sales_of_a_partner_no_longer_configured_are_not_looked_up(
+    stack: HeartbeatStack,
+) -> None:
+    """A sale of a partner the connection no longer configures is left alone.
+
+    listOrdersByPartner answers any partner of the company and getOrder has no partner
+    check (ChannelMgrOrderAgent ``ListOrdersByPartner``, ``GetOrder``), so only the
+    settings say whose orders otacm follows.
+    """
+    start = stack.now()
+    ours = stage(stack, "OURS-1", at=start, state=OutboxState.SENT)
+    theirs = stage(stack, "THEIRS-1", at=start, state=OutboxState.SENT)
+    other = next(
+        p.id for p in stack.sandbox.config.partners if p.active and p.id != stack.partner_id
+    )
+    with stack.sessions.begin() as session:
+        session.execute(
+            sa.update(LedgerLine).where(LedgerLine.id == theirs.line_id).values(partner_id=other)
+        )
+
+    report = lost(stack, start + dt.timedelta(minutes=10))
+
+    assert report.as_dict() == {"checked": 1, "found": 1, "missing": 0, "errors": 0}
+    with stack.read_sessions.begin() as session:
+        assert list(session.scalars(sa.select(Inbox.order_id))) == [ours.order_id]

@@ -188,12 +188,39 @@ def test_a_refused_order_is_answered_422_with_the_venues_message(
     assert len(rows(sessions, LedgerLine)) == 1
 
 
-def test_an_inactive_partner_is_answered_422(http: FlaskClient) -> None:
-    """The sandbox's refusal of an inactive partner reaches the caller as it is."""
+def test_an_inactive_partner_is_answered_422(
+    migrated_engine: sa.Engine, make_app: Callable[[Settings], Flask], sandbox: SandboxServer
+) -> None:
+    """The sandbox's refusal of an inactive partner (configured all the same) reaches the
+    caller as it is (ChannelMgrOrderAgent ``TryGetPartnerSetup``)."""
+    connection = sandbox_connection(sandbox)
+    connection = connection.model_copy(
+        update={"partner_ids": [*connection.partner_ids, INACTIVE_PARTNER]}
+    )
+    http = api_client(make_app, settings_for(migrated_engine, connections=[connection]))
     status, body = post(http, order_body(unique_reference(), partnerId=INACTIVE_PARTNER))
 
     assert status == 422
     assert body["message"] == f"Partner '{{{INACTIVE_PARTNER.upper()}}}' is not active"
+
+
+def test_a_partner_not_configured_is_answered_400_and_nothing_sent(
+    http: FlaskClient, sessions: sessionmaker[Session], admin: httpx.Client
+) -> None:
+    """A sale for a partner the connection does not configure is refused before the venue.
+
+    The venue would take it (ChannelMgrOrderAgent ``CreateOrder`` checks only the
+    partner's setup), but otacm follows only the configured partners' orders: this one
+    would be sent and never mirrored nor reconciled.
+    """
+    status, body = post(http, order_body(unique_reference(), partnerId=INACTIVE_PARTNER))
+
+    assert status == 400
+    assert body["code"] == "invalid_order"
+    assert body["message"].startswith("partnerId: ")
+    assert "not configured for venue connection 'sandbox'" in body["message"]
+    assert rows(sessions, LedgerLine) == []
+    assert "createOrder" not in admin.get("/stats").json()["calls"]
 
 
 @pytest.mark.parametrize(

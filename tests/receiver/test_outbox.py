@@ -65,10 +65,11 @@ from storage.models import (
     VenueOrder,
     Wallet,
     ensure_connection,
+    upsert_order,
 )
 from storage.types import MONEY_MAX, utcnow
 from venue.client import RetryPolicy, VenueClient, open_client
-from venue.models import OrderRequest, OrderStatus, normalize_reference
+from venue.models import Order, OrderRequest, OrderStatus, normalize_reference
 from venue.throttle import Throttle
 
 PARTNER = DEFAULT_PARTNERS[0].id
@@ -1000,6 +1001,31 @@ def test_a_bad_file_records_nothing(
     assert venue.calls == Counter()
 
 
+def test_a_file_with_a_partner_not_configured_records_nothing(
+    sessions: sessionmaker[Session], client: VenueClient, venue: FakeVenue, tmp_path: Path
+) -> None:
+    """A sale for a partner the connection does not configure is refused, naming partnerId.
+
+    The venue would take any partner of the company (ChannelMgrOrderAgent ``CreateOrder``),
+    but otacm follows only the configured partners' orders.
+    """
+    path = tmp_path / "orders.jsonl"
+    entries = [order_body("P-1"), order_body("P-2", partnerId=INACTIVE_PARTNER)]
+    path.write_text("\n".join(json.dumps(entry) for entry in entries), encoding="utf-8")
+
+    with pytest.raises(SubmissionError, match=r"^\[1\]\.partnerId: .*not configured"):
+        submit_file(
+            Settings(connections=[CONNECTION]),
+            path,
+            sessions=sessions,
+            clients={"default": client},
+            now=T0,
+        )
+
+    assert rows(sessions, LedgerLine) == []
+    assert venue.calls == Counter()
+
+
 # --- actions on an order ------------------------------------------------------------------
 
 ORDER_ID = "0b7d6c5e-4f3a-4b2c-9d1e-8f7a6b5c4d3e"
@@ -1126,6 +1152,153 @@ def test_a_pass_sends_every_operation(
     ]
     sources = {order_id: changes for order_id, _, changes in mirrored(sessions)}
     assert sources[ORDER_ID] == [ChangeSource.CONFIRM, ChangeSource.DELETE]
+
+
+# --- deleteOrder: "Cancelled" whether kept or removed -------------------------------------
+
+
+def mirror_venue_order(
+    sessions: sessionmaker[Session], venue: FakeVenue, connection_id: int, status: str
+) -> str:
+    """An order the venue has in ``status``, mirrored as such; its orderId."""
+    order = venue.store(order_body(unique_reference()), status=status)
+    with sessions.begin() as session:
+        upsert_order(
+            session,
+            connection_id,
+            Order.model_validate(order),
+            source=ChangeSource.FETCH,
+            observed_at=T0,
+        )
+    return str(order["orderId"])
+
+
+def cancelled_answer(venue: FakeVenue, order_id: str) -> httpx.Response:
+    """deleteOrder's 200: the order marked Cancelled, no items, no status message or job."""
+    marked = {**venue.orders[order_id], "status": "Cancelled", "items": [], "jobId": ""}
+    return httpx.Response(200, json=marked)
+
+
+def delete_now(
+    sessions: sessionmaker[Session], client: VenueClient, connection_id: int, order_id: str
+) -> Any:
+    """``act_now`` of a deleteOrder at T0."""
+    return act_now(
+        sessions, client, connection_id, OutboxOperation.DELETE, order_id, now=T0, owner="t"
+    )
+
+
+def mirrored_order(sessions: sessionmaker[Session], order_id: str) -> VenueOrder:
+    """The mirror's row of ``order_id``."""
+    with sessions.begin() as session:
+        row = session.scalars(sa.select(VenueOrder).where(VenueOrder.order_id == order_id)).one()
+        session.expunge(row)
+        return row
+
+
+@pytest.mark.parametrize("status", ["Draft", "Error"])
+def test_deleting_a_draft_or_error_order_answered_cancelled_records_it_removed(
+    sessions: sessionmaker[Session],
+    client: VenueClient,
+    venue: FakeVenue,
+    connection_id: int,
+    status: str,
+) -> None:
+    """The answer says Cancelled, yet the order is gone: getOrder's 404 decides "removed".
+
+    CMOrderIssuer ``DeleteOrder`` marks a Draft or Error order Cancelled
+    (``DestroyOrderAssets``) and then deletes it; ChannelMgrOrderAgent ``DeleteOrder``
+    answers the record as marked; ``GetOrder`` then answers 404.
+    """
+    order_id = mirror_venue_order(sessions, venue, connection_id, status)
+    venue.answers = [cancelled_answer(venue, order_id)]
+    del venue.orders[order_id]
+
+    result = delete_now(sessions, client, connection_id, order_id)
+
+    assert (result.outcome, result.removed) == (SendOutcome.SENT, True)
+    assert (venue.calls["delete"], venue.calls["get"]) == (1, 1)
+    row = mirrored_order(sessions, order_id)
+    assert row.removed_at == T0
+    assert row.status is OrderStatus(status)  # never Cancelled: it was not kept
+
+
+def test_deleting_an_issued_order_keeps_it_cancelled_as_getorder_shows(
+    sessions: sessionmaker[Session], client: VenueClient, venue: FakeVenue, connection_id: int
+) -> None:
+    """An Issued order is kept as Cancelled: the getOrder after the delete is mirrored.
+
+    CMOrderIssuer ``DeleteOrder`` keeps Issued and Cancelled orders (header not deleted),
+    their assets and lines destroyed by ``DestroyOrderAssets``.
+    """
+    order_id = mirror_venue_order(sessions, venue, connection_id, "Issued")
+    venue.answers = [cancelled_answer(venue, order_id)]
+    venue.orders[order_id] = {**venue.orders[order_id], "status": "Cancelled", "items": []}
+
+    result = delete_now(sessions, client, connection_id, order_id)
+
+    assert (result.outcome, result.removed) == (SendOutcome.SENT, False)
+    assert result.order is not None and result.order.status is OrderStatus.CANCELLED
+    row = mirrored_order(sessions, order_id)
+    assert (row.status, row.removed_at) == (OrderStatus.CANCELLED, None)
+
+
+def test_a_delete_whose_answer_was_lost_is_found_removed_by_its_retry(
+    sessions: sessionmaker[Session], client: VenueClient, venue: FakeVenue, connection_id: int
+) -> None:
+    """The venue deleted the Draft but the answer was lost; the retry's 404 records removed.
+
+    ChannelMgrOrderAgent ``DeleteOrder``: an order no longer there is "not found" (404).
+    """
+    order_id = mirror_venue_order(sessions, venue, connection_id, "Draft")
+
+    def lost(request: httpx.Request) -> httpx.Response:
+        venue.orders.pop(order_id, None)
+        raise httpx.ReadTimeout("the answer was lost")
+
+    with open_client(
+        CONNECTION, transport=httpx.MockTransport(lost), retry=ONCE, throttle=Throttle()
+    ) as losing:
+        first = delete_now(sessions, losing, connection_id, order_id)
+    assert first.outcome is SendOutcome.RETRYING
+    assert mirrored_order(sessions, order_id).removed_at is None
+
+    venue.answers = [error(404, f"Order '{order_id}' not found", code="resource_not_found")]
+    later = first.next_attempt_at
+    assert later is not None
+    retried = run_outbox_once(sessions, {connection_id: client}, owner="w", now=later)
+
+    assert (retried.sent, retried.removed) == (1, 1)
+    assert mirrored_order(sessions, order_id).removed_at == later
+
+
+def test_a_delete_whose_confirmation_fails_leaves_the_mirror_to_the_worker(
+    sessions: sessionmaker[Session], venue: FakeVenue, connection_id: int
+) -> None:
+    """getOrder failing after the delete: the state before says "removed"; nothing mirrored.
+
+    CMOrderIssuer ``DeleteOrder`` (a Draft is deleted): the answer's Cancelled is not
+    mirrored; a lookup is queued so that the worker's getOrder settles the mirror.
+    """
+    order_id = mirror_venue_order(sessions, venue, connection_id, "Draft")
+    venue.answers = [cancelled_answer(venue, order_id)]
+
+    def busy_get(request: httpx.Request) -> httpx.Response:
+        if request.method == "GET":
+            return error(503, "busy")
+        return venue.handle(request)
+
+    with open_client(
+        CONNECTION, transport=httpx.MockTransport(busy_get), retry=ONCE, throttle=Throttle()
+    ) as flaky:
+        result = delete_now(sessions, flaky, connection_id, order_id)
+
+    assert (result.outcome, result.removed) == (SendOutcome.SENT, True)
+    row = mirrored_order(sessions, order_id)
+    assert (row.status, row.removed_at) == (OrderStatus.DRAFT, None)
+    with sessions.begin() as session:
+        queued = session.scalars(sa.select(Inbox).where(Inbox.order_id == order_id)).one()
+    assert queued.state is InboxState.PENDING
 
 
 # --- against the sandbox, over HTTP ---------------------------------------------------------

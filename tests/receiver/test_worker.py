@@ -42,6 +42,7 @@ from storage.engine import make_engine, make_sessions
 from storage.models import (
     Asset,
     ChangeSource,
+    ForeignOrder,
     Inbox,
     InboxSource,
     InboxState,
@@ -963,3 +964,66 @@ def test_backoff_doubles_with_jitter_and_is_capped() -> None:
     assert backoff(3, jitter=low) == dt.timedelta(seconds=BACKOFF_BASE_SECONDS * 2)
     assert backoff(1000, jitter=low) == dt.timedelta(seconds=BACKOFF_CAP_SECONDS / 2)
     assert backoff(1000, jitter=high) <= dt.timedelta(seconds=BACKOFF_CAP_SECONDS)
+
+
+# --- other partners' orders --------------------------------------------------------------
+
+OTHER_PARTNER = "5b7c9d1e-2f3a-4b5c-8d6e-7f8091a2b3c4"
+OTHER_ORDER_ID = "3d2c1b0a-9f8e-4d7c-8b6a-594837261504"
+
+
+def test_another_partners_order_is_fetched_once_then_settled_without_a_call(
+    sessions: sessionmaker[Session],
+    clients: dict[int, VenueClient],
+    connection_id: int,
+    venue: FakeVenue,
+) -> None:
+    """An order of a partner not configured: one getOrder, nothing mirrored, its id noted.
+
+    CMOrderWebhooks ``SendOrderCompletionHook`` notifies every order of the company and
+    ChannelMgrOrderAgent ``GetOrder`` answers it with no partner check; the configured
+    partner's order in the same batch is mirrored as usual.
+    """
+    venue.orders[OTHER_ORDER_ID] = {
+        **venue_order(OTHER_ORDER_ID),
+        "partnerId": OTHER_PARTNER.upper(),
+    }
+    first = [add_row(sessions, connection_id, OTHER_ORDER_ID), add_row(sessions, connection_id)]
+
+    report = once(sessions, clients, T0)
+
+    assert (report.done, report.foreign, report.fetched, report.venue_calls) == (2, 1, 2, 2)
+    assert mirrored(sessions, OTHER_ORDER_ID) is None
+    assert mirrored(sessions) is not None
+    with sessions() as session:
+        noted = session.execute(sa.select(ForeignOrder.order_id, ForeignOrder.partner_id)).one()
+    assert tuple(noted) == (OTHER_ORDER_ID, OTHER_PARTNER)
+    assert all(inbox(sessions, row_id).state is InboxState.DONE for row_id in first)
+
+    later = add_row(sessions, connection_id, OTHER_ORDER_ID.upper(), status="Draft")
+    again = once(sessions, clients, T0 + dt.timedelta(minutes=1))
+
+    assert (again.done, again.foreign, again.venue_calls) == (1, 1, 0)
+    assert venue.calls[OTHER_ORDER_ID] == 1
+    assert inbox(sessions, later).state is InboxState.DONE
+    assert mirrored(sessions, OTHER_ORDER_ID) is None
+
+
+def test_a_connection_with_no_partner_configured_mirrors_nothing(
+    sessions: sessionmaker[Session], connection_id: int, venue: FakeVenue
+) -> None:
+    """No partner configured: no order is the connection's to mirror (ChannelMgrOrderAgent
+    ``GetOrder`` answers every partner's, so the configuration alone decides)."""
+    row_id = add_row(sessions, connection_id)
+    bare = CONNECTION.model_copy(update={"partner_ids": []})
+    with open_client(
+        bare,
+        transport=httpx.MockTransport(venue.handle),
+        retry=RetryPolicy(attempts=1),
+        throttle=Throttle(max_in_flight=10, rate=100_000),
+    ) as client:
+        report = once(sessions, {connection_id: client}, T0)
+
+    assert (report.done, report.foreign) == (1, 1)
+    assert inbox(sessions, row_id).state is InboxState.DONE
+    assert mirrored(sessions) is None

@@ -448,6 +448,64 @@ def test_connections_are_reconciled_apart(sessions: sessionmaker[Session]) -> No
         assert len(exceptions_by_key(session, planted.connection_id)) == 0
 
 
+OTHER_PARTNER = "7d1c2f3a-0000-4000-8000-000000000002"
+
+
+def test_a_run_compares_only_the_configured_partners_sales_and_orders(
+    sessions: sessionmaker[Session],
+) -> None:
+    """Another partner's orders (and sales) are neither compared, counted nor reported.
+
+    The venue notifies and answers getOrder company-wide (CMOrderWebhooks;
+    ChannelMgrOrderAgent ``GetOrder``), so the mirror may hold other partners' orders.
+    """
+    with sessions.begin() as session:
+        connection_id = ensure_connection(session, "venue")
+        book = Book(session, connection_id)
+        book.line("OURS", quantity=2, amount="20.00")
+        book.order("OURS")
+        book.order("OURS-ORPHAN")
+        for reference in ("THEIRS-ORPHAN", "THEIRS"):
+            book.order(reference).partner_id = OTHER_PARTNER
+        book.line("THEIRS-MISSING").partner_id = OTHER_PARTNER
+
+    def scoped_run(partner_ids: list[str] | None) -> int:
+        return reconcile(
+            sessions,
+            connection_id=connection_id,
+            period_from=PERIOD_FROM,
+            period_to=PERIOD_TO,
+            now=NOW,
+            trigger=ReconTrigger.MANUAL,
+            actor="finance",
+            grace=GRACE,
+            tolerance=TOLERANCE,
+            partner_ids=partner_ids,
+        )
+
+    scoped = scoped_run([PARTNER])
+    with sessions() as session:
+        assert {
+            key: row.category for key, row in exceptions_by_key(session, connection_id).items()
+        } == {
+            next(
+                f"order:{order_id}"
+                for order_id in session.scalars(
+                    sa.select(VenueOrder.order_id).where(
+                        VenueOrder.sell_to_order_reference == "OURS-ORPHAN"
+                    )
+                )
+            ): Category.ORPHAN
+        }
+        assert sum(count for count, _, _ in totals(session, scoped).values()) == 2
+
+    everyone = scoped_run(None)
+    nobody = scoped_run([])
+    with sessions() as session:
+        assert sum(count for count, _, _ in totals(session, everyone).values()) == 5
+        assert totals(session, nobody) == {}
+
+
 def test_a_failed_run_is_recorded_and_leaves_nothing_behind(
     sessions: sessionmaker[Session],
 ) -> None:

@@ -294,42 +294,69 @@ def test_replace_cannot_change_partner_or_reference(venue: Venue) -> None:
 
 
 def test_delete_keeps_an_issued_order_as_cancelled(venue: Venue) -> None:
-    """Deleting an Issued order keeps the row as Cancelled with its wallets destroyed."""
+    """Deleting an Issued order keeps it as Cancelled, its assets and lines destroyed.
+
+    ChannelMgrOrderAgent ``DeleteOrder``; CMOrderIssuer ``DeleteOrder`` /
+    ``DestroyOrderAssets`` (wallets, components and lines deleted; status message, job
+    and manifest cleared; Cancelled).
+    """
     order_id = venue.create(order_body())["orderId"]
     venue.tick()
+    assert venue.get(order_id)["manifestUrl"]
 
     response = venue.api.delete(f"/channelManager/{order_id}")
 
     assert response.status_code == 200
-    assert response.json()["status"] == "Cancelled"
-    order = venue.get(order_id)
-    assert order["status"] == "Cancelled"
-    assert all(item["wallets"] == [] for item in order["items"])
+    answer = response.json()
+    assert answer["status"] == "Cancelled"
+    assert (answer["items"], answer["statusMessage"], answer["jobId"]) == ([], "", "")
+    assert "manifestUrl" not in answer
+    assert venue.get(order_id) == answer
     again = venue.api.delete(f"/channelManager/{order_id}")
-    assert again.status_code == 200 and again.json()["status"] == "Cancelled"
+    assert again.status_code == 200 and again.json() == answer
 
 
 @pytest.mark.parametrize("items", [None, [bad_schedule_line()]], ids=["Draft", "Error"])
-def test_delete_removes_a_draft_or_error_order(venue: Venue, items: Any) -> None:
-    """Deleting a Draft or Error order removes it: getOrder then answers 404."""
+def test_delete_removes_a_draft_or_error_order_answering_cancelled(
+    venue: Venue, items: Any
+) -> None:
+    """Deleting a Draft or Error order answers it Cancelled with no items, then it is gone.
+
+    CMOrderIssuer ``DeleteOrder`` runs ``DestroyOrderAssets`` (status Cancelled, lines
+    deleted) before deleting the header; ChannelMgrOrderAgent ``DeleteOrder`` answers the
+    record as it was marked. getOrder then answers 404.
+    """
     order_id = venue.create(order_body(payment=None, items=items))["orderId"]
     venue.tick()
+    before = venue.get(order_id)
+    assert before["status"] in ("Draft", "Error") and before["items"]
 
-    assert venue.api.delete(f"/channelManager/{order_id}").status_code == 200
+    response = venue.api.delete(f"/channelManager/{order_id}")
 
+    assert response.status_code == 200
+    answer = response.json()
+    assert answer["orderId"] == order_id
+    assert answer["status"] == "Cancelled"
+    assert (answer["items"], answer["statusMessage"], answer["jobId"]) == ([], "", "")
+    assert answer["sellToOrderReference"] == before["sellToOrderReference"]
     gone = venue.api.get(f"/channelManager/{order_id}")
     assert gone.status_code == 404
     assert gone.json()["code"] == "resource_not_found"
+    assert venue.api.delete(f"/channelManager/{order_id}").status_code == 404
 
 
 def test_delete_is_refused_in_flight(venue: Venue) -> None:
-    """Deleting a Submitted order is the transient 400 'mid-flight'."""
+    """Deleting a Submitted order is the 400 "mid-flight", the order left as it was.
+
+    ChannelMgrOrderAgent ``DeleteOrder``: "Order is mid-flight (status %1); retry once it
+    has settled." for Submitted, Scheduled and Processing.
+    """
     order_id = venue.create(order_body())["orderId"]
     response = venue.api.delete(f"/channelManager/{order_id}")
     assert response.status_code == 400
     assert response.json() == {
         "code": "generic_error",
-        "message": "Order is mid-flight (status Submitted); retry once it has settled",
+        "message": "Order is mid-flight (status Submitted); retry once it has settled.",
     }
     assert venue.get(order_id)["status"] == "Submitted"
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.sandbox.conftest import CLIENT_STATE, Receiver, Venue, order_body
+from tests.sandbox.conftest import CLIENT_STATE, OTHER_PARTNER, Receiver, Venue, order_body
 from venue.models import ORDER_PROCESSED_EVENT
 
 
@@ -246,3 +246,46 @@ def test_delay_holds_each_post_back(venue: Venue, receiver: Receiver) -> None:
     assert receiver.bodies == []
     receiver.wait_for_posts(1)
     assert receiver.arrivals[0] - started >= 0.3
+
+
+def test_every_partners_orders_are_announced_to_every_subscription(venue: Venue) -> None:
+    """The event is company-wide: each subscription hears of every partner's orders.
+
+    CMJobQueueRunner ``ProcessOneOrder`` calls CMOrderWebhooks ``SendOrderCompletionHook``
+    for every order it settles, and ``OnOrderProcessed`` carries no partner: nothing
+    filters by partner or by subscription.
+    """
+    first, second = Receiver(), Receiver()
+    first.start()
+    second.start()
+    try:
+        venue.subscribe(first.url, "state-of-the-first")
+        venue.subscribe(second.url, "state-of-the-second")
+        ours = venue.create(order_body("OURS"))
+        theirs = venue.create(order_body("THEIRS", partner=OTHER_PARTNER))
+        venue.tick()
+        venue.settle_webhooks()
+
+        for receiver, state in ((first, "state-of-the-first"), (second, "state-of-the-second")):
+            notes = receiver.notifications()
+            assert sorted(n.payload["orderId"] for n in notes) == sorted(
+                [ours["orderId"], theirs["orderId"]]
+            )
+            assert {n.client_state for n in notes} == {state}
+    finally:
+        first.stop()
+        second.stop()
+
+
+def test_getorder_answers_any_partners_order(venue: Venue) -> None:
+    """getOrder has no partner check: any order of the company is answered in full.
+
+    ChannelMgrOrderAgent ``GetOrder`` reads the order by id alone.
+    """
+    theirs = venue.create(order_body("THEIRS", partner=OTHER_PARTNER, payment=None))
+    venue.tick()
+
+    order = venue.get(theirs["orderId"])
+
+    assert order["partnerId"] == OTHER_PARTNER
+    assert order["sellToName"] and order["items"]

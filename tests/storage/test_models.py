@@ -19,6 +19,7 @@ from storage.models import (
     Asset,
     ChangeSource,
     ColumnOverflow,
+    ForeignOrder,
     Inbox,
     InboxSource,
     LedgerLine,
@@ -29,6 +30,8 @@ from storage.models import (
     Wallet,
     canonical_payload,
     ensure_connection,
+    foreign_order_ids,
+    forget_foreign_orders,
     inbox_dedup_key,
     mark_removed,
     upsert_order,
@@ -632,3 +635,69 @@ def test_deleting_an_order_cascades_to_its_lines(
             0,
             0,
         ]
+
+
+FOREIGN_PARTNER = "0f1e2d3c-4b5a-4968-8776-655443322110"
+FOREIGN_ORDER_ID = "7e6d5c4b-3a29-4817-9605-f4e3d2c1b0a9"
+
+
+def test_orders_of_unconfigured_partners_are_erased_and_noted_by_id(
+    sessions: sessionmaker[Session], connection_id: int
+) -> None:
+    """Mirrored orders of a partner not configured go, with their customers; ids stay.
+
+    The venue notifies and answers getOrder company-wide (CMOrderWebhooks;
+    ChannelMgrOrderAgent ``GetOrder``), so such orders may have been mirrored before.
+    """
+    ours = Order.model_validate(wire_order("Issued", minted=True))
+    theirs = Order.model_validate(
+        {
+            **wire_order("Issued", minted=True),
+            "orderId": FOREIGN_ORDER_ID,
+            "partnerId": FOREIGN_PARTNER,
+        }
+    )
+    with sessions.begin() as session:
+        for order in (ours, theirs):
+            upsert_order(session, connection_id, order, source=ChangeSource.FETCH, observed_at=T0)
+
+    with sessions.begin() as session:
+        assert forget_foreign_orders(session, connection_id, [], T0) == 0
+        erased = forget_foreign_orders(session, connection_id, [PARTNER_ID], T0)
+    with sessions.begin() as session:
+        again = forget_foreign_orders(session, connection_id, [PARTNER_ID], T0)
+
+    assert (erased, again) == (1, 0)
+    with sessions.begin() as session:
+        assert list(session.scalars(sa.select(VenueOrder.order_id))) == [ORDER_ID]
+        kept_rows = {
+            model.__name__: session.scalar(sa.select(sa.func.count()).select_from(model))
+            for model in (OrderItem, Wallet, Asset, StatusChange)
+        }
+        noted = session.execute(
+            sa.select(ForeignOrder.order_id, ForeignOrder.partner_id, ForeignOrder.noted_at)
+        ).one()
+        names = session.scalars(sa.select(Wallet.name)).all()
+        known = foreign_order_ids(
+            session, connection_id, [FOREIGN_ORDER_ID.upper(), ORDER_ID], [PARTNER_ID]
+        )
+        welcome_back = foreign_order_ids(
+            session, connection_id, [FOREIGN_ORDER_ID], [PARTNER_ID, FOREIGN_PARTNER]
+        )
+    mirrored_alone = upsert_counts(ours)
+    assert kept_rows == mirrored_alone
+    assert tuple(noted) == (FOREIGN_ORDER_ID, FOREIGN_PARTNER, T0)
+    assert len(names) == mirrored_alone["Wallet"]
+    assert known == {FOREIGN_ORDER_ID}
+    assert welcome_back == set()
+
+
+def upsert_counts(order: Order) -> dict[str, int]:
+    """The item, wallet, asset and status change rows one mirrored ``order`` has."""
+    wallets = [wallet for item in order.items for wallet in item.wallets]
+    return {
+        "OrderItem": len(order.items),
+        "Wallet": len(wallets),
+        "Asset": sum(len(wallet.assets) for wallet in wallets),
+        "StatusChange": 1,
+    }

@@ -173,10 +173,13 @@ def serve_sandbox(*layers: Mapping[str, Any]) -> Iterator[SandboxServer]:
 def sandbox_settings(
     sandbox: SandboxServer, database: sa.Engine, *layers: Mapping[str, Any]
 ) -> Settings:
-    """otacm configured for the sandbox's venue (its active partners) on ``database``.
+    """otacm configured for the sandbox's venue (its first active partner) on ``database``.
 
-    ``layers`` of settings values follow, each overriding the ones before (a conftest's
-    own, then ``settings_changes``).
+    Only the first active partner: the venue's webhooks and getOrder are company-wide
+    (CMOrderWebhooks, ChannelMgrOrderAgent ``GetOrder``), so the other active partners'
+    orders reach otacm too, which must leave them unmirrored; configuring every partner
+    would hide that. ``layers`` of settings values follow, each overriding the ones
+    before (a conftest's own, then ``settings_changes``).
     """
     config = sandbox.config
     values: dict[str, Any] = {
@@ -186,7 +189,7 @@ def sandbox_settings(
         "environment": config.environment,
         "company": config.company,
         "api_key": config.api_key,
-        "partner_ids": [partner.id for partner in config.partners if partner.active],
+        "partner_ids": [next(partner.id for partner in config.partners if partner.active)],
     }
     for layer in layers:
         values.update(layer)

@@ -520,3 +520,15 @@ def test_order_requests_the_venue_takes_are_taken_and_sent_as_it_reads_them() ->
         OrderRequest.model_validate(
             {**_request(), "items": [{**_request()["items"][0], "visitTime": dt.time(9, 5, 0, 1)}]}
         )
+
+
+def test_a_status_caption_is_its_name_except_processing() -> None:
+    """Messages naming a status carry its caption: CMOrderStatus ``Processing...``.
+
+    ChannelMgrOrderAgent ``DeleteOrder`` writes "mid-flight (status %1)" with the enum
+    formatted, which is its caption.
+    """
+    assert OrderStatus.PROCESSING.caption == "Processing..."
+    assert [s.caption for s in OrderStatus if s is not OrderStatus.PROCESSING] == [
+        s.value for s in OrderStatus if s is not OrderStatus.PROCESSING
+    ]
