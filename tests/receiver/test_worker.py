@@ -628,9 +628,9 @@ def test_a_row_that_always_fails_is_dead_lettered_after_max_attempts(
         ),
         (
             "currencyCode",
-            "DKKK",
+            "DKK" * 4,
             "the mirror cannot hold the venue's answer: "
-            "wallet.currency_code: longer than 3 characters",
+            "wallet.currency_code: longer than 10 characters",
         ),
     ],
     ids=["nul-character", "wider-than-its-column"],
