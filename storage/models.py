@@ -972,7 +972,9 @@ def forget_foreign_orders(
     removed from the settings, must reach neither reconciliation nor finance, and their
     customers' names and e-mails must not stay. Each such order is deleted from the mirror
     (its items, wallets, assets and status changes with it) and its id alone noted
-    (:class:`ForeignOrder`), so a later notification of it costs no venue call.
+    (:class:`ForeignOrder`), so a later notification of it costs no venue call. The
+    change-feed cursors of partners not configured go too: a partner configured again
+    (a mistyped id corrected) has its whole feed read anew, which rebuilds its orders.
 
     Args:
         session: the caller's session; flushed, not committed.
@@ -998,6 +1000,13 @@ def forget_foreign_orders(
         # Items, wallets, assets and status changes go with the order (ON DELETE CASCADE,
         # enforced on SQLite too: storage.engine turns foreign keys on).
         session.execute(sa.delete(VenueOrder).where(VenueOrder.id.in_(chunk)))
+    for feed_table in (FeedCursor, FeedMark):
+        session.execute(
+            sa.delete(feed_table).where(
+                feed_table.connection_id == connection_id,
+                feed_table.partner_id.not_in(sorted(partner_ids)),
+            )
+        )
     session.flush()
     return len(found)
 

@@ -19,6 +19,8 @@ from storage.models import (
     Asset,
     ChangeSource,
     ColumnOverflow,
+    FeedCursor,
+    FeedMark,
     ForeignOrder,
     Inbox,
     InboxSource,
@@ -690,6 +692,40 @@ def test_orders_of_unconfigured_partners_are_erased_and_noted_by_id(
     assert len(names) == mirrored_alone["Wallet"]
     assert known == {FOREIGN_ORDER_ID}
     assert welcome_back == set()
+
+
+def test_erasing_a_partners_orders_drops_its_feed_cursor_so_they_come_back_whole(
+    sessions: sessionmaker[Session], connection_id: int
+) -> None:
+    """A partner dropped from the settings (a mistyped id, say) loses its feed cursor and
+    marks with its orders; configured again, its change feed is read from the start
+    (APIRequest GetRecords without lastRowVersion) and its orders are mirrored anew."""
+    with sessions.begin() as session:
+        for partner in (PARTNER_ID, FOREIGN_PARTNER):
+            session.add(
+                FeedCursor(
+                    connection_id=connection_id,
+                    partner_id=partner,
+                    last_row_version=1_000_000_000_123,
+                    updated_at=T0,
+                )
+            )
+            session.add(
+                FeedMark(
+                    connection_id=connection_id,
+                    partner_id=partner,
+                    row_version=1_000_000_000_123,
+                    recorded_at=T0,
+                )
+            )
+
+    with sessions.begin() as session:
+        forget_foreign_orders(session, connection_id, [PARTNER_ID], T0)
+
+    with sessions.begin() as session:
+        cursors = session.scalars(sa.select(FeedCursor.partner_id)).all()
+        marks = session.scalars(sa.select(FeedMark.partner_id)).all()
+    assert (cursors, marks) == ([PARTNER_ID], [PARTNER_ID])
 
 
 def upsert_counts(order: Order) -> dict[str, int]:
