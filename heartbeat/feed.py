@@ -64,6 +64,7 @@ import datetime as dt
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -413,12 +414,7 @@ class _Feed:
             "row_version": version,
             "recorded_at": self.now,
         }
-        insert: postgresql.Insert | sqlite.Insert
-        if session.get_bind().dialect.name == "postgresql":
-            insert = postgresql.insert(FeedMark).values(values)
-        else:
-            insert = sqlite.insert(FeedMark).values(values)
-        session.execute(insert.on_conflict_do_nothing())
+        session.execute(_insert(session, FeedMark, values).on_conflict_do_nothing())
 
     def advance(self, session: Session, version: int) -> None:
         """Raise the cursor to ``version``, creating it; never lower it; record the mark."""
@@ -428,11 +424,7 @@ class _Feed:
             "last_row_version": version,
             "updated_at": self.now,
         }
-        insert: postgresql.Insert | sqlite.Insert
-        if session.get_bind().dialect.name == "postgresql":
-            insert = postgresql.insert(FeedCursor).values(values)
-        else:
-            insert = sqlite.insert(FeedCursor).values(values)
+        insert = _insert(session, FeedCursor, values)
         moved = session.execute(
             insert.on_conflict_do_update(
                 index_elements=["connection_id", "partner_id"],
@@ -661,3 +653,12 @@ def _blank(value: str | None) -> str | None:
 def _guid(value: str) -> str:
     # As the mirror stores them: lowercase, no braces.
     return value.strip().strip("{}").lower()
+
+
+def _insert(
+    session: Session, table: type[FeedCursor] | type[FeedMark], values: dict[str, Any]
+) -> postgresql.Insert | sqlite.Insert:
+    """An INSERT of ``values`` in the session's dialect, which has ``ON CONFLICT``."""
+    if session.get_bind().dialect.name == "postgresql":
+        return postgresql.insert(table).values(values)
+    return sqlite.insert(table).values(values)
