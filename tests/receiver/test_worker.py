@@ -620,6 +620,32 @@ def test_a_404_naming_the_order_in_any_spelling_marks_it_removed(
     assert order is not None and order.removed_at == later
 
 
+def test_an_older_versions_answer_without_status_message_or_vendor_reference_is_mirrored(
+    sessions: sessionmaker[Session],
+    clients: dict[int, VenueClient],
+    connection_id: int,
+    venue: FakeVenue,
+) -> None:
+    """The older synchronous version (ChannelMgrOrderAgent BuildOrderResponseJson at
+    43834b3b8; its CMOrder has no DocumentNo) answers without ``statusMessage`` and
+    ``buyFromOrderReference``: the order is mirrored, both left empty."""
+    older = {
+        key: value
+        for key, value in venue_order(status="Error").items()
+        if key not in ("statusMessage", "buyFromOrderReference")
+    }
+    venue.orders[ORDER_ID] = older
+    row_id = add_row(sessions, connection_id, status="Error")
+
+    report = once(sessions, clients, T0)
+
+    assert (report.done, report.retried, report.dead) == (1, 0, 0)
+    order = mirrored(sessions)
+    assert order is not None and order.status is OrderStatus.ERROR
+    assert (order.status_message, order.buy_from_order_reference) == (None, None)
+    assert inbox(sessions, row_id).state is InboxState.DONE
+
+
 def test_a_404_for_an_order_never_seen_finishes_the_row(
     sessions: sessionmaker[Session],
     clients: dict[int, VenueClient],
