@@ -103,7 +103,14 @@ from storage.models import (
 from storage.types import MONEY_MAX, UNSTORABLE_TEXT, unstorable_text_path
 from venue.client import RetryPolicy, VenueClient
 from venue.errors import VenueError, VenueRejected, order_gone
-from venue.models import Order, OrderRequest, OrderStatus, OrderSummary, normalize_reference
+from venue.models import (
+    ConfirmRequest,
+    Order,
+    OrderRequest,
+    OrderStatus,
+    OrderSummary,
+    normalize_reference,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -1193,6 +1200,13 @@ def _send_confirm(send: _Send) -> SendResult:
     payment = (send.claim.request or {}).get("paymentReference")
     if order_id is None or not isinstance(payment, str) or not payment.strip():
         return send.refuse("the stored confirm names no order or no paymentReference")
+    try:
+        ConfirmRequest(payment_reference=payment)
+    except ValidationError as exc:
+        # Longer than the venue's field: it would be cut there (ChannelMgrOrderAgent
+        # ConfirmOrder), so it is not sent; the same body would fail every attempt.
+        error = exc.errors(include_url=False, include_input=False)[0]
+        return send.refuse(f"the stored paymentReference is invalid: {error['msg']}")
     try:
         # Idempotent at the venue: an order already Issued (an earlier attempt landed
         # and its answer was lost) comes back unchanged.

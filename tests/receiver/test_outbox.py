@@ -1580,3 +1580,27 @@ def test_the_sandboxs_404s_say_gone_only_when_they_name_the_order(
         row = session.scalars(sa.select(Outbox).where(Outbox.order_id == other_id)).one()
     assert row.state is OutboxState.PENDING
     assert row.last_error is not None and "HTTP 404" in row.last_error
+
+
+def test_a_confirm_whose_payment_reference_the_venue_would_cut_is_not_sent(
+    sessions: sessionmaker[Session], client: VenueClient, venue: FakeVenue, connection_id: int
+) -> None:
+    """ChannelMgrOrderAgent ConfirmOrder copies paymentReference into CMOrder's Code[50]
+    with CopyStr: a longer one would be cut. The stored confirm is refused with the reason
+    and nothing is sent (the same body would fail every attempt)."""
+    result = act_now(
+        sessions,
+        client,
+        connection_id,
+        OutboxOperation.CONFIRM,
+        ORDER_ID,
+        now=T0,
+        request={"paymentReference": "P" * 51},
+        owner="tester",
+    )
+
+    assert result.outcome is SendOutcome.FAILED
+    assert venue.calls["confirm"] == 0
+    with sessions.begin() as session:
+        row = session.scalars(sa.select(Outbox).where(Outbox.order_id == ORDER_ID)).one()
+    assert row.last_error is not None and "at most 50 characters" in row.last_error
