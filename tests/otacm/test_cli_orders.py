@@ -118,7 +118,8 @@ def test_submit_refused_by_the_venue_exits_1_with_its_reason(
 def test_submit_of_an_invalid_file_names_the_field(tmp_path: Path, env: dict[str, str]) -> None:
     """A file that is not an order request is refused whole, naming the field; exit 1."""
     orders = tmp_path / "order.json"
-    orders.write_text(json.dumps({"partnerId": "p", "sellToOrderReference": "x", "items": []}))
+    partner = "21e8c1d2-3f4a-4c5b-9e6d-7f8a9b0c1d2e"
+    orders.write_text(json.dumps({"partnerId": partner, "sellToOrderReference": "x", "items": []}))
     code, output = run(["submit", str(orders)], env)
     assert code == 1
     assert "items" in output
