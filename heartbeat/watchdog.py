@@ -2,8 +2,8 @@
 
 :func:`check_orders` makes no venue call itself: it queues lookups
 (:func:`receiver.inbox.queue_lookups`) for the inbox worker, which calls getOrder and
-mirrors the answer, or marks the order removed on a 404. It picks, oldest first and at
-most ``limit`` a run (the API quota):
+mirrors the answer, or marks the order removed on a 404 naming it. It picks, oldest
+first and at most ``limit`` a run (the API quota):
 
 - orders in flight that nothing has been heard of for ``in_flight_after`` — neither a
   status change (webhook, feed, submission) nor a fetch — reason ``in_flight``. Both
@@ -13,7 +13,8 @@ most ``limit`` a run (the API quota):
 - Draft and Error orders not re-read for ``open_recheck`` (their ``fetched_at``), reason
   ``recheck``: deleting one removes it at the venue without a trace in the change feed,
   and so does the venue when a new order takes an Error order's reference (the old
-  orderId vanishes). A 404 on the re-read marks them removed.
+  orderId vanishes). A 404 naming the order on the re-read marks it removed;
+  any other 404 is retried (:func:`venue.errors.order_gone`).
 
 Orders that already wait in the inbox (a webhook's row or an earlier lookup, pending or
 leased) are left out: the coming fetch answers for them too.

@@ -40,11 +40,13 @@ in a transaction of its own, only while the row is still leased by its sender:
 - 429, 503, 504, transport errors, a 400 that :attr:`~venue.errors.VenueRejected.may_be_transient`
   and anything that is not the order's fault (401, 403, 5xx) → back to ``pending`` with
   :func:`~receiver.worker.backoff`, ``dead`` after ``max_attempts``. One exception:
-  deleteOrder of an order in flight ("mid-flight ... retry once it has settled") is
+  deleteOrder of an order in flight (:attr:`~venue.errors.VenueRejected.order_in_flight`) is
   ``failed`` — a cancel is a person's decision, and carrying it out minutes later, after
   the order was issued, is not what they were told; they run it again once it settled;
-- 404 → ``failed`` ("the venue no longer knows the order") and the order marked removed;
-  for deleteOrder a 404 is the goal reached: ``sent``, the order marked removed;
+- a 404 naming the order (:func:`~venue.errors.order_gone`) → ``failed`` ("the venue no
+  longer knows the order") and the order marked removed; for deleteOrder it is the goal
+  reached: ``sent``, the order marked removed. Any other 404 (an unmatched route, the
+  gateway's) is retried like a 5xx;
 - any other rejection → ``failed`` with the venue's message (createOrder: unless a
   look-up by reference finds the venue kept an order after all, as the older API does
   with a failed issuance in Error). After a refused action the order is queued for a
@@ -83,7 +85,6 @@ from receiver.inbox import Lookup, queue_lookups
 from receiver.worker import LAST_ERROR_MAX_CHARS, backoff, describe_venue_error, new_owner
 from storage.lease import LeasedQueue
 from storage.models import (
-    GUID_CHARS,
     INTEGER_MAX,
     ChangeSource,
     ColumnOverflow,
@@ -101,8 +102,15 @@ from storage.models import (
 )
 from storage.types import MONEY_MAX, UNSTORABLE_TEXT, unstorable_text_path
 from venue.client import RetryPolicy, VenueClient
-from venue.errors import VenueError, VenueNotFound, VenueRejected
-from venue.models import Order, OrderRequest, OrderStatus, OrderSummary, normalize_reference
+from venue.errors import VenueError, VenueRejected, order_gone
+from venue.models import (
+    ConfirmRequest,
+    Order,
+    OrderRequest,
+    OrderStatus,
+    OrderSummary,
+    normalize_reference,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -120,10 +128,6 @@ outbox retries later anyway, so the caller gets "recorded, will retry" within se
 NO_CURRENCY = "XXX"
 """The ledger currency of a sale submitted without an amount: ISO 4217's "no currency"
 (the amount is then 0), so finance sees that the shop did not say what it charged."""
-
-REFERENCE_MAX_CHARS = 50
-"""The venue's width of ``sellToOrderReference`` and ``paymentReference``; it silently
-truncates longer text, which would break matching, so longer text is refused here."""
 
 # The top-level fields of a submission that are the sale's, not the venue's request.
 _TERMS_KEYS = frozenset({"amount", "currency", "amountIncludesVat", "connection"})
@@ -249,16 +253,6 @@ def parse_submission(raw: Any) -> Submission:
         raise SubmissionError(missing, f"required when {other} is given")
     if not request.sell_to_order_reference.strip():
         raise SubmissionError("sellToOrderReference", "must not be blank")
-    for name, value in (
-        ("sellToOrderReference", request.sell_to_order_reference),
-        ("paymentReference", request.payment_reference),
-    ):
-        if value is not None and len(value.strip()) > REFERENCE_MAX_CHARS:
-            raise SubmissionError(name, f"at most {REFERENCE_MAX_CHARS} characters")
-    if not request.partner_id.strip("{} "):
-        raise SubmissionError("partnerId", "must not be blank")
-    if len(request.partner_id.strip("{} ")) > GUID_CHARS:
-        raise SubmissionError("partnerId", f"at most {GUID_CHARS} characters")
     if sum(item.quantity for item in request.items) > INTEGER_MAX:
         raise SubmissionError("items", f"the quantities add up to more than {INTEGER_MAX}")
     return Submission(
@@ -1207,6 +1201,13 @@ def _send_confirm(send: _Send) -> SendResult:
     if order_id is None or not isinstance(payment, str) or not payment.strip():
         return send.refuse("the stored confirm names no order or no paymentReference")
     try:
+        ConfirmRequest(payment_reference=payment)
+    except ValidationError as exc:
+        # Longer than the venue's field: it would be cut there (ChannelMgrOrderAgent
+        # ConfirmOrder), so it is not sent; the same body would fail every attempt.
+        error = exc.errors(include_url=False, include_input=False)[0]
+        return send.refuse(f"the stored paymentReference is invalid: {error['msg']}")
+    try:
         # Idempotent at the venue: an order already Issued (an earlier attempt landed
         # and its answer was lost) comes back unchanged.
         order = send.client.confirm_order(order_id, payment)
@@ -1255,9 +1256,9 @@ def _send_delete(send: _Send) -> SendResult:
         return _action_failed(send, exc)
     try:
         order = send.client.get_order(order_id)
-    except VenueNotFound:
-        return send.sent(None, removed=True)
     except VenueError as exc:
+        if order_gone(exc, order_id):
+            return send.sent(None, removed=True)
         # The delete landed; only its confirmation failed. The row is sent, the result
         # says what the state before the call implies, and the mirror is left to the
         # worker's getOrder (a lookup is queued) rather than to the answer's status.
@@ -1305,19 +1306,20 @@ _SENDERS: dict[OutboxOperation, Callable[[_Send], SendResult]] = {
 def _action_failed(send: _Send, exc: VenueError) -> SendResult:
     """A confirm, replace or delete that failed: retried, refused, or (404) the order gone."""
     operation = send.claim.operation
-    if isinstance(exc, VenueNotFound):
+    if order_gone(exc, send.claim.order_id or ""):
         if operation is OutboxOperation.DELETE:
             # Gone is what a delete asks for, whoever removed it (or an earlier attempt
             # whose answer was lost).
             return send.sent(None, removed=True, message=NO_LONGER_KNOWN)
         return send.refuse(NO_LONGER_KNOWN, exc.code, removed=True)
     if isinstance(exc, VenueRejected):
-        mid_flight = "mid-flight" in (exc.message or "").lower()
-        if exc.may_be_transient and not (operation is OutboxOperation.DELETE and mid_flight):
+        in_flight = exc.order_in_flight
+        if exc.may_be_transient and not (operation is OutboxOperation.DELETE and in_flight):
             return send.retry(exc)
         return send.refuse(exc.message or str(exc), exc.code, recheck=True)
-    # Unavailable, rate limited, 5xx, a bad body, or the key or address is wrong: none is
-    # a verdict on the order, so it waits and tries again.
+    # Unavailable, rate limited, 5xx, a bad body, the key or address is wrong, or a 404
+    # that does not name the order (an unmatched route, the gateway's): none is a verdict
+    # on the order, so it waits and tries again.
     return send.retry(exc)
 
 
@@ -1326,9 +1328,9 @@ def _resolve_replace(send: _Send, replacement: Submission, rejection: VenueRejec
     assert send.claim.order_id is not None  # checked by the caller
     try:
         order = send.client.get_order(send.claim.order_id)
-    except VenueNotFound as exc:
-        return _action_failed(send, exc)
     except VenueError as exc:
+        if order_gone(exc, send.claim.order_id):
+            return _action_failed(send, exc)
         return send.retry(exc)
     replaceable = order.status in (OrderStatus.DRAFT, OrderStatus.ERROR)
     if not replaceable and _lines(order) == _requested_lines(replacement.request):
@@ -1350,6 +1352,7 @@ def _requested_lines(request: OrderRequest) -> list[tuple[str, int, dt.date | No
 def _resolve(send: _Send, request: OrderRequest, rejection: VenueRejected) -> SendResult:
     """After a rejected create: the order the venue has under this reference, else the verdict."""
     duplicate = rejection.is_duplicate_reference
+    found: Sequence[OrderSummary] = ()
     try:
         found = send.client.find_by_reference(request.partner_id, request.sell_to_order_reference)
         order = send.client.get_order(_latest(found).order_id) if found else None
@@ -1357,12 +1360,12 @@ def _resolve(send: _Send, request: OrderRequest, rejection: VenueRejected) -> Se
         if duplicate or exc.may_be_transient:
             return send.retry(exc)
         order = None  # the partner itself is refused: the venue holds no order of it
-    except VenueNotFound as exc:
-        if duplicate:
+    except VenueError as exc:
+        # Only the found order's own 404 (deleted between the listing and the read) says
+        # the venue holds nothing; any other failure, another 404 included, is retried.
+        if duplicate or not (found and order_gone(exc, _latest(found).order_id)):
             return send.retry(exc)
         order = None
-    except VenueError as exc:
-        return send.retry(exc)
     if order is not None:
         return send.sent(order, resolved=True)
     if duplicate:

@@ -5,7 +5,8 @@ stored it: :func:`claim_batch` leases due rows to one worker, :func:`process_cla
 getOrder once per order (rows of one batch for the same order share the call, outside any
 database transaction) and applies the venue's answer with
 :func:`~storage.models.upsert_order` — the venue's status is the truth, the notification's
-only a hint — or :func:`~storage.models.mark_removed` on a 404. The venue notifies and
+only a hint — or :func:`~storage.models.mark_removed` on a 404 naming the order
+(:func:`~venue.errors.order_gone`; any other failure is retried). The venue notifies and
 answers getOrder company-wide, so an answer may be an order of a partner not configured
 for the connection: nothing of it is mirrored, its id alone is noted
 (:func:`~storage.models.note_foreign_order`), and later rows for it are finished with no
@@ -56,7 +57,7 @@ from storage.models import (
 )
 from storage.types import utcnow
 from venue.client import VenueClient
-from venue.errors import VenueError, VenueNotFound, VenueRejected, VenueUnavailable
+from venue.errors import VenueError, VenueRejected, VenueUnavailable, order_gone
 from venue.models import Order, OrderStatus
 
 logger = logging.getLogger(__name__)
@@ -498,20 +499,23 @@ def _process_order(
     report.venue_calls += 1
     try:
         order: Order | None = client.get_order(order_id)
-    except VenueNotFound:
-        order = None
     except VenueError as exc:
-        logger.warning("order %s: getOrder failed: %s (inbox %s)", order_id, exc, _ids(group))
-        _retry(
-            sessions,
-            group,
-            describe_venue_error(exc),
-            owner=owner,
-            now=now,
-            max_attempts=max_attempts,
-            report=report,
-        )
-        return
+        if order_gone(exc, order_id):
+            order = None
+        else:
+            # Any failure but the venue's "Order '…' not found" (another 404 included: an
+            # unmatched route, the gateway's) is not a verdict on the order.
+            logger.warning("order %s: getOrder failed: %s (inbox %s)", order_id, exc, _ids(group))
+            _retry(
+                sessions,
+                group,
+                describe_venue_error(exc),
+                owner=owner,
+                now=now,
+                max_attempts=max_attempts,
+                report=report,
+            )
+            return
     if order is not None:
         report.fetched += 1
         if not client.serves(order.partner_id):

@@ -132,6 +132,11 @@ class SandboxConfig(BaseModel):
         return 10000 if self.legacy_sync else 100000
 
     @property
+    def payment_reference_length(self) -> int:
+        """CMOrder.PaymentReference is Code[50]; the older synchronous API's was Code[20]."""
+        return 20 if self.legacy_sync else 50
+
+    @property
     def company_path(self) -> str:
         """The company as the one path segment this venue answers."""
         return encode_company(self.company, self.company_path_form)

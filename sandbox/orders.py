@@ -37,6 +37,7 @@ from sandbox.requests import (
     parse_header,
     parse_items,
     required_text,
+    upper,
 )
 from sandbox.state import Clock, OrderQuery, OrderRecord, OrderStore, stamp
 from venue.models import (
@@ -46,7 +47,6 @@ from venue.models import (
     OrderStatus,
     Wallet,
     guid_caption,
-    normalize_reference,
     parse_guid,
 )
 
@@ -57,11 +57,12 @@ _TRUE = ("true", "1", "yes")
 _FALSE = ("false", "0", "no", "")
 
 
-def reference_code(text: str | None) -> str | None:
-    """A reference as the venue stores it: trimmed, upper-cased, cut at 50 characters."""
+def reference_code(text: str | None, length: int = REFERENCE_LENGTH) -> str | None:
+    """A reference as the venue stores it: upper-cased, cut at ``length``, trimmed
+    (``CopyStr`` into a Code[``length``], ChannelMgrOrderAgent TryParseHeader, ConfirmOrder)."""
     if text is None:
         return None
-    code = normalize_reference(text)[:REFERENCE_LENGTH]
+    code = upper(text)[:length].strip()
     return code or None
 
 
@@ -141,7 +142,7 @@ class OrderBook:
             InvalidRequest: the body is invalid or the reference is already taken.
         """
         fields = body_object(body)
-        header = parse_header(fields)
+        header = parse_header(fields, self._config.payment_reference_length)
         partner = self._config.partner(header.partner_id)
         if partner is None:
             raise InvalidRequest(f"Unknown partnerId '{guid_text(header.partner_id)}'")
@@ -186,7 +187,9 @@ class OrderBook:
             order = record.order.model_copy(
                 update={
                     "status": OrderStatus.ISSUED,
-                    "payment_reference": reference_code(payment),
+                    "payment_reference": reference_code(
+                        payment, self._config.payment_reference_length
+                    ),
                 }
             )
             return self._store.save(order, record.request, self._now())
@@ -203,7 +206,7 @@ class OrderBook:
             record = self.get(order_id)
             if record.status not in (OrderStatus.DRAFT, OrderStatus.ERROR):
                 raise InvalidRequest(f"Order cannot be replaced in status {record.status}")
-            header = parse_header(body_object(body))
+            header = parse_header(body_object(body), self._config.payment_reference_length)
             current = record.order
             if header.partner_id != current.partner_id:
                 raise InvalidRequest("partnerId cannot be changed via PUT")

@@ -261,9 +261,18 @@ def _cut(text: str, length: int) -> str:
     return text[:length]
 
 
+def upper(text: str) -> str:
+    """``Text.ToUpper()`` as .NET does it: one character for one (``ß`` stays ``ß``)."""
+    return "".join(c.upper() if len(c.upper()) == 1 else c for c in text)
+
+
 def _code(text: str, length: int) -> str:
-    """A Business Central ``Code`` field: trimmed, upper-cased, cut to its length."""
-    return text.strip().upper()[:length]
+    """``CopyStr`` of the upper-cased text into a Business Central ``Code`` field.
+
+    Cut to the field's length first, then trimmed (a Code keeps no leading or trailing
+    blanks): ``" english-gb"`` into Code[10] is ``"ENGLISH-G"``.
+    """
+    return upper(text)[:length].strip()
 
 
 # --- parsing ----------------------------------------------------------------------------
@@ -276,8 +285,13 @@ def body_object(body: Any) -> dict[str, Any]:
     return body
 
 
-def parse_header(body: dict[str, Any]) -> Header:
+def parse_header(body: dict[str, Any], payment_length: int = CODE_50) -> Header:
     """ChannelMgrOrderAgent TryParseHeader.
+
+    Args:
+        body: the request body.
+        payment_length: the width of CMOrder.PaymentReference (Code[50]; Code[20] in the
+            older synchronous version).
 
     Raises:
         InvalidRequest: with the venue's message for the first problem.
@@ -297,7 +311,7 @@ def parse_header(body: dict[str, Any]) -> Header:
         sell_to_email=_cut(email, TEXT_100),
         sell_to_name=_cut(name, TEXT_100),
         sell_to_language=_code(language, CODE_10),
-        payment_reference=_code(payment, CODE_50),
+        payment_reference=_code(payment, payment_length),
     )
 
 

@@ -10,7 +10,8 @@ never the key) and carries the venue's ``code`` and ``message`` when its body ha
     │   └── VenueRateLimited     429: retried the same way
     ├── VenueAuthError           401: the API key is wrong or revoked
     ├── VenueForbidden           403: the key lacks a permission
-    ├── VenueNotFound            404 ``resource_not_found``: no such order or subscription
+    ├── VenueNotFound            404: no such order (only when its message names it:
+    │                            see ``names_order``), subscription or address
     ├── VenueRejected            400 and any other 4xx: see ``may_be_transient`` and
     │   │                        ``is_duplicate_reference``
     │   └── VenueInvalidId       an order or partner id that is not a GUID (400 "Invalid
@@ -23,10 +24,21 @@ from __future__ import annotations
 import re
 from urllib.parse import unquote
 
-# Fragments of the venue's 400 messages that say "not a verdict on the order": the
-# documented mid-flight rejection and the shapes Business Central gives internal failures.
-_TRANSIENT_MARKERS = (
+from venue.models import parse_guid
+
+# Fragments of deleteOrder's refusal of an order still being processed, in every version:
+# "Order is mid-flight (status %1); retry once it has settled." (ChannelMgrOrderAgent
+# DeleteOrder) and, in the older synchronous version, "Order is currently being processed;
+# retry once it has settled."
+_IN_FLIGHT_MARKERS = (
     "mid-flight",
+    "currently being processed",
+)
+
+# Fragments of the venue's 400 messages that say "not a verdict on the order": the
+# in-flight refusals above and the shapes Business Central gives internal failures.
+_TRANSIENT_MARKERS = (
+    *_IN_FLIGHT_MARKERS,
     "retry once",
     "unexpected",
     "internal error",
@@ -95,11 +107,51 @@ class VenueForbidden(VenueError):
     """The API key is valid but lacks the permission for this call (403)."""
 
 
-class VenueNotFound(VenueError):
-    """The order or subscription does not exist (404 ``resource_not_found``).
+# A GUID in a message, in any spelling .NET reads: hyphenated or 32 hex digits, optionally
+# in braces. The character before it is kept to tell a path echo ("/channelManagerX/<id>")
+# from a message that names the order.
+_GUID_IN_TEXT = re.compile(
+    r"(?P<before>^|[^0-9A-Za-z])[{(]?(?P<guid>[0-9A-Fa-f]{8}-?[0-9A-Fa-f]{4}-?[0-9A-Fa-f]{4}"
+    r"-?[0-9A-Fa-f]{4}-?[0-9A-Fa-f]{12})(?![0-9A-Za-z])"
+)
 
-    After deleteOrder on a Draft or Error order this is the expected answer.
+
+class VenueNotFound(VenueError):
+    """A 404: the order or subscription does not exist, or the address is not served.
+
+    Not every 404 says an order is gone. ChannelMgrOrderAgent (GetOrder, ReplaceOrder,
+    DeleteOrder, ConfirmOrder) answers a missing order with "Order '{GUID}' not found";
+    but ChannelMgrApi Handle answers an unmatched route with "API endpoint not found",
+    APIRequestProcessor an unknown module with the path it read, and the gateway in front
+    of the venue may answer 404 for its own reasons. :meth:`names_order` is the one place
+    that tells them apart.
     """
+
+    def names_order(self, order_id: str) -> bool:
+        """Whether this 404 says that the order ``order_id`` does not exist.
+
+        True when the message names the order's id, in any GUID spelling (braces, case,
+        hyphens), other than as a path segment: the venue writes "Order '{6C2B…}' not
+        found", and a 404 that names the id in another wording counts too; an unknown
+        module's answer echoes the path ("/channelManagerX/6c2b… Not Found"), which names
+        a route, not an order. A 404 without such a message says nothing about the order.
+        """
+        wanted = parse_guid(order_id)
+        if wanted is None or not self.message:
+            return False
+        return any(
+            found.group("before") != "/" and parse_guid(found.group("guid")) == wanted
+            for found in _GUID_IN_TEXT.finditer(self.message)
+        )
+
+
+def order_gone(exc: VenueError, order_id: str) -> bool:
+    """Whether ``exc`` is the venue's answer that order ``order_id`` does not exist.
+
+    Only a 404 naming the order (:meth:`VenueNotFound.names_order`) is; every other
+    failure, another 404 included, is not a verdict on the order and is retried.
+    """
+    return isinstance(exc, VenueNotFound) and exc.names_order(order_id)
 
 
 class VenueRejected(VenueError):
@@ -115,6 +167,17 @@ class VenueRejected(VenueError):
         """The venue's rules say this may pass: the order is mid-flight or the venue failed."""
         text = (self.message or "").lower()
         return any(marker in text for marker in _TRANSIENT_MARKERS)
+
+    @property
+    def order_in_flight(self) -> bool:
+        """deleteOrder refused the order because it is still being processed.
+
+        The current version writes "mid-flight", the older synchronous one "currently
+        being processed" (ChannelMgrOrderAgent DeleteOrder); the order exists and will
+        settle, so the failure is transient and the delete is worth a recheck.
+        """
+        text = (self.message or "").lower()
+        return any(marker in text for marker in _IN_FLIGHT_MARKERS)
 
     @property
     def is_duplicate_reference(self) -> bool:

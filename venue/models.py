@@ -25,9 +25,12 @@ from pydantic import (
     Field,
     PlainSerializer,
     PlainValidator,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_serializer,
 )
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
@@ -258,25 +261,98 @@ VisitTime = Annotated[
 ]
 
 
+# The widths of the venue's fields (CMOrder.Table, CMOrderLine.Table, CMOrderWallet.Table).
+# ChannelMgrOrderAgent TryParseHeader, TryParseItem and TryParseWalletBlock copy request
+# text into them with CopyStr(…, MaxStrLen): longer text is cut without a word, and a cut
+# e-mail sends tickets elsewhere, a cut reference no longer matches. So it is refused here.
+TEXT_MAX_CHARS = 100
+"""``sellToEmail``, ``sellToName`` (header and line), wallet names and external reference
+numbers: Text[100]."""
+LANGUAGE_MAX_CHARS = 10
+"""``sellToLanguage`` (header and line): Code[10], upper-cased by the venue."""
+REFERENCE_MAX_CHARS = 50
+"""``sellToOrderReference`` and ``paymentReference``: Code[50] (CMOrder). The older
+synchronous version stored ``paymentReference`` as Code[20] (CMOrder at 43834b3b8)."""
+
+
+def _at_most(limit: int, *, code: bool = False) -> AfterValidator:
+    """Refuse text longer than a venue field of ``limit`` characters, which would be cut.
+
+    A ``Code`` field is trimmed after the cut, so trailing blanks are not counted for it.
+    """
+
+    def check(value: str | None) -> str | None:
+        if value is None:
+            return None
+        kept = value.rstrip() if code else value
+        if len(kept) > limit:
+            raise PydanticCustomError(
+                "too_long",
+                "at most {limit} characters: the venue would cut the rest",
+                {"limit": limit},
+            )
+        return value
+
+    return AfterValidator(check)
+
+
+def _guid_text(value: str) -> str:
+    """ChannelMgrOrderAgent TryParseHeader: ``partnerId`` must read as a GUID."""
+    if parse_guid(value) is None:
+        raise PydanticCustomError("guid", "is not a valid GUID")
+    return value
+
+
+# Customer data: kept out of reprs, and as long as the venue's field.
+CustomerText = Annotated[str | None, _at_most(TEXT_MAX_CHARS), Field(default=None, repr=False)]
+LanguageCode = Annotated[
+    str | None, _at_most(LANGUAGE_MAX_CHARS, code=True), Field(default=None, repr=False)
+]
+WalletText = Annotated[str, _at_most(TEXT_MAX_CHARS)]
+
+
 def _one_when_null(value: Any) -> Any:
     """ChannelMgrOrderAgent TryParseItem: a null ``quantity`` is the default, 1."""
     return 1 if value is None else value
+
+
+class ComponentScheduleEntry(WireModel):
+    """One component of a package line moved to its own visit.
+
+    As the venue refuses them (ChannelMgrOrderAgent TryParseComponentScheduleEntry): an
+    object with ``itemNumber`` (required text), ``visitDate`` and ``visitTime`` (required,
+    ``YYYY-MM-DD`` and ``HH:mm:ss``). Whether the item is a component of the line's
+    package only the venue knows; it answers that.
+    """
+
+    item_number: str = Field(min_length=1)
+    visit_date: VisitDate
+    visit_time: VisitTime
 
 
 class WalletRequest(WireModel):
     """Per-line wallet options of an order request.
 
     ``names`` and ``externalReferenceNumbers``, when given, hold one entry per wallet the
-    line issues (ChannelMgrOrderAgent TryParseWalletBlock); an empty list is refused.
+    line issues (ChannelMgrOrderAgent TryParseWalletBlock); an empty list is refused, and
+    an entry longer than the venue's Text[100] too (it would be cut).
+
+    ``componentSchedule`` must be a list when given (``null`` is no schedule): the venue
+    ignores any other value, so the package's components would quietly keep the line's
+    visit, which is surely not what was meant.
     """
 
-    names: list[str] | None = Field(default=None, min_length=1, repr=False)
-    external_reference_numbers: list[str] | None = Field(default=None, min_length=1)
-    component_schedule: Any = None
+    names: list[WalletText] | None = Field(default=None, min_length=1, repr=False)
+    external_reference_numbers: list[WalletText] | None = Field(default=None, min_length=1)
+    component_schedule: list[ComponentScheduleEntry] | None = None
 
 
 class OrderRequestItem(WireModel):
     """One line of an order request: a catalog item, a visit, a quantity.
+
+    ``sellToEmail``, ``sellToName`` and ``sellToLanguage`` override the header's for this
+    line's tickets (ChannelMgrOrderAgent TryParseItem); given as ``null`` they clear it
+    ("" at the venue), which is sent as ``null``, not left out.
 
     As the venue refuses them (ChannelMgrOrderAgent TryParseItem): ``visitDate`` and
     ``visitTime`` are required, exactly ``YYYY-MM-DD`` and ``HH:mm:ss``; ``quantity`` is
@@ -289,7 +365,23 @@ class OrderRequestItem(WireModel):
     visit_date: VisitDate
     visit_time: VisitTime
     quantity: Annotated[int, BeforeValidator(_one_when_null)] = Field(default=1, ge=1)
+    sell_to_email: CustomerText
+    sell_to_name: CustomerText
+    sell_to_language: LanguageCode
     wallet: WalletRequest | None = None
+
+    @model_serializer(mode="wrap")
+    def _explicit_nulls_kept(
+        self, handler: SerializerFunctionWrapHandler, info: SerializationInfo
+    ) -> dict[str, Any]:
+        # ChannelMgrOrderAgent TryParseItem: a line's sellTo* given as null is "" (this line
+        # gets no e-mail), absent is the header's. to_wire drops None values, which would
+        # turn one into the other, so a null the request held is written back.
+        data: dict[str, Any] = handler(self)
+        for name in _LINE_OVERRIDES:
+            if name in self.model_fields_set and getattr(self, name) is None:
+                data[to_camel(name) if info.by_alias else name] = None
+        return data
 
     @field_validator("wallet")
     @classmethod
@@ -313,22 +405,34 @@ class OrderRequestItem(WireModel):
         return wallet
 
 
-class OrderRequest(WireModel):
-    """The body of createOrder and replaceOrder."""
+_LINE_OVERRIDES = ("sell_to_email", "sell_to_name", "sell_to_language")
 
-    partner_id: str
-    sell_to_order_reference: str = Field(min_length=1)
-    sell_to_email: PersonalText
-    sell_to_name: PersonalText
-    sell_to_language: OptionalText
-    payment_reference: OptionalText
+PaymentReference = Annotated[str, _at_most(REFERENCE_MAX_CHARS, code=True)]
+
+
+class OrderRequest(WireModel):
+    """The body of createOrder and replaceOrder.
+
+    ``partnerId`` must read as a GUID (ChannelMgrOrderAgent TryParseHeader); text the
+    venue would cut to its field's width is refused (see :data:`TEXT_MAX_CHARS` and the
+    other widths).
+    """
+
+    partner_id: Annotated[str, AfterValidator(_guid_text)]
+    sell_to_order_reference: Annotated[str, _at_most(REFERENCE_MAX_CHARS, code=True)] = Field(
+        min_length=1
+    )
+    sell_to_email: CustomerText
+    sell_to_name: CustomerText
+    sell_to_language: LanguageCode
+    payment_reference: PaymentReference | None = None
     items: list[OrderRequestItem] = Field(min_length=1)
 
 
 class ConfirmRequest(WireModel):
     """The body of confirmOrder."""
 
-    payment_reference: str = Field(min_length=1)
+    payment_reference: PaymentReference = Field(min_length=1)
 
 
 # --- responses ------------------------------------------------------------------------

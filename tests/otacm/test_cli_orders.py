@@ -118,7 +118,8 @@ def test_submit_refused_by_the_venue_exits_1_with_its_reason(
 def test_submit_of_an_invalid_file_names_the_field(tmp_path: Path, env: dict[str, str]) -> None:
     """A file that is not an order request is refused whole, naming the field; exit 1."""
     orders = tmp_path / "order.json"
-    orders.write_text(json.dumps({"partnerId": "p", "sellToOrderReference": "x", "items": []}))
+    partner = "21e8c1d2-3f4a-4c5b-9e6d-7f8a9b0c1d2e"
+    orders.write_text(json.dumps({"partnerId": partner, "sellToOrderReference": "x", "items": []}))
     code, output = run(["submit", str(orders)], env)
     assert code == 1
     assert "items" in output
@@ -152,6 +153,41 @@ def test_submit_refuses_each_order_the_venue_would_refuse_one_line_each(
         " after validation, not 0",
     ]
     assert run(["orders", "show", "CLI-FINE"], env)[0] == 1  # nothing recorded nor sent
+
+
+def test_submit_refuses_text_the_venue_would_cut_and_a_partner_that_is_no_guid(
+    tmp_path: Path, sandbox: SandboxServer, env: dict[str, str]
+) -> None:
+    """ChannelMgrOrderAgent TryParseHeader ("partnerId is not a valid GUID"; CopyStr to
+    CMOrder's Text[100]), TryParseItem (CMOrderLine) and TryParseComponentScheduleEntry:
+    `otacm submit` refuses each such order in one line naming its field, exit 1, and
+    records and sends nothing."""
+    partner = sandbox.config.partners[0].id
+    good = order("cli-cut-fine", partner)
+    not_guid = order("cli-cut-partner", "partner-one")
+    long_email = order("cli-cut-email", partner)
+    long_email["sellToEmail"] = "j" * 89 + "@example.com"
+    long_line_name = order("cli-cut-line", partner)
+    long_line_name["items"][0]["sellToName"] = "N" * 101  # type: ignore[index]
+    bad_schedule = order("cli-cut-schedule", partner)
+    bad_schedule["items"][0]["wallet"] = {  # type: ignore[index]
+        "componentSchedule": [{"itemNumber": "31002", "visitDate": "2099-01-01"}]
+    }
+    orders = tmp_path / "orders.json"
+    orders.write_text(json.dumps([good, not_guid, long_email, long_line_name, bad_schedule]))
+
+    code, output = run(["submit", str(orders)], env)
+
+    assert code == 1
+    refusals = [line for line in output.splitlines() if line.startswith("Error: ")]
+    cut = "at most 100 characters: the venue would cut the rest"
+    assert refusals == [
+        f"Error: {orders}: [1].partnerId: is not a valid GUID",
+        f"Error: {orders}: [2].sellToEmail: {cut}",
+        f"Error: {orders}: [3].items[0].sellToName: {cut}",
+        f"Error: {orders}: [4].items[0].wallet.componentSchedule[0].visitTime: Field required",
+    ]
+    assert run(["orders", "show", "CLI-CUT-FINE"], env)[0] == 1  # nothing recorded nor sent
 
 
 def test_orders_show_of_an_unknown_key_exits_1(env: dict[str, str]) -> None:
@@ -256,6 +292,9 @@ def test_orders_replace_refuses_what_cannot_be_sent_naming_the_problem(
         "partner": json.dumps(order("CLI-ISSUED", other_partner)),
         "good": json.dumps(order("CLI-ISSUED", partner, "31002")),
         "time": json.dumps(order("CLI-ISSUED", partner, "31002")).replace("10:00:00", "10:00"),
+        "cut": json.dumps(order("CLI-ISSUED", partner, "31002")).replace(
+            "jane@example.com", "j" * 89 + "@example.com"
+        ),
     }
     for name, text in files.items():
         (tmp_path / f"{name}.json").write_text(text)
@@ -271,6 +310,8 @@ def test_orders_replace_refuses_what_cannot_be_sent_naming_the_problem(
         (replace("NOPE-1", "good"), "no stored order under 'NOPE-1'"),
         # ChannelMgrOrderAgent GetRequiredTimeField: refused before the venue is asked.
         (replace("CLI-ISSUED", "time"), "items[0].visitTime: must be a time as HH:mm:ss"),
+        # ChannelMgrOrderAgent TryParseHeader: CopyStr to CMOrder.SellToEmail's Text[100].
+        (replace("CLI-ISSUED", "cut"), "sellToEmail: at most 100 characters"),
         (replace("CLI-ISSUED", "good"), "refused  order"),
     ]
     for (code, output), problem in cases:

@@ -244,6 +244,39 @@ def test_a_partner_not_configured_is_answered_400_and_nothing_sent(
         ),
         ({"sellToName": "Jane\u0000Doe"}, "sellToName"),
         ({"partnerId": "f" * 65}, "partnerId"),
+        ({"partnerId": "not-a-guid"}, "partnerId"),
+        ({"sellToEmail": "e" * 101}, "sellToEmail"),
+        ({"sellToLanguage": "ENGLISH-GB1"}, "sellToLanguage"),
+        (
+            {
+                "items": [
+                    {
+                        "itemNumber": "31001",
+                        "visitDate": "2099-06-01",
+                        "visitTime": "10:30:00",
+                        "sellToEmail": "e" * 101,
+                    }
+                ]
+            },
+            "items[0].sellToEmail",
+        ),
+        (
+            {
+                "items": [
+                    {
+                        "itemNumber": "31001",
+                        "visitDate": "2099-06-01",
+                        "visitTime": "10:30:00",
+                        "wallet": {
+                            "componentSchedule": [
+                                {"itemNumber": "31002", "visitDate": "2099-06-01"}
+                            ]
+                        },
+                    }
+                ]
+            },
+            "items[0].wallet.componentSchedule[0].visitTime",
+        ),
         (
             {
                 "items": [

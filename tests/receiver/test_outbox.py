@@ -69,7 +69,7 @@ from storage.models import (
 )
 from storage.types import MONEY_MAX, utcnow
 from venue.client import RetryPolicy, VenueClient, open_client
-from venue.models import Order, OrderRequest, OrderStatus, normalize_reference
+from venue.models import Order, OrderRequest, OrderStatus, guid_caption, normalize_reference
 from venue.throttle import Throttle
 
 PARTNER = DEFAULT_PARTNERS[0].id
@@ -138,6 +138,7 @@ class FakeVenue:
         orders: the venue's orders (wire JSON) by orderId.
         scripts: how to answer the next createOrder calls, in order.
         answers: how to answer the next confirmOrder, replaceOrder or deleteOrder calls.
+        get_answers: how to answer the next getOrder calls (before the stored orders).
         calls: calls by name (``create``, ``get``, ``list``, ``confirm``, ``replace``,
             ``delete``).
     """
@@ -146,6 +147,7 @@ class FakeVenue:
         self.orders: dict[str, dict[str, Any]] = {}
         self.scripts: list[Script] = []
         self.answers: list[httpx.Response] = []
+        self.get_answers: list[httpx.Response] = []
         self.calls: Counter[str] = Counter()
         self._lock = threading.Lock()
 
@@ -173,9 +175,15 @@ class FakeVenue:
                 return httpx.Response(200, json={"morePages": False, "data": data})
             if request.method == "GET" and "/channelManager/" in path:
                 self.calls["get"] += 1
-                order = self.orders.get(path.rsplit("/", 1)[-1])
+                if self.get_answers:
+                    return self.get_answers.pop(0)
+                order_id = path.rsplit("/", 1)[-1]
+                order = self.orders.get(order_id)
                 if order is None:
-                    return error(404, "Order was not found", code="resource_not_found")
+                    # ChannelMgrOrderAgent GetOrder: the id formatted as Business Central
+                    # writes a GUID into text.
+                    message = f"Order '{guid_caption(order_id)}' not found Not Found"
+                    return error(404, message, code="resource_not_found")
                 return httpx.Response(200, json=order)
         raise AssertionError(f"unexpected call {request.method} {path}")
 
@@ -367,6 +375,44 @@ def test_an_invalid_submission_names_its_field(change: dict[str, Any], field: st
         parse_submission(order_body(**change))
 
     assert caught.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "problem"),
+    [
+        ({"partnerId": "partner-1"}, "partnerId", "is not a valid GUID"),
+        ({"partnerId": " "}, "partnerId", "is not a valid GUID"),
+        ({"sellToEmail": "e" * 101}, "sellToEmail", "at most 100 characters"),
+        ({"sellToName": "n" * 101}, "sellToName", "at most 100 characters"),
+        ({"sellToLanguage": "l" * 11}, "sellToLanguage", "at most 10 characters"),
+        ({"sellToOrderReference": "R" * 51}, "sellToOrderReference", "at most 50 characters"),
+        ({"paymentReference": "P" * 51}, "paymentReference", "at most 50 characters"),
+    ],
+)
+def test_a_submission_the_venue_would_cut_or_refuse_names_its_field(
+    change: dict[str, Any], field: str, problem: str
+) -> None:
+    """ChannelMgrOrderAgent TryParseHeader: a partnerId that is not a GUID is refused ("partnerId
+    is not a valid GUID"), and text longer than CMOrder's fields is cut (CopyStr): both are
+    refused before anything is recorded, naming the field and why."""
+    with pytest.raises(SubmissionError) as caught:
+        parse_submission(order_body(**change))
+
+    assert (caught.value.field, caught.value.code) == (field, "invalid_order")
+    assert problem in caught.value.problem
+
+
+def test_a_stored_request_keeps_a_lines_explicit_null_customer_fields() -> None:
+    """ChannelMgrOrderAgent TryParseItem: a line's sellToEmail given as null means this
+    line's tickets go to no address; the request otacm stores and sends keeps the null."""
+    body = order_body()
+    body["items"][1] = {**body["items"][1], "sellToEmail": None}
+
+    wire = parse_submission(body).request.to_wire()
+
+    assert wire["items"][1]["sellToEmail"] is None
+    assert "sellToEmail" not in wire["items"][0]
+    assert parse_submission(json.loads(json.dumps(wire))).request.to_wire() == wire
 
 
 def test_the_largest_amount_money_holds_is_accepted() -> None:
@@ -1029,7 +1075,12 @@ def test_a_file_with_a_partner_not_configured_records_nothing(
 # --- actions on an order ------------------------------------------------------------------
 
 ORDER_ID = "0b7d6c5e-4f3a-4b2c-9d1e-8f7a6b5c4d3e"
-MID_FLIGHT = "Order is mid-flight (status Processing); retry once it has settled"
+MID_FLIGHT = "Order is mid-flight (status Processing...); retry once it has settled."
+# The older synchronous version's refusal (ChannelMgrOrderAgent DeleteOrder at 43834b3b8).
+BEING_PROCESSED = "Order is currently being processed; retry once it has settled."
+# ChannelMgrOrderAgent GetOrder and the others; "{order}" is the order's id as the test
+# case spells it.
+NOT_FOUND = "Order '{order}' not found Not Found"
 
 
 def action_request(operation: OutboxOperation) -> dict[str, Any] | None:
@@ -1074,20 +1125,38 @@ ACTION_FAILURES = [
     (OutboxOperation.CONFIRM, 503, "busy", SendOutcome.RETRYING),
     (OutboxOperation.DELETE, 401, "Missing or invalid API key", SendOutcome.RETRYING),
     (OutboxOperation.CONFIRM, 400, "Order cannot be confirmed in status Error", SendOutcome.FAILED),
-    (OutboxOperation.REPLACE, 404, "Order was not found", SendOutcome.FAILED),
-    (OutboxOperation.DELETE, 404, "Order was not found", SendOutcome.SENT),
+    (OutboxOperation.DELETE, 400, BEING_PROCESSED, SendOutcome.FAILED),
+    (OutboxOperation.CONFIRM, 400, BEING_PROCESSED, SendOutcome.RETRYING),
+    (OutboxOperation.REPLACE, 404, NOT_FOUND, SendOutcome.FAILED),
+    (OutboxOperation.CONFIRM, 404, NOT_FOUND, SendOutcome.FAILED),
+    (OutboxOperation.DELETE, 404, NOT_FOUND, SendOutcome.SENT),
+    # A 404 that names the order in another spelling or wording still says it is gone.
+    (OutboxOperation.DELETE, 404, "{order_lower} not found", SendOutcome.SENT),
+    # 404s that do not name the order are not a verdict on it: an unmatched route
+    # (ChannelMgrApi Handle), an unknown module echoing the path (APIRequestProcessor
+    # ProcessRequest), the gateway's own.
+    (OutboxOperation.DELETE, 404, "API endpoint not found Not Found", SendOutcome.RETRYING),
+    (OutboxOperation.CONFIRM, 404, "API endpoint not found Not Found", SendOutcome.RETRYING),
+    (OutboxOperation.REPLACE, 404, "/channelManagr/{order_lower} Not Found", SendOutcome.RETRYING),
+    (OutboxOperation.DELETE, 404, "Resource not found", SendOutcome.RETRYING),
 ]
 
 
 def test_an_actions_failure_is_retried_refused_or_the_order_gone(
     sessions: sessionmaker[Session], client: VenueClient, venue: FakeVenue, connection_id: int
 ) -> None:
-    """Transient failures wait their backoff, except a mid-flight delete (a person's cancel
-    is refused, not carried out later); a refusal fails the row and queues a fresh getOrder;
-    404 fails a confirm or replace, and is a delete's goal reached."""
-    for operation, status, message, outcome in ACTION_FAILURES:
-        case = f"{operation} answered {status} {message!r}"
+    """Transient failures wait their backoff, except a delete of an order in flight (a
+    person's cancel is refused, not carried out later), in the current and the older
+    wording; a refusal fails the row and queues a fresh getOrder; a 404 naming the order
+    fails a confirm or replace and is a delete's goal reached; any other 404 is retried.
+
+    ChannelMgrOrderAgent DeleteOrder (current and at 43834b3b8), GetOrder, ConfirmOrder,
+    ReplaceOrder; ChannelMgrApi Handle; APIRequestProcessor ProcessRequest.
+    """
+    for operation, status, template, outcome in ACTION_FAILURES:
         order_id = str(uuid.uuid4())
+        message = template.format(order=guid_caption(order_id), order_lower=order_id)
+        case = f"{operation} answered {status} {message!r}"
         code = "resource_not_found" if status == 404 else "generic_error"
         venue.answers = [error(status, message, code=code)]
 
@@ -1117,8 +1186,9 @@ def test_an_actions_failure_is_retried_refused_or_the_order_gone(
             assert row.next_attempt_at > T0, case
         refused = outcome is SendOutcome.FAILED and status == 400
         assert len(lookups) == (1 if refused else 0), case
-        if status == 404:
-            assert result.removed, case
+        gone = status == 404 and outcome is not SendOutcome.RETRYING
+        assert result.removed is gone, case
+        if gone:
             assert row.last_error == (None if outcome is SendOutcome.SENT else NO_LONGER_KNOWN)
 
 
@@ -1241,6 +1311,38 @@ def test_deleting_an_issued_order_keeps_it_cancelled_as_getorder_shows(
     assert result.order is not None and result.order.status is OrderStatus.CANCELLED
     row = mirrored_order(sessions, order_id)
     assert (row.status, row.removed_at) == (OrderStatus.CANCELLED, None)
+
+
+@pytest.mark.parametrize(
+    "message",
+    ["API endpoint not found Not Found", "/channelManagr/{order} Not Found", "Not Found"],
+)
+def test_a_404_not_naming_the_order_does_not_confirm_a_delete(
+    sessions: sessionmaker[Session],
+    client: VenueClient,
+    venue: FakeVenue,
+    connection_id: int,
+    message: str,
+) -> None:
+    """The delete landed, but its getOrder met a 404 that names no order: not "removed".
+
+    ChannelMgrOrderAgent GetOrder answers a missing order "Order '{GUID}' not found";
+    ChannelMgrApi Handle answers an unmatched route "API endpoint not found" and
+    APIRequestProcessor ProcessRequest an unknown module with the path. Neither says the
+    order is gone: the mirror is left to the worker's getOrder, a lookup is queued.
+    """
+    order_id = mirror_venue_order(sessions, venue, connection_id, "Draft")
+    venue.answers = [cancelled_answer(venue, order_id)]
+    venue.get_answers = [error(404, message.format(order=order_id), code="resource_not_found")]
+
+    result = delete_now(sessions, client, connection_id, order_id)
+
+    assert result.outcome is SendOutcome.SENT
+    row = mirrored_order(sessions, order_id)
+    assert (row.status, row.removed_at) == (OrderStatus.DRAFT, None)
+    with sessions.begin() as session:
+        lookups = session.scalars(sa.select(Inbox.event_name).where(Inbox.order_id == order_id))
+        assert len(list(lookups)) == 1
 
 
 def test_a_delete_whose_answer_was_lost_is_found_removed_by_its_retry(
@@ -1452,3 +1554,53 @@ def test_the_sandboxs_synchronous_mode_is_stored_as_settled(
     assert len(rows(sessions, Wallet)) == 3
     with sessions.begin() as session:
         assert session.scalar(sa.select(sa.func.count()).select_from(StatusChange)) == 1
+
+
+def test_the_sandboxs_404s_say_gone_only_when_they_name_the_order(
+    sessions: sessionmaker[Session], sandbox: SandboxServer, connection_id: int
+) -> None:
+    """Over HTTP: an unknown order's 404 completes a delete; a wrong address's 404 does not.
+
+    ChannelMgrOrderAgent DeleteOrder answers a missing order "Order '{GUID}' not found";
+    a 404 for an address the venue does not serve (here an unknown company) names no order,
+    so the delete waits and tries again and nothing is marked removed.
+    """
+    gone_id, other_id = str(uuid.uuid4()), str(uuid.uuid4())
+    wrong = sandbox_connection(sandbox).model_copy(update={"company": "No Such Company"})
+    with (
+        open_client(sandbox_connection(sandbox), retry=ONCE, throttle=Throttle()) as right,
+        open_client(wrong, retry=ONCE, throttle=Throttle()) as misaddressed,
+    ):
+        gone = delete_now(sessions, right, connection_id, gone_id)
+        unserved = delete_now(sessions, misaddressed, connection_id, other_id)
+
+    assert (gone.outcome, gone.removed) == (SendOutcome.SENT, True)
+    assert (unserved.outcome, unserved.removed) == (SendOutcome.RETRYING, False)
+    with sessions.begin() as session:
+        row = session.scalars(sa.select(Outbox).where(Outbox.order_id == other_id)).one()
+    assert row.state is OutboxState.PENDING
+    assert row.last_error is not None and "HTTP 404" in row.last_error
+
+
+def test_a_confirm_whose_payment_reference_the_venue_would_cut_is_not_sent(
+    sessions: sessionmaker[Session], client: VenueClient, venue: FakeVenue, connection_id: int
+) -> None:
+    """ChannelMgrOrderAgent ConfirmOrder copies paymentReference into CMOrder's Code[50]
+    with CopyStr: a longer one would be cut. The stored confirm is refused with the reason
+    and nothing is sent (the same body would fail every attempt)."""
+    result = act_now(
+        sessions,
+        client,
+        connection_id,
+        OutboxOperation.CONFIRM,
+        ORDER_ID,
+        now=T0,
+        request={"paymentReference": "P" * 51},
+        owner="tester",
+    )
+
+    assert result.outcome is SendOutcome.FAILED
+    assert venue.calls["confirm"] == 0
+    with sessions.begin() as session:
+        row = session.scalars(sa.select(Outbox).where(Outbox.order_id == ORDER_ID)).one()
+    assert row.last_error is not None and "at most 50 characters" in row.last_error

@@ -53,7 +53,7 @@ from storage.models import (
     ensure_connection,
 )
 from venue.client import RetryPolicy, VenueClient, open_client
-from venue.models import OrderStatus
+from venue.models import OrderStatus, guid_caption
 from venue.throttle import Throttle
 
 API_KEY = "key-worker-5e6f7a8b"
@@ -184,11 +184,13 @@ class FakeVenue:
         orders: the venue's orders by orderId; any other id is a 404.
         failures: per orderId, error statuses to answer the next calls with, in order.
         always_fail: orderIds answered with 503 on every call.
+        not_found: orderIds answered with a 404 of this message on every call.
         calls: getOrder calls per orderId.
     """
 
     def __init__(self) -> None:
         self.orders: dict[str, dict[str, Any]] = {}
+        self.not_found: dict[str, str] = {}
         self.failures: dict[str, list[int]] = {}
         self.always_fail: set[str] = set()
         self.calls: Counter[str] = Counter()
@@ -208,10 +210,13 @@ class FakeVenue:
             return httpx.Response(
                 status, json={"code": "service_unavailable", "message": "queue timed out"}
             )
+        not_found = self.not_found.get(order_id)
+        if not_found is not None:
+            return httpx.Response(404, json={"code": "resource_not_found", "message": not_found})
         if order_id not in self.orders:
-            return httpx.Response(
-                404, json={"code": "resource_not_found", "message": "Order not found"}
-            )
+            # ChannelMgrOrderAgent GetOrder: the id as Business Central formats a GUID.
+            message = f"Order '{guid_caption(order_id)}' not found Not Found"
+            return httpx.Response(404, json={"code": "resource_not_found", "message": message})
         return httpx.Response(200, content=json.dumps(self.orders[order_id]))
 
 
@@ -544,6 +549,100 @@ def test_a_404_marks_the_order_removed(
     order = mirrored(sessions)
     assert order is not None and order.removed_at == later
     assert [(c.status, c.inbox_id) for c in status_changes(sessions)][-1] == (None, row_id)
+    assert inbox(sessions, row_id).state is InboxState.DONE
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "API endpoint not found Not Found",
+        f"/channelManagr/{ORDER_ID} Not Found",
+        "Not Found",
+        "Order '{6C2B1A0E-0000-4000-8000-000000000000}' not found Not Found",
+    ],
+)
+def test_a_404_not_naming_the_order_is_retried_and_never_marks_it_removed(
+    sessions: sessionmaker[Session],
+    clients: dict[int, VenueClient],
+    connection_id: int,
+    venue: FakeVenue,
+    message: str,
+) -> None:
+    """Only the venue's "Order '{GUID}' not found" for this order says it is gone.
+
+    ChannelMgrOrderAgent GetOrder answers a missing order with its id; ChannelMgrApi Handle
+    answers an unmatched route "API endpoint not found"; APIRequestProcessor
+    ProcessRequest an unknown module with the path it read; a gateway may answer 404 with
+    anything. Those are retried with backoff, and the mirrored order stays.
+    """
+    add_row(sessions, connection_id)
+    once(sessions, clients, T0)
+    venue.not_found[ORDER_ID] = message
+    later = T0 + dt.timedelta(minutes=5)
+    row_id = add_row(sessions, connection_id, status="Error", received_at=later)
+
+    report = once(sessions, clients, later)
+
+    assert (report.removed, report.done, report.retried) == (0, 0, 1)
+    order = mirrored(sessions)
+    assert order is not None and order.removed_at is None
+    row = inbox(sessions, row_id)
+    assert row.state is InboxState.PENDING and row.next_attempt_at > later
+    assert row.last_error is not None and "HTTP 404" in row.last_error
+
+
+@pytest.mark.parametrize(
+    "spell",
+    [guid_caption, str.upper, lambda guid: guid.replace("-", ""), lambda guid: f"({guid})"],
+)
+def test_a_404_naming_the_order_in_any_spelling_marks_it_removed(
+    sessions: sessionmaker[Session],
+    clients: dict[int, VenueClient],
+    connection_id: int,
+    venue: FakeVenue,
+    spell: Any,
+) -> None:
+    """A 404 whose message names this order, in any GUID spelling, says it is gone.
+
+    ChannelMgrOrderAgent GetOrder: "Order '%1' not found" with the GUID formatted in braces,
+    upper case; a 404 naming it otherwise (a gateway, another version) is taken the same.
+    """
+    add_row(sessions, connection_id)
+    once(sessions, clients, T0)
+    venue.not_found[ORDER_ID] = f"Order {spell(ORDER_ID)} not found"
+    later = T0 + dt.timedelta(minutes=5)
+    add_row(sessions, connection_id, status="Error", received_at=later)
+
+    report = once(sessions, clients, later)
+
+    assert (report.removed, report.done, report.retried) == (1, 1, 0)
+    order = mirrored(sessions)
+    assert order is not None and order.removed_at == later
+
+
+def test_an_older_versions_answer_without_status_message_or_vendor_reference_is_mirrored(
+    sessions: sessionmaker[Session],
+    clients: dict[int, VenueClient],
+    connection_id: int,
+    venue: FakeVenue,
+) -> None:
+    """The older synchronous version (ChannelMgrOrderAgent BuildOrderResponseJson at
+    43834b3b8; its CMOrder has no DocumentNo) answers without ``statusMessage`` and
+    ``buyFromOrderReference``: the order is mirrored, both left empty."""
+    older = {
+        key: value
+        for key, value in venue_order(status="Error").items()
+        if key not in ("statusMessage", "buyFromOrderReference")
+    }
+    venue.orders[ORDER_ID] = older
+    row_id = add_row(sessions, connection_id, status="Error")
+
+    report = once(sessions, clients, T0)
+
+    assert (report.done, report.retried, report.dead) == (1, 0, 0)
+    order = mirrored(sessions)
+    assert order is not None and order.status is OrderStatus.ERROR
+    assert (order.status_message, order.buy_from_order_reference) == (None, None)
     assert inbox(sessions, row_id).state is InboxState.DONE
 
 

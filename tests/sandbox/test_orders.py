@@ -671,3 +671,46 @@ def test_a_refused_resubmission_still_deletes_the_error_order(venue: Venue) -> N
     again = order_body("ORDER-9", items=[{**line(), "visitTime": "9:00:00"}])
     assert venue.api.post("/channelManager", json=again).status_code == 400
     assert venue.api.get(f"/channelManager/{old_id}").status_code == 404
+
+
+def test_over_long_text_is_cut_as_the_venue_cuts_it(venue: Venue) -> None:
+    """ChannelMgrOrderAgent TryParseHeader / TryParseItem / TryParseWalletBlock: text is
+    copied into CMOrder, CMOrderLine and CMOrderWallet with CopyStr to the field's width,
+    without a word: e-mail and name Text[100]; the language upper-cased (ToUpper), cut
+    at 10 and, as a Code, trimmed; wallet names and external references Text[100]. A
+    line's null sellToEmail is "" (no e-mail for that line)."""
+    body = order_body("CUT-1")
+    body["sellToEmail"] = "e" * 99 + "@x"
+    body["sellToName"] = "N" * 120
+    body["sellToLanguage"] = " english-gb"  # 11 characters: the cut keeps " english-g"
+    body["items"] = [
+        line(
+            quantity=1,
+            sellToEmail="l" * 101,
+            sellToName=None,
+            sellToLanguage="dan",
+            wallet={"names": ["W" * 130], "externalReferenceNumbers": ["R" * 101]},
+        ),
+        line(sellToEmail=None),
+        line(),
+    ]
+
+    order = venue.create(body)
+
+    assert (order["sellToEmail"], order["sellToName"]) == ("e" * 99 + "@", "N" * 100)
+    assert order["sellToLanguage"] == "ENGLISH-G"
+    first, cleared, inherited = order["items"]
+    # An empty value is "" at the venue (AppendOrderLine writes every key); read both ways.
+    assert (first["sellToEmail"], first.get("sellToName", ""), first["sellToLanguage"]) == (
+        "l" * 100,
+        "",
+        "DAN",
+    )
+    wallet = first["wallets"][0]
+    assert (wallet["name"], wallet["externalReferenceNumber"]) == ("W" * 100, "R" * 100)
+    assert cleared.get("sellToEmail", "") == ""
+    assert cleared["sellToName"] == "N" * 100
+    assert (inherited["sellToEmail"], inherited["sellToLanguage"]) == (
+        order["sellToEmail"],
+        "ENGLISH-G",
+    )

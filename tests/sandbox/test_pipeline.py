@@ -216,3 +216,22 @@ def test_the_sweeper_leaves_an_order_whose_commit_is_held(venue: Venue) -> None:
     assert venue.get(order_id)["status"] == "Processing"
     venue.advance(3600)
     assert venue.tick()["processed"] == [{"orderId": order_id, "status": "Issued"}]
+
+
+def test_legacy_payment_references_are_cut_at_twenty(make_venue: Callable[..., Venue]) -> None:
+    """The older synchronous version's CMOrder.PaymentReference is Code[20] (CMOrder at
+    43834b3b8): ChannelMgrOrderAgent TryParseHeader and ConfirmOrder copy the reference into
+    it with CopyStr, upper-cased and trimmed as a Code; the current version keeps 50."""
+    legacy = make_venue(legacy_sync=True)
+    current = make_venue()
+
+    issued = legacy.create(order_body("OLD-PAY-1", payment="pay-" + "1" * 30))
+    draft = legacy.create(order_body("OLD-PAY-2", payment=None))
+    confirmed = legacy.api.post(
+        f"/channelManager/{draft['orderId']}/confirm", json={"paymentReference": "q" * 25}
+    )
+    kept = current.create(order_body("NEW-PAY-1", payment="pay-" + "1" * 30))
+
+    assert issued["paymentReference"] == "PAY-" + "1" * 16
+    assert confirmed.json()["paymentReference"] == "Q" * 20
+    assert kept["paymentReference"] == "PAY-" + "1" * 30

@@ -532,3 +532,200 @@ def test_a_status_caption_is_its_name_except_processing() -> None:
     assert [s.caption for s in OrderStatus if s is not OrderStatus.PROCESSING] == [
         s.value for s in OrderStatus if s is not OrderStatus.PROCESSING
     ]
+
+
+def _header(**fields: Any) -> dict[str, Any]:
+    return {**_request(), **fields}
+
+
+def test_a_lines_customer_fields_are_typed_hidden_and_an_explicit_null_is_sent() -> None:
+    """ChannelMgrOrderAgent TryParseItem (CMOrderLine NotificationAddress, Name, Language):
+    a line's ``sellToEmail`` / ``sellToName`` / ``sellToLanguage`` override the header's;
+    present but null is "" (the line gets no e-mail), absent is the header's. The wire
+    body keeps the null, leaves an absent field out, and reprs never show the values."""
+    body = _header(sellToEmail="guest@example.com", sellToName="John Doe")
+    overriding = {**body["items"][0], "sellToEmail": "Jane Doe <x@example.org>"}
+    overriding |= {"sellToName": "Jane Doe", "sellToLanguage": "dan"}
+    cleared = {**body["items"][0], "sellToEmail": None, "sellToName": None}
+    inherited = body["items"][0]
+    request = OrderRequest.model_validate({**body, "items": [overriding, cleared, inherited]})
+
+    line = request.items[0]
+    assert (line.sell_to_email, line.sell_to_name, line.sell_to_language) == (
+        "Jane Doe <x@example.org>",
+        "Jane Doe",
+        "dan",
+    )
+    assert line.model_extra == {}  # typed, not passed through
+    wire = request.to_wire()["items"]
+    assert wire[0]["sellToEmail"] == "Jane Doe <x@example.org>"
+    assert (wire[1]["sellToEmail"], wire[1]["sellToName"]) == (None, None)
+    assert "sellToLanguage" not in wire[1]
+    assert not {"sellToEmail", "sellToName", "sellToLanguage"} & set(wire[2])
+    assert json.loads(json.dumps(request.to_wire())) == request.to_wire()
+    # Stored and read back (the ledger keeps the wire body), the null survives.
+    assert OrderRequest.model_validate(request.to_wire()).to_wire() == request.to_wire()
+    for text in (repr(request), repr(line), str(line)):
+        assert "Jane Doe" not in text and "x@example.org" not in text and "dan" not in text
+
+
+# What the venue would cut without a word (CopyStr to the field's MaxStrLen).
+TOO_LONG = {
+    "header e-mail": (
+        {"sellToEmail": "a" * 89 + "@example.org"},
+        ("sellToEmail",),
+    ),
+    "header name": ({"sellToName": "N" * 101}, ("sellToName",)),
+    "header language": ({"sellToLanguage": "ENGLISH-GB1"}, ("sellToLanguage",)),
+    "reference": ({"sellToOrderReference": "R" * 51}, ("sellToOrderReference",)),
+    "payment reference": ({"paymentReference": "P" * 51}, ("paymentReference",)),
+    "line e-mail": (
+        {"items": [{**_request()["items"][0], "sellToEmail": "b" * 101}]},
+        ("items", 0, "sellToEmail"),
+    ),
+    "line name": (
+        {"items": [{**_request()["items"][0], "sellToName": "M" * 101}]},
+        ("items", 0, "sellToName"),
+    ),
+    "line language": (
+        {"items": [{**_request()["items"][0], "sellToLanguage": "x" * 11}]},
+        ("items", 0, "sellToLanguage"),
+    ),
+    "wallet name": (
+        {"items": [{**_request()["items"][0], "wallet": {"names": ["W" * 101]}}]},
+        ("items", 0, "wallet", "names", 0),
+    ),
+    "external reference": (
+        {
+            "items": [
+                {
+                    **_request()["items"][0],
+                    "quantity": 2,
+                    "wallet": {"externalReferenceNumbers": ["E-1", "E" * 101]},
+                }
+            ]
+        },
+        ("items", 0, "wallet", "externalReferenceNumbers", 1),
+    ),
+}
+
+
+@pytest.mark.parametrize(("fields", "loc"), TOO_LONG.values(), ids=list(TOO_LONG))
+def test_text_the_venue_would_cut_is_refused_naming_the_field(
+    fields: dict[str, Any], loc: tuple[Any, ...]
+) -> None:
+    """ChannelMgrOrderAgent TryParseHeader / TryParseItem / TryParseWalletBlock cut text to
+    the width of CMOrder (sellToEmail, sellToName Text[100]; sellToLanguage Code[10];
+    sellToOrderReference, paymentReference Code[50]), CMOrderLine (Text[100], Text[100],
+    Code[10]) and CMOrderWallet (WalletName, ExternalReferenceNumber Text[100]): one
+    character more is refused, naming the field."""
+    with pytest.raises(ValidationError) as caught:
+        OrderRequest.model_validate(_header(**fields))
+    (error,) = caught.value.errors()
+    assert error["loc"] == loc
+    assert "the venue would cut the rest" in error["msg"]
+
+
+def test_text_at_the_venues_widths_is_taken() -> None:
+    """The widths themselves (CMOrder, CMOrderLine, CMOrderWallet) fit: nothing is cut.
+    A Code field is trimmed after the cut, so trailing blanks do not count."""
+    line = {
+        **_request()["items"][0],
+        "sellToEmail": "b" * 88 + "@example.org",
+        "sellToLanguage": "ENGLISH-GB  ",
+        "wallet": {"names": ["W" * 100], "externalReferenceNumbers": ["E" * 100]},
+    }
+    request = OrderRequest.model_validate(
+        _header(
+            sellToEmail="a" * 88 + "@example.org",
+            sellToName="N" * 100,
+            sellToLanguage="ENGLISH-GB",
+            sellToOrderReference="R" * 50,
+            paymentReference="P" * 50,
+            items=[line],
+        )
+    )
+    assert request.to_wire()["items"][0]["wallet"]["names"] == ["W" * 100]
+    assert ConfirmRequest(payment_reference="P" * 50).to_wire() == {"paymentReference": "P" * 50}
+    with pytest.raises(ValidationError, match="would cut"):
+        ConfirmRequest(payment_reference="P" * 51)
+
+
+SCHEDULE_REFUSALS = {
+    "not an object": (["31002"], ()),
+    "itemNumber missing": ([{"visitDate": "2030-06-02", "visitTime": "09:00:00"}], ("itemNumber",)),
+    "itemNumber empty": (
+        [{"itemNumber": "", "visitDate": "2030-06-02", "visitTime": "09:00:00"}],
+        ("itemNumber",),
+    ),
+    "visitDate missing": ([{"itemNumber": "31002", "visitTime": "09:00:00"}], ("visitDate",)),
+    "visitDate form": (
+        [{"itemNumber": "31002", "visitDate": "02.06.2030", "visitTime": "09:00:00"}],
+        ("visitDate",),
+    ),
+    "visitTime missing": ([{"itemNumber": "31002", "visitDate": "2030-06-02"}], ("visitTime",)),
+    "visitTime form": (
+        [{"itemNumber": "31002", "visitDate": "2030-06-02", "visitTime": "9:00"}],
+        ("visitTime",),
+    ),
+    "not a list": ({"itemNumber": "31002"}, ()),
+}
+
+
+@pytest.mark.parametrize(
+    ("schedule", "where"), SCHEDULE_REFUSALS.values(), ids=list(SCHEDULE_REFUSALS)
+)
+def test_a_component_schedule_the_venue_would_refuse_is_refused_naming_the_entry(
+    schedule: Any, where: tuple[Any, ...]
+) -> None:
+    """ChannelMgrOrderAgent TryParseWalletBlock / TryParseComponentScheduleEntry: entries
+    must be objects with itemNumber (required text), visitDate (YYYY-MM-DD) and visitTime
+    (HH:mm:ss). The venue ignores a schedule that is not an array; otacm refuses it, as
+    the package's components would silently keep the line's visit. The bad entry is named
+    (``items[0].wallet.componentSchedule[1].visitTime``)."""
+    good = {"itemNumber": "31002", "visitDate": "2030-06-02", "visitTime": "09:00:00"}
+    entries = [good, *schedule] if isinstance(schedule, list) else schedule
+    line = {**_request()["items"][0], "wallet": {"componentSchedule": entries}}
+    with pytest.raises(ValidationError) as caught:
+        OrderRequest.model_validate(_header(items=[line]))
+    (error,) = caught.value.errors()
+    prefix = ("items", 0, "wallet", "componentSchedule")
+    assert error["loc"] == ((*prefix, 1, *where) if isinstance(schedule, list) else prefix)
+
+
+def test_a_component_schedule_is_typed_and_sent_as_the_venue_reads_it() -> None:
+    """ChannelMgrOrderAgent TryParseComponentScheduleEntry: each entry's itemNumber,
+    visitDate and visitTime, sent in the venue's forms; null is no schedule (the venue
+    ignores anything but an array); an empty array is taken (nothing rescheduled)."""
+    entry = {"itemNumber": "31002", "visitDate": "2030-06-02", "visitTime": "09:00:00"}
+    line = {**_request()["items"][0], "wallet": {"componentSchedule": [entry, entry]}}
+    request = OrderRequest.model_validate(_header(items=[line]))
+    wallet = request.items[0].wallet
+    assert wallet is not None and wallet.component_schedule is not None
+    assert wallet.component_schedule[0].visit_date == dt.date(2030, 6, 2)
+    assert request.to_wire()["items"][0]["wallet"]["componentSchedule"] == [entry, entry]
+    for value in (None, []):
+        line = {**_request()["items"][0], "wallet": {"componentSchedule": value}}
+        OrderRequest.model_validate(_header(items=[line]))
+
+
+@pytest.mark.parametrize(
+    "partner", ["abc", "", "21e8c1d2-3f4a-4c5b-9e6d", "21e8c1d2-3f4a-4c5b-9e6d-7f8a9b0c1d2e-1"]
+)
+def test_a_partner_id_that_is_not_a_guid_is_refused(partner: str) -> None:
+    """ChannelMgrOrderAgent TryParseHeader: "partnerId is not a valid GUID"."""
+    with pytest.raises(ValidationError) as caught:
+        OrderRequest.model_validate(_header(partnerId=partner))
+    (error,) = caught.value.errors()
+    assert error["loc"] == ("partnerId",)
+    assert "is not a valid GUID" in error["msg"]
+
+
+@pytest.mark.parametrize(
+    "partner",
+    ["{21E8C1D2-3F4A-4C5B-9E6D-7F8A9B0C1D2E}", "21e8c1d23f4a4c5b9e6d7f8a9b0c1d2e"],
+)
+def test_a_partner_id_in_any_guid_spelling_is_taken(partner: str) -> None:
+    """ChannelMgrOrderAgent TryParseHeader reads partnerId with Evaluate into a Guid:
+    braces, upper case and the 32-digit form are GUIDs too."""
+    assert OrderRequest.model_validate(_header(partnerId=partner)).partner_id == partner
