@@ -273,6 +273,10 @@ LANGUAGE_MAX_CHARS = 10
 REFERENCE_MAX_CHARS = 50
 """``sellToOrderReference`` and ``paymentReference``: Code[50] (CMOrder). The older
 synchronous version stored ``paymentReference`` as Code[20] (CMOrder at 43834b3b8)."""
+ITEM_NUMBER_MAX_CHARS = 20
+"""``itemNumber`` (line and component schedule): looked up as the catalog's Code[20]
+(``Item."No."``, NpIa Item AddOn Line ``Item No.``) after the same cut, so a longer number
+would be read as another item's."""
 
 
 def _at_most(limit: int, *, code: bool = False) -> AfterValidator:
@@ -303,6 +307,7 @@ def _guid_text(value: str) -> str:
     return value
 
 
+ItemNumber = Annotated[str, Field(min_length=1), _at_most(ITEM_NUMBER_MAX_CHARS, code=True)]
 # Customer data: kept out of reprs, and as long as the venue's field.
 CustomerText = Annotated[str | None, _at_most(TEXT_MAX_CHARS), Field(default=None, repr=False)]
 LanguageCode = Annotated[
@@ -325,7 +330,7 @@ class ComponentScheduleEntry(WireModel):
     package only the venue knows; it answers that.
     """
 
-    item_number: str = Field(min_length=1)
+    item_number: ItemNumber
     visit_date: VisitDate
     visit_time: VisitTime
 
@@ -361,7 +366,7 @@ class OrderRequestItem(WireModel):
     only the catalog knows, so both are accepted here and the venue decides.
     """
 
-    item_number: str = Field(min_length=1)
+    item_number: ItemNumber
     visit_date: VisitDate
     visit_time: VisitTime
     quantity: Annotated[int, BeforeValidator(_one_when_null)] = Field(default=1, ge=1)

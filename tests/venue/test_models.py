@@ -607,6 +607,30 @@ TOO_LONG = {
         },
         ("items", 0, "wallet", "externalReferenceNumbers", 1),
     ),
+    # Looked up as Item."No." (Code[20]) after the cut: another item's number.
+    "item number": (
+        {"items": [{**_request()["items"][0], "itemNumber": "3" * 21}]},
+        ("items", 0, "itemNumber"),
+    ),
+    "component item number": (
+        {
+            "items": [
+                {
+                    **_request()["items"][0],
+                    "wallet": {
+                        "componentSchedule": [
+                            {
+                                "itemNumber": "C" * 21,
+                                "visitDate": "2030-06-01",
+                                "visitTime": "10:00:00",
+                            }
+                        ]
+                    },
+                }
+            ]
+        },
+        ("items", 0, "wallet", "componentSchedule", 0, "itemNumber"),
+    ),
 }
 
 
@@ -617,8 +641,9 @@ def test_text_the_venue_would_cut_is_refused_naming_the_field(
     """ChannelMgrOrderAgent TryParseHeader / TryParseItem / TryParseWalletBlock cut text to
     the width of CMOrder (sellToEmail, sellToName Text[100]; sellToLanguage Code[10];
     sellToOrderReference, paymentReference Code[50]), CMOrderLine (Text[100], Text[100],
-    Code[10]) and CMOrderWallet (WalletName, ExternalReferenceNumber Text[100]): one
-    character more is refused, naming the field."""
+    Code[10]) and CMOrderWallet (WalletName, ExternalReferenceNumber Text[100]), and
+    TryParseItem / IsComponentInPackage look itemNumber up cut to Code[20]: one character
+    more is refused, naming the field."""
     with pytest.raises(ValidationError) as caught:
         OrderRequest.model_validate(_header(**fields))
     (error,) = caught.value.errors()
@@ -631,6 +656,7 @@ def test_text_at_the_venues_widths_is_taken() -> None:
     A Code field is trimmed after the cut, so trailing blanks do not count."""
     line = {
         **_request()["items"][0],
+        "itemNumber": "3" * 20,
         "sellToEmail": "b" * 88 + "@example.org",
         "sellToLanguage": "ENGLISH-GB  ",
         "wallet": {"names": ["W" * 100], "externalReferenceNumbers": ["E" * 100]},
