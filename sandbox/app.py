@@ -7,7 +7,9 @@ getOrder, confirmOrder, replaceOrder, deleteOrder, listOrdersByPartner and the w
 subscription endpoints (``POST /webhook``, ``GET /webhooks`` and ``GET /webhook`` as
 ``webhook_list_paths`` allows, ``GET``/``DELETE /webhook/{id}``; each listed with its
 ``subscriptionState``) —
-behind the API key (``x-np-api-key`` or ``Authorization: Bearer``). Every answer carries
+behind the API key (``x-np-api-key`` or ``Authorization: Bearer``), routed as the
+venue's request processor does (:func:`dispatch`: fixed words case-blind, a trailing
+``/`` ignored, the venue's 404, 403 and 400 for what no route serves). Every answer carries
 ``x-npr-version``, ``x-npr-duration`` and ``x-npr-request-id``; every error is the
 venue's ``{"code", "message"}`` from one handler, and an unexpected failure is a 400
 ``generic_error`` as the venue's is. The gateway faults (429, 503, latency) strike
@@ -20,6 +22,8 @@ The sandbox's own endpoints need no key and live only under ``/_sandbox/``:
 - ``GET /_sandbox/stats`` (``DELETE`` zeroes it): see :mod:`sandbox.stats`;
 - ``GET``/``POST /_sandbox/faults``: read or change faults; fields in :mod:`sandbox.faults`;
 - ``POST /_sandbox/tick``: run one pickup cycle now, answer what it did;
+- ``POST /_sandbox/orders/{orderId}/reprocess``: a venue operator re-processes a
+  Submitted or Error order (announced by webhook); answers the order;
 - ``POST /_sandbox/webhooks/{id}/state``: ``{"subscriptionState": "Inactive"}`` (or
   ``"Active"``) sets a subscription's state; an inactive one gets no deliveries;
 - ``GET``/``POST /_sandbox/clock``: the sandbox's time; ``{"advanceSeconds": N}`` moves it
