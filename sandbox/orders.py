@@ -22,6 +22,7 @@ import secrets
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from decimal import Decimal
 from typing import Any
 
 from pydantic import ValidationError
@@ -350,8 +351,8 @@ class OrderBook:
 def shell_items(request: VenueRequest, config: SandboxConfig) -> list[OrderItem]:
     """The order's lines before minting: wallets are shells carrying the partner's values.
 
-    A shell has an all-zero ``walletId``, an empty ``walletReferenceNumber``, and the
-    external reference number and name the partner gave for it.
+    A shell has an all-zero ``walletId``, an empty ``walletReferenceNumber``, prices of
+    0, and the external reference number and name the partner gave for it.
     """
     lines = []
     for index, line in enumerate(request.items):
@@ -368,6 +369,9 @@ def shell_items(request: VenueRequest, config: SandboxConfig) -> list[OrderItem]
                 if seq < len(references)
                 else None,
                 name=(names[seq] or None) if seq < len(names) else None,
+                # CMOrderIssuer PersistWalletShells: a shell's prices are 0, not absent.
+                unit_price_excl_vat=Decimal(0),
+                unit_price_incl_vat=Decimal(0),
             )
             for seq in range(count)
         ]
