@@ -180,13 +180,26 @@ def _finish(response: Response) -> Response:
     return response
 
 
-def _body() -> Any:
+def _body(*, venue: bool = False) -> Any:
+    """The request's JSON body; ``None`` when there is none.
+
+    Args:
+        venue: read as the venue's request processor does (APIRequestProcessor
+            ProcessRequest): a body that is not JSON is kept as a JSON string, so the
+            handler answers it "Body must be a JSON object"; elsewhere it is a 400 saying
+            the body is not JSON.
+
+    Raises:
+        InvalidRequest: the body is not JSON (outside the venue's handlers).
+    """
     raw = request.get_data(cache=True)
     if not raw.strip():
         return None
     try:
         return json.loads(raw)
     except ValueError:
+        if venue:
+            return raw.decode("utf-8", errors="replace")
         raise InvalidRequest("The request body is not valid JSON") from None
 
 
@@ -527,7 +540,7 @@ def _issued_in_call(record: OrderRecord) -> OrderRecord:
 
 def create_order() -> Response:
     """createOrder: 201 with the order as Submitted (or issued, synchronously)."""
-    record = _runtime().orders.create(_body())
+    record = _runtime().orders.create(_body(venue=True))
     return json_response(_order_json(_issued_in_call(record)), 201)
 
 
@@ -538,12 +551,12 @@ def get_order(order_id: str) -> Response:
 
 def confirm_order(order_id: str) -> Response:
     """confirmOrder: Draft → Issued; a no-op on Issued."""
-    return json_response(_order_json(_runtime().orders.confirm(order_id, _body())))
+    return json_response(_order_json(_runtime().orders.confirm(order_id, _body(venue=True))))
 
 
 def replace_order(order_id: str) -> Response:
     """replaceOrder: new contents for a Draft or Error order, back to Submitted."""
-    record = _runtime().orders.replace(order_id, _body())
+    record = _runtime().orders.replace(order_id, _body(venue=True))
     return json_response(_order_json(_issued_in_call(record)))
 
 

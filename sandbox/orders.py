@@ -494,7 +494,8 @@ def _instant_param(args: Mapping[str, str], name: str) -> dt.datetime | None:
     try:
         moment = dt.datetime.fromisoformat(text.strip())
     except ValueError:
-        raise InvalidRequest(f"{name} must be an ISO 8601 date-time, not '{text}'") from None
+        # ChannelMgrOrderAgent ListOrdersByPartner.
+        raise InvalidRequest(f"{name} must be ISO 8601 datetime") from None
     return moment.replace(tzinfo=dt.UTC) if moment.tzinfo is None else moment
 
 

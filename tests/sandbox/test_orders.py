@@ -626,12 +626,13 @@ def test_invalid_orders_are_refused_with_the_venues_message(
 
 
 def test_body_that_is_not_json_is_refused(venue: Venue) -> None:
-    """A body that does not parse as JSON is a 400 saying so."""
+    """APIRequestProcessor ProcessRequest keeps a body that does not parse as a JSON text
+    value; ChannelMgrOrderAgent CreateOrder then answers it as any non-object body."""
     response = venue.api.post(
         "/channelManager", content=b"{not json", headers={"content-type": "application/json"}
     )
     assert response.status_code == 400
-    assert response.json()["message"] == "The request body is not valid JSON"
+    assert response.json()["message"] == "Body must be a JSON object"
 
 
 def test_unknown_order_is_404(venue: Venue) -> None:
