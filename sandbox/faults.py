@@ -20,8 +20,10 @@ the complete set now in force (``GET /_sandbox/faults`` reads it):
 - ``stallScheduledRate``, ``stallProcessingRate`` (0 to 1): share of picked-up orders left
   hanging in Scheduled or Processing, for the sweeper to find (advance the clock with
   ``POST /_sandbox/clock``).
-- ``errorRate`` (0 to 1): share of processing runs that end in Error with "Unexpected error
-  while issuing the order; replace it to retry".
+- ``errorRate`` (0 to 1): share of processing runs that fail after the ticket import, as
+  CMTicketIssuer ConfirmTickets can: the order ends in Error with "Import header for JobId
+  <jobId> not found. This is a programming bug." and keeps its job id (a re-processing run
+  then does not import, nor price, the tickets again).
 - ``holdCommitSeconds`` (≥ 0): a late commit. A background processing run's last change
   (Issued, Draft or Error) takes its row version at once but is committed — seen by
   getOrder, lists and the change feed, and announced by webhook — only at the first
