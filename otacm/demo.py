@@ -24,7 +24,8 @@ user's password *hash* and a session key, owner-readable only; no venue key).
 
 Sample orders come from the sandbox's catalog with a seeded random generator, so a run
 can be repeated exactly: most are paid (→ Issued), some are not (→ Draft, awaiting
-payment), and the last is a package with an impossible component schedule (→ Error).
+payment), and the last is an item the venue has sold out (→ Error: its ticket import
+fails at processing).
 A few roles are fixed so that every run shows every case (see :func:`sample_orders`).
 """
 
@@ -196,26 +197,28 @@ def sample_orders(
 ) -> list[tuple[OrderRequest, Decimal, str]]:
     """``count`` orders over the catalog, each with what the shop charged and its currency.
 
-    A few roles are fixed, so that every run shows every case: the last order is a
-    package with an impossible schedule (→ Error); the first :data:`PLANTED_SALES` are
+    A few roles are fixed, so that every run shows every case: the last order is an
+    item the catalog marks ``soldOut`` (→ Error: the venue accepts it and its ticket
+    import fails); no other order is drawn from those; the first :data:`PLANTED_SALES` are
     paid tickets with a wallet per unit (→ Issued, and their ledger lines match the venue
     exactly: the demo plants its ledger mismatches on them); the one before last is
     unpaid (→ Draft). The others are drawn at random, three in four paid.
     """
     visit = today + dt.timedelta(days=7)
-    packages = [entry for entry in catalog if entry["kind"] == "package"]
-    per_unit = [entry for entry in catalog if entry["kind"] in PER_UNIT_KINDS] or list(catalog)
+    sold_out = [entry for entry in catalog if entry.get("soldOut")]
+    on_sale = [entry for entry in catalog if not entry.get("soldOut")] or list(catalog)
+    per_unit = [entry for entry in on_sale if entry["kind"] in PER_UNIT_KINDS] or on_sale
     orders = []
     for number in range(1, count + 1):
         last = number == count
         planted = number <= PLANTED_SALES and not last
         unpaid = number == count - 1 and number > PLANTED_SALES
-        if last and packages:
-            entry = rng.choice(packages)
+        if last and sold_out:
+            entry = rng.choice(sold_out)
         elif planted:
             entry = rng.choice(per_unit)
         else:
-            entry = rng.choice(catalog)
+            entry = rng.choice(on_sale)
         paid = planted or (not unpaid and rng.random() < 0.75)
         orders.append(
             _order(
@@ -225,7 +228,6 @@ def sample_orders(
                 rng=rng,
                 visit=visit,
                 payment_reference=f"PAY-{run_tag}-{number:04d}" if paid else None,
-                broken=last,
             )
         )
     return orders
@@ -239,7 +241,6 @@ def _order(
     rng: random.Random,
     visit: dt.date,
     payment_reference: str | None,
-    broken: bool = False,
 ) -> tuple[OrderRequest, Decimal, str]:
     """One order of ``entry``: the request, what the shop charged, and its currency."""
     quantity = 1 if entry["kind"] == "package" else rng.randint(1, 3)
@@ -247,7 +248,7 @@ def _order(
     wallet = WalletRequest(
         names=[rng.choice(GUESTS) for _ in range(wallets)],
         external_reference_numbers=[f"{reference}-{n}" for n in range(1, wallets + 1)],
-        component_schedule=_schedule(entry, visit, broken=broken),
+        component_schedule=_schedule(entry, visit),
     )
     request = OrderRequest(
         partner_id=partner_id,
@@ -270,14 +271,12 @@ def _order(
     return request, charged, str(entry["currencyCode"])
 
 
-def _schedule(entry: dict[str, Any], visit: dt.date, *, broken: bool) -> Any:
+def _schedule(entry: dict[str, Any], visit: dt.date) -> Any:
     if entry["kind"] != "package":
         return None
     tickets = [c["itemNumber"] for c in entry.get("components", []) if c["type"] == "ticket"]
-    # One day before the line's visit: the venue refuses it when it processes the order.
-    day = visit - dt.timedelta(days=1) if broken else visit
     return [
-        {"itemNumber": t, "visitDate": day.isoformat(), "visitTime": "11:00:00"} for t in tickets
+        {"itemNumber": t, "visitDate": visit.isoformat(), "visitTime": "11:00:00"} for t in tickets
     ]
 
 

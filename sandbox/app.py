@@ -7,7 +7,9 @@ getOrder, confirmOrder, replaceOrder, deleteOrder, listOrdersByPartner and the w
 subscription endpoints (``POST /webhook``, ``GET /webhooks`` and ``GET /webhook`` as
 ``webhook_list_paths`` allows, ``GET``/``DELETE /webhook/{id}``; each listed with its
 ``subscriptionState``) —
-behind the API key (``x-np-api-key`` or ``Authorization: Bearer``). Every answer carries
+behind the API key (``x-np-api-key`` or ``Authorization: Bearer``), routed as the
+venue's request processor does (:func:`dispatch`: fixed words case-blind, a trailing
+``/`` ignored, the venue's 404, 403 and 400 for what no route serves). Every answer carries
 ``x-npr-version``, ``x-npr-duration`` and ``x-npr-request-id``; every error is the
 venue's ``{"code", "message"}`` from one handler, and an unexpected failure is a 400
 ``generic_error`` as the venue's is. The gateway faults (429, 503, latency) strike
@@ -20,6 +22,8 @@ The sandbox's own endpoints need no key and live only under ``/_sandbox/``:
 - ``GET /_sandbox/stats`` (``DELETE`` zeroes it): see :mod:`sandbox.stats`;
 - ``GET``/``POST /_sandbox/faults``: read or change faults; fields in :mod:`sandbox.faults`;
 - ``POST /_sandbox/tick``: run one pickup cycle now, answer what it did;
+- ``POST /_sandbox/orders/{orderId}/reprocess``: a venue operator re-processes a
+  Submitted or Error order (announced by webhook); answers the order;
 - ``POST /_sandbox/webhooks/{id}/state``: ``{"subscriptionState": "Inactive"}`` (or
   ``"Active"``) sets a subscription's state; an inactive one gets no deliveries;
 - ``GET``/``POST /_sandbox/clock``: the sandbox's time; ``{"advanceSeconds": N}`` moves it
@@ -39,6 +43,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -49,27 +54,32 @@ from werkzeug.exceptions import HTTPException
 
 from sandbox.config import SandboxConfig
 from sandbox.errors import (
+    Forbidden,
     InvalidRequest,
     ResourceNotFound,
     SandboxError,
     ServiceUnavailable,
     TooManyRequests,
     Unauthorized,
+    UnsupportedHttpMethod,
+    not_found,
 )
-from sandbox.orders import describe_validation_error
+from sandbox.orders import ZERO_GUID, describe_validation_error
+from sandbox.requests import RequestLine
 from sandbox.runtime import SandboxRuntime
 from sandbox.state import ACTIVE, INACTIVE, SUBSCRIPTION_STATE, OrderRecord
 from venue.models import (
     ORDER_PROCESSED_EVENT,
-    Order,
+    OrderItem,
     OrderStatus,
     Subscription,
     SubscriptionRequest,
+    Wallet,
 )
 
 logger = logging.getLogger(__name__)
 
-api = Blueprint("venue", __name__, url_prefix="/<tenant>/<environment>/<path:company>")
+api = Blueprint("venue", __name__, url_prefix="/<tenant>/<environment>")
 admin = Blueprint("sandbox", __name__, url_prefix="/_sandbox")
 
 
@@ -86,6 +96,8 @@ def create_sandbox_app(
     if runtime is None:
         runtime = SandboxRuntime(config or SandboxConfig())
     app = Flask(__name__)
+    # The venue's router sees the path's segments as sent: no redirect for "//".
+    app.url_map.merge_slashes = False
     app.extensions["sandbox"] = runtime
     app.register_blueprint(api)
     app.register_blueprint(admin)
@@ -139,6 +151,10 @@ def _sandbox_error(exc: SandboxError) -> Response:
 
 def _http_error(exc: HTTPException) -> Response:
     status = exc.code or 500
+    if status == 405 and request.blueprint == api.name:
+        # A method werkzeug does not route at all: the venue's answer to any method but
+        # GET, POST, PUT, PATCH and DELETE (APIRequestProcessor ProcessRequest).
+        return _sandbox_error(UnsupportedHttpMethod(request.method.upper()))
     code = "resource_not_found" if status == 404 else (exc.name or "error").lower()
     return error_response(status, code.replace(" ", "_"), exc.description or exc.name)
 
@@ -159,18 +175,31 @@ def _finish(response: Response) -> Response:
     response.headers["x-npr-version"] = runtime.config.api_version
     response.headers["x-npr-duration"] = f"{elapsed_ms:.0f}"
     response.headers["x-npr-request-id"] = str(uuid.uuid4())
-    if request.blueprint == api.name and request.endpoint:
-        runtime.stats.record_call(request.endpoint.rpartition(".")[2], response.status_code)
+    if request.blueprint == api.name and g.get("api_name"):
+        runtime.stats.record_call(g.api_name, response.status_code)
     return response
 
 
-def _body() -> Any:
+def _body(*, venue: bool = False) -> Any:
+    """The request's JSON body; ``None`` when there is none.
+
+    Args:
+        venue: read as the venue's request processor does (APIRequestProcessor
+            ProcessRequest): a body that is not JSON is kept as a JSON string, so the
+            handler answers it "Body must be a JSON object"; elsewhere it is a 400 saying
+            the body is not JSON.
+
+    Raises:
+        InvalidRequest: the body is not JSON (outside the venue's handlers).
+    """
     raw = request.get_data(cache=True)
     if not raw.strip():
         return None
     try:
         return json.loads(raw)
     except ValueError:
+        if venue:
+            return raw.decode("utf-8", errors="replace")
         raise InvalidRequest("The request body is not valid JSON") from None
 
 
@@ -180,7 +209,30 @@ def _body() -> Any:
 @api.url_value_preprocessor
 def _take_address(endpoint: str | None, values: dict[str, Any] | None) -> None:
     if values is not None:
-        g.address = (values.pop("tenant"), values.pop("environment"), values.pop("company"))
+        company, segments = _split_company(values.pop("rest", ""))
+        g.address = (values.pop("tenant"), values.pop("environment"), company)
+        g.segments = segments
+        # Named before the gateway answers, so its 429/503 are counted by endpoint.
+        _route(request.method.upper(), segments)
+
+
+def _split_company(rest: str) -> tuple[str, list[str]]:
+    """The company and the path's segments after it (the first empty one dropped).
+
+    Read from the raw request URI where there is one, since a company such as "Demo
+    Venue A/S" holds an escaped ``/`` that the decoded path no longer tells apart;
+    otherwise the configured company, if the path starts with it, or the first segment.
+    """
+    raw_uri = request.environ.get("RAW_URI") or request.environ.get("REQUEST_URI")
+    if raw_uri:
+        raw = urlsplit(raw_uri).path.split("/")
+        if len(raw) > 3:
+            return unquote(raw[3]), _segments([unquote(part) for part in raw[4:]])
+    company = unquote(_runtime().config.company_path)
+    if rest == company or rest.startswith(company + "/"):
+        return company, _segments(rest[len(company) + 1 :].split("/"))
+    first, _, after = rest.partition("/")
+    return first, _segments(after.split("/"))
 
 
 @api.before_request
@@ -242,21 +294,189 @@ def _key_matches(expected: str) -> bool:
     return supplied is not None and hmac.compare_digest(supplied.encode(), expected.encode())
 
 
+# --- routing (APIRequestProcessor ProcessRequest, ChannelMgrApi Handle) -------------
+
+_API_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+# Every method werkzeug knows reaches the router, which answers the venue's way.
+_ALL_METHODS = [*_API_METHODS, "HEAD", "OPTIONS", "TRACE", "CONNECT"]
+MODULE = "channelManager"
+PERMISSION_SET = "NPR API Channel Mgr"  # ChannelMgrModuleResolver GetRequiredPermissionSet
+
+
+@api.route("/<path:rest>", methods=_ALL_METHODS, provide_automatic_options=False)
+def dispatch() -> Response:
+    """Route a call below the company as the venue does.
+
+    The subscription endpoints (``/webhook``, ``/webhooks``; the gateway's, not in the
+    vendor's source) first. Then APIRequestProcessor ProcessRequest: the path's first
+    empty segment is dropped (a trailing ``/``); an unknown module is 404 "/seg/seg Not
+    Found"; a missing permission set (the ``missingPermissions`` fault) 403; a method
+    other than GET, POST, PUT, PATCH or DELETE 400 ``unsupported_http_method``. Then
+    ChannelMgrApi Handle matches the routes in its order, fixed words case-blind
+    (APIRequest Match), and answers anything else 404 "API endpoint not found Not Found".
+    """
+    segments: list[str] = g.segments
+    route = _route(request.method.upper(), segments)
+    if segments and segments[0] in ("webhook", "webhooks"):
+        if route is None:
+            raise not_found("API endpoint not found")
+        return route[0](*route[1])
+    if not segments:
+        raise InvalidRequest("The path is empty.")
+    if segments[0].lower() != MODULE.lower():
+        raise not_found("".join(f"/{segment}" for segment in segments))
+    if _runtime().faults.faults.missing_permissions:
+        raise Forbidden(f"Missing permissions: {PERMISSION_SET}")
+    method = request.method.upper()
+    if method not in _API_METHODS:
+        raise UnsupportedHttpMethod(method)
+    if route is None:
+        raise not_found("API endpoint not found")
+    return route[0](*route[1])
+
+
+def _segments(segments: list[str]) -> list[str]:
+    if "" in segments:
+        segments.remove("")  # AL's List.Remove: the first occurrence only
+    return segments
+
+
+Route = tuple[Callable[..., Response], tuple[str, ...]]
+
+
+def _route(method: str, segments: list[str]) -> Route | None:
+    """The handler and its path arguments for a call, or ``None``; names it for the counters.
+
+    ChannelMgrApi Handle's routes in its order, fixed words case-blind (APIRequest
+    Match); then the gateway's subscription endpoints, as written.
+    """
+    words = [segment.lower() for segment in segments]
+    count = len(words)
+    found: tuple[str, Callable[..., Response], tuple[str, ...]] | None = None
+    if count and words[0] == MODULE.lower():
+        if method == "GET" and count == 3 and words[1] == "orders":
+            found = ("listOrdersByPartner", list_orders, (segments[2],))
+        elif method == "GET" and count == 2:
+            found = ("getOrder", get_order, (segments[1],))
+        elif method == "POST" and count == 3 and words[2] == "confirm":
+            found = ("confirmOrder", confirm_order, (segments[1],))
+        elif method == "POST" and count == 1:
+            found = ("createOrder", create_order, ())
+        elif method == "PUT" and count == 2:
+            found = ("replaceOrder", replace_order, (segments[1],))
+        elif method == "DELETE" and count == 2:
+            found = ("deleteOrder", delete_order, (segments[1],))
+    elif segments[:1] == ["webhook"] and count == 1 and method == "POST":
+        found = ("createWebhook", create_webhook, ())
+    elif segments[:1] == ["webhooks"] and count == 1 and method == "GET":
+        found = ("listWebhooks", list_webhooks, ())
+    elif segments[:1] == ["webhook"] and count == 1 and method == "GET":
+        found = ("listWebhook", list_webhook, ())
+    elif segments[:1] == ["webhook"] and count == 2 and method == "GET":
+        found = ("getWebhook", get_webhook, (segments[1],))
+    elif segments[:1] == ["webhook"] and count == 2 and method == "DELETE":
+        found = ("deleteWebhook", delete_webhook, (segments[1],))
+    if found is None:
+        return None
+    g.api_name = found[0]  # the endpoint's name in the call counters
+    return found[1], found[2]
+
+
 # --- orders ---------------------------------------------------------------------------
 
 
-def _order_json(order: Order) -> dict[str, Any]:
-    wire = order.to_wire()
+def _order_json(record: OrderRecord) -> dict[str, Any]:
+    """An order as ChannelMgrOrderAgent BuildOrderResponseJson writes it.
+
+    Every field is written (AppendOrderLine, AppendWallet, AppendTicket/AppendCoupon):
+    empty text as ``""``, a shell's prices as ``0``, an unset date-time as JsonBuilder
+    CreateJsonValue's ``Format(0DT, 0, 9)``, ``""``; only ``manifestUrl`` (order and
+    wallet) is left out when empty, and ``componentSchedule`` is written only on package
+    lines with schedule entries stored (AppendComponentScheduleArray: every entry, in the
+    order sent, item numbers as Code). The status is its plain name (GetStatusAsText).
+    """
+    order = record.order
+    wire: dict[str, Any] = {
+        "orderId": order.order_id,
+        "status": str(order.status),
+        "statusMessage": order.status_message or "",
+        "partnerId": order.partner_id,
+        "sellToOrderReference": order.sell_to_order_reference,
+        "buyFromOrderReference": order.buy_from_order_reference or "",
+        "sellToEmail": order.sell_to_email or "",
+        "sellToName": order.sell_to_name or "",
+        "sellToLanguage": order.sell_to_language or "",
+        "paymentReference": order.payment_reference or "",
+        "receivedAt": _xml_datetime(order.received_at),
+        "jobId": order.job_id or "",
+    }
+    if order.manifest_url:
+        wire["manifestUrl"] = order.manifest_url
+    requested = record.request.items
+    wire["items"] = [
+        _line_json(item, requested[index] if index < len(requested) else None)
+        for index, item in enumerate(order.items)
+    ]
     if _runtime().config.legacy_sync:
-        # The older synchronous API has no buyFromOrderReference and no empty statusMessage.
+        # The older synchronous API's order answers have neither (Old Agent
+        # BuildOrderResponseJson).
         wire.pop("buyFromOrderReference", None)
-        if not wire.get("statusMessage"):
-            wire.pop("statusMessage", None)
-    for item in wire.get("items", []):
-        for wallet in item.get("wallets", []):
-            for key in ("unitPriceExclVat", "unitPriceInclVat"):
-                if key in wallet:
-                    wallet[key] = Decimal(wallet[key])
+        wire.pop("statusMessage", None)
+    return wire
+
+
+def _line_json(item: OrderItem, requested: RequestLine | None) -> dict[str, Any]:
+    wire: dict[str, Any] = {
+        "lineNo": item.line_no,
+        "itemNumber": item.item_number,
+        "description": item.description or "",
+        "isPackage": item.is_package,
+        "quantity": item.quantity,
+        "visitDate": item.visit_date.isoformat() if item.visit_date else "",
+        "visitTime": item.visit_time.strftime("%H:%M:%S") if item.visit_time else "",
+        "sellToName": item.sell_to_name or "",
+        "sellToEmail": item.sell_to_email or "",
+        "sellToLanguage": item.sell_to_language or "",
+    }
+    schedule = requested.component_schedule if requested is not None else None
+    if item.is_package and schedule:
+        wire["componentSchedule"] = [
+            {
+                "itemNumber": entry.item_number.strip().upper(),
+                "visitDate": entry.visit_date.isoformat(),
+                "visitTime": entry.visit_time.strftime("%H:%M:%S"),
+            }
+            for entry in schedule
+        ]
+    wire["wallets"] = [_wallet_json(wallet) for wallet in item.wallets]
+    return wire
+
+
+def _wallet_json(wallet: Wallet) -> dict[str, Any]:
+    wire: dict[str, Any] = {
+        "seqNo": wallet.seq_no,
+        "walletId": wallet.wallet_id or ZERO_GUID,
+        "walletReferenceNumber": wallet.wallet_reference_number or "",
+        "externalReferenceNumber": wallet.external_reference_number or "",
+        "name": wallet.name or "",
+        "issuedAt": _xml_datetime(wallet.issued_at),
+        "unitPriceExclVat": wallet.unit_price_excl_vat or Decimal(0),
+        "unitPriceInclVat": wallet.unit_price_incl_vat or Decimal(0),
+        "currencyCode": wallet.currency_code or "",
+    }
+    if wallet.manifest_url:
+        wire["manifestUrl"] = wallet.manifest_url
+    wire["assets"] = [
+        {
+            "id": asset.id or "",
+            "type": asset.type or "",
+            "assetId": asset.asset_id or "",
+            "referenceNumber": asset.reference_number or "",
+            "itemNumber": asset.item_number or "",
+            "description": asset.description or "",
+        }
+        for asset in wallet.assets
+    ]
     return wire
 
 
@@ -318,39 +538,33 @@ def _issued_in_call(record: OrderRecord) -> OrderRecord:
     return final
 
 
-@api.post("/channelManager", endpoint="createOrder")
 def create_order() -> Response:
     """createOrder: 201 with the order as Submitted (or issued, synchronously)."""
-    record = _runtime().orders.create(_body())
-    return json_response(_order_json(_issued_in_call(record).order), 201)
+    record = _runtime().orders.create(_body(venue=True))
+    return json_response(_order_json(_issued_in_call(record)), 201)
 
 
-@api.get("/channelManager/<order_id>", endpoint="getOrder")
 def get_order(order_id: str) -> Response:
     """getOrder: the full order."""
-    return json_response(_order_json(_runtime().orders.get(order_id).order))
+    return json_response(_order_json(_runtime().orders.get(order_id)))
 
 
-@api.post("/channelManager/<order_id>/confirm", endpoint="confirmOrder")
 def confirm_order(order_id: str) -> Response:
     """confirmOrder: Draft → Issued; a no-op on Issued."""
-    return json_response(_order_json(_runtime().orders.confirm(order_id, _body()).order))
+    return json_response(_order_json(_runtime().orders.confirm(order_id, _body(venue=True))))
 
 
-@api.put("/channelManager/<order_id>", endpoint="replaceOrder")
 def replace_order(order_id: str) -> Response:
     """replaceOrder: new contents for a Draft or Error order, back to Submitted."""
-    record = _runtime().orders.replace(order_id, _body())
-    return json_response(_order_json(_issued_in_call(record).order))
+    record = _runtime().orders.replace(order_id, _body(venue=True))
+    return json_response(_order_json(_issued_in_call(record)))
 
 
-@api.delete("/channelManager/<order_id>", endpoint="deleteOrder")
 def delete_order(order_id: str) -> Response:
     """deleteOrder: Cancelled (kept) or removed, as the order's status decides."""
-    return json_response(_order_json(_runtime().orders.delete(order_id).order))
+    return json_response(_order_json(_runtime().orders.delete(order_id)))
 
 
-@api.get("/channelManager/orders/<partner_id>", endpoint="listOrdersByPartner")
 def list_orders(partner_id: str) -> Response:
     """listOrdersByPartner: one page of summaries, filtered, or the change feed."""
     page = _runtime().orders.list(partner_id, request.args.to_dict())
@@ -372,7 +586,6 @@ def list_orders(partner_id: str) -> Response:
 # --- webhook subscriptions ------------------------------------------------------------
 
 
-@api.post("/webhook", endpoint="createWebhook")
 def create_webhook() -> Response:
     """Subscribe a URL to an event; 201 with the subscription."""
     body = _body()
@@ -403,14 +616,12 @@ def create_webhook() -> Response:
     return json_response(subscription.to_wire(), 201)
 
 
-@api.get("/webhooks", endpoint="listWebhooks")
 def list_webhooks() -> Response:
     """Every subscription, with its ``subscriptionState``, in Business Central's
     ``{"value": [...]}`` list shape."""
     return _subscription_list("webhooks")
 
 
-@api.get("/webhook", endpoint="listWebhook")
 def list_webhook() -> Response:
     """The same list at the path one vendor page shows."""
     return _subscription_list("webhook")
@@ -422,7 +633,6 @@ def _subscription_list(path: str) -> Response:
     return json_response({"value": [s.to_wire() for s in _runtime().store.subscriptions()]})
 
 
-@api.get("/webhook/<subscription_id>", endpoint="getWebhook")
 def get_webhook(subscription_id: str) -> Response:
     """One subscription."""
     subscription = _runtime().store.subscription(subscription_id)
@@ -431,7 +641,6 @@ def get_webhook(subscription_id: str) -> Response:
     return json_response(subscription.to_wire())
 
 
-@api.delete("/webhook/<subscription_id>", endpoint="deleteWebhook")
 def delete_webhook(subscription_id: str) -> Response:
     """Remove a subscription; answers with the subscription removed."""
     store = _runtime().store
@@ -508,6 +717,16 @@ def set_subscription_state(subscription_id: str) -> Response:
 def tick() -> Response:
     """Run one pickup cycle now."""
     return json_response(_runtime().pipeline.run_cycle().to_json())
+
+
+@admin.post("/orders/<order_id>/reprocess")
+def reprocess_order(order_id: str) -> Response:
+    """A venue operator re-processes a Submitted or Error order (CMJobQueueRunner
+    ReProcessSingleOrder): it runs through issuance now and its outcome is announced by
+    webhook; answers the order as getOrder shows it."""
+    runtime = _runtime()
+    runtime.orders.get(order_id)  # the venue's 400/404 for a bad or unknown id
+    return json_response(_order_json(runtime.pipeline.reprocess(order_id)))
 
 
 @admin.get("/clock")

@@ -85,6 +85,9 @@ class CatalogItem(_CatalogModel):
     # Business Central's Currency.Code is a Code[10] (CMOrderWallet CurrencyCode).
     currency_code: str = Field(min_length=1, max_length=10)
     components: tuple[Component, ...] = ()
+    # Its admission's capacity is exhausted: the venue accepts the order and its ticket
+    # import fails at processing (see :meth:`Catalog.sold_out_number`).
+    sold_out: bool = False
 
     @model_validator(mode="after")
     def _components_fit_kind(self) -> CatalogItem:
@@ -116,18 +119,27 @@ class CatalogItem(_CatalogModel):
         """How many wallets a line of ``quantity`` units issues."""
         return 1 if self.kind is ItemKind.GROUP else quantity
 
-    def wallet_price(self, quantity: int) -> tuple[Decimal, Decimal]:
+    def wallet_price(self, quantity: int, *, tickets: bool = True) -> tuple[Decimal, Decimal]:
         """What one wallet of a line of ``quantity`` carries, excluding and including VAT.
 
         CMTicketIssuer ``BuildTicketImportLines`` / ``AccumulatePriceOnWallet`` and
         CMCouponIssuer ``IssueAndAttachForAddOnLine``: unit prices are rounded to 0.01
         first; a group ticket's one wallet carries the unit price times the quantity, a
         package's wallet its components' prices added up, any other wallet its unit price.
+
+        Args:
+            quantity: the line's quantity.
+            tickets: whether the tickets are priced; they are not when the ticket import
+                was an earlier run's (CMOrderIssuer IssueForOrder skips it when the order
+                has a job id), and then a wallet carries only its coupons' prices.
         """
         if self.kind is ItemKind.PACKAGE:
-            excl = sum((round_price(c.unit_price_excl_vat) for c in self.components), Decimal(0))
-            incl = sum((round_price(c.unit_price_incl_vat) for c in self.components), Decimal(0))
+            priced = [c for c in self.components if tickets or c.type == "coupon"]
+            excl = sum((round_price(c.unit_price_excl_vat) for c in priced), Decimal(0))
+            incl = sum((round_price(c.unit_price_incl_vat) for c in priced), Decimal(0))
             return excl, incl
+        if not tickets and self.kind is not ItemKind.COUPON:
+            return Decimal(0), Decimal(0)
         excl, incl = round_price(self.unit_price_excl_vat), round_price(self.unit_price_incl_vat)
         if self.kind is ItemKind.GROUP:
             return excl * quantity, incl * quantity
@@ -162,6 +174,27 @@ class Catalog(_CatalogModel):
         """The item numbered ``item_number``, or ``None`` when the venue does not sell it."""
         wanted = item_number.strip().upper()
         return next((i for i in self.items if i.item_number.upper() == wanted), None)
+
+    def sold_out_number(self, item: CatalogItem, extra: tuple[str, ...] = ()) -> str | None:
+        """The first item number ``item`` issues tickets for that is sold out, or ``None``.
+
+        A line issues tickets for its item, or for a package's ticket components
+        (CMTicketIssuer BuildTicketImportLines); an item is sold out when the catalog says
+        so or ``extra`` (the ``soldOut`` fault) names it, in any case.
+
+        Args:
+            item: the line's item.
+            extra: further sold-out item numbers.
+        """
+        wanted = {number.strip().upper() for number in extra}
+        numbers = [c.item_number for c in item.components if c.type == "ticket"] or [
+            item.item_number
+        ]
+        for number in numbers:
+            listed = self.get(number)
+            if number.upper() in wanted or (listed is not None and listed.sold_out):
+                return number
+        return None
 
     def to_json(self) -> dict[str, Any]:
         """The catalog as JSON (camelCase, prices as strings), as ``/_sandbox/config`` shows it."""

@@ -104,10 +104,11 @@ def _env(name: str) -> dict[str, Any]:
 @click.option("--api-key", "api_key", default=DEFAULT_API_KEY, show_default=True, **_env("API_KEY"))
 @click.option(
     "--partners",
-    metavar="ID[:inactive],...",
-    default=",".join(f"{p.id}{'' if p.active else ':inactive'}" for p in DEFAULT_PARTNERS),
+    metavar="ID[:inactive][:no-template][=NAME],...",
+    default=",".join(p.to_text() for p in DEFAULT_PARTNERS),
     show_default=True,
-    help="Partner ids the venue knows.",
+    help="Partners the venue knows: id, flags (inactive; no-template: no design"
+    " template, so no manifests) and name.",
     **_env("PARTNERS"),
 )
 @click.option(

@@ -13,7 +13,7 @@ import datetime as dt
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from otacm.settings import CompanyPathForm, encode_company
 from sandbox.catalog import Catalog, load_catalog
@@ -28,12 +28,25 @@ MEMORY = ":memory:"
 
 
 class Partner(BaseModel):
-    """A partnership the venue knows; orders from an inactive one are rejected."""
+    """A partnership the venue knows (CMPartnerSetup); orders from an inactive one are rejected.
+
+    Attributes:
+        id: the partner's GUID, lower case without braces as the venue writes it.
+        active: whether createOrder accepts its orders.
+        name: the partner's name, which the venue's messages quote (ChannelMgrOrderAgent
+            CreateOrder, TryGetPartnerSetup); "Partner" and the id's first block when none
+            is given.
+        design_template: whether the partner has a design template
+            (``NPDesignerTemplateId``): without one the venue builds no manifests
+            (CMOrderIssuer BuildManifestForOrder).
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     id: str = Field(min_length=1)
     active: bool = True
+    name: str = Field(default="", max_length=100)
+    design_template: bool = True
 
     @field_validator("id")
     @classmethod
@@ -41,23 +54,47 @@ class Partner(BaseModel):
         # The venue writes GUIDs lowercase without braces.
         return value.strip().strip("{}").lower()
 
+    @model_validator(mode="after")
+    def _default_name(self) -> Partner:
+        if not self.name.strip():
+            # Frozen model: the default is set once, here, from the id.
+            object.__setattr__(self, "name", f"Partner {self.id[:8].upper()}")
+        return self
+
     @classmethod
     def parse(cls, text: str) -> Partner:
-        """``"<id>"`` or ``"<id>:inactive"`` (the CLI's and environment's form).
+        """``ID[:inactive][:no-template][=NAME]`` (the CLI's and environment's form).
 
         Raises:
-            ValueError: the state after the colon is neither ``active`` nor ``inactive``.
+            ValueError: a flag after a colon is not ``active``, ``inactive`` or
+                ``no-template``.
         """
-        partner_id, _, state = text.strip().partition(":")
-        if state not in ("", "active", "inactive"):
-            raise ValueError(f"partner state must be 'active' or 'inactive', not {state!r}")
-        return cls(id=partner_id, active=state != "inactive")
+        head, _, name = text.strip().partition("=")
+        partner_id, *flags = head.strip().split(":")
+        unknown = [f for f in flags if f not in ("", "active", "inactive", "no-template")]
+        if unknown:
+            raise ValueError(
+                f"partner flags must be 'active', 'inactive' or 'no-template', not {unknown[0]!r}"
+            )
+        return cls(
+            id=partner_id,
+            active="inactive" not in flags,
+            name=name.strip(),
+            design_template="no-template" not in flags,
+        )
+
+    def to_text(self) -> str:
+        """The partner in the form :meth:`parse` reads."""
+        flags = ("" if self.active else ":inactive") + (
+            "" if self.design_template else ":no-template"
+        )
+        return f"{self.id}{flags}={self.name}"
 
 
 DEFAULT_PARTNERS = (
-    Partner(id="21e8c1d2-3f4a-4c5b-9e6d-7f8a9b0c1d2e"),
-    Partner(id="5b7c9d1e-2f3a-4b5c-8d6e-7f8091a2b3c4"),
-    Partner(id="9f8e7d6c-5b4a-4392-8170-6f5e4d3c2b1a", active=False),
+    Partner(id="21e8c1d2-3f4a-4c5b-9e6d-7f8a9b0c1d2e", name="Nordic Tours"),
+    Partner(id="5b7c9d1e-2f3a-4b5c-8d6e-7f8091a2b3c4", name="Castle Trips"),
+    Partner(id="9f8e7d6c-5b4a-4392-8170-6f5e4d3c2b1a", active=False, name="Old Partner"),
 )
 
 
@@ -158,7 +195,15 @@ class SandboxConfig(BaseModel):
             "company": self.company,
             "companyPathForm": self.company_path_form,
             "apiKey": self.api_key.get_secret_value(),
-            "partners": [{"id": p.id, "active": p.active} for p in self.partners],
+            "partners": [
+                {
+                    "id": p.id,
+                    "active": p.active,
+                    "name": p.name,
+                    "designTemplate": p.design_template,
+                }
+                for p in self.partners
+            ],
             "catalog": self.catalog.to_json(),
             "pickupInterval": self.pickup_interval,
             "legacySync": self.legacy_sync,

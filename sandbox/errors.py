@@ -7,6 +7,8 @@ handler (:mod:`sandbox.app`)::
     ├── InvalidRequest           400 generic_error — validation and state rules alike
     ├── ResourceNotFound         404 resource_not_found — unknown order, subscription, company
     ├── Unauthorized             401 unauthorized — missing or wrong API key
+    ├── Forbidden                403 generic_error — the permission set is missing (a fault)
+    ├── UnsupportedHttpMethod    400 unsupported_http_method — not GET/POST/PUT/PATCH/DELETE
     ├── TooManyRequests          429 too_many_requests — the gateway's rate limit (a fault)
     └── ServiceUnavailable       503 service_unavailable — the gateway's queue timeout (a fault)
 """
@@ -34,6 +36,27 @@ class ResourceNotFound(SandboxError):
 
     status = 404
     code = "resource_not_found"
+
+
+def not_found(resource: str) -> ResourceNotFound:
+    """The venue's 404 for ``resource``: APIResponse RespondResourceNotFound's
+    ``'%1 Not Found'`` (so "Order '{…}' not found Not Found")."""
+    return ResourceNotFound(f"{resource} Not Found")
+
+
+class UnsupportedHttpMethod(SandboxError):
+    """400 ``unsupported_http_method`` (APIResponse RespondBadRequestUnsupportedHttpMethod)."""
+
+    code = "unsupported_http_method"
+
+    def __init__(self, method: str) -> None:
+        super().__init__(f"Http method {method} is not supported")
+
+
+class Forbidden(SandboxError):
+    """403 ``generic_error`` (APIResponse RespondForbidden): a missing permission set."""
+
+    status = 403
 
 
 class Unauthorized(SandboxError):

@@ -20,14 +20,25 @@ the complete set now in force (``GET /_sandbox/faults`` reads it):
 - ``stallScheduledRate``, ``stallProcessingRate`` (0 to 1): share of picked-up orders left
   hanging in Scheduled or Processing, for the sweeper to find (advance the clock with
   ``POST /_sandbox/clock``).
-- ``errorRate`` (0 to 1): share of processing runs that end in Error with "Unexpected error
-  while issuing the order; replace it to retry".
+- ``errorRate`` (0 to 1): share of processing runs that fail after the ticket import, as
+  CMTicketIssuer ConfirmTickets can: the order ends in Error with "Import header for JobId
+  <jobId> not found. This is a programming bug." and keeps its job id (a re-processing run
+  then does not import, nor price, the tickets again).
 - ``holdCommitSeconds`` (≥ 0): a late commit. A background processing run's last change
   (Issued, Draft or Error) takes its row version at once but is committed — seen by
   getOrder, lists and the change feed, and announced by webhook — only at the first
   pickup cycle this many seconds (sandbox time) later. Changes made meanwhile take
   higher row versions and are seen at once, so the held change lands below a mark a
   reader may already have passed.
+- ``soldOut`` (list of item numbers): items whose capacity is exceeded (on top of the
+  catalog's ``soldOut`` items): a processing run whose line issues one of them — the item,
+  or a ticket component of a package — fails as the venue's ticket import does
+  (CMTicketIssuer RunTicketImport; TMTicketManagement ``CAPACITY_EXCEEDED``) and the order
+  ends in Error with "[-1004] - The capacity for <item> has been exceeded. Entry is not
+  allowed.".
+- ``missingPermissions`` (bool): the API identity lacks the Channel Manager permission
+  set: every ``/channelManager`` call is answered 403 ``generic_error`` "Missing
+  permissions: NPR API Channel Mgr" (APIRequestProcessor ProcessRequest).
 - ``seed`` (int or null): reseeds the random source that decides every fault, so a run
   is repeatable; null seeds it from the system.
 """
@@ -66,6 +77,8 @@ class Faults(BaseModel):
     stall_processing_rate: Rate = 0.0
     error_rate: Rate = 0.0
     hold_commit_seconds: float = Field(default=0.0, ge=0.0, le=86_400.0)
+    sold_out: tuple[Annotated[str, Field(min_length=1, max_length=20)], ...] = ()
+    missing_permissions: bool = False
     seed: int | None = None
 
     def to_json(self) -> dict[str, Any]:

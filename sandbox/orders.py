@@ -22,18 +22,18 @@ import secrets
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from decimal import Decimal
 from typing import Any
 
 from pydantic import ValidationError
 
 from sandbox.catalog import Catalog
 from sandbox.config import SandboxConfig
-from sandbox.errors import InvalidRequest, ResourceNotFound
+from sandbox.errors import InvalidRequest, not_found
 from sandbox.requests import (
     Header,
     VenueRequest,
     body_object,
-    guid_text,
     parse_header,
     parse_items,
     required_text,
@@ -129,7 +129,7 @@ class OrderBook:
             raise InvalidRequest("Invalid order id")
         record = self._store.get(guid)
         if record is None:
-            raise ResourceNotFound(f"Order '{guid_caption(guid)}' not found")
+            raise not_found(f"Order '{guid_caption(guid)}' not found")
         return record
 
     def create(self, body: Any) -> OrderRecord:
@@ -144,10 +144,12 @@ class OrderBook:
         fields = body_object(body)
         header = parse_header(fields, self._config.payment_reference_length)
         partner = self._config.partner(header.partner_id)
+        # ChannelMgrOrderAgent TryGetPartnerSetup: the GUID as Business Central formats
+        # it into text, the partner by its name.
         if partner is None:
-            raise InvalidRequest(f"Unknown partnerId '{guid_text(header.partner_id)}'")
+            raise InvalidRequest(f"Unknown partnerId '{guid_caption(header.partner_id)}'")
         if not partner.active:
-            raise InvalidRequest(f"Partner '{guid_text(partner.id)}' is not active")
+            raise InvalidRequest(f"Partner '{partner.name}' is not active")
         reference = header.sell_to_order_reference
         now = self._now()
         with self._store.transaction():
@@ -156,7 +158,7 @@ class OrderBook:
                 if existing.status is not OrderStatus.ERROR:
                     raise InvalidRequest(
                         f"An order with sellToOrderReference '{reference}' already exists"
-                        f" for partner '{guid_text(partner.id)}'"
+                        f" for partner '{partner.name}'"
                     )
                 # ChannelMgrOrderAgent IsDuplicateOrder deletes the Error order before the
                 # items are read: it is gone even when the new order is then refused.
@@ -171,6 +173,12 @@ class OrderBook:
     def confirm(self, order_id: str, body: Any) -> OrderRecord:
         """confirmOrder: Draft → Issued with the payment reference; a no-op on Issued.
 
+        ChannelMgrOrderAgent ConfirmOrder stores the reference in the Code[50] field
+        (trimmed, upper-cased) and calls CMOrderIssuer ConfirmOrder, which does nothing
+        when the stored reference is empty: a reference of only spaces leaves the order
+        Draft (with no reference) and is answered 200. Becoming Issued builds the
+        manifests (BuildManifestForOrder).
+
         Raises:
             ResourceNotFound: no such order.
             InvalidRequest: no paymentReference, or the order is neither Draft nor Issued.
@@ -182,15 +190,17 @@ class OrderBook:
             if record.status is OrderStatus.ISSUED:
                 return record
             if record.status is not OrderStatus.DRAFT:
-                raise InvalidRequest(f"Order cannot be confirmed in status {record.status}")
-            payment = required_text(body_object(body), "paymentReference")
-            order = record.order.model_copy(
-                update={
-                    "status": OrderStatus.ISSUED,
-                    "payment_reference": reference_code(
-                        payment, self._config.payment_reference_length
-                    ),
-                }
+                raise InvalidRequest(f"Order cannot be confirmed in status {record.status.caption}")
+            payment = reference_code(
+                required_text(body_object(body), "paymentReference"),
+                self._config.payment_reference_length,
+            )
+            order = record.order.model_copy(update={"payment_reference": payment})
+            if payment is None:
+                # The field is modified (set to ""), the status is not.
+                return self._store.save(order, record.request, record.status_since)
+            order = order.model_copy(
+                update={"status": OrderStatus.ISSUED, **issued_changes(order, self._config)}
             )
             return self._store.save(order, record.request, self._now())
 
@@ -205,7 +215,7 @@ class OrderBook:
         with self._store.transaction():
             record = self.get(order_id)
             if record.status not in (OrderStatus.DRAFT, OrderStatus.ERROR):
-                raise InvalidRequest(f"Order cannot be replaced in status {record.status}")
+                raise InvalidRequest(f"Order cannot be replaced in status {record.status.caption}")
             header = parse_header(body_object(body), self._config.payment_reference_length)
             current = record.order
             if header.partner_id != current.partner_id:
@@ -279,9 +289,14 @@ class OrderBook:
             raise InvalidRequest("Invalid partnerId")
         filters, cursor = dict(args), None
         if args.get("pageKey"):
-            # A page key carries the first request's filters; only pageSize may change.
-            key = _decode_page_key(args["pageKey"], guid)
+            # APIRequest ApplyPageKey: the key carries the first request's view — its
+            # filters, the partner's among them — which replaces this request's: a key
+            # used on another partner's path goes on listing the first partner's orders.
+            # Only pageSize is read from this request.
+            key = _decode_page_key(args["pageKey"])
+            guid = str(key.get("p") or guid)
             filters, cursor = dict(key["f"]), key.get("c")
+            filters.pop("pageSize", None)  # read from this request (APIRequest GetRecords)
             if "pageSize" in args:
                 filters["pageSize"] = args["pageSize"]
         query, page_size = _parse_filters(guid, filters)
@@ -303,8 +318,8 @@ class OrderBook:
     # --- helpers ----------------------------------------------------------------------
 
     def _now(self) -> dt.datetime:
-        # The venue's timestamps have whole seconds.
-        return self._clock.now().replace(microsecond=0)
+        # The venue's DateTime holds milliseconds.
+        return self._clock.venue_now()
 
     def _parsed(self, body: dict[str, Any], header: Header) -> VenueRequest:
         """The request with its items read as the venue reads them.
@@ -340,8 +355,8 @@ class OrderBook:
 def shell_items(request: VenueRequest, config: SandboxConfig) -> list[OrderItem]:
     """The order's lines before minting: wallets are shells carrying the partner's values.
 
-    A shell has an all-zero ``walletId``, an empty ``walletReferenceNumber``, and the
-    external reference number and name the partner gave for it.
+    A shell has an all-zero ``walletId``, an empty ``walletReferenceNumber``, prices of
+    0, and the external reference number and name the partner gave for it.
     """
     lines = []
     for index, line in enumerate(request.items):
@@ -358,6 +373,9 @@ def shell_items(request: VenueRequest, config: SandboxConfig) -> list[OrderItem]
                 if seq < len(references)
                 else None,
                 name=(names[seq] or None) if seq < len(names) else None,
+                # CMOrderIssuer PersistWalletShells: a shell's prices are 0, not absent.
+                unit_price_excl_vat=Decimal(0),
+                unit_price_incl_vat=Decimal(0),
             )
             for seq in range(count)
         ]
@@ -377,6 +395,37 @@ def shell_items(request: VenueRequest, config: SandboxConfig) -> list[OrderItem]
             )
         )
     return lines
+
+
+def issued_changes(order: Order, config: SandboxConfig) -> dict[str, Any]:
+    """What becoming Issued changes: the manifests, when the partner has a design template.
+
+    CMOrderIssuer ConfirmOrder (from a paid processing run or confirmOrder) calls
+    BuildManifestForOrder, the only place manifests are made: one for the order and one
+    per wallet, and none at all when the partner has no design template. A Draft has none.
+    """
+    partner = config.partner(order.partner_id)
+    if partner is None or not partner.design_template:
+        return {"items": order.items}
+    items = [
+        item.model_copy(
+            update={
+                "wallets": [
+                    w.model_copy(update={"manifest_url": manifest_url(config, w.wallet_id or "")})
+                    for w in item.wallets
+                ]
+            }
+        )
+        for item in order.items
+    ]
+    if not any(item.wallets for item in items):
+        return {"items": items}  # no wallet, no manifest
+    return {"items": items, "manifest_url": manifest_url(config, order.order_id)}
+
+
+def manifest_url(config: SandboxConfig, manifest_id: str) -> str:
+    """A manifest's address (NPDesignerManifestFacade GetManifestUrl)."""
+    return f"{config.manifest_base_url}?mid={manifest_id}"
 
 
 # --- listing --------------------------------------------------------------------------
@@ -449,7 +498,8 @@ def _instant_param(args: Mapping[str, str], name: str) -> dt.datetime | None:
     try:
         moment = dt.datetime.fromisoformat(text.strip())
     except ValueError:
-        raise InvalidRequest(f"{name} must be an ISO 8601 date-time, not '{text}'") from None
+        # ChannelMgrOrderAgent ListOrdersByPartner.
+        raise InvalidRequest(f"{name} must be ISO 8601 datetime") from None
     return moment.replace(tzinfo=dt.UTC) if moment.tzinfo is None else moment
 
 
@@ -477,11 +527,11 @@ def _encode_page_key(key: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def _decode_page_key(text: str, partner_id: str) -> dict[str, Any]:
+def _decode_page_key(text: str) -> dict[str, Any]:
     """The page key's content.
 
     Raises:
-        InvalidRequest: the key is garbled or belongs to another partner's list.
+        InvalidRequest: the key is garbled.
     """
     try:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
@@ -490,6 +540,6 @@ def _decode_page_key(text: str, partner_id: str) -> dict[str, Any]:
         raise InvalidRequest("pageKey is not a page key this list issued") from None
     if not isinstance(key, dict) or not isinstance(key.get("f"), dict):
         raise InvalidRequest("pageKey is not a page key this list issued")
-    if key.get("p") != partner_id:
-        raise InvalidRequest("pageKey belongs to another partner's list")
+    if parse_guid(str(key.get("p"))) is None:
+        raise InvalidRequest("pageKey is not a page key this list issued")
     return key

@@ -14,13 +14,19 @@ its row version when the run ends but is committed (and announced) only by the f
 cycle that much later (:meth:`~sandbox.state.OrderStore.hold`), which releases it before
 sweeping: a late commit below versions taken meanwhile.
 
-Issuance fails when a line's visit date has passed since submission, its item has left
-the catalog, its ``componentSchedule`` schedules a component twice or before the line's
-visit (the request parser lets both through), or the ``errorRate`` fault fires. The
-``stall*Rate`` faults leave an order hanging for the sweeper. Minting gives each wallet
-a GUID, an 18-digit reference number, the partner's external reference and name, the
-price of what it holds (:meth:`~sandbox.catalog.CatalogItem.wallet_price`), a manifest
-URL and its assets (tickets and coupons with reference numbers).
+Issuance fails as the venue's does (CMOrderIssuer IssueForOrder, CMTicketIssuer), with
+its messages: when the ticket import cannot be built — an item has left the catalog, a
+line's token lines overflow (a non-group line of 10000 or more, a package of ten or more
+tickets) — or the import fails — a visit date has passed since submission, an item is
+sold out (the catalog's ``soldOut``, the ``soldOut`` fault) — or, with the ``errorRate``
+fault, after the import (the job id then stays, and a re-processing run does not import
+again). The ``stall*Rate`` faults leave an order hanging for the sweeper. Minting gives
+each wallet a GUID, an 18-digit reference number, the partner's external reference and
+name (the item's description when none was given), the price of what it holds
+(:meth:`~sandbox.catalog.CatalogItem.wallet_price`) and its assets (tickets and coupons
+with reference numbers). Manifests are built only when an order becomes Issued, and only
+for a partner with a design template (:func:`issued_changes`). An operator may
+re-process a Submitted or Error order (:meth:`Pipeline.reprocess`).
 """
 
 from __future__ import annotations
@@ -34,22 +40,39 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from sandbox.catalog import CatalogItem
+from sandbox.catalog import CatalogItem, ItemKind
 from sandbox.config import SandboxConfig
+from sandbox.errors import InvalidRequest, not_found
 from sandbox.faults import FaultInjector
-from sandbox.orders import shell_items
-from sandbox.requests import RequestLine
+from sandbox.orders import issued_changes, shell_items
 from sandbox.state import Clock, OrderRecord, OrderStore
 from sandbox.stats import Stats
 from sandbox.webhooks import ProcessedEvent, WebhookDispatcher
-from venue.models import Asset, OrderItem, OrderStatus, Wallet
+from venue.models import Asset, OrderItem, OrderStatus, Wallet, guid_caption
 
 logger = logging.getLogger(__name__)
 
 SCHEDULED_TIMEOUT = dt.timedelta(minutes=5)
 PROCESSING_TIMEOUT = dt.timedelta(hours=1)
-STUCK_MESSAGE = "Order was stuck in Processing for more than 1 hour; replace it to retry"
-UNEXPECTED_MESSAGE = "Unexpected error while issuing the order; replace it to retry"
+# CMJobQueueRunner RecoverStaleProcessing.
+STUCK_MESSAGE = (
+    "Order was stuck in Processing for over 1 hour and was automatically marked as Error."
+    " Inspect and either re-Process or Delete."
+)
+# CMTicketIssuer ConfirmTickets: a failure after the import (the ``errorRate`` fault).
+AFTER_IMPORT_MESSAGE = "Import header for JobId {job_id} not found. This is a programming bug."
+# CMTicketIssuer EncodeTokenLine.
+OVERFLOW_MESSAGE = (
+    "CMTicketIssuer token line encoding overflow: LineNo={line_no} SeqNo={seq_no}"
+    " ImportIdx={index}. SeqNo must stay below 10000 and ImportIdx below 10."
+    " This is a programming bug."
+)
+TOKEN_SEQ_LIMIT = 10000
+TOKEN_IMPORT_LIMIT = 10
+# TMTicketManagement CAPACITY_EXCEEDED, as RaiseError prefixes it with its number.
+CAPACITY_MESSAGE = "[-1004] - The capacity for {admission} has been exceeded. Entry is not allowed."
+STATUS_MESSAGE_LENGTH = 500  # CMOrder StatusMessage is a Text[500]
+WALLET_NAME_LENGTH = 100
 _ALPHANUMERIC = string.ascii_uppercase + string.digits
 
 
@@ -192,31 +215,75 @@ class Pipeline:
         record = self._move(record, OrderStatus.SCHEDULED)
         if background and self._faults.roll(faults.stall_scheduled_rate):
             return record
-        job_id = f"TM-IMPORT-{self._store.next_value('job'):06d}"
-        record = self._move(record, OrderStatus.PROCESSING, job_id=job_id)
+        # CMOrderIssuer IssueForOrder: Processing (status message cleared) is committed
+        # before the ticket import; the job id only once the import has succeeded.
+        record = self._move(record, OrderStatus.PROCESSING, status_message="")
         if background and self._faults.roll(faults.stall_processing_rate):
             return record
+        return self._issue(record, background=background)
+
+    def reprocess(self, order_id: str) -> OrderRecord:
+        """A venue operator re-processes a Submitted or Error order, and it is announced.
+
+        CMJobQueueRunner ReProcessSingleOrder: only Submitted or Error orders (else the
+        vendor's error, the status by its caption); the order goes straight to
+        Processing and through CMOrderIssuer IssueForOrder, and the outcome — Issued,
+        Draft or Error — is announced by ``ota_cm_order_processed`` (ProcessOneOrder).
+        When an earlier run had already imported the tickets (its job id is set) the
+        import is not run again, so the ticket prices are not computed: the wallets carry
+        only their coupons' prices (see :meth:`_mint`).
+
+        Raises:
+            InvalidRequest: the order is in another status.
+            ResourceNotFound: no such order.
+        """
+        with self._running:
+            record = self._store.get(order_id)
+            if record is None:
+                raise not_found(f"Order '{guid_caption(order_id)}' not found")
+            if record.status not in (OrderStatus.SUBMITTED, OrderStatus.ERROR):
+                raise InvalidRequest(
+                    f"Order status {record.status.caption} is not eligible for manual"
+                    " processing — only Submitted (initial) or Error (retry) are."
+                )
+            record = self._move(record, OrderStatus.PROCESSING, status_message="")
+            final = self._issue(record, background=False)
+            assert final is not None  # only background runs are held
+            self._dispatcher.publish(
+                [ProcessedEvent(final.order_id, final.order.buy_from_order_reference, final.status)]
+            )
+        self._stats.pipeline("processed")
+        logger.info("order %s re-processed: %s", final.order_id, final.status)
+        return final
+
+    def _issue(self, record: OrderRecord, *, background: bool) -> OrderRecord | None:
+        """CMOrderIssuer IssueForOrder from Processing: import, wallets, Draft or Issued."""
+        job_id = record.order.job_id or ""
+        imported_now = not job_id
         try:
-            if self._faults.roll(faults.error_rate):
-                raise IssueFailure(UNEXPECTED_MESSAGE)
-            items = self._mint(record)
+            if imported_now:
+                self._import_tickets(record)
+                job_id = f"TM-IMPORT-{self._store.next_value('job'):06d}"
+                record = self._move(record, OrderStatus.PROCESSING, job_id=job_id)
+            items = self._mint(record, tickets_priced=imported_now)
+            if self._faults.roll(self._faults.faults.error_rate):
+                # A failure after the import (the tickets' confirmation): the job id stays.
+                raise IssueFailure(AFTER_IMPORT_MESSAGE.format(job_id=job_id))
         except IssueFailure as failure:
             logger.info("order %s failed to issue", record.order_id)
             return self._finish(
                 record,
                 OrderStatus.ERROR,
                 background=background,
-                status_message=str(failure),
+                status_message=str(failure)[:STATUS_MESSAGE_LENGTH],
                 items=shell_items(record.request, self._config),
             )
-        status = OrderStatus.ISSUED if record.order.payment_reference else OrderStatus.DRAFT
+        if not record.order.payment_reference:
+            return self._finish(record, OrderStatus.DRAFT, background=background, items=items)
+        # CMOrderIssuer ConfirmOrder: Issued, then the manifests (BuildManifestForOrder).
+        order = record.order.model_copy(update={"items": items})
         return self._finish(
-            record,
-            status,
-            background=background,
-            status_message="",
-            items=items,
-            manifest_url=self._manifest_url(record.order_id),
+            record, OrderStatus.ISSUED, background=background, **issued_changes(order, self._config)
         )
 
     def _finish(
@@ -236,47 +303,95 @@ class Pipeline:
         order = record.order.model_copy(update={"status": status, **changes})
         return self._store.save(order, record.request, self._clock.now())
 
-    def _manifest_url(self, manifest_id: str) -> str:
-        return f"{self._config.manifest_base_url}?mid={manifest_id}"
-
-    def _mint(self, record: OrderRecord) -> list[OrderItem]:
-        """The order's lines with minted wallets.
+    def _import_tickets(self, record: OrderRecord) -> None:
+        """The ticket import, as CMTicketIssuer ReshapeToTicketImport and RunTicketImport
+        fail it: first every line is reshaped into import lines (an item no longer sold,
+        a token line overflow), then the import checks each line's admission (a visit
+        date now past, an exhausted capacity).
 
         Raises:
-            IssueFailure: a line cannot be issued; the message says which and why.
+            IssueFailure: with the venue's message for the first failure.
         """
         catalog = self._config.catalog
-        today = self._config.local_today(self._clock.now())
-        issued_at = self._clock.now().replace(microsecond=0)
         shells = shell_items(record.request, self._config)
-        lines = []
-        for index, (line, shell) in enumerate(zip(record.request.items, shells, strict=True)):
+        for line, shell in zip(record.request.items, shells, strict=True):
             item = catalog.get(line.item_number)
             if item is None:
-                raise IssueFailure(f"Unknown item '{line.item_number}'")
+                # BuildTicketImportLines ``MasterItem.Get``: Business Central's own error.
+                raise IssueFailure(
+                    "The Item does not exist. Identification fields and values:"
+                    f" No.='{line.item_number.upper()}'"
+                )
+            overflow = token_line_overflow(item, line.quantity)
+            if overflow is not None:
+                seq_no, index = overflow
+                raise IssueFailure(
+                    OVERFLOW_MESSAGE.format(
+                        line_no=bc_integer(shell.line_no),
+                        seq_no=bc_integer(seq_no),
+                        index=bc_integer(index),
+                    )
+                )
+        today = self._config.local_today(self._clock.now())
+        sold_out = self._faults.faults.sold_out
+        for line in record.request.items:
+            item = catalog.get(line.item_number)
+            assert item is not None  # checked above
+            if item.kind is ItemKind.COUPON:
+                continue  # no ticket to import
+            # TMImportTicketWorker GetAdmissionTimeSlot: the visit date is checked again.
             if line.visit_date < today:
-                raise IssueFailure(f"items[{index}] visitDate must not be in the past")
-            problem = _schedule_problem(line)
-            if problem:
-                raise IssueFailure(f"Invalid componentSchedule on line {shell.line_no}: {problem}")
-            wallets = [self._wallet(item, line.quantity, w, issued_at) for w in shell.wallets]
+                raise IssueFailure(
+                    f"Expected visit date {line.visit_date.isoformat()} for admission code"
+                    f" {item.item_number} is in the past."
+                )
+            number = catalog.sold_out_number(item, sold_out)
+            if number is not None:
+                raise IssueFailure(CAPACITY_MESSAGE.format(admission=number))
+
+    def _mint(self, record: OrderRecord, *, tickets_priced: bool) -> list[OrderItem]:
+        """The order's lines with minted wallets (CMOrderIssuer WrapAssetsIntoWallets).
+
+        Args:
+            record: the order being issued.
+            tickets_priced: whether this run imported the tickets and so priced them
+                (CMTicketIssuer AccumulatePriceOnWallet); when the import was an earlier
+                run's, a wallet carries only its coupons' prices.
+        """
+        catalog = self._config.catalog
+        issued_at = self._clock.venue_now()
+        shells = shell_items(record.request, self._config)
+        lines = []
+        for line, shell in zip(record.request.items, shells, strict=True):
+            item = catalog.get(line.item_number)
+            assert item is not None  # the import found it
+            wallets = [
+                self._wallet(item, line.quantity, w, issued_at, tickets_priced=tickets_priced)
+                for w in shell.wallets
+            ]
             lines.append(shell.model_copy(update={"wallets": wallets}))
         return lines
 
     def _wallet(
-        self, item: CatalogItem, quantity: int, shell: Wallet, issued_at: dt.datetime
+        self,
+        item: CatalogItem,
+        quantity: int,
+        shell: Wallet,
+        issued_at: dt.datetime,
+        *,
+        tickets_priced: bool,
     ) -> Wallet:
-        wallet_id = str(uuid.uuid4())
-        excl, incl = item.wallet_price(quantity)
+        excl, incl = item.wallet_price(quantity, tickets=tickets_priced)
         return shell.model_copy(
             update={
-                "wallet_id": wallet_id,
+                "wallet_id": str(uuid.uuid4()),
                 "wallet_reference_number": str(10**17 + secrets.randbelow(9 * 10**17)),
+                # CMOrderIssuer DeriveDefaultWalletName: no name given → the item's.
+                "name": shell.name or item.description[:WALLET_NAME_LENGTH],
                 "issued_at": issued_at,
                 "unit_price_excl_vat": excl,
                 "unit_price_incl_vat": incl,
                 "currency_code": item.currency_code,
-                "manifest_url": self._manifest_url(wallet_id),
                 "assets": [
                     Asset(
                         id=str(uuid.uuid4()),
@@ -292,23 +407,30 @@ class Pipeline:
         )
 
 
-def _schedule_problem(line: RequestLine) -> str | None:
-    """Why the ticket import cannot take the line's componentSchedule, or ``None``.
+def token_line_overflow(item: CatalogItem, quantity: int) -> tuple[int, int] | None:
+    """Where CMTicketIssuer EncodeTokenLine overflows for a line, or ``None``.
 
-    The venue's request parser (ChannelMgrOrderAgent TryParseComponentScheduleEntry)
-    has already checked each entry's component, date and time; what it lets through and
-    the sandbox's issuance refuses — the order then ends in Error, as a failed ticket
-    import does (CMTicketIssuer RunTicketImport) — is a component scheduled twice or
-    before the line's own visit date.
+    Each imported ticket gets a token line ``LineNo + SeqNo * 10 + ImportIdx``: a wallet's
+    sequence number must stay below 10000 and a wallet's tickets (a package's ticket
+    components) below 10. Wallets are reshaped in order, so the first to overflow is the
+    first wallet of a package with ten or more tickets, else wallet 10000.
+
+    Returns:
+        ``(SeqNo, ImportIdx)`` of the first ticket that overflows.
     """
-    seen: set[str] = set()
-    for entry in line.component_schedule or ():
-        if entry.item_number in seen:
-            return f"component '{entry.item_number}' is scheduled twice"
-        seen.add(entry.item_number)
-        if entry.visit_date < line.visit_date:
-            return f"component '{entry.item_number}' is scheduled before the line's visitDate"
+    if item.kind is ItemKind.COUPON:
+        return None  # nothing imported
+    tickets = sum(1 for c in item.components if c.type == "ticket") or 1
+    if tickets >= TOKEN_IMPORT_LIMIT:
+        return 1, TOKEN_IMPORT_LIMIT
+    if item.wallet_count(quantity) >= TOKEN_SEQ_LIMIT:
+        return TOKEN_SEQ_LIMIT, 1
     return None
+
+
+def bc_integer(number: int) -> str:
+    """An integer as Business Central formats it into a message: thousands separated."""
+    return f"{number:,}"
 
 
 def _asset_reference(asset_type: str) -> str:

@@ -103,6 +103,15 @@ class Clock:
         with self._lock:
             return dt.datetime.now(dt.UTC) + self._offset
 
+    def venue_now(self) -> dt.datetime:
+        """The sandbox's time as the venue stores a DateTime: to the millisecond.
+
+        Business Central's DateTime holds milliseconds (``CurrentDateTime()``); a
+        ``receivedAt`` or ``issuedAt`` carries them.
+        """
+        now = self.now()
+        return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
     @property
     def offset(self) -> dt.timedelta:
         """How far the sandbox's time runs ahead of the real time."""

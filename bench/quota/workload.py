@@ -45,7 +45,7 @@ class PlannedOrder:
     outcome: Outcome
 
     def request(self, partner_id: str, visit_date: dt.date) -> OrderRequest:
-        """The createOrder body: one castle ticket, or a package the venue will refuse."""
+        """The createOrder body: one castle ticket, or a sold-out one the venue cannot issue."""
         line: dict[str, Any] = {
             "itemNumber": "31001",
             "visitDate": visit_date.isoformat(),
@@ -53,15 +53,9 @@ class PlannedOrder:
             "quantity": 1,
         }
         if self.outcome is Outcome.ERROR:
-            # A schedule naming one component twice: accepted by createOrder (the venue's
-            # parser checks each entry alone), refused at processing (the order ends in Error).
-            entry = {
-                "itemNumber": "31020",
-                "visitDate": visit_date.isoformat(),
-                "visitTime": "12:00:00",
-            }
-            schedule = [entry, entry]
-            line = {**line, "itemNumber": "40100", "wallet": {"componentSchedule": schedule}}
+            # The sandbox catalog's sold-out item: accepted by createOrder, its ticket
+            # import fails at processing (the order ends in Error).
+            line = {**line, "itemNumber": "31099"}
         body: dict[str, Any] = {
             "partnerId": partner_id,
             "sellToOrderReference": self.reference,

@@ -160,6 +160,6 @@ def test_demo_settles_every_order_in_the_local_mirror(tmp_path: Path) -> None:
     }
     assert sum(statuses.values()) == 8, result.stdout
     assert statuses["Error"] == 1
-    assert "Invalid componentSchedule" in result.stdout
+    assert "The capacity for 31099 has been exceeded" in result.stdout
     assert "getOrder calls per order: 1.00" in result.stdout
     assert (tmp_path / "var" / "demo.sqlite3").exists()

@@ -363,7 +363,7 @@ def test_orders_errors_lists_the_venues_reasons(
     code, output = run(["orders", "errors"], env)
     assert code == 0, output
     assert output.startswith(f"CLI-BROKEN  order {order_id}  CM-")
-    assert "Unexpected error while issuing the order" in output
+    assert "Import header for JobId TM-IMPORT-" in output
     assert output.rstrip().endswith("1 order(s) in Error")
 
     code, output = run(["orders", "errors", "--json", "--connection", "default"], env)

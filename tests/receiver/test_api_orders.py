@@ -26,6 +26,7 @@ from otacm.settings import Settings, VenueConnection
 from receiver.api import CLIENT_FACTORY
 from receiver.outbox import run_outbox_once
 from sandbox import SandboxConfig, SandboxServer
+from sandbox.config import DEFAULT_PARTNERS
 from storage.models import (
     ChangeSource,
     LedgerLine,
@@ -201,7 +202,7 @@ def test_an_inactive_partner_is_answered_422(
     status, body = post(http, order_body(unique_reference(), partnerId=INACTIVE_PARTNER))
 
     assert status == 422
-    assert body["message"] == f"Partner '{{{INACTIVE_PARTNER.upper()}}}' is not active"
+    assert body["message"] == f"Partner '{DEFAULT_PARTNERS[2].name}' is not active"
 
 
 def test_a_partner_not_configured_is_answered_400_and_nothing_sent(

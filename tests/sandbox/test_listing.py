@@ -123,14 +123,16 @@ def test_received_at_window_is_inclusive(venue: Venue) -> None:
 
 
 def test_malformed_received_at_is_refused(venue: Venue) -> None:
-    """A receivedAt bound that is not ISO 8601 is a 400 naming the parameter."""
+    """ChannelMgrOrderAgent ListOrdersByPartner: a receivedAt bound that is not an XML
+    date-time is a 400 with the venue's message."""
     response = venue.api.get(LIST, params={"receivedAtFrom": "yesterday"})
     assert response.status_code == 400
-    assert response.json()["message"].startswith("receivedAtFrom must be an ISO 8601 date-time")
+    assert response.json()["message"] == "receivedAtFrom must be ISO 8601 datetime"
 
 
 def test_paging_follows_page_keys_that_keep_the_filters(venue: Venue) -> None:
-    """pageSize=2 over 5 matching orders gives pages of 2, 2, 1; pageKey alone keeps the filter."""
+    """pageSize=2 over 5 matching orders gives pages of 2, 2, 1; the key keeps the filter
+    (APIRequest ApplyPageKey) and pageSize is read from each request (GetRecords)."""
     venue.create(order_body("ISSUED-1"))
     venue.create(order_body("ISSUED-2"))
     venue.tick()  # two Issued orders the filter must keep out of every page
@@ -140,7 +142,7 @@ def test_paging_follows_page_keys_that_keep_the_filters(venue: Venue) -> None:
     while pages[-1]["morePages"]:
         key = pages[-1]["nextPageKey"]
         assert f"pageKey={key}" in pages[-1]["nextPageURL"]
-        pages.append(venue.api.get(LIST, params={"pageKey": key}).json())
+        pages.append(venue.api.get(LIST, params={"pageKey": key, "pageSize": 2}).json())
 
     assert [len(p["data"]) for p in pages] == [2, 2, 1]
     assert [i for p in pages for i in ids(p)] == submitted
@@ -188,14 +190,25 @@ def test_last_row_version_is_read_only_with_sync(venue: Venue) -> None:
     assert venue.api.get(LIST, params={"sync": "maybe"}).status_code == 400
 
 
-def test_foreign_or_garbled_page_key_is_refused(venue: Venue) -> None:
-    """A pageKey that this list did not issue is a 400."""
-    for n in range(3):
-        venue.create(order_body(f"K-{n}"))
-    key = venue.api.get(LIST, params={"pageSize": 1}).json()["nextPageKey"]
-    other = venue.api.get(f"/channelManager/orders/{OTHER_PARTNER}", params={"pageKey": key})
+def test_garbled_page_key_is_refused(venue: Venue) -> None:
+    """A pageKey that is no page key is a 400 (APIRequest ApplyPageKey fails)."""
+    venue.create(order_body("K-0"))
     garbled = venue.api.get(LIST, params={"pageKey": "not-a-key"})
-    assert other.status_code == 400 and garbled.status_code == 400
+    assert garbled.status_code == 400
+
+
+def test_page_key_on_another_partners_path_continues_the_first_listing(venue: Venue) -> None:
+    """APIRequest GetRecords / ApplyPageKey: the key's view (its filters, the partner
+    among them) replaces the request's, so on another partner's path it goes on listing
+    the first partner's orders."""
+    created = [venue.create(order_body(f"K-{n}"))["orderId"] for n in range(3)]
+    first = venue.api.get(LIST, params={"pageSize": 1}).json()
+    other = venue.api.get(
+        f"/channelManager/orders/{OTHER_PARTNER}", params={"pageKey": first["nextPageKey"]}
+    )
+    assert other.status_code == 200
+    listed = [row["orderId"] for row in [*first["data"], *other.json()["data"]]]
+    assert listed == created
 
 
 def test_replication_orders_by_row_version(venue: Venue) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
+from sandbox.config import DEFAULT_PARTNERS
 from tests.sandbox.conftest import (
     INACTIVE_PARTNER,
     OTHER_PARTNER,
@@ -23,10 +24,9 @@ GUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12
 
 
 def bad_schedule_line() -> dict[str, Any]:
-    """A package line the venue accepts but cannot issue: a component scheduled before the
-    line's own visit (the request parser only refuses past dates)."""
-    schedule = [{"itemNumber": "31020", "visitDate": future(1), "visitTime": "12:00:00"}]
-    return line("40100", wallet={"componentSchedule": schedule})
+    """A line the venue accepts but cannot issue: the catalog's sold-out item, whose
+    ticket import fails (CMTicketIssuer RunTicketImport)."""
+    return line("31099")
 
 
 def test_submit_answers_submitted_with_wallet_shells(venue: Venue) -> None:
@@ -136,34 +136,71 @@ def test_valid_component_schedule_issues(venue: Venue) -> None:
 
 
 @pytest.mark.parametrize(
-    ("schedule", "problem"),
+    "schedule",
     [
-        (
-            [{"itemNumber": "31020", "visitDate": future(1), "visitTime": "12:00:00"}],
-            "component '31020' is scheduled before the line's visitDate",
-        ),
-        (
-            [
-                {"itemNumber": "31020", "visitDate": future(31), "visitTime": "12:00:00"},
-                {"itemNumber": "31020", "visitDate": future(32), "visitTime": "12:00:00"},
-            ],
-            "component '31020' is scheduled twice",
-        ),
+        [{"itemNumber": "31020", "visitDate": future(1), "visitTime": "12:00:00"}],
+        [
+            {"itemNumber": "31020", "visitDate": future(31), "visitTime": "12:00:00"},
+            {"itemNumber": "31020", "visitDate": future(32), "visitTime": "12:00:00"},
+        ],
     ],
     ids=["before-the-line", "twice"],
 )
-def test_invalid_component_schedule_ends_in_error(
-    venue: Venue, schedule: list[dict[str, str]], problem: str
+def test_component_schedule_has_no_rule_against_the_line(
+    venue: Venue, schedule: list[dict[str, str]]
 ) -> None:
-    """A schedule the parser lets through (ChannelMgrOrderAgent
-    TryParseComponentScheduleEntry checks only the component and today's date) but the
-    ticket import cannot take (CMTicketIssuer RunTicketImport) ends the run in Error."""
+    """ChannelMgrOrderAgent TryParseWalletBlock / TryParseComponentScheduleEntry /
+    IsComponentInPackage are the only checks: a component scheduled before the line's
+    visit, or twice, is accepted and issued; AppendComponentScheduleArray answers every
+    stored entry, in the order sent."""
     body = order_body(items=[line("40100", wallet={"componentSchedule": schedule})])
     order_id = venue.create(body)["orderId"]
     venue.tick()
     order = venue.get(order_id)
-    assert order["status"] == "Error"
-    assert order["statusMessage"] == f"Invalid componentSchedule on line 100000: {problem}"
+    assert order["status"] == "Issued"
+    assert order["items"][0]["componentSchedule"] == schedule
+
+
+def test_a_sold_out_item_fails_the_ticket_import(venue: Venue) -> None:
+    """CMTicketIssuer RunTicketImport / TMTicketManagement CAPACITY_EXCEEDED: an item
+    whose capacity is exhausted (the catalog's soldOut item 31099) is accepted, and the
+    processing run ends in Error with the ticket module's message and no job id."""
+    order_id = venue.create(order_body(items=[line("31099")]))["orderId"]
+    venue.tick()
+    order = venue.get(order_id)
+    assert (order["status"], order["statusMessage"], order["jobId"]) == (
+        "Error",
+        "[-1004] - The capacity for 31099 has been exceeded. Entry is not allowed.",
+        "",
+    )
+    assert order["items"][0]["wallets"][0]["walletId"] == ZERO_GUID
+
+
+def test_the_sold_out_fault_fails_a_packages_ticket_component(venue: Venue) -> None:
+    """CMTicketIssuer BuildTicketImportLines imports a package's ticket components: the
+    soldOut fault naming one fails the package's import; coupons import nothing."""
+    venue.faults(soldOut=["31020", "CPN-PARK"])
+    package = venue.create(order_body("SO-1", items=[line("40100")]))["orderId"]
+    coupon = venue.create(order_body("SO-2", items=[line("CPN-PARK")]))["orderId"]
+    venue.tick()
+    assert venue.get(package)["statusMessage"] == (
+        "[-1004] - The capacity for 31020 has been exceeded. Entry is not allowed."
+    )
+    assert venue.get(coupon)["status"] == "Issued"
+
+
+def test_very_large_quantities_overflow_the_token_line(venue: Venue) -> None:
+    """CMTicketIssuer EncodeTokenLine: a wallet sequence number of 10000 or more ends the
+    run in Error with the vendor's message (a group ticket has one wallet and issues)."""
+    big = venue.create(order_body("BIG-1", items=[line("31001", 10000)]))["orderId"]
+    group = venue.create(order_body("BIG-2", items=[line("31050", 10000)]))["orderId"]
+    venue.tick()
+    assert venue.get(big)["statusMessage"] == (
+        "CMTicketIssuer token line encoding overflow: LineNo=100,000 SeqNo=10,000"
+        " ImportIdx=1. SeqNo must stay below 10000 and ImportIdx below 10."
+        " This is a programming bug."
+    )
+    assert venue.get(group)["status"] == "Issued"
 
 
 def test_a_coupon_component_may_be_scheduled(venue: Venue) -> None:
@@ -191,7 +228,40 @@ def test_unpaid_order_rests_in_draft_until_confirmed(venue: Venue) -> None:
     assert response.status_code == 200
     assert response.json()["status"] == "Issued"
     assert response.json()["paymentReference"] == "P-9"
-    assert response.json()["items"] == draft["items"]
+    assert [w["walletId"] for w in response.json()["items"][0]["wallets"]] == [
+        w["walletId"] for w in draft["items"][0]["wallets"]
+    ]
+
+
+def test_manifests_come_only_with_issued(venue: Venue) -> None:
+    """CMOrderIssuer BuildManifestForOrder runs only from ConfirmOrder: a Draft has no
+    manifestUrl (order or wallet); confirming it builds them."""
+    order_id = venue.create(order_body(payment=None))["orderId"]
+    venue.tick()
+    draft = venue.get(order_id)
+    assert "manifestUrl" not in draft
+    assert all("manifestUrl" not in w for w in draft["items"][0]["wallets"])
+    issued = venue.api.post(
+        f"/channelManager/{order_id}/confirm", json={"paymentReference": "P-1"}
+    ).json()
+    assert issued["manifestUrl"].endswith(f"?mid={order_id}")
+    assert all(w["manifestUrl"] for w in issued["items"][0]["wallets"])
+
+
+def test_a_blank_payment_reference_leaves_the_order_draft(venue: Venue) -> None:
+    """ChannelMgrOrderAgent ConfirmOrder stores the reference in a Code[50] (trimmed to
+    ""); CMOrderIssuer ConfirmOrder exits when it is empty: 200, still Draft, no
+    reference, no manifest."""
+    order_id = venue.create(order_body(payment=None))["orderId"]
+    venue.tick()
+    response = venue.api.post(
+        f"/channelManager/{order_id}/confirm", json={"paymentReference": "   "}
+    )
+    assert response.status_code == 200
+    body = response.json()
+    assert (body["status"], body["paymentReference"]) == ("Draft", "")
+    assert "manifestUrl" not in body
+    assert venue.get(order_id)["status"] == "Draft"
 
 
 def test_confirm_on_issued_is_a_no_op(venue: Venue) -> None:
@@ -368,7 +438,7 @@ def test_duplicate_reference_is_refused(venue: Venue) -> None:
     assert response.status_code == 400
     message = (
         "An order with sellToOrderReference 'ORDER-7' already exists"
-        f" for partner '{{{PARTNER.upper()}}}'"
+        f" for partner '{DEFAULT_PARTNERS[0].name}'"
     )
     assert response.json() == {"code": "generic_error", "message": message}
 
@@ -444,7 +514,7 @@ VALIDATION_CASES = {
     ),
     "inactive partner": (
         order_body(partner=INACTIVE_PARTNER),
-        f"Partner '{{{INACTIVE_PARTNER.upper()}}}' is not active",
+        f"Partner '{DEFAULT_PARTNERS[2].name}' is not active",
     ),
     "missing items": (_without("items"), "items array is required"),
     "items not an array": ({**order_body(), "items": {}}, "items must be an array"),
@@ -556,12 +626,13 @@ def test_invalid_orders_are_refused_with_the_venues_message(
 
 
 def test_body_that_is_not_json_is_refused(venue: Venue) -> None:
-    """A body that does not parse as JSON is a 400 saying so."""
+    """APIRequestProcessor ProcessRequest keeps a body that does not parse as a JSON text
+    value; ChannelMgrOrderAgent CreateOrder then answers it as any non-object body."""
     response = venue.api.post(
         "/channelManager", content=b"{not json", headers={"content-type": "application/json"}
     )
     assert response.status_code == 400
-    assert response.json()["message"] == "The request body is not valid JSON"
+    assert response.json()["message"] == "Body must be a JSON object"
 
 
 def test_unknown_order_is_404(venue: Venue) -> None:
@@ -639,12 +710,12 @@ def test_wallet_lists_give_each_wallet_its_entry(venue: Venue) -> None:
         ("Bo", "E2"),
     ]
     assert [w["name"] for w in group["wallets"]] == ["Group"]
-    assert (single["sellToName"], group["sellToName"], plain.get("sellToName")) == (
+    assert (single["sellToName"], group["sellToName"], plain["sellToName"]) == (
         "Jane Doe",
         "Leader",
-        None,
+        "",
     )
-    assert plain["wallets"][0].get("name") is None
+    assert plain["wallets"][0]["name"] == ""
 
 
 def test_replace_is_validated_as_create_is(venue: Venue) -> None:

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from tests.sandbox.conftest import PARTNER, Receiver, Venue, future, line, order_body
+from tests.sandbox.conftest import PARTNER, Receiver, Venue, line, order_body
 
 LIST = f"/channelManager/orders/{PARTNER}"
 
@@ -128,23 +128,32 @@ def test_stale_scheduled_goes_back_to_submitted(venue: Venue) -> None:
 
 
 def test_error_rate_fault_fails_the_run(venue: Venue) -> None:
-    """``errorRate`` makes processing end in Error with the venue's kind of message."""
+    """``errorRate`` fails the run after the ticket import, as CMTicketIssuer ConfirmTickets
+    can (CMOrderIssuer IssueForOrder): Error with the vendor's message, the job id kept."""
     venue.faults(errorRate=1)
     order_id = venue.create(order_body())["orderId"]
     venue.tick()
     order = venue.get(order_id)
     assert order["status"] == "Error"
-    assert order["statusMessage"].startswith("Unexpected error while issuing")
+    assert order["jobId"]
+    assert order["statusMessage"] == (
+        f"Import header for JobId {order['jobId']} not found. This is a programming bug."
+    )
 
 
 def test_visit_date_passed_before_pickup_fails_the_run(venue: Venue) -> None:
-    """An order whose visit date has passed by the time it is picked up ends in Error."""
-    order_id = venue.create(order_body(items=[line()]))["orderId"]
+    """TMImportTicketWorker GetAdmissionTimeSlot: an order whose visit date has passed by
+    the time it is picked up ends in Error with the ticket import's message."""
+    body = order_body(items=[line()])
+    order_id = venue.create(body)["orderId"]
     venue.advance(40 * 86400)
     venue.tick()
     order = venue.get(order_id)
     assert order["status"] == "Error"
-    assert order["statusMessage"] == "items[0] visitDate must not be in the past"
+    assert order["statusMessage"] == (
+        f"Expected visit date {body['items'][0]['visitDate']} for admission code 31001"
+        " is in the past."
+    )
 
 
 def test_sync_param_issues_inside_the_call(venue: Venue) -> None:
@@ -160,11 +169,10 @@ def test_sync_param_issues_inside_the_call(venue: Venue) -> None:
 
 def test_sync_param_failure_answers_400_and_leaves_error(venue: Venue) -> None:
     """A failed synchronous issuance is a 400 with the reason; the order stays as Error."""
-    schedule = [{"itemNumber": "31001", "visitDate": future(1), "visitTime": "09:00:00"}]
-    body = order_body("SYNC-ERR", items=[line("40100", wallet={"componentSchedule": schedule})])
+    body = order_body("SYNC-ERR", items=[line("31099")])  # sold out
     response = venue.api.post("/channelManager", params={"sync": "1"}, json=body)
     assert response.status_code == 400
-    assert "componentSchedule" in response.json()["message"]
+    assert "capacity for 31099" in response.json()["message"]
     listed = venue.api.get(LIST, params={"sellToOrderReference": "SYNC-ERR"}).json()["data"]
     assert [row["status"] for row in listed] == ["Error"]
 
@@ -194,14 +202,13 @@ def test_legacy_sync_answers_the_final_state(
 def test_legacy_sync_failure_is_an_error_response(make_venue: Callable[..., Venue]) -> None:
     """In the older API a failed issuance answers an error and leaves the order as Error."""
     venue = make_venue(legacy_sync=True)
-    schedule = [{"itemNumber": "31001", "visitDate": future(1), "visitTime": "09:00:00"}]
-    body = order_body("OLD-ERR", items=[line("40100", wallet={"componentSchedule": schedule})])
+    body = order_body("OLD-ERR", items=[line("31099")])  # sold out
     response = venue.api.post("/channelManager", json=body)
     assert response.status_code == 400
     assert response.json()["code"] == "generic_error"
     (row,) = venue.api.get(LIST, params={"sellToOrderReference": "OLD-ERR"}).json()["data"]
     assert row["status"] == "Error"
-    assert "visitDate" in row["statusMessage"]
+    assert "capacity for 31099" in row["statusMessage"]
 
 
 def test_the_sweeper_leaves_an_order_whose_commit_is_held(venue: Venue) -> None:

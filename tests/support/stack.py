@@ -66,6 +66,10 @@ def wait_until(predicate: Callable[[], T], timeout: float = 10.0, *, what: str =
 # --- orders ------------------------------------------------------------------------------
 
 
+SOLD_OUT_ITEM = "31099"
+"""The sandbox catalog's item whose capacity is exhausted."""
+
+
 def visit_date(days: int = 30) -> str:
     """A visit date ``days`` from now, as YYYY-MM-DD (the venue refuses past dates)."""
     return (dt.datetime.now(dt.UTC) + dt.timedelta(days=days)).date().isoformat()
@@ -85,12 +89,10 @@ def line(item: str = "31001", quantity: int = 1, **extra: Any) -> dict[str, Any]
 def error_line() -> dict[str, Any]:
     """An order line the venue accepts but fails to issue: the order ends in Error.
 
-    A package line whose ``componentSchedule`` names one component twice: the venue's
-    request parser checks each entry alone and takes it; the sandbox's issuance refuses
-    it (the order ends in Error).
+    The sandbox catalog's sold-out item: createOrder takes it, and its ticket import
+    fails at processing (CMTicketIssuer RunTicketImport; the capacity is exceeded).
     """
-    entry = {"itemNumber": "31020", "visitDate": visit_date(), "visitTime": "12:00:00"}
-    return line("40100", wallet={"componentSchedule": [entry, entry]})
+    return line(SOLD_OUT_ITEM)
 
 
 # --- the mirror, as comparable values ----------------------------------------------------
