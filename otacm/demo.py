@@ -188,6 +188,7 @@ def connection_from_sandbox(sandbox_url: str, http: httpx.Client) -> VenueConnec
 
 def sample_orders(
     catalog: Sequence[dict[str, Any]],
+    currency: str,
     partner_id: str,
     count: int,
     *,
@@ -195,7 +196,8 @@ def sample_orders(
     today: dt.date,
     run_tag: str,
 ) -> list[tuple[OrderRequest, Decimal, str]]:
-    """``count`` orders over the catalog, each with what the shop charged and its currency.
+    """``count`` orders over the catalog, each with what the shop charged and its currency
+    (``currency``: the venue's own, in which it prices every wallet).
 
     A few roles are fixed, so that every run shows every case: the last order is an
     item the catalog marks ``soldOut`` (→ Error: the venue accepts it and its ticket
@@ -223,6 +225,7 @@ def sample_orders(
         orders.append(
             _order(
                 entry,
+                currency,
                 partner_id,
                 f"DEMO-{run_tag}-{number:04d}",
                 rng=rng,
@@ -235,6 +238,7 @@ def sample_orders(
 
 def _order(
     entry: dict[str, Any],
+    currency: str,
     partner_id: str,
     reference: str,
     *,
@@ -268,7 +272,7 @@ def _order(
         ],
     )
     charged = Decimal(str(entry["unitPriceInclVat"])) * quantity
-    return request, charged, str(entry["currencyCode"])
+    return request, charged, currency
 
 
 def _schedule(entry: dict[str, Any], visit: dt.date) -> Any:
@@ -497,6 +501,7 @@ def plant_mismatches(
     references: set[str],
     plantable: Sequence[str],
     catalog: Sequence[dict[str, Any]],
+    currency: str,
     partner_id: str,
     run_tag: str,
     rng: random.Random,
@@ -517,6 +522,7 @@ def plant_mismatches(
         references: the reference keys of the demo's sample orders.
         plantable: Issued sample orders whose ledger lines match the venue exactly.
         catalog: the sandbox's catalog.
+        currency: the venue's currency, the shop's too.
         partner_id: the partner the orders are for.
         run_tag: the run's tag in references.
         rng: the run's random generator.
@@ -541,6 +547,7 @@ def plant_mismatches(
     direct_reference = f"DEMO-{run_tag}-DIRECT"
     request, _, _ = _order(
         rng.choice(per_unit),
+        currency,
         partner_id,
         direct_reference,
         rng=rng,
@@ -577,6 +584,7 @@ def plant_mismatches(
         )
     lost = _order(
         rng.choice(per_unit),
+        currency,
         partner_id,
         f"DEMO-{run_tag}-LOST",
         rng=rng,
@@ -787,7 +795,8 @@ def run_demo(
         click.echo(f"sandbox (the simulated venue) on {sandbox.url}")
         http = stack.enter_context(httpx.Client(timeout=30))
         connection = connection_from_sandbox(sandbox.url, http)
-        catalog = http.get(f"{sandbox.url}/_sandbox/config").json()["catalog"]["items"]
+        venue_config = http.get(f"{sandbox.url}/_sandbox/config").json()
+        catalog = venue_config["catalog"]["items"]
 
         bind = f"127.0.0.1:{free_port()}"
         log = Path("var") / "demo-serve.log"
@@ -803,6 +812,7 @@ def run_demo(
 
         samples = sample_orders(
             catalog,
+            venue_config["currencyCode"],
             connection.partner_ids[0],
             orders,
             rng=rng,
@@ -850,6 +860,7 @@ def run_demo(
             references=references,
             plantable=report.plantable,
             catalog=catalog,
+            currency=venue_config["currencyCode"],
             partner_id=connection.partner_ids[0],
             run_tag=run_tag,
             rng=rng,

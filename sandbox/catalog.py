@@ -9,7 +9,8 @@ each of one *kind*:
   coupons where the package yields them); only packages accept ``componentSchedule``;
 - ``coupon``: one wallet per unit, holding one coupon.
 
-Prices are per unit of quantity, excluding and including VAT, in the item's currency,
+Prices are per unit of quantity, excluding and including VAT, in the company's currency
+(every wallet carries the one code :attr:`sandbox.config.SandboxConfig.currency_code`),
 each rounded to 0.01 before anything is multiplied. A wallet carries the price of
 everything it holds (:meth:`CatalogItem.wallet_price`, as CMTicketIssuer
 ``AccumulatePriceOnWallet`` and CMCouponIssuer price the venue's wallets): a ticket's or
@@ -82,8 +83,6 @@ class CatalogItem(_CatalogModel):
     kind: ItemKind
     unit_price_excl_vat: Decimal = Field(ge=0)
     unit_price_incl_vat: Decimal = Field(ge=0)
-    # Business Central's Currency.Code is a Code[10] (CMOrderWallet CurrencyCode).
-    currency_code: str = Field(min_length=1, max_length=10)
     components: tuple[Component, ...] = ()
     # Its admission's capacity is exhausted: the venue accepts the order and its ticket
     # import fails at processing (see :meth:`Catalog.sold_out_number`).

@@ -101,6 +101,13 @@ def _env(name: str) -> dict[str, Any]:
     "percent (%20), double (%2520) or plus (+).",
     **_env("COMPANY_PATH_FORM"),
 )
+@click.option(
+    "--currency-code",
+    default="DKK",
+    show_default=True,
+    help="The company's local currency (its LCY Code, up to 10 characters): every wallet's.",
+    **_env("CURRENCY_CODE"),
+)
 @click.option("--api-key", "api_key", default=DEFAULT_API_KEY, show_default=True, **_env("API_KEY"))
 @click.option(
     "--partners",
@@ -297,6 +304,7 @@ def build_config(options: dict[str, Any]) -> SandboxConfig:
             environment=options["environment"],
             company=options["company"],
             company_path_form=options["company_path_form"],
+            currency_code=options["currency_code"],
             api_key=SecretStr(options["api_key"]),
             partners=partners,
             pickup_interval=options["pickup_interval"],

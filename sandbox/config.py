@@ -111,6 +111,9 @@ class SandboxConfig(BaseModel):
         webhook_max_attempts: POSTs per batch before giving up (1 = no retry).
         webhook_backoff: seconds before the first retry; doubles with each retry.
         timezone: the venue's local time zone; "visitDate not in the past" uses its date.
+        currency_code: the company's local currency (General Ledger Setup ``LCY Code``, a
+            Code[10]); every wallet carries it, whatever the item (CMTicketIssuer,
+            CMCouponIssuer).
         company_path_form: the one way of writing the company in the path the venue
             answers (``percent``: ``%20``, ``double``: ``%2520``, ``plus``: ``+``); any
             other is 404, as for an unknown company.
@@ -144,6 +147,7 @@ class SandboxConfig(BaseModel):
     webhook_list_paths: Literal["both", "webhooks", "webhook"] = "both"
     webhook_deactivate_after: int = Field(default=0, ge=0)
     timezone: str = "Europe/Copenhagen"
+    currency_code: str = Field(default="DKK", min_length=1, max_length=10)
     api_version: str = "2025-06-01"
     manifest_base_url: str = "https://manifests.npretail.app/wallets/manifest"
 
@@ -162,11 +166,6 @@ class SandboxConfig(BaseModel):
         except (ZoneInfoNotFoundError, ValueError) as exc:
             raise ValueError(f"unknown time zone {value!r}") from exc
         return value
-
-    @property
-    def line_step(self) -> int:
-        """Line numbers count 100000, 200000, …; the older synchronous API used 10000."""
-        return 10000 if self.legacy_sync else 100000
 
     @property
     def payment_reference_length(self) -> int:
@@ -205,6 +204,7 @@ class SandboxConfig(BaseModel):
                 for p in self.partners
             ],
             "catalog": self.catalog.to_json(),
+            "currencyCode": self.currency_code,
             "pickupInterval": self.pickup_interval,
             "legacySync": self.legacy_sync,
             "apiVersion": self.api_version,

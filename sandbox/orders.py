@@ -31,6 +31,7 @@ from sandbox.catalog import Catalog
 from sandbox.config import SandboxConfig
 from sandbox.errors import InvalidRequest, not_found
 from sandbox.requests import (
+    LINE_STEP,
     Header,
     VenueRequest,
     body_object,
@@ -252,6 +253,11 @@ class OrderBook:
             record = self.get(order_id)
             status = record.status
             if status in IN_FLIGHT_STATUSES:
+                if self._config.legacy_sync:
+                    # The older version's DeleteOrder (43834b3b8) said it in its own words.
+                    raise InvalidRequest(
+                        "Order is currently being processed; retry once it has settled."
+                    )
                 # The venue formats the status by its caption (CMOrderStatus).
                 raise InvalidRequest(
                     f"Order is mid-flight (status {status.caption}); retry once it has settled."
@@ -328,7 +334,7 @@ class OrderBook:
             InvalidRequest: with the venue's message for the first problem found.
         """
         today = self._config.local_today(self._clock.now())
-        items = parse_items(body, header, self.catalog, today, self._config.line_step)
+        items = parse_items(body, header, self.catalog, today)
         return VenueRequest(header, items)
 
     def _submitted(
@@ -381,7 +387,7 @@ def shell_items(request: VenueRequest, config: SandboxConfig) -> list[OrderItem]
         ]
         lines.append(
             OrderItem(
-                line_no=(index + 1) * config.line_step,
+                line_no=(index + 1) * LINE_STEP,
                 item_number=line.item_number,
                 description=item.description if item else None,
                 is_package=item.is_package if item else False,

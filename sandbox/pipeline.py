@@ -391,7 +391,8 @@ class Pipeline:
                 "issued_at": issued_at,
                 "unit_price_excl_vat": excl,
                 "unit_price_incl_vat": incl,
-                "currency_code": item.currency_code,
+                # CMTicketIssuer / CMCouponIssuer: GLSetup."LCY Code", the company's own.
+                "currency_code": self._config.currency_code,
                 "assets": [
                     Asset(
                         id=str(uuid.uuid4()),

@@ -320,8 +320,13 @@ def guid_text(partner_id: str) -> str:
     return "{" + partner_id.upper() + "}"
 
 
+LINE_STEP = 100_000
+"""Lines are numbered 100000, 200000, … (ChannelMgrOrderAgent TryParseItems ``LineNo +=
+100000``, in the older synchronous version too)."""
+
+
 def parse_items(
-    body: dict[str, Any], header: Header, catalog: Catalog, today: dt.date, line_step: int
+    body: dict[str, Any], header: Header, catalog: Catalog, today: dt.date
 ) -> tuple[RequestLine, ...]:
     """ChannelMgrOrderAgent TryParseItems / TryParseItem / TryParseWalletBlock.
 
@@ -330,7 +335,6 @@ def parse_items(
         header: its parsed header (per-line customer fields default to it).
         catalog: the items the venue sells.
         today: the venue's local date; visits before it are refused.
-        line_step: the line number step (100000; 10000 on the older synchronous API).
 
     Raises:
         InvalidRequest: with the venue's message for the first problem.
@@ -343,7 +347,7 @@ def parse_items(
     if not items:
         raise InvalidRequest("items array must contain at least one entry")
     return tuple(
-        _parse_item(token, index, (index + 1) * line_step, header, catalog, today)
+        _parse_item(token, index, (index + 1) * LINE_STEP, header, catalog, today)
         for index, token in enumerate(items)
     )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -86,7 +87,7 @@ def test_tick_issues_an_order_with_a_payment_reference(venue: Venue) -> None:
 
 def test_item_kinds_mint_their_wallets(venue: Venue) -> None:
     """Tickets mint per unit, a group one wallet, a package one per package with its
-    components (and coupon) as assets; prices come in DKK and EUR."""
+    components (and coupon) as assets."""
     items = [line("31050", quantity=6), line("40100", quantity=2), line("52001", quantity=1)]
     order_id = venue.create(order_body(items=items))["orderId"]
     venue.tick()
@@ -101,8 +102,21 @@ def test_item_kinds_mint_their_wallets(venue: Venue) -> None:
         ("31020", "ticket"),
         ("CPN-CAFE10", "coupon"),
     ]
-    assert cruise["wallets"][0]["currencyCode"] == "EUR"
     assert cruise["wallets"][0]["unitPriceInclVat"] == 25
+
+
+def test_every_wallet_carries_the_companys_own_currency(make_venue: Callable[..., Venue]) -> None:
+    """CMTicketIssuer BuildTicketImportLines and CMCouponIssuer price every wallet in
+    GLSetup."LCY Code", the company's local currency (a Code[10]), whatever the item."""
+    venue = make_venue(currency_code="LOCALCUR10")
+    items = [line("31001"), line("40100"), line("52001"), line("CPN-PARK")]
+    order_id = venue.create(order_body(items=items))["orderId"]
+    venue.tick()
+
+    wallets = [w for item in venue.get(order_id)["items"] for w in item["wallets"]]
+    assert len(wallets) == 4
+    assert {w["currencyCode"] for w in wallets} == {"LOCALCUR10"}
+    assert venue.admin.get("/config").json()["currencyCode"] == "LOCALCUR10"
 
 
 def test_wallets_carry_the_price_of_what_they_hold(venue: Venue) -> None:

@@ -8,7 +8,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from tests.sandbox.conftest import PARTNER, Receiver, Venue, line, order_body
+from venue.models import OrderStatus
 
 LIST = f"/channelManager/orders/{PARTNER}"
 
@@ -181,7 +184,7 @@ def test_legacy_sync_answers_the_final_state(
     make_venue: Callable[..., Venue], receiver: Receiver
 ) -> None:
     """The older API issues inside createOrder/replaceOrder, without buyFromOrderReference,
-    with lines numbered 10000, and announces nothing."""
+    with lines numbered 100000 (TryParseItems, as now), and announces nothing."""
     venue = make_venue(legacy_sync=True)
     venue.subscribe(receiver.url)
 
@@ -190,7 +193,7 @@ def test_legacy_sync_answers_the_final_state(
 
     assert issued["status"] == "Issued"
     assert "buyFromOrderReference" not in issued
-    assert issued["items"][0]["lineNo"] == 10000
+    assert issued["items"][0]["lineNo"] == 100000
     assert issued["items"][0]["wallets"][0]["walletReferenceNumber"]
     assert draft["status"] == "Draft"
     assert "buyFromOrderReference" not in venue.get(issued["orderId"])
@@ -242,3 +245,31 @@ def test_legacy_payment_references_are_cut_at_twenty(make_venue: Callable[..., V
     assert issued["paymentReference"] == "PAY-" + "1" * 16
     assert confirmed.json()["paymentReference"] == "Q" * 20
     assert kept["paymentReference"] == "PAY-" + "1" * 30
+
+
+@pytest.mark.parametrize(
+    ("legacy", "message"),
+    [
+        (True, "Order is currently being processed; retry once it has settled."),
+        (False, "Order is mid-flight (status Processing...); retry once it has settled."),
+    ],
+    ids=["older-version", "current"],
+)
+def test_deleting_an_order_being_processed_is_refused_in_each_versions_words(
+    make_venue: Callable[..., Venue], legacy: bool, message: str
+) -> None:
+    """ChannelMgrOrderAgent DeleteOrder: the older synchronous version (43834b3b8) refused
+    a Processing order as "currently being processed"; the current one says "mid-flight"
+    with the status by its caption (CMOrderStatus)."""
+    venue = make_venue(legacy_sync=legacy)
+    order_id = venue.create(order_body("BUSY-1"))["orderId"]
+    runtime = venue.server.runtime
+    record = runtime.store.get(order_id)
+    assert record is not None
+    busy = record.order.model_copy(update={"status": OrderStatus.PROCESSING})
+    runtime.store.save(busy, record.request, runtime.clock.now())
+
+    response = venue.api.delete(f"/channelManager/{order_id}")
+
+    assert response.status_code == 400
+    assert response.json() == {"code": "generic_error", "message": message}
