@@ -33,7 +33,7 @@ from urllib.parse import quote, quote_plus, unquote, urlsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from venue.models import parse_guid
+from venue.models import REFERENCE_MAX_CHARS, parse_guid
 
 DEFAULT_API_BASE_URL = "https://api.npretail.app"
 DEFAULT_DATABASE_URL = "sqlite:///var/otacm.sqlite3"
@@ -142,6 +142,12 @@ class VenueConnection(BaseModel):
     api_version: str | None = None
     partner_ids: list[str] = Field(default_factory=list)
     webhook_client_states: list[SecretStr] = Field(default_factory=list)
+    # CMOrder.PaymentReference is a Code[50]; the older synchronous version's was a
+    # Code[20] (43834b3b8). Longer references are cut there without a word, so otacm
+    # refuses them; 20 for a venue on that version.
+    payment_reference_max_chars: int = Field(
+        default=REFERENCE_MAX_CHARS, ge=1, le=REFERENCE_MAX_CHARS
+    )
 
     @field_validator("partner_ids", "webhook_client_states", mode="before")
     @classmethod
@@ -221,6 +227,7 @@ class VenueConnection(BaseModel):
             "name": self.name,
             "base_url": self.base_url,
             "company_path_form": self.company_path_form,
+            "payment_reference_max_chars": self.payment_reference_max_chars,
             "api_version": self.api_version or "(latest)",
             "api_key": mask(self.api_key),
             "partner_ids": list(self.partner_ids),
@@ -317,6 +324,9 @@ class Settings(BaseSettings):
     environment: str = "production"
     company: str | None = None
     company_path_form: CompanyPathForm = "percent"
+    payment_reference_max_chars: int = Field(
+        default=REFERENCE_MAX_CHARS, ge=1, le=REFERENCE_MAX_CHARS
+    )
     api_key: SecretStr | None = None
     api_version: str | None = None
     partner_ids: CommaList = Field(default_factory=list)
@@ -382,6 +392,7 @@ class Settings(BaseSettings):
                 environment=self.environment,
                 company=self.company,
                 company_path_form=self.company_path_form,
+                payment_reference_max_chars=self.payment_reference_max_chars,
                 api_key=self.api_key,
                 api_version=self.api_version,
                 partner_ids=self.partner_ids,

@@ -50,7 +50,7 @@ from receiver.outbox import (
     SUBMIT_NOW_RETRY,
     SubmissionError,
     SubmitStatus,
-    check_partner,
+    check_connection,
     choose_connection,
     parse_submission,
     submit_now,
@@ -136,7 +136,7 @@ def create_order() -> Response:
     try:
         submission = parse_submission(body)
         venue = choose_connection(receiver.settings, submission.connection)
-        check_partner(venue, submission.request.partner_id)
+        check_connection(venue, submission.request)
     except SubmissionError as exc:
         if exc.code == "unknown_connection":
             raise UnknownConnection(exc.field, exc.problem) from None

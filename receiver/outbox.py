@@ -292,21 +292,37 @@ def choose_connection(settings: Settings, name: str | None) -> VenueConnection:
     )
 
 
-def check_partner(venue: VenueConnection, partner_id: str) -> None:
-    """Refuse a sale for a partner not configured for ``venue``.
+def check_connection(venue: VenueConnection, request: OrderRequest) -> None:
+    """Refuse a sale ``venue`` would take but otacm cannot follow, or would cut.
 
     The venue takes any partner of the company (ChannelMgrOrderAgent ``CreateOrder``
     checks only that the partner is set up), but otacm mirrors and reconciles only the
     configured partners' orders: a sale of another would be sent and then never followed.
+    A ``paymentReference`` longer than the venue's field (the connection's
+    ``payment_reference_max_chars``: 20 on the older synchronous version) would be cut.
 
     Raises:
-        SubmissionError: naming ``partnerId``.
+        SubmissionError: naming ``partnerId`` or ``paymentReference``.
     """
-    if _guid(partner_id) not in venue.partner_ids:
+    if _guid(request.partner_id) not in venue.partner_ids:
         raise SubmissionError(
             "partnerId",
-            f"partner {partner_id!r} is not configured for venue connection {venue.name!r}",
+            f"partner {request.partner_id!r} is not configured for venue connection {venue.name!r}",
         )
+    problem = payment_reference_problem(request.payment_reference, venue)
+    if problem is not None:
+        raise SubmissionError("paymentReference", problem)
+
+
+def payment_reference_problem(reference: str | None, venue: VenueConnection) -> str | None:
+    """Why ``venue`` would cut ``reference`` (its Code field trims trailing blanks), or None."""
+    limit = venue.payment_reference_max_chars
+    if reference is None or len(reference.rstrip()) <= limit:
+        return None
+    return (
+        f"at most {limit} characters at venue connection {venue.name!r}: "
+        "the venue would cut the rest"
+    )
 
 
 # --- recording ---------------------------------------------------------------------------
@@ -1207,6 +1223,9 @@ def _send_confirm(send: _Send) -> SendResult:
         # ConfirmOrder), so it is not sent; the same body would fail every attempt.
         error = exc.errors(include_url=False, include_input=False)[0]
         return send.refuse(f"the stored paymentReference is invalid: {error['msg']}")
+    problem = payment_reference_problem(payment, send.client.connection)
+    if problem is not None:
+        return send.refuse(f"the stored paymentReference is invalid: {problem}")
     try:
         # Idempotent at the venue: an order already Issued (an earlier attempt landed
         # and its answer was lost) comes back unchanged.
@@ -1805,7 +1824,7 @@ def submit_file(
     for index, submission in enumerate(submissions):
         try:
             venue = choose_connection(settings, submission.connection)
-            check_partner(venue, submission.request.partner_id)
+            check_connection(venue, submission.request)
         except SubmissionError as exc:
             where = f"[{index}]." if len(submissions) > 1 else ""
             raise SubmissionError(f"{where}{exc.field}", exc.problem, code=exc.code) from None

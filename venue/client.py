@@ -185,6 +185,7 @@ class VenueClient:
         observer: CallObserver | None = None,
     ) -> None:
         self._http = http
+        self._connection = connection
         self._base_url = connection.base_url
         self._headers = {
             "x-np-api-key": connection.api_key.get_secret_value(),
@@ -208,6 +209,11 @@ class VenueClient:
         """
         guid = parse_guid(partner_id)
         return guid is not None and guid in self._partner_ids
+
+    @property
+    def connection(self) -> VenueConnection:
+        """The venue connection this client talks to."""
+        return self._connection
 
     @property
     def partner_ids(self) -> frozenset[str]:

@@ -197,6 +197,21 @@ def test_company_path_form_from_the_environment(monkeypatch: pytest.MonkeyPatch)
         Settings.load()
 
 
+def test_payment_reference_width_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """OTACM_PAYMENT_REFERENCE_MAX_CHARS: 50 by default (CMOrder.PaymentReference Code[50]),
+    20 for a venue on the older synchronous version (Code[20] at 43834b3b8); above 50, or
+    below 1, is refused naming the setting."""
+    single_venue_env(monkeypatch)
+    (venue,) = Settings.load().connections
+    assert venue.payment_reference_max_chars == 50
+    monkeypatch.setenv("OTACM_PAYMENT_REFERENCE_MAX_CHARS", "20")
+    (venue,) = Settings.load().connections
+    assert venue.masked()["payment_reference_max_chars"] == 20
+    monkeypatch.setenv("OTACM_PAYMENT_REFERENCE_MAX_CHARS", "51")
+    with pytest.raises(SettingsError, match="payment_reference_max_chars"):
+        Settings.load()
+
+
 def test_partner_ids_must_be_guids(monkeypatch: pytest.MonkeyPatch) -> None:
     """A partner id that is not a GUID is refused when the settings load, naming it: the
     venue would answer every list with 400 "Invalid partnerId" (ChannelMgrOrderAgent

@@ -36,6 +36,7 @@ from receiver.outbox import (
     SubmissionError,
     SubmitStatus,
     act_now,
+    check_connection,
     choose_connection,
     claim_outbox,
     parse_submission,
@@ -1604,3 +1605,37 @@ def test_a_confirm_whose_payment_reference_the_venue_would_cut_is_not_sent(
     with sessions.begin() as session:
         row = session.scalars(sa.select(Outbox).where(Outbox.order_id == ORDER_ID)).one()
     assert row.last_error is not None and "at most 50 characters" in row.last_error
+
+
+def test_at_a_venue_on_the_older_version_a_payment_reference_over_twenty_is_not_sent(
+    sessions: sessionmaker[Session], venue: FakeVenue, connection_id: int
+) -> None:
+    """The older synchronous version's CMOrder.PaymentReference is a Code[20] (43834b3b8,
+    ChannelMgrOrderAgent TryParseHeader / ConfirmOrder cut it): with the connection's
+    payment_reference_max_chars at 20, a sale or a confirm with 21 characters is refused
+    naming paymentReference, and 20 pass."""
+    older = CONNECTION.model_copy(update={"payment_reference_max_chars": 20})
+    sale = parse_submission(order_body(paymentReference="P" * 21))
+    with pytest.raises(SubmissionError) as refused:
+        check_connection(older, sale.request)
+    assert refused.value.field == "paymentReference"
+    assert "at most 20 characters" in refused.value.problem
+    fits = parse_submission(order_body(paymentReference="P" * 20))
+    check_connection(older, fits.request)
+
+    with open_client(
+        older, transport=httpx.MockTransport(venue.handle), retry=ONCE, throttle=Throttle()
+    ) as client:
+        result = act_now(
+            sessions,
+            client,
+            connection_id,
+            OutboxOperation.CONFIRM,
+            ORDER_ID,
+            now=T0,
+            request={"paymentReference": "P" * 21},
+            owner="tester",
+        )
+
+    assert result.outcome is SendOutcome.FAILED
+    assert venue.calls["confirm"] == 0
