@@ -246,41 +246,10 @@ def _workers_option(function: Any) -> Any:
 @pass_cli
 def web(cli: CliContext, bind: str, workers: int | None) -> None:
     """Serve the receiver (webhooks, health, metrics, the API) under gunicorn."""
-    import shutil
+    from otacm.processes import gunicorn_options, metrics_directory, run_web
 
-    own_directory = metrics_directory_for_workers()
-    from otacm.processes import gunicorn_options, run_web
-
-    try:
+    with metrics_directory():
         run_web(cli.settings, gunicorn_options(bind, workers))
-    finally:
-        if own_directory is not None:
-            shutil.rmtree(own_directory, ignore_errors=True)
-
-
-def metrics_directory_for_workers() -> Path | None:
-    """Give gunicorn's workers a shared Prometheus directory, so /metrics sums them all.
-
-    prometheus-client reads ``PROMETHEUS_MULTIPROC_DIR`` when it is first imported, so this
-    runs before the app is loaded. A directory the operator named is created if missing
-    and emptied of an earlier run's files, as prometheus-client requires.
-
-    Returns:
-        The directory this made (the caller removes it when gunicorn stops), or ``None``
-        when the operator named one.
-    """
-    import os
-    import tempfile
-
-    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if not directory:
-        created = tempfile.mkdtemp(prefix="otacm-metrics-")
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = created
-        return Path(created)
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    for stale in Path(directory).glob("*.db"):
-        stale.unlink()
-    return None
 
 
 @main.command()
@@ -361,7 +330,7 @@ def poll(cli: CliContext, jobs: tuple[str, ...], as_json: bool) -> None:
 @pass_cli
 def serve(cli: CliContext, bind: str, workers: int | None) -> None:
     """Everything on one box: migrate, then run web, worker and scheduler together."""
-    from otacm.processes import otacm_command
+    from otacm.processes import metrics_directory, otacm_command
     from otacm.processes import serve as serve_roles
     from storage.engine import make_engine
     from storage.migrate import upgrade
@@ -372,7 +341,9 @@ def serve(cli: CliContext, bind: str, workers: int | None) -> None:
     finally:
         engine.dispose()
     config = str(cli.config_file) if cli.config_file else None
-    raise SystemExit(serve_roles(otacm_command(config, cli.log_level), bind, workers))
+    with metrics_directory():
+        status = serve_roles(otacm_command(config, cli.log_level), bind, workers)
+    raise SystemExit(status)
 
 
 @main.command()

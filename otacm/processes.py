@@ -33,6 +33,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine
@@ -83,6 +84,42 @@ def gunicorn_options(bind: str, workers: int | None = None) -> dict[str, Any]:
         # read-only (systemd's ProtectHome); otacm's processes are managed by signals.
         "control_socket_disable": True,
     }
+
+
+@contextmanager
+def metrics_directory() -> Iterator[Path]:
+    """The Prometheus multiprocess directory of this process and of those it starts.
+
+    prometheus-client reads ``PROMETHEUS_MULTIPROC_DIR`` when it is first imported, so this
+    is entered before anything imports it. A directory the operator named is created if
+    missing, emptied of an earlier run's files (as prometheus-client requires) and left in
+    place. Otherwise a new one is made and named in the environment, which the processes
+    started from here inherit; it belongs to this process, which removes it on the way out.
+
+    Only this process: gunicorn's workers are forks of it that leave through the same
+    frames (a worker ends by raising ``SystemExit``), and a worker that removed the
+    directory would take every worker's counts, and the next worker's start, with it.
+
+    Yields:
+        The directory.
+    """
+    named = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if named:
+        directory = Path(named)
+        directory.mkdir(parents=True, exist_ok=True)
+        for stale in directory.glob("*.db"):
+            stale.unlink()
+        yield directory
+        return
+    owner = os.getpid()
+    directory = Path(tempfile.mkdtemp(prefix="otacm-metrics-"))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+    logger.info("metrics of this process and its children in %s", directory)
+    try:
+        yield directory
+    finally:
+        if os.getpid() == owner:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def run_web(settings: Settings, options: dict[str, Any]) -> None:
@@ -446,6 +483,10 @@ def stop_on_signals(stop: threading.Event) -> None:
 def serve(base_command: Sequence[str], bind: str, workers: int | None) -> int:
     """Run web, worker and scheduler as child processes; stop all when one stops.
 
+    The roles inherit this process's ``PROMETHEUS_MULTIPROC_DIR`` (the caller enters
+    :func:`metrics_directory`), so the web role's ``/metrics`` shows the worker's and
+    scheduler's venue calls too.
+
     Args:
         base_command: how to call ``otacm`` with this process's global options.
         bind: where the web role listens.
@@ -464,12 +505,7 @@ def serve(base_command: Sequence[str], bind: str, workers: int | None) -> int:
     }
     stop = threading.Event()
     stop_on_signals(stop)
-    # One metrics directory for the three roles, so the web role's /metrics shows the
-    # worker's and scheduler's venue calls too.
-    environment = dict(os.environ)
-    metrics_directory = tempfile.mkdtemp(prefix="otacm-metrics-")
-    environment["PROMETHEUS_MULTIPROC_DIR"] = metrics_directory
-    children = {name: subprocess.Popen(command, env=environment) for name, command in roles.items()}
+    children = {name: subprocess.Popen(command) for name, command in roles.items()}
     logger.info("serve: web on %s, worker and scheduler started", bind)
     died: str | None = None
     while not stop.is_set() and died is None:
@@ -488,7 +524,6 @@ def serve(base_command: Sequence[str], bind: str, workers: int | None) -> int:
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
-    shutil.rmtree(metrics_directory, ignore_errors=True)
     return 0 if died is None else 1
 
 
