@@ -83,7 +83,17 @@ def gunicorn_options(bind: str, workers: int | None = None) -> dict[str, Any]:
         # every gunicorn on the box would share, and fails noisily where the home is
         # read-only (systemd's ProtectHome); otacm's processes are managed by signals.
         "control_socket_disable": True,
+        "child_exit": worker_exited,
     }
+
+
+def worker_exited(server: Any, worker: Any) -> None:
+    """gunicorn's ``child_exit`` hook, run in the master once a worker has exited (stopped,
+    killed, timed out or recycled): its live gauges leave the scrape, as prometheus-client's
+    multiprocess mode asks; its counters stay, being counts it made."""
+    from receiver.metrics import forget_process
+
+    forget_process(worker.pid)
 
 
 @contextmanager

@@ -9,9 +9,11 @@ Two kinds of metric, because a receiver runs as several gunicorn worker processe
   multi-process deployment set ``PROMETHEUS_MULTIPROC_DIR`` (an empty directory, wiped
   before the processes start) in the environment of every otacm process:
   prometheus-client then writes each process's counters to files there, and the
-  scrape adds them up (``MultiProcessCollector``). The variable must be set before
-  ``prometheus_client`` is first imported, as the library decides then; only counters
-  are kept per process, so no gunicorn ``child_exit`` hook is needed.
+  scrape adds them up (``MultiProcessCollector``); a process that exited still counts
+  what it counted. The variable must be set before ``prometheus_client`` is first
+  imported, as the library decides then. gunicorn's master tells the library of each
+  worker that exits (:func:`forget_process`, from its ``child_exit`` hook), the
+  library's documented pattern, so that live gauges would not outlive their process.
 - **Gauges derived from the database** (:class:`DatabaseCollector`), computed at scrape
   time by a custom collector, so every process reports the same values:
 
@@ -65,7 +67,7 @@ from prometheus_client import (
 )
 from prometheus_client import values as prometheus_values
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
@@ -120,6 +122,17 @@ def multiprocess_mode() -> bool:
     when it was imported, and that decision is what the counters follow.
     """
     return bool(getattr(prometheus_values.ValueClass, "_multiprocess", False))
+
+
+def forget_process(pid: int) -> None:
+    """Tell prometheus-client that process ``pid`` has exited (``mark_process_dead``).
+
+    Its live gauges' files are removed from the directory, so the scrape no longer shows
+    them; its counters and histograms stay, as counts it made. Nothing to do outside
+    multiprocess mode.
+    """
+    if multiprocess_mode():
+        mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
 class WebhookCounters:
