@@ -133,7 +133,12 @@ def metrics_directory() -> Iterator[Path]:
 
 
 def run_web(settings: Settings, options: dict[str, Any]) -> None:
-    """Serve ``receiver.create_app(settings)`` under gunicorn until it is stopped."""
+    """Serve ``receiver.create_app(settings)`` under gunicorn until it is stopped.
+
+    ``GUNICORN_CMD_ARGS`` (gunicorn's own variable, in its command line's syntax) changes
+    any of gunicorn's settings over ``options``, as it would over a configuration file:
+    ``--timeout``, ``--max-requests`` and the like.
+    """
     from gunicorn.app.base import BaseApplication
 
     from receiver import create_app
@@ -142,6 +147,12 @@ def run_web(settings: Settings, options: dict[str, Any]) -> None:
         def load_config(self) -> None:
             for key, value in options.items():
                 self.cfg.set(key, value)
+            overrides = self.cfg.get_cmd_args_from_env()
+            if overrides:
+                parsed = self.cfg.parser().parse_args(overrides)
+                for key, value in vars(parsed).items():
+                    if value is not None and key != "args":
+                        self.cfg.set(key.lower(), value)
 
         def load(self) -> Any:
             return create_app(settings)
