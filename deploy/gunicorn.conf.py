@@ -4,7 +4,8 @@
 
 They are the ones `otacm web` uses (otacm.processes.gunicorn_options), read from one place.
 Set OTACM_BIND (default 127.0.0.1:8000) and, optionally, OTACM_WEB_WORKERS.
-PROMETHEUS_MULTIPROC_DIR must name an empty directory so /metrics sums every worker.
+PROMETHEUS_MULTIPROC_DIR must name an empty directory so /metrics sums every worker; the
+settings' child_exit hook tells prometheus-client of each worker that exits.
 """
 
 import os
