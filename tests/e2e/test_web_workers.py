@@ -1,12 +1,12 @@
-"""A gunicorn worker of the web role that dies — killed, stopped, timed out — under ``otacm
-web`` and ``otacm serve``: the master starts another, ``/healthz`` and ``/metrics`` keep
-answering, the counts of every worker (dead or alive) still add up, and the metrics
-directory the master made is gone once it stops.
+"""A gunicorn worker of the web role that dies — killed, stopped, timed out, recycled after
+``--max-requests`` — under ``otacm web`` and ``otacm serve``: the master starts another,
+``/healthz`` and ``/metrics`` keep answering, the counts of every worker (dead or alive)
+still add up, and the metrics directory the master made is gone once it stops.
 
 The processes are real, started as an operator would, with no ``PROMETHEUS_MULTIPROC_DIR``
 of their own; ``TMPDIR`` points at the test's folder so the directory they make is seen.
 A worker times out on a request that never finishes (a client sending half a request
-line), with gunicorn's timeout shortened through ``GUNICORN_CMD_ARGS``.
+line); gunicorn's timeout and max-requests are set through ``GUNICORN_CMD_ARGS``.
 """
 
 from __future__ import annotations
@@ -158,3 +158,40 @@ def test_a_worker_that_dies_is_replaced_and_metrics_stay_whole(
 
     assert process.stop() == 0, process.output()
     assert not directory.exists()
+
+
+def test_workers_recycled_after_max_requests_keep_answering_and_counting(
+    otacm: Callable[..., OtacmProcess], settings: Settings, tmp_path: Path
+) -> None:
+    """gunicorn's --max-requests recycles workers under otacm web: every answer and count kept."""
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    port = free_port()
+    process = otacm(
+        "web",
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--workers",
+        "2",
+        environment=otacm_environment(
+            settings, TMPDIR=str(temporary), GUNICORN_CMD_ARGS="--max-requests 4"
+        ),
+    )
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+
+        def started() -> bool:
+            assert process.alive(), process.output()
+            try:
+                return http.get("/healthz").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(started, 60, what="otacm web to answer")
+        web = Web(process.popen.pid, http)
+        for _ in range(6):
+            web.refuse(4)
+            assert web.healthy()
+        assert web.counted() == 24
+    assert "Autorestarting worker" in process.output()
+    assert process.stop() == 0, process.output()
+    assert list(temporary.glob("otacm-metrics-*")) == []
