@@ -118,7 +118,11 @@ def metrics_directory() -> Iterator[Path]:
         directory = Path(named)
         directory.mkdir(parents=True, exist_ok=True)
         for stale in directory.glob("*.db"):
-            stale.unlink()
+            # Another role sharing the directory (``otacm serve``'s worker and scheduler,
+            # or roles an operator runs side by side) may have started first: its files
+            # stay, only those of processes no longer running go.
+            if not _process_running(_metrics_file_pid(stale)):
+                stale.unlink(missing_ok=True)
         yield directory
         return
     owner = os.getpid()
@@ -130,6 +134,25 @@ def metrics_directory() -> Iterator[Path]:
     finally:
         if os.getpid() == owner:
             shutil.rmtree(directory, ignore_errors=True)
+
+
+def _metrics_file_pid(path: Path) -> int | None:
+    """The pid in a prometheus-client file's name (``counter_1234.db``), if it has one."""
+    _, _, digits = path.stem.rpartition("_")
+    return int(digits) if digits.isdigit() else None
+
+
+def _process_running(pid: int | None) -> bool:
+    """Whether ``pid`` names a running process other than this one."""
+    if pid is None or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # running, as another user
+    return True
 
 
 def run_web(settings: Settings, options: dict[str, Any]) -> None:

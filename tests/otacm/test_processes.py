@@ -9,8 +9,11 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
+
+from otacm.processes import metrics_directory
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -73,3 +76,22 @@ def test_child_exit_drops_an_exited_workers_live_gauges_and_keeps_its_counts(
     _run(_MASTER, worker, directory=tmp_path)
 
     assert _scrape(tmp_path) == {"handled_total": 3.0}
+
+
+def test_a_named_metrics_directory_keeps_the_files_of_running_processes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A role entering a directory the operator (or ``otacm serve``) named removes an
+    earlier run's files, but not those of a role that shares it and started first."""
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])
+    exited.wait()
+    running = os.getppid()
+    for name in (f"counter_{running}.db", f"counter_{exited.pid}.db", "counter_x.db"):
+        (tmp_path / name).write_bytes(b"")
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+
+    with metrics_directory() as directory:
+        kept = sorted(path.name for path in directory.glob("*.db"))
+
+    assert kept == [f"counter_{running}.db"]
+    assert tmp_path.is_dir()
