@@ -315,11 +315,6 @@ def parse_header(body: dict[str, Any], payment_length: int = CODE_50) -> Header:
     )
 
 
-def guid_text(partner_id: str) -> str:
-    """A GUID as Business Central formats it in a message: ``{0AE3…}`` upper-cased."""
-    return "{" + partner_id.upper() + "}"
-
-
 LINE_STEP = 100_000
 """Lines are numbered 100000, 200000, … (ChannelMgrOrderAgent TryParseItems ``LineNo +=
 100000``, in the older synchronous version too)."""
