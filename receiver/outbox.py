@@ -110,6 +110,7 @@ from venue.models import (
     OrderStatus,
     OrderSummary,
     normalize_reference,
+    parse_guid,
 )
 
 logger = logging.getLogger(__name__)
@@ -1870,8 +1871,9 @@ def _dotted(loc: tuple[int | str, ...]) -> str:
 
 
 def _guid(value: str) -> str:
-    # The venue writes GUIDs lowercase without braces; so do the ledger and the mirror.
-    return value.strip().strip("{}").lower()
+    # The venue writes GUIDs lowercase, hyphenated, without braces; so do the ledger and
+    # the mirror, whichever spelling the shop sent (the venue reads them all).
+    return parse_guid(value) or value.strip().strip("{}").lower()
 
 
 def _blank_to_none(value: str | None) -> str | None:

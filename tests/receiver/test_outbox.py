@@ -1607,6 +1607,18 @@ def test_a_confirm_whose_payment_reference_the_venue_would_cut_is_not_sent(
     assert row.last_error is not None and "at most 50 characters" in row.last_error
 
 
+@pytest.mark.parametrize("spelling", ["braced-upper", "digits-only"])
+def test_a_partner_id_in_another_guid_spelling_is_the_configured_partner(spelling: str) -> None:
+    """ChannelMgrOrderAgent TryParseHeader reads partnerId with Evaluate into a Guid, so
+    ``{21E8…}`` and the 32 digits name the same partner: otacm takes them as the
+    configured partner and keeps it as the venue writes it."""
+    written = (
+        "{" + PARTNER.upper() + "}" if spelling == "braced-upper" else PARTNER.replace("-", "")
+    )
+    sale = parse_submission(order_body(partnerId=written))
+    check_connection(CONNECTION, sale.request)
+
+
 def test_at_a_venue_on_the_older_version_a_payment_reference_over_twenty_is_not_sent(
     sessions: sessionmaker[Session], venue: FakeVenue, connection_id: int
 ) -> None:
