@@ -35,23 +35,20 @@ _COLUMNS = (
 
 def upgrade() -> None:
     """Widen the venue's currency columns to ten characters; every value is kept."""
-    for table, column, nullable in _COLUMNS:
-        with op.batch_alter_table(table) as batch:
-            batch.alter_column(
-                column,
-                existing_type=sa.String(3),
-                type_=sa.String(10),
-                existing_nullable=nullable,
-            )
+    _set_width(3, 10)
 
 
 def downgrade() -> None:
     """Narrow them back to three (PostgreSQL refuses while a longer code is stored)."""
+    _set_width(10, 3)
+
+
+def _set_width(old: int, new: int) -> None:
     for table, column, nullable in _COLUMNS:
         with op.batch_alter_table(table) as batch:
             batch.alter_column(
                 column,
-                existing_type=sa.String(10),
-                type_=sa.String(3),
+                existing_type=sa.String(old),
+                type_=sa.String(new),
                 existing_nullable=nullable,
             )
