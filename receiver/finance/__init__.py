@@ -6,8 +6,9 @@ which carries a sign-in's token and the CSRF token, never who is signed in (the
 database does: :mod:`receiver.finance.signins`), CSRF protection of every POST of the
 app (flask-wtf's ``CSRFProtect``; only the blueprints given as ``exempt`` — the webhook
 and the JSON API, which authenticate each request themselves — are left out), and the
-headers that keep the pages out of caches and frames. Sign-in and the guard that sends
-every signed-out request to it live in
+headers that keep the pages out of caches and frames, with a content policy that lets
+them load nothing but this site's own stylesheet (no inline style or script). Sign-in
+and the guard that sends every signed-out request to it live in
 :mod:`receiver.finance.auth`; the pages in :mod:`receiver.finance.views`.
 
 Finance users come from the settings (``finance_users``: names with scrypt password
@@ -34,9 +35,10 @@ from receiver.finance import auth, views
 SESSION_COOKIE = "otacm_finance"
 
 CONTENT_SECURITY_POLICY = (
-    "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
-    "script-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
+    "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+    "object-src 'none'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
 )
+"""The pages' content policy: this site's stylesheet, nothing inline, never framed."""
 
 PREFIX = "/finance"
 
@@ -56,10 +58,9 @@ csrf = CSRFProtect()
 
 @bp.after_request
 def _protect_pages(response: Response) -> Response:
-    # Every page but the stylesheet shows finance data or a form: never cached, never framed.
+    # Every page but the stylesheet shows finance data or a form: never cached, never
+    # framed (receiver.headers adds the headers every answer carries).
     response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
-    response.headers.setdefault("X-Content-Type-Options", "nosniff")
-    response.headers.setdefault("Referrer-Policy", "same-origin")
     if not response.headers.get("Cache-Control"):
         response.headers["Cache-Control"] = "no-store"
     return response
