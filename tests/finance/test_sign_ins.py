@@ -361,3 +361,13 @@ def test_no_method_but_post_signs_in(client: FlaskClient, sessions, method: str)
     assert not _signed_in(client)
     assert _rows(sessions, FinanceSession) == []
     assert _rows(sessions, SignInAttempt) == []
+
+
+def test_a_user_name_longer_than_its_columns_is_refused_by_the_settings(
+    migrated_engine: sa.Engine, tmp_path, user_entry: str
+):
+    """A finance user name over 100 characters (the width of the columns that record
+    who did what) is a settings error naming the entry, never a failed sign-in later."""
+    long_entry = "x" * 101 + ":" + user_entry.partition(":")[2]
+    with pytest.raises(ValueError, match="finance user 1's name is longer than 100"):
+        finance_settings(migrated_engine, tmp_path, finance_users=[SecretStr(long_entry)])
