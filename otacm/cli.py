@@ -837,6 +837,9 @@ def finance_hash_password(name: str) -> None:
 @pass_cli
 def finance_sign_out_all(cli: CliContext, user: str | None) -> None:
     """End finance sign-ins now: every copy of their cookies is refused from then on."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from receiver.errors import describe_database_error
     from receiver.finance.auth import lifetimes
     from receiver.finance.signins import revoke_all
     from storage.engine import make_engine, make_sessions
@@ -847,6 +850,11 @@ def finance_sign_out_all(cli: CliContext, user: str | None) -> None:
     try:
         with make_sessions(engine).begin() as session:
             count = revoke_all(session, now=utcnow(), idle=lifetimes(settings).idle, user=user)
+    except SQLAlchemyError as exc:
+        raise click.ClickException(
+            "cannot end the finance sign-ins: the database is unreachable or not migrated"
+            f" ({describe_database_error(exc)}; `otacm db upgrade` migrates it)"
+        ) from None
     finally:
         engine.dispose()
     whose = f"of {user} " if user is not None else ""

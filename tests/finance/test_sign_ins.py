@@ -371,3 +371,12 @@ def test_a_user_name_longer_than_its_columns_is_refused_by_the_settings(
     long_entry = "x" * 101 + ":" + user_entry.partition(":")[2]
     with pytest.raises(ValueError, match="finance user 1's name is longer than 100"):
         finance_settings(migrated_engine, tmp_path, finance_users=[SecretStr(long_entry)])
+
+
+def test_sign_out_all_on_an_unmigrated_database_is_one_line(tmp_path):
+    """Against a database without the schema, the command says so in one line, exit 1."""
+    env = {"OTACM_DATABASE_URL": f"sqlite:///{tmp_path / 'empty.sqlite3'}"}
+    result = CliRunner().invoke(main, ["finance", "sign-out-all"], env=env)
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: cannot end the finance sign-ins:")
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
