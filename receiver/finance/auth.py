@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import logging
+import math
 
 from flask import (
     Blueprint,
@@ -180,7 +181,7 @@ def _check_sign_in(users: dict[str, SecretStr], target: str | None) -> ResponseR
         return response
     user = authenticate(users, name, password) if users else None
     now = utcnow()
-    token = None
+    token = None  # the new sign-in's, when the password is right
     with receiver.sessions.begin() as db:
         throttle.record(
             db, name=name, address=address, ok=user is not None, now=now, window=rule.window
@@ -189,7 +190,7 @@ def _check_sign_in(users: dict[str, SecretStr], target: str | None) -> ResponseR
             token = signins.start(
                 db, user, users[user], now=now, lifetimes=lifetimes(receiver.settings)
             )
-    if user is None or token is None:
+    if token is None:
         logger.warning("finance sign-in refused from %s", address)
         return (
             render_template(
@@ -213,7 +214,7 @@ def _duration(seconds: int) -> str:
     """A wait for people: seconds under two minutes, whole minutes (rounded up) beyond."""
     if seconds < 120:
         return f"{seconds} seconds"
-    return f"{-(-seconds // 60)} minutes"
+    return f"{math.ceil(seconds / 60)} minutes"
 
 
 @bp.route("/sign-out", methods=["POST"])
