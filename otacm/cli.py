@@ -832,6 +832,35 @@ def finance_hash_password(name: str) -> None:
     click.echo(f"{name}:{hash_password(password)}")
 
 
+@finance.command("sign-out-all")
+@click.option("--user", default=None, help="Only this user's sign-ins (default: everyone's).")
+@pass_cli
+def finance_sign_out_all(cli: CliContext, user: str | None) -> None:
+    """End finance sign-ins now: every copy of their cookies is refused from then on."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from receiver.errors import describe_database_error
+    from receiver.finance.auth import lifetimes
+    from receiver.finance.signins import revoke_all
+    from storage.engine import make_engine, make_sessions
+    from storage.types import utcnow
+
+    settings = cli.settings
+    engine = make_engine(settings.database_url)
+    try:
+        with make_sessions(engine).begin() as session:
+            count = revoke_all(session, now=utcnow(), idle=lifetimes(settings).idle, user=user)
+    except SQLAlchemyError as exc:
+        raise click.ClickException(
+            "cannot end the finance sign-ins: the database is unreachable or not migrated"
+            f" ({describe_database_error(exc)}; `otacm db upgrade` migrates it)"
+        ) from None
+    finally:
+        engine.dispose()
+    whose = f"of {user} " if user is not None else ""
+    click.echo(f"{count} finance sign-in(s) {whose}ended")
+
+
 def _utc_moment(value: str | None, option: str) -> Any:
     """An ISO date or datetime from the command line, in UTC (naive means UTC)."""
     import datetime as dt

@@ -48,6 +48,9 @@ CLIENT_STATE_MAX_CHARS = 50
 CLIENT_STATES_SUFFIX = ".webhook-client-states"
 """The name of a connection's generated client states file is its name plus this."""
 SESSION_KEY_FILE = "session-key"
+FINANCE_USER_MAX_CHARS = 100
+"""A finance user's name is recorded with what they do (an exception's history, their
+sign-ins) in columns this wide."""
 """The file under ``secrets_dir`` holding the generated session key of the finance pages."""
 _API_VERSION = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
@@ -316,6 +319,22 @@ class Settings(BaseSettings):
     finance_users: SecretCommaList = Field(default_factory=list)
     session_key: SecretStr | None = None
     finance_cookie_secure: bool = False
+    # A sign-in ends this many seconds after it began, or after this many seconds
+    # without a request, whichever comes first (and at sign-out, or when the user's
+    # password hash changes).
+    finance_session_lifetime: float = Field(default=43200.0, gt=0)
+    finance_session_idle_timeout: float = Field(default=3600.0, gt=0)
+    # Sign-in throttling, shared by every process through the database: after this many
+    # failed sign-ins within the window for one user name, or from one address, further
+    # attempts are refused (429) until the oldest of them leaves the window.
+    finance_sign_in_window: float = Field(default=900.0, gt=0)
+    finance_sign_in_user_failures: int = Field(default=5, ge=1)
+    finance_sign_in_address_failures: int = Field(default=20, ge=1)
+    # How many reverse proxies in front of the web role set X-Forwarded-For and
+    # X-Forwarded-Proto: the client's address (sign-in throttling, logs) and the scheme
+    # are read from the headers those proxies add. 0: not behind a proxy, the headers are
+    # ignored (a client could forge them).
+    trusted_proxies: int = Field(default=0, ge=0)
 
     # The single-venue form, from the environment alone.
     connection_name: str = "default"
@@ -350,6 +369,11 @@ class Settings(BaseSettings):
                 raise ValueError(
                     f"finance user {number} must be 'name:password-hash'"
                     " (make the hash with `otacm finance hash-password`)"
+                )
+            if len(name.strip()) > FINANCE_USER_MAX_CHARS:
+                raise ValueError(
+                    f"finance user {number}'s name is longer than"
+                    f" {FINANCE_USER_MAX_CHARS} characters"
                 )
             names.append(name.strip())
         duplicates = sorted({name for name in names if names.count(name) > 1})

@@ -3,7 +3,8 @@
 The app serves the webhook view (:mod:`receiver.webhook`), the health checks
 (:mod:`receiver.health`), the metrics (:mod:`receiver.metrics`), the shop's API
 (:mod:`receiver.api`) and the finance pages (:mod:`receiver.finance`); every error but
-the finance pages' has the JSON shape of :mod:`receiver.errors`. Gunicorn loads it as
+the finance pages' has the JSON shape of :mod:`receiver.errors`, and every answer carries
+the security headers of :mod:`receiver.headers`. Gunicorn loads it as
 ``'receiver:create_app()'``.
 """
 
@@ -15,7 +16,7 @@ import logging
 from flask import Flask
 
 from otacm.settings import Settings
-from receiver import api, finance, health, metrics, webhook
+from receiver import api, finance, headers, health, metrics, webhook
 from receiver.context import EXTENSION, Receiver
 from receiver.errors import register_error_handlers
 from storage.engine import make_engine, make_sessions
@@ -74,6 +75,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     register_error_handlers(app)
     app.register_blueprint(webhook.bp)
     app.wsgi_app = webhook.WebhookPosts(app.wsgi_app, receiver)  # type: ignore[method-assign]
+    # Outermost, so that the webhook's fast path sees the client's address too, and
+    # every answer, the fast path's included, carries the security headers.
+    app.wsgi_app = headers.SecurityHeaders(  # type: ignore[method-assign]
+        headers.behind_proxies(app.wsgi_app, settings.trusted_proxies),
+        hsts=settings.finance_cookie_secure,
+    )
     app.register_blueprint(health.bp)
     app.register_blueprint(metrics.bp)
     app.register_blueprint(api.api)

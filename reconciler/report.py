@@ -12,9 +12,13 @@ The formats, for finance who open them in a spreadsheet or a browser:
 
 - ``csv``: the exception table alone (one row per exception, a header row and nothing
   before it), UTF-8 with a byte order mark so Excel reads accented references right.
-  The summary lives in the other formats. A text cell that a spreadsheet would run as a
-  formula (starting with ``=``, ``+``, ``-``, ``@``, tab or carriage return) gets a
-  leading apostrophe; amounts are written by us and are plain numbers.
+  The summary lives in the other formats. Every field is quoted, and a text cell that a
+  spreadsheet would run as a formula (starting with ``=``, ``+``, ``-``, ``@``, tab or
+  carriage return) gets a leading apostrophe (OWASP's advice on CSV injection). So
+  does such a character right after a separator inside a cell (``;=``, ``,+``, a tab
+  or a line break before ``@``): a spreadsheet that splits on another separator than
+  the comma (``;`` in many locales) starts a cell there, whatever the quotes say.
+  Amounts are written by us and are plain numbers.
 - ``xlsx``: a "Summary" sheet (the run, then totals per currency and category) and an
   "Exceptions" sheet (one row per exception with a filter), numbers as numbers in the
   currency's format and times as real dates (UTC).
@@ -29,6 +33,7 @@ import csv
 import datetime as dt
 import io
 import json
+import re
 from dataclasses import dataclass
 from decimal import Decimal
 from functools import cache
@@ -74,8 +79,9 @@ _PERSONAL_KEYS = frozenset(
     {"name", "email", "selltoname", "selltoemail", "sell_to_name", "sell_to_email"}
 )
 
-# What a spreadsheet would read as the start of a formula (OWASP's CSV injection list).
-_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+# Where a spreadsheet would start a formula: a formula character (OWASP's CSV injection
+# list) at the start of a cell, or after a character some spreadsheet splits cells on.
+_FORMULA_START = re.compile("(?:^|(?<=[,;\t\r\n]))(?=[=+\\-@\t\r])")
 
 
 class RunNotFound(LookupError):
@@ -374,15 +380,18 @@ def _tagged_rows(report: RunReport) -> list[tuple[str, ExceptionRow]]:
 
 
 def _defused(text: str | None) -> str:
-    """Text a spreadsheet shows as text, never runs as a formula."""
+    """Text a spreadsheet shows as text, never runs as a formula: an apostrophe before
+    each formula character that would start a cell (see :data:`_FORMULA_START`)."""
     if not text:
         return ""
-    return "'" + text if text.startswith(_FORMULA_STARTS) else text
+    return _FORMULA_START.sub("'", text)
 
 
 def _render_csv(report: RunReport) -> bytes:
     out = io.StringIO(newline="")
-    writer = csv.writer(out)
+    # Quoted, a separator or line break inside a cell stays in it for readers that
+    # split on the comma; _defused covers those that split on something else.
+    writer = csv.writer(out, quoting=csv.QUOTE_ALL)
     writer.writerow(_COLUMNS)
     for in_run, row in _tagged_rows(report):
         writer.writerow(

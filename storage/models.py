@@ -1333,3 +1333,52 @@ def _wallet(wallet: wire.Wallet, seq_no: int) -> Wallet:
             for position, asset in enumerate(wallet.assets, start=1)
         ],
     )
+
+
+# --- finance sign-ins ------------------------------------------------------------------
+
+
+class FinanceSession(Base):
+    """A finance user's sign-in, checked at every request to the finance pages.
+
+    The browser's cookie holds a random token; the row is found by its SHA-256 (``id``),
+    so the table alone cannot be replayed as cookies. A sign-in ends at ``expires_at``
+    (an absolute lifetime), after an idle time without requests (``last_seen_at``,
+    touched at most once a minute), when revoked (sign-out, ``otacm finance
+    sign-out-all``), or when the user's password hash in the settings no longer has the
+    ``password_fingerprint`` (a SHA-256 of the hash) it was signed in with.
+    """
+
+    __tablename__ = "finance_session"
+    __table_args__ = (sa.Index(None, "user_name"), sa.Index(None, "expires_at"))
+
+    id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    user_name: Mapped[str] = mapped_column(ACTOR)
+    password_fingerprint: Mapped[str] = mapped_column(sa.String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    last_seen_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+
+
+class SignInAttempt(Base):
+    """One sign-in attempt at the finance pages: the throttle counts the failed ones.
+
+    ``user_name`` is the name typed in (known or not, cut to the column's width), so
+    the throttle treats an unknown name as it treats a user's; ``address`` is the
+    client's address as the app sees it. Rows older than the throttle's window are
+    deleted at the next attempt.
+    """
+
+    __tablename__ = "sign_in_attempt"
+    __table_args__ = (
+        sa.Index(None, "user_name", "at"),
+        sa.Index(None, "address", "at"),
+        sa.Index(None, "at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    user_name: Mapped[str] = mapped_column(ACTOR)
+    address: Mapped[str] = mapped_column(sa.String(100))
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    ok: Mapped[bool]

@@ -2,10 +2,13 @@
 
 :data:`bp` is the blueprint; :func:`init_app` sets up what it needs on the app: the
 signed session cookie (HttpOnly, SameSite=Lax, Secure when ``finance_cookie_secure``),
-CSRF protection of every POST of the app (flask-wtf's ``CSRFProtect``; only the
-blueprints given as ``exempt`` — the webhook and the JSON API, which authenticate each
-request themselves — are left out), and the headers that keep the pages out of caches
-and frames. Sign-in and the guard that sends every signed-out request to it live in
+which carries a sign-in's token and the CSRF token, never who is signed in (the
+database does: :mod:`receiver.finance.signins`), CSRF protection of every POST of the
+app (flask-wtf's ``CSRFProtect``; only the blueprints given as ``exempt`` — the webhook
+and the JSON API, which authenticate each request themselves — are left out), and the
+headers that keep the pages out of caches and frames, with a content policy that lets
+them load nothing but this site's own stylesheet (no inline style or script). Sign-in
+and the guard that sends every signed-out request to it live in
 :mod:`receiver.finance.auth`; the pages in :mod:`receiver.finance.views`.
 
 Finance users come from the settings (``finance_users``: names with scrypt password
@@ -30,13 +33,12 @@ from otacm.settings import Settings
 from receiver.finance import auth, views
 
 SESSION_COOKIE = "otacm_finance"
-SESSION_LIFETIME = dt.timedelta(hours=12)
-"""How long a sign-in lasts without use; each request renews it."""
 
 CONTENT_SECURITY_POLICY = (
-    "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
-    "script-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
+    "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+    "object-src 'none'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
 )
+"""The pages' content policy: this site's stylesheet, nothing inline, never framed."""
 
 PREFIX = "/finance"
 
@@ -56,10 +58,9 @@ csrf = CSRFProtect()
 
 @bp.after_request
 def _protect_pages(response: Response) -> Response:
-    # Every page but the stylesheet shows finance data or a form: never cached, never framed.
+    # Every page but the stylesheet shows finance data or a form: never cached, never
+    # framed (receiver.headers adds the headers every answer carries).
     response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
-    response.headers.setdefault("X-Content-Type-Options", "nosniff")
-    response.headers.setdefault("Referrer-Policy", "same-origin")
     if not response.headers.get("Cache-Control"):
         response.headers["Cache-Control"] = "no-store"
     return response
@@ -102,7 +103,8 @@ def init_app(app: Flask, settings: Settings, *, exempt: Iterable[Blueprint] = ()
     Args:
         app: the receiver app.
         settings: its settings: ``finance_users``, ``session_key`` (or ``secrets_dir``,
-            where a generated key is kept), ``finance_cookie_secure``.
+            where a generated key is kept), ``finance_cookie_secure``,
+            ``finance_session_lifetime``.
         exempt: blueprints whose POSTs carry their own authentication (a client state,
             a bearer token) and so no CSRF token.
 
@@ -120,7 +122,10 @@ def init_app(app: Flask, settings: Settings, *, exempt: Iterable[Blueprint] = ()
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
         SESSION_COOKIE_SECURE=settings.finance_cookie_secure,
-        PERMANENT_SESSION_LIFETIME=SESSION_LIFETIME,
+        # The database decides how long a sign-in lasts; the cookie is not renewed on
+        # each request, and its signature expires with the longest sign-in anyway.
+        PERMANENT_SESSION_LIFETIME=dt.timedelta(seconds=settings.finance_session_lifetime),
+        SESSION_REFRESH_EACH_REQUEST=False,
         # A token lives as long as the sign-in it belongs to.
         WTF_CSRF_TIME_LIMIT=None,
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -283,3 +284,17 @@ def test_only_the_finance_pages_open_a_session(app: Flask) -> None:
         with app.test_request_context(path, method="POST"):
             session = interface.open_session(app, request)
             assert (session is not None) == opened, path
+
+
+def test_pages_have_no_inline_style_or_script(app: Flask, signed_in, seeded):
+    """Every page works under a content policy without 'unsafe-inline': no style
+    attribute, no style or script element, no event handler attribute."""
+    pages = [app.test_client().get("/finance/sign-in?next=/finance/")]
+    pages += [signed_in.get(path) for path in _guarded_paths(seeded) if "/report." not in path]
+    pages.append(signed_in.get(f"/finance/exceptions/{seeded.missing_exception_id}"))
+    inline = re.compile(r"<(style|script)\b|\sstyle\s*=|\son[a-z]+\s*=", re.IGNORECASE)
+    for page in pages:
+        assert page.status_code == 200, page.request.path
+        assert "unsafe-inline" not in page.headers["Content-Security-Policy"]
+        found = inline.search(page.get_data(as_text=True))
+        assert found is None, (page.request.path, found)

@@ -12,6 +12,7 @@ import datetime as dt
 import io
 import json
 import re
+import zipfile
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -385,7 +386,7 @@ def test_csv_is_the_exception_table_with_defused_formulas(
     """One header row then one row per exception: amounts with the currency's decimals,
     ISO times, and text a spreadsheet would run as a formula prefixed with an apostrophe."""
     content = render(sessions, built, "csv")
-    assert content.startswith(b"\xef\xbb\xbfid,in_this_run,category,")
+    assert content.startswith(b'\xef\xbb\xbf"id","in_this_run","category",')
     text = content.decode("utf-8-sig")
     assert_no_personal_data(text)
     rows = list(csv.reader(io.StringIO(text, newline="")))
@@ -413,6 +414,130 @@ def test_csv_is_the_exception_table_with_defused_formulas(
          "SHOP-5", "SHOP-5", "", "", "DKK", "10.00", "", "", "2024-05-21 12:00:00", "40",
          "over 30 days", ""],
     ]  # fmt: skip
+
+
+HOSTILE = {
+    "shop_reference": "SHOP;=1+1",
+    "order_id": "=cmd|' /C calc'!A0",
+    "buy_from_order_reference": "V,+2",
+    "subject_key": "ledger:x\t@SUM(A1)",
+}
+"""References a spreadsheet would run as formulas, at a cell's start or after a separator."""
+
+
+def add_hostile_exception(sessions: sessionmaker[Session], built: Built) -> int:
+    """An exception of the built run whose every reference is one of :data:`HOSTILE`."""
+    with sessions.begin() as session:
+        connection = ensure_connection(session, "shop-dk")
+        line = LedgerLine(
+            connection_id=connection,
+            partner_id=PARTNER,
+            shop_reference=HOSTILE["shop_reference"],
+            sold_at=days_ago(2),
+            quantity=1,
+            amount=Decimal("-5.00"),
+            currency="DKK",
+            source=LedgerSource.IMPORT,
+        )
+        order = VenueOrder(
+            connection_id=connection,
+            order_id=HOSTILE["order_id"],
+            partner_id=PARTNER,
+            sell_to_order_reference=HOSTILE["shop_reference"],
+            buy_from_order_reference=HOSTILE["buy_from_order_reference"],
+            status=OrderStatus.ISSUED,
+            status_changed_at=days_ago(2),
+            first_seen_at=days_ago(2),
+        )
+        session.add_all([line, order])
+        session.flush()
+        row = ReconException(
+            connection_id=connection,
+            category=Category.AMOUNT_MISMATCH,
+            subject_key=HOSTILE["subject_key"],
+            ledger_line_id=line.id,
+            venue_order_id=order.id,
+            currency="DKK",
+            ledger_amount=Decimal("-5.00"),
+            venue_amount=Decimal("5.00"),
+            details={"note": "a;-1"},
+            first_seen_run_id=built.run_id,
+            last_seen_run_id=built.run_id,
+            first_seen_at=days_ago(2),
+        )
+        session.add(row)
+        session.flush()
+        session.add(
+            ExceptionEvent(
+                recon_exception_id=row.id,
+                recon_run_id=built.run_id,
+                action=ExceptionAction.OPENED,
+                at=NOW,
+            )
+        )
+        return row.id
+
+
+def _is_number(text: str) -> bool:
+    try:
+        Decimal(text)
+    except ArithmeticError:
+        return False
+    return True
+
+
+def test_csv_file_runs_no_formula_whatever_the_separator(
+    sessions: sessionmaker[Session], built: Built, database_url: str, tmp_path: Path
+) -> None:
+    """The file `otacm report -o` writes, read by a spreadsheet splitting on commas (this
+    file's separator), semicolons or tabs (other locales), has no cell that starts a
+    formula; read as written, each reference is its text with apostrophes before the
+    formula characters, and every field is quoted."""
+    hostile_id = add_hostile_exception(sessions, built)
+    target = tmp_path / "run.csv"
+    code, _, _ = run_cli(["report", str(built.run_id), "-o", str(target)], database_url)
+    assert code == 0
+    text = target.read_bytes().decode("utf-8-sig")
+    for delimiter in (",", ";", "\t"):
+        for row in csv.reader(io.StringIO(text, newline=""), delimiter=delimiter):
+            for cell in row:
+                assert not cell.startswith(("=", "+", "@", "\t", "\r")), (delimiter, cell)
+                assert not cell.startswith("-") or _is_number(cell), (delimiter, cell)
+    rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    hostile = next(row for row in rows if row["id"] == str(hostile_id))
+    assert hostile["shop_reference"] == "SHOP;'=1+1"
+    assert hostile["order_id"] == "'=cmd|' /C calc'!A0"
+    assert hostile["buy_from_order_reference"] == "V,'+2"
+    assert hostile["subject_key"] == "ledger:x\t'@SUM(A1)"
+    assert hostile["details"] == '{"note": "a;\'-1"}'
+    assert (hostile["ledger_amount"], hostile["difference"]) == ("-5.00", "10.00")
+    # Every field quoted: a separator inside a cell stays in it.
+    for line in text.splitlines():
+        assert line.startswith('"') and line.endswith('"'), line
+
+
+def test_xlsx_keeps_hostile_references_as_text_never_formulas(
+    sessions: sessionmaker[Session], built: Built, tmp_path: Path
+) -> None:
+    """In the XLSX the same references are string cells holding their exact text: the
+    workbook's sheets hold no formula at all."""
+    add_hostile_exception(sessions, built)
+    content = render(sessions, built, "xlsx")
+    with zipfile.ZipFile(io.BytesIO(content)) as archive:
+        sheets = [name for name in archive.namelist() if name.startswith("xl/worksheets/")]
+        assert sheets
+        for name in sheets:
+            assert b"<f>" not in archive.read(name) and b"<f " not in archive.read(name), name
+    path = tmp_path / "run.xlsx"
+    path.write_bytes(content)
+    cells = {
+        cell.value: cell.data_type
+        for row in load_workbook(path)["Exceptions"].iter_rows()
+        for cell in row
+        if isinstance(cell.value, str)
+    }
+    for value in HOSTILE.values():
+        assert cells.get(value) == "s", value
 
 
 def test_json_holds_the_same_data_with_amounts_as_strings(
@@ -616,7 +741,7 @@ def test_report_command_writes_each_format(built: Built, database_url: str, tmp_
 
     code, out, _ = run_cli(["report", str(built.run_id)], database_url)
     assert code == 0
-    assert out.decode("utf-8-sig").splitlines()[0].startswith("id,in_this_run,")
+    assert out.decode("utf-8-sig").splitlines()[0].startswith('"id","in_this_run",')
 
     code, out, _ = run_cli(["report", str(built.run_id), "--format", "html"], database_url)
     assert code == 0 and b"<svg" in out
