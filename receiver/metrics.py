@@ -14,6 +14,11 @@ Two kinds of metric, because a receiver runs as several gunicorn worker processe
   imported, as the library decides then. gunicorn's master tells the library of each
   worker that exits (:func:`forget_process`, from its ``child_exit`` hook), the
   library's documented pattern, so that live gauges would not outlive their process.
+- **HTTP answers** (:class:`HttpAnswers`), per process like the webhook counters:
+  ``otacm_http_responses_total{endpoint,status}``, every answer Flask gives (health,
+  metrics, the API, the finance pages, errors), by Flask endpoint name (``none`` for a
+  path that matches none) and status. Webhook POSTs take a shortcut around Flask and
+  are counted by the webhook counters instead.
 - **Gauges derived from the database** (:class:`DatabaseCollector`), computed at scrape
   time by a custom collector, so every process reports the same values:
 
@@ -33,9 +38,11 @@ Two kinds of metric, because a receiver runs as several gunicorn worker processe
   - ``otacm_orders_stuck{connection}`` (in flight past ``stuck_after``, as
     :func:`heartbeat.watchdog.stuck_condition` defines it) and
     ``otacm_orders_in_error{connection}`` (Error and not removed at the venue);
-  - ``otacm_job_last_success_timestamp_seconds{job}``, ``otacm_job_failures{job}``
-    (consecutive) and ``otacm_job_interval_seconds{job}`` of the scheduled jobs, from the
-    ``job_run`` table;
+  - ``otacm_job_last_success_timestamp_seconds{job_name}``,
+    ``otacm_job_failures{job_name}`` (consecutive) and
+    ``otacm_job_interval_seconds{job_name}`` of the scheduled jobs, from the ``job_run``
+    table (``job_name``, not ``job``: Prometheus gives every scraped series a ``job``
+    label of its own, the scrape job's, and would rename ours ``exported_job``);
   - ``otacm_recon_exceptions_open{connection,category}``: reconciliation exceptions
     waiting for finance (state open, reopened ones included), a series per exception
     category;
@@ -63,7 +70,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import sqlalchemy as sa
-from flask import Blueprint, Response
+from flask import Blueprint, Response, request
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -168,6 +175,23 @@ class WebhookCounters:
     def rejected(self, code: str) -> None:
         """Count one webhook POST answered with the error ``code``."""
         self._rejections.labels(code=code).inc()
+
+
+class HttpAnswers:
+    """Counts the answers Flask gives, by endpoint and status (see the module docstring)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._answers = Counter(
+            "otacm_http_responses",
+            "HTTP answers given through Flask, by endpoint name ('none': no route matched) "
+            "and status; webhook POSTs are in otacm_webhook_* instead.",
+            ["endpoint", "status"],
+            registry=registry,
+        )
+
+    def count(self, endpoint: str | None, status: int) -> None:
+        """Count one answer of ``status`` from ``endpoint`` (``None``: no route matched)."""
+        self._answers.labels(endpoint or "none", str(status)).inc()
 
 
 class VenueCallMetrics:
@@ -649,17 +673,17 @@ def _families() -> dict[str, GaugeMetricFamily]:
         "job_success": GaugeMetricFamily(
             "otacm_job_last_success_timestamp_seconds",
             "When each scheduled job last finished without an error (Unix time).",
-            labels=["job"],
+            labels=["job_name"],
         ),
         "job_failures": GaugeMetricFamily(
             "otacm_job_failures",
             "Consecutive failed runs of each scheduled job (0 after a success).",
-            labels=["job"],
+            labels=["job_name"],
         ),
         "job_interval": GaugeMetricFamily(
             "otacm_job_interval_seconds",
             "Seconds between runs of each scheduled job, as its last run was scheduled.",
-            labels=["job"],
+            labels=["job_name"],
         ),
         "exceptions_open": GaugeMetricFamily(
             "otacm_recon_exceptions_open",
@@ -713,6 +737,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         """Where this process's metrics are registered; other parts may add theirs."""
         self.webhook = WebhookCounters(self.registry)
+        self.http = HttpAnswers(self.registry)
         self.venue_calls = VenueCallMetrics(self.registry)
         self.database = DatabaseCollector(read_sessions, connection_names, stuck_after=stuck_after)
         self.registry.register(self.database)
@@ -728,6 +753,14 @@ class Metrics:
     def render(self) -> bytes:
         """Everything, in Prometheus' text exposition format."""
         return generate_latest(self._scrape)
+
+
+@bp.after_app_request
+def count_answer(response: Response) -> Response:
+    """Count every answer Flask gives, error pages included (their handlers' answers pass
+    here too)."""
+    current_receiver().metrics.http.count(request.endpoint, response.status_code)
+    return response
 
 
 @bp.get("/metrics")

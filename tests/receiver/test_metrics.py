@@ -428,12 +428,12 @@ def test_job_health_from_the_run_records(
     samples = scrape(client)
 
     success = "otacm_job_last_success_timestamp_seconds"
-    assert value(samples, success, job="change_feed") == finished.timestamp()
-    assert value(samples, success, job="watchdog") == ago(seconds=600).timestamp()
-    assert (success, frozenset({("job", "confirm_drafts")})) not in samples
-    assert value(samples, "otacm_job_failures", job="change_feed") == 0
-    assert value(samples, "otacm_job_failures", job="watchdog") == 2
-    assert value(samples, "otacm_job_failures", job="confirm_drafts") == 1
+    assert value(samples, success, job_name="change_feed") == finished.timestamp()
+    assert value(samples, success, job_name="watchdog") == ago(seconds=600).timestamp()
+    assert (success, frozenset({("job_name", "confirm_drafts")})) not in samples
+    assert value(samples, "otacm_job_failures", job_name="change_feed") == 0
+    assert value(samples, "otacm_job_failures", job_name="watchdog") == 2
+    assert value(samples, "otacm_job_failures", job_name="confirm_drafts") == 1
 
 
 def test_an_empty_mirror_reports_zeros_for_every_connection(client: FlaskClient) -> None:
@@ -468,8 +468,8 @@ def test_job_intervals_are_those_their_last_runs_were_scheduled_with(
 
     samples = scrape(client)
 
-    assert value(samples, "otacm_job_interval_seconds", job="change_feed") == 15
-    assert value(samples, "otacm_job_interval_seconds", job="reconcile") == 86400
+    assert value(samples, "otacm_job_interval_seconds", job_name="change_feed") == 15
+    assert value(samples, "otacm_job_interval_seconds", job_name="reconcile") == 86400
 
 
 def test_open_reconciliation_exceptions_are_counted_by_category(
@@ -577,3 +577,22 @@ def test_an_unchecked_subscription_has_no_series(client: FlaskClient) -> None:
     samples = scrape(client)
 
     assert not [name for name, _ in samples if name.startswith("otacm_subscription")]
+
+
+def test_http_answers_are_counted_by_endpoint_and_status(client: FlaskClient) -> None:
+    """Every answer Flask gives is counted, refusals and unmatched paths included; webhook
+    POSTs are the webhook counters' alone."""
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/no-such-page").status_code == 404
+    assert client.post("/api/orders", json={}).status_code == 401
+    client.post(WEBHOOK_PATH, json={"value": [notification()]})
+
+    samples = scrape(client)
+
+    answers = {
+        dict(labels)["endpoint"] + " " + dict(labels)["status"]: count
+        for (name, labels), count in samples.items()
+        if name == "otacm_http_responses_total"
+    }
+    assert answers == {"health.healthz 200": 2, "none 404": 1, "api.create_order 401": 1}
