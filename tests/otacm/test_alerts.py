@@ -20,17 +20,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import sqlalchemy as sa
 from flask import Flask
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import SecretStr
 from sqlalchemy.orm import Session, sessionmaker
 
 from heartbeat.coordination import ScheduledJob, run_job
 from heartbeat.subscriptions import ConnectionCheck, SubscriptionReport, record_checks
+from otacm.settings import Settings
 from receiver import create_app
 from receiver.context import EXTENSION, Receiver
 from receiver.webhook import WEBHOOK_PATH
+from sandbox import SandboxConfig, SandboxServer
 from storage.models import (
     Inbox,
     InboxState,
@@ -41,6 +45,7 @@ from storage.models import (
 )
 from tests.receiver.conftest import settings_for
 from tests.receiver.notifications import notification
+from tests.support.processes import otacm_environment, run_otacm
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS = ROOT / "deploy" / "prometheus"
@@ -318,3 +323,58 @@ def test_the_rules_and_the_dashboard_name_only_exposed_metrics(
         "otacm_http_responses_total",
     ):
         assert re.search(rf"^{name}{{", text, flags=re.MULTILINE), name
+
+
+def scrape_samples(app: Flask) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """The samples of the app's ``/metrics``, by name and labels."""
+    text = app.test_client().get("/metrics").get_data(as_text=True)
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_the_scheduled_subscription_check_reaches_metrics(
+    migrated_engine: sa.Engine, tmp_path: Path
+) -> None:
+    """``otacm poll --job check_subscriptions`` (the scheduler's job) records what it found;
+    /metrics of a web app on the same database shows it usable, and a subscription the
+    venue made inactive moves the recreated time the alert watches."""
+    url = "https://shop.example/webhooks/ota-cm"
+    with SandboxServer(SandboxConfig(pickup_interval=0)) as venue:
+        config = venue.config
+        settings = Settings(
+            database_url=migrated_engine.url.render_as_string(hide_password=False),
+            api_base_url=venue.url,
+            tenant=config.tenant,
+            environment=config.environment,
+            company=config.company,
+            api_key=config.api_key,
+            partner_ids=[partner.id for partner in config.partners if partner.active],
+            webhook_client_states=[SecretStr("alerts-test-state-5b1e")],
+        )
+        environment = otacm_environment(
+            settings, OTACM_WEBHOOK_URL=url, OTACM_SECRETS_DIR=str(tmp_path / "secrets")
+        )
+        app = create_app(settings)
+        try:
+            run_otacm("poll", "--job", "check_subscriptions", environment=environment)
+            first = scrape_samples(app)
+            (made,) = venue.runtime.store.subscriptions()
+            answer = httpx.post(
+                f"{venue.url}/_sandbox/webhooks/{made.id}/state",
+                json={"subscriptionState": "Inactive"},
+            )
+            assert answer.status_code == 200, answer.text
+            run_otacm("poll", "--job", "check_subscriptions", environment=environment)
+            second = scrape_samples(app)
+        finally:
+            receiver: Receiver = app.extensions[EXTENSION]
+            receiver.close()
+
+    default = frozenset({("connection", "default")})
+    recreated = "otacm_subscription_recreated_timestamp_seconds"
+    assert first[("otacm_subscription_usable", default)] == 1
+    assert second[("otacm_subscription_usable", default)] == 1
+    assert second[(recreated, default)] > first[(recreated, default)] > 0
