@@ -594,23 +594,23 @@ EXCEPTION_CATEGORIES = tuple(category for category in Category if category.is_ex
 def _read_open_exceptions(session: Session) -> dict[tuple[str, str], int]:
     """Open reconciliation exceptions by connection name and category.
 
-    One query per connection, each a search of the ``(connection_id, state)`` index
-    (grouped over every connection at once, the planners may scan the table, closed
-    exceptions and all). Connections are a handful.
+    One query per connection, each a search of the ``(connection_id, state)`` index, and
+    the rows (the open exceptions: finance's backlog, not history) counted here. Grouped
+    in SQL, SQLite's planner prefers the unique ``(connection_id, category, ...)`` index,
+    which reads every exception of the connection, closed ones too (measured with
+    200,000 exceptions over two connections, 2,000 of them open: 0.25 s a scrape that
+    way, 0.05 s this way; PostgreSQL 0.02 s); grouped over every connection at once, the
+    planners may scan the table.
     """
     counts: dict[tuple[str, str], int] = {}
     connections = session.execute(sa.select(VenueConnection.id, VenueConnection.name)).all()
     for connection_id, name in connections:
-        query = (
-            sa.select(ReconException.category, sa.func.count())
-            .where(
-                ReconException.connection_id == connection_id,
-                ReconException.state == ExceptionState.OPEN,
-            )
-            .group_by(ReconException.category)
+        query = sa.select(ReconException.category).where(
+            ReconException.connection_id == connection_id,
+            ReconException.state == ExceptionState.OPEN,
         )
-        for category, count in session.execute(query):
-            counts[(name, category)] = count
+        for category in session.scalars(query):
+            counts[(name, category)] = counts.get((name, category), 0) + 1
     return counts
 
 
