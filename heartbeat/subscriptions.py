@@ -5,7 +5,9 @@ The venue POSTs ``ota_cm_order_processed`` to the URL a subscription names, with
 company-scoped, have no documented expiry, and can silently stop: listed no more or, if
 the venue says so, inactive. :func:`subscribe` makes sure one usable subscription for a
 URL exists at a connection; :func:`check_subscriptions`, a scheduled job, does that for
-every connection and says when it had to recreate one.
+every connection and says when it had to recreate one; :func:`record_checks` keeps what
+it found per connection in the database (``subscription_check``), where ``/metrics``
+reads it whichever process ran the check.
 
 A subscription is *usable* when it names the URL and the event, is not reported
 inactive (``subscriptionState`` or a like field other than active: see ``_STATUS_FIELDS``),
@@ -29,17 +31,20 @@ Client states are never logged, printed or put in a result: only the file's path
 
 from __future__ import annotations
 
+import datetime as dt
 import hmac
 import logging
 import secrets
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from pydantic import SecretStr
+from sqlalchemy.orm import Session, sessionmaker
 
+from heartbeat.coordination import describe_error
 from otacm.settings import (
     SettingsError,
     VenueConnection,
@@ -48,6 +53,7 @@ from otacm.settings import (
     read_client_states,
     remove_client_states,
 )
+from storage.models import SubscriptionCheck
 from venue.client import RetryPolicy, VenueClient
 from venue.errors import VenueError, VenueNotFound
 from venue.models import ORDER_PROCESSED_EVENT, Subscription
@@ -136,6 +142,23 @@ class SubscribeResult:
         return "; ".join(parts)
 
 
+@dataclass(frozen=True)
+class ConnectionCheck:
+    """What the check found at one connection.
+
+    Attributes:
+        usable: a usable subscription for the URL is there after the check (found, or
+            made now).
+        recreated: none was usable (missing, inactive, or with a state we refuse), so
+            one was made now.
+        error: why the check failed, when it did (``usable`` is then ``False``).
+    """
+
+    usable: bool
+    recreated: bool = False
+    error: str | None = None
+
+
 @dataclass
 class SubscriptionReport:
     """What one :func:`check_subscriptions` run did, counted in connections.
@@ -145,16 +168,23 @@ class SubscriptionReport:
         present: connections that had a usable subscription for the URL.
         created: connections where one was (re)created.
         errors: connections the check failed for; tried again at the next run.
+        found: what was found at each connection checked, by connection row id.
     """
 
     checked: int = 0
     present: int = 0
     created: int = 0
     errors: int = 0
+    found: dict[int, ConnectionCheck] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, int]:
         """The counts by name, for logs and ``--json``."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {
+            "checked": self.checked,
+            "present": self.present,
+            "created": self.created,
+            "errors": self.errors,
+        }
 
 
 def subscribe(
@@ -285,8 +315,10 @@ def check_subscriptions(
             result = subscribe(connection, client, url=url, secrets_dir=secrets_dir)
         except (VenueError, SubscriptionError) as exc:
             report.errors += 1
+            report.found[connection_id] = ConnectionCheck(usable=False, error=describe_error(exc))
             logger.warning("subscription check at connection %s failed: %s", connection.name, exc)
             continue
+        report.found[connection_id] = ConnectionCheck(usable=True, recreated=result.created)
         if not result.created:
             report.present += 1
             continue
@@ -309,6 +341,34 @@ def check_subscriptions(
         for warning in result.warnings:
             logger.warning("connection %s: %s", connection.name, warning)
     return report
+
+
+def record_checks(
+    sessions: sessionmaker[Session], report: SubscriptionReport, *, now: dt.datetime
+) -> None:
+    """Keep what a check found at each connection in its ``subscription_check`` row.
+
+    ``recreated_at`` moves only when a subscription had to be made; a connection the
+    check failed for keeps its earlier ``recreated_at`` and is marked not usable (the
+    check could not make sure: the venue refused, or the states file could not be
+    written).
+
+    Args:
+        sessions: sessions on the database; one transaction for the whole report.
+        report: what :func:`check_subscriptions` returned.
+        now: the time of the check (aware).
+    """
+    with sessions.begin() as session:
+        for connection_id, check in report.found.items():
+            row = session.get(SubscriptionCheck, connection_id)
+            if row is None:
+                row = SubscriptionCheck(connection_id=connection_id)
+                session.add(row)
+            row.checked_at = now
+            row.usable = check.usable
+            row.last_error = check.error
+            if check.recreated:
+                row.recreated_at = now
 
 
 def _find_created(

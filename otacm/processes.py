@@ -278,7 +278,7 @@ def scheduled_jobs(settings: Settings, runtime: Runtime) -> list[ScheduledJob]:
     from heartbeat.actions import confirm_paid_drafts
     from heartbeat.feed import run_feed
     from heartbeat.submissions import find_lost_submissions
-    from heartbeat.subscriptions import check_subscriptions
+    from heartbeat.subscriptions import check_subscriptions, record_checks
     from heartbeat.watchdog import check_orders
     from receiver.outbox import run_outbox_once
     from receiver.worker import new_owner
@@ -346,9 +346,11 @@ def scheduled_jobs(settings: Settings, runtime: Runtime) -> list[ScheduledJob]:
         url = settings.webhook_url
 
         def subscriptions(now: dt.datetime) -> object:
-            return check_subscriptions(
+            report = check_subscriptions(
                 runtime.connections, runtime.clients, url=url, secrets_dir=settings.secrets_dir
             )
+            record_checks(runtime.sessions, report, now=now)
+            return report
 
         jobs.append(
             ScheduledJob("check_subscriptions", settings.subscription_check_interval, subscriptions)

@@ -635,6 +635,27 @@ class JobRun(Base):
     last_error: Mapped[str | None] = mapped_column(sa.Text)
 
 
+class SubscriptionCheck(Base):
+    """What the scheduled subscription check last found at a venue connection.
+
+    Written by :func:`heartbeat.subscriptions.check_subscriptions` at every run, read by
+    ``/metrics``: whether the connection's webhook subscription was usable after the
+    check (found, or made), when a check last had to make one because none was usable
+    (missing or inactive: webhooks were not arriving until then), and the last failure,
+    a message built from identifiers (never a client state).
+    """
+
+    __tablename__ = "subscription_check"
+
+    connection_id: Mapped[int] = mapped_column(
+        sa.ForeignKey("venue_connection.id"), primary_key=True
+    )
+    checked_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    usable: Mapped[bool]
+    recreated_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(sa.Text)
+
+
 # --- reconciliation --------------------------------------------------------------------
 
 

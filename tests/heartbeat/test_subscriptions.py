@@ -20,7 +20,12 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 from pydantic import SecretStr
 
-from heartbeat.subscriptions import SubscribeResult, check_subscriptions, subscribe
+from heartbeat.subscriptions import (
+    ConnectionCheck,
+    SubscribeResult,
+    check_subscriptions,
+    subscribe,
+)
 from otacm.cli import main
 from otacm.settings import Settings, VenueConnection, read_client_states
 from receiver import create_app
@@ -263,6 +268,7 @@ def test_a_subscription_the_venue_made_inactive_is_recreated(
         caplog.set_level(logging.WARNING)
         report = check_subscriptions({1: connection}, {1: client}, url=URL, secrets_dir=tmp_path)
     assert report.as_dict() == {"checked": 1, "present": 0, "created": 1, "errors": 0}
+    assert report.found == {1: ConnectionCheck(usable=True, recreated=True)}
     (made,) = sandbox.runtime.store.subscriptions()
     assert made.id != first.subscription_id and made.client_state == FIRST
     assert (made.model_extra or {})["subscriptionState"] == "Active"
@@ -291,6 +297,9 @@ def test_failures_are_counted_per_connection(
             secrets_dir=blocker / "secrets",
         )
     assert report.as_dict() == {"checked": 3, "present": 0, "created": 1, "errors": 2}
+    found = {cid: (check.usable, check.recreated) for cid, check in report.found.items()}
+    assert found == {1: (False, False), 2: (False, False), 3: (True, True)}
+    assert report.found[1].error and report.found[2].error and report.found[3].error is None
     (made,) = listed(venue)
     assert made["clientState"] == SECOND, "nothing was made without its state stored"
 

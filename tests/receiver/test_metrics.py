@@ -1,4 +1,5 @@
-"""``/metrics``: the webhook counters and the inbox gauges, after real POSTs."""
+"""``/metrics``: the webhook counters and the inbox gauges, after real POSTs; the gauges
+read from the database (delivery health, jobs, reconciliation exceptions, subscriptions)."""
 
 from __future__ import annotations
 
@@ -19,17 +20,22 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.orm import Session, sessionmaker
 
-from receiver.metrics import DatabaseCollector, first_settlements
+from heartbeat.subscriptions import ConnectionCheck, SubscriptionReport, record_checks
+from receiver.metrics import EXCEPTION_CATEGORIES, DatabaseCollector, first_settlements
 from receiver.webhook import WEBHOOK_PATH
 from storage.engine import make_sessions
 from storage.migrate import upgrade
 from storage.models import (
     ChangeSource,
+    ExceptionState,
     Inbox,
     InboxSource,
     InboxState,
     JobRun,
     OrderItem,
+    ReconException,
+    ReconRun,
+    ReconTrigger,
     StatusChange,
     VenueOrder,
     Wallet,
@@ -422,12 +428,12 @@ def test_job_health_from_the_run_records(
     samples = scrape(client)
 
     success = "otacm_job_last_success_timestamp_seconds"
-    assert value(samples, success, job="change_feed") == finished.timestamp()
-    assert value(samples, success, job="watchdog") == ago(seconds=600).timestamp()
-    assert (success, frozenset({("job", "confirm_drafts")})) not in samples
-    assert value(samples, "otacm_job_failures", job="change_feed") == 0
-    assert value(samples, "otacm_job_failures", job="watchdog") == 2
-    assert value(samples, "otacm_job_failures", job="confirm_drafts") == 1
+    assert value(samples, success, job_name="change_feed") == finished.timestamp()
+    assert value(samples, success, job_name="watchdog") == ago(seconds=600).timestamp()
+    assert (success, frozenset({("job_name", "confirm_drafts")})) not in samples
+    assert value(samples, "otacm_job_failures", job_name="change_feed") == 0
+    assert value(samples, "otacm_job_failures", job_name="watchdog") == 2
+    assert value(samples, "otacm_job_failures", job_name="confirm_drafts") == 1
 
 
 def test_an_empty_mirror_reports_zeros_for_every_connection(client: FlaskClient) -> None:
@@ -441,3 +447,152 @@ def test_an_empty_mirror_reports_zeros_for_every_connection(client: FlaskClient)
         assert value(samples, "otacm_settlement_lag_seconds_count", connection=connection) == 0
         assert value(samples, "otacm_orders_stuck", connection=connection) == 0
         assert value(samples, "otacm_orders_in_error", connection=connection) == 0
+
+
+def test_job_intervals_are_those_their_last_runs_were_scheduled_with(
+    client: FlaskClient, sessions: sessionmaker[Session]
+) -> None:
+    """A job's interval is its next due time less its last start, as ``run_job`` sets them."""
+    with sessions.begin() as session:
+        for name, interval in (("change_feed", 15), ("reconcile", 86400)):
+            session.add(
+                JobRun(
+                    name=name,
+                    owner="node-1",
+                    started_at=ago(seconds=5),
+                    next_due_at=ago(seconds=5) + dt.timedelta(seconds=interval),
+                    runs=1,
+                    failures=0,
+                )
+            )
+
+    samples = scrape(client)
+
+    assert value(samples, "otacm_job_interval_seconds", job_name="change_feed") == 15
+    assert value(samples, "otacm_job_interval_seconds", job_name="reconcile") == 86400
+
+
+def test_open_reconciliation_exceptions_are_counted_by_category(
+    client: FlaskClient, sessions: sessionmaker[Session]
+) -> None:
+    """Only open exceptions count, per connection and category; every other category is 0."""
+    with sessions.begin() as session:
+        a, b = ensure_connection(session, "venue-a"), ensure_connection(session, "venue-b")
+        runs = {
+            connection_id: ReconRun(
+                connection_id=connection_id,
+                started_at=NOW,
+                period_from=ago(days=7),
+                period_to=NOW,
+                trigger=ReconTrigger.SCHEDULED,
+            )
+            for connection_id in (a, b)
+        }
+        session.add_all(runs.values())
+        session.flush()
+        planted = [
+            (a, "missing_at_venue", ExceptionState.OPEN),
+            (a, "missing_at_venue", ExceptionState.OPEN),
+            (a, "missing_at_venue", ExceptionState.CLOSED),
+            (a, "amount_mismatch", ExceptionState.RESOLVED),
+            (a, "orphan", ExceptionState.OPEN),
+            (b, "missing_at_venue", ExceptionState.ACCEPTED),
+            (b, "venue_error", ExceptionState.OPEN),
+        ]
+        for n, (connection_id, category, state) in enumerate(planted):
+            run = runs[connection_id].id
+            session.add(
+                ReconException(
+                    connection_id=connection_id,
+                    category=category,
+                    subject_key=f"ledger:p:SHOP-{n}",
+                    state=state,
+                    first_seen_run_id=run,
+                    last_seen_run_id=run,
+                    first_seen_at=NOW,
+                )
+            )
+
+    samples = scrape(client)
+
+    found = {
+        (connection, category.value): value(
+            samples,
+            "otacm_recon_exceptions_open",
+            connection=connection,
+            category=category.value,
+        )
+        for connection in ("venue-a", "venue-b")
+        for category in EXCEPTION_CATEGORIES
+    }
+    assert {key: count for key, count in found.items() if count} == {
+        ("venue-a", "missing_at_venue"): 2,
+        ("venue-a", "orphan"): 1,
+        ("venue-b", "venue_error"): 1,
+    }
+    assert (
+        "otacm_recon_exceptions_open",
+        frozenset({("connection", "venue-a"), ("category", "matched")}),
+    ) not in samples, "matched is not an exception"
+
+
+def test_subscriptions_as_the_last_check_found_them(
+    client: FlaskClient, sessions: sessionmaker[Session]
+) -> None:
+    """Usable after a check that found or made one, not after a failed one; the time a
+    subscription was last remade survives later checks; unchecked and unconfigured
+    connections have no series."""
+    with sessions.begin() as session:
+        a, b = ensure_connection(session, "venue-a"), ensure_connection(session, "venue-b")
+        gone = ensure_connection(session, "venue-gone")
+    # venue-a: made at the first check, found at the second; venue-b: made, then the
+    # venue refused the third check; venue-gone: no longer configured.
+    made = ConnectionCheck(usable=True, recreated=True)
+    found = ConnectionCheck(usable=True)
+    failed = ConnectionCheck(usable=False, error="VenueUnavailable: 503")
+    record_checks(
+        sessions, SubscriptionReport(found={a: made, b: made, gone: failed}), now=ago(hours=2)
+    )
+    record_checks(sessions, SubscriptionReport(found={a: found, b: found}), now=ago(hours=1))
+    record_checks(sessions, SubscriptionReport(found={b: failed}), now=ago(minutes=5))
+
+    samples = scrape(client)
+
+    usable = "otacm_subscription_usable"
+    recreated = "otacm_subscription_recreated_timestamp_seconds"
+    assert value(samples, usable, connection="venue-a") == 1
+    assert value(samples, usable, connection="venue-b") == 0
+    assert value(samples, recreated, connection="venue-a") == ago(hours=2).timestamp()
+    assert value(samples, recreated, connection="venue-b") == ago(hours=2).timestamp()
+    assert not [
+        key
+        for key in samples
+        if ("connection", "venue-gone") in key[1] and key[0].startswith("otacm_subscription")
+    ]
+
+
+def test_an_unchecked_subscription_has_no_series(client: FlaskClient) -> None:
+    """Before any check (no webhook URL, or a scheduler not yet started) nothing is
+    claimed either way."""
+    samples = scrape(client)
+
+    assert not [name for name, _ in samples if name.startswith("otacm_subscription")]
+
+
+def test_http_answers_are_counted_by_endpoint_and_status(client: FlaskClient) -> None:
+    """Every answer Flask gives is counted, refusals and unmatched paths included; webhook
+    POSTs are the webhook counters' alone."""
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/no-such-page").status_code == 404
+    assert client.post("/api/orders", json={}).status_code == 401
+    client.post(WEBHOOK_PATH, json={"value": [notification()]})
+
+    samples = scrape(client)
+
+    answers = {
+        dict(labels)["endpoint"] + " " + dict(labels)["status"]: count
+        for (name, labels), count in samples.items()
+        if name == "otacm_http_responses_total"
+    }
+    assert answers == {"health.healthz 200": 2, "none 404": 1, "api.create_order 401": 1}
