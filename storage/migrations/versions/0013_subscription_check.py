@@ -5,8 +5,8 @@ usable webhook subscription was there afterwards, when one last had to be recrea
 and the last failure. ``/metrics`` reads it, so that an alert sees a missing or
 inactive subscription whichever process ran the check. The downgrade drops the table.
 
-Revision ID: 0012
-Revises: 0011
+Revision ID: 0013
+Revises: 0012
 Create Date: 2026-12-07
 """
 
@@ -19,8 +19,8 @@ from alembic import op
 
 from storage.types import UTCDateTime
 
-revision: str = "0012"
-down_revision: str | None = "0011"
+revision: str = "0013"
+down_revision: str | None = "0012"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
