@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,18 +18,20 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from otacm.logs import configure_logging
-from otacm.settings import Settings, SettingsError
+from otacm.logs import LOG_FORMATS, configure_logging, settings_secrets
+from otacm.settings import Settings, SettingsError, mask_database_url
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 @dataclass
 class CliContext:
-    """What the group passes to its subcommands: where settings come from, and the log level."""
+    """What the group passes to its subcommands: where settings come from, and the logs'
+    level and format."""
 
     config_file: Path | None
     log_level: str
+    log_format: str = "text"
     _settings: Settings | None = field(default=None, repr=False)
 
     @property
@@ -42,16 +46,7 @@ class CliContext:
                 self._settings = Settings.load(self.config_file)
             except SettingsError as exc:
                 raise click.ClickException(str(exc)) from None
-            connections = self._settings.connections
-            try:
-                states = [
-                    s for c in connections for s in c.client_states(self._settings.secrets_dir)
-                ]
-            except SettingsError:
-                # An unreadable states file is reported by the commands that need it.
-                states = [s for c in connections for s in c.webhook_client_states]
-            secrets = [c.api_key for c in connections] + states
-            configure_logging(self.log_level, secrets)
+            configure_logging(self.log_level, settings_secrets(self._settings), self.log_format)
         return self._settings
 
 
@@ -79,16 +74,25 @@ def echo_json(data: Any) -> None:
     show_default=True,
     help="Log level of the process (env: OTACM_LOG_LEVEL).",
 )
+@click.option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS, case_sensitive=False),
+    default="text",
+    envvar="OTACM_LOG_FORMAT",
+    show_default=True,
+    help="text lines for people, or one JSON object per line (env: OTACM_LOG_FORMAT).",
+)
 @click.version_option(package_name="otacm")
 @click.pass_context
-def main(ctx: click.Context, config_file: Path | None, log_level: str) -> None:
+def main(ctx: click.Context, config_file: Path | None, log_level: str, log_format: str) -> None:
     """otacm: the partner side of the venue's OTA Channel Manager API.
 
     It receives the venue's webhooks, mirrors every order in full, polls what webhooks
     miss, and reconciles the venue's orders against the shop's ledger.
     """
-    configure_logging(log_level)
-    ctx.obj = CliContext(config_file=config_file, log_level=log_level)
+    log_format = log_format.lower()
+    configure_logging(log_level, log_format=log_format)
+    ctx.obj = CliContext(config_file=config_file, log_level=log_level, log_format=log_format)
 
 
 @main.group()
@@ -104,12 +108,13 @@ def db_upgrade(cli: CliContext, revision: str) -> None:
     from storage.engine import make_engine
     from storage.migrate import current_revision, upgrade
 
-    engine = make_engine(cli.settings.database_url)
-    try:
-        upgrade(engine, revision)
-        click.echo(f"database at revision {current_revision(engine)}")
-    finally:
-        engine.dispose()
+    with database_errors(cli.settings.database_url):
+        engine = make_engine(cli.settings.database_url)
+        try:
+            upgrade(engine, revision)
+            click.echo(f"database at revision {current_revision(engine)}")
+        finally:
+            engine.dispose()
 
 
 @db.command("current")
@@ -119,13 +124,32 @@ def db_current(cli: CliContext) -> None:
     from storage.engine import make_engine
     from storage.migrate import current_revision, head_revision
 
-    engine = make_engine(cli.settings.database_url)
-    try:
-        current, head = current_revision(engine), head_revision()
-    finally:
-        engine.dispose()
+    with database_errors(cli.settings.database_url):
+        engine = make_engine(cli.settings.database_url)
+        try:
+            current, head = current_revision(engine), head_revision()
+        finally:
+            engine.dispose()
     state = "current" if current == head else f"behind (latest is {head})"
     click.echo(f"{current or '(empty)'}: {state}")
+
+
+@contextmanager
+def database_errors(url: str) -> Iterator[None]:
+    """A database that cannot be used ends the command with one line saying which and why.
+
+    Raises:
+        click.ClickException: the database is unreachable, or cannot be opened or written.
+    """
+    from storage.engine import DATABASE_UNAVAILABLE, DatabaseUnusable, database_error_reason
+
+    try:
+        yield
+    except DatabaseUnusable as exc:
+        raise click.ClickException(str(exc)) from None
+    except DATABASE_UNAVAILABLE as exc:
+        shown = mask_database_url(url)
+        raise click.ClickException(f"database {shown}: {database_error_reason(exc)}") from None
 
 
 @main.command()
@@ -206,7 +230,8 @@ def demo(
 
     if ctx.parent and ctx.parent.get_parameter_source("log_level") is ParameterSource.DEFAULT:
         # Every call would log a line; the demo shows progress bars and a summary instead.
-        configure_logging("WARNING")
+        found = ctx.find_object(CliContext)
+        configure_logging("WARNING", log_format=found.log_format if found else "text")
     run_demo(
         orders=orders,
         pickup_interval=pickup_interval,
@@ -247,7 +272,11 @@ def _workers_option(function: Any) -> Any:
 def web(cli: CliContext, bind: str, workers: int | None) -> None:
     """Serve the receiver (webhooks, health, metrics, the API) under gunicorn."""
     from otacm.processes import gunicorn_options, metrics_directory, run_web
+    from storage.engine import make_engine
 
+    with database_errors(cli.settings.database_url):
+        # Opens nothing but makes a SQLite database's directory: here, not in each worker.
+        make_engine(cli.settings.database_url).dispose()
     with metrics_directory():
         run_web(cli.settings, gunicorn_options(bind, workers))
 
@@ -263,7 +292,8 @@ def worker(cli: CliContext) -> None:
     stop = threading.Event()
     stop_on_signals(stop)
     try:
-        run_worker(cli.settings, stop)
+        with database_errors(cli.settings.database_url):
+            run_worker(cli.settings, stop)
     except SchemaNotCurrentError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -284,7 +314,8 @@ def scheduler(cli: CliContext) -> None:
     stop = threading.Event()
     stop_on_signals(stop)
     try:
-        run_scheduler(cli.settings, stop)
+        with database_errors(cli.settings.database_url):
+            run_scheduler(cli.settings, stop)
     except SchemaNotCurrentError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -330,19 +361,26 @@ def poll(cli: CliContext, jobs: tuple[str, ...], as_json: bool) -> None:
 @pass_cli
 def serve(cli: CliContext, bind: str, workers: int | None) -> None:
     """Everything on one box: migrate, then run web, worker and scheduler together."""
-    from otacm.processes import metrics_directory, otacm_command
+    import threading
+
+    from otacm.processes import metrics_directory, otacm_command, stop_on_signals
     from otacm.processes import serve as serve_roles
-    from storage.engine import make_engine
+    from storage.engine import WaitStopped, make_engine, retry_while_unavailable
     from storage.migrate import upgrade
 
-    engine = make_engine(cli.settings.database_url)
-    try:
-        upgrade(engine)
-    finally:
-        engine.dispose()
+    stop = threading.Event()
+    stop_on_signals(stop)
+    with database_errors(cli.settings.database_url):
+        engine = make_engine(cli.settings.database_url)
+        try:
+            retry_while_unavailable(lambda: upgrade(engine), stop=stop, what="serve")
+        except WaitStopped:
+            return
+        finally:
+            engine.dispose()
     config = str(cli.config_file) if cli.config_file else None
     with metrics_directory():
-        status = serve_roles(otacm_command(config, cli.log_level), bind, workers)
+        status = serve_roles(otacm_command(config, cli.log_level, cli.log_format), bind, workers)
     raise SystemExit(status)
 
 
