@@ -159,10 +159,13 @@ def database_errors(url: str) -> Iterator[None]:
 def doctor(cli: CliContext, as_json: bool, timeout: float) -> None:
     """Print the effective configuration (secrets masked) and check what it points at.
 
-    Checks that the database can be opened and written and is migrated, that every
-    venue connection's API answers and accepts its key, which way of writing the company
-    in the path the venue answers (and the setting to use), and how many orders the venue
-    lists for each configured partner (WARN when none). Exits non-zero on any failure.
+    Checks that the database exists, can be written and is migrated (creating nothing),
+    that every venue connection's API answers and accepts its key, which way of writing
+    the company in the path the venue answers (and the setting to use), and how many
+    orders the venue lists for each configured partner (WARN when none); then what breaks
+    production silently: a connection without a webhook client state, its subscription
+    missing or inactive at the venue, jobs not succeeding, dead letters; WARN without
+    finance users or API tokens. Exits 1 on any failure (not on a warning).
     """
     from otacm.doctor import run_checks
 
