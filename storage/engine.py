@@ -96,8 +96,8 @@ WAIT_INITIAL = 1.0
 doubles with each attempt..."""
 
 WAIT_MAX = 30.0
-"""...up to this many seconds (plus up to a second of jitter, so that the roles of
-several nodes do not all knock at the same moment when the database returns)."""
+"""...up to this many seconds, plus up to a second of jitter, so that the roles of
+several nodes do not all knock at the same moment when the database returns."""
 
 _SQLITE_WAITING_HELPS = frozenset({"SQLITE_BUSY", "SQLITE_LOCKED"})
 
@@ -281,7 +281,9 @@ def retry_while_unavailable(
 
     retrying = tenacity.Retrying(
         retry=tenacity.retry_if_exception(waiting_helps),
-        wait=tenacity.wait_exponential_jitter(initial=wait_initial, max=wait_max, jitter=1),
+        # Doubling from wait_initial up to wait_max, plus up to a second of jitter.
+        wait=tenacity.wait_exponential(multiplier=wait_initial, max=wait_max)
+        + tenacity.wait_random(0, min(1.0, wait_initial)),
         sleep=sleep,
         before_sleep=say_so,
         reraise=True,
