@@ -8,12 +8,13 @@ default and for scripts with ``--json``; failures are one clear line and a non-z
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 from click.core import ParameterSource
@@ -108,7 +109,7 @@ def db_upgrade(cli: CliContext, revision: str) -> None:
     from storage.engine import make_engine
     from storage.migrate import current_revision, upgrade
 
-    with database_errors(cli.settings.database_url):
+    with database_errors(cli):
         engine = make_engine(cli.settings.database_url)
         try:
             upgrade(engine, revision)
@@ -124,7 +125,7 @@ def db_current(cli: CliContext) -> None:
     from storage.engine import make_engine
     from storage.migrate import current_revision, head_revision
 
-    with database_errors(cli.settings.database_url):
+    with database_errors(cli):
         engine = make_engine(cli.settings.database_url)
         try:
             current, head = current_revision(engine), head_revision()
@@ -135,21 +136,39 @@ def db_current(cli: CliContext) -> None:
 
 
 @contextmanager
-def database_errors(url: str) -> Iterator[None]:
-    """A database that cannot be used ends the command with one line saying which and why.
+def database_errors(cli: CliContext) -> Iterator[None]:
+    """A database that cannot be used, or is not migrated, ends the command with one line
+    saying which and why (:func:`fail`).
 
     Raises:
-        click.ClickException: the database is unreachable, or cannot be opened or written.
+        click.ClickException: the database is unreachable, cannot be opened or written,
+            or is not migrated (a role's start).
+        SystemExit: the same, as a log line, when the logs are JSON.
     """
+    from otacm.processes import SchemaNotCurrentError
     from storage.engine import DATABASE_UNAVAILABLE, DatabaseUnusable, database_error_reason
 
     try:
         yield
-    except DatabaseUnusable as exc:
-        raise click.ClickException(str(exc)) from None
+    except (DatabaseUnusable, SchemaNotCurrentError) as exc:
+        fail(cli, str(exc))
     except DATABASE_UNAVAILABLE as exc:
-        shown = mask_database_url(url)
-        raise click.ClickException(f"database {shown}: {database_error_reason(exc)}") from None
+        shown = mask_database_url(cli.settings.database_url)
+        fail(cli, f"database {shown}: {database_error_reason(exc)}")
+
+
+def fail(cli: CliContext, message: str) -> NoReturn:
+    """End the command with ``message``: click's ``Error:`` line, or, when the logs are
+    JSON, a log record, so that a role's standard error stays one JSON object per line.
+
+    Raises:
+        click.ClickException: the logs are text.
+        SystemExit: exit status 1, the logs being JSON.
+    """
+    if cli.log_format == "json":
+        logging.getLogger("otacm").error("%s", message)
+        raise SystemExit(1)
+    raise click.ClickException(message)
 
 
 @main.command()
@@ -277,7 +296,7 @@ def web(cli: CliContext, bind: str, workers: int | None) -> None:
     from otacm.processes import gunicorn_options, metrics_directory, run_web
     from storage.engine import make_engine
 
-    with database_errors(cli.settings.database_url):
+    with database_errors(cli):
         # Opens nothing but makes a SQLite database's directory: here, not in each worker.
         make_engine(cli.settings.database_url).dispose()
     with metrics_directory():
@@ -290,15 +309,12 @@ def worker(cli: CliContext) -> None:
     """Run the inbox worker: fetch every notified order with getOrder and mirror it."""
     import threading
 
-    from otacm.processes import SchemaNotCurrentError, run_worker, stop_on_signals
+    from otacm.processes import run_worker, stop_on_signals
 
     stop = threading.Event()
     stop_on_signals(stop)
-    try:
-        with database_errors(cli.settings.database_url):
-            run_worker(cli.settings, stop)
-    except SchemaNotCurrentError as exc:
-        raise click.ClickException(str(exc)) from None
+    with database_errors(cli):
+        run_worker(cli.settings, stop)
 
 
 @main.command()
@@ -312,15 +328,12 @@ def scheduler(cli: CliContext) -> None:
     """
     import threading
 
-    from otacm.processes import SchemaNotCurrentError, run_scheduler, stop_on_signals
+    from otacm.processes import run_scheduler, stop_on_signals
 
     stop = threading.Event()
     stop_on_signals(stop)
-    try:
-        with database_errors(cli.settings.database_url):
-            run_scheduler(cli.settings, stop)
-    except SchemaNotCurrentError as exc:
-        raise click.ClickException(str(exc)) from None
+    with database_errors(cli):
+        run_scheduler(cli.settings, stop)
 
 
 @main.command()
@@ -343,11 +356,12 @@ def poll(cli: CliContext, jobs: tuple[str, ...], as_json: bool) -> None:
     (`name: outcome key=value ...`). Exits 1 if any job failed.
     """
     from heartbeat.coordination import JobOutcome
-    from otacm.processes import SchemaNotCurrentError, UnknownJobError, run_poll
+    from otacm.processes import UnknownJobError, run_poll
 
     try:
-        results = run_poll(cli.settings, jobs)
-    except (SchemaNotCurrentError, UnknownJobError) as exc:
+        with database_errors(cli):
+            results = run_poll(cli.settings, jobs)
+    except UnknownJobError as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
         echo_json([result.as_dict() for result in results])
@@ -373,7 +387,7 @@ def serve(cli: CliContext, bind: str, workers: int | None) -> None:
 
     stop = threading.Event()
     stop_on_signals(stop)
-    with database_errors(cli.settings.database_url):
+    with database_errors(cli):
         engine = make_engine(cli.settings.database_url)
         try:
             retry_while_unavailable(lambda: upgrade(engine), stop=stop, what="serve")

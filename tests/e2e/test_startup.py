@@ -11,6 +11,7 @@ work without being restarted.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -298,3 +299,30 @@ def test_a_database_that_cannot_be_used_is_one_line_and_exit_1(
     (line,) = done.stderr.splitlines()  # nothing else: not a traceback, not a library's INFO
     assert line.startswith("Error: ") and says in line
     assert PASSWORD not in line
+
+
+def test_a_role_that_cannot_start_says_so_in_a_json_line(tmp_path: Path) -> None:
+    """With OTACM_LOG_FORMAT=json, a worker whose database cannot be used ends with exit 1
+    and one JSON log record saying why: its standard error stays JSON lines."""
+    environment = {
+        **otacm_environment_base(),
+        "OTACM_LOG_FORMAT": "json",
+        "OTACM_DATABASE_URL": f"sqlite:///{tmp_path}",
+        "OTACM_TENANT": "t",
+        "OTACM_COMPANY": "c",
+        "OTACM_API_KEY": "startup-api-key",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "otacm", "worker"],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    (line,) = done.stderr.splitlines()
+    record = json.loads(line)
+    assert record["level"] == "ERROR"
+    assert record["message"] == f"database sqlite:///{tmp_path}: unable to open database file"
