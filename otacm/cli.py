@@ -377,7 +377,8 @@ def poll(cli: CliContext, jobs: tuple[str, ...], as_json: bool) -> None:
 @_workers_option
 @pass_cli
 def serve(cli: CliContext, bind: str, workers: int | None) -> None:
-    """Everything on one box: migrate, then run web, worker and scheduler together."""
+    """Everything on one box: migrate (once the database answers), then run web, worker
+    and scheduler together."""
     import threading
 
     from otacm.processes import metrics_directory, otacm_command, stop_on_signals

@@ -87,6 +87,7 @@ def run_checks(
         transport: an httpx transport for the venue calls (tests); the default is the network.
         now: the current time, for the jobs' check (default: the clock).
     """
+    from storage.engine import DATABASE_UNAVAILABLE, database_error_reason
     from storage.types import utcnow
 
     engine, database = open_database(settings.database_url)
@@ -97,6 +98,9 @@ def run_checks(
                 check_jobs(engine, settings, now=now or utcnow()),
                 check_dead_letters(engine),
             ]
+        except DATABASE_UNAVAILABLE as exc:  # gone since the database check
+            reason = database_error_reason(exc)
+            checks.append(Check("database", False, f"cannot read it any more: {reason}"))
         finally:
             engine.dispose()
     checks += check_access(settings)

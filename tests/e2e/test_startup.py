@@ -216,6 +216,27 @@ def http_status(port: int, path: str) -> int | None:
         return None
 
 
+def test_serve_waits_for_the_database_and_stops_when_asked(
+    otacm: Callable[..., OtacmProcess],
+) -> None:
+    """`otacm serve` against a PostgreSQL where nothing listens waits before migrating, one
+    line per attempt; SIGTERM meanwhile ends it cleanly (exit 0, no traceback)."""
+    environment = {
+        **otacm_environment_base(),
+        "OTACM_DATABASE_URL": f"postgresql://otacm:{PASSWORD}@127.0.0.1:{free_port()}/otacm",
+        "OTACM_TENANT": "t",
+        "OTACM_COMPANY": "c",
+        "OTACM_API_KEY": "startup-api-key",
+    }
+    serve = otacm("serve", "--bind", f"127.0.0.1:{free_port()}", environment=environment)
+
+    wait_until(lambda: len(attempts(serve)) >= 2, 30, what="two attempts of serve")
+    for line in attempts(serve):
+        assert "serve: database not reachable (connection to server at" in line, line
+        assert "Connection refused" in line and re.search(r"retrying in \d+ s$", line), line
+    assert serve.alive()
+
+
 def test_serve_without_a_venue_connection_is_not_ready(
     tmp_path: Path, otacm: Callable[..., OtacmProcess]
 ) -> None:
