@@ -46,6 +46,7 @@ import sqlalchemy as sa
 from filelock import FileLock, Timeout
 from sqlalchemy.orm import Session, sessionmaker
 
+from storage.engine import database_error_reason, waiting_helps
 from storage.models import JobRun
 
 logger = logging.getLogger(__name__)
@@ -217,15 +218,25 @@ def run_job(
             try:
                 report = job.run(now)
             except Exception as exc:
-                logger.exception("job %s failed", job.name)
+                _log_failure(exc, job.name, "failed")
                 _finish(sessions, job, now=now, elapsed=time.monotonic() - began, error=exc)
                 return JobOutcome.FAILED, exc
             _finish(sessions, job, now=now, elapsed=time.monotonic() - began, error=None)
             return JobOutcome.RAN, report
     except Exception as exc:
         # The database itself failed (the lock, the run record): nothing to record it in.
-        logger.exception("job %s: could not be run", job.name)
+        _log_failure(exc, job.name, "could not be run")
         return JobOutcome.FAILED, exc
+
+
+def _log_failure(error: Exception, name: str, what: str) -> None:
+    """Log a failed run: one line when the database is away (the next tick tries again,
+    and a traceback per tick and job would bury the logs), the traceback otherwise."""
+    if waiting_helps(error):
+        reason = database_error_reason(error)
+        logger.warning("job %s %s: database not reachable (%s)", name, what, reason)
+    else:
+        logger.exception("job %s %s", name, what)
 
 
 def _start(

@@ -221,8 +221,7 @@ def subscribe(
     secrets_file = connection.client_state_file(secrets_dir)
 
     listed = client.list_subscriptions()
-    ours = [s for s in listed if _serves(s, url)]
-    usable = [s for s in ours if _is_usable(s, states)]
+    ours, usable = find_subscriptions(listed, url, states)
     if usable and not new_state:
         return SubscribeResult(
             connection=connection.name,
@@ -371,6 +370,21 @@ def record_checks(
                 row.recreated_at = now
 
 
+def find_subscriptions(
+    listed: Sequence[Subscription], url: str | None, states: Sequence[SecretStr]
+) -> tuple[list[Subscription], list[Subscription]]:
+    """Of the ``listed`` subscriptions, those that send our event to ``url`` (to any URL
+    when ``None``), and of those the usable ones (see the module docstring).
+
+    Args:
+        listed: the connection's subscriptions, as the venue lists them.
+        url: the receiver's webhook URL, if known.
+        states: the client states the receiver accepts for the connection.
+    """
+    ours = [s for s in listed if _serves(s, url)]
+    return ours, [s for s in ours if _is_usable(s, states)]
+
+
 def _find_created(
     client: VenueClient, url: str, state: SecretStr, *, before: set[str]
 ) -> Subscription:
@@ -396,11 +410,13 @@ def _find_created(
     return made[-1]
 
 
-def _serves(subscription: Subscription, url: str) -> bool:
-    """Whether ``subscription`` sends our event to ``url``."""
+def _serves(subscription: Subscription, url: str | None) -> bool:
+    """Whether ``subscription`` sends our event to ``url`` (to any URL when ``None``)."""
     event = (subscription.event_name or "").strip().lower()
     target = subscription.notification_url
-    return event == ORDER_PROCESSED_EVENT and target is not None and _same_url(target, url)
+    if event != ORDER_PROCESSED_EVENT or target is None:
+        return False
+    return url is None or _same_url(target, url)
 
 
 def _same_url(left: str, right: str) -> bool:

@@ -8,26 +8,31 @@ default and for scripts with ``--json``; failures are one clear line and a non-z
 from __future__ import annotations
 
 import json
+import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 from click.core import ParameterSource
 
-from otacm.logs import configure_logging
-from otacm.settings import Settings, SettingsError
+from otacm.logs import LOG_FORMATS, configure_logging, settings_secrets
+from otacm.settings import Settings, SettingsError, mask_database_url
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 @dataclass
 class CliContext:
-    """What the group passes to its subcommands: where settings come from, and the log level."""
+    """What the group passes to its subcommands: where settings come from, and the logs'
+    level and format."""
 
     config_file: Path | None
     log_level: str
+    log_format: str = "text"
     _settings: Settings | None = field(default=None, repr=False)
 
     @property
@@ -42,16 +47,7 @@ class CliContext:
                 self._settings = Settings.load(self.config_file)
             except SettingsError as exc:
                 raise click.ClickException(str(exc)) from None
-            connections = self._settings.connections
-            try:
-                states = [
-                    s for c in connections for s in c.client_states(self._settings.secrets_dir)
-                ]
-            except SettingsError:
-                # An unreadable states file is reported by the commands that need it.
-                states = [s for c in connections for s in c.webhook_client_states]
-            secrets = [c.api_key for c in connections] + states
-            configure_logging(self.log_level, secrets)
+            configure_logging(self.log_level, settings_secrets(self._settings), self.log_format)
         return self._settings
 
 
@@ -79,16 +75,25 @@ def echo_json(data: Any) -> None:
     show_default=True,
     help="Log level of the process (env: OTACM_LOG_LEVEL).",
 )
+@click.option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS, case_sensitive=False),
+    default="text",
+    envvar="OTACM_LOG_FORMAT",
+    show_default=True,
+    help="text lines for people, or one JSON object per line (env: OTACM_LOG_FORMAT).",
+)
 @click.version_option(package_name="otacm")
 @click.pass_context
-def main(ctx: click.Context, config_file: Path | None, log_level: str) -> None:
+def main(ctx: click.Context, config_file: Path | None, log_level: str, log_format: str) -> None:
     """otacm: the partner side of the venue's OTA Channel Manager API.
 
     It receives the venue's webhooks, mirrors every order in full, polls what webhooks
     miss, and reconciles the venue's orders against the shop's ledger.
     """
-    configure_logging(log_level)
-    ctx.obj = CliContext(config_file=config_file, log_level=log_level)
+    log_format = log_format.lower()
+    configure_logging(log_level, log_format=log_format)
+    ctx.obj = CliContext(config_file=config_file, log_level=log_level, log_format=log_format)
 
 
 @main.group()
@@ -104,12 +109,13 @@ def db_upgrade(cli: CliContext, revision: str) -> None:
     from storage.engine import make_engine
     from storage.migrate import current_revision, upgrade
 
-    engine = make_engine(cli.settings.database_url)
-    try:
-        upgrade(engine, revision)
-        click.echo(f"database at revision {current_revision(engine)}")
-    finally:
-        engine.dispose()
+    with database_errors(cli):
+        engine = make_engine(cli.settings.database_url)
+        try:
+            upgrade(engine, revision)
+            click.echo(f"database at revision {current_revision(engine)}")
+        finally:
+            engine.dispose()
 
 
 @db.command("current")
@@ -119,13 +125,50 @@ def db_current(cli: CliContext) -> None:
     from storage.engine import make_engine
     from storage.migrate import current_revision, head_revision
 
-    engine = make_engine(cli.settings.database_url)
-    try:
-        current, head = current_revision(engine), head_revision()
-    finally:
-        engine.dispose()
+    with database_errors(cli):
+        engine = make_engine(cli.settings.database_url)
+        try:
+            current, head = current_revision(engine), head_revision()
+        finally:
+            engine.dispose()
     state = "current" if current == head else f"behind (latest is {head})"
     click.echo(f"{current or '(empty)'}: {state}")
+
+
+@contextmanager
+def database_errors(cli: CliContext) -> Iterator[None]:
+    """A database that cannot be used, or is not migrated, ends the command with one line
+    saying which and why (:func:`fail`).
+
+    Raises:
+        click.ClickException: the database is unreachable, cannot be opened or written,
+            or is not migrated (a role's start).
+        SystemExit: the same, as a log line, when the logs are JSON.
+    """
+    from otacm.processes import SchemaNotCurrentError
+    from storage.engine import DATABASE_UNAVAILABLE, DatabaseUnusable, database_error_reason
+
+    try:
+        yield
+    except (DatabaseUnusable, SchemaNotCurrentError) as exc:
+        fail(cli, str(exc))
+    except DATABASE_UNAVAILABLE as exc:
+        shown = mask_database_url(cli.settings.database_url)
+        fail(cli, f"database {shown}: {database_error_reason(exc)}")
+
+
+def fail(cli: CliContext, message: str) -> NoReturn:
+    """End the command with ``message``: click's ``Error:`` line, or, when the logs are
+    JSON, a log record, so that a role's standard error stays one JSON object per line.
+
+    Raises:
+        click.ClickException: the logs are text.
+        SystemExit: exit status 1, the logs being JSON.
+    """
+    if cli.log_format == "json":
+        logging.getLogger("otacm").error("%s", message)
+        raise SystemExit(1)
+    raise click.ClickException(message)
 
 
 @main.command()
@@ -135,10 +178,13 @@ def db_current(cli: CliContext) -> None:
 def doctor(cli: CliContext, as_json: bool, timeout: float) -> None:
     """Print the effective configuration (secrets masked) and check what it points at.
 
-    Checks that the database can be opened and written and is migrated, that every
-    venue connection's API answers and accepts its key, which way of writing the company
-    in the path the venue answers (and the setting to use), and how many orders the venue
-    lists for each configured partner (WARN when none). Exits non-zero on any failure.
+    Checks that the database exists, can be written and is migrated (creating nothing),
+    that every venue connection's API answers and accepts its key, which way of writing
+    the company in the path the venue answers (and the setting to use), and how many
+    orders the venue lists for each configured partner (WARN when none); then what breaks
+    production silently: a connection without a webhook client state, its subscription
+    missing or inactive at the venue, jobs not succeeding, dead letters; WARN without
+    finance users or API tokens. Exits 1 on any failure (not on a warning).
     """
     from otacm.doctor import run_checks
 
@@ -206,7 +252,8 @@ def demo(
 
     if ctx.parent and ctx.parent.get_parameter_source("log_level") is ParameterSource.DEFAULT:
         # Every call would log a line; the demo shows progress bars and a summary instead.
-        configure_logging("WARNING")
+        found = ctx.find_object(CliContext)
+        configure_logging("WARNING", log_format=found.log_format if found else "text")
     run_demo(
         orders=orders,
         pickup_interval=pickup_interval,
@@ -247,7 +294,11 @@ def _workers_option(function: Any) -> Any:
 def web(cli: CliContext, bind: str, workers: int | None) -> None:
     """Serve the receiver (webhooks, health, metrics, the API) under gunicorn."""
     from otacm.processes import gunicorn_options, metrics_directory, run_web
+    from storage.engine import make_engine
 
+    with database_errors(cli):
+        # Opens nothing but makes a SQLite database's directory: here, not in each worker.
+        make_engine(cli.settings.database_url).dispose()
     with metrics_directory():
         run_web(cli.settings, gunicorn_options(bind, workers))
 
@@ -258,14 +309,12 @@ def worker(cli: CliContext) -> None:
     """Run the inbox worker: fetch every notified order with getOrder and mirror it."""
     import threading
 
-    from otacm.processes import SchemaNotCurrentError, run_worker, stop_on_signals
+    from otacm.processes import run_worker, stop_on_signals
 
     stop = threading.Event()
     stop_on_signals(stop)
-    try:
+    with database_errors(cli):
         run_worker(cli.settings, stop)
-    except SchemaNotCurrentError as exc:
-        raise click.ClickException(str(exc)) from None
 
 
 @main.command()
@@ -279,14 +328,12 @@ def scheduler(cli: CliContext) -> None:
     """
     import threading
 
-    from otacm.processes import SchemaNotCurrentError, run_scheduler, stop_on_signals
+    from otacm.processes import run_scheduler, stop_on_signals
 
     stop = threading.Event()
     stop_on_signals(stop)
-    try:
+    with database_errors(cli):
         run_scheduler(cli.settings, stop)
-    except SchemaNotCurrentError as exc:
-        raise click.ClickException(str(exc)) from None
 
 
 @main.command()
@@ -309,11 +356,12 @@ def poll(cli: CliContext, jobs: tuple[str, ...], as_json: bool) -> None:
     (`name: outcome key=value ...`). Exits 1 if any job failed.
     """
     from heartbeat.coordination import JobOutcome
-    from otacm.processes import SchemaNotCurrentError, UnknownJobError, run_poll
+    from otacm.processes import UnknownJobError, run_poll
 
     try:
-        results = run_poll(cli.settings, jobs)
-    except (SchemaNotCurrentError, UnknownJobError) as exc:
+        with database_errors(cli):
+            results = run_poll(cli.settings, jobs)
+    except UnknownJobError as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
         echo_json([result.as_dict() for result in results])
@@ -329,20 +377,28 @@ def poll(cli: CliContext, jobs: tuple[str, ...], as_json: bool) -> None:
 @_workers_option
 @pass_cli
 def serve(cli: CliContext, bind: str, workers: int | None) -> None:
-    """Everything on one box: migrate, then run web, worker and scheduler together."""
-    from otacm.processes import metrics_directory, otacm_command
+    """Everything on one box: migrate (once the database answers), then run web, worker
+    and scheduler together."""
+    import threading
+
+    from otacm.processes import metrics_directory, otacm_command, stop_on_signals
     from otacm.processes import serve as serve_roles
-    from storage.engine import make_engine
+    from storage.engine import WaitStopped, make_engine, retry_while_unavailable
     from storage.migrate import upgrade
 
-    engine = make_engine(cli.settings.database_url)
-    try:
-        upgrade(engine)
-    finally:
-        engine.dispose()
+    stop = threading.Event()
+    stop_on_signals(stop)
+    with database_errors(cli):
+        engine = make_engine(cli.settings.database_url)
+        try:
+            retry_while_unavailable(lambda: upgrade(engine), stop=stop, what="serve")
+        except WaitStopped:
+            return
+        finally:
+            engine.dispose()
     config = str(cli.config_file) if cli.config_file else None
     with metrics_directory():
-        status = serve_roles(otacm_command(config, cli.log_level), bind, workers)
+        status = serve_roles(otacm_command(config, cli.log_level, cli.log_format), bind, workers)
     raise SystemExit(status)
 
 

@@ -3,30 +3,47 @@
 Each check is one line for a person: what was checked and, on failure, what is wrong in
 words that say what to fix. Besides the database and each venue's key, the doctor finds
 out which way of writing the company in the path the venue answers, and counts each
-configured partner's orders (a mistyped partner id lists nothing, silently). Nothing
-here changes stored data.
+configured partner's orders (a mistyped partner id lists nothing, silently). It also looks
+for what breaks production without an error anywhere: a connection with no webhook client
+state (every webhook refused), a subscription missing or inactive at the venue, jobs
+that have not succeeded for :data:`STALE_INTERVALS` of their intervals, dead letters
+waiting in the inbox or the outbox; and warns when no finance user or no API token is
+configured (the finance pages or ``/api/`` are closed).
+
+The doctor has no side effects: it creates no database (a SQLite file that does not
+exist is reported, not made), no directory and no secrets file, and its one write, which
+proves the database takes writes, is rolled back.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import secrets
 from dataclasses import asdict, dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from otacm.settings import (
     COMPANY_PATH_FORMS,
     Settings,
+    SettingsError,
     VenueConnection,
     company_name,
     mask_database_url,
 )
 
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
 ORDER_COUNT_CAP = 100
 """Orders counted per partner: one page of this size, so the check is one call however
 long the partner's history (a full count would page through all of it, customer names
 and e-mails included); beyond it the doctor says "at least"."""
+
+STALE_INTERVALS = 3
+"""A job whose last success is older than this many of its intervals fails the doctor."""
 
 _FORM_EXAMPLES = {"percent": "%20", "double": "%2520", "plus": "+"}
 
@@ -56,16 +73,37 @@ class Check:
 
 
 def run_checks(
-    settings: Settings, *, timeout: float, transport: httpx.BaseTransport | None = None
+    settings: Settings,
+    *,
+    timeout: float,
+    transport: httpx.BaseTransport | None = None,
+    now: dt.datetime | None = None,
 ) -> list[Check]:
-    """Check the database and every venue connection.
+    """Check the database, what it holds, the configuration and every venue connection.
 
     Args:
         settings: the effective settings.
         timeout: seconds allowed for each venue call.
         transport: an httpx transport for the venue calls (tests); the default is the network.
+        now: the current time, for the jobs' check (default: the clock).
     """
-    checks = [check_database(settings.database_url)]
+    from storage.engine import DATABASE_UNAVAILABLE, database_error_reason
+    from storage.types import utcnow
+
+    engine, database = open_database(settings.database_url)
+    checks = [database]
+    if engine is not None:
+        try:
+            checks += [
+                check_jobs(engine, settings, now=now or utcnow()),
+                check_dead_letters(engine),
+            ]
+        except DATABASE_UNAVAILABLE as exc:  # gone since the database check
+            reason = database_error_reason(exc)
+            checks.append(Check("database", False, f"cannot read it any more: {reason}"))
+        finally:
+            engine.dispose()
+    checks += check_access(settings)
     if not settings.connections:
         checks.append(
             Check(
@@ -76,51 +114,286 @@ def run_checks(
             )
         )
     for venue in settings.connections:
-        checks.extend(check_venue(venue, timeout=timeout, transport=transport))
+        checks.append(check_client_states(venue, settings))
+        venue_checks = check_venue(venue, timeout=timeout, transport=transport)
+        checks.extend(venue_checks)
+        if venue_checks[0].ok:
+            checks.append(check_subscription(venue, settings, timeout=timeout, transport=transport))
     return checks
 
 
-def check_database(url: str) -> Check:
-    """Open the database, prove it takes a write, and compare its schema with the latest."""
-    from sqlalchemy import text
-    from sqlalchemy.exc import SQLAlchemyError
+def open_database(url: str) -> tuple[Engine | None, Check]:
+    """Open the database without creating it, prove it takes a write (rolled back), and
+    compare its schema with the latest.
 
-    from storage.engine import make_engine
+    Returns:
+        An engine on it when it is usable and at the latest schema (the caller disposes of
+        it), else ``None``; and the check's line.
+    """
+    from sqlalchemy import text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+    from storage.engine import DatabaseUnusable, database_error_reason, make_engine
     from storage.migrate import current_revision, head_revision
 
     shown = mask_database_url(url)
     try:
-        engine = make_engine(url)
-    except OSError as exc:
-        return Check(
-            "database", False, f"cannot use {shown}: {exc.strerror or exc} ({exc.filename})"
-        )
-    except (SQLAlchemyError, ValueError) as exc:
-        return Check("database", False, f"cannot use {shown}: {first_line(exc)}")
+        missing = _missing_sqlite_file(make_url(url))
+    except ArgumentError as exc:
+        return None, Check("database", False, f"cannot use {shown}: {first_line(exc)}")
+    if missing:
+        return None, Check("database", False, f"cannot use {shown}: {missing}")
     try:
-        with engine.begin() as connection:
+        engine = make_engine(url)
+    except DatabaseUnusable as exc:
+        return None, Check("database", False, f"cannot use {shown}: {exc}")
+    except (SQLAlchemyError, ValueError) as exc:
+        return None, Check("database", False, f"cannot use {shown}: {first_line(exc)}")
+    try:
+        with engine.connect() as connection, connection.begin() as transaction:
             # A throwaway write inside a transaction that is rolled back: proves the file
             # (or server) accepts writes without leaving anything behind.
             probe = f"otacm_doctor_probe_{secrets.token_hex(4)}"
             connection.execute(text(f"CREATE TABLE {probe} (x INTEGER)"))
-            connection.execute(text(f"DROP TABLE {probe}"))
+            transaction.rollback()
         current, head = current_revision(engine), head_revision()
     except SQLAlchemyError as exc:
-        return Check(
-            "database",
-            False,
-            f"cannot write to {shown}: {first_line(getattr(exc, 'orig', None) or exc)}",
-        )
-    finally:
         engine.dispose()
+        reason = database_error_reason(exc)
+        return None, Check("database", False, f"cannot write to {shown}: {reason}")
     if current != head:
-        return Check(
+        engine.dispose()
+        return None, Check(
             "database",
             False,
             f"{shown} is at schema {current or '(empty)'}, latest is {head}: "
             "run `otacm db upgrade`",
         )
-    return Check("database", True, f"{shown} is writable and at the latest schema ({head})")
+    return engine, Check("database", True, f"{shown} is writable and at the latest schema ({head})")
+
+
+def _missing_sqlite_file(url: Any) -> str | None:
+    """Why a SQLite database file is not there to open, or ``None`` (not SQLite, in
+    memory, or there): opening it would create it."""
+    database = url.database or ""
+    if url.get_backend_name() != "sqlite" or database in ("", ":memory:") or url.query:
+        return None
+    path = Path(database).expanduser()
+    if path.is_file():
+        return None
+    if path.exists():
+        return f"{path} is not a file"
+    if path.parent.exists() and not path.parent.is_dir():
+        return f"{path.parent} is not a directory"
+    return f"{path} does not exist: run `otacm db upgrade` to create it"
+
+
+def check_jobs(engine: Engine, settings: Settings, *, now: dt.datetime) -> Check:
+    """Whether every scheduled job the settings enable succeeded within
+    :data:`STALE_INTERVALS` of its intervals (the ``job_run`` records)."""
+    import sqlalchemy as sa
+
+    from otacm.processes import Runtime, scheduled_jobs
+    from storage.engine import make_sessions
+    from storage.models import JobRun
+
+    sessions = make_sessions(engine, read_only=True)
+    # Only the names and intervals are read: no job runs, no venue client is needed.
+    runtime = Runtime(engine=engine, sessions=sessions, clients={}, connections={})
+    intervals = {job.name: job.interval for job in scheduled_jobs(settings, runtime)}
+    with sessions.begin() as session:
+        records = {record.name: record for record in session.scalars(sa.select(JobRun))}
+    if not records:
+        return Check(
+            "jobs",
+            True,
+            "no scheduled job has run on this database yet: start `otacm scheduler` "
+            "(or `otacm serve`)",
+            warning=True,
+        )
+    late: dict[str, dict[str, Any]] = {}
+    parts = []
+    for name, interval in intervals.items():
+        record = records.get(name)
+        last = record.last_success_at if record else None
+        if last is not None and now - last <= dt.timedelta(seconds=interval * STALE_INTERVALS):
+            continue
+        error = record.last_error if record and record.failures else None
+        late[name] = {
+            "lastSuccess": last.isoformat() if last else None,
+            "intervalSeconds": interval,
+            "lastError": error,
+        }
+        since = f"last succeeded {_duration(now - last)} ago" if last else "never succeeded"
+        every = _duration(dt.timedelta(seconds=interval))
+        parts.append(f"{name} (every {every}) {since}" + (f": {error[:120]}" if error else ""))
+    if not late:
+        return Check("jobs", True, f"every job succeeded within {STALE_INTERVALS} of its intervals")
+    return Check(
+        "jobs",
+        False,
+        f"not succeeding: {'; '.join(parts)}; is a scheduler running? `otacm poll` runs "
+        "them once and says why",
+        facts={"late": late},
+    )
+
+
+def _duration(delta: dt.timedelta) -> str:
+    """A duration for a person: ``45 s``, ``12 min``, ``3 h``, ``2 d``."""
+    seconds = delta.total_seconds()
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def check_dead_letters(engine: Engine) -> Check:
+    """Whether inbox or outbox rows were given up: orders notified but never fetched,
+    sales or actions never sent. Each needs a person."""
+    import sqlalchemy as sa
+
+    from storage.engine import make_sessions
+    from storage.models import Inbox, InboxState, Outbox, OutboxState
+
+    with make_sessions(engine, read_only=True).begin() as session:
+        inbox = session.scalar(
+            sa.select(sa.func.count()).select_from(Inbox).where(Inbox.state == InboxState.DEAD)
+        )
+        outbox = session.scalar(
+            sa.select(sa.func.count()).select_from(Outbox).where(Outbox.state == OutboxState.DEAD)
+        )
+    facts = {"inbox": int(inbox or 0), "outbox": int(outbox or 0)}
+    if not any(facts.values()):
+        return Check("dead letters", True, "none in the inbox or the outbox", facts=facts)
+    parts = []
+    if facts["inbox"]:
+        parts.append(
+            f"{facts['inbox']} inbox row(s) dead-lettered (orders notified, never fetched: "
+            "fix the cause, then `otacm inbox replay`)"
+        )
+    if facts["outbox"]:
+        parts.append(
+            f"{facts['outbox']} outbox row(s) given up (sales or actions never sent to the "
+            "venue: their last_error says why)"
+        )
+    return Check("dead letters", False, "; ".join(parts), facts=facts)
+
+
+def check_access(settings: Settings) -> list[Check]:
+    """Warnings for the doors that stay closed: the finance pages without a user, the
+    shop's API without a token."""
+    checks = []
+    if settings.finance_users:
+        count = len(settings.finance_users)
+        checks.append(Check("finance users", True, f"{count} configured"))
+    else:
+        checks.append(
+            Check(
+                "finance users",
+                True,
+                "none configured (OTACM_FINANCE_USERS): the finance pages are closed",
+                warning=True,
+            )
+        )
+    if settings.api_tokens:
+        checks.append(Check("api tokens", True, f"{len(settings.api_tokens)} configured"))
+    else:
+        checks.append(
+            Check(
+                "api tokens",
+                True,
+                "none configured (OTACM_API_TOKENS): /api/ is closed, the shop cannot "
+                "submit sales through it",
+                warning=True,
+            )
+        )
+    return checks
+
+
+def check_client_states(venue: VenueConnection, settings: Settings) -> Check:
+    """Whether the receiver accepts any webhook of ``venue``: without a client state,
+    configured or generated into the states file, it refuses every one. Reads the file;
+    creates nothing."""
+    name = f"venue {venue.name} webhook client states"
+    try:
+        states = venue.client_states(settings.secrets_dir)
+    except SettingsError as exc:
+        return Check(name, False, str(exc))
+    if not states:
+        return Check(
+            name,
+            False,
+            "none configured nor generated: every webhook is refused; run `otacm subscribe "
+            "--url URL` (it generates one) or set OTACM_WEBHOOK_CLIENT_STATES",
+        )
+    return Check(name, True, f"{len(states)} accepted (never shown)")
+
+
+def check_subscription(
+    venue: VenueConnection,
+    settings: Settings,
+    *,
+    timeout: float,
+    transport: httpx.BaseTransport | None,
+) -> Check:
+    """Whether the venue lists a usable subscription of ours: active, to our event, with a
+    client state the receiver accepts, and to ``OTACM_WEBHOOK_URL`` when it is set
+    (:func:`heartbeat.subscriptions.find_subscriptions`). Without it, no webhook arrives
+    and nothing says so but the change feed's lag."""
+    from heartbeat.subscriptions import find_subscriptions
+    from venue.client import RetryPolicy, open_client
+    from venue.errors import VenueError
+
+    name = f"venue {venue.name} subscription"
+    try:
+        states = venue.client_states(settings.secrets_dir)
+    except SettingsError:
+        states = list(venue.webhook_client_states)
+    once = RetryPolicy(attempts=1, deadline=timeout)
+    try:
+        with open_client(venue, transport=transport, timeout=timeout, retry=once) as client:
+            listed = client.list_subscriptions()
+    except VenueError as exc:
+        return Check(name, False, f"cannot list the subscriptions: {exc}")
+    url = settings.webhook_url
+    ours, usable = find_subscriptions(listed, url, states)
+    facts = {"url": url, "listed": len(listed), "ours": len(ours), "usable": len(usable)}
+    subscribe = f"run `otacm subscribe --url {url or 'URL'}`"
+    if url is None:
+        if not usable:
+            return Check(
+                name,
+                False,
+                "no active subscription to ota_cm_order_processed with a client state this "
+                f"receiver accepts: no webhook arrives; {subscribe} and set OTACM_WEBHOOK_URL",
+                facts=facts,
+            )
+        targets = ", ".join(sorted({s.notification_url or "" for s in usable}))
+        return Check(
+            name,
+            True,
+            f"active subscription(s) to {targets}; OTACM_WEBHOOK_URL is not set, so which is "
+            "this receiver's is not known and the scheduler does not keep it alive",
+            warning=True,
+            facts=facts,
+        )
+    if usable:
+        return Check(name, True, f"{usable[0].id} sends ota_cm_order_processed to {url}")
+    if ours:
+        return Check(
+            name,
+            False,
+            f"the subscription(s) to {url} are inactive or carry a client state this "
+            f"receiver refuses: no webhook arrives; {subscribe}",
+            facts=facts,
+        )
+    return Check(
+        name,
+        False,
+        f"no subscription sends ota_cm_order_processed to {url}: no webhook arrives; {subscribe}",
+        facts=facts,
+    )
 
 
 def check_venue(

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gunicorn import glogging
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -84,7 +85,26 @@ def gunicorn_options(bind: str, workers: int | None = None) -> dict[str, Any]:
         # read-only (systemd's ProtectHome); otacm's processes are managed by signals.
         "control_socket_disable": True,
         "child_exit": worker_exited,
+        "logger_class": GunicornLogger,
     }
+
+
+class GunicornLogger(glogging.Logger):  # type: ignore[misc]
+    """gunicorn's logger, writing its lines (the error log; an access log when one is asked
+    for) in otacm's format with otacm's redaction (:mod:`otacm.logs`): one JSON object per
+    line when ``OTACM_LOG_FORMAT=json``, like every other line of the process."""
+
+    def setup(self, cfg: Any) -> None:
+        """gunicorn's setup, then otacm's formatter on the handlers gunicorn made."""
+        from otacm.logs import configured_formatter
+
+        super().setup(cfg)
+        formatter = configured_formatter()
+        if formatter is None:  # gunicorn started without otacm's logging: its own format
+            return
+        for log in (self.error_log, self.access_log):
+            for handler in log.handlers:
+                handler.setFormatter(formatter)
 
 
 def worker_exited(server: Any, worker: Any) -> None:
@@ -197,14 +217,24 @@ class Runtime:
 
 
 @contextmanager
-def open_runtime(settings: Settings) -> Iterator[Runtime]:
+def open_runtime(
+    settings: Settings, *, stop: threading.Event | None = None, role: str = "otacm"
+) -> Iterator[Runtime]:
     """The engine, sessions and venue clients of a worker or scheduler; closed on exit.
+
+    With ``stop``, a database that cannot be reached is waited for, with backoff and one
+    log line per attempt (:func:`storage.engine.retry_while_unavailable`), until it
+    answers or ``stop`` is set; without it (``otacm poll``), its error is raised at once.
 
     Raises:
         SchemaNotCurrentError: the database is not migrated; the role cannot start.
+        storage.engine.WaitStopped: ``stop`` was set while waiting for the database.
+        storage.engine.DatabaseUnusable: a SQLite database whose directory cannot be made.
+        sqlalchemy.exc.SQLAlchemyError: the database failed otherwise (a SQLite file that
+            cannot be opened or written), or is unreachable and there is no ``stop``.
     """
     from receiver.metrics import VenueCallMetrics
-    from storage.engine import make_engine, make_sessions
+    from storage.engine import make_engine, make_sessions, retry_while_unavailable
     from storage.migrate import is_current
     from storage.models import ensure_connection, forget_foreign_orders
     from storage.types import utcnow
@@ -214,29 +244,34 @@ def open_runtime(settings: Settings) -> Iterator[Runtime]:
     venue_calls = VenueCallMetrics(registry=None)
     with ExitStack() as stack:
         stack.callback(engine.dispose)
-        if not is_current(engine):
-            raise SchemaNotCurrentError(
-                "the database schema is not current: run `otacm db upgrade`"
-            )
         sessions = make_sessions(engine)
-        clients: dict[int, VenueClient] = {}
-        with sessions.begin() as session:
-            ids = {c.name: ensure_connection(session, c.name) for c in settings.connections}
-            # Orders of partners the settings no longer (or never) configured, mirrored
-            # before: erased at every start, so that neither reconciliation nor finance
-            # sees them and their customers' data does not stay. Partners change only
-            # with the settings, that is with a restart.
-            for connection in settings.connections:
-                erased = forget_foreign_orders(
-                    session, ids[connection.name], connection.partner_ids, utcnow()
+
+        def prepare() -> dict[str, int]:
+            if not is_current(engine):
+                raise SchemaNotCurrentError(
+                    "the database schema is not current: run `otacm db upgrade`"
                 )
-                if erased:
-                    logger.warning(
-                        "connection %s: %d mirrored orders of partners not configured for it"
-                        " erased",
-                        connection.name,
-                        erased,
+            with sessions.begin() as session:
+                ids = {c.name: ensure_connection(session, c.name) for c in settings.connections}
+                # Orders of partners the settings no longer (or never) configured, mirrored
+                # before: erased at every start, so that neither reconciliation nor
+                # finance sees them and their customers' data does not stay. Partners
+                # change only with the settings, that is with a restart.
+                for connection in settings.connections:
+                    erased = forget_foreign_orders(
+                        session, ids[connection.name], connection.partner_ids, utcnow()
                     )
+                    if erased:
+                        logger.warning(
+                            "connection %s: %d mirrored orders of partners not configured "
+                            "for it erased",
+                            connection.name,
+                            erased,
+                        )
+            return ids
+
+        ids = prepare() if stop is None else retry_while_unavailable(prepare, stop=stop, what=role)
+        clients: dict[int, VenueClient] = {}
         for connection in settings.connections:
             clients[ids[connection.name]] = stack.enter_context(
                 open_client(connection, observer=venue_calls.observe)
@@ -254,19 +289,26 @@ class SchemaNotCurrentError(RuntimeError):
 
 
 def run_worker(settings: Settings, stop: threading.Event) -> None:
-    """The inbox worker: fetch every notified order and mirror it, until ``stop``."""
-    from receiver.worker import new_owner, run_forever
+    """The inbox worker: fetch every notified order and mirror it, until ``stop``.
 
-    with open_runtime(settings) as runtime:
-        run_forever(
-            runtime.sessions,
-            runtime.clients,
-            owner=new_owner(),
-            stop=stop,
-            batch_size=settings.worker_batch_size,
-            lease_seconds=settings.inbox_lease_seconds,
-            max_attempts=settings.inbox_max_attempts,
-        )
+    It waits for a database that cannot be reached, at start as while running.
+    """
+    from receiver.worker import new_owner, run_forever
+    from storage.engine import WaitStopped
+
+    try:
+        with open_runtime(settings, stop=stop, role="worker") as runtime:
+            run_forever(
+                runtime.sessions,
+                runtime.clients,
+                owner=new_owner(),
+                stop=stop,
+                batch_size=settings.worker_batch_size,
+                lease_seconds=settings.inbox_lease_seconds,
+                max_attempts=settings.inbox_max_attempts,
+            )
+    except WaitStopped:
+        logger.info("worker stopped before it could start")
 
 
 def scheduled_jobs(settings: Settings, runtime: Runtime) -> list[ScheduledJob]:
@@ -398,46 +440,58 @@ def run_scheduler(settings: Settings, stop: threading.Event) -> None:
     Every job is an interval job calling :func:`run_scheduled`; any number of schedulers
     may run against one database (:mod:`heartbeat.coordination` keeps each job to one
     run at a time and one run per interval). The first ticks come within a few seconds of
-    the start, so a restarted scheduler catches up with jobs that are due.
+    the start, so a restarted scheduler catches up with jobs that are due. A database
+    that cannot be reached is waited for at start; while running, a job that finds it
+    away fails that tick, in one log line, and the next tick tries again.
     """
-    from apscheduler.schedulers.background import BackgroundScheduler
-
     from receiver.worker import new_owner
-    from storage.types import utcnow
+    from storage.engine import WaitStopped
 
     owner = new_owner()
     if not logger.isEnabledFor(logging.DEBUG):
         # APScheduler logs every tick at INFO; run_scheduled logs the outcomes that matter.
         logging.getLogger("apscheduler.executors").setLevel(logging.WARNING)
-    with open_runtime(settings) as runtime:
-        scheduler = BackgroundScheduler(timezone="UTC")
-        for job in scheduled_jobs(settings, runtime):
-            jitter = min(job.interval * SCHEDULER_JITTER, SCHEDULER_MAX_JITTER)
-            # One run at a time; ticks missed while one was slow are merged, not queued;
-            # the jitter keeps several nodes from firing in the same millisecond.
-            scheduler.add_job(
-                run_scheduled,
-                "interval",
-                args=(runtime, job),
-                kwargs={"owner": owner},
-                seconds=job.interval,
-                jitter=jitter,
-                next_run_time=utcnow() + dt.timedelta(seconds=random.uniform(0, jitter)),  # noqa: S311
-                id=job.name,
-                name=job.name,
-                max_instances=1,
-                coalesce=True,
-            )
-        scheduler.start()
-        logger.info(
-            "scheduler %s started with jobs: %s",
-            owner,
-            ", ".join(j.id for j in scheduler.get_jobs()),
+    try:
+        with open_runtime(settings, stop=stop, role="scheduler") as runtime:
+            _run_jobs(settings, runtime, owner=owner, stop=stop)
+    except WaitStopped:
+        logger.info("scheduler stopped before it could start")
+
+
+def _run_jobs(settings: Settings, runtime: Runtime, *, owner: str, stop: threading.Event) -> None:
+    """:func:`run_scheduler`'s APScheduler, on an open runtime, until ``stop``."""
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    from storage.types import utcnow
+
+    scheduler = BackgroundScheduler(timezone="UTC")
+    for job in scheduled_jobs(settings, runtime):
+        jitter = min(job.interval * SCHEDULER_JITTER, SCHEDULER_MAX_JITTER)
+        # One run at a time; ticks missed while one was slow are merged, not queued;
+        # the jitter keeps several nodes from firing in the same millisecond.
+        scheduler.add_job(
+            run_scheduled,
+            "interval",
+            args=(runtime, job),
+            kwargs={"owner": owner},
+            seconds=job.interval,
+            jitter=jitter,
+            next_run_time=utcnow() + dt.timedelta(seconds=random.uniform(0, jitter)),  # noqa: S311
+            id=job.name,
+            name=job.name,
+            max_instances=1,
+            coalesce=True,
         )
-        try:
-            stop.wait()
-        finally:
-            scheduler.shutdown(wait=True)
+    scheduler.start()
+    logger.info(
+        "scheduler %s started with jobs: %s",
+        owner,
+        ", ".join(j.id for j in scheduler.get_jobs()),
+    )
+    try:
+        stop.wait()
+    finally:
+        scheduler.shutdown(wait=True)
 
 
 @dataclass(frozen=True)
@@ -573,9 +627,9 @@ def serve(base_command: Sequence[str], bind: str, workers: int | None) -> int:
     return 0 if died is None else 1
 
 
-def otacm_command(config_file: str | None, log_level: str) -> list[str]:
+def otacm_command(config_file: str | None, log_level: str, log_format: str = "text") -> list[str]:
     """How a child process calls ``otacm`` with the parent's global options."""
-    command = [sys.executable, "-m", "otacm", "--log-level", log_level]
+    command = [sys.executable, "-m", "otacm", "--log-level", log_level, "--log-format", log_format]
     if config_file:
         command += ["--config", config_file]
     return command

@@ -15,7 +15,8 @@ The hierarchy, with the status each answers::
     ├── UnknownClientState      401 unknown_client_state
     └── Unavailable             503: "try again later", so the venue retries
         ├── DatabaseUnavailable     503 database_unavailable
-        └── SchemaNotCurrent        503 schema_not_current
+        ├── SchemaNotCurrent        503 schema_not_current
+        └── NotConfigured           503 not_configured (``/readyz`` only)
 
 Only requests that are really forged or unreadable get a 4xx: the venue may end a
 subscription after repeated 4xx answers, and retries only after 408, 429 and 5xx. Our
@@ -33,6 +34,10 @@ from flask import Flask, Response
 from sqlalchemy import exc as sa_exc
 from werkzeug.exceptions import HTTPException
 
+# Re-exported: the receiver's modules answer the database's errors that storage names.
+from storage.engine import DATABASE_UNAVAILABLE as DATABASE_UNAVAILABLE
+from storage.engine import describe_database_error as describe_database_error
+
 logger = logging.getLogger(__name__)
 
 # werkzeug's names, where its own would make an odd code ("Request Entity Too Large").
@@ -45,10 +50,6 @@ _HTTP_CODES = {
     500: "internal_error",
     503: "service_unavailable",
 }
-DATABASE_UNAVAILABLE = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)
-"""The database errors that mean "not now" rather than "never": locks, timeouts, full
-pools, connections refused or dropped. Each becomes :class:`DatabaseUnavailable`."""
-
 # Response headers of an HTTPException worth keeping on the JSON answer.
 _KEPT_HEADERS = ("Allow", "Retry-After", "WWW-Authenticate")
 
@@ -155,6 +156,12 @@ class SchemaNotCurrent(Unavailable):
         super().__init__("the database schema is not current: run `otacm db upgrade`")
 
 
+class NotConfigured(Unavailable):
+    """The process runs but is not configured to do its work (no venue connection)."""
+
+    code = "not_configured"
+
+
 def error_response(status: int, code: str, message: str) -> Response:
     """The one JSON error body, ``{"status", "code", "message"}``, with ``status`` set.
 
@@ -166,17 +173,6 @@ def error_response(status: int, code: str, message: str) -> Response:
     # Encoded here rather than by jsonify: the webhook answers outside a request context.
     body = json.dumps({"code": code, "message": message, "status": status})
     return Response(f"{body}\n", status=status, mimetype="application/json")
-
-
-def describe_database_error(exc: sa_exc.SQLAlchemyError) -> str:
-    """A short, secret-free reason for a database failure: the driver's error class.
-
-    SQLAlchemy's own text quotes the statement and its parameters (the payloads), so it
-    is never shown or logged; the driver's class says enough ("OperationalError",
-    "LockNotAvailable", "QueryCanceled").
-    """
-    original = getattr(exc, "orig", None)
-    return type(original if original is not None else exc).__name__
 
 
 def http_error_code(exc: HTTPException) -> str:

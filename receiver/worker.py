@@ -42,6 +42,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from storage.engine import WaitStopped, retry_while_unavailable
 from storage.lease import NO_SYNC, LeasedQueue
 from storage.models import (
     ChangeSource,
@@ -377,7 +378,9 @@ def run_forever(
     A pass that claimed rows is followed at once by another (a backlog drains at full
     speed); a pass that found nothing, or failed, waits on ``stop``, so setting it ends
     the loop within one pass. A failing pass is logged and does not end the loop: a
-    database that is briefly away must not stop the worker.
+    database that is away is tried again with backoff, one log line per attempt
+    (:func:`storage.engine.retry_while_unavailable`), and any other failure is logged
+    with its traceback and tried again after ``poll_interval``.
 
     Args:
         sessions: the session factory.
@@ -391,17 +394,24 @@ def run_forever(
         clock: the current time, asked once per pass.
     """
     logger.info("inbox worker %s started", owner)
+
+    def one_pass() -> WorkerReport:
+        return run_once(
+            sessions,
+            clients,
+            owner=owner,
+            now=clock(),
+            batch_size=batch_size,
+            lease_seconds=lease_seconds,
+            max_attempts=max_attempts,
+        )
+
     while not stop.is_set():
         try:
-            report = run_once(
-                sessions,
-                clients,
-                owner=owner,
-                now=clock(),
-                batch_size=batch_size,
-                lease_seconds=lease_seconds,
-                max_attempts=max_attempts,
-            )
+            # A database that is away is waited for, with backoff and one line per attempt.
+            report = retry_while_unavailable(one_pass, stop=stop, what="inbox worker")
+        except WaitStopped:
+            break
         except Exception:
             # Whatever failed (the database at claim time, a bug), the claimed rows are
             # safe under their leases; keep the worker alive and try again shortly.

@@ -34,6 +34,13 @@ reconnection, not an error. Transactions run at PostgreSQL's default READ COMMIT
 on either database, for callers that must answer in time (the webhook receiver answers
 503 rather than keep the venue waiting).
 
+A database that is away (a PostgreSQL server restarting or unreachable, a SQLite lock held
+too long) raises one of :data:`DATABASE_UNAVAILABLE`; :func:`waiting_helps` tells those
+from what waiting will not change (a SQLite file that cannot be opened or written, a
+missing table), :func:`describe_database_error` says why in a few secret-free words, and
+:func:`retry_while_unavailable` runs a piece of work again with backoff until the database
+is back, one log line per attempt: the roles wait for their database rather than die.
+
 :func:`driver_transaction` is for the one hot path where SQLAlchemy's own ``Connection``
 costs more CPU than the database's work (the webhook's single INSERT): a pooled driver
 connection in one transaction (``BEGIN DEFERRED`` on SQLite, the driver's implicit
@@ -50,14 +57,17 @@ parameters, which cost more CPU than PostgreSQL's own work for a batch of twenty
 
 from __future__ import annotations
 
+import logging
 import math
 import select
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import tenacity
 from sqlalchemy import Dialect, Engine, create_engine, event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Connection, make_url
@@ -71,6 +81,29 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 SQLITE_BEGIN_OPTION = "sqlite_begin"
 """Execution option naming the ``BEGIN`` mode on SQLite: ``IMMEDIATE`` (default),
 ``DEFERRED`` (read-only work) or ``EXCLUSIVE``."""
+
+CONNECT_TIMEOUT = 10
+"""Seconds a new PostgreSQL connection may take when the caller sets no ``lock_timeout``:
+a server that does not answer at all (a host down, a packet filter dropping) is then an
+error to retry rather than a process hanging in ``connect``."""
+
+DATABASE_UNAVAILABLE = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)
+"""The database errors that mean "not now" rather than "never": locks, timeouts, full
+pools, connections refused or dropped (:func:`waiting_helps` narrows SQLite's)."""
+
+WAIT_INITIAL = 1.0
+"""Seconds :func:`retry_while_unavailable` waits after a first failed attempt; the wait
+doubles with each attempt..."""
+
+WAIT_MAX = 30.0
+"""...up to this many seconds, plus up to a second of jitter, so that the roles of
+several nodes do not all knock at the same moment when the database returns."""
+
+_SQLITE_WAITING_HELPS = frozenset({"SQLITE_BUSY", "SQLITE_LOCKED"})
+
+T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 
 _SQLITE_BEGIN_MODES = frozenset({"DEFERRED", "IMMEDIATE", "EXCLUSIVE"})
 _POSTGRESQL_DRIVERS = {"postgres": "postgresql+psycopg", "postgresql": "postgresql+psycopg"}
@@ -113,6 +146,8 @@ def make_engine(url: str, *, lock_timeout: float | None = None) -> Engine:
             # libpq counts whole seconds and treats anything below 2 as 2.
             connect_args["connect_timeout"] = max(math.ceil(lock_timeout), 2)
             pool_options["pool_timeout"] = lock_timeout
+        else:
+            connect_args["connect_timeout"] = CONNECT_TIMEOUT
         engine = create_engine(
             parsed,
             pool_size=5,
@@ -151,6 +186,116 @@ def _drop_if_server_hung_up(
         raise sa_exc.DisconnectionError("the server closed the connection")
 
 
+class DatabaseUnusable(RuntimeError):
+    """The database cannot be used and waiting will not change that (a SQLite file whose
+    directory cannot be created); the message says why in one line."""
+
+
+class WaitStopped(Exception):
+    """:func:`retry_while_unavailable` was asked to stop while the database was away."""
+
+
+def waiting_helps(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database is unavailable for now, so that trying again later
+    may succeed: a server refusing connections, restarting, cut off or too busy, a lock
+    held too long. Not a SQLite file that cannot be opened or written (its permissions do
+    not change by themselves), nor a bad statement or a missing table."""
+    if not isinstance(exc, DATABASE_UNAVAILABLE):
+        return False
+    # sqlite3 names each error (Python 3.11+); psycopg's have no such name.
+    name = getattr(getattr(exc, "orig", None), "sqlite_errorname", None)
+    return name is None or name in _SQLITE_WAITING_HELPS
+
+
+def describe_database_error(exc: BaseException) -> str:
+    """A short, secret-free reason for a database failure, for an answer to another party
+    (the venue, a probe): the driver's error class ("OperationalError", "LockNotAvailable",
+    "QueryCanceled"). SQLAlchemy's text, and some of the drivers', quote the statement and
+    its parameters (the payloads), and a connection error names the database's host: none
+    of it leaves the process."""
+    original = getattr(exc, "orig", None)
+    return type(original if original is not None else exc).__name__
+
+
+def database_error_reason(exc: BaseException) -> str:
+    """Why the database failed, for otacm's own log and an operator's terminal.
+
+    The driver's first line for an error of the connection or of the server's state
+    (``OperationalError``, ``InterfaceError``: "connection to server at "db" (10.0.0.5),
+    port 5432 failed: Connection refused", "unable to open database file", "canceling
+    statement due to lock timeout"): they name a host and a port, never the password nor
+    any data. Any other error only as :func:`describe_database_error` does: a constraint's
+    or a type's message may quote the values.
+    """
+    original = getattr(exc, "orig", None)
+    if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError):
+        lines = [line.strip() for line in str(original or exc).splitlines() if line.strip()]
+        if lines:
+            return lines[0].removeprefix("connection failed: ")
+    return describe_database_error(exc)
+
+
+def retry_while_unavailable(
+    work: Callable[[], T],
+    *,
+    stop: threading.Event,
+    what: str,
+    wait_initial: float = WAIT_INITIAL,
+    wait_max: float = WAIT_MAX,
+) -> T:
+    """``work()``, tried again with backoff for as long as the database is unavailable.
+
+    An attempt that fails with an error :func:`waiting_helps` with is logged as one line at
+    WARNING, ``"<what>: database not reachable (<reason>); retrying in 4 s"``, without a
+    traceback; the wait doubles from ``wait_initial`` to ``wait_max``, with jitter, and
+    ends at once when ``stop`` is set (a role told to stop while waiting stops). Through
+    tenacity (which stamina, used for the venue's calls, is built on) for its interruptible
+    sleep: stamina's own would hold a stopping process for up to ``wait_max``.
+
+    Args:
+        work: what needs the database; called until it returns or fails otherwise.
+        stop: set it to give up waiting.
+        what: who waits, for the log line ("worker", "scheduler").
+        wait_initial: seconds of the first wait.
+        wait_max: the longest wait, in seconds.
+
+    Returns:
+        What ``work`` returned.
+
+    Raises:
+        WaitStopped: ``stop`` was set before ``work`` succeeded.
+        Exception: whatever else ``work`` raised: waiting does not help with it.
+    """
+
+    def say_so(state: tenacity.RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        logger.warning(
+            "%s: database not reachable (%s); retrying in %.0f s",
+            what,
+            database_error_reason(error) if error else "unknown",
+            state.next_action.sleep if state.next_action else 0.0,
+        )
+
+    def sleep(seconds: float) -> None:
+        stop.wait(seconds)
+
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception(waiting_helps),
+        # Doubling from wait_initial up to wait_max, plus up to a second of jitter.
+        wait=tenacity.wait_exponential(multiplier=wait_initial, max=wait_max)
+        + tenacity.wait_random(0, min(1.0, wait_initial)),
+        sleep=sleep,
+        before_sleep=say_so,
+        reraise=True,
+    )
+    for attempt in retrying:
+        with attempt:
+            if stop.is_set():
+                raise WaitStopped(what)
+            return work()
+    raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+
 def make_sessions(engine: Engine, *, read_only: bool = False) -> sessionmaker[Session]:
     """The session factory for ``engine``: one session per unit of work.
 
@@ -175,7 +320,13 @@ def _sqlite_engine(url: URL, *, busy_timeout_ms: int) -> Engine:
     database = url.database or ""
     in_memory = database in ("", ":memory:") or "mode=memory" in database
     if not in_memory and not url.query.get("uri"):
-        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        directory = Path(database).expanduser().parent
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DatabaseUnusable(
+                f"cannot create {directory}, the SQLite database's directory: {exc.strerror or exc}"
+            ) from exc
     # The driver's own timeout covers opening the file, before the pragma below is set.
     engine = create_engine(url, connect_args={"timeout": busy_timeout_ms / 1000})
     event.listen(engine, "connect", partial(_configure_sqlite_connection, busy_timeout_ms))

@@ -52,6 +52,7 @@ def venue_env(tmp_path: Path, base_url: str) -> dict[str, str]:
         "OTACM_TENANT": "t",
         "OTACM_COMPANY": "CRONUS International Ltd.",
         "OTACM_API_KEY": "doctor-secret-key",
+        "OTACM_WEBHOOK_CLIENT_STATES": "doctor-client-state",
     }
 
 
@@ -130,8 +131,15 @@ def test_doctor_names_a_refused_api_key(tmp_path: Path) -> None:
         env["OTACM_API_KEY"] = sandbox.api_key
         env["OTACM_PARTNER_IDS"] = sandbox.config.partners[0].id
         code, output = run(["doctor"], env)
-        assert code == 0, output
+        assert code == 1  # the key works, but the venue sends no webhook yet
         assert "ok   venue default:" in output
+        assert "FAIL venue default subscription: no active subscription" in output
+
+        env["OTACM_WEBHOOK_URL"] = "https://otacm.example/webhooks/ota-cm"
+        assert run(["subscribe", "--url", env["OTACM_WEBHOOK_URL"]], env)[0] == 0
+        code, output = run(["doctor"], env)
+        assert code == 0, output
+        assert "ok   venue default subscription: " in output
 
 
 def test_demo_settles_every_order_in_the_local_mirror(tmp_path: Path) -> None:

@@ -35,6 +35,19 @@ def test_readyz_answers_ok_on_a_migrated_database(client: FlaskClient) -> None:
     assert response.get_json() == {"status": "ok", "connections": 2}
 
 
+def test_readyz_is_503_without_a_venue_connection(
+    migrated_engine: sa.Engine, make_app: Callable[[Settings], Flask]
+) -> None:
+    """A migrated database but no venue configured: 503 not_configured, naming what to set;
+    the process is alive all the same."""
+    client = make_app(settings_for(migrated_engine, connections=[])).test_client()
+
+    refused = client.get("/readyz")
+    assert_error(refused, 503, "not_configured")
+    assert "no venue connection configured: set OTACM_TENANT" in refused.get_json()["message"]
+    assert client.get("/healthz").status_code == 200
+
+
 def test_readyz_is_503_on_an_unmigrated_database(
     engine: sa.Engine, make_app: Callable[[Settings], Flask]
 ) -> None:
