@@ -255,8 +255,10 @@ class SchemaNotCurrentError(RuntimeError):
 
 def run_worker(settings: Settings, stop: threading.Event) -> None:
     """The inbox worker: fetch every notified order and mirror it, until ``stop``."""
+    from otacm.liveness import beater
     from receiver.worker import new_owner, run_forever
 
+    beat = beater(settings.liveness_dir, "worker")
     with open_runtime(settings) as runtime:
         run_forever(
             runtime.sessions,
@@ -266,6 +268,7 @@ def run_worker(settings: Settings, stop: threading.Event) -> None:
             batch_size=settings.worker_batch_size,
             lease_seconds=settings.inbox_lease_seconds,
             max_attempts=settings.inbox_max_attempts,
+            on_pass=beat,
         )
 
 
@@ -400,10 +403,17 @@ def run_scheduler(settings: Settings, stop: threading.Event) -> None:
     """
     from apscheduler.schedulers.background import BackgroundScheduler
 
+    from otacm.liveness import beater
     from receiver.worker import new_owner
     from storage.types import utcnow
 
     owner = new_owner()
+    beat = beater(settings.liveness_dir, "scheduler")
+
+    def tick(runtime: Runtime, job: ScheduledJob) -> None:
+        run_scheduled(runtime, job, owner=owner)
+        beat()
+
     if not logger.isEnabledFor(logging.DEBUG):
         # APScheduler logs every tick at INFO; run_scheduled logs the outcomes that matter.
         logging.getLogger("apscheduler.executors").setLevel(logging.WARNING)
@@ -414,10 +424,9 @@ def run_scheduler(settings: Settings, stop: threading.Event) -> None:
             # One run at a time; ticks missed while one was slow are merged, not queued;
             # the jitter keeps several nodes from firing in the same millisecond.
             scheduler.add_job(
-                run_scheduled,
+                tick,
                 "interval",
                 args=(runtime, job),
-                kwargs={"owner": owner},
                 seconds=job.interval,
                 jitter=jitter,
                 next_run_time=utcnow() + dt.timedelta(seconds=random.uniform(0, jitter)),  # noqa: S311
