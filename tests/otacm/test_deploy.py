@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -213,3 +214,93 @@ def test_the_env_example_names_every_setting() -> None:
     assert sorted(expected - named) == []
     assert sorted(named - expected) == []
 
+
+# --- systemd -----------------------------------------------------------------------------
+
+SYSTEMD = DEPLOY / "systemd"
+SERVICES = ("otacm-migrate", "otacm-web", "otacm-worker", "otacm-scheduler")
+MAX_EXPOSURE = 3.0
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} is not installed (scripts/ensure-systemd installs it)")
+    return path
+
+
+def _unit(name: str) -> dict[str, list[str]]:
+    """A unit file's settings, ``Section.Key`` → every value it is given."""
+    values: dict[str, list[str]] = {}
+    section = ""
+    for raw in (SYSTEMD / name).read_text().splitlines():
+        line = raw.strip()
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1]
+        elif line and not line.startswith("#") and "=" in line:
+            key, _, value = line.partition("=")
+            values.setdefault(f"{section}.{key}", []).append(value)
+    return values
+
+
+@pytest.mark.systemd
+@pytest.mark.parametrize("service", SERVICES)
+def test_every_unit_is_sandboxed_to_an_exposure_of_3_or_less(service: str, tmp_path: Path) -> None:
+    """deploy/systemd installed as an operator installs it (into /etc/systemd/system, the
+    hardening drop-in with it), rated by `systemd-analyze security`; no key it ignores."""
+    analyze = _tool("systemd-analyze")
+    shutil.copytree(SYSTEMD, tmp_path / "etc" / "systemd" / "system")
+    done = subprocess.run(
+        [analyze, "security", "--offline=true", f"--root={tmp_path}", f"{service}.service"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "", done.stderr  # an unknown or misplaced key is a warning here
+    exposure = re.search(r"Overall exposure level for \S+: ([\d.]+)", done.stdout)
+    assert exposure, done.stdout
+    assert float(exposure.group(1)) <= MAX_EXPOSURE, done.stdout
+
+
+@pytest.mark.systemd
+def test_sysusers_creates_the_service_user_with_the_state_directory_as_home(
+    tmp_path: Path,
+) -> None:
+    sysusers = _tool("systemd-sysusers")
+    (tmp_path / "etc").mkdir()
+    done = subprocess.run(
+        [sysusers, f"--root={tmp_path}", str(SYSTEMD / "otacm.sysusers")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    (entry,) = [
+        line
+        for line in (tmp_path / "etc" / "passwd").read_text().splitlines()
+        if line.startswith("otacm:")
+    ]
+    fields = entry.split(":")
+    assert fields[5] == "/var/lib/otacm"
+    assert fields[6].endswith("nologin")
+    hardening = _unit("otacm-.service.d/hardening.conf")
+    assert hardening["Service.User"] == ["otacm"]
+    assert hardening["Service.StateDirectory"] == ["otacm"]
+
+
+def test_restarting_the_target_runs_the_migration_again_before_the_roles() -> None:
+    """`systemctl restart otacm.target` restarts what is PartOf it: the migration (a
+    oneshot, so it runs again) and the roles, which start after it and need it."""
+    migrate = _unit("otacm-migrate.service")
+    assert migrate["Service.Type"] == ["oneshot"]
+    assert migrate["Unit.PartOf"] == ["otacm.target"]
+    assert "otacm-migrate.service" in _unit("otacm.target")["Unit.Wants"][0].split()
+    for role in SERVICES[1:]:
+        unit = _unit(f"{role}.service")
+        assert unit["Unit.PartOf"] == ["otacm.target"]
+        assert "otacm-migrate.service" in unit["Unit.Requires"][0].split()
+        assert "otacm-migrate.service" in unit["Unit.After"][0].split()
+        assert unit["Install.WantedBy"] == ["otacm.target"]
