@@ -38,7 +38,7 @@ DOCKERFILE_RUNS = [
     "pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .",
     "pip install --no-cache-dir --require-hashes -r /tmp/requirements.lock"
     " && rm /tmp/requirements.lock",
-    "pip install --no-cache-dir --no-deps /wheels/*.whl && rm -rf /wheels",
+    "pip install --no-cache-dir --no-deps /wheels/*.whl && rm -rf /wheels && pip check",
     "useradd --system --create-home --home-dir /var/lib/otacm otacm"
     " && install -d -o otacm -g otacm -m 0700 /var/lib/otacm/secrets",
 ]
@@ -113,9 +113,10 @@ def image_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # RUN pip install --require-hashes -r /tmp/requirements.lock (COPY'd from the context)
     lock = str(context / "requirements.lock")
     _pip(*image, "install", "--no-compile", "--require-hashes", "-r", lock, cwd=root)
-    # RUN pip install --no-deps /wheels/*.whl
+    # RUN pip install --no-deps /wheels/*.whl && pip check
     (wheel,) = wheels.glob("otacm-*.whl")
     _pip(*image, "install", "--no-compile", "--no-deps", str(wheel), cwd=root)
+    _pip(*image, "check", cwd=root)
     return environment / "bin"
 
 
