@@ -183,6 +183,19 @@ def test_the_image_has_one_health_check_for_every_role() -> None:
     assert "OTACM_LIVENESS_DIR=" in environment
 
 
+def test_the_dockerfile_passes_hadolint() -> None:
+    """hadolint (from the dev lock) finds nothing, not even an info, in the Dockerfile."""
+    hadolint = Path(sys.executable).with_name("hadolint")
+    done = subprocess.run(
+        [str(hadolint), "--no-color", "--failure-threshold", "info", str(DEPLOY / "Dockerfile")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
+
+
 def test_compose_keeps_secrets_on_a_volume_and_no_password_in_the_file() -> None:
     """Every otacm service mounts one named volume at the image's OTACM_SECRETS_DIR; the
     database reads its password from a secret file; no password is written in compose.yaml."""

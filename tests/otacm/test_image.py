@@ -39,7 +39,7 @@ DOCKERFILE_RUNS = [
     "pip install --no-cache-dir --require-hashes -r /tmp/requirements.lock"
     " && rm /tmp/requirements.lock",
     "pip install --no-cache-dir --no-deps /wheels/*.whl && rm -rf /wheels && pip check",
-    "useradd --system --create-home --home-dir /var/lib/otacm otacm"
+    "useradd --system --uid 10001 --user-group --create-home --home-dir /var/lib/otacm otacm"
     " && install -d -o otacm -g otacm -m 0700 /var/lib/otacm/secrets",
 ]
 
