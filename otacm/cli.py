@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 import click
 from click.core import ParameterSource
 
+from otacm.liveness import DEFAULT_MAX_AGE, ROLES
 from otacm.logs import LOG_FORMATS, configure_logging, settings_secrets
 from otacm.settings import Settings, SettingsError, mask_database_url
 
@@ -293,12 +294,14 @@ def _workers_option(function: Any) -> Any:
 @pass_cli
 def web(cli: CliContext, bind: str, workers: int | None) -> None:
     """Serve the receiver (webhooks, health, metrics, the API) under gunicorn."""
+    from otacm.liveness import announce_web
     from otacm.processes import gunicorn_options, metrics_directory, run_web
     from storage.engine import make_engine
 
     with database_errors(cli):
         # Opens nothing but makes a SQLite database's directory: here, not in each worker.
         make_engine(cli.settings.database_url).dispose()
+    announce_web(cli.settings.liveness_dir, bind)
     with metrics_directory():
         run_web(cli.settings, gunicorn_options(bind, workers))
 
@@ -369,6 +372,31 @@ def poll(cli: CliContext, jobs: tuple[str, ...], as_json: bool) -> None:
         for result in results:
             click.echo(result.line())
     if any(result.outcome is JobOutcome.FAILED for result in results):
+        raise SystemExit(1)
+
+
+@main.command()
+@click.option("--role", "roles", multiple=True, type=click.Choice(ROLES), help="Only this role.")
+@click.option(
+    "--max-age", default=DEFAULT_MAX_AGE, show_default=True, help="Seconds a pass may be old."
+)
+@pass_cli
+def health(cli: CliContext, roles: tuple[str, ...], max_age: float) -> None:
+    """Check the roles running here through their liveness files (OTACM_LIVENESS_DIR):
+    web answers /readyz, worker and scheduler passed within --max-age seconds. Without
+    --role, every role that keeps a file there. One line per role; exit 1 if one is not.
+    """
+    from otacm.liveness import check
+
+    directory = cli.settings.liveness_dir
+    if directory is None:
+        raise click.ClickException("OTACM_LIVENESS_DIR is not set: no role keeps a liveness file")
+    verdicts = check(directory, roles, max_age=max_age)
+    if not verdicts:
+        raise click.ClickException(f"no role has started here (no liveness file in {directory})")
+    for verdict in verdicts:
+        click.echo(verdict.line())
+    if not all(verdict.healthy for verdict in verdicts):
         raise SystemExit(1)
 
 

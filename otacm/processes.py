@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -293,9 +293,11 @@ def run_worker(settings: Settings, stop: threading.Event) -> None:
 
     It waits for a database that cannot be reached, at start as while running.
     """
+    from otacm.liveness import beater
     from receiver.worker import new_owner, run_forever
     from storage.engine import WaitStopped
 
+    beat = beater(settings.liveness_dir, "worker")
     try:
         with open_runtime(settings, stop=stop, role="worker") as runtime:
             run_forever(
@@ -306,6 +308,7 @@ def run_worker(settings: Settings, stop: threading.Event) -> None:
                 batch_size=settings.worker_batch_size,
                 lease_seconds=settings.inbox_lease_seconds,
                 max_attempts=settings.inbox_max_attempts,
+                on_pass=beat,
             )
     except WaitStopped:
         logger.info("worker stopped before it could start")
@@ -444,22 +447,38 @@ def run_scheduler(settings: Settings, stop: threading.Event) -> None:
     that cannot be reached is waited for at start; while running, a job that finds it
     away fails that tick, in one log line, and the next tick tries again.
     """
+    from otacm.liveness import beater
     from receiver.worker import new_owner
     from storage.engine import WaitStopped
 
     owner = new_owner()
+    beat = beater(settings.liveness_dir, "scheduler")
+
+    def tick(runtime: Runtime, job: ScheduledJob) -> None:
+        # A tick that ran (whatever the job's outcome) shows the scheduler is alive.
+        run_scheduled(runtime, job, owner=owner)
+        beat()
+
     if not logger.isEnabledFor(logging.DEBUG):
         # APScheduler logs every tick at INFO; run_scheduled logs the outcomes that matter.
         logging.getLogger("apscheduler.executors").setLevel(logging.WARNING)
     try:
         with open_runtime(settings, stop=stop, role="scheduler") as runtime:
-            _run_jobs(settings, runtime, owner=owner, stop=stop)
+            _run_jobs(settings, runtime, tick=tick, owner=owner, stop=stop)
     except WaitStopped:
         logger.info("scheduler stopped before it could start")
 
 
-def _run_jobs(settings: Settings, runtime: Runtime, *, owner: str, stop: threading.Event) -> None:
-    """:func:`run_scheduler`'s APScheduler, on an open runtime, until ``stop``."""
+def _run_jobs(
+    settings: Settings,
+    runtime: Runtime,
+    *,
+    tick: Callable[[Runtime, ScheduledJob], None],
+    owner: str,
+    stop: threading.Event,
+) -> None:
+    """:func:`run_scheduler`'s APScheduler, on an open runtime, calling ``tick`` for
+    each due job until ``stop``."""
     from apscheduler.schedulers.background import BackgroundScheduler
 
     from storage.types import utcnow
@@ -470,10 +489,9 @@ def _run_jobs(settings: Settings, runtime: Runtime, *, owner: str, stop: threadi
         # One run at a time; ticks missed while one was slow are merged, not queued;
         # the jitter keeps several nodes from firing in the same millisecond.
         scheduler.add_job(
-            run_scheduled,
+            tick,
             "interval",
             args=(runtime, job),
-            kwargs={"owner": owner},
             seconds=job.interval,
             jitter=jitter,
             next_run_time=utcnow() + dt.timedelta(seconds=random.uniform(0, jitter)),  # noqa: S311

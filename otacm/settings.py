@@ -298,6 +298,9 @@ class Settings(BaseSettings):
     # Secrets otacm generates itself (webhook client states from `otacm subscribe`) are
     # kept in files here, readable by the owner only.
     secrets_dir: Path = Path("var/secrets")
+    # When set, each role keeps a liveness file here for `otacm health` (otacm.liveness):
+    # the container image's health check.
+    liveness_dir: Path | None = None
 
     # Reconciliation. An order still in flight this long after the sale counts as an
     # exception (stuck), not as pending; amounts that differ by no more than the

@@ -372,6 +372,7 @@ def run_forever(
     lease_seconds: float = 60.0,
     max_attempts: int = 8,
     clock: Callable[[], dt.datetime] = utcnow,
+    on_pass: Callable[[], None] = lambda: None,
 ) -> None:
     """Run :func:`run_once` until ``stop`` is set, waiting ``poll_interval`` when idle.
 
@@ -392,6 +393,7 @@ def run_forever(
         lease_seconds: as for :func:`run_once`.
         max_attempts: as for :func:`run_once`.
         clock: the current time, asked once per pass.
+        on_pass: called as each pass starts (the role's liveness file, otacm.liveness).
     """
     logger.info("inbox worker %s started", owner)
 
@@ -407,6 +409,7 @@ def run_forever(
         )
 
     while not stop.is_set():
+        on_pass()
         try:
             # A database that is away is waited for, with backoff and one line per attempt.
             report = retry_while_unavailable(one_pass, stop=stop, what="inbox worker")
