@@ -1,10 +1,11 @@
 """Customers' names and e-mails are erased after their visit: what that needs stored.
 
 ``venue_order`` and ``ledger_line`` gain ``last_visit_date`` (the latest visit date of
-the order's lines, of the sale's request) and ``personal_data_erased_at``, indexed
-together: the scheduled erasure (:mod:`heartbeat.privacy`) reads only the rows not yet
-erased whose visit is past, so its cost follows what became due, not the history. The
-visit dates of the rows already stored are filled here. ``outbox`` is indexed by
+the order's lines, of the sale's request) and ``personal_data_erased_at``, with a
+partial index of the rows not erased yet, by visit date: the scheduled erasure
+(:mod:`heartbeat.privacy`) reads only those whose visit is past, so its cost follows
+what became due, not the history. The visit dates of the rows already stored are
+filled here. ``outbox`` is indexed by
 ``order_id`` (the calls on an order are erased with it), and ``privacy_erasure`` records
 each erasure. The downgrade drops all of it.
 
@@ -30,6 +31,8 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 _TABLES = ("venue_order", "ledger_line")
+# The indexes hold only the rows not erased yet (storage.models._not_erased_index).
+_NOT_ERASED = sa.text("personal_data_erased_at IS NULL")
 
 
 def upgrade() -> None:
@@ -38,9 +41,11 @@ def upgrade() -> None:
         op.add_column(table, sa.Column("last_visit_date", sa.Date(), nullable=True))
         op.add_column(table, sa.Column("personal_data_erased_at", UTCDateTime(), nullable=True))
         op.create_index(
-            op.f(f"ix_{table}_personal_data_erased_at_last_visit_date"),
+            op.f(f"ix_{table}_last_visit_date"),
             table,
-            ["personal_data_erased_at", "last_visit_date"],
+            ["last_visit_date"],
+            postgresql_where=_NOT_ERASED,
+            sqlite_where=_NOT_ERASED,
         )
     op.create_index(op.f("ix_outbox_order_id"), "outbox", ["order_id"])
     op.create_table(
@@ -118,7 +123,7 @@ def downgrade() -> None:
     op.drop_table("privacy_erasure")
     op.drop_index(op.f("ix_outbox_order_id"), table_name="outbox")
     for table in _TABLES:
-        op.drop_index(op.f(f"ix_{table}_personal_data_erased_at_last_visit_date"), table_name=table)
+        op.drop_index(op.f(f"ix_{table}_last_visit_date"), table_name=table)
         with op.batch_alter_table(table) as batch:
             batch.drop_column("personal_data_erased_at")
             batch.drop_column("last_visit_date")
