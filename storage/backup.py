@@ -60,10 +60,12 @@ def backup_sqlite(engine: sa.Engine, target: Path, *, force: bool = False) -> Ba
         force: replace ``target`` if it exists.
 
     Raises:
-        BackupError: not a SQLite file database, ``target`` exists (without ``force``) or
-            its folder does not, or the copy failed its check.
+        BackupError: not a SQLite file database or no such file, ``target`` exists
+            (without ``force``) or its folder does not, or the copy failed its check.
     """
-    _sqlite_file(engine)
+    database = _sqlite_file(engine)
+    if not database.is_file():
+        raise BackupError(f"there is no database at {database}: nothing to back up")
     if target.exists() and not force:
         raise BackupError(f"{target} exists: name another file, or replace it with --force")
     if not target.parent.is_dir():
@@ -124,7 +126,12 @@ def restore_sqlite(engine: sa.Engine, source: Path, *, force: bool = False) -> B
     return BackupResult(source, source.stat().st_size, current_revision(engine))
 
 
-def _sqlite_file(engine: sa.Engine) -> None:
+def _sqlite_file(engine: sa.Engine) -> Path:
+    """The file of ``engine``'s SQLite database.
+
+    Raises:
+        BackupError: PostgreSQL (with what to use instead), or a database in memory.
+    """
     if engine.dialect.name != "sqlite":
         raise BackupError(
             "otacm db backup and restore copy SQLite databases; back up PostgreSQL with"
@@ -133,6 +140,10 @@ def _sqlite_file(engine: sa.Engine) -> None:
     database = engine.url.database or ""
     if database in ("", ":memory:") or "mode=memory" in str(engine.url):
         raise BackupError("the database is in memory: there is nothing lasting to copy")
+    if database.startswith("file:"):
+        # A URI filename (``?uri=true``): the path is before any query.
+        database = database.removeprefix("file:").split("?", 1)[0]
+    return Path(database).expanduser()
 
 
 def _check(connection: sqlite3.Connection, path: Path) -> None:

@@ -208,6 +208,10 @@ def test_restore_refuses_a_database_with_rows_and_a_file_that_is_no_backup(
     assert done.returncode == 1 and "exists" in done.stderr
     done = otacm("db", "backup", str(tmp_path / "missing" / "b.sqlite3"), database_url=live)
     assert done.returncode == 1 and "is not a folder" in done.stderr
+    nowhere = tmp_path / "nowhere.sqlite3"
+    done = otacm("db", "backup", str(tmp_path / "b.sqlite3"), database_url=f"sqlite:///{nowhere}")
+    assert done.returncode == 1 and "there is no database at" in done.stderr
+    assert not nowhere.exists()
     assert counts(writer.sessions) == before
 
     done = otacm("db", "restore", str(backup), "--force", database_url=live)
