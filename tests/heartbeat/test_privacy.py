@@ -4,11 +4,17 @@ databases: what waits, what is bounded, what goes from the inbox."""
 from __future__ import annotations
 
 import datetime as dt
+import json
+import os
+import subprocess
+import sys
 
+import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from heartbeat.privacy import erase_due, without_personal_data
+from otacm.settings import Settings, SettingsError
 from storage.models import (
     Inbox,
     InboxSource,
@@ -19,7 +25,8 @@ from storage.models import (
     VenueOrder,
 )
 from tests.support.database import texts_in_database
-from tests.support.personal import OTHER, PERSON, plant
+from tests.support.personal import OTHER, PARTNER, PERSON, plant
+from tests.support.processes import ROOT
 
 # The planted sales visit on 2027-01-10: 90 days later is 2027-04-10.
 PAST = dt.datetime(2027, 4, 12, tzinfo=dt.UTC)
@@ -133,3 +140,52 @@ def test_personal_keys_go_from_json_at_any_depth_and_nothing_else() -> None:
         "sellToOrderReference": "R-1",
         "items": [{"visitDate": "2027-01-10", "wallet": {"externalReferenceNumbers": ["E-1"]}}],
     }
+
+
+@pytest.mark.parametrize(("days", "erased"), [("5", True), (None, False)])
+def test_the_scheduled_job_keeps_the_configured_number_of_days(
+    sessions: sessionmaker[Session],
+    migrated_engine: sa.Engine,
+    days: str | None,
+    erased: bool,
+) -> None:
+    """`otacm poll --job erase_personal_data` with a sale visited ten days ago:
+    erased under OTACM_PERSONAL_DATA_DAYS=5, kept under the default 90."""
+    plant(sessions, "SHOP-1", PERSON, "11111111-1111-4111-8111-111111111111")
+    visited = (dt.datetime.now(dt.UTC) - dt.timedelta(days=10)).date()
+    with sessions.begin() as session:
+        session.execute(sa.update(VenueOrder).values(last_visit_date=visited))
+        session.execute(sa.update(LedgerLine).values(last_visit_date=visited))
+        session.execute(sa.update(Outbox).values(state=OutboxState.SENT))
+    environment = {
+        "OTACM_DATABASE_URL": migrated_engine.url.render_as_string(hide_password=False),
+        "OTACM_TENANT": "privacy-test",
+        "OTACM_COMPANY": "CRONUS International Ltd.",
+        "OTACM_API_KEY": "privacy-test-key",
+        "OTACM_PARTNER_IDS": PARTNER,
+        **({"OTACM_PERSONAL_DATA_DAYS": days} if days else {}),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "otacm", "poll", "--job", "erase_personal_data", "--json"],
+        cwd=ROOT,
+        env={**os.environ, **environment},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+    assert done.returncode == 0, done.stderr
+    (result,) = json.loads(done.stdout)
+    assert result["outcome"] == "ran"
+    assert result["report"]["orders"] == result["report"]["ledger_lines"] == int(erased)
+    stored = texts_in_database(sessions)
+    assert all((text in stored) is not erased for text in PERSON)
+
+
+def test_the_retention_is_a_positive_number_of_days(monkeypatch: pytest.MonkeyPatch) -> None:
+    """OTACM_PERSONAL_DATA_DAYS=0 is refused naming the setting: 0 would erase the names of
+    orders whose visit is today."""
+    monkeypatch.setenv("OTACM_PERSONAL_DATA_DAYS", "0")
+    with pytest.raises(SettingsError, match="personal_data_days"):
+        Settings.load()
