@@ -172,6 +172,54 @@ def fail(cli: CliContext, message: str) -> NoReturn:
     raise click.ClickException(message)
 
 
+@db.command("backup")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--force", is_flag=True, help="Replace FILE if it exists.")
+@pass_cli
+def db_backup(cli: CliContext, file: Path, force: bool) -> None:
+    """Copy the SQLite database to FILE, safely while every role runs.
+
+    SQLite's online backup API: one consistent snapshot, checked, written under a
+    temporary name and renamed into place. PostgreSQL is refused with a pointer to
+    pg_dump (README: Backups).
+    """
+    from storage.backup import BackupError, backup_sqlite
+    from storage.engine import make_engine
+
+    engine = make_engine(cli.settings.database_url)
+    try:
+        result = backup_sqlite(engine, file, force=force)
+    except BackupError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        engine.dispose()
+    click.echo(f"backed up to {result.path}: {result.size} bytes, revision {result.revision}")
+
+
+@db.command("restore")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--force", is_flag=True, help="Replace a database that holds rows.")
+@pass_cli
+def db_restore(cli: CliContext, file: Path, force: bool) -> None:
+    """Copy the backup FILE into the configured SQLite database; stop every role first.
+
+    Refused when FILE is no otacm database, or when the database holds rows (a schema
+    alone is fine) unless --force. Run `otacm db upgrade` after restoring an older
+    backup.
+    """
+    from storage.backup import BackupError, restore_sqlite
+    from storage.engine import make_engine
+
+    engine = make_engine(cli.settings.database_url)
+    try:
+        result = restore_sqlite(engine, file, force=force)
+    except BackupError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        engine.dispose()
+    click.echo(f"restored from {result.path}: database at revision {result.revision}")
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--timeout", default=10.0, show_default=True, help="Seconds per venue check.")
@@ -1142,6 +1190,90 @@ def exceptions_accept(
 ) -> None:
     """Mark open exception ID accepted (the difference is right); --note is required."""
     _exception_action(cli, "accept", exception_id, note, actor)
+
+
+@main.group()
+def privacy() -> None:
+    """Customers' personal data: erase one person's names and e-mails on request."""
+
+
+@privacy.command("erase")
+@click.option("--email", default=None, help="The person's e-mail address (any case).")
+@click.option(
+    "--reference", default=None, help="An order's shop reference, venue reference or orderId."
+)
+@click.option("--connection", default=None, help="Only this venue connection's data.")
+@click.option("--actor", default=None, help="Who carries the request out (default: the OS user).")
+@click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON.")
+@pass_cli
+def privacy_erase(
+    cli: CliContext,
+    email: str | None,
+    reference: str | None,
+    connection: str | None,
+    actor: str | None,
+    as_json: bool,
+) -> None:
+    """Erase the names and e-mails of one person's orders everywhere, now.
+
+    Name the person by --email or an order by --reference. Their orders in the mirror,
+    their sales in the ledger, the calls and notifications about them lose every name
+    and e-mail; amounts, references and ticket numbers stay. The erasure is recorded
+    (who, when, the address's SHA-256, never the address, and the counts). Finding
+    nothing is no failure (exit 0): the request is met, and running it again finds
+    nothing left. Calls still waiting to be sent keep their body: run it again once
+    they are sent.
+    """
+    import getpass
+
+    from heartbeat.privacy import ErasureRefused, erase_subject
+    from storage.engine import make_engine, make_sessions
+    from storage.models import ensure_connection
+    from storage.types import utcnow
+
+    settings = cli.settings
+    try:
+        name = settings.connection(connection).name if connection else None
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+    engine = make_engine(settings.database_url)
+    try:
+        sessions = make_sessions(engine)
+        connection_id = None
+        if name is not None:
+            with sessions.begin() as session:
+                connection_id = ensure_connection(session, name)
+        done = erase_subject(
+            sessions,
+            email=email,
+            reference=reference,
+            connection_id=connection_id,
+            actor=actor or getpass.getuser(),
+            now=utcnow(),
+        )
+    except ErasureRefused as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        engine.dispose()
+    report = done.report
+    if as_json:
+        echo_json({"record": done.record_id, "selector": done.selector, **report.as_dict()})
+        return
+    what = "e-mail address" if email is not None else "reference"
+    if not report.erased and not report.kept_unsent:
+        click.echo(f"nothing stored for that {what}: nothing erased (record {done.record_id})")
+        return
+    click.echo(
+        f"erased: {report.orders} order(s), {report.ledger_lines} sale(s), "
+        f"{report.outbox_rows} call(s), {report.inbox_rows} notification(s)"
+        f" (record {done.record_id})"
+    )
+    if report.kept_unsent:
+        click.echo(
+            f"{report.kept_unsent} call(s) still to be sent keep their body: run this again"
+            " once they are sent",
+            err=True,
+        )
 
 
 def _register_sandbox() -> None:

@@ -52,6 +52,9 @@ OUTBOX_RETRY_SECONDS = 10.0
 LOST_SUBMISSIONS_SECONDS = 60.0
 """How often the scheduler looks for submissions the venue never answered for."""
 
+PERSONAL_DATA_SECONDS = 3600.0
+"""How often the scheduler erases customers' names and e-mails past their retention."""
+
 SCHEDULER_JITTER = 0.05
 """A random delay of up to this share of a job's interval is added to each tick, so that
 several nodes' schedulers do not all fire in the same millisecond..."""
@@ -387,6 +390,13 @@ def scheduled_jobs(settings: Settings, runtime: Runtime) -> list[ScheduledJob]:
         )
 
     jobs.append(ScheduledJob("reconcile", settings.recon_interval, reconcile))
+
+    def erase_personal_data(now: dt.datetime) -> object:
+        from heartbeat.privacy import erase_due
+
+        return erase_due(runtime.sessions, now=now, keep_days=settings.personal_data_days)
+
+    jobs.append(ScheduledJob("erase_personal_data", PERSONAL_DATA_SECONDS, erase_personal_data))
     if settings.webhook_url:
         url = settings.webhook_url
 

@@ -310,6 +310,9 @@ class Settings(BaseSettings):
     recon_amount_tolerance: Decimal = Field(default=Decimal("0.01"), ge=0)
     recon_lookback_days: int = Field(default=7, ge=1)
     recon_interval: float = Field(default=86400.0, ge=MIN_POLL_INTERVAL)
+    # Customers' names and e-mails are erased this many days after the visit date
+    # (heartbeat.privacy); amounts, references and ticket numbers stay.
+    personal_data_days: int = Field(default=90, ge=1, le=36500)
     # The shop's JSON API (/api/) creates orders with the venue's key: it answers only
     # requests bearing one of these tokens, and is closed while none is configured.
     api_tokens: SecretCommaList = Field(default_factory=list)

@@ -11,7 +11,8 @@ by the stage of the flow that fills them:
 - heartbeat: :class:`FeedCursor` (the change feed's high-water mark) and
   :class:`JobRun` (each scheduled job's last run and when it is next due);
 - reconcile and report: :class:`ReconRun`, :class:`ReconTotal`, :class:`ReconException`
-  and :class:`ExceptionEvent`.
+  and :class:`ExceptionEvent`;
+- personal data: :class:`PrivacyErasure`, each erasure of customers' names and e-mails.
 
 Every "nothing doubled" rule is a unique constraint, so ``IntegrityError`` means "already
 had it". Times are aware UTC (:class:`~storage.types.UTCDateTime`), money is ``Decimal``
@@ -95,6 +96,18 @@ def _enum(enum_class: type[StrEnum], name: str, length: int = 16) -> sa.Enum:
         values_callable=lambda members: [member.value for member in members],
         validate_strings=True,
     )
+
+
+def _not_erased_index() -> sa.Index:
+    """The rows whose personal data is not erased yet, by last visit date (partial).
+
+    Partial, so that it holds only those rows (the last months, not the history) and
+    the planner knows it: with one index on (erased_at, visit date), PostgreSQL
+    estimated the erased and the visited rows as independent, and read the whole table
+    to find a batch of due rows, under a LIMIT.
+    """
+    condition = sa.text("personal_data_erased_at IS NULL")
+    return sa.Index(None, "last_visit_date", postgresql_where=condition, sqlite_where=condition)
 
 
 # --- enumerations ----------------------------------------------------------------------
@@ -227,6 +240,7 @@ class LedgerLine(Base):
     __table_args__ = (
         sa.UniqueConstraint("connection_id", "partner_id", "reference_key"),
         sa.Index(None, "connection_id", "sold_at"),
+        _not_erased_index(),
         sa.CheckConstraint("quantity >= 0", name="quantity_not_negative"),
     )
 
@@ -253,12 +267,25 @@ class LedgerLine(Base):
     source: Mapped[LedgerSource] = mapped_column(_enum(LedgerSource, "source"))
     # The order request as submitted through otacm (camelCase wire JSON).
     request: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
+    # The latest visit date of the request's lines and scheduled components (set with
+    # ``request``), and when the request's names and e-mails were erased: what the
+    # erasure of personal data (heartbeat.privacy) selects by.
+    last_visit_date: Mapped[dt.date | None]
+    personal_data_erased_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
     @validates("shop_reference")
     def _set_reference_key(self, key: str, value: str) -> str:
         self.reference_key = normalize_reference(value)
+        return value
+
+    @validates("request")
+    def _set_last_visit_date(self, key: str, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        # A request stored anew (a re-submission, a replacement) is the shop's new data:
+        # its visit date starts the retention of its names and e-mails again.
+        self.last_visit_date = request_visit_date(value)
+        self.personal_data_erased_at = None
         return value
 
     @validates("external_reference_numbers")
@@ -284,6 +311,7 @@ class VenueOrder(Base):
         sa.Index(None, "connection_id", "partner_id", "reference_key"),
         sa.Index(None, "connection_id", "buy_from_order_reference"),
         sa.Index(None, "connection_id", "status"),
+        _not_erased_index(),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -313,6 +341,11 @@ class VenueOrder(Base):
     amount_excl_vat: Mapped[Decimal | None] = mapped_column(Money)
     wallet_currencies: Mapped[str | None] = mapped_column(sa.Text)
     wallet_external_references: Mapped[str | None] = mapped_column(sa.Text)
+    # The latest visit date of the order's lines, kept with the totals; and when the
+    # order's names and e-mails were erased (heartbeat.privacy): from then on the
+    # mirror stores none of the order's again (:func:`_keep_erased_orders_erased`).
+    last_visit_date: Mapped[dt.date | None]
+    personal_data_erased_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     removed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     first_seen_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     fetched_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
@@ -357,6 +390,9 @@ class VenueOrder(Base):
         """
         for name, value in dataclasses.asdict(order_totals(self.items)).items():
             setattr(self, name, value)
+        self.last_visit_date = max(
+            (item.visit_date for item in self.items if item.visit_date is not None), default=None
+        )
 
 
 class OrderItem(Base):
@@ -552,6 +588,8 @@ class Outbox(Base):
     __table_args__ = (
         sa.Index(None, "state", "next_attempt_at"),
         sa.Index(None, "ledger_line_id"),
+        # The calls on one order, found when its personal data is erased.
+        sa.Index(None, "order_id"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -1403,3 +1441,91 @@ class SignInAttempt(Base):
     address: Mapped[str] = mapped_column(sa.String(100))
     at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     ok: Mapped[bool]
+
+
+# --- personal data ---------------------------------------------------------------------
+
+
+class ErasureKind(StrEnum):
+    """What an erasure of personal data answered."""
+
+    RETENTION = "retention"
+    """The scheduled erasure of what is past its retention (``OTACM_PERSONAL_DATA_DAYS``)."""
+    EMAIL = "email"
+    """A data subject's request, naming their e-mail address."""
+    REFERENCE = "reference"
+    """A data subject's request, naming an order by its reference or orderId."""
+
+
+class PrivacyErasure(Base):
+    """One erasure of customers' names and e-mails: who, when, what selected, how much.
+
+    ``selector`` never holds an e-mail address: for :attr:`ErasureKind.EMAIL` it is the
+    SHA-256 of the address (trimmed, lower-cased), so a request can be shown handled by
+    hashing the address again; for a reference, the reference as given; for the
+    retention, the cutoff date. ``counts`` is the rows changed per table.
+    """
+
+    __tablename__ = "privacy_erasure"
+    __table_args__ = (sa.Index(None, "at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    kind: Mapped[ErasureKind] = mapped_column(_enum(ErasureKind, "kind"))
+    actor: Mapped[str] = mapped_column(ACTOR)
+    selector: Mapped[str] = mapped_column(REFERENCE)
+    # None when the erasure covered every connection.
+    connection_id: Mapped[int | None] = mapped_column(sa.ForeignKey("venue_connection.id"))
+    counts: Mapped[dict[str, int]] = mapped_column(sa.JSON)
+
+
+def request_visit_date(request: Mapping[str, Any] | None) -> dt.date | None:
+    """The latest visit date an order request names: its lines' and scheduled components'.
+
+    Dates that do not read as ``YYYY-MM-DD`` are passed over (a stored request was
+    checked when it came, but this also reads whatever an older release stored).
+
+    Args:
+        request: an order request as stored (camelCase wire JSON), or ``None``.
+    """
+    if not isinstance(request, Mapping):
+        return None
+    found: list[dt.date] = []
+    items = request.get("items")
+    for item in items if isinstance(items, list) else ():
+        if not isinstance(item, Mapping):
+            continue
+        dates = [item.get("visitDate")]
+        wallet = item.get("wallet")
+        schedule = wallet.get("componentSchedule") if isinstance(wallet, Mapping) else None
+        for entry in schedule if isinstance(schedule, list) else ():
+            if isinstance(entry, Mapping):
+                dates.append(entry.get("visitDate"))
+        for text in dates:
+            if isinstance(text, str):
+                try:
+                    found.append(dt.date.fromisoformat(text))
+                except ValueError:
+                    continue
+    return max(found, default=None)
+
+
+@sa.event.listens_for(Session, "before_flush")
+def _keep_erased_orders_erased(session: Session, flush_context: Any, instances: Any) -> None:
+    """Store no name or e-mail of an order whose personal data was erased.
+
+    The venue keeps its orders' names and e-mails, and hands them back with every
+    getOrder (the watchdog re-reads Draft and Error orders for ever): without this, an
+    erased order would hold them again at its next fetch.
+    """
+    for row in (*session.new, *session.dirty):
+        if isinstance(row, VenueOrder):
+            if row.personal_data_erased_at is not None:
+                row.sell_to_name = row.sell_to_email = None
+        elif isinstance(row, OrderItem):
+            if row.order is not None and row.order.personal_data_erased_at is not None:
+                row.sell_to_name = row.sell_to_email = None
+        elif isinstance(row, Wallet):
+            order = row.item.order if row.item is not None else None
+            if order is not None and order.personal_data_erased_at is not None:
+                row.name = None

@@ -15,8 +15,9 @@ from decimal import Decimal
 import sqlalchemy as sa
 
 from reconciler.engine import reconcile
-from storage.models import Base, ForeignOrder, ReconException, ReconTrigger, VenueOrder
+from storage.models import ForeignOrder, ReconException, ReconTrigger, VenueOrder
 from tests.e2e.conftest import E2E
+from tests.support.database import texts_in_database as stored_texts
 from venue.models import OrderRequest
 
 NAME = "Other Partner Guest"
@@ -31,18 +32,7 @@ def other_partner(e2e: E2E) -> str:
 
 def texts_in_database(e2e: E2E) -> str:
     """Every text and JSON value of otacm's database, joined: what a search would find."""
-    found: list[str] = []
-    with e2e.worker.sessions.begin() as session:
-        for table in Base.metadata.sorted_tables:
-            columns = [
-                column
-                for column in table.columns
-                if isinstance(column.type, sa.String | sa.Text | sa.JSON)
-            ]
-            if columns:
-                for row in session.execute(sa.select(*columns)):
-                    found.extend(str(value) for value in row if value is not None)
-    return "\n".join(found)
+    return stored_texts(e2e.worker.sessions)
 
 
 def test_another_partners_order_is_fetched_once_and_nothing_of_it_kept(e2e: E2E) -> None:

@@ -38,6 +38,7 @@ ALL_JOBS = [
     "lost_submissions",
     "confirm_drafts",
     "reconcile",
+    "erase_personal_data",
 ]
 
 

@@ -421,3 +421,70 @@ def test_0010_records_each_feed_cursor_as_its_first_mark(engine: sa.Engine) -> N
     with engine.begin() as connection:
         command.downgrade(migrate.alembic_config(connection), "0009")
     assert "feed_mark" not in sa.inspect(engine).get_table_names()
+
+
+def test_0014_fills_the_visit_dates_the_erasure_of_personal_data_selects_by(
+    engine: sa.Engine,
+) -> None:
+    """An order's last visit date is its lines' latest; a sale's, its request's latest,
+    a scheduled component's included; an order without lines and an imported sale (no
+    request) have none. Nothing is erased yet."""
+    migrate.upgrade(engine, "0011")
+    at = "2026-05-15 09:31:06.000000"
+    request = {
+        "items": [
+            {"visitDate": "2026-06-01"},
+            {
+                "visitDate": "2026-06-02",
+                "wallet": {"componentSchedule": [{"visitDate": "2026-06-09"}]},
+            },
+        ]
+    }
+    order = (
+        "INSERT INTO venue_order (id, connection_id, order_id, partner_id,"
+        " sell_to_order_reference, reference_key, status, status_changed_at, first_seen_at,"
+        " updated_at) VALUES (:id, 1, :order_id, 'p', :ref, :ref, 'Issued', :at, :at, :at)"
+    )
+    sale = (
+        "INSERT INTO ledger_line (id, connection_id, partner_id, shop_reference,"
+        " reference_key, sold_at, quantity, amount, currency, amount_includes_vat, state,"
+        " source, request, created_at, updated_at) VALUES (:id, 1, 'p', :ref, :ref, :at, 1,"
+        " 1000000, 'DKK', true, 'active', :source, :request, :at, :at)"
+    )
+    item = (
+        "INSERT INTO order_item (venue_order_id, line_no, item_number, is_package, quantity,"
+        " visit_date) VALUES (1, :line_no, '31001', false, 1, :visit)"
+    )
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text("INSERT INTO venue_connection (id, name, created_at) VALUES (1, 'v', :at)"),
+            {"at": at},
+        )
+        connection.execute(sa.text(order), {"id": 1, "order_id": "o-1", "ref": "A", "at": at})
+        connection.execute(sa.text(order), {"id": 2, "order_id": "o-2", "ref": "B", "at": at})
+        for line_no, visit in ((1, "2026-07-01"), (2, "2026-07-03"), (3, None)):
+            connection.execute(sa.text(item), {"line_no": line_no, "visit": visit})
+        insert_sale = sa.text(sale).bindparams(sa.bindparam("request", type_=sa.JSON))
+        connection.execute(
+            insert_sale, {"id": 1, "ref": "A", "at": at, "source": "submit", "request": request}
+        )
+        connection.execute(
+            insert_sale, {"id": 2, "ref": "B", "at": at, "source": "import", "request": None}
+        )
+
+    migrate.upgrade(engine)
+
+    with engine.connect() as connection:
+        for table in ("venue_order", "ledger_line"):
+            rows = connection.execute(
+                sa.select(
+                    sa.column("id"),
+                    sa.column("last_visit_date", sa.Date),
+                    sa.column("personal_data_erased_at"),
+                ).select_from(sa.table(table))
+            ).all()
+            expected = {
+                "venue_order": [(1, dt.date(2026, 7, 3), None), (2, None, None)],
+                "ledger_line": [(1, dt.date(2026, 6, 9), None), (2, None, None)],
+            }[table]
+            assert sorted(tuple(row) for row in rows) == expected
