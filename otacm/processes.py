@@ -302,7 +302,13 @@ def scheduled_jobs(settings: Settings, runtime: Runtime) -> list[ScheduledJob]:
         )
 
     def retry_outbox(now: dt.datetime) -> object:
-        return run_outbox_once(runtime.sessions, runtime.clients, owner=owner, now=now)
+        return run_outbox_once(
+            runtime.sessions,
+            runtime.clients,
+            owner=owner,
+            now=now,
+            lease_seconds=settings.outbox_lease_seconds,
+        )
 
     def lost_submissions(now: dt.datetime) -> object:
         return find_lost_submissions(

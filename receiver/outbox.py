@@ -2132,6 +2132,7 @@ def submit_file(
             amount_includes_vat=submission.amount_includes_vat,
             connection=name,
             owner=owner,
+            lease_seconds=settings.outbox_lease_seconds,
         )
         for submission, name in zip(submissions, chosen, strict=True)
     ]

@@ -1213,6 +1213,32 @@ def test_an_outcome_prints_and_serializes_without_customer_data(
     assert "Jane Doe" not in text and "guest@example.com" not in text
 
 
+def test_otacm_submit_holds_its_row_for_the_configured_lease(
+    sessions: sessionmaker[Session],
+    client: VenueClient,
+    venue: FakeVenue,
+    connection_id: int,
+    tmp_path: Path,
+) -> None:
+    """``OTACM_OUTBOX_LEASE_SECONDS`` is the lease ``otacm submit`` holds its row for."""
+    leases: list[dt.datetime | None] = []
+
+    def watch(venue: FakeVenue, body: dict[str, Any]) -> httpx.Response:
+        with sessions.begin() as session:
+            leases.append(session.scalar(sa.select(Outbox.lease_expires_at)))
+        return venue.accept(body)
+
+    venue.scripts = [watch]
+    path = tmp_path / "order.json"
+    path.write_text(json.dumps(order_body("F-1")), encoding="utf-8")
+    settings = Settings(connections=[CONNECTION], outbox_lease_seconds=7)
+
+    [outcome] = submit_file(settings, path, sessions=sessions, clients={"default": client}, now=T0)
+
+    assert outcome.status is SubmitStatus.SENT
+    assert leases == [T0 + dt.timedelta(seconds=7)]
+
+
 def test_submit_file_records_and_sends_every_order(
     sessions: sessionmaker[Session],
     client: VenueClient,
