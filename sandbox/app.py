@@ -194,16 +194,18 @@ def _finish(response: Response) -> Response:
             and 200 <= response.status_code < 300
             and runtime.faults.lose_answer()
         ):
-            _lose_answer(runtime)
+            return _lose_answer(runtime, response)
     return response
 
 
-def _lose_answer(runtime: SandboxRuntime) -> None:
+def _lose_answer(runtime: SandboxRuntime, response: Response) -> Response:
     """Cut the connection instead of answering: the work is done, the answer never comes.
 
     After ``answerLostAfterSeconds`` of silence the socket is shut down, so the client
     reads the end of the connection where the answer should be (or has timed out by
     then); werkzeug's write of the answer then fails, and it drops the connection.
+    Served without werkzeug's socket (a test client), the answer is a gateway 504
+    instead: no order in it either.
     """
     runtime.stats.gateway("answersLost")
     logger.info("fault: the answer to %s %s is lost", request.method, g.api_name)
@@ -211,10 +213,12 @@ def _lose_answer(runtime: SandboxRuntime) -> None:
     if wait:
         time.sleep(wait)
     connection = request.environ.get("werkzeug.socket")
-    if isinstance(connection, socket.socket):
-        # OSError: the client hung up first; the answer is lost all the same.
-        with contextlib.suppress(OSError):
-            connection.shutdown(socket.SHUT_RDWR)
+    if not isinstance(connection, socket.socket):
+        return error_response(504, "gateway_timeout", "The gateway timed out waiting")
+    # OSError: the client hung up first; the answer is lost all the same.
+    with contextlib.suppress(OSError):
+        connection.shutdown(socket.SHUT_RDWR)
+    return response
 
 
 def _body(*, venue: bool = False) -> Any:

@@ -28,7 +28,8 @@ the complete set now in force (``GET /_sandbox/faults`` reads it):
   succeeded — as a gateway that times out or resets the connection after the venue
   committed: the call took effect, the client gets no answer. ``answerLostCount`` loses
   the next that many such answers (counting down to 0, shown as it goes), then
-  ``answerLostRate`` decides. Counted in the stats' ``gateway.answersLost``.
+  ``answerLostRate`` decides. Counted in the stats' ``gateway.answersLost``. (Served
+  without werkzeug's socket, as by a test client, the lost answer is a gateway 504.)
 - ``answerLostAfterSeconds`` (≥ 0): how long the connection stays open and silent before
   it is cut; longer than the client's read timeout, the loss is the client's timeout.
 - ``latencyMs`` (≥ 0): added to every API call.

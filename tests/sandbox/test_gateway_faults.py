@@ -13,8 +13,10 @@ from click.testing import CliRunner
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
+from sandbox import Faults
+from sandbox.app import create_sandbox_app, sandbox_runtime
 from sandbox.cli import build_config, sandbox_command
-from tests.sandbox.conftest import PARTNER, Receiver, Venue, order_body
+from tests.sandbox.conftest import PARTNER, Receiver, Venue, config_for_tests, order_body
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
@@ -77,6 +79,24 @@ def test_every_order_call_can_lose_its_answer_after_the_work(venue: Venue, call:
     }[call]
     assert (after.status_code, after.json().get("status")) == expected
     assert venue.stats()["gateway"]["answersLost"] == 1
+
+
+def test_without_a_socket_to_cut_a_lost_answer_is_a_gateway_504() -> None:
+    """Served in-process (no werkzeug socket), the lost answer is a 504 with no order in
+    it; the order was taken all the same."""
+    config = config_for_tests(faults=Faults(answer_lost_count=1))
+    app = create_sandbox_app(config)
+    try:
+        base = f"/{config.tenant}/{config.environment}/{config.company_path}"
+        headers = {"x-np-api-key": config.api_key.get_secret_value()}
+        answer = app.test_client().post(
+            f"{base}/channelManager", json=order_body("NOSOCK-1"), headers=headers
+        )
+        assert answer.status_code == 504
+        assert answer.get_json()["code"] == "gateway_timeout"
+        assert sandbox_runtime(app).store.find(PARTNER, "NOSOCK-1") is not None
+    finally:
+        sandbox_runtime(app).close()
 
 
 def test_a_refusal_is_never_lost(venue: Venue) -> None:
