@@ -319,7 +319,13 @@ def scheduled_jobs(settings: Settings, runtime: Runtime) -> list[ScheduledJob]:
         )
 
     def confirm_drafts(now: dt.datetime) -> object:
-        return confirm_paid_drafts(runtime.sessions, runtime.clients, owner=owner, now=now)
+        return confirm_paid_drafts(
+            runtime.sessions,
+            runtime.clients,
+            owner=owner,
+            now=now,
+            lease_seconds=settings.outbox_lease_seconds,
+        )
 
     jobs = [
         ScheduledJob("change_feed", settings.poll_interval, change_feed),
