@@ -1364,12 +1364,15 @@ def _send_create(send: _Send) -> SendResult:
 def _look_up_sale(send: _Send, request: OrderRequest) -> SendResult | None:
     """Settle a create claimed again with the sale's order, if there is one; else None.
 
-    First the mirror (:func:`sale_orders`: the webhook or the feed may have brought the
-    order), then the venue (listOrdersByPartner by ``sellToOrderReference``, the order
-    found read with getOrder). An order found settles the row ``sent`` with it, mirrored;
-    one in Error is settled all the same, never sent again (:data:`FOUND_IN_ERROR`). Only
-    a look-up the venue answered with nothing lets the create be sent (``None``); one it
-    did not answer is retried, as the create would be.
+    The mirror first: a live order of the sale in any status but Error (a webhook or
+    the feed brought it) is the sale's order, and the venue is not asked. Otherwise the
+    venue (listOrdersByPartner by ``sellToOrderReference``, the order found read with
+    getOrder): an order in Error in the mirror may be an earlier submission's that this
+    row's lost create made the venue replace, and one the mirror lacks may have landed.
+    An order found settles the row ``sent`` with it, mirrored; one in Error is settled
+    all the same, never sent again (:data:`FOUND_IN_ERROR`). Only a look-up the venue
+    answered with nothing lets the create be sent (``None``); one it did not answer is
+    retried, as the create would be.
     """
     claim = send.claim
     with send.sessions.begin() as session:
@@ -1379,22 +1382,15 @@ def _look_up_sale(send: _Send, request: OrderRequest) -> SendResult | None:
             _guid(request.partner_id),
             normalize_reference(request.sell_to_order_reference),
         )
-    if known:
-        mirrored = known[0]
+    live = [order for order in known if order.removed_at is None]
+    if live and live[0].status is not OrderStatus.ERROR:
         logger.info(
             "outbox %d: the mirror has order %s (%s) of this sale; not sent again",
             claim.id,
-            mirrored.order_id,
-            "removed" if mirrored.removed_at is not None else mirrored.status,
+            live[0].order_id,
+            live[0].status,
         )
-        in_error = mirrored.removed_at is None and mirrored.status is OrderStatus.ERROR
-        return send.sent(
-            None,
-            order_id=mirrored.order_id,
-            resolved=True,
-            found_in_error=in_error,
-            message=FOUND_IN_ERROR if in_error else None,
-        )
+        return send.sent(None, order_id=live[0].order_id, resolved=True)
     try:
         found = send.venue(
             send.client.find_by_reference, request.partner_id, request.sell_to_order_reference
@@ -1418,7 +1414,7 @@ def sale_orders(
     session: Session, connection_id: int, partner_id: str, reference_key: str
 ) -> list[VenueOrder]:
     """The mirrored orders of one sale (connection, partner, reference): live ones first,
-    then the most recently seen; removed ones included (the venue had them)."""
+    each group most recently seen first; removed ones included."""
     return list(
         session.scalars(
             sa.select(VenueOrder)

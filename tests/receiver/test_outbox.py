@@ -934,12 +934,12 @@ def test_a_lost_create_found_in_error_is_settled_and_never_sent_again(
 def test_a_create_claimed_again_settles_with_the_order_the_mirror_already_has(
     sessions: sessionmaker[Session], client: VenueClient, venue: FakeVenue, connection_id: int
 ) -> None:
-    """A webhook brought the order (in Error) before the row was claimed again: the row
+    """A webhook brought the order (Issued) before the row was claimed again: the row
     is settled with it without a single venue call."""
     venue.scripts = [FakeVenue.lose_answer]
     submit(sessions, client, connection_id)
     [lost] = venue.orders.values()
-    lost.update(status="Error", statusMessage="Import header not found.")
+    lost.update(status="Issued")
     with sessions.begin() as session:
         upsert_order(
             session,
@@ -953,10 +953,50 @@ def test_a_create_claimed_again_settles_with_the_order_the_mirror_already_has(
 
     result = send_outbox_row(sessions, client, outbox.id, owner="w", now=outbox.next_attempt_at)
 
-    assert (result.outcome, result.found_in_error) == (SendOutcome.SENT, True)
+    assert (result.outcome, result.resolved, result.found_in_error) == (
+        SendOutcome.SENT,
+        True,
+        False,
+    )
     assert venue.calls == calls_before
     [outbox] = rows(sessions, Outbox)
     assert (outbox.state, outbox.order_id) == (OutboxState.SENT, lost["orderId"])
+
+
+def test_an_error_order_in_the_mirror_is_checked_at_the_venue(
+    sessions: sessionmaker[Session], client: VenueClient, venue: FakeVenue, connection_id: int
+) -> None:
+    """The mirror's Error order is an earlier submission's, which this row's lost create
+    made the venue replace: the venue's look-up names the new order, the row settles
+    with it, and the old one is marked removed."""
+    venue.scripts = [answer(503, "busy")]
+    submit(sessions, client, connection_id)  # the first attempt fails before the venue
+    old_order = venue.store(order_body(), status="Error")
+    with sessions.begin() as session:
+        upsert_order(
+            session,
+            connection_id,
+            Order.model_validate(old_order),
+            source=ChangeSource.FEED,
+            observed_at=T0,
+        )
+    del venue.orders[old_order["orderId"]]
+    new_order = venue.store(order_body())  # as the venue accepted a lost create
+    [outbox] = rows(sessions, Outbox)
+
+    result = send_outbox_row(sessions, client, outbox.id, owner="w", now=outbox.next_attempt_at)
+
+    assert (result.outcome, result.order_id, result.found_in_error) == (
+        SendOutcome.SENT,
+        new_order["orderId"],
+        False,
+    )
+    assert (venue.calls["create"], venue.calls["list"]) == (1, 1)
+    with sessions.begin() as session:
+        live = session.scalars(
+            sa.select(VenueOrder.order_id).where(VenueOrder.removed_at.is_(None))
+        ).all()
+    assert live == [new_order["orderId"]]
 
 
 def test_a_create_cut_off_before_its_call_is_sent_exactly_once_after_its_lease(
