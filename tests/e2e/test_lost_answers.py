@@ -195,3 +195,52 @@ def test_a_create_cut_off_before_the_venue_saw_it_is_sent_exactly_once(
     assert row.state is OutboxState.SENT
     e2e.worker.drain()
     assert sender.live_orders() == [(row.order_id, OrderStatus.SUBMITTED)]
+
+
+@pytest.mark.parametrize("settings_changes", [{"outbox_lease_seconds": LEASE_SECONDS}])
+def test_the_scheduler_settles_a_killed_submission_one_pass_after_its_lease(
+    e2e: E2E,
+    sender: Sender,
+    otacm: Callable[..., OtacmProcess],
+    settings: Settings,
+    tmp_path: Path,
+) -> None:
+    """``otacm submit`` killed mid-call (the venue took the order, the answer was held
+    back); ``otacm scheduler`` settles the row with that order at its first outbox pass
+    after the lease: one createOrder, and not minutes later."""
+    e2e.faults(answerLostCount=1, answerLostAfterSeconds=10.0)
+    sale = tmp_path / "sale.json"
+    sale.write_text(json.dumps(e2e.order_body("LOST-SCHED-1")), encoding="utf-8")
+    environment = otacm_environment(settings)
+    submit = otacm("submit", str(sale), environment=environment)
+    wait_until(
+        lambda: e2e.sandbox.runtime.store.find(e2e.partner_id, "LOST-SCHED-1"),
+        30,
+        what="the venue to take the order",
+    )
+    assert submit.kill() == -signal.SIGKILL
+    e2e.deliver()
+    (venue_order,) = e2e.sandbox.runtime.store.with_status(OrderStatus.ISSUED)
+    expires = sender.row().lease_expires_at
+    assert expires is not None
+
+    scheduler = otacm("scheduler", environment=environment)
+    try:
+        wait_until(
+            lambda: sender.row().state is OutboxState.SENT or not scheduler.alive(),
+            60,
+            what="the scheduler to settle the row",
+        )
+    finally:
+        scheduler.stop()
+
+    row = sender.row()
+    assert (row.state, row.order_id) == (OutboxState.SENT, venue_order.order.order_id)
+    assert row.sent_at is not None
+    # The pass that settled it came at the first outbox interval after the lease (with
+    # room for a loaded machine), where the fixed lease made it five minutes.
+    after_lease = row.sent_at - expires
+    assert (
+        dt.timedelta(seconds=-1) <= after_lease <= dt.timedelta(seconds=OUTBOX_RETRY_SECONDS + 10)
+    )
+    assert e2e.calls("createOrder") == 1
