@@ -52,6 +52,7 @@ from receiver.outbox import (
     submit_now,
 )
 from receiver.worker import run_once
+from reconciler.engine import reconcile_connections
 from sandbox import SandboxConfig, SandboxServer
 from sandbox.config import DEFAULT_PARTNERS
 from storage.models import (
@@ -65,6 +66,8 @@ from storage.models import (
     Outbox,
     OutboxOperation,
     OutboxState,
+    ReconException,
+    ReconTrigger,
     StatusChange,
     VenueOrder,
     Wallet,
@@ -1093,6 +1096,21 @@ def test_a_new_order_for_a_sale_retires_its_order_in_error(
         OrderStatus.ERROR,
         [ChangeSource.WEBHOOK, ChangeSource.SUBMIT],
     )
+    later = T0 + dt.timedelta(days=1)
+    reconcile_connections(
+        sessions,
+        [connection_id],
+        period_from=T0 - dt.timedelta(days=1),
+        period_to=later,
+        now=later,
+        trigger=ReconTrigger.MANUAL,
+        actor="tester",
+        grace=dt.timedelta(hours=1),
+        tolerance=Decimal("0.01"),
+    )
+    with sessions.begin() as session:
+        categories = session.scalars(sa.select(ReconException.category)).all()
+    assert "multiple_orders" not in categories
 
 
 def test_a_live_sender_renews_its_lease_and_is_not_overtaken(
