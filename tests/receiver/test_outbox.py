@@ -24,13 +24,14 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
 from heartbeat.actions import error_orders
 from otacm.processes import OUTBOX_RETRY_SECONDS
 from otacm.settings import Settings, VenueConnection
 from receiver.outbox import (
+    DEFAULT_LEASE_SECONDS,
     FOUND_IN_ERROR,
     NO_CURRENCY,
     NO_LONGER_KNOWN,
@@ -1269,6 +1270,14 @@ def test_an_outcome_prints_and_serializes_without_customer_data(
     assert outcome.to_json()["status"] == "Submitted"
     assert outcome.order_id is not None and outcome.order_id in text
     assert "Jane Doe" not in text and "guest@example.com" not in text
+
+
+def test_the_lease_setting_defaults_to_the_outboxs_lease_and_refuses_too_short() -> None:
+    """``OTACM_OUTBOX_LEASE_SECONDS`` defaults to the outbox's own default (120 s, above one
+    venue call's worst case with retries) and refuses less than 5 s."""
+    assert Settings().outbox_lease_seconds == DEFAULT_LEASE_SECONDS == 120
+    with pytest.raises(ValidationError, match="outbox_lease_seconds"):
+        Settings(outbox_lease_seconds=1)
 
 
 def test_otacm_submit_holds_its_row_for_the_configured_lease(
