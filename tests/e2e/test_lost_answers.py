@@ -16,6 +16,7 @@ import datetime as dt
 import json
 import signal
 from collections.abc import Callable, Iterator
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -24,8 +25,22 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from otacm.processes import OUTBOX_RETRY_SECONDS
 from otacm.settings import Settings
-from receiver.outbox import FOUND_IN_ERROR, claim_outbox, record_submission, run_outbox_once
-from storage.models import Outbox, OutboxState, VenueOrder, ensure_connection
+from receiver.outbox import (
+    FOUND_IN_ERROR,
+    claim_outbox,
+    record_submission,
+    run_outbox_once,
+    submit_now,
+)
+from reconciler.engine import reconcile_connections
+from storage.models import (
+    Outbox,
+    OutboxState,
+    ReconException,
+    ReconTrigger,
+    VenueOrder,
+    ensure_connection,
+)
 from storage.types import utcnow
 from tests.e2e.conftest import E2E, OtacmProcess, line, otacm_environment, run_otacm, wait_until
 from tests.support.stack import error_line
@@ -244,3 +259,63 @@ def test_the_scheduler_settles_a_killed_submission_one_pass_after_its_lease(
         dt.timedelta(seconds=-1) <= after_lease <= dt.timedelta(seconds=OUTBOX_RETRY_SECONDS + 10)
     )
     assert e2e.calls("createOrder") == 1
+
+
+def test_many_sales_through_lost_answers_errors_and_outages_are_each_created_once(
+    e2e: E2E, settings: Settings, sessions: sessionmaker[Session]
+) -> None:
+    """Forty sales submitted while the gateway loses a third of the answers, answers one
+    call in ten 503 and a third of the processing runs end in Error; the outbox, passes
+    apart, settles every row: each sale created at the venue exactly once (no resend
+    over an order in Error), one live mirrored order per sale, as the venue has it, and
+    reconciliation sees no sale with several orders."""
+    e2e.faults(answerLostRate=0.3, rate503=0.1, errorRate=0.3)
+    (connection,) = settings.connections
+    with sessions.begin() as session:
+        connection_id = ensure_connection(session, connection.name)
+    references = [f"MANY-{n:03d}" for n in range(40)]
+    now = utcnow()
+    with open_client(connection, retry=RetryPolicy(attempts=1)) as client:
+        for reference in references:
+            submit_now(sessions, client, connection_id, e2e.order_request(reference), now=now)
+        for _ in range(20):
+            e2e.tick()
+            now += dt.timedelta(minutes=30)  # past any backoff or lease
+            run_outbox_once(sessions, {connection_id: client}, owner="sender", now=now)
+            with sessions.begin() as session:
+                open_rows = session.scalar(
+                    sa.select(sa.func.count())
+                    .select_from(Outbox)
+                    .where(Outbox.state.in_([OutboxState.PENDING, OutboxState.LEASED]))
+                )
+            if not open_rows:
+                break
+    e2e.faults(answerLostRate=0, rate503=0, errorRate=0)
+    e2e.settle_webhooks()
+    e2e.worker.drain()
+
+    assert e2e.stats()["calls"]["createOrder"].get("201") == len(references)
+    with sessions.begin() as session:
+        states = session.scalars(sa.select(Outbox.state)).all()
+        live = session.execute(
+            sa.select(VenueOrder.reference_key, VenueOrder.order_id).where(
+                VenueOrder.removed_at.is_(None)
+            )
+        ).all()
+    assert set(states) == {OutboxState.SENT}
+    assert sorted(reference for reference, _ in live) == references
+    e2e.assert_mirrored([order_id for _, order_id in live])
+    reconcile_connections(
+        sessions,
+        [connection_id],
+        period_from=now - dt.timedelta(days=1),
+        period_to=now,
+        now=now,
+        trigger=ReconTrigger.MANUAL,
+        actor="tester",
+        grace=dt.timedelta(hours=1),
+        tolerance=Decimal("0.01"),
+    )
+    with sessions.begin() as session:
+        categories = session.scalars(sa.select(ReconException.category)).all()
+    assert "multiple_orders" not in categories
