@@ -28,7 +28,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from receiver.outbox import SendOutcome, send_outbox_row
+from receiver.outbox import DEFAULT_LEASE_SECONDS, SendOutcome, send_outbox_row
 from storage.models import (
     LedgerLine,
     LedgerState,
@@ -120,6 +120,7 @@ def confirm_paid_drafts(
     owner: str,
     now: dt.datetime,
     limit: int = DEFAULT_CONFIRM_LIMIT,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
 ) -> ActionReport:
     """Confirm the Draft orders the shop has been paid for: record, then send each once.
 
@@ -135,6 +136,8 @@ def confirm_paid_drafts(
         owner: the lease owner name (:func:`receiver.worker.new_owner`).
         now: the current time (aware).
         limit: the most confirms to record in this run, oldest drafts first.
+        lease_seconds: how long each confirm's row is held while it is sent
+            (``OTACM_OUTBOX_LEASE_SECONDS``).
 
     Returns:
         What the run did.
@@ -184,7 +187,14 @@ def confirm_paid_drafts(
     report.queued = len(queued)
 
     for outbox_id, connection_id, order_id in queued:
-        result = send_outbox_row(sessions, clients[connection_id], outbox_id, owner=owner, now=now)
+        result = send_outbox_row(
+            sessions,
+            clients[connection_id],
+            outbox_id,
+            owner=owner,
+            now=now,
+            lease_seconds=lease_seconds,
+        )
         if result.outcome is SendOutcome.SENT:
             if result.order is not None and result.order.status is OrderStatus.ISSUED:
                 report.confirmed += 1

@@ -24,8 +24,9 @@ Which create rows count as "the call was made":
 - not ``failed``: the venue refused the order, and the sender already looked it up by
   reference when it did (a refusal is always checked against the venue's orders);
   looking again every few minutes would only repeat that answer. Nor ``pending`` or
-  ``leased`` rows: the sender still owns them, and its duplicate-reference handling
-  finds an order that landed.
+  ``leased`` rows: the sender still owns them, and it looks a sale up the same way
+  (:func:`receiver.outbox.latest_summary` names the order found) before it sends a
+  create again.
 
 A line the venue has no order for is not asked about again at every run. Without a new
 column, the time of the next look-up is kept in the create row's ``next_attempt_at``,
@@ -41,13 +42,14 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, fields
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from receiver.inbox import Lookup, queue_lookups
+from receiver.outbox import latest_summary
 from storage.lease import NO_SYNC
 from storage.models import (
     LedgerLine,
@@ -303,7 +305,7 @@ def _record(
         ]
         queue_lookups(connection, connection_id, lookups, now=now)
         for suspect, orders in found:
-            latest = _latest(orders)
+            latest = latest_summary(orders)
             logger.info(
                 "submission %s (ledger line %d, outbox %d) found at the venue: order %s is %s",
                 suspect.reference,
@@ -356,10 +358,3 @@ def _put_off(session: Session, suspect: _Suspect, until: dt.datetime) -> None:
         .values(next_attempt_at=until)
         .execution_options(**NO_SYNC)
     )
-
-
-def _latest(found: Sequence[OrderSummary]) -> OrderSummary:
-    # Several only in the venue's history of deleted-and-resubmitted Error orders; the
-    # one received last is the one the reference names now.
-    epoch = dt.datetime.min.replace(tzinfo=dt.UTC)
-    return max(found, key=lambda summary: summary.received_at or epoch)

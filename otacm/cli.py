@@ -700,7 +700,13 @@ def orders_replace(
         cli,
         connection or replacement.connection,
         lambda sessions, clients: replace_order(
-            sessions, clients, key, replacement, now=utcnow(), connection=connection
+            sessions,
+            clients,
+            key,
+            replacement,
+            now=utcnow(),
+            connection=connection,
+            lease_seconds=cli.settings.outbox_lease_seconds,
         ),
     )
     _print_action(outcome, as_json)
@@ -726,7 +732,12 @@ def orders_cancel(cli: CliContext, key: str, connection: str | None, as_json: bo
         cli,
         connection,
         lambda sessions, clients: cancel_order(
-            sessions, clients, key, now=utcnow(), connection=connection
+            sessions,
+            clients,
+            key,
+            now=utcnow(),
+            connection=connection,
+            lease_seconds=cli.settings.outbox_lease_seconds,
         ),
     )
     _print_action(outcome, as_json)

@@ -31,6 +31,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from receiver.outbox import (
+    DEFAULT_LEASE_SECONDS,
     SendOutcome,
     SendResult,
     Submission,
@@ -188,6 +189,7 @@ def replace_order(
     now: dt.datetime,
     connection: str | None = None,
     owner: str | None = None,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
 ) -> ActionOutcome:
     """``otacm orders replace``: send ``replacement`` for the order ``key`` names now.
 
@@ -206,6 +208,8 @@ def replace_order(
         connection: the venue connection's name, to choose among several; the file's
             ``connection`` is used when this is not given.
         owner: the lease owner name; a new one if not given.
+        lease_seconds: how long the row is held while it is sent
+            (``OTACM_OUTBOX_LEASE_SECONDS``).
 
     Raises:
         OrderActionError: no such order, the file's partner or reference differ from the
@@ -238,6 +242,7 @@ def replace_order(
         request=replacement_body(replacement),
         now=now,
         owner=owner,
+        lease_seconds=lease_seconds,
     )
     return _outcome(target, OutboxOperation.REPLACE, result)
 
@@ -250,6 +255,7 @@ def cancel_order(
     now: dt.datetime,
     connection: str | None = None,
     owner: str | None = None,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
 ) -> ActionOutcome:
     """``otacm orders cancel``: deleteOrder of the order ``key`` names now.
 
@@ -264,6 +270,8 @@ def cancel_order(
         now: the current time (aware).
         connection: the venue connection's name, to choose among several.
         owner: the lease owner name; a new one if not given.
+        lease_seconds: how long the row is held while it is sent
+            (``OTACM_OUTBOX_LEASE_SECONDS``).
 
     Raises:
         OrderActionError: no such order, or no client for its connection; nothing was
@@ -278,6 +286,7 @@ def cancel_order(
         target.order_id,
         now=now,
         owner=owner,
+        lease_seconds=lease_seconds,
     )
     return _outcome(target, OutboxOperation.DELETE, result)
 

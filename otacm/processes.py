@@ -350,7 +350,13 @@ def scheduled_jobs(settings: Settings, runtime: Runtime) -> list[ScheduledJob]:
         )
 
     def retry_outbox(now: dt.datetime) -> object:
-        return run_outbox_once(runtime.sessions, runtime.clients, owner=owner, now=now)
+        return run_outbox_once(
+            runtime.sessions,
+            runtime.clients,
+            owner=owner,
+            now=now,
+            lease_seconds=settings.outbox_lease_seconds,
+        )
 
     def lost_submissions(now: dt.datetime) -> object:
         return find_lost_submissions(
@@ -361,7 +367,13 @@ def scheduled_jobs(settings: Settings, runtime: Runtime) -> list[ScheduledJob]:
         )
 
     def confirm_drafts(now: dt.datetime) -> object:
-        return confirm_paid_drafts(runtime.sessions, runtime.clients, owner=owner, now=now)
+        return confirm_paid_drafts(
+            runtime.sessions,
+            runtime.clients,
+            owner=owner,
+            now=now,
+            lease_seconds=settings.outbox_lease_seconds,
+        )
 
     jobs = [
         ScheduledJob("change_feed", settings.poll_interval, change_feed),

@@ -154,6 +154,7 @@ def create_order() -> Response:
             currency=submission.currency,
             amount_includes_vat=submission.amount_includes_vat,
             connection=venue.name,
+            lease_seconds=receiver.settings.outbox_lease_seconds,
         )
     logger.info(
         "POST /api/orders %s: %s (order %s, outbox %s)",

@@ -53,8 +53,18 @@ in a transaction of its own, only while the row is still leased by its sender:
   fresh getOrder (:func:`~receiver.inbox.queue_lookups`): the refusal says the mirror
   was stale. A sale's ledger line stays: finance must see the sale that was never issued.
 
-Our own database failing leaves the row leased; the lease expires and a later pass
-sends again (createOrder then answers "duplicate", resolved as above). :func:`submit_now`
+A create claimed again (its earlier attempt failed, or its sender died or lost our
+database with the lease held) is looked up before it is sent again, since the earlier
+call may have reached the venue: the mirror first, then listOrdersByPartner by
+``sellToOrderReference``. An order found settles the row ``sent`` with it — one in Error
+too, marked so and never sent again, because the venue would delete it and issue the
+new one with no person deciding (``otacm orders replace`` is that person's way); only a
+look-up the venue answered with nothing lets the create go. Whenever a create or replace
+answer names the sale's order, its other live orders are retired: one in Error is
+marked removed (the venue deletes it when it accepts a new order for the reference),
+any other is queued for a getOrder. The lease (``OTACM_OUTBOX_LEASE_SECONDS``,
+:data:`DEFAULT_LEASE_SECONDS`) is renewed before each further venue call of a row, so
+it only has to outlast one call with the client's retries. :func:`submit_now`
 is what ``otacm submit`` (:func:`submit_file`) and ``POST /api/orders``
 (:mod:`receiver.api`) do: record, then try once at once; :func:`act_now` the same for an
 action (``otacm orders replace`` / ``cancel``, the heartbeat's confirmations). Logs name
@@ -66,12 +76,13 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from decimal import Decimal
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -83,7 +94,7 @@ from otacm.settings import Settings, VenueConnection
 from receiver.body import JsonRefused, decode_json
 from receiver.inbox import Lookup, queue_lookups
 from receiver.worker import LAST_ERROR_MAX_CHARS, backoff, describe_venue_error, new_owner
-from storage.lease import LeasedQueue
+from storage.lease import NO_SYNC, LeasedQueue
 from storage.models import (
     INTEGER_MAX,
     ChangeSource,
@@ -115,9 +126,20 @@ from venue.models import (
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_LEASE_SECONDS = 300.0
-"""How long a claimed outbox row stays one sender's: longer than a createOrder with all
-of the client's own retries (its deadline, one more wait and one request's timeout)."""
+DEFAULT_LEASE_SECONDS = 120.0
+"""How long a claimed outbox row stays one sender's (``OTACM_OUTBOX_LEASE_SECONDS``).
+
+The lease is renewed before each of a row's venue calls after the first
+(:meth:`_Send.venue`), so it has to outlast one call with all of the client's own
+retries: the default :class:`~venue.client.RetryPolicy` retries for at most 60 s, then
+waits at most 15 s more, and one request may take its 10 s connect and 30 s read
+timeouts: 115 s. A row whose sender died is claimed again this long after its last call
+began; the claim then looks the sale up before it sends a create again."""
+
+Clock = Callable[[], dt.datetime]
+"""The current time (aware), read by a sender each time it claims or renews a lease."""
+
+T = TypeVar("T")
 
 DEFAULT_MAX_ATTEMPTS = 8
 """Claims of an outbox row before it is given up (``dead``)."""
@@ -747,6 +769,8 @@ class SendResult:
             holding its result afterwards.
         resolved_by_reference: of ``resolved``, a createOrder whose order was found by
             its reference after the venue said it already had one.
+        found_in_error: of ``resolved``, a createOrder claimed again whose order was found
+            in Error: settled with that order and not sent again (a person replaces it).
         next_attempt_at: when a retried row is due again.
     """
 
@@ -760,6 +784,7 @@ class SendResult:
     removed: bool = False
     resolved: bool = False
     resolved_by_reference: bool = False
+    found_in_error: bool = False
     next_attempt_at: dt.datetime | None = None
 
 
@@ -771,6 +796,7 @@ class OutboxReport:
         claimed: rows leased by the pass.
         sent: rows the venue carried out (including those resolved after a lost answer).
         resolved: of ``sent``, rows whose earlier answer was lost, found afterwards.
+        in_error: of ``resolved``, creates whose order was found in Error (not sent again).
         removed: of ``sent``, orders now gone at the venue (deleted while Draft or Error).
         retried: rows sent back to pending after a failure that may pass.
         failed: rows the venue refused.
@@ -783,6 +809,7 @@ class OutboxReport:
     claimed: int = 0
     sent: int = 0
     resolved: int = 0
+    in_error: int = 0
     removed: int = 0
     retried: int = 0
     failed: int = 0
@@ -806,6 +833,7 @@ class OutboxReport:
             setattr(self, counter, getattr(self, counter) + 1)
         if result.outcome is SendOutcome.SENT:
             self.resolved += result.resolved
+            self.in_error += result.found_in_error
             self.removed += result.removed
 
     def as_dict(self) -> dict[str, int]:
@@ -822,6 +850,7 @@ def send_outbox_row(
     now: dt.datetime,
     lease_seconds: float = DEFAULT_LEASE_SECONDS,
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    clock: Clock | None = None,
 ) -> SendResult:
     """Claim one outbox row if it is due, send it, and apply the venue's answer.
 
@@ -831,12 +860,16 @@ def send_outbox_row(
         outbox_id: the row.
         owner: the lease owner name (:func:`~receiver.worker.new_owner`).
         now: the current time (aware).
-        lease_seconds: how long the row is held while it is sent.
+        lease_seconds: how long the row is held from its claim, and from each renewal
+            before a further venue call (``OTACM_OUTBOX_LEASE_SECONDS``).
         max_attempts: attempts after which a failing row is ``dead``.
+        clock: the time renewals are counted from; by default ``now`` moving on with
+            the monotonic clock.
 
     Returns:
         What came of it; ``NOT_CLAIMED`` with the row's current state when it was not due.
     """
+    clock = clock or _moving_from(now)
     claims = claim_outbox(
         sessions,
         owner=owner,
@@ -855,7 +888,16 @@ def send_outbox_row(
         return SendResult(
             outbox_id, SendOutcome.NOT_CLAIMED, state=state, order_id=order_id, message=message
         )
-    return _send_claim(sessions, client, claims[0], owner=owner, now=now, max_attempts=max_attempts)
+    return _send_claim(
+        sessions,
+        client,
+        claims[0],
+        owner=owner,
+        now=now,
+        max_attempts=max_attempts,
+        lease_seconds=lease_seconds,
+        clock=clock,
+    )
 
 
 def run_outbox_once(
@@ -867,11 +909,13 @@ def run_outbox_once(
     batch_size: int = 50,
     lease_seconds: float = DEFAULT_LEASE_SECONDS,
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    clock: Clock | None = None,
 ) -> OutboxReport:
-    """One pass of the outbox sender: claim a batch of due rows and send each.
+    """One pass of the outbox sender: claim due rows one at a time and send each.
 
-    Only rows of connections in ``clients`` are claimed, whatever their operation. Rows
-    are sent one after the other; each call is made with no transaction open.
+    Only rows of connections in ``clients`` are claimed, whatever their operation. Each
+    row is claimed just before it is sent, so its lease counts from then, not from the
+    start of the pass; each call is made with no transaction open.
 
     Args:
         sessions: the session factory.
@@ -880,25 +924,33 @@ def run_outbox_once(
         owner: this sender's lease owner name (:func:`~receiver.worker.new_owner`).
         now: the current time (aware).
         batch_size: the most rows to claim.
-        lease_seconds: how long claimed rows stay this sender's; make it longer than a
-            batch takes, or other senders may send its rows again (the venue then
-            answers "duplicate", which resolves to the same order).
+        lease_seconds: how long a claimed row stays this sender's, from its claim and
+            from each renewal before a further venue call (``OTACM_OUTBOX_LEASE_SECONDS``;
+            see :data:`DEFAULT_LEASE_SECONDS`).
         max_attempts: attempts after which a row is ``dead``.
+        clock: the current time at each claim; by default ``now`` moving on with the
+            monotonic clock.
 
     Returns:
         What the pass did.
     """
-    claims = claim_outbox(
-        sessions,
-        owner=owner,
-        now=now,
-        limit=batch_size,
-        lease_seconds=lease_seconds,
-        connection_ids=clients.keys(),
-        max_attempts=max_attempts,
-    )
-    report = OutboxReport(claimed=len(claims))
-    for claim in claims:
+    clock = clock or _moving_from(now)
+    report = OutboxReport()
+    while report.claimed < batch_size:
+        # Each lease counts from its own claim; what the pass records is stamped ``now``.
+        claims = claim_outbox(
+            sessions,
+            owner=owner,
+            now=clock(),
+            limit=1,
+            lease_seconds=lease_seconds,
+            connection_ids=clients.keys(),
+            max_attempts=max_attempts,
+        )
+        if not claims:
+            break
+        [claim] = claims
+        report.claimed += 1
         report.add(
             _send_claim(
                 sessions,
@@ -907,11 +959,19 @@ def run_outbox_once(
                 owner=owner,
                 now=now,
                 max_attempts=max_attempts,
+                lease_seconds=lease_seconds,
+                clock=clock,
             )
         )
-    if claims:
+    if report.claimed:
         logger.info("outbox pass: %s", report.as_dict())
     return report
+
+
+def _moving_from(now: dt.datetime) -> Clock:
+    """A clock that reads ``now`` at first and then moves on with the monotonic clock."""
+    started = time.monotonic()
+    return lambda: now + dt.timedelta(seconds=time.monotonic() - started)
 
 
 def _send_claim(
@@ -922,11 +982,27 @@ def _send_claim(
     owner: str,
     now: dt.datetime,
     max_attempts: int,
+    lease_seconds: float,
+    clock: Clock,
 ) -> SendResult:
     """Send one claimed row and apply the answer; a database failure leaves it leased."""
-    send = _Send(sessions, client, claim, owner=owner, now=now, max_attempts=max_attempts)
+    send = _Send(
+        sessions,
+        client,
+        claim,
+        owner=owner,
+        now=now,
+        max_attempts=max_attempts,
+        lease_seconds=lease_seconds,
+        clock=clock,
+    )
     try:
         return _SENDERS[claim.operation](send)
+    except _LeaseLost:
+        logger.warning(
+            "outbox %d: lease lost before a further venue call; left to its new sender", claim.id
+        )
+        return SendResult(claim.id, SendOutcome.LEASE_LOST)
     except SQLAlchemyError as exc:
         # Nothing of the failed transaction was written; the row stays leased, and the
         # first claim after the lease expires sends it again.
@@ -947,14 +1023,20 @@ _CHANGE_SOURCES = {
 }
 
 
-@dataclass(frozen=True)
-class _Send:
-    """One claimed row being sent, and the three ways its attempt ends.
+class _LeaseLost(Exception):
+    """The row's lease could not be renewed before a venue call: another sender has it."""
 
-    :meth:`sent`, :meth:`refuse` and :meth:`retry` each write in a transaction of their
-    own, and only while the row is still leased by ``owner``
-    (:meth:`~storage.lease.LeasedQueue.settle`); when another sender has re-claimed it,
-    they write nothing and answer ``LEASE_LOST``.
+
+@dataclass
+class _Send:
+    """One claimed row being sent: its venue calls, and the three ways its attempt ends.
+
+    Every venue call goes through :meth:`venue`, which renews the lease before each call
+    after the first, so that a row needing several calls (a look-up, then the call) stays
+    this sender's however long each took. :meth:`sent`, :meth:`refuse` and :meth:`retry`
+    each write in a transaction of their own, and only while the row is still leased by
+    ``owner`` (:meth:`~storage.lease.LeasedQueue.settle`); when another sender has
+    re-claimed it, they write nothing and answer ``LEASE_LOST``.
     """
 
     sessions: sessionmaker[Session]
@@ -963,13 +1045,47 @@ class _Send:
     owner: str
     now: dt.datetime
     max_attempts: int
+    lease_seconds: float = DEFAULT_LEASE_SECONDS
+    clock: Clock | None = None
+    calls: int = field(default=0, init=False)
+
+    def venue(self, call: Callable[..., T], *args: Any) -> T:
+        """Make one venue call for the row; before any but the first, renew the lease.
+
+        Raises:
+            _LeaseLost: the lease had expired and another sender claimed the row.
+        """
+        if self.calls:
+            self._renew()
+        self.calls += 1
+        return call(*args)
+
+    def _renew(self) -> None:
+        now = self.clock() if self.clock is not None else self.now
+        expires = now + dt.timedelta(seconds=self.lease_seconds)
+        with self.sessions.begin() as session:
+            renewed = session.scalar(
+                sa.update(Outbox)
+                .where(
+                    Outbox.id == self.claim.id,
+                    Outbox.state == OutboxState.LEASED,
+                    Outbox.lease_owner == self.owner,
+                )
+                .values(lease_expires_at=expires)
+                .returning(Outbox.id)
+                .execution_options(**NO_SYNC)
+            )
+        if renewed is None:
+            raise _LeaseLost
 
     def sent(
         self,
         order: Order | None,
         *,
+        order_id: str | None = None,
         removed: bool = False,
         resolved: bool = False,
+        found_in_error: bool = False,
         replacement: Submission | None = None,
         message: str | None = None,
         mirror: bool = True,
@@ -977,14 +1093,20 @@ class _Send:
         """In one transaction: the row ``sent`` and the venue's answer mirrored.
 
         ``order`` is upserted with the operation's change source, or, when ``removed``,
-        the order is marked removed. A ``replacement`` that landed is copied to the sale's
-        ledger line. With ``mirror`` false nothing of the order is written; a getOrder is
-        queued for the worker instead (the answer could not be confirmed).
+        the order is marked removed; ``order_id`` without an ``order`` settles the row
+        with an order the mirror already holds. A ``replacement`` that landed is copied
+        to the sale's ledger line. With ``mirror`` false nothing of the order is written;
+        a getOrder is queued for the worker instead (the answer could not be confirmed).
+        A create or replace that names an order also retires the sale's other orders
+        (:func:`_retire_other_orders`). ``found_in_error`` keeps ``message`` on the row.
         """
         claim, now = self.claim, self.now
-        order_id = _guid(order.order_id) if order is not None else claim.order_id
+        if order is not None:
+            order_id = _guid(order.order_id)
+        order_id = order_id or claim.order_id
         assert order_id is not None, "an answer without an order is a delete's, which names one"
         source = _CHANGE_SOURCES[claim.operation]
+        note = message[:LAST_ERROR_MAX_CHARS] if found_in_error and message else None
 
         def record(mirror: bool) -> list[int]:
             with self.sessions.begin() as session:
@@ -995,7 +1117,7 @@ class _Send:
                     state=OutboxState.SENT,
                     order_id=order_id,
                     sent_at=now,
-                    last_error=None,
+                    last_error=note,
                 )
                 if updated:
                     if not mirror:
@@ -1019,6 +1141,8 @@ class _Send:
                         )
                     if replacement is not None and claim.ledger_line_id is not None:
                         _apply_replacement(session, claim.ledger_line_id, replacement)
+                    if mirror and not removed and claim.operation in _NAMES_THE_SALES_ORDER:
+                        _retire_other_orders(session, claim.connection_id, order_id, now, source)
                 return updated
 
         try:
@@ -1036,7 +1160,14 @@ class _Send:
                 "outbox %d: lease lost; order %s left to its new sender", claim.id, order_id
             )
             return SendResult(claim.id, SendOutcome.LEASE_LOST, order=order, order_id=order_id)
-        if claim.operation is OutboxOperation.CREATE and order is not None:
+        if found_in_error:
+            logger.warning(
+                "outbox %d: order %s of this sale found in Error at the venue; not sent"
+                " again (a person replaces it: otacm orders replace)",
+                claim.id,
+                order_id,
+            )
+        elif claim.operation is OutboxOperation.CREATE and order is not None:
             logger.info(
                 "outbox %d sent: order %s (%s) is %s%s",
                 claim.id,
@@ -1063,6 +1194,7 @@ class _Send:
             removed=removed,
             resolved=resolved,
             resolved_by_reference=resolved and claim.operation is OutboxOperation.CREATE,
+            found_in_error=found_in_error,
         )
 
     def refuse(
@@ -1178,6 +1310,14 @@ class _Send:
         )
 
 
+FOUND_IN_ERROR = (
+    "found at the venue in Error after an earlier attempt; not sent again, since the venue"
+    " would delete that order and issue the new one: fix it with otacm orders replace"
+)
+"""The row's ``last_error`` (kept on a ``sent`` row) when a create claimed again finds the
+sale's order in Error."""
+
+
 def _send_create(send: _Send) -> SendResult:
     try:
         request = OrderRequest.model_validate(send.claim.request or {})
@@ -1186,11 +1326,20 @@ def _send_create(send: _Send) -> SendResult:
         return send.refuse(
             f"the stored request is invalid: {_dotted(error['loc'])}: {error['msg']}"
         )
+    if send.claim.attempts > 1:
+        # Claimed before: that attempt may have reached the venue with its answer lost
+        # (a timeout, a killed sender, our database failing). Sending again is safe only
+        # if the venue has no order for the sale: a second createOrder would be refused
+        # as a duplicate at best, and at worst, the order being in Error by now, make the
+        # venue delete it and issue the new one with no person deciding.
+        found = _look_up_sale(send, request)
+        if found is not None:
+            return found
 
     # The call happens with no transaction open: a slow venue must not hold a database
     # lock (on SQLite, the only write lock).
     try:
-        order = send.client.create_order(request)
+        order = send.venue(send.client.create_order, request)
     except VenueRejected as exc:
         if exc.is_duplicate_reference:
             logger.info(
@@ -1212,6 +1361,123 @@ def _send_create(send: _Send) -> SendResult:
     return send.sent(order)
 
 
+def _look_up_sale(send: _Send, request: OrderRequest) -> SendResult | None:
+    """Settle a create claimed again with the sale's order, if there is one; else None.
+
+    The mirror first: a live order of the sale in any status but Error (a webhook or
+    the feed brought it) is the sale's order, and the venue is not asked. Otherwise the
+    venue (listOrdersByPartner by ``sellToOrderReference``, the order found read with
+    getOrder): an order in Error in the mirror may be an earlier submission's that this
+    row's lost create made the venue replace, and one the mirror lacks may have landed.
+    An order found settles the row ``sent`` with it, mirrored; one in Error is settled
+    all the same, never sent again (:data:`FOUND_IN_ERROR`). Only a look-up the venue
+    answered with nothing lets the create be sent (``None``); one it did not answer is
+    retried, as the create would be.
+    """
+    claim = send.claim
+    with send.sessions.begin() as session:
+        known = sale_orders(
+            session,
+            claim.connection_id,
+            _guid(request.partner_id),
+            normalize_reference(request.sell_to_order_reference),
+        )
+    live = [order for order in known if order.removed_at is None]
+    if live and live[0].status is not OrderStatus.ERROR:
+        logger.info(
+            "outbox %d: the mirror has order %s (%s) of this sale; not sent again",
+            claim.id,
+            live[0].order_id,
+            live[0].status,
+        )
+        return send.sent(None, order_id=live[0].order_id, resolved=True)
+    try:
+        found = send.venue(
+            send.client.find_by_reference, request.partner_id, request.sell_to_order_reference
+        )
+        if not found:
+            return None
+        order = send.venue(send.client.get_order, latest_summary(found).order_id)
+    except VenueError as exc:
+        # Not knowing whether the venue has the order, sending it again could double it.
+        return send.retry(exc)
+    in_error = order.status is OrderStatus.ERROR
+    return send.sent(
+        order,
+        resolved=True,
+        found_in_error=in_error,
+        message=FOUND_IN_ERROR if in_error else None,
+    )
+
+
+def sale_orders(
+    session: Session, connection_id: int, partner_id: str, reference_key: str
+) -> list[VenueOrder]:
+    """The mirrored orders of one sale (connection, partner, reference): live ones first,
+    each group most recently seen first; removed ones included."""
+    return list(
+        session.scalars(
+            sa.select(VenueOrder)
+            .where(
+                VenueOrder.connection_id == connection_id,
+                VenueOrder.partner_id == partner_id,
+                VenueOrder.reference_key == reference_key,
+            )
+            .order_by(
+                VenueOrder.removed_at.is_not(None),
+                VenueOrder.first_seen_at.desc(),
+                VenueOrder.id.desc(),
+            )
+        )
+    )
+
+
+_NAMES_THE_SALES_ORDER = frozenset({OutboxOperation.CREATE, OutboxOperation.REPLACE})
+"""Operations whose answer names the order a sale has now at the venue."""
+
+
+def _retire_other_orders(
+    session: Session,
+    connection_id: int,
+    order_id: str,
+    now: dt.datetime,
+    source: ChangeSource,
+) -> None:
+    """The sale's other live orders, once an answer named ``order_id`` as its order.
+
+    The venue holds one order per (partner, sellToOrderReference) and accepts a second
+    createOrder only after deleting an earlier one in Error (ChannelMgrOrderAgent
+    ``CreateOrder``): such an order in the mirror is marked removed, as the venue
+    deleted it, so reconciliation does not see two orders for one sale. Any other live
+    order of the sale (the mirror's status may be stale) is queued for a getOrder.
+    """
+    current = session.scalars(
+        sa.select(VenueOrder).where(
+            VenueOrder.connection_id == connection_id, VenueOrder.order_id == order_id
+        )
+    ).one_or_none()
+    if current is None:
+        return
+    others = [
+        other
+        for other in sale_orders(session, connection_id, current.partner_id, current.reference_key)
+        if other.order_id != order_id and other.removed_at is None
+    ]
+    stale = []
+    for other in others:
+        if other.status is OrderStatus.ERROR:
+            mark_removed(session, connection_id, other.order_id, now, source)
+            logger.info(
+                "order %s in Error marked removed: the venue deleted it for order %s",
+                other.order_id,
+                order_id,
+            )
+        else:
+            stale.append(Lookup(other.order_id, f"{source}_other_order", other.status))
+    if stale:
+        queue_lookups(session.connection(), connection_id, stale, now=now)
+
+
 def _send_confirm(send: _Send) -> SendResult:
     order_id = send.claim.order_id
     payment = (send.claim.request or {}).get("paymentReference")
@@ -1230,7 +1496,7 @@ def _send_confirm(send: _Send) -> SendResult:
     try:
         # Idempotent at the venue: an order already Issued (an earlier attempt landed
         # and its answer was lost) comes back unchanged.
-        order = send.client.confirm_order(order_id, payment)
+        order = send.venue(send.client.confirm_order, order_id, payment)
     except VenueError as exc:
         return _action_failed(send, exc)
     return send.sent(order)
@@ -1245,7 +1511,7 @@ def _send_replace(send: _Send) -> SendResult:
     if claim.order_id is None:
         return send.refuse("the stored replace names no order")
     try:
-        order = send.client.replace_order(claim.order_id, replacement.request)
+        order = send.venue(send.client.replace_order, claim.order_id, replacement.request)
     except VenueError as exc:
         if isinstance(exc, VenueRejected) and claim.attempts > 1 and not exc.may_be_transient:
             # An earlier attempt may have landed with its answer lost: the order is then
@@ -1271,11 +1537,11 @@ def _send_delete(send: _Send) -> SendResult:
         return send.refuse("the stored delete names no order")
     before = _mirrored_status(send)
     try:
-        answer = send.client.delete_order(order_id)
+        answer = send.venue(send.client.delete_order, order_id)
     except VenueError as exc:
         return _action_failed(send, exc)
     try:
-        order = send.client.get_order(order_id)
+        order = send.venue(send.client.get_order, order_id)
     except VenueError as exc:
         if order_gone(exc, order_id):
             return send.sent(None, removed=True)
@@ -1347,7 +1613,7 @@ def _resolve_replace(send: _Send, replacement: Submission, rejection: VenueRejec
     """After a retried replace is refused: ``sent`` if the order holds the replacement."""
     assert send.claim.order_id is not None  # checked by the caller
     try:
-        order = send.client.get_order(send.claim.order_id)
+        order = send.venue(send.client.get_order, send.claim.order_id)
     except VenueError as exc:
         if order_gone(exc, send.claim.order_id):
             return _action_failed(send, exc)
@@ -1374,8 +1640,10 @@ def _resolve(send: _Send, request: OrderRequest, rejection: VenueRejected) -> Se
     duplicate = rejection.is_duplicate_reference
     found: Sequence[OrderSummary] = ()
     try:
-        found = send.client.find_by_reference(request.partner_id, request.sell_to_order_reference)
-        order = send.client.get_order(_latest(found).order_id) if found else None
+        found = send.venue(
+            send.client.find_by_reference, request.partner_id, request.sell_to_order_reference
+        )
+        order = send.venue(send.client.get_order, latest_summary(found).order_id) if found else None
     except VenueRejected as exc:
         if duplicate or exc.may_be_transient:
             return send.retry(exc)
@@ -1383,7 +1651,7 @@ def _resolve(send: _Send, request: OrderRequest, rejection: VenueRejected) -> Se
     except VenueError as exc:
         # Only the found order's own 404 (deleted between the listing and the read) says
         # the venue holds nothing; any other failure, another 404 included, is retried.
-        if duplicate or not (found and order_gone(exc, _latest(found).order_id)):
+        if duplicate or not (found and order_gone(exc, latest_summary(found).order_id)):
             return send.retry(exc)
         order = None
     if order is not None:
@@ -1395,9 +1663,12 @@ def _resolve(send: _Send, request: OrderRequest, rejection: VenueRejected) -> Se
     return send.refuse(rejection.message or str(rejection), rejection.code)
 
 
-def _latest(found: Sequence[OrderSummary]) -> OrderSummary:
-    # Several only in the venue's history of deleted-and-resubmitted Error orders; the
-    # one received last is the one the reference names now.
+def latest_summary(found: Sequence[OrderSummary]) -> OrderSummary:
+    """Of the orders a look-up by reference found, the one the reference names now.
+
+    Several only in the venue's history of deleted-and-resubmitted Error orders: the one
+    received last.
+    """
     epoch = dt.datetime.min.replace(tzinfo=dt.UTC)
     return max(found, key=lambda summary: summary.received_at or epoch)
 
@@ -1592,7 +1863,11 @@ def submit_now(
             order_status=order.status,
             status_message=_blank_to_none(order.status_message),
             buy_from_order_reference=_blank_to_none(order.buy_from_order_reference),
-            message="found at the venue by its reference" if result.resolved_by_reference else None,
+            message=FOUND_IN_ERROR
+            if result.found_in_error
+            else "found at the venue by its reference"
+            if result.resolved_by_reference
+            else None,
         )
     if result.outcome is SendOutcome.FAILED:
         return _with(base, status=SubmitStatus.FAILED, message=result.message, code=result.code)
@@ -1631,6 +1906,8 @@ def _stored_outcome(
                 buy_from_order_reference=None
                 if mirrored is None
                 else mirrored.buy_from_order_reference,
+                # A sent row keeps a note only when its order was found in Error.
+                message=row.last_error,
             )
         if row.state in (OutboxState.FAILED, OutboxState.DEAD):
             return _with(base, status=SubmitStatus.FAILED, message=row.last_error)
@@ -1851,6 +2128,7 @@ def submit_file(
             amount_includes_vat=submission.amount_includes_vat,
             connection=name,
             owner=owner,
+            lease_seconds=settings.outbox_lease_seconds,
         )
         for submission, name in zip(submissions, chosen, strict=True)
     ]

@@ -12,8 +12,10 @@ venue's request processor does (:func:`dispatch`: fixed words case-blind, a trai
 ``/`` ignored, the venue's 404, 403 and 400 for what no route serves). Every answer carries
 ``x-npr-version``, ``x-npr-duration`` and ``x-npr-request-id``; every error is the
 venue's ``{"code", "message"}`` from one handler, and an unexpected failure is a 400
-``generic_error`` as the venue's is. The gateway faults (429, 503, latency) strike
-before authentication; every call is counted by endpoint name and status.
+``generic_error`` as the venue's is. The gateway faults (429 and 503, with ``Retry-After``
+when ``retryAfterSeconds`` is set; latency) strike before authentication; the lost
+answer (``answerLostRate``/``answerLostCount``) strikes after the work is done, cutting
+the connection instead of answering. Every call is counted by endpoint name and status.
 
 The sandbox's own endpoints need no key and live only under ``/_sandbox/``:
 
@@ -36,11 +38,13 @@ The sandbox's own endpoints need no key and live only under ``/_sandbox/``:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hmac
 import json
 import logging
 import re
+import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -169,14 +173,51 @@ def _start_timer() -> None:
     g.started = time.perf_counter()
 
 
+LOSABLE_ANSWERS = frozenset(
+    {"createOrder", "confirmOrder", "replaceOrder", "deleteOrder", "getOrder"}
+)
+"""The calls whose answer the ``answerLost`` fault may lose once they succeeded."""
+
+
 def _finish(response: Response) -> Response:
     runtime = _runtime()
     elapsed_ms = (time.perf_counter() - g.get("started", time.perf_counter())) * 1000
     response.headers["x-npr-version"] = runtime.config.api_version
     response.headers["x-npr-duration"] = f"{elapsed_ms:.0f}"
     response.headers["x-npr-request-id"] = str(uuid.uuid4())
+    if response.status_code in (429, 503) and g.get("retry_after") is not None:
+        response.headers["Retry-After"] = str(g.retry_after)
     if request.blueprint == api.name and g.get("api_name"):
         runtime.stats.record_call(g.api_name, response.status_code)
+        if (
+            g.api_name in LOSABLE_ANSWERS
+            and 200 <= response.status_code < 300
+            and runtime.faults.lose_answer()
+        ):
+            return _lose_answer(runtime, response)
+    return response
+
+
+def _lose_answer(runtime: SandboxRuntime, response: Response) -> Response:
+    """Cut the connection instead of answering: the work is done, the answer never comes.
+
+    After ``answerLostAfterSeconds`` of silence the socket is shut down, so the client
+    reads the end of the connection where the answer should be (or has timed out by
+    then); werkzeug's write of the answer then fails, and it drops the connection.
+    Served without werkzeug's socket (a test client), the answer is a gateway 504
+    instead: no order in it either.
+    """
+    runtime.stats.gateway("answersLost")
+    logger.info("fault: the answer to %s %s is lost", request.method, g.api_name)
+    wait = runtime.faults.faults.answer_lost_after_seconds
+    if wait:
+        time.sleep(wait)
+    connection = request.environ.get("werkzeug.socket")
+    if not isinstance(connection, socket.socket):
+        return error_response(504, "gateway_timeout", "The gateway timed out waiting")
+    # OSError: the client hung up first; the answer is lost all the same.
+    with contextlib.suppress(OSError):
+        connection.shutdown(socket.SHUT_RDWR)
     return response
 
 
@@ -241,10 +282,12 @@ def _gateway_and_auth() -> None:
     faults = runtime.faults.faults
     if faults.latency_ms:
         time.sleep(faults.latency_ms / 1000)
+    g.retry_after = faults.retry_after_seconds
     if runtime.faults.roll(faults.rate_429):
         raise TooManyRequests("Rate limit exceeded; slow down and retry later")
     if runtime.faults.roll(faults.rate_503):
         raise ServiceUnavailable("The request timed out in the queue; retry later")
+    g.retry_after = None  # only the gateway's own 429 and 503 carry it
     if not _key_matches(runtime.config.api_key.get_secret_value()):
         raise Unauthorized("Missing or invalid API key (x-np-api-key)")
     tenant, environment, company = g.address

@@ -48,6 +48,12 @@ _FAULT_OPTIONS = (
     "stall_processing_rate",
     "error_rate",
     "hold_commit_seconds",
+    "webhook_jitter_seconds",
+    "webhook_concurrency",
+    "retry_after_seconds",
+    "answer_lost_rate",
+    "answer_lost_count",
+    "answer_lost_after_seconds",
     "seed",
 )
 
@@ -204,6 +210,21 @@ def _env(name: str) -> dict[str, Any]:
     **_env("ENVELOPE"),
 )
 @click.option(
+    "--webhook-jitter-seconds",
+    type=click.FloatRange(0, 600),
+    default=0.0,
+    help="Each webhook notification waits its own random time up to this, and goes alone.",
+    **_env("WEBHOOK_JITTER_SECONDS"),
+)
+@click.option(
+    "--webhook-concurrency",
+    type=click.IntRange(1, 32),
+    default=1,
+    show_default=True,
+    help="Webhook POSTs in flight at once.",
+    **_env("WEBHOOK_CONCURRENCY"),
+)
+@click.option(
     "--rate-429",
     "rate_429",
     type=_RATE,
@@ -218,6 +239,34 @@ def _env(name: str) -> dict[str, Any]:
     default=0.0,
     help="Share of API calls answered 503.",
     **_env("RATE_503"),
+)
+@click.option(
+    "--retry-after-seconds",
+    type=click.IntRange(0, 86_400),
+    default=None,
+    help="Retry-After header on the 429 and 503 faults (default: none).",
+    **_env("RETRY_AFTER_SECONDS"),
+)
+@click.option(
+    "--answer-lost-rate",
+    type=_RATE,
+    default=0.0,
+    help="Share of successful create/confirm/replace/delete/getOrder answers lost after the work.",
+    **_env("ANSWER_LOST_RATE"),
+)
+@click.option(
+    "--answer-lost-count",
+    type=click.IntRange(0, 1_000_000),
+    default=0,
+    help="Lose the next this many of those answers.",
+    **_env("ANSWER_LOST_COUNT"),
+)
+@click.option(
+    "--answer-lost-after-seconds",
+    type=click.FloatRange(0, 600),
+    default=0.0,
+    help="Silence before a lost answer's connection is cut (past the client's timeout: a timeout).",
+    **_env("ANSWER_LOST_AFTER_SECONDS"),
 )
 @click.option(
     "--latency-ms",

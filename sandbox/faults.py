@@ -14,8 +14,24 @@ the complete set now in force (``GET /_sandbox/faults`` reads it):
   the order in which the batches are sent.
 - ``envelope`` (``"value"`` | ``"values"`` | ``"bare"``): the webhook body shape;
   ``bare`` sends one notification object per POST.
+- ``webhookJitterSeconds`` (≥ 0): each notification waits its own random time, up to this
+  long (on top of ``delaySeconds``), and is POSTed on its own: notifications of one
+  processing run, and of the runs after it, arrive in any order.
+- ``webhookConcurrency`` (1 to 32): webhook POSTs in flight at once, as a gateway with
+  several delivery workers sends them (1: one after the other).
 - ``rate429``, ``rate503`` (0 to 1): share of API calls answered 429 ``too_many_requests``
   or 503 ``service_unavailable`` by the "gateway", before any work is done.
+- ``retryAfterSeconds`` (≥ 0, or null): a ``Retry-After`` header of this many seconds on
+  those 429 and 503 answers; null sends none.
+- ``answerLostRate`` (0 to 1), ``answerLostCount`` (≥ 0): an answer lost after the work
+  was done — of a createOrder, confirmOrder, replaceOrder, deleteOrder or getOrder that
+  succeeded — as a gateway that times out or resets the connection after the venue
+  committed: the call took effect, the client gets no answer. ``answerLostCount`` loses
+  the next that many such answers (counting down to 0, shown as it goes), then
+  ``answerLostRate`` decides. Counted in the stats' ``gateway.answersLost``. (Served
+  without werkzeug's socket, as by a test client, the lost answer is a gateway 504.)
+- ``answerLostAfterSeconds`` (≥ 0): how long the connection stays open and silent before
+  it is cut; longer than the client's read timeout, the loss is the client's timeout.
 - ``latencyMs`` (≥ 0): added to every API call.
 - ``stallScheduledRate``, ``stallProcessingRate`` (0 to 1): share of picked-up orders left
   hanging in Scheduled or Processing, for the sweeper to find (advance the clock with
@@ -70,8 +86,14 @@ class Faults(BaseModel):
     delay_seconds: float = Field(default=0.0, ge=0.0, le=600.0)
     reorder: bool = False
     envelope: Envelope = "value"
+    webhook_jitter_seconds: float = Field(default=0.0, ge=0.0, le=600.0)
+    webhook_concurrency: int = Field(default=1, ge=1, le=32)
     rate_429: Rate = 0.0
     rate_503: Rate = 0.0
+    retry_after_seconds: int | None = Field(default=None, ge=0, le=86_400)
+    answer_lost_rate: Rate = 0.0
+    answer_lost_count: int = Field(default=0, ge=0, le=1_000_000)
+    answer_lost_after_seconds: float = Field(default=0.0, ge=0.0, le=600.0)
     latency_ms: int = Field(default=0, ge=0, le=600_000)
     stall_scheduled_rate: Rate = 0.0
     stall_processing_rate: Rate = 0.0
@@ -124,6 +146,25 @@ class FaultInjector:
             return False
         with self._lock:
             return self._random.random() < rate
+
+    def lose_answer(self) -> bool:
+        """Whether to lose the answer of a call that took effect: one of the
+        ``answerLostCount`` left (taking it), else with probability ``answerLostRate``."""
+        with self._lock:
+            faults = self._faults
+            if faults.answer_lost_count > 0:
+                self._faults = faults.model_copy(
+                    update={"answer_lost_count": faults.answer_lost_count - 1}
+                )
+                return True
+            return faults.answer_lost_rate > 0.0 and self._random.random() < faults.answer_lost_rate
+
+    def uniform(self, high: float) -> float:
+        """A random number of seconds from 0 to ``high``; no randomness used when it is 0."""
+        if high <= 0.0:
+            return 0.0
+        with self._lock:
+            return self._random.uniform(0.0, high)
 
     def shuffle(self, items: MutableSequence[T]) -> None:
         """Shuffle ``items`` in place with the seeded source."""

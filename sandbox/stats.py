@@ -8,6 +8,8 @@ compare what a receiver saw with ``webhooks``:
 - ``dropped`` / ``duplicated``: notifications removed or repeated by the faults;
 - ``posts`` / ``retries``: webhook POST attempts, and how many of them were retries;
 - ``pending``: notifications queued and not yet settled.
+
+and ``gateway``: ``answersLost``, answers of calls that took effect, lost by the fault.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 WEBHOOK_COUNTERS = ("sent", "failed", "dropped", "duplicated", "posts", "retries")
 PIPELINE_COUNTERS = ("cycles", "processed", "stalled", "held", "rescheduled", "timedOut")
+GATEWAY_COUNTERS = ("answersLost",)
 
 
 class Stats:
@@ -28,6 +31,7 @@ class Stats:
         self._calls: defaultdict[str, Counter[str]] = defaultdict(Counter)
         self._webhooks: Counter[str] = Counter()
         self._pipeline: Counter[str] = Counter()
+        self._gateway: Counter[str] = Counter()
         self._pending = 0
 
     def record_call(self, endpoint: str, status: int) -> None:
@@ -50,6 +54,11 @@ class Stats:
         with self._lock:
             self._pipeline[counter] += amount
 
+    def gateway(self, counter: str, amount: int = 1) -> None:
+        """Add ``amount`` to the gateway counter ``counter`` (one of ``GATEWAY_COUNTERS``)."""
+        with self._lock:
+            self._gateway[counter] += amount
+
     def snapshot(self) -> dict[str, Any]:
         """All counters now, every known counter present even when zero."""
         with self._lock:
@@ -59,6 +68,7 @@ class Stats:
                 "calls": {name: dict(sorted(c.items())) for name, c in sorted(self._calls.items())},
                 "webhooks": webhooks,
                 "pipeline": {name: self._pipeline[name] for name in PIPELINE_COUNTERS},
+                "gateway": {name: self._gateway[name] for name in GATEWAY_COUNTERS},
             }
 
     def reset(self) -> None:
@@ -67,3 +77,4 @@ class Stats:
             self._calls.clear()
             self._webhooks.clear()
             self._pipeline.clear()
+            self._gateway.clear()

@@ -3,9 +3,11 @@
 The pipeline hands :meth:`WebhookDispatcher.publish` the orders one processing run left
 terminal; for each subscription the dispatcher builds one notification per order (with
 that subscription's ``clientState``), applies the delivery faults (drop, duplicate,
-reorder, envelope shape, delay — :mod:`sandbox.faults`), batches them (all of a run in
-one POST, at most ``webhook_max_batch`` per POST; ``bare`` sends one per POST) and queues
-the POSTs for a background thread, so the pipeline never waits on a receiver.
+reorder, envelope shape, delay and per-notification jitter — :mod:`sandbox.faults`),
+batches them (all of a run in one POST, at most ``webhook_max_batch`` per POST; ``bare``
+and a jitter send one per POST) and queues the POSTs for background delivery threads
+(``webhookConcurrency`` of them, so several POSTs may be in flight at once), so the
+pipeline never waits on a receiver.
 
 A POST answered 2xx is done. As Business Central's webhooks do, transport errors, 408,
 429 and 5xx are retried — up to ``webhook_max_attempts`` POSTs, waiting
@@ -14,8 +16,9 @@ A POST answered 2xx is done. As Business Central's webhooks do, transport errors
 resets the count) the
 subscription is marked inactive, as Business Central's can be: it stays listed, with
 ``subscriptionState`` ``Inactive``, and gets no more deliveries. The dispatcher
-owns its delivery thread and, unless one is passed in, its ``httpx.Client``;
-:meth:`~WebhookDispatcher.close` stops the thread and closes the client it created.
+owns its delivery threads and, unless one is passed in, its ``httpx.Client`` (which
+its threads share: httpx's client is thread-safe); :meth:`~WebhookDispatcher.close`
+stops the threads and closes the client it created.
 """
 
 from __future__ import annotations
@@ -78,8 +81,10 @@ class _Post:
 class WebhookDispatcher:
     """Builds, batches and delivers notifications on a background thread.
 
-    The thread starts with the first publish; :meth:`close` stops it. Notifications
-    still queued at close are abandoned (and no longer counted as pending).
+    Threads start with the first publish, up to ``webhookConcurrency`` (a raised value
+    adds threads at the next publish; a lowered one keeps those running); :meth:`close`
+    stops them. Notifications still queued at close are abandoned (and no longer counted
+    as pending).
     """
 
     def __init__(
@@ -103,10 +108,12 @@ class WebhookDispatcher:
         self._seq = itertools.count()
         self._busy = 0
         self._changed = threading.Condition()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._closed = False
-        # Consecutive final 4xx answers per subscription; touched by the delivery thread.
+        # Consecutive final 4xx answers per subscription; touched by the delivery threads.
         self._refusals: dict[str, int] = {}
+        # Guards the refusal counts and the client's creation, shared by the delivery threads.
+        self._lock = threading.Lock()
 
     def publish(self, events: Sequence[ProcessedEvent]) -> int:
         """Queue notifications of ``events`` for every subscriber; returns how many POSTs.
@@ -128,7 +135,9 @@ class WebhookDispatcher:
             self._stats.webhooks("dropped", len(notes) - len(kept))
             if faults.reorder:
                 self._faults.shuffle(kept)
-            size = 1 if faults.envelope == "bare" else self._config.webhook_max_batch
+            # A jitter delays each notification on its own, so each travels alone.
+            alone = faults.envelope == "bare" or faults.webhook_jitter_seconds > 0
+            size = 1 if alone else self._config.webhook_max_batch
             batches = [kept[i : i + size] for i in range(0, len(kept), size)]
             if faults.reorder:
                 self._faults.shuffle(batches)
@@ -137,9 +146,10 @@ class WebhookDispatcher:
                 self._stats.webhooks("duplicated", len(copies))
                 repeats = [copies[i : i + size] for i in range(0, len(copies), size)]
                 for notes_in_post in (batch, *repeats):
-                    self._enqueue(
-                        subscription, notes_in_post, faults.envelope, faults.delay_seconds
+                    delay = faults.delay_seconds + self._faults.uniform(
+                        faults.webhook_jitter_seconds
                     )
+                    self._enqueue(subscription, notes_in_post, faults.envelope, delay)
                     posts += 1
         return posts
 
@@ -161,8 +171,8 @@ class WebhookDispatcher:
             abandoned = sum(post.count for post in self._queue)
             self._queue.clear()
             self._changed.notify_all()
-            thread = self._thread
-        if thread is not None:
+            threads = list(self._threads)
+        for thread in threads:
             thread.join()
         if abandoned:
             self._stats.pending(-abandoned)
@@ -207,11 +217,12 @@ class WebhookDispatcher:
                 return
             heapq.heappush(self._queue, post)
             self._stats.pending(post.count)
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="sandbox-webhooks", daemon=True
+            while len(self._threads) < self._faults.faults.webhook_concurrency:
+                thread = threading.Thread(
+                    target=self._run, name=f"sandbox-webhooks-{len(self._threads)}", daemon=True
                 )
-                self._thread.start()
+                self._threads.append(thread)
+                thread.start()
             self._changed.notify_all()
 
     def _run(self) -> None:
@@ -237,12 +248,14 @@ class WebhookDispatcher:
         self._stats.webhooks("posts")
         if post.attempt > 1:
             self._stats.webhooks("retries")
-        if self._client is None:
-            # Made on first use: most runtimes (and tests) never deliver a webhook.
-            self._client = httpx.Client(timeout=self._config.webhook_timeout)
+        with self._lock:
+            if self._client is None:
+                # Made on first use: most runtimes (and tests) never deliver a webhook.
+                self._client = httpx.Client(timeout=self._config.webhook_timeout)
+            client = self._client
         status: int | None
         try:
-            status = self._client.post(post.url, json=post.body).status_code
+            status = client.post(post.url, json=post.body).status_code
         except httpx.HTTPError as exc:
             status = None
             logger.info(
@@ -251,7 +264,8 @@ class WebhookDispatcher:
                 type(exc).__name__,
             )
         if status is not None and 200 <= status < 300:
-            self._refusals.pop(post.subscription_id, None)
+            with self._lock:
+                self._refusals.pop(post.subscription_id, None)
             self._stats.webhooks("sent", post.count)
             self._stats.pending(-post.count)
             return
@@ -289,13 +303,17 @@ class WebhookDispatcher:
     def _count_refusal(self, subscription_id: str) -> None:
         """One more final 4xx for the subscription; at the limit it becomes inactive."""
         limit = self._config.webhook_deactivate_after
-        refusals = self._refusals.get(subscription_id, 0) + 1
-        self._refusals[subscription_id] = refusals
-        if limit and refusals >= limit:
-            del self._refusals[subscription_id]
-            if self._store.set_subscription_state(subscription_id, INACTIVE) is not None:
-                logger.warning(
-                    "webhook subscription %s made inactive after %d refused deliveries",
-                    subscription_id,
-                    refusals,
-                )
+        with self._lock:
+            refusals = self._refusals.get(subscription_id, 0) + 1
+            self._refusals[subscription_id] = refusals
+            deactivate = bool(limit) and refusals >= limit
+            if deactivate:
+                del self._refusals[subscription_id]
+        if not deactivate:
+            return
+        if self._store.set_subscription_state(subscription_id, INACTIVE) is not None:
+            logger.warning(
+                "webhook subscription %s made inactive after %d refused deliveries",
+                subscription_id,
+                refusals,
+            )

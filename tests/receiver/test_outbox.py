@@ -24,11 +24,15 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
+from heartbeat.actions import error_orders
+from otacm.processes import OUTBOX_RETRY_SECONDS
 from otacm.settings import Settings, VenueConnection
 from receiver.outbox import (
+    DEFAULT_LEASE_SECONDS,
+    FOUND_IN_ERROR,
     NO_CURRENCY,
     NO_LONGER_KNOWN,
     OutboxReport,
@@ -49,6 +53,7 @@ from receiver.outbox import (
     submit_now,
 )
 from receiver.worker import run_once
+from reconciler.engine import reconcile_connections
 from sandbox import SandboxConfig, SandboxServer
 from sandbox.config import DEFAULT_PARTNERS
 from storage.models import (
@@ -62,6 +67,8 @@ from storage.models import (
     Outbox,
     OutboxOperation,
     OutboxState,
+    ReconException,
+    ReconTrigger,
     StatusChange,
     VenueOrder,
     Wallet,
@@ -781,7 +788,8 @@ def test_a_refusal_that_left_an_order_behind_is_that_order(
 def test_a_lost_answer_resolves_to_exactly_one_order(
     sessions: sessionmaker[Session], client: VenueClient, venue: FakeVenue, connection_id: int
 ) -> None:
-    """The order landed but its answer was lost: the retry's duplicate finds that order."""
+    """The order landed but its answer was lost: the next claim looks the sale up, finds
+    that order and does not send the create again."""
     venue.scripts = [FakeVenue.lose_answer]
 
     first = submit(sessions, client, connection_id)
@@ -794,7 +802,7 @@ def test_a_lost_answer_resolves_to_exactly_one_order(
     assert "ReadTimeout" in (first.message or "")
     assert (report.sent, report.resolved) == (1, 1)
     [order_id] = venue.orders
-    assert venue.calls["create"] == 2
+    assert (venue.calls["create"], venue.calls["list"], venue.calls["get"]) == (1, 1, 1)
     [outbox] = rows(sessions, Outbox)
     assert (outbox.state, outbox.order_id) == (OutboxState.SENT, order_id)
     assert len(rows(sessions, LedgerLine)) == 1
@@ -887,6 +895,266 @@ def test_an_expired_lease_is_claimed_again_and_a_row_is_never_sent_twice_at_once
     assert venue.calls["create"] == 1
     [outbox] = rows(sessions, Outbox)
     assert (outbox.state, outbox.attempts) == (OutboxState.SENT, 2)
+
+
+# --- a create claimed again: look the sale up before sending it again ----------------------
+
+
+def test_a_lost_create_found_in_error_is_settled_and_never_sent_again(
+    sessions: sessionmaker[Session], client: VenueClient, venue: FakeVenue, connection_id: int
+) -> None:
+    """The venue took the order, the answer was lost, and the order went into Error
+    meanwhile: the next claim settles the row with that order and sends no create (which
+    would make the venue delete it and issue a new one); ``orders errors`` lists it."""
+    venue.scripts = [FakeVenue.lose_answer]
+    first = submit(sessions, client, connection_id)
+    [lost] = venue.orders.values()
+    lost.update(status="Error", statusMessage="[-1004] - The capacity has been exceeded.")
+    [outbox] = rows(sessions, Outbox)
+
+    report = run_outbox_once(
+        sessions, {connection_id: client}, owner="worker", now=outbox.next_attempt_at
+    )
+
+    assert first.status is SubmitStatus.RECORDED
+    assert (report.sent, report.resolved, report.in_error) == (1, 1, 1)
+    assert venue.calls == Counter(create=1, list=1, get=1)
+    [outbox] = rows(sessions, Outbox)
+    assert (outbox.state, outbox.order_id) == (OutboxState.SENT, lost["orderId"])
+    assert outbox.last_error == FOUND_IN_ERROR
+    assert mirrored(sessions) == [(lost["orderId"], OrderStatus.ERROR, [ChangeSource.SUBMIT])]
+    with sessions.begin() as session:
+        assert [e.order_id for e in error_orders(session)] == [lost["orderId"]]
+
+    again = submit(sessions, client, connection_id, now=outbox.next_attempt_at)
+    assert (again.status, again.order_status, again.message) == (
+        SubmitStatus.DUPLICATE,
+        OrderStatus.ERROR,
+        FOUND_IN_ERROR,
+    )
+    assert venue.calls["create"] == 1
+
+
+def test_a_create_claimed_again_settles_with_the_order_the_mirror_already_has(
+    sessions: sessionmaker[Session], client: VenueClient, venue: FakeVenue, connection_id: int
+) -> None:
+    """A webhook brought the order (Issued) before the row was claimed again: the row
+    is settled with it without a single venue call."""
+    venue.scripts = [FakeVenue.lose_answer]
+    submit(sessions, client, connection_id)
+    [lost] = venue.orders.values()
+    lost.update(status="Issued")
+    with sessions.begin() as session:
+        upsert_order(
+            session,
+            connection_id,
+            Order.model_validate(lost),
+            source=ChangeSource.WEBHOOK,
+            observed_at=T0,
+        )
+    [outbox] = rows(sessions, Outbox)
+    calls_before = Counter(venue.calls)
+
+    result = send_outbox_row(sessions, client, outbox.id, owner="w", now=outbox.next_attempt_at)
+
+    assert (result.outcome, result.resolved, result.found_in_error) == (
+        SendOutcome.SENT,
+        True,
+        False,
+    )
+    assert venue.calls == calls_before
+    [outbox] = rows(sessions, Outbox)
+    assert (outbox.state, outbox.order_id) == (OutboxState.SENT, lost["orderId"])
+
+
+def test_an_error_order_in_the_mirror_is_checked_at_the_venue(
+    sessions: sessionmaker[Session], client: VenueClient, venue: FakeVenue, connection_id: int
+) -> None:
+    """The mirror's Error order is an earlier submission's, which this row's lost create
+    made the venue replace: the venue's look-up names the new order, the row settles
+    with it, and the old one is marked removed."""
+    venue.scripts = [answer(503, "busy")]
+    submit(sessions, client, connection_id)  # the first attempt fails before the venue
+    old_order = venue.store(order_body(), status="Error")
+    with sessions.begin() as session:
+        upsert_order(
+            session,
+            connection_id,
+            Order.model_validate(old_order),
+            source=ChangeSource.FEED,
+            observed_at=T0,
+        )
+    del venue.orders[old_order["orderId"]]
+    new_order = venue.store(order_body())  # as the venue accepted a lost create
+    [outbox] = rows(sessions, Outbox)
+
+    result = send_outbox_row(sessions, client, outbox.id, owner="w", now=outbox.next_attempt_at)
+
+    assert (result.outcome, result.order_id, result.found_in_error) == (
+        SendOutcome.SENT,
+        new_order["orderId"],
+        False,
+    )
+    assert (venue.calls["create"], venue.calls["list"]) == (1, 1)
+    with sessions.begin() as session:
+        live = session.scalars(
+            sa.select(VenueOrder.order_id).where(VenueOrder.removed_at.is_(None))
+        ).all()
+    assert live == [new_order["orderId"]]
+
+
+def test_a_create_cut_off_before_its_call_is_sent_exactly_once_after_its_lease(
+    sessions: sessionmaker[Session], client: VenueClient, venue: FakeVenue, connection_id: int
+) -> None:
+    """A sender died holding the row before its call: after the lease the look-up finds
+    nothing and the create is sent, once — within one retry interval of the lease's end
+    at the default lease, well short of five minutes."""
+    lease = Settings().outbox_lease_seconds
+    with sessions.begin() as session:
+        record_submission(session, connection_id, order_request(), now=T0)
+    claim_outbox(sessions, owner="died", now=T0, limit=1, lease_seconds=lease)
+    ends = T0 + dt.timedelta(seconds=lease)
+
+    during = run_outbox_once(
+        sessions,
+        {connection_id: client},
+        owner="w",
+        now=ends - dt.timedelta(seconds=1),
+        lease_seconds=lease,
+    )
+    after = run_outbox_once(
+        sessions,
+        {connection_id: client},
+        owner="w",
+        now=ends + dt.timedelta(seconds=OUTBOX_RETRY_SECONDS),
+        lease_seconds=lease,
+    )
+
+    assert lease < 300
+    assert (during.claimed, after.sent, after.resolved) == (0, 1, 0)
+    assert venue.calls == Counter(list=1, create=1)
+    [order_id] = venue.orders
+    assert mirrored(sessions) == [(order_id, OrderStatus.SUBMITTED, [ChangeSource.SUBMIT])]
+
+
+def test_a_create_is_not_sent_again_while_the_look_up_fails(
+    sessions: sessionmaker[Session], venue: FakeVenue, connection_id: int
+) -> None:
+    """Not knowing whether the venue has the order, the row waits: no create is sent."""
+
+    def unavailable_lists(request: httpx.Request) -> httpx.Response:
+        if "/channelManager/orders/" in request.url.path:
+            return error(503, "The request timed out in the queue; retry later")
+        return venue.handle(request)
+
+    with open_client(
+        CONNECTION,
+        transport=httpx.MockTransport(unavailable_lists),
+        retry=ONCE,
+        throttle=Throttle(),
+    ) as flaky:
+        with sessions.begin() as session:
+            record_submission(session, connection_id, order_request(), now=T0)
+        claim_outbox(sessions, owner="died", now=T0, limit=1, lease_seconds=60)
+        report = run_outbox_once(
+            sessions, {connection_id: flaky}, owner="w", now=T0 + dt.timedelta(seconds=61)
+        )
+
+    assert (report.claimed, report.retried) == (1, 1)
+    assert venue.calls["create"] == 0
+    [outbox] = rows(sessions, Outbox)
+    assert outbox.state is OutboxState.PENDING
+    assert "HTTP 503" in (outbox.last_error or "")
+
+
+def test_a_new_order_for_a_sale_retires_its_order_in_error(
+    sessions: sessionmaker[Session], client: VenueClient, venue: FakeVenue, connection_id: int
+) -> None:
+    """A createOrder answered with a new orderId while the mirror holds the sale's order
+    in Error: the venue deleted that one to accept the new one, so the mirror marks it
+    removed and keeps one live order for the sale."""
+    old_order = venue.store(order_body(), status="Error")
+    with sessions.begin() as session:
+        upsert_order(
+            session,
+            connection_id,
+            Order.model_validate(old_order),
+            source=ChangeSource.WEBHOOK,
+            observed_at=T0,
+        )
+    del venue.orders[old_order["orderId"]]  # deleted by the venue for the new order
+
+    outcome = submit(sessions, client, connection_id, now=T0 + dt.timedelta(minutes=1))
+
+    assert outcome.status is SubmitStatus.SENT and outcome.order_id != old_order["orderId"]
+    with sessions.begin() as session:
+        live = session.scalars(
+            sa.select(VenueOrder.order_id).where(VenueOrder.removed_at.is_(None))
+        ).all()
+        assert live == [outcome.order_id]
+    assert mirrored(sessions)[0] == (
+        old_order["orderId"],
+        OrderStatus.ERROR,
+        [ChangeSource.WEBHOOK, ChangeSource.SUBMIT],
+    )
+    later = T0 + dt.timedelta(days=1)
+    reconcile_connections(
+        sessions,
+        [connection_id],
+        period_from=T0 - dt.timedelta(days=1),
+        period_to=later,
+        now=later,
+        trigger=ReconTrigger.MANUAL,
+        actor="tester",
+        grace=dt.timedelta(hours=1),
+        tolerance=Decimal("0.01"),
+    )
+    with sessions.begin() as session:
+        categories = session.scalars(sa.select(ReconException.category)).all()
+    assert "multiple_orders" not in categories
+
+
+def test_a_live_sender_renews_its_lease_and_is_not_overtaken(
+    sessions: sessionmaker[Session], venue: FakeVenue, connection_id: int
+) -> None:
+    """A sender whose look-up took longer than the lease renews it before its create, so
+    a claimer arriving after the first lease's end finds nothing to take."""
+    moment = [T0]
+    competitor: list[Any] = []
+
+    def slow_venue(request: httpx.Request) -> httpx.Response:
+        if "/channelManager/orders/" in request.url.path:
+            moment[0] += dt.timedelta(seconds=90)  # a slow look-up
+        elif request.method == "POST":
+            competitor.extend(
+                claim_outbox(
+                    sessions,
+                    owner="other",
+                    now=moment[0] + dt.timedelta(seconds=30),
+                    limit=1,
+                    lease_seconds=60,
+                )
+            )
+        return venue.handle(request)
+
+    earlier = T0 - dt.timedelta(seconds=120)
+    with sessions.begin() as session:
+        record_submission(session, connection_id, order_request(), now=earlier)
+    assert claim_outbox(sessions, owner="died", now=earlier, limit=1, lease_seconds=60)
+    with open_client(
+        CONNECTION, transport=httpx.MockTransport(slow_venue), retry=ONCE, throttle=Throttle()
+    ) as slow:
+        report = run_outbox_once(
+            sessions,
+            {connection_id: slow},
+            owner="live",
+            now=T0,
+            lease_seconds=60,
+            clock=lambda: moment[0],
+        )
+
+    assert competitor == []
+    assert (report.sent, venue.calls["list"], venue.calls["create"]) == (1, 1, 1)
 
 
 class ApplyFails:
@@ -1002,6 +1270,40 @@ def test_an_outcome_prints_and_serializes_without_customer_data(
     assert outcome.to_json()["status"] == "Submitted"
     assert outcome.order_id is not None and outcome.order_id in text
     assert "Jane Doe" not in text and "guest@example.com" not in text
+
+
+def test_the_lease_setting_defaults_to_the_outboxs_lease_and_refuses_too_short() -> None:
+    """``OTACM_OUTBOX_LEASE_SECONDS`` defaults to the outbox's own default (120 s, above one
+    venue call's worst case with retries) and refuses less than 5 s."""
+    assert Settings().outbox_lease_seconds == DEFAULT_LEASE_SECONDS == 120
+    with pytest.raises(ValidationError, match="outbox_lease_seconds"):
+        Settings(outbox_lease_seconds=1)
+
+
+def test_otacm_submit_holds_its_row_for_the_configured_lease(
+    sessions: sessionmaker[Session],
+    client: VenueClient,
+    venue: FakeVenue,
+    connection_id: int,
+    tmp_path: Path,
+) -> None:
+    """``OTACM_OUTBOX_LEASE_SECONDS`` is the lease ``otacm submit`` holds its row for."""
+    leases: list[dt.datetime | None] = []
+
+    def watch(venue: FakeVenue, body: dict[str, Any]) -> httpx.Response:
+        with sessions.begin() as session:
+            leases.append(session.scalar(sa.select(Outbox.lease_expires_at)))
+        return venue.accept(body)
+
+    venue.scripts = [watch]
+    path = tmp_path / "order.json"
+    path.write_text(json.dumps(order_body("F-1")), encoding="utf-8")
+    settings = Settings(connections=[CONNECTION], outbox_lease_seconds=7)
+
+    [outcome] = submit_file(settings, path, sessions=sessions, clients={"default": client}, now=T0)
+
+    assert outcome.status is SubmitStatus.SENT
+    assert leases == [T0 + dt.timedelta(seconds=7)]
 
 
 def test_submit_file_records_and_sends_every_order(
@@ -1196,7 +1498,8 @@ def test_an_actions_failure_is_retried_refused_or_the_order_gone(
 def test_a_pass_sends_every_operation(
     sessions: sessionmaker[Session], client: VenueClient, venue: FakeVenue, connection_id: int
 ) -> None:
-    """One pass claims creates and actions alike, oldest first, and sends each."""
+    """One pass claims creates and actions alike, oldest first, and sends each; a row
+    waiting behind an earlier row of its order is claimed once that one is sent."""
     confirmed = {**venue.store(order_body("OTHER-1"), status="Issued"), "orderId": ORDER_ID}
     venue.answers = [httpx.Response(200, json=confirmed), httpx.Response(200, content=b"")]
     with sessions.begin() as session:
@@ -1214,8 +1517,9 @@ def test_a_pass_sends_every_operation(
     first = run_outbox_once(sessions, {connection_id: client}, owner="w", now=T0)
     second = run_outbox_once(sessions, {connection_id: client}, owner="w", now=T0)
 
-    # The delete waits for the confirm of the same order: the next pass sends it.
-    assert (first.claimed, first.sent, second.claimed, second.removed) == (2, 2, 1, 1)
+    # The delete waits for the confirm of the same order; rows are claimed one at a
+    # time, so it follows in the same pass and the next pass finds nothing.
+    assert (first.claimed, first.sent, first.removed, second.claimed) == (3, 3, 1, 0)
     assert [(r.operation, r.state) for r in rows(sessions, Outbox)] == [
         (OutboxOperation.CREATE, OutboxState.SENT),
         (OutboxOperation.CONFIRM, OutboxState.SENT),

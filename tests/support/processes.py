@@ -43,6 +43,7 @@ def otacm_environment(settings: Settings, **extra: str) -> dict[str, str]:
             "OTACM_DB_LOCK_TIMEOUT": str(settings.db_lock_timeout),
             "OTACM_WEBHOOK_MAX_BYTES": str(settings.webhook_max_bytes),
             "OTACM_INBOX_LEASE_SECONDS": str(settings.inbox_lease_seconds),
+            "OTACM_OUTBOX_LEASE_SECONDS": str(settings.outbox_lease_seconds),
             "OTACM_WORKER_BATCH_SIZE": str(settings.worker_batch_size),
             "OTACM_LOG_LEVEL": "INFO",
             **extra,
