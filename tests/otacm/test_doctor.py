@@ -331,7 +331,14 @@ def test_doctor_fails_jobs_that_have_not_succeeded_lately(migrated_engine: sa.En
     assert _doctor_on(migrated_engine)["jobs"]["warning"]
 
     now = utcnow()
-    fresh = {"change_feed", "watchdog", "lost_submissions", "confirm_drafts", "reconcile"}
+    fresh = {
+        "change_feed",
+        "watchdog",
+        "lost_submissions",
+        "confirm_drafts",
+        "reconcile",
+        "erase_personal_data",
+    }
     with make_sessions(migrated_engine).begin() as session:
         for name in fresh:
             session.add(_job_run(name, now=now, last_success=now - dt.timedelta(seconds=5)))
