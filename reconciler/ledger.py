@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage.models import INTEGER_MAX, LedgerLine, LedgerSource, LedgerState
+from storage.models import INTEGER_MAX, LedgerLine, LedgerSource, LedgerState, ensure_connection
 from storage.types import MONEY_MAX, MONEY_PLACES, text_problem
 from venue.models import normalize_reference, reference_set_key
 
@@ -499,7 +499,8 @@ def import_ledger(
     sessions: sessionmaker[Session],
     path: Path,
     *,
-    connection_id: int,
+    connection_id: int | None = None,
+    connection_name: str | None = None,
     now: dt.datetime,
     fmt: str | None = None,
     skip_bad: bool = False,
@@ -518,7 +519,10 @@ def import_ledger(
     Args:
         sessions: the session factory; the import owns its transaction.
         path: the ledger file.
-        connection_id: the venue connection the sales belong to.
+        connection_id: the venue connection the sales belong to; or else
+        connection_name: its name, for a connection that may not be stored yet: its
+            row is then created in the import's transaction, so a refused file leaves
+            nothing behind.
         now: the time of the import (aware): ``created_at``/``updated_at`` of what it
             writes.
         fmt: ``csv`` or ``jsonl``; by default from the extension.
@@ -530,10 +534,15 @@ def import_ledger(
 
     Raises:
         LedgerFileError: the file cannot be read as a whole; nothing is written.
+        TypeError: neither or both of ``connection_id`` and ``connection_name`` given.
     """
+    if (connection_id is None) == (connection_name is None):
+        raise TypeError("import_ledger needs connection_id or connection_name, not both")
     fmt = ledger_format(path, fmt)
     counts = _Counts()
     with sessions() as session:
+        if connection_id is None:
+            connection_id = ensure_connection(session, cast(str, connection_name))
         chunk: list[LedgerRow] = []
         for item in read_ledger(path, fmt):
             if isinstance(item, BadRow):
