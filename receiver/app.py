@@ -15,7 +15,7 @@ import logging
 from flask import Flask
 
 from otacm.settings import Settings
-from receiver import api, finance, health, metrics, webhook
+from receiver import api, body, finance, health, metrics, webhook
 from receiver.context import EXTENSION, Receiver
 from receiver.errors import register_error_handlers
 from storage.engine import make_engine, make_sessions
@@ -74,6 +74,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     register_error_handlers(app)
     app.register_blueprint(webhook.bp)
     app.wsgi_app = webhook.WebhookPosts(app.wsgi_app, receiver)  # type: ignore[method-assign]
+    # Outermost: a body that cannot be read is a 400 for every view, the fast path's too.
+    app.wsgi_app = body.ReadableBodies(app.wsgi_app)  # type: ignore[method-assign]
     app.register_blueprint(health.bp)
     app.register_blueprint(metrics.bp)
     app.register_blueprint(api.api)
