@@ -29,7 +29,7 @@ from decimal import Decimal
 from typing import IO, TYPE_CHECKING, Any
 
 from gunicorn.http.errors import ParseException
-from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 from werkzeug.wrappers import Request
 
 from receiver.errors import BodyTooLarge, InvalidJson, UnreadableBody, UnsupportedMediaType
@@ -73,7 +73,7 @@ def read_json_body(request: Request, limit: int, *, exact_numbers: bool = False)
     Raises:
         BodyTooLarge: the body is over ``limit`` (by its ``Content-Length`` before it is
             read, or while reading a chunked one).
-        UnreadableBody: the body cannot be read (under :class:`ReadableBodies`).
+        UnreadableBody: the body cannot be read, or ends before its ``Content-Length``.
         UnsupportedMediaType: the body is not declared as JSON.
         InvalidJson: the body is not UTF-8 standard JSON; the message says where or why.
     """
@@ -90,6 +90,8 @@ def read_json_body(request: Request, limit: int, *, exact_numbers: bool = False)
         data = request.get_data(cache=False)
     except RequestEntityTooLarge as exc:
         raise BodyTooLarge(limit) from exc
+    except ClientDisconnected as exc:  # werkzeug's word for a body shorter than announced
+        raise UnreadableBody() from exc
     if len(data) > limit:
         raise BodyTooLarge(limit)
     try:

@@ -31,9 +31,11 @@ from otacm.settings import Settings, VenueConnection
 from receiver import create_app
 from receiver.context import EXTENSION, Receiver
 from receiver.finance.auth import hash_password
+from receiver.testing import served as served_app
 from storage.engine import make_sessions
 from storage.testing import free_port
 from tests.finance.conftest import PARTNER, PASSWORD, USER, Seeded, csrf_token, seed_run
+from tests.receiver.test_metrics import parse, value
 from tests.support.database import dump
 from tests.support.processes import OtacmProcess, otacm_environment
 from tests.support.stack import wait_until
@@ -560,6 +562,26 @@ def test_broken_bodies_over_a_socket_are_400(
         answer = raw_request(port, short)
         assert 400 <= _status(answer) < 500, (path, answer[:300])
     assert dump(migrated_engine) == before
+    samples = parse(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text)
+    rejected = value(samples, "otacm_webhook_rejections_total", code="unreadable_body")
+    assert rejected == len(BROKEN_CHUNKS)  # a short body is read as it is: invalid JSON
+
+
+def test_broken_bodies_to_werkzeugs_server_are_400_unreadable_body(fuzz_app: Flask) -> None:
+    """werkzeug's server (the tests', the demo's) raises other errors: the same answer."""
+    with served_app(fuzz_app) as url:
+        port = int(url.rsplit(":", 1)[1])
+        chunks = raw_request(
+            port, chunked("/webhooks/ota-cm", b"zz\r\nabc\r\n", "application/json")
+        )
+        short = raw_request(
+            port,
+            b"POST /webhooks/ota-cm HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\nConnection: close\r\n\r\n{",
+        )
+    for answer in (chunks, short):
+        assert _status(answer) == 400, answer
+        assert json.loads(answer.partition(b"\r\n\r\n")[2])["code"] == "unreadable_body"
 
 
 def test_hostile_requests_over_a_socket_get_clear_answers(
