@@ -197,6 +197,18 @@ class Inputs:
             return ["orders", "errors", "--connection", key]
         return ["orders", action, key]
 
+    def config(self) -> list[str]:
+        """A settings file that is no TOML, or TOML with hostile values."""
+        kind = self.pick(["binary", "toml", "values"])
+        if kind == "binary":
+            content = bytes(self.rng.randrange(256) for _ in range(100))
+        elif kind == "toml":
+            content = self.pick([b"[[connections]", b"a = ", b"x = 1\nx = 2", b"\x00"])
+        else:
+            value = json.dumps(self.pick(HOSTILE_TEXTS)).replace("\\ud", "\\u00")
+            content = f"db_lock_timeout = {value}\n[[connections]]\nname = {value}\n".encode()
+        return ["--config", self.file(content, ".toml"), "report", "1"]
+
     def db_upgrade(self) -> list[str]:
         return ["db", "upgrade", "--revision", self.pick(HOSTILE_REVISIONS)]
 
@@ -215,6 +227,7 @@ COMMANDS: dict[str, Callable[[Inputs], list[str]]] = {
     "submit": Inputs.submit,
     "orders": Inputs.orders,
     "db upgrade": Inputs.db_upgrade,
+    "--config": Inputs.config,
 }
 
 
@@ -290,6 +303,7 @@ DEFECTS_MET: list[tuple[tuple[str, ...], str]] = [
     (("db", "upgrade", "--revision", ""), "'' is not a revision of the schema"),
     (("orders", "show", "\udcff"), "KEY holds a NUL character or an unpaired surrogate"),
     (("orders", "cancel", "R\x00"), "REF holds a NUL character or an unpaired surrogate"),
+    (("--config", "{tmp}/binary.toml", "report", "1"), "binary.toml is not UTF-8 text"),
 ]
 
 
@@ -301,6 +315,7 @@ def test_each_defect_met_is_one_line_and_changes_nothing(
 ) -> None:
     """Each case exits non-zero with its reason as one `Error:` line; the database is as it was."""
     args = [arg.format(tmp=tmp_path) for arg in case]
+    (tmp_path / "binary.toml").write_bytes(b"\xff\xfe\x8f")
     before = dump(migrated_engine)
 
     result = CliRunner().invoke(main, args, env=_environment(migrated_engine))
