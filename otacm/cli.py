@@ -103,13 +103,27 @@ def db() -> None:
 
 
 @db.command("upgrade")
-@click.option("--revision", default="head", show_default=True, help="Target revision.")
+@click.option(
+    "--revision", default="head", show_default=True, help="Target revision: head or an id."
+)
 @pass_cli
 def db_upgrade(cli: CliContext, revision: str) -> None:
     """Migrate the database to the latest schema (safe to run again)."""
-    from storage.engine import make_engine
-    from storage.migrate import current_revision, upgrade
+    from alembic.script import ScriptDirectory
 
+    from storage.engine import make_engine
+    from storage.migrate import alembic_config, current_revision, upgrade
+
+    # "head" or a revision id, checked before the database is touched: Alembic's other
+    # spellings (relative, branch@) fail inside it with assertions, not messages.
+    known = sorted(
+        s.revision for s in ScriptDirectory.from_config(alembic_config()).walk_revisions()
+    )
+    if revision != "head" and revision not in known:
+        raise click.ClickException(
+            f"--revision {revision!r} is not a revision of the schema: "
+            f"head, or one of {', '.join(known)}"
+        )
     with database_errors(cli):
         engine = make_engine(cli.settings.database_url)
         try:
@@ -603,8 +617,19 @@ def orders() -> None:
     """Orders as the local mirror knows them."""
 
 
+def _check_key(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """An order's key as typed: text a query can carry (bytes that are not UTF-8 in the
+    command line arrive as unpaired surrogates, which no database takes)."""
+    from storage.types import text_problem
+
+    problem = text_problem(value)
+    if problem is not None:
+        raise click.ClickException(f"{(param.metavar or param.name or 'KEY').upper()} {problem}")
+    return value
+
+
 @orders.command("show")
-@click.argument("key")
+@click.argument("key", callback=_check_key)
 @click.option("--json", "as_json", is_flag=True, help="Print the order(s) as JSON.")
 @pass_cli
 def orders_show(cli: CliContext, key: str, as_json: bool) -> None:
@@ -671,7 +696,7 @@ def _print_action(outcome: Any, as_json: bool) -> None:
 
 
 @orders.command("replace")
-@click.argument("key", metavar="REF")
+@click.argument("key", metavar="REF", callback=_check_key)
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--connection", default=None, help="The venue connection, when several have REF.")
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
@@ -713,7 +738,7 @@ def orders_replace(
 
 
 @orders.command("cancel")
-@click.argument("key", metavar="REF")
+@click.argument("key", metavar="REF", callback=_check_key)
 @click.option("--connection", default=None, help="The venue connection, when several have REF.")
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
 @pass_cli
@@ -828,7 +853,6 @@ def ledger_import(
     """
     from reconciler.ledger import LedgerFileError, import_ledger
     from storage.engine import make_engine, make_sessions
-    from storage.models import ensure_connection
     from storage.types import utcnow
 
     settings = cli.settings
@@ -838,11 +862,13 @@ def ledger_import(
         raise click.ClickException(str(exc)) from None
     engine = make_engine(settings.database_url)
     try:
-        sessions = make_sessions(engine)
-        with sessions.begin() as session:
-            connection_id = ensure_connection(session, name)
         result = import_ledger(
-            sessions, file, connection_id=connection_id, now=utcnow(), fmt=fmt, skip_bad=skip_bad
+            make_sessions(engine),
+            file,
+            connection_name=name,
+            now=utcnow(),
+            fmt=fmt,
+            skip_bad=skip_bad,
         )
     except LedgerFileError as exc:
         raise click.ClickException(f"{file}: {exc}") from None
@@ -899,10 +925,12 @@ def report(cli: CliContext, run_id: int, fmt: str, output: Path | None) -> None:
     """
     from reconciler.report import RunNotFound, load_run_report, render_report
     from storage.engine import make_engine, make_sessions
-    from storage.types import utcnow
+    from storage.types import ID_MAX, utcnow
 
     if fmt == "xlsx" and output is None and sys.stdout.isatty():
         raise click.UsageError("xlsx is a binary file: name it with -o FILE, or redirect stdout")
+    if not 0 < run_id <= ID_MAX:  # no row has it, and no query could take it
+        raise click.ClickException(str(RunNotFound(run_id)))
     engine = make_engine(cli.settings.database_url)
     try:
         with make_sessions(engine, read_only=True).begin() as session:
@@ -915,7 +943,10 @@ def report(cli: CliContext, run_id: int, fmt: str, output: Path | None) -> None:
     if output is None:
         click.echo(content, nl=False)  # bytes go to the binary stream as they are
         return
-    output.write_bytes(content)
+    try:
+        output.write_bytes(content)
+    except OSError as exc:  # a missing folder, no permission, a full disk
+        raise click.ClickException(f"cannot write {output}: {exc.strerror or exc}") from None
     click.echo(f"wrote the {fmt} report of run {run_id} to {output}", err=True)
 
 
@@ -933,20 +964,27 @@ def inbox_replay(cli: CliContext, ids: tuple[int, ...], connection: str | None) 
     from receiver.worker import replay_dead
     from storage.engine import make_engine, make_sessions
     from storage.models import ensure_connection
-    from storage.types import utcnow
+    from storage.types import ID_MAX, utcnow
 
     if connection is not None:
         try:
             cli.settings.connection(connection)  # an unknown name is an error, not "0 rows"
         except SettingsError as exc:
             raise click.ClickException(str(exc)) from None
-    engine = make_engine(cli.settings.database_url)
-    try:
-        with make_sessions(engine).begin() as session:
-            connection_id = ensure_connection(session, connection) if connection else None
-            count = replay_dead(session, now=utcnow(), connection_id=connection_id, ids=ids or None)
-    finally:
-        engine.dispose()
+    # Ids no row can have (beyond a BIGINT) match nothing, and no query could take them;
+    # when only such ids were given, nothing is replayed (not every row, as without --id).
+    wanted = tuple(row_id for row_id in ids if 0 < row_id <= ID_MAX)
+    count = 0
+    if wanted or not ids:
+        engine = make_engine(cli.settings.database_url)
+        try:
+            with make_sessions(engine).begin() as session:
+                connection_id = ensure_connection(session, connection) if connection else None
+                count = replay_dead(
+                    session, now=utcnow(), connection_id=connection_id, ids=wanted or None
+                )
+        finally:
+            engine.dispose()
     click.echo(f"{count} dead-lettered inbox row(s) queued again")
 
 
@@ -1012,18 +1050,33 @@ def _utc_moment(value: str | None, option: str) -> Any:
         return None
     try:
         moment = dt.datetime.fromisoformat(value)
+        return moment.replace(tzinfo=dt.UTC) if moment.tzinfo is None else moment.astimezone(dt.UTC)
     except ValueError:
         raise click.BadParameter(
             f"{value!r} is not an ISO date or datetime", param_hint=option
         ) from None
-    return moment.replace(tzinfo=dt.UTC) if moment.tzinfo is None else moment.astimezone(dt.UTC)
+    except OverflowError:  # within hours of year 1 or 9999, the offset takes it out of range
+        raise click.BadParameter(f"{value!r} is out of range in UTC", param_hint=option) from None
+
+
+def _check_actor(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--actor`` as its column keeps it: one line of error otherwise, before any work."""
+    from storage.models import ACTOR
+    from storage.types import text_problem
+
+    problem = None if value is None else text_problem(value, ACTOR.length)
+    if problem is not None:
+        raise click.ClickException(f"--actor {problem}")
+    return value
 
 
 @main.command("reconcile")
 @click.option("--from", "period_from", default=None, help="Start (ISO date/datetime, UTC).")
 @click.option("--to", "period_to", default=None, help="End, exclusive (default: now).")
 @click.option("--connection", default=None, help="Only this venue connection.")
-@click.option("--actor", default=None, help="Who runs it (default: the OS user).")
+@click.option(
+    "--actor", default=None, callback=_check_actor, help="Who runs it (default: the OS user)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the runs and totals as JSON.")
 @pass_cli
 def reconcile_command(
@@ -1056,9 +1109,15 @@ def reconcile_command(
         raise click.ClickException(str(exc)) from None
     now = utcnow()
     end = _utc_moment(period_to, "--to") or now
-    start = _utc_moment(period_from, "--from") or end - dt.timedelta(
-        days=settings.recon_lookback_days
-    )
+    try:
+        start = _utc_moment(period_from, "--from") or end - dt.timedelta(
+            days=settings.recon_lookback_days
+        )
+    except OverflowError:
+        raise click.BadParameter(
+            f"the {settings.recon_lookback_days} days before it start before year 1: give --from",
+            param_hint="--to",
+        ) from None
     if start >= end:
         raise click.BadParameter("--from must be before --to", param_hint="--from")
     engine = make_engine(settings.database_url)
@@ -1170,7 +1229,12 @@ def _exception_action(
                 now=utcnow(),
             )
             state = str(row.state)
-    except (actions.NoteRequired, actions.ExceptionNotOpen, actions.ExceptionNotFound) as exc:
+    except (
+        actions.NoteRequired,
+        actions.TextRefused,
+        actions.ExceptionNotOpen,
+        actions.ExceptionNotFound,
+    ) as exc:
         raise click.ClickException(str(exc).strip("'\"")) from None
     finally:
         engine.dispose()
@@ -1178,7 +1242,9 @@ def _exception_action(
 
 
 def _exception_options(function: Any) -> Any:
-    function = click.option("--actor", default=None, help="Who (default: the OS user).")(function)
+    function = click.option(
+        "--actor", default=None, callback=_check_actor, help="Who (default: the OS user)."
+    )(function)
     function = click.option("--note", default=None, help="Why; required.")(function)
     return click.argument("exception_id", type=int, metavar="ID")(function)
 

@@ -462,6 +462,8 @@ class Settings(BaseSettings):
                 raise SettingsError(message) from exc
             except tomllib.TOMLDecodeError as exc:
                 raise SettingsError(f"config file {config_file} is not valid TOML: {exc}") from exc
+            except UnicodeDecodeError as exc:
+                raise SettingsError(f"config file {config_file} is not UTF-8 text") from exc
         if any(name.upper() == "OTACM_FEED_OVERLAP" for name in os.environ):
             raise SettingsError(f"OTACM_FEED_OVERLAP: {RETIRED_FEED_OVERLAP}")
         try:

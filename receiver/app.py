@@ -16,7 +16,7 @@ import logging
 from flask import Flask
 
 from otacm.settings import Settings
-from receiver import api, finance, headers, health, metrics, webhook
+from receiver import api, body, finance, headers, health, metrics, webhook
 from receiver.context import EXTENSION, Receiver
 from receiver.errors import register_error_handlers
 from storage.engine import make_engine, make_sessions
@@ -75,6 +75,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     register_error_handlers(app)
     app.register_blueprint(webhook.bp)
     app.wsgi_app = webhook.WebhookPosts(app.wsgi_app, receiver)  # type: ignore[method-assign]
+    # A body that cannot be read is a 400 for every view, the fast path's too.
+    app.wsgi_app = body.ReadableBodies(app.wsgi_app)  # type: ignore[method-assign]
     # Outermost, so that the webhook's fast path sees the client's address too, and
     # every answer, the fast path's included, carries the security headers.
     app.wsgi_app = headers.SecurityHeaders(  # type: ignore[method-assign]

@@ -7,6 +7,13 @@ more digits than Python converts. Stored, the first two make a JSON column inval
 as :class:`JsonRefused`; :func:`read_json_body` reads a request's body (Flask's or
 werkzeug's) with the size limit and answers with :mod:`receiver.errors`.
 
+Reading the body can fail before any JSON is seen: gunicorn raises its own
+``InvalidChunkSize`` (not an ``OSError``) for a chunked body whose chunk size is not a
+number, werkzeug's development server an ``OSError``, and either one for a body cut
+short. :class:`ReadableBodies`, WSGI middleware around the whole app, turns every such
+failure into :class:`~receiver.errors.UnreadableBody` (400 ``unreadable_body``) wherever
+the body is read: the webhook, the API, a finance form and its CSRF check alike.
+
 The text inside is another matter: a string may hold a NUL character or an unpaired
 surrogate (``"\\ud800"``), which is valid JSON but no text column takes
 (:func:`storage.types.storable_text`); the code that puts a field in a column checks it.
@@ -17,13 +24,22 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Iterable, Iterator
 from decimal import Decimal
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
-from werkzeug.exceptions import RequestEntityTooLarge
+from gunicorn.http.errors import ParseException
+from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 from werkzeug.wrappers import Request
 
-from receiver.errors import BodyTooLarge, InvalidJson, UnsupportedMediaType
+from receiver.errors import BodyTooLarge, InvalidJson, UnreadableBody, UnsupportedMediaType
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+# What reading a request's stream raises when the body is broken or cut short: gunicorn's
+# chunked-encoding errors are ParseExceptions; sockets and werkzeug's server raise OSError.
+_UNREADABLE = (OSError, ParseException)
 
 
 class JsonRefused(ValueError):
@@ -57,6 +73,7 @@ def read_json_body(request: Request, limit: int, *, exact_numbers: bool = False)
     Raises:
         BodyTooLarge: the body is over ``limit`` (by its ``Content-Length`` before it is
             read, or while reading a chunked one).
+        UnreadableBody: the body cannot be read, or ends before its ``Content-Length``.
         UnsupportedMediaType: the body is not declared as JSON.
         InvalidJson: the body is not UTF-8 standard JSON; the message says where or why.
     """
@@ -73,6 +90,8 @@ def read_json_body(request: Request, limit: int, *, exact_numbers: bool = False)
         data = request.get_data(cache=False)
     except RequestEntityTooLarge as exc:
         raise BodyTooLarge(limit) from exc
+    except ClientDisconnected as exc:  # werkzeug's word for a body shorter than announced
+        raise UnreadableBody() from exc
     if len(data) > limit:
         raise BodyTooLarge(limit)
     try:
@@ -86,6 +105,56 @@ def read_json_body(request: Request, limit: int, *, exact_numbers: bool = False)
         raise InvalidJson("it is nested too deeply") from exc
     except JsonRefused as exc:
         raise InvalidJson(str(exc)) from exc
+
+
+class ReadableBodies:
+    """WSGI middleware: a request body that cannot be read is a 400, wherever it is read.
+
+    Wraps each request's ``wsgi.input`` so that a failure to read it raises
+    :class:`~receiver.errors.UnreadableBody`, an HTTP exception every part of the app
+    answers in its own way (JSON, or a finance page), instead of an error that becomes
+    a 500. :func:`receiver.create_app` installs it around everything else.
+    """
+
+    def __init__(self, app: WSGIApplication) -> None:
+        self.app = app
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        """Serve the request with its input stream guarded."""
+        stream = environ.get("wsgi.input")
+        if stream is not None:
+            environ["wsgi.input"] = _GuardedInput(stream)
+        return self.app(environ, start_response)
+
+
+class _GuardedInput:
+    """A WSGI input stream whose read failures are :class:`~receiver.errors.UnreadableBody`."""
+
+    __slots__ = ("_stream",)
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self._stream = stream
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self._stream.read(size)
+        except _UNREADABLE as exc:
+            raise UnreadableBody() from exc
+
+    def readline(self, size: int = -1) -> bytes:
+        try:
+            return self._stream.readline(size)
+        except _UNREADABLE as exc:
+            raise UnreadableBody() from exc
+
+    def readlines(self, hint: int = -1) -> list[bytes]:
+        try:
+            return self._stream.readlines(hint)
+        except _UNREADABLE as exc:
+            raise UnreadableBody() from exc
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.readline, b"")
 
 
 def _refuse_constant(name: str) -> Any:

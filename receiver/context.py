@@ -106,7 +106,9 @@ class Receiver:
         none makes the receiver look at the states files again first (see the module
         docstring).
         """
-        candidate = client_state.encode("utf-8")
+        # Whatever the text holds: an unpaired surrogate (a JSON "\ud800") encodes as
+        # bytes no configured state has, so it matches nothing rather than raising.
+        candidate = client_state.encode("utf-8", "surrogatepass")
         if time.monotonic() - self._states_checked_at >= STATE_FILE_CHECK_SECONDS:
             self._reload_states()
         found = _match(candidate, self._states)

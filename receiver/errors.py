@@ -18,6 +18,12 @@ The hierarchy, with the status each answers::
         ├── SchemaNotCurrent        503 schema_not_current
         └── NotConfigured           503 not_configured (``/readyz`` only)
 
+A body that cannot be read at all (a chunked body whose chunk size is not a number, one
+cut short) is :class:`UnreadableBody`, 400 ``unreadable_body``: a werkzeug
+``BadRequest`` rather than a ``ReceiverError``, since whatever reads the body raises it
+(the webhook, a form, the CSRF check), and the finance pages answer HTTP exceptions with
+a page of their own (:mod:`receiver.body`).
+
 Only requests that are really forged or unreadable get a 4xx: the venue may end a
 subscription after repeated 4xx answers, and retries only after 408, 429 and 5xx. Our
 own trouble (a locked or unreachable database) is always a 503; an ``OperationalError``
@@ -32,7 +38,7 @@ import re
 
 from flask import Flask, Response
 from sqlalchemy import exc as sa_exc
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import BadRequest, HTTPException
 
 # Re-exported: the receiver's modules answer the database's errors that storage names.
 from storage.engine import DATABASE_UNAVAILABLE as DATABASE_UNAVAILABLE
@@ -162,6 +168,16 @@ class NotConfigured(Unavailable):
     code = "not_configured"
 
 
+class UnreadableBody(BadRequest):
+    """The request's body cannot be read: its chunked encoding is broken, or it was cut short."""
+
+    error_code = "unreadable_body"
+    description = (
+        "The body cannot be read: its chunked encoding is broken (a chunk size that is"
+        " not a hexadecimal number) or it ends early."
+    )
+
+
 def error_response(status: int, code: str, message: str) -> Response:
     """The one JSON error body, ``{"status", "code", "message"}``, with ``status`` set.
 
@@ -177,6 +193,8 @@ def error_response(status: int, code: str, message: str) -> Response:
 
 def http_error_code(exc: HTTPException) -> str:
     """A werkzeug exception's stable code: ``404`` → ``not_found``."""
+    if isinstance(exc, UnreadableBody):
+        return exc.error_code
     if exc.code in _HTTP_CODES:
         return _HTTP_CODES[exc.code]
     return re.sub(r"[^a-z0-9]+", "_", (exc.name or "error").lower()).strip("_")

@@ -6,7 +6,8 @@ A POST goes through a short checklist, each failure with its own answer
 0. until the database is reachable and migrated (so that each connection's row id is
    known) → 503 ``schema_not_current`` or ``database_unavailable``;
 1. body larger than ``settings.webhook_max_bytes`` → 413 ``body_too_large`` (by its
-   ``Content-Length`` before reading, and while reading a chunked body);
+   ``Content-Length`` before reading, and while reading a chunked body); a body that
+   cannot be read (broken chunked encoding, cut short) → 400 ``unreadable_body``;
 2. not declared as JSON → 415 ``unsupported_media_type``; not decodable as standard
    JSON (RFC 8259: no ``NaN`` or ``Infinity``, no number beyond a double's range, nor
    one of more digits than Python converts) → 400 ``invalid_json``;
@@ -55,6 +56,7 @@ from receiver.errors import (
     InvalidNotification,
     ReceiverError,
     UnknownClientState,
+    UnreadableBody,
     describe_database_error,
     http_error_response,
 )
@@ -133,11 +135,15 @@ def _answer(receiver: Receiver, request: Request) -> Response:
 
     Raises:
         ReceiverError: the POST is refused; counted by its code.
+        UnreadableBody: the body cannot be read; counted as ``unreadable_body``.
     """
     try:
         result = _receive(receiver, request)
     except ReceiverError as exc:
         receiver.metrics.webhook.rejected(exc.code)
+        raise
+    except UnreadableBody as exc:
+        receiver.metrics.webhook.rejected(exc.error_code)
         raise
     receiver.metrics.webhook.stored.inc(result.stored)
     receiver.metrics.webhook.duplicate.inc(result.duplicates)

@@ -11,6 +11,7 @@ Errors::
 
     ValueError
     ├── NoteRequired            a blank note
+    ├── TextRefused             a note or actor no text column takes
     └── ExceptionNotOpen        the exception is not open
     LookupError
     └── ExceptionNotFound       no exception with that id
@@ -26,12 +27,14 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from storage.models import (
+    ACTOR,
     ExceptionAction,
     ExceptionEvent,
     ExceptionState,
     ReconException,
     ReconRun,
 )
+from storage.types import ID_MAX, text_problem
 
 
 class NoteRequired(ValueError):
@@ -40,6 +43,14 @@ class NoteRequired(ValueError):
     def __init__(self, exception_id: int) -> None:
         super().__init__(f"a note is required to resolve or accept exception {exception_id}")
         self.exception_id = exception_id
+
+
+class TextRefused(ValueError):
+    """A note or an actor's name that no text column takes (or too long, for a name)."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"the {field} {problem}")
+        self.field = field
 
 
 class ExceptionNotFound(LookupError):
@@ -78,6 +89,8 @@ def resolve(
 
     Raises:
         NoteRequired: the note is blank.
+        TextRefused: the note or the actor's name holds a NUL character or an unpaired
+            surrogate, or the name is longer than its column.
         ExceptionNotFound: no such exception.
         ExceptionNotOpen: the exception is not open.
     """
@@ -101,6 +114,8 @@ def accept(
 
     Raises:
         NoteRequired: the note is blank.
+        TextRefused: the note or the actor's name holds a NUL character or an unpaired
+            surrogate, or the name is longer than its column.
         ExceptionNotFound: no such exception.
         ExceptionNotOpen: the exception is not open.
     """
@@ -140,6 +155,12 @@ def _act(
 ) -> ReconException:
     if not note or not note.strip():
         raise NoteRequired(exception_id)
+    for field, text, width in (("note", note, None), ("actor", actor, ACTOR.length)):
+        problem = text_problem(text, width)
+        if problem is not None:
+            raise TextRefused(field, problem)
+    if exception_id > ID_MAX:
+        raise ExceptionNotFound(exception_id)  # no row has it; no query could take it
     # Locked, so two people acting at once apply one after the other (the second fails).
     exception = session.scalars(
         sa.select(ReconException).where(ReconException.id == exception_id).with_for_update()

@@ -32,15 +32,15 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage.models import LedgerLine, LedgerSource, LedgerState
-from storage.types import MONEY_PLACES
+from storage.models import INTEGER_MAX, LedgerLine, LedgerSource, LedgerState, ensure_connection
+from storage.types import MONEY_MAX, MONEY_PLACES, text_problem
 from venue.models import normalize_reference, reference_set_key
 
 logger = logging.getLogger(__name__)
@@ -73,7 +73,10 @@ REFERENCE_MAX_CHARS = 50
 """The venue's width of a reference; longer text would not match it."""
 
 _TABLE: sa.Table = LedgerLine.__table__  # type: ignore[assignment]
-_AMOUNT = re.compile(r"\d+(\.\d+)?")
+_AMOUNT = re.compile(r"\d+(\.\d+)?", re.ASCII)
+# The width of the reference's upper-cased form: a few characters grow when upper-cased
+# ("ß" is "SS"), so a reference within REFERENCE_MAX_CHARS may still not fit it.
+_REFERENCE_KEY_MAX = cast(int, cast(sa.String, _TABLE.c.reference_key.type).length)
 _CURRENCY = re.compile(r"[A-Za-z]{3}")
 _TRUE = frozenset({"true", "1", "yes"})
 _FALSE = frozenset({"false", "0", "no"})
@@ -155,13 +158,25 @@ def _blank(value: Any) -> bool:
     return value is None or (isinstance(value, str) and not value.strip())
 
 
-def _text(value: Any) -> str:
+def _text(value: Any, width: int | None = REFERENCE_MAX_CHARS) -> str:
     if not isinstance(value, str):
         raise ValueError(f"must be text, not {type(value).__name__}")
     text = value.strip()
-    if len(text) > REFERENCE_MAX_CHARS:
-        raise ValueError(f"longer than {REFERENCE_MAX_CHARS} characters")
+    problem = text_problem(text, width)
+    if problem is not None:
+        raise ValueError(problem)
     return text
+
+
+def _short(value: Any) -> str:
+    """A value of the file quoted in a reason: its ``repr`` (escaped), cut to 60 characters."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
+def _printable(name: str) -> str:
+    """A key of the file as it can be shown: escaped if it holds unprintable characters."""
+    return name if name.isprintable() else ascii(name)
 
 
 class LedgerRow(BaseModel):
@@ -203,7 +218,10 @@ class LedgerRow(BaseModel):
     @field_validator("reference", mode="before")
     @classmethod
     def _reference(cls, value: Any) -> str:
-        return _text(value)
+        text = _text(value)
+        if len(normalize_reference(text)) > _REFERENCE_KEY_MAX:
+            raise ValueError(f"is longer than {_REFERENCE_KEY_MAX} characters in upper case")
+        return text
 
     @field_validator("payment_reference", "venue_reference", mode="before")
     @classmethod
@@ -218,19 +236,27 @@ class LedgerRow(BaseModel):
         try:
             moment = dt.datetime.fromisoformat(value.strip())
         except ValueError:
-            raise ValueError(f"{value!r} is not an ISO 8601 time") from None
+            raise ValueError(f"{_short(value)} is not an ISO 8601 time") from None
         if moment.utcoffset() is None:
-            raise ValueError(f"{value!r} has no offset: add Z or +HH:MM")
-        return moment.astimezone(dt.UTC)
+            raise ValueError(f"{_short(value)} has no offset: add Z or +HH:MM")
+        try:
+            return moment.astimezone(dt.UTC)
+        except OverflowError:
+            # Within a day of year 1 or 9999, the offset takes it past what a time holds.
+            raise ValueError(f"{_short(value)} is out of range in UTC") from None
 
     @field_validator("quantity", mode="before")
     @classmethod
     def _count(cls, value: Any) -> int:
-        if isinstance(value, str) and value.strip().isdigit():
-            return int(value.strip())
+        digits = value.strip() if isinstance(value, str) else None
+        if digits is not None and digits.isascii() and digits.isdigit():
+            # Long texts of digits are too many tickets whatever they say; not parsed.
+            value = int(digits) if len(digits) <= len(str(INTEGER_MAX)) else INTEGER_MAX + 1
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            if value > INTEGER_MAX:
+                raise ValueError(f"more than {INTEGER_MAX} tickets")
             return value
-        raise ValueError(f"{value!r} is not a whole number of tickets (0 or more)")
+        raise ValueError(f"{_short(value)} is not a whole number of tickets (0 or more)")
 
     @field_validator("amount", mode="before")
     @classmethod
@@ -242,20 +268,22 @@ class LedgerRow(BaseModel):
             value = str(value)
         if not isinstance(value, str) or not _AMOUNT.fullmatch(value.strip()):
             raise ValueError(
-                f"{value!r} is not an amount: digits with an optional decimal point "
+                f"{_short(value)} is not an amount: digits with an optional decimal point "
                 "(no sign, exponent or thousands separator)"
             )
         amount = Decimal(value.strip())
         exponent = amount.as_tuple().exponent
         if isinstance(exponent, int) and -exponent > MONEY_PLACES:
-            raise ValueError(f"{value!r} has more than {MONEY_PLACES} decimal places")
+            raise ValueError(f"{_short(value)} has more than {MONEY_PLACES} decimal places")
+        if amount > MONEY_MAX:
+            raise ValueError(f"{_short(value)} is more than the largest amount, {MONEY_MAX}")
         return amount
 
     @field_validator("currency", mode="before")
     @classmethod
     def _currency(cls, value: Any) -> str:
         if not isinstance(value, str) or not _CURRENCY.fullmatch(value.strip()):
-            raise ValueError(f"{value!r} is not an ISO 4217 code (three letters)")
+            raise ValueError(f"{_short(value)} is not an ISO 4217 code (three letters)")
         return value.strip().upper()
 
     @field_validator("amount_includes_vat", mode="before")
@@ -270,7 +298,7 @@ class LedgerRow(BaseModel):
             return True
         if text in _FALSE:
             return False
-        raise ValueError(f"{value!r} is not one of true/false, 1/0, yes/no")
+        raise ValueError(f"{_short(value)} is not one of true/false, 1/0, yes/no")
 
     @field_validator("external_reference_numbers", mode="before")
     @classmethod
@@ -281,7 +309,7 @@ class LedgerRow(BaseModel):
             value = value.split(";")
         if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
             raise ValueError("must be a list of texts (in CSV: separated by ';')")
-        numbers = [item.strip() for item in value if item.strip()]
+        numbers = [_text(item, width=None) for item in value if item.strip()]
         return numbers or None
 
     @field_validator("state", mode="before")
@@ -294,7 +322,7 @@ class LedgerRow(BaseModel):
             return LedgerState(text)
         except ValueError:
             allowed = ", ".join(state.value for state in LedgerState)
-            raise ValueError(f"{value!r} is not one of {allowed}") from None
+            raise ValueError(f"{_short(value)} is not one of {allowed}") from None
 
 
 def ledger_format(path: Path, fmt: str | None = None) -> str:
@@ -355,8 +383,11 @@ def _check(line: int, record: Mapping[str, Any]) -> LedgerRow | BadRow:
         for key, value in record.items()
         if value is not None and (not isinstance(value, str) or value.strip())
     }
+    # Unknown keys are judged here, after the known ones (the documented order puts them
+    # last): pydantic cannot even name a key that is not valid text (a lone surrogate).
+    unknown = [key for key in present if key not in COLUMNS]
     try:
-        return LedgerRow.model_validate(present)
+        row = LedgerRow.model_validate({key: present[key] for key in COLUMNS if key in present})
     except ValidationError as exc:
         # One reason per row: the first column at fault, in the documented order.
         errors = sorted(exc.errors(), key=lambda e: _column_order(str(e["loc"][0])))
@@ -364,11 +395,13 @@ def _check(line: int, record: Mapping[str, Any]) -> LedgerRow | BadRow:
         column = str(error["loc"][0]) if error["loc"] else None
         if error["type"] == "missing":
             reason = "required, but blank or absent"
-        elif error["type"] == "extra_forbidden":
-            reason = f"unknown column{_suggestion(column or '')}"
         else:
             reason = str(error["msg"]).removeprefix("Value error, ")
         return BadRow(line, column, reason)
+    if unknown:
+        column = str(unknown[0])
+        return BadRow(line, _printable(column), f"unknown column{_suggestion(column)}")
+    return row
 
 
 def _column_order(column: str) -> int:
@@ -439,6 +472,9 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, Mapping[str, Any] | BadRow
             except ValueError as exc:
                 yield line, BadRow(line, None, f"not JSON: {exc}")
                 continue
+            except RecursionError:
+                yield line, BadRow(line, None, "not a ledger row: JSON nested too deeply")
+                continue
             if not isinstance(record, dict):
                 yield line, BadRow(line, None, "not a JSON object")
                 continue
@@ -463,7 +499,8 @@ def import_ledger(
     sessions: sessionmaker[Session],
     path: Path,
     *,
-    connection_id: int,
+    connection_id: int | None = None,
+    connection_name: str | None = None,
     now: dt.datetime,
     fmt: str | None = None,
     skip_bad: bool = False,
@@ -482,7 +519,10 @@ def import_ledger(
     Args:
         sessions: the session factory; the import owns its transaction.
         path: the ledger file.
-        connection_id: the venue connection the sales belong to.
+        connection_id: the venue connection the sales belong to; or else
+        connection_name: its name, for a connection that may not be stored yet: its
+            row is then created in the import's transaction, so a refused file leaves
+            nothing behind.
         now: the time of the import (aware): ``created_at``/``updated_at`` of what it
             writes.
         fmt: ``csv`` or ``jsonl``; by default from the extension.
@@ -494,10 +534,15 @@ def import_ledger(
 
     Raises:
         LedgerFileError: the file cannot be read as a whole; nothing is written.
+        TypeError: neither or both of ``connection_id`` and ``connection_name`` given.
     """
+    if (connection_id is None) == (connection_name is None):
+        raise TypeError("import_ledger needs connection_id or connection_name, not both")
     fmt = ledger_format(path, fmt)
     counts = _Counts()
     with sessions() as session:
+        if connection_id is None:
+            connection_id = ensure_connection(session, cast(str, connection_name))
         chunk: list[LedgerRow] = []
         for item in read_ledger(path, fmt):
             if isinstance(item, BadRow):

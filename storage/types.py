@@ -37,6 +37,10 @@ _MONEY_OPERATORS = frozenset({operators.mul, operators.add, operators.sub})
 UNSTORABLE_TEXT = "text without NUL characters or unpaired surrogates"
 """What to tell the sender of a field :func:`storable_text` refuses."""
 
+ID_MAX = 2**63 - 1
+"""The largest row id (a ``BIGINT``): an id beyond it names no row, on either database,
+and is answered as one that is not found rather than sent to the database."""
+
 
 def storable_text(text: str) -> bool:
     """Whether a text column takes ``text`` on both databases.
@@ -54,6 +58,21 @@ def storable_text(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def text_problem(text: str, width: int | None = None) -> str | None:
+    """Why a text column (``width`` characters wide, if given) would refuse ``text``.
+
+    The one check for text that people type (a note, an actor's name, a reference, a
+    ledger field) on its way to a column, so that the answer is the same on both
+    databases (:func:`storable_text`): ``None`` when both take it as it is, else a
+    phrase that follows the field's name ("is longer than 50 characters").
+    """
+    if width is not None and len(text) > width:
+        return f"is longer than {width} characters"
+    if not storable_text(text):
+        return "holds a NUL character or an unpaired surrogate, which no text column takes"
+    return None
 
 
 def unstorable_text_path(value: Any, path: str = "") -> str | None:

@@ -51,7 +51,12 @@ def _utc(value: dt.datetime | None) -> dt.datetime | None:
     if value.tzinfo is None:
         # The venue documents its times as UTC; a missing offset means UTC, not local time.
         return value.replace(tzinfo=dt.UTC)
-    return value.astimezone(dt.UTC)
+    try:
+        return value.astimezone(dt.UTC)
+    except OverflowError:
+        # Within hours of year 1 or 9999 the offset takes it out of range: not a time the
+        # venue writes, so a validation error (a ValueError), not a crash.
+        raise ValueError("out of range in UTC") from None
 
 
 UtcDateTime = Annotated[

@@ -133,12 +133,17 @@ def require_user() -> ResponseReturnValue | None:
 
 
 def _safe_next(target: str | None) -> str:
-    """Where to go after signing in: a finance page of this site, nothing else."""
+    """Where to go after signing in: a finance page of this site, nothing else.
+
+    Printable text only: a CR or LF would split the ``Location`` header, and browsers
+    drop tabs and line breaks from a URL before reading it.
+    """
     if (
         target
         and target.startswith("/finance/")
         and not target.startswith("//")
         and "\\" not in target
+        and target.isprintable()
     ):
         return target
     return url_for("finance.views.runs")

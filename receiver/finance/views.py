@@ -48,6 +48,7 @@ from reconciler.exceptions import (
     ExceptionNotFound,
     ExceptionNotOpen,
     NoteRequired,
+    TextRefused,
     accept,
     list_runs,
     resolve,
@@ -72,7 +73,7 @@ from storage.models import (
     VenueOrder,
 )
 from storage.story import order_story
-from storage.types import utcnow
+from storage.types import ID_MAX, utcnow
 
 bp = Blueprint("views", __name__)
 
@@ -186,12 +187,7 @@ def runs() -> ResponseReturnValue:
 @bp.route("/runs/<int:run_id>")
 def run(run_id: int) -> ResponseReturnValue:
     """A run's summary, its exceptions (filtered) and the ones it closed."""
-    receiver = current_receiver()
-    with receiver.read_sessions.begin() as session:
-        try:
-            report = load_run_report(session, run_id, now=utcnow())
-        except RunNotFound:
-            abort(404, description=f"There is no reconciliation run {run_id}.")
+    report = _run_report(run_id)
     chosen = ExceptionFilter.from_args(request.args)
     shown = [row for row in report.exceptions if chosen.matches(row)]
     return render_template(
@@ -211,12 +207,7 @@ def download(run_id: int, fmt: str) -> Response:
     """The run's report as a file, in one of :data:`REPORT_FORMATS`."""
     if fmt not in REPORT_FORMATS:
         abort(404, description=f"Reports come as {', '.join(REPORT_FORMATS)}.")
-    receiver = current_receiver()
-    with receiver.read_sessions.begin() as session:
-        try:
-            report = load_run_report(session, run_id, now=utcnow())
-        except RunNotFound:
-            abort(404, description=f"There is no reconciliation run {run_id}.")
+    report = _run_report(run_id)
     body = render_report(report, fmt)
     response = Response(body, mimetype=REPORT_FORMATS[fmt])
     response.headers["Content-Disposition"] = (
@@ -250,6 +241,11 @@ def review(exception_id: int) -> ResponseReturnValue:
             error="Write a note saying why: it is kept with the exception.",
             status=400,
         )
+    except TextRefused as exc:
+        message = str(exc)
+        return _exception_page(
+            exception_id, error=f"{message[:1].upper()}{message[1:]}.", status=400
+        )
     except ExceptionNotOpen as exc:
         # Reviewed (or closed by a run) since the page was shown: say so.
         return _exception_page(exception_id, error=str(exc), status=409)
@@ -262,6 +258,7 @@ def review(exception_id: int) -> ResponseReturnValue:
 def _exception_page(
     exception_id: int, *, error: str | None = None, status: int = 200
 ) -> tuple[str, int]:
+    _refuse_beyond_range(exception_id, f"There is no exception {exception_id}.")
     receiver = current_receiver()
     now = utcnow()
     with receiver.read_sessions.begin() as session:
@@ -294,6 +291,26 @@ def _exception_page(
             back=_safe_back(request.values.get("back")),
         )
     return page, status
+
+
+def _run_report(run_id: int) -> RunReport:
+    """The report of run ``run_id``, or a 404 page."""
+    _refuse_beyond_range(run_id, f"There is no reconciliation run {run_id}.")
+    with current_receiver().read_sessions.begin() as session:
+        try:
+            return load_run_report(session, run_id, now=utcnow())
+        except RunNotFound:
+            abort(404, description=f"There is no reconciliation run {run_id}.")
+
+
+def _refuse_beyond_range(row_id: int, description: str) -> None:
+    """A 404 page for an id no row can have (beyond a ``BIGINT``), before any query.
+
+    The URL's ``int`` takes any number of digits; sent to the database, one past the
+    range is an error on both databases rather than "not found".
+    """
+    if row_id > ID_MAX:
+        abort(404, description=description)
 
 
 def _exception_counts(session: Session, run_ids: list[int]) -> dict[int, int]:
