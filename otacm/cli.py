@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -55,12 +56,55 @@ class CliContext:
 pass_cli = click.make_pass_decorator(CliContext)
 
 
+class Seconds(click.FloatRange):
+    """A duration in seconds, finite and in range: click's range lets NaN and infinity
+    through (no comparison fails on them), and a timer or timeout given one fails late,
+    with a traceback."""
+
+    name = "seconds"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        seconds = super().convert(value, param, ctx)
+        if not math.isfinite(seconds):
+            self.fail(f"{value!r} is not a finite number of seconds", param, ctx)
+        return seconds
+
+
+class Commands(click.Group):
+    """The ``otacm`` group: a database error no command answered itself ends the command
+    with one line (which database, why; a schema not migrated says so), never a traceback.
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            from sqlalchemy.exc import SQLAlchemyError
+
+            cli = ctx.find_object(CliContext)
+            if cli is None or not isinstance(exc, SQLAlchemyError):
+                raise
+            fail(cli, describe_failed_database(cli, exc))
+
+
+def describe_failed_database(cli: CliContext, exc: BaseException) -> str:
+    """One line for an operator: the database (password masked) and what failed there;
+    a table that does not exist means the schema was never migrated."""
+    from storage.engine import database_error_reason, describe_database_error
+
+    shown = mask_database_url(cli.settings.database_url)
+    reason = database_error_reason(exc)
+    if "no such table" in reason or describe_database_error(exc) == "UndefinedTable":
+        return f"database {shown} is not migrated ({reason}): run `otacm db upgrade`"
+    return f"database {shown}: {reason}"
+
+
 def echo_json(data: Any) -> None:
     """Print ``data`` as JSON for scripts."""
     click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--config",
     "config_file",
@@ -161,15 +205,14 @@ def database_errors(cli: CliContext) -> Iterator[None]:
         SystemExit: the same, as a log line, when the logs are JSON.
     """
     from otacm.processes import SchemaNotCurrentError
-    from storage.engine import DATABASE_UNAVAILABLE, DatabaseUnusable, database_error_reason
+    from storage.engine import DATABASE_UNAVAILABLE, DatabaseUnusable
 
     try:
         yield
     except (DatabaseUnusable, SchemaNotCurrentError) as exc:
         fail(cli, str(exc))
     except DATABASE_UNAVAILABLE as exc:
-        shown = mask_database_url(cli.settings.database_url)
-        fail(cli, f"database {shown}: {database_error_reason(exc)}")
+        fail(cli, describe_failed_database(cli, exc))
 
 
 def fail(cli: CliContext, message: str) -> NoReturn:
@@ -236,7 +279,13 @@ def db_restore(cli: CliContext, file: Path, force: bool) -> None:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@click.option("--timeout", default=10.0, show_default=True, help="Seconds per venue check.")
+@click.option(
+    "--timeout",
+    type=Seconds(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="Seconds per venue check.",
+)
 @pass_cli
 def doctor(cli: CliContext, as_json: bool, timeout: float) -> None:
     """Print the effective configuration (secrets masked) and check what it points at.
@@ -274,12 +323,19 @@ def doctor(cli: CliContext, as_json: bool, timeout: float) -> None:
 )
 @click.option(
     "--pickup-interval",
+    type=Seconds(min=0),
     default=1.0,
     show_default=True,
     help="The sandbox's pickup cadence in seconds (the venue's is about 60).",
 )
 @click.option("--seed", type=int, default=None, help="Seed for the sample orders (repeatable).")
-@click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for settling.")
+@click.option(
+    "--timeout",
+    type=Seconds(min=0, min_open=True),
+    default=120.0,
+    show_default=True,
+    help="Seconds to wait for settling.",
+)
 @click.option(
     "--database-url",
     default=None,
@@ -440,7 +496,11 @@ def poll(cli: CliContext, jobs: tuple[str, ...], as_json: bool) -> None:
 @main.command()
 @click.option("--role", "roles", multiple=True, type=click.Choice(ROLES), help="Only this role.")
 @click.option(
-    "--max-age", default=DEFAULT_MAX_AGE, show_default=True, help="Seconds a pass may be old."
+    "--max-age",
+    type=Seconds(min=0, min_open=True),
+    default=DEFAULT_MAX_AGE,
+    show_default=True,
+    help="Seconds a pass may be old.",
 )
 @pass_cli
 def health(cli: CliContext, roles: tuple[str, ...], max_age: float) -> None:

@@ -394,3 +394,51 @@ def test_real_processes_refuse_with_one_line(
         else:
             assert len([line for line in errors.splitlines() if line.startswith("Error: ")]) == 1
     assert dump(migrated_engine) == before
+
+
+# Commands reading tables that a database never migrated lacks.
+UNMIGRATED_CASES: list[tuple[str, ...]] = [
+    ("orders", "show", "R-1"),
+    ("orders", "errors"),
+    ("report", "1"),
+    ("exceptions", "resolve", "1", "--note", "x"),
+    ("inbox", "replay"),
+]
+
+
+@pytest.mark.parametrize("case", UNMIGRATED_CASES, ids=[" ".join(c) for c in UNMIGRATED_CASES])
+def test_a_database_never_migrated_is_one_line_naming_the_fix(
+    engine: sa.Engine, case: tuple[str, ...]
+) -> None:
+    """On an empty database (no `otacm db upgrade` yet) a command says so in one line and
+    exits 1, creating nothing."""
+    result = CliRunner().invoke(main, list(case), env=_environment(engine))
+
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exc_info
+    _check_refusal(list(case), result.exit_code, result.stdout, result.stderr)
+    assert "is not migrated" in result.stderr and "run `otacm db upgrade`" in result.stderr
+    assert "fuzz-secret-key" not in result.stderr
+    assert sa.inspect(engine).get_table_names() == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("doctor", "--timeout", "nan"),
+        ("doctor", "--timeout", "inf"),
+        ("health", "--max-age", "nan"),
+        ("demo", "--pickup-interval", "inf"),
+        ("demo", "--timeout", "nan"),
+    ],
+    ids=lambda args: " ".join(args),
+)
+def test_seconds_that_are_not_finite_are_refused(tmp_path: Path, args: tuple[str, ...]) -> None:
+    """A duration of NaN or infinity is a usage error naming the option (exit 2), before
+    anything is started."""
+    result = CliRunner().invoke(
+        main, list(args), env={"OTACM_DATABASE_URL": f"sqlite:///{tmp_path}/none.sqlite3"}
+    )
+
+    assert result.exit_code == 2, result.output
+    assert "is not a finite number of seconds" in result.stderr
+    assert not (tmp_path / "none.sqlite3").exists()
