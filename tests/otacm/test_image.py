@@ -247,6 +247,12 @@ def test_every_role_runs_from_the_image_payload(
         upgraded = _otacm(image_bin, "db", "upgrade", env=env, cwd=workdir)
         assert upgraded.returncode == 0, upgraded.stderr
         assert "database at revision" in upgraded.stdout
+        # Going live as an operator does: subscribe (a client state is generated into the
+        # secrets directory), then the doctor finds nothing failing.
+        url = f"http://127.0.0.1:{port}/webhooks/ota-cm"
+        env["OTACM_WEBHOOK_URL"] = url
+        subscribed = _otacm(image_bin, "subscribe", "--url", url, env=env, cwd=workdir)
+        assert subscribed.returncode == 0, subscribed.stdout + subscribed.stderr
         doctor = _otacm(image_bin, "doctor", env=env, cwd=workdir)
         assert doctor.returncode == 0, doctor.stdout + doctor.stderr
 
