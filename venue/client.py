@@ -3,8 +3,9 @@
 :class:`VenueClient` is a thin class around an injected ``httpx.Client``: one method per
 endpoint, wire JSON turned into :mod:`venue.models` at this edge, failures turned into
 :mod:`venue.errors`. Transport errors, 429, 503 and 504 are retried with stamina
-(exponential backoff with jitter, bounded by attempts and a deadline); every other answer
-is final. Calls pass through the identity's shared :class:`~venue.throttle.Throttle`.
+(exponential backoff with jitter, bounded by attempts and a deadline) — createOrder only
+when the venue cannot have acted on it; every other answer is final. Calls pass through
+the identity's shared :class:`~venue.throttle.Throttle`.
 Each call is logged as one line of method, path, status, duration and the venue's
 ``x-npr-version``; never the API key, never a query value or a body (they hold customer
 names and e-mails). :func:`open_client` is the factory that owns its ``httpx.Client``.
@@ -114,6 +115,19 @@ def _retryable(exc: Exception) -> bool:
     return isinstance(exc, VenueUnavailable)
 
 
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+"""Transport errors raised before the request left: the venue cannot have seen it."""
+
+
+def _retryable_unsent(exc: Exception) -> bool:
+    """Only the failures that show the venue did not act on the call: the gateway's 429 and
+    503 (refused before any work), or a connection never made. A read timeout, a reset
+    or a 504 may come after the venue committed it."""
+    if not isinstance(exc, VenueUnavailable):
+        return False
+    return exc.status in (429, 503) or isinstance(exc.__cause__, _NOT_SENT)
+
+
 def _segment(value: str) -> str:
     """One path segment, percent-encoded, so an id can never add or escape a path level."""
     return quote(value, safe="")
@@ -161,10 +175,14 @@ class VenueClient:
     created it closes it (or use :func:`open_client`). Request timeouts are the
     ``httpx.Client``'s; URLs are absolute, so its ``base_url`` is not used.
 
-    Retried calls are not all idempotent at the venue: a createOrder whose first attempt
-    landed answers the retry with a duplicate-reference rejection
-    (:attr:`~venue.errors.VenueRejected.is_duplicate_reference`; find the order with
-    :meth:`find_by_reference`), and a replaceOrder's retry may find the order Submitted.
+    Retried calls are not all idempotent at the venue. createOrder is retried only when
+    the venue cannot have acted on it (429, 503, no connection): a first attempt that
+    landed but whose answer was lost (a timeout, a reset, a 504) may have gone into Error
+    by the time of a retry, and the venue deletes an order in Error when it accepts a
+    new one for the reference — the failed sale issued again with no person deciding.
+    Such a failure is raised at once, for the caller to look the sale up
+    (:meth:`find_by_reference`) before it sends it again. A replaceOrder's retry may
+    find the order Submitted.
 
     Args:
         http: the HTTP client to send requests with.
@@ -241,7 +259,13 @@ class VenueClient:
             VenueError: any other failure.
         """
         params = {"sync": "1"} if sync else None
-        response = self._call("POST", "/channelManager", params=params, json=request.to_wire())
+        response = self._call(
+            "POST",
+            "/channelManager",
+            params=params,
+            json=request.to_wire(),
+            retry_on=_retryable_unsent,
+        )
         return self._parse("POST", "/channelManager", response, Order)
 
     def get_order(self, order_id: str) -> Order:
@@ -513,13 +537,17 @@ class VenueClient:
         *,
         params: dict[str, str] | None = None,
         json: Any = None,
+        retry_on: Callable[[Exception], bool] = _retryable,
     ) -> httpx.Response:
-        """Send one call with retries; the 2xx response, or the error for the last answer."""
+        """Send one call with retries; the 2xx response, or the error for the last answer.
+
+        ``retry_on`` says which failures are tried again (within the policy).
+        """
         policy = self._retry
         attempt_no = 0
         try:
             for attempt in stamina.retry_context(
-                on=_retryable,
+                on=retry_on,
                 attempts=policy.attempts,
                 timeout=policy.deadline,
                 wait_initial=policy.wait_initial,

@@ -810,19 +810,28 @@ def test_a_lost_answer_resolves_to_exactly_one_order(
     assert mirrored(sessions) == [(order_id, OrderStatus.SUBMITTED, [ChangeSource.SUBMIT])]
 
 
-def test_a_lost_answer_is_resolved_within_the_clients_own_retry(
+def test_a_lost_answer_is_not_resent_by_the_clients_own_retry(
     sessions: sessionmaker[Session], venue: FakeVenue, connection_id: int
 ) -> None:
-    """With client retries, the retry's duplicate is resolved in the same send."""
+    """With client retries, a create whose answer was lost is not sent again in the same
+    send (its order may be in Error by then): recorded, one create, and the next claim
+    finds the order by reference."""
     venue.scripts = [FakeVenue.lose_answer]
-    retries = RetryPolicy(attempts=2, wait_initial=0, wait_max=0, wait_jitter=0)
+    retries = RetryPolicy(attempts=3, wait_initial=0, wait_max=0, wait_jitter=0)
     with open_client(
         CONNECTION, transport=httpx.MockTransport(venue.handle), retry=retries, throttle=Throttle()
     ) as retrying:
         outcome = submit(sessions, retrying, connection_id)
+        assert (outcome.status, venue.calls["create"]) == (SubmitStatus.RECORDED, 1)
+        [outbox] = rows(sessions, Outbox)
+        report = run_outbox_once(
+            sessions, {connection_id: retrying}, owner="later", now=outbox.next_attempt_at
+        )
 
-    assert outcome.status is SubmitStatus.SENT
-    assert outcome.order_id in venue.orders and len(venue.orders) == 1
+    assert (report.sent, report.resolved, venue.calls["create"]) == (1, 1, 1)
+    [order_id] = venue.orders
+    [outbox] = rows(sessions, Outbox)
+    assert (outbox.state, outbox.order_id) == (OutboxState.SENT, order_id)
 
 
 def test_resubmitting_a_sent_sale_answers_with_the_existing_order(

@@ -809,13 +809,48 @@ def test_transient_statuses_are_retried(make_client: MakeClient, status: int) ->
 
 def test_transport_errors_are_retried(make_client: MakeClient) -> None:
     """A connection error or read timeout is retried like a 503."""
-    venue = Venue(httpx.ConnectError("refused"), httpx.ReadTimeout("slow"), reply(201, ORDER))
+    venue = Venue(httpx.ConnectError("refused"), httpx.ReadTimeout("slow"), reply(200, ORDER))
+
+    order = make_client(venue).get_order(ORDER_ID)
+
+    assert order.order_id == ORDER_ID
+    assert len(venue.requests) == 3
+
+
+def test_a_create_the_venue_cannot_have_seen_is_retried(make_client: MakeClient) -> None:
+    """createOrder is retried after the gateway's 429 and 503 and a connection never
+    made, with the same body."""
+    venue = Venue(reply(429), reply(503), httpx.ConnectError("refused"), reply(201, ORDER))
 
     order = make_client(venue).create_order(REQUEST)
 
     assert order.order_id == ORDER_ID
-    assert len(venue.requests) == 3
-    assert json.loads(venue.requests[0].content) == json.loads(venue.requests[2].content)
+    assert len(venue.requests) == 4
+    assert json.loads(venue.requests[0].content) == json.loads(venue.requests[3].content)
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        httpx.ReadTimeout("slow"),
+        httpx.RemoteProtocolError("Server disconnected without sending a response."),
+        httpx.ReadError("reset"),
+        reply(504),
+    ],
+    ids=["read-timeout", "disconnected", "reset", "504"],
+)
+def test_a_create_that_may_have_landed_is_not_retried(
+    make_client: MakeClient, failure: httpx.Response | Exception
+) -> None:
+    """A createOrder whose answer was lost may have been taken, and by a retry its order
+    may be in Error, which the venue would delete to take the retry: the failure is
+    raised after one request, for the caller to look the sale up."""
+    venue = Venue(failure, reply(201, ORDER))
+
+    with pytest.raises(VenueUnavailable):
+        make_client(venue).create_order(REQUEST)
+
+    assert len(venue.requests) == 1
 
 
 @pytest.mark.parametrize(
@@ -903,7 +938,7 @@ def test_nothing_logged_holds_the_key_or_customer_data(
     caplog.set_level(logging.DEBUG)
     venue = Venue(
         reply(503),
-        httpx.ReadTimeout("slow"),
+        httpx.ConnectError("refused"),
         reply(201, ORDER),
         reply(200, [summary(1, sellToName=CUSTOMER_NAME, sellToEmail=CUSTOMER_EMAIL)]),
         error(400, "generic_error", "Order cannot be replaced in status Issued"),
