@@ -358,6 +358,35 @@ def test_a_live_sender_slower_than_several_leases_is_not_overtaken(
     assert e2e.calls("createOrder") == 1
 
 
+@pytest.mark.parametrize("sandbox_changes", [{"pickup_interval": 0.2}])
+def test_a_lost_create_answer_is_not_retried_by_the_client_over_its_order_in_error(
+    e2e: E2E, sender: Sender, settings: Settings
+) -> None:
+    """A createOrder answer lost while the venue picks orders up every 0.2 s: by the time
+    a client retry would go out the order is in Error, and the venue would delete it and
+    issue the retry. The client does not retry it; the outbox's look-up settles the row
+    with the Error order: one createOrder, nothing re-processed."""
+    e2e.faults(answerLostCount=1)
+    retrying = RetryPolicy(attempts=3, wait_initial=1.0, wait_max=1.0, wait_jitter=0)
+    with open_client(settings.connections[0], retry=retrying) as client:
+        outcome = submit_now(
+            sender.sessions,
+            client,
+            sender.connection_id,
+            e2e.order_request("LOST-RETRY-1", items=[error_line()]),
+            now=utcnow(),
+        )
+    assert outcome.order_id is None
+    (venue_order,) = wait_until(
+        lambda: e2e.sandbox.runtime.store.with_status(OrderStatus.ERROR), 10, what="the Error"
+    )
+    after = sender.run(utcnow() + dt.timedelta(minutes=5))
+
+    assert (after["sent"], after["in_error"]) == (1, 1)
+    assert e2e.stats()["calls"]["createOrder"] == {"201": 1}
+    assert sender.row().order_id == venue_order.order.order_id
+
+
 def test_many_sales_through_lost_answers_errors_and_outages_are_each_created_once(
     e2e: E2E, settings: Settings, sessions: sessionmaker[Session]
 ) -> None:
