@@ -3,8 +3,9 @@
 :class:`VenueClient` is a thin class around an injected ``httpx.Client``: one method per
 endpoint, wire JSON turned into :mod:`venue.models` at this edge, failures turned into
 :mod:`venue.errors`. Transport errors, 429, 503 and 504 are retried with stamina
-(exponential backoff with jitter, bounded by attempts and a deadline) — createOrder only
-when the venue cannot have acted on it; every other answer is final. Calls pass through
+(exponential backoff with jitter, bounded by attempts and a deadline; a ``Retry-After``
+is waited out in full) — createOrder only when the venue cannot have acted on it; every
+other answer is final. Calls pass through
 the identity's shared :class:`~venue.throttle.Throttle`.
 Each call is logged as one line of method, path, status, duration and the venue's
 ``x-npr-version``; never the API key, never a query value or a body (they hold customer
@@ -14,6 +15,7 @@ names and e-mails). :func:`open_client` is the factory that owns its ``httpx.Cli
 from __future__ import annotations
 
 import datetime as dt
+import email.utils
 import logging
 import re
 import time
@@ -126,6 +128,22 @@ def _retryable_unsent(exc: Exception) -> bool:
     if not isinstance(exc, VenueUnavailable):
         return False
     return exc.status in (429, 503) or isinstance(exc.__cause__, _NOT_SENT)
+
+
+def _retry_after(value: str | None, now: dt.datetime) -> float | None:
+    """The seconds a ``Retry-After`` header asks for: delta-seconds or an HTTP date."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # "-0000": UTC, as HTTP dates are
+        when = when.replace(tzinfo=dt.UTC)
+    return max(0.0, (when - now).total_seconds())
 
 
 def _segment(value: str) -> str:
@@ -545,9 +563,21 @@ class VenueClient:
         """
         policy = self._retry
         attempt_no = 0
+
+        def backoff(exc: Exception) -> bool | float:
+            # A Retry-After is waited out in full: within the policy's longest wait the
+            # retry comes then, beyond it the call gives up at once, and the caller's
+            # own backoff (the outbox's, the inbox's) takes over.
+            if not retry_on(exc):
+                return False
+            asked = exc.retry_after if isinstance(exc, VenueUnavailable) else None
+            if asked is None:
+                return True
+            return asked if asked <= policy.wait_max else False
+
         try:
             for attempt in stamina.retry_context(
-                on=retry_on,
+                on=backoff,
                 attempts=policy.attempts,
                 timeout=policy.deadline,
                 wait_initial=policy.wait_initial,
@@ -611,7 +641,12 @@ class VenueClient:
         if response.is_success:
             return response
         code, message = self._error_body(response)
-        raise error_for_status(method, path, response.status_code, code=code, message=message)
+        error = error_for_status(method, path, response.status_code, code=code, message=message)
+        if isinstance(error, VenueUnavailable):
+            error.retry_after = _retry_after(
+                response.headers.get("Retry-After"), dt.datetime.now(dt.UTC)
+            )
+        raise error
 
     def _observe(self, method: str, path: str, status: int | None, started: float) -> None:
         if self._observer is not None:
