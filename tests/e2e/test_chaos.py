@@ -214,6 +214,9 @@ class Shop:
 def test_sales_through_faults_kills_and_an_outage_are_each_issued_once_and_reconciled(
     database: Database, tmp_path: Path
 ) -> None:
+    """A few dozen sales while the gateway misbehaves, a web worker, the worker and the
+    scheduler are killed and the database goes away: each sale issued once, mirrored as
+    the venue has it, reconciled exactly; no 5xx but the outage's 503, no traceback."""
     rng = random.Random(SEED)
     errors_seen: list[logging.LogRecord] = []
     recorder = _Recorder(errors_seen)
@@ -221,7 +224,9 @@ def test_sales_through_faults_kills_and_an_outage_are_each_issued_once_and_recon
     engine = make_engine(database.url)
     processes: list[OtacmProcess] = []
     # The sandbox's request lines would drown what a failure shows.
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    werkzeug = logging.getLogger("werkzeug")
+    werkzeug_level = werkzeug.level
+    werkzeug.setLevel(logging.WARNING)
     sandbox_values = {
         "pickup_interval": 1.0,
         "webhook_backoff": 0.2,
@@ -281,6 +286,7 @@ def test_sales_through_faults_kills_and_an_outage_are_each_issued_once_and_recon
                     _check(stack, engine, chaos, processes, errors_seen)
     finally:
         logging.getLogger("sandbox").removeHandler(recorder)
+        werkzeug.setLevel(werkzeug_level)
         for process in processes:
             process.stop()
             # Captured, so pytest shows it only when the test failed.
@@ -552,6 +558,7 @@ def _venue_orders(stack: SandboxStack, partner: str) -> list[Any]:
 
 
 def _ready(http: httpx.Client, web: OtacmProcess) -> bool:
+    """Whether ``otacm web`` answers ``/readyz`` with 200; its death fails the test."""
     assert web.alive(), web.output()
     try:
         return http.get("/readyz").status_code == 200
@@ -565,6 +572,7 @@ def _at(moment: float) -> None:
 
 
 def _kill_pid(pid: int) -> None:
+    """SIGKILL a process that is not ours to wait for (a gunicorn worker)."""
     os.kill(pid, signal.SIGKILL)
 
 
