@@ -271,11 +271,10 @@ class Settings(BaseSettings):
     inbox_lease_seconds: float = Field(default=60.0, gt=0)
     inbox_max_attempts: int = Field(default=8, ge=1)
     worker_batch_size: int = Field(default=50, ge=1)
-    # The outbox: how long a sender holds a claimed row. Renewed before each of the row's
-    # venue calls, so it must outlast one call with the client's retries (at most 60 s
-    # of retrying, a 15 s wait and one request's 10 s connect and 30 s read: 115 s); a
-    # row whose sender died is sent again this long after its last call began.
-    outbox_lease_seconds: float = Field(default=120.0, ge=5)
+    # The outbox: how long a sender holds a claimed row. A live sender renews it every
+    # third of it while it works on the row, however long the venue takes; a row whose
+    # sender died comes back this long after its last renewal, at the next outbox pass.
+    outbox_lease_seconds: float = Field(default=15.0, ge=5)
 
     # The heartbeat (scheduler role). The change feed re-reads from its high-water mark
     # as it stood this many minutes ago: a long venue transaction can commit a lower

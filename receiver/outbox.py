@@ -63,9 +63,10 @@ look-up the venue answered with nothing lets the create go. Whenever a create or
 answer names the sale's order, its other live orders are retired: one in Error is
 marked removed (the venue deletes it when it accepts a new order for the reference),
 any other is queued for a getOrder. The lease (``OTACM_OUTBOX_LEASE_SECONDS``,
-:data:`DEFAULT_LEASE_SECONDS`) is renewed before each further venue call of a row, so
-it only has to outlast one call with the client's retries. :func:`submit_now`
-is what ``otacm submit`` (:func:`submit_file`) and ``POST /api/orders``
+:data:`DEFAULT_LEASE_SECONDS`) is kept fresh by its live sender while it works on the
+row (a renewal every third of it, and before each further venue call), so it can be
+short: a sender's death, not a slow call, is what lets another sender take the row.
+:func:`submit_now` is what ``otacm submit`` (:func:`submit_file`) and ``POST /api/orders``
 (:mod:`receiver.api`) do: record, then try once at once; :func:`act_now` the same for an
 action (``otacm orders replace`` / ``cancel``, the heartbeat's confirmations). Logs name
 outbox ids, order ids, references and statuses — never customer names, e-mails or keys.
@@ -76,8 +77,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from decimal import Decimal
 from enum import StrEnum
@@ -126,15 +129,18 @@ from venue.models import (
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_LEASE_SECONDS = 120.0
+DEFAULT_LEASE_SECONDS = 15.0
 """How long a claimed outbox row stays one sender's (``OTACM_OUTBOX_LEASE_SECONDS``).
 
-The lease is renewed before each of a row's venue calls after the first
-(:meth:`_Send.venue`), so it has to outlast one call with all of the client's own
-retries: the default :class:`~venue.client.RetryPolicy` retries for at most 60 s, then
-waits at most 15 s more, and one request may take its 10 s connect and 30 s read
-timeouts: 115 s. A row whose sender died is claimed again this long after its last call
-began; the claim then looks the sale up before it sends a create again."""
+A live sender renews the lease every third of it while it works on the row
+(:func:`_kept_leased`), however long a venue call takes with the client's own retries,
+so the lease only says how soon a dead sender's row comes back: at most this long after
+its death, then at the next outbox pass (every 10 s), about one poll interval. The claim
+then looks the sale up before it sends a create again."""
+
+RENEWALS_PER_LEASE = 3
+"""A live sender renews its row's lease this many times per lease: two renewals can
+fail (a database hiccup, a loaded machine) before the lease runs out."""
 
 Clock = Callable[[], dt.datetime]
 """The current time (aware), read by a sender each time it claims or renews a lease."""
@@ -997,7 +1003,8 @@ def _send_claim(
         clock=clock,
     )
     try:
-        return _SENDERS[claim.operation](send)
+        with _kept_leased(send):
+            return _SENDERS[claim.operation](send)
     except _LeaseLost:
         logger.warning(
             "outbox %d: lease lost before a further venue call; left to its new sender", claim.id
@@ -1032,8 +1039,9 @@ class _Send:
     """One claimed row being sent: its venue calls, and the three ways its attempt ends.
 
     Every venue call goes through :meth:`venue`, which renews the lease before each call
-    after the first, so that a row needing several calls (a look-up, then the call) stays
-    this sender's however long each took. :meth:`sent`, :meth:`refuse` and :meth:`retry`
+    after the first (and finds out there when another sender has the row); meanwhile
+    :func:`_kept_leased` renews it on a timer, so the row stays this sender's however
+    long each call takes. :meth:`sent`, :meth:`refuse` and :meth:`retry`
     each write in a transaction of their own, and only while the row is still leased by
     ``owner`` (:meth:`~storage.lease.LeasedQueue.settle`); when another sender has
     re-claimed it, they write nothing and answer ``LEASE_LOST``.
@@ -1061,6 +1069,16 @@ class _Send:
         return call(*args)
 
     def _renew(self) -> None:
+        if not self.extend_lease():
+            raise _LeaseLost
+
+    def extend_lease(self) -> bool:
+        """Hold the row for another ``lease_seconds`` from now, if it is still ours.
+
+        Returns:
+            False when the row is no longer leased by ``owner`` (settled, or claimed
+            again by another sender after the lease expired).
+        """
         now = self.clock() if self.clock is not None else self.now
         expires = now + dt.timedelta(seconds=self.lease_seconds)
         with self.sessions.begin() as session:
@@ -1075,8 +1093,7 @@ class _Send:
                 .returning(Outbox.id)
                 .execution_options(**NO_SYNC)
             )
-        if renewed is None:
-            raise _LeaseLost
+        return renewed is not None
 
     def sent(
         self,
@@ -1316,6 +1333,41 @@ FOUND_IN_ERROR = (
 )
 """The row's ``last_error`` (kept on a ``sent`` row) when a create claimed again finds the
 sale's order in Error."""
+
+
+@contextmanager
+def _kept_leased(send: _Send) -> Iterator[None]:
+    """Keep ``send``'s row leased for the ``with`` block: a thread renews the lease every
+    third of it, so a call that takes longer than the lease (a slow venue, the client's
+    own retries) is never overtaken by another sender, while a sender that dies stops
+    renewing and its row comes back one lease after its last renewal.
+
+    The thread stops when the block ends or the row is no longer ours. A renewal that
+    fails on our database is logged and tried again at the next tick: meanwhile the
+    lease runs on, as it would for a dead sender.
+    """
+    stop = threading.Event()
+    every = send.lease_seconds / RENEWALS_PER_LEASE
+
+    def renew() -> None:
+        while not stop.wait(every):
+            try:
+                if not send.extend_lease():
+                    return
+            except SQLAlchemyError as exc:
+                logger.warning(
+                    "outbox %d: lease renewal failed on the database (%s); retrying",
+                    send.claim.id,
+                    type(exc).__name__,
+                )
+
+    renewer = threading.Thread(target=renew, name=f"outbox-lease-{send.claim.id}", daemon=True)
+    renewer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        renewer.join()
 
 
 def _send_create(send: _Send) -> SendResult:

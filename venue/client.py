@@ -3,8 +3,10 @@
 :class:`VenueClient` is a thin class around an injected ``httpx.Client``: one method per
 endpoint, wire JSON turned into :mod:`venue.models` at this edge, failures turned into
 :mod:`venue.errors`. Transport errors, 429, 503 and 504 are retried with stamina
-(exponential backoff with jitter, bounded by attempts and a deadline); every other answer
-is final. Calls pass through the identity's shared :class:`~venue.throttle.Throttle`.
+(exponential backoff with jitter, bounded by attempts and a deadline; a ``Retry-After``
+is waited out in full) — createOrder only when the venue cannot have acted on it; every
+other answer is final. Calls pass through
+the identity's shared :class:`~venue.throttle.Throttle`.
 Each call is logged as one line of method, path, status, duration and the venue's
 ``x-npr-version``; never the API key, never a query value or a body (they hold customer
 names and e-mails). :func:`open_client` is the factory that owns its ``httpx.Client``.
@@ -13,6 +15,7 @@ names and e-mails). :func:`open_client` is the factory that owns its ``httpx.Cli
 from __future__ import annotations
 
 import datetime as dt
+import email.utils
 import logging
 import re
 import time
@@ -114,6 +117,35 @@ def _retryable(exc: Exception) -> bool:
     return isinstance(exc, VenueUnavailable)
 
 
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+"""Transport errors raised before the request left: the venue cannot have seen it."""
+
+
+def _retryable_unsent(exc: Exception) -> bool:
+    """Only the failures that show the venue did not act on the call: the gateway's 429 and
+    503 (refused before any work), or a connection never made. A read timeout, a reset
+    or a 504 may come after the venue committed it."""
+    if not isinstance(exc, VenueUnavailable):
+        return False
+    return exc.status in (429, 503) or isinstance(exc.__cause__, _NOT_SENT)
+
+
+def _retry_after(value: str | None, now: dt.datetime) -> float | None:
+    """The seconds a ``Retry-After`` header asks for: delta-seconds or an HTTP date."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # "-0000": UTC, as HTTP dates are
+        when = when.replace(tzinfo=dt.UTC)
+    return max(0.0, (when - now).total_seconds())
+
+
 def _segment(value: str) -> str:
     """One path segment, percent-encoded, so an id can never add or escape a path level."""
     return quote(value, safe="")
@@ -161,10 +193,14 @@ class VenueClient:
     created it closes it (or use :func:`open_client`). Request timeouts are the
     ``httpx.Client``'s; URLs are absolute, so its ``base_url`` is not used.
 
-    Retried calls are not all idempotent at the venue: a createOrder whose first attempt
-    landed answers the retry with a duplicate-reference rejection
-    (:attr:`~venue.errors.VenueRejected.is_duplicate_reference`; find the order with
-    :meth:`find_by_reference`), and a replaceOrder's retry may find the order Submitted.
+    Retried calls are not all idempotent at the venue. createOrder is retried only when
+    the venue cannot have acted on it (429, 503, no connection): a first attempt that
+    landed but whose answer was lost (a timeout, a reset, a 504) may have gone into Error
+    by the time of a retry, and the venue deletes an order in Error when it accepts a
+    new one for the reference — the failed sale issued again with no person deciding.
+    Such a failure is raised at once, for the caller to look the sale up
+    (:meth:`find_by_reference`) before it sends it again. A replaceOrder's retry may
+    find the order Submitted.
 
     Args:
         http: the HTTP client to send requests with.
@@ -241,7 +277,13 @@ class VenueClient:
             VenueError: any other failure.
         """
         params = {"sync": "1"} if sync else None
-        response = self._call("POST", "/channelManager", params=params, json=request.to_wire())
+        response = self._call(
+            "POST",
+            "/channelManager",
+            params=params,
+            json=request.to_wire(),
+            retry_on=_retryable_unsent,
+        )
         return self._parse("POST", "/channelManager", response, Order)
 
     def get_order(self, order_id: str) -> Order:
@@ -513,13 +555,29 @@ class VenueClient:
         *,
         params: dict[str, str] | None = None,
         json: Any = None,
+        retry_on: Callable[[Exception], bool] = _retryable,
     ) -> httpx.Response:
-        """Send one call with retries; the 2xx response, or the error for the last answer."""
+        """Send one call with retries; the 2xx response, or the error for the last answer.
+
+        ``retry_on`` says which failures are tried again (within the policy).
+        """
         policy = self._retry
         attempt_no = 0
+
+        def backoff(exc: Exception) -> bool | float:
+            # A Retry-After is waited out in full: within the policy's longest wait the
+            # retry comes then, beyond it the call gives up at once, and the caller's
+            # own backoff (the outbox's, the inbox's) takes over.
+            if not retry_on(exc):
+                return False
+            asked = exc.retry_after if isinstance(exc, VenueUnavailable) else None
+            if asked is None:
+                return True
+            return asked if asked <= policy.wait_max else False
+
         try:
             for attempt in stamina.retry_context(
-                on=_retryable,
+                on=backoff,
                 attempts=policy.attempts,
                 timeout=policy.deadline,
                 wait_initial=policy.wait_initial,
@@ -583,7 +641,12 @@ class VenueClient:
         if response.is_success:
             return response
         code, message = self._error_body(response)
-        raise error_for_status(method, path, response.status_code, code=code, message=message)
+        error = error_for_status(method, path, response.status_code, code=code, message=message)
+        if isinstance(error, VenueUnavailable):
+            error.retry_after = _retry_after(
+                response.headers.get("Retry-After"), dt.datetime.now(dt.UTC)
+            )
+        raise error
 
     def _observe(self, method: str, path: str, status: int | None, started: float) -> None:
         if self._observer is not None:

@@ -92,7 +92,12 @@ class VenueUnavailable(VenueError):
 
     Raised once the client's retries are spent; ``__cause__`` holds the transport error,
     if there was one.
+
+    Attributes:
+        retry_after: the seconds the answer's ``Retry-After`` asked to wait, if it had one.
     """
+
+    retry_after: float | None = None
 
 
 class VenueRateLimited(VenueUnavailable):

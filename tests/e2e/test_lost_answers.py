@@ -15,9 +15,12 @@ from __future__ import annotations
 import datetime as dt
 import json
 import signal
+import threading
+import time
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -234,10 +237,13 @@ def test_the_scheduler_settles_a_killed_submission_one_pass_after_its_lease(
         what="the venue to take the order",
     )
     assert submit.kill() == -signal.SIGKILL
+    killed = utcnow()
     e2e.deliver()
     (venue_order,) = e2e.sandbox.runtime.store.with_status(OrderStatus.ISSUED)
     expires = sender.row().lease_expires_at
     assert expires is not None
+    # The call outlasted the lease, and the live sender kept renewing it until it died.
+    assert killed < expires <= killed + dt.timedelta(seconds=LEASE_SECONDS + 1)
 
     scheduler = otacm("scheduler", environment=environment)
     try:
@@ -253,12 +259,132 @@ def test_the_scheduler_settles_a_killed_submission_one_pass_after_its_lease(
     assert (row.state, row.order_id) == (OutboxState.SENT, venue_order.order.order_id)
     assert row.sent_at is not None
     # The pass that settled it came at the first outbox interval after the lease (with
-    # room for a loaded machine), where the fixed lease made it five minutes.
+    # room for a loaded machine): within a lease and one pass of the kill.
     after_lease = row.sent_at - expires
     assert (
         dt.timedelta(seconds=-1) <= after_lease <= dt.timedelta(seconds=OUTBOX_RETRY_SECONDS + 10)
     )
+    assert row.sent_at - killed <= dt.timedelta(seconds=LEASE_SECONDS + OUTBOX_RETRY_SECONDS + 10)
     assert e2e.calls("createOrder") == 1
+
+
+@pytest.mark.parametrize("settings_changes", [{"outbox_lease_seconds": LEASE_SECONDS}])
+def test_a_killed_submission_not_yet_at_the_venue_is_sent_within_a_lease_and_a_pass(
+    e2e: E2E,
+    sender: Sender,
+    otacm: Callable[..., OtacmProcess],
+    settings: Settings,
+    tmp_path: Path,
+) -> None:
+    """``otacm submit`` killed while its create waits at a slow gateway that has not
+    passed it on yet (every call there answers 503 after the wait): the scheduler sends
+    the sale within one lease and one outbox pass of the kill, exactly once."""
+    e2e.faults(latencyMs=3000, rate503=1.0)
+    sale = tmp_path / "sale.json"
+    sale.write_text(json.dumps(e2e.order_body("KILLED-EARLY-1")), encoding="utf-8")
+    environment = otacm_environment(settings)
+    submit = otacm("submit", str(sale), environment=environment)
+    wait_until(lambda: _leased(sender), 30, what="the submission to claim its row")
+    assert submit.kill() == -signal.SIGKILL
+    killed = utcnow()
+    e2e.faults(latencyMs=0, rate503=0.0)
+    assert e2e.sandbox.runtime.store.find(e2e.partner_id, "KILLED-EARLY-1") is None
+
+    scheduler = otacm("scheduler", environment=environment)
+    try:
+        wait_until(
+            lambda: sender.row().state is OutboxState.SENT or not scheduler.alive(),
+            60,
+            what="the scheduler to send the sale",
+        )
+    finally:
+        scheduler.stop()
+
+    row = sender.row()
+    assert row.state is OutboxState.SENT and row.sent_at is not None
+    assert row.sent_at - killed <= dt.timedelta(seconds=LEASE_SECONDS + OUTBOX_RETRY_SECONDS + 10)
+    assert e2e.stats()["calls"]["createOrder"].get("201") == 1
+    assert e2e.sandbox.runtime.store.find(e2e.partner_id, "KILLED-EARLY-1") is not None
+
+
+def _leased(sender: Sender) -> bool:
+    """Whether the one outbox row exists and is leased by a sender."""
+    with sender.sessions.begin() as session:
+        state = session.scalar(sa.select(Outbox.state))
+    return state is OutboxState.LEASED
+
+
+@pytest.mark.parametrize("settings_changes", [{"outbox_lease_seconds": LEASE_SECONDS}])
+def test_a_live_sender_slower_than_several_leases_is_not_overtaken(
+    e2e: E2E, sender: Sender, settings: Settings
+) -> None:
+    """A createOrder that takes four leases at a slow gateway: the sender renews its row's
+    lease while it waits, so another sender passing over and over meanwhile never takes
+    the row — one createOrder, settled by the sender that made it."""
+    lease = 1.0
+    e2e.faults(latencyMs=4000)
+    outcomes: list[Any] = []
+    (connection,) = settings.connections
+
+    def submit() -> None:
+        with open_client(connection, retry=RetryPolicy(attempts=1)) as client:
+            outcomes.append(
+                submit_now(
+                    sender.sessions,
+                    client,
+                    sender.connection_id,
+                    e2e.order_request("SLOW-1"),
+                    now=utcnow(),
+                    owner="live",
+                    lease_seconds=lease,
+                )
+            )
+
+    live = threading.Thread(target=submit)
+    live.start()
+    wait_until(lambda: _leased(sender), 10, what="the live sender to claim its row")
+    passes = []
+    while live.is_alive():
+        passes.append(sender.run(utcnow(), lease_seconds=lease))
+        time.sleep(lease / 4)
+    live.join()
+
+    assert len(passes) >= 8  # the other sender looked at every moment of the call
+    assert all(report["claimed"] == 0 for report in passes)
+    [outcome] = outcomes
+    assert outcome.order_id is not None
+    row = sender.row()
+    assert (row.state, row.order_id, row.attempts) == (OutboxState.SENT, outcome.order_id, 1)
+    assert e2e.calls("createOrder") == 1
+
+
+@pytest.mark.parametrize("sandbox_changes", [{"pickup_interval": 0.2}])
+def test_a_lost_create_answer_is_not_retried_by_the_client_over_its_order_in_error(
+    e2e: E2E, sender: Sender, settings: Settings
+) -> None:
+    """A createOrder answer lost while the venue picks orders up every 0.2 s: by the time
+    a client retry would go out the order is in Error, and the venue would delete it and
+    issue the retry. The client does not retry it; the outbox's look-up settles the row
+    with the Error order: one createOrder, nothing re-processed."""
+    e2e.faults(answerLostCount=1)
+    retrying = RetryPolicy(attempts=3, wait_initial=1.0, wait_max=1.0, wait_jitter=0)
+    with open_client(settings.connections[0], retry=retrying) as client:
+        outcome = submit_now(
+            sender.sessions,
+            client,
+            sender.connection_id,
+            e2e.order_request("LOST-RETRY-1", items=[error_line()]),
+            now=utcnow(),
+        )
+    assert outcome.order_id is None
+    (venue_order,) = wait_until(
+        lambda: e2e.sandbox.runtime.store.with_status(OrderStatus.ERROR), 10, what="the Error"
+    )
+    after = sender.run(utcnow() + dt.timedelta(minutes=5))
+
+    assert (after["sent"], after["in_error"]) == (1, 1)
+    assert e2e.stats()["calls"]["createOrder"] == {"201": 1}
+    assert sender.row().order_id == venue_order.order.order_id
 
 
 def test_many_sales_through_lost_answers_errors_and_outages_are_each_created_once(

@@ -76,6 +76,7 @@ from storage.models import (
     upsert_order,
 )
 from storage.types import MONEY_MAX, utcnow
+from tests.support.stack import wait_until
 from venue.client import RetryPolicy, VenueClient, open_client
 from venue.models import Order, OrderRequest, OrderStatus, guid_caption, normalize_reference
 from venue.throttle import Throttle
@@ -809,19 +810,28 @@ def test_a_lost_answer_resolves_to_exactly_one_order(
     assert mirrored(sessions) == [(order_id, OrderStatus.SUBMITTED, [ChangeSource.SUBMIT])]
 
 
-def test_a_lost_answer_is_resolved_within_the_clients_own_retry(
+def test_a_lost_answer_is_not_resent_by_the_clients_own_retry(
     sessions: sessionmaker[Session], venue: FakeVenue, connection_id: int
 ) -> None:
-    """With client retries, the retry's duplicate is resolved in the same send."""
+    """With client retries, a create whose answer was lost is not sent again in the same
+    send (its order may be in Error by then): recorded, one create, and the next claim
+    finds the order by reference."""
     venue.scripts = [FakeVenue.lose_answer]
-    retries = RetryPolicy(attempts=2, wait_initial=0, wait_max=0, wait_jitter=0)
+    retries = RetryPolicy(attempts=3, wait_initial=0, wait_max=0, wait_jitter=0)
     with open_client(
         CONNECTION, transport=httpx.MockTransport(venue.handle), retry=retries, throttle=Throttle()
     ) as retrying:
         outcome = submit(sessions, retrying, connection_id)
+        assert (outcome.status, venue.calls["create"]) == (SubmitStatus.RECORDED, 1)
+        [outbox] = rows(sessions, Outbox)
+        report = run_outbox_once(
+            sessions, {connection_id: retrying}, owner="later", now=outbox.next_attempt_at
+        )
 
-    assert outcome.status is SubmitStatus.SENT
-    assert outcome.order_id in venue.orders and len(venue.orders) == 1
+    assert (report.sent, report.resolved, venue.calls["create"]) == (1, 1, 1)
+    [order_id] = venue.orders
+    [outbox] = rows(sessions, Outbox)
+    assert (outbox.state, outbox.order_id) == (OutboxState.SENT, order_id)
 
 
 def test_resubmitting_a_sent_sale_answers_with_the_existing_order(
@@ -1157,6 +1167,53 @@ def test_a_live_sender_renews_its_lease_and_is_not_overtaken(
     assert (report.sent, venue.calls["list"], venue.calls["create"]) == (1, 1, 1)
 
 
+def test_a_sender_renews_its_lease_while_a_call_is_in_flight(
+    sessions: sessionmaker[Session], venue: FakeVenue, connection_id: int
+) -> None:
+    """While its createOrder is in flight the sender renews the row's lease on a timer:
+    the venue answers only once the lease moved past the claim's, and a claimer at the
+    claim's lease end then finds nothing to take. After the answer, no more renewals."""
+    lease = 0.3
+    claimed_until: list[dt.datetime] = []
+    competitor: list[Any] = []
+
+    def expiry() -> dt.datetime | None:
+        with sessions.begin() as session:
+            return session.scalar(sa.select(Outbox.lease_expires_at))
+
+    def renewed() -> bool:
+        current = expiry()
+        return current is not None and current > claimed_until[0]
+
+    def slow_venue(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            claimed = expiry()
+            assert claimed is not None
+            claimed_until.append(claimed)
+            wait_until(renewed, 10, what="the lease to be renewed")
+            competitor.extend(
+                claim_outbox(
+                    sessions, owner="other", now=claimed_until[0], limit=1, lease_seconds=60
+                )
+            )
+        return venue.handle(request)
+
+    with sessions.begin() as session:
+        record_submission(session, connection_id, order_request(), now=utcnow())
+    with open_client(
+        CONNECTION, transport=httpx.MockTransport(slow_venue), retry=ONCE, throttle=Throttle()
+    ) as slow:
+        report = run_outbox_once(
+            sessions, {connection_id: slow}, owner="live", now=utcnow(), lease_seconds=lease
+        )
+
+    assert competitor == []
+    assert (report.sent, venue.calls["create"]) == (1, 1)
+    with sessions.begin() as session:
+        row = session.scalars(sa.select(Outbox)).one()
+        assert (row.state, row.lease_owner, row.lease_expires_at) == (OutboxState.SENT, None, None)
+
+
 class ApplyFails:
     """Sessions whose ``fail_on``-th transaction fails to begin, as a database gone away would."""
 
@@ -1273,9 +1330,11 @@ def test_an_outcome_prints_and_serializes_without_customer_data(
 
 
 def test_the_lease_setting_defaults_to_the_outboxs_lease_and_refuses_too_short() -> None:
-    """``OTACM_OUTBOX_LEASE_SECONDS`` defaults to the outbox's own default (120 s, above one
-    venue call's worst case with retries) and refuses less than 5 s."""
-    assert Settings().outbox_lease_seconds == DEFAULT_LEASE_SECONDS == 120
+    """``OTACM_OUTBOX_LEASE_SECONDS`` defaults to the outbox's own default, no longer than
+    a poll interval (a live sender renews it, so it need not outlast a slow call), and
+    refuses less than 5 s."""
+    assert Settings().outbox_lease_seconds == DEFAULT_LEASE_SECONDS == 15
+    assert Settings().poll_interval >= DEFAULT_LEASE_SECONDS
     with pytest.raises(ValidationError, match="outbox_lease_seconds"):
         Settings(outbox_lease_seconds=1)
 

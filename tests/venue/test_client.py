@@ -15,6 +15,7 @@ import logging
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -24,6 +25,7 @@ import pytest
 from pydantic import SecretStr, ValidationError
 
 from otacm.settings import VenueConnection
+from tests.support.stack import serve_sandbox
 from venue.client import RetryPolicy, VenueClient, open_client
 from venue.errors import (
     VenueAuthError,
@@ -809,13 +811,48 @@ def test_transient_statuses_are_retried(make_client: MakeClient, status: int) ->
 
 def test_transport_errors_are_retried(make_client: MakeClient) -> None:
     """A connection error or read timeout is retried like a 503."""
-    venue = Venue(httpx.ConnectError("refused"), httpx.ReadTimeout("slow"), reply(201, ORDER))
+    venue = Venue(httpx.ConnectError("refused"), httpx.ReadTimeout("slow"), reply(200, ORDER))
+
+    order = make_client(venue).get_order(ORDER_ID)
+
+    assert order.order_id == ORDER_ID
+    assert len(venue.requests) == 3
+
+
+def test_a_create_the_venue_cannot_have_seen_is_retried(make_client: MakeClient) -> None:
+    """createOrder is retried after the gateway's 429 and 503 and a connection never
+    made, with the same body."""
+    venue = Venue(reply(429), reply(503), httpx.ConnectError("refused"), reply(201, ORDER))
 
     order = make_client(venue).create_order(REQUEST)
 
     assert order.order_id == ORDER_ID
-    assert len(venue.requests) == 3
-    assert json.loads(venue.requests[0].content) == json.loads(venue.requests[2].content)
+    assert len(venue.requests) == 4
+    assert json.loads(venue.requests[0].content) == json.loads(venue.requests[3].content)
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        httpx.ReadTimeout("slow"),
+        httpx.RemoteProtocolError("Server disconnected without sending a response."),
+        httpx.ReadError("reset"),
+        reply(504),
+    ],
+    ids=["read-timeout", "disconnected", "reset", "504"],
+)
+def test_a_create_that_may_have_landed_is_not_retried(
+    make_client: MakeClient, failure: httpx.Response | Exception
+) -> None:
+    """A createOrder whose answer was lost may have been taken, and by a retry its order
+    may be in Error, which the venue would delete to take the retry: the failure is
+    raised after one request, for the caller to look the sale up."""
+    venue = Venue(failure, reply(201, ORDER))
+
+    with pytest.raises(VenueUnavailable):
+        make_client(venue).create_order(REQUEST)
+
+    assert len(venue.requests) == 1
 
 
 @pytest.mark.parametrize(
@@ -903,7 +940,7 @@ def test_nothing_logged_holds_the_key_or_customer_data(
     caplog.set_level(logging.DEBUG)
     venue = Venue(
         reply(503),
-        httpx.ReadTimeout("slow"),
+        httpx.ConnectError("refused"),
         reply(201, ORDER),
         reply(200, [summary(1, sellToName=CUSTOMER_NAME, sellToEmail=CUSTOMER_EMAIL)]),
         error(400, "generic_error", "Order cannot be replaced in status Issued"),
@@ -1046,3 +1083,85 @@ def test_importing_the_client_starts_nothing() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True
     )
     assert result.stdout.split() == ["1", "0"]
+
+
+# --- Retry-After ------------------------------------------------------------------------
+
+
+class TimedVenue(Venue):
+    """A scripted venue that also notes when each request came."""
+
+    def __init__(self, *replies: httpx.Response | Exception) -> None:
+        super().__init__(*replies)
+        self.times: list[float] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.times.append(time.monotonic())
+        return super().__call__(request)
+
+
+WAITING = RetryPolicy(attempts=4, deadline=30.0, wait_initial=0, wait_max=5.0, wait_jitter=0)
+"""Retries at once, unless the venue asks for a wait (of at most 5 s)."""
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_a_retry_after_is_waited_out_before_the_retry(make_client: MakeClient, status: int) -> None:
+    """The gateway asks for a second's patience: the retry comes no sooner, then succeeds."""
+    venue = TimedVenue(reply(status, **{"Retry-After": "1"}), reply(200, ORDER))
+
+    order = make_client(venue, retry=WAITING).get_order(ORDER_ID)
+
+    assert order.order_id == ORDER_ID
+    assert len(venue.times) == 2
+    assert venue.times[1] - venue.times[0] >= 1.0
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "3600",
+        (dt.datetime.now(dt.UTC) + dt.timedelta(hours=2)).strftime("%a, %d %b %Y %H:%M:%S GMT"),
+    ],
+    ids=["seconds", "http-date"],
+)
+def test_a_retry_after_beyond_the_longest_wait_ends_the_retries(
+    make_client: MakeClient, header: str
+) -> None:
+    """A wait longer than the policy allows is not cut short: the call gives up at once,
+    saying how long the venue asked for, and the caller's own backoff takes over."""
+    venue = Venue(reply(429, **{"Retry-After": header}), reply(200, ORDER))
+
+    with pytest.raises(VenueRateLimited) as caught:
+        make_client(venue, retry=WAITING).get_order(ORDER_ID)
+
+    assert len(venue.requests) == 1
+    assert caught.value.retry_after is not None and caught.value.retry_after > 3000
+
+
+def test_the_sandbox_gateways_retry_after_is_honoured() -> None:
+    """Against the simulated venue's gateway (``retryAfterSeconds``): its 429 asks for a
+    second, and the client's retry comes no sooner."""
+    with serve_sandbox() as sandbox:
+        sandbox.runtime.faults.update({"rate429": 1.0, "retryAfterSeconds": 1})
+        attempts: list[tuple[int | None, float]] = []
+
+        def observe(endpoint: str, status: int | None, seconds: float) -> None:
+            attempts.append((status, time.monotonic()))
+            if status == 429:  # the gateway lets the next call through
+                sandbox.runtime.faults.update({"rate429": 0.0})
+
+        connection = VenueConnection(
+            api_base_url=sandbox.url,
+            tenant=sandbox.config.tenant,
+            environment=sandbox.config.environment,
+            company=sandbox.config.company,
+            api_key=sandbox.config.api_key,
+            partner_ids=[PARTNER],
+        )
+        with open_client(connection, retry=WAITING, observer=observe) as client:
+            orders = list(client.list_orders(PARTNER))
+
+    assert orders == []
+    [(first, at_first), (second, at_second)] = attempts
+    assert (first, second) == (429, 200)
+    assert at_second - at_first >= 1.0
