@@ -4,13 +4,20 @@ Databases: ``engine`` is parametrized over SQLite and PostgreSQL (a real server 
 once per session in a temporary directory, ``postgresql_url``) and gives an empty
 database per test; ``migrated_engine`` has the schema; ``sessions`` is their session
 factory. Layers further up (apps, the sandbox) live beside the tests that use them.
+
+The migrations run once per session and database kind, into a template (a SQLite file,
+a PostgreSQL template database); each test that asks for the schema gets a copy of it,
+which costs a few milliseconds instead of a run of every migration. The migration tests
+(``tests/storage/test_migrate.py``) still run every migration up and down, on ``engine``.
 """
 
 from __future__ import annotations
 
+import sqlite3
 import uuid
+import weakref
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, closing, contextmanager
 from pathlib import Path
 
 import pytest
@@ -69,14 +76,57 @@ def _admin_statement(url: str, statement: str, *, database: str) -> None:
         admin.dispose()
 
 
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite file with every migration run, made once per session."""
+    path = tmp_path_factory.mktemp("template") / "otacm.sqlite3"
+    template = make_engine(f"sqlite:///{path}")
+    try:
+        upgrade(template)
+    finally:
+        template.dispose()
+    return path
+
+
+@pytest.fixture(scope="session")
+def postgresql_template(postgresql_url: str) -> str:
+    """The name of a PostgreSQL template database with every migration run, made once
+    per session (no connection stays open on it: CREATE DATABASE … TEMPLATE needs that)."""
+    name = "otacm_template"
+    _admin_statement(postgresql_url, f"CREATE DATABASE {name}", database="otacm")
+    template = make_engine(
+        sa.make_url(postgresql_url).set(database=name).render_as_string(hide_password=False)
+    )
+    try:
+        upgrade(template)
+    finally:
+        template.dispose()
+    return name
+
+
 @contextmanager
-def _empty_database(request: pytest.FixtureRequest, backend: str, tmp_path: Path) -> Iterator[str]:
+def _new_database(
+    request: pytest.FixtureRequest, backend: str, tmp_path: Path, *, migrated: bool
+) -> Iterator[str]:
+    """A database of the test's own: empty, or a copy of the migrated template."""
     if backend == "sqlite":
-        yield f"sqlite:///{tmp_path / 'otacm.sqlite3'}"
+        path = tmp_path / "otacm.sqlite3"
+        if migrated:
+            template: Path = request.getfixturevalue("sqlite_template")
+            # SQLite's backup API: a whole, consistent copy whatever the journal mode.
+            with (
+                closing(sqlite3.connect(template)) as source,
+                closing(sqlite3.connect(path)) as copy,
+            ):
+                source.backup(copy)
+        yield f"sqlite:///{path}"
         return
     server_url: str = request.getfixturevalue("postgresql_url")
     name = f"test_{uuid.uuid4().hex[:12]}"
-    _admin_statement(server_url, f"CREATE DATABASE {name}", database="otacm")
+    create = f"CREATE DATABASE {name}"
+    if migrated:
+        create += f" TEMPLATE {request.getfixturevalue('postgresql_template')}"
+    _admin_statement(server_url, create, database="otacm")
     try:
         yield sa.make_url(server_url).set(database=name).render_as_string(hide_password=False)
     finally:
@@ -90,19 +140,28 @@ def _empty_database(request: pytest.FixtureRequest, backend: str, tmp_path: Path
     ]
 )
 def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sa.Engine]:
-    """An engine from ``make_engine`` on a new, empty database: SQLite, then PostgreSQL."""
-    with _empty_database(request, request.param, tmp_path) as url:
+    """An engine from ``make_engine`` on a new database: SQLite, then PostgreSQL. Empty,
+    unless the test also asks for ``migrated_engine``: then a copy of the template."""
+    migrated = "migrated_engine" in request.fixturenames
+    with _new_database(request, request.param, tmp_path, migrated=migrated) as url:
         engine = make_engine(url)
+        if migrated:
+            _COPIED_FROM_TEMPLATE.add(engine)
         try:
             yield engine
         finally:
             engine.dispose()
 
 
+_COPIED_FROM_TEMPLATE: weakref.WeakSet[sa.Engine] = weakref.WeakSet()
+"""Engines whose database was copied from a migrated template (already at the head)."""
+
+
 @pytest.fixture
 def migrated_engine(engine: sa.Engine) -> sa.Engine:
-    """The ``engine`` database upgraded to the latest schema."""
-    upgrade(engine)
+    """The ``engine`` database at the latest schema."""
+    if engine not in _COPIED_FROM_TEMPLATE:
+        upgrade(engine)
     return engine
 
 
