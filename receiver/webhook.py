@@ -71,7 +71,7 @@ from receiver.inbox import (
 )
 from storage.models import GUID_CHARS, InboxSource
 from storage.types import UNSTORABLE_TEXT, storable_text, utcnow
-from venue.models import ORDER_PROCESSED_EVENT, Notification, parse_notifications
+from venue.models import ORDER_PROCESSED_EVENT, Notification, canonical_guid, parse_notifications
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -272,8 +272,9 @@ def _order_fields(
     raw_order_id = payload.get("orderId")
     if not isinstance(raw_order_id, str) or not raw_order_id.strip("{} "):
         raise InvalidNotification(f"{where}payload.orderId", "an order id is required")
-    # The venue writes GUIDs lowercase without braces; so does the order mirror.
-    order_id = raw_order_id.strip().strip("{}").lower()
+    # Kept as the order mirror keys it. An id that is no GUID is stored all the same; the
+    # worker's getOrder for it is refused before any call.
+    order_id = canonical_guid(raw_order_id)
     if len(order_id) > GUID_CHARS:
         raise InvalidNotification(f"{where}payload.orderId", f"at most {GUID_CHARS} characters")
     if not storable_text(order_id):
