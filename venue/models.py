@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from decimal import Decimal
 from enum import StrEnum
 from typing import Annotated, Any, Generic, TypeVar
@@ -770,6 +771,45 @@ class ValuesEnvelope(WireModel):
     values: list[Notification]
 
 
+@dataclass(frozen=True)
+class WebhookBody:
+    """A webhook body read: its notifications, typed and as received.
+
+    Attributes:
+        key: the envelope's list field, ``"value"`` or ``"values"``; ``None`` for a bare
+            notification.
+        notifications: the notifications, typed.
+        received: the same notifications as they came (decoded JSON, unknown fields
+            included), in the same order.
+    """
+
+    key: str | None
+    notifications: list[Notification]
+    received: list[Any]
+
+    def where(self, index: int) -> str:
+        """The field path prefix of notification ``index`` (``value.0.``), for errors."""
+        return "" if self.key is None else f"{self.key}.{index}."
+
+
+def parse_webhook_body(raw: Any) -> WebhookBody:
+    """A webhook body of any of the three envelope shapes: the one place that tells them.
+
+    ``{"value": [...]}`` first, then ``{"values": [...]}``, else a bare notification.
+
+    Args:
+        raw: the decoded JSON body.
+
+    Raises:
+        pydantic.ValidationError: the body is none of the shapes; its errors name the field.
+    """
+    if isinstance(raw, dict) and "value" in raw:
+        return WebhookBody("value", ValueEnvelope.model_validate(raw).value, raw["value"])
+    if isinstance(raw, dict) and "values" in raw:
+        return WebhookBody("values", ValuesEnvelope.model_validate(raw).values, raw["values"])
+    return WebhookBody(None, [Notification.model_validate(raw)], [raw])
+
+
 def parse_notifications(raw: Any) -> list[Notification]:
     """The notifications in a webhook body of any of the three envelope shapes.
 
@@ -779,11 +819,7 @@ def parse_notifications(raw: Any) -> list[Notification]:
     Raises:
         pydantic.ValidationError: the body is none of the shapes; its errors name the field.
     """
-    if isinstance(raw, dict) and "value" in raw:
-        return ValueEnvelope.model_validate(raw).value
-    if isinstance(raw, dict) and "values" in raw:
-        return ValuesEnvelope.model_validate(raw).values
-    return [Notification.model_validate(raw)]
+    return parse_webhook_body(raw).notifications
 
 
 # --- webhook subscriptions ------------------------------------------------------------

@@ -33,6 +33,7 @@ from venue.models import (
     parse_notifications,
     parse_page,
     parse_row_version,
+    parse_webhook_body,
 )
 
 SEEDS = Path(__file__).resolve().parents[3] / "shared" / "seeds"
@@ -933,3 +934,26 @@ def test_an_id_of_otacms_own_keeping_is_keyed_as_the_venue_writes_it(spelling: s
 def test_an_id_of_otacms_own_keeping_that_is_no_guid_still_compares(text: str, key: str) -> None:
     """Ids from the inbox or the command line are not refused; they are keyed case-blind."""
     assert canonical_guid(text) == key
+
+
+@pytest.mark.parametrize(
+    ("body", "key", "where"),
+    [
+        ({"value": [NOTIFICATION, NOTIFICATION]}, "value", "value.1."),
+        ({"values": [NOTIFICATION, NOTIFICATION]}, "values", "values.1."),
+        (NOTIFICATION, None, ""),
+    ],
+    ids=["value", "values", "bare"],
+)
+def test_a_webhook_body_says_its_shape_and_keeps_what_was_received(
+    body: Any, key: str | None, where: str
+) -> None:
+    """One reading of the envelope: its list field, the path of each notification in
+    errors, the typed notifications and the same ones as they came."""
+    parsed = parse_webhook_body(body)
+
+    assert parsed.key == key
+    assert parsed.where(len(parsed.notifications) - 1) == where
+    assert parsed.received == (body[key] if key else [body])
+    assert parsed.notifications == parse_notifications(body)
+    assert len(parsed.notifications) == len(parsed.received)
