@@ -69,6 +69,7 @@ UtcDateTime = Annotated[
 OptionalDate = Annotated[dt.date | None, BeforeValidator(_blank_to_none), Field(default=None)]
 OptionalTime = Annotated[dt.time | None, BeforeValidator(_blank_to_none), Field(default=None)]
 OptionalText = Annotated[str | None, Field(default=None)]
+"""Optional text kept exactly as written, ``""`` included (envelopes, subscriptions)."""
 
 
 def _none_when_blank(value: Any) -> Any:
@@ -114,6 +115,7 @@ def _row_version_or_none(value: Any) -> int | None:
 
 RowVersion = Annotated[int | None, BeforeValidator(_row_version_or_none), Field(default=None)]
 # Customer data and shared secrets: kept out of reprs, so out of logs and tracebacks.
+# Customer data of an order is blank-as-None too, like :data:`BlankAsNone`.
 PersonalText = Annotated[
     str | None, BeforeValidator(_none_when_blank), Field(default=None, repr=False)
 ]
