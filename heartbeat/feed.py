@@ -460,7 +460,7 @@ class _Feed:
                         lookups += self.compare(session, [summary], listing=listing)
                 except ColumnOverflow as exc:
                     self._restore_counts(counts)
-                    order_id = _guid(summary.order_id)
+                    order_id = summary.order_id
                     logger.warning(
                         "change feed: the mirror cannot hold order %s as listed (%s); "
                         "left to the worker",
@@ -484,7 +484,7 @@ class _Feed:
         latest: dict[str, OrderSummary] = {}
         for summary in summaries:
             # In row-version order: a later summary of the same order is the newer one.
-            latest[_guid(summary.order_id)] = summary
+            latest[summary.order_id] = summary
         mirrored = {row.order_id: row for row in self.locked_orders(session, latest)}
         lookups: list[Lookup] = []
         new_orders: list[OrderSummary] = []
@@ -511,7 +511,7 @@ class _Feed:
         known = row.row_version
         if not listing and version is not None and known is not None and version < known:
             return None  # an older state than the mirror holds (a late re-read)
-        message = _blank(summary.status_message)
+        message = summary.status_message
         same = row.removed_at is None and (row.status, row.status_message) == (
             summary.status,
             message,
@@ -551,7 +551,7 @@ class _Feed:
         # The content held belongs to no version now; the settled fetch will be adopted.
         row.row_version = None
         if row.buy_from_order_reference is None:
-            row.buy_from_order_reference = _blank(summary.buy_from_order_reference)
+            row.buy_from_order_reference = summary.buy_from_order_reference
         session.add(_status_change(row, summary.status, message, self.now))
         self.report.updated += 1
 
@@ -603,29 +603,29 @@ def _lookup(order_id: str, summary: OrderSummary, *, listing: bool) -> Lookup:
         FEED_REASON,
         status=str(summary.status),
         row_version=None if listing else summary.row_version,
-        buy_from_order_reference=_blank(summary.buy_from_order_reference),
+        buy_from_order_reference=summary.buy_from_order_reference,
     )
 
 
 def _header(connection_id: int, summary: OrderSummary, now: dt.datetime) -> VenueOrder:
     """A mirror row from a summary: the header only, as the feed first saw the order."""
-    message = _blank(summary.status_message)
+    message = summary.status_message
     row = VenueOrder(
         connection_id=connection_id,
-        order_id=_guid(summary.order_id),
-        partner_id=_guid(summary.partner_id),
+        order_id=summary.order_id,
+        partner_id=summary.partner_id,
         sell_to_order_reference=summary.sell_to_order_reference,
-        buy_from_order_reference=_blank(summary.buy_from_order_reference),
+        buy_from_order_reference=summary.buy_from_order_reference,
         status=summary.status,
         status_message=message,
         status_changed_at=now,
         received_at=summary.received_at,
-        sell_to_email=_blank(summary.sell_to_email),
-        sell_to_name=_blank(summary.sell_to_name),
-        sell_to_language=_blank(summary.sell_to_language),
-        payment_reference=_blank(summary.payment_reference),
-        job_id=_blank(summary.job_id),
-        manifest_url=_blank(summary.manifest_url),
+        sell_to_email=summary.sell_to_email,
+        sell_to_name=summary.sell_to_name,
+        sell_to_language=summary.sell_to_language,
+        payment_reference=summary.payment_reference,
+        job_id=summary.job_id,
+        manifest_url=summary.manifest_url,
         row_version=None,
         first_seen_at=now,
     )
@@ -641,18 +641,6 @@ def _status_change(
     return StatusChange(
         order=row, status=status, status_message=message, observed_at=now, source=ChangeSource.POLL
     )
-
-
-def _blank(value: str | None) -> str | None:
-    # As the mirror stores them: the venue's "" means no value.
-    if value is None or not value.strip():
-        return None
-    return value
-
-
-def _guid(value: str) -> str:
-    # As the mirror stores them: lowercase, no braces.
-    return value.strip().strip("{}").lower()
 
 
 def _insert(

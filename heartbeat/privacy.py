@@ -61,7 +61,7 @@ from storage.models import (
     VenueOrder,
     Wallet,
 )
-from venue.models import normalize_reference
+from venue.models import canonical_guid, normalize_reference
 
 logger = logging.getLogger(__name__)
 
@@ -545,7 +545,7 @@ def _subject_orders(
     else:
         key = normalize_reference(selected)
         condition = sa.or_(
-            VenueOrder.order_id == selected.strip("{}").lower(),
+            VenueOrder.order_id == canonical_guid(selected),
             VenueOrder.reference_key == key,
             VenueOrder.buy_from_order_reference == key,
         )

@@ -321,7 +321,7 @@ def _record(
                     .where(Outbox.id == suspect.outbox_id, Outbox.state == OutboxState.DEAD)
                     .values(
                         state=OutboxState.SENT,
-                        order_id=latest.order_id.strip().strip("{}").lower(),
+                        order_id=latest.order_id,
                         sent_at=now,
                         last_error=None,
                     )

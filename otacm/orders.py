@@ -43,7 +43,7 @@ from receiver.outbox import (
 from storage.models import OutboxOperation, VenueConnection, VenueOrder
 from storage.story import find_orders
 from venue.client import VenueClient
-from venue.models import OrderStatus, normalize_reference
+from venue.models import OrderStatus, canonical_guid, normalize_reference
 
 
 class OrderActionError(Exception):
@@ -222,7 +222,7 @@ def replace_order(
         )
     target = _target(sessions, key, connection or replacement.connection)
     request = replacement.request
-    partner = request.partner_id.strip().strip("{}").lower()
+    partner = canonical_guid(request.partner_id)
     if partner != target.partner_id:
         raise OrderActionError(
             f"partnerId {request.partner_id!r} in the file is not the order's"

@@ -123,8 +123,8 @@ from venue.models import (
     OrderRequest,
     OrderStatus,
     OrderSummary,
+    canonical_guid,
     normalize_reference,
-    parse_guid,
 )
 
 logger = logging.getLogger(__name__)
@@ -333,7 +333,7 @@ def check_connection(venue: VenueConnection, request: OrderRequest) -> None:
     Raises:
         SubmissionError: naming ``partnerId`` or ``paymentReference``.
     """
-    if _guid(request.partner_id) not in venue.partner_ids:
+    if canonical_guid(request.partner_id) not in venue.partner_ids:
         raise SubmissionError(
             "partnerId",
             f"partner {request.partner_id!r} is not configured for venue connection {venue.name!r}",
@@ -416,7 +416,7 @@ def record_submission(
     if (amount is None) != (currency is None):
         raise ValueError("amount and currency go together")
     wire = request.to_wire()
-    partner_id = _guid(request.partner_id)
+    partner_id = canonical_guid(request.partner_id)
     reference_key = normalize_reference(request.sell_to_order_reference)
 
     line = _locked_line(session, connection_id, partner_id, reference_key)
@@ -560,7 +560,10 @@ def sale_of(session: Session, connection_id: int, order_id: str) -> LedgerLine |
                 VenueOrder.reference_key == LedgerLine.reference_key,
             ),
         )
-        .where(VenueOrder.connection_id == connection_id, VenueOrder.order_id == _guid(order_id))
+        .where(
+            VenueOrder.connection_id == connection_id,
+            VenueOrder.order_id == canonical_guid(order_id),
+        )
     ).one_or_none()
 
 
@@ -602,7 +605,7 @@ def record_action(
     takes_request = operation is not OutboxOperation.DELETE
     if (request is not None) != takes_request:
         raise ValueError(f"{operation} takes {'a' if takes_request else 'no'} request")
-    order_id = _guid(order_id)
+    order_id = canonical_guid(order_id)
     line = sale_of(session, connection_id, order_id)
     row = Outbox(
         connection_id=connection_id,
@@ -1119,7 +1122,7 @@ class _Send:
         """
         claim, now = self.claim, self.now
         if order is not None:
-            order_id = _guid(order.order_id)
+            order_id = order.order_id
         order_id = order_id or claim.order_id
         assert order_id is not None, "an answer without an order is a delete's, which names one"
         source = _CHANGE_SOURCES[claim.operation]
@@ -1431,7 +1434,7 @@ def _look_up_sale(send: _Send, request: OrderRequest) -> SendResult | None:
         known = sale_orders(
             session,
             claim.connection_id,
-            _guid(request.partner_id),
+            canonical_guid(request.partner_id),
             normalize_reference(request.sell_to_order_reference),
         )
     live = [order for order in known if order.removed_at is None]
@@ -1627,7 +1630,7 @@ def _mirrored_status(send: _Send) -> OrderStatus | None:
         return session.scalar(
             sa.select(VenueOrder.status).where(
                 VenueOrder.connection_id == send.claim.connection_id,
-                VenueOrder.order_id == _guid(send.claim.order_id or ""),
+                VenueOrder.order_id == canonical_guid(send.claim.order_id or ""),
                 VenueOrder.removed_at.is_(None),
             )
         )
@@ -1913,8 +1916,8 @@ def submit_now(
             status=SubmitStatus.SENT,
             order_id=result.order_id,
             order_status=order.status,
-            status_message=_blank_to_none(order.status_message),
-            buy_from_order_reference=_blank_to_none(order.buy_from_order_reference),
+            status_message=order.status_message,
+            buy_from_order_reference=order.buy_from_order_reference,
             message=FOUND_IN_ERROR
             if result.found_in_error
             else "found at the venue by its reference"
@@ -2200,13 +2203,8 @@ def _dotted(loc: tuple[int | str, ...]) -> str:
     return path
 
 
-def _guid(value: str) -> str:
-    # The venue writes GUIDs lowercase, hyphenated, without braces; so do the ledger and
-    # the mirror, whichever spelling the shop sent (the venue reads them all).
-    return parse_guid(value) or value.strip().strip("{}").lower()
-
-
 def _blank_to_none(value: str | None) -> str | None:
+    # The shop's paymentReference, recorded (not sent) trimmed; blank is none.
     if value is None or not value.strip():
         return None
     return value.strip()

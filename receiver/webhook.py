@@ -71,7 +71,7 @@ from receiver.inbox import (
 )
 from storage.models import GUID_CHARS, InboxSource
 from storage.types import UNSTORABLE_TEXT, storable_text, utcnow
-from venue.models import ORDER_PROCESSED_EVENT, Notification, parse_notifications
+from venue.models import ORDER_PROCESSED_EVENT, Notification, canonical_guid, parse_webhook_body
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -205,17 +205,17 @@ def _inbox_rows(
         UnknownClientState: a notification's ``clientState`` is not configured.
     """
     try:
-        notifications = parse_notifications(body)
+        parsed = parse_webhook_body(body)
     except ValidationError as exc:
         error = exc.errors(include_url=False, include_input=False)[0]
         raise InvalidNotification(_dotted(error["loc"]), error["msg"]) from None
-    prefix, wire_items = _envelope(body)
+    notifications = parsed.notifications
     received_at = utcnow()
     rows: list[NewInboxRow] = []
     owners: dict[str, int | None] = {}  # clientState → connection id, for this POST
     unknown_state: str | None = None
-    for index, (notification, wire) in enumerate(zip(notifications, wire_items, strict=True)):
-        where = f"{prefix}{index}."
+    for index, (notification, wire) in enumerate(zip(notifications, parsed.received, strict=True)):
+        where = parsed.where(index)
         order_id, reference, status = _order_fields(notification, where)
         state = notification.client_state
         if state not in owners:
@@ -272,27 +272,15 @@ def _order_fields(
     raw_order_id = payload.get("orderId")
     if not isinstance(raw_order_id, str) or not raw_order_id.strip("{} "):
         raise InvalidNotification(f"{where}payload.orderId", "an order id is required")
-    # The venue writes GUIDs lowercase without braces; so does the order mirror.
-    order_id = raw_order_id.strip().strip("{}").lower()
+    # Kept as the order mirror keys it. An id that is no GUID is stored all the same; the
+    # worker's getOrder for it is refused before any call.
+    order_id = canonical_guid(raw_order_id)
     if len(order_id) > GUID_CHARS:
         raise InvalidNotification(f"{where}payload.orderId", f"at most {GUID_CHARS} characters")
     if not storable_text(order_id):
         raise InvalidNotification(f"{where}payload.orderId", UNSTORABLE_TEXT)
     reference = hint(payload.get("buyFromOrderReference"), REFERENCE_HINT_MAX)
     return order_id, reference, hint(payload.get("status"), STATUS_HINT_MAX)
-
-
-def _envelope(body: Any) -> tuple[str, list[dict[str, Any]]]:
-    """The field path prefix and the raw notifications of a body ``parse_notifications`` took.
-
-    The same three shapes, in the same order, as :func:`venue.models.parse_notifications`;
-    the raw dicts are what is stored: as received, unknown fields included.
-    """
-    if isinstance(body, dict) and "value" in body:
-        return "value.", body["value"]
-    if isinstance(body, dict) and "values" in body:
-        return "values.", body["values"]
-    return "", [body]
 
 
 def _dotted(loc: tuple[int | str, ...]) -> str:

@@ -59,7 +59,7 @@ from storage.models import (
 from storage.types import utcnow
 from venue.client import VenueClient
 from venue.errors import VenueError, VenueRejected, VenueUnavailable, order_gone
-from venue.models import Order, OrderStatus
+from venue.models import Order, OrderStatus, canonical_guid
 
 logger = logging.getLogger(__name__)
 
@@ -287,7 +287,8 @@ def process_claims(
     groups: dict[tuple[int, str], list[Claim]] = {}
     for claim in claims:
         if claim.order_id:
-            key = (claim.connection_id, _normalize_guid(claim.order_id))
+            # Rows naming one order in other spellings share its call.
+            key = (claim.connection_id, canonical_guid(claim.order_id))
             groups.setdefault(key, []).append(claim)
     try:
         known_foreign = _known_foreign(sessions, clients, groups.keys())
@@ -778,12 +779,6 @@ def describe_venue_error(exc: VenueError) -> str:
     if isinstance(exc, VenueRejected) and exc.may_be_transient:
         parts.append("(transient)")
     return ": ".join(parts)
-
-
-def _normalize_guid(value: str) -> str:
-    # The venue writes GUIDs lowercase without braces; rows naming one order in other
-    # spellings must still share its call.
-    return value.strip().strip("{}").lower()
 
 
 def _ids(group: Sequence[Claim]) -> list[int]:

@@ -50,7 +50,7 @@ from sqlalchemy.orm import (
 
 from storage.types import MONEY_MAX, Money, UTCDateTime, utcnow
 from venue import models as wire
-from venue.models import OrderStatus, normalize_reference, reference_set_key
+from venue.models import OrderStatus, canonical_guid, normalize_reference, reference_set_key
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -867,7 +867,7 @@ def upsert_order(
     Returns:
         The stored order.
     """
-    order_id = _guid(order.order_id)
+    order_id = order.order_id
     row = _locked_order(session, connection_id, order_id)
     is_new = row is None
     if row is None:
@@ -888,7 +888,7 @@ def upsert_order(
                 raise
             is_new = False
 
-    status_message = _text(order.status_message)
+    status_message = order.status_message
     changed = (
         is_new
         or row.removed_at is not None
@@ -948,7 +948,7 @@ def mark_removed(
     Returns:
         The order, or ``None`` when it was never stored.
     """
-    row = _locked_order(session, connection_id, _guid(order_id))
+    row = _locked_order(session, connection_id, canonical_guid(order_id))
     if row is None or row.removed_at is not None:
         return row
     row.removed_at = observed_at
@@ -979,7 +979,7 @@ def note_foreign_order(
         partner_id: the order's partner, not configured for the connection.
         now: when it was found (aware).
     """
-    order_id = _guid(order_id)
+    order_id = canonical_guid(order_id)
     known = sa.select(ForeignOrder.id).where(
         ForeignOrder.connection_id == connection_id, ForeignOrder.order_id == order_id
     )
@@ -991,7 +991,7 @@ def note_foreign_order(
                 ForeignOrder(
                     connection_id=connection_id,
                     order_id=order_id,
-                    partner_id=_guid(partner_id),
+                    partner_id=canonical_guid(partner_id),
                     noted_at=now,
                 )
             )
@@ -1011,7 +1011,7 @@ def foreign_order_ids(
         partner_ids: the partners configured for the connection now; a noted order of
             one of them is no longer foreign.
     """
-    wanted = sorted({_guid(order_id) for order_id in order_ids})
+    wanted = sorted({canonical_guid(order_id) for order_id in order_ids})
     if not wanted:
         return set()
     query = sa.select(ForeignOrder.order_id).where(
@@ -1292,19 +1292,6 @@ def _refuse_overflowing_values(session: Session, flush_context: Any, instances: 
                 raise ColumnOverflow(state.mapper.local_table.name, column, limit)
 
 
-def _text(value: str | None) -> str | None:
-    # The venue sends "" for "no value"; stored as NULL, so that "" and a missing field
-    # are the same and a blank status message is no change.
-    if value is None or not value.strip():
-        return None
-    return value
-
-
-def _guid(value: str) -> str:
-    # The venue writes GUIDs lowercase without braces; normalize anything else to that.
-    return value.strip().strip("{}").lower()
-
-
 def _locked_order(session: Session, connection_id: int, order_id: str) -> VenueOrder | None:
     query = (
         sa.select(VenueOrder)
@@ -1315,20 +1302,20 @@ def _locked_order(session: Session, connection_id: int, order_id: str) -> VenueO
 
 
 def _apply_header(row: VenueOrder, order: wire.Order) -> None:
-    row.partner_id = _guid(order.partner_id)
+    row.partner_id = order.partner_id
     row.sell_to_order_reference = order.sell_to_order_reference
     # Older (synchronous) API versions omit buyFromOrderReference: keep the one we know.
-    if _text(order.buy_from_order_reference) is not None:
-        row.buy_from_order_reference = _text(order.buy_from_order_reference)
+    if order.buy_from_order_reference is not None:
+        row.buy_from_order_reference = order.buy_from_order_reference
     row.status = order.status
-    row.status_message = _text(order.status_message)
+    row.status_message = order.status_message
     row.received_at = order.received_at
-    row.sell_to_email = _text(order.sell_to_email)
-    row.sell_to_name = _text(order.sell_to_name)
-    row.sell_to_language = _text(order.sell_to_language)
-    row.payment_reference = _text(order.payment_reference)
-    row.job_id = _text(order.job_id)
-    row.manifest_url = _text(order.manifest_url)
+    row.sell_to_email = order.sell_to_email
+    row.sell_to_name = order.sell_to_name
+    row.sell_to_language = order.sell_to_language
+    row.payment_reference = order.payment_reference
+    row.job_id = order.job_id
+    row.manifest_url = order.manifest_url
 
 
 def _items_digest(items: Sequence[wire.OrderItem]) -> str:
@@ -1344,14 +1331,14 @@ def _item(item: wire.OrderItem) -> OrderItem:
     return OrderItem(
         line_no=item.line_no,
         item_number=item.item_number,
-        description=_text(item.description),
+        description=item.description,
         is_package=item.is_package,
         quantity=item.quantity,
         visit_date=item.visit_date,
         visit_time=item.visit_time,
-        sell_to_name=_text(item.sell_to_name),
-        sell_to_email=_text(item.sell_to_email),
-        sell_to_language=_text(item.sell_to_language),
+        sell_to_name=item.sell_to_name,
+        sell_to_email=item.sell_to_email,
+        sell_to_language=item.sell_to_language,
         wallets=[
             _wallet(wallet, seq_no)
             for wallet, seq_no in zip(item.wallets, _seq_nos(item.wallets), strict=True)
@@ -1370,24 +1357,24 @@ def _seq_nos(wallets: Sequence[wire.Wallet]) -> Iterable[int]:
 def _wallet(wallet: wire.Wallet, seq_no: int) -> Wallet:
     return Wallet(
         seq_no=seq_no,
-        wallet_id=_text(wallet.wallet_id),
-        wallet_reference_number=_text(wallet.wallet_reference_number),
-        external_reference_number=_text(wallet.external_reference_number),
-        name=_text(wallet.name),
+        wallet_id=wallet.wallet_id,
+        wallet_reference_number=wallet.wallet_reference_number,
+        external_reference_number=wallet.external_reference_number,
+        name=wallet.name,
         issued_at=wallet.issued_at,
         unit_price_excl_vat=wallet.unit_price_excl_vat,
         unit_price_incl_vat=wallet.unit_price_incl_vat,
-        currency_code=_text(wallet.currency_code),
-        manifest_url=_text(wallet.manifest_url),
+        currency_code=wallet.currency_code,
+        manifest_url=wallet.manifest_url,
         assets=[
             Asset(
                 position=position,
-                asset_row_id=_text(asset.id),
-                type=_text(asset.type),
-                asset_id=_text(asset.asset_id),
-                reference_number=_text(asset.reference_number),
-                item_number=_text(asset.item_number),
-                description=_text(asset.description),
+                asset_row_id=asset.id,
+                type=asset.type,
+                asset_id=asset.asset_id,
+                reference_number=asset.reference_number,
+                item_number=asset.item_number,
+                description=asset.description,
             )
             for position, asset in enumerate(wallet.assets, start=1)
         ],

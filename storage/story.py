@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, selectinload
 
 from storage.models import LedgerLine, OrderItem, VenueConnection, VenueOrder, Wallet
-from venue.models import normalize_reference
+from venue.models import canonical_guid, normalize_reference
 
 
 def find_orders(session: Session, key: str) -> list[VenueOrder]:
@@ -36,7 +36,7 @@ def find_orders(session: Session, key: str) -> list[VenueOrder]:
         sa.select(VenueOrder)
         .where(
             sa.or_(
-                VenueOrder.order_id == wanted.strip("{}").lower(),
+                VenueOrder.order_id == canonical_guid(wanted),
                 VenueOrder.reference_key == normalize_reference(wanted),
                 VenueOrder.buy_from_order_reference == normalize_reference(wanted),
             )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from decimal import Decimal
 from enum import StrEnum
 from typing import Annotated, Any, Generic, TypeVar
@@ -68,6 +69,22 @@ UtcDateTime = Annotated[
 OptionalDate = Annotated[dt.date | None, BeforeValidator(_blank_to_none), Field(default=None)]
 OptionalTime = Annotated[dt.time | None, BeforeValidator(_blank_to_none), Field(default=None)]
 OptionalText = Annotated[str | None, Field(default=None)]
+"""Optional text kept exactly as written, ``""`` included (envelopes, subscriptions)."""
+
+
+def _none_when_blank(value: Any) -> Any:
+    """The venue writes ``""`` for a text field with no value: absent, like a missing one."""
+    if isinstance(value, str) and not value.strip():
+        return None
+    return value
+
+
+BlankAsNone = Annotated[str | None, BeforeValidator(_none_when_blank), Field(default=None)]
+"""Optional text of an order, where blank (or only blanks) means absent: ``None``.
+
+Other text is kept as written. Every reader (the order mirror, the feed, the outbox)
+gets ``None`` for "no value", so a blank and a missing field are the same to them.
+"""
 
 
 def parse_row_version(value: Any) -> int:
@@ -98,7 +115,10 @@ def _row_version_or_none(value: Any) -> int | None:
 
 RowVersion = Annotated[int | None, BeforeValidator(_row_version_or_none), Field(default=None)]
 # Customer data and shared secrets: kept out of reprs, so out of logs and tracebacks.
-PersonalText = Annotated[str | None, Field(default=None, repr=False)]
+# Customer data of an order is blank-as-None too, like :data:`BlankAsNone`.
+PersonalText = Annotated[
+    str | None, BeforeValidator(_none_when_blank), Field(default=None, repr=False)
+]
 SecretText = Annotated[str, Field(repr=False)]
 
 
@@ -192,6 +212,34 @@ def parse_guid(text: str) -> str | None:
         return None
     digits = value.replace("-", "").lower()
     return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
+
+
+def canonical_guid(text: str) -> str:
+    """An id as the order mirror keys it: the venue's GUID form (:func:`parse_guid`).
+
+    For ids of otacm's own keeping (the inbox, the command line, a stored row), which
+    are not refused here: text that does not read as a GUID is trimmed, unbraced and
+    lower-cased, so that it still compares equal to itself in any case.
+    """
+    return parse_guid(text) or text.strip().strip("{}").lower()
+
+
+def _guid(value: Any) -> Any:
+    """A GUID the venue wrote, in any spelling it reads, as it writes one."""
+    if not isinstance(value, str):
+        return value  # str validation refuses it, naming the field
+    guid = parse_guid(value)
+    if guid is None:
+        raise PydanticCustomError("guid", "is not a valid GUID")
+    return guid
+
+
+Guid = Annotated[str, BeforeValidator(_guid)]
+"""A GUID from the venue in its canonical form: lowercase, hyphenated, no braces.
+
+Any spelling the venue itself reads (:func:`parse_guid`: braces or parentheses, upper
+case, the 32 digits) is taken; anything else is a validation error naming the field.
+"""
 
 
 def guid_caption(guid: str) -> str:
@@ -451,12 +499,12 @@ class ConfirmRequest(WireModel):
 class Asset(WireModel):
     """A minted ticket or coupon inside a wallet."""
 
-    id: OptionalText
-    type: OptionalText
-    asset_id: OptionalText
-    reference_number: OptionalText
-    item_number: OptionalText
-    description: OptionalText
+    id: BlankAsNone
+    type: BlankAsNone
+    asset_id: BlankAsNone
+    reference_number: BlankAsNone
+    item_number: BlankAsNone
+    description: BlankAsNone
 
 
 class Wallet(WireModel):
@@ -467,15 +515,15 @@ class Wallet(WireModel):
     """
 
     seq_no: int | None = None
-    wallet_id: OptionalText
-    wallet_reference_number: OptionalText
-    external_reference_number: OptionalText
+    wallet_id: BlankAsNone
+    wallet_reference_number: BlankAsNone
+    external_reference_number: BlankAsNone
     name: PersonalText
     issued_at: UtcDateTime
     unit_price_excl_vat: Decimal | None = None
     unit_price_incl_vat: Decimal | None = None
-    currency_code: OptionalText
-    manifest_url: OptionalText
+    currency_code: BlankAsNone
+    manifest_url: BlankAsNone
     assets: list[Asset] = Field(default_factory=list)
 
 
@@ -484,34 +532,38 @@ class OrderItem(WireModel):
 
     line_no: int
     item_number: str
-    description: OptionalText
+    description: BlankAsNone
     is_package: bool = False
     quantity: int = 0
     visit_date: OptionalDate
     visit_time: OptionalTime
     sell_to_name: PersonalText
     sell_to_email: PersonalText
-    sell_to_language: OptionalText
+    sell_to_language: BlankAsNone
     wallets: list[Wallet] = Field(default_factory=list)
 
 
 class OrderHeader(WireModel):
-    """The header fields shared by full orders and list summaries."""
+    """The header fields shared by full orders and list summaries.
 
-    order_id: str
+    Ids are canonical GUIDs and blank text is ``None`` (:data:`Guid`,
+    :data:`BlankAsNone`): every reader gets the values as the mirror stores them.
+    """
+
+    order_id: Guid
     status: OrderStatus
-    status_message: OptionalText
-    partner_id: str
+    status_message: BlankAsNone
+    partner_id: Guid
     sell_to_order_reference: str
     # Absent from the older synchronous API's responses.
-    buy_from_order_reference: OptionalText
+    buy_from_order_reference: BlankAsNone
     received_at: UtcDateTime
     sell_to_email: PersonalText
     sell_to_name: PersonalText
-    sell_to_language: OptionalText
-    payment_reference: OptionalText
-    job_id: OptionalText
-    manifest_url: OptionalText
+    sell_to_language: BlankAsNone
+    payment_reference: BlankAsNone
+    job_id: BlankAsNone
+    manifest_url: BlankAsNone
 
 
 class Order(OrderHeader):
@@ -528,7 +580,7 @@ class OrderSummary(OrderHeader):
     (APIRequest ``GetRecords`` / ``AddFieldToJson``).
     """
 
-    id: OptionalText
+    id: BlankAsNone
     row_version: RowVersion
 
 
@@ -660,15 +712,9 @@ def _unreadable_row(index: int, row: Any, exc: ValueError) -> UnreadableRow:
     )
 
 
-_GUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-
-
 def guid_or_none(value: Any) -> str | None:
     """``value`` as a lowercase GUID without braces, or ``None`` when it is not one."""
-    if not isinstance(value, str):
-        return None
-    text = value.strip().strip("{}").lower()
-    return text if _GUID.match(text) else None
+    return parse_guid(value) if isinstance(value, str) else None
 
 
 class ErrorBody(WireModel):
@@ -684,8 +730,8 @@ class ErrorBody(WireModel):
 class OrderProcessedPayload(WireModel):
     """The small payload of ``ota_cm_order_processed``: enough to call getOrder."""
 
-    order_id: str
-    buy_from_order_reference: OptionalText
+    order_id: Guid
+    buy_from_order_reference: BlankAsNone
     status: OrderStatus | None = None
 
 
@@ -727,6 +773,45 @@ class ValuesEnvelope(WireModel):
     values: list[Notification]
 
 
+@dataclass(frozen=True)
+class WebhookBody:
+    """A webhook body read: its notifications, typed and as received.
+
+    Attributes:
+        key: the envelope's list field, ``"value"`` or ``"values"``; ``None`` for a bare
+            notification.
+        notifications: the notifications, typed.
+        received: the same notifications as they came (decoded JSON, unknown fields
+            included), in the same order.
+    """
+
+    key: str | None
+    notifications: list[Notification]
+    received: list[Any]
+
+    def where(self, index: int) -> str:
+        """The field path prefix of notification ``index`` (``value.0.``), for errors."""
+        return "" if self.key is None else f"{self.key}.{index}."
+
+
+def parse_webhook_body(raw: Any) -> WebhookBody:
+    """A webhook body of any of the three envelope shapes: the one place that tells them.
+
+    ``{"value": [...]}`` first, then ``{"values": [...]}``, else a bare notification.
+
+    Args:
+        raw: the decoded JSON body.
+
+    Raises:
+        pydantic.ValidationError: the body is none of the shapes; its errors name the field.
+    """
+    if isinstance(raw, dict) and "value" in raw:
+        return WebhookBody("value", ValueEnvelope.model_validate(raw).value, raw["value"])
+    if isinstance(raw, dict) and "values" in raw:
+        return WebhookBody("values", ValuesEnvelope.model_validate(raw).values, raw["values"])
+    return WebhookBody(None, [Notification.model_validate(raw)], [raw])
+
+
 def parse_notifications(raw: Any) -> list[Notification]:
     """The notifications in a webhook body of any of the three envelope shapes.
 
@@ -736,11 +821,7 @@ def parse_notifications(raw: Any) -> list[Notification]:
     Raises:
         pydantic.ValidationError: the body is none of the shapes; its errors name the field.
     """
-    if isinstance(raw, dict) and "value" in raw:
-        return ValueEnvelope.model_validate(raw).value
-    if isinstance(raw, dict) and "values" in raw:
-        return ValuesEnvelope.model_validate(raw).values
-    return [Notification.model_validate(raw)]
+    return parse_webhook_body(raw).notifications
 
 
 # --- webhook subscriptions ------------------------------------------------------------

@@ -102,9 +102,14 @@ def connection(
     )
 
 
+def listed_order_id(number: int) -> str:
+    """The orderId of :func:`summary` ``number``: a GUID, as the venue writes one."""
+    return f"00000000-0000-4000-8000-{number:012d}"
+
+
 def summary(number: int, **extra: Any) -> dict[str, Any]:
     return {
-        "orderId": f"order-{number}",
+        "orderId": listed_order_id(number),
         "status": "Issued",
         "partnerId": PARTNER,
         "sellToOrderReference": f"REF-{number}",
@@ -358,7 +363,7 @@ def test_list_orders_sends_every_filter(make_client: MakeClient) -> None:
         "receivedAtTo": "2026-05-31T23:59:59Z",
         "pageSize": "500",
     }
-    assert [o.order_id for o in orders] == ["order-1"]
+    assert [o.order_id for o in orders] == [listed_order_id(1)]
 
 
 def test_list_orders_refuses_naive_datetimes(make_client: MakeClient) -> None:
@@ -393,7 +398,12 @@ def test_paging_follows_next_page_key_and_never_next_page_url(make_client: MakeC
 
     orders = list(make_client(venue).list_orders(PARTNER, statuses=["Issued"]))
 
-    assert [o.order_id for o in orders] == ["order-1", "order-2", "order-3", "order-4"]
+    assert [o.order_id for o in orders] == [
+        listed_order_id(1),
+        listed_order_id(2),
+        listed_order_id(3),
+        listed_order_id(4),
+    ]
     assert [r.url.host for r in venue.requests] == ["api.npretail.app"] * 3
     assert {r.url.path for r in venue.requests} == {
         f"/{TENANT}/production/CRONUS International Ltd./channelManager/orders/{PARTNER}"
@@ -414,7 +424,7 @@ def test_paging_is_lazy(make_client: MakeClient) -> None:
 
     first = next(make_client(venue).list_orders(PARTNER))
 
-    assert first.order_id == "order-1"
+    assert first.order_id == listed_order_id(1)
     assert len(venue.requests) == 1
 
 
@@ -466,7 +476,7 @@ def test_find_by_reference_compares_case_blind(make_client: MakeClient) -> None:
     found = make_client(venue).find_by_reference(PARTNER, "partner-order-7")
 
     assert query(venue.last) == {"sellToOrderReference": "PARTNER-ORDER-7"}
-    assert [o.order_id for o in found] == ["order-1"]
+    assert [o.order_id for o in found] == [listed_order_id(1)]
 
 
 def test_create_subscription(make_client: MakeClient) -> None:
@@ -738,7 +748,10 @@ def test_a_summary_that_does_not_read_never_fails_its_page(
 
     pages = list(client.change_feed_pages(PARTNER, None))
 
-    assert [[s.order_id for s in page.data] for page in pages] == [["order-1"], ["order-3"]]
+    assert [[s.order_id for s in page.data] for page in pages] == [
+        [listed_order_id(1)],
+        [listed_order_id(3)],
+    ]
     [unreadable] = pages[0].unreadable
     assert (unreadable.index, unreadable.order_id, unreadable.row_version) == (1, ORDER_ID, 17)
     assert unreadable.problem.startswith("status: Input should be 'Submitted'")
@@ -751,7 +764,7 @@ def test_a_summary_that_does_not_read_never_fails_its_page(
     assert all(CUSTOMER_NAME not in line and "Shipped" not in line for line in logged)
     # Listing without the feed leaves the bad rows out the same way.
     lister = make_client(Venue(reply(200, second)))
-    assert [s.order_id for s in lister.list_orders(PARTNER)] == ["order-3"]
+    assert [s.order_id for s in lister.list_orders(PARTNER)] == [listed_order_id(3)]
 
 
 def test_a_nul_character_in_an_answer_is_a_protocol_error_naming_the_field(
@@ -766,7 +779,7 @@ def test_a_nul_character_in_an_answer_is_a_protocol_error_naming_the_field(
         client.get_order(ORDER_ID)
     # In a list, such a row is unreadable like one that does not parse: the page goes on.
     [page] = client.change_feed_pages(PARTNER, None)
-    assert [s.order_id for s in page.data] == ["order-2"]
+    assert [s.order_id for s in page.data] == [listed_order_id(2)]
     assert page.unreadable[0].problem == (
         "statusMessage: expected text without NUL characters or unpaired surrogates"
     )
@@ -788,7 +801,10 @@ def test_an_escaped_backslash_before_u0000_is_text_not_a_nul(make_client: MakeCl
 
 def test_an_unpaired_surrogate_in_a_list_is_a_protocol_error(make_client: MakeClient) -> None:
     """List pages use the same parser as single answers: a lone ``\\ud800`` is not JSON text."""
-    body = b'{"data": [{"orderId": "o-1", "status": "Issued", "statusMessage": "\\ud800"}]}'
+    body = (
+        b'{"data": [{"orderId": "00000000-0000-4000-8000-000000000001", "status": "Issued",'
+        b' "statusMessage": "\\ud800"}]}'
+    )
     client = make_client(Venue(reply(200, body)))
 
     with pytest.raises(VenueProtocolError, match="does not parse as OrderSummary: not JSON"):

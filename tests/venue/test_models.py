@@ -24,12 +24,16 @@ from venue.models import (
     ConfirmRequest,
     Notification,
     Order,
+    OrderProcessedPayload,
     OrderRequest,
     OrderStatus,
     OrderSummary,
+    Wallet,
+    canonical_guid,
     parse_notifications,
     parse_page,
     parse_row_version,
+    parse_webhook_body,
 )
 
 SEEDS = Path(__file__).resolve().parents[3] / "shared" / "seeds"
@@ -214,7 +218,8 @@ def test_documented_confirm_requests_parse(example: Example, raw: Any) -> None:
 def test_money_from_json_text_is_exact() -> None:
     """A fractional price parses to the exact Decimal written, never a float approximation."""
     order = Order.model_validate_json(
-        '{"orderId": "o", "status": "Issued", "partnerId": "p", "sellToOrderReference": "R",'
+        '{"orderId": "9c6b2f4e-2b71-4d23-9d6a-a3b4c5d6e7f8", "status": "Issued",'
+        ' "partnerId": "21e8c1d2-3f4a-4c5b-9e6d-7f8a9b0c1d2e", "sellToOrderReference": "R",'
         ' "items": [{"lineNo": 100000, "itemNumber": "1", "wallets":'
         ' [{"unitPriceExclVat": 80.10, "unitPriceInclVat": 0.1}]}]}'
     )
@@ -236,9 +241,9 @@ def test_change_feed_summaries_carry_row_versions_and_tolerate_unknown_fields() 
                     {
                         "id": "row-1",
                         "rowVersion": 42,
-                        "orderId": "o",
+                        "orderId": "9c6b2f4e-2b71-4d23-9d6a-a3b4c5d6e7f8",
                         "status": "Cancelled",
-                        "partnerId": "p",
+                        "partnerId": "21e8c1d2-3f4a-4c5b-9e6d-7f8a9b0c1d2e",
                         "sellToOrderReference": "R",
                         "receivedAt": "2026-05-15T11:30:00+02:00",
                         "somethingNew": {"nested": True},
@@ -755,3 +760,200 @@ def test_a_partner_id_in_any_guid_spelling_is_taken(partner: str) -> None:
     """ChannelMgrOrderAgent TryParseHeader reads partnerId with Evaluate into a Guid:
     braces, upper case and the 32-digit form are GUIDs too."""
     assert OrderRequest.model_validate(_header(partnerId=partner)).partner_id == partner
+
+
+# --- venue values, normalized where they come in ----------------------------------------
+
+GUID = "21e8c1d2-3f4a-4c5b-9e6d-7f8a9b0c1d2e"
+# Every spelling the venue itself reads as a GUID (a .NET GUID parse, via Evaluate).
+GUID_SPELLINGS = [
+    GUID,
+    GUID.upper(),
+    "{" + GUID + "}",
+    "{" + GUID.upper() + "}",
+    "(" + GUID + ")",
+    GUID.replace("-", ""),
+    GUID.replace("-", "").upper(),
+    f"  {GUID}  ",
+]
+
+
+@pytest.mark.parametrize("spelling", GUID_SPELLINGS)
+def test_an_order_answers_ids_in_any_guid_spelling_as_the_venue_writes_them(
+    spelling: str,
+) -> None:
+    """orderId and partnerId of an order, a summary and a webhook payload come out
+    lowercase, hyphenated, without braces, whichever spelling the venue read."""
+    order = Order.model_validate({**VENDOR_SUMMARY, "orderId": spelling, "partnerId": spelling})
+    summary = OrderSummary.model_validate({**VENDOR_SUMMARY, "orderId": spelling})
+    payload = OrderProcessedPayload.model_validate({"orderId": spelling})
+
+    assert (order.order_id, order.partner_id) == (GUID, GUID)
+    assert summary.order_id == GUID
+    assert payload.order_id == GUID
+
+
+@pytest.mark.parametrize(
+    ("model", "field", "value"),
+    [
+        (Order, "orderId", "order-1"),
+        (Order, "partnerId", ""),
+        (OrderSummary, "orderId", GUID[:-1]),
+        (OrderSummary, "partnerId", "{" + GUID),
+        (Order, "orderId", GUID + "0"),
+    ],
+)
+def test_an_id_that_is_no_guid_is_a_validation_error_naming_the_field(
+    model: type[Order], field: str, value: str
+) -> None:
+    """An id the venue could not have written is refused, naming the field, not kept."""
+    with pytest.raises(ValidationError) as caught:
+        model.model_validate({**VENDOR_SUMMARY, field: value})
+
+    (error,) = caught.value.errors()
+    assert error["loc"] == (field,)
+    assert error["msg"] == "is not a valid GUID"
+
+
+def test_a_webhook_payload_order_id_that_is_no_guid_names_the_field() -> None:
+    with pytest.raises(ValidationError) as caught:
+        OrderProcessedPayload.model_validate({"orderId": "o-1"})
+
+    assert [error["loc"] for error in caught.value.errors()] == [("orderId",)]
+
+
+@pytest.mark.parametrize("blank", ["", " ", "\t\n "])
+def test_blank_text_of_an_order_is_none(blank: str) -> None:
+    """The venue writes "" for no value: every optional text of an order, its lines,
+    wallets and assets reads as None, the same as a missing field."""
+    line = {
+        "lineNo": 1,
+        "itemNumber": "31001",
+        "description": blank,
+        "sellToName": blank,
+        "sellToEmail": blank,
+        "sellToLanguage": blank,
+        "wallets": [
+            {
+                "walletId": blank,
+                "walletReferenceNumber": blank,
+                "externalReferenceNumber": blank,
+                "name": blank,
+                "currencyCode": blank,
+                "manifestUrl": blank,
+                "assets": [
+                    {
+                        "id": blank,
+                        "type": blank,
+                        "assetId": blank,
+                        "referenceNumber": blank,
+                        "itemNumber": blank,
+                        "description": blank,
+                    }
+                ],
+            }
+        ],
+    }
+    header = {
+        name: blank
+        for name in (
+            "statusMessage",
+            "buyFromOrderReference",
+            "sellToEmail",
+            "sellToName",
+            "sellToLanguage",
+            "paymentReference",
+            "jobId",
+            "manifestUrl",
+            "id",
+        )
+    }
+    order = Order.model_validate({**VENDOR_SUMMARY, **header, "items": [line]})
+    summary = OrderSummary.model_validate({**VENDOR_SUMMARY, **header})
+    payload = OrderProcessedPayload.model_validate(
+        {"orderId": GUID, "buyFromOrderReference": blank}
+    )
+
+    item = order.items[0]
+    wallet = item.wallets[0]
+    asset = wallet.assets[0]
+    texts = [
+        *(getattr(order, name) for name in _snake(header) if name != "id"),
+        *(getattr(summary, name) for name in _snake(header)),
+        item.description,
+        item.sell_to_name,
+        item.sell_to_email,
+        item.sell_to_language,
+        *(getattr(wallet, name) for name in _WALLET_TEXTS),
+        *(getattr(asset, name) for name in _ASSET_TEXTS),
+        payload.buy_from_order_reference,
+    ]
+    assert len(texts) == 8 + 9 + 4 + len(_WALLET_TEXTS) + len(_ASSET_TEXTS) + 1
+    assert texts == [None] * len(texts)
+
+
+_WALLET_TEXTS = (
+    "wallet_id",
+    "wallet_reference_number",
+    "external_reference_number",
+    "name",
+    "currency_code",
+    "manifest_url",
+)
+_ASSET_TEXTS = ("id", "type", "asset_id", "reference_number", "item_number", "description")
+
+
+def _snake(fields: dict[str, Any]) -> list[str]:
+    return [re.sub(r"([A-Z])", r"_\1", name).lower() for name in fields]
+
+
+def test_text_that_is_not_blank_is_kept_as_written() -> None:
+    """Only a blank is no value: other text, surrounding blanks and all, is the venue's."""
+    wallet = Wallet.model_validate({"walletReferenceNumber": " 0042 ", "name": "x"})
+    order = Order.model_validate({**VENDOR_SUMMARY, "statusMessage": " Sold out "})
+
+    assert (wallet.wallet_reference_number, wallet.name) == (" 0042 ", "x")
+    assert order.status_message == " Sold out "
+
+
+def test_what_is_sent_keeps_the_partner_id_as_written() -> None:
+    """A request is the partner's words to the venue: its partnerId is not rewritten."""
+    written = "{" + GUID.upper() + "}"
+
+    request = OrderRequest.model_validate(_header(partnerId=written))
+
+    assert request.to_wire()["partnerId"] == written
+
+
+@pytest.mark.parametrize("spelling", GUID_SPELLINGS)
+def test_an_id_of_otacms_own_keeping_is_keyed_as_the_venue_writes_it(spelling: str) -> None:
+    assert canonical_guid(spelling) == GUID
+
+
+@pytest.mark.parametrize(("text", "key"), [("{ORDER-1}", "order-1"), (" Abc ", "abc"), ("", "")])
+def test_an_id_of_otacms_own_keeping_that_is_no_guid_still_compares(text: str, key: str) -> None:
+    """Ids from the inbox or the command line are not refused; they are keyed case-blind."""
+    assert canonical_guid(text) == key
+
+
+@pytest.mark.parametrize(
+    ("body", "key", "where"),
+    [
+        ({"value": [NOTIFICATION, NOTIFICATION]}, "value", "value.1."),
+        ({"values": [NOTIFICATION, NOTIFICATION]}, "values", "values.1."),
+        (NOTIFICATION, None, ""),
+    ],
+    ids=["value", "values", "bare"],
+)
+def test_a_webhook_body_says_its_shape_and_keeps_what_was_received(
+    body: Any, key: str | None, where: str
+) -> None:
+    """One reading of the envelope: its list field, the path of each notification in
+    errors, the typed notifications and the same ones as they came."""
+    parsed = parse_webhook_body(body)
+
+    assert parsed.key == key
+    assert parsed.where(len(parsed.notifications) - 1) == where
+    assert parsed.received == (body[key] if key else [body])
+    assert parsed.notifications == parse_notifications(body)
+    assert len(parsed.notifications) == len(parsed.received)
