@@ -1157,7 +1157,7 @@ def reconcile_command(
 
     import sqlalchemy as sa
 
-    from reconciler.engine import ReconRunFailed, reconcile_connections
+    from reconciler.engine import reconcile_connections
     from storage.engine import make_engine, make_sessions
     from storage.models import ReconRun, ReconTotal, ReconTrigger, ensure_connection
     from storage.types import utcnow
@@ -1190,33 +1190,21 @@ def reconcile_command(
                 if names is None or c.name in names
             }
         ids = {connection_id: c.name for connection_id, c in chosen.items()}
-        failed = None
-        try:
-            report = reconcile_connections(
-                sessions,
-                sorted(ids),
-                partners={connection_id: c.partner_ids for connection_id, c in chosen.items()},
-                period_from=start,
-                period_to=end,
-                now=now,
-                trigger=ReconTrigger.MANUAL,
-                actor=actor or getpass.getuser(),
-                grace=dt.timedelta(seconds=settings.recon_grace),
-                tolerance=settings.recon_amount_tolerance,
-            )
-            run_ids = report.runs
-        except ReconRunFailed as exc:
-            failed = exc
-            with sessions() as session:
-                run_ids = {
-                    run.connection_id: run.id
-                    for run in session.scalars(
-                        sa.select(ReconRun).where(ReconRun.started_at == now)
-                    )
-                }
+        report = reconcile_connections(
+            sessions,
+            sorted(ids),
+            partners={connection_id: c.partner_ids for connection_id, c in chosen.items()},
+            period_from=start,
+            period_to=end,
+            now=now,
+            trigger=ReconTrigger.MANUAL,
+            actor=actor or getpass.getuser(),
+            grace=dt.timedelta(seconds=settings.recon_grace),
+            tolerance=settings.recon_amount_tolerance,
+        )
         with sessions() as session:
             runs: list[dict[str, Any]] = []
-            for connection_id, run_id in sorted(run_ids.items()):
+            for connection_id, run_id in sorted(report.runs.items()):
                 run = session.get(ReconRun, run_id)
                 totals = session.scalars(
                     sa.select(ReconTotal)
@@ -1259,7 +1247,7 @@ def reconcile_command(
                     f"  {t['currency']} {t['category']}: {t['count']} "
                     f"ledger {t['ledger_amount']} venue {t['venue_amount']}"
                 )
-    if failed is not None:
+    if report.failures:
         raise SystemExit(1)
 
 
