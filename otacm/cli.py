@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 from click.core import ParameterSource
@@ -23,6 +23,10 @@ from click.core import ParameterSource
 from otacm.liveness import DEFAULT_MAX_AGE, ROLES
 from otacm.logs import LOG_FORMATS, configure_logging, settings_secrets
 from otacm.settings import Settings, SettingsError, mask_database_url
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+    from sqlalchemy.orm import Session, sessionmaker
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -155,7 +159,6 @@ def db_upgrade(cli: CliContext, revision: str) -> None:
     """Migrate the database to the latest schema (safe to run again)."""
     from alembic.script import ScriptDirectory
 
-    from storage.engine import make_engine
     from storage.migrate import alembic_config, current_revision, upgrade
 
     # "head" or a revision id, checked before the database is touched: Alembic's other
@@ -168,28 +171,19 @@ def db_upgrade(cli: CliContext, revision: str) -> None:
             f"--revision {revision!r} is not a revision of the schema: "
             f"head, or one of {', '.join(known)}"
         )
-    with database_errors(cli):
-        engine = make_engine(cli.settings.database_url)
-        try:
-            upgrade(engine, revision)
-            click.echo(f"database at revision {current_revision(engine)}")
-        finally:
-            engine.dispose()
+    with open_database(cli) as engine:
+        upgrade(engine, revision)
+        click.echo(f"database at revision {current_revision(engine)}")
 
 
 @db.command("current")
 @pass_cli
 def db_current(cli: CliContext) -> None:
     """Print the database's schema revision and whether it is the latest."""
-    from storage.engine import make_engine
     from storage.migrate import current_revision, head_revision
 
-    with database_errors(cli):
-        engine = make_engine(cli.settings.database_url)
-        try:
-            current, head = current_revision(engine), head_revision()
-        finally:
-            engine.dispose()
+    with open_database(cli) as engine:
+        current, head = current_revision(engine), head_revision()
     state = "current" if current == head else f"behind (latest is {head})"
     click.echo(f"{current or '(empty)'}: {state}")
 
@@ -213,6 +207,39 @@ def database_errors(cli: CliContext) -> Iterator[None]:
         fail(cli, str(exc))
     except DATABASE_UNAVAILABLE as exc:
         fail(cli, describe_failed_database(cli, exc))
+
+
+@contextmanager
+def open_database(cli: CliContext) -> Iterator[Engine]:
+    """The configured database's engine for one command, disposed when the block ends.
+
+    Every command opens its database here, so that none forgets to dispose of the engine
+    or to answer a database that cannot be used with one line (:func:`database_errors`,
+    which also covers the block). A command that answers some database errors itself
+    catches them inside the block.
+
+    Raises:
+        click.ClickException: the database cannot be used, or is not migrated.
+        SystemExit: the same, as a log line, when the logs are JSON.
+    """
+    from storage.engine import make_engine
+
+    with database_errors(cli):
+        engine = make_engine(cli.settings.database_url)
+        try:
+            yield engine
+        finally:
+            engine.dispose()
+
+
+@contextmanager
+def open_sessions(cli: CliContext, *, read_only: bool = False) -> Iterator[sessionmaker[Session]]:
+    """The session factory of :func:`open_database`'s engine (``read_only``: see
+    :func:`storage.engine.make_sessions`)."""
+    from storage.engine import make_sessions
+
+    with open_database(cli) as engine:
+        yield make_sessions(engine, read_only=read_only)
 
 
 def fail(cli: CliContext, message: str) -> NoReturn:
@@ -241,15 +268,12 @@ def db_backup(cli: CliContext, file: Path, force: bool) -> None:
     pg_dump (README: Backups).
     """
     from storage.backup import BackupError, backup_sqlite
-    from storage.engine import make_engine
 
-    engine = make_engine(cli.settings.database_url)
-    try:
-        result = backup_sqlite(engine, file, force=force)
-    except BackupError as exc:
-        raise click.ClickException(str(exc)) from None
-    finally:
-        engine.dispose()
+    with open_database(cli) as engine:
+        try:
+            result = backup_sqlite(engine, file, force=force)
+        except BackupError as exc:
+            raise click.ClickException(str(exc)) from None
     click.echo(f"backed up to {result.path}: {result.size} bytes, revision {result.revision}")
 
 
@@ -265,15 +289,12 @@ def db_restore(cli: CliContext, file: Path, force: bool) -> None:
     backup.
     """
     from storage.backup import BackupError, restore_sqlite
-    from storage.engine import make_engine
 
-    engine = make_engine(cli.settings.database_url)
-    try:
-        result = restore_sqlite(engine, file, force=force)
-    except BackupError as exc:
-        raise click.ClickException(str(exc)) from None
-    finally:
-        engine.dispose()
+    with open_database(cli) as engine:
+        try:
+            result = restore_sqlite(engine, file, force=force)
+        except BackupError as exc:
+            raise click.ClickException(str(exc)) from None
     click.echo(f"restored from {result.path}: database at revision {result.revision}")
 
 
@@ -414,11 +435,10 @@ def web(cli: CliContext, bind: str, workers: int | None) -> None:
     """Serve the receiver (webhooks, health, metrics, the API) under gunicorn."""
     from otacm.liveness import announce_web
     from otacm.processes import gunicorn_options, metrics_directory, run_web
-    from storage.engine import make_engine
 
-    with database_errors(cli):
-        # Opens nothing but makes a SQLite database's directory: here, not in each worker.
-        make_engine(cli.settings.database_url).dispose()
+    # Opens nothing but makes a SQLite database's directory: here, not in each worker.
+    with open_database(cli):
+        pass
     announce_web(cli.settings.liveness_dir, bind)
     with metrics_directory():
         run_web(cli.settings, gunicorn_options(bind, workers))
@@ -533,19 +553,16 @@ def serve(cli: CliContext, bind: str, workers: int | None) -> None:
 
     from otacm.processes import metrics_directory, otacm_command, stop_on_signals
     from otacm.processes import serve as serve_roles
-    from storage.engine import WaitStopped, make_engine, retry_while_unavailable
+    from storage.engine import WaitStopped, retry_while_unavailable
     from storage.migrate import upgrade
 
     stop = threading.Event()
     stop_on_signals(stop)
-    with database_errors(cli):
-        engine = make_engine(cli.settings.database_url)
+    with open_database(cli) as engine:
         try:
             retry_while_unavailable(lambda: upgrade(engine), stop=stop, what="serve")
         except WaitStopped:
             return
-        finally:
-            engine.dispose()
     config = str(cli.config_file) if cli.config_file else None
     with metrics_directory():
         status = serve_roles(otacm_command(config, cli.log_level, cli.log_format), bind, workers)
@@ -573,22 +590,18 @@ def submit(cli: CliContext, file: Path, as_json: bool) -> None:
         SubmitStatus,
         submit_file,
     )
-    from storage.engine import make_engine, make_sessions
     from storage.types import utcnow
     from venue.client import open_client
 
     settings = cli.settings
-    engine = make_engine(settings.database_url)
     with ExitStack() as stack:
-        stack.callback(engine.dispose)
+        sessions = stack.enter_context(open_sessions(cli))
         clients = {
             c.name: stack.enter_context(open_client(c, retry=SUBMIT_NOW_RETRY))
             for c in settings.connections
         }
         try:
-            outcomes = submit_file(
-                settings, file, sessions=make_sessions(engine), clients=clients, now=utcnow()
-            )
+            outcomes = submit_file(settings, file, sessions=sessions, clients=clients, now=utcnow())
         except SubmissionsRefused as refused:
             for exc in refused.refusals:  # one line per refused order
                 click.echo(f"Error: {file}: {exc}", err=True)
@@ -698,15 +711,10 @@ def orders_show(cli: CliContext, key: str, as_json: bool) -> None:
     Shows the header, every line with its wallets and assets, the full timeline of
     status changes with their source, and the ledger line. Exits 1 if none is found.
     """
-    from storage.engine import make_engine, make_sessions
     from storage.story import find_orders, order_story, story_lines
 
-    engine = make_engine(cli.settings.database_url)
-    try:
-        with make_sessions(engine, read_only=True).begin() as session:
-            stories = [order_story(session, order) for order in find_orders(session, key)]
-    finally:
-        engine.dispose()
+    with open_sessions(cli, read_only=True) as sessions, sessions.begin() as session:
+        stories = [order_story(session, order) for order in find_orders(session, key)]
     if not stories:
         raise click.ClickException(f"no stored order has the orderId or reference {key!r}")
     if as_json:
@@ -723,7 +731,6 @@ def _order_action(cli: CliContext, connection: str | None, act: Any) -> Any:
 
     from otacm.orders import OrderActionError
     from receiver.outbox import SUBMIT_NOW_RETRY
-    from storage.engine import make_engine, make_sessions
     from venue.client import open_client
 
     settings = cli.settings
@@ -732,15 +739,14 @@ def _order_action(cli: CliContext, connection: str | None, act: Any) -> Any:
             settings.connection(connection)  # an unknown name is an error, not "no order"
         except SettingsError as exc:
             raise click.ClickException(str(exc)) from None
-    engine = make_engine(settings.database_url)
     with ExitStack() as stack:
-        stack.callback(engine.dispose)
+        sessions = stack.enter_context(open_sessions(cli))
         clients = {
             c.name: stack.enter_context(open_client(c, retry=SUBMIT_NOW_RETRY))
             for c in settings.connections
         }
         try:
-            return act(make_sessions(engine), clients)
+            return act(sessions, clients)
         except OrderActionError as exc:
             raise click.ClickException(str(exc)) from None
 
@@ -842,7 +848,6 @@ def orders_errors(cli: CliContext, connection: str | None, as_json: bool) -> Non
     import sqlalchemy as sa
 
     from heartbeat.actions import error_orders
-    from storage.engine import make_engine, make_sessions
     from storage.models import VenueConnection
 
     if connection is not None:
@@ -850,21 +855,17 @@ def orders_errors(cli: CliContext, connection: str | None, as_json: bool) -> Non
             cli.settings.connection(connection)  # an unknown name is an error, not "none"
         except SettingsError as exc:
             raise click.ClickException(str(exc)) from None
-    engine = make_engine(cli.settings.database_url)
-    try:
-        with make_sessions(engine, read_only=True).begin() as session:
-            connection_id = None
-            if connection is not None:
-                connection_id = session.scalar(
-                    sa.select(VenueConnection.id).where(VenueConnection.name == connection)
-                )
-            found = (
-                []
-                if connection is not None and connection_id is None
-                else error_orders(session, connection_id)
+    with open_sessions(cli, read_only=True) as sessions, sessions.begin() as session:
+        connection_id = None
+        if connection is not None:
+            connection_id = session.scalar(
+                sa.select(VenueConnection.id).where(VenueConnection.name == connection)
             )
-    finally:
-        engine.dispose()
+        found = (
+            []
+            if connection is not None and connection_id is None
+            else error_orders(session, connection_id)
+        )
     if as_json:
         echo_json([order.to_json() for order in found])
         return
@@ -912,7 +913,6 @@ def ledger_import(
     (exit 0). Prints how many sales were inserted, updated, unchanged, and bad.
     """
     from reconciler.ledger import LedgerFileError, import_ledger
-    from storage.engine import make_engine, make_sessions
     from storage.types import utcnow
 
     settings = cli.settings
@@ -920,20 +920,13 @@ def ledger_import(
         name = settings.one_connection(connection).name
     except SettingsError as exc:
         raise click.ClickException(str(exc)) from None
-    engine = make_engine(settings.database_url)
-    try:
-        result = import_ledger(
-            make_sessions(engine),
-            file,
-            connection_name=name,
-            now=utcnow(),
-            fmt=fmt,
-            skip_bad=skip_bad,
-        )
-    except LedgerFileError as exc:
-        raise click.ClickException(f"{file}: {exc}") from None
-    finally:
-        engine.dispose()
+    with open_sessions(cli) as sessions:
+        try:
+            result = import_ledger(
+                sessions, file, connection_name=name, now=utcnow(), fmt=fmt, skip_bad=skip_bad
+            )
+        except LedgerFileError as exc:
+            raise click.ClickException(f"{file}: {exc}") from None
     if as_json:
         echo_json(result.to_json(limit=LEDGER_BAD_SHOWN))
     else:
@@ -984,21 +977,18 @@ def report(cli: CliContext, run_id: int, fmt: str, output: Path | None) -> None:
     only when that is redirected. Exits 1 if no run has the id RUN.
     """
     from reconciler.report import RunNotFound, load_run_report, render_report
-    from storage.engine import make_engine, make_sessions
     from storage.types import ID_MAX, utcnow
 
     if fmt == "xlsx" and output is None and sys.stdout.isatty():
         raise click.UsageError("xlsx is a binary file: name it with -o FILE, or redirect stdout")
     if not 0 < run_id <= ID_MAX:  # no row has it, and no query could take it
         raise click.ClickException(str(RunNotFound(run_id)))
-    engine = make_engine(cli.settings.database_url)
-    try:
-        with make_sessions(engine, read_only=True).begin() as session:
-            data = load_run_report(session, run_id, now=utcnow())
-    except RunNotFound as exc:
-        raise click.ClickException(str(exc)) from None
-    finally:
-        engine.dispose()
+    with open_sessions(cli, read_only=True) as sessions:
+        try:
+            with sessions.begin() as session:
+                data = load_run_report(session, run_id, now=utcnow())
+        except RunNotFound as exc:
+            raise click.ClickException(str(exc)) from None
     content = render_report(data, fmt)
     if output is None:
         click.echo(content, nl=False)  # bytes go to the binary stream as they are
@@ -1022,7 +1012,6 @@ def inbox() -> None:
 def inbox_replay(cli: CliContext, ids: tuple[int, ...], connection: str | None) -> None:
     """Put dead-lettered inbox rows back in the queue for the worker to try again."""
     from receiver.worker import replay_dead
-    from storage.engine import make_engine, make_sessions
     from storage.models import ensure_connection
     from storage.types import ID_MAX, utcnow
 
@@ -1036,15 +1025,11 @@ def inbox_replay(cli: CliContext, ids: tuple[int, ...], connection: str | None) 
     wanted = tuple(row_id for row_id in ids if 0 < row_id <= ID_MAX)
     count = 0
     if wanted or not ids:
-        engine = make_engine(cli.settings.database_url)
-        try:
-            with make_sessions(engine).begin() as session:
-                connection_id = ensure_connection(session, connection) if connection else None
-                count = replay_dead(
-                    session, now=utcnow(), connection_id=connection_id, ids=wanted or None
-                )
-        finally:
-            engine.dispose()
+        with open_sessions(cli) as sessions, sessions.begin() as session:
+            connection_id = ensure_connection(session, connection) if connection else None
+            count = replay_dead(
+                session, now=utcnow(), connection_id=connection_id, ids=wanted or None
+            )
     click.echo(f"{count} dead-lettered inbox row(s) queued again")
 
 
@@ -1083,21 +1068,19 @@ def finance_sign_out_all(cli: CliContext, user: str | None) -> None:
     from receiver.errors import describe_database_error
     from receiver.finance.auth import lifetimes
     from receiver.finance.signins import revoke_all
-    from storage.engine import make_engine, make_sessions
     from storage.types import utcnow
 
     settings = cli.settings
-    engine = make_engine(settings.database_url)
-    try:
-        with make_sessions(engine).begin() as session:
-            count = revoke_all(session, now=utcnow(), idle=lifetimes(settings).idle, user=user)
-    except SQLAlchemyError as exc:
-        raise click.ClickException(
-            "cannot end the finance sign-ins: the database is unreachable or not migrated"
-            f" ({describe_database_error(exc)}; `otacm db upgrade` migrates it)"
-        ) from None
-    finally:
-        engine.dispose()
+    with open_sessions(cli) as sessions:
+        try:
+            with sessions.begin() as session:
+                idle = lifetimes(settings).idle
+                count = revoke_all(session, now=utcnow(), idle=idle, user=user)
+        except SQLAlchemyError as exc:
+            raise click.ClickException(
+                "cannot end the finance sign-ins: the database is unreachable or not migrated"
+                f" ({describe_database_error(exc)}; `otacm db upgrade` migrates it)"
+            ) from None
     whose = f"of {user} " if user is not None else ""
     click.echo(f"{count} finance sign-in(s) {whose}ended")
 
@@ -1157,8 +1140,7 @@ def reconcile_command(
 
     import sqlalchemy as sa
 
-    from reconciler.engine import ReconRunFailed, reconcile_connections
-    from storage.engine import make_engine, make_sessions
+    from reconciler.engine import reconcile_connections
     from storage.models import ReconRun, ReconTotal, ReconTrigger, ensure_connection
     from storage.types import utcnow
 
@@ -1180,9 +1162,7 @@ def reconcile_command(
         ) from None
     if start >= end:
         raise click.BadParameter("--from must be before --to", param_hint="--from")
-    engine = make_engine(settings.database_url)
-    try:
-        sessions = make_sessions(engine)
+    with open_sessions(cli) as sessions:
         with sessions.begin() as session:
             chosen = {
                 ensure_connection(session, c.name): c
@@ -1190,33 +1170,21 @@ def reconcile_command(
                 if names is None or c.name in names
             }
         ids = {connection_id: c.name for connection_id, c in chosen.items()}
-        failed = None
-        try:
-            report = reconcile_connections(
-                sessions,
-                sorted(ids),
-                partners={connection_id: c.partner_ids for connection_id, c in chosen.items()},
-                period_from=start,
-                period_to=end,
-                now=now,
-                trigger=ReconTrigger.MANUAL,
-                actor=actor or getpass.getuser(),
-                grace=dt.timedelta(seconds=settings.recon_grace),
-                tolerance=settings.recon_amount_tolerance,
-            )
-            run_ids = report.runs
-        except ReconRunFailed as exc:
-            failed = exc
-            with sessions() as session:
-                run_ids = {
-                    run.connection_id: run.id
-                    for run in session.scalars(
-                        sa.select(ReconRun).where(ReconRun.started_at == now)
-                    )
-                }
+        report = reconcile_connections(
+            sessions,
+            sorted(ids),
+            partners={connection_id: c.partner_ids for connection_id, c in chosen.items()},
+            period_from=start,
+            period_to=end,
+            now=now,
+            trigger=ReconTrigger.MANUAL,
+            actor=actor or getpass.getuser(),
+            grace=dt.timedelta(seconds=settings.recon_grace),
+            tolerance=settings.recon_amount_tolerance,
+        )
         with sessions() as session:
             runs: list[dict[str, Any]] = []
-            for connection_id, run_id in sorted(run_ids.items()):
+            for connection_id, run_id in sorted(report.runs.items()):
                 run = session.get(ReconRun, run_id)
                 totals = session.scalars(
                     sa.select(ReconTotal)
@@ -1243,8 +1211,6 @@ def reconcile_command(
                         ],
                     }
                 )
-    finally:
-        engine.dispose()
     if as_json:
         echo_json(runs)
     else:
@@ -1259,7 +1225,7 @@ def reconcile_command(
                     f"  {t['currency']} {t['category']}: {t['count']} "
                     f"ledger {t['ledger_amount']} venue {t['venue_amount']}"
                 )
-    if failed is not None:
+    if report.failures:
         raise SystemExit(1)
 
 
@@ -1274,30 +1240,27 @@ def _exception_action(
     import getpass
 
     from reconciler import exceptions as actions
-    from storage.engine import make_engine, make_sessions
     from storage.types import utcnow
 
     act = actions.resolve if action == "resolve" else actions.accept
-    engine = make_engine(cli.settings.database_url)
-    try:
-        with make_sessions(engine).begin() as session:
-            row = act(
-                session,
-                exception_id,
-                actor=actor or getpass.getuser(),
-                note=note or "",
-                now=utcnow(),
-            )
-            state = str(row.state)
-    except (
-        actions.NoteRequired,
-        actions.TextRefused,
-        actions.ExceptionNotOpen,
-        actions.ExceptionNotFound,
-    ) as exc:
-        raise click.ClickException(str(exc).strip("'\"")) from None
-    finally:
-        engine.dispose()
+    with open_sessions(cli) as sessions:
+        try:
+            with sessions.begin() as session:
+                row = act(
+                    session,
+                    exception_id,
+                    actor=actor or getpass.getuser(),
+                    note=note or "",
+                    now=utcnow(),
+                )
+                state = str(row.state)
+        except (
+            actions.NoteRequired,
+            actions.TextRefused,
+            actions.ExceptionNotOpen,
+            actions.ExceptionNotFound,
+        ) as exc:
+            raise click.ClickException(str(exc).strip("'\"")) from None
     click.echo(f"exception {exception_id}: {state}")
 
 
@@ -1364,7 +1327,6 @@ def privacy_erase(
     import getpass
 
     from heartbeat.privacy import ErasureRefused, erase_subject
-    from storage.engine import make_engine, make_sessions
     from storage.models import ensure_connection
     from storage.types import utcnow
 
@@ -1373,25 +1335,22 @@ def privacy_erase(
         name = settings.connection(connection).name if connection else None
     except SettingsError as exc:
         raise click.ClickException(str(exc)) from None
-    engine = make_engine(settings.database_url)
-    try:
-        sessions = make_sessions(engine)
-        connection_id = None
-        if name is not None:
-            with sessions.begin() as session:
-                connection_id = ensure_connection(session, name)
-        done = erase_subject(
-            sessions,
-            email=email,
-            reference=reference,
-            connection_id=connection_id,
-            actor=actor or getpass.getuser(),
-            now=utcnow(),
-        )
-    except ErasureRefused as exc:
-        raise click.ClickException(str(exc)) from None
-    finally:
-        engine.dispose()
+    with open_sessions(cli) as sessions:
+        try:
+            connection_id = None
+            if name is not None:
+                with sessions.begin() as session:
+                    connection_id = ensure_connection(session, name)
+            done = erase_subject(
+                sessions,
+                email=email,
+                reference=reference,
+                connection_id=connection_id,
+                actor=actor or getpass.getuser(),
+                now=utcnow(),
+            )
+        except ErasureRefused as exc:
+            raise click.ClickException(str(exc)) from None
     report = done.report
     if as_json:
         echo_json({"record": done.record_id, "selector": done.selector, **report.as_dict()})

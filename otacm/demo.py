@@ -413,8 +413,9 @@ def settled_count(engine: sa.Engine, references: set[str]) -> int:
 
 def mirror_report(engine: sa.Engine, references: set[str], report: DemoReport) -> None:
     """Fill ``report`` from the local mirror's orders of ``references``."""
-    from sqlalchemy.orm import Session, selectinload
+    from sqlalchemy.orm import selectinload
 
+    from storage.engine import make_sessions
     from storage.models import OrderItem, VenueOrder
 
     query = (
@@ -423,7 +424,7 @@ def mirror_report(engine: sa.Engine, references: set[str], report: DemoReport) -
         .options(selectinload(VenueOrder.items).selectinload(OrderItem.wallets))
         .order_by(VenueOrder.reference_key)
     )
-    with Session(engine) as session:
+    with make_sessions(engine, read_only=True)() as session:
         for order in session.scalars(query):
             report.by_status[order.status.value] += 1
             if order.status is OrderStatus.ERROR:
@@ -456,8 +457,7 @@ def shop_export(
     The demo has no shop of its own, so the export is what otacm recorded of the sales it
     submitted: imported unchanged, each row changes nothing.
     """
-    from sqlalchemy.orm import Session
-
+    from storage.engine import make_sessions
     from storage.models import LedgerLine
 
     query = (
@@ -465,7 +465,7 @@ def shop_export(
         .where(LedgerLine.connection_id == connection_id, LedgerLine.reference_key.in_(references))
         .order_by(LedgerLine.reference_key)
     )
-    with Session(engine) as session:
+    with make_sessions(engine, read_only=True)() as session:
         return [
             {
                 "partner_id": line.partner_id,

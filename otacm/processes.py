@@ -388,7 +388,7 @@ def scheduled_jobs(settings: Settings, runtime: Runtime) -> list[ScheduledJob]:
         from reconciler.engine import reconcile_connections
         from storage.models import ReconTrigger
 
-        return reconcile_connections(
+        report = reconcile_connections(
             runtime.sessions,
             sorted(runtime.connections),
             period_from=now - dt.timedelta(days=settings.recon_lookback_days),
@@ -400,6 +400,9 @@ def scheduled_jobs(settings: Settings, runtime: Runtime) -> list[ScheduledJob]:
             tolerance=settings.recon_amount_tolerance,
             partners={cid: conn.partner_ids for cid, conn in runtime.connections.items()},
         )
+        # Once every connection has run: the job's run record shows the failure.
+        report.raise_first_failure()
+        return report
 
     jobs.append(ScheduledJob("reconcile", settings.recon_interval, reconcile))
 

@@ -577,16 +577,31 @@ class ReconcileReport:
     """What :func:`reconcile_connections` did: a run per connection, and those that failed.
 
     Attributes:
-        runs: the run id of each connection, by connection row id.
-        failed: the connections whose run failed.
+        runs: the run id of each connection, by connection row id, the failed runs
+            included.
+        failures: why each failed run failed, by connection row id.
     """
 
     runs: dict[int, int] = field(default_factory=dict)
-    failed: list[int] = field(default_factory=list)
+    failures: dict[int, ReconRunFailed] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> list[int]:
+        """The connections whose run failed, in the order they ran."""
+        return list(self.failures)
+
+    def raise_first_failure(self) -> None:
+        """Raise the first failed run's :class:`ReconRunFailed`, if a run failed.
+
+        Raises:
+            ReconRunFailed: a connection's run failed (the others finished).
+        """
+        for failure in self.failures.values():
+            raise failure
 
     def as_dict(self) -> dict[str, Any]:
         """For logs and ``--json``."""
-        return {"runs": len(self.runs), "failed": len(self.failed)}
+        return {"runs": len(self.runs), "failed": len(self.failures)}
 
 
 def reconcile_connections(
@@ -604,18 +619,16 @@ def reconcile_connections(
 ) -> ReconcileReport:
     """Reconcile each connection over one period: the scheduled job and ``otacm reconcile``.
 
-    A failing connection does not stop the others; the first failure is raised once all
-    have run, so the job's run record shows it. ``partners`` gives each connection's
-    configured partners, to which its run is restricted (:func:`reconcile`).
+    A failing connection does not stop the others: its run is in the report with the
+    others, and its failure beside it (:meth:`ReconcileReport.raise_first_failure` raises
+    it, for a caller whose own record must show it, as the scheduled job's).
+    ``partners`` gives each connection's configured partners, to which its run is
+    restricted (:func:`reconcile`).
 
     Returns:
-        The run of each connection.
-
-    Raises:
-        ReconRunFailed: a connection's run failed (the others finished).
+        The run of each connection, and the failures among them.
     """
     report = ReconcileReport()
-    first_failure: ReconRunFailed | None = None
     for connection_id in connection_ids:
         try:
             report.runs[connection_id] = reconcile(
@@ -632,8 +645,5 @@ def reconcile_connections(
             )
         except ReconRunFailed as failure:
             report.runs[connection_id] = failure.run_id
-            report.failed.append(connection_id)
-            first_failure = first_failure or failure
-    if first_failure is not None:
-        raise first_failure
+            report.failures[connection_id] = failure
     return report

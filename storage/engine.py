@@ -75,6 +75,8 @@ from sqlalchemy.engine.interfaces import DBAPICursor
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
+from storage.models import register_flush_hooks
+
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 """How long a SQLite connection waits for the write lock before ``database is locked``."""
 
@@ -300,8 +302,9 @@ def make_sessions(engine: Engine, *, read_only: bool = False) -> sessionmaker[Se
     """The session factory for ``engine``: one session per unit of work.
 
     Objects stay readable after their transaction commits (``expire_on_commit=False``):
-    a view can render what it just stored without another query. The engine still
-    belongs to the caller.
+    a view can render what it just stored without another query. Every flush keeps the
+    rules of :data:`storage.models.FLUSH_HOOKS` (orders' totals...), registered on this
+    factory alone. The engine still belongs to the caller.
 
     Args:
         engine: from :func:`make_engine`.
@@ -313,7 +316,9 @@ def make_sessions(engine: Engine, *, read_only: bool = False) -> sessionmaker[Se
         engine = engine.execution_options(**{SQLITE_BEGIN_OPTION: "DEFERRED"})
     elif read_only and engine.dialect.name == "postgresql":
         engine = engine.execution_options(postgresql_readonly=True)
-    return sessionmaker(engine, expire_on_commit=False)
+    sessions = sessionmaker(engine, expire_on_commit=False)
+    register_flush_hooks(sessions)
+    return sessions
 
 
 def _sqlite_engine(url: URL, *, busy_timeout_ms: int) -> Engine:

@@ -21,7 +21,11 @@ strings with a CHECK constraint, read back as the ``StrEnum`` members below.
 
 The functions at the end (:func:`ensure_connection`, :func:`upsert_order`,
 :func:`mark_removed`) take a session and never commit: the
-caller owns the transaction.
+caller owns the transaction. The rules every flush keeps (orders' totals, values their
+columns can hold, erased orders staying erased) are hooks that
+:func:`register_flush_hooks` puts on a session factory, the one
+:func:`storage.engine.make_sessions` makes: importing this module changes nothing
+global.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from sqlalchemy.orm import (
     Session,
     mapped_column,
     relationship,
+    sessionmaker,
     validates,
 )
 
@@ -1194,7 +1199,6 @@ def _amount(
     return sum(prices, Decimal(0)) if prices else None
 
 
-@sa.event.listens_for(Session, "before_flush")
 def _summarize_orders(session: Session, flush_context: Any, instances: Any) -> None:
     """Keep every order's totals in step with its items and wallets, whoever writes them.
 
@@ -1280,7 +1284,6 @@ def _column_checks(mapper: sa.orm.Mapper[Any]) -> tuple[tuple[str, str, _Check],
     return tuple(checks)
 
 
-@sa.event.listens_for(Session, "before_flush")
 def _refuse_overflowing_values(session: Session, flush_context: Any, instances: Any) -> None:
     """Raise :class:`ColumnOverflow` before a row is written that a column cannot hold."""
     for row in (*session.new, *session.dirty):
@@ -1497,7 +1500,6 @@ def request_visit_date(request: Mapping[str, Any] | None) -> dt.date | None:
     return max(found, default=None)
 
 
-@sa.event.listens_for(Session, "before_flush")
 def _keep_erased_orders_erased(session: Session, flush_context: Any, instances: Any) -> None:
     """Store no name or e-mail of an order whose personal data was erased.
 
@@ -1516,3 +1518,20 @@ def _keep_erased_orders_erased(session: Session, flush_context: Any, instances: 
             order = row.item.order if row.item is not None else None
             if order is not None and order.personal_data_erased_at is not None:
                 row.name = None
+
+
+FLUSH_HOOKS = (_summarize_orders, _refuse_overflowing_values, _keep_erased_orders_erased)
+"""What runs before every flush of otacm's sessions, in this order."""
+
+
+def register_flush_hooks(sessions: sessionmaker[Session]) -> None:
+    """Make every session of ``sessions`` keep the rules of :data:`FLUSH_HOOKS` whoever
+    writes through it: orders' totals, values their columns can hold, erased orders
+    without names or e-mails.
+
+    On the factory, not on SQLAlchemy's ``Session`` class: a session made elsewhere (a
+    library's, a test's) is left alone, and importing this module changes nothing.
+    :func:`storage.engine.make_sessions` calls it for every factory it makes.
+    """
+    for hook in FLUSH_HOOKS:
+        sa.event.listen(sessions, "before_flush", hook)

@@ -421,6 +421,48 @@ def test_a_database_never_migrated_is_one_line_naming_the_fix(
     assert sa.inspect(engine).get_table_names() == []
 
 
+# Every command that opens the database, with what it needs to get that far.
+DATABASE_CASES: list[tuple[str, ...]] = [
+    ("db", "upgrade"),
+    ("db", "current"),
+    ("db", "backup", "{tmp}/backup.sqlite3"),
+    ("db", "restore", "{tmp}/sales.csv"),
+    ("submit", "{tmp}/sales.csv"),
+    ("orders", "show", "R-1"),
+    ("orders", "cancel", "R-1"),
+    ("orders", "errors"),
+    ("ledger", "import", "{tmp}/sales.csv"),
+    ("report", "1"),
+    ("inbox", "replay"),
+    ("finance", "sign-out-all"),
+    ("reconcile",),
+    ("exceptions", "accept", "1", "--note", "x"),
+    ("privacy", "erase", "--email", "someone@example.com"),
+]
+
+
+@pytest.mark.parametrize(
+    "case", DATABASE_CASES, ids=[" ".join(w for w in c[:2] if "{" not in w) for c in DATABASE_CASES]
+)
+def test_a_database_that_cannot_be_opened_is_one_line_from_every_command(
+    tmp_path: Path, case: tuple[str, ...]
+) -> None:
+    """A SQLite database whose directory cannot be made (a file in its way): every command
+    that opens the database says so in one line and exits 1, never a traceback."""
+    (tmp_path / "sales.csv").write_text("")
+    (tmp_path / "file").write_text("")
+    environment = {
+        **_environment(sa.create_engine("sqlite://")),
+        "OTACM_DATABASE_URL": f"sqlite:///{tmp_path}/file/otacm.sqlite3",
+    }
+    args = [arg.format(tmp=tmp_path) for arg in case]
+    result = CliRunner().invoke(main, args, env=environment)
+
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exc_info
+    _check_refusal(args, result.exit_code, result.stdout, result.stderr)
+    assert f"cannot create {tmp_path}/file, the SQLite database's directory" in result.stderr
+
+
 @pytest.mark.parametrize(
     "args",
     [

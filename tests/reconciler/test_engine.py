@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from reconciler.categories import Category
-from reconciler.engine import ReconRunFailed, reconcile
+from reconciler.engine import ReconRunFailed, reconcile, reconcile_connections
 from storage.models import (
     ExceptionEvent,
     LedgerLine,
@@ -524,6 +524,41 @@ def test_a_failed_run_is_recorded_and_leaves_nothing_behind(
         assert exceptions_by_key(session, planted.connection_id) == {}
 
 
+def test_reconciling_connections_returns_every_run_the_failed_ones_included(
+    sessions: sessionmaker[Session],
+) -> None:
+    """A failing connection does not stop the next: the report has each connection's
+    run, failed or not, and why each failed; raising the first failure is the caller's."""
+    planted = plant_every_case(sessions)
+    with sessions.begin() as session:
+        other = ensure_connection(session, "other")
+        session.execute(sa.text("ALTER TABLE ledger_line RENAME TO ledger_elsewhere"))
+    report = reconcile_connections(
+        sessions,
+        [planted.connection_id, other],
+        period_from=PERIOD_FROM,
+        period_to=PERIOD_TO,
+        now=NOW,
+        trigger=ReconTrigger.MANUAL,
+        actor="finance",
+        grace=GRACE,
+        tolerance=TOLERANCE,
+    )
+    with sessions() as session:
+        recorded = {
+            row.connection_id: (row.id, row.state) for row in session.scalars(sa.select(ReconRun))
+        }
+    assert recorded == {
+        planted.connection_id: (report.runs[planted.connection_id], "failed"),
+        other: (report.runs[other], "failed"),
+    }
+    assert report.failed == [planted.connection_id, other]
+    assert report.as_dict() == {"runs": 2, "failed": 2}
+    with pytest.raises(ReconRunFailed) as first:
+        report.raise_first_failure()
+    assert first.value.run_id == report.runs[planted.connection_id]
+
+
 def test_an_empty_or_naive_period_is_refused_before_any_run(
     sessions: sessionmaker[Session],
 ) -> None:
@@ -578,6 +613,34 @@ def test_the_scheduled_job_reconciles_every_connection_over_the_lookback(
         extra = {key: categories.pop(key) for key in set(categories) - set(planted.expected)}
         assert categories == planted.expected
         assert list(extra.values()) == ["orphan"]
+
+
+def test_the_scheduled_job_fails_when_a_run_failed(sessions: sessionmaker[Session]) -> None:
+    """The ``reconcile`` job raises the failed run's error, so its run record shows it."""
+    from otacm.processes import Runtime, scheduled_jobs
+    from otacm.settings import Settings
+
+    engine = sessions.kw["bind"]
+    settings = Settings(
+        database_url=engine.url.render_as_string(hide_password=False),
+        tenant="tenant",
+        company="company",
+        api_key="key",
+        partner_ids=[PARTNER],
+    )
+    (venue,) = settings.connections
+    planted = plant_every_case(sessions, venue.name)
+    with sessions.begin() as session:
+        session.execute(sa.text("ALTER TABLE ledger_line RENAME TO ledger_elsewhere"))
+    runtime = Runtime(
+        engine=engine, sessions=sessions, clients={}, connections={planted.connection_id: venue}
+    )
+    job = {job.name: job for job in scheduled_jobs(settings, runtime)}["reconcile"]
+    with pytest.raises(ReconRunFailed, match="ledger_line") as failure:
+        job.run(PERIOD_TO)
+    with sessions() as session:
+        run_row = session.get_one(ReconRun, failure.value.run_id)
+        assert (run_row.trigger, run_row.state) == ("scheduled", "failed")
 
 
 def test_an_orphan_counts_in_the_venues_own_currency_code(

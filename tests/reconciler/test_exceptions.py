@@ -19,7 +19,7 @@ from reconciler.exceptions import (
     list_runs,
     resolve,
 )
-from storage.models import LedgerLine, ReconException, ensure_connection
+from storage.models import LedgerLine, ReconException, ReconRun, ensure_connection
 from tests.reconciler.test_engine import (
     NOW,
     PARTNER,
@@ -177,3 +177,24 @@ def test_the_cli_reconciles_a_period_and_resolves_with_a_note(
         row = session.get(ReconException, exception_id)
         assert row is not None
         assert (row.state, row.events[-1].actor, row.events[-1].note) == ("accepted", "carol", "ok")
+
+
+def test_the_cli_reports_a_failed_run_and_exits_1(sessions: sessionmaker[Session]) -> None:
+    """`otacm reconcile` prints the run that failed, with its error, and exits 1."""
+    plant_every_case(sessions, "default")
+    with sessions.begin() as session:
+        session.execute(sa.text("ALTER TABLE ledger_line RENAME TO ledger_elsewhere"))
+    args = ("reconcile", "--from", "2026-05-01", "--to", "2026-05-08T00:00:00Z")
+    failed = _otacm(sessions, *args, "--json")
+    assert failed.exit_code == 1, failed.output
+    (report,) = json.loads(failed.stdout)
+    assert (report["connection"], report["state"], report["totals"]) == ("default", "failed", [])
+    assert "ledger_line" in report["error"]
+    with sessions() as session:
+        (run_row,) = session.scalars(sa.select(ReconRun)).all()
+        assert (run_row.id, run_row.state) == (report["run"], "failed")
+    printed = _otacm(sessions, *args)
+    assert printed.exit_code == 1
+    line = printed.stdout.splitlines()[0]  # the error may run over several lines
+    assert line.startswith("run ") and "(default, 2026-05-01T00:00:00+00:00 to " in line
+    assert ": failed: " in line and "ledger_line" in line

@@ -17,6 +17,7 @@ from alembic import command
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage import migrate
+from storage.engine import make_sessions
 from storage.models import ChangeSource, LedgerLine, VenueOrder, order_totals, upsert_order
 from tests.storage.test_models import T0, connection_id, ledger_line, parse, wire_order
 from venue.models import reference_set_key
@@ -187,6 +188,29 @@ def test_a_wallet_changed_in_place_updates_its_orders_totals(
         assert order.wallet_external_references == "EXT-1\nEXT-2\nNEW"
 
 
+def test_the_totals_are_kept_by_otacms_session_factory_not_globally(
+    sessions: sessionmaker[Session], connection_id: int
+) -> None:
+    """The hooks belong to make_sessions' factory: a bare SQLAlchemy session on the same
+    database writes a wallet as told and leaves the order's totals alone (importing the
+    models registered nothing on SQLAlchemy's Session class); the factory's next session
+    keeps them again."""
+    order_pk = upsert(sessions, connection_id, wire_order("Issued"))
+    with Session(bind=sessions.kw["bind"]) as bare, bare.begin():
+        order = bare.get_one(VenueOrder, order_pk)
+        before = totals(order)
+        order.items[1].wallets[0].unit_price_excl_vat = Decimal("1.00")
+    with sessions() as session:
+        order = session.get_one(VenueOrder, order_pk)
+        assert order.items[1].wallets[0].unit_price_excl_vat == Decimal("1.00")
+        assert totals(order) == before
+    with sessions.begin() as session:
+        session.get_one(VenueOrder, order_pk).items[0].quantity = 4
+    with sessions() as session:
+        order = session.get_one(VenueOrder, order_pk)
+        assert (order.items_quantity, order.amount_excl_vat) == (5, Decimal("201.00"))
+
+
 def test_a_sale_keeps_its_listed_references_as_one_key(
     sessions: sessionmaker[Session], connection_id: int
 ) -> None:
@@ -229,7 +253,7 @@ def test_0004_fills_the_totals_of_orders_stored_before_it(engine: sa.Engine) -> 
 
     migrate.upgrade(engine)
 
-    with Session(engine) as session:
+    with make_sessions(engine)() as session:
         orders = {order.id: totals(order) for order in session.scalars(sa.select(VenueOrder))}
         keys = {
             line_id: key
@@ -288,7 +312,7 @@ def test_0009_recomputes_stored_totals_as_the_wallets_carry_them(engine: sa.Engi
 
     migrate.upgrade(engine)
 
-    with Session(engine) as session:
+    with make_sessions(engine)() as session:
         orders = {order.id: totals(order) for order in session.scalars(sa.select(VenueOrder))}
     assert orders == {
         1: (8, Decimal("650.00"), Decimal("520.00"), "DKK", "G-1\nT-1\nT-2"),
