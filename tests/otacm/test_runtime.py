@@ -52,7 +52,7 @@ def test_opening_the_runtime_erases_orders_of_partners_no_longer_configured(
     """
     ours_id, theirs_id = (
         "11111111-0000-4000-8000-000000000001",
-        "22222222-0000-4000-8000-0000000002",
+        "22222222-0000-4000-8000-000000000002",
     )
     with sessions.begin() as session:
         connection_id = ensure_connection(session, "venue")
