@@ -157,15 +157,11 @@ def db() -> None:
 @pass_cli
 def db_upgrade(cli: CliContext, revision: str) -> None:
     """Migrate the database to the latest schema (safe to run again)."""
-    from alembic.script import ScriptDirectory
-
-    from storage.migrate import alembic_config, current_revision, upgrade
+    from storage.migrate import current_revision, known_revisions, upgrade
 
     # "head" or a revision id, checked before the database is touched: Alembic's other
     # spellings (relative, branch@) fail inside it with assertions, not messages.
-    known = sorted(
-        s.revision for s in ScriptDirectory.from_config(alembic_config()).walk_revisions()
-    )
+    known = known_revisions()
     if revision != "head" and revision not in known:
         raise click.ClickException(
             f"--revision {revision!r} is not a revision of the schema: "

@@ -94,6 +94,13 @@ def head_revision() -> str:
     return head
 
 
+def known_revisions() -> list[str]:
+    """Every revision id the installed code knows, in order of their ids."""
+    return sorted(
+        s.revision for s in ScriptDirectory.from_config(alembic_config()).walk_revisions()
+    )
+
+
 def is_current(engine: Engine) -> bool:
     """Whether the database is at the latest revision (``otacm db upgrade`` is not needed)."""
     return current_revision(engine) == head_revision()
