@@ -18,7 +18,7 @@ itself) and keeps an administrator's later reactivation from doubling every deli
 A create answered with an empty body (as Business Central's may be) is found by
 listing again.
 The state for a new subscription is the first of the connection's states
-(:meth:`otacm.settings.VenueConnection.client_states`: the configured ones, then those
+(:meth:`venue.connection.VenueConnection.client_states`: the configured ones, then those
 in its states file). When the connection has none, or a rotation is asked for, a new
 one is generated and appended to the states file (0600, in a 0700 directory) *before*
 the subscription is made: a crash in between leaves a spare state, never a subscription
@@ -45,7 +45,9 @@ from pydantic import SecretStr
 from sqlalchemy.orm import Session, sessionmaker
 
 from heartbeat.coordination import describe_error
-from otacm.settings import (
+from storage.models import SubscriptionCheck
+from venue.client import RetryPolicy, VenueClient
+from venue.connection import (
     SettingsError,
     VenueConnection,
     add_client_state,
@@ -53,8 +55,6 @@ from otacm.settings import (
     read_client_states,
     remove_client_states,
 )
-from storage.models import SubscriptionCheck
-from venue.client import RetryPolicy, VenueClient
 from venue.errors import VenueError, VenueNotFound
 from venue.models import ORDER_PROCESSED_EVENT, Subscription
 

@@ -22,7 +22,8 @@ from click.core import ParameterSource
 
 from otacm.liveness import DEFAULT_MAX_AGE, ROLES
 from otacm.logs import LOG_FORMATS, configure_logging, settings_secrets
-from otacm.settings import Settings, SettingsError, mask_database_url
+from otacm.settings import Settings, mask_database_url
+from venue.connection import SettingsError
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -637,8 +638,8 @@ def subscribe_command(
     is left for a person to do (printed as warnings).
     """
     from heartbeat.subscriptions import COMMAND_RETRY, SubscriptionError, subscribe
-    from otacm.settings import check_webhook_url
     from venue.client import open_client
+    from venue.connection import check_webhook_url
     from venue.errors import VenueAuthError, VenueError, VenueUnavailable
 
     try:

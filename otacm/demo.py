@@ -57,7 +57,8 @@ import sqlalchemy as sa
 import stamina
 from pydantic import SecretStr
 
-from otacm.settings import Settings, VenueConnection
+from otacm.settings import Settings
+from venue.connection import VenueConnection
 from venue.models import OrderRequest, OrderRequestItem, OrderStatus, WalletRequest
 
 if TYPE_CHECKING:

@@ -25,14 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from otacm.settings import (
-    COMPANY_PATH_FORMS,
-    Settings,
-    SettingsError,
-    VenueConnection,
-    company_name,
-    mask_database_url,
-)
+from otacm.settings import Settings, mask_database_url
+from venue.connection import COMPANY_PATH_FORMS, SettingsError, VenueConnection, company_name
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine

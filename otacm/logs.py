@@ -113,7 +113,7 @@ def settings_secrets(settings: Settings) -> list[SecretStr]:
     password is masked wherever its URL is shown, :func:`otacm.settings.mask_database_url`,
     and the drivers never quote it.)
     """
-    from otacm.settings import SettingsError
+    from venue.connection import SettingsError
 
     secrets = [c.api_key for c in settings.connections]
     for connection in settings.connections:

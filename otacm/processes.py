@@ -41,8 +41,9 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from heartbeat.coordination import JobOutcome, ScheduledJob, describe_error, run_job
-from otacm.settings import Settings, VenueConnection
+from otacm.settings import Settings
 from venue.client import VenueClient
+from venue.connection import VenueConnection
 
 logger = logging.getLogger(__name__)
 

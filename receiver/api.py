@@ -38,7 +38,6 @@ from typing import cast
 from flask import Blueprint, Response, current_app, jsonify, request
 from flask.blueprints import BlueprintSetupState
 
-from otacm.settings import VenueConnection
 from receiver.body import read_json_body
 from receiver.context import current_receiver
 from receiver.errors import (
@@ -57,6 +56,7 @@ from receiver.outbox import (
 )
 from storage.types import utcnow
 from venue.client import CallObserver, VenueClient, open_client
+from venue.connection import VenueConnection
 
 logger = logging.getLogger(__name__)
 

@@ -48,7 +48,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         The app; ``app.extensions["otacm"]`` is its :class:`~receiver.context.Receiver`.
 
     Raises:
-        otacm.settings.SettingsError: the settings cannot be loaded, or two
+        venue.connection.SettingsError: the settings cannot be loaded, or two
             connections share a webhook client state.
     """
     if settings is None:

@@ -16,7 +16,7 @@ the body is read: the webhook, the API, a finance form and its CSRF check alike.
 
 The text inside is another matter: a string may hold a NUL character or an unpaired
 surrogate (``"\\ud800"``), which is valid JSON but no text column takes
-(:func:`storage.types.storable_text`); the code that puts a field in a column checks it.
+(:func:`venue.text.storable_text`); the code that puts a field in a column checks it.
 """
 
 from __future__ import annotations

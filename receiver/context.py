@@ -5,7 +5,7 @@ and the venue connections: which ``clientState`` belongs to which connection (co
 in constant time), and each connection's row id, resolved once with
 :func:`storage.models.ensure_connection`. Views reach it with :func:`current_receiver`.
 
-A connection's states are :meth:`otacm.settings.VenueConnection.client_states`: the
+A connection's states are :meth:`venue.connection.VenueConnection.client_states`: the
 configured ones and those ``otacm subscribe`` (or the scheduler's subscription check)
 generated into the connection's states file. That file may change while the app runs, so the
 receiver re-reads it when its size, time or inode changed: at once when a state matches
@@ -33,7 +33,7 @@ from flask import current_app
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from otacm.settings import Settings, SettingsError
+from otacm.settings import Settings
 from receiver.errors import (
     DATABASE_UNAVAILABLE,
     DatabaseUnavailable,
@@ -43,6 +43,7 @@ from receiver.errors import (
 )
 from storage.migrate import is_current
 from storage.models import ensure_connection
+from venue.connection import SettingsError
 
 if TYPE_CHECKING:
     from receiver.metrics import Metrics

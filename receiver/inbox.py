@@ -48,7 +48,7 @@ from storage.engine import (
     native_placeholders,
 )
 from storage.models import Inbox, InboxSource, InboxState, canonical_payload, inbox_dedup_key
-from storage.types import storable_text
+from venue.text import storable_text
 
 _INBOX: sa.Table = Inbox.__table__  # type: ignore[assignment]
 

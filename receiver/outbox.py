@@ -93,7 +93,7 @@ from pydantic.alias_generators import to_camel
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
-from otacm.settings import Settings, VenueConnection
+from otacm.settings import Settings
 from receiver.body import JsonRefused, decode_json
 from receiver.inbox import Lookup, queue_lookups
 from receiver.worker import LAST_ERROR_MAX_CHARS, backoff, describe_venue_error, new_owner
@@ -114,8 +114,9 @@ from storage.models import (
     note_foreign_order,
     upsert_order,
 )
-from storage.types import MONEY_MAX, UNSTORABLE_TEXT, unstorable_text_path
+from storage.types import MONEY_MAX
 from venue.client import RetryPolicy, VenueClient
+from venue.connection import VenueConnection
 from venue.errors import VenueError, VenueRejected, order_gone
 from venue.models import (
     ConfirmRequest,
@@ -126,6 +127,7 @@ from venue.models import (
     canonical_guid,
     normalize_reference,
 )
+from venue.text import UNSTORABLE_TEXT, unstorable_text_path
 
 logger = logging.getLogger(__name__)
 

@@ -70,8 +70,9 @@ from receiver.inbox import (
     store_notifications,
 )
 from storage.models import GUID_CHARS, InboxSource
-from storage.types import UNSTORABLE_TEXT, storable_text, utcnow
+from storage.types import utcnow
 from venue.models import ORDER_PROCESSED_EVENT, Notification, canonical_guid, parse_webhook_body
+from venue.text import UNSTORABLE_TEXT, storable_text
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment

@@ -17,7 +17,6 @@ from typing import Any
 import click
 from pydantic import SecretStr, ValidationError
 
-from otacm.settings import COMPANY_PATH_FORMS
 from sandbox.catalog import CatalogError, load_catalog
 from sandbox.config import (
     DEFAULT_API_KEY,
@@ -32,6 +31,7 @@ from sandbox.config import (
 )
 from sandbox.faults import Faults
 from sandbox.server import SandboxServer
+from venue.connection import COMPANY_PATH_FORMS
 
 DEFAULT_PORT = 8765
 _RATE = click.FloatRange(0.0, 1.0)

@@ -15,9 +15,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from otacm.settings import CompanyPathForm, encode_company
 from sandbox.catalog import Catalog, load_catalog
 from sandbox.faults import Faults
+from venue.connection import CompanyPathForm, encode_company
 
 DEFAULT_TENANT = "01234567-89ab-cdef-0123-456789abcdef"
 DEFAULT_ENVIRONMENT = "sandbox"

@@ -20,6 +20,8 @@ from sqlalchemy.sql import operators
 from sqlalchemy.sql.operators import OperatorType
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
+from venue.text import storable_text
+
 MONEY_PLACES = 6
 """Decimal places :class:`Money` keeps; more are rounded half-even."""
 
@@ -34,30 +36,9 @@ _SCALING_OPERATORS = frozenset({operators.mul, operators.truediv, operators.floo
 _MONEY_OPERATORS = frozenset({operators.mul, operators.add, operators.sub})
 
 
-UNSTORABLE_TEXT = "text without NUL characters or unpaired surrogates"
-"""What to tell the sender of a field :func:`storable_text` refuses."""
-
 ID_MAX = 2**63 - 1
 """The largest row id (a ``BIGINT``): an id beyond it names no row, on either database,
 and is answered as one that is not found rather than sent to the database."""
-
-
-def storable_text(text: str) -> bool:
-    """Whether a text column takes ``text`` on both databases.
-
-    PostgreSQL refuses NUL characters; an unpaired surrogate (what a JSON ``"\\ud800"``
-    escape alone decodes to) cannot be encoded as UTF-8 for either. Code that stores a
-    field from outside checks it, so an answer never depends on the database.
-    """
-    if "\x00" in text:
-        return False
-    if text.isascii():
-        return True
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def text_problem(text: str, width: int | None = None) -> str | None:
@@ -72,29 +53,6 @@ def text_problem(text: str, width: int | None = None) -> str | None:
         return f"is longer than {width} characters"
     if not storable_text(text):
         return "holds a NUL character or an unpaired surrogate, which no text column takes"
-    return None
-
-
-def unstorable_text_path(value: Any, path: str = "") -> str | None:
-    """The dotted path of the first key or string in decoded JSON no text column takes.
-
-    ``None`` when :func:`storable_text` takes every one; a list index is a path segment.
-    """
-    if isinstance(value, str):
-        return None if storable_text(value) else path
-    if isinstance(value, dict):
-        for key, item in value.items():
-            where = f"{path}.{key}" if path else str(key)
-            if not storable_text(str(key)):
-                return where
-            found = unstorable_text_path(item, where)
-            if found is not None:
-                return found
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            found = unstorable_text_path(item, f"{path}.{index}" if path else str(index))
-            if found is not None:
-                return found
     return None
 
 

@@ -30,8 +30,7 @@ import pydantic_core
 import stamina
 from pydantic import BaseModel, SecretStr, ValidationError
 
-from otacm.settings import VenueConnection
-from storage.types import UNSTORABLE_TEXT, unstorable_text_path
+from venue.connection import VenueConnection
 from venue.errors import (
     VenueInvalidId,
     VenueNotFound,
@@ -55,6 +54,7 @@ from venue.models import (
     parse_guid,
     parse_page,
 )
+from venue.text import UNSTORABLE_TEXT, unstorable_text_path
 from venue.throttle import Throttle, throttle_for
 
 logger = logging.getLogger(__name__)

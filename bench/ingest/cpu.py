@@ -24,9 +24,10 @@ from bare import create_bare_app, create_table
 from bodies import CLIENT_STATE, WEBHOOK_PATH, webhook_bodies
 from pydantic import SecretStr
 
-from otacm.settings import Settings, VenueConnection
+from otacm.settings import Settings
 from receiver import create_app
 from storage.migrate import upgrade
+from venue.connection import VenueConnection
 
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 

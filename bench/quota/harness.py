@@ -54,7 +54,7 @@ from workload import PlannedOrder, Workload
 
 from heartbeat.feed import run_feed
 from heartbeat.watchdog import check_orders
-from otacm.settings import Settings, VenueConnection
+from otacm.settings import Settings
 from receiver.metrics import SETTLED_STATUSES
 from receiver.testing import served_receiver
 from receiver.webhook import WEBHOOK_PATH
@@ -65,6 +65,7 @@ from storage.engine import make_engine, make_sessions
 from storage.migrate import upgrade
 from storage.models import StatusChange, VenueOrder, ensure_connection
 from venue.client import VenueClient, open_client
+from venue.connection import VenueConnection
 from venue.throttle import Throttle
 
 CALLS_PER_SECOND = 20

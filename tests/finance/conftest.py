@@ -25,7 +25,7 @@ from flask.testing import FlaskClient
 from pydantic import SecretStr
 from sqlalchemy.orm import Session, sessionmaker
 
-from otacm.settings import Settings, VenueConnection
+from otacm.settings import Settings
 from receiver import create_app
 from receiver.context import EXTENSION, Receiver
 from receiver.finance.auth import hash_password
@@ -46,6 +46,7 @@ from storage.models import (
     Wallet,
     ensure_connection,
 )
+from venue.connection import VenueConnection
 from venue.models import OrderStatus
 
 USER, PASSWORD = "alice", "correct horse battery staple"

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from heartbeat.privacy import erase_due, without_personal_data
-from otacm.settings import Settings, SettingsError
+from otacm.settings import Settings
 from storage.models import (
     Inbox,
     InboxSource,
@@ -27,6 +27,7 @@ from storage.models import (
 from tests.support.database import texts_in_database
 from tests.support.personal import OTHER, PARTNER, PERSON, plant
 from tests.support.processes import ROOT
+from venue.connection import SettingsError
 
 # The planted sales visit on 2027-01-10: 90 days later is 2027-04-10.
 PAST = dt.datetime(2027, 4, 12, tzinfo=dt.UTC)

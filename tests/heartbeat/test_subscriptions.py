@@ -27,7 +27,7 @@ from heartbeat.subscriptions import (
     subscribe,
 )
 from otacm.cli import main
-from otacm.settings import Settings, VenueConnection, read_client_states
+from otacm.settings import Settings
 from receiver import create_app
 from receiver.context import EXTENSION
 from receiver.webhook import WEBHOOK_PATH
@@ -37,6 +37,7 @@ from storage.models import Inbox
 from storage.testing import free_port
 from tests.support.stack import LiveReceiver, line, receiver, wait_until
 from venue.client import open_client
+from venue.connection import VenueConnection, read_client_states
 from venue.models import ORDER_PROCESSED_EVENT, OrderRequest
 
 __all__ = ["receiver"]  # the live receiver fixture, on this module's settings

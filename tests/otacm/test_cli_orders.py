@@ -14,12 +14,12 @@ from click.testing import CliRunner
 from pydantic import SecretStr
 
 from otacm.cli import main
-from otacm.settings import VenueConnection
 from sandbox import SandboxConfig, SandboxServer
 from storage.engine import make_engine, make_sessions
 from storage.models import ChangeSource, ensure_connection, upsert_order
 from storage.types import utcnow
 from venue.client import open_client
+from venue.connection import VenueConnection
 
 
 @pytest.fixture

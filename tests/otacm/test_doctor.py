@@ -27,7 +27,6 @@ from pydantic import SecretStr
 
 from otacm.cli import main
 from otacm.doctor import ORDER_COUNT_CAP
-from otacm.settings import COMPANY_PATH_FORMS, VenueConnection
 from sandbox import SandboxConfig, SandboxServer
 from storage.engine import make_sessions
 from storage.models import (
@@ -43,6 +42,7 @@ from storage.models import (
 from storage.types import utcnow
 from tests.sandbox.conftest import order_body
 from venue.client import open_client
+from venue.connection import COMPANY_PATH_FORMS, VenueConnection
 from venue.errors import VenueNotFound
 from venue.models import OrderRequest
 

@@ -11,7 +11,7 @@ from pydantic import SecretStr
 from sqlalchemy.orm import Session, sessionmaker
 
 from otacm.processes import open_runtime
-from otacm.settings import Settings, VenueConnection
+from otacm.settings import Settings
 from receiver import metrics
 from receiver.metrics import VenueCallMetrics
 from storage.models import (
@@ -21,6 +21,7 @@ from storage.models import (
     ensure_connection,
     upsert_order,
 )
+from venue.connection import VenueConnection
 from venue.models import Order
 
 OURS = "21e8c1d2-3f4a-4c5b-9e6d-7f8a9b0c1d2e"

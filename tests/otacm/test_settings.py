@@ -8,16 +8,14 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from otacm.settings import (
+from otacm.settings import DEFAULT_DATABASE_URL, Settings, mask_database_url
+from venue.connection import (
     COMPANY_PATH_FORMS,
-    DEFAULT_DATABASE_URL,
-    Settings,
     SettingsError,
     VenueConnection,
     add_client_state,
     company_name,
     encode_company,
-    mask_database_url,
     read_client_states,
     remove_client_states,
 )

@@ -17,10 +17,11 @@ from flask import Flask
 from flask.testing import FlaskClient
 from pydantic import SecretStr
 
-from otacm.settings import Settings, VenueConnection
+from otacm.settings import Settings
 from receiver import create_app
 from receiver.context import EXTENSION, Receiver
 from tests.receiver.notifications import STATE_A, STATE_A_NEXT, STATE_B
+from venue.connection import VenueConnection
 
 
 def venue_connection(name: str, *states: str) -> VenueConnection:

@@ -22,7 +22,7 @@ from flask.testing import FlaskClient
 from pydantic import SecretStr
 from sqlalchemy.orm import Session, sessionmaker
 
-from otacm.settings import Settings, VenueConnection
+from otacm.settings import Settings
 from receiver.api import CLIENT_FACTORY
 from receiver.outbox import run_outbox_once
 from sandbox import SandboxConfig, SandboxServer
@@ -47,6 +47,7 @@ from tests.receiver.test_outbox import (
     unique_reference,
 )
 from venue.client import CallObserver, VenueClient, open_client
+from venue.connection import VenueConnection
 from venue.models import OrderStatus
 from venue.throttle import Throttle
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from otacm.settings import SettingsError
 from receiver import create_app
 from receiver.webhook import WEBHOOK_PATH
 from tests.receiver.conftest import receiver_of, settings_for, venue_connection
 from tests.receiver.notifications import STATE_A, STATE_B, notification
+from venue.connection import SettingsError
 
 
 def test_importing_the_package_opens_and_reads_nothing(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ import sqlalchemy as sa
 from flask import Flask
 from pydantic import SecretStr
 
-from otacm.settings import Settings, VenueConnection
+from otacm.settings import Settings
 from receiver import create_app
 from receiver.context import EXTENSION, Receiver
 from receiver.finance.auth import hash_password
@@ -40,6 +40,7 @@ from tests.receiver.test_metrics import parse, value
 from tests.support.database import dump
 from tests.support.processes import OtacmProcess, otacm_environment
 from tests.support.stack import wait_until
+from venue.connection import VenueConnection
 
 SEED = 20261207
 """The fuzz's seed: the same requests every time, so a failure can be replayed."""

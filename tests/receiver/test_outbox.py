@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from heartbeat.actions import error_orders
 from otacm.processes import OUTBOX_RETRY_SECONDS
-from otacm.settings import Settings, VenueConnection
+from otacm.settings import Settings
 from receiver.outbox import (
     DEFAULT_LEASE_SECONDS,
     FOUND_IN_ERROR,
@@ -78,6 +78,7 @@ from storage.models import (
 from storage.types import MONEY_MAX, utcnow
 from tests.support.stack import wait_until
 from venue.client import RetryPolicy, VenueClient, open_client
+from venue.connection import VenueConnection
 from venue.models import Order, OrderRequest, OrderStatus, guid_caption, normalize_reference
 from venue.throttle import Throttle
 

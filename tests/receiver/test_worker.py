@@ -25,7 +25,6 @@ import sqlalchemy as sa
 from pydantic import SecretStr
 from sqlalchemy.orm import Session, sessionmaker
 
-from otacm.settings import VenueConnection
 from receiver.worker import (
     BACKOFF_BASE_SECONDS,
     BACKOFF_CAP_SECONDS,
@@ -53,6 +52,7 @@ from storage.models import (
     ensure_connection,
 )
 from venue.client import RetryPolicy, VenueClient, open_client
+from venue.connection import VenueConnection
 from venue.models import OrderStatus, guid_caption
 from venue.throttle import Throttle
 

@@ -15,9 +15,9 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
-from otacm.settings import COMPANY_PATH_FORMS
 from sandbox.cli import build_config, sandbox_command
 from tests.sandbox.conftest import PARTNER, Venue
+from venue.connection import COMPANY_PATH_FORMS
 
 WRITTEN = {
     "percent": "CRONUS%20International%20Ltd.",

@@ -24,9 +24,9 @@ import httpx
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from otacm.settings import VenueConnection
 from tests.support.stack import serve_sandbox
 from venue.client import RetryPolicy, VenueClient, open_client
+from venue.connection import VenueConnection
 from venue.errors import (
     VenueAuthError,
     VenueError,

@@ -6,8 +6,8 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from otacm.settings import VenueConnection
 from venue.client import RetryPolicy, endpoint_name, open_client
+from venue.connection import VenueConnection
 from venue.errors import VenueNotFound, VenueUnavailable
 from venue.throttle import Throttle
 
