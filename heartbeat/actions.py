@@ -3,7 +3,7 @@
 :func:`confirm_paid_drafts` (the scheduler's ``confirm_drafts`` job, switched by the
 setting ``auto_confirm_drafts``) finds, in one query, the mirrored Draft orders whose
 sale the ledger holds as active with a payment reference, records a confirm for each in
-the outbox (:func:`receiver.outbox.record_action`) and sends them at once; the outbox
+the outbox (:func:`orders.outbox.record_action`) and sends them at once; the outbox
 sender retries those the venue could not take. confirmOrder is idempotent at the venue,
 so a retry after a lost answer is safe. A draft gets one confirm: while its row is
 pending or leased, or once it was refused (``failed``) or given up (``dead``) — a person
@@ -28,7 +28,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from receiver.outbox import DEFAULT_LEASE_SECONDS, SendOutcome, send_outbox_row
+from orders.attempt import SendOutcome
+from orders.outbox import DEFAULT_LEASE_SECONDS
+from orders.sender import send_outbox_row
 from storage.models import (
     LedgerLine,
     LedgerState,
@@ -126,14 +128,14 @@ def confirm_paid_drafts(
 
     The drafts are found set-wise (a join of the mirror with the ledger); the confirms
     (``{"paymentReference": <the sale's>}``) are recorded in one transaction, then each is
-    sent at once, with no transaction open, as :func:`receiver.outbox.send_outbox_row`
+    sent at once, with no transaction open, as :func:`orders.sender.send_outbox_row`
     does; its answer is mirrored with change source ``confirm``.
 
     Args:
         sessions: the session factory; recording and each send commit on their own.
         clients: the venue client of each connection id; only their drafts are confirmed.
             The caller creates and closes them.
-        owner: the lease owner name (:func:`receiver.worker.new_owner`).
+        owner: the lease owner name (:func:`orders.worker.new_owner`).
         now: the current time (aware).
         limit: the most confirms to record in this run, oldest drafts first.
         lease_seconds: how long each confirm's row is held while it is sent

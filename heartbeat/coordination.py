@@ -13,7 +13,7 @@ mechanisms the database already has make that safe:
   The lock is only ever *tried*: a scheduler that finds a job busy skips that tick.
   Session-level advisory locks need a real server session: behind PgBouncer, use
   session pooling for otacm's schedulers (transaction pooling would lose the lock).
-- **When a job is next due: its run record** (:class:`storage.models.JobRun`, a row per
+- **When a job is next due: its run record** (:class:`storage.records.JobRun`, a row per
   job). With N schedulers, the first to tick after ``next_due_at`` runs the job and moves
   ``next_due_at`` one interval on; the others find it not due. So a job runs once per
   interval between all of them, not N times (the venue's API quota counts every call).
@@ -47,7 +47,7 @@ from filelock import FileLock, Timeout
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.engine import database_error_reason, waiting_helps
-from storage.models import JobRun
+from storage.records import JobRun
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ summary with the mirror (:class:`~storage.models.VenueOrder`):
 - a settled order (Draft, Issued, Error, Cancelled) that differs from the mirror — unknown,
   marked removed, another status or status message, or a higher ``rowVersion`` than the
   one the mirror was adopted at — is queued for the worker
-  (:func:`receiver.inbox.queue_lookups`, reason ``feed``), which fetches it as it does
+  (:func:`orders.inbox.queue_lookups`, reason ``feed``), which fetches it as it does
   for a webhook;
 - a settled order equal to the mirror costs nothing: its ``rowVersion`` is recorded on
   the mirror (*adopted*), so that the order fetched for a webhook is not fetched again.
@@ -42,7 +42,7 @@ every write to any table. A transaction takes a version when it writes a row and
 it visible when it commits, so a long one can commit below a mark a reader has already
 passed; how far below depends on how much the whole database wrote meanwhile, not on
 this partner's orders. So every value the cursor reaches is recorded with its time
-(:class:`~storage.models.FeedMark`), and a pass re-reads from the mark as it stood the
+(:class:`~storage.records.FeedMark`), and a pass re-reads from the mark as it stood the
 overlap ago: any change committed since then is above that mark. While the recorded
 history is younger than the overlap (a new cursor, or one just lowered by a restore),
 the mark as it stood then is "nothing", and the pass reads the feed in full.
@@ -71,15 +71,10 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from receiver.inbox import Lookup, queue_lookups
-from storage.models import (
-    ChangeSource,
-    ColumnOverflow,
-    FeedCursor,
-    FeedMark,
-    StatusChange,
-    VenueOrder,
-)
+from orders.inbox import Lookup, queue_lookups
+from storage.flush import ColumnOverflow
+from storage.models import ChangeSource, StatusChange, VenueOrder
+from storage.records import FeedCursor, FeedMark
 from venue.client import VenueClient
 from venue.errors import VenueError
 from venue.models import OrderStatus, OrderSummary, UnreadableRow

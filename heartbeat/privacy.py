@@ -9,7 +9,7 @@ JSON (:func:`without_personal_data`); amounts, references, orderIds, ticket and 
 numbers, visit dates and statuses stay, so reconciliation and finance see every sale as
 before. An erased order stays erased: the venue keeps its names and hands them back
 with each getOrder, which the mirror then stores without them
-(:func:`storage.models._keep_erased_orders_erased`).
+(:func:`storage.flush._keep_erased_orders_erased`).
 
 :func:`erase_due` is the scheduled job ``erase_personal_data``. An order is due
 ``keep_days`` after its latest visit date (or, when its lines carry none, after otacm
@@ -50,17 +50,16 @@ from sqlalchemy.orm import Session, sessionmaker
 from storage.models import (
     REFERENCE,
     Base,
-    ErasureKind,
     Inbox,
     InboxState,
     LedgerLine,
     OrderItem,
     Outbox,
     OutboxState,
-    PrivacyErasure,
     VenueOrder,
     Wallet,
 )
+from storage.records import ErasureKind, PrivacyErasure
 from venue.models import canonical_guid, normalize_reference
 
 logger = logging.getLogger(__name__)

@@ -2,13 +2,13 @@
 
 A sale submitted through otacm is recorded first (a :class:`~storage.models.LedgerLine`
 with source ``submit`` and a ``create`` :class:`~storage.models.Outbox` row), then sent
-by :mod:`receiver.outbox`, which mirrors the venue's answer in the same transaction as it
+by :mod:`orders.outbox`, which mirrors the venue's answer in the same transaction as it
 marks the row ``sent``. Unsent rows are that module's business (the scheduler's
 ``retry_outbox`` job). :func:`find_lost_submissions` looks for the rest: lines whose
 create call was made, yet for which the mirror holds no live order under the line's
 (partner, reference), and asks the venue by reference (listOrdersByPartner with
 ``sellToOrderReference``). An order found is queued for the worker
-(:func:`receiver.inbox.queue_lookups`, reason ``submission``), which fetches and mirrors
+(:func:`orders.inbox.queue_lookups`, reason ``submission``), which fetches and mirrors
 it; none found is logged, for a person and for reconciliation.
 
 Which create rows count as "the call was made":
@@ -25,7 +25,7 @@ Which create rows count as "the call was made":
   reference when it did (a refusal is always checked against the venue's orders);
   looking again every few minutes would only repeat that answer. Nor ``pending`` or
   ``leased`` rows: the sender still owns them, and it looks a sale up the same way
-  (:func:`receiver.outbox.latest_summary` names the order found) before it sends a
+  (:func:`orders.calls.latest_summary` names the order found) before it sends a
   create again.
 
 A line the venue has no order for is not asked about again at every run. Without a new
@@ -48,8 +48,8 @@ from dataclasses import dataclass, field, fields
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
-from receiver.inbox import Lookup, queue_lookups
-from receiver.outbox import latest_summary
+from orders.calls import latest_summary
+from orders.inbox import Lookup, queue_lookups
 from storage.lease import NO_SYNC
 from storage.models import (
     LedgerLine,

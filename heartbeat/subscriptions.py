@@ -45,7 +45,7 @@ from pydantic import SecretStr
 from sqlalchemy.orm import Session, sessionmaker
 
 from heartbeat.coordination import describe_error
-from storage.models import SubscriptionCheck
+from storage.records import SubscriptionCheck
 from venue.client import RetryPolicy, VenueClient
 from venue.connection import (
     SettingsError,

@@ -1,7 +1,7 @@
 """The watchdog: mirrored orders to look up directly because nothing has told us of them.
 
 :func:`check_orders` makes no venue call itself: it queues lookups
-(:func:`receiver.inbox.queue_lookups`) for the inbox worker, which calls getOrder and
+(:func:`orders.inbox.queue_lookups`) for the inbox worker, which calls getOrder and
 mirrors the answer, or marks the order removed on a 404 naming it. It picks, oldest
 first and at most ``limit`` a run (the API quota):
 
@@ -35,7 +35,7 @@ from dataclasses import dataclass, fields
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from receiver.inbox import Lookup, queue_lookups
+from orders.inbox import Lookup, queue_lookups
 from storage.models import Inbox, InboxState, VenueOrder
 from venue.models import IN_FLIGHT_STATUSES, OrderStatus
 

@@ -580,13 +580,8 @@ def submit(cli: CliContext, file: Path, as_json: bool) -> None:
     """
     from contextlib import ExitStack
 
-    from receiver.outbox import (
-        SUBMIT_NOW_RETRY,
-        SubmissionError,
-        SubmissionsRefused,
-        SubmitStatus,
-        submit_file,
-    )
+    from orders.submission import SubmissionError, SubmissionsRefused
+    from orders.submit import SUBMIT_NOW_RETRY, SubmitStatus, submit_file
     from storage.types import utcnow
     from venue.client import open_client
 
@@ -708,7 +703,7 @@ def orders_show(cli: CliContext, key: str, as_json: bool) -> None:
     Shows the header, every line with its wallets and assets, the full timeline of
     status changes with their source, and the ledger line. Exits 1 if none is found.
     """
-    from storage.story import find_orders, order_story, story_lines
+    from orders.story import find_orders, order_story, story_lines
 
     with open_sessions(cli, read_only=True) as sessions, sessions.begin() as session:
         stories = [order_story(session, order) for order in find_orders(session, key)]
@@ -726,8 +721,8 @@ def _order_action(cli: CliContext, connection: str | None, act: Any) -> Any:
     """Run ``act(sessions, clients)`` with the database and every connection's client."""
     from contextlib import ExitStack
 
-    from otacm.orders import OrderActionError
-    from receiver.outbox import SUBMIT_NOW_RETRY
+    from orders.actions import OrderActionError
+    from orders.submit import SUBMIT_NOW_RETRY
     from venue.client import open_client
 
     settings = cli.settings
@@ -776,8 +771,8 @@ def orders_replace(
     through the venue's pipeline again. Exits 1 unless the venue took the replacement
     (refused, or queued for the scheduler to retry).
     """
-    from otacm.orders import read_replacement, replace_order
-    from receiver.outbox import SubmissionError
+    from orders.actions import read_replacement, replace_order
+    from orders.submission import SubmissionError
     from storage.types import utcnow
 
     try:
@@ -813,7 +808,7 @@ def orders_cancel(cli: CliContext, key: str, connection: str | None, as_json: bo
     (Submitted, Scheduled, Processing): run the command again once it has settled.
     Exits 1 unless the order is now cancelled or removed.
     """
-    from otacm.orders import cancel_order
+    from orders.actions import cancel_order
     from storage.types import utcnow
 
     outcome = _order_action(
@@ -1008,7 +1003,7 @@ def inbox() -> None:
 @pass_cli
 def inbox_replay(cli: CliContext, ids: tuple[int, ...], connection: str | None) -> None:
     """Put dead-lettered inbox rows back in the queue for the worker to try again."""
-    from receiver.worker import replay_dead
+    from orders.worker import replay_dead
     from storage.models import ensure_connection
     from storage.types import ID_MAX, utcnow
 
@@ -1138,7 +1133,8 @@ def reconcile_command(
     import sqlalchemy as sa
 
     from reconciler.engine import reconcile_connections
-    from storage.models import ReconRun, ReconTotal, ReconTrigger, ensure_connection
+    from storage.models import ensure_connection
+    from storage.records import ReconRun, ReconTotal, ReconTrigger
     from storage.types import utcnow
 
     settings = cli.settings

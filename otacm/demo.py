@@ -636,7 +636,7 @@ def reconcile_demo(
     from reconciler.engine import ReconRunFailed, reconcile
     from reconciler.report import load_run_report
     from storage.engine import make_sessions
-    from storage.models import ReconTrigger
+    from storage.records import ReconTrigger
     from storage.types import utcnow
 
     defaults = Settings.model_construct()

@@ -190,7 +190,7 @@ def check_jobs(engine: Engine, settings: Settings, *, now: dt.datetime) -> Check
 
     from otacm.processes import Runtime, scheduled_jobs
     from storage.engine import make_sessions
-    from storage.models import JobRun
+    from storage.records import JobRun
 
     sessions = make_sessions(engine, read_only=True)
     # Only the names and intervals are read: no job runs, no venue client is needed.

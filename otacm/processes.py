@@ -9,7 +9,7 @@ inside gunicorn's workers (each worker would run every job again).
 
 The worker and scheduler build their engine and venue clients here and close them when
 they stop; the jobs themselves are plain functions of their inputs
-(:func:`receiver.worker.run_once`, :func:`receiver.outbox.run_outbox_once`, the
+(:func:`orders.worker.run_once`, :func:`orders.sender.run_outbox_once`, the
 heartbeat's), listed with their intervals by :func:`scheduled_jobs`. Any number of
 schedulers, on any number of nodes, may share one database: every run goes through
 :func:`heartbeat.coordination.run_job`, which keeps each job to one run at a time (a
@@ -237,10 +237,11 @@ def open_runtime(
         sqlalchemy.exc.SQLAlchemyError: the database failed otherwise (a SQLite file that
             cannot be opened or written), or is unreachable and there is no ``stop``.
     """
+    from orders.mirror import forget_foreign_orders
     from receiver.metrics import VenueCallMetrics
     from storage.engine import make_engine, make_sessions, retry_while_unavailable
     from storage.migrate import is_current
-    from storage.models import ensure_connection, forget_foreign_orders
+    from storage.models import ensure_connection
     from storage.types import utcnow
     from venue.client import open_client
 
@@ -297,8 +298,8 @@ def run_worker(settings: Settings, stop: threading.Event) -> None:
 
     It waits for a database that cannot be reached, at start as while running.
     """
+    from orders.worker import new_owner, run_forever
     from otacm.liveness import beater
-    from receiver.worker import new_owner, run_forever
     from storage.engine import WaitStopped
 
     beat = beater(settings.liveness_dir, "worker")
@@ -329,8 +330,8 @@ def scheduled_jobs(settings: Settings, runtime: Runtime) -> list[ScheduledJob]:
     from heartbeat.submissions import find_lost_submissions
     from heartbeat.subscriptions import check_subscriptions, record_checks
     from heartbeat.watchdog import check_orders
-    from receiver.outbox import run_outbox_once
-    from receiver.worker import new_owner
+    from orders.sender import run_outbox_once
+    from orders.worker import new_owner
 
     owner = new_owner()
 
@@ -387,7 +388,7 @@ def scheduled_jobs(settings: Settings, runtime: Runtime) -> list[ScheduledJob]:
 
     def reconcile(now: dt.datetime) -> object:
         from reconciler.engine import reconcile_connections
-        from storage.models import ReconTrigger
+        from storage.records import ReconTrigger
 
         report = reconcile_connections(
             runtime.sessions,
@@ -473,8 +474,8 @@ def run_scheduler(settings: Settings, stop: threading.Event) -> None:
     that cannot be reached is waited for at start; while running, a job that finds it
     away fails that tick, in one log line, and the next tick tries again.
     """
+    from orders.worker import new_owner
     from otacm.liveness import beater
-    from receiver.worker import new_owner
     from storage.engine import WaitStopped
 
     owner = new_owner()
@@ -580,7 +581,7 @@ def run_poll(settings: Settings, names: Sequence[str] = ()) -> list[PollResult]:
         SchemaNotCurrentError: the database is not migrated.
         UnknownJobError: a name is not one of the enabled jobs.
     """
-    from receiver.worker import new_owner
+    from orders.worker import new_owner
 
     with open_runtime(settings) as runtime:
         jobs = scheduled_jobs(settings, runtime)

@@ -2,7 +2,7 @@
 
 :func:`create_app` (:mod:`receiver.app`) makes the app; gunicorn loads it as
 ``'receiver:create_app()'``. The webhook view is :mod:`receiver.webhook`, the inbox
-it writes to :mod:`receiver.inbox`, its errors :mod:`receiver.errors`, the health checks
+it writes to :mod:`orders.inbox`, its errors :mod:`receiver.errors`, the health checks
 :mod:`receiver.health` and the metrics :mod:`receiver.metrics`. Importing the package
 opens nothing and reads no setting: the factory does, when called.
 """

@@ -1,6 +1,6 @@
 """The shop's JSON API: ``POST /api/orders`` submits one order through otacm.
 
-The :data:`api` blueprint owns the view; the work is :func:`receiver.outbox.submit_now`:
+The :data:`api` blueprint owns the view; the work is :func:`orders.submit.submit_now`:
 the sale and its createOrder are recorded first, then sent once at once. The body is the
 venue's order request (``spec/API.md``) plus optional ``amount``, ``currency``,
 ``amountIncludesVat`` and ``connection`` (a connection name; by default the only one).
@@ -38,21 +38,14 @@ from typing import cast
 from flask import Blueprint, Response, current_app, jsonify, request
 from flask.blueprints import BlueprintSetupState
 
+from orders.submission import SubmissionError, check_connection, choose_connection, parse_submission
+from orders.submit import SUBMIT_NOW_RETRY, SubmitStatus, submit_now
 from receiver.body import read_json_body
 from receiver.context import current_receiver
 from receiver.errors import (
     NotAuthorized,
     ReceiverError,
     error_response,
-)
-from receiver.outbox import (
-    SUBMIT_NOW_RETRY,
-    SubmissionError,
-    SubmitStatus,
-    check_connection,
-    choose_connection,
-    parse_submission,
-    submit_now,
 )
 from storage.types import utcnow
 from venue.client import CallObserver, VenueClient, open_client

@@ -22,10 +22,7 @@ surrogate (``"\\ud800"``), which is valid JSON but no text column takes
 from __future__ import annotations
 
 import json
-import math
-import sys
 from collections.abc import Iterable, Iterator
-from decimal import Decimal
 from typing import IO, TYPE_CHECKING, Any
 
 from gunicorn.http.errors import ParseException
@@ -33,6 +30,7 @@ from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 from werkzeug.wrappers import Request
 
 from receiver.errors import BodyTooLarge, InvalidJson, UnreadableBody, UnsupportedMediaType
+from storage.types import JsonRefused, decode_json
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -40,31 +38,6 @@ if TYPE_CHECKING:
 # What reading a request's stream raises when the body is broken or cut short: gunicorn's
 # chunked-encoding errors are ParseExceptions; sockets and werkzeug's server raise OSError.
 _UNREADABLE = (OSError, ParseException)
-
-
-class JsonRefused(ValueError):
-    """The text is not standard JSON (RFC 8259), or not one otacm can read."""
-
-
-def decode_json(text: str, *, exact_numbers: bool = False) -> Any:
-    """``text`` decoded as standard JSON; with ``exact_numbers``, fractions as ``Decimal``.
-
-    Raises:
-        json.JSONDecodeError: the text is not JSON (its ``msg`` says why; a document
-            followed by more text is ``"Extra data"``, as with ``json.loads``).
-        JsonRefused: ``NaN`` or ``Infinity``, a number out of range, or an integer of more
-            digits than Python converts.
-        RecursionError: the document is nested too deeply.
-    """
-    decoder = _EXACT if exact_numbers else _FLOATS
-    try:
-        return decoder.decode(text)
-    except (JsonRefused, json.JSONDecodeError):
-        raise
-    except ValueError as exc:
-        # The one other: an integer of more digits than Python's conversion limit.
-        limit = sys.get_int_max_str_digits()
-        raise JsonRefused(f"a number has more than {limit} digits") from exc
 
 
 def read_json_body(request: Request, limit: int, *, exact_numbers: bool = False) -> Any:
@@ -155,19 +128,3 @@ class _GuardedInput:
 
     def __iter__(self) -> Iterator[bytes]:
         return iter(self.readline, b"")
-
-
-def _refuse_constant(name: str) -> Any:
-    raise JsonRefused(f"{name} is not a JSON value")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if math.isinf(value):
-        raise JsonRefused(f"the number {text[:40]} is out of range")
-    return value
-
-
-# Made once: json.loads with hooks would build a decoder per call, on the webhook's path.
-_FLOATS = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
-_EXACT = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=Decimal)

@@ -90,20 +90,17 @@ from receiver.errors import DATABASE_UNAVAILABLE, describe_database_error
 from reconciler.categories import Category
 from storage.models import (
     ChangeSource,
-    ExceptionState,
     Inbox,
     InboxState,
-    JobRun,
     OrderItem,
     Outbox,
     OutboxState,
-    ReconException,
     StatusChange,
-    SubscriptionCheck,
     VenueConnection,
     VenueOrder,
     Wallet,
 )
+from storage.records import ExceptionState, JobRun, ReconException, SubscriptionCheck
 from storage.types import utcnow
 from venue.models import OrderStatus
 
@@ -511,7 +508,7 @@ def _read_delivery(session: Session, *, now: dt.datetime, stuck_after: dt.timede
         else:
             delivery.lags.setdefault(name, []).append(lag)
 
-    # heartbeat.watchdog queues its look-ups through receiver.inbox, which imports the
+    # heartbeat.watchdog queues its look-ups through orders.inbox, which imports the
     # receiver package and so this module: imported here, either can be imported first.
     from heartbeat.watchdog import stuck_condition
 

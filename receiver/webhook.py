@@ -21,7 +21,7 @@ A POST goes through a short checklist, each failure with its own answer
 4. a ``clientState`` that no venue connection is configured with → 401
    ``unknown_client_state``, and nothing of the POST is stored. Each state names its
    connection, so one POST may carry notifications of several connections;
-5. otherwise every notification is stored in the inbox (:mod:`receiver.inbox`) in one
+5. otherwise every notification is stored in the inbox (:mod:`orders.inbox`) in one
    transaction, and only then the answer is 200 ``{"stored": n, "duplicates": m}``.
    A database that cannot take the write in ``settings.db_lock_timeout`` → 503
    ``database_unavailable``, so the venue retries; never a 4xx for our own trouble.
@@ -48,6 +48,15 @@ from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException, InternalServerError, MethodNotAllowed
 from werkzeug.wrappers import Request
 
+from orders.inbox import (
+    EVENT_NAME_MAX,
+    REFERENCE_HINT_MAX,
+    STATUS_HINT_MAX,
+    NewInboxRow,
+    StoreResult,
+    hint,
+    store_notifications,
+)
 from receiver.body import read_json_body
 from receiver.context import Receiver, current_receiver
 from receiver.errors import (
@@ -59,15 +68,6 @@ from receiver.errors import (
     UnreadableBody,
     describe_database_error,
     http_error_response,
-)
-from receiver.inbox import (
-    EVENT_NAME_MAX,
-    REFERENCE_HINT_MAX,
-    STATUS_HINT_MAX,
-    NewInboxRow,
-    StoreResult,
-    hint,
-    store_notifications,
 )
 from storage.models import GUID_CHARS, InboxSource
 from storage.types import utcnow

@@ -46,7 +46,7 @@ a run reads one row per sale and per order, never an item or a wallet.
     tolerance, with prices including VAT when the ledger amount does and excluding it
     otherwise (skipped when no wallet has a price on that basis). The orders come to
     what their wallets carry, added up: a group ticket's one wallet carries the whole
-    group's price (:func:`~storage.models.order_totals`);
+    group's price (:func:`~storage.totals.order_totals`);
 13. ``external_reference_mismatch``: the ledger lists external reference numbers (a
     non-empty list) and their set is not the set of the wallets' (trimmed,
     case-insensitive: both sides are kept as :func:`~venue.models.reference_set_key`);
@@ -96,7 +96,8 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from reconciler.categories import Category
-from storage.models import ReconRun, ReconRunState, ReconTrigger, VenueConnection
+from storage.models import VenueConnection
+from storage.records import ReconRun, ReconRunState, ReconTrigger
 from storage.types import UTCDateTime, to_micros
 
 logger = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 Runs open, see, reopen and close exceptions (:mod:`reconciler.engine`); people resolve
 (the difference was fixed) or accept (the difference is right as it is) an *open*
-exception, always with a note. Each action is an :class:`~storage.models.ExceptionEvent`
+exception, always with a note. Each action is an :class:`~storage.records.ExceptionEvent`
 with who did it and when, so an exception's history is complete. A resolved or accepted
 exception that a later run no longer finds is closed by that run; one that keeps being
 found stays as finance left it.
@@ -26,8 +26,8 @@ import datetime as dt
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from storage.models import (
-    ACTOR,
+from storage.models import ACTOR
+from storage.records import (
     ExceptionAction,
     ExceptionEvent,
     ExceptionState,

@@ -39,7 +39,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage.models import INTEGER_MAX, LedgerLine, LedgerSource, LedgerState, ensure_connection
+from storage.flush import INTEGER_MAX
+from storage.models import LedgerLine, LedgerSource, LedgerState, ensure_connection
 from storage.types import MONEY_MAX, MONEY_PLACES, text_problem
 from venue.models import normalize_reference, reference_set_key
 

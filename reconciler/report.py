@@ -45,16 +45,8 @@ from markupsafe import Markup
 from sqlalchemy.orm import Session
 
 from reconciler.categories import Category
-from storage.models import (
-    ExceptionAction,
-    ExceptionEvent,
-    LedgerLine,
-    ReconException,
-    ReconRun,
-    ReconTotal,
-    VenueConnection,
-    VenueOrder,
-)
+from storage.models import LedgerLine, VenueConnection, VenueOrder
+from storage.records import ExceptionAction, ExceptionEvent, ReconException, ReconRun, ReconTotal
 
 REPORT_FORMATS: dict[str, str] = {
     "csv": "text/csv; charset=utf-8",

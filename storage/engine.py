@@ -75,7 +75,7 @@ from sqlalchemy.engine.interfaces import DBAPICursor
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
-from storage.models import register_flush_hooks
+from storage.flush import register_flush_hooks
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 """How long a SQLite connection waits for the write lock before ``database is locked``."""
@@ -303,7 +303,7 @@ def make_sessions(engine: Engine, *, read_only: bool = False) -> sessionmaker[Se
 
     Objects stay readable after their transaction commits (``expire_on_commit=False``):
     a view can render what it just stored without another query. Every flush keeps the
-    rules of :data:`storage.models.FLUSH_HOOKS` (orders' totals...), registered on this
+    rules of :data:`storage.flush.FLUSH_HOOKS` (orders' totals...), registered on this
     factory alone. The engine still belongs to the caller.
 
     Args:
@@ -464,7 +464,7 @@ def driver_statements(connection: Connection) -> Iterator[DriverTransaction]:
     """The driver connection under ``connection``, in ``connection``'s transaction.
 
     For code that holds a SQLAlchemy ``Connection`` and calls what the hot path calls
-    (:func:`receiver.inbox.store_notifications`). The transaction stays the caller's:
+    (:func:`orders.inbox.store_notifications`). The transaction stays the caller's:
     nothing is committed or rolled back here.
 
     Raises:

@@ -1,7 +1,7 @@
 """Leased queues: how the inbox and the outbox hand each due row to one holder at a time.
 
-Both queue tables, :class:`~storage.models.Inbox` (worked by :mod:`receiver.worker`) and
-:class:`~storage.models.Outbox` (sent by :mod:`receiver.outbox`), carry the same lease
+Both queue tables, :class:`~storage.models.Inbox` (worked by :mod:`orders.worker`) and
+:class:`~storage.models.Outbox` (sent by :mod:`orders.outbox`), carry the same lease
 columns (``connection_id``, ``state``, ``attempts``, ``next_attempt_at``,
 ``lease_owner``, ``lease_expires_at``, ``last_error``) and move a row through the same
 states: ``pending`` until its ``next_attempt_at``, ``leased`` to one holder until

@@ -2,7 +2,7 @@
 
 Migrations that add or change how ``venue_order``'s totals are derived
 (``0004_order_totals``, ``0009_wallet_prices``) recompute them here with the very
-function the application keeps them with (:func:`storage.models.order_totals`), reading
+function the application keeps them with (:func:`storage.totals.order_totals`), reading
 items and wallets with plain SQL so that no ORM mapping newer than the migration is
 involved.
 """
@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 
-from storage.models import order_totals
+from storage.totals import order_totals
 from storage.types import from_micros, to_micros
 
 BATCH = 1000
@@ -28,7 +28,7 @@ TOTAL_COLUMNS = (
     "wallet_currencies",
     "wallet_external_references",
 )
-"""The ``venue_order`` columns that keep :class:`storage.models.OrderTotals`."""
+"""The ``venue_order`` columns that keep :class:`storage.totals.OrderTotals`."""
 
 
 def id_ranges(bind: sa.Connection, table: str) -> Iterator[tuple[int, int]]:

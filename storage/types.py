@@ -11,6 +11,9 @@ that ``SUM`` in SQL is exact on both.
 from __future__ import annotations
 
 import datetime as dt
+import json
+import math
+import sys
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
@@ -189,3 +192,47 @@ class Money(TypeDecorator[Decimal]):
         if op in _SCALING_OPERATORS:
             return BigInteger()
         return self
+
+
+# --- JSON in --------------------------------------------------------------------------
+
+
+class JsonRefused(ValueError):
+    """The text is not standard JSON (RFC 8259), or not one otacm can read."""
+
+
+def decode_json(text: str, *, exact_numbers: bool = False) -> Any:
+    """``text`` decoded as standard JSON; with ``exact_numbers``, fractions as ``Decimal``.
+
+    Raises:
+        json.JSONDecodeError: the text is not JSON (its ``msg`` says why; a document
+            followed by more text is ``"Extra data"``, as with ``json.loads``).
+        JsonRefused: ``NaN`` or ``Infinity``, a number out of range, or an integer of more
+            digits than Python converts.
+        RecursionError: the document is nested too deeply.
+    """
+    decoder = _EXACT if exact_numbers else _FLOATS
+    try:
+        return decoder.decode(text)
+    except (JsonRefused, json.JSONDecodeError):
+        raise
+    except ValueError as exc:
+        # The one other: an integer of more digits than Python's conversion limit.
+        limit = sys.get_int_max_str_digits()
+        raise JsonRefused(f"a number has more than {limit} digits") from exc
+
+
+def _refuse_constant(name: str) -> Any:
+    raise JsonRefused(f"{name} is not a JSON value")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise JsonRefused(f"the number {text[:40]} is out of range")
+    return value
+
+
+# Made once: json.loads with hooks would build a decoder per call, on the webhook's path.
+_FLOATS = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
+_EXACT = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=Decimal)

@@ -8,7 +8,7 @@ in virtual seconds, exactly and repeatably.
 
 The scenario moves one virtual second at a time. In each second, in this order:
 
-1. the partner's worker makes one pass (:func:`receiver.worker.run_once`): it fetches
+1. the partner's worker makes one pass (:func:`orders.worker.run_once`): it fetches
    what the previous second stored in its inbox, at most :data:`CALLS_PER_SECOND`
    orders, the venue's rate limit per API identity (the client's own throttle is set
    aside: it counts wall time, and this run is in virtual time);
@@ -54,11 +54,11 @@ from workload import PlannedOrder, Workload
 
 from heartbeat.feed import run_feed
 from heartbeat.watchdog import check_orders
+from orders.worker import new_owner, run_once
 from otacm.settings import Settings
 from receiver.metrics import SETTLED_STATUSES
 from receiver.testing import served_receiver
 from receiver.webhook import WEBHOOK_PATH
-from receiver.worker import new_owner, run_once
 from sandbox import Faults, SandboxConfig, SandboxServer
 from sandbox.state import Clock
 from storage.engine import make_engine, make_sessions

@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPOSITORY))
 import sqlalchemy as sa  # noqa: E402
 
 from storage.engine import make_engine, make_sessions  # noqa: E402
-from storage.models import ReconTrigger  # noqa: E402
+from storage.records import ReconTrigger  # noqa: E402
 
 SLOWEST = 8
 """Statements reported, slowest first."""

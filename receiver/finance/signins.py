@@ -1,6 +1,6 @@
 """Finance sign-ins kept in the database, so that ending one ends it everywhere.
 
-A sign-in is a :class:`~storage.models.FinanceSession` row. The browser's (signed)
+A sign-in is a :class:`~storage.records.FinanceSession` row. The browser's (signed)
 session cookie carries a random token (:func:`start` makes it); the row's id is the
 token's SHA-256, so neither the table nor a backup of it can be turned into cookies.
 :func:`signed_in_user` checks the row at every request: a sign-in ends at its absolute
@@ -27,7 +27,7 @@ import sqlalchemy as sa
 from pydantic import SecretStr
 from sqlalchemy.orm import Session
 
-from storage.models import FinanceSession
+from storage.records import FinanceSession
 
 TOKEN_BYTES = 32
 """The cookie's token: 256 random bits."""

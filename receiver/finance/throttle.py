@@ -1,6 +1,6 @@
 """Sign-in throttling: too many wrong passwords for a user, or from an address, wait.
 
-Every attempt is a :class:`~storage.models.SignInAttempt` row, so every gunicorn worker
+Every attempt is a :class:`~storage.records.SignInAttempt` row, so every gunicorn worker
 and every node of a deployment counts the same attempts (a rate-limit library would
 need a shared store of its own, Redis or memcached, that otacm does not otherwise run).
 :func:`retry_after` says whether a new attempt may be checked now: not when the user
@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from storage.models import ACTOR, SignInAttempt
+from storage.models import ACTOR
+from storage.records import SignInAttempt
 
 ADDRESS_WIDTH = 100
 """The ``address`` column's width."""

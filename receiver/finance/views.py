@@ -8,7 +8,7 @@
   :data:`reconciler.report.REPORT_FORMATS`, at ``/finance/runs/<id>/report.<format>``);
 - ``/finance/exceptions/<id>``: one exception, its history (who did what, when, with
   which note), the sale's ledger line and the venue order's full story
-  (:func:`storage.story.order_story`: lines, wallets, every status change and where it
+  (:func:`orders.story.order_story`: lines, wallets, every status change and where it
   came from), and the forms to resolve or accept it with a note, recorded under the
   signed-in user's name.
 
@@ -41,6 +41,7 @@ from markupsafe import Markup
 from sqlalchemy.orm import Session
 from werkzeug.datastructures import MultiDict
 
+from orders.story import order_story
 from receiver.context import current_receiver
 from reconciler import report as report_module
 from reconciler.categories import Category
@@ -65,14 +66,8 @@ from reconciler.report import (
     money_text,
     render_report,
 )
-from storage.models import (
-    LedgerLine,
-    ReconException,
-    ReconTotal,
-    VenueConnection,
-    VenueOrder,
-)
-from storage.story import order_story
+from storage.models import LedgerLine, VenueConnection, VenueOrder
+from storage.records import ReconException, ReconTotal
 from storage.types import ID_MAX, utcnow
 
 bp = Blueprint("views", __name__)

@@ -36,9 +36,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 from sqlalchemy.orm import Session, sessionmaker
 
+from orders.worker import WorkerReport, new_owner, run_forever
 from otacm.settings import Settings
 from receiver.webhook import WEBHOOK_PATH
-from receiver.worker import WorkerReport, new_owner, run_forever
 from sandbox import SandboxServer
 from sandbox.pipeline import CycleReport
 from storage.models import StatusChange, ensure_connection

@@ -53,18 +53,15 @@ from reconciler.engine import reconcile_connections
 from storage.engine import make_engine, make_sessions
 from storage.migrate import upgrade
 from storage.models import (
-    ExceptionState,
     Inbox,
     InboxState,
     LedgerLine,
     Outbox,
     OutboxState,
-    ReconException,
-    ReconTotal,
-    ReconTrigger,
     VenueOrder,
     ensure_connection,
 )
+from storage.records import ExceptionState, ReconException, ReconTotal, ReconTrigger
 from storage.testing import PostgresqlServer, free_port, throwaway_postgresql
 from storage.types import utcnow
 from tests.e2e.conftest import API_TOKEN, CLIENT_STATE, OtacmProcess, otacm_environment

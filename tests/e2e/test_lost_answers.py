@@ -26,24 +26,15 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
+from orders.attempt import FOUND_IN_ERROR
+from orders.outbox import claim_outbox, record_submission
+from orders.sender import run_outbox_once
+from orders.submit import submit_now
 from otacm.processes import OUTBOX_RETRY_SECONDS
 from otacm.settings import Settings
-from receiver.outbox import (
-    FOUND_IN_ERROR,
-    claim_outbox,
-    record_submission,
-    run_outbox_once,
-    submit_now,
-)
 from reconciler.engine import reconcile_connections
-from storage.models import (
-    Outbox,
-    OutboxState,
-    ReconException,
-    ReconTrigger,
-    VenueOrder,
-    ensure_connection,
-)
+from storage.models import Outbox, OutboxState, VenueOrder, ensure_connection
+from storage.records import ReconException, ReconTrigger
 from storage.types import utcnow
 from tests.e2e.conftest import E2E, OtacmProcess, line, otacm_environment, run_otacm, wait_until
 from tests.support.stack import error_line

@@ -15,7 +15,8 @@ from decimal import Decimal
 import sqlalchemy as sa
 
 from reconciler.engine import reconcile
-from storage.models import ForeignOrder, ReconException, ReconTrigger, VenueOrder
+from storage.models import ForeignOrder, VenueOrder
+from storage.records import ReconException, ReconTrigger
 from tests.e2e.conftest import E2E
 from tests.support.database import texts_in_database as stored_texts
 from venue.models import OrderRequest

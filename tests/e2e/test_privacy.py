@@ -17,17 +17,10 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from heartbeat.privacy import email_hash, erase_due, erase_subject
+from orders.mirror import upsert_order
 from reconciler.engine import reconcile
-from storage.models import (
-    Base,
-    ChangeSource,
-    ErasureKind,
-    PrivacyErasure,
-    ReconException,
-    ReconTotal,
-    ReconTrigger,
-    upsert_order,
-)
+from storage.models import Base, ChangeSource
+from storage.records import ErasureKind, PrivacyErasure, ReconException, ReconTotal, ReconTrigger
 from tests.e2e.conftest import E2E, line, visit_date
 from tests.support.database import texts_in_database
 

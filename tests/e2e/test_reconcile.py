@@ -13,7 +13,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from otacm.settings import Settings
 from reconciler.engine import reconcile
-from storage.models import ReconException, ReconTotal, ReconTrigger, ensure_connection
+from storage.models import ensure_connection
+from storage.records import ReconException, ReconTotal, ReconTrigger
 from storage.types import utcnow
 from tests.e2e.conftest import E2E, line
 

@@ -31,20 +31,22 @@ from receiver.context import EXTENSION, Receiver
 from receiver.finance.auth import hash_password
 from storage.models import (
     ChangeSource,
-    ExceptionAction,
-    ExceptionEvent,
     LedgerLine,
     LedgerSource,
     OrderItem,
+    StatusChange,
+    VenueOrder,
+    Wallet,
+    ensure_connection,
+)
+from storage.records import (
+    ExceptionAction,
+    ExceptionEvent,
     ReconException,
     ReconRun,
     ReconRunState,
     ReconTotal,
     ReconTrigger,
-    StatusChange,
-    VenueOrder,
-    Wallet,
-    ensure_connection,
 )
 from venue.connection import VenueConnection
 from venue.models import OrderStatus

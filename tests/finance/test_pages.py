@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from otacm.cli import main
 from otacm.settings import Settings
 from receiver.finance.auth import SIGN_IN_FAILED, authenticate
-from storage.models import ExceptionAction, ExceptionState, ReconException
+from storage.records import ExceptionAction, ExceptionState, ReconException
 from tests.finance.conftest import USER, csrf_token, finance_settings, seed_run, sign_in
 
 

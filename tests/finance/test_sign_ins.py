@@ -24,7 +24,7 @@ from otacm.settings import Settings
 from receiver.finance import SESSION_COOKIE
 from receiver.finance.auth import SESSION_SIGN_IN, SIGN_IN_FAILED, hash_password
 from receiver.finance.signins import TOUCH_EVERY, Lifetimes, signed_in_user, start
-from storage.models import FinanceSession, SignInAttempt
+from storage.records import FinanceSession, SignInAttempt
 from storage.types import utcnow
 from tests.finance.conftest import PASSWORD, USER, csrf_token, finance_settings, sign_in
 

@@ -36,10 +36,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from heartbeat.feed import FeedReport, run_feed
 from heartbeat.watchdog import WatchdogReport, check_orders
+from orders.worker import WorkerReport, new_owner
 from otacm.settings import Settings
-from receiver.worker import WorkerReport, new_owner
 from sandbox import SandboxServer
-from storage.models import FeedCursor, VenueOrder, ensure_connection
+from storage.models import VenueOrder, ensure_connection
+from storage.records import FeedCursor
 from storage.types import utcnow
 from tests.support.stack import (
     SandboxStack,

@@ -14,16 +14,13 @@ from typing import Any
 import sqlalchemy as sa
 
 from heartbeat.actions import confirm_paid_drafts, error_orders
-from otacm.orders import ActionStatus, cancel_order, replace_order
-from receiver.inbox import Lookup, queue_lookups
-from receiver.outbox import (
-    NO_LONGER_KNOWN,
-    SubmitStatus,
-    parse_submission,
-    record_action,
-    run_outbox_once,
-    submit_now,
-)
+from orders.actions import ActionStatus, cancel_order, replace_order
+from orders.attempt import NO_LONGER_KNOWN
+from orders.inbox import Lookup, queue_lookups
+from orders.outbox import record_action
+from orders.sender import run_outbox_once
+from orders.submission import parse_submission
+from orders.submit import SubmitStatus, submit_now
 from storage.models import (
     LedgerLine,
     LedgerSource,

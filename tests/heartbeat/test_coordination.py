@@ -30,7 +30,7 @@ from heartbeat.coordination import (
     run_job,
 )
 from storage.engine import make_engine, make_sessions
-from storage.models import JobRun
+from storage.records import JobRun
 from tests.heartbeat.job_competitor import JOB_NAME, marker, marker_metadata
 from tests.support.processes import ROOT
 from tests.support.stack import wait_until

@@ -24,7 +24,8 @@ from otacm.settings import Settings
 from sandbox import Faults, SandboxConfig, SandboxServer
 from storage.engine import make_engine, make_sessions
 from storage.migrate import upgrade
-from storage.models import Inbox, JobRun, VenueOrder
+from storage.models import Inbox, VenueOrder
+from storage.records import JobRun
 from tests.support.processes import ROOT, OtacmProcess, otacm_environment, run_otacm
 from tests.support.stack import line, wait_until
 from venue.client import open_client

@@ -18,7 +18,8 @@ import pytest
 import sqlalchemy as sa
 
 from heartbeat.submissions import LOOKUP_REASON, MIN_RECHECK, LostReport, find_lost_submissions
-from receiver.outbox import record_submission, send_outbox_row
+from orders.outbox import record_submission
+from orders.sender import send_outbox_row
 from storage.models import Inbox, LedgerLine, Outbox, OutboxState
 from tests.heartbeat.conftest import HeartbeatStack
 from venue.client import RetryPolicy, open_client

@@ -35,14 +35,8 @@ from receiver import create_app
 from receiver.context import EXTENSION, Receiver
 from receiver.webhook import WEBHOOK_PATH
 from sandbox import SandboxConfig, SandboxServer
-from storage.models import (
-    Inbox,
-    InboxState,
-    ReconException,
-    ReconRun,
-    ReconTrigger,
-    ensure_connection,
-)
+from storage.models import Inbox, InboxState, ensure_connection
+from storage.records import ReconException, ReconRun, ReconTrigger
 from tests.receiver.conftest import settings_for
 from tests.receiver.notifications import notification
 from tests.support.processes import otacm_environment, run_otacm

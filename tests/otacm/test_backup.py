@@ -16,8 +16,8 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 from sqlalchemy.orm import Session, sessionmaker
 
+from orders.outbox import record_submission
 from otacm.cli import main
-from receiver.outbox import record_submission
 from storage.engine import make_engine, make_sessions
 from storage.migrate import head_revision, upgrade
 from storage.models import LedgerLine, Outbox, ensure_connection

@@ -13,10 +13,11 @@ import pytest
 from click.testing import CliRunner
 from pydantic import SecretStr
 
+from orders.mirror import upsert_order
 from otacm.cli import main
 from sandbox import SandboxConfig, SandboxServer
 from storage.engine import make_engine, make_sessions
-from storage.models import ChangeSource, ensure_connection, upsert_order
+from storage.models import ChangeSource, ensure_connection
 from storage.types import utcnow
 from venue.client import open_client
 from venue.connection import VenueConnection

@@ -29,7 +29,7 @@ import sqlalchemy as sa
 
 from reconciler.report import RunReport, load_run_report
 from storage.engine import make_engine, make_sessions
-from storage.models import ReconRun, ReconRunState, ReconTrigger
+from storage.records import ReconRun, ReconRunState, ReconTrigger
 from storage.types import utcnow
 
 PLANTED_CATEGORIES = {"missing_at_venue", "orphan", "amount_mismatch", "cancelled_in_ledger"}

@@ -33,12 +33,12 @@ from storage.models import (
     Inbox,
     InboxSource,
     InboxState,
-    JobRun,
     Outbox,
     OutboxOperation,
     OutboxState,
     ensure_connection,
 )
+from storage.records import JobRun
 from storage.types import utcnow
 from tests.sandbox.conftest import order_body
 from venue.client import open_client

@@ -165,6 +165,6 @@ def test_every_role_of_serve_writes_json_lines(tmp_path: Path) -> None:
     for record in records:
         assert set(JSON_FIELDS.values()) | {"time"} <= set(record), record
     loggers = {record["logger"] for record in records}
-    assert {"gunicorn.error", "receiver.worker", "otacm.processes"} <= loggers
+    assert {"gunicorn.error", "orders.worker", "otacm.processes"} <= loggers
     assert len({record["pid"] for record in records}) >= 4  # serve, master, worker(s)...
     assert SECRET not in serve.output()

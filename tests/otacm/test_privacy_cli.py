@@ -11,7 +11,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from heartbeat.privacy import email_hash
 from otacm.cli import main
-from storage.models import ErasureKind, Outbox, PrivacyErasure
+from storage.models import Outbox
+from storage.records import ErasureKind, PrivacyErasure
 from tests.support.database import texts_in_database
 from tests.support.personal import OTHER, PARTNER, PERSON, plant
 

@@ -10,17 +10,12 @@ from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 from sqlalchemy.orm import Session, sessionmaker
 
+from orders.mirror import upsert_order
 from otacm.processes import open_runtime
 from otacm.settings import Settings
 from receiver import metrics
 from receiver.metrics import VenueCallMetrics
-from storage.models import (
-    ChangeSource,
-    ForeignOrder,
-    VenueOrder,
-    ensure_connection,
-    upsert_order,
-)
+from storage.models import ChangeSource, ForeignOrder, VenueOrder, ensure_connection
 from venue.connection import VenueConnection
 from venue.models import Order
 

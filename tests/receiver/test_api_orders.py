@@ -22,9 +22,9 @@ from flask.testing import FlaskClient
 from pydantic import SecretStr
 from sqlalchemy.orm import Session, sessionmaker
 
+from orders.sender import run_outbox_once
 from otacm.settings import Settings
 from receiver.api import CLIENT_FACTORY
-from receiver.outbox import run_outbox_once
 from sandbox import SandboxConfig, SandboxServer
 from sandbox.config import DEFAULT_PARTNERS
 from storage.models import (

@@ -27,15 +27,10 @@ from storage.engine import make_sessions
 from storage.migrate import upgrade
 from storage.models import (
     ChangeSource,
-    ExceptionState,
     Inbox,
     InboxSource,
     InboxState,
-    JobRun,
     OrderItem,
-    ReconException,
-    ReconRun,
-    ReconTrigger,
     StatusChange,
     VenueOrder,
     Wallet,
@@ -43,6 +38,7 @@ from storage.models import (
     ensure_connection,
     inbox_dedup_key,
 )
+from storage.records import ExceptionState, JobRun, ReconException, ReconRun, ReconTrigger
 from tests.receiver.notifications import STATE_B, notification
 from venue.models import OrderStatus
 

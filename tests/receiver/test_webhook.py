@@ -19,7 +19,7 @@ from flask.testing import FlaskClient
 from sqlalchemy.orm import Session, sessionmaker
 
 from otacm.settings import Settings
-from receiver import inbox
+from orders import inbox
 from receiver.webhook import WEBHOOK_PATH
 from storage.engine import DriverTransaction, make_engine, make_sessions
 from storage.migrate import upgrade

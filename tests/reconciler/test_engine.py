@@ -20,19 +20,15 @@ from sqlalchemy.orm import Session, sessionmaker
 from reconciler.categories import Category
 from reconciler.engine import ReconRunFailed, reconcile, reconcile_connections
 from storage.models import (
-    ExceptionEvent,
     LedgerLine,
     LedgerSource,
     LedgerState,
     OrderItem,
-    ReconException,
-    ReconRun,
-    ReconTotal,
-    ReconTrigger,
     VenueOrder,
     Wallet,
     ensure_connection,
 )
+from storage.records import ExceptionEvent, ReconException, ReconRun, ReconTotal, ReconTrigger
 from venue.models import OrderStatus
 
 PARTNER = "7d1c2f3a-0000-4000-8000-000000000001"

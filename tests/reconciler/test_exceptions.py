@@ -19,7 +19,8 @@ from reconciler.exceptions import (
     list_runs,
     resolve,
 )
-from storage.models import LedgerLine, ReconException, ReconRun, ensure_connection
+from storage.models import LedgerLine, ensure_connection
+from storage.records import ReconException, ReconRun
 from tests.reconciler.test_engine import (
     NOW,
     PARTNER,

@@ -14,8 +14,8 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 from sqlalchemy.orm import Session, sessionmaker
 
+from orders.outbox import record_submission
 from otacm.cli import main
-from receiver.outbox import record_submission
 from reconciler.ledger import COLUMNS, LedgerFileError, import_ledger
 from storage.models import LedgerLine, LedgerSource, LedgerState, ensure_connection
 from venue.models import OrderRequest

@@ -32,19 +32,16 @@ from reconciler.report import (
     load_run_report,
     render_report,
 )
-from storage.models import (
+from storage.models import LedgerLine, LedgerSource, VenueOrder, ensure_connection
+from storage.records import (
     ExceptionAction,
     ExceptionEvent,
     ExceptionState,
-    LedgerLine,
-    LedgerSource,
     ReconException,
     ReconRun,
     ReconRunState,
     ReconTotal,
     ReconTrigger,
-    VenueOrder,
-    ensure_connection,
 )
 from venue.models import OrderStatus
 

@@ -12,7 +12,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from receiver.inbox import store_notifications
+from orders.inbox import store_notifications
 from storage import migrate
 from storage.models import Base, InboxSource, canonical_payload, inbox_dedup_key
 

@@ -15,12 +15,11 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from orders.mirror import foreign_order_ids, forget_foreign_orders, mark_removed, upsert_order
+from storage.flush import ColumnOverflow
 from storage.models import (
     Asset,
     ChangeSource,
-    ColumnOverflow,
-    FeedCursor,
-    FeedMark,
     ForeignOrder,
     Inbox,
     InboxSource,
@@ -32,12 +31,9 @@ from storage.models import (
     Wallet,
     canonical_payload,
     ensure_connection,
-    foreign_order_ids,
-    forget_foreign_orders,
     inbox_dedup_key,
-    mark_removed,
-    upsert_order,
 )
+from storage.records import FeedCursor, FeedMark
 from venue.models import Order, OrderStatus
 
 ORDER_ID = "5f0c1d2e-3a4b-4c5d-8e9f-0a1b2c3d4e5f"

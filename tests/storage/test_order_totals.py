@@ -16,9 +16,11 @@ import sqlalchemy as sa
 from alembic import command
 from sqlalchemy.orm import Session, sessionmaker
 
+from orders.mirror import upsert_order
 from storage import migrate
 from storage.engine import make_sessions
-from storage.models import ChangeSource, LedgerLine, VenueOrder, order_totals, upsert_order
+from storage.models import ChangeSource, LedgerLine, VenueOrder
+from storage.totals import order_totals
 from tests.storage.test_models import T0, connection_id, ledger_line, parse, wire_order
 from venue.models import reference_set_key
 

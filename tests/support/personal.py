@@ -7,8 +7,9 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from receiver.outbox import record_submission
-from storage.models import ChangeSource, OutboxState, ensure_connection, upsert_order
+from orders.mirror import upsert_order
+from orders.outbox import record_submission
+from storage.models import ChangeSource, OutboxState, ensure_connection
 from venue.models import Order, OrderRequest
 
 PARTNER = "21e8c1d2-3f4a-4c5b-9e6d-7f8a9b0c1d2e"

@@ -29,9 +29,9 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
+from orders.worker import WorkerReport, run_once
 from otacm.settings import Settings
 from receiver.testing import LiveReceiver, served_receiver
-from receiver.worker import WorkerReport, run_once
 from sandbox import Faults, SandboxConfig, SandboxServer
 from sandbox.pipeline import CycleReport
 from storage.engine import make_sessions

@@ -12,7 +12,7 @@ see ``VenueOrder.summarize_items``) it is one row per order:
 - ``ledger_line.external_references_key``: the listed numbers, in the same form.
 
 Existing rows are filled in by the same functions that keep them
-(``storage.models.order_totals`` through ``storage.refill``, ``reference_set_key``), a
+(``storage.totals.order_totals`` through ``storage.refill``, ``reference_set_key``), a
 thousand rows at a time.
 
 Revision ID: 0004

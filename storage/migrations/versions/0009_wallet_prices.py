@@ -5,7 +5,7 @@ The venue prices each wallet with everything it holds (CMTicketIssuer
 the per-person price times the quantity. Totals kept before this revision scaled every
 item's wallets by quantity / wallets, which counted a group sale ``quantity`` times over
 and made it a false amount mismatch. Every stored order's totals are recomputed with
-``storage.models.order_totals`` (through ``storage.refill``), a thousand orders at a time.
+``storage.totals.order_totals`` (through ``storage.refill``), a thousand orders at a time.
 
 Revision ID: 0009
 Revises: 0008

@@ -4,7 +4,7 @@ The venue's webhooks and getOrder are company-wide, so other partners' orders re
 otacm. ``foreign_order`` keeps, per connection, the id (and partner) of each such order
 the worker fetched once, and nothing else of it, so that later notifications of it are
 settled with no venue call. Orders of such partners already in the mirror are erased by
-:func:`storage.models.forget_foreign_orders` when the worker or scheduler starts (it
+:func:`orders.mirror.forget_foreign_orders` when the worker or scheduler starts (it
 needs the settings' partners, which a migration does not have). The downgrade drops the
 table.
 

@@ -28,31 +28,23 @@ from pydantic import SecretStr, ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
 from heartbeat.actions import error_orders
-from otacm.processes import OUTBOX_RETRY_SECONDS
-from otacm.settings import Settings
-from receiver.outbox import (
-    DEFAULT_LEASE_SECONDS,
-    FOUND_IN_ERROR,
+from orders.actions import act_now
+from orders.attempt import FOUND_IN_ERROR, NO_LONGER_KNOWN, SendOutcome
+from orders.mirror import upsert_order
+from orders.outbox import DEFAULT_LEASE_SECONDS, claim_outbox, record_action, record_submission
+from orders.sender import OutboxReport, run_outbox_once, send_outbox_row
+from orders.submission import (
     NO_CURRENCY,
-    NO_LONGER_KNOWN,
-    OutboxReport,
-    SendOutcome,
     SubmissionError,
-    SubmitStatus,
-    act_now,
     check_connection,
     choose_connection,
-    claim_outbox,
     parse_submission,
     read_submissions,
-    record_action,
-    record_submission,
-    run_outbox_once,
-    send_outbox_row,
-    submit_file,
-    submit_now,
 )
-from receiver.worker import run_once
+from orders.submit import SubmitStatus, submit_file, submit_now
+from orders.worker import run_once
+from otacm.processes import OUTBOX_RETRY_SECONDS
+from otacm.settings import Settings
 from reconciler.engine import reconcile_connections
 from sandbox import SandboxConfig, SandboxServer
 from sandbox.config import DEFAULT_PARTNERS
@@ -67,14 +59,12 @@ from storage.models import (
     Outbox,
     OutboxOperation,
     OutboxState,
-    ReconException,
-    ReconTrigger,
     StatusChange,
     VenueOrder,
     Wallet,
     ensure_connection,
-    upsert_order,
 )
+from storage.records import ReconException, ReconTrigger
 from storage.types import MONEY_MAX, utcnow
 from tests.support.stack import wait_until
 from venue.client import RetryPolicy, VenueClient, open_client

@@ -8,7 +8,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from receiver.inbox import POLL_EVENT, Lookup, NewInboxRow, queue_lookups, store_notifications
+from orders.inbox import POLL_EVENT, Lookup, NewInboxRow, queue_lookups, store_notifications
 from storage.models import Inbox, InboxSource, ensure_connection
 
 NOW = dt.datetime(2024, 1, 15, 10, 31, tzinfo=dt.UTC)

@@ -2,13 +2,13 @@
 
 An order is named by the venue's orderId, the shop's reference (``sellToOrderReference``,
 any case) or the venue's own ``buyFromOrderReference``, as
-:func:`storage.story.find_orders` finds it. What ``orders show`` prints, the order's
-story, is :mod:`storage.story`'s: it needs no outbox.
+:func:`orders.story.find_orders` finds it. What ``orders show`` prints, the order's
+story, is :mod:`orders.story`'s: it needs no outbox.
 
 ``orders replace`` and ``orders cancel`` act on the order the reference names now (the
 latest the venue still has): :func:`replace_order` and :func:`cancel_order` record the
 replaceOrder or deleteOrder in the outbox and send it at once
-(:func:`receiver.outbox.act_now`); an answer that may pass leaves it queued for the
+(:func:`orders.actions.act_now`); an answer that may pass leaves it queued for the
 scheduler. They check what cannot change (a replacement's partner and reference), but
 send whatever the mirror says of the order's state: the venue decides, the mirror may
 lag it (an order shown Submitted may be in Error by now), and a refusal costs one call
@@ -30,20 +30,23 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from receiver.outbox import (
-    DEFAULT_LEASE_SECONDS,
-    SendOutcome,
-    SendResult,
-    Submission,
-    SubmissionError,
-    act_now,
-    read_submissions,
-    replacement_body,
+from orders.attempt import SendOutcome, SendResult
+from orders.outbox import DEFAULT_LEASE_SECONDS, DEFAULT_MAX_ATTEMPTS, record_action
+from orders.sender import send_outbox_row
+from orders.story import find_orders
+from orders.submission import Submission, SubmissionError, read_submissions, replacement_body
+from orders.worker import new_owner
+from storage.models import (
+    OutboxOperation,
+    VenueConnection,
+    VenueOrder,
 )
-from storage.models import OutboxOperation, VenueConnection, VenueOrder
-from storage.story import find_orders
 from venue.client import VenueClient
-from venue.models import OrderStatus, canonical_guid, normalize_reference
+from venue.models import (
+    OrderStatus,
+    canonical_guid,
+    normalize_reference,
+)
 
 
 class OrderActionError(Exception):
@@ -352,4 +355,56 @@ def _outcome(target: _Target, operation: OutboxOperation, result: SendResult) ->
         message=message,
         outbox_id=result.outbox_id,
         next_attempt_at=next_attempt_at,
+    )
+
+
+def act_now(
+    sessions: sessionmaker[Session],
+    client: VenueClient,
+    connection_id: int,
+    operation: OutboxOperation,
+    order_id: str,
+    *,
+    now: dt.datetime,
+    request: dict[str, Any] | None = None,
+    owner: str | None = None,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+) -> SendResult:
+    """Record a confirm, replace or delete of an order, then try once to send it at once.
+
+    As :func:`submit_now` for a sale: the row is committed before the call, so a failure
+    that may pass leaves it queued for the outbox sender (``RETRYING``); a row behind an
+    earlier unfinished row for the same order is only recorded (``NOT_CLAIMED``).
+
+    Args:
+        sessions: the session factory; recording and sending commit on their own.
+        client: the venue client of ``connection_id``.
+        connection_id: the venue connection's row id.
+        operation: ``confirm``, ``replace`` or ``delete``.
+        order_id: the venue's orderId.
+        now: the current time (aware).
+        request: the body, as for :func:`record_action`.
+        owner: the lease owner name; a new one if not given.
+        lease_seconds: how long the row is held while it is sent.
+        max_attempts: as for :func:`send_outbox_row`.
+
+    Returns:
+        What came of the send.
+
+    Raises:
+        sqlalchemy.exc.SQLAlchemyError: the action could not be recorded; nothing was sent.
+    """
+    with sessions.begin() as session:
+        outbox_id = record_action(
+            session, connection_id, operation, order_id, now=now, request=request
+        ).id
+    return send_outbox_row(
+        sessions,
+        client,
+        outbox_id,
+        owner=owner or new_owner(),
+        now=now,
+        lease_seconds=lease_seconds,
+        max_attempts=max_attempts,
     )

@@ -4,16 +4,16 @@ This module owns the life of an :class:`~storage.models.Inbox` row after the rec
 stored it: :func:`claim_batch` leases due rows to one worker, :func:`process_claims` calls
 getOrder once per order (rows of one batch for the same order share the call, outside any
 database transaction) and applies the venue's answer with
-:func:`~storage.models.upsert_order` — the venue's status is the truth, the notification's
-only a hint — or :func:`~storage.models.mark_removed` on a 404 naming the order
+:func:`~orders.mirror.upsert_order` — the venue's status is the truth, the notification's
+only a hint — or :func:`~orders.mirror.mark_removed` on a 404 naming the order
 (:func:`~venue.errors.order_gone`; any other failure is retried). The venue notifies and
 answers getOrder company-wide, so an answer may be an order of a partner not configured
 for the connection: nothing of it is mirrored, its id alone is noted
-(:func:`~storage.models.note_foreign_order`), and later rows for it are finished with no
+(:func:`~orders.mirror.note_foreign_order`), and later rows for it are finished with no
 call. Venue failures, and answers
 the mirror cannot hold (a malformed body, text a column refuses or too wide for it, a
 number out of range: :class:`~venue.errors.VenueProtocolError`,
-:class:`~storage.models.ColumnOverflow`), send a row back to pending with exponential
+:class:`~storage.flush.ColumnOverflow`), send a row back to pending with exponential
 backoff (:func:`backoff`) until ``max_attempts``, then to the dead letters, which
 :func:`replay_dead` (``otacm inbox replay``) makes pending again. :func:`run_once` is one
 claim-and-process pass and :func:`run_forever` the loop a worker process runs. Leases are
@@ -42,20 +42,11 @@ import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from orders.mirror import foreign_order_ids, mark_removed, note_foreign_order, upsert_order
 from storage.engine import WaitStopped, retry_while_unavailable
+from storage.flush import ColumnOverflow
 from storage.lease import NO_SYNC, LeasedQueue
-from storage.models import (
-    ChangeSource,
-    ColumnOverflow,
-    Inbox,
-    InboxSource,
-    InboxState,
-    VenueOrder,
-    foreign_order_ids,
-    mark_removed,
-    note_foreign_order,
-    upsert_order,
-)
+from storage.models import ChangeSource, Inbox, InboxSource, InboxState, VenueOrder
 from storage.types import utcnow
 from venue.client import VenueClient
 from venue.errors import VenueError, VenueRejected, VenueUnavailable, order_gone
@@ -666,7 +657,7 @@ def _set_aside(
     The venue notifies and answers getOrder company-wide (CMOrderWebhooks;
     ChannelMgrOrderAgent ``GetOrder``), so an order of a partner not configured for the
     connection can arrive. ``order`` is the one getOrder just returned (its id and
-    partner are noted, :func:`~storage.models.note_foreign_order`), or ``None`` when it
+    partner are noted, :func:`~orders.mirror.note_foreign_order`), or ``None`` when it
     was noted before: then no call was made.
     """
     with sessions.begin() as session:

@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from pydantic import SecretStr
 from sqlalchemy.orm import Session, sessionmaker
 
-from receiver.worker import (
+from orders.worker import (
     BACKOFF_BASE_SECONDS,
     BACKOFF_CAP_SECONDS,
     Claim,
@@ -493,7 +493,7 @@ def test_each_processed_order_is_logged_without_customer_data(
     with caplog.at_level(logging.DEBUG):
         once(sessions, clients, T0)
 
-    worker_lines = [r.getMessage() for r in caplog.records if r.name == "receiver.worker"]
+    worker_lines = [r.getMessage() for r in caplog.records if r.name == "orders.worker"]
     assert any(ORDER_ID in line and "Issued" in line for line in worker_lines)
     for secret in (CUSTOMER_NAME, CUSTOMER_EMAIL, API_KEY):
         assert secret not in caplog.text
@@ -521,7 +521,7 @@ def test_an_order_newly_in_error_is_a_warning_with_the_venues_reason_once(
     warnings = [
         r.getMessage()
         for r in caplog.records
-        if r.name == "receiver.worker" and r.levelno == logging.WARNING
+        if r.name == "orders.worker" and r.levelno == logging.WARNING
     ]
     assert len(warnings) == 1
     assert ORDER_ID in warnings[0] and "Unknown item '99999'" in warnings[0]

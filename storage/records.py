@@ -1,0 +1,324 @@
+"""RECORDS"""
+
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal
+from enum import StrEnum
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import (
+    Mapped,
+    mapped_column,
+    relationship,
+)
+
+from storage.models import ACTOR, GUID, REFERENCE, VENUE_CURRENCY, Base, BigId, enum_column
+from storage.types import Money, UTCDateTime, utcnow
+
+
+class ReconTrigger(StrEnum):
+    """Who started a reconciliation run."""
+
+    MANUAL = "manual"
+    SCHEDULED = "scheduled"
+
+
+class ReconRunState(StrEnum):
+    """A reconciliation run's progress."""
+
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+
+
+class ExceptionState(StrEnum):
+    """A reconciliation exception's state in finance's review."""
+
+    OPEN = "open"
+    RESOLVED = "resolved"
+    ACCEPTED = "accepted"
+    CLOSED = "closed"
+
+
+class ExceptionAction(StrEnum):
+    """What happened to a reconciliation exception, for its history."""
+
+    OPENED = "opened"
+    SEEN = "seen"
+    CLOSED = "closed"
+    REOPENED = "reopened"
+    RESOLVED = "resolved"
+    ACCEPTED = "accepted"
+
+
+class FeedCursor(Base):
+    """The highest ``rowVersion`` read from a partner's change feed."""
+
+    __tablename__ = "feed_cursor"
+
+    connection_id: Mapped[int] = mapped_column(
+        sa.ForeignKey("venue_connection.id"), primary_key=True
+    )
+    partner_id: Mapped[str] = mapped_column(GUID, primary_key=True)
+    last_row_version: Mapped[int] = mapped_column(sa.BigInteger)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class FeedMark(Base):
+    """A value the feed cursor reached, and when: the cursor's recent history.
+
+    ``rowVersion`` is one counter for the venue's whole database, so a number of
+    versions below the high-water mark says nothing about time; the feed re-reads from
+    the mark as it stood a configured number of minutes ago, which this history tells
+    (:mod:`heartbeat.feed`). Rows older than that window are pruned, but for the newest
+    of them.
+    """
+
+    __tablename__ = "feed_mark"
+
+    connection_id: Mapped[int] = mapped_column(
+        sa.ForeignKey("venue_connection.id"), primary_key=True
+    )
+    partner_id: Mapped[str] = mapped_column(GUID, primary_key=True)
+    row_version: Mapped[int] = mapped_column(sa.BigInteger, primary_key=True)
+    recorded_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+
+class JobRun(Base):
+    """The run record of the scheduled job ``name``, shared by every scheduler process.
+
+    Who may run a job *right now* is decided by a database lock
+    (:func:`heartbeat.coordination.job_lock`), not by this row; the row says when the
+    job last ran and when it is next due, so that several schedulers ticking on their
+    own clocks run it once per interval between them, not once each. ``finished_at`` is
+    ``None`` while a run is under way, or when its process died mid-run;
+    ``last_success_at`` is when the last successful run ended. ``runs``
+    counts the runs started; ``failures`` the failed runs since the last success.
+    ``last_error`` is the last failure's exception type and message, never a secret.
+    """
+
+    __tablename__ = "job_run"
+
+    name: Mapped[str] = mapped_column(sa.String(100), primary_key=True)
+    owner: Mapped[str] = mapped_column(ACTOR)
+    started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    last_success_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    next_due_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    runs: Mapped[int] = mapped_column(default=0)
+    failures: Mapped[int] = mapped_column(default=0)
+    last_error: Mapped[str | None] = mapped_column(sa.Text)
+
+
+class SubscriptionCheck(Base):
+    """What the scheduled subscription check last found at a venue connection.
+
+    Written by :func:`heartbeat.subscriptions.check_subscriptions` at every run, read by
+    ``/metrics``: whether the connection's webhook subscription was usable after the
+    check (found, or made), when a check last had to make one because none was usable
+    (missing or inactive: webhooks were not arriving until then), and the last failure,
+    a message built from identifiers (never a client state).
+    """
+
+    __tablename__ = "subscription_check"
+
+    connection_id: Mapped[int] = mapped_column(
+        sa.ForeignKey("venue_connection.id"), primary_key=True
+    )
+    checked_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    usable: Mapped[bool]
+    recreated_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(sa.Text)
+
+
+class ReconRun(Base):
+    """One comparison of the ledger with the mirror over a period."""
+
+    __tablename__ = "recon_run"
+    __table_args__ = (sa.Index(None, "connection_id", "started_at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    connection_id: Mapped[int] = mapped_column(sa.ForeignKey("venue_connection.id"))
+    started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    period_from: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    period_to: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    trigger: Mapped[ReconTrigger] = mapped_column(enum_column(ReconTrigger, "trigger"))
+    state: Mapped[ReconRunState] = mapped_column(
+        enum_column(ReconRunState, "state"), default=ReconRunState.RUNNING
+    )
+    # The finance user who started a manual run; None for scheduled runs.
+    actor: Mapped[str | None] = mapped_column(ACTOR)
+    error: Mapped[str | None] = mapped_column(sa.Text)
+
+    totals: Mapped[list[ReconTotal]] = relationship(
+        back_populates="run", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+
+class ReconTotal(Base):
+    """A run's count and amounts for one currency and category."""
+
+    __tablename__ = "recon_total"
+    __table_args__ = (sa.UniqueConstraint("recon_run_id", "currency", "category"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    recon_run_id: Mapped[int] = mapped_column(sa.ForeignKey("recon_run.id", ondelete="CASCADE"))
+    # The sale's currency, or an orphan order's as the venue wrote it.
+    currency: Mapped[str] = mapped_column(VENUE_CURRENCY)
+    category: Mapped[str] = mapped_column(sa.String(32))
+    count: Mapped[int]
+    ledger_amount: Mapped[Decimal] = mapped_column(Money)
+    venue_amount: Mapped[Decimal] = mapped_column(Money)
+
+    run: Mapped[ReconRun] = relationship(back_populates="totals")
+
+
+class ReconException(Base):
+    """A difference between ledger and mirror, tracked across runs until it is closed.
+
+    ``subject_key`` names what differs (a reference key, an order id); with the category
+    it identifies the exception, so a difference seen again is the same exception.
+    ``subject_at`` is when the subject happened (the sale's ``sold_at``, an orphan
+    order's ``received_at``): a run closes only the exceptions whose subject lies in its
+    period and that it did not find again.
+    """
+
+    __tablename__ = "recon_exception"
+    __table_args__ = (
+        sa.UniqueConstraint("connection_id", "category", "subject_key"),
+        sa.Index(None, "connection_id", "state"),
+        sa.Index(None, "connection_id", "subject_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    connection_id: Mapped[int] = mapped_column(sa.ForeignKey("venue_connection.id"))
+    category: Mapped[str] = mapped_column(sa.String(32))
+    # ledger:<partner id>:<reference key> or order:<order id>; longer than a reference.
+    subject_key: Mapped[str] = mapped_column(sa.String(200))
+    subject_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    ledger_line_id: Mapped[int | None] = mapped_column(
+        sa.ForeignKey("ledger_line.id", ondelete="SET NULL")
+    )
+    venue_order_id: Mapped[int | None] = mapped_column(
+        sa.ForeignKey("venue_order.id", ondelete="SET NULL")
+    )
+    currency: Mapped[str | None] = mapped_column(VENUE_CURRENCY)
+    ledger_amount: Mapped[Decimal | None] = mapped_column(Money)
+    venue_amount: Mapped[Decimal | None] = mapped_column(Money)
+    details: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
+    state: Mapped[ExceptionState] = mapped_column(
+        enum_column(ExceptionState, "state"), default=ExceptionState.OPEN
+    )
+    first_seen_run_id: Mapped[int] = mapped_column(sa.ForeignKey("recon_run.id"))
+    last_seen_run_id: Mapped[int] = mapped_column(sa.ForeignKey("recon_run.id"))
+    closed_run_id: Mapped[int | None] = mapped_column(sa.ForeignKey("recon_run.id"))
+    first_seen_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+    events: Mapped[list[ExceptionEvent]] = relationship(
+        back_populates="exception",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+        order_by="ExceptionEvent.id",
+    )
+
+
+class ExceptionEvent(Base):
+    """One entry in an exception's history: what happened, who did it, and why."""
+
+    __tablename__ = "exception_event"
+    __table_args__ = (sa.Index(None, "recon_exception_id", "at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    recon_exception_id: Mapped[int] = mapped_column(
+        sa.ForeignKey("recon_exception.id", ondelete="CASCADE")
+    )
+    recon_run_id: Mapped[int | None] = mapped_column(sa.ForeignKey("recon_run.id"))
+    action: Mapped[ExceptionAction] = mapped_column(enum_column(ExceptionAction, "action"))
+    actor: Mapped[str | None] = mapped_column(ACTOR)
+    note: Mapped[str | None] = mapped_column(sa.Text)
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+    exception: Mapped[ReconException] = relationship(back_populates="events")
+
+
+class FinanceSession(Base):
+    """A finance user's sign-in, checked at every request to the finance pages.
+
+    The browser's cookie holds a random token; the row is found by its SHA-256 (``id``),
+    so the table alone cannot be replayed as cookies. A sign-in ends at ``expires_at``
+    (an absolute lifetime), after an idle time without requests (``last_seen_at``,
+    touched at most once a minute), when revoked (sign-out, ``otacm finance
+    sign-out-all``), or when the user's password hash in the settings no longer has the
+    ``password_fingerprint`` (a SHA-256 of the hash) it was signed in with.
+    """
+
+    __tablename__ = "finance_session"
+    __table_args__ = (sa.Index(None, "user_name"), sa.Index(None, "expires_at"))
+
+    id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    user_name: Mapped[str] = mapped_column(ACTOR)
+    password_fingerprint: Mapped[str] = mapped_column(sa.String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    last_seen_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+
+
+class SignInAttempt(Base):
+    """One sign-in attempt at the finance pages: the throttle counts the failed ones.
+
+    ``user_name`` is the name typed in (known or not, cut to the column's width), so
+    the throttle treats an unknown name as it treats a user's; ``address`` is the
+    client's address as the app sees it. Rows older than the throttle's window are
+    deleted at the next attempt.
+    """
+
+    __tablename__ = "sign_in_attempt"
+    __table_args__ = (
+        sa.Index(None, "user_name", "at"),
+        sa.Index(None, "address", "at"),
+        sa.Index(None, "at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    user_name: Mapped[str] = mapped_column(ACTOR)
+    address: Mapped[str] = mapped_column(sa.String(100))
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    ok: Mapped[bool]
+
+
+class ErasureKind(StrEnum):
+    """What an erasure of personal data answered."""
+
+    RETENTION = "retention"
+    """The scheduled erasure of what is past its retention (``OTACM_PERSONAL_DATA_DAYS``)."""
+    EMAIL = "email"
+    """A data subject's request, naming their e-mail address."""
+    REFERENCE = "reference"
+    """A data subject's request, naming an order by its reference or orderId."""
+
+
+class PrivacyErasure(Base):
+    """One erasure of customers' names and e-mails: who, when, what selected, how much.
+
+    ``selector`` never holds an e-mail address: for :attr:`ErasureKind.EMAIL` it is the
+    SHA-256 of the address (trimmed, lower-cased), so a request can be shown handled by
+    hashing the address again; for a reference, the reference as given; for the
+    retention, the cutoff date. ``counts`` is the rows changed per table.
+    """
+
+    __tablename__ = "privacy_erasure"
+    __table_args__ = (sa.Index(None, "at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    kind: Mapped[ErasureKind] = mapped_column(enum_column(ErasureKind, "kind"))
+    actor: Mapped[str] = mapped_column(ACTOR)
+    selector: Mapped[str] = mapped_column(REFERENCE)
+    # None when the erasure covered every connection.
+    connection_id: Mapped[int | None] = mapped_column(sa.ForeignKey("venue_connection.id"))
+    counts: Mapped[dict[str, int]] = mapped_column(sa.JSON)
