@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -11,7 +11,6 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
 
-from otacm.settings import Settings
 from storage.flush import INTEGER_MAX
 from storage.types import MONEY_MAX, JsonRefused, decode_json
 from venue.connection import VenueConnection
@@ -148,24 +147,24 @@ def parse_submission(raw: Any) -> Submission:
     )
 
 
-def choose_connection(settings: Settings, name: str | None) -> VenueConnection:
+def choose_connection(connections: Sequence[VenueConnection], name: str | None) -> VenueConnection:
     """The venue connection a submission names, or the only one when it names none.
 
     Raises:
         SubmissionError: code ``unknown_connection``: no such connection, none
             configured, or several and the submission named none.
     """
-    names = [venue.name for venue in settings.connections]
+    names = [venue.name for venue in connections]
     if name is None:
         if len(names) == 1:
-            return settings.connections[0]
+            return connections[0]
         problem = (
             "no venue connection is configured"
             if not names
             else f"required when several venue connections are configured ({', '.join(names)})"
         )
         raise SubmissionError("connection", problem, code="unknown_connection")
-    for venue in settings.connections:
+    for venue in connections:
         if venue.name == name:
             return venue
     known = ", ".join(names) or "none configured"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from decimal import Decimal
 from enum import StrEnum
@@ -18,7 +18,6 @@ from orders.outbox import DEFAULT_LEASE_SECONDS, DEFAULT_MAX_ATTEMPTS, record_su
 from orders.sender import send_outbox_row
 from orders.submission import SubmissionError, check_connection, choose_connection, read_submissions
 from orders.worker import new_owner
-from otacm.settings import Settings
 from storage.models import (
     Outbox,
     OutboxState,
@@ -26,6 +25,7 @@ from storage.models import (
     ensure_connection,
 )
 from venue.client import RetryPolicy, VenueClient
+from venue.connection import VenueConnection
 from venue.models import (
     OrderRequest,
     OrderStatus,
@@ -266,13 +266,14 @@ def _with(base: SubmitOutcome, **changes: Any) -> SubmitOutcome:
 
 
 def submit_file(
-    settings: Settings,
+    connections: Sequence[VenueConnection],
     path: Path,
     *,
     sessions: sessionmaker[Session],
     clients: Mapping[str, VenueClient],
     now: dt.datetime,
     owner: str | None = None,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
 ) -> list[SubmitOutcome]:
     """``otacm submit FILE``: record and send every order in ``path``.
 
@@ -284,13 +285,15 @@ def submit_file(
     cannot take now stay queued for the outbox sender.
 
     Args:
-        settings: the connections to submit to.
+        connections: the venue connections to submit to.
         path: the file.
         sessions: the session factory.
         clients: a venue client for each connection name used by the file; the caller
             creates and closes them.
         now: the current time (aware).
         owner: the lease owner name; a new one if not given.
+        lease_seconds: how long each row is held while it is sent
+            (``OTACM_OUTBOX_LEASE_SECONDS``).
 
     Returns:
         One outcome per order, in the file's order.
@@ -308,7 +311,7 @@ def submit_file(
     chosen = []
     for index, submission in enumerate(submissions):
         try:
-            venue = choose_connection(settings, submission.connection)
+            venue = choose_connection(connections, submission.connection)
             check_connection(venue, submission.request)
         except SubmissionError as exc:
             where = f"[{index}]." if len(submissions) > 1 else ""
@@ -335,7 +338,7 @@ def submit_file(
             amount_includes_vat=submission.amount_includes_vat,
             connection=name,
             owner=owner,
-            lease_seconds=settings.outbox_lease_seconds,
+            lease_seconds=lease_seconds,
         )
         for submission, name in zip(submissions, chosen, strict=True)
     ]

@@ -593,7 +593,14 @@ def submit(cli: CliContext, file: Path, as_json: bool) -> None:
             for c in settings.connections
         }
         try:
-            outcomes = submit_file(settings, file, sessions=sessions, clients=clients, now=utcnow())
+            outcomes = submit_file(
+                settings.connections,
+                file,
+                sessions=sessions,
+                clients=clients,
+                now=utcnow(),
+                lease_seconds=settings.outbox_lease_seconds,
+            )
         except SubmissionsRefused as refused:
             for exc in refused.refusals:  # one line per refused order
                 click.echo(f"Error: {file}: {exc}", err=True)

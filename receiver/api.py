@@ -128,7 +128,7 @@ def create_order() -> Response:
     body = read_json_body(request, receiver.settings.webhook_max_bytes, exact_numbers=True)
     try:
         submission = parse_submission(body)
-        venue = choose_connection(receiver.settings, submission.connection)
+        venue = choose_connection(receiver.settings.connections, submission.connection)
         check_connection(venue, submission.request)
     except SubmissionError as exc:
         if exc.code == "unknown_connection":

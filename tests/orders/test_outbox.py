@@ -434,8 +434,8 @@ def test_an_invalid_line_names_the_line_and_field() -> None:
 def test_the_only_connection_is_the_default_and_several_need_a_name() -> None:
     """No name picks the only connection; with two, the name is required and checked."""
     other = CONNECTION.model_copy(update={"name": "other"})
-    one = Settings(connections=[CONNECTION])
-    two = Settings(connections=[CONNECTION, other])
+    one = [CONNECTION]
+    two = [CONNECTION, other]
 
     assert choose_connection(one, None).name == "default"
     assert choose_connection(two, "other").name == "other"
@@ -1348,9 +1348,9 @@ def test_otacm_submit_holds_its_row_for_the_configured_lease(
     venue.scripts = [watch]
     path = tmp_path / "order.json"
     path.write_text(json.dumps(order_body("F-1")), encoding="utf-8")
-    settings = Settings(connections=[CONNECTION], outbox_lease_seconds=7)
-
-    [outcome] = submit_file(settings, path, sessions=sessions, clients={"default": client}, now=T0)
+    [outcome] = submit_file(
+        [CONNECTION], path, sessions=sessions, clients={"default": client}, now=T0, lease_seconds=7
+    )
 
     assert outcome.status is SubmitStatus.SENT
     assert leases == [T0 + dt.timedelta(seconds=7)]
@@ -1371,9 +1371,10 @@ def test_submit_file_records_and_sends_every_order(
         order_body("F-1"),
     ]
     path.write_text("\n".join(json.dumps(entry) for entry in entries), encoding="utf-8")
-    settings = Settings(connections=[CONNECTION])
 
-    outcomes = submit_file(settings, path, sessions=sessions, clients={"default": client}, now=T0)
+    outcomes = submit_file(
+        [CONNECTION], path, sessions=sessions, clients={"default": client}, now=T0
+    )
 
     assert [(o.reference, o.status) for o in outcomes] == [
         ("F-1", SubmitStatus.SENT),
@@ -1391,10 +1392,9 @@ def test_a_bad_file_records_nothing(
     """One invalid entry stops the whole file before anything is recorded or sent."""
     path = tmp_path / "orders.json"
     path.write_text(json.dumps([order_body("G-1"), order_body("G-2", items=[])]), encoding="utf-8")
-    settings = Settings(connections=[CONNECTION])
 
     with pytest.raises(SubmissionError, match=r"^\[1\]\.items: "):
-        submit_file(settings, path, sessions=sessions, clients={"default": client}, now=T0)
+        submit_file([CONNECTION], path, sessions=sessions, clients={"default": client}, now=T0)
 
     assert rows(sessions, LedgerLine) == []
     assert venue.calls == Counter()
@@ -1414,7 +1414,7 @@ def test_a_file_with_a_partner_not_configured_records_nothing(
 
     with pytest.raises(SubmissionError, match=r"^\[1\]\.partnerId: .*not configured"):
         submit_file(
-            Settings(connections=[CONNECTION]),
+            [CONNECTION],
             path,
             sessions=sessions,
             clients={"default": client},

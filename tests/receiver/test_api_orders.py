@@ -35,8 +35,7 @@ from storage.models import (
     VenueOrder,
     ensure_connection,
 )
-from tests.receiver.conftest import settings_for
-from tests.receiver.test_outbox import (
+from tests.orders.test_outbox import (
     INACTIVE_PARTNER,
     ONCE,
     future,
@@ -46,6 +45,7 @@ from tests.receiver.test_outbox import (
     sandbox_connection,
     unique_reference,
 )
+from tests.receiver.conftest import settings_for
 from venue.client import CallObserver, VenueClient, open_client
 from venue.connection import VenueConnection
 from venue.models import OrderStatus

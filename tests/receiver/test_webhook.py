@@ -18,8 +18,8 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy.orm import Session, sessionmaker
 
-from otacm.settings import Settings
 from orders import inbox
+from otacm.settings import Settings
 from receiver.webhook import WEBHOOK_PATH
 from storage.engine import DriverTransaction, make_engine, make_sessions
 from storage.migrate import upgrade
