@@ -19,7 +19,7 @@ first and at most ``limit`` a run (the API quota):
 Orders that already wait in the inbox (a webhook's row or an earlier lookup, pending or
 leased) are left out: the coming fetch answers for them too.
 
-:func:`stuck_condition` is the one definition of a *stuck* order — in flight, not
+:func:`orders.mirror.stuck_condition` is the one definition of a *stuck* order — in flight, not
 removed, in its status since before a cutoff — which the metrics and the reconciliation
 share. The watchdog counts the orders stuck past ``stuck_after`` and logs them as a
 warning on every run.
@@ -36,6 +36,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from orders.inbox import Lookup, queue_lookups
+from orders.mirror import stuck_condition
 from storage.models import Inbox, InboxState, VenueOrder
 from venue.models import IN_FLIGHT_STATUSES, OrderStatus
 
@@ -79,22 +80,6 @@ class WatchdogReport:
     def as_dict(self) -> dict[str, int]:
         """The counts by name, for logs and ``otacm poll --json``."""
         return {field.name: getattr(self, field.name) for field in fields(self)}
-
-
-def stuck_condition(cutoff: dt.datetime) -> sa.ColumnElement[bool]:
-    """Whether a :class:`~storage.models.VenueOrder` is stuck: in flight since before ``cutoff``.
-
-    In flight is Submitted, Scheduled or Processing; a removed order is not stuck. The
-    time is ``status_changed_at``, when otacm saw the order enter its current status.
-
-    Args:
-        cutoff: orders in their status since before this are stuck (``now - stuck_after``).
-    """
-    return sa.and_(
-        VenueOrder.status.in_(sorted(IN_FLIGHT_STATUSES)),
-        VenueOrder.removed_at.is_(None),
-        VenueOrder.status_changed_at < cutoff,
-    )
 
 
 def check_orders(

@@ -28,6 +28,7 @@ from storage.models import (
 from storage.records import FeedCursor, FeedMark
 from venue import models as wire
 from venue.models import (
+    IN_FLIGHT_STATUSES,
     OrderStatus,
     canonical_guid,
 )
@@ -427,3 +428,19 @@ def retire_other_orders(
             stale.append(Lookup(other.order_id, f"{source}_other_order", other.status))
     if stale:
         queue_lookups(session.connection(), connection_id, stale, now=now)
+
+
+def stuck_condition(cutoff: dt.datetime) -> sa.ColumnElement[bool]:
+    """Whether a :class:`~storage.models.VenueOrder` is stuck: in flight since before ``cutoff``.
+
+    In flight is Submitted, Scheduled or Processing; a removed order is not stuck. The
+    time is ``status_changed_at``, when otacm saw the order enter its current status.
+
+    Args:
+        cutoff: orders in their status since before this are stuck (``now - stuck_after``).
+    """
+    return sa.and_(
+        VenueOrder.status.in_(sorted(IN_FLIGHT_STATUSES)),
+        VenueOrder.removed_at.is_(None),
+        VenueOrder.status_changed_at < cutoff,
+    )

@@ -36,7 +36,7 @@ Two kinds of metric, because a receiver runs as several gunicorn worker processe
     which the venue left no settlement time are counted in
     ``otacm_settlement_lag_untimed{connection}`` instead (see :func:`settlement_lag`);
   - ``otacm_orders_stuck{connection}`` (in flight past ``stuck_after``, as
-    :func:`heartbeat.watchdog.stuck_condition` defines it) and
+    :func:`orders.mirror.stuck_condition` defines it) and
     ``otacm_orders_in_error{connection}`` (Error and not removed at the venue);
   - ``otacm_job_last_success_timestamp_seconds{job_name}``,
     ``otacm_job_failures{job_name}`` (consecutive) and
@@ -85,6 +85,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from prometheus_client.registry import Collector
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
+from orders.mirror import stuck_condition
 from receiver.context import current_receiver
 from receiver.errors import DATABASE_UNAVAILABLE, describe_database_error
 from reconciler.categories import Category
@@ -507,10 +508,6 @@ def _read_delivery(session: Session, *, now: dt.datetime, stuck_after: dt.timede
             delivery.untimed[name] = delivery.untimed.get(name, 0) + 1
         else:
             delivery.lags.setdefault(name, []).append(lag)
-
-    # heartbeat.watchdog queues its look-ups through orders.inbox, which imports the
-    # receiver package and so this module: imported here, either can be imported first.
-    from heartbeat.watchdog import stuck_condition
 
     # In-flight and Error orders are few. Counted per connection, so that each count is
     # a search of the (connection_id, status) index: grouped over the whole table, the

@@ -13,7 +13,8 @@ import logging
 import pytest
 import sqlalchemy as sa
 
-from heartbeat.watchdog import IN_FLIGHT_REASON, RECHECK_REASON, stuck_condition
+from heartbeat.watchdog import IN_FLIGHT_REASON, RECHECK_REASON
+from orders.mirror import stuck_condition
 from storage.models import VenueOrder
 from tests.heartbeat.conftest import HeartbeatStack
 from venue.models import OrderStatus
