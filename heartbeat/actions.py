@@ -135,7 +135,7 @@ def confirm_paid_drafts(
         sessions: the session factory; recording and each send commit on their own.
         clients: the venue client of each connection id; only their drafts are confirmed.
             The caller creates and closes them.
-        owner: the lease owner name (:func:`orders.worker.new_owner`).
+        owner: the lease owner name (:func:`storage.lease.new_owner`).
         now: the current time (aware).
         limit: the most confirms to record in this run, oldest drafts first.
         lease_seconds: how long each confirm's row is held while it is sent

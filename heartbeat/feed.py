@@ -62,30 +62,27 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from orders.inbox import Lookup, queue_lookups
+from orders.mirror import add_headers, locked_orders, record_row_version, update_header
 from storage.flush import ColumnOverflow
-from storage.models import ChangeSource, StatusChange, VenueOrder
+from storage.models import VenueOrder
 from storage.records import FeedCursor, FeedMark
 from venue.client import VenueClient
 from venue.errors import VenueError
-from venue.models import OrderStatus, OrderSummary, UnreadableRow
+from venue.models import OrderSummary, UnreadableRow
 
 logger = logging.getLogger(__name__)
 
 FEED_REASON = "feed"
 """The ``reason`` of the lookups the feed queues."""
-
-_CHUNK = 500
-"""Order ids per ``IN (...)`` list: far below SQLite's limit on bound parameters."""
 
 
 @dataclass
@@ -480,7 +477,7 @@ class _Feed:
         for summary in summaries:
             # In row-version order: a later summary of the same order is the newer one.
             latest[summary.order_id] = summary
-        mirrored = {row.order_id: row for row in self.locked_orders(session, latest)}
+        mirrored = {row.order_id: row for row in locked_orders(session, self.connection_id, latest)}
         lookups: list[Lookup] = []
         new_orders: list[OrderSummary] = []
         for order_id, summary in latest.items():
@@ -495,7 +492,7 @@ class _Feed:
             if lookup is not None:
                 lookups.append(lookup)
         if new_orders:
-            self.add_headers(session, new_orders)
+            self.report.updated += add_headers(session, self.connection_id, new_orders, self.now)
         return lookups
 
     def decide(
@@ -517,7 +514,8 @@ class _Feed:
             return None
         if summary.status.in_flight:
             if not same:
-                self.update_header(session, row, summary, message)
+                update_header(session, row, summary, self.now)
+                self.report.updated += 1
             return None
         if same:
             if version is None or known == version:
@@ -526,68 +524,14 @@ class _Feed:
             # webhook, or for an earlier pass), so it holds this version. Higher: only in
             # a listing after a restore, whose versions are the truth now.
             if known is None or known > version:
-                row.row_version = version
+                record_row_version(row, version)
                 self.report.adopted += 1
                 return None
         # Another status, removed, or a newer version of the same status (a new processing
         # run the feed saw nothing of): fetch it. The fetch will be at least this version.
         if version is not None:
-            row.row_version = version
+            record_row_version(row, version)
         return _lookup(row.order_id, summary, listing=listing)
-
-    def update_header(
-        self, session: Session, row: VenueOrder, summary: OrderSummary, message: str | None
-    ) -> None:
-        """Record an in-flight step on a known order: status, message, history; no items."""
-        row.status = summary.status
-        row.status_message = message
-        row.status_changed_at = self.now
-        row.removed_at = None
-        # The content held belongs to no version now; the settled fetch will be adopted.
-        row.row_version = None
-        if row.buy_from_order_reference is None:
-            row.buy_from_order_reference = summary.buy_from_order_reference
-        session.add(_status_change(row, summary.status, message, self.now))
-        self.report.updated += 1
-
-    def add_headers(self, session: Session, summaries: Sequence[OrderSummary]) -> None:
-        """Header-only mirror rows for unknown in-flight orders, with their first status."""
-        try:
-            with session.begin_nested():
-                session.add_all(_header(self.connection_id, s, self.now) for s in summaries)
-        except IntegrityError:
-            # The worker stored some of these orders meanwhile (from a fetch, so newer
-            # than a summary): add the others one by one and leave those alone.
-            for summary in summaries:
-                try:
-                    with session.begin_nested():
-                        session.add(_header(self.connection_id, summary, self.now))
-                except IntegrityError:
-                    continue
-                self.report.updated += 1
-        else:
-            self.report.updated += len(summaries)
-
-    def locked_orders(self, session: Session, order_ids: Iterable[str]) -> list[VenueOrder]:
-        """The mirror rows of ``order_ids``, locked against a concurrent worker's upsert.
-
-        ``FOR UPDATE`` on PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` already serializes.
-        """
-        wanted = sorted(order_ids)
-        rows: list[VenueOrder] = []
-        for start in range(0, len(wanted), _CHUNK):
-            rows.extend(
-                session.scalars(
-                    sa.select(VenueOrder)
-                    .where(
-                        VenueOrder.connection_id == self.connection_id,
-                        VenueOrder.order_id.in_(wanted[start : start + _CHUNK]),
-                    )
-                    .order_by(VenueOrder.order_id)
-                    .with_for_update()
-                )
-            )
-        return rows
 
 
 def _lookup(order_id: str, summary: OrderSummary, *, listing: bool) -> Lookup:
@@ -599,42 +543,6 @@ def _lookup(order_id: str, summary: OrderSummary, *, listing: bool) -> Lookup:
         status=str(summary.status),
         row_version=None if listing else summary.row_version,
         buy_from_order_reference=summary.buy_from_order_reference,
-    )
-
-
-def _header(connection_id: int, summary: OrderSummary, now: dt.datetime) -> VenueOrder:
-    """A mirror row from a summary: the header only, as the feed first saw the order."""
-    message = summary.status_message
-    row = VenueOrder(
-        connection_id=connection_id,
-        order_id=summary.order_id,
-        partner_id=summary.partner_id,
-        sell_to_order_reference=summary.sell_to_order_reference,
-        buy_from_order_reference=summary.buy_from_order_reference,
-        status=summary.status,
-        status_message=message,
-        status_changed_at=now,
-        received_at=summary.received_at,
-        sell_to_email=summary.sell_to_email,
-        sell_to_name=summary.sell_to_name,
-        sell_to_language=summary.sell_to_language,
-        payment_reference=summary.payment_reference,
-        job_id=summary.job_id,
-        manifest_url=summary.manifest_url,
-        row_version=None,
-        first_seen_at=now,
-    )
-    _status_change(row, summary.status, message, now)
-    return row
-
-
-def _status_change(
-    row: VenueOrder, status: OrderStatus, message: str | None, now: dt.datetime
-) -> StatusChange:
-    # Appended to ``row.status_changes`` through the relationship; a new row brings it
-    # into the session, a row already there needs ``session.add``.
-    return StatusChange(
-        order=row, status=status, status_message=message, observed_at=now, source=ChangeSource.POLL
     )
 
 

@@ -47,6 +47,7 @@ from typing import Any, cast
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
+from orders.mirror import erase_customers
 from storage.models import (
     REFERENCE,
     Base,
@@ -57,7 +58,6 @@ from storage.models import (
     Outbox,
     OutboxState,
     VenueOrder,
-    Wallet,
 )
 from storage.records import ErasureKind, PrivacyErasure
 from venue.models import canonical_guid, normalize_reference
@@ -270,29 +270,7 @@ def _erase_orders(session: Session, pks: Sequence[int], now: dt.datetime) -> int
     if not pks:
         return 0
     chosen = sorted(pks)
-    session.execute(
-        sa.update(VenueOrder)
-        .where(VenueOrder.id.in_(chosen))
-        .values(
-            sell_to_name=None,
-            sell_to_email=None,
-            personal_data_erased_at=sa.func.coalesce(VenueOrder.personal_data_erased_at, now),
-        )
-        .execution_options(synchronize_session=False)
-    )
-    items = sa.select(OrderItem.id).where(OrderItem.venue_order_id.in_(chosen))
-    session.execute(
-        sa.update(OrderItem)
-        .where(OrderItem.venue_order_id.in_(chosen))
-        .values(sell_to_name=None, sell_to_email=None)
-        .execution_options(synchronize_session=False)
-    )
-    session.execute(
-        sa.update(Wallet)
-        .where(Wallet.order_item_id.in_(items.scalar_subquery()))
-        .values(name=None)
-        .execution_options(synchronize_session=False)
-    )
+    erase_customers(session, chosen, now)
     # The calls on these orders (an order's calls name it by orderId and connection).
     keys = session.execute(
         sa.select(VenueOrder.connection_id, VenueOrder.order_id).where(VenueOrder.id.in_(chosen))

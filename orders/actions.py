@@ -35,7 +35,7 @@ from orders.outbox import DEFAULT_LEASE_SECONDS, DEFAULT_MAX_ATTEMPTS, record_ac
 from orders.sender import send_outbox_row
 from orders.story import find_orders
 from orders.submission import Submission, SubmissionError, read_submissions, replacement_body
-from orders.worker import new_owner
+from storage.lease import new_owner
 from storage.models import (
     OutboxOperation,
     VenueConnection,

@@ -26,9 +26,8 @@ from orders.mirror import (
 )
 from orders.outbox import DEFAULT_LEASE_SECONDS, QUEUE, OutboxClaim, apply_replacement
 from orders.submission import Submission
-from orders.worker import LAST_ERROR_MAX_CHARS, backoff, describe_venue_error
 from storage.flush import ColumnOverflow
-from storage.lease import NO_SYNC
+from storage.lease import LAST_ERROR_MAX_CHARS, NO_SYNC, backoff
 from storage.models import (
     ChangeSource,
     Outbox,
@@ -36,7 +35,7 @@ from storage.models import (
     OutboxState,
 )
 from venue.client import VenueClient
-from venue.errors import VenueError
+from venue.errors import VenueError, describe_venue_error
 from venue.models import (
     Order,
     normalize_reference,

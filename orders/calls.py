@@ -18,12 +18,11 @@ from orders.submission import (
     parse_submission,
     payment_reference_problem,
 )
-from orders.worker import describe_venue_error
 from storage.models import (
     OutboxOperation,
     VenueOrder,
 )
-from venue.errors import VenueError, VenueRejected, order_gone
+from venue.errors import VenueError, VenueRejected, describe_venue_error, order_gone
 from venue.models import (
     ConfirmRequest,
     Order,

@@ -33,13 +33,15 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from typing import Any, TypedDict, cast
 
 import sqlalchemy as sa
 from sqlalchemy import Connection, Dialect, Engine
+from sqlalchemy.orm import Session
 
 from storage.engine import (
     DriverTransaction,
@@ -47,8 +49,11 @@ from storage.engine import (
     driver_transaction,
     native_placeholders,
 )
+from storage.lease import NO_SYNC
 from storage.models import Inbox, InboxSource, InboxState, canonical_payload, inbox_dedup_key
 from venue.text import storable_text
+
+logger = logging.getLogger(__name__)
 
 _INBOX: sa.Table = Inbox.__table__  # type: ignore[assignment]
 
@@ -317,3 +322,44 @@ def queue_lookups(
     result = store_notifications(connection, rows)
     skipped = len(lookups) - len(rows)
     return StoreResult(stored=result.stored, duplicates=result.duplicates + skipped, ids=result.ids)
+
+
+def replay_dead(
+    session: Session,
+    *,
+    now: dt.datetime,
+    connection_id: int | None = None,
+    ids: Collection[int] | None = None,
+) -> int:
+    """Make dead-lettered rows pending again, due at ``now``, with their attempts reset.
+
+    ``last_error`` stays until the row next succeeds or fails, so the reason remains
+    visible meanwhile.
+
+    Args:
+        session: the caller's session; not committed.
+        now: when the rows become due (aware).
+        connection_id: only rows of this connection.
+        ids: only these rows.
+
+    Returns:
+        How many rows were made pending.
+    """
+    query = sa.update(Inbox).where(Inbox.state == InboxState.DEAD)
+    if connection_id is not None:
+        query = query.where(Inbox.connection_id == connection_id)
+    if ids is not None:
+        query = query.where(Inbox.id.in_(sorted(ids)))
+    result = session.execute(
+        query.values(
+            state=InboxState.PENDING,
+            attempts=0,
+            next_attempt_at=now,
+            lease_owner=None,
+            lease_expires_at=None,
+        ).execution_options(**NO_SYNC)
+    )
+    count = int(result.rowcount)  # type: ignore[attr-defined]
+    if count:
+        logger.info("replayed %d dead-lettered inbox rows", count)
+    return count

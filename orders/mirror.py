@@ -30,6 +30,7 @@ from venue import models as wire
 from venue.models import (
     IN_FLIGHT_STATUSES,
     OrderStatus,
+    OrderSummary,
     canonical_guid,
 )
 
@@ -443,4 +444,155 @@ def stuck_condition(cutoff: dt.datetime) -> sa.ColumnElement[bool]:
         VenueOrder.status.in_(sorted(IN_FLIGHT_STATUSES)),
         VenueOrder.removed_at.is_(None),
         VenueOrder.status_changed_at < cutoff,
+    )
+
+
+# --- from the change feed: headers of orders in flight ----------------------------------
+
+_CHUNK = 500
+"""Order ids per ``IN (...)`` list: far below SQLite's limit on bound parameters."""
+
+
+def locked_orders(
+    session: Session, connection_id: int, order_ids: Iterable[str]
+) -> list[VenueOrder]:
+    """The mirror rows of ``order_ids``, locked against a concurrent worker's upsert.
+
+    ``FOR UPDATE`` on PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` already serializes.
+    """
+    wanted = sorted(order_ids)
+    rows: list[VenueOrder] = []
+    for start in range(0, len(wanted), _CHUNK):
+        rows.extend(
+            session.scalars(
+                sa.select(VenueOrder)
+                .where(
+                    VenueOrder.connection_id == connection_id,
+                    VenueOrder.order_id.in_(wanted[start : start + _CHUNK]),
+                )
+                .order_by(VenueOrder.order_id)
+                .with_for_update()
+            )
+        )
+    return rows
+
+
+def record_row_version(row: VenueOrder, version: int) -> None:
+    """Note that the mirror holds ``row`` at the venue's ``rowVersion`` ``version``.
+
+    Either its content is that version's (a summary equal to the mirror: *adopted*), or
+    a getOrder is queued that will fetch at least that version.
+    """
+    row.row_version = version
+
+
+def update_header(
+    session: Session, row: VenueOrder, summary: OrderSummary, now: dt.datetime
+) -> None:
+    """Record an in-flight step on a known order: status, message, history; no items."""
+    message = summary.status_message
+    row.status = summary.status
+    row.status_message = message
+    row.status_changed_at = now
+    row.removed_at = None
+    # The content held belongs to no version now; the settled fetch will be adopted.
+    row.row_version = None
+    if row.buy_from_order_reference is None:
+        row.buy_from_order_reference = summary.buy_from_order_reference
+    session.add(_polled_change(row, summary.status, message, now))
+
+
+def add_headers(
+    session: Session, connection_id: int, summaries: Sequence[OrderSummary], now: dt.datetime
+) -> int:
+    """Header-only mirror rows for unknown in-flight orders, with their first status.
+
+    Returns:
+        How many rows were added: an order the worker stored meanwhile (from a fetch, so
+        newer than a summary) is left alone.
+    """
+    try:
+        with session.begin_nested():
+            session.add_all(_header(connection_id, s, now) for s in summaries)
+    except IntegrityError:
+        added = 0
+        for summary in summaries:
+            try:
+                with session.begin_nested():
+                    session.add(_header(connection_id, summary, now))
+            except IntegrityError:
+                continue
+            added += 1
+        return added
+    return len(summaries)
+
+
+def _header(connection_id: int, summary: OrderSummary, now: dt.datetime) -> VenueOrder:
+    """A mirror row from a summary: the header only, as the feed first saw the order."""
+    message = summary.status_message
+    row = VenueOrder(
+        connection_id=connection_id,
+        order_id=summary.order_id,
+        partner_id=summary.partner_id,
+        sell_to_order_reference=summary.sell_to_order_reference,
+        buy_from_order_reference=summary.buy_from_order_reference,
+        status=summary.status,
+        status_message=message,
+        status_changed_at=now,
+        received_at=summary.received_at,
+        sell_to_email=summary.sell_to_email,
+        sell_to_name=summary.sell_to_name,
+        sell_to_language=summary.sell_to_language,
+        payment_reference=summary.payment_reference,
+        job_id=summary.job_id,
+        manifest_url=summary.manifest_url,
+        row_version=None,
+        first_seen_at=now,
+    )
+    _polled_change(row, summary.status, message, now)
+    return row
+
+
+def _polled_change(
+    row: VenueOrder, status: OrderStatus, message: str | None, now: dt.datetime
+) -> StatusChange:
+    # Appended to ``row.status_changes`` through the relationship; a new row brings it
+    # into the session, a row already there needs ``session.add``.
+    return StatusChange(
+        order=row, status=status, status_message=message, observed_at=now, source=ChangeSource.POLL
+    )
+
+
+# --- erasing customers ------------------------------------------------------------------
+
+
+def erase_customers(session: Session, pks: Sequence[int], now: dt.datetime) -> None:
+    """Blank the customers' names and e-mails of these mirrored orders, lines and wallets.
+
+    The order is marked erased (``personal_data_erased_at``, kept if it was already), so
+    that a later fetch of it stores no name again (:mod:`storage.flush`).
+    """
+    chosen = sorted(pks)
+    session.execute(
+        sa.update(VenueOrder)
+        .where(VenueOrder.id.in_(chosen))
+        .values(
+            sell_to_name=None,
+            sell_to_email=None,
+            personal_data_erased_at=sa.func.coalesce(VenueOrder.personal_data_erased_at, now),
+        )
+        .execution_options(synchronize_session=False)
+    )
+    items = sa.select(OrderItem.id).where(OrderItem.venue_order_id.in_(chosen))
+    session.execute(
+        sa.update(OrderItem)
+        .where(OrderItem.venue_order_id.in_(chosen))
+        .values(sell_to_name=None, sell_to_email=None)
+        .execution_options(synchronize_session=False)
+    )
+    session.execute(
+        sa.update(Wallet)
+        .where(Wallet.order_item_id.in_(items.scalar_subquery()))
+        .values(name=None)
+        .execution_options(synchronize_session=False)
     )

@@ -371,7 +371,7 @@ def claim_outbox(
 
     Args:
         sessions: the session factory; the claim commits its own transaction.
-        owner: the sender's name (:func:`~orders.worker.new_owner`).
+        owner: the sender's name (:func:`~storage.lease.new_owner`).
         now: the current time (aware).
         limit: the most rows to claim.
         lease_seconds: how long the rows stay ``owner``'s.

@@ -92,7 +92,7 @@ def send_outbox_row(
         sessions: the session factory; claim and apply commit on their own.
         client: the venue client of the row's connection.
         outbox_id: the row.
-        owner: the lease owner name (:func:`~orders.worker.new_owner`).
+        owner: the lease owner name (:func:`~storage.lease.new_owner`).
         now: the current time (aware).
         lease_seconds: how long the row is held from its claim, and from each renewal
             before a further venue call (``OTACM_OUTBOX_LEASE_SECONDS``).
@@ -155,7 +155,7 @@ def run_outbox_once(
         sessions: the session factory.
         clients: the venue client of each connection id; the caller creates and closes
             them (:func:`venue.client.open_client`).
-        owner: this sender's lease owner name (:func:`~orders.worker.new_owner`).
+        owner: this sender's lease owner name (:func:`~storage.lease.new_owner`).
         now: the current time (aware).
         batch_size: the most rows to claim.
         lease_seconds: how long a claimed row stays this sender's, from its claim and

@@ -17,7 +17,7 @@ from orders.attempt import FOUND_IN_ERROR, SendOutcome
 from orders.outbox import DEFAULT_LEASE_SECONDS, DEFAULT_MAX_ATTEMPTS, record_submission
 from orders.sender import send_outbox_row
 from orders.submission import SubmissionError, check_connection, choose_connection, read_submissions
-from orders.worker import new_owner
+from storage.lease import new_owner
 from storage.models import (
     Outbox,
     OutboxState,
@@ -152,7 +152,7 @@ def submit_now(
         currency: ISO 4217 code of ``amount``.
         amount_includes_vat: whether ``amount`` includes VAT.
         connection: the connection's name, for the outcome.
-        owner: the lease owner name; a new one (:func:`~orders.worker.new_owner`) if
+        owner: the lease owner name; a new one (:func:`~storage.lease.new_owner`) if
             not given.
         lease_seconds: how long the row is held while it is sent.
         max_attempts: as for :func:`send_outbox_row`.

@@ -29,11 +29,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
-import random
-import socket
 import threading
-import uuid
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -45,23 +41,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from orders.mirror import foreign_order_ids, mark_removed, note_foreign_order, upsert_order
 from storage.engine import WaitStopped, retry_while_unavailable
 from storage.flush import ColumnOverflow
-from storage.lease import NO_SYNC, LeasedQueue
+from storage.lease import LAST_ERROR_MAX_CHARS, LeasedQueue, backoff
 from storage.models import ChangeSource, Inbox, InboxSource, InboxState, VenueOrder
 from storage.types import utcnow
 from venue.client import VenueClient
-from venue.errors import VenueError, VenueRejected, VenueUnavailable, order_gone
+from venue.errors import VenueError, describe_venue_error, order_gone
 from venue.models import Order, OrderStatus, canonical_guid
 
 logger = logging.getLogger(__name__)
-
-BACKOFF_BASE_SECONDS = 10.0
-"""The delay before the second attempt of a row; each further attempt doubles it."""
-
-BACKOFF_CAP_SECONDS = 600.0
-"""The longest delay between two attempts of a row."""
-
-LAST_ERROR_MAX_CHARS = 300
-"""How much of a failure's description an inbox row keeps in ``last_error``."""
 
 _CHANGE_SOURCES = {
     InboxSource.WEBHOOK: ChangeSource.WEBHOOK,
@@ -138,30 +125,6 @@ class WorkerReport:
         """Add ``other``'s counts to this report's."""
         for field in fields(self):
             setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
-
-
-def new_owner() -> str:
-    """A lease owner name unique to this worker: host, process id and a random part."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
-def backoff(attempts: int, *, jitter: Callable[[], float] = random.random) -> dt.timedelta:
-    """How long a row waits after its ``attempts``-th failed attempt.
-
-    Exponential from :data:`BACKOFF_BASE_SECONDS`, capped at :data:`BACKOFF_CAP_SECONDS`,
-    with "equal jitter": between half and all of that delay, so rows that failed together
-    (a venue outage) do not all come back in the same second, yet none comes back early.
-
-    Args:
-        attempts: attempts made so far (1 after the first failure).
-        jitter: a source of numbers in ``[0, 1)``.
-
-    Returns:
-        The delay before the next attempt.
-    """
-    exponent = min(max(attempts, 1) - 1, 32)  # beyond 2**32 the cap has long applied
-    ceiling = min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2**exponent)
-    return dt.timedelta(seconds=ceiling / 2 + ceiling / 2 * jitter())
 
 
 def claim_batch(
@@ -425,47 +388,6 @@ def run_forever(
         else:
             stop.wait(poll_interval)
     logger.info("inbox worker %s stopped", owner)
-
-
-def replay_dead(
-    session: Session,
-    *,
-    now: dt.datetime,
-    connection_id: int | None = None,
-    ids: Collection[int] | None = None,
-) -> int:
-    """Make dead-lettered rows pending again, due at ``now``, with their attempts reset.
-
-    ``last_error`` stays until the row next succeeds or fails, so the reason remains
-    visible meanwhile.
-
-    Args:
-        session: the caller's session; not committed.
-        now: when the rows become due (aware).
-        connection_id: only rows of this connection.
-        ids: only these rows.
-
-    Returns:
-        How many rows were made pending.
-    """
-    query = sa.update(Inbox).where(Inbox.state == InboxState.DEAD)
-    if connection_id is not None:
-        query = query.where(Inbox.connection_id == connection_id)
-    if ids is not None:
-        query = query.where(Inbox.id.in_(sorted(ids)))
-    result = session.execute(
-        query.values(
-            state=InboxState.PENDING,
-            attempts=0,
-            next_attempt_at=now,
-            lease_owner=None,
-            lease_expires_at=None,
-        ).execution_options(**NO_SYNC)
-    )
-    count = int(result.rowcount)  # type: ignore[attr-defined]
-    if count:
-        logger.info("replayed %d dead-lettered inbox rows", count)
-    return count
 
 
 # --- one order ------------------------------------------------------------------------
@@ -748,28 +670,6 @@ def _retry(
             report.dead += 1
         else:
             report.retried += 1
-
-
-def describe_venue_error(exc: VenueError) -> str:
-    """A failure for ``last_error``: kind, status, the venue's code and message, our finding.
-
-    Built from the error's fields, never from a body: the venue's messages for getOrder
-    name orders and states, not customers, and a person needs them to act.
-    """
-    parts = [type(exc).__name__]
-    if exc.status is not None:
-        parts.append(f"HTTP {exc.status}")
-    elif isinstance(exc, VenueUnavailable) and exc.__cause__ is not None:
-        parts.append(type(exc.__cause__).__name__)
-    if exc.code:
-        parts.append(exc.code)
-    if exc.message:
-        parts.append(exc.message)
-    if exc.reason:
-        parts.append(exc.reason)
-    if isinstance(exc, VenueRejected) and exc.may_be_transient:
-        parts.append("(transient)")
-    return ": ".join(parts)
 
 
 def _ids(group: Sequence[Claim]) -> list[int]:

@@ -1010,7 +1010,7 @@ def inbox() -> None:
 @pass_cli
 def inbox_replay(cli: CliContext, ids: tuple[int, ...], connection: str | None) -> None:
     """Put dead-lettered inbox rows back in the queue for the worker to try again."""
-    from orders.worker import replay_dead
+    from orders.inbox import replay_dead
     from storage.models import ensure_connection
     from storage.types import ID_MAX, utcnow
 

@@ -298,9 +298,10 @@ def run_worker(settings: Settings, stop: threading.Event) -> None:
 
     It waits for a database that cannot be reached, at start as while running.
     """
-    from orders.worker import new_owner, run_forever
+    from orders.worker import run_forever
     from otacm.liveness import beater
     from storage.engine import WaitStopped
+    from storage.lease import new_owner
 
     beat = beater(settings.liveness_dir, "worker")
     try:
@@ -331,7 +332,7 @@ def scheduled_jobs(settings: Settings, runtime: Runtime) -> list[ScheduledJob]:
     from heartbeat.subscriptions import check_subscriptions, record_checks
     from heartbeat.watchdog import check_orders
     from orders.sender import run_outbox_once
-    from orders.worker import new_owner
+    from storage.lease import new_owner
 
     owner = new_owner()
 
@@ -474,9 +475,9 @@ def run_scheduler(settings: Settings, stop: threading.Event) -> None:
     that cannot be reached is waited for at start; while running, a job that finds it
     away fails that tick, in one log line, and the next tick tries again.
     """
-    from orders.worker import new_owner
     from otacm.liveness import beater
     from storage.engine import WaitStopped
+    from storage.lease import new_owner
 
     owner = new_owner()
     beat = beater(settings.liveness_dir, "scheduler")
@@ -581,7 +582,7 @@ def run_poll(settings: Settings, names: Sequence[str] = ()) -> list[PollResult]:
         SchemaNotCurrentError: the database is not migrated.
         UnknownJobError: a name is not one of the enabled jobs.
     """
-    from orders.worker import new_owner
+    from storage.lease import new_owner
 
     with open_runtime(settings) as runtime:
         jobs = scheduled_jobs(settings, runtime)

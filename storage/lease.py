@@ -32,6 +32,10 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
+import random
+import socket
+import uuid
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -239,3 +243,39 @@ class LeasedQueue(Generic[S]):
         if state is self.pending:
             values["next_attempt_at"] = retry_at
         return state if self.settle(session, [row_id], owner=owner, **values) else None
+
+
+# --- lease owners and backoff ----------------------------------------------------------
+
+BACKOFF_BASE_SECONDS = 10.0
+"""The delay before the second attempt of a row; each further attempt doubles it."""
+
+BACKOFF_CAP_SECONDS = 600.0
+"""The longest delay between two attempts of a row."""
+
+LAST_ERROR_MAX_CHARS = 300
+"""How much of a failure's description a queue row keeps in ``last_error``."""
+
+
+def new_owner() -> str:
+    """A lease owner name unique to this holder: host, process id and a random part."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def backoff(attempts: int, *, jitter: Callable[[], float] = random.random) -> dt.timedelta:
+    """How long a row waits after its ``attempts``-th failed attempt.
+
+    Exponential from :data:`BACKOFF_BASE_SECONDS`, capped at :data:`BACKOFF_CAP_SECONDS`,
+    with "equal jitter": between half and all of that delay, so rows that failed together
+    (a venue outage) do not all come back in the same second, yet none comes back early.
+
+    Args:
+        attempts: attempts made so far (1 after the first failure).
+        jitter: a source of numbers in ``[0, 1)``.
+
+    Returns:
+        The delay before the next attempt.
+    """
+    exponent = min(max(attempts, 1) - 1, 32)  # beyond 2**32 the cap has long applied
+    ceiling = min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2**exponent)
+    return dt.timedelta(seconds=ceiling / 2 + ceiling / 2 * jitter())

@@ -289,3 +289,25 @@ def error_for_status(
     if kind is None:
         kind = VenueRejected if 400 <= status < 500 else VenueError
     return kind(method, path, status=status, code=code, message=message)
+
+
+def describe_venue_error(exc: VenueError) -> str:
+    """A failure for ``last_error``: kind, status, the venue's code and message, our finding.
+
+    Built from the error's fields, never from a body: the venue's messages for getOrder
+    name orders and states, not customers, and a person needs them to act.
+    """
+    parts = [type(exc).__name__]
+    if exc.status is not None:
+        parts.append(f"HTTP {exc.status}")
+    elif isinstance(exc, VenueUnavailable) and exc.__cause__ is not None:
+        parts.append(type(exc.__cause__).__name__)
+    if exc.code:
+        parts.append(exc.code)
+    if exc.message:
+        parts.append(exc.message)
+    if exc.reason:
+        parts.append(exc.reason)
+    if isinstance(exc, VenueRejected) and exc.may_be_transient:
+        parts.append("(transient)")
+    return ": ".join(parts)

@@ -54,7 +54,7 @@ from workload import PlannedOrder, Workload
 
 from heartbeat.feed import run_feed
 from heartbeat.watchdog import check_orders
-from orders.worker import new_owner, run_once
+from orders.worker import run_once
 from otacm.settings import Settings
 from receiver.metrics import SETTLED_STATUSES
 from receiver.testing import served_receiver
@@ -62,6 +62,7 @@ from receiver.webhook import WEBHOOK_PATH
 from sandbox import Faults, SandboxConfig, SandboxServer
 from sandbox.state import Clock
 from storage.engine import make_engine, make_sessions
+from storage.lease import new_owner
 from storage.migrate import upgrade
 from storage.models import StatusChange, VenueOrder, ensure_connection
 from venue.client import VenueClient, open_client

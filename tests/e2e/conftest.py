@@ -36,11 +36,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 from sqlalchemy.orm import Session, sessionmaker
 
-from orders.worker import WorkerReport, new_owner, run_forever
+from orders.worker import WorkerReport, run_forever
 from otacm.settings import Settings
 from receiver.webhook import WEBHOOK_PATH
 from sandbox import SandboxServer
 from sandbox.pipeline import CycleReport
+from storage.lease import new_owner
 from storage.models import StatusChange, ensure_connection
 from storage.testing import free_port
 from tests.support.processes import ROOT, OtacmProcess, otacm_environment, run_otacm

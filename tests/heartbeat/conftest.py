@@ -36,9 +36,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from heartbeat.feed import FeedReport, run_feed
 from heartbeat.watchdog import WatchdogReport, check_orders
-from orders.worker import WorkerReport, new_owner
+from orders.worker import WorkerReport
 from otacm.settings import Settings
 from sandbox import SandboxServer
+from storage.lease import new_owner
 from storage.models import VenueOrder, ensure_connection
 from storage.records import FeedCursor
 from storage.types import utcnow

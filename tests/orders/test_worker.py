@@ -25,19 +25,10 @@ import sqlalchemy as sa
 from pydantic import SecretStr
 from sqlalchemy.orm import Session, sessionmaker
 
-from orders.worker import (
-    BACKOFF_BASE_SECONDS,
-    BACKOFF_CAP_SECONDS,
-    Claim,
-    WorkerReport,
-    backoff,
-    claim_batch,
-    process_claims,
-    replay_dead,
-    run_forever,
-    run_once,
-)
+from orders.inbox import replay_dead
+from orders.worker import Claim, WorkerReport, claim_batch, process_claims, run_forever, run_once
 from storage.engine import make_engine, make_sessions
+from storage.lease import BACKOFF_BASE_SECONDS, BACKOFF_CAP_SECONDS, backoff
 from storage.models import (
     Asset,
     ChangeSource,
