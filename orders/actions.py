@@ -1,4 +1,4 @@
-"""``otacm orders``: the actions a person takes on one order.
+"""Actions on an order the venue has: a person's replace or cancel, and any action sent now.
 
 An order is named by the venue's orderId, the shop's reference (``sellToOrderReference``,
 any case) or the venue's own ``buyFromOrderReference``, as
@@ -8,7 +8,7 @@ story, is :mod:`orders.story`'s: it needs no outbox.
 ``orders replace`` and ``orders cancel`` act on the order the reference names now (the
 latest the venue still has): :func:`replace_order` and :func:`cancel_order` record the
 replaceOrder or deleteOrder in the outbox and send it at once
-(:func:`orders.actions.act_now`); an answer that may pass leaves it queued for the
+(:func:`act_now`, which the scheduler's confirmations use too); an answer that may pass leaves it queued for the
 scheduler. They check what cannot change (a replacement's partner and reference), but
 send whatever the mirror says of the order's state: the venue decides, the mirror may
 lag it (an order shown Submitted may be in Error by now), and a refusal costs one call
@@ -373,8 +373,8 @@ def act_now(
 ) -> SendResult:
     """Record a confirm, replace or delete of an order, then try once to send it at once.
 
-    As :func:`submit_now` for a sale: the row is committed before the call, so a failure
-    that may pass leaves it queued for the outbox sender (``RETRYING``); a row behind an
+    As :func:`orders.submit.submit_now` for a sale: the row is committed before the call, so a
+    failure that may pass leaves it queued for the outbox sender (``RETRYING``); a row behind an
     earlier unfinished row for the same order is only recorded (``NOT_CLAIMED``).
 
     Args:

@@ -1,4 +1,19 @@
-"""attempt"""
+"""One attempt at sending a claimed outbox row: its venue calls and how it ends.
+
+:class:`Send` holds the claim while it is sent. Every venue call goes through
+:meth:`Send.venue`, which renews the lease before each call after the first;
+:func:`kept_leased` renews it on a timer meanwhile (every third of the lease,
+:data:`RENEWALS_PER_LEASE`), so a slow venue never lets another sender take the row.
+The attempt ends in one of three ways, each written in a transaction of its own and
+only while the row is still this sender's (:meth:`~storage.lease.LeasedQueue.settle`):
+:meth:`Send.sent` (the row ``sent``, the answer mirrored through :mod:`orders.mirror`
+with the operation's :class:`~storage.models.ChangeSource` — no webhook fires for
+confirm or delete, so the answer is the only news of them; a replacement that landed
+also updates the sale's ledger line), :meth:`Send.refuse` (``failed`` with the venue's
+message; the order queued for a fresh getOrder, since a refusal says the mirror was
+stale) and :meth:`Send.retry` (back to ``pending`` after :func:`storage.lease.backoff`,
+``dead`` after ``max_attempts``). :class:`SendResult` says what came of it.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,45 @@
-"""calls"""
+"""What each outbox operation calls at the venue, and how each answer is applied.
+
+:data:`SENDERS` maps an operation to its function, given one :class:`orders.attempt.Send`:
+
+- an order → the row is ``sent`` and the order mirrored; a replaceOrder that lands also
+  updates the sale's ledger line (its request, quantity, references, and the amount when
+  the replacement carries one);
+- deleteOrder answers "Cancelled" whether the venue kept the order (Issued, Cancelled)
+  or then removed it (Draft, Error), so its answer's status is never read: a getOrder
+  after it decides — 404 → the row is ``sent`` and the order marked removed, an order →
+  mirrored as it is (Cancelled); when that getOrder fails, the mirror's status before
+  the call says what to expect and the worker's getOrder settles the mirror;
+- createOrder's duplicate-reference 400 (an earlier attempt landed but its answer was
+  lost) → the order is found by reference, fetched, mirrored, and the row is ``sent``;
+  a replaceOrder refused on a retry is checked the same way (the order now holds the
+  replacement: an earlier attempt landed); confirmOrder is idempotent at the venue
+  (confirming an Issued order returns it unchanged), and deleting a Cancelled one too;
+- 429, 503, 504, transport errors, a 400 that :attr:`~venue.errors.VenueRejected.may_be_transient`
+  and anything that is not the order's fault (401, 403, 5xx) → back to ``pending``,
+  ``dead`` after ``max_attempts``. One exception: deleteOrder of an order in flight
+  (:attr:`~venue.errors.VenueRejected.order_in_flight`) is ``failed`` — a cancel is a
+  person's decision, and carrying it out minutes later, after the order was issued, is
+  not what they were told; they run it again once it settled;
+- a 404 naming the order (:func:`~venue.errors.order_gone`) → ``failed`` ("the venue no
+  longer knows the order") and the order marked removed; for deleteOrder it is the goal
+  reached: ``sent``, the order marked removed. Any other 404 (an unmatched route, the
+  gateway's) is retried like a 5xx;
+- any other rejection → ``failed`` with the venue's message (createOrder: unless a
+  look-up by reference finds the venue kept an order after all, as the older API does
+  with a failed issuance in Error). A sale's ledger line stays: finance must see the
+  sale that was never issued.
+
+A create claimed again (its earlier attempt failed, or its sender died or lost our
+database with the lease held) is looked up before it is sent again, since the earlier
+call may have reached the venue: the mirror first, then listOrdersByPartner by
+``sellToOrderReference``. An order found settles the row ``sent`` with it — one in Error
+too, marked so and never sent again (:data:`FOUND_IN_ERROR`), because the venue would
+delete it and issue the new one with no person deciding (``otacm orders replace`` is
+that person's way); only a look-up the venue answered with nothing lets the create go.
+Whenever a create or replace answer names the sale's order, its other live orders are
+retired (:func:`orders.mirror.retire_other_orders`).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,23 @@
-"""MIRROR"""
+"""The mirror: otacm's copy of the venue's orders, and its only writer.
+
+``venue_order`` with its items, wallets and assets, and ``status_change``, every status
+an order was seen in (:mod:`storage.models`), are written here and nowhere else:
+
+- :func:`upsert_order` stores a whole order the venue answered (getOrder, or an outbox
+  call's answer) with the :class:`~storage.models.ChangeSource` that brought it;
+  :func:`mark_removed` records an order the venue no longer has;
+  :func:`note_foreign_order` and its neighbours keep the ids of other partners' orders,
+  of which nothing else is stored;
+- from the change feed: :func:`add_headers` (header-only rows for orders first seen in
+  flight), :func:`update_header` (an in-flight step), :func:`record_row_version`;
+- :func:`retire_other_orders`: a sale's other live orders, once an answer named its
+  order; :func:`erase_customers`: names and e-mails blanked by the privacy job.
+
+:func:`stuck_condition` is the one definition of a *stuck* order, shared by the
+watchdog and the metrics. Every function takes a session and never commits: the caller
+owns the transaction. Venue values arrive normalized (:mod:`venue.models`: GUIDs
+lower-case, blank texts ``None``).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,26 @@
-"""The outbox: recording and claiming."""
+"""The outbox: every call that changes an order at the venue, recorded first, then claimed.
+
+Four operations (:class:`~storage.models.OutboxOperation`):
+
+- ``create``: a sale the shop submits (:mod:`orders.submission` reads it);
+  :func:`record_submission` writes, in the caller's transaction, the
+  :class:`~storage.models.LedgerLine` (source ``submit``) and a pending
+  :class:`~storage.models.Outbox` row — so nothing is lost if the call then fails; the
+  ledger's unique (partner, reference) makes a repeat a no-op.
+- ``confirm``, ``replace``, ``delete``: an action on an order the venue already has
+  (confirmOrder, replaceOrder, deleteOrder), recorded by :func:`record_action` with the
+  order's id and, when the ledger has its sale, the sale's line.
+
+:func:`claim_outbox` leases due rows with the inbox's lease mechanism
+(:class:`storage.lease.LeasedQueue`: ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, ``BEGIN
+IMMEDIATE`` serializing claimers on SQLite); a row waits while an earlier row for the
+same order is unfinished, so one order's calls reach the venue in the order they were
+decided. The lease (``OTACM_OUTBOX_LEASE_SECONDS``, :data:`DEFAULT_LEASE_SECONDS`) is
+kept fresh by its live sender (:mod:`orders.attempt`), so it can be short: a sender's
+death, not a slow call, is what lets another sender take the row. Sending is
+:mod:`orders.sender`'s. Logs name outbox ids, order ids, references and statuses —
+never customer names, e-mails or keys.
+"""
 
 from __future__ import annotations
 
@@ -37,9 +59,10 @@ DEFAULT_LEASE_SECONDS = 15.0
 """How long a claimed outbox row stays one sender's (``OTACM_OUTBOX_LEASE_SECONDS``).
 
 A live sender renews the lease every third of it while it works on the row
-(:func:`kept_leased`), however long a venue call takes with the client's own retries,
-so the lease only says how soon a dead sender's row comes back: at most this long after
-its death, then at the next outbox pass (every 10 s), about one poll interval. The claim
+(:func:`orders.attempt.kept_leased`), however long a venue call takes with the client's own
+retries, so the lease only says how soon a dead sender's row comes back: at most this long
+after its death, then at the next outbox pass (every 10 s), about one poll interval. The
+claim
 then looks the sale up before it sends a create again."""
 
 

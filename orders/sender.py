@@ -1,4 +1,15 @@
-"""sender"""
+"""The outbox sender: one claimed call sent to the venue, its answer applied.
+
+:func:`send_outbox_row` and :func:`run_outbox_once` claim due rows
+(:func:`orders.outbox.claim_outbox`) one at a time, make each call with no transaction
+open, and apply the answer in a transaction of its own, only while the row is still
+leased by its sender (:class:`orders.attempt.Send`); what each operation calls and how
+its answer is applied is :mod:`orders.calls`'s. A database failure leaves the row
+leased: the first claim after its lease expires sends it again (looking a create up
+first). The scheduler's ``retry_outbox`` job runs :func:`run_outbox_once`; ``otacm
+submit``, ``POST /api/orders`` and ``otacm orders replace/cancel`` send their own row at
+once through :func:`send_outbox_row`.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,15 @@
-"""What the shop sends: a sale, read and checked before anything is recorded."""
+"""What the shop sends: a sale, read and checked before anything is recorded.
+
+A submission is the venue's order request plus the sale's own terms (``amount``,
+``currency``, ``amountIncludesVat``) and, when otacm sells for several venues, the
+``connection`` it is for. :func:`parse_submission` reads one into a :class:`Submission`
+(refusals are :class:`SubmissionError`, naming the field by its dotted path);
+:func:`read_submissions` reads a file of them (one object, an array, or JSON lines),
+every entry checked before any is returned; :func:`choose_connection` and
+:func:`check_connection` match a submission to a configured venue connection. Numbers
+are read exactly (:func:`storage.types.decode_json`), and text no column takes is
+refused here, not by the database.
+"""
 
 from __future__ import annotations
 

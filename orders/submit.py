@@ -1,4 +1,12 @@
-"""submit"""
+"""Submitting a sale now: record it, then try once to send it while the caller waits.
+
+:func:`submit_now` is what ``POST /api/orders`` (:mod:`receiver.api`) and ``otacm
+submit`` (:func:`submit_file`, a file of one or many sales) do: the sale is recorded
+(:func:`orders.outbox.record_submission`) and committed before the call, so a failure
+that may pass leaves it queued for the scheduler's outbox sender, and the caller is
+told so within seconds (:data:`SUBMIT_NOW_RETRY`). A repeat of a recorded sale is
+answered with what is stored (:class:`SubmitOutcome`), never sent twice.
+"""
 
 from __future__ import annotations
 
@@ -277,12 +285,11 @@ def submit_file(
 ) -> list[SubmitOutcome]:
     """``otacm submit FILE``: record and send every order in ``path``.
 
-    The file holds one JSON object, a JSON array of them, or JSON lines; each object is
-    the venue's order request plus optional ``amount``, ``currency``,
-    ``amountIncludesVat`` and ``connection`` (:func:`parse_submission`). The whole file
-    is validated (and each entry's connection resolved) before anything is recorded.
-    Each order is then recorded and sent once (:func:`submit_now`); those the venue
-    cannot take now stay queued for the outbox sender.
+    The file holds one JSON object, a JSON array of them, or JSON lines; each object is the venue's
+    order request plus optional ``amount``, ``currency``, ``amountIncludesVat`` and ``connection``
+    (:func:`orders.submission.parse_submission`). The whole file is validated (and each entry's
+    connection resolved) before anything is recorded. Each order is then recorded and sent once
+    (:func:`submit_now`); those the venue cannot take now stay queued for the outbox sender.
 
     Args:
         connections: the venue connections to submit to.

@@ -1,28 +1,28 @@
 """The inbox worker: turns stored notifications into getOrder calls and a mirrored order.
 
-This module owns the life of an :class:`~storage.models.Inbox` row after the receiver
-stored it: :func:`claim_batch` leases due rows to one worker, :func:`process_claims` calls
-getOrder once per order (rows of one batch for the same order share the call, outside any
-database transaction) and applies the venue's answer with
-:func:`~orders.mirror.upsert_order` — the venue's status is the truth, the notification's
-only a hint — or :func:`~orders.mirror.mark_removed` on a 404 naming the order
+This module owns the life of an :class:`~storage.models.Inbox` row after the receiver stored
+it: :func:`claim_batch` leases due rows to one worker, :func:`process_claims` calls getOrder
+once per order (rows of one batch for the same order share the call, outside any database
+transaction) and applies the venue's answer with :func:`~orders.mirror.upsert_order` — the
+venue's status is the truth, the notification's only a hint — or
+:func:`~orders.mirror.mark_removed` on a 404 naming the order
 (:func:`~venue.errors.order_gone`; any other failure is retried). The venue notifies and
-answers getOrder company-wide, so an answer may be an order of a partner not configured
-for the connection: nothing of it is mirrored, its id alone is noted
+answers getOrder company-wide, so an answer may be an order of a partner not configured for
+the connection: nothing of it is mirrored, its id alone is noted
 (:func:`~orders.mirror.note_foreign_order`), and later rows for it are finished with no
-call. Venue failures, and answers
-the mirror cannot hold (a malformed body, text a column refuses or too wide for it, a
-number out of range: :class:`~venue.errors.VenueProtocolError`,
-:class:`~storage.flush.ColumnOverflow`), send a row back to pending with exponential
-backoff (:func:`backoff`) until ``max_attempts``, then to the dead letters, which
-:func:`replay_dead` (``otacm inbox replay``) makes pending again. :func:`run_once` is one
-claim-and-process pass and :func:`run_forever` the loop a worker process runs. Leases are
-taken and ended by :class:`storage.lease.LeasedQueue`, as the outbox's are. Claims on
-PostgreSQL use ``FOR UPDATE SKIP LOCKED``; on SQLite every transaction begins ``IMMEDIATE``
+call. Venue failures, and answers the mirror cannot hold (a malformed body, text a column
+refuses or too wide for it, a number out of range:
+:class:`~venue.errors.VenueProtocolError`, :class:`~storage.flush.ColumnOverflow`), send a
+row back to pending with exponential backoff (:func:`storage.lease.backoff`) until
+``max_attempts``, then to the dead letters, which :func:`orders.inbox.replay_dead` (``otacm
+inbox replay``) makes pending again. :func:`run_once` is one claim-and-process pass and
+:func:`run_forever` the loop a worker process runs. Leases are taken and ended by
+:class:`storage.lease.LeasedQueue`, as the outbox's are. Claims on PostgreSQL use ``FOR
+UPDATE SKIP LOCKED``; on SQLite every transaction begins ``IMMEDIATE``
 (:mod:`storage.engine`), so claimers take the single write lock one at a time and a claimer
 never sees a row another has just leased. A worker killed at any point loses nothing: its
-rows stay leased until the lease expires, then another claim takes them; an apply only
-lands while the row is still leased by its owner, so a late worker cannot apply twice.
+rows stay leased until the lease expires, then another claim takes them; an apply only lands
+while the row is still leased by its owner, so a late worker cannot apply twice.
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def claim_batch(
 
     Args:
         sessions: the session factory; the claim commits its own transaction.
-        owner: the worker's name (:func:`new_owner`), written as the lease owner.
+        owner: the worker's name (:func:`storage.lease.new_owner`), written as the lease owner.
         now: the current time (aware).
         limit: the most rows to claim.
         lease_seconds: how long the rows stay this worker's.
@@ -289,7 +289,7 @@ def run_once(
         sessions: the session factory.
         clients: the venue client of each connection id; the caller creates and closes
             them (:func:`venue.client.open_client`).
-        owner: this worker's lease owner name (:func:`new_owner`).
+        owner: this worker's lease owner name (:func:`storage.lease.new_owner`).
         now: the current time (aware).
         batch_size: the most rows to claim.
         lease_seconds: how long claimed rows stay this worker's. Make it comfortably
@@ -341,7 +341,7 @@ def run_forever(
     Args:
         sessions: the session factory.
         clients: the venue client of each connection id; the caller owns them.
-        owner: this worker's lease owner name (:func:`new_owner`).
+        owner: this worker's lease owner name (:func:`storage.lease.new_owner`).
         stop: set it to end the loop.
         poll_interval: seconds to wait when there is nothing to do.
         batch_size: as for :func:`run_once`.

@@ -1,4 +1,13 @@
-"""FLUSH"""
+"""The rules every flush keeps, put on a session factory by :func:`register_flush_hooks`.
+
+- an order's totals follow its items and wallets (:func:`storage.totals.order_totals`);
+- a value its column cannot hold (too wide, out of range) is refused before the
+  database sees it, the same way on SQLite and PostgreSQL (:class:`ColumnOverflow`);
+- an order whose customers were erased stays erased when it is fetched again.
+
+:func:`storage.engine.make_sessions` registers them on the factory it makes; importing
+this module changes nothing global.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,25 @@
-"""MODELS"""
+"""The database schema of the order flow: connections, the ledger, the mirror, inbox and outbox.
+
+Everything stored belongs to one venue connection (:class:`VenueConnection`). The tables,
+by the stage of the flow that fills them:
+
+- ledger: :class:`LedgerLine` — the shop's sales, one per (partner, shop reference);
+- receive: :class:`Inbox` — webhook notifications and poll findings, stored before they
+  are acted on (:func:`inbox_dedup_key` says which are the same); :class:`Outbox` — calls
+  to the venue recorded before they are made;
+- mirror: :class:`VenueOrder` with :class:`OrderItem`, :class:`Wallet`, :class:`Asset`,
+  and :class:`StatusChange`, every status an order was seen in (written by
+  :mod:`orders.mirror` only); :class:`ForeignOrder`, other partners' order ids.
+
+What otacm records of its own work (feed marks, job runs, reconciliation runs and
+exceptions, sign-ins, erasures) is :mod:`storage.records`'s. Every "nothing doubled" rule
+is a unique constraint, so ``IntegrityError`` means "already had it". Times are aware
+UTC (:class:`~storage.types.UTCDateTime`), money is ``Decimal``
+(:class:`~storage.types.Money`) with its currency beside it. Enum-like columns are
+strings with a CHECK constraint, read back as the ``StrEnum`` members below. The rules
+every flush keeps are :mod:`storage.flush`'s; importing this module changes nothing
+global.
+"""
 
 from __future__ import annotations
 
@@ -283,7 +304,7 @@ class VenueOrder(Base):
     wallet_external_references: Mapped[str | None] = mapped_column(sa.Text)
     # The latest visit date of the order's lines, kept with the totals; and when the
     # order's names and e-mails were erased (heartbeat.privacy): from then on the
-    # mirror stores none of the order's again (:func:`_keep_erased_orders_erased`).
+    # mirror stores none of the order's again (:mod:`storage.flush`).
     last_visit_date: Mapped[dt.date | None]
     personal_data_erased_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     removed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
@@ -326,7 +347,7 @@ class VenueOrder(Base):
         """Set the order's totals (:func:`order_totals`) from its items and wallets as they are.
 
         Runs before every flush that adds an order or changes its items or wallets
-        (:func:`_summarize_orders`).
+        (:mod:`storage.flush`).
         """
         for name, value in dataclasses.asdict(order_totals(self.items)).items():
             setattr(self, name, value)

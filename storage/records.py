@@ -1,4 +1,15 @@
-"""RECORDS"""
+"""The tables of what otacm records of its own work.
+
+- heartbeat: :class:`FeedCursor` and :class:`FeedMark` (the change feed's high-water
+  mark and its history), :class:`JobRun` (each scheduled job's last run and when it is
+  next due), :class:`SubscriptionCheck` (the last check of each webhook subscription);
+- reconcile and report: :class:`ReconRun`, :class:`ReconTotal`, :class:`ReconException`
+  and :class:`ExceptionEvent`;
+- the finance pages: :class:`FinanceSession` and :class:`SignInAttempt`;
+- personal data: :class:`PrivacyErasure`, each erasure of customers' names and e-mails.
+
+They share :class:`storage.models.Base` and its conventions.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,10 @@
-"""TOTALS"""
+"""An order's totals, derived from its items and wallets.
+
+:func:`order_totals` is the one computation, used by the session hook that keeps a
+mirrored order's totals (:mod:`storage.flush`) and by the migrations that fill them for
+orders already stored (:mod:`storage.refill`). It reads figures through small protocols
+(:class:`ItemFigures`, :class:`WalletFigures`), so plain rows serve as well as mapped ones.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ from venue.models import reference_set_key
 
 
 class WalletFigures(Protocol):
-    """What the totals read of a wallet (a :class:`Wallet`, or a row with these fields)."""
+    """What the totals read of a wallet: a :class:`storage.models.Wallet`, or any such row."""
 
     @property
     def unit_price_incl_vat(self) -> Decimal | None: ...
@@ -24,7 +30,7 @@ class WalletFigures(Protocol):
 
 
 class ItemFigures(Protocol):
-    """What the totals read of an item (an :class:`OrderItem`, or a row with these fields)."""
+    """What the totals read of an item: a :class:`storage.models.OrderItem`, or any such row."""
 
     @property
     def quantity(self) -> int: ...
