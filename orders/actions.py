@@ -7,12 +7,12 @@ story, is :mod:`orders.story`'s: it needs no outbox.
 
 ``orders replace`` and ``orders cancel`` act on the order the reference names now (the
 latest the venue still has): :func:`replace_order` and :func:`cancel_order` record the
-replaceOrder or deleteOrder in the outbox and send it at once
-(:func:`act_now`, which the scheduler's confirmations use too); an answer that may pass leaves it queued for the
-scheduler. They check what cannot change (a replacement's partner and reference), but
-send whatever the mirror says of the order's state: the venue decides, the mirror may
-lag it (an order shown Submitted may be in Error by now), and a refusal costs one call
-and changes nothing but the record of it.
+replaceOrder or deleteOrder in the outbox and send it at once (:func:`act_now`, which the
+scheduler's confirmations use too); an answer that may pass leaves it queued for the
+scheduler. They check what cannot change (a replacement's partner and reference), but send
+whatever the mirror says of the order's state: the venue decides, the mirror may lag it (an
+order shown Submitted may be in Error by now), and a refusal costs one call and changes
+nothing but the record of it.
 
 Customer names and e-mails are left out of everything printed: this output ends up in
 terminals, tickets and chat.
