@@ -39,7 +39,7 @@ from orders.mirror import (
     retire_other_orders,
     upsert_order,
 )
-from orders.outbox import DEFAULT_LEASE_SECONDS, QUEUE, OutboxClaim, apply_replacement
+from orders.outbox import DEFAULT_LEASE_SECONDS, OUTBOX_QUEUE, OutboxClaim, apply_replacement
 from orders.submission import Submission
 from storage.flush import ColumnOverflow
 from storage.lease import LAST_ERROR_MAX_CHARS, NO_SYNC, backoff
@@ -243,7 +243,7 @@ class Send:
 
         def record(mirror: bool) -> list[int]:
             with self.sessions.begin() as session:
-                updated = QUEUE.settle(
+                updated = OUTBOX_QUEUE.settle(
                     session,
                     [claim.id],
                     owner=self.owner,
@@ -348,7 +348,7 @@ class Send:
         claim, now = self.claim, self.now
         source = _CHANGE_SOURCES[claim.operation]
         with self.sessions.begin() as session:
-            updated = QUEUE.settle(
+            updated = OUTBOX_QUEUE.settle(
                 session,
                 [claim.id],
                 owner=self.owner,
@@ -402,7 +402,7 @@ class Send:
         reason = describe_venue_error(exc)[:LAST_ERROR_MAX_CHARS]
         retry_at = self.now + backoff(claim.attempts)
         with self.sessions.begin() as session:
-            state = QUEUE.retry(
+            state = OUTBOX_QUEUE.retry(
                 session,
                 claim.id,
                 owner=self.owner,

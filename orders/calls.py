@@ -55,7 +55,7 @@ from orders.mirror import sale_orders
 from orders.submission import (
     Submission,
     SubmissionError,
-    dotted,
+    dotted_path,
     parse_submission,
     payment_reference_problem,
 )
@@ -82,7 +82,9 @@ def _send_create(send: Send) -> SendResult:
         request = OrderRequest.model_validate(send.claim.request or {})
     except ValidationError as exc:
         error = exc.errors(include_url=False, include_input=False)[0]
-        return send.refuse(f"the stored request is invalid: {dotted(error['loc'])}: {error['msg']}")
+        return send.refuse(
+            f"the stored request is invalid: {dotted_path(error['loc'])}: {error['msg']}"
+        )
     if send.claim.attempts > 1:
         # Claimed before: that attempt may have reached the venue with its answer lost
         # (a timeout, a killed sender, our database failing). Sending again is safe only

@@ -62,15 +62,14 @@ A live sender renews the lease every third of it while it works on the row
 (:func:`orders.attempt.kept_leased`), however long a venue call takes with the client's own
 retries, so the lease only says how soon a dead sender's row comes back: at most this long
 after its death, then at the next outbox pass (every 10 s), about one poll interval. The
-claim
-then looks the sale up before it sends a create again."""
+claim then looks the sale up before it sends a create again."""
 
 
 DEFAULT_MAX_ATTEMPTS = 8
 """Claims of an outbox row before it is given up (``dead``)."""
 
 
-QUEUE = LeasedQueue(
+OUTBOX_QUEUE = LeasedQueue(
     Outbox,
     pending=OutboxState.PENDING,
     leased=OutboxState.LEASED,
@@ -422,7 +421,7 @@ def claim_outbox(
     where = [sa.or_(Outbox.order_id.is_(None), ~waits_its_turn)]
     if ids is not None:
         where.append(Outbox.id.in_(sorted(ids)))
-    return QUEUE.claim(
+    return OUTBOX_QUEUE.claim(
         sessions,
         _claim,
         columns=(

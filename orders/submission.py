@@ -132,7 +132,7 @@ def parse_submission(raw: Any) -> Submission:
         raise SubmissionError("", "an order must be a JSON object")
     unstorable = unstorable_text_path(raw)
     if unstorable is not None:
-        raise SubmissionError(dotted(tuple(_path_parts(unstorable))), UNSTORABLE_TEXT)
+        raise SubmissionError(dotted_path(tuple(_path_parts(unstorable))), UNSTORABLE_TEXT)
     terms_raw = {key: value for key, value in raw.items() if key in _TERMS_KEYS}
     request_raw = {key: value for key, value in raw.items() if key not in _TERMS_KEYS}
     try:
@@ -140,7 +140,7 @@ def parse_submission(raw: Any) -> Submission:
         request = OrderRequest.model_validate(request_raw)
     except ValidationError as exc:
         error = exc.errors(include_url=False, include_input=False)[0]
-        raise SubmissionError(dotted(error["loc"]), error["msg"]) from None
+        raise SubmissionError(dotted_path(error["loc"]), error["msg"]) from None
     if (terms.amount is None) != (terms.currency is None):
         missing = "currency" if terms.currency is None else "amount"
         other = "amount" if missing == "currency" else "currency"
@@ -300,7 +300,7 @@ def _path_parts(dotted: str) -> Iterator[int | str]:
         yield int(part) if part.isdigit() else part
 
 
-def dotted(loc: tuple[int | str, ...]) -> str:
+def dotted_path(loc: tuple[int | str, ...]) -> str:
     """A field's path as the partner wrote it: ``items[0].visitTime``."""
     path = ""
     for part in loc:
