@@ -36,17 +36,9 @@ from orders.sender import send_outbox_row
 from orders.story import find_orders
 from orders.submission import Submission, SubmissionError, read_submissions, replacement_body
 from storage.lease import new_owner
-from storage.models import (
-    OutboxOperation,
-    VenueConnection,
-    VenueOrder,
-)
+from storage.models import OutboxOperation, VenueConnection, VenueOrder
 from venue.client import VenueClient
-from venue.models import (
-    OrderStatus,
-    canonical_guid,
-    normalize_reference,
-)
+from venue.models import OrderStatus, canonical_guid, normalize_reference
 
 
 class OrderActionError(Exception):

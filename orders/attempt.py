@@ -43,18 +43,10 @@ from orders.outbox import DEFAULT_LEASE_SECONDS, OUTBOX_QUEUE, OutboxClaim, appl
 from orders.submission import Submission
 from storage.flush import ColumnOverflow
 from storage.lease import LAST_ERROR_MAX_CHARS, NO_SYNC, backoff
-from storage.models import (
-    ChangeSource,
-    Outbox,
-    OutboxOperation,
-    OutboxState,
-)
+from storage.models import ChangeSource, Outbox, OutboxOperation, OutboxState
 from venue.client import VenueClient
 from venue.errors import VenueError, describe_venue_error
-from venue.models import (
-    Order,
-    normalize_reference,
-)
+from venue.models import Order, normalize_reference
 
 logger = logging.getLogger(__name__)
 

@@ -59,10 +59,7 @@ from orders.submission import (
     parse_submission,
     payment_reference_problem,
 )
-from storage.models import (
-    OutboxOperation,
-    VenueOrder,
-)
+from storage.models import OutboxOperation, VenueOrder
 from venue.errors import VenueError, VenueRejected, describe_venue_error, order_gone
 from venue.models import (
     ConfirmRequest,

@@ -29,9 +29,7 @@ from collections.abc import Collection, Iterable, Iterator, Sequence
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import (
-    Session,
-)
+from sqlalchemy.orm import Session
 
 from orders.inbox import Lookup, queue_lookups
 from storage.models import (
@@ -46,12 +44,7 @@ from storage.models import (
 )
 from storage.records import FeedCursor, FeedMark
 from venue import models as wire
-from venue.models import (
-    IN_FLIGHT_STATUSES,
-    OrderStatus,
-    OrderSummary,
-    canonical_guid,
-)
+from venue.models import IN_FLIGHT_STATUSES, OrderStatus, OrderSummary, canonical_guid
 
 logger = logging.getLogger(__name__)
 
@@ -382,6 +375,9 @@ def _wallet(wallet: wire.Wallet, seq_no: int) -> Wallet:
     )
 
 
+# --- a sale's orders --------------------------------------------------------------------
+
+
 def sale_orders(
     session: Session, connection_id: int, partner_id: str, reference_key: str
 ) -> list[VenueOrder]:
@@ -448,6 +444,9 @@ def retire_other_orders(
             stale.append(Lookup(other.order_id, f"{source}_other_order", other.status))
     if stale:
         queue_lookups(session.connection(), connection_id, stale, now=now)
+
+
+# --- stuck orders -----------------------------------------------------------------------
 
 
 def stuck_condition(cutoff: dt.datetime) -> sa.ColumnElement[bool]:

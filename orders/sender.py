@@ -24,10 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from orders.attempt import Clock, LeaseLost, Send, SendOutcome, SendResult, kept_leased, moving_from
 from orders.calls import SENDERS
 from orders.outbox import DEFAULT_LEASE_SECONDS, DEFAULT_MAX_ATTEMPTS, OutboxClaim, claim_outbox
-from storage.models import (
-    Outbox,
-    OutboxState,
-)
+from storage.models import Outbox, OutboxState
 from venue.client import VenueClient
 
 logger = logging.getLogger(__name__)

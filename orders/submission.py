@@ -25,10 +25,7 @@ from pydantic.alias_generators import to_camel
 from storage.flush import INTEGER_MAX
 from storage.types import MONEY_MAX, JsonRefused, decode_json
 from venue.connection import VenueConnection
-from venue.models import (
-    OrderRequest,
-    canonical_guid,
-)
+from venue.models import OrderRequest, canonical_guid
 from venue.text import UNSTORABLE_TEXT, unstorable_text_path
 
 NO_CURRENCY = "XXX"

@@ -17,10 +17,7 @@ from decimal import Decimal
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.orm import (
-    Session,
-    sessionmaker,
-)
+from sqlalchemy.orm import Session, sessionmaker
 
 from storage.models import OrderItem, VenueOrder, Wallet
 from storage.types import MONEY_MAX, Money

@@ -19,11 +19,7 @@ from enum import StrEnum
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.orm import (
-    Mapped,
-    mapped_column,
-    relationship,
-)
+from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from storage.models import ACTOR, GUID, REFERENCE, VENUE_CURRENCY, Base, BigId, enum_column
 from storage.types import Money, UTCDateTime, utcnow
