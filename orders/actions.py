@@ -42,11 +42,8 @@ from storage.models import (
     VenueOrder,
 )
 from venue.client import VenueClient
-from venue.models import (
-    OrderStatus,
-    canonical_guid,
-    normalize_reference,
-)
+from venue.models import OrderStatus
+from venue.values import canonical_guid, normalize_reference
 
 
 class OrderActionError(Exception):

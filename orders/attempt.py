@@ -37,10 +37,8 @@ from storage.models import (
 )
 from venue.client import VenueClient
 from venue.errors import VenueError
-from venue.models import (
-    Order,
-    normalize_reference,
-)
+from venue.models import Order
+from venue.values import normalize_reference
 
 logger = logging.getLogger(__name__)
 

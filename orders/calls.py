@@ -24,15 +24,8 @@ from storage.models import (
     VenueOrder,
 )
 from venue.errors import VenueError, VenueRejected, order_gone
-from venue.models import (
-    ConfirmRequest,
-    Order,
-    OrderRequest,
-    OrderStatus,
-    OrderSummary,
-    canonical_guid,
-    normalize_reference,
-)
+from venue.models import ConfirmRequest, Order, OrderRequest, OrderStatus, OrderSummary
+from venue.values import canonical_guid, normalize_reference
 
 logger = logging.getLogger(__name__)
 
