@@ -60,7 +60,7 @@ from storage.models import (
     VenueOrder,
 )
 from storage.records import ErasureKind, PrivacyErasure
-from venue.models import canonical_guid, normalize_reference
+from venue.values import canonical_guid, normalize_reference
 
 logger = logging.getLogger(__name__)
 

@@ -46,7 +46,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from heartbeat.coordination import describe_error
 from storage.records import SubscriptionCheck
-from venue.client import RetryPolicy, VenueClient
+from venue.client import VenueClient
 from venue.connection import (
     SettingsError,
     VenueConnection,
@@ -56,7 +56,8 @@ from venue.connection import (
     remove_client_states,
 )
 from venue.errors import VenueError, VenueNotFound
-from venue.models import ORDER_PROCESSED_EVENT, Subscription
+from venue.retry import RetryPolicy
+from venue.webhooks import ORDER_PROCESSED_EVENT, Subscription
 
 logger = logging.getLogger(__name__)
 

@@ -38,7 +38,8 @@ from orders.submission import Submission, SubmissionError, read_submissions, rep
 from storage.lease import new_owner
 from storage.models import OutboxOperation, VenueConnection, VenueOrder
 from venue.client import VenueClient
-from venue.models import OrderStatus, canonical_guid, normalize_reference
+from venue.models import OrderStatus
+from venue.values import canonical_guid, normalize_reference
 
 
 class OrderActionError(Exception):

@@ -46,7 +46,8 @@ from storage.lease import LAST_ERROR_MAX_CHARS, NO_SYNC, backoff
 from storage.models import ChangeSource, Outbox, OutboxOperation, OutboxState
 from venue.client import VenueClient
 from venue.errors import VenueError, describe_venue_error
-from venue.models import Order, normalize_reference
+from venue.models import Order
+from venue.values import normalize_reference
 
 logger = logging.getLogger(__name__)
 

@@ -61,15 +61,8 @@ from orders.submission import (
 )
 from storage.models import OutboxOperation, VenueOrder
 from venue.errors import VenueError, VenueRejected, describe_venue_error, order_gone
-from venue.models import (
-    ConfirmRequest,
-    Order,
-    OrderRequest,
-    OrderStatus,
-    OrderSummary,
-    canonical_guid,
-    normalize_reference,
-)
+from venue.models import ConfirmRequest, Order, OrderRequest, OrderStatus, OrderSummary
+from venue.values import canonical_guid, normalize_reference
 
 logger = logging.getLogger(__name__)
 

@@ -44,7 +44,8 @@ from storage.models import (
 )
 from storage.records import FeedCursor, FeedMark
 from venue import models as wire
-from venue.models import IN_FLIGHT_STATUSES, OrderStatus, OrderSummary, canonical_guid
+from venue.models import IN_FLIGHT_STATUSES, OrderStatus, OrderSummary
+from venue.values import canonical_guid
 
 logger = logging.getLogger(__name__)
 

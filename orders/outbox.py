@@ -46,7 +46,8 @@ from storage.models import (
     OutboxState,
     VenueOrder,
 )
-from venue.models import OrderRequest, canonical_guid, normalize_reference
+from venue.models import OrderRequest
+from venue.values import canonical_guid, normalize_reference
 
 logger = logging.getLogger(__name__)
 

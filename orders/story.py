@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, selectinload
 
 from storage.models import LedgerLine, OrderItem, VenueConnection, VenueOrder, Wallet
-from venue.models import canonical_guid, normalize_reference
+from venue.values import canonical_guid, normalize_reference
 
 
 def find_orders(session: Session, key: str) -> list[VenueOrder]:

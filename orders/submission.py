@@ -25,8 +25,9 @@ from pydantic.alias_generators import to_camel
 from storage.flush import INTEGER_MAX
 from storage.types import MONEY_MAX, JsonRefused, decode_json
 from venue.connection import VenueConnection
-from venue.models import OrderRequest, canonical_guid
+from venue.models import OrderRequest
 from venue.text import UNSTORABLE_TEXT, unstorable_text_path
+from venue.values import canonical_guid
 
 NO_CURRENCY = "XXX"
 """The ledger currency of a sale submitted without an amount: ISO 4217's "no currency"

@@ -27,9 +27,10 @@ from orders.sender import send_outbox_row
 from orders.submission import SubmissionError, check_connection, choose_connection, read_submissions
 from storage.lease import new_owner
 from storage.models import Outbox, OutboxState, VenueOrder, ensure_connection
-from venue.client import RetryPolicy, VenueClient
+from venue.client import VenueClient
 from venue.connection import VenueConnection
 from venue.models import OrderRequest, OrderStatus
+from venue.retry import RetryPolicy
 
 SUBMIT_NOW_RETRY = RetryPolicy(attempts=2, deadline=10.0, wait_initial=0.5, wait_max=2.0)
 """The client retry policy for sending while someone waits (``POST /api/orders``): the

@@ -46,7 +46,8 @@ from storage.models import ChangeSource, Inbox, InboxSource, InboxState, VenueOr
 from storage.types import utcnow
 from venue.client import VenueClient
 from venue.errors import VenueError, describe_venue_error, order_gone
-from venue.models import Order, OrderStatus, canonical_guid
+from venue.models import Order, OrderStatus
+from venue.values import canonical_guid
 
 logger = logging.getLogger(__name__)
 

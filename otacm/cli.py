@@ -946,7 +946,7 @@ def ledger_import(
         raise SystemExit(1)
 
 
-# The formats of reconciler.report.REPORT_FORMATS, named here so --help loads no renderer.
+# The formats of reconciler.report_formats.REPORT_FORMATS, named here so --help loads no renderer.
 REPORT_FORMAT_NAMES = ("csv", "xlsx", "html", "json")
 
 
@@ -975,7 +975,8 @@ def report(cli: CliContext, run_id: int, fmt: str, output: Path | None) -> None:
     Ages are counted to now. xlsx is binary: it goes to FILE, or to standard output
     only when that is redirected. Exits 1 if no run has the id RUN.
     """
-    from reconciler.report import RunNotFound, load_run_report, render_report
+    from reconciler.report import RunNotFound, load_run_report
+    from reconciler.report_formats import render_report
     from storage.types import ID_MAX, utcnow
 
     if fmt == "xlsx" and output is None and sys.stdout.isatty():

@@ -663,7 +663,7 @@ def reconcile_demo(
 def run_lines(report: RunReport) -> Iterator[str]:
     """A run's summary for a terminal: totals per category, then one line per exception."""
     from reconciler.categories import Category
-    from reconciler.report import money_text
+    from reconciler.report_formats import money_text
 
     run = report.run
     period = f"{_minute(run.period_from)} to {_minute(run.period_to)} UTC"
@@ -697,7 +697,7 @@ def _minute(moment: dt.datetime) -> str:
 
 def _detail(row: ExceptionRow) -> str:
     """One line: the category as finance reads it, the ledger's side and the venue's."""
-    from reconciler.report import money_text
+    from reconciler.report_formats import money_text
 
     currency = row.currency or ""
     if row.ledger_amount is not None:

@@ -336,8 +336,9 @@ def check_subscription(
     (:func:`heartbeat.subscriptions.find_subscriptions`). Without it, no webhook arrives
     and nothing says so but the change feed's lag."""
     from heartbeat.subscriptions import find_subscriptions
-    from venue.client import RetryPolicy, open_client
+    from venue.client import open_client
     from venue.errors import VenueError
+    from venue.retry import RetryPolicy
 
     name = f"venue {venue.name} subscription"
     try:
@@ -495,8 +496,9 @@ def count_partner_orders(
     a mistyped but well-formed id lists nothing, silently. So a partner with no order at
     all is a warning, to be checked against the id the venue issued.
     """
-    from venue.client import RetryPolicy, open_client
+    from venue.client import open_client
     from venue.errors import VenueError
+    from venue.retry import RetryPolicy
 
     checks = []
     once = RetryPolicy(attempts=1, deadline=timeout)
@@ -546,7 +548,8 @@ def _probe(
     Raises:
         VenueError: the call failed.
     """
-    from venue.client import RetryPolicy, open_client
+    from venue.client import open_client
+    from venue.retry import RetryPolicy
 
     # One attempt: the doctor reports what is wrong now rather than waiting it out.
     once = RetryPolicy(attempts=1, deadline=timeout)

@@ -48,8 +48,9 @@ from receiver.errors import (
     error_response,
 )
 from storage.types import utcnow
-from venue.client import CallObserver, VenueClient, open_client
+from venue.client import VenueClient, open_client
 from venue.connection import VenueConnection
+from venue.endpoints import CallObserver
 
 logger = logging.getLogger(__name__)
 

@@ -71,8 +71,9 @@ from receiver.errors import (
 )
 from storage.models import GUID_CHARS, InboxSource
 from storage.types import utcnow
-from venue.models import ORDER_PROCESSED_EVENT, Notification, canonical_guid, parse_webhook_body
 from venue.text import UNSTORABLE_TEXT, storable_text
+from venue.values import canonical_guid
+from venue.webhooks import ORDER_PROCESSED_EVENT, Notification, parse_webhook_body
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment

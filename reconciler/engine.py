@@ -49,7 +49,7 @@ a run reads one row per sale and per order, never an item or a wallet.
     group's price (:func:`~storage.totals.order_totals`);
 13. ``external_reference_mismatch``: the ledger lists external reference numbers (a
     non-empty list) and their set is not the set of the wallets' (trimmed,
-    case-insensitive: both sides are kept as :func:`~venue.models.reference_set_key`);
+    case-insensitive: both sides are kept as :func:`~venue.values.reference_set_key`);
 14. ``matched``.
 
 **Orphans**: live orders in the period with no ledger line of the same key (in any

@@ -42,7 +42,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from storage.flush import INTEGER_MAX
 from storage.models import LedgerLine, LedgerSource, LedgerState, ensure_connection
 from storage.types import MONEY_MAX, MONEY_PLACES, text_problem
-from venue.models import normalize_reference, reference_set_key
+from venue.values import normalize_reference, reference_set_key
 
 logger = logging.getLogger(__name__)
 

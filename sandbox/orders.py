@@ -41,15 +41,8 @@ from sandbox.requests import (
     upper,
 )
 from sandbox.state import Clock, OrderQuery, OrderRecord, OrderStore, stamp
-from venue.models import (
-    IN_FLIGHT_STATUSES,
-    Order,
-    OrderItem,
-    OrderStatus,
-    Wallet,
-    guid_caption,
-    parse_guid,
-)
+from venue.models import IN_FLIGHT_STATUSES, Order, OrderItem, OrderStatus, Wallet
+from venue.values import guid_caption, parse_guid
 
 ZERO_GUID = "00000000-0000-0000-0000-000000000000"
 REFERENCE_LENGTH = 50

@@ -48,7 +48,8 @@ from sandbox.orders import issued_changes, shell_items
 from sandbox.state import Clock, OrderRecord, OrderStore
 from sandbox.stats import Stats
 from sandbox.webhooks import ProcessedEvent, WebhookDispatcher
-from venue.models import Asset, OrderItem, OrderStatus, Wallet, guid_caption
+from venue.models import Asset, OrderItem, OrderStatus, Wallet
+from venue.values import guid_caption
 
 logger = logging.getLogger(__name__)
 

@@ -39,7 +39,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from sandbox.requests import VenueRequest
-from venue.models import Order, OrderStatus, Subscription
+from venue.models import Order, OrderStatus
+from venue.webhooks import Subscription
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS orders (

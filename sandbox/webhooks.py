@@ -39,7 +39,8 @@ from sandbox.config import SandboxConfig
 from sandbox.faults import FaultInjector
 from sandbox.state import INACTIVE, Clock, OrderStore, subscription_active
 from sandbox.stats import Stats
-from venue.models import ORDER_PROCESSED_EVENT, OrderStatus, Subscription
+from venue.models import OrderStatus
+from venue.webhooks import ORDER_PROCESSED_EVENT, Subscription
 
 logger = logging.getLogger(__name__)
 

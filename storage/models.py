@@ -39,7 +39,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 
 from storage.totals import order_totals
 from storage.types import Money, UTCDateTime, utcnow
-from venue.models import OrderStatus, normalize_reference, reference_set_key
+from venue.models import OrderStatus
+from venue.values import normalize_reference, reference_set_key
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -215,7 +216,7 @@ class LedgerLine(Base):
     # The buyFromOrderReference the shop recorded, when it recorded one.
     venue_reference: Mapped[str | None] = mapped_column(sa.String(50))
     external_reference_numbers: Mapped[list[str] | None] = mapped_column(sa.JSON)
-    # The listed numbers as one comparable text (:func:`~venue.models.reference_set_key`),
+    # The listed numbers as one comparable text (:func:`~venue.values.reference_set_key`),
     # set whenever they are: what a reconciliation compares with the wallets'.
     external_references_key: Mapped[str | None] = mapped_column(sa.Text)
     state: Mapped[LedgerState] = mapped_column(

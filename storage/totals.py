@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from decimal import Decimal
 from typing import Protocol
 
-from venue.models import reference_set_key
+from venue.values import reference_set_key
 
 
 class WalletFigures(Protocol):
@@ -49,7 +49,7 @@ class OrderTotals:
         wallet_currencies: the wallets' currency codes, upper-cased, each once, sorted,
             joined by "/" (``"EUR"``, ``"EUR/GBP"``).
         wallet_external_references: the wallets' external reference numbers as one
-            :func:`~venue.models.reference_set_key`.
+            :func:`~venue.values.reference_set_key`.
     """
 
     items_quantity: int | None

@@ -5,185 +5,50 @@ endpoint, wire JSON turned into :mod:`venue.models` at this edge, failures turne
 :mod:`venue.errors`. Transport errors, 429, 503 and 504 are retried with stamina
 (exponential backoff with jitter, bounded by attempts and a deadline; a ``Retry-After``
 is waited out in full) — createOrder only when the venue cannot have acted on it; every
-other answer is final. Calls pass through
-the identity's shared :class:`~venue.throttle.Throttle`.
-Each call is logged as one line of method, path, status, duration and the venue's
-``x-npr-version``; never the API key, never a query value or a body (they hold customer
-names and e-mails). :func:`open_client` is the factory that owns its ``httpx.Client``.
+other answer is final (the policy: :mod:`venue.retry`). Calls pass through the identity's
+shared :class:`~venue.throttle.Throttle`, to the paths of :mod:`venue.endpoints`; answers
+are read by :mod:`venue.answers`. Each call is logged as one line of method, path,
+status, duration and the venue's ``x-npr-version``; never the API key, never a query
+value or a body (they hold customer names and e-mails). :func:`open_client` is the
+factory that owns its ``httpx.Client``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import email.utils
 import logging
-import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, TypeVar
-from urllib.parse import quote
+from typing import Any
 
 import httpx
-import pydantic_core
 import stamina
-from pydantic import BaseModel, SecretStr, ValidationError
+from pydantic import SecretStr
 
+from venue.answers import ModelT, read_answer, read_error_body, read_page
 from venue.connection import VenueConnection
-from venue.errors import (
-    VenueInvalidId,
-    VenueNotFound,
-    VenueProtocolError,
-    VenueUnavailable,
-    error_for_status,
+from venue.endpoints import (
+    SUBSCRIPTION_LIST_PATHS,
+    CallObserver,
+    endpoint_name,
+    order_path,
+    partner_path,
+    query_time,
+    segment,
 )
-from venue.models import (
-    ORDER_PROCESSED_EVENT,
-    ConfirmRequest,
-    ErrorBody,
-    Order,
-    OrderRequest,
-    OrderStatus,
-    OrderSummary,
-    Page,
-    Subscription,
-    SubscriptionRequest,
-    describe_validation_problem,
-    normalize_reference,
-    parse_guid,
-    parse_page,
-)
-from venue.text import UNSTORABLE_TEXT, unstorable_text_path
+from venue.errors import VenueNotFound, VenueProtocolError, VenueUnavailable, error_for_status
+from venue.models import ConfirmRequest, Order, OrderRequest, OrderStatus, OrderSummary, Page
+from venue.retry import RetryPolicy, retry_after_seconds, retryable, retryable_unsent
 from venue.throttle import Throttle, throttle_for
+from venue.values import normalize_reference, parse_guid
+from venue.webhooks import ORDER_PROCESSED_EVENT, Subscription, SubscriptionRequest
 
 logger = logging.getLogger(__name__)
 
 # The venue queues a request up to 8 minutes before answering 503; waiting that long on
 # one call helps nobody, so a read timeout here is a transport error and is retried.
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
-
-ModelT = TypeVar("ModelT", bound=BaseModel)
-
-SUBSCRIPTION_LIST_PATHS = ("/webhooks", "/webhook")
-"""Where the subscriptions are listed, in the order tried: the vendor's webhook pages
-show ``GET /webhooks``, one shows ``GET /webhook`` (``spec/WEBHOOKS.md``)."""
-
-_NUL_ESCAPE = b"\\u0000"
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How long a call keeps trying when the venue is unavailable or rate-limits it.
-
-    No new attempt starts once ``deadline`` seconds have passed since the first, so a
-    call ends within roughly ``deadline + wait_max`` plus one request's timeout.
-    """
-
-    attempts: int = 6
-    deadline: float = 60.0
-    wait_initial: float = 1.0
-    wait_max: float = 15.0
-    wait_jitter: float = 1.0
-
-
-CallObserver = Callable[[str, int | None, float], None]
-"""Told of every attempt: the endpoint's name, the HTTP status (``None`` when no answer
-came) and the seconds it took. Metrics hang on it; it must not raise."""
-
-_ENDPOINTS = (
-    ("POST", re.compile(r"^/channelManager$"), "createOrder"),
-    ("GET", re.compile(r"^/channelManager/orders/[^/]+$"), "listOrdersByPartner"),
-    ("GET", re.compile(r"^/channelManager/[^/]+$"), "getOrder"),
-    ("POST", re.compile(r"^/channelManager/[^/]+/confirm$"), "confirmOrder"),
-    ("PUT", re.compile(r"^/channelManager/[^/]+$"), "replaceOrder"),
-    ("DELETE", re.compile(r"^/channelManager/[^/]+$"), "deleteOrder"),
-    ("POST", re.compile(r"^/webhook$"), "createWebhook"),
-    ("GET", re.compile(r"^/webhooks?$"), "listWebhooks"),
-    ("DELETE", re.compile(r"^/webhook/[^/]+$"), "deleteWebhook"),
-)
-
-
-def endpoint_name(method: str, path: str) -> str:
-    """The API's name for a call (``getOrder``), never its path: ids stay out of labels."""
-    for endpoint_method, pattern, name in _ENDPOINTS:
-        if method == endpoint_method and pattern.match(path):
-            return name
-    return "other"
-
-
-def _retryable(exc: Exception) -> bool:
-    """Transport errors, 429, 503 and 504 (all :class:`VenueUnavailable`); nothing else."""
-    return isinstance(exc, VenueUnavailable)
-
-
-_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
-"""Transport errors raised before the request left: the venue cannot have seen it."""
-
-
-def _retryable_unsent(exc: Exception) -> bool:
-    """Only the failures that show the venue did not act on the call: the gateway's 429 and
-    503 (refused before any work), or a connection never made. A read timeout, a reset
-    or a 504 may come after the venue committed it."""
-    if not isinstance(exc, VenueUnavailable):
-        return False
-    return exc.status in (429, 503) or isinstance(exc.__cause__, _NOT_SENT)
-
-
-def _retry_after(value: str | None, now: dt.datetime) -> float | None:
-    """The seconds a ``Retry-After`` header asks for: delta-seconds or an HTTP date."""
-    if value is None:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:  # "-0000": UTC, as HTTP dates are
-        when = when.replace(tzinfo=dt.UTC)
-    return max(0.0, (when - now).total_seconds())
-
-
-def _segment(value: str) -> str:
-    """One path segment, percent-encoded, so an id can never add or escape a path level."""
-    return quote(value, safe="")
-
-
-def _order_path(method: str, order_id: str, suffix: str = "") -> str:
-    """``/channelManager/{orderId}{suffix}``, the id in the venue's own GUID form.
-
-    Raises:
-        VenueInvalidId: ``order_id`` is not a GUID; the venue would answer 400 "Invalid
-            order id" (ChannelMgrOrderAgent TryGetOrderIdFromPath), so nothing is sent.
-    """
-    guid = parse_guid(order_id)
-    if guid is None:
-        path = f"/channelManager/{_segment(order_id)}{suffix}"
-        raise VenueInvalidId(method, path, kind="order id", value=order_id)
-    return f"/channelManager/{guid}{suffix}"
-
-
-def _partner_path(partner_id: str) -> str:
-    """``/channelManager/orders/{partnerId}``, the id in the venue's own GUID form.
-
-    Raises:
-        VenueInvalidId: ``partner_id`` is not a GUID; the venue would answer 400 "Invalid
-            partnerId" (ChannelMgrOrderAgent ListOrdersByPartner), so nothing is sent.
-    """
-    guid = parse_guid(partner_id)
-    if guid is None:
-        path = f"/channelManager/orders/{_segment(partner_id)}"
-        raise VenueInvalidId("GET", path, kind="partnerId", value=partner_id)
-    return f"/channelManager/orders/{guid}"
-
-
-def _utc_text(value: dt.datetime) -> str:
-    """A query datetime as ISO 8601 UTC with ``Z``, as the venue documents."""
-    if value.tzinfo is None:
-        raise ValueError("query datetimes must be timezone-aware")
-    return value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
 
 
 class VenueClient:
@@ -282,9 +147,9 @@ class VenueClient:
             "/channelManager",
             params=params,
             json=request.to_wire(),
-            retry_on=_retryable_unsent,
+            retry_on=retryable_unsent,
         )
-        return self._parse("POST", "/channelManager", response, Order)
+        return read_answer("POST", "/channelManager", response, Order)
 
     def get_order(self, order_id: str) -> Order:
         """The full order, with items, wallets and assets (getOrder).
@@ -293,8 +158,8 @@ class VenueClient:
             VenueNotFound: no such order (or it was deleted outright).
             VenueError: any other failure.
         """
-        path = _order_path("GET", order_id)
-        return self._parse("GET", path, self._call("GET", path), Order)
+        path = order_path("GET", order_id)
+        return read_answer("GET", path, self._call("GET", path), Order)
 
     def confirm_order(self, order_id: str, payment_reference: str) -> Order:
         """Confirm a Draft order's payment, making it Issued (confirmOrder).
@@ -305,9 +170,9 @@ class VenueClient:
             VenueRejected: the order cannot be confirmed in its status.
             VenueError: any other failure.
         """
-        path = _order_path("POST", order_id, "/confirm")
+        path = order_path("POST", order_id, "/confirm")
         body = ConfirmRequest(payment_reference=payment_reference).to_wire()
-        return self._parse("POST", path, self._call("POST", path, json=body), Order)
+        return read_answer("POST", path, self._call("POST", path, json=body), Order)
 
     def replace_order(self, order_id: str, request: OrderRequest) -> Order:
         """Replace a Draft or Error order's header and items (replaceOrder).
@@ -319,9 +184,9 @@ class VenueClient:
             VenueRejected: the order is in another status, or the request is invalid.
             VenueError: any other failure.
         """
-        path = _order_path("PUT", order_id)
+        path = order_path("PUT", order_id)
         response = self._call("PUT", path, json=request.to_wire())
-        return self._parse("PUT", path, response, Order)
+        return read_answer("PUT", path, response, Order)
 
     def delete_order(self, order_id: str) -> Order | None:
         """Cancel an Issued order, or remove a Draft or Error one (deleteOrder).
@@ -334,11 +199,11 @@ class VenueClient:
             VenueNotFound: no such order.
             VenueError: any other failure.
         """
-        path = _order_path("DELETE", order_id)
+        path = order_path("DELETE", order_id)
         response = self._call("DELETE", path)
         if not response.content.strip():
             return None
-        return self._parse("DELETE", path, response, Order)
+        return read_answer("DELETE", path, response, Order)
 
     def list_orders(
         self,
@@ -366,12 +231,12 @@ class VenueClient:
         if sell_to_order_reference is not None:
             params["sellToOrderReference"] = normalize_reference(sell_to_order_reference)
         if received_from is not None:
-            params["receivedAtFrom"] = _utc_text(received_from)
+            params["receivedAtFrom"] = query_time(received_from)
         if received_to is not None:
-            params["receivedAtTo"] = _utc_text(received_to)
+            params["receivedAtTo"] = query_time(received_to)
         if page_size is not None:
             params["pageSize"] = str(page_size)
-        pages = self._pages(_partner_path(partner_id), params, OrderSummary, skip_unreadable=True)
+        pages = self._pages(partner_path(partner_id), params, OrderSummary, skip_unreadable=True)
         return (summary for page in pages for summary in page.data)
 
     def orders_page(self, partner_id: str, *, page_size: int) -> Page[OrderSummary]:
@@ -384,7 +249,7 @@ class VenueClient:
             VenueError: the page could not be fetched.
         """
         params = {"pageSize": str(page_size)}
-        path = _partner_path(partner_id)
+        path = partner_path(partner_id)
         return next(self._pages(path, params, OrderSummary, skip_unreadable=True))
 
     def change_feed(
@@ -426,7 +291,7 @@ class VenueClient:
             params["lastRowVersion"] = str(last_row_version)
         if page_size is not None:
             params["pageSize"] = str(page_size)
-        return self._pages(_partner_path(partner_id), params, OrderSummary, skip_unreadable=True)
+        return self._pages(partner_path(partner_id), params, OrderSummary, skip_unreadable=True)
 
     def find_by_reference(self, partner_id: str, reference: str) -> list[OrderSummary]:
         """The partner's orders with this ``sellToOrderReference`` (compared case-blind).
@@ -469,7 +334,7 @@ class VenueClient:
         response = self._call("POST", "/webhook", json=body)
         if not response.content.strip():
             return None
-        return self._parse("POST", "/webhook", response, Subscription)
+        return read_answer("POST", "/webhook", response, Subscription)
 
     def list_subscriptions(self) -> list[Subscription]:
         """This company's webhook subscriptions: ``GET /webhooks``, or ``GET /webhook``.
@@ -496,7 +361,7 @@ class VenueClient:
             VenueNotFound: no such subscription.
             VenueError: any other failure.
         """
-        self._call("DELETE", f"/webhook/{_segment(subscription_id)}")
+        self._call("DELETE", f"/webhook/{segment(subscription_id)}")
 
     # --- the edge ---------------------------------------------------------------------
 
@@ -526,7 +391,7 @@ class VenueClient:
         page_params = dict(params)
         while True:
             response = self._call("GET", path, params=page_params)
-            page: Page[ModelT] = self._parse_list(
+            page: Page[ModelT] = read_page(
                 path, response, item_type, skip_unreadable=skip_unreadable
             )
             for row in page.unreadable:
@@ -555,7 +420,7 @@ class VenueClient:
         *,
         params: dict[str, str] | None = None,
         json: Any = None,
-        retry_on: Callable[[Exception], bool] = _retryable,
+        retry_on: Callable[[Exception], bool] = retryable,
     ) -> httpx.Response:
         """Send one call with retries; the 2xx response, or the error for the last answer.
 
@@ -606,7 +471,7 @@ class VenueClient:
         json: Any,
         attempt: int,
     ) -> httpx.Response:
-        """One attempt: the 2xx response, or the matching :class:`VenueError`."""
+        """One attempt: the 2xx response, or the matching :class:`~venue.errors.VenueError`."""
         started = time.perf_counter()
         try:
             with self._throttle.slot():
@@ -640,10 +505,10 @@ class VenueClient:
         )
         if response.is_success:
             return response
-        code, message = self._error_body(response)
+        code, message = read_error_body(response)
         error = error_for_status(method, path, response.status_code, code=code, message=message)
         if isinstance(error, VenueUnavailable):
-            error.retry_after = _retry_after(
+            error.retry_after = retry_after_seconds(
                 response.headers.get("Retry-After"), dt.datetime.now(dt.UTC)
             )
         raise error
@@ -651,89 +516,6 @@ class VenueClient:
     def _observe(self, method: str, path: str, status: int | None, started: float) -> None:
         if self._observer is not None:
             self._observer(endpoint_name(method, path), status, time.perf_counter() - started)
-
-    @staticmethod
-    def _error_body(response: httpx.Response) -> tuple[str | None, str | None]:
-        """The venue's ``code`` and ``message``, when the error body has them."""
-        try:
-            body = ErrorBody.model_validate_json(response.content)
-        except ValidationError:
-            return None, None
-        return (
-            body.code if "code" in body.model_fields_set else None,
-            body.message if "message" in body.model_fields_set else None,
-        )
-
-    @staticmethod
-    def _parse(method: str, path: str, response: httpx.Response, model: type[ModelT]) -> ModelT:
-        """The body as ``model``, or :class:`VenueProtocolError` naming the bad fields."""
-        try:
-            parsed = model.model_validate_json(response.content)
-        except ValidationError as exc:
-            raise _protocol_error(method, path, response, model, exc) from exc
-        _refuse_unstorable_text(method, path, response, model)
-        return parsed
-
-    @staticmethod
-    def _parse_list(
-        path: str, response: httpx.Response, model: type[ModelT], *, skip_unreadable: bool
-    ) -> Page[ModelT]:
-        """A list body (page envelope, ``{"value": [...]}`` or bare array) of ``model``.
-
-        With ``skip_unreadable``, a row with text the mirror cannot store is unreadable
-        like one that does not parse, rather than failing the whole page.
-        """
-        row_check = None
-        if skip_unreadable and _NUL_ESCAPE in response.content:
-            row_check = _unstorable_row_problem
-        try:
-            page = parse_page(
-                response.content, model, skip_unreadable=skip_unreadable, row_check=row_check
-            )
-        except ValueError as exc:  # bad JSON or a ValidationError
-            raise _protocol_error("GET", path, response, model, exc) from exc
-        if not skip_unreadable:
-            _refuse_unstorable_text("GET", path, response, model)
-        return page
-
-
-def _protocol_error(
-    method: str, path: str, response: httpx.Response, model: type[BaseModel], exc: ValueError
-) -> VenueProtocolError:
-    """Name what was wrong without echoing the body: input values may be personal."""
-    detail = describe_validation_problem(exc) if isinstance(exc, ValidationError) else "not JSON"
-    return VenueProtocolError(
-        method,
-        path,
-        status=response.status_code,
-        reason=f"body does not parse as {model.__name__}: {detail}",
-    )
-
-
-def _refuse_unstorable_text(
-    method: str, path: str, response: httpx.Response, model: type[BaseModel]
-) -> None:
-    """Refuse a body with text the mirror cannot store, naming where, on both databases.
-
-    JSON allows a NUL only as the ``\\u0000`` escape (the parser refuses a raw one, and
-    unpaired surrogates), so bodies without that escape, nearly all, skip the walk.
-    """
-    if _NUL_ESCAPE not in response.content:
-        return
-    where = unstorable_text_path(pydantic_core.from_json(response.content))
-    if where is not None:
-        raise VenueProtocolError(
-            method,
-            path,
-            status=response.status_code,
-            reason=f"{model.__name__} body: {where or 'body'}: expected {UNSTORABLE_TEXT}",
-        )
-
-
-def _unstorable_row_problem(row: Any) -> str | None:
-    """Where one list row holds text the mirror cannot store, or ``None``."""
-    where = unstorable_text_path(row)
-    return None if where is None else f"{where or 'row'}: expected {UNSTORABLE_TEXT}"
 
 
 @contextmanager

@@ -22,7 +22,8 @@ from urllib.parse import quote, quote_plus, unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from venue.models import REFERENCE_MAX_CHARS, parse_guid
+from venue.models import REFERENCE_MAX_CHARS
+from venue.values import parse_guid
 
 DEFAULT_API_BASE_URL = "https://api.npretail.app"
 CLIENT_STATE_MAX_CHARS = 50

@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from urllib.parse import unquote
 
-from venue.models import parse_guid
+from venue.values import parse_guid
 
 # Fragments of deleteOrder's refusal of an order still being processed, in every version:
 # "Order is mid-flight (status %1); retry once it has settled." (ChannelMgrOrderAgent

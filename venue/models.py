@@ -1,18 +1,21 @@
-"""Wire models for the OTA Channel Manager API and its ``ota_cm_order_processed`` webhook.
+"""Wire models of the OTA Channel Manager API: what otacm sends and what the venue answers.
 
-These mirror the JSON the venue sends and accepts (``spec/API.md``, ``spec/WEBHOOKS.md``):
-camelCase on the wire, snake_case in Python. Every model tolerates unknown fields, because
-the venue adds fields between API versions; money is ``Decimal``; times are aware UTC.
-Both the current asynchronous responses and the older synchronous ones (which lack
-``buyFromOrderReference``) parse.
+These mirror the JSON the venue sends and accepts (``spec/API.md``): camelCase on the
+wire, snake_case in Python. The requests (:class:`OrderRequest`, :class:`ConfirmRequest`)
+refuse what the venue would refuse or cut; the answers (:class:`Order`,
+:class:`OrderSummary`, a list's :class:`Page`, :class:`ErrorBody`) tolerate unknown
+fields, because the venue adds fields between API versions; money is ``Decimal``; times
+are aware UTC. Both the current asynchronous responses and the older synchronous ones
+(which lack ``buyFromOrderReference``) parse. The value types the fields are declared
+with, and the rules for ids and references, are :mod:`venue.values`; the webhook's
+bodies are :mod:`venue.webhooks`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
 from decimal import Decimal
 from enum import StrEnum
 from typing import Annotated, Any, Generic, TypeVar
@@ -36,90 +39,19 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
-ORDER_PROCESSED_EVENT = "ota_cm_order_processed"
-
-
-def _blank_to_none(value: Any) -> Any:
-    """The venue sends ``""`` (and Business Central's zero date) for "no value"."""
-    if isinstance(value, str) and (value.strip() == "" or value.startswith("0001-01-01")):
-        return None
-    return value
-
-
-def _utc(value: dt.datetime | None) -> dt.datetime | None:
-    if value is None:
-        return None
-    if value.tzinfo is None:
-        # The venue documents its times as UTC; a missing offset means UTC, not local time.
-        return value.replace(tzinfo=dt.UTC)
-    try:
-        return value.astimezone(dt.UTC)
-    except OverflowError:
-        # Within hours of year 1 or 9999 the offset takes it out of range: not a time the
-        # venue writes, so a validation error (a ValueError), not a crash.
-        raise ValueError("out of range in UTC") from None
-
-
-UtcDateTime = Annotated[
-    dt.datetime | None,
-    BeforeValidator(_blank_to_none),
-    AfterValidator(_utc),
-    Field(default=None),
-]
-OptionalDate = Annotated[dt.date | None, BeforeValidator(_blank_to_none), Field(default=None)]
-OptionalTime = Annotated[dt.time | None, BeforeValidator(_blank_to_none), Field(default=None)]
-OptionalText = Annotated[str | None, Field(default=None)]
-"""Optional text kept exactly as written, ``""`` included (envelopes, subscriptions)."""
-
-
-def _none_when_blank(value: Any) -> Any:
-    """The venue writes ``""`` for a text field with no value: absent, like a missing one."""
-    if isinstance(value, str) and not value.strip():
-        return None
-    return value
-
-
-BlankAsNone = Annotated[str | None, BeforeValidator(_none_when_blank), Field(default=None)]
-"""Optional text of an order, where blank (or only blanks) means absent: ``None``.
-
-Other text is kept as written. Every reader (the order mirror, the feed, the outbox)
-gets ``None`` for "no value", so a blank and a missing field are the same to them.
-"""
-
-
-def parse_row_version(value: Any) -> int:
-    """A ``rowVersion`` as a number: the venue writes it as text (a formatted 64-bit integer).
-
-    Business Central formats the row version with ``Format(..., 0, 9)``: plain decimal
-    digits. A JSON number is taken too, as a gateway might convert it.
-
-    Raises:
-        ValueError: the value is not a non-negative whole number that fits 64 bits.
-    """
-    if isinstance(value, bool):
-        raise ValueError("rowVersion must be a whole number written as text")
-    if isinstance(value, int):
-        number = value
-    elif isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
-        number = int(value.strip())
-    else:
-        raise ValueError("rowVersion must be a whole number written as text")
-    if not 0 <= number < 2**63:
-        raise ValueError("rowVersion must be a non-negative 64-bit integer")
-    return number
-
-
-def _row_version_or_none(value: Any) -> int | None:
-    return None if value is None else parse_row_version(value)
-
-
-RowVersion = Annotated[int | None, BeforeValidator(_row_version_or_none), Field(default=None)]
-# Customer data and shared secrets: kept out of reprs, so out of logs and tracebacks.
-# Customer data of an order is blank-as-None too, like :data:`BlankAsNone`.
-PersonalText = Annotated[
-    str | None, BeforeValidator(_none_when_blank), Field(default=None, repr=False)
-]
-SecretText = Annotated[str, Field(repr=False)]
+from venue.values import (
+    BlankAsNone,
+    Guid,
+    OptionalDate,
+    OptionalText,
+    OptionalTime,
+    PersonalText,
+    RowVersion,
+    UtcDateTime,
+    guid_or_none,
+    parse_guid,
+    parse_row_version,
+)
 
 
 class WireModel(BaseModel):
@@ -188,82 +120,6 @@ _STATUS_BY_TEXT = {
     for status in OrderStatus
     for text in (status.value, _STATUS_CAPTIONS.get(status, status.value))
 }
-
-
-_GUID_FORMS = (
-    re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}"),
-    re.compile(r"[0-9A-Fa-f]{32}"),
-)
-
-
-def parse_guid(text: str) -> str | None:
-    """``text`` as the venue writes a GUID (lowercase, hyphens, no braces), or ``None``.
-
-    The venue reads ids from the path with Business Central's ``Evaluate`` into a Guid
-    (ChannelMgrOrderAgent TryGetOrderIdFromPath, ListOrdersByPartner), a .NET GUID parse:
-    the hyphenated form, bare or in braces or parentheses, or 32 hex digits, in any
-    case, surrounding blanks ignored. Anything else it refuses with a 400 ("Invalid
-    order id", "Invalid partnerId").
-    """
-    value = text.strip()
-    if len(value) == 38 and (value[0], value[-1]) in (("{", "}"), ("(", ")")):
-        value = value[1:-1]
-    if not any(form.fullmatch(value) for form in _GUID_FORMS):
-        return None
-    digits = value.replace("-", "").lower()
-    return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
-
-
-def canonical_guid(text: str) -> str:
-    """An id as the order mirror keys it: the venue's GUID form (:func:`parse_guid`).
-
-    For ids of otacm's own keeping (the inbox, the command line, a stored row), which
-    are not refused here: text that does not read as a GUID is trimmed, unbraced and
-    lower-cased, so that it still compares equal to itself in any case.
-    """
-    return parse_guid(text) or text.strip().strip("{}").lower()
-
-
-def _guid(value: Any) -> Any:
-    """A GUID the venue wrote, in any spelling it reads, as it writes one."""
-    if not isinstance(value, str):
-        return value  # str validation refuses it, naming the field
-    guid = parse_guid(value)
-    if guid is None:
-        raise PydanticCustomError("guid", "is not a valid GUID")
-    return guid
-
-
-Guid = Annotated[str, BeforeValidator(_guid)]
-"""A GUID from the venue in its canonical form: lowercase, hyphenated, no braces.
-
-Any spelling the venue itself reads (:func:`parse_guid`: braces or parentheses, upper
-case, the 32 digits) is taken; anything else is a validation error naming the field.
-"""
-
-
-def guid_caption(guid: str) -> str:
-    """A GUID as Business Central's ``Format`` writes it into messages: braces, upper case."""
-    return "{" + guid.upper() + "}"
-
-
-def normalize_reference(reference: str) -> str:
-    """The venue's form of a reference code: trimmed and upper-cased.
-
-    References compare case-insensitively; this is the one place that decides how.
-    """
-    return reference.strip().upper()
-
-
-def reference_set_key(references: Iterable[str | None]) -> str | None:
-    """A set of reference codes as one text that compares equal exactly when the sets do.
-
-    Each code in the venue's form (:func:`normalize_reference`), blanks left out, every
-    code once, sorted, one per line; ``None`` when no code is left. The external
-    reference numbers a sale lists and those its wallets carry are compared this way.
-    """
-    codes = sorted({normalize_reference(code) for code in references if code and code.strip()})
-    return "\n".join(codes) or None
 
 
 # --- requests -------------------------------------------------------------------------
@@ -546,8 +402,9 @@ class OrderItem(WireModel):
 class OrderHeader(WireModel):
     """The header fields shared by full orders and list summaries.
 
-    Ids are canonical GUIDs and blank text is ``None`` (:data:`Guid`,
-    :data:`BlankAsNone`): every reader gets the values as the mirror stores them.
+    Ids are canonical GUIDs and blank text is ``None`` (:data:`~venue.values.Guid`,
+    :data:`~venue.values.BlankAsNone`): every reader gets the values as the mirror stores
+    them.
     """
 
     order_id: Guid
@@ -700,7 +557,8 @@ def _unreadable_row(index: int, row: Any, exc: ValueError) -> UnreadableRow:
     """The ids that still read from a row that does not parse."""
     fields = row if isinstance(row, dict) else {}
     try:
-        row_version = _row_version_or_none(fields.get("rowVersion"))
+        written = fields.get("rowVersion")
+        row_version = None if written is None else parse_row_version(written)
     except ValueError:
         row_version = None
     return UnreadableRow(
@@ -712,133 +570,8 @@ def _unreadable_row(index: int, row: Any, exc: ValueError) -> UnreadableRow:
     )
 
 
-def guid_or_none(value: Any) -> str | None:
-    """``value`` as a lowercase GUID without braces, or ``None`` when it is not one."""
-    return parse_guid(value) if isinstance(value, str) else None
-
-
 class ErrorBody(WireModel):
     """The venue's error body: a stable snake_case ``code`` and a human ``message``."""
 
     code: str = "unknown_error"
     message: str = ""
-
-
-# --- webhooks -------------------------------------------------------------------------
-
-
-class OrderProcessedPayload(WireModel):
-    """The small payload of ``ota_cm_order_processed``: enough to call getOrder."""
-
-    order_id: Guid
-    buy_from_order_reference: BlankAsNone
-    status: OrderStatus | None = None
-
-
-class Notification(WireModel):
-    """One webhook notification, for any event; unknown fields are kept."""
-
-    client_state: SecretText
-    event_name: str
-    app_id: OptionalText
-    event_version: OptionalText
-    timestamp: UtcDateTime
-    company_name: OptionalText
-    company_id: OptionalText
-    initiating_user_aad_object_id: Annotated[
-        str | None, Field(default=None, alias="initiatingUserAADObjectId")
-    ]
-    payload: dict[str, Any] = Field(default_factory=dict)
-
-    def order_processed(self) -> OrderProcessedPayload | None:
-        """The typed payload when this is an ``ota_cm_order_processed`` notification.
-
-        Raises:
-            pydantic.ValidationError: the event is ours but its payload is not.
-        """
-        if self.event_name != ORDER_PROCESSED_EVENT:
-            return None
-        return OrderProcessedPayload.model_validate(self.payload)
-
-
-class ValueEnvelope(WireModel):
-    """``{"value": [...]}``: the vendor's general webhook guide."""
-
-    value: list[Notification]
-
-
-class ValuesEnvelope(WireModel):
-    """``{"values": [...]}``: the event's own reference page."""
-
-    values: list[Notification]
-
-
-@dataclass(frozen=True)
-class WebhookBody:
-    """A webhook body read: its notifications, typed and as received.
-
-    Attributes:
-        key: the envelope's list field, ``"value"`` or ``"values"``; ``None`` for a bare
-            notification.
-        notifications: the notifications, typed.
-        received: the same notifications as they came (decoded JSON, unknown fields
-            included), in the same order.
-    """
-
-    key: str | None
-    notifications: list[Notification]
-    received: list[Any]
-
-    def where(self, index: int) -> str:
-        """The field path prefix of notification ``index`` (``value.0.``), for errors."""
-        return "" if self.key is None else f"{self.key}.{index}."
-
-
-def parse_webhook_body(raw: Any) -> WebhookBody:
-    """A webhook body of any of the three envelope shapes: the one place that tells them.
-
-    ``{"value": [...]}`` first, then ``{"values": [...]}``, else a bare notification.
-
-    Args:
-        raw: the decoded JSON body.
-
-    Raises:
-        pydantic.ValidationError: the body is none of the shapes; its errors name the field.
-    """
-    if isinstance(raw, dict) and "value" in raw:
-        return WebhookBody("value", ValueEnvelope.model_validate(raw).value, raw["value"])
-    if isinstance(raw, dict) and "values" in raw:
-        return WebhookBody("values", ValuesEnvelope.model_validate(raw).values, raw["values"])
-    return WebhookBody(None, [Notification.model_validate(raw)], [raw])
-
-
-def parse_notifications(raw: Any) -> list[Notification]:
-    """The notifications in a webhook body of any of the three envelope shapes.
-
-    Args:
-        raw: the decoded JSON body.
-
-    Raises:
-        pydantic.ValidationError: the body is none of the shapes; its errors name the field.
-    """
-    return parse_webhook_body(raw).notifications
-
-
-# --- webhook subscriptions ------------------------------------------------------------
-
-
-class SubscriptionRequest(WireModel):
-    """The body of ``POST /webhook``."""
-
-    notification_url: str
-    event_name: str = ORDER_PROCESSED_EVENT
-    client_state: str = Field(max_length=50, repr=False)
-
-
-class Subscription(WireModel):
-    """A webhook subscription as the venue lists it."""
-
-    id: str
-    notification_url: OptionalText
-    event_name: OptionalText
-    client_state: Annotated[str | None, Field(default=None, repr=False)]

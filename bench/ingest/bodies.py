@@ -13,7 +13,7 @@ import datetime as dt
 import uuid
 from collections.abc import Iterator
 
-from venue.models import ORDER_PROCESSED_EVENT
+from venue.webhooks import ORDER_PROCESSED_EVENT
 
 APP_ID = "992c2309-cca4-43cb-9e41-911f482ec088"
 """The venue's app id, as its webhooks carry it."""

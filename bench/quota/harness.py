@@ -56,7 +56,7 @@ from heartbeat.feed import run_feed
 from heartbeat.watchdog import check_orders
 from orders.worker import run_once
 from otacm.settings import Settings
-from receiver.metrics import SETTLED_STATUSES
+from receiver.database_metrics import SETTLED_STATUSES
 from receiver.testing import served_receiver
 from receiver.webhook import WEBHOOK_PATH
 from sandbox import Faults, SandboxConfig, SandboxServer

@@ -37,7 +37,7 @@ import sqlalchemy as sa
 
 from reconciler.categories import Category
 from storage.models import VenueConnection
-from venue.models import reference_set_key
+from venue.values import reference_set_key
 
 CURRENCIES = ("EUR", "GBP", "USD")
 PARTNERS = (

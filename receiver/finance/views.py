@@ -5,7 +5,7 @@
 - ``/finance/runs/<id>``: a run's totals per currency and category with their chart, the
   exceptions it saw (filtered by category, state, aging bucket, currency, and a reference
   search) and those it closed, and the report's downloads (every format of
-  :data:`reconciler.report.REPORT_FORMATS`, at ``/finance/runs/<id>/report.<format>``);
+  :data:`reconciler.report_formats.REPORT_FORMATS`, at ``/finance/runs/<id>/report.<format>``);
 - ``/finance/exceptions/<id>``: one exception, its history (who did what, when, with
   which note), the sale's ledger line and the venue order's full story
   (:func:`orders.story.order_story`: lines, wallets, every status change and where it
@@ -43,7 +43,7 @@ from werkzeug.datastructures import MultiDict
 
 from orders.story import order_story
 from receiver.context import current_receiver
-from reconciler import report as report_module
+from reconciler import report_formats
 from reconciler.categories import Category
 from reconciler.exceptions import (
     ExceptionNotFound,
@@ -56,16 +56,14 @@ from reconciler.exceptions import (
 )
 from reconciler.report import (
     AGING_BUCKETS,
-    REPORT_FORMATS,
     ExceptionRow,
     RunNotFound,
     RunReport,
     TotalRow,
     aging_bucket,
     load_run_report,
-    money_text,
-    render_report,
 )
+from reconciler.report_formats import REPORT_FORMATS, money_text, render_report
 from storage.models import LedgerLine, VenueConnection, VenueOrder
 from storage.records import ReconException, ReconTotal
 from storage.types import ID_MAX, utcnow
@@ -388,4 +386,4 @@ def _safe_back(target: str | None) -> str | None:
 
 def _chart(report: RunReport) -> Markup | None:
     """The run's chart (exceptions per category, stacked by age), as the report draws it."""
-    return report_module.chart_svg(report.exceptions)
+    return report_formats.chart_svg(report.exceptions)

@@ -38,9 +38,10 @@ from storage.records import ReconException, ReconTrigger
 from storage.types import utcnow
 from tests.e2e.conftest import E2E, OtacmProcess, line, otacm_environment, run_otacm, wait_until
 from tests.support.stack import error_line
-from venue.client import RetryPolicy, VenueClient, open_client
+from venue.client import VenueClient, open_client
 from venue.errors import VenueUnavailable
 from venue.models import OrderStatus
+from venue.retry import RetryPolicy
 
 LEASE_SECONDS = 5.0
 """A short outbox lease, so a dead sender's row comes back within the test."""

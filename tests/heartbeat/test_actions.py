@@ -30,8 +30,9 @@ from storage.models import (
     OutboxState,
 )
 from tests.heartbeat.conftest import HeartbeatStack, error_line, line
-from venue.client import RetryPolicy, open_client
+from venue.client import open_client
 from venue.models import OrderStatus
+from venue.retry import RetryPolicy
 
 OWNER = "actions-test"
 

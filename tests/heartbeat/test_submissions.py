@@ -22,7 +22,8 @@ from orders.outbox import record_submission
 from orders.sender import send_outbox_row
 from storage.models import Inbox, LedgerLine, Outbox, OutboxState
 from tests.heartbeat.conftest import HeartbeatStack
-from venue.client import RetryPolicy, open_client
+from venue.client import open_client
+from venue.retry import RetryPolicy
 
 GRACE = dt.timedelta(minutes=2)
 NO_RETRY = RetryPolicy(attempts=1, deadline=1.0, wait_initial=0.01, wait_max=0.01, wait_jitter=0)

@@ -38,7 +38,8 @@ from storage.testing import free_port
 from tests.support.stack import LiveReceiver, line, receiver, wait_until
 from venue.client import open_client
 from venue.connection import VenueConnection, read_client_states
-from venue.models import ORDER_PROCESSED_EVENT, OrderRequest
+from venue.models import OrderRequest
+from venue.webhooks import ORDER_PROCESSED_EVENT
 
 __all__ = ["receiver"]  # the live receiver fixture, on this module's settings
 

@@ -67,10 +67,12 @@ from storage.models import (
 from storage.records import ReconException, ReconTrigger
 from storage.types import MONEY_MAX, utcnow
 from tests.support.stack import wait_until
-from venue.client import RetryPolicy, VenueClient, open_client
+from venue.client import VenueClient, open_client
 from venue.connection import VenueConnection
-from venue.models import Order, OrderRequest, OrderStatus, guid_caption, normalize_reference
+from venue.models import Order, OrderRequest, OrderStatus
+from venue.retry import RetryPolicy
 from venue.throttle import Throttle
+from venue.values import guid_caption, normalize_reference
 
 PARTNER = DEFAULT_PARTNERS[0].id
 INACTIVE_PARTNER = DEFAULT_PARTNERS[2].id

@@ -42,10 +42,12 @@ from storage.models import (
     Wallet,
     ensure_connection,
 )
-from venue.client import RetryPolicy, VenueClient, open_client
+from venue.client import VenueClient, open_client
 from venue.connection import VenueConnection
-from venue.models import OrderStatus, guid_caption
+from venue.models import OrderStatus
+from venue.retry import RetryPolicy
 from venue.throttle import Throttle
+from venue.values import guid_caption
 
 API_KEY = "key-worker-5e6f7a8b"
 TENANT = "01234567-89ab-cdef-0123-456789abcdef"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from venue.models import ORDER_PROCESSED_EVENT
+from venue.webhooks import ORDER_PROCESSED_EVENT
 
 APP_ID = "992c2309-cca4-43cb-9e41-911f482ec088"
 STATE_A = "state-of-venue-a-0123456789"

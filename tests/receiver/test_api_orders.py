@@ -46,8 +46,9 @@ from tests.orders.test_outbox import (
     unique_reference,
 )
 from tests.receiver.conftest import settings_for
-from venue.client import CallObserver, VenueClient, open_client
+from venue.client import VenueClient, open_client
 from venue.connection import VenueConnection
+from venue.endpoints import CallObserver
 from venue.models import OrderStatus
 from venue.throttle import Throttle
 

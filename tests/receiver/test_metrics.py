@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.orm import Session, sessionmaker
 
 from heartbeat.subscriptions import ConnectionCheck, SubscriptionReport, record_checks
-from receiver.metrics import EXCEPTION_CATEGORIES, DatabaseCollector, first_settlements
+from receiver.database_metrics import EXCEPTION_CATEGORIES, DatabaseCollector, first_settlements
 from receiver.webhook import WEBHOOK_PATH
 from storage.engine import make_sessions
 from storage.migrate import upgrade

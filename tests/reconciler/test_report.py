@@ -24,14 +24,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from otacm.cli import REPORT_FORMAT_NAMES, main
 from reconciler.categories import Category
-from reconciler.report import (
-    AGING_BUCKETS,
-    REPORT_FORMATS,
-    RunNotFound,
-    aging_bucket,
-    load_run_report,
-    render_report,
-)
+from reconciler.report import AGING_BUCKETS, RunNotFound, aging_bucket, load_run_report
+from reconciler.report_formats import REPORT_FORMATS, render_report
 from storage.models import LedgerLine, LedgerSource, VenueOrder, ensure_connection
 from storage.records import (
     ExceptionAction,

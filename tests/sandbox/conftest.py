@@ -22,7 +22,7 @@ from werkzeug.wrappers import Request, Response
 
 from sandbox import Faults, SandboxConfig, SandboxServer
 from sandbox.config import DEFAULT_PARTNERS
-from venue.models import Notification, parse_notifications
+from venue.webhooks import Notification, parse_notifications
 
 PARTNER = DEFAULT_PARTNERS[0].id
 OTHER_PARTNER = DEFAULT_PARTNERS[1].id

@@ -14,8 +14,9 @@ from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
 from sandbox import Faults
-from sandbox.app import create_sandbox_app, sandbox_runtime
+from sandbox.app import create_sandbox_app
 from sandbox.cli import build_config, sandbox_command
+from sandbox.web import sandbox_runtime
 from tests.sandbox.conftest import PARTNER, Receiver, Venue, config_for_tests, order_body
 
 if TYPE_CHECKING:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 
 from tests.sandbox.conftest import CLIENT_STATE, OTHER_PARTNER, Receiver, Venue, order_body
-from venue.models import ORDER_PROCESSED_EVENT
+from venue.webhooks import ORDER_PROCESSED_EVENT
 
 
 def test_subscriptions_can_be_created_listed_read_and_deleted(venue: Venue) -> None:

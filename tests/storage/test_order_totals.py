@@ -22,7 +22,7 @@ from storage.engine import make_sessions
 from storage.models import ChangeSource, LedgerLine, VenueOrder
 from storage.totals import order_totals
 from tests.storage.test_models import T0, connection_id, ledger_line, parse, wire_order
-from venue.models import reference_set_key
+from venue.values import reference_set_key
 
 __all__ = ["connection_id"]  # the fixture, used by name
 

@@ -25,7 +25,7 @@ import pytest
 from pydantic import SecretStr, ValidationError
 
 from tests.support.stack import serve_sandbox
-from venue.client import RetryPolicy, VenueClient, open_client
+from venue.client import VenueClient, open_client
 from venue.connection import VenueConnection
 from venue.errors import (
     VenueAuthError,
@@ -39,6 +39,7 @@ from venue.errors import (
     VenueUnavailable,
 )
 from venue.models import OrderRequest, OrderStatus
+from venue.retry import RetryPolicy
 from venue.throttle import Throttle, throttle_for
 
 API_KEY = "key-0f1e2d3c4b5a"

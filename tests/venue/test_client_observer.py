@@ -6,9 +6,11 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from venue.client import RetryPolicy, endpoint_name, open_client
+from venue.client import open_client
 from venue.connection import VenueConnection
+from venue.endpoints import endpoint_name
 from venue.errors import VenueNotFound, VenueUnavailable
+from venue.retry import RetryPolicy
 from venue.throttle import Throttle
 
 CONNECTION = VenueConnection(

@@ -20,19 +20,20 @@ import pytest
 from pydantic import ValidationError
 
 from venue.models import (
-    ORDER_PROCESSED_EVENT,
     ConfirmRequest,
-    Notification,
     Order,
-    OrderProcessedPayload,
     OrderRequest,
     OrderStatus,
     OrderSummary,
     Wallet,
-    canonical_guid,
-    parse_notifications,
     parse_page,
-    parse_row_version,
+)
+from venue.values import canonical_guid, parse_row_version
+from venue.webhooks import (
+    ORDER_PROCESSED_EVENT,
+    Notification,
+    OrderProcessedPayload,
+    parse_notifications,
     parse_webhook_body,
 )
 

@@ -8,7 +8,7 @@ see ``VenueOrder.summarize_items``) it is one row per order:
 - ``venue_order.items_quantity``, ``amount_incl_vat``, ``amount_excl_vat``
   (micro-units; a group ticket's one wallet counts for its whole quantity),
   ``wallet_currencies`` (``"EUR"``, or ``"EUR/GBP"`` when they differ) and
-  ``wallet_external_references`` (``venue.models.reference_set_key``);
+  ``wallet_external_references`` (``venue.values.reference_set_key``);
 - ``ledger_line.external_references_key``: the listed numbers, in the same form.
 
 Existing rows are filled in by the same functions that keep them
@@ -28,7 +28,7 @@ import sqlalchemy as sa
 from alembic import op
 
 from storage.refill import id_ranges, refill_order_totals
-from venue.models import reference_set_key
+from venue.values import reference_set_key
 
 revision: str = "0004"
 down_revision: str | None = "0003"
