@@ -68,7 +68,7 @@ def demo(
     var/demo-ledger.jsonl), runs a reconciliation, prints its totals and exceptions, and
     where to open the finance pages with a demo user and a password made up for the run.
     """
-    from otacm.demo import fresh_demo_database, run_demo
+    from otacm.demo.run import fresh_demo_database, run_demo
 
     if ctx.parent and ctx.parent.get_parameter_source("log_level") is ParameterSource.DEFAULT:
         # Every call would log a line; the demo shows progress bars and a summary instead.
