@@ -153,7 +153,16 @@ def test_every_pin_has_its_hashes_and_ci_tests_what_the_image_ships() -> None:
 
 # --- the container image -----------------------------------------------------------------
 
-PACKAGES_FOUND = ("otacm", "venue", "storage", "receiver", "heartbeat", "reconciler", "sandbox")
+PACKAGES_FOUND = (
+    "otacm",
+    "venue",
+    "storage",
+    "orders",
+    "receiver",
+    "heartbeat",
+    "reconciler",
+    "sandbox",
+)
 
 
 def test_the_dockerfile_builds_the_whole_project_not_a_list_of_folders() -> None:

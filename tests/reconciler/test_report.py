@@ -22,7 +22,8 @@ from click.testing import CliRunner
 from openpyxl import load_workbook
 from sqlalchemy.orm import Session, sessionmaker
 
-from otacm.cli import REPORT_FORMAT_NAMES, main
+from otacm.cli import main
+from otacm.cli.finance import REPORT_FORMAT_NAMES
 from reconciler.categories import Category
 from reconciler.report import AGING_BUCKETS, RunNotFound, aging_bucket, load_run_report
 from reconciler.report_formats import REPORT_FORMATS, render_report

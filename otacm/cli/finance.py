@@ -1,0 +1,408 @@
+"""Finance from the command line: ``ledger import`` (the shop's sales), ``reconcile``
+(the ledger against the venue's orders), ``report`` (a run's totals and exceptions),
+``exceptions resolve`` and ``accept``, and the finance pages' users (``finance
+hash-password``, ``sign-out-all``).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from otacm.cli.context import (
+    CliContext,
+    echo_json,
+    open_sessions,
+    pass_cli,
+)
+from venue.connection import SettingsError
+
+
+@click.group()
+def ledger() -> None:
+    """The shop's ledger: the sales finance expects the venue to have."""
+
+
+LEDGER_BAD_SHOWN = 50
+"""Bad rows `otacm ledger import` prints; the rest are counted."""
+
+
+@ledger.command("import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--connection", default=None, help="The venue connection (needed if several).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["csv", "jsonl"]),
+    default=None,
+    help="The file's format; by default from its extension (.csv, .jsonl, .ndjson).",
+)
+@click.option("--skip-bad", is_flag=True, help="Import the good rows even if some are bad.")
+@click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON.")
+@pass_cli
+def ledger_import(
+    cli: CliContext,
+    file: Path,
+    connection: str | None,
+    fmt: str | None,
+    skip_bad: bool,
+    as_json: bool,
+) -> None:
+    """Import the shop's sales from FILE (CSV or JSON lines) into the ledger.
+
+    Columns: docs/ledger-format.md. A sale is known by its partner and reference
+    (case-insensitive): importing again updates it, never doubles it. Bad rows are
+    printed with their line, column and reason (the first 50, then a count); a file
+    with any bad row changes nothing (exit 1) unless --skip-bad imports the others
+    (exit 0). Prints how many sales were inserted, updated, unchanged, and bad.
+    """
+    from reconciler.ledger import LedgerFileError, import_ledger
+    from storage.types import utcnow
+
+    settings = cli.settings
+    try:
+        name = settings.one_connection(connection).name
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+    with open_sessions(cli) as sessions:
+        try:
+            result = import_ledger(
+                sessions, file, connection_name=name, now=utcnow(), fmt=fmt, skip_bad=skip_bad
+            )
+        except LedgerFileError as exc:
+            raise click.ClickException(f"{file}: {exc}") from None
+    if as_json:
+        echo_json(result.to_json(limit=LEDGER_BAD_SHOWN))
+    else:
+        for bad in result.bad_rows[:LEDGER_BAD_SHOWN]:
+            click.echo(f"bad: {bad.describe()}")
+        if result.bad > LEDGER_BAD_SHOWN:
+            click.echo(f"bad: ... and {result.bad - LEDGER_BAD_SHOWN} more")
+        click.echo(
+            f"{result.inserted} inserted, {result.updated} updated, "
+            f"{result.unchanged} unchanged, {result.bad} bad"
+        )
+    if not result.written:
+        click.echo(
+            f"nothing imported: {result.bad} bad row(s); fix them, or import the others "
+            "with --skip-bad",
+            err=True,
+        )
+        raise SystemExit(1)
+
+
+# The formats of reconciler.report_formats.REPORT_FORMATS, named here so --help loads no renderer.
+REPORT_FORMAT_NAMES = ("csv", "xlsx", "html", "json")
+
+
+@click.command()
+@click.argument("run_id", metavar="RUN", type=int)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(REPORT_FORMAT_NAMES),
+    default="csv",
+    show_default=True,
+    help="csv: the exception table; xlsx: summary and exception sheets; "
+    "html: one self-contained page with a chart; json: everything, for scripts.",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    default=None,
+    help="Write to FILE instead of standard output (needed for xlsx on a terminal).",
+)
+@pass_cli
+def report(cli: CliContext, run_id: int, fmt: str, output: Path | None) -> None:
+    """Write the report of reconciliation run RUN: its totals and its exceptions.
+
+    Ages are counted to now. xlsx is binary: it goes to FILE, or to standard output
+    only when that is redirected. Exits 1 if no run has the id RUN.
+    """
+    from reconciler.report import RunNotFound, load_run_report
+    from reconciler.report_formats import render_report
+    from storage.types import ID_MAX, utcnow
+
+    if fmt == "xlsx" and output is None and sys.stdout.isatty():
+        raise click.UsageError("xlsx is a binary file: name it with -o FILE, or redirect stdout")
+    if not 0 < run_id <= ID_MAX:  # no row has it, and no query could take it
+        raise click.ClickException(str(RunNotFound(run_id)))
+    with open_sessions(cli, read_only=True) as sessions:
+        try:
+            with sessions.begin() as session:
+                data = load_run_report(session, run_id, now=utcnow())
+        except RunNotFound as exc:
+            raise click.ClickException(str(exc)) from None
+    content = render_report(data, fmt)
+    if output is None:
+        click.echo(content, nl=False)  # bytes go to the binary stream as they are
+        return
+    try:
+        output.write_bytes(content)
+    except OSError as exc:  # a missing folder, no permission, a full disk
+        raise click.ClickException(f"cannot write {output}: {exc.strerror or exc}") from None
+    click.echo(f"wrote the {fmt} report of run {run_id} to {output}", err=True)
+
+
+@click.group()
+def finance() -> None:
+    """The finance pages' users (/finance/)."""
+
+
+@finance.command("hash-password")
+@click.option("--name", prompt="User name", help="The finance user's name.")
+def finance_hash_password(name: str) -> None:
+    """Make a finance user's entry for OTACM_FINANCE_USERS: name:password-hash.
+
+    The password is read twice from the terminal, never echoed, and only its salted
+    scrypt hash is printed: add the line to OTACM_FINANCE_USERS (comma-separated) or to
+    the config file's finance_users list.
+    """
+    from receiver.finance.auth import hash_password
+
+    name = name.strip()
+    if not name or ":" in name or "," in name:
+        raise click.ClickException("a user name is not empty and has no ':' or ','")
+    password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    if not password:
+        raise click.ClickException("the password is empty")
+    click.echo(f"{name}:{hash_password(password)}")
+
+
+@finance.command("sign-out-all")
+@click.option("--user", default=None, help="Only this user's sign-ins (default: everyone's).")
+@pass_cli
+def finance_sign_out_all(cli: CliContext, user: str | None) -> None:
+    """End finance sign-ins now: every copy of their cookies is refused from then on."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from receiver.errors import describe_database_error
+    from receiver.finance.auth import lifetimes
+    from receiver.finance.signins import revoke_all
+    from storage.types import utcnow
+
+    settings = cli.settings
+    with open_sessions(cli) as sessions:
+        try:
+            with sessions.begin() as session:
+                idle = lifetimes(settings).idle
+                count = revoke_all(session, now=utcnow(), idle=idle, user=user)
+        except SQLAlchemyError as exc:
+            raise click.ClickException(
+                "cannot end the finance sign-ins: the database is unreachable or not migrated"
+                f" ({describe_database_error(exc)}; `otacm db upgrade` migrates it)"
+            ) from None
+    whose = f"of {user} " if user is not None else ""
+    click.echo(f"{count} finance sign-in(s) {whose}ended")
+
+
+def _utc_moment(value: str | None, option: str) -> Any:
+    """An ISO date or datetime from the command line, in UTC (naive means UTC)."""
+    import datetime as dt
+
+    if value is None:
+        return None
+    try:
+        moment = dt.datetime.fromisoformat(value)
+        return moment.replace(tzinfo=dt.UTC) if moment.tzinfo is None else moment.astimezone(dt.UTC)
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is not an ISO date or datetime", param_hint=option
+        ) from None
+    except OverflowError:  # within hours of year 1 or 9999, the offset takes it out of range
+        raise click.BadParameter(f"{value!r} is out of range in UTC", param_hint=option) from None
+
+
+def _check_actor(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--actor`` as its column keeps it: one line of error otherwise, before any work."""
+    from storage.models import ACTOR
+    from storage.types import text_problem
+
+    problem = None if value is None else text_problem(value, ACTOR.length)
+    if problem is not None:
+        raise click.ClickException(f"--actor {problem}")
+    return value
+
+
+@click.command("reconcile")
+@click.option("--from", "period_from", default=None, help="Start (ISO date/datetime, UTC).")
+@click.option("--to", "period_to", default=None, help="End, exclusive (default: now).")
+@click.option("--connection", default=None, help="Only this venue connection.")
+@click.option(
+    "--actor", default=None, callback=_check_actor, help="Who runs it (default: the OS user)."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the runs and totals as JSON.")
+@pass_cli
+def reconcile_command(
+    cli: CliContext,
+    period_from: str | None,
+    period_to: str | None,
+    connection: str | None,
+    actor: str | None,
+    as_json: bool,
+) -> None:
+    """Reconcile the ledger with the venue's orders over a period, and print the totals.
+
+    The period defaults to the last OTACM_RECON_LOOKBACK_DAYS days ending now. Each
+    connection gets a run; re-running a period is safe. Exits 1 if a run failed.
+    """
+    import datetime as dt
+    import getpass
+
+    import sqlalchemy as sa
+
+    from reconciler.engine import reconcile_connections
+    from storage.models import ensure_connection
+    from storage.records import ReconRun, ReconTotal, ReconTrigger
+    from storage.types import utcnow
+
+    settings = cli.settings
+    try:
+        names = [settings.connection(connection).name] if connection else None
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+    now = utcnow()
+    end = _utc_moment(period_to, "--to") or now
+    try:
+        start = _utc_moment(period_from, "--from") or end - dt.timedelta(
+            days=settings.recon_lookback_days
+        )
+    except OverflowError:
+        raise click.BadParameter(
+            f"the {settings.recon_lookback_days} days before it start before year 1: give --from",
+            param_hint="--to",
+        ) from None
+    if start >= end:
+        raise click.BadParameter("--from must be before --to", param_hint="--from")
+    with open_sessions(cli) as sessions:
+        with sessions.begin() as session:
+            chosen = {
+                ensure_connection(session, c.name): c
+                for c in settings.connections
+                if names is None or c.name in names
+            }
+        ids = {connection_id: c.name for connection_id, c in chosen.items()}
+        report = reconcile_connections(
+            sessions,
+            sorted(ids),
+            partners={connection_id: c.partner_ids for connection_id, c in chosen.items()},
+            period_from=start,
+            period_to=end,
+            now=now,
+            trigger=ReconTrigger.MANUAL,
+            actor=actor or getpass.getuser(),
+            grace=dt.timedelta(seconds=settings.recon_grace),
+            tolerance=settings.recon_amount_tolerance,
+        )
+        with sessions() as session:
+            runs: list[dict[str, Any]] = []
+            for connection_id, run_id in sorted(report.runs.items()):
+                run = session.get(ReconRun, run_id)
+                totals = session.scalars(
+                    sa.select(ReconTotal)
+                    .where(ReconTotal.recon_run_id == run_id)
+                    .order_by(ReconTotal.currency, ReconTotal.category)
+                ).all()
+                runs.append(
+                    {
+                        "run": run_id,
+                        "connection": ids[connection_id],
+                        "state": str(run.state) if run else None,
+                        "error": run.error if run else None,
+                        "period_from": start.isoformat(),
+                        "period_to": end.isoformat(),
+                        "totals": [
+                            {
+                                "currency": t.currency,
+                                "category": t.category,
+                                "count": t.count,
+                                "ledger_amount": str(t.ledger_amount),
+                                "venue_amount": str(t.venue_amount),
+                            }
+                            for t in totals
+                        ],
+                    }
+                )
+    if as_json:
+        echo_json(runs)
+    else:
+        for entry in runs:
+            click.echo(
+                f"run {entry['run']} ({entry['connection']}, {start.isoformat()} to "
+                f"{end.isoformat()}): {entry['state']}"
+                + (f": {entry['error']}" if entry["error"] else "")
+            )
+            for t in entry["totals"]:
+                click.echo(
+                    f"  {t['currency']} {t['category']}: {t['count']} "
+                    f"ledger {t['ledger_amount']} venue {t['venue_amount']}"
+                )
+    if report.failures:
+        raise SystemExit(1)
+
+
+@click.group()
+def exceptions() -> None:
+    """Reconciliation exceptions: resolve or accept them, with a note."""
+
+
+def _exception_action(
+    cli: CliContext, action: str, exception_id: int, note: str | None, actor: str | None
+) -> None:
+    import getpass
+
+    from reconciler import exceptions as actions
+    from storage.types import utcnow
+
+    act = actions.resolve if action == "resolve" else actions.accept
+    with open_sessions(cli) as sessions:
+        try:
+            with sessions.begin() as session:
+                row = act(
+                    session,
+                    exception_id,
+                    actor=actor or getpass.getuser(),
+                    note=note or "",
+                    now=utcnow(),
+                )
+                state = str(row.state)
+        except (
+            actions.NoteRequired,
+            actions.TextRefused,
+            actions.ExceptionNotOpen,
+            actions.ExceptionNotFound,
+        ) as exc:
+            raise click.ClickException(str(exc).strip("'\"")) from None
+    click.echo(f"exception {exception_id}: {state}")
+
+
+def _exception_options(function: Any) -> Any:
+    function = click.option(
+        "--actor", default=None, callback=_check_actor, help="Who (default: the OS user)."
+    )(function)
+    function = click.option("--note", default=None, help="Why; required.")(function)
+    return click.argument("exception_id", type=int, metavar="ID")(function)
+
+
+@exceptions.command("resolve")
+@_exception_options
+@pass_cli
+def exceptions_resolve(
+    cli: CliContext, exception_id: int, note: str | None, actor: str | None
+) -> None:
+    """Mark open exception ID resolved (the difference was fixed); --note is required."""
+    _exception_action(cli, "resolve", exception_id, note, actor)
+
+
+@exceptions.command("accept")
+@_exception_options
+@pass_cli
+def exceptions_accept(
+    cli: CliContext, exception_id: int, note: str | None, actor: str | None
+) -> None:
+    """Mark open exception ID accepted (the difference is right); --note is required."""
+    _exception_action(cli, "accept", exception_id, note, actor)
