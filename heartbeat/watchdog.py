@@ -19,8 +19,9 @@ first and at most ``limit`` a run (the API quota):
   ``open_recheck`` during its first day, twice as long each time its age doubles, and
   never once it is older than ``recheck_horizon``: an order left open for weeks is
   seldom deleted, and thousands of them re-read every 15 minutes would take the API
-  key's whole rate. Whatever else happens to such an order (confirmed, replaced,
-  deleted to Cancelled, resubmitted) is a change the feed brings.
+  key's whole rate. An Error order is still re-read, whatever its age, once a newer
+  order of its reference is mirrored (the venue deleted it to take that one); whatever
+  else happens to an old open order (confirmed, replaced) is a change the feed brings.
 
 Orders that already wait in the inbox (a webhook's row or an earlier lookup, pending or
 leased) are left out: the coming fetch answers for them too.
@@ -39,7 +40,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, fields
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from orders.inbox import Lookup, queue_lookups
 from orders.mirror import stuck_condition
@@ -222,7 +223,9 @@ def recheck_due(
     ``open_recheck`` after it was last read; one less than twice that old, after twice
     ``open_recheck``; and so on, doubling (with the defaults: every 15 minutes on the
     first day, 30 on the second, hourly until the fourth, 2 h until the eighth, 4 h
-    until the 16th, 8 h until the 30th). One older than ``horizon`` is never due.
+    until the 16th, 8 h until the 30th). One older than ``horizon`` is not due, unless
+    it is an Error order that a newer order of its reference has taken the place of since
+    it was last read: the venue deletes such an order, and the feed does not show it.
 
     Args:
         now: the current time (aware).
@@ -233,9 +236,10 @@ def recheck_due(
     Returns:
         The condition on :class:`~storage.models.VenueOrder` rows.
     """
-    # One term per age band, each with its own interval: the young bands' shorter ones
-    # apply to the young orders, as every older band's condition holds for them too.
-    # Times computed here, so the SQL compares columns with constants on both databases.
+    # One term per age band, each with its own interval. An order meets the age term of
+    # its own band and of every older one; the OR lets the shortest of those intervals,
+    # its own band's, decide. Times are computed here: the SQL compares columns with
+    # constants, alike on both databases.
     changed = VenueOrder.status_changed_at
     bands: list[sa.ColumnElement[bool]] = []
     age, interval = RECHECK_YOUNG, open_recheck
@@ -244,7 +248,20 @@ def recheck_due(
         if age >= horizon:
             break
         age, interval = age * 2, interval * 2
-    return sa.and_(changed > now - horizon, sa.or_(*bands))
+    # Whatever its age, an Error order is re-read once a newer order of its reference is
+    # mirrored: the venue deleted it when it took the new one, which no feed shows.
+    newer = aliased(VenueOrder)
+    superseded = sa.and_(
+        VenueOrder.status == OrderStatus.ERROR,
+        sa.exists().where(
+            newer.connection_id == VenueOrder.connection_id,
+            newer.partner_id == VenueOrder.partner_id,
+            newer.reference_key == VenueOrder.reference_key,
+            newer.id != VenueOrder.id,
+            newer.first_seen_at > _last_read(),
+        ),
+    )
+    return sa.or_(sa.and_(changed > now - horizon, sa.or_(*bands)), superseded)
 
 
 def _last_read() -> sa.ColumnElement[dt.datetime]:

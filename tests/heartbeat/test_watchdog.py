@@ -173,6 +173,31 @@ HOUR = 3600.0
 DAY = 24 * HOUR
 
 
+def test_an_error_order_past_the_horizon_is_re_read_once_its_reference_is_taken(
+    stack: HeartbeatStack,
+) -> None:
+    """Past recheck_horizon_days an Error order is not re-read, until a resubmission of its
+    reference is mirrored (the venue deleted it to take the new order, which the feed does
+    not show): then it is re-read once and found removed."""
+    old = stack.create_error("LATE-RETRY")
+    stack.tick()
+    stack.sync()
+    stack.advance(stack.settings.recheck_horizon_days * DAY + HOUR)
+    left_alone = stack.watchdog()
+
+    new = stack.create("LATE-RETRY")
+    stack.tick()
+    stack.sync()
+    taken = stack.watchdog()
+    stack.drain()
+
+    assert (left_alone.rechecked, taken.rechecked) == (0, 1)
+    assert _lookups(stack, RECHECK_REASON) == [old]
+    stack.assert_removed(old)
+    stack.assert_mirrored([new])
+    assert stack.watchdog().rechecked == 0
+
+
 def test_a_duplicate_after_error_ends_with_the_new_order_and_the_old_removed(
     stack: HeartbeatStack,
 ) -> None:
