@@ -1,8 +1,9 @@
 """bench/claims: what a 50-row claim of the inbox and the outbox costs as their history grows.
 
 Run it as ``.venv/bin/python bench/claims [--db sqlite|postgresql|both] [--sizes 10000,...]
-[--quick] [--claims K]`` from the repository (``bench/README.md``). It is a benchmark,
-not a test: it measures and prints; the goal is a claim that costs the same at every size.
+[--quick] [--claims K] [--scenario history|backlog|both]`` from the repository
+(``bench/README.md``). It is a benchmark, not a test: it measures and prints; the goal
+is a claim that costs the same at every size.
 
 For each database (a fresh SQLite file; a throwaway PostgreSQL server with production's
 durability, ``bench/ingest/servers.py``), size N and scenario, a freshly migrated
@@ -204,12 +205,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", help="comma-separated row counts (default 10k,100k,1M)")
     parser.add_argument("--quick", action="store_true", help="10k and 100k only")
     parser.add_argument("--claims", type=int, default=CLAIMS, help="timed claims per figure")
+    parser.add_argument("--scenario", choices=[*SCENARIOS, "both"], default="both")
     arguments = parser.parse_args(argv)
     if arguments.sizes:
         sizes = tuple(int(size.replace("_", "")) for size in arguments.sizes.split(","))
     else:
         sizes = QUICK_SIZES if arguments.quick else SIZES
     databases = DATABASES if arguments.db == "both" else (arguments.db,)
+    scenarios = SCENARIOS if arguments.scenario == "both" else (arguments.scenario,)
 
     figures: list[Figure] = []
     try:
@@ -218,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             for database in databases:
                 server = stack.enter_context(postgresql_server()) if database != "sqlite" else None
                 factory = DatabaseFactory(database, directory, server)
-                for scenario in SCENARIOS:
+                for scenario in scenarios:
                     for size in sizes:
                         url = factory.new(f"claims_{scenario}_{size}")
                         started = time.perf_counter()
