@@ -10,11 +10,18 @@ first and at most ``limit`` a run (the API quota):
   times count: a fetch that finds the order still in the same step leaves
   ``status_changed_at`` alone but sets ``fetched_at``, so an order stuck for an hour is
   looked up once per ``in_flight_after``, not on every run;
-- Draft and Error orders not re-read for ``open_recheck`` (their ``fetched_at``), reason
+- Draft and Error orders not re-read for a while (their ``fetched_at``), reason
   ``recheck``: deleting one removes it at the venue without a trace in the change feed,
   and so does the venue when a new order takes an Error order's reference (the old
   orderId vanishes). A 404 naming the order on the re-read marks it removed;
-  any other 404 is retried (:func:`venue.errors.order_gone`).
+  any other 404 is retried (:func:`venue.errors.order_gone`). How long a while
+  depends on the order's age in its status (:func:`recheck_due`): every
+  ``open_recheck`` during its first day, twice as long each time its age doubles, and
+  never once it is older than ``recheck_horizon``: an order left open for weeks is
+  seldom deleted, and thousands of them re-read every 15 minutes would take the API
+  key's whole rate. An Error order is still re-read, whatever its age, once a newer
+  order of its reference is mirrored (the venue deleted it to take that one); whatever
+  else happens to an old open order (confirmed, replaced) is a change the feed brings.
 
 Orders that already wait in the inbox (a webhook's row or an earlier lookup, pending or
 leased) are left out: the coming fetch answers for them too.
@@ -33,7 +40,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, fields
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from orders.inbox import Lookup, queue_lookups
 from orders.mirror import stuck_condition
@@ -53,6 +60,9 @@ OPEN_STATUSES = (OrderStatus.DRAFT, OrderStatus.ERROR)
 
 _Candidate = sa.Row[int, str, OrderStatus, str | None]
 """A candidate for a lookup: connection id, orderId, status, buyFromOrderReference."""
+
+RECHECK_YOUNG = dt.timedelta(days=1)
+"""How long a Draft or Error order is re-read every ``open_recheck``; then less often."""
 
 STUCK_IDS_LOGGED = 10
 """How many stuck orderIds a warning names; the count is always complete."""
@@ -88,6 +98,7 @@ def check_orders(
     now: dt.datetime,
     in_flight_after: dt.timedelta,
     open_recheck: dt.timedelta,
+    recheck_horizon: dt.timedelta,
     stuck_after: dt.timedelta,
     connection_ids: Collection[int] | None = None,
     limit: int = 500,
@@ -102,8 +113,10 @@ def check_orders(
         now: the current time (aware).
         in_flight_after: how long an in-flight order may go unheard of (setting
             ``in_flight_check_after``).
-        open_recheck: how often a Draft or Error order is re-read (setting
-            ``open_order_recheck``).
+        open_recheck: how often a Draft or Error order is re-read while young (setting
+            ``open_order_recheck``); see :func:`recheck_due`.
+        recheck_horizon: the age in its status past which a Draft or Error order is no
+            longer re-read (setting ``recheck_horizon_days``).
         stuck_after: how long in flight makes an order stuck (setting ``stuck_after``).
         connection_ids: only orders of these connections; every connection when omitted.
         limit: the most lookups queued by one run.
@@ -130,7 +143,6 @@ def check_orders(
         VenueOrder.buy_from_order_reference,
     )
     quiet_since = now - in_flight_after
-    recheck_before = now - open_recheck
     # The later of the last status change and the last fetch: when we last heard of it.
     last_heard = sa.case(
         (
@@ -164,16 +176,10 @@ def check_orders(
                     *scope,
                     VenueOrder.status.in_(OPEN_STATUSES),
                     VenueOrder.removed_at.is_(None),
-                    sa.or_(
-                        VenueOrder.fetched_at < recheck_before,
-                        sa.and_(
-                            VenueOrder.fetched_at.is_(None),
-                            VenueOrder.status_changed_at < recheck_before,
-                        ),
-                    ),
+                    recheck_due(now, open_recheck, recheck_horizon),
                     ~waiting,
                 )
-                .order_by(sa.func.coalesce(VenueOrder.fetched_at, VenueOrder.status_changed_at))
+                .order_by(_last_read())
                 .order_by(VenueOrder.id)
                 .limit(limit - len(quiet))
             ).all()
@@ -206,6 +212,61 @@ def check_orders(
             report.rechecked,
         )
     return report
+
+
+def recheck_due(
+    now: dt.datetime, open_recheck: dt.timedelta, horizon: dt.timedelta
+) -> sa.ColumnElement[bool]:
+    """Which Draft and Error orders are due for a re-read, by their age in their status.
+
+    An order whose status changed less than :data:`RECHECK_YOUNG` ago is due
+    ``open_recheck`` after it was last read; one less than twice that old, after twice
+    ``open_recheck``; and so on, doubling (with the defaults: every 15 minutes on the
+    first day, 30 on the second, hourly until the fourth, 2 h until the eighth, 4 h
+    until the 16th, 8 h until the 30th). One older than ``horizon`` is not due, unless
+    it is an Error order that a newer order of its reference has taken the place of since
+    it was last read: the venue deletes such an order, and the feed does not show it.
+
+    Args:
+        now: the current time (aware).
+        open_recheck: the interval while young (setting ``open_order_recheck``).
+        horizon: the age past which the order is left to the change feed (setting
+            ``recheck_horizon_days``).
+
+    Returns:
+        The condition on :class:`~storage.models.VenueOrder` rows.
+    """
+    # One term per age band, each with its own interval. An order meets the age term of
+    # its own band and of every older one; the OR lets the shortest of those intervals,
+    # its own band's, decide. Times are computed here: the SQL compares columns with
+    # constants, alike on both databases.
+    changed = VenueOrder.status_changed_at
+    bands: list[sa.ColumnElement[bool]] = []
+    age, interval = RECHECK_YOUNG, open_recheck
+    while True:
+        bands.append(sa.and_(changed > now - age, _last_read() < now - interval))
+        if age >= horizon:
+            break
+        age, interval = age * 2, interval * 2
+    # Whatever its age, an Error order is re-read once a newer order of its reference is
+    # mirrored: the venue deleted it when it took the new one, which no feed shows.
+    newer = aliased(VenueOrder)
+    superseded = sa.and_(
+        VenueOrder.status == OrderStatus.ERROR,
+        sa.exists().where(
+            newer.connection_id == VenueOrder.connection_id,
+            newer.partner_id == VenueOrder.partner_id,
+            newer.reference_key == VenueOrder.reference_key,
+            newer.id != VenueOrder.id,
+            newer.first_seen_at > _last_read(),
+        ),
+    )
+    return sa.or_(sa.and_(changed > now - horizon, sa.or_(*bands)), superseded)
+
+
+def _last_read() -> sa.ColumnElement[dt.datetime]:
+    """When an order was last read: its last fetch, or else when its status was seen."""
+    return sa.func.coalesce(VenueOrder.fetched_at, VenueOrder.status_changed_at)
 
 
 def _queue(

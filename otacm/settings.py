@@ -101,8 +101,12 @@ class Settings(BaseSettings):
     in_flight_check_after: float = Field(default=600.0, ge=MIN_POLL_INTERVAL)
     stuck_after: float = Field(default=3600.0, ge=MIN_POLL_INTERVAL)
     # Draft and Error orders can be deleted at the venue with no trace in the feed: they
-    # are re-read this often to notice it.
+    # are re-read this often on their first day in that status, half as often each time
+    # that age doubles, and no longer once it passes recheck_horizon_days (0: never).
+    # The feed still brings any other change; an order left open a month is seldom
+    # deleted, and thousands of them re-read every 15 minutes would take the key's rate.
     open_order_recheck: float = Field(default=900.0, ge=MIN_POLL_INTERVAL)
+    recheck_horizon_days: float = Field(default=30.0, ge=0, le=36500)
     # A sale submitted through otacm that the mirror still lacks after this long is
     # looked up at the venue by its reference.
     submission_grace: float = Field(default=120.0, ge=0)

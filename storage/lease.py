@@ -18,6 +18,9 @@ and makes those moves:
   SQLite has no row locks; its transactions begin ``IMMEDIATE`` (:mod:`storage.engine`),
   so a claimer holds the database's single write lock from its SELECT to its commit and
   claimers run one after the other, each seeing the rows the previous one leased.
+  A claim reads only the table's in-flight rows (:data:`~storage.models.IN_FLIGHT`),
+  through their partial index by connection and id, one connection at a time: what it
+  costs follows what is waiting, not the history the table keeps.
 - :meth:`LeasedQueue.settle` ends a lease with the row's outcome, in the caller's
   transaction, and only while the row is still leased by the one who applies it: a
   holder whose lease expired and whose row was claimed again applies nothing.
@@ -42,9 +45,10 @@ from enum import StrEnum
 from typing import Any, Generic, TypeVar
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import array as postgresql_array
 from sqlalchemy.orm import QueryableAttribute, Session, sessionmaker
 
-from storage.models import Base
+from storage.models import IN_FLIGHT, Base, VenueConnection
 
 NO_SYNC = {"synchronize_session": False}
 """Execution options of a statement that changes rows by id only, with no ORM object of
@@ -105,7 +109,8 @@ class LeasedQueue(Generic[S]):
             now: the current time (aware).
             limit: the most rows to claim.
             lease_seconds: how long the rows stay ``owner``'s.
-            connection_ids: claim only rows of these connections; ``None`` for all.
+            connection_ids: claim only rows of these connections; ``None`` for every
+                connection otacm knows (:class:`~storage.models.VenueConnection`).
             where: further conditions a due row must meet to be claimed now.
             max_attempts: when given, an expired lease on a row already claimed this
                 many times makes the row dead instead of claiming it again, so a row
@@ -118,9 +123,21 @@ class LeasedQueue(Generic[S]):
             return []
         model, c = self.model, self.model.__table__.c
         lease_expires_at = now + dt.timedelta(seconds=lease_seconds)
-        due = sa.or_(
-            sa.and_(c.state == self.pending, c.next_attempt_at <= now),
-            sa.and_(c.state == self.leased, c.lease_expires_at < now),
+        # The claim reads the partial index of in-flight rows (IN_FLIGHT, restated here
+        # as that index's condition) in its order, one connection at a time, and stops
+        # after ``limit`` due rows; both databases' planners choose that only when
+        # nothing else looks as cheap, so the query leaves them nothing else:
+        # - ``due`` is one CASE, not an OR of (state, time) pairs, which either database
+        #   answered from the (state, next_attempt_at) index and then sorted every due row;
+        # - it orders by (connection, id), the index's order. On SQLite the connection is
+        #   an equality on the index's leading column (as an IN list it took the dedup
+        #   key's index of every row the connection ever had, and sorted those); on
+        #   PostgreSQL an equality would make the connection a constant, the primary key's
+        #   order as good as the index's, and with as many rows waiting as finished (after
+        #   an outage) it walked the finished ones first: it is an array there.
+        due = sa.case(
+            (c.state == self.pending, c.next_attempt_at <= now),
+            else_=sa.and_(c.state == self.leased, c.lease_expires_at < now),
         )
         query = (
             sa.select(
@@ -129,16 +146,28 @@ class LeasedQueue(Generic[S]):
                 c.state.label("lease_state"),
                 c.attempts.label("lease_attempts"),
             )
-            .where(due, *where)
-            .order_by(c.id)
+            .where(IN_FLIGHT, due, *where)
+            .order_by(c.connection_id, c.id)
             .limit(limit)
             .with_for_update(skip_locked=True)
         )
-        if connection_ids is not None:
-            query = query.where(c.connection_id.in_(sorted(connection_ids)))
 
         with sessions.begin() as session:
-            rows = session.execute(query).all()
+            if connection_ids is None:
+                connection_ids = session.scalars(sa.select(VenueConnection.id)).all()
+            postgresql = session.get_bind().dialect.name == "postgresql"
+            # Each connection's first ``limit`` due rows hold the first ``limit`` of all.
+            # On PostgreSQL the ones left out stay locked until this short transaction
+            # ends: a concurrent claimer skips them meanwhile, and takes the next ones.
+            found: list[sa.Row[Any]] = []
+            for connection_id in sorted(connection_ids):
+                one = (
+                    c.connection_id == sa.any_(postgresql_array([connection_id]))
+                    if postgresql
+                    else c.connection_id == connection_id
+                )
+                found.extend(session.execute(query.where(one)))
+            rows = sorted(found, key=lambda row: int(row.lease_id))[:limit]
             spent = [
                 row.lease_id
                 for row in rows

@@ -112,6 +112,19 @@ def _not_erased_index() -> sa.Index:
     return sa.Index(None, "last_visit_date", postgresql_where=condition, sqlite_where=condition)
 
 
+IN_FLIGHT = sa.text("state IN ('pending', 'leased')")
+"""A queue's rows still to be worked. Literal text, the same in the partial indexes and in
+the claims (:mod:`storage.lease`): SQLite uses a partial index only for a query repeating
+its condition term for term, literals and all (a bound parameter does not match)."""
+
+
+def _in_flight_index(table: str) -> sa.Index:
+    """A queue's :data:`IN_FLIGHT` rows by connection and id (partial): what a claim reads,
+    one connection at a time, in id order, whatever the history the table keeps."""
+    name, where = f"ix_{table}_in_flight", IN_FLIGHT
+    return sa.Index(name, "connection_id", "id", postgresql_where=where, sqlite_where=where)
+
+
 class LedgerState(StrEnum):
     """What became of a sale in the shop."""
 
@@ -488,13 +501,15 @@ class Inbox(Base):
     ``payload`` is the notification without its ``clientState`` (a secret), as
     :func:`canonical_payload` writes it; ``dedup_key`` is :func:`inbox_dedup_key` of that
     text (led by the notification's time), so an exact repeat is stored once. Workers claim
-    rows by ``(state, next_attempt_at)`` and hold them with a lease.
+    due rows from the in-flight ones (pending or leased: :data:`IN_FLIGHT`, a partial
+    index by connection and id) and hold them with a lease.
 
     Every index here is written by each notification stored, on the webhook's hot path,
-    so there are only those three, whose new entries arrive in about their order (the id,
-    the key led by time, pending rows due at once). There is no index by order: what
-    asks "is this order waiting in the inbox" asks it of the in-flight rows (pending or
-    leased, found by state), which the worker keeps few; the delivery-lag metric reads
+    so there are only those four, whose new entries arrive in about their order (the id,
+    the key led by time, pending rows due at once, the in-flight rows by connection and
+    id; the last holds only the rows still to be worked). There is no index by order:
+    what asks "is this order waiting in the inbox" asks it of the in-flight rows (found
+    by state), which the worker keeps few; the delivery-lag metric reads
     :attr:`VenueOrder.first_notified_at`.
     """
 
@@ -502,6 +517,7 @@ class Inbox(Base):
     __table_args__ = (
         sa.UniqueConstraint("connection_id", "dedup_key"),
         sa.Index(None, "state", "next_attempt_at"),
+        _in_flight_index("inbox"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -539,6 +555,7 @@ class Outbox(Base):
     __tablename__ = "outbox"
     __table_args__ = (
         sa.Index(None, "state", "next_attempt_at"),
+        _in_flight_index("outbox"),
         sa.Index(None, "ledger_line_id"),
         # The calls on one order, found when its personal data is erased.
         sa.Index(None, "order_id"),

@@ -133,6 +133,7 @@ class Timing:
     feed_overlap: dt.timedelta = dt.timedelta(minutes=10)
     in_flight_after: dt.timedelta = dt.timedelta(seconds=600)
     open_recheck: dt.timedelta = dt.timedelta(seconds=900)
+    recheck_horizon: dt.timedelta = dt.timedelta(days=30)
     stuck_after: dt.timedelta = dt.timedelta(seconds=3600)
 
     @classmethod
@@ -143,6 +144,7 @@ class Timing:
             feed_overlap=settings.feed_overlap,
             in_flight_after=dt.timedelta(seconds=settings.in_flight_check_after),
             open_recheck=dt.timedelta(seconds=settings.open_order_recheck),
+            recheck_horizon=dt.timedelta(days=settings.recheck_horizon_days),
             stuck_after=dt.timedelta(seconds=settings.stuck_after),
         )
 
@@ -349,6 +351,7 @@ def run_otacm(
                     now=now,
                     in_flight_after=timing.in_flight_after,
                     open_recheck=timing.open_recheck,
+                    recheck_horizon=timing.recheck_horizon,
                     stuck_after=timing.stuck_after,
                     connection_ids=clients.keys(),
                 )

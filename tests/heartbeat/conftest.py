@@ -146,6 +146,7 @@ class HeartbeatStack(SandboxStack):
             now=self.now(),
             in_flight_after=dt.timedelta(seconds=settings.in_flight_check_after),
             open_recheck=dt.timedelta(seconds=settings.open_order_recheck),
+            recheck_horizon=dt.timedelta(days=settings.recheck_horizon_days),
             stuck_after=dt.timedelta(seconds=settings.stuck_after),
             connection_ids=[self.connection_id],
             limit=limit,

@@ -133,6 +133,71 @@ def test_deleted_draft_and_error_orders_are_found_removed_by_the_recheck(
     assert stack.watchdog().rechecked == 0  # removed orders are not re-read
 
 
+def test_open_orders_are_re_read_less_often_as_they_age_and_never_past_the_horizon(
+    stack: HeartbeatStack,
+) -> None:
+    """A Draft is re-read every open_order_recheck on its first day in that status, then
+    at intervals doubling with that age (hourly between its second and fourth day: not
+    15 minutes after a re-read, but an hour after), and never once older than
+    recheck_horizon_days."""
+    recheck = stack.settings.open_order_recheck
+    draft = stack.create("DRAFT-AGES", paid=False)
+    stack.tick()
+    stack.sync()
+    assert stack.mirror(draft).status is OrderStatus.DRAFT  # type: ignore[union-attr]
+
+    stack.advance(recheck + 1)
+    young = stack.watchdog()
+    stack.drain()
+    stack.advance(3 * DAY)
+    three_days_old = stack.watchdog()  # last read three days ago
+    stack.drain()
+    stack.advance(recheck + 1)
+    too_soon = stack.watchdog()  # 15 minutes after its last read: young orders' interval
+    stack.advance(HOUR - recheck)
+    hourly = stack.watchdog()  # an hour and a second after it
+    stack.drain()
+    stack.advance(stack.settings.recheck_horizon_days * DAY - 3 * DAY)
+    past_horizon = stack.watchdog()  # in Draft for the horizon and an hour: never again
+    stack.advance(DAY)
+    day_after = stack.watchdog()
+
+    assert (young.rechecked, three_days_old.rechecked) == (1, 1)
+    assert (too_soon.rechecked, hourly.rechecked) == (0, 1)
+    assert (past_horizon.rechecked, day_after.rechecked) == (0, 0)
+    assert _lookups(stack, RECHECK_REASON) == [draft] * 3
+    assert stack.mirror(draft).status is OrderStatus.DRAFT  # type: ignore[union-attr]
+
+
+HOUR = 3600.0
+DAY = 24 * HOUR
+
+
+def test_an_error_order_past_the_horizon_is_re_read_once_its_reference_is_taken(
+    stack: HeartbeatStack,
+) -> None:
+    """Past recheck_horizon_days an Error order is not re-read, until a resubmission of its
+    reference is mirrored (the venue deleted it to take the new order, which the feed does
+    not show): then it is re-read once and found removed."""
+    old = stack.create_error("LATE-RETRY")
+    stack.tick()
+    stack.sync()
+    stack.advance(stack.settings.recheck_horizon_days * DAY + HOUR)
+    left_alone = stack.watchdog()
+
+    new = stack.create("LATE-RETRY")
+    stack.tick()
+    stack.sync()
+    taken = stack.watchdog()
+    stack.drain()
+
+    assert (left_alone.rechecked, taken.rechecked) == (0, 1)
+    assert _lookups(stack, RECHECK_REASON) == [old]
+    stack.assert_removed(old)
+    stack.assert_mirrored([new])
+    assert stack.watchdog().rechecked == 0
+
+
 def test_a_duplicate_after_error_ends_with_the_new_order_and_the_old_removed(
     stack: HeartbeatStack,
 ) -> None:
