@@ -198,7 +198,7 @@ def write_transactions(engine: sa.Engine) -> Iterator[list[float]]:
 
     sa.event.listen(engine, "begin", begin)
     sa.event.listen(engine, "before_cursor_execute", statement)
-    dialect.do_commit, dialect.do_rollback = do_commit, do_rollback  # type: ignore[method-assign]
+    dialect.do_commit, dialect.do_rollback = do_commit, do_rollback  # type: ignore[method-assign,assignment]
     try:
         yield durations
     finally:
