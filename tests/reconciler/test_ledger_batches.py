@@ -17,7 +17,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from reconciler.ledger import ImportInterrupted, import_ledger
+from reconciler.ledger import ImportInterrupted, LedgerFileError, import_ledger
 from storage.engine import SQLITE_BEGIN_OPTION, make_engine, make_sessions
 from storage.models import LedgerLine, VenueConnection, ensure_connection
 from tests.reconciler.test_ledger import T0, sale, write_jsonl
@@ -55,7 +55,7 @@ def on_batch_upsert(engine: sa.Engine, action: Any) -> list[int]:
 
     @sa.event.listens_for(engine, "before_cursor_execute")
     def _before(connection: sa.Connection, cursor: Any, sql: str, *args: Any) -> None:
-        if sql.lstrip().startswith("INSERT INTO ledger_line"):
+        if "INSERT INTO ledger_line" in sql:
             seen.append(len(seen) + 1)
             action(connection, seen[-1])
 
@@ -190,6 +190,7 @@ def test_a_failure_between_batches_says_what_is_stored_and_a_rerun_finishes(
             skip_bad=True,
         )
     interrupted = raised.value
+    assert isinstance(interrupted, LedgerFileError)  # the command prints it: one line, exit 1
     assert (interrupted.result.inserted, interrupted.result.written) == (4, True)
     assert [bad.line for bad in interrupted.result.bad_rows] == [2]
     assert interrupted.stored_through == 5  # the fourth good row: line 5
@@ -221,7 +222,7 @@ CRASHING_IMPORT = textwrap.dedent(
 
     @sa.event.listens_for(engine, "before_cursor_execute")
     def die_in_the_second_batch(connection, cursor, sql, *args):
-        if sql.lstrip().startswith("INSERT INTO ledger_line"):
+        if "INSERT INTO ledger_line" in sql:
             upserts.append(sql)
             if len(upserts) == 2:
                 os._exit(3)  # killed: no rollback, no clean-up, the transaction open
