@@ -14,6 +14,7 @@ import codecs
 import csv
 import datetime as dt
 import difflib
+import functools
 import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -45,6 +46,8 @@ COLUMNS = (
 )
 """The ledger's columns: the CSV header and the JSON keys, in the documented order."""
 
+_COLUMN_SET = frozenset(COLUMNS)
+
 REQUIRED_COLUMNS = ("partner_id", "reference", "sold_at", "quantity", "amount", "currency")
 """Columns every row must give; the others have defaults (see :class:`LedgerRow`)."""
 
@@ -60,6 +63,7 @@ _AMOUNT = re.compile(r"\d+(\.\d+)?", re.ASCII)
 # ("ß" is "SS"), so a reference within REFERENCE_MAX_CHARS may still not fit it.
 _REFERENCE_KEY_MAX = cast(int, cast(sa.String, _TABLE.c.reference_key.type).length)
 _CURRENCY = re.compile(r"[A-Za-z]{3}")
+_GUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _TRUE = frozenset({"true", "1", "yes"})
 _FALSE = frozenset({"false", "0", "no"})
 
@@ -147,11 +151,7 @@ class LedgerRow(BaseModel):
     @field_validator("partner_id", mode="before")
     @classmethod
     def _guid(cls, value: Any) -> str:
-        # The venue writes GUIDs lowercase without braces; so do the ledger and the mirror.
-        text = _text(value).strip("{}").lower()
-        if not re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", text):
-            raise ValueError(f"{text!r} is not a GUID")
-        return text
+        return _partner_guid(value if isinstance(value, str) else _text(value))
 
     @field_validator("reference", mode="before")
     @classmethod
@@ -263,6 +263,16 @@ class LedgerRow(BaseModel):
             raise ValueError(f"{_short(value)} is not one of {allowed}") from None
 
 
+@functools.lru_cache(maxsize=1024)
+def _partner_guid(value: str) -> str:
+    """A partner id in the venue's form; cached, as a file names few partners many times."""
+    # The venue writes GUIDs lowercase without braces; so do the ledger and the mirror.
+    text = _text(value).strip("{}").lower()
+    if not _GUID.fullmatch(text):
+        raise ValueError(f"{text!r} is not a GUID")
+    return text
+
+
 def ledger_format(path: Path, fmt: str | None = None) -> str:
     """The format of ``path``: ``fmt`` when given, else from the extension.
 
@@ -316,16 +326,20 @@ def read_ledger(path: Path, fmt: str | None = None) -> Iterator[tuple[int, Ledge
 
 
 def _check(line: int, record: Mapping[str, Any]) -> LedgerRow | BadRow:
-    present = {
-        key: value
-        for key, value in record.items()
-        if value is not None and (not isinstance(value, str) or value.strip())
-    }
-    # Unknown keys are judged here, after the known ones (the documented order puts them
-    # last): pydantic cannot even name a key that is not valid text (a lone surrogate).
-    unknown = [key for key in present if key not in COLUMNS]
+    # Blank values are absent. Unknown keys are judged after the known ones (the
+    # documented order puts them last): pydantic cannot even name a key that is not
+    # valid text (a lone surrogate). One pass: this runs for every row of the file.
+    known: dict[str, Any] = {}
+    unknown: str | None = None
+    for key, value in record.items():
+        if value is None or (isinstance(value, str) and not value.strip()):
+            continue
+        if key in _COLUMN_SET:
+            known[key] = value
+        elif unknown is None:
+            unknown = key
     try:
-        row = LedgerRow.model_validate({key: present[key] for key in COLUMNS if key in present})
+        row = LedgerRow.model_validate(known)
     except ValidationError as exc:
         # One reason per row: the first column at fault, in the documented order.
         errors = sorted(exc.errors(), key=lambda e: _column_order(str(e["loc"][0])))
@@ -336,8 +350,8 @@ def _check(line: int, record: Mapping[str, Any]) -> LedgerRow | BadRow:
         else:
             reason = str(error["msg"]).removeprefix("Value error, ")
         return BadRow(line, column, reason)
-    if unknown:
-        column = str(unknown[0])
+    if unknown is not None:
+        column = str(unknown)
         return BadRow(line, _printable(column), f"unknown column{_suggestion(column)}")
     return row
 
