@@ -12,7 +12,8 @@ itself are a :class:`LedgerFileError`.
 
 The checked rows wait in a temporary table of the import's own connection (``COPY`` on
 PostgreSQL; on SQLite a temporary table takes no lock on the database), and go into the
-ledger in batches of :data:`BATCH_SIZE` rows, each committed on its own: one
+ledger in batches of about :data:`BATCH_SECONDS` each (at most :data:`BATCH_SIZE` rows),
+each committed on its own: one
 ``INSERT … SELECT … ON CONFLICT DO UPDATE … WHERE <something differs>`` per batch, on
 SQLite and PostgreSQL alike. So no write transaction holds SQLite's one write lock for
 long (a webhook waits for one batch at most, not for the file), the driver never sees a
@@ -73,10 +74,23 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-BATCH_SIZE = 2000
-"""Rows per write transaction. ``bench/ledger_import`` measured the longest batch at
-about 40 ms on SQLite (100,000 lines, every row changed), well under the 200 ms a
-webhook beside the import may wait; larger batches gained no speed."""
+BATCH_SIZE = 5000
+"""The most rows a write transaction takes; fewer when the machine is slow (see
+:data:`BATCH_SECONDS`)."""
+
+BATCH_SECONDS = 0.05
+"""How long a write transaction should take: each batch's size is set from how long the
+previous one took, so that on a loaded machine too a batch holds SQLite's write lock
+for about this long (``bench/ledger_import`` measured 2,000-row batches at 40-100 ms on
+this 2-core machine, and up to 306 ms when seven people shared it), far from the
+200 ms a webhook beside the import may wait."""
+
+FIRST_BATCH_ROWS = 500
+"""The first batch's size, before any has been timed."""
+
+MIN_BATCH_ROWS = 100
+"""The fewest rows a batch takes however slow the machine (unless ``batch_size`` is
+smaller): below that, each transaction's own cost would dominate."""
 
 SQLITE_PAUSE_MAX = 0.1
 """On SQLite, the import pauses after each batch as long as the batch held the write
@@ -224,7 +238,7 @@ def import_ledger(
     First every row is checked, and the good ones are set aside in a temporary table; at
     the first bad row (unless ``skip_bad``) nothing more is set aside, but the rest of
     the file is still checked so that every bad row is reported, and nothing is written.
-    Then the good rows are upserted in file order, ``batch_size`` per transaction, by
+    Then the good rows are upserted in file order, at most ``batch_size`` per transaction, by
     (connection, partner, reference key): new sales are inserted (source ``import``),
     changed ones updated (``updated_at`` = ``now``), unchanged ones left alone.
 
@@ -239,7 +253,8 @@ def import_ledger(
             writes.
         fmt: ``csv`` or ``jsonl``; by default from the extension.
         skip_bad: import the good rows even when some are bad.
-        batch_size: rows per write transaction.
+        batch_size: the most rows per write transaction (each batch's size follows how
+            long the previous one took: :data:`BATCH_SECONDS`).
 
     Returns:
         The counts (all 0 when nothing was written), and the bad rows.
@@ -265,9 +280,9 @@ def import_ledger(
             return counts.result()
         upsert = _upsert_statement(connection.dialect.name)
         sqlite = connection.dialect.name == "sqlite"
-        stored_through = 0
-        for first in range(0, len(lines), batch_size):
-            batch = lines[first : first + batch_size]
+        stored_through, first, size = 0, 0, min(batch_size, FIRST_BATCH_ROWS)
+        while first < len(lines):
+            batch = lines[first : first + size]
             started = time.monotonic()
             try:
                 with _begin(connection, "IMMEDIATE"):
@@ -284,12 +299,15 @@ def import_ledger(
                     stored_through,
                 )
                 raise ImportInterrupted(counts.result(), stored_through, reason) from exc
+            held = time.monotonic() - started
             counts.written = True
             stored_through = batch[-1]
-            if sqlite and first + batch_size < len(lines):
+            first += len(batch)
+            size = _next_batch_size(len(batch), held, batch_size)
+            if sqlite and first < len(lines):
                 # Let other writers in: they wait for the lock polling at growing
                 # intervals, and would miss a gap of microseconds between two batches.
-                time.sleep(min(time.monotonic() - started, SQLITE_PAUSE_MAX))
+                time.sleep(min(held, SQLITE_PAUSE_MAX))
     counts.written = True
     logger.info(
         "ledger imported: %d inserted, %d updated, %d unchanged, %d bad",
@@ -367,6 +385,16 @@ class _Stage:
     def _load(self, rows: list[tuple[Any, ...]]) -> None:
         with _begin(self.connection), driver_statements(self.connection) as driver:
             driver.load(self.name, ("seq", "line", *_STAGED), rows)
+
+
+def _next_batch_size(size: int, held: float, most: int) -> int:
+    """The next batch's rows: ``size`` rows held the transaction ``held`` seconds.
+
+    Scaled toward :data:`BATCH_SECONDS`, at most doubling at a time (one quick batch is
+    no promise), within :data:`MIN_BATCH_ROWS` (or ``most`` if smaller) and ``most``.
+    """
+    wanted = size * BATCH_SECONDS / max(held, 1e-6)
+    return max(min(most, MIN_BATCH_ROWS), min(most, 2 * size, int(wanted)))
 
 
 def _begin(connection: sa.Connection, sqlite_mode: str = "DEFERRED") -> sa.RootTransaction:
