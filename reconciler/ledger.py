@@ -92,10 +92,10 @@ MIN_BATCH_ROWS = 100
 """The fewest rows a batch takes however slow the machine (unless ``batch_size`` is
 smaller): below that, each transaction's own cost would dominate."""
 
-SQLITE_PAUSE_MAX = 0.1
-"""On SQLite, the import pauses after each batch as long as the batch held the write
-lock, up to this many seconds: the lock is free at least half the time, so a webhook
-waiting for it gets it within about one batch."""
+SQLITE_BUSY_SLEEPS = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.025, 0.025, 0.05, 0.05)
+"""How a writer waits for SQLite's write lock (its default busy handler, which every
+connection of otacm uses through its busy timeout): it tries, then sleeps these many
+seconds between tries, then 0.1 s at a time."""
 
 STAGE_ROWS = 5000
 """Checked rows sent to the temporary table at once."""
@@ -305,9 +305,8 @@ def import_ledger(
             first += len(batch)
             size = _next_batch_size(len(batch), held, batch_size)
             if sqlite and first < len(lines):
-                # Let other writers in: they wait for the lock polling at growing
-                # intervals, and would miss a gap of microseconds between two batches.
-                time.sleep(min(held, SQLITE_PAUSE_MAX))
+                # Let other writers in: they would miss a gap of microseconds.
+                time.sleep(_sqlite_pause(held))
     counts.written = True
     logger.info(
         "ledger imported: %d inserted, %d updated, %d unchanged, %d bad",
@@ -326,8 +325,12 @@ class _Stage:
         self.connection = connection
         dialect = connection.dialect
         self.name = f"{'pg_temp' if dialect.name == 'postgresql' else 'temp'}.{_STAGE}"
-        self._processors: list[Callable[[Any], Any] | None] = [
-            _stage_type(name)._cached_bind_processor(dialect) for name in _STAGED
+        # (position in a row, the bind processor of its column) for the columns that
+        # have one: applied by hand, as SQLAlchemy would, since the rows go to the driver.
+        self._processors: list[tuple[int, Callable[[Any], Any]]] = [
+            (position, process)
+            for position, name in enumerate(_STAGED, start=2)
+            if (process := _stage_type(name)._cached_bind_processor(dialect)) is not None
         ]
 
     def fill(
@@ -339,7 +342,7 @@ class _Stage:
             The file's line of each row set aside, in order (row ``n`` is ``seq`` n + 1).
         """
         lines = array("q")
-        rows: list[tuple[Any, ...]] = []
+        rows: list[list[Any]] = []
         for item in items:
             if isinstance(item, BadRow):
                 counts.add_bad(item)
@@ -356,9 +359,11 @@ class _Stage:
             self._load(rows)
         return lines
 
-    def _row(self, seq: int, line: int, row: LedgerRow) -> tuple[Any, ...]:
+    def _row(self, seq: int, line: int, row: LedgerRow) -> list[Any]:
         numbers = row.external_reference_numbers
-        values = (
+        values = [
+            seq,
+            line,
             row.partner_id,
             row.reference,
             row.reference_key,
@@ -372,17 +377,13 @@ class _Stage:
             numbers,
             reference_set_key(numbers or ()),
             row.state,
-        )
-        return (
-            seq,
-            line,
-            *(
-                value if process is None or value is None else process(value)
-                for process, value in zip(self._processors, values, strict=True)
-            ),
-        )
+        ]
+        for position, process in self._processors:
+            if values[position] is not None:
+                values[position] = process(values[position])
+        return values
 
-    def _load(self, rows: list[tuple[Any, ...]]) -> None:
+    def _load(self, rows: list[list[Any]]) -> None:
         with _begin(self.connection), driver_statements(self.connection) as driver:
             driver.load(self.name, ("seq", "line", *_STAGED), rows)
 
@@ -395,6 +396,21 @@ def _next_batch_size(size: int, held: float, most: int) -> int:
     """
     wanted = size * BATCH_SECONDS / max(held, 1e-6)
     return max(min(most, MIN_BATCH_ROWS), min(most, 2 * size, int(wanted)))
+
+
+def _sqlite_pause(held: float) -> float:
+    """How long to leave SQLite's write lock free after a batch held it ``held`` seconds.
+
+    As long as the sleep of a writer that began waiting when the batch began (the
+    longest any waiter is in: the sleeps grow with the wait), so that every waiter tries
+    again while the lock is free: about 20 ms after a batch of 50 ms.
+    """
+    waited = 0.0
+    for sleep in SQLITE_BUSY_SLEEPS:
+        waited += sleep
+        if waited > held:
+            return sleep
+    return 0.1
 
 
 def _begin(connection: sa.Connection, sqlite_mode: str = "DEFERRED") -> sa.RootTransaction:
