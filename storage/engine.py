@@ -416,10 +416,9 @@ class DriverTransaction:
         names = ", ".join(columns)
         if self.dialect.name == "postgresql":
             statement = f"COPY {table} ({names}) FROM STDIN"
-            with _driver_errors(self.dialect, statement):
-                with self.cursor.copy(statement) as copy:
-                    for row in rows:
-                        copy.write_row(row)
+            with _driver_errors(self.dialect, statement), self.cursor.copy(statement) as copy:
+                for row in rows:
+                    copy.write_row(row)
             return
         marks = ", ".join(native_placeholders(self.dialect, len(columns)))
         statement = f"INSERT INTO {table} ({names}) VALUES ({marks})"  # noqa: S608
