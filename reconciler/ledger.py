@@ -1,54 +1,109 @@
-"""The shop's ledger export, imported: CSV or JSON lines into :class:`~storage.models.LedgerLine`.
+"""The shop's ledger export, imported into :class:`~storage.models.LedgerLine`.
 
-``otacm ledger import FILE`` reads the shop's sales (columns in :data:`COLUMNS`, described
-for the shop's developers in ``docs/ledger-format.md``), checks every row
-(:class:`LedgerRow`), and upserts them by (connection, partner, reference): a re-import
-updates a sale, never doubles it, and a row that says what the ledger already says is
-not written at all (its ``updated_at`` stays).
+``otacm ledger import FILE`` reads the shop's sales (the file, its columns and the checks
+of every row: :mod:`reconciler.ledger_file`) and upserts them by (connection, partner,
+reference): a re-import updates a sale, never doubles it, and a row that says what the
+ledger already says is not written at all (its ``updated_at`` stays).
 
-Every row is checked before the import is committed. A file with bad rows changes
+The whole file is checked before anything is written. A file with bad rows changes
 nothing, unless the caller asks to skip them (``skip_bad``); either way every bad row is
 reported with its line number, column and reason (:class:`BadRow`). Problems of the file
-itself (unknown or missing columns in a CSV header, not UTF-8, an unknown format) are a
-:class:`LedgerFileError`.
+itself are a :class:`LedgerFileError`.
 
-Writes are set-based: ``INSERT … ON CONFLICT DO UPDATE … WHERE <something differs>`` in
-chunks of :data:`CHUNK_SIZE` rows, on SQLite and PostgreSQL alike, so a million-line
-export is one pass that checks and writes, never an ORM object per row. Sales
-submitted through otacm are in the ledger already: the import updates the shop's fields
-of those lines and keeps their ``source`` (``submit``), ``request`` and ``shop_reference``.
+The checked rows wait in a temporary table of the import's own connection (``COPY`` on
+PostgreSQL; on SQLite a temporary table takes no lock on the database), and go into the
+ledger in batches of about :data:`BATCH_SECONDS` each (at most :data:`BATCH_SIZE` rows),
+each committed on its own: one
+``INSERT … SELECT … ON CONFLICT DO UPDATE … WHERE <something differs>`` per batch, on
+SQLite and PostgreSQL alike. So no write transaction holds SQLite's one write lock for
+long (a webhook waits for one batch at most, not for the file), the driver never sees a
+multi-row VALUES list (psycopg rewrites the placeholders of a statement of more than 50
+on every call, which cost PostgreSQL's import more than its writes), and a million-line
+export is never an ORM object per row.
+
+An import that fails between batches (the database gone) keeps the batches it committed
+and says so (:class:`ImportInterrupted`: the counts so far, and up to which line); one
+whose process is killed keeps them too. Importing the file again is safe either way: the
+stored sales are found unchanged, the others are written. Sales submitted through otacm
+are in the ledger already: the import updates the shop's fields of those lines and
+keeps their ``source`` (``submit``), ``request`` and ``shop_reference``.
 """
 
 from __future__ import annotations
 
-import codecs
-import csv
 import datetime as dt
-import difflib
-import json
 import logging
-import re
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from array import array
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from decimal import Decimal
 from pathlib import Path
 from typing import Any, cast
 
 import sqlalchemy as sa
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage.flush import INTEGER_MAX
-from storage.models import LedgerLine, LedgerSource, LedgerState, ensure_connection
-from storage.types import MONEY_MAX, MONEY_PLACES, text_problem
-from venue.values import normalize_reference, reference_set_key
+from reconciler.ledger_file import (
+    COLUMNS,
+    BadRow,
+    LedgerFileError,
+    LedgerRow,
+    ledger_format,
+    read_ledger,
+)
+from storage.engine import SQLITE_BEGIN_OPTION, database_error_reason, driver_statements
+from storage.models import LedgerLine, LedgerSource, ensure_connection
+from venue.values import reference_set_key
 
 logger = logging.getLogger(__name__)
 
-COLUMNS = (
+BATCH_SIZE = 5000
+"""The most rows a write transaction takes; fewer when the machine is slow (see
+:data:`BATCH_SECONDS`)."""
+
+BATCH_SECONDS = 0.05
+"""How long a write transaction should take: each batch's size is set from how long the
+previous one took, so that on a loaded machine too a batch holds SQLite's write lock
+for about this long (``bench/ledger_import`` measured 2,000-row batches at 40-100 ms on
+this 2-core machine, and up to 306 ms when seven people shared it), far from the
+200 ms a webhook beside the import may wait."""
+
+FIRST_BATCH_ROWS = 500
+"""The first batch's size, before any has been timed."""
+
+MIN_BATCH_ROWS = 100
+"""The fewest rows a batch takes however slow the machine (unless ``batch_size`` is
+smaller): below that, each transaction's own cost would dominate."""
+
+SQLITE_BUSY_SLEEPS = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.025, 0.025, 0.05, 0.05)
+"""How a writer waits for SQLite's write lock (its default busy handler, which every
+connection of otacm uses through its busy timeout): it tries, then sleeps these many
+seconds between tries, then 0.1 s at a time."""
+
+STAGE_ROWS = 5000
+"""Checked rows sent to the temporary table at once."""
+
+KEEP_BAD = 1000
+"""Bad rows an :class:`ImportResult` keeps; the rest are only counted."""
+
+_TABLE: sa.Table = LedgerLine.__table__  # type: ignore[assignment]
+# The shop's fields: what a re-import may change — every column but the sale's key.
+# Not shop_reference (the spelling the sale was first recorded with; for a submitted
+# sale, what the venue was sent), source, request or created_at.
+_SHOP_FIELDS = tuple(column for column in COLUMNS if column not in ("partner_id", "reference"))
+# Optional fields: a blank or absent value keeps what the ledger has, so an export that
+# does not carry them never erases what a submission recorded.
+_KEPT_WHEN_BLANK = frozenset({"payment_reference", "venue_reference", "external_reference_numbers"})
+# The temporary table: the order of the good rows (``seq``, 1, 2...), the file's line of
+# each, and the ledger's columns an import writes, as the ledger stores them.
+_STAGE = "ledger_import_stage"
+_STAGED = (
     "partner_id",
-    "reference",
+    "shop_reference",
+    "reference_key",
     "sold_at",
     "quantity",
     "amount",
@@ -57,65 +112,12 @@ COLUMNS = (
     "payment_reference",
     "venue_reference",
     "external_reference_numbers",
+    "external_references_key",
     "state",
 )
-"""The ledger's columns: the CSV header and the JSON keys, in the documented order."""
-
-REQUIRED_COLUMNS = ("partner_id", "reference", "sold_at", "quantity", "amount", "currency")
-"""Columns every row must give; the others have defaults (see :class:`LedgerRow`)."""
-
-FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
-"""A file's format by its extension; anything else needs the format named."""
-
-CHUNK_SIZE = 5000
-"""Rows per upsert statement batch."""
-
-REFERENCE_MAX_CHARS = 50
-"""The venue's width of a reference; longer text would not match it."""
-
-_TABLE: sa.Table = LedgerLine.__table__  # type: ignore[assignment]
-_AMOUNT = re.compile(r"\d+(\.\d+)?", re.ASCII)
-# The width of the reference's upper-cased form: a few characters grow when upper-cased
-# ("ß" is "SS"), so a reference within REFERENCE_MAX_CHARS may still not fit it.
-_REFERENCE_KEY_MAX = cast(int, cast(sa.String, _TABLE.c.reference_key.type).length)
-_CURRENCY = re.compile(r"[A-Za-z]{3}")
-_TRUE = frozenset({"true", "1", "yes"})
-_FALSE = frozenset({"false", "0", "no"})
-# The shop's fields: what a re-import may change — every column but the sale's key.
-# Not shop_reference (the spelling the sale was first recorded with; for a submitted
-# sale, what the venue was sent), source, request or created_at.
-_SHOP_FIELDS = tuple(column for column in COLUMNS if column not in ("partner_id", "reference"))
-# Optional fields: a blank or absent value keeps what the ledger has, so an export that
-# does not carry them never erases what a submission recorded.
-_KEPT_WHEN_BLANK = frozenset({"payment_reference", "venue_reference", "external_reference_numbers"})
-
-
-class LedgerFileError(ValueError):
-    """The file as a whole cannot be imported (its format, encoding or columns)."""
-
-
-@dataclass(frozen=True, slots=True)
-class BadRow:
-    """A row that cannot be imported.
-
-    Attributes:
-        line: the line of the file the row starts on (1 is a CSV's header).
-        column: the column at fault, or ``None`` when it is the row as a whole.
-        reason: what is wrong, for a person to fix.
-    """
-
-    line: int
-    column: str | None
-    reason: str
-
-    def describe(self) -> str:
-        """One line: ``line 12, sold_at: …``."""
-        where = f"line {self.line}" + (f", {self.column}" if self.column else "")
-        return f"{where}: {self.reason}"
-
-    def to_json(self) -> dict[str, Any]:
-        """The bad row for scripts."""
-        return {"line": self.line, "column": self.column, "reason": self.reason}
+# A missing list is SQL NULL, not the JSON text 'null', so that COALESCE keeps the
+# ledger's list.
+_NUMBERS_TYPE = sa.JSON(none_as_null=True)
 
 
 @dataclass(frozen=True)
@@ -151,335 +153,34 @@ class ImportResult:
         }
 
 
-KEEP_BAD = 1000
-"""Bad rows an :class:`ImportResult` keeps; the rest are only counted."""
+class ImportInterrupted(LedgerFileError):
+    """The database failed part-way: some batches are stored, the rest of the file is not.
 
+    A :class:`LedgerFileError` (the file could not be imported whole), whose message says
+    what is stored and to import the file again, which is safe: the stored sales are then
+    found unchanged.
 
-def _blank(value: Any) -> bool:
-    return value is None or (isinstance(value, str) and not value.strip())
-
-
-def _text(value: Any, width: int | None = REFERENCE_MAX_CHARS) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"must be text, not {type(value).__name__}")
-    text = value.strip()
-    problem = text_problem(text, width)
-    if problem is not None:
-        raise ValueError(problem)
-    return text
-
-
-def _short(value: Any) -> str:
-    """A value of the file quoted in a reason: its ``repr`` (escaped), cut to 60 characters."""
-    text = repr(value)
-    return text if len(text) <= 60 else f"{text[:57]}..."
-
-
-def _printable(name: str) -> str:
-    """A key of the file as it can be shown: escaped if it holds unprintable characters."""
-    return name if name.isprintable() else ascii(name)
-
-
-class LedgerRow(BaseModel):
-    """One sale of the shop's export, checked. Blank values count as absent.
-
-    Amounts are exact decimals (no exponent, at most six places, not negative); times
-    carry their offset (``Z`` or ``+01:00``; a naive time is refused) and are kept in UTC;
-    references are trimmed (``reference_key`` is the venue's upper-cased form).
+    Attributes:
+        result: what the committed batches stored (``written`` when any was), and every
+            bad row of the file.
+        stored_through: the file's last line whose sale is stored (0: none).
+        reason: why the database failed, in a few secret-free words.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    partner_id: str
-    reference: str
-    sold_at: dt.datetime
-    quantity: int
-    amount: Decimal
-    currency: str
-    amount_includes_vat: bool = True
-    payment_reference: str | None = None
-    venue_reference: str | None = None
-    external_reference_numbers: list[str] | None = None
-    state: LedgerState = LedgerState.ACTIVE
-
-    @property
-    def reference_key(self) -> str:
-        """The reference in the venue's form: what "the same sale" means."""
-        return normalize_reference(self.reference)
-
-    @field_validator("partner_id", mode="before")
-    @classmethod
-    def _guid(cls, value: Any) -> str:
-        # The venue writes GUIDs lowercase without braces; so do the ledger and the mirror.
-        text = _text(value).strip("{}").lower()
-        if not re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", text):
-            raise ValueError(f"{text!r} is not a GUID")
-        return text
-
-    @field_validator("reference", mode="before")
-    @classmethod
-    def _reference(cls, value: Any) -> str:
-        text = _text(value)
-        if len(normalize_reference(text)) > _REFERENCE_KEY_MAX:
-            raise ValueError(f"is longer than {_REFERENCE_KEY_MAX} characters in upper case")
-        return text
-
-    @field_validator("payment_reference", "venue_reference", mode="before")
-    @classmethod
-    def _optional_reference(cls, value: Any) -> str | None:
-        return None if _blank(value) else _text(value)
-
-    @field_validator("sold_at", mode="before")
-    @classmethod
-    def _aware_time(cls, value: Any) -> dt.datetime:
-        if not isinstance(value, str):
-            raise ValueError("must be an ISO 8601 time as text")
-        try:
-            moment = dt.datetime.fromisoformat(value.strip())
-        except ValueError:
-            raise ValueError(f"{_short(value)} is not an ISO 8601 time") from None
-        if moment.utcoffset() is None:
-            raise ValueError(f"{_short(value)} has no offset: add Z or +HH:MM")
-        try:
-            return moment.astimezone(dt.UTC)
-        except OverflowError:
-            # Within a day of year 1 or 9999, the offset takes it past what a time holds.
-            raise ValueError(f"{_short(value)} is out of range in UTC") from None
-
-    @field_validator("quantity", mode="before")
-    @classmethod
-    def _count(cls, value: Any) -> int:
-        digits = value.strip() if isinstance(value, str) else None
-        if digits is not None and digits.isascii() and digits.isdigit():
-            # Long texts of digits are too many tickets whatever they say; not parsed.
-            value = int(digits) if len(digits) <= len(str(INTEGER_MAX)) else INTEGER_MAX + 1
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            if value > INTEGER_MAX:
-                raise ValueError(f"more than {INTEGER_MAX} tickets")
-            return value
-        raise ValueError(f"{_short(value)} is not a whole number of tickets (0 or more)")
-
-    @field_validator("amount", mode="before")
-    @classmethod
-    def _money(cls, value: Any) -> Decimal:
-        if isinstance(value, int) and not isinstance(value, bool):
-            value = str(value)
-        elif isinstance(value, Decimal):
-            # A JSON number, parsed exactly; written back as the file wrote it.
-            value = str(value)
-        if not isinstance(value, str) or not _AMOUNT.fullmatch(value.strip()):
-            raise ValueError(
-                f"{_short(value)} is not an amount: digits with an optional decimal point "
-                "(no sign, exponent or thousands separator)"
-            )
-        amount = Decimal(value.strip())
-        exponent = amount.as_tuple().exponent
-        if isinstance(exponent, int) and -exponent > MONEY_PLACES:
-            raise ValueError(f"{_short(value)} has more than {MONEY_PLACES} decimal places")
-        if amount > MONEY_MAX:
-            raise ValueError(f"{_short(value)} is more than the largest amount, {MONEY_MAX}")
-        return amount
-
-    @field_validator("currency", mode="before")
-    @classmethod
-    def _currency(cls, value: Any) -> str:
-        if not isinstance(value, str) or not _CURRENCY.fullmatch(value.strip()):
-            raise ValueError(f"{_short(value)} is not an ISO 4217 code (three letters)")
-        return value.strip().upper()
-
-    @field_validator("amount_includes_vat", mode="before")
-    @classmethod
-    def _flag(cls, value: Any) -> bool:
-        if _blank(value):
-            return True
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in _TRUE:
-            return True
-        if text in _FALSE:
-            return False
-        raise ValueError(f"{_short(value)} is not one of true/false, 1/0, yes/no")
-
-    @field_validator("external_reference_numbers", mode="before")
-    @classmethod
-    def _numbers(cls, value: Any) -> list[str] | None:
-        if _blank(value):
-            return None
-        if isinstance(value, str):
-            value = value.split(";")
-        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-            raise ValueError("must be a list of texts (in CSV: separated by ';')")
-        numbers = [_text(item, width=None) for item in value if item.strip()]
-        return numbers or None
-
-    @field_validator("state", mode="before")
-    @classmethod
-    def _state(cls, value: Any) -> LedgerState:
-        if _blank(value):
-            return LedgerState.ACTIVE
-        text = value.strip().lower() if isinstance(value, str) else value
-        try:
-            return LedgerState(text)
-        except ValueError:
-            allowed = ", ".join(state.value for state in LedgerState)
-            raise ValueError(f"{_short(value)} is not one of {allowed}") from None
-
-
-def ledger_format(path: Path, fmt: str | None = None) -> str:
-    """The format of ``path``: ``fmt`` when given, else from the extension.
-
-    Raises:
-        LedgerFileError: ``fmt`` is unknown, or none was given and the extension says
-            nothing.
-    """
-    if fmt is not None:
-        if fmt not in FORMATS.values():
-            raise LedgerFileError(f"unknown format {fmt!r}: csv or jsonl")
-        return fmt
-    found = FORMATS.get(path.suffix.lower())
-    if found is None:
-        raise LedgerFileError(
-            f"cannot tell the format of {path.name} from its extension "
-            "(.csv, .jsonl, .ndjson): name it with --format csv|jsonl"
+    def __init__(self, result: ImportResult, stored_through: int, reason: str) -> None:
+        self.result = result
+        self.stored_through = stored_through
+        self.reason = reason
+        stored = (
+            f"the sales up to line {stored_through} are stored ({result.inserted} inserted, "
+            f"{result.updated} updated, {result.unchanged} unchanged), the rest are not"
+            if result.written
+            else "nothing was stored"
         )
-    return found
-
-
-def read_ledger(path: Path, fmt: str | None = None) -> Iterator[tuple[int, LedgerRow] | BadRow]:
-    """Every row of the file, checked, in file order: ``(line, row)`` or a :class:`BadRow`.
-
-    Blank lines are skipped. The second row with a (partner, reference) the file already
-    had (references compare case-insensitively) is bad, naming the first one's line.
-
-    Args:
-        path: the ledger file.
-        fmt: ``csv`` or ``jsonl``; by default from the extension.
-
-    Raises:
-        LedgerFileError: the file cannot be read as a whole (see the module docstring).
-    """
-    fmt = ledger_format(path, fmt)
-    records = _csv_records(path) if fmt == "csv" else _jsonl_records(path)
-    seen: dict[str, int] = {}
-    for line, record in records:
-        if isinstance(record, BadRow):
-            yield record
-            continue
-        checked = _check(line, record)
-        if isinstance(checked, BadRow):
-            yield checked
-            continue
-        key = f"{checked.partner_id} {checked.reference_key}"
-        first = seen.setdefault(key, line)
-        if first != line:
-            yield BadRow(line, "reference", f"{checked.reference!r} is also on line {first}")
-            continue
-        yield line, checked
-
-
-def _check(line: int, record: Mapping[str, Any]) -> LedgerRow | BadRow:
-    present = {
-        key: value
-        for key, value in record.items()
-        if value is not None and (not isinstance(value, str) or value.strip())
-    }
-    # Unknown keys are judged here, after the known ones (the documented order puts them
-    # last): pydantic cannot even name a key that is not valid text (a lone surrogate).
-    unknown = [key for key in present if key not in COLUMNS]
-    try:
-        row = LedgerRow.model_validate({key: present[key] for key in COLUMNS if key in present})
-    except ValidationError as exc:
-        # One reason per row: the first column at fault, in the documented order.
-        errors = sorted(exc.errors(), key=lambda e: _column_order(str(e["loc"][0])))
-        error = errors[0]
-        column = str(error["loc"][0]) if error["loc"] else None
-        if error["type"] == "missing":
-            reason = "required, but blank or absent"
-        else:
-            reason = str(error["msg"]).removeprefix("Value error, ")
-        return BadRow(line, column, reason)
-    if unknown:
-        column = str(unknown[0])
-        return BadRow(line, _printable(column), f"unknown column{_suggestion(column)}")
-    return row
-
-
-def _column_order(column: str) -> int:
-    return COLUMNS.index(column) if column in COLUMNS else len(COLUMNS)
-
-
-def _suggestion(column: str) -> str:
-    close = difflib.get_close_matches(column, COLUMNS, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _csv_records(path: Path) -> Iterator[tuple[int, Mapping[str, Any] | BadRow]]:
-    try:
-        with path.open(encoding="utf-8-sig", newline="") as stream:
-            reader = csv.reader(stream)
-            header = next(reader, None)
-            if header is None:
-                raise LedgerFileError(f"{path.name} is empty: it needs a header line")
-            columns = _check_header([name.strip() for name in header])
-            previous_end = reader.line_num
-            for fields in reader:
-                line, previous_end = previous_end + 1, reader.line_num
-                if not any(value.strip() for value in fields):
-                    continue
-                if len(fields) != len(columns):
-                    reason = f"{len(fields)} fields, the header has {len(columns)}"
-                    yield line, BadRow(line, None, reason)
-                    continue
-                yield line, dict(zip(columns, fields, strict=True))
-    except UnicodeDecodeError as exc:
-        raise LedgerFileError(
-            f"{path.name} is not UTF-8 (byte {exc.start} of a read block): export it as UTF-8"
-        ) from None
-    except csv.Error as exc:
-        raise LedgerFileError(f"{path.name} is not valid CSV: {exc}") from None
-
-
-def _check_header(columns: Sequence[str]) -> Sequence[str]:
-    unknown = [name for name in columns if name not in COLUMNS]
-    if unknown:
-        named = ", ".join(f"{name!r}{_suggestion(name)}" for name in unknown)
-        raise LedgerFileError(f"unknown column(s) {named}; the columns are {', '.join(COLUMNS)}")
-    doubled = sorted({name for name in columns if columns.count(name) > 1})
-    if doubled:
-        raise LedgerFileError(f"column(s) given twice: {', '.join(doubled)}")
-    missing = [name for name in REQUIRED_COLUMNS if name not in columns]
-    if missing:
-        raise LedgerFileError(f"required column(s) missing from the header: {', '.join(missing)}")
-    return columns
-
-
-def _jsonl_records(path: Path) -> Iterator[tuple[int, Mapping[str, Any] | BadRow]]:
-    decode = codecs.getincrementaldecoder("utf-8")
-    with path.open("rb") as stream:
-        for line, raw in enumerate(stream, start=1):
-            try:
-                text = decode().decode(raw, final=True)
-            except UnicodeDecodeError:
-                yield line, BadRow(line, None, "not UTF-8")
-                continue
-            if line == 1:
-                text = text.removeprefix("\ufeff")
-            if not text.strip():
-                continue
-            try:
-                # Numbers as Decimal: a JSON 12.30 is the amount 12.30, not a float.
-                record = json.loads(text, parse_float=Decimal)
-            except ValueError as exc:
-                yield line, BadRow(line, None, f"not JSON: {exc}")
-                continue
-            except RecursionError:
-                yield line, BadRow(line, None, "not a ledger row: JSON nested too deeply")
-                continue
-            if not isinstance(record, dict):
-                yield line, BadRow(line, None, "not a JSON object")
-                continue
-            yield line, record
+        super().__init__(
+            f"the import stopped: the database failed ({reason}); {stored}. Import the "
+            "file again to finish: sales already stored are found unchanged"
+        )
 
 
 @dataclass
@@ -489,11 +190,22 @@ class _Counts:
     unchanged: int = 0
     bad: int = 0
     bad_rows: list[BadRow] = field(default_factory=list)
+    written: bool = False
 
     def add_bad(self, row: BadRow) -> None:
         self.bad += 1
         if len(self.bad_rows) < KEEP_BAD:
             self.bad_rows.append(row)
+
+    def result(self) -> ImportResult:
+        return ImportResult(
+            inserted=self.inserted,
+            updated=self.updated,
+            unchanged=self.unchanged,
+            bad=self.bad,
+            bad_rows=tuple(self.bad_rows),
+            written=self.written,
+        )
 
 
 def import_ledger(
@@ -505,65 +217,83 @@ def import_ledger(
     now: dt.datetime,
     fmt: str | None = None,
     skip_bad: bool = False,
-    chunk_size: int = CHUNK_SIZE,
+    batch_size: int = BATCH_SIZE,
 ) -> ImportResult:
     """Import the shop's ledger file into the ledger of one venue connection.
 
-    One transaction: every row is checked, and the good ones are upserted as they come,
-    by (connection, partner, reference key): new sales are inserted (source
-    ``import``), changed ones updated (``updated_at`` = ``now``), unchanged ones left
-    alone. At the first bad row (unless ``skip_bad``) writing stops, the rest of the file
-    is still checked so that every bad row is reported, and the transaction is rolled
-    back: nothing of the file is kept. One pass over the file, not two, because a good
-    file (the usual case) then costs one read and one check per row.
+    First every row is checked, and the good ones are set aside in a temporary table; at
+    the first bad row (unless ``skip_bad``) nothing more is set aside, but the rest of
+    the file is still checked so that every bad row is reported, and nothing is written.
+    Then the good rows are upserted in file order, at most ``batch_size`` per transaction, by
+    (connection, partner, reference key): new sales are inserted (source ``import``),
+    changed ones updated (``updated_at`` = ``now``), unchanged ones left alone.
 
     Args:
-        sessions: the session factory; the import owns its transaction.
+        sessions: the session factory; the import owns its transactions.
         path: the ledger file.
         connection_id: the venue connection the sales belong to; or else
         connection_name: its name, for a connection that may not be stored yet: its
-            row is then created in the import's transaction, so a refused file leaves
-            nothing behind.
+            row is then created in the first batch's transaction, so a refused file
+            leaves nothing behind.
         now: the time of the import (aware): ``created_at``/``updated_at`` of what it
             writes.
         fmt: ``csv`` or ``jsonl``; by default from the extension.
         skip_bad: import the good rows even when some are bad.
-        chunk_size: rows per upsert batch.
+        batch_size: the most rows per write transaction (each batch's size follows how
+            long the previous one took: :data:`BATCH_SECONDS`).
 
     Returns:
         The counts (all 0 when nothing was written), and the bad rows.
 
     Raises:
         LedgerFileError: the file cannot be read as a whole; nothing is written.
+        ImportInterrupted: the database failed while writing; the batches before are
+            stored, and the exception says what they stored.
         TypeError: neither or both of ``connection_id`` and ``connection_name`` given.
     """
     if (connection_id is None) == (connection_name is None):
         raise TypeError("import_ledger needs connection_id or connection_name, not both")
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
     fmt = ledger_format(path, fmt)
     counts = _Counts()
     with sessions() as session:
-        if connection_id is None:
-            connection_id = ensure_connection(session, cast(str, connection_name))
-        chunk: list[LedgerRow] = []
-        for item in read_ledger(path, fmt):
-            if isinstance(item, BadRow):
-                counts.add_bad(item)
-                if not skip_bad:
-                    chunk = []  # no more writes: this transaction will be rolled back
-                continue
-            if counts.bad and not skip_bad:
-                continue
-            chunk.append(item[1])
-            if len(chunk) >= chunk_size:
-                _upsert(session, connection_id, chunk, now, counts)
-                chunk = []
+        engine = cast(sa.Engine, session.get_bind())
+    with engine.connect() as connection, _stage(connection) as stage:
+        lines = stage.fill(read_ledger(path, fmt), counts, stop_at_bad=not skip_bad)
         if counts.bad and not skip_bad:
-            session.rollback()
             logger.info("ledger file refused: %d bad row(s), nothing written", counts.bad)
-            return ImportResult(bad=counts.bad, bad_rows=tuple(counts.bad_rows))
-        if chunk:
-            _upsert(session, connection_id, chunk, now, counts)
-        session.commit()
+            return counts.result()
+        upsert = _upsert_statement(connection.dialect.name)
+        sqlite = connection.dialect.name == "sqlite"
+        stored_through, first, size = 0, 0, min(batch_size, FIRST_BATCH_ROWS)
+        while first < len(lines):
+            batch = lines[first : first + size]
+            started = time.monotonic()
+            try:
+                with _begin(connection, "IMMEDIATE"):
+                    if connection_id is None:
+                        with sessions(bind=connection) as joined:
+                            connection_id = ensure_connection(joined, cast(str, connection_name))
+                    _write_batch(connection, upsert, connection_id, first, len(batch), now, counts)
+            except sa_exc.DBAPIError as exc:
+                reason = database_error_reason(exc)
+                logger.warning(
+                    "ledger import stopped at line %d: %s; stored through line %d",
+                    batch[0],
+                    reason,
+                    stored_through,
+                )
+                raise ImportInterrupted(counts.result(), stored_through, reason) from exc
+            held = time.monotonic() - started
+            counts.written = True
+            stored_through = batch[-1]
+            first += len(batch)
+            size = _next_batch_size(len(batch), held, batch_size)
+            if sqlite and first < len(lines):
+                # Let other writers in: they would miss a gap of microseconds.
+                time.sleep(_sqlite_pause(held))
+    counts.written = True
     logger.info(
         "ledger imported: %d inserted, %d updated, %d unchanged, %d bad",
         counts.inserted,
@@ -571,80 +301,201 @@ def import_ledger(
         counts.unchanged,
         counts.bad,
     )
-    return ImportResult(
-        inserted=counts.inserted,
-        updated=counts.updated,
-        unchanged=counts.unchanged,
-        bad=counts.bad,
-        bad_rows=tuple(counts.bad_rows),
-        written=True,
-    )
+    return counts.result()
 
 
-def _upsert(
-    session: Session,
+class _Stage:
+    """The import's temporary table on its connection: the checked rows, in file order."""
+
+    def __init__(self, connection: sa.Connection) -> None:
+        self.connection = connection
+        dialect = connection.dialect
+        self.name = f"{'pg_temp' if dialect.name == 'postgresql' else 'temp'}.{_STAGE}"
+        # (position in a row, the bind processor of its column) for the columns that
+        # have one: applied by hand, as SQLAlchemy would, since the rows go to the driver.
+        self._processors: list[tuple[int, Callable[[Any], Any]]] = [
+            (position, process)
+            for position, name in enumerate(_STAGED, start=2)
+            if (process := _stage_type(name)._cached_bind_processor(dialect)) is not None
+        ]
+
+    def fill(
+        self, items: Iterator[tuple[int, LedgerRow] | BadRow], counts: _Counts, *, stop_at_bad: bool
+    ) -> array[int]:
+        """Set every good row of ``items`` aside; count the bad ones in ``counts``.
+
+        Returns:
+            The file's line of each row set aside, in order (row ``n`` is ``seq`` n + 1).
+        """
+        lines = array("q")
+        rows: list[list[Any]] = []
+        for item in items:
+            if isinstance(item, BadRow):
+                counts.add_bad(item)
+                continue
+            if counts.bad and stop_at_bad:
+                continue  # nothing will be written: only the bad rows still matter
+            line, row = item
+            lines.append(line)
+            rows.append(self._row(len(lines), line, row))
+            if len(rows) >= STAGE_ROWS:
+                self._load(rows)
+                rows = []
+        if rows and not (counts.bad and stop_at_bad):
+            self._load(rows)
+        return lines
+
+    def _row(self, seq: int, line: int, row: LedgerRow) -> list[Any]:
+        numbers = row.external_reference_numbers
+        values = [
+            seq,
+            line,
+            row.partner_id,
+            row.reference,
+            row.reference_key,
+            row.sold_at,
+            row.quantity,
+            row.amount,
+            row.currency,
+            row.amount_includes_vat,
+            row.payment_reference,
+            row.venue_reference,
+            numbers,
+            reference_set_key(numbers or ()),
+            row.state,
+        ]
+        for position, process in self._processors:
+            if values[position] is not None:
+                values[position] = process(values[position])
+        return values
+
+    def _load(self, rows: list[list[Any]]) -> None:
+        with _begin(self.connection), driver_statements(self.connection) as driver:
+            driver.load(self.name, ("seq", "line", *_STAGED), rows)
+
+
+def _next_batch_size(size: int, held: float, most: int) -> int:
+    """The next batch's rows: ``size`` rows held the transaction ``held`` seconds.
+
+    Scaled toward :data:`BATCH_SECONDS`, at most doubling at a time (one quick batch is
+    no promise), within :data:`MIN_BATCH_ROWS` (or ``most`` if smaller) and ``most``.
+    """
+    wanted = size * BATCH_SECONDS / max(held, 1e-6)
+    return max(min(most, MIN_BATCH_ROWS), min(most, 2 * size, int(wanted)))
+
+
+def _sqlite_pause(held: float) -> float:
+    """How long to leave SQLite's write lock free after a batch held it ``held`` seconds.
+
+    As long as the sleep of a writer that began waiting when the batch began (the
+    longest any waiter is in: the sleeps grow with the wait), so that every waiter tries
+    again while the lock is free: about 20 ms after a batch of 50 ms.
+    """
+    waited = 0.0
+    for sleep in SQLITE_BUSY_SLEEPS:
+        waited += sleep
+        if waited > held:
+            return sleep
+    return 0.1
+
+
+def _begin(connection: sa.Connection, sqlite_mode: str = "DEFERRED") -> sa.RootTransaction:
+    """A transaction of ``connection``; on SQLite begun in ``sqlite_mode``.
+
+    The stage's own work is ``DEFERRED``: it writes only the connection's temporary
+    table, so on SQLite it never takes (nor waits for) the database's write lock.
+    """
+    connection.execution_options(**{SQLITE_BEGIN_OPTION: sqlite_mode})
+    return connection.begin()
+
+
+def _stage_type(name: str) -> sa.types.TypeEngine[Any]:
+    """The type of a column of the stage: the ledger's (so values are stored as there)."""
+    return _NUMBERS_TYPE if name == "external_reference_numbers" else _TABLE.c[name].type
+
+
+@contextmanager
+def _stage(connection: sa.Connection) -> Iterator[_Stage]:
+    """A new, empty temporary table on ``connection``; dropped when the block ends."""
+    stage = _Stage(connection)
+    dialect = connection.dialect
+    columns = ", ".join(f"{name} {_stage_type(name).compile(dialect=dialect)}" for name in _STAGED)
+    with _begin(connection):
+        connection.exec_driver_sql(f"DROP TABLE IF EXISTS {stage.name}")
+        connection.exec_driver_sql(
+            f"CREATE TEMPORARY TABLE {_STAGE} "
+            f"(seq INTEGER PRIMARY KEY, line INTEGER NOT NULL, {columns})"
+        )
+    try:
+        yield stage
+    finally:
+        if not connection.closed and not connection.invalidated:
+            try:
+                if connection.in_transaction():
+                    connection.rollback()
+                with _begin(connection):
+                    connection.exec_driver_sql(f"DROP TABLE IF EXISTS {stage.name}")
+            except sa_exc.DBAPIError:
+                # The connection is unusable: the pool discards it, and its temporary
+                # table with it.
+                logger.debug("the ledger import's temporary table was not dropped")
+
+
+def _write_batch(
+    connection: sa.Connection,
+    upsert: Any,
     connection_id: int,
-    rows: Sequence[LedgerRow],
+    first: int,
+    size: int,
     now: dt.datetime,
     counts: _Counts,
 ) -> None:
-    """Upsert one chunk; count what it inserted, updated and left alone."""
-    dialect = session.get_bind().dialect.name
-    existing = 0
-    if dialect == "sqlite":
-        # SQLite's upsert cannot say whether it inserted: count the chunk's sales the
-        # ledger has first (plain IN lists, answered from the unique index).
-        pairs = {(row.partner_id, row.reference_key) for row in rows}
-        found = session.execute(
-            sa.select(_TABLE.c.partner_id, _TABLE.c.reference_key).where(
-                _TABLE.c.connection_id == connection_id,
-                _TABLE.c.partner_id.in_({partner for partner, _ in pairs}),
-                _TABLE.c.reference_key.in_({key for _, key in pairs}),
-            )
-        )
-        existing = sum(1 for pair in found if tuple(pair) in pairs)
-    params = [
-        {
-            "connection_id": connection_id,
-            "partner_id": row.partner_id,
-            "shop_reference": row.reference,
-            "reference_key": row.reference_key,
-            "sold_at": row.sold_at,
-            "quantity": row.quantity,
-            "amount": row.amount,
-            "currency": row.currency,
-            "amount_includes_vat": row.amount_includes_vat,
-            "payment_reference": row.payment_reference,
-            "venue_reference": row.venue_reference,
-            "ext_numbers": row.external_reference_numbers,
-            "external_references_key": reference_set_key(row.external_reference_numbers or ()),
-            "state": row.state,
-            "source": LedgerSource.IMPORT,
-            "created_at": now,
-            "updated_at": now,
-        }
-        for row in rows
-    ]
-    # Each row written (inserted, or updated because something differed) returns its id.
-    returned = session.execute(_upsert_statement(dialect), params).all()
-    changed = len(returned)
-    if dialect == "postgresql":
-        # xmax is 0 on a row version this statement inserted (not one it updated).
-        inserted = sum(1 for row in returned if row.inserted)
-        existing = len(rows) - inserted
+    """Upsert the rows ``first + 1`` to ``first + size`` of the stage; count what it did."""
+    params = {"connection_id": connection_id, "after": first, "upto": first + size, "now": now}
+    if connection.dialect.name == "sqlite":
+        # SQLite's upsert cannot say whether it inserted: count the batch's sales the
+        # ledger has first (answered from the unique index). Each row written (inserted,
+        # or updated because something differed) returns a row.
+        existing = connection.execute(_EXISTING_SQLITE, params).scalar_one()
+        changed = len(connection.execute(upsert, params).all())
+        inserted = size - existing
     else:
-        inserted = len(rows) - existing
+        # Counted by the server: 2,000 rows need not travel to be counted.
+        changed, inserted = connection.execute(upsert, params).one()
+        existing = size - inserted
     counts.inserted += inserted
     counts.updated += changed - inserted
     counts.unchanged += existing - (changed - inserted)
 
 
+_STAGE_TABLE = sa.table(_STAGE, sa.column("seq"), *(sa.column(name) for name in _STAGED))
+_BATCH = sa.and_(
+    _STAGE_TABLE.c.seq > sa.bindparam("after"), _STAGE_TABLE.c.seq <= sa.bindparam("upto")
+)
+_EXISTING_SQLITE = (
+    sa.select(sa.func.count())
+    .select_from(
+        _STAGE_TABLE.join(
+            _TABLE,
+            sa.and_(
+                _TABLE.c.connection_id == sa.bindparam("connection_id"),
+                _TABLE.c.partner_id == _STAGE_TABLE.c.partner_id,
+                _TABLE.c.reference_key == _STAGE_TABLE.c.reference_key,
+            ),
+        )
+    )
+    .where(_BATCH)
+)
+
+
 def _upsert_statement(dialect: str) -> Any:
-    """``INSERT … ON CONFLICT (connection_id, partner_id, reference_key) DO UPDATE``.
+    """``INSERT … SELECT <a batch of the stage> ON CONFLICT (connection_id, partner_id,
+    reference_key) DO UPDATE``, and what it wrote.
 
     Only the shop's fields are set, and only when one of them differs, so an unchanged
-    row is not written (and returns nothing). Optional fields left blank keep the
-    ledger's value.
+    row is not written. Optional fields left blank keep the ledger's value. On SQLite
+    the statement returns a row per row written; on PostgreSQL one row, the count of
+    rows written and of those inserted.
     """
     if dialect == "postgresql":
         insert: postgresql.Insert | sqlite.Insert = postgresql.insert(_TABLE)
@@ -652,10 +503,21 @@ def _upsert_statement(dialect: str) -> Any:
         insert = sqlite.insert(_TABLE)
     else:
         raise NotImplementedError(f"the ledger runs on SQLite or PostgreSQL, not {dialect}")
-    # A missing list is SQL NULL, not the JSON text 'null', so that COALESCE keeps the
-    # ledger's list.
-    insert = insert.values(
-        external_reference_numbers=sa.bindparam("ext_numbers", type_=sa.JSON(none_as_null=True))
+    now = sa.bindparam("now", type_=_TABLE.c.updated_at.type)
+    source = sa.bindparam("source", LedgerSource.IMPORT, type_=_TABLE.c.source.type)
+    rows = (
+        sa.select(
+            sa.bindparam("connection_id", type_=sa.Integer),
+            *(_STAGE_TABLE.c[name] for name in _STAGED),
+            source,
+            now,
+            now,
+        )
+        .where(_BATCH)
+        .order_by(_STAGE_TABLE.c.seq)
+    )
+    insert = insert.from_select(
+        ["connection_id", *_STAGED, "source", "created_at", "updated_at"], rows
     )
     excluded = insert.excluded
     new: dict[str, Any] = {}
@@ -674,13 +536,15 @@ def _upsert_statement(dialect: str) -> Any:
     new["external_references_key"] = sa.func.coalesce(
         excluded.external_references_key, _TABLE.c.external_references_key
     )
-    return insert.on_conflict_do_update(
+    upsert = insert.on_conflict_do_update(
         index_elements=["connection_id", "partner_id", "reference_key"],
         set_={**new, "updated_at": excluded.updated_at},
         where=sa.or_(*differs),
-    ).returning(
-        _TABLE.c.id,
-        sa.literal_column("xmax = 0" if dialect == "postgresql" else "1", sa.Boolean).label(
-            "inserted"
-        ),
     )
+    if dialect == "sqlite":
+        return upsert.returning(sa.literal_column("1"))
+    # xmax is 0 on a row version this statement inserted (not one it updated).
+    written = upsert.returning(sa.literal_column("xmax = 0", sa.Boolean).label("inserted")).cte(
+        "written"
+    )
+    return sa.select(sa.func.count(), sa.func.count().filter(written.c.inserted))

@@ -59,7 +59,8 @@ def ledger_import(
     with any bad row changes nothing (exit 1) unless --skip-bad imports the others
     (exit 0). Prints how many sales were inserted, updated, unchanged, and bad.
     """
-    from reconciler.ledger import LedgerFileError, import_ledger
+    from reconciler.ledger import import_ledger
+    from reconciler.ledger_file import LedgerFileError
     from storage.types import utcnow
 
     settings = cli.settings

@@ -16,7 +16,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from orders.outbox import record_submission
 from otacm.cli import main
-from reconciler.ledger import COLUMNS, LedgerFileError, import_ledger
+from reconciler.ledger import import_ledger
+from reconciler.ledger_file import COLUMNS, LedgerFileError
 from storage.models import LedgerLine, LedgerSource, LedgerState, ensure_connection
 from venue.models import OrderRequest
 
@@ -328,12 +329,12 @@ def test_chunks_count_like_one_batch(
     path = tmp_path / "sales.jsonl"
     rows = [sale(f"C-{n}") for n in range(23)]
     first = import_ledger(
-        sessions, write_jsonl(path, rows[:10]), connection_id=connection_id, now=T0, chunk_size=4
+        sessions, write_jsonl(path, rows[:10]), connection_id=connection_id, now=T0, batch_size=4
     )
     assert first.inserted == 10
     rows[3] = sale("C-3", quantity=9)
     again = import_ledger(
-        sessions, write_jsonl(path, rows), connection_id=connection_id, now=T0, chunk_size=4
+        sessions, write_jsonl(path, rows), connection_id=connection_id, now=T0, batch_size=4
     )
     assert (again.inserted, again.updated, again.unchanged) == (13, 1, 9)
     assert len(lines(sessions)) == 23
