@@ -9,10 +9,17 @@ The migrations run once per session and database kind, into a template (a SQLite
 a PostgreSQL template database); each test that asks for the schema gets a copy of it,
 which costs a few milliseconds instead of a run of every migration. The migration tests
 (``tests/storage/test_migrate.py``) still run every migration up and down, on ``engine``.
+
+Under pytest-xdist every worker is a session of its own: its own PostgreSQL server, its
+own templates.
+
+The lanes: the hooks below put every test that runs real processes in the ``process``
+lane and guard the others against starting any (:mod:`tests.support.lanes`).
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import uuid
 import weakref
@@ -27,15 +34,48 @@ from sqlalchemy.orm import Session, sessionmaker
 from storage.engine import make_engine, make_sessions
 from storage.migrate import upgrade
 from storage.testing import PostgresqlError, PostgresqlMissing, throwaway_postgresql
+from tests.support import lanes
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+# --- lanes ---------------------------------------------------------------------------------
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Install the guard that keeps processes in the ``process`` lane."""
+    lanes.install_guard()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test of the ``process`` lane (by its fixtures and markers)."""
+    lanes.mark_process_lane(items)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    """A test outside the lane starts no process in its set-up, …"""
+    with lanes.guarded(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """… nor in its body, …"""
+    with lanes.guarded(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """… nor in its tear-down."""
+    with lanes.guarded(item):
+        return (yield)
 
 
 @pytest.fixture(autouse=True)
 def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """No test sees the developer's own OTACM_* configuration."""
-    import os
-
     for name in list(os.environ):
         if name.startswith("OTACM_"):
             monkeypatch.delenv(name)
@@ -47,7 +87,8 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def postgresql_url() -> Iterator[str]:
-    """A real PostgreSQL server in a temporary directory; yields the URL of a database on it.
+    """A real PostgreSQL server in a temporary directory (in memory, :func:`_memory`, where
+    the machine has it); yields the URL of a database on it.
 
     :func:`storage.testing.throwaway_postgresql`, not durable: fsync, full-page writes and
     synchronous commit off, for speed (its data is thrown away). As root, the server runs
@@ -55,13 +96,31 @@ def postgresql_url() -> Iterator[str]:
     """
     with ExitStack() as stack:
         try:
-            server = stack.enter_context(throwaway_postgresql(durable=False, prefix="otacm-pg-"))
+            # Started (in a test's set-up) and stopped (in the last one's tear-down) as
+            # infrastructure: the guard of the lanes lets this server through.
+            server = stack.enter_context(
+                lanes.infrastructure(
+                    throwaway_postgresql(durable=False, prefix="otacm-pg-", parent=_memory())
+                )
+            )
         except PostgresqlMissing as exc:
             pytest.fail(f"{exc}; the tests run on PostgreSQL as well as SQLite", pytrace=False)
         except PostgresqlError as exc:
             pytest.fail(str(exc), pytrace=False)
         _admin_statement(server.url, "CREATE DATABASE otacm", database="postgres")
         yield server.database_url("otacm")
+
+
+def _memory() -> Path | None:
+    """A memory-backed directory for the tests' server, if the machine has one.
+
+    Every test that asks for a PostgreSQL database gets a new one (``CREATE DATABASE``):
+    on tmpfs that takes a few hundredths of a second, on this disk tenths. What the server
+    holds is thrown away at the end anyway.
+    """
+    # The server's own directory in it is made by mkdtemp: private, never guessed.
+    memory = Path("/dev/shm")  # noqa: S108
+    return memory if memory.is_dir() and os.access(memory, os.W_OK | os.X_OK) else None
 
 
 def _admin_statement(url: str, statement: str, *, database: str) -> None:

@@ -44,6 +44,7 @@ from sandbox.pipeline import CycleReport
 from storage.lease import new_owner
 from storage.models import StatusChange, ensure_connection
 from storage.testing import free_port
+from tests.support.lanes import starts_processes
 from tests.support.processes import ROOT, OtacmProcess, otacm_environment, run_otacm
 from tests.support.stack import (
     WORKER_LEASE_SECONDS,
@@ -145,6 +146,7 @@ class Worker:
 
 
 @pytest.fixture
+@starts_processes
 def otacm(tmp_path: Path) -> Iterator[Callable[..., OtacmProcess]]:
     """Start ``otacm`` subprocesses; all stopped after the test, their output shown on failure."""
     started: list[OtacmProcess] = []

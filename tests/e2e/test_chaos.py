@@ -78,6 +78,8 @@ from tests.support.stack import (
 from venue.client import open_client
 from venue.models import OrderStatus
 
+pytestmark = pytest.mark.process
+
 SEED = 1807
 """Seeds the sales, their timing and the gateway's faults."""
 

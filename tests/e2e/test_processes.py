@@ -23,6 +23,8 @@ from tests.e2e.conftest import (
     wait_until,
 )
 
+pytestmark = pytest.mark.process
+
 
 def test_otacm_web_under_gunicorn_takes_orders_and_webhooks(
     gunicorn_e2e: E2E, settings: Settings

@@ -36,6 +36,8 @@ from tests.sandbox.conftest import order_body
 from tests.support.processes import ROOT, OtacmProcess, otacm_environment
 from tests.support.stack import sandbox_settings, serve_sandbox, wait_until
 
+pytestmark = pytest.mark.process
+
 CLIENT_STATE = "startup-client-state-3f9a1c"
 PASSWORD = "startup-db-password-7d2e"
 """In the database URL (the test server trusts every local connection, so any will do):

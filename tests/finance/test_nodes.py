@@ -18,6 +18,8 @@ from tests.finance.conftest import CSRF_FIELD, PASSWORD, USER
 from tests.support.processes import OtacmProcess
 from tests.support.stack import wait_until
 
+pytestmark = pytest.mark.process
+
 
 @pytest.fixture
 def nodes(migrated_engine: sa.Engine, tmp_path: Path, user_entry: str) -> Iterator[list[str]]:

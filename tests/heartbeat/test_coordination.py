@@ -340,6 +340,7 @@ def competitors(migrated_engine: sa.Engine, tmp_path: Path) -> Iterator[Competit
     sys.stderr.write(group.logs())
 
 
+@pytest.mark.process
 def test_two_processes_share_a_job_and_never_run_it_at_the_same_time(
     competitors: Competitors,
 ) -> None:
@@ -367,6 +368,7 @@ def test_two_processes_share_a_job_and_never_run_it_at_the_same_time(
     assert "busy" in competitors.outcomes("alpha") | competitors.outcomes("beta")
 
 
+@pytest.mark.process
 def test_a_killed_holder_frees_the_job_and_its_work_is_rolled_back(
     competitors: Competitors, migrated_engine: sa.Engine, sessions: sessionmaker[Session]
 ) -> None:

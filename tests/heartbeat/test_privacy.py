@@ -143,6 +143,7 @@ def test_personal_keys_go_from_json_at_any_depth_and_nothing_else() -> None:
     }
 
 
+@pytest.mark.process
 @pytest.mark.parametrize(("days", "erased"), [("5", True), (None, False)])
 def test_the_scheduled_job_keeps_the_configured_number_of_days(
     sessions: sessionmaker[Session],

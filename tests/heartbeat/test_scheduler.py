@@ -31,6 +31,8 @@ from tests.support.stack import line, wait_until
 from venue.client import open_client
 from venue.models import OrderRequest
 
+pytestmark = pytest.mark.process
+
 POLL_INTERVAL_JOBS = ["change_feed", "watchdog", "confirm_drafts"]
 ALL_JOBS = [
     "change_feed",

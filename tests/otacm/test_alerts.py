@@ -93,6 +93,7 @@ def run_promtool(promtool: str, *args: str, cwd: Path = PROMETHEUS) -> str:
     return output
 
 
+@pytest.mark.process
 def test_the_rules_pass_promtool_check(promtool: str) -> None:
     """``promtool check rules`` accepts the rules file."""
     output = run_promtool(promtool, "check", "rules", str(RULES))
@@ -100,6 +101,7 @@ def test_the_rules_pass_promtool_check(promtool: str) -> None:
     assert f"SUCCESS: {len(alert_names())} rules found" in output
 
 
+@pytest.mark.process
 def test_the_example_prometheus_configuration_loads_the_rules(promtool: str) -> None:
     """``promtool check config`` accepts the example configuration and the rules it names."""
     output = run_promtool(promtool, "check", "config", "prometheus.yml")
@@ -107,6 +109,7 @@ def test_the_example_prometheus_configuration_loads_the_rules(promtool: str) -> 
     assert "SUCCESS: 1 rule files found" in output
 
 
+@pytest.mark.process
 def test_every_rule_passes_its_unit_tests(promtool: str) -> None:
     """``promtool test rules`` over deploy/prometheus/tests: every expected alert (labels
     and rendered annotations) fires, and none other, at each evaluation time."""
@@ -187,6 +190,7 @@ def test_the_dashboard_has_grafanas_shape() -> None:
             assert target["expr"].strip() and target["datasource"] == panel["datasource"]
 
 
+@pytest.mark.process
 def test_every_dashboard_expression_is_valid_promql(promtool: str, tmp_path: Path) -> None:
     """Each panel's query parses, once Grafana's variables are given values: checked as a
     recording rule by ``promtool check rules``."""
@@ -329,6 +333,7 @@ def scrape_samples(app: Flask) -> dict[tuple[str, frozenset[tuple[str, str]]], f
     }
 
 
+@pytest.mark.process
 def test_the_scheduled_subscription_check_reaches_metrics(
     migrated_engine: sa.Engine, tmp_path: Path
 ) -> None:

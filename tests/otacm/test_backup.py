@@ -127,6 +127,7 @@ def counts(sessions: sessionmaker[Session]) -> tuple[int, int, list[int]]:
     return len(ids), int(outbox or 0), ids
 
 
+@pytest.mark.process
 def test_a_backup_taken_while_otacm_writes_restores_to_a_database_otacm_runs_on(
     writer: Writer, tmp_path: Path
 ) -> None:
@@ -178,6 +179,7 @@ def test_a_backup_taken_while_otacm_writes_restores_to_a_database_otacm_runs_on(
         engine.dispose()
 
 
+@pytest.mark.process
 def test_restore_refuses_a_database_with_rows_and_a_file_that_is_no_backup(
     writer: Writer, tmp_path: Path
 ) -> None:
@@ -233,6 +235,7 @@ def test_backup_of_postgresql_points_to_pg_dump() -> None:
     ]
 
 
+@pytest.mark.process
 @pytest.mark.postgresql
 def test_pg_dump_and_pg_restore_as_the_readme_says_give_a_database_otacm_accepts(
     postgresql_url: str, tmp_path: Path

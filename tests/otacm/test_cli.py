@@ -142,6 +142,7 @@ def test_doctor_names_a_refused_api_key(tmp_path: Path) -> None:
         assert "ok   venue default subscription: " in output
 
 
+@pytest.mark.process
 def test_demo_settles_every_order_in_the_local_mirror(tmp_path: Path) -> None:
     """`otacm demo`, the README's main job: sandbox + daemon as real processes, every order
     notified by webhook, fetched once, and settled in the local mirror."""

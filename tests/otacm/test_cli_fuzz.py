@@ -350,6 +350,7 @@ REAL_PROCESS_CASES: list[tuple[str, ...]] = [
 ]
 
 
+@pytest.mark.process
 def test_real_processes_refuse_with_one_line(
     migrated_engine: sa.Engine, seeded: Seeded, tmp_path: Path
 ) -> None:

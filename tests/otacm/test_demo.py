@@ -32,6 +32,8 @@ from storage.engine import make_engine, make_sessions
 from storage.records import ReconRun, ReconRunState, ReconTrigger
 from storage.types import utcnow
 
+pytestmark = pytest.mark.process
+
 PLANTED_CATEGORIES = {"missing_at_venue", "orphan", "amount_mismatch", "cancelled_in_ledger"}
 DEMO_ARGUMENTS = ["--orders", "6", "--pickup-interval", "0.3", "--seed", "7", "--timeout", "90"]
 FINANCE_LINE = re.compile(r"^finance pages: (http://\S+)/finance/  \(user (\S+), password (\S+)\)$")

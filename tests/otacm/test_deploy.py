@@ -22,6 +22,7 @@ from otacm.settings import Settings
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
 
+@pytest.mark.process
 def test_gunicorn_conf_is_the_settings_otacm_web_uses(tmp_path: Path) -> None:
     """`gunicorn -c deploy/gunicorn.conf.py` loads the app with otacm web's own options."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTACM_")}
@@ -192,6 +193,7 @@ def test_the_image_has_one_health_check_for_every_role() -> None:
     assert "OTACM_LIVENESS_DIR=" in environment
 
 
+@pytest.mark.process
 def test_the_dockerfile_passes_hadolint() -> None:
     """hadolint (from the dev lock) finds nothing, not even an info, in the Dockerfile."""
     hadolint = Path(sys.executable).with_name("hadolint")

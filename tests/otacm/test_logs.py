@@ -115,6 +115,7 @@ def _environment(**settings: str) -> dict[str, str]:
     return {**own, **settings}
 
 
+@pytest.mark.process
 def test_db_upgrade_prints_its_one_line(tmp_path: Path) -> None:
     """`otacm db upgrade` on a new database: its result and nothing else (no Alembic line)."""
     done = subprocess.run(
@@ -130,6 +131,7 @@ def test_db_upgrade_prints_its_one_line(tmp_path: Path) -> None:
     assert (done.stdout, done.stderr) == (f"database at revision {head_revision()}\n", "")
 
 
+@pytest.mark.process
 def test_every_role_of_serve_writes_json_lines(tmp_path: Path) -> None:
     """`otacm serve` with OTACM_LOG_FORMAT=json: every line it and its roles write (gunicorn's
     master and workers, the worker, the scheduler) is a JSON object with the fields, and

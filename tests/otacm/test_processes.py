@@ -15,6 +15,8 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from otacm.processes import metrics_directory
 
+pytestmark = pytest.mark.process
+
 ROOT = Path(__file__).resolve().parents[2]
 
 _WORKER = textwrap.dedent(

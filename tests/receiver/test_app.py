@@ -17,6 +17,7 @@ from tests.receiver.notifications import STATE_A, STATE_B, notification
 from venue.connection import SettingsError
 
 
+@pytest.mark.process
 def test_importing_the_package_opens_and_reads_nothing(tmp_path: Path) -> None:
     """``import receiver`` reads no configuration and creates no database."""
     environment = {

@@ -564,6 +564,7 @@ def _status(answer: bytes) -> int:
     return int(answer.split(b" ", 2)[1])
 
 
+@pytest.mark.process
 def test_broken_bodies_over_a_socket_are_400(
     migrated_engine: sa.Engine, served: tuple[int, Settings]
 ) -> None:
@@ -613,6 +614,7 @@ def test_broken_bodies_to_werkzeugs_server_are_400_unreadable_body(fuzz_app: Fla
         assert json.loads(answer.partition(b"\r\n\r\n")[2])["code"] == "unreadable_body"
 
 
+@pytest.mark.process
 def test_hostile_requests_over_a_socket_get_clear_answers(
     migrated_engine: sa.Engine, served: tuple[int, Settings], seeded: Seeded
 ) -> None:

@@ -112,6 +112,7 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+@pytest.mark.process
 def test_gunicorn_serves_the_factory_and_sums_its_workers_metrics(tmp_path: Path) -> None:
     """``gunicorn 'receiver:create_app()'`` with two workers: stored, and counted once each."""
     url = f"sqlite:///{tmp_path / 'otacm.sqlite3'}"

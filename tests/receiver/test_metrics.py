@@ -139,6 +139,7 @@ _MULTIPROCESS_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.process
 def test_counters_of_several_processes_add_up_in_multiprocess_mode(tmp_path: Path) -> None:
     """With PROMETHEUS_MULTIPROC_DIR, each process's counters are summed at the scrape."""
     url = f"sqlite:///{tmp_path / 'otacm.sqlite3'}"

@@ -567,6 +567,7 @@ def database_locked(engine: sa.Engine) -> Iterator[None]:
         transaction.rollback()
 
 
+@pytest.mark.process
 @pytest.mark.postgresql
 def test_a_stopped_postgresql_is_503_and_its_restart_costs_nothing_more(
     make_app: Callable[[Settings], Flask],

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 from click.testing import CliRunner
 
 from sandbox.cli import sandbox_command
@@ -42,6 +43,7 @@ def test_bad_partner_state_is_a_clear_error() -> None:
     assert "partner flags must be" in result.output
 
 
+@pytest.mark.process
 def test_command_serves_until_sigterm(tmp_path: Path) -> None:
     """The command serves the sandbox, takes settings from the environment, stops on SIGTERM."""
     env = {

@@ -1090,6 +1090,7 @@ def test_clients_of_one_identity_share_one_throttle(make_client: MakeClient) -> 
         caller.join()
 
 
+@pytest.mark.process
 def test_importing_the_client_starts_nothing() -> None:
     """Importing venue.client creates no throttle and starts no thread."""
     probe = (
