@@ -236,6 +236,7 @@ CRASHING_IMPORT = textwrap.dedent(
 )
 
 
+@pytest.mark.process
 def test_a_process_killed_between_batches_then_run_again_stores_each_sale_once(
     sessions: sessionmaker[Session],
     migrated_engine: sa.Engine,
@@ -271,6 +272,7 @@ def test_a_process_killed_between_batches_then_run_again_stores_each_sale_once(
     assert len(set(stored)) == len(stored)
 
 
+@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)  # PostgreSQL has no such lock
 def test_setting_rows_aside_takes_no_write_lock_on_sqlite(
     sessions: sessionmaker[Session],
     migrated_engine: sa.Engine,
@@ -278,8 +280,6 @@ def test_setting_rows_aside_takes_no_write_lock_on_sqlite(
     tmp_path: Path,
 ) -> None:
     """While the file is checked and set aside, another process can write at once."""
-    if migrated_engine.dialect.name != "sqlite":
-        pytest.skip("PostgreSQL has no database-wide write lock")
     path = write_jsonl(tmp_path / "sales.jsonl", [sale(f"L-{n:02d}") for n in range(ROWS)])
     database = migrated_engine.url.database or ""
     writes_meanwhile: list[str] = []
