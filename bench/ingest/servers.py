@@ -67,6 +67,16 @@ def postgresql_server() -> Iterator[PostgresqlServer]:
         yield server
 
 
+@contextmanager
+def server_for(kind: str) -> Iterator[PostgresqlServer | None]:
+    """The PostgreSQL server for ``postgresql``; nothing for SQLite."""
+    if kind == "postgresql":
+        with postgresql_server() as server:
+            yield server
+    else:
+        yield None
+
+
 @dataclass
 class DatabaseFactory:
     """New empty databases of one kind: SQLite files in ``directory``, or PostgreSQL ones."""

@@ -60,7 +60,7 @@ import sqlalchemy as sa  # noqa: E402
 from servers import (  # noqa: E402
     BenchSetupError,
     DatabaseFactory,
-    postgresql_server,
+    server_for,
     tree_cpu_seconds,
 )
 
@@ -304,16 +304,6 @@ def measure(
     if probe:
         measured.probe_longest_wait_seconds, measured.probe_samples = probe[0], int(probe[1])
     return measured
-
-
-@contextmanager
-def server_for(kind: str) -> Iterator[Any]:
-    """The PostgreSQL server for ``postgresql``; nothing for SQLite."""
-    if kind == "postgresql":
-        with postgresql_server() as server:
-            yield server
-    else:
-        yield None
 
 
 def expected(label: str, lines: int, changed_every: int) -> tuple[int, int, int]:

@@ -52,7 +52,7 @@ sys.path.insert(1, str(REPOSITORY))
 
 import sqlalchemy as sa  # noqa: E402
 from dataset import Loaded, Plan, load  # noqa: E402
-from servers import BenchSetupError, DatabaseFactory, postgresql_server  # noqa: E402
+from servers import BenchSetupError, DatabaseFactory, server_for  # noqa: E402
 
 from otacm.settings import Settings  # noqa: E402
 from reconciler.categories import Category  # noqa: E402
@@ -271,7 +271,7 @@ def bench_database(kind: str, plan: Plan, scratch: Path, time_limit: float) -> R
     """Load and reconcile on one kind of database."""
     result = Result(kind)
     try:
-        with ExitStackServer(kind) as server:
+        with server_for(kind) as server:
             factory = DatabaseFactory(kind, scratch, server)
             url = factory.new("bench_reconcile")
             upgrade(url)
@@ -298,16 +298,6 @@ def bench_database(kind: str, plan: Plan, scratch: Path, time_limit: float) -> R
     except BenchSetupError as exc:
         result.setup_error = str(exc)
     return result
-
-
-@contextmanager
-def ExitStackServer(kind: str) -> Iterator[Any]:
-    """The PostgreSQL server for ``postgresql``; nothing for SQLite."""
-    if kind == "postgresql":
-        with postgresql_server() as server:
-            yield server
-    else:
-        yield None
 
 
 def loaded_line(result: Result) -> str:
