@@ -12,8 +12,8 @@ ANALYZE``\\d, as autovacuum would) with N orders settling at a steady
 ``--orders-per-day`` (:data:`ORDERS_PER_DAY` by default: then N sets how long the
 history is, not how busy a day is; 10k orders are two days, 1M 200), each with three
 status changes (Submitted by ``submit``, Processing by ``poll``, Issued by ``webhook``
-or, one in five, ``feed``) and the webhook's time on the order; one in a hundred is
-left Processing (stuck).
+or, one in five, ``feed``) and the webhook's time on the order; one in a hundred of the
+newest 5,000 is left Processing (stuck: in flight are few, whatever the history).
 
 Then, K times each (after one untimed run), the median milliseconds of:
 
@@ -104,28 +104,33 @@ def fill(engine: sa.Engine, connection_id: int, size: int, per_day: int) -> None
             sell_to_order_reference, reference_key, status, status_changed_at,
             first_seen_at, first_notified_at, updated_at)
         SELECT :connection, 'order-' || i, 'partner', 'SHOP-' || i, 'shop-' || i,
-            CASE WHEN i % 100 = 0 THEN 'Processing' ELSE 'Issued' END,
+            CASE WHEN i % 100 = 0 AND i <= 5000 THEN 'Processing' ELSE 'Issued' END,
             {settled}, {_ago(dialect, ":now", f"i * {spacing} + 120")},
             {_ago(dialect, ":now", f"i * {spacing} + 3")}, {settled}
         FROM n"""  # noqa: S608
     )
-    changes = [
-        ("'Submitted'", "'submit'", _ago(dialect, "status_changed_at", "120"), ""),
-        ("'Processing'", "'poll'", _ago(dialect, "status_changed_at", "60"), ""),
-        (
-            "status",
-            "CASE WHEN id - id / 5 * 5 = 0 THEN 'feed' ELSE 'webhook' END",
-            "status_changed_at",
-            "WHERE status = 'Issued'",
-        ),
-    ]
+    # In the order otacm writes them: ids follow time, as the old scrape's cap assumed.
+    changes = " UNION ALL ".join(
+        f"SELECT id AS venue_order_id, {status} AS status, {observed} AS observed_at, "  # noqa: S608
+        f"{source} AS source FROM venue_order {where}"
+        for status, source, observed, where in (
+            ("'Submitted'", "'submit'", _ago(dialect, "status_changed_at", "120"), ""),
+            ("'Processing'", "'poll'", _ago(dialect, "status_changed_at", "60"), ""),
+            (
+                "status",
+                "CASE WHEN id - id / 5 * 5 = 0 THEN 'feed' ELSE 'webhook' END",
+                "status_changed_at",
+                "WHERE status = 'Issued'",
+            ),
+        )
+    )
     with engine.begin() as connection:
         connection.execute(orders, {"last": size, "connection": connection_id, "now": now})
-        for status, source, observed, where in changes:
-            connection.exec_driver_sql(
-                "INSERT INTO status_change (venue_order_id, status, observed_at, source) "  # noqa: S608
-                f"SELECT id, {status}, {observed}, {source} FROM venue_order {where} ORDER BY id"
-            )
+        connection.exec_driver_sql(
+            "INSERT INTO status_change (venue_order_id, status, observed_at, source) "  # noqa: S608
+            f"SELECT venue_order_id, status, observed_at, source FROM ({changes}) AS c "
+            "ORDER BY observed_at"
+        )
     if dialect == "postgresql":
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
             connection.exec_driver_sql("VACUUM ANALYZE venue_order")
