@@ -379,11 +379,24 @@ def scheduled_jobs(settings: Settings, runtime: Runtime) -> list[ScheduledJob]:
             lease_seconds=settings.outbox_lease_seconds,
         )
 
+    def metric_figures(now: dt.datetime) -> object:
+        from heartbeat.metric_figures import refresh_figures
+        from storage.engine import make_sessions
+
+        refresh_figures(
+            runtime.sessions,
+            make_sessions(runtime.engine, read_only=True),
+            now=now,
+            stuck_after=dt.timedelta(seconds=settings.stuck_after),
+        )
+        return None
+
     jobs = [
         ScheduledJob("change_feed", settings.poll_interval, change_feed),
         ScheduledJob("watchdog", settings.poll_interval, watchdog),
         ScheduledJob("retry_outbox", OUTBOX_RETRY_SECONDS, retry_outbox),
         ScheduledJob("lost_submissions", LOST_SUBMISSIONS_SECONDS, lost_submissions),
+        ScheduledJob("metric_figures", settings.metric_figures_interval, metric_figures),
     ]
     if settings.auto_confirm_drafts:
         jobs.append(ScheduledJob("confirm_drafts", settings.poll_interval, confirm_drafts))

@@ -100,6 +100,10 @@ class Settings(BaseSettings):
     # venue's own limit for Processing) is reported as stuck.
     in_flight_check_after: float = Field(default=600.0, ge=MIN_POLL_INTERVAL)
     stuck_after: float = Field(default=3600.0, ge=MIN_POLL_INTERVAL)
+    # /metrics reports delivery health, stuck and Error orders and open exceptions as
+    # the scheduler computed them this often (heartbeat.metric_figures): a scrape then
+    # costs the same at any history, and the figures are at most this old.
+    metric_figures_interval: float = Field(default=30.0, ge=MIN_POLL_INTERVAL)
     # Draft and Error orders can be deleted at the venue with no trace in the feed: they
     # are re-read this often on their first day in that status, half as often each time
     # that age doubles, and no longer once it passes recheck_horizon_days (0: never).

@@ -10,7 +10,6 @@ the security headers of :mod:`receiver.headers`. Gunicorn loads it as
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 
 from flask import Flask
@@ -62,11 +61,7 @@ def create_app(settings: Settings | None = None) -> Flask:
             engine=engine,
             sessions=make_sessions(engine),
             read_sessions=read_sessions,
-            metrics=metrics.Metrics(
-                read_sessions,
-                [c.name for c in settings.connections],
-                stuck_after=dt.timedelta(seconds=settings.stuck_after),
-            ),
+            metrics=metrics.Metrics(read_sessions, [c.name for c in settings.connections]),
         )
     except BaseException:
         engine.dispose()

@@ -1,32 +1,35 @@
 """The gauges the receiver reads from the database at each scrape (:class:`DatabaseCollector`).
 
-Computed at scrape time by a custom collector, so every process reports the same values
-(:mod:`receiver.metrics` serves them with the per-process counters):
+Read at scrape time by a custom collector, so every process reports the same values
+(:mod:`receiver.metrics` serves them with the per-process counters). A scrape issues
+only cheap reads, whatever the history: indexed counts of the rows that are still work,
+the handful of job and subscription rows, and the figures the scheduler computed
+(:mod:`heartbeat.metric_figures`, every ``OTACM_METRIC_FIGURES_INTERVAL`` seconds):
 
 - the inbox: ``otacm_inbox_depth{connection,state}`` for the states that are work
   (pending, leased, dead; ``done`` rows are history, and counting them would scan the
   table), ``otacm_inbox_oldest_pending_age_seconds{connection}``,
   ``otacm_dead_letters{connection,queue="inbox"|"outbox"}``;
-- delivery health, over the orders that first settled (Draft, Issued, Error or
-  Cancelled) within the last :data:`DELIVERY_WINDOW` (24 h):
+- from the scheduler's figures: delivery health, over the orders that first settled
+  (Draft, Issued, Error or Cancelled) within the last 24 h:
   ``otacm_orders_settled_recent{connection,learned_from}``, by the source of the
   status change that first showed the order settled (``learned_from!="webhook"`` is
   "settled with no webhook"), and the summary
   ``otacm_settlement_lag_seconds{connection,quantile="0.5"|"0.95"}`` (with ``_count``
   and ``_sum``), from the venue settling an order to otacm knowing it; orders for
   which the venue left no settlement time are counted in
-  ``otacm_settlement_lag_untimed{connection}`` instead (see :func:`settlement_lag`);
-- ``otacm_orders_stuck{connection}`` (in flight past ``stuck_after``, as
-  :func:`orders.mirror.stuck_condition` defines it) and
-  ``otacm_orders_in_error{connection}`` (Error and not removed at the venue);
+  ``otacm_settlement_lag_untimed{connection}`` instead (see
+  :func:`heartbeat.metric_figures.settlement_lag`); ``otacm_orders_stuck{connection}``
+  (in flight past ``stuck_after``) and ``otacm_orders_in_error{connection}`` (Error
+  and not removed at the venue); ``otacm_recon_exceptions_open{connection,category}``:
+  reconciliation exceptions waiting for finance (state open, reopened ones included);
+  and ``otacm_metric_figures_age_seconds``, how long ago they were computed (they
+  are absent, and so is their age, until the job first ran);
 - ``otacm_job_last_success_timestamp_seconds{job_name}``,
   ``otacm_job_failures{job_name}`` (consecutive) and
   ``otacm_job_interval_seconds{job_name}`` of the scheduled jobs, from the ``job_run``
   table (``job_name``, not ``job``: Prometheus gives every scraped series a ``job``
   label of its own, the scrape job's, and would rename ours ``exported_job``);
-- ``otacm_recon_exceptions_open{connection,category}``: reconciliation exceptions
-  waiting for finance (state open, reopened ones included), a series per exception
-  category;
 - the webhook subscription, as the scheduled check last found it
   (``subscription_check``): ``otacm_subscription_usable{connection}`` and
   ``otacm_subscription_recreated_timestamp_seconds{connection}``;
@@ -38,74 +41,52 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import sqlalchemy as sa
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy.orm import Session, aliased, sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
-from orders.mirror import stuck_condition
+from heartbeat.metric_figures import (
+    EXCEPTION_CATEGORIES,
+    LAG_QUANTILES,
+    ConnectionFigures,
+    read_figures,
+)
 from receiver.errors import DATABASE_UNAVAILABLE, describe_database_error
-from reconciler.categories import Category
 from storage.models import (
     ChangeSource,
     Inbox,
     InboxState,
-    OrderItem,
     Outbox,
     OutboxState,
-    StatusChange,
     VenueConnection,
-    VenueOrder,
-    Wallet,
 )
-from storage.records import ExceptionState, JobRun, ReconException, SubscriptionCheck
+from storage.records import JobRun, SubscriptionCheck
 from storage.types import utcnow
-from venue.models import OrderStatus
 
 logger = logging.getLogger(__name__)
 
 DEPTH_STATES = (InboxState.PENDING, InboxState.LEASED, InboxState.DEAD)
 """The inbox states ``otacm_inbox_depth`` reports: rows that are still someone's work."""
 
-SETTLED_STATUSES = (
-    OrderStatus.DRAFT,
-    OrderStatus.ISSUED,
-    OrderStatus.ERROR,
-    OrderStatus.CANCELLED,
-)
-"""The statuses in which an order counts as settled for delivery health. Cancelled too:
-an order first seen Cancelled settled (and was cancelled) while otacm was not looking."""
-
-DELIVERY_WINDOW = dt.timedelta(hours=24)
-"""Delivery health covers the orders that first settled within this window."""
-
-WINDOW_MAX_CHANGES = 200_000
-"""The newest status changes the window is read from (see :func:`first_settlements`)."""
-
-LAG_QUANTILES = (0.5, 0.95)
 LAG_METRIC = "otacm_settlement_lag_seconds"
 
 
 class DatabaseCollector(Collector):
-    """Gauges read from the database at each scrape: the inbox, delivery health, jobs,
-    open reconciliation exceptions and the webhook subscriptions.
+    """Gauges read from the database at each scrape: the inbox, the scheduler's figures
+    (delivery health, stuck and Error orders, open exceptions), jobs and subscriptions.
 
-    Every query is bounded so that a scrape stays cheap as the tables grow: the inbox's
-    by the rows that are still work, delivery health by a recent window (see
-    :func:`first_settlements`), stuck and Error orders by the ``(connection_id, status)``
-    index, open exceptions by the ``(connection_id, state)`` index, and the jobs and
-    subscription checks by their handful of rows.
+    Every query is cheap however large the tables grow: the inbox's are bounded by the
+    rows that are still work, the figures are one row, and the jobs and subscription
+    checks a handful of rows.
 
     Args:
         read_sessions: a read-only session factory (it never takes SQLite's write lock).
         connection_names: the configured connections, reported (as zeros) even when
             they have no rows, so that alerts see a series rather than its absence.
-        stuck_after: how long an order may stay in flight before it counts as stuck
-            (the setting ``stuck_after``).
         clock: the current time, aware UTC.
     """
 
@@ -114,12 +95,10 @@ class DatabaseCollector(Collector):
         read_sessions: sessionmaker[Session],
         connection_names: Sequence[str],
         *,
-        stuck_after: dt.timedelta,
         clock: Callable[[], dt.datetime] = utcnow,
     ) -> None:
         self._read_sessions = read_sessions
         self._connection_names = tuple(connection_names)
-        self._stuck_after = stuck_after
         self._clock = clock
 
     def describe(self) -> Iterable[Metric]:
@@ -135,9 +114,8 @@ class DatabaseCollector(Collector):
         try:
             with self._read_sessions.begin() as session:
                 inbox = _read_inbox(session)
-                delivery = _read_delivery(session, now=now, stuck_after=self._stuck_after)
+                stored = read_figures(session)
                 jobs = _read_jobs(session)
-                exceptions = _read_open_exceptions(session)
                 subscriptions = _read_subscriptions(session)
         except DATABASE_UNAVAILABLE as exc:
             # The database's trouble, not a bug: report it as a value, not a failed scrape.
@@ -145,21 +123,16 @@ class DatabaseCollector(Collector):
             up.add_metric([], 0)
             yield up
             return
-        names = sorted(
-            {
-                *self._connection_names,
-                *inbox.connections(),
-                *delivery.connections(),
-                *(name for name, _ in exceptions),
-            }
-        )
+        figures = stored.figures.connections if stored is not None else {}
+        names = sorted({*self._connection_names, *inbox.connections(), *figures})
         for name in names:
             _add_inbox(families, name, inbox, now)
-            _add_delivery(families, lag, name, delivery)
-            for category in EXCEPTION_CATEGORIES:
-                families["exceptions_open"].add_metric(
-                    [name, category.value], exceptions.get((name, category.value), 0)
-                )
+            if stored is not None:
+                # A connection the job has not seen yet (configured since) has nothing.
+                _add_figures(families, lag, name, figures.get(name, ConnectionFigures()))
+        if stored is not None:
+            age = max((now - stored.computed_at).total_seconds(), 0.0)
+            families["figures_age"].add_metric([], age)
         for job in jobs:
             if job.last_success is not None:
                 families["job_success"].add_metric([job.name], job.last_success.timestamp())
@@ -238,185 +211,26 @@ def _add_inbox(
     families["dead"].add_metric([name, "outbox"], inbox.outbox_dead.get(name, 0))
 
 
-# --- delivery health ------------------------------------------------------------------
+# --- the figures the scheduler computes -----------------------------------------------
 
 
-def first_settlements(since: dt.datetime, *, max_changes: int = WINDOW_MAX_CHANGES) -> sa.Subquery:
-    """Each order's first settled status change, for orders that first settled since ``since``.
-
-    Settled means Draft, Issued, Error or Cancelled (:data:`SETTLED_STATUSES`); the
-    first is the lowest id (the order in which otacm wrote them). An order re-settled
-    after a replaceOrder counts once, at its first settlement: one settled before
-    ``since`` is left out even when it settled again within the window.
-
-    The window is read from the newest ``max_changes`` status changes only (a range of
-    the primary key), so the query's cost is bounded however large the table grows,
-    with no index on ``observed_at``; the cut only bites when more status changes than
-    that were written within the window (some 50,000 orders a day, at four changes
-    each). Whether an order settled *before* the window is asked per candidate through
-    the ``(venue_order_id, observed_at)`` index. Measured with a million status changes
-    (250,000 orders over 60 days): the delivery-health queries of a scrape take about
-    0.2 s on SQLite and on PostgreSQL, most of it reading that range.
-
-    Args:
-        since: the window's start (aware).
-        max_changes: how many of the newest status changes to read the window from.
-
-    Returns:
-        A subquery with ``id`` (the status change), ``venue_order_id``, ``observed_at``
-        (when otacm learned of the settlement) and ``source`` (from where).
-    """
-    newest = sa.select(sa.func.max(StatusChange.id)).scalar_subquery()
-    earlier = aliased(StatusChange, name="earlier")
-    settled_before = sa.exists().where(
-        earlier.venue_order_id == StatusChange.venue_order_id,
-        earlier.status.in_(SETTLED_STATUSES),
-        earlier.id < StatusChange.id,
-    )
-    # No GROUP BY: a settled change with no settled change before it is its order's
-    # first, and grouping would tempt SQLite to walk a whole index in group order.
-    return (
-        sa.select(
-            StatusChange.id,
-            StatusChange.venue_order_id,
-            StatusChange.observed_at,
-            StatusChange.source,
-        )
-        .where(
-            StatusChange.id > sa.func.coalesce(newest, 0) - max_changes,
-            StatusChange.observed_at >= since,
-            StatusChange.status.in_(SETTLED_STATUSES),
-            ~settled_before,
-        )
-        .subquery("first_settlements")
-    )
-
-
-def settlement_lag(
-    known_at: dt.datetime, notified_at: dt.datetime | None, issued_at: dt.datetime | None
-) -> float | None:
-    """Seconds from the venue settling an order to otacm knowing it, or ``None``.
-
-    The venue gives no settlement time as such. Two things it does give are no earlier
-    than the settlement: the ``timestamp`` of the webhook that announced it (the earliest
-    the worker applied, ``VenueOrder.first_notified_at``) and the ``issuedAt`` of the
-    wallets it minted. The earlier of them stands for the settlement. An order with neither
-    (settled with no webhook and no wallet: an Error or Cancelled order whose webhook
-    never came) has no lag. A negative difference (clocks apart, or evidence of a later
-    re-settlement) counts as 0.
-
-    Args:
-        known_at: the ``observed_at`` of the order's first settled status change.
-        notified_at: the earliest webhook timestamp for the order, if any.
-        issued_at: the earliest ``issuedAt`` of its wallets, if any.
-    """
-    evidence = [moment for moment in (notified_at, issued_at) if moment is not None]
-    if not evidence:
-        return None
-    return max((known_at - min(evidence)).total_seconds(), 0.0)
-
-
-def quantile(ordered: Sequence[float], q: float) -> float:
-    """The ``q`` quantile of sorted values, interpolated linearly between the closest ranks.
-
-    The same definition as PostgreSQL's ``percentile_cont``; ``nan`` for no values.
-    """
-    if not ordered:
-        return math.nan
-    position = q * (len(ordered) - 1)
-    below = math.floor(position)
-    above = min(below + 1, len(ordered) - 1)
-    return ordered[below] + (ordered[above] - ordered[below]) * (position - below)
-
-
-@dataclass
-class _Delivery:
-    settled: dict[tuple[str, ChangeSource], int] = field(default_factory=dict)
-    lags: dict[str, list[float]] = field(default_factory=dict)
-    untimed: dict[str, int] = field(default_factory=dict)
-    stuck: dict[str, int] = field(default_factory=dict)
-    in_error: dict[str, int] = field(default_factory=dict)
-
-    def connections(self) -> set[str]:
-        return {
-            *(name for name, _ in self.settled),
-            *self.lags,
-            *self.untimed,
-            *self.stuck,
-            *self.in_error,
-        }
-
-
-def _read_delivery(session: Session, *, now: dt.datetime, stuck_after: dt.timedelta) -> _Delivery:
-    delivery = _Delivery()
-    first = first_settlements(now - DELIVERY_WINDOW)
-    # The settlement's evidence, per order: its first webhook's time, kept on the order,
-    # and its wallets' earliest issue (an index search of the items' and wallets' keys).
-    issued = (
-        sa.select(sa.func.min(Wallet.issued_at))
-        .join(OrderItem, OrderItem.id == Wallet.order_item_id)
-        .where(OrderItem.venue_order_id == VenueOrder.id)
-        .scalar_subquery()
-    )
-    # One row per order of the window (at most WINDOW_MAX_CHANGES of them; a few
-    # thousand a day in practice): the counts and the lags come from one read of it.
-    settlements = (
-        sa.select(
-            VenueConnection.name,
-            first.c.source,
-            first.c.observed_at,
-            VenueOrder.first_notified_at,
-            issued,
-        )
-        .select_from(first)
-        .join(VenueOrder, VenueOrder.id == first.c.venue_order_id)
-        .join(VenueConnection, VenueConnection.id == VenueOrder.connection_id)
-    )
-    for name, source, known_at, notified_at, issued_at in session.execute(settlements):
-        key = (name, source)
-        delivery.settled[key] = delivery.settled.get(key, 0) + 1
-        lag = settlement_lag(known_at, notified_at, issued_at)
-        if lag is None:
-            delivery.untimed[name] = delivery.untimed.get(name, 0) + 1
-        else:
-            delivery.lags.setdefault(name, []).append(lag)
-
-    # In-flight and Error orders are few. Counted per connection, so that each count is
-    # a search of the (connection_id, status) index: grouped over the whole table, the
-    # planners scan it.
-    def count(condition: sa.ColumnElement[bool]) -> sa.ScalarSelect[int]:
-        return (
-            sa.select(sa.func.count())
-            .select_from(VenueOrder)
-            .where(VenueOrder.connection_id == VenueConnection.id, condition)
-            .scalar_subquery()
-        )
-
-    in_error = sa.and_(VenueOrder.status == OrderStatus.ERROR, VenueOrder.removed_at.is_(None))
-    orders = sa.select(
-        VenueConnection.name, count(stuck_condition(now - stuck_after)), count(in_error)
-    )
-    for name, stuck, error in session.execute(orders):
-        delivery.stuck[name] = stuck
-        delivery.in_error[name] = error
-    return delivery
-
-
-def _add_delivery(
-    families: dict[str, GaugeMetricFamily], lag: Metric, name: str, delivery: _Delivery
+def _add_figures(
+    families: dict[str, GaugeMetricFamily], lag: Metric, name: str, found: ConnectionFigures
 ) -> None:
     for source in ChangeSource:
-        families["settled"].add_metric(
-            [name, source.value], delivery.settled.get((name, source), 0)
-        )
-    lags = sorted(delivery.lags.get(name, []))
+        families["settled"].add_metric([name, source.value], found.settled.get(source, 0))
     for q in LAG_QUANTILES:
-        lag.add_sample(LAG_METRIC, {"connection": name, "quantile": str(q)}, quantile(lags, q))
-    lag.add_sample(f"{LAG_METRIC}_count", {"connection": name}, len(lags))
-    lag.add_sample(f"{LAG_METRIC}_sum", {"connection": name}, math.fsum(lags))
-    families["untimed"].add_metric([name], delivery.untimed.get(name, 0))
-    families["stuck"].add_metric([name], delivery.stuck.get(name, 0))
-    families["in_error"].add_metric([name], delivery.in_error.get(name, 0))
+        labels = {"connection": name, "quantile": str(q)}
+        lag.add_sample(LAG_METRIC, labels, found.lag_quantile(q))
+    lag.add_sample(f"{LAG_METRIC}_count", {"connection": name}, found.lag_count)
+    lag.add_sample(f"{LAG_METRIC}_sum", {"connection": name}, found.lag_sum)
+    families["untimed"].add_metric([name], found.untimed)
+    families["stuck"].add_metric([name], found.stuck)
+    families["in_error"].add_metric([name], found.in_error)
+    for category in EXCEPTION_CATEGORIES:
+        families["exceptions_open"].add_metric(
+            [name, category.value], found.exceptions_open.get(category.value, 0)
+        )
 
 
 # --- scheduled jobs -------------------------------------------------------------------
@@ -451,33 +265,7 @@ def _read_jobs(session: Session) -> list[_Job]:
     ]
 
 
-# --- reconciliation exceptions and subscriptions ------------------------------------------
-
-EXCEPTION_CATEGORIES = tuple(category for category in Category if category.is_exception)
-"""The categories ``otacm_recon_exceptions_open`` has a series for (zero when none)."""
-
-
-def _read_open_exceptions(session: Session) -> dict[tuple[str, str], int]:
-    """Open reconciliation exceptions by connection name and category.
-
-    One query per connection, each a search of the ``(connection_id, state)`` index, and
-    the rows (the open exceptions: finance's backlog, not history) counted here. Grouped
-    in SQL, SQLite's planner prefers the unique ``(connection_id, category, ...)`` index,
-    which reads every exception of the connection, closed ones too (measured with
-    200,000 exceptions over two connections, 2,000 of them open: 0.25 s a scrape that
-    way, 0.05 s this way; PostgreSQL 0.02 s); grouped over every connection at once, the
-    planners may scan the table.
-    """
-    counts: dict[tuple[str, str], int] = {}
-    connections = session.execute(sa.select(VenueConnection.id, VenueConnection.name)).all()
-    for connection_id, name in connections:
-        query = sa.select(ReconException.category).where(
-            ReconException.connection_id == connection_id,
-            ReconException.state == ExceptionState.OPEN,
-        )
-        for category in session.scalars(query):
-            counts[(name, category)] = counts.get((name, category), 0) + 1
-    return counts
+# --- subscriptions -------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -567,6 +355,11 @@ def _families() -> dict[str, GaugeMetricFamily]:
             "When the subscription check last had to make a subscription because none was "
             "usable (missing or inactive: webhooks were not arriving), Unix time.",
             labels=["connection"],
+        ),
+        "figures_age": GaugeMetricFamily(
+            "otacm_metric_figures_age_seconds",
+            "Seconds since the scheduler computed delivery health, stuck and Error orders "
+            "and open exceptions (absent until it first did).",
         ),
         "up": GaugeMetricFamily(
             "otacm_database_up",

@@ -20,9 +20,10 @@ Two kinds of metric, because a receiver runs as several gunicorn worker processe
   path that matches none) and status. Webhook POSTs take a shortcut around Flask and
   are counted by the webhook counters instead.
 - **Gauges derived from the database** (:class:`~receiver.database_metrics.DatabaseCollector`,
-  whose module lists them), computed at scrape time, so every process reports the same
-  values: the inbox, delivery health, stuck and Error orders, the scheduled jobs, open
-  reconciliation exceptions, the webhook subscription and ``otacm_database_up``.
+  whose module lists them), read at scrape time, so every process reports the same
+  values: the inbox, the scheduled jobs, the webhook subscription and
+  ``otacm_database_up``; and delivery health, stuck and Error orders and open
+  reconciliation exceptions as the scheduler last computed them, with their age.
 - **Venue calls** (:class:`VenueCallMetrics`), counted wherever a venue client runs (the
   API's submissions here; getOrder in the worker; the scheduler's jobs):
   ``otacm_venue_calls_total{endpoint,status}`` and the latency histogram
@@ -34,7 +35,6 @@ Two kinds of metric, because a receiver runs as several gunicorn worker processe
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Sequence
 
 from flask import Blueprint, Response, request
@@ -149,22 +149,19 @@ class Metrics:
     Args:
         read_sessions: for :class:`DatabaseCollector`.
         connection_names: the configured venue connections.
-        stuck_after: for :class:`DatabaseCollector`.
     """
 
     def __init__(
         self,
         read_sessions: sessionmaker[Session],
         connection_names: Sequence[str],
-        *,
-        stuck_after: dt.timedelta,
     ) -> None:
         self.registry = CollectorRegistry()
         """Where this process's metrics are registered; other parts may add theirs."""
         self.webhook = WebhookCounters(self.registry)
         self.http = HttpAnswers(self.registry)
         self.venue_calls = VenueCallMetrics(self.registry)
-        self.database = DatabaseCollector(read_sessions, connection_names, stuck_after=stuck_after)
+        self.database = DatabaseCollector(read_sessions, connection_names)
         self.registry.register(self.database)
         if multiprocess_mode():
             # The counters of every process are in the directory's files; exposing

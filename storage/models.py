@@ -462,6 +462,8 @@ class StatusChange(Base):
     __table_args__ = (
         sa.Index(None, "venue_order_id", "observed_at"),
         sa.Index(None, "inbox_id"),
+        # The delivery-health window: a range of recent changes (heartbeat.metric_figures).
+        sa.Index(None, "observed_at"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)

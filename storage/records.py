@@ -119,6 +119,22 @@ class JobRun(Base):
     last_error: Mapped[str | None] = mapped_column(sa.Text)
 
 
+class MetricFigures(Base):
+    """Figures of ``/metrics`` too costly to compute at each scrape, as last computed.
+
+    The scheduled job ``metric_figures`` (:func:`heartbeat.metric_figures.refresh_figures`)
+    rewrites the row ``name`` every ``OTACM_METRIC_FIGURES_INTERVAL`` seconds; a scrape
+    reads it and reports its age (``otacm_metric_figures_age_seconds``). ``figures`` is
+    the JSON of :class:`heartbeat.metric_figures.Figures`.
+    """
+
+    __tablename__ = "metric_figures"
+
+    name: Mapped[str] = mapped_column(sa.String(100), primary_key=True)
+    computed_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    figures: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
+
+
 class SubscriptionCheck(Base):
     """What the scheduled subscription check last found at a venue connection.
 

@@ -39,7 +39,7 @@ from typing import Any
 from harness import Result, Timing, run_baseline, run_otacm, scratch_directory
 from workload import plan
 
-from receiver.database_metrics import quantile
+from heartbeat.metric_figures import quantile
 
 HERE = Path(__file__).resolve().parent
 """This folder: run as ``python bench/quota``, its modules import each other by name."""

@@ -53,10 +53,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from workload import PlannedOrder, Workload
 
 from heartbeat.feed import run_feed
+from heartbeat.metric_figures import SETTLED_STATUSES, refresh_figures
 from heartbeat.watchdog import check_orders
 from orders.worker import run_once
 from otacm.settings import Settings
-from receiver.database_metrics import SETTLED_STATUSES
 from receiver.testing import served_receiver
 from receiver.webhook import WEBHOOK_PATH
 from sandbox import Faults, SandboxConfig, SandboxServer
@@ -65,6 +65,7 @@ from storage.engine import make_engine, make_sessions
 from storage.lease import new_owner
 from storage.migrate import upgrade
 from storage.models import StatusChange, VenueOrder, ensure_connection
+from storage.types import utcnow
 from venue.client import VenueClient, open_client
 from venue.connection import VenueConnection
 from venue.throttle import Throttle
@@ -362,6 +363,8 @@ def run_otacm(
         result.known = known_times(sessions)
         result.calls = counter.calls
         result.webhooks = dict(venue.server.runtime.stats.snapshot()["webhooks"])
+        # /metrics serves the figures as the scheduler's metric_figures job last stored them.
+        refresh_figures(sessions, sessions, now=utcnow(), stuck_after=timing.stuck_after)
         result.metrics = scrape_delivery_health(receiver_url, settings.connections[0].name)
         if venue.clock.offset <= dt.timedelta(0):
             raise RuntimeError("virtual time fell behind the wall clock; the run is void")

@@ -39,6 +39,7 @@ ALL_JOBS = [
     "watchdog",
     "retry_outbox",
     "lost_submissions",
+    "metric_figures",
     "confirm_drafts",
     "reconcile",
     "erase_personal_data",

@@ -29,6 +29,7 @@ from pydantic import SecretStr
 from sqlalchemy.orm import Session, sessionmaker
 
 from heartbeat.coordination import ScheduledJob, run_job
+from heartbeat.metric_figures import refresh_figures
 from heartbeat.subscriptions import ConnectionCheck, SubscriptionReport, record_checks
 from otacm.settings import Settings
 from receiver import create_app
@@ -259,6 +260,7 @@ def plant(sessions: sessionmaker[Session], engine: sa.Engine, tmp_path: Path) ->
         SubscriptionReport(found={connection_id: ConnectionCheck(usable=True, recreated=True)}),
         now=NOW,
     )
+    refresh_figures(sessions, sessions, now=NOW, stuck_after=dt.timedelta(hours=1))
 
 
 def exposed_names(text: str) -> tuple[set[str], set[str]]:
@@ -317,6 +319,7 @@ def test_the_rules_and_the_dashboard_name_only_exposed_metrics(
         "otacm_subscription_usable",
         "otacm_subscription_recreated_timestamp_seconds",
         "otacm_recon_exceptions_open",
+        "otacm_orders_stuck",
         "otacm_dead_letters",
         "otacm_http_responses_total",
     ):

@@ -335,6 +335,7 @@ def test_doctor_fails_jobs_that_have_not_succeeded_lately(migrated_engine: sa.En
         "change_feed",
         "watchdog",
         "lost_submissions",
+        "metric_figures",
         "confirm_drafts",
         "reconcile",
         "erase_personal_data",

@@ -20,8 +20,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.orm import Session, sessionmaker
 
+from heartbeat.metric_figures import EXCEPTION_CATEGORIES, first_settlements, refresh_figures
 from heartbeat.subscriptions import ConnectionCheck, SubscriptionReport, record_checks
-from receiver.database_metrics import EXCEPTION_CATEGORIES, DatabaseCollector, first_settlements
+from receiver.database_metrics import DatabaseCollector
 from receiver.webhook import WEBHOOK_PATH
 from storage.engine import make_sessions
 from storage.migrate import upgrade
@@ -39,6 +40,7 @@ from storage.models import (
     inbox_dedup_key,
 )
 from storage.records import ExceptionState, JobRun, ReconException, ReconRun, ReconTrigger
+from storage.types import utcnow
 from tests.receiver.notifications import STATE_B, notification
 from venue.models import OrderStatus
 
@@ -253,14 +255,17 @@ class Planter:
         self.session.flush()
 
 
-def collect(engine: sa.Engine, *names: str) -> Samples:
-    """What a :class:`DatabaseCollector` yields at ``NOW``, as samples by name and labels."""
-    collector = DatabaseCollector(
-        make_sessions(engine, read_only=True),
-        names,
-        stuck_after=STUCK_AFTER,
-        clock=lambda: NOW,
-    )
+def refresh(sessions: sessionmaker[Session], now: dt.datetime = NOW) -> None:
+    """Run the scheduler's ``metric_figures`` job at ``now``."""
+    refresh_figures(sessions, sessions, now=now, stuck_after=STUCK_AFTER)
+
+
+def collect(engine: sa.Engine, *names: str, at: dt.datetime = NOW, run: bool = True) -> Samples:
+    """What a :class:`DatabaseCollector` yields at ``at``, as samples by name and labels,
+    after the ``metric_figures`` job ran at ``NOW`` (unless ``run`` is false)."""
+    if run:
+        refresh(make_sessions(engine))
+    collector = DatabaseCollector(make_sessions(engine, read_only=True), names, clock=lambda: at)
     registry = CollectorRegistry()
     registry.register(collector)
     return parse(generate_latest(registry).decode())
@@ -367,20 +372,118 @@ def test_delivery_health_counts_settlements_by_source_and_measures_the_lag(
     assert value(samples, "otacm_database_up") == 1
 
 
-def test_the_window_is_read_from_the_newest_status_changes(
-    sessions: sessionmaker[Session],
+def test_the_window_counts_every_order_settled_within_it_exactly(
+    migrated_engine: sa.Engine, sessions: sessionmaker[Session]
 ) -> None:
-    """Only the newest ``max_changes`` status changes are read, however old the window."""
+    """Hundreds of settlements across the window's start: those within it all count, the
+    ones before it none, however many status changes were written."""
+    S, W = ChangeSource, OrderStatus
     with sessions.begin() as session:
         plant = Planter(session)
+        # Every 5 minutes for 4 h either side of the window's start (24 h ago), each
+        # order with two changes; 48 settle within the window, 48 before it.
+        for n in range(-48, 48):
+            settled = ago(hours=24) + dt.timedelta(minutes=5 * n + 1)
+            plant.order(
+                "venue-a",
+                [
+                    (W.SUBMITTED, S.SUBMIT, settled - dt.timedelta(minutes=1)),
+                    (W.ISSUED, S.FEED, settled),
+                ],
+            )
+        # Settled before the window and again within it (a replace): not in the window.
+        plant.order(
+            "venue-a",
+            [(W.ISSUED, S.WEBHOOK, ago(hours=30)), (W.ISSUED, S.POLL, ago(hours=1))],
+        )
+        # Many more recent changes of orders still in flight: no cap leaves any out.
+        for _ in range(300):
+            plant.order("venue-a", [(W.PROCESSING, S.POLL, ago(minutes=30))])
+
+    samples = collect(migrated_engine, "venue-a")
+
+    settled = "otacm_orders_settled_recent"
+    assert value(samples, settled, connection="venue-a", learned_from="feed") == 48
+    assert value(samples, settled, connection="venue-a", learned_from="poll") == 0
+    assert value(samples, "otacm_settlement_lag_untimed", connection="venue-a") == 48
+
+
+def test_first_settlements_reads_the_window_by_time(sessions: sessionmaker[Session]) -> None:
+    """The window is a range of ``observed_at``: written order (ids) does not matter."""
+    with sessions.begin() as session:
+        plant = Planter(session)
+        # Written newest first: the oldest, outside the window, has the highest id.
         orders = [
             plant.order("venue-a", [(OrderStatus.ISSUED, ChangeSource.WEBHOOK, ago(hours=n))])
-            for n in (3, 2, 1)
+            for n in (1, 2, 25)
         ]
-        first = first_settlements(ago(hours=24), max_changes=2)
+        first = first_settlements(ago(hours=24))
         found = session.scalars(sa.select(first.c.venue_order_id)).all()
 
-    assert sorted(found) == sorted(order.id for order in orders[1:])
+    assert sorted(found) == sorted(order.id for order in orders[:2])
+
+
+def test_a_scrape_reads_the_stored_figures_not_the_status_changes(
+    migrated_engine: sa.Engine, sessions: sessionmaker[Session]
+) -> None:
+    """The job computes the figures; a scrape issues no query on ``status_change`` or
+    ``venue_order`` and reports what the job stored, even after the mirror changed."""
+    with sessions.begin() as session:
+        Planter(session).order(
+            "venue-a", [(OrderStatus.ISSUED, ChangeSource.WEBHOOK, ago(hours=1))]
+        )
+    refresh(sessions)
+    with sessions.begin() as session:
+        Planter(session).order("venue-a", [(OrderStatus.ISSUED, ChangeSource.FEED, ago(hours=1))])
+    statements: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement)
+
+    sa.event.listen(migrated_engine, "before_cursor_execute", record)
+    try:
+        samples = collect(migrated_engine, "venue-a", run=False)
+    finally:
+        sa.event.remove(migrated_engine, "before_cursor_execute", record)
+
+    assert statements, "the scrape read the database"
+    assert not [s for s in statements if "status_change" in s or "venue_order" in s]
+    settled = "otacm_orders_settled_recent"
+    assert value(samples, settled, connection="venue-a", learned_from="webhook") == 1
+    assert value(samples, settled, connection="venue-a", learned_from="feed") == 0
+    assert (
+        value(
+            collect(migrated_engine, "venue-a"), settled, connection="venue-a", learned_from="feed"
+        )
+        == 1
+    )
+
+
+def test_the_figures_age_grows_while_the_job_does_not_run(
+    migrated_engine: sa.Engine, sessions: sessionmaker[Session]
+) -> None:
+    """Before the first run the figures and their age are absent; after it, the scrape
+    keeps answering with the last figures, their age growing until the job runs again."""
+    with sessions.begin() as session:
+        plant = Planter(session)
+        plant.order("venue-a", [(OrderStatus.PROCESSING, ChangeSource.FEED, ago(hours=3))])
+    age = "otacm_metric_figures_age_seconds"
+
+    before = collect(migrated_engine, "venue-a", run=False)
+    assert (age, frozenset()) not in before
+    assert ("otacm_orders_stuck", frozenset({("connection", "venue-a")})) not in before
+    assert value(before, "otacm_inbox_depth", connection="venue-a", state="pending") == 0
+
+    refresh(sessions, ago(minutes=10))
+    later = collect(migrated_engine, "venue-a", run=False)
+    much_later = collect(migrated_engine, "venue-a", at=NOW + dt.timedelta(hours=1), run=False)
+    refresh(sessions)
+    again = collect(migrated_engine, "venue-a", run=False)
+
+    assert value(later, age) == 600
+    assert value(much_later, age) == 4200
+    assert value(much_later, "otacm_orders_stuck", connection="venue-a") == 1
+    assert value(again, age) == 0
 
 
 def test_job_health_from_the_run_records(
@@ -433,8 +536,11 @@ def test_job_health_from_the_run_records(
     assert value(samples, "otacm_job_failures", job_name="confirm_drafts") == 1
 
 
-def test_an_empty_mirror_reports_zeros_for_every_connection(client: FlaskClient) -> None:
+def test_an_empty_mirror_reports_zeros_for_every_connection(
+    client: FlaskClient, sessions: sessionmaker[Session]
+) -> None:
     """Delivery health has a series per configured connection before any order."""
+    refresh(sessions, utcnow())
     samples = scrape(client)
 
     for connection in ("venue-a", "venue-b"):
@@ -510,6 +616,7 @@ def test_open_reconciliation_exceptions_are_counted_by_category(
                 )
             )
 
+    refresh(sessions, utcnow())
     samples = scrape(client)
 
     found = {
