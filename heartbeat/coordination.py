@@ -31,7 +31,6 @@ It never raises: a failing job is recorded and logged, and the scheduler keeps g
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import logging
 import os
 import tempfile
@@ -47,6 +46,7 @@ from filelock import FileLock, Timeout
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.engine import database_error_reason, waiting_helps
+from storage.locks import advisory_lock_key
 from storage.records import JobRun
 
 logger = logging.getLogger(__name__)
@@ -58,8 +58,6 @@ whole interval."""
 
 MAX_ERROR_LENGTH = 500
 """How much of a failure's message the run record keeps."""
-
-_LOCK_NAMESPACE = "otacm:"
 
 
 class JobOutcome(StrEnum):
@@ -88,16 +86,6 @@ class ScheduledJob:
     name: str
     interval: float
     run: Callable[[dt.datetime], object]
-
-
-def advisory_lock_key(name: str) -> int:
-    """The PostgreSQL advisory lock key of job ``name``: a stable signed 64-bit integer.
-
-    Derived from SHA-256 of ``"otacm:" + name``, so it is the same in every process and
-    release, and unlikely to collide with another application's keys.
-    """
-    digest = hashlib.sha256((_LOCK_NAMESPACE + name).encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big", signed=True)
 
 
 def default_lock_dir(engine: sa.Engine) -> Path:
