@@ -71,8 +71,11 @@ is open, resolved or accepted: ``closed`` by this run, with a ``closed`` event. 
 re-running a period yields the same totals, no new exceptions and no ``opened`` events.
 
 **Lifecycle.** The run row is committed first (``running``); the comparison runs in one
-transaction that also finishes the run, holding the connection's row lock (runs of one
-connection never interleave; SQLite's ``BEGIN IMMEDIATE`` serializes anyway). On a
+transaction that also finishes the run. Runs of one connection never interleave: on
+PostgreSQL the transaction holds an advisory lock of the connection, which blocks only
+another run of it (never the receiver, the worker or an import inserting the
+connection's orders and ledger lines, as a lock on the connection's row would); on
+SQLite ``BEGIN IMMEDIATE`` serializes writers anyway. On a
 failure the work is rolled back and the run is recorded ``failed`` with the error, then
 :class:`ReconRunFailed` is raised.
 """
@@ -96,7 +99,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from reconciler.categories import Category
-from storage.models import VenueConnection
+from storage.locks import advisory_lock_key
 from storage.records import ReconRun, ReconRunState, ReconTrigger
 from storage.types import UTCDateTime, to_micros
 
@@ -195,12 +198,7 @@ def reconcile(
     )
     try:
         with sessions.begin() as session:
-            # One run of a connection at a time (PostgreSQL; SQLite serializes writers).
-            session.execute(
-                sa.select(VenueConnection.id)
-                .where(VenueConnection.id == connection_id)
-                .with_for_update()
-            )
+            _lock_connection_runs(session, connection_id)
             params = {
                 "connection_id": connection_id,
                 "run_id": run_id,
@@ -232,6 +230,24 @@ def reconcile(
         raise ReconRunFailed(run_id, error) from exc
     logger.info("reconciliation run %s finished", run_id)
     return run_id
+
+
+def _lock_connection_runs(session: Session, connection_id: int) -> None:
+    """Wait until no other run of ``connection_id`` is under way; hold that until commit.
+
+    PostgreSQL: a transaction-level advisory lock on a key of the connection
+    (:func:`~storage.locks.advisory_lock_key`). It locks a number, not the connection's
+    row: a ``FOR UPDATE`` on the row would also block every insert of an order, a
+    ledger line or an exception that references it (the foreign key check takes
+    ``FOR KEY SHARE`` on the row), i.e. the receiver, the worker and ledger imports for
+    as long as the run lasts. SQLite needs nothing: ``BEGIN IMMEDIATE`` already runs
+    writers one at a time.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(
+            sa.select(sa.func.pg_advisory_xact_lock(sa.bindparam("key", type_=sa.BigInteger))),
+            {"key": advisory_lock_key(f"reconcile:{connection_id}")},
+        )
 
 
 def _finished(now: dt.datetime, started: float) -> dt.datetime:

@@ -1,0 +1,172 @@
+"""What a running reconciliation blocks on PostgreSQL: another run of its connection only.
+
+A run is held half-way by an event hook (just after it took its lock, at its first
+finding statement) while the test acts on other database connections; nothing depends
+on timing. The waits below are only guards against hanging when a test fails.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session, sessionmaker
+
+from reconciler.engine import reconcile
+from storage.records import ReconException, ReconRun, ReconRunState, ReconTrigger
+from tests.reconciler.test_engine import (
+    GRACE,
+    NOW,
+    PERIOD_FROM,
+    PERIOD_TO,
+    TOLERANCE,
+    Book,
+    plant_every_case,
+)
+
+pytestmark = pytest.mark.parametrize("engine", ["postgresql"], indirect=True)
+
+HANG_GUARD = 60.0
+"""Seconds a test waits for what should happen at once before it fails instead of hanging."""
+
+
+class HeldRun:
+    """A run of one connection in a thread, held at its first finding statement."""
+
+    def __init__(self, engine: sa.Engine, sessions: sessionmaker[Session], connection_id: int):
+        self.reached = threading.Event()
+        self.release = threading.Event()
+        self.run_ids: list[int] = []
+        self.errors: list[BaseException] = []
+        self.threads: list[threading.Thread] = []
+        self._held_once = threading.Lock()
+        self._engine = engine
+        self._sessions = sessions
+        self._connection_id = connection_id
+
+    def _hold(self, _conn: sa.Connection, _cursor: Any, statement: str, *_: Any) -> None:
+        # The first run to reach its findings stops there; every later one passes.
+        if "CREATE TEMPORARY TABLE recon_finding " in statement and self._held_once.acquire(
+            blocking=False
+        ):
+            self.reached.set()
+            self.release.wait(HANG_GUARD)
+
+    def start(self) -> threading.Thread:
+        """Start one run of the connection in a thread."""
+
+        def run() -> None:
+            try:
+                self.run_ids.append(
+                    reconcile(
+                        self._sessions,
+                        connection_id=self._connection_id,
+                        period_from=PERIOD_FROM,
+                        period_to=PERIOD_TO,
+                        now=NOW,
+                        trigger=ReconTrigger.MANUAL,
+                        actor=None,
+                        grace=GRACE,
+                        tolerance=TOLERANCE,
+                    )
+                )
+            except BaseException as exc:  # reported by the test, not lost in the thread
+                self.errors.append(exc)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        self.threads.append(thread)
+        return thread
+
+    @contextmanager
+    def listening(self) -> Iterator[HeldRun]:
+        """The hook installed on the engine for the block; the runs finished at its end."""
+        sa.event.listen(self._engine, "before_cursor_execute", self._hold)
+        try:
+            yield self
+        finally:
+            self.release.set()
+            for thread in self.threads:
+                thread.join(HANG_GUARD)
+            sa.event.remove(self._engine, "before_cursor_execute", self._hold)
+
+
+def _in_thread(work: Callable[[], None]) -> tuple[threading.Thread, threading.Event]:
+    done = threading.Event()
+
+    def target() -> None:
+        work()
+        done.set()
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread, done
+
+
+def _run_states(sessions: sessionmaker[Session]) -> list[ReconRunState]:
+    with sessions.begin() as session:
+        return list(session.scalars(sa.select(ReconRun.state).order_by(ReconRun.id)))
+
+
+def test_a_running_reconciliation_blocks_no_insert_of_its_connections_orders_or_sales(
+    migrated_engine: sa.Engine, sessions: sessionmaker[Session]
+) -> None:
+    """A mirrored order and a ledger line of the connection are stored while a run holds."""
+    connection_id = plant_every_case(sessions).connection_id
+    held = HeldRun(migrated_engine, sessions, connection_id)
+    with held.listening():
+        runner = held.start()
+        assert held.reached.wait(HANG_GUARD)
+
+        def insert() -> None:
+            with sessions.begin() as session:
+                Book(session, connection_id).order("NEW-ORDER")
+            with sessions.begin() as session:
+                Book(session, connection_id).line("NEW-SALE")
+
+        inserter, inserted = _in_thread(insert)
+        stored = inserted.wait(HANG_GUARD)
+        # Both inserts committed while the run was still held, unfinished.
+        assert stored
+        assert runner.is_alive()
+        assert _run_states(sessions) == [ReconRunState.RUNNING]
+    inserter.join(HANG_GUARD)
+    assert held.errors == []
+    assert _run_states(sessions) == [ReconRunState.FINISHED]
+
+
+def test_two_runs_of_one_connection_take_turns(
+    migrated_engine: sa.Engine, sessions: sessionmaker[Session]
+) -> None:
+    """A second run of a connection waits for the first one's end, then finds the same."""
+    planted = plant_every_case(sessions)
+    held = HeldRun(migrated_engine, sessions, planted.connection_id)
+    with held.listening():
+        first = held.start()
+        assert held.reached.wait(HANG_GUARD)
+        held.start()
+        # The second run's row is stored, and its comparison waits on a lock.
+        with migrated_engine.connect() as watcher:
+            waiting = sa.text(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+            blocked = threading.Event()
+            for _ in range(int(HANG_GUARD * 20)):
+                if watcher.execute(waiting).scalar_one() == 1:
+                    blocked.set()
+                    break
+                blocked.wait(0.05)
+        assert blocked.is_set()
+        assert _run_states(sessions) == [ReconRunState.RUNNING, ReconRunState.RUNNING]
+        assert first.is_alive()
+    assert held.errors == []
+    assert _run_states(sessions) == [ReconRunState.FINISHED, ReconRunState.FINISHED]
+    with sessions.begin() as session:
+        keys = list(session.scalars(sa.select(ReconException.subject_key)))
+    # Each case once: the second run found the first one's exceptions, never doubled them.
+    assert sorted(keys) == sorted(planted.expected)
