@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -46,7 +44,7 @@ from filelock import FileLock, Timeout
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.engine import database_error_reason, waiting_helps
-from storage.locks import advisory_lock_key
+from storage.locks import advisory_lock_key, default_lock_dir
 from storage.records import JobRun
 
 logger = logging.getLogger(__name__)
@@ -86,23 +84,6 @@ class ScheduledJob:
     name: str
     interval: float
     run: Callable[[dt.datetime], object]
-
-
-def default_lock_dir(engine: sa.Engine) -> Path:
-    """Where the file locks of a SQLite database's jobs live: a directory beside its file.
-
-    ``<database file>.locks`` next to the database, so two databases in one directory
-    do not share locks. An in-memory database belongs to one process, so its locks
-    need only be private to that process: a temporary directory named after it.
-    """
-    database = engine.url.database or ""
-    if database.startswith("file:"):
-        # A URI filename (``?uri=true``): the path is before any query.
-        database = database.removeprefix("file:").split("?", 1)[0]
-    if database in ("", ":memory:") or "mode=memory" in str(engine.url):
-        return Path(tempfile.gettempdir()) / f"otacm-locks-{os.getpid()}"
-    path = Path(database).expanduser().resolve()
-    return path.parent / f"{path.name}.locks"
 
 
 @contextmanager
