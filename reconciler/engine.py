@@ -93,19 +93,17 @@ import datetime as dt
 import logging
 import re
 import time
-from collections.abc import Collection, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
 import sqlalchemy as sa
-from filelock import FileLock, Timeout
 from sqlalchemy.orm import Session, sessionmaker
 
 from reconciler.categories import Category
+from reconciler.turns import take_turn_postgresql, take_turn_sqlite
 from storage.engine import SQLITE_BEGIN_OPTION
-from storage.locks import advisory_lock_key, default_lock_dir
 from storage.records import ReconRun, ReconRunState, ReconTrigger
 from storage.types import UTCDateTime, to_micros
 
@@ -223,12 +221,12 @@ def reconcile(
     try:
         if engine.dialect.name == "postgresql":
             with engine.begin() as connection:
-                _take_turn_postgresql(connection, connection_id, run_id)
+                take_turn_postgresql(connection, connection_id, run_id)
                 _find(connection, params, postgresql=True)
                 _record(connection, params, postgresql=True)
                 connection.execute(finish, {"finished_at": _finished(now, started)})
         else:
-            with _take_turn_sqlite(engine, connection_id, run_id), engine.connect() as connection:
+            with take_turn_sqlite(engine, connection_id, run_id), engine.connect() as connection:
                 # The findings are computed in a read transaction into TEMP tables, which
                 # live in the connection's own temporary database: no write lock on the
                 # database's file. Only the writes (totals, exceptions, the run's end: a
@@ -262,52 +260,6 @@ def reconcile(
         raise ReconRunFailed(run_id, error) from exc
     logger.info("reconciliation run %s finished", run_id)
     return run_id
-
-
-def _take_turn_postgresql(connection: sa.Connection, connection_id: int, run_id: int) -> None:
-    """Wait until no other run of ``connection_id`` is under way; hold that until commit.
-
-    A transaction-level advisory lock on the connection's key
-    (:func:`~storage.locks.advisory_lock_key`): it locks a number, not the connection's
-    row. A ``FOR UPDATE`` on the row (as runs once took) also blocks every insert that
-    references it (the foreign key check takes ``FOR KEY SHARE`` on the row): new
-    mirrored orders, ledger lines, even another run's row, for as long as the run lasts.
-    A run that must wait says so in the log first.
-    """
-    key = sa.bindparam("key", advisory_lock_key(f"reconcile-{connection_id}"), sa.BigInteger)
-    if not connection.scalar(sa.select(sa.func.pg_try_advisory_xact_lock(key))):
-        _log_waiting(run_id, connection_id)
-        connection.execute(sa.select(sa.func.pg_advisory_xact_lock(key)))
-
-
-@contextmanager
-def _take_turn_sqlite(engine: sa.Engine, connection_id: int, run_id: int) -> Iterator[None]:
-    """Wait until no other run of ``connection_id`` is under way; hold that for the block.
-
-    A file lock beside the database (:func:`~storage.locks.default_lock_dir`), which the
-    kernel releases if the process dies: the run computes outside SQLite's write lock,
-    so that lock no longer keeps two runs apart. A run that must wait says so first.
-    """
-    directory = default_lock_dir(engine)
-    directory.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(directory / f"reconcile-{connection_id}.lock")
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        _log_waiting(run_id, connection_id)
-        lock.acquire()
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-def _log_waiting(run_id: int, connection_id: int) -> None:
-    logger.info(
-        "reconciliation run %s waits for another run of connection %s to end",
-        run_id,
-        connection_id,
-    )
 
 
 def _finished(now: dt.datetime, started: float) -> dt.datetime:

@@ -143,7 +143,7 @@ def test_two_runs_of_one_connection_take_turns(
     migrated_engine: sa.Engine, sessions: sessionmaker[Session], caplog: pytest.LogCaptureFixture
 ) -> None:
     """A second run of a connection waits for the first one's end, then finds the same."""
-    caplog.set_level(logging.INFO, logger="reconciler.engine")
+    caplog.set_level(logging.INFO, logger="reconciler")
     planted = plant_every_case(sessions)
     held = HeldRun(migrated_engine, sessions, planted.connection_id)
     with held.listening():
