@@ -19,7 +19,8 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from reconciler.engine import reconcile
-from storage.records import ReconException, ReconRun, ReconRunState, ReconTrigger
+from storage.engine import make_sessions
+from storage.records import ReconException, ReconRun, ReconRunState, ReconTotal, ReconTrigger
 from tests.reconciler.test_engine import (
     GRACE,
     NOW,
@@ -35,9 +36,18 @@ HANG_GUARD = 60.0
 
 
 class HeldRun:
-    """A run of one connection in a thread, held at its first finding statement."""
+    """A run of one connection in a thread, held at its first statement containing ``at``.
 
-    def __init__(self, engine: sa.Engine, sessions: sessionmaker[Session], connection_id: int):
+    By default its first finding statement, just after it took its turn.
+    """
+
+    def __init__(
+        self,
+        engine: sa.Engine,
+        sessions: sessionmaker[Session],
+        connection_id: int,
+        at: str = "CREATE TEMPORARY TABLE recon_finding ",
+    ):
         self.reached = threading.Event()
         self.release = threading.Event()
         self.run_ids: list[int] = []
@@ -47,12 +57,11 @@ class HeldRun:
         self._engine = engine
         self._sessions = sessions
         self._connection_id = connection_id
+        self._at = at
 
     def _hold(self, _conn: sa.Connection, _cursor: Any, statement: str, *_: Any) -> None:
         # The first run to reach its findings stops there; every later one passes.
-        if "CREATE TEMPORARY TABLE recon_finding " in statement and self._held_once.acquire(
-            blocking=False
-        ):
+        if self._at in statement and self._held_once.acquire(blocking=False):
             self.reached.set()
             self.release.wait(HANG_GUARD)
 
@@ -165,3 +174,25 @@ def test_two_runs_of_one_connection_take_turns(
         keys = list(session.scalars(sa.select(ReconException.subject_key)))
     # Each case once: the second run found the first one's exceptions, never doubled them.
     assert sorted(keys) == sorted(planted.expected)
+
+
+def test_a_runs_results_appear_together_with_its_end(
+    migrated_engine: sa.Engine, sessions: sessionmaker[Session]
+) -> None:
+    """Held at its last write, a run is still ``running`` to readers, with no results."""
+    connection_id = plant_every_case(sessions).connection_id
+    # The last statement of the merge: totals and the other exceptions are written by then.
+    held = HeldRun(migrated_engine, sessions, connection_id, at="SET state = 'closed'")
+    with held.listening():
+        held.start()
+        assert held.reached.wait(HANG_GUARD)
+        # As pages read: a read-only transaction (SQLite's write lock is the run's now).
+        with make_sessions(migrated_engine, read_only=True).begin() as session:
+            assert list(session.scalars(sa.select(ReconRun.state))) == [ReconRunState.RUNNING]
+            assert session.scalar(sa.select(sa.func.count()).select_from(ReconTotal)) == 0
+            assert session.scalar(sa.select(sa.func.count()).select_from(ReconException)) == 0
+    assert held.errors == []
+    with sessions.begin() as session:
+        assert list(session.scalars(sa.select(ReconRun.state))) == [ReconRunState.FINISHED]
+        assert session.scalar(sa.select(sa.func.count()).select_from(ReconTotal)) > 0
+        assert session.scalar(sa.select(sa.func.count()).select_from(ReconException)) > 0
