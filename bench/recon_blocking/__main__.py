@@ -13,7 +13,8 @@ For each database (a fresh SQLite file; a throwaway PostgreSQL server,
 2. **during**: :func:`reconciler.engine.reconcile` of the period runs in a thread while
    the prober keeps storing one order, then one ledger line, until the run has ended.
 
-Printed per database: the run's wall time; per kind of insert, how many were stored
+Printed per database: the run's wall time (on SQLite, its longest write transaction:
+how long it held the database's one write lock); per kind of insert, how many were stored
 while the run went on, the longest and the median wait, failures (e.g. SQLite's
 ``database is locked``), and the longest wait's ratio to the idle baseline's longest.
 A reconciliation that blocks nothing keeps that ratio near 1; one that holds a lock the
@@ -54,7 +55,7 @@ from sqlalchemy.orm import Session, sessionmaker  # noqa: E402
 
 from otacm.settings import Settings  # noqa: E402
 from reconciler.engine import reconcile  # noqa: E402
-from storage.engine import make_engine, make_sessions  # noqa: E402
+from storage.engine import SQLITE_BEGIN_OPTION, make_engine, make_sessions  # noqa: E402
 from storage.migrate import upgrade  # noqa: E402
 from storage.models import LedgerLine, LedgerSource, LedgerState, VenueOrder  # noqa: E402
 from storage.records import ReconTrigger  # noqa: E402
@@ -94,6 +95,8 @@ class Result:
     database: str
     run_seconds: float = 0.0
     run_error: str | None = None
+    run_write_seconds: list[float] = field(default_factory=list)
+    """SQLite: each of the run's write transactions, from ``BEGIN IMMEDIATE`` to its end."""
     idle: dict[str, Waits] = field(default_factory=lambda: {k: Waits() for k in KINDS})
     during: dict[str, Waits] = field(default_factory=lambda: {k: Waits() for k in KINDS})
     setup_error: str | None = None
@@ -212,12 +215,36 @@ def _during(
         result.run_seconds = time.perf_counter() - began
 
     runner = threading.Thread(target=run)
+    _time_write_transactions(sessions, runner, result.run_write_seconds)
     runner.start()
     started.wait()
     while runner.is_alive():
         for probe_kind in KINDS:
             prober.probe(probe_kind, result.during[probe_kind])
     runner.join()
+
+
+def _time_write_transactions(
+    sessions: sessionmaker[Session], runner: threading.Thread, into: list[float]
+) -> None:
+    """On SQLite, record how long each write transaction of ``runner``'s thread lasts."""
+    engine: sa.Engine = sessions.kw["bind"]
+    if engine.dialect.name != "sqlite":
+        return
+    began: dict[int, float] = {}
+
+    def begin(connection: sa.Connection) -> None:
+        mode = connection.get_execution_options().get(SQLITE_BEGIN_OPTION, "IMMEDIATE")
+        if threading.current_thread() is runner and str(mode).upper() != "DEFERRED":
+            began[id(connection)] = time.perf_counter()
+
+    def end(connection: sa.Connection) -> None:
+        if (started := began.pop(id(connection), None)) is not None:
+            into.append(time.perf_counter() - started)
+
+    sa.event.listen(engine, "begin", begin)
+    sa.event.listen(engine, "commit", end)
+    sa.event.listen(engine, "rollback", end)
 
 
 def report(result: Result) -> list[str]:
@@ -228,6 +255,11 @@ def report(result: Result) -> list[str]:
         return out
     state = "finished" if result.run_error is None else f"failed ({result.run_error})"
     out.append(f"  reconciliation: {result.run_seconds:.2f} s, {state}")
+    if result.run_write_seconds:
+        out.append(
+            f"  its write transactions: {len(result.run_write_seconds)}, longest "
+            f"{max(result.run_write_seconds) * 1000:.1f} ms (SQLite's write lock held)"
+        )
     out.append(
         f"  {'insert':<12} {'idle max ms':>12} {'during: n':>10} {'median ms':>10}"
         f" {'max ms':>9} {'failed':>7} {'max/idle max':>13}"
@@ -250,6 +282,7 @@ def as_dict(result: Result) -> dict[str, Any]:
         "setup_error": result.setup_error,
         "run_seconds": result.run_seconds,
         "run_error": result.run_error,
+        "run_write_seconds": result.run_write_seconds,
         **{
             f"{phase}_{kind.replace(' ', '_')}": {
                 "count": len(waits.seconds),
