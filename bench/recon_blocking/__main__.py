@@ -78,6 +78,8 @@ class Waits:
 
     seconds: list[float] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    longest_at: float = 0.0
+    """When the longest wait began, in seconds since the phase began."""
 
     @property
     def longest(self) -> float:
@@ -142,8 +144,11 @@ class Prober:
             )
         )
 
-    def probe(self, kind: str, into: Waits) -> None:
-        """Store one row of ``kind`` in a transaction of its own; record its wait."""
+    def probe(self, kind: str, into: Waits, since: float = 0.0) -> None:
+        """Store one row of ``kind`` in a transaction of its own; record its wait.
+
+        ``since`` is when the phase began (``time.perf_counter()``).
+        """
         self._count += 1
         add: Callable[[Session, str], None] = self._order if kind == "order" else self._line
         started = time.perf_counter()
@@ -152,7 +157,10 @@ class Prober:
                 add(session, f"PROBE-{self._count}")
         except sa.exc.SQLAlchemyError as exc:
             into.failures.append(type(exc.orig or exc).__name__ if hasattr(exc, "orig") else "")
-        into.seconds.append(time.perf_counter() - started)
+        waited = time.perf_counter() - started
+        if waited > into.longest:
+            into.longest_at = started - since
+        into.seconds.append(waited)
 
 
 def bench_database(kind: str, plan: Plan, scratch: Path) -> Result:
@@ -218,9 +226,10 @@ def _during(
     _time_write_transactions(sessions, runner, result.run_write_seconds)
     runner.start()
     started.wait()
+    since = time.perf_counter()
     while runner.is_alive():
         for probe_kind in KINDS:
-            prober.probe(probe_kind, result.during[probe_kind])
+            prober.probe(probe_kind, result.during[probe_kind], since)
     runner.join()
 
 
@@ -262,7 +271,7 @@ def report(result: Result) -> list[str]:
         )
     out.append(
         f"  {'insert':<12} {'idle max ms':>12} {'during: n':>10} {'median ms':>10}"
-        f" {'max ms':>9} {'failed':>7} {'max/idle max':>13}"
+        f" {'max ms':>9} {'at s':>6} {'failed':>7} {'max/idle max':>13}"
     )
     for kind in KINDS:
         idle, during = result.idle[kind], result.during[kind]
@@ -270,6 +279,7 @@ def report(result: Result) -> list[str]:
         out.append(
             f"  {kind:<12} {idle.longest * 1000:>12.1f} {len(during.seconds):>10}"
             f" {during.median * 1000:>10.1f} {during.longest * 1000:>9.1f}"
+            f" {during.longest_at:>6.1f}"
             f" {len(during.failures):>7} {ratio:>12.1f}x"
         )
     return out
@@ -288,6 +298,7 @@ def as_dict(result: Result) -> dict[str, Any]:
                 "count": len(waits.seconds),
                 "longest_seconds": waits.longest,
                 "median_seconds": waits.median,
+                "longest_began_at_seconds": waits.longest_at,
                 "failures": waits.failures,
             }
             for phase, table in (("idle", result.idle), ("during", result.during))
