@@ -236,6 +236,10 @@ def reconcile(
                 try:
                     with connection.begin():
                         _find(connection, params, postgresql=False)
+                    # The long read kept the WAL from being checkpointed; catch up here
+                    # (PASSIVE: writers go on), not in the next webhook's commit.
+                    driver = connection.connection.driver_connection
+                    driver.execute("PRAGMA wal_checkpoint(PASSIVE)")  # type: ignore[union-attr]
                     connection.execution_options(**{SQLITE_BEGIN_OPTION: "IMMEDIATE"})
                     with connection.begin():
                         _record(connection, params, postgresql=False)
