@@ -31,10 +31,7 @@ It never raises: a failing job is recorded and logged, and the scheduler keeps g
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -47,6 +44,7 @@ from filelock import FileLock, Timeout
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.engine import database_error_reason, waiting_helps
+from storage.locks import advisory_lock_key, default_lock_dir
 from storage.records import JobRun
 
 logger = logging.getLogger(__name__)
@@ -58,8 +56,6 @@ whole interval."""
 
 MAX_ERROR_LENGTH = 500
 """How much of a failure's message the run record keeps."""
-
-_LOCK_NAMESPACE = "otacm:"
 
 
 class JobOutcome(StrEnum):
@@ -88,33 +84,6 @@ class ScheduledJob:
     name: str
     interval: float
     run: Callable[[dt.datetime], object]
-
-
-def advisory_lock_key(name: str) -> int:
-    """The PostgreSQL advisory lock key of job ``name``: a stable signed 64-bit integer.
-
-    Derived from SHA-256 of ``"otacm:" + name``, so it is the same in every process and
-    release, and unlikely to collide with another application's keys.
-    """
-    digest = hashlib.sha256((_LOCK_NAMESPACE + name).encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big", signed=True)
-
-
-def default_lock_dir(engine: sa.Engine) -> Path:
-    """Where the file locks of a SQLite database's jobs live: a directory beside its file.
-
-    ``<database file>.locks`` next to the database, so two databases in one directory
-    do not share locks. An in-memory database belongs to one process, so its locks
-    need only be private to that process: a temporary directory named after it.
-    """
-    database = engine.url.database or ""
-    if database.startswith("file:"):
-        # A URI filename (``?uri=true``): the path is before any query.
-        database = database.removeprefix("file:").split("?", 1)[0]
-    if database in ("", ":memory:") or "mode=memory" in str(engine.url):
-        return Path(tempfile.gettempdir()) / f"otacm-locks-{os.getpid()}"
-    path = Path(database).expanduser().resolve()
-    return path.parent / f"{path.name}.locks"
 
 
 @contextmanager

@@ -70,11 +70,17 @@ Not found again although its subject (``subject_at``) lies in the run's period a
 is open, resolved or accepted: ``closed`` by this run, with a ``closed`` event. So
 re-running a period yields the same totals, no new exceptions and no ``opened`` events.
 
-**Lifecycle.** The run row is committed first (``running``); the comparison runs in one
-transaction that also finishes the run, holding the connection's row lock (runs of one
-connection never interleave; SQLite's ``BEGIN IMMEDIATE`` serializes anyway). On a
-failure the work is rolled back and the run is recorded ``failed`` with the error, then
-:class:`ReconRunFailed` is raised.
+**Lifecycle.** The run row is committed first (``running``). Runs of one connection take
+turns (PostgreSQL: an advisory lock on the connection's key; SQLite: a lock file beside
+the database), a lock that blocks nothing but another run of the connection: never the
+receiver, the worker or an import storing the connection's orders and ledger lines, as
+a lock on the connection's row did. PostgreSQL then finds and records in one
+transaction, which also finishes the run. SQLite finds in a read transaction (into
+TEMP tables, which take no lock on the database's file) and records in one short write
+transaction that also finishes the run: SQLite's single write lock is held only while
+a few rows per exception are written. Either way readers see a run ``running`` with no
+results, or finished with all of them. On a failure the work is rolled back and the run
+is recorded ``failed`` with the error, then :class:`ReconRunFailed` is raised.
 """
 
 # The SQL below is assembled from this module's constants (table names, category values,
@@ -96,7 +102,8 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from reconciler.categories import Category
-from storage.models import VenueConnection
+from reconciler.turns import take_turn_postgresql, take_turn_sqlite
+from storage.engine import SQLITE_BEGIN_OPTION
 from storage.records import ReconRun, ReconRunState, ReconTrigger
 from storage.types import UTCDateTime, to_micros
 
@@ -113,6 +120,7 @@ UNKNOWN_CURRENCY = "XXX"
 
 _FINDINGS = "recon_finding"
 _EXCEPTION_FINDINGS = "recon_exception_finding"
+_TOTALS = "recon_found_total"
 _EXCEPTION_CATEGORIES = tuple(sorted(c.value for c in Category if c.is_exception))
 
 
@@ -193,31 +201,55 @@ def reconcile(
         period_from.isoformat(),
         period_to.isoformat(),
     )
+    params = {
+        "connection_id": connection_id,
+        "run_id": run_id,
+        "period_from": period_from,
+        "period_to": period_to,
+        "now": now,
+        "cutoff": now - grace,
+        "tolerance": to_micros(tolerance),
+        "actor": actor,
+        "partner_ids": None if partner_ids is None else sorted(partner_ids),
+    }
+    finish = (
+        sa.update(ReconRun)
+        .where(ReconRun.id == run_id)
+        .values(state=ReconRunState.FINISHED, finished_at=sa.bindparam("finished_at"))
+    )
+    engine: sa.Engine = sessions.kw["bind"]
     try:
-        with sessions.begin() as session:
-            # One run of a connection at a time (PostgreSQL; SQLite serializes writers).
-            session.execute(
-                sa.select(VenueConnection.id)
-                .where(VenueConnection.id == connection_id)
-                .with_for_update()
-            )
-            params = {
-                "connection_id": connection_id,
-                "run_id": run_id,
-                "period_from": period_from,
-                "period_to": period_to,
-                "now": now,
-                "cutoff": now - grace,
-                "tolerance": to_micros(tolerance),
-                "actor": actor,
-                "partner_ids": None if partner_ids is None else sorted(partner_ids),
-            }
-            _compare(session, params)
-            session.execute(
-                sa.update(ReconRun)
-                .where(ReconRun.id == run_id)
-                .values(state=ReconRunState.FINISHED, finished_at=_finished(now, started))
-            )
+        if engine.dialect.name == "postgresql":
+            with engine.begin() as connection:
+                take_turn_postgresql(connection, connection_id, run_id)
+                _find(connection, params, postgresql=True)
+                _record(connection, params, postgresql=True)
+                connection.execute(finish, {"finished_at": _finished(now, started)})
+        else:
+            with take_turn_sqlite(engine, connection_id, run_id), engine.connect() as connection:
+                # The findings are computed in a read transaction into TEMP tables, which
+                # live in the connection's own temporary database: no write lock on the
+                # database's file. Only the writes (totals, exceptions, the run's end: a
+                # few rows per exception) take it, in one short transaction, so readers
+                # see the run finished with all of its results, or running with none.
+                connection.execution_options(**{SQLITE_BEGIN_OPTION: "DEFERRED"})
+                try:
+                    with connection.begin():
+                        _find(connection, params, postgresql=False)
+                    # The long read kept the WAL from being checkpointed; catch up here
+                    # (PASSIVE: writers go on), not in the next webhook's commit.
+                    driver = connection.connection.driver_connection
+                    driver.execute("PRAGMA wal_checkpoint(PASSIVE)")  # type: ignore[union-attr]
+                    connection.execution_options(**{SQLITE_BEGIN_OPTION: "IMMEDIATE"})
+                    with connection.begin():
+                        _record(connection, params, postgresql=False)
+                        connection.execute(finish, {"finished_at": _finished(now, started)})
+                finally:
+                    # The pooled connection keeps its TEMP tables until they are dropped.
+                    connection.execution_options(**{SQLITE_BEGIN_OPTION: "DEFERRED"})
+                    with connection.begin():
+                        for table in _TABLES:
+                            connection.exec_driver_sql(f"DROP TABLE IF EXISTS temp.{table}")
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}".strip()[:MAX_ERROR_LENGTH]
         logger.exception("reconciliation run %s failed", run_id)
@@ -239,76 +271,87 @@ def _finished(now: dt.datetime, started: float) -> dt.datetime:
     return now + dt.timedelta(seconds=time.monotonic() - started)
 
 
-def _compare(session: Session, params: dict[str, Any]) -> None:
-    """Find every sale's and orphan's category, then the run's totals and exceptions, in SQL.
+_FINDING_TABLE = """
+    line_id BIGINT,
+    order_pk BIGINT,
+    order_count INTEGER NOT NULL,
+    category VARCHAR(32) NOT NULL,
+    subject_at {timestamp},
+    currency VARCHAR(10) NOT NULL,
+    ledger_amount BIGINT,
+    venue_amount BIGINT,
+    venue_quantity BIGINT,
+    venue_currency TEXT"""
+_TABLES = {
+    _FINDINGS: _FINDING_TABLE,
+    _EXCEPTION_FINDINGS: f"""{_FINDING_TABLE},
+    subject_key VARCHAR(200) NOT NULL,
+    shop_reference VARCHAR(100),
+    order_guid VARCHAR(64),
+    status VARCHAR(16),
+    ledger_state VARCHAR(16),
+    ledger_quantity INTEGER,
+    venue_reference VARCHAR(50),
+    buy_from_order_reference VARCHAR(50)""",
+    _TOTALS: """
+    currency VARCHAR(10) NOT NULL,
+    category VARCHAR(32) NOT NULL,
+    count BIGINT NOT NULL,
+    ledger_amount BIGINT NOT NULL,
+    venue_amount BIGINT NOT NULL""",
+}
+"""The temporary tables of a run, by name: their columns (``{timestamp}``: the dialect's)."""
+
+
+def _find(connection: sa.Connection, params: dict[str, Any], *, postgresql: bool) -> None:
+    """Find every sale's and orphan's category into temporary tables: reads only the data.
 
     Two ``INSERT … SELECT`` statements write one finding per sale of the period and per
     orphan into a temporary table; each order's totals are columns of its row (kept by
     :meth:`~storage.models.VenueOrder.summarize_items`), so a sale needs no item or
     wallet. Only the exceptions, a small share, then get the wide rows their details need.
     """
-    postgresql = session.get_bind().dialect.name == "postgresql"
     timestamp = "TIMESTAMP WITH TIME ZONE" if postgresql else "TEXT"
-    finding = f"""
-        line_id BIGINT,
-        order_pk BIGINT,
-        order_count INTEGER NOT NULL,
-        category VARCHAR(32) NOT NULL,
-        subject_at {timestamp},
-        currency VARCHAR(10) NOT NULL,
-        ledger_amount BIGINT,
-        venue_amount BIGINT,
-        venue_quantity BIGINT,
-        venue_currency TEXT"""
-    tables = {
-        _FINDINGS: finding,
-        _EXCEPTION_FINDINGS: f"""{finding},
-            subject_key VARCHAR(200) NOT NULL,
-            shop_reference VARCHAR(100),
-            order_guid VARCHAR(64),
-            status VARCHAR(16),
-            ledger_state VARCHAR(16),
-            ledger_quantity INTEGER,
-            venue_reference VARCHAR(50),
-            buy_from_order_reference VARCHAR(50)
-        """,
-    }
     if postgresql:
         # The sales' join and grouping are hashed; PostgreSQL's default 4 MB spills a
         # million rows to disk many times over. JIT compiles each statement anew and
         # costs more than it saves here. For this transaction only.
-        _execute(session, f"SET LOCAL work_mem = '{POSTGRESQL_WORK_MEM}'", params)
-        _execute(session, "SET LOCAL jit = off", params)
-    for table, columns in tables.items():
+        _execute(connection, f"SET LOCAL work_mem = '{POSTGRESQL_WORK_MEM}'", params)
+        _execute(connection, "SET LOCAL jit = off", params)
+    for table, columns in _TABLES.items():
+        columns = columns.replace("{timestamp}", timestamp)
         if postgresql:
-            _execute(session, f"CREATE TEMPORARY TABLE {table} ({columns}) ON COMMIT DROP", params)
+            _execute(
+                connection, f"CREATE TEMPORARY TABLE {table} ({columns}) ON COMMIT DROP", params
+            )
         else:
-            _execute(session, f"DROP TABLE IF EXISTS temp.{table}", params)
-            _execute(session, f"CREATE TEMPORARY TABLE {table} ({columns})", params)
+            _execute(connection, f"DROP TABLE IF EXISTS temp.{table}", params)
+            _execute(connection, f"CREATE TEMPORARY TABLE {table} ({columns})", params)
 
     for table, sql in (
         (_FINDINGS, _LEDGER_FINDINGS_SQL),
         (_FINDINGS, _ORPHAN_FINDINGS_SQL),
         (_EXCEPTION_FINDINGS, _EXCEPTION_FINDINGS_SQL),
     ):
-        _execute(session, sql, params)
+        _execute(connection, sql, params)
         if postgresql:
             # Temporary tables are never auto-analyzed; the next steps need estimates.
-            _execute(session, f"ANALYZE {table}", params)
+            _execute(connection, f"ANALYZE {table}", params)
     _execute(
-        session,
+        connection,
         f"CREATE INDEX recon_exception_finding_subject ON {_EXCEPTION_FINDINGS} (subject_key)",
         params,
     )
-
-    _execute(session, _TOTALS_SQL, params)
-    _merge_exceptions(session, params, postgresql)
-    if not postgresql:
-        for table in tables:
-            _execute(session, f"DROP TABLE temp.{table}", params)
+    _execute(connection, _TOTALS_SQL, params)
 
 
-def _execute(session: Session, sql: str, params: dict[str, Any]) -> None:
+def _record(connection: sa.Connection, params: dict[str, Any], *, postgresql: bool) -> None:
+    """Write the run's totals and merge its exceptions, from what :func:`_find` found."""
+    _execute(connection, _RECORD_TOTALS_SQL, params)
+    _merge_exceptions(connection, params, postgresql)
+
+
+def _execute(connection: sa.Connection, sql: str, params: dict[str, Any]) -> None:
     sql = _scoped(sql, params.get("partner_ids"))
     statement = sa.text(sql).bindparams(
         *(
@@ -321,7 +364,7 @@ def _execute(session: Session, sql: str, params: dict[str, Any]) -> None:
         statement = statement.bindparams(sa.bindparam("partner_ids", expanding=True))
     used = {name: value for name, value in params.items() if f":{name}" in sql}
     started = time.monotonic()
-    result = session.execute(statement, used)
+    result = connection.execute(statement, used)
     rows = getattr(result, "rowcount", -1)
     logger.debug(
         "%s: %s rows in %.2fs", " ".join(sql.split())[:60], rows, time.monotonic() - started
@@ -464,18 +507,24 @@ _EXCEPTION_FINDINGS_SQL = f"""
     WHERE f.category IN ({", ".join(f"'{c}'" for c in _EXCEPTION_CATEGORIES)})
 """
 
+# Added up while finding (a GROUP BY over every finding); recording copies a few rows.
 _TOTALS_SQL = f"""
-    INSERT INTO recon_total (
-        recon_run_id, currency, category, count, ledger_amount, venue_amount
-    )
-    SELECT :run_id, currency, category, COUNT(*),
+    INSERT INTO {_TOTALS} (currency, category, count, ledger_amount, venue_amount)
+    SELECT currency, category, COUNT(*),
            COALESCE(SUM(ledger_amount), 0), COALESCE(SUM(venue_amount), 0)
     FROM {_FINDINGS}
     GROUP BY currency, category
 """
+_RECORD_TOTALS_SQL = f"""
+    INSERT INTO recon_total (
+        recon_run_id, currency, category, count, ledger_amount, venue_amount
+    )
+    SELECT :run_id, currency, category, count, ledger_amount, venue_amount
+    FROM {_TOTALS}
+"""
 
 
-def _merge_exceptions(session: Session, params: dict[str, Any], postgresql: bool) -> None:
+def _merge_exceptions(connection: sa.Connection, params: dict[str, Any], postgresql: bool) -> None:
     """Open, see, reopen and close the connection's exceptions from the exception findings."""
     json_object = "json_build_object" if postgresql else "json_object"
     details = f"""{json_object}(
@@ -490,7 +539,7 @@ def _merge_exceptions(session: Session, params: dict[str, Any], postgresql: bool
     )
     # Known exceptions found again: the event first, while the old state is still there.
     _execute(
-        session,
+        connection,
         f"""
         INSERT INTO exception_event (recon_exception_id, recon_run_id, action, actor, note, at)
         SELECT e.id, :run_id,
@@ -501,7 +550,7 @@ def _merge_exceptions(session: Session, params: dict[str, Any], postgresql: bool
         params,
     )
     _execute(
-        session,
+        connection,
         f"""
         UPDATE recon_exception
         SET state = CASE WHEN state = 'closed' THEN 'open' ELSE state END,
@@ -523,7 +572,7 @@ def _merge_exceptions(session: Session, params: dict[str, Any], postgresql: bool
         params,
     )
     _execute(
-        session,
+        connection,
         f"""
         INSERT INTO recon_exception (
             connection_id, category, subject_key, ledger_line_id, venue_order_id, currency,
@@ -539,7 +588,7 @@ def _merge_exceptions(session: Session, params: dict[str, Any], postgresql: bool
         params,
     )
     _execute(
-        session,
+        connection,
         """
         INSERT INTO exception_event (recon_exception_id, recon_run_id, action, actor, note, at)
         SELECT e.id, :run_id, 'opened', :actor, NULL, :now
@@ -554,7 +603,7 @@ def _merge_exceptions(session: Session, params: dict[str, Any], postgresql: bool
         AND last_seen_run_id <> :run_id
     """
     _execute(
-        session,
+        connection,
         f"""
         INSERT INTO exception_event (recon_exception_id, recon_run_id, action, actor, note, at)
         SELECT id, :run_id, 'closed', :actor, NULL, :now
@@ -563,7 +612,7 @@ def _merge_exceptions(session: Session, params: dict[str, Any], postgresql: bool
         params,
     )
     _execute(
-        session,
+        connection,
         f"""
         UPDATE recon_exception
         SET state = 'closed', closed_run_id = :run_id, updated_at = :now

@@ -24,12 +24,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from heartbeat.coordination import (
     JobOutcome,
     ScheduledJob,
-    advisory_lock_key,
-    default_lock_dir,
     job_lock,
     run_job,
 )
 from storage.engine import make_engine, make_sessions
+from storage.locks import advisory_lock_key, default_lock_dir
 from storage.records import JobRun
 from tests.heartbeat.job_competitor import JOB_NAME, marker, marker_metadata
 from tests.support.processes import ROOT
