@@ -6,7 +6,7 @@ health over the status changes each time. ``status_change`` gains an index on
 ``observed_at``, which reads the delivery-health window as a range however long the
 history. The downgrade drops both.
 
-Revision ID: 0017
+Revision ID: 0016
 Revises: 0015
 Create Date: 2026-12-07
 """
@@ -20,7 +20,7 @@ from alembic import op
 
 from storage.types import UTCDateTime
 
-revision: str = "0017"
+revision: str = "0016"
 down_revision: str | None = "0015"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
