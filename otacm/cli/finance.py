@@ -57,9 +57,12 @@ def ledger_import(
     (case-insensitive): importing again updates it, never doubles it. Bad rows are
     printed with their line, column and reason (the first 50, then a count); a file
     with any bad row changes nothing (exit 1) unless --skip-bad imports the others
-    (exit 0). Prints how many sales were inserted, updated, unchanged, and bad.
+    (exit 0). Prints how many sales were inserted, updated, unchanged, and bad. When the
+    database fails part-way, the batches written before stay (exit 1, the line says
+    through which line; with --json the counts come with ``interrupted``); importing the
+    file again finishes it.
     """
-    from reconciler.ledger import import_ledger
+    from reconciler.ledger import ImportInterrupted, import_ledger
     from reconciler.ledger_file import LedgerFileError
     from storage.types import utcnow
 
@@ -73,6 +76,14 @@ def ledger_import(
             result = import_ledger(
                 sessions, file, connection_name=name, now=utcnow(), fmt=fmt, skip_bad=skip_bad
             )
+        except ImportInterrupted as exc:
+            if as_json:
+                # A script learns what is stored, as from a whole import, and why it stopped.
+                interrupted = {"stored_through": exc.stored_through, "reason": exc.reason}
+                echo_json(
+                    {**exc.result.to_json(limit=LEDGER_BAD_SHOWN), "interrupted": interrupted}
+                )
+            raise click.ClickException(f"{file}: {exc}") from None
         except LedgerFileError as exc:
             raise click.ClickException(f"{file}: {exc}") from None
     if as_json:

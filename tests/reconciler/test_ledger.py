@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import sqlite3
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -391,6 +392,38 @@ def test_cli_import_prints_counts_and_exit_codes(tmp_path: Path) -> None:
     )
     assert code == 0
     assert "1 inserted, 0 updated, 0 unchanged, 1 bad" in output
+
+
+def test_cli_import_stopped_by_the_database_says_what_is_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process holds SQLite's write lock for the whole import: one error line and
+    exit 1; with --json the counts (nothing written) and why it stopped, on stdout."""
+    env = cli_env(tmp_path)
+    monkeypatch.setattr("storage.engine.SQLITE_BUSY_TIMEOUT_MS", 200)
+    path = write_jsonl(tmp_path / "sales.jsonl", [sale("L-1"), sale("L-2")])
+    held = sqlite3.connect(tmp_path / "otacm.sqlite3", isolation_level=None)
+    held.execute("BEGIN IMMEDIATE")
+    try:
+        code, output, errors = run(["ledger", "import", str(path)], env)
+        assert (code, output) == (1, "")
+        said = errors.splitlines()[-1]  # after the log's warning, the one error line
+        assert said.startswith("Error: ") and "the import stopped: the database failed" in said
+        assert "nothing was stored" in said
+        code, output, errors = run(["ledger", "import", str(path), "--json"], env)
+    finally:
+        held.execute("ROLLBACK")
+        held.close()
+    assert code == 1
+    printed = json.loads(output)
+    assert (printed["written"], printed["inserted"]) == (False, 0)
+    assert printed["interrupted"]["stored_through"] == 0
+    assert "locked" in printed["interrupted"]["reason"]
+    assert "the import stopped" in errors
+    assert run(["ledger", "import", str(path)], env)[:2] == (
+        0,
+        "2 inserted, 0 updated, 0 unchanged, 0 bad\n",
+    )
 
 
 def test_cli_caps_the_bad_rows_it_prints(tmp_path: Path) -> None:
