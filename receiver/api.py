@@ -106,7 +106,7 @@ def _install_client_factory(state: BlueprintSetupState) -> None:
 
 
 @api.before_request
-def _require_token() -> None:
+def require_token() -> None:
     """Only holders of a configured API token may create orders with the venue's key."""
     tokens = current_receiver().settings.api_tokens
     if not tokens:

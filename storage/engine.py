@@ -76,6 +76,7 @@ from sqlalchemy.engine.interfaces import DBAPICursor
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
+from storage.changes import register_change_hooks
 from storage.flush import register_flush_hooks
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -304,8 +305,9 @@ def make_sessions(engine: Engine, *, read_only: bool = False) -> sessionmaker[Se
 
     Objects stay readable after their transaction commits (``expire_on_commit=False``):
     a view can render what it just stored without another query. Every flush keeps the
-    rules of :data:`storage.flush.FLUSH_HOOKS` (orders' totals...), registered on this
-    factory alone. The engine still belongs to the caller.
+    rules of :data:`storage.flush.FLUSH_HOOKS` (orders' totals...), and every commit
+    numbers the orders it changed for the shop (:mod:`storage.changes`), both registered
+    on this factory alone. The engine still belongs to the caller.
 
     Args:
         engine: from :func:`make_engine`.
@@ -319,6 +321,7 @@ def make_sessions(engine: Engine, *, read_only: bool = False) -> sessionmaker[Se
         engine = engine.execution_options(postgresql_readonly=True)
     sessions = sessionmaker(engine, expire_on_commit=False)
     register_flush_hooks(sessions)
+    register_change_hooks(sessions)
     return sessions
 
 

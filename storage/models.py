@@ -280,6 +280,7 @@ class VenueOrder(Base):
         sa.Index(None, "connection_id", "buy_from_order_reference"),
         sa.Index(None, "connection_id", "status"),
         _not_erased_index(),
+        sa.Index("ix_venue_order_change", "change_seq", "id"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -323,6 +324,10 @@ class VenueOrder(Base):
     # would otherwise write at a random place.
     first_notified_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    # The commit that last changed what the shop reads of the order, numbered in commit
+    # order, and its time: the shop's change feed (storage.changes).
+    change_seq: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default="0")
+    changed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
 
     def note_webhooks(self, notified_at: Iterable[dt.datetime | None]) -> None:
         """Remember the earliest of these webhook times, if earlier than the one kept."""

@@ -6,7 +6,8 @@
 - reconcile and report: :class:`ReconRun`, :class:`ReconTotal`, :class:`ReconException`
   and :class:`ExceptionEvent`;
 - the finance pages: :class:`FinanceSession` and :class:`SignInAttempt`;
-- personal data: :class:`PrivacyErasure`, each erasure of customers' names and e-mails.
+- personal data: :class:`PrivacyErasure`, each erasure of customers' names and e-mails;
+- the shop's change feed: :class:`ChangeCounter` (:mod:`storage.changes`).
 
 They share :class:`storage.models.Base` and its conventions.
 """
@@ -345,3 +346,13 @@ class PrivacyErasure(Base):
     # None when the erasure covered every connection.
     connection_id: Mapped[int | None] = mapped_column(sa.ForeignKey("venue_connection.id"))
     counts: Mapped[dict[str, int]] = mapped_column(sa.JSON)
+
+
+class ChangeCounter(Base):
+    """A counter numbering commits in commit order: the row ``mirror`` numbers the commits
+    that change what the shop reads of orders (:mod:`storage.changes`)."""
+
+    __tablename__ = "change_counter"
+
+    name: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
+    value: Mapped[int] = mapped_column(sa.BigInteger)
