@@ -85,6 +85,15 @@ class _SaleTerms(BaseModel):
         return None if value is None else value.upper()
 
 
+class SubmissionBody(_SaleTerms, OrderRequest):
+    """A submission's JSON body as one model: the venue's order request and the sale's own
+    fields, for the API's document. :func:`parse_submission` reads the two parts with
+    their own models (:class:`~venue.models.OrderRequest`, ``_SaleTerms``), so that the
+    request is kept exactly as it will be sent."""
+
+    model_config = ConfigDict(title="Submission")
+
+
 @dataclass(frozen=True)
 class Submission:
     """One order the shop submits: the venue's request and what the shop charged.

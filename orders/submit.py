@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
 from sqlalchemy.orm import Session, sessionmaker
 
 from orders.attempt import FOUND_IN_ERROR, SendOutcome
@@ -48,6 +50,30 @@ class SubmitStatus(StrEnum):
     """The venue refused the order; the sale stays in the ledger, marked failed."""
     DUPLICATE = "duplicate"
     """Submitted and sent before; the answer is the order the venue already has."""
+
+
+class SubmitAnswer(BaseModel):
+    """What ``POST /api/orders`` answers and ``otacm submit --json`` prints for a sale."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, frozen=True)
+
+    outcome: SubmitStatus = Field(
+        description="sent, duplicate, recorded (the outbox retries) or failed (refused)."
+    )
+    reference: str = Field(description="The shop's order number.")
+    order_id: str | None = Field(description="The venue's orderId, once it has the order.")
+    status: OrderStatus | None = Field(description="The order's status at the venue.")
+    status_message: str | None
+    buy_from_order_reference: str | None = Field(
+        description="The venue's document number for the order."
+    )
+    message: str | None = Field(description="The venue's refusal, or why it is retried.")
+    code: str | None = Field(description="The venue's error code when it refused.")
+    partner_id: str | None
+    connection: str | None
+    ledger_line_id: int | None
+    outbox_id: int | None
+    next_attempt_at: dt.datetime | None = Field(description="When a recorded sale is tried again.")
 
 
 @dataclass(frozen=True)
@@ -84,29 +110,28 @@ class SubmitOutcome:
     outbox_id: int | None = None
     next_attempt_at: dt.datetime | None = None
 
-    def to_json(self) -> dict[str, Any]:
-        """The outcome as JSON (camelCase; ``None`` values kept as ``null``).
+    def answer(self) -> SubmitAnswer:
+        """The outcome for the shop: ``outcome`` is :attr:`status` (sent, recorded, failed,
+        duplicate); ``status`` is the order's status at the venue."""
+        return SubmitAnswer(
+            outcome=self.status,
+            reference=self.reference,
+            order_id=self.order_id,
+            status=self.order_status,
+            status_message=self.status_message,
+            buy_from_order_reference=self.buy_from_order_reference,
+            message=self.message,
+            code=self.code,
+            partner_id=self.partner_id,
+            connection=self.connection,
+            ledger_line_id=self.ledger_line_id,
+            outbox_id=self.outbox_id,
+            next_attempt_at=self.next_attempt_at,
+        )
 
-        ``outcome`` is :attr:`status` (sent, recorded, failed, duplicate); ``status`` is
-        the order's status at the venue, named as in the venue's own order JSON.
-        """
-        return {
-            "outcome": str(self.status),
-            "reference": self.reference,
-            "orderId": self.order_id,
-            "status": None if self.order_status is None else str(self.order_status),
-            "statusMessage": self.status_message,
-            "buyFromOrderReference": self.buy_from_order_reference,
-            "message": self.message,
-            "code": self.code,
-            "partnerId": self.partner_id,
-            "connection": self.connection,
-            "ledgerLineId": self.ledger_line_id,
-            "outboxId": self.outbox_id,
-            "nextAttemptAt": None
-            if self.next_attempt_at is None
-            else self.next_attempt_at.isoformat(),
-        }
+    def to_json(self) -> dict[str, Any]:
+        """:meth:`answer` as JSON (camelCase; ``None`` values kept as ``null``)."""
+        return self.answer().model_dump(mode="json", by_alias=True)
 
     def describe(self) -> str:
         """One line for a terminal: reference, status, and the order or the reason."""

@@ -37,9 +37,16 @@ from typing import cast
 
 from flask import Blueprint, Response, current_app, jsonify, request
 from flask.blueprints import BlueprintSetupState
+from spectree import Response as Answers
 
-from orders.submission import SubmissionError, check_connection, choose_connection, parse_submission
-from orders.submit import SUBMIT_NOW_RETRY, SubmitStatus, submit_now
+from orders.submission import (
+    SubmissionBody,
+    SubmissionError,
+    check_connection,
+    choose_connection,
+    parse_submission,
+)
+from orders.submit import SUBMIT_NOW_RETRY, SubmitAnswer, SubmitStatus, submit_now
 from receiver.body import read_json_body
 from receiver.context import current_receiver
 from receiver.errors import (
@@ -47,6 +54,7 @@ from receiver.errors import (
     ReceiverError,
     error_response,
 )
+from receiver.openapi import ErrorBody, spec
 from storage.types import utcnow
 from venue.client import VenueClient, open_client
 from venue.connection import VenueConnection
@@ -120,8 +128,29 @@ def require_token() -> None:
 
 
 @api.post("/orders")
+@spec.validate(
+    json=SubmissionBody,
+    resp=Answers(
+        HTTP_201=SubmitAnswer,
+        HTTP_200=SubmitAnswer,
+        HTTP_202=SubmitAnswer,
+        HTTP_400=ErrorBody,
+        HTTP_401=ErrorBody,
+        HTTP_413=ErrorBody,
+        HTTP_415=ErrorBody,
+        HTTP_422=ErrorBody,
+        HTTP_503=ErrorBody,
+    ),
+    skip_validation=True,
+    tags=["orders"],
+)
 def create_order() -> Response:
-    """Record one order and send it to the venue (see the module docstring)."""
+    """Submit one order to the venue.
+
+    The sale is recorded, then sent at once: 201 when the venue took it, 200 when it was
+    submitted before (nothing changes), 202 when it is recorded and will be retried, 422
+    with the venue's code when the venue refused it.
+    """
     receiver = current_receiver()
     # Nothing can be recorded until the database is ready: until then a 503.
     connection_ids = receiver.connection_ids()
@@ -161,6 +190,6 @@ def create_order() -> Response:
         return error_response(
             422, outcome.code or "venue_rejected", outcome.message or "the venue refused the order"
         )
-    response = jsonify(outcome.to_json())
+    response = jsonify(outcome.answer().model_dump(mode="json", by_alias=True))
     response.status_code = _STATUS_CODES[outcome.status]
     return response

@@ -8,6 +8,7 @@ sandbox answering 503 makes a quick 202. Every answer is checked against what is
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -162,7 +163,7 @@ def test_an_unavailable_venue_is_answered_202_and_the_outbox_sends_later(
     assert "will retry" in body["message"]
     [outbox] = rows(sessions, Outbox)
     assert outbox.state is OutboxState.PENDING
-    assert body["nextAttemptAt"] == outbox.next_attempt_at.isoformat()
+    assert dt.datetime.fromisoformat(body["nextAttemptAt"]) == outbox.next_attempt_at
 
     admin.post("/faults", json={"rate503": 0.0}).raise_for_status()
     with sessions.begin() as session:
