@@ -363,3 +363,69 @@ def replay_dead(
     if count:
         logger.info("replayed %d dead-lettered inbox rows", count)
     return count
+
+
+LIST_MAX = 1000
+"""The most rows :func:`list_rows` returns at once."""
+
+
+def list_rows(
+    session: Session,
+    *,
+    state: InboxState | None = None,
+    connection_id: int | None = None,
+    before: tuple[dt.datetime, int] | None = None,
+    limit: int = 50,
+) -> list[Inbox]:
+    """Inbox rows newest first, for a person: all, or those in one ``state``.
+
+    Read through the ``(state, next_attempt_at)`` index when a state is given (a few
+    dead rows among millions done cost a few index entries), else by id. ``before``
+    (a row's ``(next_attempt_at, id)`` with a state, its id's only without) pages on.
+    """
+    limit = max(1, min(limit, LIST_MAX))
+    query = sa.select(Inbox)
+    if connection_id is not None:
+        query = query.where(Inbox.connection_id == connection_id)
+    if state is None:
+        if before is not None:
+            query = query.where(Inbox.id < before[1])
+        return list(session.scalars(query.order_by(Inbox.id.desc()).limit(limit)))
+    query = query.where(Inbox.state == state)
+    if before is not None:
+        moment, row_id = before
+        query = query.where(
+            sa.or_(
+                Inbox.next_attempt_at < moment,
+                sa.and_(Inbox.next_attempt_at == moment, Inbox.id < row_id),
+            )
+        )
+    query = query.order_by(Inbox.next_attempt_at.desc(), Inbox.id.desc()).limit(limit)
+    return list(session.scalars(query))
+
+
+def count_rows(session: Session, state: InboxState, connection_id: int | None = None) -> int:
+    """How many inbox rows are in ``state`` (the state index's count)."""
+    query = sa.select(sa.func.count()).select_from(Inbox).where(Inbox.state == state)
+    if connection_id is not None:
+        query = query.where(Inbox.connection_id == connection_id)
+    return int(session.scalar(query) or 0)
+
+
+def row_json(row: Inbox, connection: str) -> dict[str, Any]:
+    """One inbox row for a script: what it announced and where it stands, no payload."""
+    return {
+        "id": row.id,
+        "connection": connection,
+        "source": row.source.value,
+        "event": row.event_name,
+        "orderId": row.order_id,
+        "notifiedStatus": row.notified_status,
+        "notifiedAt": row.notified_at,
+        "receivedAt": row.received_at,
+        "state": row.state.value,
+        "attempts": row.attempts,
+        "nextAttemptAt": row.next_attempt_at,
+        "processedAt": row.processed_at,
+        "lastError": row.last_error,
+    }

@@ -1,6 +1,7 @@
 """Orders from the shop's side: ``submit`` (a file of orders, recorded then sent),
 ``subscribe`` (the receiver to the venue's webhook), ``orders show``, ``replace``,
-``cancel`` and ``errors``, and ``inbox replay`` (webhook notifications given up on).
+``cancel`` and ``errors``, and ``inbox list`` and ``replay`` (webhook notifications,
+those given up on among them).
 """
 
 from __future__ import annotations
@@ -329,6 +330,84 @@ def orders_errors(cli: CliContext, connection: str | None, as_json: bool) -> Non
 @click.group()
 def inbox() -> None:
     """The webhook inbox: notifications waiting, done, or dead-lettered."""
+
+
+@inbox.command("list")
+@click.option("--dead", is_flag=True, help="Only dead-lettered rows (same as --state dead).")
+@click.option(
+    "--state",
+    type=click.Choice(["pending", "leased", "done", "dead"]),
+    default=None,
+    help="Only rows in this state.",
+)
+@click.option("--connection", default=None, help="Only rows of this venue connection.")
+@click.option(
+    "--limit", type=click.IntRange(1, 1000), default=50, show_default=True, help="Rows shown."
+)
+@click.option("--before", type=click.IntRange(1), default=None, help="Rows listed after this id.")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+@pass_cli
+def inbox_list(
+    cli: CliContext,
+    dead: bool,
+    state: str | None,
+    connection: str | None,
+    limit: int,
+    before: int | None,
+    as_json: bool,
+) -> None:
+    """List inbox rows, newest first: what each announced, its state, attempts and error.
+
+    With a state, the rows are ordered by when they are (or were last) due, and the
+    count of all rows in that state is printed; --before ID pages on from a listed row.
+    """
+    import sqlalchemy as sa
+
+    from orders.inbox import count_rows, list_rows, row_json
+    from storage.models import Inbox, InboxState, VenueConnection
+    from storage.types import ID_MAX
+
+    wanted = InboxState.DEAD if dead else (InboxState(state) if state else None)
+    if dead and state not in (None, "dead"):
+        raise click.ClickException("--dead and --state name different states")
+    if connection is not None:
+        try:
+            cli.settings.connection(connection)
+        except SettingsError as exc:
+            raise click.ClickException(str(exc)) from None
+    with open_sessions(cli) as sessions, sessions() as session:
+        names = {c.id: c.name for c in session.scalars(sa.select(VenueConnection))}
+        connection_id = next((i for i, n in names.items() if n == connection), None)
+        total: int | None = None
+        if connection is not None and connection_id is None:
+            rows = []  # configured, but nothing stored for it yet
+        else:
+            after = None
+            if before is not None:
+                row = session.get(Inbox, before) if before <= ID_MAX else None
+                if row is None:
+                    raise click.ClickException(f"--before {before}: no inbox row has that id")
+                after = (row.next_attempt_at, row.id)
+            rows = list_rows(
+                session, state=wanted, connection_id=connection_id, before=after, limit=limit
+            )
+            total = count_rows(session, wanted, connection_id) if wanted else None
+    if as_json:
+        echo_json(
+            {"rows": [row_json(r, names.get(r.connection_id, "?")) for r in rows], "total": total}
+        )
+        return
+    for r in rows:
+        error = f"  {r.last_error[:120]}" if r.last_error else ""
+        click.echo(
+            f"{r.id}  {names.get(r.connection_id, '?')}  {r.received_at:%Y-%m-%d %H:%M:%S}  "
+            f"{r.source.value}  {r.order_id or '-'}  {r.state.value}  "
+            f"attempts {r.attempts}{error}"
+        )
+    if total is not None:
+        click.echo(f"{len(rows)} of {total} {wanted} row(s)")
+    else:
+        click.echo(f"{len(rows)} row(s)")
 
 
 @inbox.command("replay")

@@ -118,6 +118,22 @@ class Inputs:
             args += ["--connection", self.pick(HOSTILE_TEXTS)]
         return args
 
+    def inbox_list(self) -> list[str]:
+        args = ["inbox", "list"]
+        if self.rng.random() < 0.5:
+            args += ["--state", self.pick([*HOSTILE_TEXTS, "dead", "done"])]
+        if self.rng.random() < 0.3:
+            args.append("--dead")
+        if self.rng.random() < 0.5:
+            args += ["--before", self.pick(HOSTILE_IDS)]
+        if self.rng.random() < 0.5:
+            args += ["--limit", self.pick(HOSTILE_IDS)]
+        if self.rng.random() < 0.3:
+            args += ["--connection", self.pick(HOSTILE_TEXTS)]
+        if self.rng.random() < 0.5:
+            args.append("--json")
+        return args
+
     def reconcile(self) -> list[str]:
         args = ["reconcile"]
         if self.rng.random() < 0.7:
@@ -222,6 +238,7 @@ COMMANDS: dict[str, Callable[[Inputs], list[str]]] = {
     "report": Inputs.report,
     "exceptions": Inputs.exception_action,
     "inbox replay": Inputs.inbox_replay,
+    "inbox list": Inputs.inbox_list,
     "reconcile": Inputs.reconcile,
     "ledger import": Inputs.ledger_import,
     "submit": Inputs.submit,
@@ -404,6 +421,7 @@ UNMIGRATED_CASES: list[tuple[str, ...]] = [
     ("report", "1"),
     ("exceptions", "resolve", "1", "--note", "x"),
     ("inbox", "replay"),
+    ("inbox", "list"),
 ]
 
 
@@ -435,6 +453,7 @@ DATABASE_CASES: list[tuple[str, ...]] = [
     ("ledger", "import", "{tmp}/sales.csv"),
     ("report", "1"),
     ("inbox", "replay"),
+    ("inbox", "list", "--dead"),
     ("finance", "sign-out-all"),
     ("reconcile",),
     ("exceptions", "accept", "1", "--note", "x"),

@@ -17,7 +17,7 @@ from orders.mirror import upsert_order
 from otacm.cli import main
 from sandbox import SandboxConfig, SandboxServer
 from storage.engine import make_engine, make_sessions
-from storage.models import ChangeSource, ensure_connection
+from storage.models import ChangeSource, Inbox, InboxSource, InboxState, ensure_connection
 from storage.types import utcnow
 from venue.client import open_client
 from venue.connection import VenueConnection
@@ -206,6 +206,51 @@ def test_inbox_replay_reports_how_many_rows(env: dict[str, str]) -> None:
     code, output = run(["inbox", "replay", "--connection", "elsewhere"], env)
     assert code == 1
     assert "no venue connection named 'elsewhere'" in output
+
+
+def test_inbox_list_shows_rows_newest_first_and_the_dead_ones_with_their_count(
+    env: dict[str, str],
+) -> None:
+    """Five rows, two dead-lettered: all newest first; --dead the two with "2 of 2";
+    --before pages on; --json for scripts; an unknown --before id is one line, exit 1."""
+    engine = make_engine(env["OTACM_DATABASE_URL"])
+    try:
+        with make_sessions(engine).begin() as session:
+            connection_id = ensure_connection(session, "default")
+            now = utcnow()
+            for n in range(5):
+                session.add(
+                    Inbox(
+                        connection_id=connection_id,
+                        source=InboxSource.WEBHOOK,
+                        event_name="ota_cm_order_processed",
+                        order_id=f"0000000{n}-0000-4000-8000-000000000000",
+                        received_at=now + dt.timedelta(seconds=n),
+                        payload={},
+                        dedup_key=f"key-{n}",
+                        state=InboxState.DEAD if n in (1, 3) else InboxState.DONE,
+                        attempts=8 if n in (1, 3) else 1,
+                        next_attempt_at=now + dt.timedelta(seconds=n),
+                        last_error="getOrder answered 500" if n in (1, 3) else None,
+                    )
+                )
+    finally:
+        engine.dispose()
+    code, output = run(["inbox", "list"], env)
+    assert code == 0
+    lines = output.splitlines()
+    assert [line.split()[0] for line in lines[:-1]] == ["5", "4", "3", "2", "1"]
+    assert lines[-1] == "5 row(s)"
+    code, output = run(["inbox", "list", "--dead"], env)
+    assert [line.split()[0] for line in output.splitlines()[:-1]] == ["4", "2"]
+    assert "getOrder answered 500" in output
+    assert output.splitlines()[-1] == "2 of 2 dead row(s)"
+    code, output = run(["inbox", "list", "--dead", "--before", "4", "--json"], env)
+    listed = json.loads(output)
+    assert ([row["id"] for row in listed["rows"]], listed["total"]) == ([2], 2)
+    assert listed["rows"][0]["state"] == "dead"
+    code, output = run(["inbox", "list", "--before", "99"], env)
+    assert (code, "--before 99: no inbox row has that id" in output) == (1, True)
 
 
 # --- orders replace, cancel, errors ----------------------------------------------------------
