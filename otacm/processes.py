@@ -243,6 +243,7 @@ def open_runtime(
     from storage.migrate import is_current
     from storage.models import ensure_connection
     from storage.types import utcnow
+    from storage.venue_limits import shared_throttle
     from venue.client import open_client
 
     engine = make_engine(settings.database_url)
@@ -279,7 +280,12 @@ def open_runtime(
         clients: dict[int, VenueClient] = {}
         for connection in settings.connections:
             clients[ids[connection.name]] = stack.enter_context(
-                open_client(connection, observer=venue_calls.observe)
+                # One limit per key with every other process and node (storage.venue_limits).
+                open_client(
+                    connection,
+                    observer=venue_calls.observe,
+                    throttle=shared_throttle(engine, connection),
+                )
             )
         yield Runtime(
             engine=engine,

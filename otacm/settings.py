@@ -39,6 +39,7 @@ from venue.connection import (
     sync_directory,
 )
 from venue.models import REFERENCE_MAX_CHARS
+from venue.throttle import DEFAULT_MAX_IN_FLIGHT, DEFAULT_PERIOD, DEFAULT_RATE
 
 DEFAULT_DATABASE_URL = "sqlite:///var/otacm.sqlite3"
 MIN_POLL_INTERVAL = 10.0
@@ -182,6 +183,9 @@ class Settings(BaseSettings):
     api_version: str | None = None
     partner_ids: CommaList = Field(default_factory=list)
     webhook_client_states: SecretCommaList = Field(default_factory=list)
+    venue_max_in_flight: int = Field(default=DEFAULT_MAX_IN_FLIGHT, ge=1, le=100)
+    venue_rate_limit: int = Field(default=DEFAULT_RATE, ge=1)
+    venue_rate_period: float = Field(default=DEFAULT_PERIOD, gt=0, le=86_400)
 
     @field_validator(
         "partner_ids", "webhook_client_states", "api_tokens", "finance_users", mode="before"
@@ -253,6 +257,9 @@ class Settings(BaseSettings):
                 api_version=self.api_version,
                 partner_ids=self.partner_ids,
                 webhook_client_states=self.webhook_client_states,
+                venue_max_in_flight=self.venue_max_in_flight,
+                venue_rate_limit=self.venue_rate_limit,
+                venue_rate_period=self.venue_rate_period,
             )
             if all(c.name != venue.name for c in self.connections):
                 object.__setattr__(self, "connections", [*self.connections, venue])
