@@ -320,6 +320,7 @@ def run_worker(settings: Settings, stop: threading.Event) -> None:
                 batch_size=settings.worker_batch_size,
                 lease_seconds=settings.inbox_lease_seconds,
                 max_attempts=settings.inbox_max_attempts,
+                fetch_concurrency=settings.worker_fetch_concurrency,
                 on_pass=beat,
             )
     except WaitStopped:

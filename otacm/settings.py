@@ -86,6 +86,8 @@ class Settings(BaseSettings):
     inbox_lease_seconds: float = Field(default=60.0, gt=0)
     inbox_max_attempts: int = Field(default=8, ge=1)
     worker_batch_size: int = Field(default=50, ge=1)
+    # getOrder calls one worker keeps in flight; the key's shared limit bounds them all.
+    worker_fetch_concurrency: int = Field(default=4, ge=1, le=64)
     # The outbox: how long a sender holds a claimed row. A live sender renews it every
     # third of it while it works on the row, however long the venue takes; a row whose
     # sender died comes back this long after its last renewal, at the next outbox pass.
