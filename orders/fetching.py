@@ -11,13 +11,16 @@ bounds the calls of every thread, process and node together.
 A venue failure is an answer too (:class:`Fetched`); anything else a call raises (a bug)
 is raised in the worker's thread when its turn comes, as a sequential call would, and
 the calls not yet started are dropped: their rows stay leased and are fetched again
-once their lease expires.
+once their lease expires. A call starts only as an earlier answer is applied, so no
+more than ``concurrency`` answers ever wait to be applied: a worker killed mid-batch
+has spent at most that many calls for nothing.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Hashable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -80,13 +83,21 @@ def fetch_orders(
     with ThreadPoolExecutor(
         max_workers=min(concurrency, len(requests)), thread_name_prefix="getOrder"
     ) as pool:
-        futures: dict[Future[Fetched], K] = {
-            pool.submit(fetch_one, client, order_id): key for key, client, order_id in requests
-        }
+        waiting = iter(requests)
+        running: dict[Future[Fetched], K] = {}
         try:
-            for future in as_completed(futures):
-                yield futures[future], future.result()
+            while True:
+                # A new call starts only as an answer is taken: never more than
+                # ``concurrency`` answers fetched and not yet applied, so a worker killed
+                # mid-batch leaves at most that many to be fetched again.
+                for key, client, order_id in itertools.islice(waiting, concurrency - len(running)):
+                    running[pool.submit(fetch_one, client, order_id)] = key
+                if not running:
+                    return
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    yield running.pop(future), future.result()
         finally:
             # Left early (a fault, or the caller stopped): calls not started are dropped.
-            for future in futures:
+            for future in running:
                 future.cancel()
