@@ -243,7 +243,7 @@ def open_runtime(
     from storage.migrate import is_current
     from storage.models import ensure_connection
     from storage.types import utcnow
-    from storage.venue_limits import shared_throttle
+    from storage.venue_limits import shared_throttle as limit
     from venue.client import open_client
 
     engine = make_engine(settings.database_url)
@@ -279,13 +279,10 @@ def open_runtime(
         ids = prepare() if stop is None else retry_while_unavailable(prepare, stop=stop, what=role)
         clients: dict[int, VenueClient] = {}
         for connection in settings.connections:
+            # The key's limit, kept with every other process and node (storage.venue_limits).
+            throttle = limit(engine, connection)
             clients[ids[connection.name]] = stack.enter_context(
-                # One limit per key with every other process and node (storage.venue_limits).
-                open_client(
-                    connection,
-                    observer=venue_calls.observe,
-                    throttle=shared_throttle(engine, connection),
-                )
+                open_client(connection, observer=venue_calls.observe, throttle=throttle)
             )
         yield Runtime(
             engine=engine,
