@@ -265,6 +265,13 @@ class Settings(BaseSettings):
             )
             if all(c.name != venue.name for c in self.connections):
                 object.__setattr__(self, "connections", [*self.connections, venue])
+        # Every process keeps one key's limit together, so its connections must agree on it.
+        limits: dict[tuple[str, str], Any] = {}
+        for venue in self.connections:
+            if limits.setdefault(venue.api_identity, venue.limits) != venue.limits:
+                raise ValueError(
+                    f"connection {venue.name} uses the API key of another with other venue_* limits"
+                )
         names = [c.name for c in self.connections]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
