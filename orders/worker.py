@@ -3,8 +3,9 @@
 This module owns the life of an :class:`~storage.models.Inbox` row after the receiver stored
 it: :func:`claim_batch` leases due rows to one worker, :func:`process_claims` calls getOrder
 once per order (rows of one batch for the same order share the call, outside any database
-transaction) and applies the venue's answer with :func:`~orders.mirror.upsert_order` — the
-venue's status is the truth, the notification's only a hint — or
+transaction, several in flight at once: :mod:`orders.fetching`) and applies the venue's
+answer with :func:`~orders.mirror.upsert_order` — the venue's status is the truth, the
+notification's only a hint — or
 :func:`~orders.mirror.mark_removed` on a 404 naming the order
 (:func:`~venue.errors.order_gone`; any other failure is retried). The venue notifies and
 answers getOrder company-wide, so an answer may be an order of a partner not configured for
@@ -32,12 +33,13 @@ import logging
 import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, TypedDict
 
 import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from orders.fetching import DEFAULT_FETCH_CONCURRENCY, Fetched, fetch_orders
 from orders.mirror import foreign_order_ids, mark_removed, note_foreign_order, upsert_order
 from storage.engine import WaitStopped, retry_while_unavailable
 from storage.flush import ColumnOverflow
@@ -45,7 +47,7 @@ from storage.lease import LAST_ERROR_MAX_CHARS, LeasedQueue, backoff
 from storage.models import ChangeSource, Inbox, InboxSource, InboxState, VenueOrder
 from storage.types import utcnow
 from venue.client import VenueClient
-from venue.errors import VenueError, describe_venue_error, order_gone
+from venue.errors import VenueUnavailable, describe_venue_error
 from venue.models import Order, OrderStatus
 from venue.values import canonical_guid
 
@@ -66,6 +68,15 @@ _QUEUE = LeasedQueue(
     gave_up="dead-lettered",
     logger=logger,
 )
+
+
+class _Settling(TypedDict):
+    """What every settling step of one pass is told."""
+
+    owner: str
+    now: dt.datetime
+    max_attempts: int
+    report: WorkerReport
 
 
 @dataclass(frozen=True)
@@ -204,13 +215,15 @@ def process_claims(
     owner: str,
     now: dt.datetime,
     max_attempts: int,
+    fetch_concurrency: int = DEFAULT_FETCH_CONCURRENCY,
 ) -> WorkerReport:
     """Fetch and apply the orders of claimed rows: one getOrder per order, then one write.
 
-    Rows naming the same order on the same connection share one getOrder call. The call
-    is made with no database transaction open; the answer is applied in a transaction of
-    its own, and only to the rows still leased by ``owner`` — a row whose lease expired
-    and was re-claimed by another worker is left to that worker. A failure of our own
+    Rows naming the same order on the same connection share one getOrder call. The calls
+    are made with no database transaction open, up to ``fetch_concurrency`` at once; each
+    answer is applied on this thread, in a transaction of its own, and only to the rows
+    still leased by ``owner`` — a row whose lease expired and was re-claimed by another
+    worker is left to that worker. A failure of our own
     database leaves the rows leased: the lease expires and another pass takes them.
 
     Args:
@@ -220,6 +233,7 @@ def process_claims(
         owner: the lease owner the claims were made with.
         now: the time to record as observed and processed (aware).
         max_attempts: attempts after which a failing row is dead-lettered.
+        fetch_concurrency: getOrder calls in flight at once (:mod:`orders.fetching`).
 
     Returns:
         The counts of this pass; ``claimed`` is left at zero.
@@ -227,6 +241,12 @@ def process_claims(
     report = WorkerReport()
     if not claims:
         return report
+    settling: _Settling = {
+        "owner": owner,
+        "now": now,
+        "max_attempts": max_attempts,
+        "report": report,
+    }
     no_order = [claim for claim in claims if not claim.order_id]
     if no_order:
         # Events naming no order need no call: they are simply finished.
@@ -251,21 +271,27 @@ def process_claims(
         for (_, order_id), group in groups.items():
             _abandon(group, order_id, exc, report)
         return report
-    for (connection_id, order_id), group in groups.items():
+    wanted: list[tuple[tuple[int, str], VenueClient, str]] = []
+    for key, group in groups.items():
+        connection_id, order_id = key
+        client = clients.get(connection_id)
         try:
-            if (connection_id, order_id) in known_foreign:
+            if key in known_foreign:
                 _set_aside(sessions, group, order_id, None, owner=owner, now=now, report=report)
-                continue
-            _process_order(
-                sessions,
-                clients.get(connection_id),
-                group,
-                order_id,
-                owner=owner,
-                now=now,
-                max_attempts=max_attempts,
-                report=report,
-            )
+            elif client is None:
+                reason = f"no venue client for connection {connection_id}"
+                _retry(sessions, group, reason, **settling)
+            else:
+                wanted.append((key, client, order_id))
+        except SQLAlchemyError as exc:
+            _abandon(group, order_id, exc, report)
+    # The calls run with no transaction open, several at once; each answer is applied
+    # here, on this thread, as it comes.
+    report.venue_calls += len(wanted)
+    for key, fetched in fetch_orders(wanted, concurrency=fetch_concurrency):
+        group, order_id = groups[key], key[1]
+        try:
+            _settle(sessions, clients[key[0]], group, order_id, fetched, settling)
         except SQLAlchemyError as exc:
             _abandon(group, order_id, exc, report)
     return report
@@ -280,6 +306,7 @@ def run_once(
     batch_size: int = 50,
     lease_seconds: float = 60.0,
     max_attempts: int = 8,
+    fetch_concurrency: int = DEFAULT_FETCH_CONCURRENCY,
 ) -> WorkerReport:
     """One pass of the worker: claim a batch of due rows and process them.
 
@@ -297,6 +324,7 @@ def run_once(
             longer than a batch takes; a batch that outlives it loses no row, but other
             workers may fetch its orders again.
         max_attempts: attempts after which a row is dead-lettered.
+        fetch_concurrency: getOrder calls in flight at once (``worker_fetch_concurrency``).
 
     Returns:
         What the pass did.
@@ -311,7 +339,13 @@ def run_once(
         max_attempts=max_attempts,
     )
     report = process_claims(
-        sessions, clients, claims, owner=owner, now=now, max_attempts=max_attempts
+        sessions,
+        clients,
+        claims,
+        owner=owner,
+        now=now,
+        max_attempts=max_attempts,
+        fetch_concurrency=fetch_concurrency,
     )
     report.claimed = len(claims)
     return report
@@ -327,6 +361,7 @@ def run_forever(
     batch_size: int = 50,
     lease_seconds: float = 60.0,
     max_attempts: int = 8,
+    fetch_concurrency: int = DEFAULT_FETCH_CONCURRENCY,
     clock: Callable[[], dt.datetime] = utcnow,
     on_pass: Callable[[], None] = lambda: None,
 ) -> None:
@@ -348,6 +383,7 @@ def run_forever(
         batch_size: as for :func:`run_once`.
         lease_seconds: as for :func:`run_once`.
         max_attempts: as for :func:`run_once`.
+        fetch_concurrency: as for :func:`run_once`.
         clock: the current time, asked once per pass.
         on_pass: called as each pass starts (the role's liveness file, otacm.liveness).
     """
@@ -362,6 +398,7 @@ def run_forever(
             batch_size=batch_size,
             lease_seconds=lease_seconds,
             max_attempts=max_attempts,
+            fetch_concurrency=fetch_concurrency,
         )
 
     while not stop.is_set():
@@ -394,56 +431,28 @@ def run_forever(
 # --- one order ------------------------------------------------------------------------
 
 
-def _process_order(
+def _settle(
     sessions: sessionmaker[Session],
-    client: VenueClient | None,
+    client: VenueClient,
     group: list[Claim],
     order_id: str,
-    *,
-    owner: str,
-    now: dt.datetime,
-    max_attempts: int,
-    report: WorkerReport,
+    fetched: Fetched,
+    settling: _Settling,
 ) -> None:
-    """Fetch one order for the rows of ``group`` and apply the answer, or retry them.
+    """Apply what getOrder said of one order to the rows of ``group``, or retry them.
 
     Raises:
         SQLAlchemyError: our database failed; the rows are as they were, still leased.
     """
-    if client is None:
-        _retry(
-            sessions,
-            group,
-            f"no venue client for connection {group[0].connection_id}",
-            owner=owner,
-            now=now,
-            max_attempts=max_attempts,
-            report=report,
-        )
+    if fetched.failure is not None:
+        exc = fetched.failure
+        logger.warning("order %s: getOrder failed: %s (inbox %s)", order_id, exc, _ids(group))
+        # A Retry-After is the earliest the venue wants to see the order asked for again.
+        asked = exc.retry_after if isinstance(exc, VenueUnavailable) else None
+        _retry(sessions, group, describe_venue_error(exc), **settling, not_before=asked)
         return
-
-    # The network call happens with no transaction open: a slow venue must not hold
-    # a database lock (on SQLite, the only write lock).
-    report.venue_calls += 1
-    try:
-        order: Order | None = client.get_order(order_id)
-    except VenueError as exc:
-        if order_gone(exc, order_id):
-            order = None
-        else:
-            # Any failure but the venue's "Order '…' not found" (another 404 included: an
-            # unmatched route, the gateway's) is not a verdict on the order.
-            logger.warning("order %s: getOrder failed: %s (inbox %s)", order_id, exc, _ids(group))
-            _retry(
-                sessions,
-                group,
-                describe_venue_error(exc),
-                owner=owner,
-                now=now,
-                max_attempts=max_attempts,
-                report=report,
-            )
-            return
+    order, report = fetched.order, settling["report"]
+    owner, now = settling["owner"], settling["now"]
     if order is not None:
         report.fetched += 1
         if not client.serves(order.partner_id):
@@ -457,30 +466,15 @@ def _process_order(
         # so the rows are retried with backoff and dead-lettered with the reason, not
         # left to their lease like a failure of the database itself.
         logger.warning("order %s: the mirror cannot hold the venue's answer: %s", order_id, exc)
-        _retry(
-            sessions,
-            group,
-            f"the mirror cannot hold the venue's answer: {exc}",
-            owner=owner,
-            now=now,
-            max_attempts=max_attempts,
-            report=report,
-        )
+        _retry(sessions, group, f"the mirror cannot hold the venue's answer: {exc}", **settling)
     except SQLAlchemyError:
         raise  # the transaction rolled back; process_claims leaves the rows to their lease
     except Exception as exc:
         # A fault of ours with this answer (not the database's, not the venue's): log it,
         # and retry the rows like a venue failure, so they end dead-lettered, not lost.
         logger.exception("order %s: could not apply the venue's answer", order_id)
-        _retry(
-            sessions,
-            group,
-            f"internal error applying the order: {type(exc).__name__}",
-            owner=owner,
-            now=now,
-            max_attempts=max_attempts,
-            report=report,
-        )
+        reason = f"internal error applying the order: {type(exc).__name__}"
+        _retry(sessions, group, reason, **settling)
 
 
 def _apply(
@@ -637,9 +631,12 @@ def _retry(
     now: dt.datetime,
     max_attempts: int,
     report: WorkerReport,
+    not_before: float | None = None,
 ) -> None:
-    """Send the rows still ours back to pending after their backoff, or dead-letter them."""
+    """Send the rows still ours back to pending after their backoff (and no sooner than
+    ``not_before`` seconds: the venue's ``Retry-After``), or dead-letter them."""
     reason = reason[:LAST_ERROR_MAX_CHARS]
+    wait = dt.timedelta(seconds=not_before or 0)
     with sessions.begin() as session:
         outcomes = [
             (
@@ -650,7 +647,7 @@ def _retry(
                     owner=owner,
                     attempts=claim.attempts,
                     max_attempts=max_attempts,
-                    retry_at=now + backoff(claim.attempts),
+                    retry_at=now + max(backoff(claim.attempts), wait),
                     reason=reason,
                 ),
             )

@@ -243,6 +243,7 @@ def open_runtime(
     from storage.migrate import is_current
     from storage.models import ensure_connection
     from storage.types import utcnow
+    from storage.venue_limits import shared_throttle as limit
     from venue.client import open_client
 
     engine = make_engine(settings.database_url)
@@ -278,8 +279,10 @@ def open_runtime(
         ids = prepare() if stop is None else retry_while_unavailable(prepare, stop=stop, what=role)
         clients: dict[int, VenueClient] = {}
         for connection in settings.connections:
+            # The key's limit, kept with every other process and node (storage.venue_limits).
+            throttle = limit(engine, connection)
             clients[ids[connection.name]] = stack.enter_context(
-                open_client(connection, observer=venue_calls.observe)
+                open_client(connection, observer=venue_calls.observe, throttle=throttle)
             )
         yield Runtime(
             engine=engine,
@@ -314,6 +317,7 @@ def run_worker(settings: Settings, stop: threading.Event) -> None:
                 batch_size=settings.worker_batch_size,
                 lease_seconds=settings.inbox_lease_seconds,
                 max_attempts=settings.inbox_max_attempts,
+                fetch_concurrency=settings.worker_fetch_concurrency,
                 on_pass=beat,
             )
     except WaitStopped:

@@ -39,6 +39,7 @@ from venue.connection import (
     sync_directory,
 )
 from venue.models import REFERENCE_MAX_CHARS
+from venue.throttle import DEFAULT_MAX_IN_FLIGHT, DEFAULT_PERIOD, DEFAULT_RATE
 
 DEFAULT_DATABASE_URL = "sqlite:///var/otacm.sqlite3"
 MIN_POLL_INTERVAL = 10.0
@@ -85,6 +86,8 @@ class Settings(BaseSettings):
     inbox_lease_seconds: float = Field(default=60.0, gt=0)
     inbox_max_attempts: int = Field(default=8, ge=1)
     worker_batch_size: int = Field(default=50, ge=1)
+    # getOrder calls one worker keeps in flight; the key's shared limit bounds them all.
+    worker_fetch_concurrency: int = Field(default=4, ge=1, le=64)
     # The outbox: how long a sender holds a claimed row. A live sender renews it every
     # third of it while it works on the row, however long the venue takes; a row whose
     # sender died comes back this long after its last renewal, at the next outbox pass.
@@ -182,6 +185,9 @@ class Settings(BaseSettings):
     api_version: str | None = None
     partner_ids: CommaList = Field(default_factory=list)
     webhook_client_states: SecretCommaList = Field(default_factory=list)
+    venue_max_in_flight: int = Field(default=DEFAULT_MAX_IN_FLIGHT, ge=1, le=100)
+    venue_rate_limit: int = Field(default=DEFAULT_RATE, ge=1)
+    venue_rate_period: float = Field(default=DEFAULT_PERIOD, gt=0, le=86_400)
 
     @field_validator(
         "partner_ids", "webhook_client_states", "api_tokens", "finance_users", mode="before"
@@ -253,9 +259,19 @@ class Settings(BaseSettings):
                 api_version=self.api_version,
                 partner_ids=self.partner_ids,
                 webhook_client_states=self.webhook_client_states,
+                venue_max_in_flight=self.venue_max_in_flight,
+                venue_rate_limit=self.venue_rate_limit,
+                venue_rate_period=self.venue_rate_period,
             )
             if all(c.name != venue.name for c in self.connections):
                 object.__setattr__(self, "connections", [*self.connections, venue])
+        # Every process keeps one key's limit together, so its connections must agree on it.
+        limits: dict[tuple[str, str], Any] = {}
+        for venue in self.connections:
+            if limits.setdefault(venue.api_identity, venue.limits) != venue.limits:
+                raise ValueError(
+                    f"connection {venue.name} uses the API key of another with other venue_* limits"
+                )
         names = [c.name for c in self.connections]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:

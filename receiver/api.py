@@ -56,6 +56,7 @@ from receiver.errors import (
 )
 from receiver.openapi import ErrorBody, spec
 from storage.types import utcnow
+from storage.venue_limits import shared_throttle
 from venue.client import VenueClient, open_client
 from venue.connection import VenueConnection
 from venue.endpoints import CallObserver
@@ -103,8 +104,10 @@ class UnknownConnection(ReceiverError):
 def open_venue_client(
     connection: VenueConnection, observer: CallObserver
 ) -> AbstractContextManager[VenueClient]:
-    """The default :data:`CLIENT_FACTORY`: a client of its own, with short retries."""
-    return open_client(connection, retry=SUBMIT_NOW_RETRY, observer=observer)
+    """The default :data:`CLIENT_FACTORY`: a client of its own, with short retries, within
+    the key's limit shared with every other process (:mod:`storage.venue_limits`)."""
+    throttle = shared_throttle(current_receiver().engine, connection)
+    return open_client(connection, retry=SUBMIT_NOW_RETRY, observer=observer, throttle=throttle)
 
 
 @api.record_once

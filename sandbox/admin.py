@@ -2,7 +2,8 @@
 
 - ``GET /_sandbox/config``: tenant, environment, company, apiKey, partners, catalog,
   and ``baseUrl`` (the API base on this server);
-- ``GET /_sandbox/stats`` (``DELETE`` zeroes it): see :mod:`sandbox.stats`;
+- ``GET /_sandbox/stats`` (``DELETE`` zeroes it): see :mod:`sandbox.stats`, and under
+  ``limits`` the gateway's limits and counters per API identity (:mod:`sandbox.limits`);
 - ``GET``/``POST /_sandbox/faults``: read or change faults; fields in :mod:`sandbox.faults`;
 - ``POST /_sandbox/tick``: run one pickup cycle now, answer what it did;
 - ``POST /_sandbox/orders/{orderId}/reprocess``: a venue operator re-processes a
@@ -48,8 +49,9 @@ def show_config() -> Response:
 
 @admin.get("/stats")
 def show_stats() -> Response:
-    """The call, webhook and pipeline counters."""
-    return json_response(current_runtime().stats.snapshot())
+    """The call, webhook and pipeline counters, and the gateway's limits per identity."""
+    runtime = current_runtime()
+    return json_response({**runtime.stats.snapshot(), "limits": runtime.limits.snapshot()})
 
 
 @admin.delete("/stats")
@@ -57,7 +59,8 @@ def reset_stats() -> Response:
     """Zero the counters."""
     runtime = current_runtime()
     runtime.stats.reset()
-    return json_response(runtime.stats.snapshot())
+    runtime.limits.reset()
+    return json_response({**runtime.stats.snapshot(), "limits": runtime.limits.snapshot()})
 
 
 @admin.get("/faults")

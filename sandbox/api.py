@@ -9,7 +9,8 @@ subscription endpoints (``POST /webhook``, ``GET /webhooks`` and ``GET /webhook`
 ``subscriptionState``) — behind the API key (``x-np-api-key`` or ``Authorization:
 Bearer``), routed as the venue's request processor does (:func:`dispatch`: fixed words
 case-blind, a trailing ``/`` ignored, the venue's 404, 403 and 400 for what no route
-serves). The gateway faults (429 and 503, with ``Retry-After`` when
+serves). The gateway's limits per API identity (:mod:`sandbox.limits`: 429 with
+``Retry-After`` beyond them) and its faults (429 and 503, with ``Retry-After`` when
 ``retryAfterSeconds`` is set; latency) strike before authentication. Orders are
 answered as the venue writes them (:mod:`sandbox.wire`).
 """
@@ -39,6 +40,7 @@ from sandbox.errors import (
     UnsupportedHttpMethod,
     not_found,
 )
+from sandbox.limits import identity_label
 from sandbox.orders import describe_validation_error
 from sandbox.state import ACTIVE, SUBSCRIPTION_STATE, OrderRecord
 from sandbox.web import current_runtime, json_response, request_body
@@ -86,6 +88,12 @@ def _split_company(rest: str) -> tuple[str, list[str]]:
 @api.before_request
 def _gateway_and_auth() -> None:
     runtime = current_runtime()
+    # The gateway's limits per API identity come first: a refused call does no work.
+    g.limit_identity = identity_label(_supplied_key())
+    refused = runtime.limits.enter(g.limit_identity)
+    if refused is not None:
+        g.retry_after = refused
+        raise TooManyRequests(f"Rate limit is exceeded. Try again in {refused} seconds.")
     faults = runtime.faults.faults
     if faults.latency_ms:
         time.sleep(faults.latency_ms / 1000)
@@ -135,13 +143,25 @@ def _normal(segment: str) -> str:
     return _ESCAPE.sub(one, segment)
 
 
-def _key_matches(expected: str) -> bool:
+def _supplied_key() -> str | None:
     supplied = request.headers.get("x-np-api-key")
     if supplied is None:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() == "bearer":
             supplied = token.strip()
+    return supplied
+
+
+def _key_matches(expected: str) -> bool:
+    supplied = _supplied_key()
     return supplied is not None and hmac.compare_digest(supplied.encode(), expected.encode())
+
+
+def leave_gateway(exc: BaseException | None) -> None:
+    """The call is answered: it no longer counts in flight at the gateway."""
+    identity = g.pop("limit_identity", None)
+    if identity is not None:
+        current_runtime().limits.leave(identity)
 
 
 # --- routing (APIRequestProcessor ProcessRequest, ChannelMgrApi Handle) -------------

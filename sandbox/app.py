@@ -22,7 +22,7 @@ from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
 from sandbox.admin import admin
-from sandbox.api import api
+from sandbox.api import api, leave_gateway
 from sandbox.config import SandboxConfig
 from sandbox.errors import SandboxError, UnsupportedHttpMethod
 from sandbox.runtime import SandboxRuntime
@@ -55,6 +55,7 @@ def create_sandbox_app(
     app.register_error_handler(Exception, _unexpected_error)
     app.before_request(_start_timer)
     app.after_request(_finish)
+    app.teardown_request(leave_gateway)
     return app
 
 

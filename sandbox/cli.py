@@ -25,6 +25,9 @@ from sandbox.config import (
     DEFAULT_PARTNERS,
     DEFAULT_PICKUP_INTERVAL,
     DEFAULT_TENANT,
+    GATEWAY_MAX_IN_FLIGHT,
+    GATEWAY_RATE_LIMIT,
+    GATEWAY_RATE_PERIOD,
     MEMORY,
     Partner,
     SandboxConfig,
@@ -177,6 +180,33 @@ def _env(name: str) -> dict[str, Any]:
     show_default=True,
     help="Make a subscription inactive after N consecutive refused (4xx) deliveries; 0: never.",
     **_env("WEBHOOK_DEACTIVATE_AFTER"),
+)
+@click.option(
+    "--gateway-max-in-flight",
+    metavar="N",
+    type=click.IntRange(min=0),
+    default=GATEWAY_MAX_IN_FLIGHT,
+    show_default=True,
+    help="Calls of one API key in process at once; more are answered 429. 0: no bound.",
+    **_env("GATEWAY_MAX_IN_FLIGHT"),
+)
+@click.option(
+    "--gateway-rate-limit",
+    metavar="N",
+    type=click.IntRange(min=0),
+    default=GATEWAY_RATE_LIMIT,
+    show_default=True,
+    help="Calls of one API key per rate period (sliding); more are answered 429. 0: no limit.",
+    **_env("GATEWAY_RATE_LIMIT"),
+)
+@click.option(
+    "--gateway-rate-period",
+    metavar="SECONDS",
+    type=click.FloatRange(min=0, min_open=True),
+    default=GATEWAY_RATE_PERIOD,
+    show_default=True,
+    help="The window of --gateway-rate-limit.",
+    **_env("GATEWAY_RATE_PERIOD"),
 )
 @click.option(
     "--drop-rate", type=_RATE, default=0.0, help="Share of webhooks dropped.", **_env("DROP_RATE")
@@ -366,6 +396,9 @@ def build_config(options: dict[str, Any]) -> SandboxConfig:
             webhook_create_empty_body=options["webhook_create_empty_body"],
             webhook_list_paths=options["webhook_list_paths"],
             webhook_deactivate_after=options["webhook_deactivate_after"],
+            gateway_max_in_flight=options["gateway_max_in_flight"],
+            gateway_rate_limit=options["gateway_rate_limit"],
+            gateway_rate_period=options["gateway_rate_period"],
             **extra,
         )
     except CatalogError as exc:

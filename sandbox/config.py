@@ -24,6 +24,10 @@ DEFAULT_ENVIRONMENT = "sandbox"
 DEFAULT_COMPANY = "CRONUS International Ltd."
 DEFAULT_API_KEY = "sandbox-api-key"
 DEFAULT_PICKUP_INTERVAL = 60.0
+GATEWAY_MAX_IN_FLIGHT = 5
+GATEWAY_RATE_LIMIT = 6000
+GATEWAY_RATE_PERIOD = 300.0
+"""The gateway's limits per API identity (``spec/API.md``, "Rate limits")."""
 MEMORY = ":memory:"
 
 
@@ -121,6 +125,11 @@ class SandboxConfig(BaseModel):
             Business Central's external event subscriptions may.
         webhook_list_paths: which subscription list paths are served: ``both``, or only
             ``webhooks`` or ``webhook`` (the other is 404).
+        gateway_max_in_flight: calls of one API identity in process at once; more are
+            answered 429 (:mod:`sandbox.limits`); 0 for no bound.
+        gateway_rate_limit: calls of one API identity per ``gateway_rate_period`` seconds
+            (a sliding window); more are answered 429; 0 for no limit.
+        gateway_rate_period: the rate's window, in seconds.
         webhook_deactivate_after: mark a subscription inactive (``subscriptionState``
             ``Inactive``; no more deliveries) after this many consecutive final 4xx
             answers from its receiver, as Business Central does; 0 never.
@@ -146,6 +155,9 @@ class SandboxConfig(BaseModel):
     webhook_create_empty_body: bool = False
     webhook_list_paths: Literal["both", "webhooks", "webhook"] = "both"
     webhook_deactivate_after: int = Field(default=0, ge=0)
+    gateway_max_in_flight: int = Field(default=GATEWAY_MAX_IN_FLIGHT, ge=0)
+    gateway_rate_limit: int = Field(default=GATEWAY_RATE_LIMIT, ge=0)
+    gateway_rate_period: float = Field(default=GATEWAY_RATE_PERIOD, gt=0)
     timezone: str = "Europe/Copenhagen"
     currency_code: str = Field(default="DKK", min_length=1, max_length=10)
     api_version: str = "2025-06-01"

@@ -1,6 +1,7 @@
 """One running simulated venue: its parts built from a config and wired together.
 
-:class:`SandboxRuntime` holds the clock, the fault injector, the counters, the order store
+:class:`SandboxRuntime` holds the clock, the fault injector, the counters, the gateway's
+limits, the order store
 (opened on ``config.state_path``), the order book, the webhook dispatcher and the
 pipeline. The Flask app serves it (:func:`sandbox.app.create_sandbox_app`) and
 :class:`sandbox.server.SandboxServer` drives its pickup cadence. Whoever creates a runtime
@@ -15,6 +16,7 @@ import httpx
 
 from sandbox.config import SandboxConfig
 from sandbox.faults import FaultInjector
+from sandbox.limits import GatewayLimits
 from sandbox.orders import OrderBook
 from sandbox.pipeline import Pipeline
 from sandbox.state import Clock, OrderStore
@@ -43,6 +45,9 @@ class SandboxRuntime:
         self.clock = clock or Clock()
         self.stats = Stats()
         self.faults = FaultInjector(config.faults)
+        self.limits = GatewayLimits(
+            config.gateway_max_in_flight, config.gateway_rate_limit, config.gateway_rate_period
+        )
         # Seeded like the faults, its own source: the venue's other writes, repeatable.
         self.store = OrderStore(
             config.state_path,

@@ -691,3 +691,4 @@ def request_visit_date(request: Mapping[str, Any] | None) -> dt.date | None:
 # The rest of the schema: importing this module registers every table with Base.metadata,
 # which migrations, the schema comparison and the tests' clean-ups read whole.
 from storage import records as _records  # noqa: E402, F401
+from storage import venue_limits as _venue_limits  # noqa: E402, F401

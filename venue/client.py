@@ -6,7 +6,10 @@ endpoint, wire JSON turned into :mod:`venue.models` at this edge, failures turne
 (exponential backoff with jitter, bounded by attempts and a deadline; a ``Retry-After``
 is waited out in full) — createOrder only when the venue cannot have acted on it; every
 other answer is final (the policy: :mod:`venue.retry`). Calls pass through the identity's
-shared :class:`~venue.throttle.Throttle`, to the paths of :mod:`venue.endpoints`; answers
+shared :class:`~venue.throttle.Throttle`, which also holds every caller of the identity
+back until a 429's or 503's ``Retry-After`` has passed (a call that would wait longer
+than the policy's longest wait is not sent: :class:`~venue.errors.VenueRateLimited`
+with that ``retry_after``), to the paths of :mod:`venue.endpoints`; answers
 are read by :mod:`venue.answers`. Each call is logged as one line of method, path,
 status, duration and the venue's ``x-npr-version``; never the API key, never a query
 value or a body (they hold customer names and e-mails). :func:`open_client` is the
@@ -37,10 +40,16 @@ from venue.endpoints import (
     query_time,
     segment,
 )
-from venue.errors import VenueNotFound, VenueProtocolError, VenueUnavailable, error_for_status
+from venue.errors import (
+    VenueNotFound,
+    VenueProtocolError,
+    VenueRateLimited,
+    VenueUnavailable,
+    error_for_status,
+)
 from venue.models import ConfirmRequest, Order, OrderRequest, OrderStatus, OrderSummary, Page
 from venue.retry import RetryPolicy, retry_after_seconds, retryable, retryable_unsent
-from venue.throttle import Throttle, throttle_for
+from venue.throttle import HeldOff, Throttle, throttle_for
 from venue.values import normalize_reference, parse_guid
 from venue.webhooks import ORDER_PROCESSED_EVENT, Subscription, SubscriptionRequest
 
@@ -70,8 +79,11 @@ class VenueClient:
     Args:
         http: the HTTP client to send requests with.
         connection: the venue, its key, its version pin.
-        throttle: the concurrency and rate limit to respect; by default the one shared by
-            every client of ``connection.api_identity`` in this process.
+        throttle: the concurrency and rate limit to respect, and where a ``Retry-After``
+            is recorded for every caller of the identity: by default the one shared by
+            every client of ``connection.api_identity`` in this process; a
+            :class:`~venue.throttle.SharedThrottle` (:func:`storage.venue_limits.shared_throttle`)
+            shares it with every process of the identity.
         retry: attempts, deadline and backoff for transient failures.
         observer: told of every attempt (metrics); see :data:`CallObserver`.
     """
@@ -94,7 +106,7 @@ class VenueClient:
         }
         if connection.api_version:
             self._headers["x-api-version"] = connection.api_version
-        self._throttle = throttle or throttle_for(connection.api_identity)
+        self._throttle = throttle or throttle_for(connection.api_identity, connection.limits)
         self._retry = retry or RetryPolicy()
         self._observer = observer
         self._subscription_list_paths = SUBSCRIPTION_LIST_PATHS
@@ -474,7 +486,7 @@ class VenueClient:
         """One attempt: the 2xx response, or the matching :class:`~venue.errors.VenueError`."""
         started = time.perf_counter()
         try:
-            with self._throttle.slot():
+            with self._throttle.slot(max_hold=self._retry.wait_max):
                 response = self._http.request(
                     method,
                     self._base_url + path,
@@ -482,6 +494,11 @@ class VenueClient:
                     json=json,
                     headers=self._headers,
                 )
+        except HeldOff as exc:
+            # Not sent: the venue asked every caller of this key to wait that long.
+            held = VenueRateLimited(method, path, reason=str(exc))
+            held.retry_after = exc.seconds
+            raise held from exc
         except httpx.TransportError as exc:
             self._observe(method, path, None, started)
             logger.warning(
@@ -511,6 +528,10 @@ class VenueClient:
             error.retry_after = retry_after_seconds(
                 response.headers.get("Retry-After"), dt.datetime.now(dt.UTC)
             )
+            if error.retry_after is not None and response.status_code in (429, 503):
+                # The gateway's word holds for the key, not this call: every caller of
+                # the identity (every process, with a shared throttle) waits it out.
+                self._throttle.hold_off(error.retry_after)
         raise error
 
     def _observe(self, method: str, path: str, status: int | None, started: float) -> None:

@@ -23,6 +23,7 @@ from urllib.parse import quote, quote_plus, unquote, urlsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from venue.models import REFERENCE_MAX_CHARS
+from venue.throttle import DEFAULT_MAX_IN_FLIGHT, DEFAULT_PERIOD, DEFAULT_RATE, Limits
 from venue.values import parse_guid
 
 DEFAULT_API_BASE_URL = "https://api.npretail.app"
@@ -125,6 +126,11 @@ class VenueConnection(BaseModel):
     payment_reference_max_chars: int = Field(
         default=REFERENCE_MAX_CHARS, ge=1, le=REFERENCE_MAX_CHARS
     )
+    # What every process using this key keeps to together (venue.throttle): requests in
+    # flight at once, and starts per period; the defaults stay below the venue's.
+    venue_max_in_flight: int = Field(default=DEFAULT_MAX_IN_FLIGHT, ge=1, le=100)
+    venue_rate_limit: int = Field(default=DEFAULT_RATE, ge=1)
+    venue_rate_period: float = Field(default=DEFAULT_PERIOD, gt=0, le=86_400)
 
     @field_validator("partner_ids", "webhook_client_states", mode="before")
     @classmethod
@@ -172,6 +178,15 @@ class VenueConnection(BaseModel):
         """What the venue's rate limits count by: the API root and the key."""
         return (self.api_base_url.rstrip("/"), self.api_key.get_secret_value())
 
+    @property
+    def limits(self) -> Limits:
+        """The limits every process of this connection's API identity keeps to together."""
+        return Limits(
+            max_in_flight=self.venue_max_in_flight,
+            rate=self.venue_rate_limit,
+            period=self.venue_rate_period,
+        )
+
     def client_state_file(self, secrets_dir: Path) -> Path:
         """The file of the webhook client states otacm generated for this connection."""
         return secrets_dir / f"{self.name}{CLIENT_STATES_SUFFIX}"
@@ -206,6 +221,10 @@ class VenueConnection(BaseModel):
             "company_path_form": self.company_path_form,
             "payment_reference_max_chars": self.payment_reference_max_chars,
             "api_version": self.api_version or "(latest)",
+            "venue_limits": (
+                f"{self.venue_max_in_flight} in flight, "
+                f"{self.venue_rate_limit} per {self.venue_rate_period:g} s"
+            ),
             "api_key": mask(self.api_key),
             "partner_ids": list(self.partner_ids),
             "webhook_client_states": [mask(s) for s in self.webhook_client_states],

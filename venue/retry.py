@@ -3,7 +3,8 @@
 :class:`RetryPolicy` bounds the attempts and the backoff; :func:`retryable` takes every
 transient failure (transport errors, 429, 503, 504), :func:`retryable_unsent` only those
 that show the venue cannot have acted on the call (what createOrder may retry);
-:func:`retry_after_seconds` reads a ``Retry-After`` header. The client
+:func:`retry_after_seconds` reads a ``Retry-After`` header, which the client also records
+in its throttle so that every caller of the key waits it out. The client
 (:class:`venue.client.VenueClient`) runs the loop with stamina.
 """
 
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import httpx
 
 from venue.errors import VenueUnavailable
+from venue.throttle import HeldOff
 
 
 @dataclass(frozen=True)
@@ -38,13 +40,15 @@ def retryable(exc: Exception) -> bool:
     return isinstance(exc, VenueUnavailable)
 
 
-_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
-"""Transport errors raised before the request left: the venue cannot have seen it."""
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, HeldOff)
+"""Failures raised before the request left: the venue cannot have seen it (a connection
+never made, or a call held back by the venue's ``Retry-After``)."""
 
 
 def retryable_unsent(exc: Exception) -> bool:
     """Only the failures that show the venue did not act on the call: the gateway's 429 and
-    503 (refused before any work), or a connection never made. A read timeout, a reset
+    503 (refused before any work), a connection never made or a call held back by a
+    ``Retry-After`` (:class:`~venue.throttle.HeldOff`). A read timeout, a reset
     or a 504 may come after the venue committed it."""
     if not isinstance(exc, VenueUnavailable):
         return False

@@ -1,28 +1,130 @@
-"""The client's own politeness towards the venue's per-identity rate limits.
+"""The client's politeness towards the venue's per-identity limits, and its Retry-After.
 
-The venue allows one API identity 5 requests in process at once and 6000 per sliding
-5 minutes (about 20 a second); beyond that its gateway answers 429. A :class:`Throttle`
-keeps a process below both: a bounded semaphore for requests in flight and a sliding
-window of start times for the rate. :func:`throttle_for` hands every client of the same
-identity in this process the same throttle; separate processes (web app, worker) each
-keep their own, so the venue's limit is shared between them by configuration, not here.
+The venue's gateway allows one API identity 5 requests in process at once and 6000 per
+sliding 5 minutes (about 20 a second); beyond that it answers 429, sometimes with a
+``Retry-After``. A :class:`Throttle` keeps calls below both and holds every call back
+until a ``Retry-After`` has passed: a bounded semaphore for requests in flight, a sliding
+window of start times for the rate, and a hold-off time. It does so for the threads of
+one process: :func:`throttle_for` hands every client of the same identity in this
+process the same one.
+
+Processes and nodes that share a key share its limit through a :class:`SharedThrottle`:
+the same three rules kept in a place every process of the identity reaches (the otacm
+database, or files beside a SQLite one: :mod:`storage.venue_limits`). Its rate is a
+generic cell rate algorithm (one "theoretical arrival time" per identity, moved on by
+``period / (rate - burst)`` each start), so a single value says whether a start fits,
+however many processes ask; :class:`Limits` derives its interval and burst so that no
+window of ``period`` seconds ever holds more than ``rate`` starts.
+
 Importing this module creates no throttle and starts nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
+import random
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 
 MAX_IN_FLIGHT = 5
 MAX_PER_SECOND = 20
 
+VENUE_MAX_IN_FLIGHT = 5
+VENUE_RATE = 6000
+VENUE_PERIOD = 300.0
+"""The gateway's documented limits per API identity (``spec/API.md``, "Rate limits")."""
+
+DEFAULT_MAX_IN_FLIGHT = 4
+DEFAULT_RATE = 5400
+DEFAULT_PERIOD = 300.0
+"""otacm's defaults: one place in flight and a tenth of the rate below the venue's. A
+request the client gave up on (its read timeout) may still be in process at the gateway,
+which queues calls up to 8 minutes, and tools that do not share the limit (``otacm
+doctor``, a person's ``curl``) spend the same key; the margin leaves room for both."""
+
+MAX_HOLD = 3600.0
+"""The longest a ``Retry-After`` holds calls back; a longer one (or a clock that jumped)
+is cut to this."""
+
+
+class HeldOff(Exception):
+    """The venue's ``Retry-After`` holds every call of this identity for ``seconds`` more,
+    longer than the caller would wait: the call was not sent."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"the venue asked to wait {seconds:.0f} s before the next call")
+        self.seconds = seconds
+
+
+@dataclass(frozen=True)
+class Limits:
+    """One identity's limits: ``max_in_flight`` at once, ``rate`` starts per ``period`` s."""
+
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    rate: int = DEFAULT_RATE
+    period: float = DEFAULT_PERIOD
+
+    def __post_init__(self) -> None:
+        if self.max_in_flight < 1 or self.rate < 1 or not self.period > 0:
+            raise ValueError("limits need max_in_flight >= 1, rate >= 1 and period > 0")
+
+    @property
+    def burst(self) -> int:
+        """Starts allowed back to back after a quiet spell: one per place in flight."""
+        return max(1, min(self.max_in_flight, self.rate - 1))
+
+    @property
+    def interval(self) -> float:
+        """Seconds each start moves the theoretical arrival time on.
+
+        With ``b`` the burst, ``n`` starts spread over ``t`` seconds satisfy
+        ``(n - b) * interval <= t``; for ``t <= period`` that is ``n <= rate``.
+        """
+        return self.period / max(1, self.rate - self.burst)
+
+    @property
+    def tolerance(self) -> float:
+        """How far ahead of now the theoretical arrival time may be for a start to fit."""
+        return (self.burst - 1) * self.interval
+
+
+def next_start(tat: float, now: float, limits: Limits) -> tuple[float, float]:
+    """The generic cell rate algorithm's step: may a call start at ``now``?
+
+    Args:
+        tat: the identity's theoretical arrival time (0 when none was stored).
+        now: the time, on the same clock.
+        limits: the rate.
+
+    Returns:
+        ``(0, new tat)`` when the call may start (store the new tat), else ``(wait,
+        tat)``: the seconds until it may. A tat further ahead than any start could have
+        put it (a clock moved back) is read as that far, so it never stalls the identity.
+    """
+    tat = min(tat, now + limits.tolerance + limits.interval)
+    base = max(tat, now)
+    wait = base - limits.tolerance - now
+    if wait <= 0:
+        return 0.0, base + limits.interval
+    return wait, tat
+
+
+def identity_key(identity: tuple[str, str]) -> str:
+    """A stable name for an API identity (API root and key) that does not reveal the key:
+    the hex SHA-256 of both, what shared limiter state is stored under."""
+    root, key = identity
+    return hashlib.sha256(f"{root}\n{key}".encode()).hexdigest()
+
 
 class Throttle:
-    """At most ``max_in_flight`` requests at once and ``rate`` starts per ``period`` seconds.
+    """At most ``max_in_flight`` requests at once and ``rate`` starts per ``period`` seconds,
+    none before a ``Retry-After`` has passed; for the threads of one process.
 
     Thread-safe. ``clock`` and ``sleep`` are injectable so tests can run on a fake clock.
     """
@@ -43,40 +145,154 @@ class Throttle:
         self.period = period
         self._in_flight = threading.BoundedSemaphore(max_in_flight)
         self._starts: deque[float] = deque()
+        self._hold_until = -math.inf
         self._lock = threading.Lock()
         self._clock = clock
         self._sleep = sleep
 
     @contextmanager
-    def slot(self) -> Iterator[None]:
-        """Hold one of the in-flight places for one request, started within the rate."""
+    def slot(self, *, max_hold: float = math.inf) -> Iterator[None]:
+        """Hold one of the in-flight places for one request, started within the rate.
+
+        Args:
+            max_hold: the longest the caller waits for a ``Retry-After`` to pass.
+
+        Raises:
+            HeldOff: a ``Retry-After`` holds calls longer than ``max_hold``; nothing waited.
+        """
         # The in-flight place first: a request waiting for the rate must not start late
         # in a burst with others released by the semaphore.
-        with self._in_flight:
-            self._wait_for_rate()
+        with self._in_flight, self._place():
+            self._wait_to_start(max_hold)
             yield
 
-    def _wait_for_rate(self) -> None:
+    def hold_off(self, seconds: float) -> None:
+        """No call of this identity starts for ``seconds`` (a ``Retry-After``)."""
+        with self._lock:
+            until = self._clock() + min(max(seconds, 0.0), MAX_HOLD)
+            self._hold_until = max(self._hold_until, until)
+
+    def _place(self) -> AbstractContextManager[None]:
+        """The place in flight beyond this process; here, none is needed."""
+        return _nothing()
+
+    def _wait_to_start(self, max_hold: float) -> None:
         while True:
-            with self._lock:
-                now = self._clock()
-                while self._starts and now - self._starts[0] >= self.period:
-                    self._starts.popleft()
-                if len(self._starts) < self.rate:
-                    self._starts.append(now)
-                    return
-                wait = self.period - (now - self._starts[0])
+            wait, held = self._try_start()
+            if wait <= 0:
+                return
+            if held and wait > max_hold:
+                raise HeldOff(wait)
             self._sleep(wait)
+
+    def _try_start(self) -> tuple[float, bool]:
+        """Start now if allowed: ``(0, False)``; else the seconds to wait and whether it is a
+        ``Retry-After`` that holds the call."""
+        with self._lock:
+            now = self._clock()
+            if now < self._hold_until:
+                return self._hold_until - now, True
+            while self._starts and now - self._starts[0] >= self.period:
+                self._starts.popleft()
+            if len(self._starts) < self.rate:
+                self._starts.append(now)
+                return 0.0, False
+            return self.period - (now - self._starts[0]), False
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+class SharedThrottle(Throttle, ABC):
+    """A :class:`Throttle` whose places, rate and hold-off are shared with every process of
+    the identity, wherever the subclass keeps them.
+
+    The in-process semaphore still comes first, so a process never asks the shared store
+    for more places than ``max_in_flight``. A subclass provides :meth:`_take_place` (a
+    place in flight that is freed when its holder dies), :meth:`_take_start` (one
+    atomic step of :func:`next_start` against the stored arrival time and hold-off) and
+    :meth:`_store_hold`.
+
+    Args:
+        limits: the identity's limits.
+        sleep: how to wait (tests pass a fake).
+        poll: the longest wait between two tries for a place, when all are taken.
+    """
+
+    def __init__(
+        self,
+        limits: Limits,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        poll: float = 0.05,
+    ) -> None:
+        super().__init__(
+            max_in_flight=limits.max_in_flight,
+            rate=limits.rate,
+            period=limits.period,
+            sleep=sleep,
+        )
+        self.limits = limits
+        self._poll = poll
+        # Not for secrets: spreads the tries of processes that wait for a place.
+        self._jitter = random.Random()  # noqa: S311
+
+    @contextmanager
+    def _place(self) -> Iterator[None]:
+        while True:
+            place = self._take_place()
+            if place is not None:
+                break
+            self._sleep(self._poll * (0.5 + self._jitter.random() / 2))
+        with place:
+            yield
+
+    def hold_off(self, seconds: float) -> None:
+        """No call of this identity, in any process, starts for ``seconds``."""
+        self._store_hold(min(max(seconds, 0.0), MAX_HOLD))
+
+    def _try_start(self) -> tuple[float, bool]:
+        return self._take_start()
+
+    @abstractmethod
+    def _take_place(self) -> AbstractContextManager[None] | None:
+        """A free place in flight, held until the context exits; ``None`` if all are taken."""
+
+    @abstractmethod
+    def _take_start(self) -> tuple[float, bool]:
+        """Record a start now if the hold-off and the rate allow it: ``(0, False)``; else
+        the seconds to wait and whether a hold-off is the reason."""
+
+    @abstractmethod
+    def _store_hold(self, seconds: float) -> None:
+        """Make the identity's hold-off end no earlier than ``seconds`` from now."""
+
+    def close(self) -> None:
+        """Release what the store holds (connections, files)."""
 
 
 _registry: dict[Hashable, Throttle] = {}
 _registry_lock = threading.Lock()
 
 
-def throttle_for(identity: Hashable) -> Throttle:
-    """The process-wide throttle of one API identity, created on first use."""
+def throttle_for(identity: Hashable, limits: Limits | None = None) -> Throttle:
+    """The process-wide throttle of one API identity, created on first use.
+
+    Args:
+        identity: what the venue counts by (:attr:`VenueConnection.api_identity`).
+        limits: the identity's limits when the throttle is made; the venue's documented
+            ones per second (5 in flight, 20 a second) when not given.
+    """
     with _registry_lock:
         throttle = _registry.get(identity)
         if throttle is None:
-            throttle = _registry[identity] = Throttle()
+            if limits is None:
+                throttle = Throttle()
+            else:
+                throttle = Throttle(
+                    max_in_flight=limits.max_in_flight, rate=limits.rate, period=limits.period
+                )
+            _registry[identity] = throttle
         return throttle

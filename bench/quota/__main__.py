@@ -32,11 +32,20 @@ import platform
 import sys
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# The PostgreSQL starter is the ingest benchmark's; one copy of it.
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "ingest"))
+
 from harness import Result, Timing, run_baseline, run_otacm, scratch_directory
+from servers import BenchSetupError, DatabaseFactory, postgresql_server
+from shared import HEADER as SHARED_HEADER
+from shared import LATENCY_MS, SharedResult, run_scenario
+from shared import SCENARIOS as SHARED_SCENARIOS
+from shared import format_row as format_shared_row
 from workload import plan
 
 from heartbeat.metric_figures import quantile
@@ -56,6 +65,10 @@ SCENARIOS = (("a", "a) webhooks", 0.0), ("b", "b) 30% dropped", 0.3), ("c", "c) 
 GOAL_CALLS_PER_ORDER = 1.05
 GOAL_KNOWN_WITHIN_INTERVALS = 2
 GOAL_FEWER_CALLS = 10.0
+SHARED_ORDERS, QUICK_SHARED_ORDERS = 400, 60
+"""Orders each shared-key scenario drains (real time, 200 ms a call)."""
+GOAL_SPEED_UP = 3.0
+"""One worker keeping several getOrder calls in flight against one at a time."""
 
 
 @dataclass
@@ -174,7 +187,87 @@ def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=SEED, help="the random seed (workload, faults)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument(
+        "--shared-orders",
+        type=int,
+        default=None,
+        help=f"orders per shared-key scenario (default {SHARED_ORDERS}; "
+        f"{QUICK_SHARED_ORDERS} with --quick; 0 skips them)",
+    )
+    parser.add_argument(
+        "--only-shared",
+        action="store_true",
+        help="run only the shared-key scenarios, not the virtual-time ones",
+    )
+    parser.add_argument(
+        "--shared-db",
+        choices=("sqlite", "postgresql", "both"),
+        default="sqlite",
+        help="the database of the shared-key scenarios (default sqlite)",
+    )
     return parser.parse_args(argv)
+
+
+def run_shared(orders: int, databases: Sequence[str], scratch: Path) -> list[SharedResult]:
+    """Every shared-key scenario on each database (see :mod:`shared`)."""
+    results = []
+    with ExitStack() as stack:
+        for database in databases:
+            factory = DatabaseFactory(
+                database,
+                scratch,
+                stack.enter_context(postgresql_server()) if database == "postgresql" else None,
+            )
+            for number, scenario in enumerate(SHARED_SCENARIOS):
+                url = factory.new(f"shared_{database}_{number}")
+                logs = scratch / f"logs-{database}-{number}"
+                logs.mkdir()
+                result = run_scenario(
+                    scenario, orders=orders, database=database, url=url, logs=logs
+                )
+                results.append(result)
+                print(
+                    f"  shared key, {scenario.name} ({database}): {result.done} orders "
+                    f"in {result.seconds:.0f} s",
+                    flush=True,
+                )
+    return results
+
+
+def judge_shared(results: Sequence[SharedResult]) -> list[Goal]:
+    """The shared key's goals: within the limits always; several in flight pays."""
+    overrun = [f"{r.scenario} ({r.database})" for r in results if not r.within]
+    unfinished = [f"{r.scenario} ({r.database})" for r in results if r.done < r.orders]
+    goals = [
+        Goal(
+            "(shared) the key's limits never exceeded, as the sandbox counted",
+            not overrun,
+            "every scenario within 5 in flight and 100 per 5 s, no 429"
+            if not overrun
+            else "over in " + ", ".join(overrun),
+        ),
+        Goal(
+            "(shared) every order mirrored",
+            not unfinished,
+            "all" if not unfinished else "unfinished: " + ", ".join(unfinished),
+        ),
+    ]
+    for database in sorted({r.database for r in results}):
+        one = [r for r in results if r.database == database and r.workers == 1]
+        before = next((r for r in one if r.fetch_concurrency == 1), None)
+        after = next((r for r in one if r.fetch_concurrency > 1), None)
+        if before is None or after is None or not before.per_second:
+            continue
+        ratio = after.per_second / before.per_second
+        goals.append(
+            Goal(
+                f"(shared) one worker with several calls in flight at least "
+                f"{GOAL_SPEED_UP:.0f}x one at a time ({database})",
+                ratio >= GOAL_SPEED_UP,
+                f"{after.per_second:.1f} vs {before.per_second:.1f} orders/s = {ratio:.1f}x",
+            )
+        )
+    return goals
 
 
 def main(argv: Sequence[str]) -> int:
@@ -198,12 +291,20 @@ def main(argv: Sequence[str]) -> int:
         f"worker at most 20 getOrder per virtual second; SQLite",
         flush=True,
     )
+    shared_orders = (
+        args.shared_orders
+        if args.shared_orders is not None
+        else (QUICK_SHARED_ORDERS if args.quick else SHARED_ORDERS)
+    )
+    databases = ("sqlite", "postgresql") if args.shared_db == "both" else (args.shared_db,)
+    shared: list[SharedResult] = []
     started = time.monotonic()
     results: dict[str, Result] = {}
     limit = GOAL_KNOWN_WITHIN_INTERVALS * timing.poll_interval
+    baseline: Result | None = None
     try:
         with scratch_directory() as scratch:
-            for key, label, drop_rate in SCENARIOS:
+            for key, label, drop_rate in () if args.only_shared else SCENARIOS:
                 result = run_otacm(
                     label,
                     workload,
@@ -214,23 +315,41 @@ def main(argv: Sequence[str]) -> int:
                 )
                 results[key] = result
                 print(f"  {label}: done in {result.wall_seconds:.0f} s", flush=True)
-            baseline = run_baseline(
-                workload, seed=args.seed, horizon=horizon, poll_interval=timing.poll_interval
-            )
-            print(f"  baseline: done in {baseline.wall_seconds:.0f} s", flush=True)
-    except RuntimeError as exc:
+            if not args.only_shared:
+                baseline = run_baseline(
+                    workload, seed=args.seed, horizon=horizon, poll_interval=timing.poll_interval
+                )
+                print(f"  baseline: done in {baseline.wall_seconds:.0f} s", flush=True)
+            if shared_orders > 0:
+                shared = run_shared(shared_orders, databases, Path(scratch))
+    except (RuntimeError, BenchSetupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print()
-    print(HEADER)
-    for result in (*results.values(), baseline):
-        print(format_row(result, baseline, limit))
-    print()
-    print("otacm's own view of each run (delivery health in GET /metrics):")
-    for result in results.values():
-        print(describe_metrics(result))
-    print()
-    goals = judge(results, baseline, timing)
+    goals: list[Goal] = []
+    played = [*results.values(), *([baseline] if baseline is not None else [])]
+    if baseline is not None:
+        print()
+        print(HEADER)
+        for result in played:
+            print(format_row(result, baseline, limit))
+        print()
+        print("otacm's own view of each run (delivery health in GET /metrics):")
+        for result in results.values():
+            print(describe_metrics(result))
+        print()
+        goals = judge(results, baseline, timing)
+    if shared:
+        print()
+        print(
+            f"One API key shared by every process ({shared_orders} orders a scenario, "
+            f"{LATENCY_MS} ms a call; the sandbox's gateway: 5 in flight, 100 per 5 s; "
+            f"otacm: 4 in flight, 90 per 5 s; 2 schedulers beside the workers):"
+        )
+        print(SHARED_HEADER)
+        for item in shared:
+            print(format_shared_row(item))
+        print()
+        goals += judge_shared(shared)
     for goal in goals:
         print(f"  {'MET   ' if goal.met else 'MISSED'}  {goal.name}: {goal.detail}")
     print(f"({time.monotonic() - started:.0f} s)")
@@ -250,7 +369,10 @@ def main(argv: Sequence[str]) -> int:
                             "webhooks": result.webhooks,
                             "metrics": result.metrics,
                         }
-                        for result in (*results.values(), baseline)
+                        for result in played
+                    },
+                    "shared_key": {
+                        f"{item.scenario} ({item.database})": item.as_dict() for item in shared
                     },
                     "goals": [goal.__dict__ for goal in goals],
                 },

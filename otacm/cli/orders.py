@@ -7,7 +7,7 @@ those given up on among them).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -18,6 +18,15 @@ from otacm.cli.context import (
     pass_cli,
 )
 from venue.connection import SettingsError
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from contextlib import ExitStack
+
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from venue.client import VenueClient
+    from venue.connection import VenueConnection
 
 
 @click.command()
@@ -35,17 +44,13 @@ def submit(cli: CliContext, file: Path, as_json: bool) -> None:
     from contextlib import ExitStack
 
     from orders.submission import SubmissionError, SubmissionsRefused
-    from orders.submit import SUBMIT_NOW_RETRY, SubmitStatus, submit_file
+    from orders.submit import SubmitStatus, submit_file
     from storage.types import utcnow
-    from venue.client import open_client
 
     settings = cli.settings
     with ExitStack() as stack:
         sessions = stack.enter_context(open_sessions(cli))
-        clients = {
-            c.name: stack.enter_context(open_client(c, retry=SUBMIT_NOW_RETRY))
-            for c in settings.connections
-        }
+        clients = open_clients(stack, sessions, settings.connections)
         try:
             outcomes = submit_file(
                 settings.connections,
@@ -183,8 +188,6 @@ def _order_action(cli: CliContext, connection: str | None, act: Any) -> Any:
     from contextlib import ExitStack
 
     from orders.actions import OrderActionError
-    from orders.submit import SUBMIT_NOW_RETRY
-    from venue.client import open_client
 
     settings = cli.settings
     if connection is not None:
@@ -194,10 +197,7 @@ def _order_action(cli: CliContext, connection: str | None, act: Any) -> Any:
             raise click.ClickException(str(exc)) from None
     with ExitStack() as stack:
         sessions = stack.enter_context(open_sessions(cli))
-        clients = {
-            c.name: stack.enter_context(open_client(c, retry=SUBMIT_NOW_RETRY))
-            for c in settings.connections
-        }
+        clients = open_clients(stack, sessions, settings.connections)
         try:
             return act(sessions, clients)
         except OrderActionError as exc:
@@ -436,3 +436,21 @@ def inbox_replay(cli: CliContext, ids: tuple[int, ...], connection: str | None) 
                 session, now=utcnow(), connection_id=connection_id, ids=wanted or None
             )
     click.echo(f"{count} dead-lettered inbox row(s) queued again")
+
+
+def open_clients(
+    stack: ExitStack, sessions: sessionmaker[Session], connections: Sequence[VenueConnection]
+) -> dict[str, VenueClient]:
+    """Every connection's client, closed with ``stack``, within its key's limit shared with
+    every other process using the database of ``sessions`` (:mod:`storage.venue_limits`)."""
+    from orders.submit import SUBMIT_NOW_RETRY
+    from storage.venue_limits import shared_throttle
+    from venue.client import open_client
+
+    engine = sessions.kw["bind"]
+    return {
+        c.name: stack.enter_context(
+            open_client(c, retry=SUBMIT_NOW_RETRY, throttle=shared_throttle(engine, c))
+        )
+        for c in connections
+    }

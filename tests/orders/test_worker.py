@@ -1119,3 +1119,92 @@ def test_a_connection_with_no_partner_configured_mirrors_nothing(
     assert (report.done, report.foreign) == (1, 1)
     assert inbox(sessions, row_id).state is InboxState.DONE
     assert mirrored(sessions) is None
+
+
+# --- several getOrder calls in flight ---------------------------------------------------
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_a_batch_keeps_several_getorders_in_flight_and_applies_each_once(
+    sessions: sessionmaker[Session],
+    clients: dict[int, VenueClient],
+    connection_id: int,
+    venue: FakeVenue,
+    concurrency: int,
+) -> None:
+    """Up to ``fetch_concurrency`` calls at once (one at a time with 1); every row applied
+    once, rows of one order still sharing its call."""
+    order_ids = [str(uuid.uuid4()) for _ in range(8)]
+    for order_id in order_ids:
+        venue.orders[order_id] = venue_order(order_id)
+        add_row(sessions, connection_id, order_id)
+    add_row(sessions, connection_id, order_ids[0], status="Draft")
+    gate = threading.Condition()
+    in_flight = peak = 0
+    answer = venue.handle
+
+    def slow(request: httpx.Request) -> httpx.Response:
+        # Each call waits until more than four are in flight or a short while passed, so
+        # a worker that keeps more than four (or than one) in flight is sure to show it.
+        nonlocal in_flight, peak
+        with gate:
+            in_flight += 1
+            peak = max(peak, in_flight)
+            gate.notify_all()
+            gate.wait_for(lambda: in_flight > 4, 0.05)
+            in_flight -= 1
+        return answer(request)
+
+    with open_client(
+        CONNECTION,
+        transport=httpx.MockTransport(slow),
+        retry=RetryPolicy(attempts=1),
+        throttle=Throttle(max_in_flight=10, rate=100_000),
+    ) as slow_client:
+        report = run_once(
+            sessions,
+            {connection_id: slow_client},
+            owner="worker-c",
+            now=T0,
+            batch_size=50,
+            lease_seconds=LEASE,
+            fetch_concurrency=concurrency,
+        )
+
+    assert (report.claimed, report.done, report.fetched, report.venue_calls) == (9, 9, 8, 8)
+    assert venue.calls == dict.fromkeys(order_ids, 1)
+    assert all(mirrored(sessions, order_id) is not None for order_id in order_ids)
+    assert len(status_changes(sessions)) == 8
+    if concurrency == 1:
+        assert peak == 1
+    else:
+        assert 1 < peak <= concurrency
+
+
+def test_a_retry_after_on_getorder_puts_the_row_off_at_least_that_long(
+    sessions: sessionmaker[Session], connection_id: int
+) -> None:
+    """A 429 with Retry-After 600: the row comes back no sooner, whatever its own backoff."""
+    row_id = add_row(sessions, connection_id)
+
+    def busy(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            429,
+            headers={"Retry-After": "600"},
+            json={"code": "too_many_requests", "message": "Rate limit is exceeded."},
+        )
+
+    with open_client(
+        CONNECTION,
+        transport=httpx.MockTransport(busy),
+        retry=RetryPolicy(attempts=1),
+        throttle=Throttle(max_in_flight=10, rate=100_000),
+    ) as busy_client:
+        report = once(sessions, {connection_id: busy_client}, T0)
+
+    row = inbox(sessions, row_id)
+    assert report.retried == 1
+    assert row.state is InboxState.PENDING
+    assert backoff(1) < dt.timedelta(seconds=600)
+    assert row.next_attempt_at >= T0 + dt.timedelta(seconds=600)
+    assert "429" in (row.last_error or "")

@@ -41,7 +41,8 @@ def test_state_file_survives_a_restart(tmp_path: Path) -> None:
 
 def test_concurrent_calls_are_serialised(tmp_path: Path) -> None:
     """Submissions from many threads at once all land, each change with its own row version."""
-    config = config_for_tests(state_path=str(tmp_path / "venue.sqlite3"))
+    # Eight callers at once: past the gateway's bound of five, which is not what this tests.
+    config = config_for_tests(state_path=str(tmp_path / "venue.sqlite3"), gateway_max_in_flight=0)
     with running(config) as venue:
 
         def submit(worker: int) -> list[int]:

@@ -39,7 +39,7 @@ from venue.errors import (
     VenueUnavailable,
 )
 from venue.models import OrderRequest, OrderStatus
-from venue.retry import RetryPolicy
+from venue.retry import RetryPolicy, retryable_unsent
 from venue.throttle import Throttle, throttle_for
 
 API_KEY = "key-0f1e2d3c4b5a"
@@ -1119,6 +1119,7 @@ class TimedVenue(Venue):
 
 
 WAITING = RetryPolicy(attempts=4, deadline=30.0, wait_initial=0, wait_max=5.0, wait_jitter=0)
+ONCE_ONLY = RetryPolicy(attempts=1, deadline=30.0, wait_initial=0, wait_max=5.0, wait_jitter=0)
 """Retries at once, unless the venue asks for a wait (of at most 5 s)."""
 
 
@@ -1154,6 +1155,42 @@ def test_a_retry_after_beyond_the_longest_wait_ends_the_retries(
 
     assert len(venue.requests) == 1
     assert caught.value.retry_after is not None and caught.value.retry_after > 3000
+
+
+def test_a_retry_after_holds_every_client_of_the_throttle(make_client: MakeClient) -> None:
+    """One client's 429 with Retry-After 3600: another client of the same throttle sends
+    nothing, and says how long the venue asked every caller of the key to wait."""
+    shared = Throttle(rate=10_000)
+    first = Venue(reply(429, **{"Retry-After": "3600"}))
+    second = Venue(reply(200, ORDER))
+
+    with pytest.raises(VenueRateLimited):
+        make_client(first, retry=WAITING, throttle=shared).get_order(ORDER_ID)
+    with pytest.raises(VenueRateLimited) as held:
+        make_client(second, retry=WAITING, throttle=shared).get_order(ORDER_ID)
+
+    assert second.requests == []
+    assert held.value.status is None
+    assert held.value.retry_after is not None and 3500 < held.value.retry_after <= 3600
+    assert retryable_unsent(held.value)  # not sent: a create may be tried again
+
+
+def test_a_retry_after_within_the_longest_wait_holds_the_other_client_until_then(
+    make_client: MakeClient,
+) -> None:
+    """A 429 asking for a second: the other client's call waits for it, then goes."""
+    clock = FakeClock()
+    shared = Throttle(rate=10_000, clock=clock.time, sleep=clock.sleep)
+    with pytest.raises(VenueRateLimited):
+        make_client(
+            Venue(reply(429, **{"Retry-After": "1"})), retry=ONCE_ONLY, throttle=shared
+        ).get_order(ORDER_ID)
+    second = Venue(reply(200, ORDER))
+
+    order = make_client(second, retry=ONCE_ONLY, throttle=shared).get_order(ORDER_ID)
+
+    assert order.order_id == ORDER_ID
+    assert clock.sleeps == [pytest.approx(1.0)]
 
 
 def test_the_sandbox_gateways_retry_after_is_honoured() -> None:
