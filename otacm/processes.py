@@ -238,6 +238,7 @@ def open_runtime(
             cannot be opened or written), or is unreachable and there is no ``stop``.
     """
     from orders.mirror import forget_foreign_orders
+    from orders.shop_events import deliver_to
     from receiver.metrics import VenueCallMetrics
     from storage.engine import make_engine, make_sessions, retry_while_unavailable
     from storage.migrate import is_current
@@ -250,6 +251,7 @@ def open_runtime(
     with ExitStack() as stack:
         stack.callback(engine.dispose)
         sessions = make_sessions(engine)
+        deliver_to(sessions, settings.shop_endpoint_names())
 
         def prepare() -> dict[str, int]:
             if not is_current(engine):
@@ -294,18 +296,21 @@ class SchemaNotCurrentError(RuntimeError):
 
 
 def run_worker(settings: Settings, stop: threading.Event) -> None:
-    """The inbox worker: fetch every notified order and mirror it, until ``stop``.
+    """The inbox worker: fetch every notified order and mirror it, until ``stop``; beside
+    it, a thread per shop endpoint sends the shop's events (:mod:`otacm.shop_senders`).
 
     It waits for a database that cannot be reached, at start as while running.
     """
     from orders.worker import run_forever
     from otacm.liveness import beater
+    from otacm.shop_senders import start_shop_senders
     from storage.engine import WaitStopped
     from storage.lease import new_owner
 
     beat = beater(settings.liveness_dir, "worker")
     try:
         with open_runtime(settings, stop=stop, role="worker") as runtime:
+            start_shop_senders(settings, runtime.engine, runtime.sessions, stop)
             run_forever(
                 runtime.sessions,
                 runtime.clients,
