@@ -486,7 +486,7 @@ def list_deliveries(
         query = query.where(d.endpoint == endpoint)
     query = query.order_by(d.id.desc()).limit(limit)
     rows = []
-    for delivery, event in session.execute(query).tuples():
+    for delivery, event in session.execute(query).all():
         payload = event.payload if isinstance(event.payload, dict) else {}
         rows.append(
             DeliveryRow(
