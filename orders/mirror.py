@@ -34,7 +34,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from orders.inbox import Lookup, queue_lookups
-from orders.shop_events import record_order_event, status_event
+from orders.shop_events import erase_event_names, record_order_event, status_event
 from storage.models import (
     Asset,
     ChangeSource,
@@ -597,7 +597,8 @@ def erase_customers(session: Session, pks: Sequence[int], now: dt.datetime) -> N
     """Blank the customers' names and e-mails of these mirrored orders, lines and wallets.
 
     The order is marked erased (``personal_data_erased_at``, kept if it was already), so
-    that a later fetch of it stores no name again (:mod:`storage.flush`).
+    that a later fetch of it stores no name again (:mod:`storage.flush`); the copies in
+    its events for the shop are blanked too.
     """
     chosen = sorted(pks)
     session.execute(
@@ -623,3 +624,4 @@ def erase_customers(session: Session, pks: Sequence[int], now: dt.datetime) -> N
         .values(name=None)
         .execution_options(synchronize_session=False)
     )
+    erase_event_names(session, chosen)

@@ -26,6 +26,7 @@ read: the process that builds a session factory names them on it once
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import uuid
 from collections.abc import Mapping, Sequence
@@ -204,3 +205,32 @@ def _connection_name(session: Session, connection_id: int) -> str:
     return session.execute(
         sa.select(VenueConnection.name).where(VenueConnection.id == connection_id)
     ).scalar_one()
+
+
+def erase_event_names(session: Session, venue_order_ids: Sequence[int]) -> int:
+    """Blank the ticket holders' names in the stored events of these orders.
+
+    An event keeps the order as it stood, names included, until it is pruned; when the
+    mirror erases an order's customers (:func:`orders.mirror.erase_customers`), its
+    events' copies go too. An event not yet delivered is then sent without them.
+
+    Returns:
+        How many events changed.
+    """
+    changed = 0
+    ids = sorted(venue_order_ids)
+    for start in range(0, len(ids), 500):
+        query = sa.select(ShopEvent).where(ShopEvent.venue_order_id.in_(ids[start : start + 500]))
+        for event in session.scalars(query):
+            payload = copy.deepcopy(event.payload)
+            named = False
+            for item in payload.get("items") or ():
+                for wallet in item.get("wallets") or ():
+                    if wallet.get("name") is not None:
+                        wallet["name"] = None
+                        named = True
+            if named:
+                event.payload = payload
+                changed += 1
+    session.flush()
+    return changed

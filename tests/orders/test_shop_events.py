@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from orders.mirror import mark_removed, upsert_order
+from orders.mirror import erase_customers, mark_removed, upsert_order
 from orders.shop_delivery import (
     BATCH_SIZE,
     Endpoint,
@@ -492,3 +492,22 @@ def test_a_sale_the_venue_refuses_tells_the_shop(
     assert [d.endpoint for d in deliveries(sessions)] == ["shop"]
     with sessions() as session:
         assert session.scalar(sa.select(sa.func.count()).select_from(VenueOrder)) == 0
+
+
+def test_erasing_an_orders_customers_blanks_the_names_its_events_carry(
+    sessions: sessionmaker[Session], connection_id: int
+) -> None:
+    """The privacy erasure reaches the events' copies of the order: no holder's name stays."""
+    mirror(sessions, connection_id, 1, "Draft", T0)
+    mirror(sessions, connection_id, 1, "Issued", T0 + MINUTE)
+    with sessions() as session:
+        assert "Visitor 1" in json.dumps([e.payload for e in events(sessions)])
+        [pk] = session.scalars(sa.select(VenueOrder.id)).all()
+
+    with sessions.begin() as session:
+        erase_customers(session, [pk], T0 + 2 * MINUTE)
+
+    payloads = [e.payload for e in events(sessions)]
+    assert len(payloads) == 2
+    assert "Visitor" not in json.dumps(payloads)
+    assert payloads[1]["items"][0]["wallets"][0]["walletReferenceNumber"]
