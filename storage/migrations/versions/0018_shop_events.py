@@ -41,6 +41,10 @@ _EVENT_TYPES = (
 _DELIVERY_STATES = ("pending", "leased", "delivered", "dead")
 
 
+def _enum(values: Sequence[str], name: str, length: int) -> sa.Enum:
+    return sa.Enum(*values, name=name, native_enum=False, create_constraint=True, length=length)
+
+
 def _big_id() -> sa.types.TypeEngine[int]:
     return sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
@@ -56,7 +60,9 @@ def upgrade() -> None:
         sa.Column("order_seq", sa.Integer(), nullable=False),
         sa.Column(
             "type",
-            sa.Enum(*_EVENT_TYPES, name="type", native_enum=False, create_constraint=True, length=32),
+            sa.Enum(
+                *_EVENT_TYPES, name="type", native_enum=False, create_constraint=True, length=32
+            ),
             nullable=False,
         ),
         sa.Column("payload", sa.JSON(), nullable=False),
@@ -90,7 +96,11 @@ def upgrade() -> None:
         sa.Column(
             "state",
             sa.Enum(
-                *_DELIVERY_STATES, name="state", native_enum=False, create_constraint=True, length=16
+                *_DELIVERY_STATES,
+                name="state",
+                native_enum=False,
+                create_constraint=True,
+                length=16,
             ),
             nullable=False,
         ),
