@@ -108,7 +108,13 @@ class ShopEndpoint(BaseModel):
     @field_validator("url")
     @classmethod
     def _url_is_absolute(cls, value: str) -> str:
-        return check_webhook_url(value).replace("webhook URL", "shop endpoint URL")
+        try:
+            return check_webhook_url(value)
+        except ValueError:
+            # Not the URL itself in the message: it may hold a credential.
+            raise ValueError(
+                "a shop endpoint URL must be an absolute http(s) URL without a #fragment"
+            ) from None
 
     @field_validator("secrets", mode="before")
     @classmethod
