@@ -189,3 +189,27 @@ def test_replay_dead_puts_back_every_dead_delivery(migrated_engine: sa.Engine) -
     )
 
     assert (result.exit_code, result.stdout) == (0, "0 dead deliveries queued again\n")
+
+
+def test_doctor_fails_on_deliveries_given_up(migrated_engine: sa.Engine) -> None:
+    """Dead deliveries fail the doctor, counted per endpoint, with what to do."""
+    from tests.otacm.test_doctor import _doctor_on
+
+    assert _doctor_on(migrated_engine)["shop events"]["ok"]
+    sessions = make_sessions(migrated_engine)
+    deliver_to(sessions, {"default": ["shop", "crm"]})
+    with sessions.begin() as session:
+        connection_id = ensure_connection(session, "default")
+        order = parse(wire_order("Issued", minted=True))
+        upsert_order(session, connection_id, order, source=ChangeSource.FETCH, observed_at=T0)
+    with sessions.begin() as session:
+        session.execute(
+            sa.update(ShopDelivery)
+            .where(ShopDelivery.endpoint == "crm")
+            .values(state=DeliveryState.DEAD)
+        )
+
+    check = _doctor_on(migrated_engine)["shop events"]
+    assert not check["ok"] and check["facts"] == {"crm": 1}
+    assert "deliveries given up: 1 to crm" in check["detail"]
+    assert "otacm deliveries replay --dead" in check["detail"]
