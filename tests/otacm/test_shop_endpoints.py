@@ -213,3 +213,51 @@ def test_doctor_fails_on_deliveries_given_up(migrated_engine: sa.Engine) -> None
     assert not check["ok"] and check["facts"] == {"crm": 1}
     assert "deliveries given up: 1 to crm" in check["detail"]
     assert "otacm deliveries replay --dead" in check["detail"]
+
+
+def test_the_roles_sessions_record_deliveries_to_the_configured_endpoints(
+    migrated_engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A change made through a role's sessions (worker, scheduler) records one delivery per
+    endpoint serving its connection, and none for an endpoint of another connection."""
+    from prometheus_client import CollectorRegistry
+    from pydantic import SecretStr
+
+    from otacm.processes import open_runtime
+    from receiver import metrics
+    from receiver.metrics import VenueCallMetrics
+    from venue.connection import VenueConnection
+
+    def venue(name: str) -> VenueConnection:
+        return VenueConnection(
+            name=name,
+            api_base_url="http://venue.invalid",
+            tenant="00000000-0000-0000-0000-000000000001",
+            company="CRONUS",
+            api_key=SecretStr("key-for-tests"),
+        )
+
+    settings = Settings(
+        database_url=migrated_engine.url.render_as_string(hide_password=False),
+        connections=[venue("default"), venue("zoo")],
+        shop_endpoints=[
+            {"name": "shop", "url": "http://127.0.0.1:9/a", "secrets": [SECRET]},
+            {
+                "name": "zoo-crm",
+                "url": "http://127.0.0.1:9/b",
+                "secrets": [SECRET],
+                "connections": ["zoo"],
+            },
+        ],
+    )
+    monkeypatch.setattr(
+        metrics, "VenueCallMetrics", lambda registry: VenueCallMetrics(CollectorRegistry())
+    )
+    with open_runtime(settings) as runtime, runtime.sessions.begin() as session:
+        connection_id = ensure_connection(session, "default")
+        order = parse(wire_order("Issued", minted=True))
+        upsert_order(session, connection_id, order, source=ChangeSource.FETCH, observed_at=T0)
+
+    with make_sessions(migrated_engine)() as session:
+        endpoints = session.scalars(sa.select(ShopDelivery.endpoint)).all()
+    assert endpoints == ["shop"]
