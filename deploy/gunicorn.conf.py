@@ -2,7 +2,7 @@
 
     gunicorn -c deploy/gunicorn.conf.py 'receiver:create_app()'
 
-They are the ones `otacm web` uses (otacm.processes.gunicorn_options), read from one place.
+They are the ones `otacm web` uses (otacm.web.gunicorn_options), read from one place.
 Set OTACM_BIND (default 127.0.0.1:8000) and, optionally, OTACM_WEB_WORKERS.
 PROMETHEUS_MULTIPROC_DIR must name an empty directory so /metrics sums every worker; the
 settings' child_exit hook tells prometheus-client of each worker that exits.
@@ -13,8 +13,8 @@ json), with the configured secrets masked, as under `otacm web`.
 import os
 
 from otacm.logs import configure_logging, settings_secrets
-from otacm.processes import gunicorn_options
 from otacm.settings import Settings
+from otacm.web import gunicorn_options
 
 configure_logging(
     os.environ.get("OTACM_LOG_LEVEL", "INFO"),

@@ -40,6 +40,7 @@ from orders.mirror import (
     upsert_order,
 )
 from orders.outbox import DEFAULT_LEASE_SECONDS, OUTBOX_QUEUE, OutboxClaim, apply_replacement
+from orders.shop_events import record_submission_failed
 from orders.submission import Submission
 from storage.flush import ColumnOverflow
 from storage.lease import LAST_ERROR_MAX_CHARS, NO_SYNC, backoff
@@ -334,6 +335,9 @@ class Send:
     ) -> SendResult:
         """The row ``failed`` with the venue's message; a sale's ledger line stays as it is.
 
+        A refused createOrder also records ``order.submission_failed`` for the shop
+        (:func:`orders.shop_events.record_submission_failed`), in the same transaction.
+
         For an action on an order, what the refusal says about the order is recorded with
         it: ``removed`` marks it removed (a 404), ``observed`` mirrors the order as just
         fetched, and ``recheck`` queues a getOrder for the worker (the mirror was stale).
@@ -366,6 +370,18 @@ class Send:
                         [Lookup(claim.order_id, f"{claim.operation}_refused")],
                         now=now,
                     )
+            if updated and claim.operation is OutboxOperation.CREATE:
+                # The sale will not become an order: the shop is told, with the refusal.
+                request = claim.request or {}
+                record_submission_failed(
+                    session,
+                    claim.connection_id,
+                    reference=_text(request.get("sellToOrderReference")),
+                    partner_id=_text(request.get("partnerId")),
+                    code=code,
+                    message=message,
+                    now=now,
+                )
         if not updated:
             return SendResult(claim.id, SendOutcome.LEASE_LOST)
         if claim.order_id is None:
@@ -477,3 +493,8 @@ def kept_leased(send: Send) -> Iterator[None]:
     finally:
         stop.set()
         renewer.join()
+
+
+def _text(value: object) -> str | None:
+    """A stored request's field as text, when it is text."""
+    return value if isinstance(value, str) else None

@@ -7,7 +7,9 @@ an order was seen in (:mod:`storage.models`), are written here and nowhere else:
   call's answer) with the :class:`~storage.models.ChangeSource` that brought it;
   :func:`mark_removed` records an order the venue no longer has;
   :func:`note_foreign_order` and its neighbours keep the ids of other partners' orders,
-  of which nothing else is stored;
+  of which nothing else is stored; an order entering Issued, Draft, Error or Cancelled,
+  or removed, records its event for the shop in the same transaction
+  (:mod:`orders.shop_events`);
 - from the change feed: :func:`add_headers` (header-only rows for orders first seen in
   flight), :func:`update_header` (an in-flight step), :func:`record_row_version`;
 - :func:`retire_other_orders`: a sale's other live orders, once an answer named its
@@ -32,6 +34,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from orders.inbox import Lookup, queue_lookups
+from orders.shop_events import erase_event_names, record_order_event, status_event
 from storage.models import (
     Asset,
     ChangeSource,
@@ -42,7 +45,7 @@ from storage.models import (
     VenueOrder,
     Wallet,
 )
-from storage.records import FeedCursor, FeedMark
+from storage.records import FeedCursor, FeedMark, ShopEventType
 from venue import models as wire
 from venue.models import IN_FLIGHT_STATUSES, OrderStatus, OrderSummary
 from venue.values import canonical_guid
@@ -101,6 +104,7 @@ def upsert_order(
             is_new = False
 
     status_message = order.status_message
+    status_before = None if is_new or row.removed_at is not None else row.status
     changed = (
         is_new
         or row.removed_at is not None
@@ -132,6 +136,9 @@ def upsert_order(
             )
         )
     session.flush()
+    event = status_event(status_before, order.status)
+    if event is not None:
+        record_order_event(session, row, event, now=observed_at)
     return row
 
 
@@ -176,6 +183,7 @@ def mark_removed(
         )
     )
     session.flush()
+    record_order_event(session, row, ShopEventType.REMOVED, now=observed_at)
     return row
 
 
@@ -589,7 +597,8 @@ def erase_customers(session: Session, pks: Sequence[int], now: dt.datetime) -> N
     """Blank the customers' names and e-mails of these mirrored orders, lines and wallets.
 
     The order is marked erased (``personal_data_erased_at``, kept if it was already), so
-    that a later fetch of it stores no name again (:mod:`storage.flush`).
+    that a later fetch of it stores no name again (:mod:`storage.flush`); the copies in
+    its events for the shop are blanked too.
     """
     chosen = sorted(pks)
     session.execute(
@@ -615,3 +624,4 @@ def erase_customers(session: Session, pks: Sequence[int], now: dt.datetime) -> N
         .values(name=None)
         .execution_options(synchronize_session=False)
     )
+    erase_event_names(session, chosen)

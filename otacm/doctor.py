@@ -91,6 +91,7 @@ def run_checks(
             checks += [
                 check_jobs(engine, settings, now=now or utcnow()),
                 check_dead_letters(engine),
+                check_shop_deliveries(engine),
             ]
         except DATABASE_UNAVAILABLE as exc:  # gone since the database check
             reason = database_error_reason(exc)
@@ -272,6 +273,33 @@ def check_dead_letters(engine: Engine) -> Check:
             "venue: their last_error says why)"
         )
     return Check("dead letters", False, "; ".join(parts), facts=facts)
+
+
+def check_shop_deliveries(engine: Engine) -> Check:
+    """Whether events to the shop were given up: the shop never got them."""
+    import sqlalchemy as sa
+
+    from storage.engine import make_sessions
+    from storage.records import DeliveryState, ShopDelivery
+
+    with make_sessions(engine, read_only=True).begin() as session:
+        rows = session.execute(
+            sa.select(ShopDelivery.endpoint, sa.func.count())
+            .where(ShopDelivery.state == DeliveryState.DEAD)
+            .group_by(ShopDelivery.endpoint)
+            .order_by(ShopDelivery.endpoint)
+        ).all()
+    facts = {endpoint: int(count) for endpoint, count in rows}
+    if not facts:
+        return Check("shop events", True, "no delivery given up", facts=facts)
+    counts = ", ".join(f"{count} to {endpoint}" for endpoint, count in facts.items())
+    return Check(
+        "shop events",
+        False,
+        f"deliveries given up: {counts} (the shop never got them: "
+        "`otacm deliveries list --state dead`, then `otacm deliveries replay --dead`)",
+        facts=facts,
+    )
 
 
 def check_access(settings: Settings) -> list[Check]:

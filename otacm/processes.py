@@ -1,5 +1,5 @@
-"""otacm's processes: the web app under gunicorn, the inbox worker, the scheduler, and
-``serve``, which runs all three on one box.
+"""otacm's processes: the inbox worker, the scheduler, and ``serve``, which runs all three
+roles on one box (the web app under gunicorn is :mod:`otacm.web`).
 
 Each role is a separate entry point (``otacm web``, ``otacm worker``, ``otacm
 scheduler``) so a scaled deployment runs as many of each as it needs, on any number of
@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gunicorn import glogging
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -62,62 +61,6 @@ several nodes' schedulers do not all fire in the same millisecond..."""
 
 SCHEDULER_MAX_JITTER = 2.0
 """...but never more than this many seconds."""
-
-
-def gunicorn_options(bind: str, workers: int | None = None) -> dict[str, Any]:
-    """The production gunicorn settings for the receiver (also ``deploy/gunicorn.conf.py``).
-
-    Sync workers, about two per core plus one: each request is short (parse, one INSERT,
-    commit) and the commit waits on the disk, so a few more processes than cores keep the
-    cores busy. Requests never wait on the venue: that work is the worker's.
-    """
-    return {
-        "bind": bind,
-        "workers": workers or (2 * (os.cpu_count() or 1) + 1),
-        "worker_class": "sync",
-        "timeout": 30,
-        "graceful_timeout": 20,
-        # Webhooks are small; a request line or header beyond these is not the venue.
-        "limit_request_line": 8190,
-        "limit_request_fields": 100,
-        "accesslog": None,
-        "errorlog": "-",
-        "loglevel": "info",
-        "proc_name": "otacm-web",
-        # gunicorn's runtime control socket (gunicornc) lives at one per-user path that
-        # every gunicorn on the box would share, and fails noisily where the home is
-        # read-only (systemd's ProtectHome); otacm's processes are managed by signals.
-        "control_socket_disable": True,
-        "child_exit": worker_exited,
-        "logger_class": GunicornLogger,
-    }
-
-
-class GunicornLogger(glogging.Logger):  # type: ignore[misc]
-    """gunicorn's logger, writing its lines (the error log; an access log when one is asked
-    for) in otacm's format with otacm's redaction (:mod:`otacm.logs`): one JSON object per
-    line when ``OTACM_LOG_FORMAT=json``, like every other line of the process."""
-
-    def setup(self, cfg: Any) -> None:
-        """gunicorn's setup, then otacm's formatter on the handlers gunicorn made."""
-        from otacm.logs import configured_formatter
-
-        super().setup(cfg)
-        formatter = configured_formatter()
-        if formatter is None:  # gunicorn started without otacm's logging: its own format
-            return
-        for log in (self.error_log, self.access_log):
-            for handler in log.handlers:
-                handler.setFormatter(formatter)
-
-
-def worker_exited(server: Any, worker: Any) -> None:
-    """gunicorn's ``child_exit`` hook, run in the master once a worker has exited (stopped,
-    killed, timed out or recycled): its live gauges leave the scrape, as prometheus-client's
-    multiprocess mode asks; its counters stay, being counts it made."""
-    from receiver.metrics import forget_process
-
-    forget_process(worker.pid)
 
 
 @contextmanager
@@ -179,34 +122,6 @@ def _process_running(pid: int | None) -> bool:
     return True
 
 
-def run_web(settings: Settings, options: dict[str, Any]) -> None:
-    """Serve ``receiver.create_app(settings)`` under gunicorn until it is stopped.
-
-    ``GUNICORN_CMD_ARGS`` (gunicorn's own variable, in its command line's syntax) changes
-    any of gunicorn's settings over ``options``, as it would over a configuration file:
-    ``--timeout``, ``--max-requests`` and the like.
-    """
-    from gunicorn.app.base import BaseApplication
-
-    from receiver import create_app
-
-    class WebApplication(BaseApplication):  # type: ignore[misc]
-        def load_config(self) -> None:
-            for key, value in options.items():
-                self.cfg.set(key, value)
-            overrides = self.cfg.get_cmd_args_from_env()
-            if overrides:
-                parsed = self.cfg.parser().parse_args(overrides)
-                for key, value in vars(parsed).items():
-                    if value is not None and key != "args":
-                        self.cfg.set(key.lower(), value)
-
-        def load(self) -> Any:
-            return create_app(settings)
-
-    WebApplication().run()
-
-
 @dataclass
 class Runtime:
     """What the worker and scheduler roles share: the database and each connection's client.
@@ -238,6 +153,7 @@ def open_runtime(
             cannot be opened or written), or is unreachable and there is no ``stop``.
     """
     from orders.mirror import forget_foreign_orders
+    from orders.shop_events import deliver_to
     from receiver.metrics import VenueCallMetrics
     from storage.engine import make_engine, make_sessions, retry_while_unavailable
     from storage.migrate import is_current
@@ -251,6 +167,7 @@ def open_runtime(
     with ExitStack() as stack:
         stack.callback(engine.dispose)
         sessions = make_sessions(engine)
+        deliver_to(sessions, settings.shop_endpoint_names())
 
         def prepare() -> dict[str, int]:
             if not is_current(engine):
@@ -297,18 +214,21 @@ class SchemaNotCurrentError(RuntimeError):
 
 
 def run_worker(settings: Settings, stop: threading.Event) -> None:
-    """The inbox worker: fetch every notified order and mirror it, until ``stop``.
+    """The inbox worker: fetch every notified order and mirror it, until ``stop``; beside
+    it, a thread per shop endpoint sends the shop's events (:mod:`otacm.shop_senders`).
 
     It waits for a database that cannot be reached, at start as while running.
     """
     from orders.worker import run_forever
     from otacm.liveness import beater
+    from otacm.shop_senders import start_shop_senders
     from storage.engine import WaitStopped
     from storage.lease import new_owner
 
     beat = beater(settings.liveness_dir, "worker")
     try:
         with open_runtime(settings, stop=stop, role="worker") as runtime:
+            start_shop_senders(settings, runtime.engine, runtime.sessions, stop)
             run_forever(
                 runtime.sessions,
                 runtime.clients,

@@ -14,6 +14,8 @@ Secrets (API keys, webhook client states, tokens) are ``SecretStr``: they never 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import datetime as dt
 import os
@@ -25,7 +27,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from venue.connection import (
@@ -65,6 +67,67 @@ class _ConfigFileSetting(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="OTACM_", extra="ignore")
 
     config_file: Path | None = None
+
+
+SHOP_SECRET_PREFIX = "whsec_"  # noqa: S105 - the form of a secret, not one
+"""How a Standard Webhooks secret is written: this prefix, then the key in base64."""
+
+
+def check_shop_secret(secret: str) -> bytes:
+    """The key of a Standard Webhooks secret (``whsec_`` and base64, or base64 alone).
+
+    Raises:
+        ValueError: it is not base64, or its key is not 24 to 64 bytes long (the
+            specification's bounds). The message never holds the secret.
+    """
+    text = secret.strip().removeprefix(SHOP_SECRET_PREFIX)
+    try:
+        key = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("a shop endpoint secret must be 'whsec_' and base64") from None
+    if not 24 <= len(key) <= 64:
+        raise ValueError(f"a shop endpoint secret must hold 24 to 64 bytes, not {len(key)}")
+    return key
+
+
+class ShopEndpoint(BaseModel):
+    """Where the shop receives otacm's events: a name, a URL, the secrets that sign them.
+
+    Every configured secret signs each event (``webhook-signature`` then holds one
+    signature per secret), so a shop can change its secret without missing an event:
+    add the new one, let the shop accept it, remove the old. ``connections`` names the
+    venue connections whose orders it is told of; empty, every connection's.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    url: str
+    secrets: Annotated[list[SecretStr], Field(min_length=1)]
+    connections: list[str] = Field(default_factory=list)
+
+    @field_validator("url")
+    @classmethod
+    def _url_is_absolute(cls, value: str) -> str:
+        try:
+            return check_webhook_url(value)
+        except ValueError:
+            # Not the URL itself in the message: it may hold a credential.
+            raise ValueError(
+                "a shop endpoint URL must be an absolute http(s) URL without a #fragment"
+            ) from None
+
+    @field_validator("secrets", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        return split_comma_list(value)
+
+    @field_validator("secrets")
+    @classmethod
+    def _secrets_are_keys(cls, value: list[SecretStr]) -> list[SecretStr]:
+        for secret in value:
+            check_shop_secret(secret.get_secret_value())
+        return value
 
 
 class Settings(BaseSettings):
@@ -171,6 +234,17 @@ class Settings(BaseSettings):
     # ignored (a client could forge them).
     trusted_proxies: int = Field(default=0, ge=0)
 
+    # Events to the shop (orders.shop_events): the endpoints that receive them, and how
+    # long a delivery the endpoint does not take is retried (with backoff) before it is
+    # given up (dead; `otacm deliveries replay`). Each POST waits this many seconds.
+    shop_endpoints: list[ShopEndpoint] = Field(default_factory=list)
+    shop_retry_horizon_days: float = Field(default=3.0, gt=0, le=365)
+    shop_request_timeout: float = Field(default=5.0, gt=0, le=60)
+    # The single-endpoint form, from the environment alone (every connection's events).
+    shop_endpoint_name: str = "shop"
+    shop_endpoint_url: str | None = None
+    shop_endpoint_secrets: SecretCommaList = Field(default_factory=list)
+
     # The single-venue form, from the environment alone.
     connection_name: str = "default"
     api_base_url: str = DEFAULT_API_BASE_URL
@@ -190,7 +264,12 @@ class Settings(BaseSettings):
     venue_rate_period: float = Field(default=DEFAULT_PERIOD, gt=0, le=86_400)
 
     @field_validator(
-        "partner_ids", "webhook_client_states", "api_tokens", "finance_users", mode="before"
+        "partner_ids",
+        "webhook_client_states",
+        "api_tokens",
+        "finance_users",
+        "shop_endpoint_secrets",
+        mode="before",
     )
     @classmethod
     def _split(cls, value: Any) -> Any:
@@ -276,7 +355,47 @@ class Settings(BaseSettings):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"venue connection names must be unique: {', '.join(duplicates)}")
+        self._fold_shop_endpoint(names)
         return self
+
+    def _fold_shop_endpoint(self, connection_names: list[str]) -> None:
+        """The environment's shop endpoint joins the file's; names and connections checked."""
+        endpoints = list(self.shop_endpoints)
+        if self.shop_endpoint_url is not None and self.shop_endpoint_url.strip():
+            if not self.shop_endpoint_secrets:
+                raise ValueError(
+                    "a shop endpoint from the environment also needs OTACM_SHOP_ENDPOINT_SECRETS"
+                )
+            single = ShopEndpoint(
+                name=self.shop_endpoint_name,
+                url=self.shop_endpoint_url,
+                secrets=self.shop_endpoint_secrets,
+            )
+            if all(e.name != single.name for e in endpoints):
+                endpoints.append(single)
+                object.__setattr__(self, "shop_endpoints", endpoints)
+        names = [e.name for e in endpoints]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"shop endpoint names must be unique: {', '.join(duplicates)}")
+        for endpoint in endpoints:
+            unknown = sorted(set(endpoint.connections) - set(connection_names))
+            if unknown:
+                raise ValueError(
+                    f"shop endpoint {endpoint.name} names no venue connection called "
+                    f"{', '.join(unknown)}"
+                )
+
+    def shop_endpoint_names(self) -> dict[str, list[str]]:
+        """Per venue connection's name, the names of the shop endpoints told of its orders."""
+        return {
+            connection.name: [
+                e.name
+                for e in self.shop_endpoints
+                if not e.connections or connection.name in e.connections
+            ]
+            for connection in self.connections
+        }
 
     @classmethod
     def load(cls, config_file: Path | None = None) -> Settings:
@@ -369,6 +488,10 @@ class Settings(BaseSettings):
             "database_url": mask_database_url(self.database_url),
             "poll_interval": self.poll_interval,
             "connections": [c.masked() for c in self.connections],
+            "shop_endpoints": [
+                {"name": e.name, "connections": e.connections or "all", "secrets": "****"}
+                for e in self.shop_endpoints
+            ],
         }
 
 

@@ -15,6 +15,7 @@ import logging
 
 from flask import Flask
 
+from orders.shop_events import deliver_to
 from otacm.settings import Settings
 from receiver import api, api_reads, body, finance, headers, health, metrics, openapi, webhook
 from receiver.context import EXTENSION, Receiver
@@ -57,10 +58,13 @@ def create_app(settings: Settings | None = None) -> Flask:
     engine = make_engine(settings.database_url, lock_timeout=settings.db_lock_timeout)
     try:
         read_sessions = make_sessions(engine, read_only=True)
+        sessions = make_sessions(engine)
+        # A sale the venue refuses at once (POST /api/orders) tells the shop's endpoints.
+        deliver_to(sessions, settings.shop_endpoint_names())
         receiver = Receiver(
             settings=settings,
             engine=engine,
-            sessions=make_sessions(engine),
+            sessions=sessions,
             read_sessions=read_sessions,
             metrics=metrics.Metrics(read_sessions, [c.name for c in settings.connections]),
         )

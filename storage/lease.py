@@ -291,20 +291,29 @@ def new_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def backoff(attempts: int, *, jitter: Callable[[], float] = random.random) -> dt.timedelta:
+def backoff(
+    attempts: int,
+    *,
+    jitter: Callable[[], float] = random.random,
+    base: float = BACKOFF_BASE_SECONDS,
+    cap: float = BACKOFF_CAP_SECONDS,
+) -> dt.timedelta:
     """How long a row waits after its ``attempts``-th failed attempt.
 
-    Exponential from :data:`BACKOFF_BASE_SECONDS`, capped at :data:`BACKOFF_CAP_SECONDS`,
-    with "equal jitter": between half and all of that delay, so rows that failed together
-    (a venue outage) do not all come back in the same second, yet none comes back early.
+    Exponential from ``base`` (:data:`BACKOFF_BASE_SECONDS`), capped at ``cap``
+    (:data:`BACKOFF_CAP_SECONDS`), with "equal jitter": between half and all of that
+    delay, so rows that failed together (a venue outage) do not all come back in the
+    same second, yet none comes back early.
 
     Args:
         attempts: attempts made so far (1 after the first failure).
         jitter: a source of numbers in ``[0, 1)``.
+        base: seconds of the first delay's ceiling.
+        cap: the longest delay, in seconds.
 
     Returns:
         The delay before the next attempt.
     """
     exponent = min(max(attempts, 1) - 1, 32)  # beyond 2**32 the cap has long applied
-    ceiling = min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2**exponent)
+    ceiling = min(cap, base * 2**exponent)
     return dt.timedelta(seconds=ceiling / 2 + ceiling / 2 * jitter())

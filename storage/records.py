@@ -7,7 +7,10 @@
   and :class:`ExceptionEvent`;
 - the finance pages: :class:`FinanceSession` and :class:`SignInAttempt`;
 - personal data: :class:`PrivacyErasure`, each erasure of customers' names and e-mails;
-- the shop's change feed: :class:`ChangeCounter` (:mod:`storage.changes`).
+- the shop's change feed: :class:`ChangeCounter` (:mod:`storage.changes`);
+- events to the shop: :class:`ShopEvent`, each event recorded with the mirror change that
+  caused it, and :class:`ShopDelivery`, its delivery to each endpoint configured for its
+  connection (:mod:`orders.shop_events`, :mod:`orders.shop_delivery`).
 
 They share :class:`storage.models.Base` and its conventions.
 """
@@ -22,7 +25,16 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from storage.models import ACTOR, GUID, REFERENCE, VENUE_CURRENCY, Base, BigId, enum_column
+from storage.models import (
+    ACTOR,
+    GUID,
+    IN_FLIGHT,
+    REFERENCE,
+    VENUE_CURRENCY,
+    Base,
+    BigId,
+    enum_column,
+)
 from storage.types import Money, UTCDateTime, utcnow
 
 
@@ -356,3 +368,118 @@ class ChangeCounter(Base):
 
     name: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
     value: Mapped[int] = mapped_column(sa.BigInteger)
+
+
+class ShopEventType(StrEnum):
+    """What an event tells the shop about an order."""
+
+    ISSUED = "order.issued"
+    DRAFT = "order.draft"
+    ERROR = "order.error"
+    CANCELLED = "order.cancelled"
+    REMOVED = "order.removed"
+    SUBMISSION_FAILED = "order.submission_failed"
+
+
+class DeliveryState(StrEnum):
+    """Where an event's delivery to one endpoint is: waiting, being sent, received, given up."""
+
+    PENDING = "pending"
+    LEASED = "leased"
+    DELIVERED = "delivered"
+    DEAD = "dead"
+
+
+SHOP_ENDPOINT = sa.String(64)
+"""A shop endpoint's name, as the settings give it."""
+
+
+class ShopEvent(Base):
+    """An event for the shop, recorded in the transaction of the change that caused it.
+
+    ``event_id`` (``msg_…``) is the Standard Webhooks ``webhook-id``: the same on every
+    attempt, so the shop can drop a repeat. ``order_seq`` numbers an order's events 1, 2,
+    … (unique per order): its deliveries go out in that order. A sale the venue refused
+    has no order (``venue_order_id`` empty, ``order_seq`` 1). ``payload`` is the order as
+    the read API returns it (``ShopOrder``, by alias), as it stood when recorded; for a
+    refused sale, its reference, partner and the venue's code and message.
+    """
+
+    __tablename__ = "shop_event"
+    __table_args__ = (
+        sa.UniqueConstraint("venue_order_id", "order_seq"),
+        sa.Index(None, "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    event_id: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    connection_id: Mapped[int] = mapped_column(sa.ForeignKey("venue_connection.id"))
+    # Events go with their order when the mirror erases it (another partner's order).
+    venue_order_id: Mapped[int | None] = mapped_column(
+        BigId, sa.ForeignKey("venue_order.id", ondelete="CASCADE")
+    )
+    order_seq: Mapped[int]
+    type: Mapped[ShopEventType] = mapped_column(enum_column(ShopEventType, "type", length=32))
+    payload: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+    deliveries: Mapped[list[ShopDelivery]] = relationship(
+        back_populates="event", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+
+class ShopDelivery(Base):
+    """One event's delivery to one shop endpoint: a leased queue row.
+
+    ``pending`` until ``next_attempt_at``, ``leased`` to one sender thread until
+    ``lease_expires_at`` (a claim also moves ``next_attempt_at`` to that time, so what is
+    due is one range of the in-flight index whatever the state), then ``delivered`` or
+    ``dead``. ``venue_order_id`` and ``order_seq`` repeat the event's, so that a claim
+    can pass over a delivery while an earlier one of its order to the same endpoint is
+    in flight. ``retry_from`` starts the retry horizon: when recorded, or replayed.
+    ``last_status`` and ``last_error`` describe the last attempt (the HTTP status; the
+    failure, bounded, never a secret or the body).
+    """
+
+    __tablename__ = "shop_delivery"
+    __table_args__ = (
+        sa.UniqueConstraint("shop_event_id", "endpoint"),
+        sa.Index(
+            "ix_shop_delivery_in_flight",
+            "endpoint",
+            "next_attempt_at",
+            postgresql_where=IN_FLIGHT,
+            sqlite_where=IN_FLIGHT,
+        ),
+        sa.Index(
+            "ix_shop_delivery_in_flight_order",
+            "endpoint",
+            "venue_order_id",
+            "order_seq",
+            postgresql_where=IN_FLIGHT,
+            sqlite_where=IN_FLIGHT,
+        ),
+        sa.Index(None, "state", "endpoint"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    shop_event_id: Mapped[int] = mapped_column(
+        BigId, sa.ForeignKey("shop_event.id", ondelete="CASCADE")
+    )
+    connection_id: Mapped[int]
+    endpoint: Mapped[str] = mapped_column(SHOP_ENDPOINT)
+    venue_order_id: Mapped[int | None] = mapped_column(BigId)
+    order_seq: Mapped[int]
+    state: Mapped[DeliveryState] = mapped_column(
+        enum_column(DeliveryState, "state"), default=DeliveryState.PENDING
+    )
+    attempts: Mapped[int] = mapped_column(default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    retry_from: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    lease_owner: Mapped[str | None] = mapped_column(ACTOR)
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    last_status: Mapped[int | None]
+    last_error: Mapped[str | None] = mapped_column(sa.String(300))
+    delivered_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+
+    event: Mapped[ShopEvent] = relationship(back_populates="deliveries")

@@ -33,7 +33,7 @@ from typing import Any
 
 import click
 
-from otacm.cli import db, demo, doctor, finance, orders, privacy, roles
+from otacm.cli import db, deliveries, demo, doctor, finance, orders, privacy, roles
 from otacm.cli.context import CliContext, describe_failed_database, fail
 from otacm.logs import LOG_FORMATS, configure_logging
 from sandbox.cli import sandbox_command
@@ -112,6 +112,7 @@ for _command in (
     finance.ledger,
     finance.report,
     orders.inbox,
+    deliveries.deliveries,
     finance.finance,
     finance.reconcile_command,
     finance.exceptions,

@@ -135,10 +135,14 @@ def open_database(cli: CliContext) -> Iterator[Engine]:
 def open_sessions(cli: CliContext, *, read_only: bool = False) -> Iterator[sessionmaker[Session]]:
     """The session factory of :func:`open_database`'s engine (``read_only``: see
     :func:`storage.engine.make_sessions`)."""
+    from orders.shop_events import deliver_to
     from storage.engine import make_sessions
 
     with open_database(cli) as engine:
-        yield make_sessions(engine, read_only=read_only)
+        sessions = make_sessions(engine, read_only=read_only)
+        # What a command changes in the mirror tells the shop too.
+        deliver_to(sessions, cli.settings.shop_endpoint_names())
+        yield sessions
 
 
 def fail(cli: CliContext, message: str) -> NoReturn:

@@ -48,7 +48,8 @@ def _workers_option(function: Any) -> Any:
 def web(cli: CliContext, bind: str, workers: int | None) -> None:
     """Serve the receiver (webhooks, health, metrics, the API) under gunicorn."""
     from otacm.liveness import announce_web
-    from otacm.processes import gunicorn_options, metrics_directory, run_web
+    from otacm.processes import metrics_directory
+    from otacm.web import gunicorn_options, run_web
 
     # Opens nothing but makes a SQLite database's directory: here, not in each worker.
     with open_database(cli):

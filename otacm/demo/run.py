@@ -21,6 +21,7 @@ from otacm.demo.daemon import (
     stay_until_interrupted,
     wait_for,
 )
+from otacm.demo.events import deliveries_settled, demo_shop
 from otacm.demo.finance import (
     FINANCE_CONFIG,
     FINANCE_USER,
@@ -47,8 +48,9 @@ def run_demo(
     database_url: str,
     stay: bool = False,
 ) -> DemoReport:
-    """Run sandbox and daemon, send ``orders`` sample orders, report the local mirror, plant
-    mismatches, reconcile, and print the run and where its finance pages are.
+    """Run sandbox and daemon, send ``orders`` sample orders, report the local mirror and
+    the events its shop endpoint received (:mod:`otacm.demo.events`), plant mismatches,
+    reconcile, and print the run and where its finance pages are.
 
     With ``stay``, the daemon and the sandbox keep running after the report until Ctrl-C.
 
@@ -78,7 +80,9 @@ def run_demo(
         bind = f"127.0.0.1:{free_port()}"
         log = Path("var") / "demo-serve.log"
         log.parent.mkdir(parents=True, exist_ok=True)
+        shop = stack.enter_context(demo_shop())
         environment = daemon_environment(connection, database_url, api_token, finance)
+        environment.update(shop.environment())
         daemon = stack.enter_context(running_daemon(environment, bind, log))
         click.echo(f"otacm serve (web, worker, scheduler) on {daemon}; its log: {log}")
 
@@ -126,6 +130,9 @@ def run_demo(
         }
         report.webhooks_sent = int(stats["webhooks"]["sent"])
         for line in report.lines():
+            click.echo(line)
+        wait_for(lambda: deliveries_settled(engine), timeout=timeout, what="the shop's events")
+        for line in shop.lines():
             click.echo(line)
 
         with make_sessions(engine).begin() as session:

@@ -228,6 +228,15 @@ def assert_demo_outcome(output: str, database_url: str, workdir: Path) -> dict[s
         assert re.search(rf"^  {category} +{count}  ", output, re.M), category
     imported = "imported the shop's ledger export var/demo-ledger.jsonl: 1 inserted, 2 updated"
     assert imported in output
+    # The demo's shop endpoint verified every event it got; the sample orders all issue.
+    events = re.search(
+        r"^the shop's endpoint received (\d+) events, each signature verified \(0 refused\):$",
+        output,
+        re.M,
+    )
+    issued = re.search(r"^  order\.issued +(\d+)$", output, re.M)
+    assert events is not None and issued is not None, output
+    assert int(events.group(1)) >= int(issued.group(1)) > 0
 
     lines = output.splitlines()
     finance = [found for found in map(FINANCE_LINE.match, lines) if found]

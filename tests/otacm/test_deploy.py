@@ -16,8 +16,8 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from otacm.processes import gunicorn_options
 from otacm.settings import Settings
+from otacm.web import gunicorn_options
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
@@ -230,10 +230,11 @@ def test_compose_keeps_secrets_on_a_volume_and_no_password_in_the_file() -> None
 
 def test_the_env_example_names_every_setting() -> None:
     """deploy/otacm.env.example names each OTACM_ setting (set or as a commented default);
-    only the list of connections needs the TOML file."""
+    only the lists of connections and of shop endpoints need the TOML file."""
     example = (DEPLOY / "otacm.env.example").read_text()
     named = set(re.findall(r"^#? ?(OTACM_[A-Z_]+)=", example, flags=re.MULTILINE))
-    expected = {f"OTACM_{name.upper()}" for name in Settings.model_fields if name != "connections"}
+    lists = ("connections", "shop_endpoints")
+    expected = {f"OTACM_{name.upper()}" for name in Settings.model_fields if name not in lists}
     expected |= {"OTACM_CONFIG_FILE", "OTACM_BIND", "OTACM_LOG_LEVEL", "OTACM_LOG_FORMAT"}
     assert sorted(expected - named) == []
     assert sorted(named - expected) == []

@@ -34,7 +34,7 @@ _MASTER = textwrap.dedent(
     """
     import sys
     from types import SimpleNamespace
-    from otacm.processes import gunicorn_options
+    from otacm.web import gunicorn_options
 
     gunicorn_options("127.0.0.1:0")["child_exit"](None, SimpleNamespace(pid=int(sys.argv[1])))
     """

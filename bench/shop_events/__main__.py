@@ -1,0 +1,296 @@
+"""bench/shop_events: from a mirror change committing to the shop receiving its event.
+
+Run it as ``.venv/bin/python bench/shop_events [--db sqlite|postgresql|both]
+[--seconds S] [--rate R] [--backlog N]`` from the repository (``bench/README.md``). A
+benchmark, not a test: it measures and prints. Goals: commit→receipt p99 under one
+second at 100 events/s, and at least 500 events/s delivered by one process.
+
+For each database (a fresh SQLite file; a throwaway PostgreSQL server with production's
+durability, ``bench/ingest/servers.py``), freshly migrated, with one shop endpoint (a
+``ThreadingHTTPServer`` in this process that verifies every signature with the
+``standardwebhooks`` library, as a shop would, and answers 200):
+
+- **latency**: a producer commits one mirror change a time (a new order mirrored Issued:
+  ``orders.mirror.upsert_order``, whose transaction records ``order.issued`` and its
+  delivery) at ``R`` per second for ``S`` seconds, while the endpoint's sender runs as
+  the worker role runs it (:meth:`orders.shop_delivery.EndpointSender.run_forever`, its
+  idle wait 0.1 s). Per event: the shop's receipt time minus the commit's return.
+  Printed: p50, p99 and max, and the p99 against one bare signed POST's median round trip
+  measured in the same run (the physical floor is the idle wait plus that round trip);
+- **throughput**: ``N`` events recorded with no sender running, then one sender drains
+  them; printed: events/s, and against a bare loop POSTing the same signed bodies from
+  one thread with no database (the endpoint's own capacity from here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime as dt
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from contextlib import ExitStack
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPOSITORY = HERE.parents[1]
+sys.path.insert(1, str(HERE.parent / "ingest"))
+sys.path.insert(1, str(REPOSITORY))
+
+import httpx  # noqa: E402
+from servers import BenchSetupError, DatabaseFactory, postgresql_server  # noqa: E402
+from standardwebhooks.webhooks import Webhook  # noqa: E402
+
+from orders.mirror import upsert_order  # noqa: E402
+from orders.shop_delivery import (  # noqa: E402
+    DeliveryClaim,
+    Endpoint,
+    EndpointSender,
+    event_body,
+    signed_headers,
+)
+from orders.shop_events import deliver_to  # noqa: E402
+from storage.engine import make_engine, make_sessions  # noqa: E402
+from storage.migrate import upgrade  # noqa: E402
+from storage.models import ChangeSource, ensure_connection  # noqa: E402
+from venue.models import Order  # noqa: E402
+
+DATABASES = ("sqlite", "postgresql")
+SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()
+PARTNER = "a1b2c3d4-e5f6-4a7b-8c9d-0e1f2a3b4c5d"
+
+
+class Shop:
+    """The shop's endpoint: verifies each event, notes when each order's event arrived."""
+
+    def __init__(self) -> None:
+        self.received: dict[str, float] = {}
+        self.lock = threading.Lock()
+        shop = self
+        verifier = Webhook(SECRET)
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["content-length"]))
+                document = verifier.verify(body, dict(self.headers.items()))
+                at = time.monotonic()
+                with shop.lock:
+                    shop.received.setdefault(document["data"]["orderId"], at)
+                self.send_response(200)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/events"
+
+    def close(self) -> None:
+        """Stop serving."""
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def order(n: int) -> Order:
+    """A new order, Issued, with one line and one minted wallet."""
+    return Order.model_validate(
+        {
+            "orderId": f"5f0c1d2e-3a4b-4c5d-8e9f-{n:012x}",
+            "status": "Issued",
+            "partnerId": PARTNER,
+            "sellToOrderReference": f"BENCH-{n}",
+            "buyFromOrderReference": f"CM-{n}",
+            "receivedAt": "2026-12-07T09:30:00Z",
+            "items": [
+                {
+                    "lineNo": 10000,
+                    "itemNumber": "ADULT",
+                    "description": "Adult admission",
+                    "quantity": 1,
+                    "visitDate": "2027-01-10",
+                    "visitTime": "10:00:00",
+                    "wallets": [
+                        {
+                            "seqNo": 1,
+                            "walletId": f"9d8c7b6a-0000-4000-8000-{n:012x}",
+                            "walletReferenceNumber": f"WR-{n}",
+                            "externalReferenceNumber": f"EXT-{n}",
+                            "unitPriceExclVat": "100.00",
+                            "unitPriceInclVat": "125.00",
+                            "currencyCode": "DKK",
+                            "manifestUrl": f"https://manifest.example/w/{n}",
+                            "assets": [],
+                        }
+                    ],
+                }
+            ],
+        }
+    )
+
+
+def percentile(values: list[float], share: float) -> float:
+    """The ``share`` percentile (nearest rank) of ``values``."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
+def bare_posts(url: str, count: int) -> tuple[float, float]:
+    """POSTs of signed event bodies from one thread, no database: (per second, median s)."""
+    claim = DeliveryClaim(
+        id=1,
+        event_id="msg_bench",
+        type="order.issued",
+        order_seq=1,
+        payload={"orderId": "bare", "status": "Issued"},
+        created_at=dt.datetime.now(dt.UTC),
+        retry_from=dt.datetime.now(dt.UTC),
+        attempts=1,
+    )
+    signer = [Webhook(SECRET)]
+    times = []
+    with httpx.Client(timeout=5) as client:
+        started = time.monotonic()
+        for _ in range(count):
+            body = event_body(claim)
+            one = time.monotonic()
+            headers = signed_headers(signer, claim.event_id, body, dt.datetime.now(dt.UTC))
+            client.post(url, content=body, headers=headers).raise_for_status()
+            times.append(time.monotonic() - one)
+        elapsed = time.monotonic() - started
+    return count / elapsed, statistics.median(times)
+
+
+def run(kind: str, factory: DatabaseFactory, seconds: float, rate: float, backlog: int) -> None:
+    """Both measures on a new database of ``kind``."""
+    engine = make_engine(factory.new(f"shop_events_{kind}_{os.getpid()}"))
+    shop = Shop()
+    try:
+        upgrade(engine)
+        sessions = make_sessions(engine)
+        deliver_to(sessions, {"default": ["shop"]})
+        with sessions.begin() as session:
+            connection_id = ensure_connection(session, "default")
+
+        def commit(n: int) -> float:
+            with sessions.begin() as session:
+                upsert_order(
+                    session,
+                    connection_id,
+                    order(n),
+                    source=ChangeSource.WEBHOOK,
+                    observed_at=dt.datetime.now(dt.UTC),
+                )
+            return time.monotonic()
+
+        def sender() -> EndpointSender:
+            return EndpointSender(
+                Endpoint("shop", shop.url, (SECRET,)),
+                sessions,
+                make_sessions(engine, read_only=True),
+                owner="bench",
+                horizon=dt.timedelta(days=3),
+                timeout=5.0,
+            )
+
+        bare_rate, round_trip = bare_posts(shop.url, 500)
+        shop.received.clear()
+
+        # Latency: a steady rate of commits, the sender running as in the worker.
+        stop = threading.Event()
+        running = sender()
+        thread = threading.Thread(target=running.run_forever, args=(stop,), daemon=True)
+        thread.start()
+        committed: dict[str, float] = {}
+        total = int(seconds * rate)
+        start = time.monotonic()
+        for n in range(total):
+            due = start + n / rate
+            time.sleep(max(0.0, due - time.monotonic()))
+            committed[order(n).order_id] = commit(n)
+        achieved = total / (time.monotonic() - start)
+        wait_for(shop, total)
+        stop.set()
+        thread.join(10)
+        latencies = [shop.received[order_id] - at for order_id, at in committed.items()]
+        p50, p99 = percentile(latencies, 0.50), percentile(latencies, 0.99)
+        print(
+            f"{kind:10} latency   {total} events at {rate:g}/s (achieved {achieved:.0f}/s): "
+            f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, max {max(latencies) * 1000:.0f}"
+            f" ms; one bare POST {round_trip * 1000:.1f} ms (p99/bare {p99 / round_trip:.0f}x);"
+            f" goal p99 < 1000 ms: {'met' if p99 < 1.0 else 'MISSED'}"
+        )
+
+        # Throughput: a backlog drained by one sender.
+        shop.received.clear()
+        for n in range(total, total + backlog):
+            commit(n)
+        drain = sender()
+        started = time.monotonic()
+        while drain.run_once(look_first=False).claimed:
+            pass
+        elapsed = time.monotonic() - started
+        drain.close()
+        delivered = len(shop.received)
+        per_second = delivered / elapsed
+        print(
+            f"{kind:10} throughput {delivered}/{backlog} events in {elapsed:.2f} s: "
+            f"{per_second:.0f} events/s; bare signed POSTs from one thread {bare_rate:.0f}/s "
+            f"(ratio {per_second / bare_rate:.2f}); goal >= 500/s: "
+            f"{'met' if per_second >= 500 else 'MISSED'}"
+        )
+    finally:
+        shop.close()
+        engine.dispose()
+
+
+def wait_for(shop: Shop, count: int, timeout: float = 60.0) -> None:
+    """Until the shop has ``count`` events, or ``timeout`` seconds passed."""
+    deadline = time.monotonic() + timeout
+    while len(shop.received) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def main() -> int:
+    """Parse the arguments and run."""
+    parser = argparse.ArgumentParser(prog="bench/shop_events", description=__doc__.split("\n")[0])
+    parser.add_argument("--db", choices=(*DATABASES, "both"), default="both")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--rate", type=float, default=100.0)
+    parser.add_argument("--backlog", type=int, default=2000)
+    args = parser.parse_args()
+    kinds = DATABASES if args.db == "both" else (args.db,)
+    print(json.dumps({"seconds": args.seconds, "rate": args.rate, "backlog": args.backlog}))
+    with ExitStack() as stack:
+        directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="shop-events-")))
+        for kind in kinds:
+            server = None
+            if kind == "postgresql":
+                try:
+                    server = stack.enter_context(postgresql_server())
+                except BenchSetupError as exc:
+                    print(f"postgresql: {exc}", file=sys.stderr)
+                    return 1
+            run(
+                kind,
+                DatabaseFactory(kind, directory, server),
+                args.seconds,
+                args.rate,
+                args.backlog,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
