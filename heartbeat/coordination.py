@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import queue
 import random
 import threading
 import time
@@ -51,6 +52,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +78,12 @@ MAX_ERROR_LENGTH = 500
 UNIT_TICK_SECONDS = 1.0
 """How often a scheduler looks for due units of a :class:`SplitJob` (one query): a unit
 is started within about this long of being due, whoever ran it last."""
+
+UNIT_STOP_GRACE = 10.0
+"""Seconds a stopping scheduler waits for the units it is running. A unit still running
+then (its venue call being retried) is left to end with the process: its transaction
+rolls back and its run record shows a run that never finished, which the next run redoes,
+as for any job whose process died."""
 
 UNIT_SEPARATOR = ":"
 """Between a split job's name and a unit's key in the unit's name."""
@@ -446,7 +454,8 @@ class SplitJob:
         self._clock = clock
         self._lock = threading.Lock()
         self._queued: set[str] = set()
-        self._pool: ThreadPoolExecutor | None = None
+        self._work: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
         self._closed = False
         self._tidied = False
 
@@ -491,12 +500,25 @@ class SplitJob:
             with self._lock:
                 if self._closed or unit.name in self._queued:
                     continue
-                if self._pool is None:
-                    self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix=self.name)
                 self._queued.add(unit.name)
-                self._pool.submit(self._run_queued, engine, sessions, unit, owner, lock_dir)
+                if len(self._threads) < self.workers:
+                    self._start_thread()
+            self._work.put(partial(self._run_queued, engine, sessions, unit, owner, lock_dir))
             handed += 1
         return handed
+
+    def _start_thread(self) -> None:
+        # Daemon threads, not a ThreadPoolExecutor's: a process stopping must not wait
+        # for a unit whose venue call is being retried for a minute (UNIT_STOP_GRACE).
+        thread = threading.Thread(
+            target=self._serve, name=f"{self.name}-{len(self._threads) + 1}", daemon=True
+        )
+        self._threads.append(thread)
+        thread.start()
+
+    def _serve(self) -> None:
+        while (work := self._work.get()) is not None:
+            work()
 
     def _run_queued(
         self,
@@ -506,6 +528,8 @@ class SplitJob:
         owner: str,
         lock_dir: Path | None,
     ) -> None:
+        if self._closed:  # queued before the stop: not started
+            return
         try:
             # "Now" is when the unit starts, not the tick that queued it: its run record
             # counts its interval from then.
@@ -601,13 +625,24 @@ class SplitJob:
                 report.add(unit.name, outcome, result)
         return report
 
-    def close(self) -> None:
-        """Stop the pool: no unit is queued any more, those running finish."""
+    def close(self, grace: float = UNIT_STOP_GRACE) -> None:
+        """Stop the pool: no queued unit starts any more; waits up to ``grace`` seconds
+        for the units running (see :data:`UNIT_STOP_GRACE`)."""
         with self._lock:
             self._closed = True
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+            threads = list(self._threads)
+        for _ in threads:
+            self._work.put(None)
+        deadline = time.monotonic() + grace
+        for thread in threads:
+            thread.join(max(deadline - time.monotonic(), 0))
+        running = [thread.name for thread in threads if thread.is_alive()]
+        if running:
+            logger.warning(
+                "job %s: %d units still running at the stop are left to end with the process",
+                self.name,
+                len(running),
+            )
 
 
 def unit_name(job: str, key: str) -> str:

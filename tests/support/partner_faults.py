@@ -11,7 +11,8 @@ caller may change while it runs), and counts each partner's listings. Tests and
 from __future__ import annotations
 
 import threading
-from collections import Counter
+import time
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
@@ -31,12 +32,14 @@ class PartnerFaultProxy:
     Attributes:
         failing: partner ids (lower case) whose listings are answered 503.
         listings: listings asked for, by partner id, failed ones included.
+        listed_at: when each was asked for (``time.monotonic()``), by partner id.
     """
 
     def __init__(self, upstream: str, failing: Iterable[str] = ()) -> None:
         self.upstream = upstream.rstrip("/")
         self.failing = {partner.lower() for partner in failing}
         self.listings: Counter[str] = Counter()
+        self.listed_at: defaultdict[str, list[float]] = defaultdict(list)
         self._lock = threading.Lock()
         self._http = httpx.Client(base_url=self.upstream, timeout=60)
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -71,6 +74,7 @@ class PartnerFaultProxy:
         partner = lowered.rsplit(LISTING_PATH, 1)[1].strip("/").split("/", 1)[0]
         with self._lock:
             self.listings[partner] += 1
+            self.listed_at[partner].append(time.monotonic())
         return partner
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
