@@ -234,3 +234,45 @@ def test_two_schedulers_run_each_job_once_per_interval_between_them(
     records += POLL_INTERVAL_JOBS[1:]
     assert {job: runs[job].runs for job in records} == dict.fromkeys(records, 1)
     assert all(runs[job].failures == 0 for job in records)
+
+
+def test_a_scheduler_follows_the_partners_configured_now_and_forgets_the_others(
+    settings: Settings, sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """Partners change with the settings: a scheduler started with another partner list
+    follows the new partner under its own unit and removes the removed partner's run record
+    (and the feed's record from before it was a unit per partner), so that none alerts as
+    a job that stopped succeeding."""
+    (connection,) = settings.connections
+    kept, removed = connection.partner_ids[:2]
+    before = otacm_environment(settings, OTACM_PARTNER_IDS=removed)
+    run_otacm("poll", "--job", "change_feed", environment=before, timeout=120)
+    with sessions.begin() as session:
+        old = job_runs(sessions)[f"change_feed:{connection.name}:{removed}"]
+        session.add(
+            JobRun(
+                name="change_feed",
+                owner="before-the-split",
+                started_at=old.started_at,
+                next_due_at=old.next_due_at,
+                runs=1,
+                failures=0,
+            )
+        )
+    environment = otacm_environment(settings, OTACM_PARTNER_IDS=kept)
+    scheduler = OtacmProcess(["scheduler"], environment, tmp_path / "scheduler.log")
+    unit = f"change_feed:{connection.name}:{kept}"
+    try:
+        wait_until(
+            lambda: unit in job_runs(sessions) or not scheduler.alive(),
+            timeout=60,
+            what="the new partner's unit to run",
+        )
+        assert scheduler.alive()
+    finally:
+        code = scheduler.stop()
+        sys.stderr.write(f"--- {scheduler.log.name} ---\n{scheduler.output()}\n")
+
+    assert code == 0
+    feed_records = [name for name in job_runs(sessions) if name.startswith("change_feed")]
+    assert feed_records == [unit]
