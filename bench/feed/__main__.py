@@ -301,6 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     databases = DATABASES if arguments.db == "both" else (arguments.db,)
     # The sandbox's server logs each request; the client logs the 503s it retries.
     logging.basicConfig(level=logging.ERROR)
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # it sets INFO when unset
     print(
         f"bench/feed on {platform.node()} ({os.cpu_count()} cores), Python "
         f"{platform.python_version()}: sizes {sizes}, {arguments.workers} feed workers a process"
