@@ -60,7 +60,7 @@ import sqlalchemy as sa
 from filelock import FileLock, Timeout
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage.engine import database_error_reason, waiting_helps
+from storage.engine import database_error_reason, make_sessions, waiting_helps
 from storage.locks import advisory_lock_key, default_lock_dir
 from storage.records import JobRun
 from storage.types import utcnow
@@ -458,6 +458,7 @@ class SplitJob:
         self._threads: list[threading.Thread] = []
         self._closed = False
         self._tidied = False
+        self._readers: sessionmaker[Session] | None = None
 
     def names(self) -> tuple[str, ...]:
         """The job's name and its units' (``otacm poll --job`` takes any of them)."""
@@ -496,7 +497,11 @@ class SplitJob:
             self.forget_others(sessions)
             self._tidied = True
         handed = 0
-        for unit in self.due(sessions, now):
+        if self._readers is None:
+            # Each tick's look at the run records only reads: on SQLite it must not take
+            # the write lock every second in every scheduler.
+            self._readers = make_sessions(engine, read_only=True)
+        for unit in self.due(self._readers, now):
             with self._lock:
                 if self._closed or unit.name in self._queued:
                     continue
