@@ -225,6 +225,13 @@ def run_job(
     against the interval; then the end: ``finished_at`` and, on success, ``failures``
     back to 0, or on failure ``failures`` + 1 and ``last_error``.
 
+    A :class:`SplitJob` has no lock or run record of its own: its units have. Without
+    ``force`` (the scheduler's tick), its due units are handed to its pool and the call
+    returns at once, ``RAN`` with no report; with ``force`` (``otacm poll``) every unit
+    is run now, several at once, and the call returns when all are done, with a
+    :class:`SplitReport` (``FAILED`` with a :class:`JobFailed` carrying it when a unit
+    failed, ``BUSY`` when every unit was busy).
+
     Args:
         engine: the shared database; stays the caller's.
         sessions: sessions on ``engine``, for the run record.
@@ -233,13 +240,6 @@ def run_job(
         now: the time of this tick (aware); the job is called with it.
         lock_dir: SQLite only: where the lock files are (default: beside the database).
         force: run even if not due (``otacm poll``); the lock still applies.
-
-    A :class:`SplitJob` has no lock or run record of its own: its units have. Without
-    ``force`` (the scheduler's tick), its due units are handed to its pool and the call
-    returns at once, ``RAN`` with no report; with ``force`` (``otacm poll``) every unit
-    is run now, several at once, and the call returns when all are done, with a
-    :class:`SplitReport` (``FAILED`` with a :class:`JobFailed` carrying it when a unit
-    failed, ``BUSY`` when every unit was busy).
 
     Returns:
         The outcome, and with it: the job's report when it ``RAN``, the exception when
@@ -459,6 +459,7 @@ class SplitJob:
         self._closed = False
         self._tidied = False
         self._readers: sessionmaker[Session] | None = None
+        self._quiet_until = 0.0
 
     def names(self) -> tuple[str, ...]:
         """The job's name and its units' (``otacm poll --job`` takes any of them)."""
@@ -586,6 +587,15 @@ class SplitJob:
             )
         return int(removed)
 
+    def tick_failure_worth_logging(self) -> bool:
+        """Whether a failed tick (the database away) is logged: once an interval, not at
+        every tick of every second."""
+        now = time.monotonic()
+        if now < self._quiet_until:
+            return False
+        self._quiet_until = now + self.interval
+        return True
+
     def _my_units(self) -> sa.ColumnElement[bool]:
         return JobRun.name.startswith(self.name + UNIT_SEPARATOR, autoescape=True)
 
@@ -672,7 +682,8 @@ def _run_split(
             return JobOutcome.RAN, None
         report = job.run_all(engine, sessions, owner=owner, force=True, lock_dir=lock_dir)
     except Exception as exc:
-        _log_failure(exc, job.name, "could not be run")
+        if force or job.tick_failure_worth_logging():
+            _log_failure(exc, job.name, "could not be run")
         return JobOutcome.FAILED, exc
     if report.failures:
         name, error = report.failures[0]

@@ -28,6 +28,7 @@ from heartbeat.coordination import (
     run_job,
     unit_name,
 )
+from storage.engine import make_sessions
 from storage.records import JobRun
 from tests.support.processes import ROOT
 from tests.support.stack import wait_until
@@ -273,3 +274,20 @@ def test_only_selects_the_job_or_some_of_its_units() -> None:
     assert selected is not None and [u.name for u in selected.units] == ["split:b"]
     assert job.only(["watchdog"]) is None
     assert job.names()[:2] == ("split", "split:a")
+
+
+def test_a_tick_without_its_database_fails_and_says_so_once_an_interval(
+    engine: sa.Engine, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ticks come every second: one that cannot read the run records (no schema here)
+    fails without raising, and only the first of an interval's failed ticks is logged."""
+    job = Units().job()
+    sessions = make_sessions(engine)
+
+    outcomes = [
+        run_job(engine, sessions, job, owner="s", now=T0, lock_dir=tmp_path)[0] for _ in range(3)
+    ]
+
+    assert outcomes == [JobOutcome.FAILED] * 3
+    logged = [r for r in caplog.records if "could not be run" in r.getMessage()]
+    assert len(logged) == 1 and logged[0].getMessage().startswith("job split ")
