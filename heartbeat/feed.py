@@ -2,7 +2,7 @@
 
 Each partner's feed is a unit of work of its own (:func:`feed_job`, the scheduled job
 ``change_feed``: a unit ``change_feed:<connection>:<partner>`` per configured partner,
-each with its own lock and run record, :class:`heartbeat.coordination.SplitJob`), so
+each with its own lock and run record, :class:`heartbeat.split_jobs.SplitJob`), so
 schedulers on several nodes share the partners, several partners are followed at once,
 and a partner whose calls fail or crawl delays only itself; its failure is its unit's
 run record's. :func:`follow_feed` follows one partner; :func:`run_feed` every partner
@@ -78,7 +78,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
-from heartbeat.coordination import JobFailed, ScheduledJob, SplitJob, describe_error, unit_name
+from heartbeat.coordination import JobFailed, ScheduledJob, describe_error
+from heartbeat.split_jobs import SplitJob, unit_name
 from orders.inbox import Lookup, queue_lookups
 from orders.mirror import add_headers, locked_orders, record_row_version, update_header
 from storage.flush import ColumnOverflow

@@ -191,7 +191,7 @@ def check_jobs(engine: Engine, settings: Settings, *, now: dt.datetime) -> Check
     :data:`STALE_INTERVALS` of its intervals (the ``job_run`` records)."""
     import sqlalchemy as sa
 
-    from heartbeat.coordination import SplitJob
+    from heartbeat.split_jobs import SplitJob
     from otacm.processes import Runtime, scheduled_jobs
     from storage.engine import make_sessions
     from storage.records import JobRun

@@ -43,12 +43,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from heartbeat.coordination import (
     JobOutcome,
     ScheduledJob,
-    SplitJob,
     describe_error,
     log_outcome,
     report_dict,
     run_job,
 )
+from heartbeat.split_jobs import SplitJob
 from otacm.settings import Settings
 from venue.client import VenueClient
 from venue.connection import VenueConnection

@@ -1,4 +1,4 @@
-"""A job of many units (:class:`heartbeat.coordination.SplitJob`): each unit its own lock
+"""A job of many units (:class:`heartbeat.split_jobs.SplitJob`): each unit its own lock
 and run record, several at once, a slow or failing unit delaying only itself.
 
 Every test runs on SQLite (file locks) and PostgreSQL (advisory locks). The lock held
@@ -19,15 +19,8 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from heartbeat.coordination import (
-    JobFailed,
-    JobOutcome,
-    ScheduledJob,
-    SplitJob,
-    SplitReport,
-    run_job,
-    unit_name,
-)
+from heartbeat.coordination import JobFailed, JobOutcome, ScheduledJob, run_job
+from heartbeat.split_jobs import SplitJob, SplitReport, unit_name
 from storage.engine import make_sessions
 from storage.records import JobRun
 from tests.support.processes import ROOT
