@@ -188,6 +188,8 @@ def scheduler_pass(
     sessions = make_sessions(engine, read_only=True)
     children: list[subprocess.Popen[bytes]] = []
     try:
+        for old in logs.glob("scheduler-*.log"):
+            old.unlink()
         for n in range(processes):
             with (logs / f"scheduler-{processes}-{n}.log").open("ab") as log:
                 children.append(
@@ -211,7 +213,8 @@ def scheduler_pass(
                 first = min(row.started_at for row in rows)
                 return float((max(ended) - first).total_seconds())
             if any(child.poll() is not None for child in children):
-                raise BenchSetupError(f"a scheduler exited early; see {logs}")
+                tail = "".join(log.read_text()[-2000:] for log in logs.glob("scheduler-*.log"))
+                raise BenchSetupError(f"a scheduler exited early:\n{tail}")
             if time.monotonic() > deadline:
                 raise BenchSetupError(f"no full pass within {PASS_TIMEOUT:.0f} s; see {logs}")
             time.sleep(0.2)
