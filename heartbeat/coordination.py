@@ -26,6 +26,10 @@ that never finished keeps ``finished_at`` empty, and the next run logs it.
 
 :func:`run_job` is the one way to run a job, for the scheduler and ``otacm poll`` alike.
 It never raises: a failing job is recorded and logged, and the scheduler keeps going.
+
+**A job of many units** (:class:`heartbeat.split_jobs.SplitJob`, the change feed: one
+unit per partner) has no lock or run record of its own: each unit is a
+:class:`ScheduledJob` with its own, run through :func:`run_job` like any job.
 """
 
 from __future__ import annotations
@@ -33,11 +37,12 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from filelock import FileLock, Timeout
@@ -46,6 +51,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from storage.engine import database_error_reason, waiting_helps
 from storage.locks import advisory_lock_key, default_lock_dir
 from storage.records import JobRun
+
+if TYPE_CHECKING:
+    from heartbeat.split_jobs import SplitJob
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +92,37 @@ class ScheduledJob:
     name: str
     interval: float
     run: Callable[[dt.datetime], object]
+
+    @property
+    def tick(self) -> float:
+        """How often a scheduler tries the job: every interval."""
+        return self.interval
+
+    def names(self) -> tuple[str, ...]:
+        """The names ``otacm poll --job`` takes for this job: its own."""
+        return (self.name,)
+
+    def only(self, names: Sequence[str]) -> ScheduledJob | None:
+        """This job if ``names`` names it, else ``None``."""
+        return self if self.name in names else None
+
+    def close(self) -> None:
+        """Nothing to release (a split job stops its pool)."""
+
+
+class JobFailed(Exception):
+    """Raised by a job that failed in a way it has already logged, with what it did.
+
+    :func:`run_job` records it like any failure but logs no traceback (the job's own
+    line said why), and describes it by its message alone.
+
+    Attributes:
+        report: what the job did before it failed (its counts), or ``None``.
+    """
+
+    def __init__(self, message: str, *, report: object | None = None) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 @contextmanager
@@ -147,7 +186,7 @@ def _advisory_lock(engine: sa.Engine, name: str) -> Iterator[bool]:
 def run_job(
     engine: sa.Engine,
     sessions: sessionmaker[Session],
-    job: ScheduledJob,
+    job: ScheduledJob | SplitJob,
     *,
     owner: str,
     now: dt.datetime,
@@ -163,6 +202,11 @@ def run_job(
     against the interval; then the end: ``finished_at`` and, on success, ``failures``
     back to 0, or on failure ``failures`` + 1 and ``last_error``.
 
+    A :class:`~heartbeat.split_jobs.SplitJob` has no lock or run record of its own: its
+    units have. It runs as its :meth:`~heartbeat.split_jobs.SplitJob.run_now` says: the
+    scheduler's tick hands its due units to its pool and returns at once; ``force``
+    (``otacm poll``) runs every unit and returns when all are done.
+
     Args:
         engine: the shared database; stays the caller's.
         sessions: sessions on ``engine``, for the run record.
@@ -177,6 +221,8 @@ def run_job(
         it ``FAILED``, ``None`` otherwise. Never raises (but ``KeyboardInterrupt`` and
         other ``BaseException`` pass through).
     """
+    if not isinstance(job, ScheduledJob):
+        return job.run_now(engine, sessions, owner=owner, now=now, lock_dir=lock_dir, force=force)
     try:
         with job_lock(engine, job.name, lock_dir=lock_dir) as held:
             if not held:
@@ -187,18 +233,19 @@ def run_job(
             try:
                 report = job.run(now)
             except Exception as exc:
-                _log_failure(exc, job.name, "failed")
+                if not isinstance(exc, JobFailed):
+                    log_failure(exc, job.name, "failed")
                 _finish(sessions, job, now=now, elapsed=time.monotonic() - began, error=exc)
                 return JobOutcome.FAILED, exc
             _finish(sessions, job, now=now, elapsed=time.monotonic() - began, error=None)
             return JobOutcome.RAN, report
     except Exception as exc:
         # The database itself failed (the lock, the run record): nothing to record it in.
-        _log_failure(exc, job.name, "could not be run")
+        log_failure(exc, job.name, "could not be run")
         return JobOutcome.FAILED, exc
 
 
-def _log_failure(error: Exception, name: str, what: str) -> None:
+def log_failure(error: Exception, name: str, what: str) -> None:
     """Log a failed run: one line when the database is away (the next tick tries again,
     and a traceback per tick and job would bury the logs), the traceback otherwise."""
     if waiting_helps(error):
@@ -269,9 +316,40 @@ def describe_error(error: BaseException) -> str:
     """A failure as the run record keeps it: the exception's type and message, truncated.
 
     Messages are built from identifiers by otacm's and the venue client's errors; they
-    carry no keys or client states.
+    carry no keys or client states. A :class:`JobFailed` is its message: it names the
+    failure it stands for.
     """
-    text = f"{type(error).__name__}: {error}".strip()
+    if isinstance(error, JobFailed):
+        text = str(error).strip()
+    else:
+        text = f"{type(error).__name__}: {error}".strip()
     if len(text) > MAX_ERROR_LENGTH:
         text = text[: MAX_ERROR_LENGTH - 1] + "…"
     return text
+
+
+def report_dict(report: object) -> dict[str, Any]:
+    """A job's report as a dict: its ``as_dict()``, or ``{}`` when it has none."""
+    as_dict = getattr(report, "as_dict", None)
+    if callable(as_dict):
+        return dict(as_dict())
+    return {}
+
+
+def did_something(report: object) -> bool:
+    """Whether a job's report is worth a log line: its ``changed()`` when it has one (a
+    report that always counts something, such as the rows a feed re-read), else whether
+    it counts anything (a non-zero number or a non-empty value)."""
+    changed = getattr(report, "changed", None)
+    if callable(changed):
+        return bool(changed())
+    return any(report_dict(report).values())
+
+
+def log_outcome(name: str, outcome: JobOutcome, report: object | None) -> None:
+    """Log a run's outcome: INFO when it did something, DEBUG when it found nothing to
+    do or was busy or not due; a failure has been logged by :func:`run_job`."""
+    if outcome is JobOutcome.RAN and did_something(report):
+        logger.info("job %s: %s", name, report_dict(report))
+    elif outcome is not JobOutcome.FAILED:
+        logger.debug("job %s: %s", name, outcome)

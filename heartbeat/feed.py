@@ -1,8 +1,15 @@
 """The change feed: each partner's listOrdersByPartner with ``sync=true&lastRowVersion``.
 
-:func:`run_feed` follows every configured partner's feed once; :func:`follow_feed` follows
-one. A pass reads from the high-water mark as it stood a configured time ago (the
-overlap, setting ``feed_overlap_minutes``) to the end, page by page, and compares each
+Each partner's feed is a unit of work of its own (:func:`feed_job`, the scheduled job
+``change_feed``: a unit ``change_feed:<connection>:<partner>`` per configured partner,
+each with its own lock and run record, :class:`heartbeat.split_jobs.SplitJob`), so
+schedulers on several nodes share the partners, several partners are followed at once,
+and a partner whose calls fail or crawl delays only itself; its failure is its unit's
+run record's. :func:`follow_feed` follows one partner; :func:`run_feed` every partner
+in turn, in the caller's thread.
+
+A pass reads from the high-water mark as it stood a configured time ago (the overlap,
+setting ``feed_overlap_minutes``) to the end, page by page, and compares each
 summary with the mirror (:class:`~storage.models.VenueOrder`):
 
 - an order in flight (Submitted, Scheduled, Processing) never costs a getOrder: an
@@ -64,18 +71,22 @@ import datetime as dt
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
+from functools import partial
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
+from heartbeat.coordination import JobFailed, ScheduledJob, describe_error
+from heartbeat.split_jobs import SplitJob, unit_name
 from orders.inbox import Lookup, queue_lookups
 from orders.mirror import add_headers, locked_orders, record_row_version, update_header
 from storage.flush import ColumnOverflow
 from storage.models import VenueOrder
 from storage.records import FeedCursor, FeedMark
 from venue.client import VenueClient
+from venue.connection import VenueConnection
 from venue.errors import VenueError
 from venue.models import OrderSummary, UnreadableRow
 
@@ -83,6 +94,9 @@ logger = logging.getLogger(__name__)
 
 FEED_REASON = "feed"
 """The ``reason`` of the lookups the feed queues."""
+
+FEED_JOB = "change_feed"
+"""The scheduled job's name, and the prefix of its units' (one per partner)."""
 
 
 @dataclass
@@ -123,6 +137,87 @@ class FeedReport:
     def as_dict(self) -> dict[str, int]:
         """The counts by name, for logs and ``otacm poll --json``."""
         return {field.name: getattr(self, field.name) for field in fields(self)}
+
+    def changed(self) -> bool:
+        """Whether the pass wrote or queued anything, or failed: worth a log line (every
+        pass re-reads rows, so ``listed`` alone is not)."""
+        return any(
+            (self.queued, self.updated, self.adopted, self.restarted, self.errors, self.unreadable)
+        )
+
+
+def feed_job(
+    sessions: sessionmaker[Session],
+    clients: Mapping[int, VenueClient],
+    connections: Mapping[int, VenueConnection],
+    *,
+    interval: float,
+    overlap: dt.timedelta,
+    workers: int,
+    page_size: int | None = None,
+) -> SplitJob:
+    """The change feed as a scheduled job of one unit per configured partner.
+
+    Unit ``change_feed:<connection name>:<partner id>`` follows that partner's feed
+    (:func:`follow_feed`) every ``interval`` seconds. A venue error fails the unit
+    (:class:`~heartbeat.coordination.JobFailed`, with the pass's counts), so its run
+    record shows the partner failing; the other units are not affected.
+
+    Args:
+        sessions: the session factory.
+        clients: the venue client of each connection id; the caller owns them.
+        connections: the configured connections by id: their names and partners.
+        interval: seconds between passes of each partner (``poll_interval``).
+        overlap: as :func:`follow_feed`'s.
+        workers: partners one scheduler process follows at once (``feed_workers``).
+        page_size: summaries per page; the venue's default when omitted.
+
+    Returns:
+        The job; its pool starts with the scheduler's first tick.
+    """
+    units = [
+        ScheduledJob(
+            unit_name(FEED_JOB, f"{connection.name}:{partner_id}"),
+            interval,
+            partial(
+                _follow_unit,
+                sessions=sessions,
+                clients=clients,
+                connection_id=connection_id,
+                partner_id=partner_id,
+                overlap=overlap,
+                page_size=page_size,
+            ),
+        )
+        for connection_id, connection in connections.items()
+        for partner_id in connection.partner_ids
+    ]
+    return SplitJob(FEED_JOB, interval, units, workers=workers)
+
+
+def _follow_unit(
+    now: dt.datetime,
+    *,
+    sessions: sessionmaker[Session],
+    clients: Mapping[int, VenueClient],
+    connection_id: int,
+    partner_id: str,
+    overlap: dt.timedelta,
+    page_size: int | None,
+) -> FeedReport:
+    """One partner's unit of :func:`feed_job`: its pass, failing on a venue error."""
+    client = clients.get(connection_id)
+    if client is None:
+        raise JobFailed(f"no venue client for connection {connection_id}")
+    report = FeedReport(partners=1)
+    try:
+        _follow(sessions, client, connection_id, partner_id, now, overlap, page_size, report)
+    except VenueError as exc:
+        _count_failure(report, exc, connection_id, partner_id)
+        raise JobFailed(
+            f"change feed of partner {partner_id} failed: {describe_error(exc)}", report=report
+        ) from exc
+    return report
 
 
 def run_feed(
@@ -209,28 +304,49 @@ def follow_feed(
         sqlalchemy.exc.SQLAlchemyError: our database failed; pages committed so far stay.
     """
     report = FeedReport(partners=1)
-    feed = _Feed(sessions, client, connection_id, partner_id, now, page_size, report)
     try:
-        cursor, mark_then = feed.marks(now - overlap)
-        if cursor is None:
-            feed.read(None)
-        else:
-            start = None if mark_then is None else max(min(mark_then, cursor - 1), 0)
-            highest = feed.read(start)
-            if cursor > 0 and (highest is None or highest < cursor):
-                feed.verify(cursor)
+        _follow(sessions, client, connection_id, partner_id, now, overlap, page_size, report)
     except VenueError as exc:
-        # The request that failed was a call too.
-        report.venue_calls += 1
-        report.errors += 1
-        logger.warning(
-            "change feed of partner %s (connection %d) failed: %s; "
-            "the cursor stays at the last page applied",
-            partner_id,
-            connection_id,
-            exc,
-        )
+        _count_failure(report, exc, connection_id, partner_id)
     return report
+
+
+def _follow(
+    sessions: sessionmaker[Session],
+    client: VenueClient,
+    connection_id: int,
+    partner_id: str,
+    now: dt.datetime,
+    overlap: dt.timedelta,
+    page_size: int | None,
+    report: FeedReport,
+) -> None:
+    """:func:`follow_feed`'s pass, counted in ``report``; a venue error is raised."""
+    feed = _Feed(sessions, client, connection_id, partner_id, now, page_size, report)
+    cursor, mark_then = feed.marks(now - overlap)
+    if cursor is None:
+        feed.read(None)
+    else:
+        start = None if mark_then is None else max(min(mark_then, cursor - 1), 0)
+        highest = feed.read(start)
+        if cursor > 0 and (highest is None or highest < cursor):
+            feed.verify(cursor)
+
+
+def _count_failure(
+    report: FeedReport, error: VenueError, connection_id: int, partner_id: str
+) -> None:
+    """Count and log a pass cut short by a venue error."""
+    # The request that failed was a call too.
+    report.venue_calls += 1
+    report.errors += 1
+    logger.warning(
+        "change feed of partner %s (connection %d) failed: %s; "
+        "the cursor stays at the last page applied",
+        partner_id,
+        connection_id,
+        error,
+    )
 
 
 class _Feed:

@@ -39,7 +39,15 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from heartbeat.coordination import JobOutcome, ScheduledJob, describe_error, run_job
+from heartbeat.coordination import (
+    JobOutcome,
+    ScheduledJob,
+    describe_error,
+    log_outcome,
+    report_dict,
+    run_job,
+)
+from heartbeat.split_jobs import SplitJob
 from otacm.settings import Settings
 from venue.client import VenueClient
 from venue.connection import VenueConnection
@@ -244,14 +252,14 @@ def run_worker(settings: Settings, stop: threading.Event) -> None:
         logger.info("worker stopped before it could start")
 
 
-def scheduled_jobs(settings: Settings, runtime: Runtime) -> list[ScheduledJob]:
+def scheduled_jobs(settings: Settings, runtime: Runtime) -> list[ScheduledJob | SplitJob]:
     """The scheduler's jobs, each a thin closure over ``runtime``; see the module docstring.
 
     Jobs that the settings switch off (``confirm_drafts`` without
     ``auto_confirm_drafts``, ``check_subscriptions`` without ``webhook_url``) are left out.
     """
     from heartbeat.actions import confirm_paid_drafts
-    from heartbeat.feed import run_feed
+    from heartbeat.feed import feed_job
     from heartbeat.submissions import find_lost_submissions
     from heartbeat.subscriptions import check_subscriptions, record_checks
     from heartbeat.watchdog import check_orders
@@ -259,12 +267,6 @@ def scheduled_jobs(settings: Settings, runtime: Runtime) -> list[ScheduledJob]:
     from storage.lease import new_owner
 
     owner = new_owner()
-
-    def change_feed(now: dt.datetime) -> object:
-        partners = {cid: conn.partner_ids for cid, conn in runtime.connections.items()}
-        return run_feed(
-            runtime.sessions, runtime.clients, partners, now=now, overlap=settings.feed_overlap
-        )
 
     def watchdog(now: dt.datetime) -> object:
         return check_orders(
@@ -315,8 +317,16 @@ def scheduled_jobs(settings: Settings, runtime: Runtime) -> list[ScheduledJob]:
         )
         return None
 
-    jobs = [
-        ScheduledJob("change_feed", settings.poll_interval, change_feed),
+    change_feed = feed_job(
+        runtime.sessions,
+        runtime.clients,
+        runtime.connections,
+        interval=settings.poll_interval,
+        overlap=settings.feed_overlap,
+        workers=settings.feed_workers,
+    )
+    jobs: list[ScheduledJob | SplitJob] = [
+        change_feed,
         ScheduledJob("watchdog", settings.poll_interval, watchdog),
         ScheduledJob("retry_outbox", OUTBOX_RETRY_SECONDS, retry_outbox),
         ScheduledJob("lost_submissions", LOST_SUBMISSIONS_SECONDS, lost_submissions),
@@ -369,21 +379,8 @@ def scheduled_jobs(settings: Settings, runtime: Runtime) -> list[ScheduledJob]:
     return jobs
 
 
-def report_dict(report: object) -> dict[str, Any]:
-    """A job's report as a dict: its ``as_dict()``, or ``{}`` when it has none."""
-    as_dict = getattr(report, "as_dict", None)
-    if callable(as_dict):
-        return dict(as_dict())
-    return {}
-
-
-def did_something(report: object) -> bool:
-    """Whether a job's report counts anything: a non-zero number or a non-empty value."""
-    return any(report_dict(report).values())
-
-
 def run_scheduled(
-    runtime: Runtime, job: ScheduledJob, *, owner: str, force: bool = False
+    runtime: Runtime, job: ScheduledJob | SplitJob, *, owner: str, force: bool = False
 ) -> tuple[JobOutcome, object | None]:
     """Run one job through :func:`~heartbeat.coordination.run_job` now, and log the outcome.
 
@@ -396,10 +393,7 @@ def run_scheduled(
     outcome, report = run_job(
         runtime.engine, runtime.sessions, job, owner=owner, now=utcnow(), force=force
     )
-    if outcome is JobOutcome.RAN and did_something(report):
-        logger.info("job %s: %s", job.name, report_dict(report))
-    elif outcome is not JobOutcome.FAILED:
-        logger.debug("job %s: %s", job.name, outcome)
+    log_outcome(job.name, outcome, report)
     return outcome, report
 
 
@@ -420,7 +414,7 @@ def run_scheduler(settings: Settings, stop: threading.Event) -> None:
     owner = new_owner()
     beat = beater(settings.liveness_dir, "scheduler")
 
-    def tick(runtime: Runtime, job: ScheduledJob) -> None:
+    def tick(runtime: Runtime, job: ScheduledJob | SplitJob) -> None:
         # A tick that ran (whatever the job's outcome) shows the scheduler is alive.
         run_scheduled(runtime, job, owner=owner)
         beat()
@@ -439,7 +433,7 @@ def _run_jobs(
     settings: Settings,
     runtime: Runtime,
     *,
-    tick: Callable[[Runtime, ScheduledJob], None],
+    tick: Callable[[Runtime, ScheduledJob | SplitJob], None],
     owner: str,
     stop: threading.Event,
 ) -> None:
@@ -450,15 +444,17 @@ def _run_jobs(
     from storage.types import utcnow
 
     scheduler = BackgroundScheduler(timezone="UTC")
-    for job in scheduled_jobs(settings, runtime):
-        jitter = min(job.interval * SCHEDULER_JITTER, SCHEDULER_MAX_JITTER)
+    jobs = scheduled_jobs(settings, runtime)
+    for job in jobs:
+        # A split job ticks more often than its units' interval: see coordination.
+        jitter = min(job.tick * SCHEDULER_JITTER, SCHEDULER_MAX_JITTER)
         # One run at a time; ticks missed while one was slow are merged, not queued;
         # the jitter keeps several nodes from firing in the same millisecond.
         scheduler.add_job(
             tick,
             "interval",
             args=(runtime, job),
-            seconds=job.interval,
+            seconds=job.tick,
             jitter=jitter,
             next_run_time=utcnow() + dt.timedelta(seconds=random.uniform(0, jitter)),  # noqa: S311
             id=job.name,
@@ -476,6 +472,8 @@ def _run_jobs(
         stop.wait()
     finally:
         scheduler.shutdown(wait=True)
+        for job in jobs:
+            job.close()
 
 
 @dataclass(frozen=True)
@@ -525,7 +523,7 @@ def run_poll(settings: Settings, names: Sequence[str] = ()) -> list[PollResult]:
     with open_runtime(settings) as runtime:
         jobs = scheduled_jobs(settings, runtime)
         known = [job.name for job in jobs]
-        unknown = [name for name in names if name not in known]
+        unknown = [name for name in names if not any(name in job.names() for job in jobs)]
         if unknown:
             raise UnknownJobError(
                 f"unknown or disabled job(s): {', '.join(unknown)} (jobs: {', '.join(known)})"
@@ -533,9 +531,10 @@ def run_poll(settings: Settings, names: Sequence[str] = ()) -> list[PollResult]:
         owner = new_owner()
         results = []
         for job in jobs:
-            if names and job.name not in names:
+            selected = job.only(names) if names else job
+            if selected is None:
                 continue
-            outcome, report = run_scheduled(runtime, job, owner=owner, force=True)
+            outcome, report = run_scheduled(runtime, selected, owner=owner, force=True)
             if outcome is JobOutcome.FAILED:
                 details = {"error": describe_error(_exception(report))}
             else:

@@ -161,6 +161,10 @@ class Settings(BaseSettings):
     # row version late, and the row version is one counter for the venue's whole
     # database, so only time says how far back that can be.
     feed_overlap_minutes: float = Field(default=10.0, ge=0)
+    # Partners one scheduler process follows at once (each partner's feed is its own
+    # unit of work, shared by every scheduler): a partner whose calls are retried for a
+    # minute then holds one of these, not the others' passes.
+    feed_workers: int = Field(default=4, ge=1, le=32)
     # An order in flight longer than this is looked up directly (getOrder), in case the
     # feed and the webhook both missed it; one in flight longer than stuck_after (the
     # venue's own limit for Processing) is reported as stuck.

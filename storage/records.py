@@ -107,7 +107,8 @@ class FeedMark(Base):
 
 
 class JobRun(Base):
-    """The run record of the scheduled job ``name``, shared by every scheduler process.
+    """The run record of the scheduled job ``name`` (or of one unit of a split job, such as
+    one partner's change feed), shared by every scheduler process.
 
     Who may run a job *right now* is decided by a database lock
     (:func:`heartbeat.coordination.job_lock`), not by this row; the row says when the
@@ -121,7 +122,7 @@ class JobRun(Base):
 
     __tablename__ = "job_run"
 
-    name: Mapped[str] = mapped_column(sa.String(100), primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(200), primary_key=True)
     owner: Mapped[str] = mapped_column(ACTOR)
     started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)

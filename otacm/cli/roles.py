@@ -99,7 +99,8 @@ def scheduler(cli: CliContext) -> None:
     multiple=True,
     metavar="NAME",
     help="Only this job (repeatable): change_feed, watchdog, retry_outbox, "
-    "lost_submissions, confirm_drafts, check_subscriptions.",
+    "lost_submissions, confirm_drafts, check_subscriptions; or one partner's feed, "
+    "change_feed:CONNECTION:PARTNER.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the outcomes as JSON.")
 @pass_cli

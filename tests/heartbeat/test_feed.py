@@ -11,13 +11,18 @@ import json
 
 import httpx
 import pytest
+import sqlalchemy as sa
 
-from heartbeat.feed import FeedReport, follow_feed, run_feed
+from heartbeat.coordination import JobFailed, JobOutcome, run_job
+from heartbeat.feed import FEED_JOB, FeedReport, feed_job, follow_feed, run_feed
 from sandbox.pipeline import STUCK_MESSAGE
 from storage.models import InboxSource
+from storage.records import JobRun
 from tests.heartbeat.conftest import HeartbeatStack, line
+from tests.support.partner_faults import PartnerFaultProxy
 from venue.client import open_client
 from venue.models import OrderStatus
+from venue.retry import RetryPolicy
 
 EVERYTHING = dt.timedelta(days=1)
 """An overlap longer than any test's history: the pass re-reads the feed in full."""
@@ -368,6 +373,64 @@ def test_a_venue_error_on_one_partner_does_not_stop_the_others(stack: HeartbeatS
     assert stack.cursor("not-a-partner-guid") is None
     stack.drain()
     stack.assert_mirrored([order_id])
+
+
+def test_each_partner_is_a_unit_and_one_answering_503_fails_only_its_own(
+    stack: HeartbeatStack, migrated_engine: sa.Engine
+) -> None:
+    """The scheduled feed is a unit per partner, each with its own run record: a partner
+    whose listings the venue answers 503 (retried, then given up) fails its own record,
+    naming the failure, while the other partner's pass completes and is recorded as a
+    success; once the venue answers again, the failed partner's record recovers."""
+    second = next(p.id for p in stack.sandbox.config.partners[1:] if p.active)
+    order_id = stack.create("ONE-PARTNER-FAILS")
+    connection = stack.settings.connections[0]
+    quick = RetryPolicy(attempts=2, deadline=1.0, wait_initial=0.01, wait_max=0.01)
+    with PartnerFaultProxy(stack.sandbox.url, failing=[second]) as proxy:
+        proxied = connection.model_copy(
+            update={"api_base_url": proxy.url, "partner_ids": [stack.partner_id, second]}
+        )
+        with open_client(proxied, retry=quick) as client:
+            job = feed_job(
+                stack.sessions,
+                {stack.connection_id: client},
+                {stack.connection_id: proxied},
+                interval=15,
+                overlap=EVERYTHING,
+                workers=2,
+            )
+            names = [f"{FEED_JOB}:{connection.name}:{p}" for p in (stack.partner_id, second)]
+            assert [unit.name for unit in job.units] == names
+
+            outcome, error = run_job(
+                migrated_engine, stack.sessions, job, owner="poll", now=stack.now(), force=True
+            )
+            failed = job_run(stack, names[1])
+            proxy.failing.clear()
+            recovered, _ = run_job(
+                migrated_engine, stack.sessions, job, owner="poll", now=stack.now(), force=True
+            )
+
+    assert outcome is JobOutcome.FAILED and isinstance(error, JobFailed)
+    assert str(error).startswith(f"1 of 2 units failed, the first: {names[1]}: ")
+    assert error.report is not None and error.report.as_dict()["updated"] == 1  # type: ignore[attr-defined]
+    assert proxy.listings[second] >= 2  # retried before it gave up
+    assert (failed.failures, failed.last_success_at) == (1, None)
+    assert failed.last_error is not None and "503" in failed.last_error
+    assert second in failed.last_error
+    good = job_run(stack, names[0])
+    assert (good.runs, good.failures) == (2, 0) and good.last_success_at is not None
+    assert recovered is JobOutcome.RAN
+    assert job_run(stack, names[1]).failures == 0
+    assert stack.mirror(order_id) is not None
+
+
+def job_run(stack: HeartbeatStack, name: str) -> JobRun:
+    """A unit's run record."""
+    with stack.read_sessions.begin() as session:
+        record = session.get(JobRun, name)
+        assert record is not None, f"no run record {name}"
+        return record
 
 
 def test_a_late_commit_below_the_mark_is_still_seen(stack: HeartbeatStack) -> None:

@@ -130,20 +130,27 @@ def test_poll_runs_every_job_once_and_follows_an_order_no_webhook_announced(
     results: list[dict[str, Any]] = json.loads(output)
     assert [(r["job"], r["outcome"]) for r in results] == [(job, "ran") for job in ALL_JOBS]
     assert all(isinstance(r["report"], dict) for r in results)
+    # The change feed is a unit per partner, each with its own run record.
+    partners = connection.partner_ids
+    assert len(partners) > 1
+    assert results[0]["report"]["units"] == results[0]["report"]["ran"] == len(partners)
+    units = [f"change_feed:{connection.name}:{partner}" for partner in partners]
+    feed = units[0]
     runs = job_runs(sessions)
-    assert sorted(runs) == sorted(ALL_JOBS)
+    assert sorted(runs) == sorted([*units, *ALL_JOBS[1:]])
     assert all((run.runs, run.failures) == (1, 0) for run in runs.values())
     with sessions.begin() as session:
         mirrored = session.scalars(sa.select(VenueOrder.order_id)).all()
     assert mirrored == [order.order_id]
 
     venue_sandbox.tick()
-    run_otacm("poll", "--job", "change_feed", environment=environment, timeout=120)
+    # A partner's unit by its own name, as the job-late alert names it.
+    run_otacm("poll", "--job", feed, environment=environment, timeout=120)
 
     with sessions.begin() as session:
         queued = session.scalars(sa.select(Inbox.order_id)).all()
     assert queued == [order.order_id]
-    assert job_runs(sessions)["change_feed"].runs == 2
+    assert job_runs(sessions)[feed].runs == 2
 
 
 def test_poll_runs_only_the_named_job_and_prints_a_line(
@@ -221,7 +228,51 @@ def test_two_schedulers_run_each_job_once_per_interval_between_them(
             sys.stderr.write(f"--- {scheduler.log.name} ---\n{scheduler.output()}\n")
 
     assert codes == [0, 0]
-    assert {job: runs[job].runs for job in POLL_INTERVAL_JOBS} == dict.fromkeys(
-        POLL_INTERVAL_JOBS, 1
-    )
-    assert all(runs[job].failures == 0 for job in POLL_INTERVAL_JOBS)
+    # The change feed ticks as a whole and runs as a unit per partner.
+    (connection,) = settings.connections
+    records = [f"change_feed:{connection.name}:{p}" for p in connection.partner_ids]
+    records += POLL_INTERVAL_JOBS[1:]
+    assert {job: runs[job].runs for job in records} == dict.fromkeys(records, 1)
+    assert all(runs[job].failures == 0 for job in records)
+
+
+def test_a_scheduler_follows_the_partners_configured_now_and_forgets_the_others(
+    settings: Settings, sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """Partners change with the settings: a scheduler started with another partner list
+    follows the new partner under its own unit and removes the removed partner's run record
+    (and the feed's record from before it was a unit per partner), so that none alerts as
+    a job that stopped succeeding."""
+    (connection,) = settings.connections
+    kept, removed = connection.partner_ids[:2]
+    before = otacm_environment(settings, OTACM_PARTNER_IDS=removed)
+    run_otacm("poll", "--job", "change_feed", environment=before, timeout=120)
+    with sessions.begin() as session:
+        old = job_runs(sessions)[f"change_feed:{connection.name}:{removed}"]
+        session.add(
+            JobRun(
+                name="change_feed",
+                owner="before-the-split",
+                started_at=old.started_at,
+                next_due_at=old.next_due_at,
+                runs=1,
+                failures=0,
+            )
+        )
+    environment = otacm_environment(settings, OTACM_PARTNER_IDS=kept)
+    scheduler = OtacmProcess(["scheduler"], environment, tmp_path / "scheduler.log")
+    unit = f"change_feed:{connection.name}:{kept}"
+    try:
+        wait_until(
+            lambda: unit in job_runs(sessions) or not scheduler.alive(),
+            timeout=60,
+            what="the new partner's unit to run",
+        )
+        assert scheduler.alive()
+    finally:
+        code = scheduler.stop()
+        sys.stderr.write(f"--- {scheduler.log.name} ---\n{scheduler.output()}\n")
+
+    assert code == 0
+    feed_records = [name for name in job_runs(sessions) if name.startswith("change_feed")]
+    assert feed_records == [unit]
