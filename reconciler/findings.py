@@ -107,8 +107,7 @@ def find(connection: sa.Connection, params: dict[str, Any], *, postgresql: bool)
             execute(connection, f"CREATE TEMPORARY TABLE {table} ({columns})", params)
 
     for table, sql in (
-        (FINDINGS, _LEDGER_FINDINGS_SQL),
-        (FINDINGS, _ORPHAN_FINDINGS_SQL),
+        *((FINDINGS, statement) for statement in finding_statements(postgresql)),
         (EXCEPTION_FINDINGS, _EXCEPTION_FINDINGS_SQL),
     ):
         execute(connection, sql, params)
@@ -174,10 +173,47 @@ _FINDING_COLUMNS = (
 )
 _C = Category
 
-# Each sale of the period with its live orders (grouped by the sale's primary key, on
-# which every other column of the sale depends). With one order, MIN() is that order's
-# value; with several the category is multiple_orders and no order's value decides.
-_LEDGER_FINDINGS_SQL = f"""
+# What a sale's live orders come to (with one order, MIN() is that order's value; with
+# several the category is multiple_orders and no order's value decides), and which
+# orders those are: the same connection, partner and reference key, at any time.
+_ORDERS_OF_SALE = """
+    COUNT(o.id) AS order_count, MIN(o.id) AS order_pk,
+    SUM(o.items_quantity) AS venue_quantity,
+    SUM(o.amount_incl_vat) AS amount_incl_vat, SUM(o.amount_excl_vat) AS amount_excl_vat,
+    MIN(o.wallet_currencies) AS currency_min, MAX(o.wallet_currencies) AS currency_max,
+    MIN(o.status) AS status, MIN(o.status_changed_at) AS status_changed_at,
+    MIN(o.buy_from_order_reference) AS buy_from_order_reference,
+    MIN(o.wallet_external_references) AS wallet_references"""
+_SAME_SALE = """o.connection_id = l.connection_id AND o.partner_id = l.partner_id
+    AND o.reference_key = l.reference_key AND o.removed_at IS NULL"""
+_SALE_COLUMNS = """l.id, l.sold_at, l.quantity, l.amount, l.currency, l.state,
+    l.amount_includes_vat, NULLIF(TRIM(l.venue_reference), '') AS recorded_reference,
+    l.external_references_key AS listed_references"""
+_VENUE_AMOUNT = "CASE WHEN amount_includes_vat THEN amount_incl_vat ELSE amount_excl_vat END"
+
+# Each sale of the period with its live orders. PostgreSQL asks for each sale's orders
+# in a LATERAL subquery, an index search per sale: as a join (grouped by the sale), its
+# planner hashed every live order of the connection, however old, to match a week of
+# sales. SQLite's planner searches the index per sale either way.
+_SALES_POSTGRESQL = f"""
+    SELECT {_SALE_COLUMNS}, orders.*
+    FROM ledger_line l
+    CROSS JOIN LATERAL (SELECT {_ORDERS_OF_SALE} FROM venue_order o WHERE {_SAME_SALE}) orders
+    WHERE {_IN_PERIOD} {_partner_scope("l")}
+"""
+_SALES_SQLITE = f"""
+    SELECT {_SALE_COLUMNS}, {_ORDERS_OF_SALE}
+    FROM ledger_line l
+    LEFT JOIN venue_order o ON {_SAME_SALE}
+    WHERE {_IN_PERIOD} {_partner_scope("l")}
+    GROUP BY l.id
+"""
+
+
+def _ledger_findings_sql(postgresql: bool) -> str:
+    """One finding per sale of the period: its category, amounts and orders' totals."""
+    sales = _SALES_POSTGRESQL if postgresql else _SALES_SQLITE
+    return f"""
     INSERT INTO {FINDINGS} ({_FINDING_COLUMNS})
     SELECT
         id, order_pk, order_count,
@@ -201,62 +237,55 @@ _LEDGER_FINDINGS_SQL = f"""
             WHEN currency_min IS NOT NULL AND (
                 currency_min <> UPPER(currency) OR currency_max <> UPPER(currency)
             ) THEN '{_C.CURRENCY_MISMATCH}'
-            WHEN venue_amount IS NOT NULL AND ABS(amount - venue_amount) > :tolerance
+            WHEN {_VENUE_AMOUNT} IS NOT NULL
+                AND ABS(amount - {_VENUE_AMOUNT}) > :tolerance
                 THEN '{_C.AMOUNT_MISMATCH}'
             WHEN listed_references IS NOT NULL AND (
                 wallet_references IS NULL OR wallet_references <> listed_references
             ) THEN '{_C.EXTERNAL_REFERENCE_MISMATCH}'
             ELSE '{_C.MATCHED}'
         END,
-        sold_at, currency, amount, venue_amount, venue_quantity,
+        sold_at, currency, amount, {_VENUE_AMOUNT}, venue_quantity,
         CASE WHEN currency_min = currency_max THEN currency_min
              ELSE currency_min || '/' || currency_max END
-    FROM (
-        SELECT l.id, l.sold_at, l.quantity, l.amount, l.currency, l.state,
-               NULLIF(TRIM(l.venue_reference), '') AS recorded_reference,
-               l.external_references_key AS listed_references,
-               COUNT(o.id) AS order_count, MIN(o.id) AS order_pk,
-               SUM(o.items_quantity) AS venue_quantity,
-               CASE WHEN l.amount_includes_vat THEN SUM(o.amount_incl_vat)
-                    ELSE SUM(o.amount_excl_vat) END AS venue_amount,
-               MIN(o.wallet_currencies) AS currency_min,
-               MAX(o.wallet_currencies) AS currency_max,
-               MIN(o.status) AS status, MIN(o.status_changed_at) AS status_changed_at,
-               MIN(o.buy_from_order_reference) AS buy_from_order_reference,
-               MIN(o.wallet_external_references) AS wallet_references
-        FROM ledger_line l
-        LEFT JOIN venue_order o
-          ON o.connection_id = l.connection_id AND o.partner_id = l.partner_id
-         AND o.reference_key = l.reference_key AND o.removed_at IS NULL
-        WHERE {_IN_PERIOD} {_partner_scope("l")}
-        GROUP BY l.id
-    ) compared
+    FROM ({sales}) compared
 """
 
+
 # Live orders of the period that no sale has, in any period. An order's time is
-# received_at, or first_seen_at when the venue gave none; spelled out as two ranges
-# rather than COALESCE(...) so the planner estimates them from the columns' statistics
-# (with COALESCE it guesses a few thousand rows, and probes the ledger's index once per
-# order instead of hashing it once).
-_ORPHAN_FINDINGS_SQL = f"""
+# received_at, or first_seen_at when the venue gave none: two statements, one per range,
+# each read from its own index by time (a partial one for the orders without
+# received_at), so a run reads the period's orders, not the connection's every order.
+# Whether a sale has the order's reference is an index search per order, in any period.
+_ORPHAN_RANGES = (
+    "o.received_at >= :period_from AND o.received_at < :period_to",
+    "o.received_at IS NULL AND o.first_seen_at >= :period_from AND o.first_seen_at < :period_to",
+)
+
+
+def _orphan_findings_sql(time_range: str) -> str:
+    """One finding per live order of ``time_range`` that no sale has."""
+    return f"""
     INSERT INTO {FINDINGS} ({_FINDING_COLUMNS})
     SELECT NULL, o.id, 1, '{Category.ORPHAN}', COALESCE(o.received_at, o.first_seen_at),
            CASE WHEN o.wallet_currencies NOT LIKE '%/%' THEN o.wallet_currencies
                 ELSE '{UNKNOWN_CURRENCY}' END,
            NULL, o.amount_incl_vat, o.items_quantity, o.wallet_currencies
     FROM venue_order o
-    WHERE o.connection_id = :connection_id AND o.removed_at IS NULL {_partner_scope("o")}
-      AND (
-          (o.received_at >= :period_from AND o.received_at < :period_to)
-          OR (o.received_at IS NULL
-              AND o.first_seen_at >= :period_from AND o.first_seen_at < :period_to)
-      )
+    WHERE o.connection_id = :connection_id AND {time_range}
+      AND o.removed_at IS NULL {_partner_scope("o")}
       AND NOT EXISTS (
           SELECT 1 FROM ledger_line l
           WHERE l.connection_id = o.connection_id AND l.partner_id = o.partner_id
             AND l.reference_key = o.reference_key
       )
 """
+
+
+def finding_statements(postgresql: bool) -> list[str]:
+    """The statements that find into :data:`FINDINGS`: the sales, then the orphans."""
+    return [_ledger_findings_sql(postgresql), *map(_orphan_findings_sql, _ORPHAN_RANGES)]
+
 
 # The exceptions among the findings, with what their details show: a few thousand rows
 # at most, where the findings are one per sale.

@@ -100,6 +100,11 @@ def enum_column(enum_class: type[StrEnum], name: str, length: int = 16) -> sa.En
     )
 
 
+def _where(condition: str) -> dict[str, Any]:
+    """A partial index's condition, for both dialects."""
+    return {"postgresql_where": sa.text(condition), "sqlite_where": sa.text(condition)}
+
+
 def _not_erased_index() -> sa.Index:
     """The rows whose personal data is not erased yet, by last visit date (partial).
 
@@ -108,8 +113,7 @@ def _not_erased_index() -> sa.Index:
     estimated the erased and the visited rows as independent, and read the whole table
     to find a batch of due rows, under a LIMIT.
     """
-    condition = sa.text("personal_data_erased_at IS NULL")
-    return sa.Index(None, "last_visit_date", postgresql_where=condition, sqlite_where=condition)
+    return sa.Index(None, "last_visit_date", **_where("personal_data_erased_at IS NULL"))
 
 
 IN_FLIGHT = sa.text("state IN ('pending', 'leased')")
@@ -280,6 +284,10 @@ class VenueOrder(Base):
         sa.Index(None, "connection_id", "buy_from_order_reference"),
         sa.Index(None, "connection_id", "status"),
         _not_erased_index(),
+        # A reconciliation's orphans: the orders of its period, by their time
+        # (reconciler.findings); first seen, of those the venue gave no receivedAt.
+        sa.Index(None, "connection_id", "received_at"),
+        sa.Index(None, "connection_id", "first_seen_at", **_where("received_at IS NULL")),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)

@@ -6,7 +6,8 @@
 - reconcile and report: :class:`ReconRun`, :class:`ReconTotal`, :class:`ReconException`
   and :class:`ExceptionEvent`;
 - the finance pages: :class:`FinanceSession` and :class:`SignInAttempt`;
-- personal data: :class:`PrivacyErasure`, each erasure of customers' names and e-mails.
+- personal data: :class:`PrivacyErasure`, each erasure of customers' names and e-mails;
+- retention: :class:`PruneMark`, how far the pruning of old rows has gone.
 
 They share :class:`storage.models.Base` and its conventions.
 """
@@ -345,3 +346,18 @@ class PrivacyErasure(Base):
     # None when the erasure covered every connection.
     connection_id: Mapped[int | None] = mapped_column(sa.ForeignKey("venue_connection.id"))
     counts: Mapped[dict[str, int]] = mapped_column(sa.JSON)
+
+
+class PruneMark(Base):
+    """How far the pruning of a table has gone (:mod:`heartbeat.retention`).
+
+    ``name`` is the table's; ``reached_at`` and ``reached_id`` are the time and id of the
+    last row the pruning looked at, in the order it walks them, so the next run goes on
+    from there instead of walking again what it kept.
+    """
+
+    __tablename__ = "prune_mark"
+
+    name: Mapped[str] = mapped_column(sa.String(100), primary_key=True)
+    reached_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    reached_id: Mapped[int] = mapped_column(sa.BigInteger)

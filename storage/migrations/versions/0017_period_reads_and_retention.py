@@ -1,0 +1,57 @@
+"""A reconciliation reads its period's orders by time; pruning keeps its place.
+
+``venue_order`` gains an index by ``(connection_id, received_at)`` and a partial one by
+``(connection_id, first_seen_at)`` of the orders the venue gave no ``receivedAt``: a
+run's orphans are read as ranges of them (``reconciler.findings``) instead of every order
+of the connection. ``prune_mark`` keeps how far the pruning of old rows has gone
+(``heartbeat.retention``). The downgrade drops all three.
+
+Revision ID: 0017
+Revises: 0016
+Create Date: 2026-12-07
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+from storage.types import UTCDateTime
+
+revision: str = "0017"
+down_revision: str | None = "0016"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+# The same text as storage.models' partial index: SQLite matches it term for term.
+_UNRECEIVED = sa.text("received_at IS NULL")
+
+
+def upgrade() -> None:
+    """Create the indexes and the table."""
+    op.create_index(
+        "ix_venue_order_connection_id_received_at", "venue_order", ["connection_id", "received_at"]
+    )
+    op.create_index(
+        "ix_venue_order_connection_id_first_seen_at",
+        "venue_order",
+        ["connection_id", "first_seen_at"],
+        postgresql_where=_UNRECEIVED,
+        sqlite_where=_UNRECEIVED,
+    )
+    op.create_table(
+        "prune_mark",
+        sa.Column("name", sa.String(100), nullable=False),
+        sa.Column("reached_at", UTCDateTime(), nullable=False),
+        sa.Column("reached_id", sa.BigInteger(), nullable=False),
+        sa.PrimaryKeyConstraint("name", name=op.f("pk_prune_mark")),
+    )
+
+
+def downgrade() -> None:
+    """Drop the table and the indexes."""
+    op.drop_table("prune_mark")
+    op.drop_index("ix_venue_order_connection_id_first_seen_at", table_name="venue_order")
+    op.drop_index("ix_venue_order_connection_id_received_at", table_name="venue_order")
