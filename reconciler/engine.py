@@ -15,7 +15,8 @@ lies; ``reference_key`` is the normalized (trimmed, upper-cased) reference on bo
 so references compare case-insensitively by construction. What an order holds (its
 items' quantity, its wallets' prices, currencies and external reference numbers) is read
 from the totals the order keeps (:meth:`~storage.models.VenueOrder.summarize_items`), so
-a run reads one row per sale and per order, never an item or a wallet.
+a run reads one row per sale and per order, never an item or a wallet, and it reads the
+period's rows through indexes by time, not the history (:mod:`reconciler.findings`).
 
 **One category per ledger line**, the first that applies:
 
