@@ -53,6 +53,9 @@ LOST_SUBMISSIONS_SECONDS = 60.0
 PERSONAL_DATA_SECONDS = 3600.0
 """How often the scheduler erases customers' names and e-mails past their retention."""
 
+PRUNE_SECONDS = 3600.0
+"""How often the scheduler prunes the rows past their retention (heartbeat.retention)."""
+
 SCHEDULER_JITTER = 0.05
 """A random delay of up to this share of a job's interval is added to each tick, so that
 several nodes' schedulers do not all fire in the same millisecond..."""
@@ -367,6 +370,13 @@ def scheduled_jobs(settings: Settings, runtime: Runtime) -> list[ScheduledJob]:
         return erase_due(runtime.sessions, now=now, keep_days=settings.personal_data_days)
 
     jobs.append(ScheduledJob("erase_personal_data", PERSONAL_DATA_SECONDS, erase_personal_data))
+
+    def prune(now: dt.datetime) -> object:
+        from heartbeat.retention import Retention, prune
+
+        return prune(runtime.sessions, now=now, retention=Retention.of(settings))
+
+    jobs.append(ScheduledJob("prune", PRUNE_SECONDS, prune))
     if settings.webhook_url:
         url = settings.webhook_url
 

@@ -215,6 +215,8 @@ class ReconException(Base):
         sa.UniqueConstraint("connection_id", "category", "subject_key"),
         sa.Index(None, "connection_id", "state"),
         sa.Index(None, "connection_id", "subject_at"),
+        # The exceptions on an order: pruning keeps its story whole while one is not closed.
+        sa.Index(None, "venue_order_id"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)

@@ -4,7 +4,9 @@
 ``(connection_id, first_seen_at)`` of the orders the venue gave no ``receivedAt``: a
 run's orphans are read as ranges of them (``reconciler.findings``) instead of every order
 of the connection. ``prune_mark`` keeps how far the pruning of old rows has gone
-(``heartbeat.retention``). The downgrade drops all three.
+(``heartbeat.retention``), and ``recon_exception`` is indexed by ``venue_order_id``: the
+pruning keeps the story of an order with an exception not closed. The downgrade drops
+all of it.
 
 Revision ID: 0017
 Revises: 0016
@@ -41,6 +43,7 @@ def upgrade() -> None:
         postgresql_where=_UNRECEIVED,
         sqlite_where=_UNRECEIVED,
     )
+    op.create_index("ix_recon_exception_venue_order_id", "recon_exception", ["venue_order_id"])
     op.create_table(
         "prune_mark",
         sa.Column("name", sa.String(100), nullable=False),
@@ -53,5 +56,6 @@ def upgrade() -> None:
 def downgrade() -> None:
     """Drop the table and the indexes."""
     op.drop_table("prune_mark")
+    op.drop_index("ix_recon_exception_venue_order_id", table_name="recon_exception")
     op.drop_index("ix_venue_order_connection_id_first_seen_at", table_name="venue_order")
     op.drop_index("ix_venue_order_connection_id_received_at", table_name="venue_order")
