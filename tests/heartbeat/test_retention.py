@@ -18,9 +18,11 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 from sqlalchemy.orm import Session, sessionmaker
 
-from heartbeat.retention import Retention, prune
+from heartbeat.coordination import job_lock
+from heartbeat.retention import JOB, Retention, prune
 from orders.story import order_story
 from otacm.cli import main
+from otacm.settings import Settings
 from reconciler.engine import reconcile
 from storage.models import (
     ChangeSource,
@@ -43,6 +45,7 @@ from storage.records import (
     ReconTotal,
     ReconTrigger,
 )
+from venue.connection import SettingsError
 from venue.models import OrderStatus
 
 NOW = dt.datetime(2027, 6, 1, 12, 0, tzinfo=dt.UTC)
@@ -538,3 +541,30 @@ def test_otacm_db_prune_says_per_table_what_would_go_then_what_went(
     assert lines[2] == "status_change: kept (no retention set)"
     with sessions() as session:
         assert _ids(session, Inbox) == set()
+
+
+def test_otacm_db_prune_is_refused_while_the_job_runs(
+    migrated_engine: sa.Engine, cli_environment: dict[str, str]
+) -> None:
+    """While the scheduler's prune job holds its lock, `otacm db prune` is one line
+    saying so, exit 1; a dry run, which only reads, still answers."""
+    with job_lock(migrated_engine, JOB) as held:
+        assert held
+        refused = CliRunner().invoke(main, ["db", "prune"], env=cli_environment)
+        dry = CliRunner().invoke(main, ["db", "prune", "--dry-run"], env=cli_environment)
+
+    assert refused.exit_code == 1
+    assert refused.output.strip() == (
+        "Error: the scheduler's prune job is running now: try again when it ends"
+    )
+    assert dry.exit_code == 0, dry.output
+
+
+@pytest.mark.parametrize("name", ["INBOX", "OUTBOX", "STATUS_CHANGES"])
+def test_a_retention_is_a_number_of_days_not_below_zero(
+    monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """OTACM_RETAIN_*_DAYS=-1 is refused naming the setting."""
+    monkeypatch.setenv(f"OTACM_RETAIN_{name}_DAYS", "-1")
+    with pytest.raises(SettingsError, match=f"retain_{name.lower()}_days"):
+        Settings.load()
