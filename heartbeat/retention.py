@@ -55,11 +55,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from heartbeat.metric_figures import SETTLED_STATUSES
 from reconciler.ledger import _sqlite_pause
 from storage.models import (
+    SENT_CALLS,
     Inbox,
     InboxState,
     Outbox,
     OutboxOperation,
-    OutboxState,
     StatusChange,
     VenueOrder,
 )
@@ -232,8 +232,9 @@ def prune(
 
 
 def _due_queue_rows(table: str, before: dt.datetime) -> sa.Select[int]:
-    """The ids of ``table``'s rows past retention, read from its (state, next_attempt_at)
-    index (a finished row's last attempt was due no later than it finished)."""
+    """The ids of ``table``'s rows past retention, oldest first, read from an index by
+    time: the inbox's (state, next_attempt_at) (a processed row's last attempt was due no
+    later than it was processed), the outbox's sent calls but creates by sent_at."""
     if table == "inbox":
         return sa.select(Inbox.id).where(
             Inbox.state == InboxState.DONE,
@@ -246,18 +247,19 @@ def _due_queue_rows(table: str, before: dt.datetime) -> sa.Select[int]:
         VenueOrder.order_id == Outbox.order_id,
         VenueOrder.status_changed_at <= Outbox.sent_at,
     )
+    # The partial index of the sent calls but creates, by sent_at: its condition as text,
+    # which SQLite needs to use it.
     return sa.select(Outbox.id).where(
-        Outbox.state == OutboxState.SENT,
-        Outbox.next_attempt_at < before,
-        sa.func.coalesce(Outbox.sent_at, Outbox.next_attempt_at) < before,
-        Outbox.operation != OutboxOperation.CREATE,
+        sa.text(SENT_CALLS),
+        Outbox.sent_at < before,
         sa.or_(Outbox.operation != OutboxOperation.CONFIRM, ~answering),
     )
 
 
 def _delete_queue_rows(session: Session, table: str, before: dt.datetime, size: int) -> int:
     model: type[Inbox] | type[Outbox] = Inbox if table == "inbox" else Outbox
-    ids = list(session.scalars(_due_queue_rows(table, before).limit(size)))
+    oldest_first = Inbox.next_attempt_at if table == "inbox" else Outbox.sent_at
+    ids = list(session.scalars(_due_queue_rows(table, before).order_by(oldest_first).limit(size)))
     if not ids:
         return 0
     session.execute(
