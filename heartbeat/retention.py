@@ -55,11 +55,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from heartbeat.metric_figures import SETTLED_STATUSES
 from reconciler.ledger import _sqlite_pause
 from storage.models import (
-    SENT_CALLS,
+    NOT_CREATE,
     Inbox,
     InboxState,
     Outbox,
     OutboxOperation,
+    OutboxState,
     StatusChange,
     VenueOrder,
 )
@@ -234,7 +235,7 @@ def prune(
 def _due_queue_rows(table: str, before: dt.datetime) -> sa.Select[int]:
     """The ids of ``table``'s rows past retention, oldest first, read from an index by
     time: the inbox's (state, next_attempt_at) (a processed row's last attempt was due no
-    later than it was processed), the outbox's sent calls but creates by sent_at."""
+    later than it was processed), the outbox's calls but creates by state and sent_at."""
     if table == "inbox":
         return sa.select(Inbox.id).where(
             Inbox.state == InboxState.DONE,
@@ -247,10 +248,11 @@ def _due_queue_rows(table: str, before: dt.datetime) -> sa.Select[int]:
         VenueOrder.order_id == Outbox.order_id,
         VenueOrder.status_changed_at <= Outbox.sent_at,
     )
-    # The partial index of the sent calls but creates, by sent_at: its condition as text,
-    # which SQLite needs to use it.
+    # The partial index of the calls but creates, by state and sent_at: its condition as
+    # text, which SQLite needs to use it.
     return sa.select(Outbox.id).where(
-        sa.text(SENT_CALLS),
+        sa.text(NOT_CREATE),
+        Outbox.state == OutboxState.SENT,
         Outbox.sent_at < before,
         sa.or_(Outbox.operation != OutboxOperation.CONFIRM, ~answering),
     )

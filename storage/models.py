@@ -121,8 +121,8 @@ IN_FLIGHT = sa.text("state IN ('pending', 'leased')")
 the claims (:mod:`storage.lease`): SQLite uses a partial index only for a query repeating
 its condition term for term, literals and all (a bound parameter does not match)."""
 
-SENT_CALLS = "state = 'sent' AND operation <> 'create'"
-"""The outbox's rows that pruning deletes once old (heartbeat.retention), as literal text."""
+NOT_CREATE = "operation <> 'create'"
+"""The outbox's calls pruning may delete once sent (heartbeat.retention), as literal text."""
 
 
 def _in_flight_index(table: str) -> sa.Index:
@@ -572,7 +572,7 @@ class Outbox(Base):
         sa.Index(None, "ledger_line_id"),
         # The calls on one order, found when its personal data is erased.
         sa.Index(None, "order_id"),
-        sa.Index(None, "sent_at", **_where(SENT_CALLS)),
+        sa.Index(None, "state", "sent_at", **_where(NOT_CREATE)),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import threading
 import time
 import uuid
@@ -568,3 +569,63 @@ def test_a_retention_is_a_number_of_days_not_below_zero(
     monkeypatch.setenv(f"OTACM_RETAIN_{name}_DAYS", "-1")
     with pytest.raises(SettingsError, match=f"retain_{name.lower()}_days"):
         Settings.load()
+
+
+INDEX_READ = re.compile(
+    r"(?:USING INDEX|USING COVERING INDEX|Index Scan using|Index Only Scan using|Index Scan on)"
+    r" (\w+)"
+)
+"""A plan's step reading an index, in SQLite's words and PostgreSQL's; the index's name."""
+
+
+def test_pruning_reads_each_table_through_an_index_by_time(
+    sessions: sessionmaker[Session], migrated_engine: sa.Engine
+) -> None:
+    """Over a history of rows it keeps (3,000 sent creates, pending notifications, and
+    status changes within the retention), each table's read of what is due is a range of
+    an index by time, never the whole table."""
+    with sessions.begin() as session:
+        a = ensure_connection(session, "castle")
+        for number in range(3000):
+            _call(session, a, OutboxOperation.CREATE, OutboxState.SENT, 300)
+            _inbox(session, a, f"pending-{number}", InboxState.PENDING, 300)
+        for number in range(300):
+            _order(session, a, f"R-{number}", [(SU, 10), (IS, 9)])
+        _call(session, a, OutboxOperation.DELETE, OutboxState.SENT, 300)
+        _inbox(session, a, "done", InboxState.DONE, 300)
+        _order(session, a, "R-OLD", [(SU, 300), (IS, 299)])
+    if migrated_engine.dialect.name == "postgresql":
+        with migrated_engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.exec_driver_sql("ANALYZE")
+    sent: list[tuple[str, Any]] = []
+
+    def capture(conn: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT"):
+            sent.append((statement, parameters))
+
+    sa.event.listen(migrated_engine, "before_cursor_execute", capture)
+    try:
+        report = prune(sessions, now=NOW, retention=RETENTION)
+    finally:
+        sa.event.remove(migrated_engine, "before_cursor_execute", capture)
+
+    assert _rows(report) == {"inbox": 1, "outbox": 1, "status_change": 1}
+    first_reads = {}
+    for table in ("inbox", "outbox", "status_change"):
+        statement, parameters = next((s, p) for s, p in sent if re.search(rf"\bFROM {table}\b", s))
+        first_reads[table] = _plan(migrated_engine, statement, parameters)
+    assert INDEX_READ.findall(first_reads["inbox"])[0] == "ix_inbox_state_next_attempt_at"
+    assert INDEX_READ.findall(first_reads["outbox"])[0] == "ix_outbox_state_sent_at"
+    assert INDEX_READ.findall(first_reads["status_change"])[0] == "ix_status_change_observed_at"
+    for table, plan in first_reads.items():
+        assert not re.search(rf"\bSCAN {table}\b|Seq Scan", plan), plan
+
+
+def _plan(engine: sa.Engine, statement: str, parameters: Any) -> str:
+    """The database's plan of ``statement``, one line per step."""
+    sqlite = engine.dialect.name == "sqlite"
+    explain = "EXPLAIN QUERY PLAN " if sqlite else "EXPLAIN "
+    with engine.connect() as connection:
+        rows = connection.exec_driver_sql(explain + statement, parameters).all()
+        connection.rollback()
+    return "\n".join(str(row[-1] if sqlite else row[0]) for row in rows)

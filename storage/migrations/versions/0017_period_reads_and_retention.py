@@ -4,8 +4,8 @@
 ``(connection_id, first_seen_at)`` of the orders the venue gave no ``receivedAt``: a
 run's orphans are read as ranges of them (``reconciler.findings``) instead of every order
 of the connection. ``prune_mark`` keeps how far the pruning of old rows has gone
-(``heartbeat.retention``); what it reads is indexed: ``outbox``'s sent calls but creates
-by ``sent_at`` (partial), ``recon_exception`` by ``venue_order_id`` (the story of an
+(``heartbeat.retention``); what it reads is indexed: ``outbox``'s calls but creates by
+state and ``sent_at`` (partial), ``recon_exception`` by ``venue_order_id`` (the story of an
 order with an exception not closed is kept). The downgrade drops all of it.
 
 Revision ID: 0017
@@ -29,7 +29,7 @@ depends_on: str | Sequence[str] | None = None
 
 # The same texts as storage.models' partial indexes: SQLite matches them term for term.
 _UNRECEIVED = sa.text("received_at IS NULL")
-_SENT_CALLS = sa.text("state = 'sent' AND operation <> 'create'")
+_NOT_CREATE = sa.text("operation <> 'create'")
 
 
 def upgrade() -> None:
@@ -45,11 +45,11 @@ def upgrade() -> None:
         sqlite_where=_UNRECEIVED,
     )
     op.create_index(
-        "ix_outbox_sent_at",
+        "ix_outbox_state_sent_at",
         "outbox",
-        ["sent_at"],
-        postgresql_where=_SENT_CALLS,
-        sqlite_where=_SENT_CALLS,
+        ["state", "sent_at"],
+        postgresql_where=_NOT_CREATE,
+        sqlite_where=_NOT_CREATE,
     )
     op.create_index("ix_recon_exception_venue_order_id", "recon_exception", ["venue_order_id"])
     op.create_table(
@@ -65,6 +65,6 @@ def downgrade() -> None:
     """Drop the table and the indexes."""
     op.drop_table("prune_mark")
     op.drop_index("ix_recon_exception_venue_order_id", table_name="recon_exception")
-    op.drop_index("ix_outbox_sent_at", table_name="outbox")
+    op.drop_index("ix_outbox_state_sent_at", table_name="outbox")
     op.drop_index("ix_venue_order_connection_id_first_seen_at", table_name="venue_order")
     op.drop_index("ix_venue_order_connection_id_received_at", table_name="venue_order")
