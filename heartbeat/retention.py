@@ -24,15 +24,17 @@ those past their retention (:class:`Retention`, days; 0 keeps a table whole):
   latest change before the cutoff), and its first settlement (the delivery-health
   figures count an order's first settlement once); the steps between, older than the
   retention, go. The timeline of an order with an exception not closed is kept whole:
-  finance drills down from it to the order's story.
+  finance drills down from it to the order's story (it is cut at the order's next
+  change past the retention, once no exception is open on it).
 
 A reconciliation reads none of these tables (sales and orders only, and each order's
 own status and totals), so pruning changes no run's result, of any period.
 
 Each table is pruned in batches of :data:`BATCH` rows, each its own short transaction
 (on SQLite, the write lock is then left free for as long as a waiting writer sleeps,
-as the ledger import does), oldest first, read from an index by time: the ``(state,
-next_attempt_at)`` index of each queue, and ``status_change.observed_at``. The status
+as the ledger import does), oldest first, read from an index by time: the inbox's
+``(state, next_attempt_at)``, the outbox's calls but creates by ``(state, sent_at)``
+(partial: the creates it keeps are never walked), ``status_change.observed_at``. The status
 changes are walked once: :class:`~storage.records.PruneMark` keeps how far, so a run
 reads what became due since the last one, not the changes it kept. A dry run counts
 what would go and changes nothing.
@@ -69,7 +71,7 @@ from storage.records import ExceptionState, PruneMark, ReconException
 logger = logging.getLogger(__name__)
 
 BATCH = 500
-"""Rows (status changes: orders) per transaction."""
+"""Rows deleted (status changes: walked) per transaction."""
 
 MAX_BATCHES = 1000
 """Batches of each table one scheduled run prunes at most; the next run goes on (a first
@@ -189,7 +191,7 @@ def prune(
         now: the current time (aware).
         retention: each table's days.
         dry_run: count what would go; change nothing.
-        batch_size: rows (status changes: orders) per transaction.
+        batch_size: rows deleted (status changes: walked) per transaction.
         max_batches: batches per table at most; ``None`` until every due row is gone.
 
     Returns:
