@@ -106,13 +106,15 @@ def find(connection: sa.Connection, params: dict[str, Any], *, postgresql: bool)
             execute(connection, f"DROP TABLE IF EXISTS temp.{table}", params)
             execute(connection, f"CREATE TEMPORARY TABLE {table} ({columns})", params)
 
-    for table, sql in (
-        *((FINDINGS, statement) for statement in finding_statements(postgresql)),
-        (EXCEPTION_FINDINGS, _EXCEPTION_FINDINGS_SQL),
+    for table, statements in (
+        (FINDINGS, finding_statements(postgresql)),
+        (EXCEPTION_FINDINGS, [_EXCEPTION_FINDINGS_SQL]),
     ):
-        execute(connection, sql, params)
+        for sql in statements:
+            execute(connection, sql, params)
         if postgresql:
-            # Temporary tables are never auto-analyzed; the next steps need estimates.
+            # Temporary tables are never auto-analyzed; the next steps need estimates
+            # (once a table is filled: an ANALYZE costs about as much as a statement).
             execute(connection, f"ANALYZE {table}", params)
     execute(
         connection,
