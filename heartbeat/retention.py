@@ -70,8 +70,10 @@ from storage.records import ExceptionState, PruneMark, ReconException
 
 logger = logging.getLogger(__name__)
 
-BATCH = 500
-"""Rows deleted (status changes: walked) per transaction."""
+BATCH = 200
+"""Rows deleted (status changes: walked) per transaction: a few tens of milliseconds, on
+SQLite far from the 200 ms a webhook may wait for the write lock (500 took up to 250 ms
+on this shared 2-core machine)."""
 
 MAX_BATCHES = 1000
 """Batches of each table one scheduled run prunes at most; the next run goes on (a first
