@@ -22,18 +22,14 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine
@@ -63,6 +59,9 @@ LOST_SUBMISSIONS_SECONDS = 60.0
 PERSONAL_DATA_SECONDS = 3600.0
 """How often the scheduler erases customers' names and e-mails past their retention."""
 
+PRUNE_SECONDS = 3600.0
+"""How often the scheduler prunes the rows past their retention (heartbeat.retention)."""
+
 SCHEDULER_JITTER = 0.05
 """A random delay of up to this share of a job's interval is added to each tick, so that
 several nodes' schedulers do not all fire in the same millisecond..."""
@@ -71,63 +70,6 @@ SCHEDULER_MAX_JITTER = 2.0
 """...but never more than this many seconds."""
 
 
-@contextmanager
-def metrics_directory() -> Iterator[Path]:
-    """The Prometheus multiprocess directory of this process and of those it starts.
-
-    prometheus-client reads ``PROMETHEUS_MULTIPROC_DIR`` when it is first imported, so this
-    is entered before anything imports it. A directory the operator named is created if
-    missing, emptied of an earlier run's files (as prometheus-client requires) and left in
-    place. Otherwise a new one is made and named in the environment, which the processes
-    started from here inherit; it belongs to this process, which removes it on the way out.
-
-    Only this process: gunicorn's workers are forks of it that leave through the same
-    frames (a worker ends by raising ``SystemExit``), and a worker that removed the
-    directory would take every worker's counts, and the next worker's start, with it.
-
-    Yields:
-        The directory.
-    """
-    named = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if named:
-        directory = Path(named)
-        directory.mkdir(parents=True, exist_ok=True)
-        for stale in directory.glob("*.db"):
-            # Another role sharing the directory (``otacm serve``'s worker and scheduler,
-            # or roles an operator runs side by side) may have started first: its files
-            # stay, only those of processes no longer running go.
-            if not _process_running(_metrics_file_pid(stale)):
-                stale.unlink(missing_ok=True)
-        yield directory
-        return
-    owner = os.getpid()
-    directory = Path(tempfile.mkdtemp(prefix="otacm-metrics-"))
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
-    logger.info("metrics of this process and its children in %s", directory)
-    try:
-        yield directory
-    finally:
-        if os.getpid() == owner:
-            shutil.rmtree(directory, ignore_errors=True)
-
-
-def _metrics_file_pid(path: Path) -> int | None:
-    """The pid in a prometheus-client file's name (``counter_1234.db``), if it has one."""
-    _, _, digits = path.stem.rpartition("_")
-    return int(digits) if digits.isdigit() else None
-
-
-def _process_running(pid: int | None) -> bool:
-    """Whether ``pid`` names a running process other than this one."""
-    if pid is None or pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # running, as another user
-    return True
 
 
 @dataclass
@@ -363,6 +305,13 @@ def scheduled_jobs(settings: Settings, runtime: Runtime) -> list[ScheduledJob | 
         return erase_due(runtime.sessions, now=now, keep_days=settings.personal_data_days)
 
     jobs.append(ScheduledJob("erase_personal_data", PERSONAL_DATA_SECONDS, erase_personal_data))
+
+    def prune(now: dt.datetime) -> object:
+        from heartbeat.retention import Retention, prune
+
+        return prune(runtime.sessions, now=now, retention=Retention.of(settings))
+
+    jobs.append(ScheduledJob("prune", PRUNE_SECONDS, prune))
     if settings.webhook_url:
         url = settings.webhook_url
 

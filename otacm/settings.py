@@ -209,6 +209,12 @@ class Settings(BaseSettings):
     # Customers' names and e-mails are erased this many days after the visit date
     # (heartbeat.privacy); amounts, references and ticket numbers stay.
     personal_data_days: int = Field(default=90, ge=1, le=36500)
+    # Rows past these days are pruned (heartbeat.retention): processed notifications,
+    # sent confirm/replace/delete calls, status changes older than an order's status
+    # when the retention began. 0 keeps them all.
+    retain_inbox_days: int = Field(default=30, ge=0, le=36500)
+    retain_outbox_days: int = Field(default=90, ge=0, le=36500)
+    retain_status_changes_days: int = Field(default=180, ge=0, le=36500)
     # The shop's JSON API (/api/) creates orders with the venue's key: it answers only
     # requests bearing one of these tokens, and is closed while none is configured.
     api_tokens: SecretCommaList = Field(default_factory=list)

@@ -15,7 +15,8 @@ lies; ``reference_key`` is the normalized (trimmed, upper-cased) reference on bo
 so references compare case-insensitively by construction. What an order holds (its
 items' quantity, its wallets' prices, currencies and external reference numbers) is read
 from the totals the order keeps (:meth:`~storage.models.VenueOrder.summarize_items`), so
-a run reads one row per sale and per order, never an item or a wallet.
+a run reads one row per sale and per order, never an item or a wallet, and it reads the
+period's rows through indexes by time, not the history (:mod:`reconciler.findings`).
 
 **One category per ledger line**, the first that applies:
 
@@ -91,7 +92,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import re
 import time
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -101,27 +101,16 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from reconciler.categories import Category
+from reconciler.findings import EXCEPTION_FINDINGS, TABLES, TOTALS, execute, find
 from reconciler.turns import take_turn_postgresql, take_turn_sqlite
 from storage.engine import SQLITE_BEGIN_OPTION
 from storage.records import ReconRun, ReconRunState, ReconTrigger
-from storage.types import UTCDateTime, to_micros
+from storage.types import to_micros
 
 logger = logging.getLogger(__name__)
 
 MAX_ERROR_LENGTH = 500
 """How much of a failure's message the run row keeps."""
-
-POSTGRESQL_WORK_MEM = "128MB"
-"""``work_mem`` of a run's transaction on PostgreSQL: enough to hash a million rows."""
-
-UNKNOWN_CURRENCY = "XXX"
-"""ISO 4217's "no currency": an orphan whose wallets name none, or several."""
-
-_FINDINGS = "recon_finding"
-_EXCEPTION_FINDINGS = "recon_exception_finding"
-_TOTALS = "recon_found_total"
-_EXCEPTION_CATEGORIES = tuple(sorted(c.value for c in Category if c.is_exception))
 
 
 class ReconRunFailed(RuntimeError):
@@ -222,7 +211,7 @@ def reconcile(
         if engine.dialect.name == "postgresql":
             with engine.begin() as connection:
                 take_turn_postgresql(connection, connection_id, run_id)
-                _find(connection, params, postgresql=True)
+                find(connection, params, postgresql=True)
                 _record(connection, params, postgresql=True)
                 connection.execute(finish, {"finished_at": _finished(now, started)})
         else:
@@ -235,7 +224,7 @@ def reconcile(
                 connection.execution_options(**{SQLITE_BEGIN_OPTION: "DEFERRED"})
                 try:
                     with connection.begin():
-                        _find(connection, params, postgresql=False)
+                        find(connection, params, postgresql=False)
                     # The long read kept the WAL from being checkpointed; catch up here
                     # (PASSIVE: writers go on), not in the next webhook's commit.
                     driver = connection.connection.driver_connection
@@ -248,7 +237,7 @@ def reconcile(
                     # The pooled connection keeps its TEMP tables until they are dropped.
                     connection.execution_options(**{SQLITE_BEGIN_OPTION: "DEFERRED"})
                     with connection.begin():
-                        for table in _TABLES:
+                        for table in TABLES:
                             connection.exec_driver_sql(f"DROP TABLE IF EXISTS temp.{table}")
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}".strip()[:MAX_ERROR_LENGTH]
@@ -271,256 +260,20 @@ def _finished(now: dt.datetime, started: float) -> dt.datetime:
     return now + dt.timedelta(seconds=time.monotonic() - started)
 
 
-_FINDING_TABLE = """
-    line_id BIGINT,
-    order_pk BIGINT,
-    order_count INTEGER NOT NULL,
-    category VARCHAR(32) NOT NULL,
-    subject_at {timestamp},
-    currency VARCHAR(10) NOT NULL,
-    ledger_amount BIGINT,
-    venue_amount BIGINT,
-    venue_quantity BIGINT,
-    venue_currency TEXT"""
-_TABLES = {
-    _FINDINGS: _FINDING_TABLE,
-    _EXCEPTION_FINDINGS: f"""{_FINDING_TABLE},
-    subject_key VARCHAR(200) NOT NULL,
-    shop_reference VARCHAR(100),
-    order_guid VARCHAR(64),
-    status VARCHAR(16),
-    ledger_state VARCHAR(16),
-    ledger_quantity INTEGER,
-    venue_reference VARCHAR(50),
-    buy_from_order_reference VARCHAR(50)""",
-    _TOTALS: """
-    currency VARCHAR(10) NOT NULL,
-    category VARCHAR(32) NOT NULL,
-    count BIGINT NOT NULL,
-    ledger_amount BIGINT NOT NULL,
-    venue_amount BIGINT NOT NULL""",
-}
-"""The temporary tables of a run, by name: their columns (``{timestamp}``: the dialect's)."""
-
-
-def _find(connection: sa.Connection, params: dict[str, Any], *, postgresql: bool) -> None:
-    """Find every sale's and orphan's category into temporary tables: reads only the data.
-
-    Two ``INSERT … SELECT`` statements write one finding per sale of the period and per
-    orphan into a temporary table; each order's totals are columns of its row (kept by
-    :meth:`~storage.models.VenueOrder.summarize_items`), so a sale needs no item or
-    wallet. Only the exceptions, a small share, then get the wide rows their details need.
-    """
-    timestamp = "TIMESTAMP WITH TIME ZONE" if postgresql else "TEXT"
-    if postgresql:
-        # The sales' join and grouping are hashed; PostgreSQL's default 4 MB spills a
-        # million rows to disk many times over. JIT compiles each statement anew and
-        # costs more than it saves here. For this transaction only.
-        _execute(connection, f"SET LOCAL work_mem = '{POSTGRESQL_WORK_MEM}'", params)
-        _execute(connection, "SET LOCAL jit = off", params)
-    for table, columns in _TABLES.items():
-        columns = columns.replace("{timestamp}", timestamp)
-        if postgresql:
-            _execute(
-                connection, f"CREATE TEMPORARY TABLE {table} ({columns}) ON COMMIT DROP", params
-            )
-        else:
-            _execute(connection, f"DROP TABLE IF EXISTS temp.{table}", params)
-            _execute(connection, f"CREATE TEMPORARY TABLE {table} ({columns})", params)
-
-    for table, sql in (
-        (_FINDINGS, _LEDGER_FINDINGS_SQL),
-        (_FINDINGS, _ORPHAN_FINDINGS_SQL),
-        (_EXCEPTION_FINDINGS, _EXCEPTION_FINDINGS_SQL),
-    ):
-        _execute(connection, sql, params)
-        if postgresql:
-            # Temporary tables are never auto-analyzed; the next steps need estimates.
-            _execute(connection, f"ANALYZE {table}", params)
-    _execute(
-        connection,
-        f"CREATE INDEX recon_exception_finding_subject ON {_EXCEPTION_FINDINGS} (subject_key)",
-        params,
-    )
-    _execute(connection, _TOTALS_SQL, params)
-
-
 def _record(connection: sa.Connection, params: dict[str, Any], *, postgresql: bool) -> None:
-    """Write the run's totals and merge its exceptions, from what :func:`_find` found."""
-    _execute(connection, _RECORD_TOTALS_SQL, params)
+    """Write the run's totals and merge its exceptions, from what :func:`find` found."""
+    execute(connection, _RECORD_TOTALS_SQL, params)
     _merge_exceptions(connection, params, postgresql)
 
 
-def _execute(connection: sa.Connection, sql: str, params: dict[str, Any]) -> None:
-    sql = _scoped(sql, params.get("partner_ids"))
-    statement = sa.text(sql).bindparams(
-        *(
-            sa.bindparam(name, type_=UTCDateTime())
-            for name in ("period_from", "period_to", "now", "cutoff")
-            if f":{name}" in sql
-        )
-    )
-    if ":partner_ids" in sql:
-        statement = statement.bindparams(sa.bindparam("partner_ids", expanding=True))
-    used = {name: value for name, value in params.items() if f":{name}" in sql}
-    started = time.monotonic()
-    result = connection.execute(statement, used)
-    rows = getattr(result, "rowcount", -1)
-    logger.debug(
-        "%s: %s rows in %.2fs", " ".join(sql.split())[:60], rows, time.monotonic() - started
-    )
-
-
-def _partner_scope(alias: str) -> str:
-    """A marker: here the statement restricts ``alias``'s rows to the configured partners."""
-    return f"/* partners of {alias} */"
-
-
-_PARTNER_SCOPE = re.compile(r"/\* partners of (\w+) \*/")
-
-
-def _scoped(sql: str, partner_ids: list[str] | None) -> str:
-    """``sql`` with its partner scopes: the configured partners' rows only, or every row.
-
-    An empty list matches no partner, and so no row (``IN`` over nothing is spelled
-    ``1 = 0``, which every database takes).
-    """
-    if partner_ids is None:
-        return _PARTNER_SCOPE.sub("", sql)
-    if not partner_ids:
-        return _PARTNER_SCOPE.sub("AND 1 = 0", sql)
-    return _PARTNER_SCOPE.sub(lambda m: f"AND {m.group(1)}.partner_id IN :partner_ids", sql)
-
-
-_IN_FLIGHT = "'Submitted', 'Scheduled', 'Processing'"
 _ACTIVE = "'open', 'resolved', 'accepted'"
-_IN_PERIOD = (
-    "l.connection_id = :connection_id AND l.sold_at >= :period_from AND l.sold_at < :period_to"
-)
-_FINDING_COLUMNS = (
-    "line_id, order_pk, order_count, category, subject_at, currency, ledger_amount, "
-    "venue_amount, venue_quantity, venue_currency"
-)
-_C = Category
 
-# Each sale of the period with its live orders (grouped by the sale's primary key, on
-# which every other column of the sale depends). With one order, MIN() is that order's
-# value; with several the category is multiple_orders and no order's value decides.
-_LEDGER_FINDINGS_SQL = f"""
-    INSERT INTO {_FINDINGS} ({_FINDING_COLUMNS})
-    SELECT
-        id, order_pk, order_count,
-        CASE
-            WHEN order_count = 0 THEN '{_C.MISSING_AT_VENUE}'
-            WHEN order_count > 1 THEN '{_C.MULTIPLE_ORDERS}'
-            WHEN status IN ({_IN_FLIGHT}) THEN
-                CASE WHEN sold_at >= :cutoff OR status_changed_at >= :cutoff
-                     THEN '{_C.IN_FLIGHT}' ELSE '{_C.STUCK_IN_FLIGHT}' END
-            WHEN status = 'Error' THEN '{_C.VENUE_ERROR}'
-            WHEN state <> 'active' AND status IN ('Issued', 'Draft')
-                THEN '{_C.CANCELLED_IN_LEDGER}'
-            WHEN state = 'active' AND status = 'Cancelled' THEN '{_C.CANCELLED_AT_VENUE}'
-            WHEN state <> 'active' THEN '{_C.MATCHED}'
-            WHEN status = 'Draft' THEN '{_C.DRAFT_UNCONFIRMED}'
-            WHEN recorded_reference IS NOT NULL AND (
-                buy_from_order_reference IS NULL
-                OR UPPER(recorded_reference) <> UPPER(TRIM(buy_from_order_reference))
-            ) THEN '{_C.REFERENCE_MISMATCH}'
-            WHEN quantity <> COALESCE(venue_quantity, 0) THEN '{_C.QUANTITY_MISMATCH}'
-            WHEN currency_min IS NOT NULL AND (
-                currency_min <> UPPER(currency) OR currency_max <> UPPER(currency)
-            ) THEN '{_C.CURRENCY_MISMATCH}'
-            WHEN venue_amount IS NOT NULL AND ABS(amount - venue_amount) > :tolerance
-                THEN '{_C.AMOUNT_MISMATCH}'
-            WHEN listed_references IS NOT NULL AND (
-                wallet_references IS NULL OR wallet_references <> listed_references
-            ) THEN '{_C.EXTERNAL_REFERENCE_MISMATCH}'
-            ELSE '{_C.MATCHED}'
-        END,
-        sold_at, currency, amount, venue_amount, venue_quantity,
-        CASE WHEN currency_min = currency_max THEN currency_min
-             ELSE currency_min || '/' || currency_max END
-    FROM (
-        SELECT l.id, l.sold_at, l.quantity, l.amount, l.currency, l.state,
-               NULLIF(TRIM(l.venue_reference), '') AS recorded_reference,
-               l.external_references_key AS listed_references,
-               COUNT(o.id) AS order_count, MIN(o.id) AS order_pk,
-               SUM(o.items_quantity) AS venue_quantity,
-               CASE WHEN l.amount_includes_vat THEN SUM(o.amount_incl_vat)
-                    ELSE SUM(o.amount_excl_vat) END AS venue_amount,
-               MIN(o.wallet_currencies) AS currency_min,
-               MAX(o.wallet_currencies) AS currency_max,
-               MIN(o.status) AS status, MIN(o.status_changed_at) AS status_changed_at,
-               MIN(o.buy_from_order_reference) AS buy_from_order_reference,
-               MIN(o.wallet_external_references) AS wallet_references
-        FROM ledger_line l
-        LEFT JOIN venue_order o
-          ON o.connection_id = l.connection_id AND o.partner_id = l.partner_id
-         AND o.reference_key = l.reference_key AND o.removed_at IS NULL
-        WHERE {_IN_PERIOD} {_partner_scope("l")}
-        GROUP BY l.id
-    ) compared
-"""
-
-# Live orders of the period that no sale has, in any period. An order's time is
-# received_at, or first_seen_at when the venue gave none; spelled out as two ranges
-# rather than COALESCE(...) so the planner estimates them from the columns' statistics
-# (with COALESCE it guesses a few thousand rows, and probes the ledger's index once per
-# order instead of hashing it once).
-_ORPHAN_FINDINGS_SQL = f"""
-    INSERT INTO {_FINDINGS} ({_FINDING_COLUMNS})
-    SELECT NULL, o.id, 1, '{Category.ORPHAN}', COALESCE(o.received_at, o.first_seen_at),
-           CASE WHEN o.wallet_currencies NOT LIKE '%/%' THEN o.wallet_currencies
-                ELSE '{UNKNOWN_CURRENCY}' END,
-           NULL, o.amount_incl_vat, o.items_quantity, o.wallet_currencies
-    FROM venue_order o
-    WHERE o.connection_id = :connection_id AND o.removed_at IS NULL {_partner_scope("o")}
-      AND (
-          (o.received_at >= :period_from AND o.received_at < :period_to)
-          OR (o.received_at IS NULL
-              AND o.first_seen_at >= :period_from AND o.first_seen_at < :period_to)
-      )
-      AND NOT EXISTS (
-          SELECT 1 FROM ledger_line l
-          WHERE l.connection_id = o.connection_id AND l.partner_id = o.partner_id
-            AND l.reference_key = o.reference_key
-      )
-"""
-
-# The exceptions among the findings, with what their details show: a few thousand rows
-# at most, where the findings are one per sale.
-_EXCEPTION_FINDINGS_SQL = f"""
-    INSERT INTO {_EXCEPTION_FINDINGS} (
-        {_FINDING_COLUMNS}, subject_key, shop_reference, order_guid, status, ledger_state,
-        ledger_quantity, venue_reference, buy_from_order_reference
-    )
-    SELECT f.line_id, f.order_pk, f.order_count, f.category, f.subject_at, f.currency,
-           f.ledger_amount, f.venue_amount, f.venue_quantity, f.venue_currency,
-           CASE WHEN f.line_id IS NULL THEN 'order:' || o.order_id
-                ELSE 'ledger:' || l.partner_id || ':' || l.reference_key END,
-           COALESCE(l.shop_reference, o.sell_to_order_reference), o.order_id, o.status,
-           l.state, l.quantity, NULLIF(TRIM(l.venue_reference), ''),
-           o.buy_from_order_reference
-    FROM {_FINDINGS} f
-    LEFT JOIN ledger_line l ON l.id = f.line_id
-    LEFT JOIN venue_order o ON o.id = f.order_pk
-    WHERE f.category IN ({", ".join(f"'{c}'" for c in _EXCEPTION_CATEGORIES)})
-"""
-
-# Added up while finding (a GROUP BY over every finding); recording copies a few rows.
-_TOTALS_SQL = f"""
-    INSERT INTO {_TOTALS} (currency, category, count, ledger_amount, venue_amount)
-    SELECT currency, category, COUNT(*),
-           COALESCE(SUM(ledger_amount), 0), COALESCE(SUM(venue_amount), 0)
-    FROM {_FINDINGS}
-    GROUP BY currency, category
-"""
 _RECORD_TOTALS_SQL = f"""
     INSERT INTO recon_total (
         recon_run_id, currency, category, count, ledger_amount, venue_amount
     )
     SELECT :run_id, currency, category, count, ledger_amount, venue_amount
-    FROM {_TOTALS}
+    FROM {TOTALS}
 """
 
 
@@ -538,18 +291,18 @@ def _merge_exceptions(connection: sa.Connection, params: dict[str, Any], postgre
         "AND e.subject_key = f.subject_key"
     )
     # Known exceptions found again: the event first, while the old state is still there.
-    _execute(
+    execute(
         connection,
         f"""
         INSERT INTO exception_event (recon_exception_id, recon_run_id, action, actor, note, at)
         SELECT e.id, :run_id,
                CASE WHEN e.state = 'closed' THEN 'reopened' ELSE 'seen' END,
                :actor, NULL, :now
-        FROM {_EXCEPTION_FINDINGS} f JOIN recon_exception e ON {same}
+        FROM {EXCEPTION_FINDINGS} f JOIN recon_exception e ON {same}
         """,
         params,
     )
-    _execute(
+    execute(
         connection,
         f"""
         UPDATE recon_exception
@@ -564,14 +317,14 @@ def _merge_exceptions(connection: sa.Connection, params: dict[str, Any], postgre
             details = {details},
             subject_at = f.subject_at,
             updated_at = :now
-        FROM {_EXCEPTION_FINDINGS} f
+        FROM {EXCEPTION_FINDINGS} f
         WHERE recon_exception.connection_id = :connection_id
           AND recon_exception.category = f.category
           AND recon_exception.subject_key = f.subject_key
         """,
         params,
     )
-    _execute(
+    execute(
         connection,
         f"""
         INSERT INTO recon_exception (
@@ -582,12 +335,12 @@ def _merge_exceptions(connection: sa.Connection, params: dict[str, Any], postgre
         SELECT :connection_id, f.category, f.subject_key, f.line_id, f.order_pk, f.currency,
                f.ledger_amount, f.venue_amount, {details}, f.subject_at, 'open', :run_id,
                :run_id, NULL, :now, :now
-        FROM {_EXCEPTION_FINDINGS} f
+        FROM {EXCEPTION_FINDINGS} f
         WHERE NOT EXISTS (SELECT 1 FROM recon_exception e WHERE {same})
         """,
         params,
     )
-    _execute(
+    execute(
         connection,
         """
         INSERT INTO exception_event (recon_exception_id, recon_run_id, action, actor, note, at)
@@ -602,7 +355,7 @@ def _merge_exceptions(connection: sa.Connection, params: dict[str, Any], postgre
         AND subject_at >= :period_from AND subject_at < :period_to
         AND last_seen_run_id <> :run_id
     """
-    _execute(
+    execute(
         connection,
         f"""
         INSERT INTO exception_event (recon_exception_id, recon_run_id, action, actor, note, at)
@@ -611,7 +364,7 @@ def _merge_exceptions(connection: sa.Connection, params: dict[str, Any], postgre
         """,
         params,
     )
-    _execute(
+    execute(
         connection,
         f"""
         UPDATE recon_exception

@@ -39,6 +39,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 
 from storage.totals import order_totals
 from storage.types import Money, UTCDateTime, utcnow
+from storage.visits import request_visit_date
 from venue.models import OrderStatus
 from venue.values import normalize_reference, reference_set_key
 
@@ -100,6 +101,11 @@ def enum_column(enum_class: type[StrEnum], name: str, length: int = 16) -> sa.En
     )
 
 
+def _where(condition: str) -> dict[str, Any]:
+    """A partial index's condition, for both dialects."""
+    return {"postgresql_where": sa.text(condition), "sqlite_where": sa.text(condition)}
+
+
 def _not_erased_index() -> sa.Index:
     """The rows whose personal data is not erased yet, by last visit date (partial).
 
@@ -108,14 +114,16 @@ def _not_erased_index() -> sa.Index:
     estimated the erased and the visited rows as independent, and read the whole table
     to find a batch of due rows, under a LIMIT.
     """
-    condition = sa.text("personal_data_erased_at IS NULL")
-    return sa.Index(None, "last_visit_date", postgresql_where=condition, sqlite_where=condition)
+    return sa.Index(None, "last_visit_date", **_where("personal_data_erased_at IS NULL"))
 
 
 IN_FLIGHT = sa.text("state IN ('pending', 'leased')")
 """A queue's rows still to be worked. Literal text, the same in the partial indexes and in
 the claims (:mod:`storage.lease`): SQLite uses a partial index only for a query repeating
 its condition term for term, literals and all (a bound parameter does not match)."""
+
+NOT_CREATE = "operation <> 'create'"
+"""The outbox's calls pruning may delete once sent (heartbeat.retention), as literal text."""
 
 
 def _in_flight_index(table: str) -> sa.Index:
@@ -281,6 +289,10 @@ class VenueOrder(Base):
         sa.Index(None, "connection_id", "status"),
         _not_erased_index(),
         sa.Index("ix_venue_order_change", "change_seq", "id"),
+        # A reconciliation's orphans: the orders of its period, by their time
+        # (reconciler.findings); first seen, of those the venue gave no receivedAt.
+        sa.Index(None, "connection_id", "received_at"),
+        sa.Index(None, "connection_id", "first_seen_at", **_where("received_at IS NULL")),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -566,6 +578,7 @@ class Outbox(Base):
         sa.Index(None, "ledger_line_id"),
         # The calls on one order, found when its personal data is erased.
         sa.Index(None, "order_id"),
+        sa.Index(None, "state", "sent_at", **_where(NOT_CREATE)),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -655,37 +668,6 @@ _NOT_ASCII_DIGITS = re.compile("[^0-9]+")
 
 
 _DEDUP_KEY_LEAD = 20
-
-
-def request_visit_date(request: Mapping[str, Any] | None) -> dt.date | None:
-    """The latest visit date an order request names: its lines' and scheduled components'.
-
-    Dates that do not read as ``YYYY-MM-DD`` are passed over (a stored request was
-    checked when it came, but this also reads whatever an older release stored).
-
-    Args:
-        request: an order request as stored (camelCase wire JSON), or ``None``.
-    """
-    if not isinstance(request, Mapping):
-        return None
-    found: list[dt.date] = []
-    items = request.get("items")
-    for item in items if isinstance(items, list) else ():
-        if not isinstance(item, Mapping):
-            continue
-        dates = [item.get("visitDate")]
-        wallet = item.get("wallet")
-        schedule = wallet.get("componentSchedule") if isinstance(wallet, Mapping) else None
-        for entry in schedule if isinstance(schedule, list) else ():
-            if isinstance(entry, Mapping):
-                dates.append(entry.get("visitDate"))
-        for text in dates:
-            if isinstance(text, str):
-                try:
-                    found.append(dt.date.fromisoformat(text))
-                except ValueError:
-                    continue
-    return max(found, default=None)
 
 
 # The rest of the schema: importing this module registers every table with Base.metadata,

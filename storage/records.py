@@ -11,6 +11,7 @@
 - events to the shop: :class:`ShopEvent`, each event recorded with the mirror change that
   caused it, and :class:`ShopDelivery`, its delivery to each endpoint configured for its
   connection (:mod:`orders.shop_events`, :mod:`orders.shop_delivery`).
+- retention: :class:`PruneMark`, how far the pruning of old rows has gone.
 
 They share :class:`storage.models.Base` and its conventions.
 """
@@ -228,6 +229,8 @@ class ReconException(Base):
         sa.UniqueConstraint("connection_id", "category", "subject_key"),
         sa.Index(None, "connection_id", "state"),
         sa.Index(None, "connection_id", "subject_at"),
+        # The exceptions on an order: pruning keeps its story whole while one is not closed.
+        sa.Index(None, "venue_order_id"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -484,3 +487,16 @@ class ShopDelivery(Base):
     delivered_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
 
     event: Mapped[ShopEvent] = relationship(back_populates="deliveries")
+class PruneMark(Base):
+    """How far the pruning of a table has gone (:mod:`heartbeat.retention`).
+
+    ``name`` is the table's; ``reached_at`` and ``reached_id`` are the time and id of the
+    last row the pruning looked at, in the order it walks them, so the next run goes on
+    from there instead of walking again what it kept.
+    """
+
+    __tablename__ = "prune_mark"
+
+    name: Mapped[str] = mapped_column(sa.String(100), primary_key=True)
+    reached_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    reached_id: Mapped[int] = mapped_column(sa.BigInteger)

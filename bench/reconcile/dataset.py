@@ -537,3 +537,62 @@ def _rows(
             )
         )
     yield from flush()
+
+
+HISTORY_DAYS = 365
+"""History is spread over the year before the period."""
+
+
+def add_history(engine: sa.Engine, plan: Plan, connection_id: int, start: int, count: int) -> None:
+    """Add ``count`` matched sales and their orders before the period: history a run skips.
+
+    Each is a sale of the year before ``plan.period_from`` with its Issued venue order
+    (the totals it keeps, no items or wallets: a run reads the order's own row only),
+    numbered from ``start`` so that calls for growing sizes add to what is there.
+    Written as :func:`load` writes, then settled (``VACUUM ANALYZE`` on PostgreSQL).
+    """
+    ts = _Clock(engine.dialect.name == "sqlite")
+    first = _seconds(plan.period_from) - HISTORY_DAYS * 86_400
+    span = HISTORY_DAYS * 86_400 - 86_400
+    with engine.connect() as connection:
+        highest = "SELECT (SELECT max(id) FROM ledger_line), (SELECT max(id) FROM venue_order)"
+        next_line, next_order = (
+            int(value or 0) for value in connection.exec_driver_sql(highest).one()
+        )
+    raw = engine.raw_connection()
+    try:
+        writer = _Writer(engine.dialect.name, raw.driver_connection)
+        yes = writer.flag(True)
+        if writer.sqlite:
+            writer.driver.execute("BEGIN")
+        for chunk in range(start, start + count, CHUNK):
+            ledger: list[tuple[Any, ...]] = []
+            orders: list[tuple[Any, ...]] = []
+            for j in range(chunk, min(chunk + CHUNK, start + count)):
+                next_line += 1
+                next_order += 1
+                sold = first + span * (j % 1_000_003) // 1_000_003
+                sold_at, received_at = ts(sold), ts(sold + 5)
+                reference = f"HIST-{j:09d}"
+                ledger.append(
+                    (next_line, connection_id, PARTNERS[j & 1], reference.lower(), reference,
+                     sold_at, 1, 2_500 * MICROS_PER_CENT, "EUR", yes, f"pay-h{j}", None, None,
+                     None, "active", "import", sold_at, sold_at)
+                )  # fmt: skip
+                orders.append(
+                    (next_order, connection_id, f"20000000-0000-4000-8000-{j:012x}",
+                     PARTNERS[j & 1], reference, reference, f"VH{j:010d}", "Issued", None,
+                     received_at, received_at, f"pay-h{j}", 10_000_000_000 + j, 1,
+                     2_500 * MICROS_PER_CENT, 2_066 * MICROS_PER_CENT, "EUR", None, None,
+                     received_at, received_at, received_at)
+                )  # fmt: skip
+            writer.write("ledger_line", LEDGER_COLUMNS, ledger)
+            writer.write("venue_order", ORDER_COLUMNS, orders)
+        if writer.sqlite:
+            writer.driver.execute("COMMIT")
+            writer.driver.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        else:
+            raw.commit()
+    finally:
+        raw.close()
+    _settle(engine)

@@ -1,15 +1,18 @@
-"""``otacm db``: the database's schema migrations (``upgrade``, ``current``) and its
-backup and restore.
+"""``otacm db``: the database's schema migrations (``upgrade``, ``current``), its
+backup and restore, and the pruning of rows past their retention (``prune``).
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import click
 
 from otacm.cli.context import (
     CliContext,
+    echo_json,
+    fail,
     open_database,
     pass_cli,
 )
@@ -17,7 +20,7 @@ from otacm.cli.context import (
 
 @click.group()
 def db() -> None:
-    """The database: schema migrations."""
+    """The database: schema migrations, backups, pruning."""
 
 
 @db.command("upgrade")
@@ -94,3 +97,38 @@ def db_restore(cli: CliContext, file: Path, force: bool) -> None:
         except BackupError as exc:
             raise click.ClickException(str(exc)) from None
     click.echo(f"restored from {result.path}: database at revision {result.revision}")
+
+
+@db.command("prune")
+@click.option("--dry-run", is_flag=True, help="Say what would go; delete nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON.")
+@pass_cli
+def db_prune(cli: CliContext, dry_run: bool, as_json: bool) -> None:
+    """Delete the rows past their retention now: processed notifications, sent calls,
+    old status changes (OTACM_RETAIN_*_DAYS; README: Retention).
+
+    Per table, how many rows went (or, with --dry-run, would go) and before which time.
+    Runs until every due row is gone, in short transactions; refused while the
+    scheduler's prune job runs.
+    """
+    from heartbeat.coordination import job_lock
+    from heartbeat.retention import JOB, Retention, describe, prune
+    from storage.engine import make_sessions
+    from storage.types import utcnow
+
+    retention = Retention.of(cli.settings)
+    with open_database(cli) as engine:
+        sessions = make_sessions(engine)
+        # A dry run only reads; a run takes the job's lock, as the scheduler does.
+        lock = nullcontext(True) if dry_run else job_lock(engine, JOB)
+        with lock as held:
+            if not held:
+                fail(cli, "the scheduler's prune job is running now: try again when it ends")
+            report = prune(
+                sessions, now=utcnow(), retention=retention, dry_run=dry_run, max_batches=None
+            )
+    if as_json:
+        echo_json(report.as_dict())
+        return
+    for line in describe(report):
+        click.echo(line)

@@ -48,7 +48,7 @@ def _workers_option(function: Any) -> Any:
 def web(cli: CliContext, bind: str, workers: int | None) -> None:
     """Serve the receiver (webhooks, health, metrics, the API) under gunicorn."""
     from otacm.liveness import announce_web
-    from otacm.processes import metrics_directory
+    from otacm.metrics_dir import metrics_directory
     from otacm.web import gunicorn_options, run_web
 
     # Opens nothing but makes a SQLite database's directory: here, not in each worker.
@@ -167,7 +167,8 @@ def serve(cli: CliContext, bind: str, workers: int | None) -> None:
     and scheduler together."""
     import threading
 
-    from otacm.processes import metrics_directory, otacm_command, stop_on_signals
+    from otacm.metrics_dir import metrics_directory
+    from otacm.processes import otacm_command, stop_on_signals
     from otacm.processes import serve as serve_roles
     from storage.engine import WaitStopped, retry_while_unavailable
     from storage.migrate import upgrade

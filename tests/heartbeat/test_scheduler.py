@@ -43,6 +43,7 @@ ALL_JOBS = [
     "confirm_drafts",
     "reconcile",
     "erase_personal_data",
+    "prune",
 ]
 
 

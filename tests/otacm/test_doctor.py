@@ -339,6 +339,7 @@ def test_doctor_fails_jobs_that_have_not_succeeded_lately(migrated_engine: sa.En
         "confirm_drafts",
         "reconcile",
         "erase_personal_data",
+        "prune",
     }
     with make_sessions(migrated_engine).begin() as session:
         for name in fresh:

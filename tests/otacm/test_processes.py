@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from otacm.processes import metrics_directory
+from otacm.metrics_dir import metrics_directory
 
 pytestmark = pytest.mark.process
 

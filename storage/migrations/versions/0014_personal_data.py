@@ -21,9 +21,9 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-from storage.models import request_visit_date
 from storage.refill import id_ranges
 from storage.types import UTCDateTime
+from storage.visits import request_visit_date
 
 revision: str = "0014"
 down_revision: str | None = "0013"
