@@ -70,8 +70,6 @@ SCHEDULER_MAX_JITTER = 2.0
 """...but never more than this many seconds."""
 
 
-
-
 @dataclass
 class Runtime:
     """What the worker and scheduler roles share: the database and each connection's client.

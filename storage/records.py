@@ -487,6 +487,8 @@ class ShopDelivery(Base):
     delivered_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
 
     event: Mapped[ShopEvent] = relationship(back_populates="deliveries")
+
+
 class PruneMark(Base):
     """How far the pruning of a table has gone (:mod:`heartbeat.retention`).
 
