@@ -33,7 +33,7 @@ sys.path.insert(1, str(HERE))
 sys.path.insert(1, str(REPOSITORY))
 
 from build import VERSION, History, build  # noqa: E402
-from figures import FIGURES, IMPORT_LINES, Measured, measure  # noqa: E402
+from figures import FIGURES, IMPORT_LINES, Measured, measure_apart  # noqa: E402
 from servers import BenchSetupError  # noqa: E402
 from stack import Cache, cached_postgresql  # noqa: E402
 
@@ -142,10 +142,9 @@ def run_database(
             scratch = Path(tempfile.mkdtemp(prefix="otacm-bench-history-"))
             try:
                 with cache.copy(size) as url:
-                    measured[size] = measure(
-                        url, history, scratch, only, arguments.import_lines,
-                        lambda text: print(text, flush=True),
-                    )  # fmt: skip
+                    measured[size] = measure_apart(
+                        url, history, scratch, only, arguments.import_lines
+                    )
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
     return measured

@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import json
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,10 +35,16 @@ from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
-from bodies import WEBHOOK_PATH, webhook_bodies
-from build import NOW, PARTNERS, SPAN, History
-from stack import (
+HERE = Path(__file__).resolve().parent
+# Run as a process of its own (see main): the same path as the benchmark's.
+for entry in (HERE.parents[1], HERE, HERE.parent / "ingest"):
+    if str(entry) not in sys.path:
+        sys.path.insert(1, str(entry))
+
+import httpx  # noqa: E402
+from bodies import WEBHOOK_PATH, webhook_bodies  # noqa: E402
+from build import NOW, PARTNERS, SPAN, History  # noqa: E402
+from stack import (  # noqa: E402
     CLIENT_STATE,
     otacm_environment,
     otacm_settings,
@@ -47,20 +56,20 @@ from stack import (
     web,
 )
 
-from heartbeat.coordination import JobOutcome, run_job
-from orders.worker import claim_batch
-from otacm.processes import open_runtime, scheduled_jobs
-from sandbox import SandboxServer
-from storage.engine import make_engine, make_sessions
-from storage.models import VenueConnection
-from venue.models import OrderRequest
+from heartbeat.coordination import JobOutcome, ScheduledJob, run_job  # noqa: E402
+from orders.worker import claim_batch  # noqa: E402
+from otacm.processes import open_runtime, scheduled_jobs  # noqa: E402
+from sandbox import SandboxServer  # noqa: E402
+from storage.engine import make_engine, make_sessions  # noqa: E402
+from storage.models import VenueConnection  # noqa: E402
+from venue.models import OrderRequest  # noqa: E402
 
 CLAIMS = 20
 BATCH = 50
 SCRAPES = 10
 FEED_ORDERS = 200
 WEBHOOK_RATE = 20.0
-IDLE_SECONDS = 5.0
+IDLE_SECONDS = 10.0
 IMPORT_LINES = 100_000
 FIGURES = ("claim", "scrape", "run_page", "export", "feed", "reconcile", "webhook")
 """What ``--only`` can pick; each measures the figures of that name."""
@@ -72,6 +81,52 @@ class Measured:
 
     values: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+
+
+def measure_apart(
+    url: str,
+    history: History,
+    directory: Path,
+    only: set[str],
+    import_lines: int,
+) -> Measured:
+    """:func:`measure` in a process of its own, which prints its notes as it goes.
+
+    otacm's roles are built once per process (their metrics register globally), and a
+    fresh process per size leaves nothing of one size's caches to the next.
+
+    Raises:
+        RuntimeError: the measurement failed; its traceback was printed.
+    """
+    out = directory / "figures.json"
+    request = {
+        "url": url,
+        "history": history.as_dict(),
+        "directory": str(directory),
+        "only": sorted(only),
+        "import_lines": import_lines,
+        "out": str(out),
+    }
+    done = subprocess.run([sys.executable, __file__, json.dumps(request)], check=False)
+    if done.returncode != 0 or not out.exists():
+        raise RuntimeError(f"the measurement failed (exit {done.returncode})")
+    values = json.loads(out.read_text())
+    return Measured(values={str(k): float(v) for k, v in values.items()})
+
+
+def main(argv: list[str]) -> int:
+    """The process :func:`measure_apart` starts: one JSON argument, the figures to a file."""
+    request = json.loads(argv[0])
+    measured = measure(
+        request["url"],
+        History.from_dict(request["history"]),
+        Path(request["directory"]),
+        set(request["only"]),
+        int(request["import_lines"]),
+        lambda text: print(text, flush=True),
+    )
+    Path(request["out"]).write_text(json.dumps(measured.values))
+    return 0
 
 
 def measure(
@@ -97,10 +152,13 @@ def measure(
             claim = claim_ms(url, history)
             record("claim ms", claim, f"{claim:.2f} ms")
         runtime = stack.enter_context(open_runtime(settings))
-        jobs = scheduled_jobs(settings, runtime)
+        # A job done as units of work (one per partner, say) is run unit by unit: a pass.
+        jobs = [unit for job in scheduled_jobs(settings, runtime) for unit in _units(job)]
 
         def job_seconds(prefix: str) -> float:
             chosen = [job for job in jobs if job.name.startswith(prefix)]
+            if not chosen:
+                raise RuntimeError(f"no scheduled job is named {prefix}")
             started = time.perf_counter()
             for job in chosen:
                 outcome, report = run_job(
@@ -146,6 +204,15 @@ def measure(
             for name, value in load.items():
                 record(name, value, f"{value:.2f} s")
     return out
+
+
+def _units(job: object) -> list[ScheduledJob]:
+    """A scheduled job's units of work, or the job itself when it has none."""
+    units = getattr(job, "units", None)
+    if units:
+        return list(units)
+    assert isinstance(job, ScheduledJob)
+    return [job]
 
 
 def _short(count: int) -> str:
@@ -403,3 +470,7 @@ def beside_load(
     if failures:
         raise RuntimeError("; ".join(failures))
     return prober, seconds
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
