@@ -52,6 +52,7 @@ ROWS = (
     "run page 100 s",
     "run page 100k s",
     "run page 1M s",
+    "command start s",
     "export 100 s",
     "export 100k s",
     "export 1M s",

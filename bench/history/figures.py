@@ -71,6 +71,8 @@ FEED_ORDERS = 200
 WEBHOOK_RATE = 20.0
 IDLE_SECONDS = 10.0
 IMPORT_LINES = 100_000
+EXPORT_TIMEOUT = 300.0
+"""Seconds an export may take before it is killed (and printed so)."""
 FIGURES = ("claim", "scrape", "run_page", "export", "feed", "reconcile", "webhook")
 """What ``--only`` can pick; each measures the figures of that name."""
 
@@ -181,6 +183,13 @@ def measure(
                         seconds, text = run_page(client, run_id)
                         record(f"run page {_short(count)} s", seconds, text)
         if "export" in only:
+            # What any command costs before it does anything: a report of no run.
+            _, start, _ = run_command(
+                ["report", "0", "--format", "xlsx", "-o", str(directory / "none.xlsx")],
+                environment,
+                directory / "report.log",
+            )
+            record("command start s", start, f"{start:.2f} s (otacm report of no run)")
             for count, run_id in history.exception_runs.items():
                 seconds, rss, text = export(run_id, environment, directory)
                 record(f"export {_short(count)} s", seconds, text)
@@ -291,10 +300,15 @@ def export(run_id: int, environment: dict[str, str], directory: Path) -> tuple[f
         ["report", str(run_id), "--format", "xlsx", "-o", str(target)],
         environment,
         directory / "report.log",
+        timeout=EXPORT_TIMEOUT,
+        capped=True,
     )
     size = target.stat().st_size if target.exists() else 0
     target.unlink(missing_ok=True)
-    ended = "ok" if status == 0 else f"exit {status}"
+    if status is None:
+        ended = f"killed after {EXPORT_TIMEOUT:.0f} s"
+    else:
+        ended = "ok" if status == 0 else f"failed (exit {status}; see report.log)"
     mib = rss / 1_048_576
     return (
         seconds,
@@ -446,8 +460,8 @@ def beside_load(
     def command(name: str, args: list[str]) -> None:
         status, took, _ = run_command(args, environment, directory / f"{name}.log")
         seconds[f"{name} during s"] = took
-        if status:
-            failures.append(f"{name} exited {status}")
+        if status != 0:
+            failures.append(f"{name} ended {status}")
 
     prober = Prober(base)
     with role(["worker"], environment, directory / "worker.log"):

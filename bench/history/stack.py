@@ -264,12 +264,18 @@ OTACM = [sys.executable, "-m", "otacm"]
 
 @contextmanager
 def role(
-    args: list[str], environment: dict[str, str], log: Path
+    args: list[str], environment: dict[str, str], log: Path, *, capped: bool = False
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """``otacm ARGS`` running until the block ends; stopped with SIGTERM (then SIGKILL)."""
+    """``otacm ARGS`` running until the block ends; stopped with SIGTERM (then SIGKILL).
+
+    ``capped``: each of its processes may use at most :data:`MEMORY_LIMIT`.
+    """
     with log.open("ab") as output:
         process = subprocess.Popen(
-            [*OTACM, *args], env=environment, stdout=output, stderr=subprocess.STDOUT
+            _capped([*OTACM, *args]) if capped else [*OTACM, *args],
+            env=environment,
+            stdout=output,
+            stderr=subprocess.STDOUT,
         )
     try:
         yield process
@@ -285,10 +291,11 @@ def role(
 
 @contextmanager
 def web(environment: dict[str, str], log: Path) -> Iterator[str]:
-    """``otacm web`` (gunicorn, two workers) on a free port, ready; its base URL."""
+    """``otacm web`` (gunicorn, two workers, each capped to :data:`MEMORY_LIMIT`) on a free
+    port, ready; its base URL."""
     port = free_port()
     args = ["web", "--bind", f"127.0.0.1:{port}", "--workers", "2"]
-    with role(args, environment, log) as process:
+    with role(args, environment, log, capped=True) as process:
         wait_until_ready(f"http://127.0.0.1:{port}/readyz", process, log)
         yield f"http://127.0.0.1:{port}"
 
@@ -314,24 +321,59 @@ def signed_in(base: str) -> httpx.Client:
     return client
 
 
+MEMORY_LIMIT = 4 << 30
+"""The address space each process of a capped command or role may take: the machine is
+shared, and an export or a page that loads a million exceptions would take far more
+(about 8.5 GiB before, for an XLSX of a million); beyond it the process fails."""
+
+
+# Sets the limit, then becomes the command (same process id): no preexec_fn, which is
+# unsafe in a process with threads (the sandbox's, the webhook prober's).
+_CAP = (
+    "import os, resource, sys; limit = int(sys.argv[1]); "
+    "resource.setrlimit(resource.RLIMIT_AS, (limit, limit)); os.execv(sys.argv[2], sys.argv[2:])"
+)
+
+
+def _capped(command: list[str]) -> list[str]:
+    """``command`` run with its address space limited to :data:`MEMORY_LIMIT`."""
+    return [sys.executable, "-c", _CAP, str(MEMORY_LIMIT), *command]
+
+
 def run_command(
-    args: list[str], environment: dict[str, str], log: Path, timeout: float = 3600
-) -> tuple[int, float, int]:
-    """Run ``otacm ARGS`` to its end: its exit status, wall seconds and peak RSS (bytes)."""
+    args: list[str],
+    environment: dict[str, str],
+    log: Path,
+    *,
+    timeout: float = 3600,
+    capped: bool = False,
+) -> tuple[int | None, float, int]:
+    """Run ``otacm ARGS`` to its end, killed after ``timeout`` seconds; ``capped`` as in
+    :func:`role`.
+
+    Returns:
+        Its exit status (``None`` when it was killed at the timeout), its wall seconds
+        and its peak RSS in bytes.
+    """
     started = time.perf_counter()
     with log.open("ab") as output:
         process = subprocess.Popen(
-            [*OTACM, *args], env=environment, stdout=output, stderr=subprocess.STDOUT
+            _capped([*OTACM, *args]) if capped else [*OTACM, *args],
+            env=environment,
+            stdout=output,
+            stderr=subprocess.STDOUT,
         )
-    deadline = started + timeout
+    killed = False
     while True:
         # wait4 gives this child's own resource use, its peak RSS among it.
         pid, status, usage = os.wait4(process.pid, os.WNOHANG)
         if pid:
             process.returncode = os.waitstatus_to_exitcode(status)
-            return process.returncode, time.perf_counter() - started, usage.ru_maxrss * 1024
-        if time.perf_counter() > deadline:
+            code = None if killed else process.returncode
+            return code, time.perf_counter() - started, usage.ru_maxrss * 1024
+        if not killed and time.perf_counter() > started + timeout:
             process.kill()
+            killed = True
         time.sleep(0.02)
 
 

@@ -67,9 +67,10 @@ def test_a_tiny_history_is_built_once_and_every_figure_measured(
     assert f"{database} {ORDERS}: built in" in first.stdout
     figures = json.loads((tmp_path / "figures.json").read_text())[database][str(ORDERS)]
     expected = {
-        "claim ms", "metric_figures job s", "scrape ms", "run page 100 s", "export 100 s",
-        "export 100 MiB", "feed pass s", "reconcile 7 days s", "webhook p99 idle ms",
-        "webhook p99 busy ms", "webhook failed busy", "reconcile during s", "import during s",
+        "claim ms", "metric_figures job s", "command start s", "scrape ms", "run page 100 s",
+        "export 100 s", "export 100 MiB", "feed pass s", "reconcile 7 days s",
+        "webhook p99 idle ms", "webhook p99 busy ms", "webhook failed busy",
+        "reconcile during s", "import during s",
     }  # fmt: skip
     assert set(figures) == expected
     assert figures["webhook failed busy"] == 0
