@@ -81,7 +81,16 @@ def cached_postgresql(base: Path) -> Iterator[PostgresqlServer]:
                                 "-E", "UTF8", "--no-instructions")  # fmt: skip
         port = free_port()
         options = f"-c listen_addresses=127.0.0.1 -p {port} -k {base} -c max_connections=200"
-        (data / "postmaster.pid").unlink(missing_ok=True)  # a run killed before its stop
+        if (data / "postmaster.pid").exists():
+            # A run killed before its stop: its server may still run (pg_ctl starts it in
+            # a session of its own). Stopped first; a file left by a dead one goes.
+            subprocess.run(
+                [*_server_user_prefix(), pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"],
+                capture_output=True,
+                timeout=120,
+                check=False,
+            )
+            (data / "postmaster.pid").unlink(missing_ok=True)
         _start_server(base, options)
     except PostgresqlMissing as exc:
         raise BenchSetupError(f"{exc}; or run --db sqlite") from exc
