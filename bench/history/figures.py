@@ -45,7 +45,6 @@ import httpx  # noqa: E402
 from bodies import WEBHOOK_PATH, webhook_bodies  # noqa: E402
 from build import NOW, PARTNERS, SPAN, History  # noqa: E402
 from stack import (  # noqa: E402
-    CLIENT_STATE,
     otacm_environment,
     otacm_settings,
     role,
@@ -398,9 +397,7 @@ class Prober:
                 with self._lock:
                     due = self._start + self._next / self.rate
                     self._next += 1
-                    body = next(self._bodies).replace(
-                        b"bench-ingest-client-state-0123456789", CLIENT_STATE.encode()
-                    )
+                    body = next(self._bodies)
                 wait = due - time.perf_counter()
                 if wait > 0 and self._stop.wait(wait):
                     return

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import httpx
 import sqlalchemy as sa
+from bodies import CLIENT_STATE
 from pydantic import SecretStr
 from servers import BenchSetupError, free_port, wait_until_ready
 
@@ -50,7 +51,6 @@ from storage.testing import (
 )
 
 REPOSITORY = Path(__file__).resolve().parents[2]
-CLIENT_STATE = "bench-history-client-state-0123456789"
 FINANCE_USER, FINANCE_PASSWORD = "bench", "bench-history-password"
 CSRF_FIELD = 'name="csrf_token" value="'
 
