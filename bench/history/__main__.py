@@ -90,7 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--import-lines", type=int, default=IMPORT_LINES)
     parser.add_argument("--out", type=Path, help="write the figures as JSON too")
     arguments = parser.parse_args(argv)
-    sizes = tuple(size_of(size) for size in arguments.sizes.split(","))
+    try:
+        sizes = tuple(size_of(size) for size in arguments.sizes.split(","))
+    except ValueError:
+        parser.error(f"--sizes takes order counts like 10k,100k,1M, not {arguments.sizes!r}")
+    if min(sizes) < 1:
+        parser.error("--sizes: a history holds at least one order")
     only = set(FIGURES if not arguments.only else arguments.only.split(","))
     if only - set(FIGURES):
         parser.error(f"--only takes {', '.join(FIGURES)}")
