@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -144,7 +145,9 @@ def run_database(
                     f"{database} {label(size)}: built in {took:.0f} s: {meta['rows']}", flush=True
                 )
             history = History.from_dict(meta)
-            print(f"{database} {label(size)}: measuring", flush=True)
+            # The machine may be shared: its load says how far to trust the figures.
+            load = ", ".join(f"{figure:.1f}" for figure in os.getloadavg())
+            print(f"{database} {label(size)}: measuring (load average {load})", flush=True)
             scratch = Path(tempfile.mkdtemp(prefix="otacm-bench-history-"))
             try:
                 with cache.copy(size) as url:
