@@ -383,8 +383,8 @@ def _statements(sql: _Sql, connection_id: int, runs: dict[int, int]) -> list[tup
                 1,
                 f"""INSERT INTO recon_total (recon_run_id, currency, category, count,
                     ledger_amount, venue_amount)
-                SELECT {run_id}, 'EUR', 'amount_mismatch', {count}, {count} * 10000000,
-                    {count} * 9000000 FROM n WHERE i = 1""",
+                SELECT {run_id}, 'EUR', 'amount_mismatch', {count}, {count * 10_000_000},
+                    {count * 9_000_000} FROM n WHERE i = 1""",
             ),
             (
                 "recon_exception",
