@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -33,6 +34,7 @@ sys.path.insert(1, str(HERE.parent / "ingest"))
 sys.path.insert(1, str(HERE))
 sys.path.insert(1, str(REPOSITORY))
 
+import sqlalchemy as sa  # noqa: E402
 from build import VERSION, History, build  # noqa: E402
 from figures import FIGURES, IMPORT_LINES, Measured, measure_apart  # noqa: E402
 from servers import BenchSetupError  # noqa: E402
@@ -137,9 +139,7 @@ def run_database(
             meta = cache.built(size, VERSION)
             if meta is None:
                 started = time.perf_counter()
-                meta = cache.build(
-                    size, VERSION, lambda engine, size=size: build(engine, size).as_dict()
-                )
+                meta = cache.build(size, VERSION, partial(_fill, size=size))
                 took = time.perf_counter() - started
                 print(
                     f"{database} {label(size)}: built in {took:.0f} s: {meta['rows']}", flush=True
@@ -157,6 +157,11 @@ def run_database(
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
     return measured
+
+
+def _fill(engine: sa.Engine, *, size: int) -> dict[str, object]:
+    """Build the history of ``size`` into ``engine``; what it holds, for the cache."""
+    return build(engine, size).as_dict()
 
 
 def print_table(database: str, measured: dict[int, Measured], sizes: tuple[int, ...]) -> None:
