@@ -391,6 +391,7 @@ def exception_page(
     before: int | None = None,
     newest_first: bool = False,
     size: int = DEFAULT_PAGE_SIZE,
+    look_back: bool = True,
 ) -> ExceptionPage:
     """One page of the run's exceptions of ``listing`` that pass ``chosen``.
 
@@ -408,6 +409,8 @@ def exception_page(
         before: the page before this id (when ``after`` is not given).
         newest_first: the order.
         size: at most this many rows (at least one).
+        look_back: find out whether rows lie before a page read forwards (one more
+            query; a stream going forwards needs not).
     """
     size = max(size, 1)
     backwards = after is None and before is not None
@@ -427,8 +430,10 @@ def exception_page(
     if backwards:
         rows.reverse()
         return ExceptionPage(rows, more_before=beyond, more_after=True)
-    more_before = cursor is not None and _any_before(
-        session, run_id, listing, chosen, now, cursor, descending
+    more_before = (
+        look_back
+        and cursor is not None
+        and _any_before(session, run_id, listing, chosen, now, cursor, descending)
     )
     return ExceptionPage(rows, more_before=more_before, more_after=beyond)
 
@@ -539,11 +544,19 @@ def iter_exceptions(
     after: int | None = None
     while True:
         if isinstance(source, Session):
-            page = exception_page(source, run_id, now=now, listing=listing, after=after, size=batch)
+            page = exception_page(
+                source, run_id, now=now, listing=listing, after=after, size=batch, look_back=False
+            )
         else:
             with source.begin() as session:
                 page = exception_page(
-                    session, run_id, now=now, listing=listing, after=after, size=batch
+                    session,
+                    run_id,
+                    now=now,
+                    listing=listing,
+                    after=after,
+                    size=batch,
+                    look_back=False,
                 )
         yield from page.rows
         if not page.more_after or not page.rows:

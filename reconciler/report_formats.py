@@ -489,7 +489,7 @@ def write_xlsx(
         money = _number_format(row.currency)
         sheet.append(
             [
-                cell(sheet, row.id, "0"),
+                row.id,  # an integer shows whole in the General format
                 in_run,
                 cell(sheet, row.category.label),
                 str(row.category),
@@ -503,7 +503,7 @@ def write_xlsx(
                 cell(sheet, row.venue_amount, money),
                 cell(sheet, row.difference, money),
                 cell(sheet, _excel_time(row.first_seen_at), time_format),
-                cell(sheet, row.age_days, "0"),
+                row.age_days,
                 row.aging_bucket,
                 cell(sheet, _details_text(row.details) or None),
             ]
