@@ -430,7 +430,9 @@ def _filter_options(totals: Iterable[TotalRow], chosen: ExceptionFilter) -> dict
     """What each filter offers: the exception categories and currencies of the run's
     totals (and the one chosen), every state and every age group."""
     exceptional = [total for total in totals if total.category.is_exception]
-    categories = {total.category.value for total in exceptional} | {chosen.category} - {""}
+    categories = {total.category.value for total in exceptional}
+    if chosen.category in EXCEPTION_CATEGORIES:  # one the run has none of stays chosen
+        categories.add(chosen.category)
     currencies = {total.currency for total in exceptional} | {chosen.currency} - {""}
     order = {category.value: index for index, category in enumerate(Category)}
     return {
