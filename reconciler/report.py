@@ -422,7 +422,12 @@ def exception_page(
         *_conditions(chosen, now)
     )
     if cursor is not None:
-        query = query.where(key < cursor if descending else key > cursor)
+        # Also on the exception's own id: PostgreSQL then starts its merge join at the
+        # cursor rather than walking the exceptions' primary key from the first.
+        mine = ReconException.id
+        query = query.where(
+            *((key < cursor, mine < cursor) if descending else (key > cursor, mine > cursor))
+        )
     query = query.order_by(key.desc() if descending else key.asc()).limit(size + 1)
     found = list(session.execute(query))
     beyond = len(found) > size
