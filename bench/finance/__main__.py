@@ -1,10 +1,10 @@
 """bench/finance: the finance pages and report downloads at 100, 100k and 1M exceptions.
 
 Run it as ``.venv/bin/python bench/finance [--db sqlite|postgresql|both] [--sizes
-100,100000,1000000] [--quick] [--pages K] [--no-exports] [--formats csv,json,html,xlsx]`` from the repository
-(``bench/README.md``). It is a benchmark, not a test: it measures and prints; the goals
-are a run page at 1M exceptions within twice the time of one at 100, and every download
-at 1M finishing whole with the serving process under 200 MiB.
+100,100000,1000000] [--quick] [--pages K] [--no-exports] [--formats csv,json,html,xlsx]``
+from the repository (``bench/README.md``). It is a benchmark, not a test: it measures and
+prints; the goals are a run page at 1M exceptions within twice the time of one at 100,
+and every download at 1M finishing whole with the serving process under 200 MiB.
 
 One database per kind (a SQLite file; a throwaway PostgreSQL server with production's
 durability, ``bench/ingest/servers.py``) holds one finished run per size, filled in bulk
