@@ -37,6 +37,7 @@ The formats, for finance who open them in a spreadsheet or a browser:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
 import io
@@ -404,116 +405,137 @@ def write_xlsx(
             sheet.column_dimensions[get_column_letter(column)].width = width  # type: ignore[attr-defined]
 
     book = Workbook(write_only=True)
-    summary = book.create_sheet("Summary")
-    run = report.run
-    info: list[tuple[str, Any]] = [
-        ("Connection", run.connection),
-        ("Period from (UTC)", _excel_time(run.period_from)),
-        ("Period to (UTC)", _excel_time(run.period_to)),
-        ("Started (UTC)", _excel_time(run.started_at)),
-        ("Finished (UTC)", _excel_time(run.finished_at)),
-        ("Trigger", run.trigger),
-        ("Started by", run.actor or ""),
-        ("State", run.state),
-        ("Error", run.error or ""),
-    ]
-    top = len(info) + 3
-    summary.freeze_panes = f"A{top + 1}"
-    widths(summary, [20, 44, 28, 10, 18, 18, 18])
-    title = WriteOnlyCell(summary, f"Reconciliation run {run.id}")
-    title.font = Font(bold=True, size=14)
-    summary.append([title])
-    for label, value in info:
-        name = WriteOnlyCell(summary, label)
-        name.font = bold
-        number_format = time_format if isinstance(value, dt.datetime) else ""
-        summary.append([name, cell(summary, value, number_format)])
-    summary.append([])
-    summary.append(
-        header(
-            summary,
-            [
-                "Currency",
-                "Category",
-                "Code",
-                "Count",
-                "Ledger amount",
-                "Venue amount",
-                "Difference",
-            ],
-        )
-    )
-    for total in report.totals:
-        money = _number_format(total.currency)
+    try:
+        summary = book.create_sheet("Summary")
+        run = report.run
+        info: list[tuple[str, Any]] = [
+            ("Connection", run.connection),
+            ("Period from (UTC)", _excel_time(run.period_from)),
+            ("Period to (UTC)", _excel_time(run.period_to)),
+            ("Started (UTC)", _excel_time(run.started_at)),
+            ("Finished (UTC)", _excel_time(run.finished_at)),
+            ("Trigger", run.trigger),
+            ("Started by", run.actor or ""),
+            ("State", run.state),
+            ("Error", run.error or ""),
+        ]
+        top = len(info) + 3
+        summary.freeze_panes = f"A{top + 1}"
+        widths(summary, [20, 44, 28, 10, 18, 18, 18])
+        title = WriteOnlyCell(summary, f"Reconciliation run {run.id}")
+        title.font = Font(bold=True, size=14)
+        summary.append([title])
+        for label, value in info:
+            name = WriteOnlyCell(summary, label)
+            name.font = bold
+            number_format = time_format if isinstance(value, dt.datetime) else ""
+            summary.append([name, cell(summary, value, number_format)])
+        summary.append([])
         summary.append(
-            [
-                cell(summary, total.currency),
-                cell(summary, total.category.label),
-                cell(summary, str(total.category)),
-                cell(summary, total.count, "#,##0"),
-                cell(summary, total.ledger_amount, money),
-                cell(summary, total.venue_amount, money),
-                cell(summary, total.venue_amount - total.ledger_amount, money),
-            ]
+            header(
+                summary,
+                [
+                    "Currency",
+                    "Category",
+                    "Code",
+                    "Count",
+                    "Ledger amount",
+                    "Venue amount",
+                    "Difference",
+                ],
+            )
         )
+        for total in report.totals:
+            money = _number_format(total.currency)
+            summary.append(
+                [
+                    cell(summary, total.currency),
+                    cell(summary, total.category.label),
+                    cell(summary, str(total.category)),
+                    cell(summary, total.count, "#,##0"),
+                    cell(summary, total.ledger_amount, money),
+                    cell(summary, total.venue_amount, money),
+                    cell(summary, total.venue_amount - total.ledger_amount, money),
+                ]
+            )
 
-    sheet = book.create_sheet("Exceptions")
-    sheet.freeze_panes = "A2"
-    widths(sheet, [8, 11, 30, 22, 10, 28, 22, 38, 22, 9, 15, 15, 15, 20, 10, 13, 50])
-    sheet.append(
-        header(
-            sheet,
-            [
-                "ID",
-                "In this run",
-                "Category",
-                "Code",
-                "State",
-                "Subject",
-                "Shop reference",
-                "Order ID",
-                "Venue reference",
-                "Currency",
-                "Ledger amount",
-                "Venue amount",
-                "Difference",
-                "First seen (UTC)",
-                "Age (days)",
-                "Aging",
-                "Details",
-            ],
-        )
-    )
-    rows = 0
-    for in_run, row in _tagged_rows(report, tick):
-        money = _number_format(row.currency)
+        sheet = book.create_sheet("Exceptions")
+        sheet.freeze_panes = "A2"
+        widths(sheet, [8, 11, 30, 22, 10, 28, 22, 38, 22, 9, 15, 15, 15, 20, 10, 13, 50])
         sheet.append(
-            [
-                row.id,  # an integer shows whole in the General format
-                in_run,
-                cell(sheet, row.category.label),
-                str(row.category),
-                row.state,
-                cell(sheet, row.subject_key),
-                cell(sheet, row.shop_reference),
-                cell(sheet, row.order_id),
-                cell(sheet, row.buy_from_order_reference),
-                cell(sheet, row.currency),
-                cell(sheet, row.ledger_amount, money),
-                cell(sheet, row.venue_amount, money),
-                cell(sheet, row.difference, money),
-                cell(sheet, _excel_time(row.first_seen_at), time_format),
-                row.age_days,
-                row.aging_bucket,
-                cell(sheet, _details_text(row.details) or None),
-            ]
+            header(
+                sheet,
+                [
+                    "ID",
+                    "In this run",
+                    "Category",
+                    "Code",
+                    "State",
+                    "Subject",
+                    "Shop reference",
+                    "Order ID",
+                    "Venue reference",
+                    "Currency",
+                    "Ledger amount",
+                    "Venue amount",
+                    "Difference",
+                    "First seen (UTC)",
+                    "Age (days)",
+                    "Aging",
+                    "Details",
+                ],
+            )
         )
-        rows += 1
-    # The filter's range is written after the rows, with the sheet's tail.
-    sheet.auto_filter.ref = f"A1:{get_column_letter(len(_COLUMNS))}{rows + 1}"
-    # Saving compresses every row into the archive in one call: each megabyte of it
-    # written counts as progress too.
-    book.save(_ProgressWriter(target, tick))
+        rows = 0
+        for in_run, row in _tagged_rows(report, tick):
+            money = _number_format(row.currency)
+            sheet.append(
+                [
+                    row.id,  # an integer shows whole in the General format
+                    in_run,
+                    cell(sheet, row.category.label),
+                    str(row.category),
+                    row.state,
+                    cell(sheet, row.subject_key),
+                    cell(sheet, row.shop_reference),
+                    cell(sheet, row.order_id),
+                    cell(sheet, row.buy_from_order_reference),
+                    cell(sheet, row.currency),
+                    cell(sheet, row.ledger_amount, money),
+                    cell(sheet, row.venue_amount, money),
+                    cell(sheet, row.difference, money),
+                    cell(sheet, _excel_time(row.first_seen_at), time_format),
+                    row.age_days,
+                    row.aging_bucket,
+                    cell(sheet, _details_text(row.details) or None),
+                ]
+            )
+            rows += 1
+        # The filter's range is written after the rows, with the sheet's tail.
+        sheet.auto_filter.ref = f"A1:{get_column_letter(len(_COLUMNS))}{rows + 1}"
+        # Saving compresses every row into the archive in one call: each megabyte of it
+        # written counts as progress too.
+        book.save(_ProgressWriter(target, tick))
+    except BaseException:
+        _discard(book)
+        raise
+
+
+def _discard(book: Any) -> None:
+    """A write-only workbook given up halfway (rows that stopped coming, a client gone):
+    its sheets' writers closed and their temporary files removed now, not when the
+    process exits (openpyxl's own clean-up), as a long-lived web worker would."""
+    for sheet in book.worksheets:
+        writer = getattr(sheet, "_writer", None)
+        if writer is None:  # no row written yet: no file
+            continue
+        for step in (getattr(sheet, "_rows", None), writer):
+            if step is not None:
+                # Half-written XML cannot close cleanly; nothing of it is kept.
+                with contextlib.suppress(Exception):
+                    step.close()
+        with contextlib.suppress(OSError, ValueError):
+            writer.cleanup()
 
 
 class _ProgressWriter:
