@@ -71,6 +71,8 @@ def gunicorn_options(bind: str, workers: int | None = None) -> dict[str, Any]:
     commit) and the commit waits on the disk, so a few more processes than cores keep the
     cores busy. Requests never wait on the venue: that work is the worker's.
     """
+    from receiver.finance.streaming import remember_worker
+
     return {
         "bind": bind,
         "workers": workers or (2 * (os.cpu_count() or 1) + 1),
@@ -89,9 +91,8 @@ def gunicorn_options(bind: str, workers: int | None = None) -> dict[str, Any]:
         # read-only (systemd's ProtectHome); otacm's processes are managed by signals.
         "control_socket_disable": True,
         "child_exit": worker_exited,
-        # A finance report streams for minutes at a million rows: the worker tells the
-        # master it lives as the report progresses (receiver.finance.streaming).
-        "post_worker_init": worker_started,
+        # Long downloads tell the master the worker lives (receiver.finance.streaming).
+        "post_worker_init": remember_worker,
         "logger_class": GunicornLogger,
     }
 
@@ -112,14 +113,6 @@ class GunicornLogger(glogging.Logger):  # type: ignore[misc]
         for log in (self.error_log, self.access_log):
             for handler in log.handlers:
                 handler.setFormatter(formatter)
-
-
-def worker_started(worker: Any) -> None:
-    """gunicorn's ``post_worker_init`` hook, run in each worker once it is ready: long
-    downloads can then tell the master the worker is alive while they progress."""
-    from receiver.finance.streaming import remember_worker
-
-    remember_worker(worker)
 
 
 def worker_exited(server: Any, worker: Any) -> None:
