@@ -188,8 +188,13 @@ def run(run_id: int) -> ResponseReturnValue:
             size=cursor.size,
         )
         seen = count_exceptions(session, run_id, now=now)
-        closed = count_exceptions(session, run_id, now=now, listing=Listing.CLOSED)
-        listed = seen if listing is Listing.SEEN else closed
+        # Counted only when shown: a count of what a run closed walks its events.
+        closed = (
+            count_exceptions(session, run_id, now=now, listing=Listing.CLOSED)
+            if listing is Listing.CLOSED
+            else None
+        )
+        listed = seen if closed is None else closed
         matching = (
             count_exceptions(session, run_id, now=now, listing=listing, chosen=chosen)
             if chosen.active

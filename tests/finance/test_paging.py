@@ -191,7 +191,9 @@ def test_closed_list_pages_too(signed_in: FlaskClient, many: Many):
     _, counter, _ = _read(signed_in, path)
     assert counter == (1, 25, 30)
     page = signed_in.get(f"/finance/runs/{many.run_id}").get_data(as_text=True)
-    assert f"Seen by this run ({COUNT:,})" in page and "Closed by this run (30)" in page
+    assert f"Seen by this run ({COUNT:,})" in page and "Closed by this run<" in page
+    closed = signed_in.get(f"/finance/runs/{many.run_id}?list=closed").get_data(as_text=True)
+    assert "Closed by this run (30)" in closed
 
 
 @pytest.mark.parametrize(
