@@ -78,7 +78,8 @@ from reconciler.report import (
     load_totals,
     open_run_report,
 )
-from reconciler.report_formats import REPORT_FORMATS, money_text, stream_report, write_xlsx
+from reconciler.report_formats import REPORT_FORMATS, money_text, stream_report
+from reconciler.report_xlsx import write_xlsx
 from storage.models import LedgerLine, VenueConnection, VenueOrder
 from storage.records import ExceptionState, ReconException, ReconTotal
 from storage.types import ID_MAX, utcnow

@@ -24,7 +24,8 @@ from openpyxl import load_workbook
 from sqlalchemy.orm import Session, sessionmaker
 
 from reconciler.report import ExceptionRows, RunReport, open_run_report
-from reconciler.report_formats import PROGRESS_EVERY, stream_report, write_xlsx
+from reconciler.report_formats import PROGRESS_EVERY, stream_report
+from reconciler.report_xlsx import write_xlsx
 from storage.testing import free_port
 from storage.types import utcnow
 from tests.finance.conftest import CSRF_FIELD, PASSWORD, USER, Many, seed_many
