@@ -767,3 +767,25 @@ def test_report_command_of_an_unknown_run_exits_1(built: Built, database_url: st
     assert code == 1
     assert out == b""
     assert "no reconciliation run 999" in err
+
+
+def test_report_command_cut_short_leaves_no_file(
+    built: Built, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A report that fails part-way leaves no file at -o FILE (nor its part), and exits
+    non-zero: nothing that looks like a whole report."""
+    from reconciler import report_formats
+
+    def broken(report: object, fmt: str, progress: object = None) -> object:
+        yield b'"id","in_this_run"\r\n'
+        raise RuntimeError("connection lost")
+
+    monkeypatch.setattr(report_formats, "stream_report", broken)
+    target = tmp_path / "run.csv"
+    result = CliRunner().invoke(
+        main, ["report", str(built.run_id), "-o", str(target)],
+        env={"OTACM_DATABASE_URL": database_url},
+    )  # fmt: skip
+    assert result.exit_code != 0
+    assert not target.exists()
+    assert not (tmp_path / ".run.csv.part").exists()
