@@ -26,7 +26,7 @@ and e-mails are never read, so no report can carry them.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from enum import StrEnum
@@ -36,25 +36,24 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from reconciler.categories import Category
+from reconciler.report_filter import AGING_BUCKETS as AGING_BUCKETS
+from reconciler.report_filter import BUCKET_ENDS, SHOP_REFERENCE, conditions
+from reconciler.report_filter import ExceptionFilter as ExceptionFilter
+from reconciler.report_filter import aging_bucket as aging_bucket
 from storage.models import LedgerLine, VenueConnection, VenueOrder
 from storage.records import (
     ExceptionAction,
     ExceptionEvent,
-    ExceptionState,
     ReconException,
     ReconRun,
     ReconTotal,
 )
 
-AGING_BUCKETS = ("0-1 days", "2-7 days", "8-30 days", "over 30 days")
-"""The age groups of exceptions, youngest first: whole days since first seen."""
-
-# The youngest age (in whole days) beyond each bucket but the last: 2, 8 and 31 days.
-_BUCKET_ENDS = (2, 8, 31)
-
 PAGE_SIZES = (25, 50, 100, 200)
 """The page sizes a list of exceptions offers; anything else is the default."""
 DEFAULT_PAGE_SIZE = 50
+NO_FILTER = ExceptionFilter()
+"""The filter that keeps every exception."""
 
 EXPORT_BATCH = 1000
 """Rows read per query (and per transaction) when a report streams its exceptions."""
@@ -137,49 +136,6 @@ class ExceptionRow:
     first_seen_at: dt.datetime
     age_days: int
     aging_bucket: str
-
-
-@dataclass(frozen=True)
-class ExceptionFilter:
-    """What a list of a run's exceptions is narrowed to; an empty field does not filter.
-
-    ``search`` matches any part of the shop reference, the venue's orderId or document
-    number, or the subject key, in any case (ASCII letters on SQLite, whose ``LIKE``
-    folds no other).
-    """
-
-    category: str = ""
-    state: str = ""
-    aging: str = ""
-    currency: str = ""
-    search: str = ""
-
-    @classmethod
-    def from_args(cls, args: Mapping[str, str]) -> ExceptionFilter:
-        """The filter a query string's ``args`` ask for (``q`` is the search)."""
-        return cls(
-            category=args.get("category", "").strip(),
-            state=args.get("state", "").strip(),
-            aging=args.get("aging", "").strip(),
-            currency=args.get("currency", "").strip().upper(),
-            search=args.get("q", "").strip(),
-        )
-
-    @property
-    def active(self) -> bool:
-        """Whether any filter is set."""
-        return any((self.category, self.state, self.aging, self.currency, self.search))
-
-    def as_args(self) -> dict[str, str]:
-        """The query string's fields that give this filter back (set ones only)."""
-        fields = {
-            "category": self.category,
-            "state": self.state,
-            "aging": self.aging,
-            "currency": self.currency,
-            "q": self.search,
-        }
-        return {key: value for key, value in fields.items() if value}
 
 
 @dataclass(frozen=True)
@@ -285,14 +241,12 @@ def load_totals(session: Session, run_id: int) -> list[TotalRow]:
 
 # --- exceptions ------------------------------------------------------------------------
 
-# An orphan has no ledger line: the venue order's copy of the shop's reference.
-_SHOP_REFERENCE = sa.func.coalesce(LedgerLine.shop_reference, VenueOrder.sell_to_order_reference)
 _ROW_COLUMNS = (
     ReconException.id,
     ReconException.category,
     ReconException.state,
     ReconException.subject_key,
-    _SHOP_REFERENCE,
+    SHOP_REFERENCE,
     VenueOrder.order_id,
     VenueOrder.buy_from_order_reference,
     ReconException.currency,
@@ -325,68 +279,13 @@ def _with_references(query: sa.Select[Any]) -> sa.Select[Any]:
     )
 
 
-def _like_pattern(text: str) -> str:
-    """``text`` as a LIKE pattern matching it anywhere, its wildcards taken literally."""
-    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return f"%{escaped}%"
-
-
-def _conditions(chosen: ExceptionFilter, now: dt.datetime) -> list[sa.ColumnElement[bool]]:
-    """The SQL conditions of ``chosen``; ages are counted to ``now``."""
-    found: list[sa.ColumnElement[bool]] = []
-    if chosen.category:
-        found.append(ReconException.category == chosen.category)
-    if chosen.state:
-        # The column takes only its states: another value matches nothing.
-        known = chosen.state in {state.value for state in ExceptionState}
-        found.append(ReconException.state == ExceptionState(chosen.state) if known else sa.false())
-    if chosen.currency:
-        found.append(ReconException.currency == chosen.currency)
-    if chosen.aging:
-        found.append(_aging_condition(chosen.aging, now))
-    if chosen.search:
-        pattern = _like_pattern(chosen.search)
-        found.append(
-            sa.or_(
-                *(
-                    column.ilike(pattern, escape="\\")
-                    for column in (
-                        _SHOP_REFERENCE,
-                        VenueOrder.order_id,
-                        VenueOrder.buy_from_order_reference,
-                        ReconException.subject_key,
-                    )
-                )
-            )
-        )
-    return found
-
-
-def _aging_condition(bucket: str, now: dt.datetime) -> sa.ColumnElement[bool]:
-    """First seen within ``bucket``'s ages (none for an unknown bucket).
-
-    ``age_days`` is whole days, so an age of at most ``n`` days is a first sight later
-    than ``now - (n + 1) days``.
-    """
-    if bucket not in AGING_BUCKETS:
-        return sa.false()
-    index = AGING_BUCKETS.index(bucket)
-    first_seen = ReconException.first_seen_at
-    conditions = []
-    if index < len(_BUCKET_ENDS):
-        conditions.append(first_seen > now - dt.timedelta(days=_BUCKET_ENDS[index]))
-    if index > 0:
-        conditions.append(first_seen <= now - dt.timedelta(days=_BUCKET_ENDS[index - 1]))
-    return sa.and_(*conditions)
-
-
 def exception_page(
     session: Session,
     run_id: int,
     *,
     now: dt.datetime,
     listing: Listing = Listing.SEEN,
-    chosen: ExceptionFilter = ExceptionFilter(),
+    chosen: ExceptionFilter = NO_FILTER,
     after: int | None = None,
     before: int | None = None,
     newest_first: bool = False,
@@ -418,17 +317,40 @@ def exception_page(
     descending = newest_first != backwards
     key = ExceptionEvent.recon_exception_id
     cursor = after if not backwards else before
-    query = _with_references(_in_run(sa.select(*_ROW_COLUMNS), run_id, listing)).where(
-        *_conditions(chosen, now)
-    )
+    beside: list[sa.ColumnElement[bool]] = []
     if cursor is not None:
-        # Also on the exception's own id: PostgreSQL then starts its merge join at the
-        # cursor rather than walking the exceptions' primary key from the first.
-        mine = ReconException.id
-        query = query.where(
-            *((key < cursor, mine < cursor) if descending else (key > cursor, mine > cursor))
+        beside.append(key < cursor if descending else key > cursor)
+    if chosen.active:
+        # Filtered: the run's events joined to their exceptions, walked until a page
+        # passes (the exception's own id bounded too, so PostgreSQL's merge join starts
+        # at the cursor rather than at the first exception).
+        if cursor is not None:
+            mine = ReconException.id
+            beside.append(mine < cursor if descending else mine > cursor)
+        query = _with_references(_in_run(sa.select(*_ROW_COLUMNS), run_id, listing))
+        query = query.where(*conditions(chosen, now), *beside)
+        ordered: Any = key  # a column attribute here, a subquery's column below
+    else:
+        # Unfiltered: the page's ids first, from the index alone, then their rows by
+        # primary key; however the planner would join, a page reads a page of rows.
+        page = (
+            sa.select(key.label("exception_id"))
+            .where(
+                ExceptionEvent.recon_run_id == run_id,
+                ExceptionEvent.action.in_(listing.actions),
+                *beside,
+            )
+            .order_by(key.desc() if descending else key.asc())
+            .limit(size + 1)
+            .subquery()
         )
-    query = query.order_by(key.desc() if descending else key.asc()).limit(size + 1)
+        query = _with_references(
+            sa.select(*_ROW_COLUMNS)
+            .select_from(page)
+            .join(ReconException, ReconException.id == page.c.exception_id)
+        )
+        ordered = page.c.exception_id
+    query = query.order_by(ordered.desc() if descending else ordered.asc()).limit(size + 1)
     found = list(session.execute(query))
     beyond = len(found) > size
     rows = [_exception_row(*values, now=now) for values in found[:size]]
@@ -454,7 +376,7 @@ def _any_before(
 ) -> bool:
     """Whether any row passing ``chosen`` comes at or before ``cursor`` in the order."""
     key = ExceptionEvent.recon_exception_id
-    query = _in_run(sa.select(key), run_id, listing).where(*_conditions(chosen, now))
+    query = _in_run(sa.select(key), run_id, listing).where(*conditions(chosen, now))
     if chosen.search:
         query = _with_references(query)
     query = query.where(key >= cursor if descending else key <= cursor).limit(1)
@@ -467,7 +389,7 @@ def count_exceptions(
     *,
     now: dt.datetime,
     listing: Listing = Listing.SEEN,
-    chosen: ExceptionFilter = ExceptionFilter(),
+    chosen: ExceptionFilter = NO_FILTER,
 ) -> int:
     """How many of the run's exceptions of ``listing`` pass ``chosen``.
 
@@ -488,7 +410,7 @@ def count_exceptions(
             ExceptionEvent.action.in_(listing.actions),
         )
         return int(session.execute(query).scalar_one())
-    query = _in_run(sa.select(sa.func.count()), run_id, listing).where(*_conditions(chosen, now))
+    query = _in_run(sa.select(sa.func.count()), run_id, listing).where(*conditions(chosen, now))
     if chosen.search:
         query = _with_references(query)
     return int(session.execute(query).scalar_one())
@@ -511,9 +433,9 @@ def aging_counts(
     bucket = sa.case(
         *(
             (first_seen > now - dt.timedelta(days=end), index)
-            for index, end in enumerate(_BUCKET_ENDS)
+            for index, end in enumerate(BUCKET_ENDS)
         ),
-        else_=len(_BUCKET_ENDS),
+        else_=len(BUCKET_ENDS),
     )
     query = _in_run(
         sa.select(ReconException.category, bucket, sa.func.count()), run_id, Listing.SEEN
@@ -612,14 +534,6 @@ def _exception_row(
         age_days=age,
         aging_bucket=aging_bucket(age),
     )
-
-
-def aging_bucket(age_days: int) -> str:
-    """The age group (one of :data:`AGING_BUCKETS`) of an exception ``age_days`` old."""
-    for bucket, end in zip(AGING_BUCKETS, _BUCKET_ENDS, strict=False):
-        if age_days < end:
-            return bucket
-    return AGING_BUCKETS[-1]
 
 
 # --- whole reports ---------------------------------------------------------------------
