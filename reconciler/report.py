@@ -376,9 +376,14 @@ def _any_before(
 ) -> bool:
     """Whether any row passing ``chosen`` comes at or before ``cursor`` in the order."""
     key = ExceptionEvent.recon_exception_id
-    query = _in_run(sa.select(key), run_id, listing).where(*conditions(chosen, now))
-    if chosen.search:
-        query = _with_references(query)
+    if chosen.active:
+        query = _in_run(sa.select(key), run_id, listing).where(*conditions(chosen, now))
+        if chosen.search:
+            query = _with_references(query)
+    else:  # the event index alone
+        query = sa.select(key).where(
+            ExceptionEvent.recon_run_id == run_id, ExceptionEvent.action.in_(listing.actions)
+        )
     query = query.where(key >= cursor if descending else key <= cursor).limit(1)
     return session.execute(query).first() is not None
 
