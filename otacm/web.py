@@ -23,6 +23,8 @@ def gunicorn_options(bind: str, workers: int | None = None) -> dict[str, Any]:
     commit) and the commit waits on the disk, so a few more processes than cores keep the
     cores busy. Requests never wait on the venue: that work is the worker's.
     """
+    from receiver.finance.streaming import remember_worker
+
     return {
         "bind": bind,
         "workers": workers or (2 * (os.cpu_count() or 1) + 1),
@@ -41,6 +43,8 @@ def gunicorn_options(bind: str, workers: int | None = None) -> dict[str, Any]:
         # read-only (systemd's ProtectHome); otacm's processes are managed by signals.
         "control_socket_disable": True,
         "child_exit": worker_exited,
+        # Long downloads tell the master the worker lives (receiver.finance.streaming).
+        "post_worker_init": remember_worker,
         "logger_class": GunicornLogger,
     }
 

@@ -1,4 +1,4 @@
-"""Finance's actions on reconciliation exceptions, and the list of runs.
+"""Finance's actions on reconciliation exceptions, and the list of runs (paged by keyset).
 
 Runs open, see, reopen and close exceptions (:mod:`reconciler.engine`); people resolve
 (the difference was fixed) or accept (the difference is right as it is) an *open*
@@ -22,6 +22,7 @@ The functions take a session and never commit: the caller owns the transaction.
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -132,10 +133,86 @@ def list_runs(
         connection_id: only this connection's runs (default: every connection's).
         limit: at most this many.
     """
-    query = sa.select(ReconRun).order_by(ReconRun.started_at.desc(), ReconRun.id.desc())
+    return runs_page(session, connection_id=connection_id, size=limit).runs
+
+
+@dataclass(frozen=True)
+class RunsPage:
+    """A page of the runs list, and whether others lie on either side of it."""
+
+    runs: list[ReconRun]
+    more_before: bool
+    more_after: bool
+
+
+def runs_page(
+    session: Session,
+    *,
+    connection_id: int | None = None,
+    after: int | None = None,
+    before: int | None = None,
+    size: int = 50,
+) -> RunsPage:
+    """A page of the runs, newest first (by start, then id), read along an index.
+
+    Args:
+        session: the caller's session.
+        connection_id: only this connection's runs (default: every connection's).
+        after: the page that follows run ``after`` in that order.
+        before: the page that precedes run ``before`` (when ``after`` is not given).
+        size: at most this many runs (at least one).
+    """
+    size = max(size, 1)
+    backwards = after is None and before is not None
+    cursor = after if not backwards else before
+    query = sa.select(ReconRun)
     if connection_id is not None:
         query = query.where(ReconRun.connection_id == connection_id)
-    return list(session.scalars(query.limit(limit)))
+    newest = (ReconRun.started_at.desc(), ReconRun.id.desc())
+    oldest = (ReconRun.started_at.asc(), ReconRun.id.asc())
+    paged = query
+    started: dt.datetime | None = None
+    if cursor is not None:
+        started = session.scalar(sa.select(ReconRun.started_at).where(ReconRun.id == cursor))
+        if started is None:  # no such run: nothing lies beside it
+            return RunsPage([], more_before=False, more_after=False)
+        paged = query.where(_beside(started, cursor, later=backwards))
+    found = list(
+        session.scalars(paged.order_by(*(oldest if backwards else newest)).limit(size + 1))
+    )
+    beyond = len(found) > size
+    runs = found[:size]
+    if backwards:
+        runs.reverse()
+        return RunsPage(runs, more_before=beyond, more_after=True)
+    more_before = (
+        cursor is not None
+        and started is not None
+        and session.scalar(query.where(~_beside(started, cursor, later=False)).limit(1)) is not None
+    )
+    return RunsPage(runs, more_before=more_before, more_after=beyond)
+
+
+def _beside(started: dt.datetime, run_id: int, *, later: bool) -> sa.ColumnElement[bool]:
+    """Runs after (``later``) or before the run ``run_id`` started at ``started``, in
+    (start, id) order."""
+    if later:
+        return sa.or_(
+            ReconRun.started_at > started,
+            sa.and_(ReconRun.started_at == started, ReconRun.id > run_id),
+        )
+    return sa.or_(
+        ReconRun.started_at < started,
+        sa.and_(ReconRun.started_at == started, ReconRun.id < run_id),
+    )
+
+
+def count_runs(session: Session, connection_id: int | None = None) -> int:
+    """How many runs there are (of one connection, or of every one)."""
+    query = sa.select(sa.func.count()).select_from(ReconRun)
+    if connection_id is not None:
+        query = query.where(ReconRun.connection_id == connection_id)
+    return int(session.execute(query).scalar_one())
 
 
 _STATE_AFTER = {

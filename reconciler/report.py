@@ -1,29 +1,62 @@
-"""The report of one reconciliation run: its data model, read in a few queries.
+"""The report of one reconciliation run: its data model, read page by page or streamed.
 
-:func:`load_run_report` reads a run, its totals per currency and category, the exceptions
-the run saw (opened, seen again or reopened by it) and those it closed, each with the
-ledger line's and the venue order's references and an age (:data:`AGING_BUCKETS`).
-:mod:`reconciler.report_formats` turns a :class:`RunReport` into the bytes of one format;
-the ``otacm report`` command and the finance pages serve the same bytes. Customers' names
+A run's report is the run, its totals per currency and category, the exceptions the run
+saw (opened, seen again or reopened by it) and those it closed, each with the ledger
+line's and the venue order's references and an age (:data:`AGING_BUCKETS`).
+
+Every read of a run's exceptions starts from ``exception_event``'s index on
+``(recon_run_id, recon_exception_id, action)``, never from every event ever written, and
+goes in order of the exception's id (oldest first, or newest first), which is how it
+pages: :func:`exception_page` reads one page after or before an id (keyset: no offset,
+so a page at the millionth row costs what the first does, and a page walks every
+exception once even while their states change); :func:`count_exceptions` says how many
+match (the run's totals when nothing filters, one count in SQL otherwise);
+:func:`aging_counts` groups them by category and age for the chart;
+:func:`iter_exceptions` streams them all in batches, each batch in a short transaction
+of its own when given a session factory, so an export of a million rows holds neither
+memory nor a long read.
+
+:func:`open_run_report` gives a :class:`RunReport` whose exceptions stream;
+:func:`load_run_report` one whose exceptions are read into lists, for small runs and
+tests. :mod:`reconciler.report_formats` turns either into the bytes of a format; the
+``otacm report`` command and the finance pages serve the same bytes. Customers' names
 and e-mails are never read, so no report can carry them.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
+from enum import StrEnum
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from reconciler.categories import Category
+from reconciler.report_filter import AGING_BUCKETS as AGING_BUCKETS
+from reconciler.report_filter import BUCKET_ENDS, SHOP_REFERENCE, conditions
+from reconciler.report_filter import ExceptionFilter as ExceptionFilter
+from reconciler.report_filter import aging_bucket as aging_bucket
 from storage.models import LedgerLine, VenueConnection, VenueOrder
-from storage.records import ExceptionAction, ExceptionEvent, ReconException, ReconRun, ReconTotal
+from storage.records import (
+    ExceptionAction,
+    ExceptionEvent,
+    ReconException,
+    ReconRun,
+    ReconTotal,
+)
 
-AGING_BUCKETS = ("0-1 days", "2-7 days", "8-30 days", "over 30 days")
-"""The age groups of exceptions, youngest first: whole days since first seen."""
+PAGE_SIZES = (25, 50, 100, 200)
+"""The page sizes a list of exceptions offers; anything else is the default."""
+DEFAULT_PAGE_SIZE = 50
+NO_FILTER = ExceptionFilter()
+"""The filter that keeps every exception."""
+
+EXPORT_BATCH = 1000
+"""Rows read per query (and per transaction) when a report streams its exceptions."""
 
 # Keys a details dict must never carry into a report (customers' personal data).
 _PERSONAL_KEYS = frozenset(
@@ -37,6 +70,20 @@ class RunNotFound(LookupError):
     def __init__(self, run_id: int) -> None:
         super().__init__(f"no reconciliation run {run_id}")
         self.run_id = run_id
+
+
+class Listing(StrEnum):
+    """Which of a run's exceptions a list shows."""
+
+    SEEN = "seen"  # opened, seen again or reopened by the run
+    CLOSED = "closed"  # closed by the run: no longer found
+
+    @property
+    def actions(self) -> tuple[ExceptionAction, ...]:
+        """The events of the run that put an exception in this list."""
+        if self is Listing.CLOSED:
+            return (ExceptionAction.CLOSED,)
+        return (ExceptionAction.OPENED, ExceptionAction.SEEN, ExceptionAction.REOPENED)
 
 
 @dataclass(frozen=True)
@@ -92,29 +139,60 @@ class ExceptionRow:
 
 
 @dataclass(frozen=True)
+class ExceptionPage:
+    """One page of a run's exceptions, and whether others lie on either side of it."""
+
+    rows: list[ExceptionRow]
+    more_before: bool
+    more_after: bool
+
+
+class ExceptionRows:
+    """A report's list of exceptions: its length known up front, its rows read on demand.
+
+    Iterating reads the rows again each time (streamed reports) or walks a list
+    (:func:`load_run_report`); ``len()`` and truth never read a row.
+    """
+
+    def __init__(self, count: int, rows: Callable[[], Iterator[ExceptionRow]]) -> None:
+        self._count = count
+        self._rows = rows
+
+    @classmethod
+    def of(cls, rows: list[ExceptionRow]) -> ExceptionRows:
+        """The rows of a list."""
+        return cls(len(rows), lambda: iter(rows))
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __bool__(self) -> bool:
+        return self._count > 0
+
+    def __iter__(self) -> Iterator[ExceptionRow]:
+        return self._rows()
+
+
+@dataclass(frozen=True)
 class RunReport:
-    """Everything a report of one run shows."""
+    """Everything a report of one run shows.
+
+    ``aging`` counts the exceptions the run saw per category and age group (each
+    category with every group), for the chart.
+    """
 
     run: RunInfo
     totals: list[TotalRow]
-    exceptions: list[ExceptionRow]  # those the run saw (opened, seen or reopened by it)
-    closed: list[ExceptionRow]  # those the run closed
+    exceptions: ExceptionRows  # those the run saw (opened, seen or reopened by it)
+    closed: ExceptionRows  # those the run closed
+    aging: dict[Category, dict[str, int]]
 
 
-# --- loading ---------------------------------------------------------------------------
+# --- the run and its totals ------------------------------------------------------------
 
 
-def load_run_report(session: Session, run_id: int, *, now: dt.datetime) -> RunReport:
-    """Read one run's report: the run, its totals, and the exceptions it saw and closed.
-
-    Args:
-        session: a session; only read.
-        run_id: the run.
-        now: the time ages are counted to (aware).
-
-    Returns:
-        The report. Totals are ordered by currency then category; exceptions by
-        category, then oldest first.
+def load_run(session: Session, run_id: int) -> RunInfo:
+    """The run ``run_id`` with its connection's name.
 
     Raises:
         RunNotFound: no run has this id.
@@ -127,7 +205,7 @@ def load_run_report(session: Session, run_id: int, *, now: dt.datetime) -> RunRe
     if found is None:
         raise RunNotFound(run_id)
     run, connection = found
-    info = RunInfo(
+    return RunInfo(
         id=run.id,
         connection=connection,
         period_from=run.period_from,
@@ -139,8 +217,12 @@ def load_run_report(session: Session, run_id: int, *, now: dt.datetime) -> RunRe
         state=str(run.state),
         error=run.error,
     )
+
+
+def load_totals(session: Session, run_id: int) -> list[TotalRow]:
+    """The run's totals, ordered by currency then category (in their defined order)."""
     order = {category: index for index, category in enumerate(Category)}
-    totals = sorted(
+    return sorted(
         (
             TotalRow(
                 currency=total.currency,
@@ -155,92 +237,373 @@ def load_run_report(session: Session, run_id: int, *, now: dt.datetime) -> RunRe
         ),
         key=lambda row: (row.currency, order[row.category]),
     )
-    seen = _exceptions(
-        session,
-        run_id,
-        (ExceptionAction.OPENED, ExceptionAction.SEEN, ExceptionAction.REOPENED),
-        now=now,
+
+
+# --- exceptions ------------------------------------------------------------------------
+
+_ROW_COLUMNS = (
+    ReconException.id,
+    ReconException.category,
+    ReconException.state,
+    ReconException.subject_key,
+    SHOP_REFERENCE,
+    VenueOrder.order_id,
+    VenueOrder.buy_from_order_reference,
+    ReconException.currency,
+    ReconException.ledger_amount,
+    ReconException.venue_amount,
+    ReconException.details,
+    ReconException.first_seen_at,
+)
+
+
+def _in_run(query: sa.Select[Any], run_id: int, listing: Listing) -> sa.Select[Any]:
+    """``query`` over the run's events of ``listing``, joined to their exceptions.
+
+    The engine writes one event per exception and run (seen, or closed), so the events
+    are the run's list of exceptions, read along the index on (run, exception, action).
+    """
+    return (
+        query.select_from(ExceptionEvent)
+        .join(ReconException, ReconException.id == ExceptionEvent.recon_exception_id)
+        .where(
+            ExceptionEvent.recon_run_id == run_id,
+            ExceptionEvent.action.in_(listing.actions),
+        )
     )
-    closed = _exceptions(session, run_id, (ExceptionAction.CLOSED,), now=now)
-    return RunReport(run=info, totals=totals, exceptions=seen, closed=closed)
 
 
-def _exceptions(
+def _with_references(query: sa.Select[Any]) -> sa.Select[Any]:
+    return query.outerjoin(LedgerLine, LedgerLine.id == ReconException.ledger_line_id).outerjoin(
+        VenueOrder, VenueOrder.id == ReconException.venue_order_id
+    )
+
+
+def exception_page(
     session: Session,
     run_id: int,
-    actions: tuple[ExceptionAction, ...],
     *,
     now: dt.datetime,
-) -> list[ExceptionRow]:
-    """The exceptions with an event of ``actions`` in the run, with their references."""
-    in_run = sa.select(ExceptionEvent.recon_exception_id).where(
-        ExceptionEvent.recon_run_id == run_id, ExceptionEvent.action.in_(actions)
-    )
-    rows = session.execute(
-        sa.select(
-            ReconException,
-            # An orphan has no ledger line: the venue order's copy of the shop's reference.
-            sa.func.coalesce(LedgerLine.shop_reference, VenueOrder.sell_to_order_reference),
-            VenueOrder.order_id,
-            VenueOrder.buy_from_order_reference,
+    listing: Listing = Listing.SEEN,
+    chosen: ExceptionFilter = NO_FILTER,
+    after: int | None = None,
+    before: int | None = None,
+    newest_first: bool = False,
+    size: int = DEFAULT_PAGE_SIZE,
+    look_back: bool = True,
+) -> ExceptionPage:
+    """One page of the run's exceptions of ``listing`` that pass ``chosen``.
+
+    Pages go in order of the exception's id: oldest first, or newest first. ``after``
+    (an id) asks for the page that follows it in that order, ``before`` the one that
+    precedes it; neither, the first page.
+
+    Args:
+        session: a session; only read.
+        run_id: the run.
+        now: the time ages are counted to (aware).
+        listing: the exceptions the run saw, or those it closed.
+        chosen: the filter.
+        after: the page after this id.
+        before: the page before this id (when ``after`` is not given).
+        newest_first: the order.
+        size: at most this many rows (at least one).
+        look_back: find out whether rows lie before a page read forwards (one more
+            query; a stream going forwards needs not).
+    """
+    size = max(size, 1)
+    backwards = after is None and before is not None
+    # Reading backwards walks the other order and turns the page round.
+    descending = newest_first != backwards
+    key = ExceptionEvent.recon_exception_id
+    cursor = after if not backwards else before
+    beside: list[sa.ColumnElement[bool]] = []
+    if cursor is not None:
+        beside.append(key < cursor if descending else key > cursor)
+    if chosen.active:
+        # Filtered: the run's events joined to their exceptions, walked until a page
+        # passes (the exception's own id bounded too, so PostgreSQL's merge join starts
+        # at the cursor rather than at the first exception).
+        if cursor is not None:
+            mine = ReconException.id
+            beside.append(mine < cursor if descending else mine > cursor)
+        query = _with_references(_in_run(sa.select(*_ROW_COLUMNS), run_id, listing))
+        query = query.where(*conditions(chosen, now), *beside)
+        ordered: Any = key  # a column attribute here, a subquery's column below
+    else:
+        # Unfiltered: the page's ids first, from the index alone, then their rows by
+        # primary key; however the planner would join, a page reads a page of rows.
+        page = (
+            sa.select(key.label("exception_id"))
+            .where(
+                ExceptionEvent.recon_run_id == run_id,
+                ExceptionEvent.action.in_(listing.actions),
+                *beside,
+            )
+            .order_by(key.desc() if descending else key.asc())
+            .limit(size + 1)
+            .subquery()
         )
-        .outerjoin(LedgerLine, LedgerLine.id == ReconException.ledger_line_id)
-        .outerjoin(VenueOrder, VenueOrder.id == ReconException.venue_order_id)
-        .where(ReconException.id.in_(in_run))
+        query = _with_references(
+            sa.select(*_ROW_COLUMNS)
+            .select_from(page)
+            .join(ReconException, ReconException.id == page.c.exception_id)
+        )
+        ordered = page.c.exception_id
+    query = query.order_by(ordered.desc() if descending else ordered.asc()).limit(size + 1)
+    found = list(session.execute(query))
+    beyond = len(found) > size
+    rows = [_exception_row(*values, now=now) for values in found[:size]]
+    if backwards:
+        rows.reverse()
+        return ExceptionPage(rows, more_before=beyond, more_after=True)
+    more_before = (
+        look_back
+        and cursor is not None
+        and _any_before(session, run_id, listing, chosen, now, cursor, descending)
     )
-    order = {category: index for index, category in enumerate(Category)}
-    found = [
-        _exception_row(exception, shop_reference, order_id, venue_reference, now=now)
-        for exception, shop_reference, order_id, venue_reference in rows
-    ]
-    found.sort(key=lambda row: (order[row.category], row.first_seen_at, row.id))
-    return found
+    return ExceptionPage(rows, more_before=more_before, more_after=beyond)
+
+
+def _any_before(
+    session: Session,
+    run_id: int,
+    listing: Listing,
+    chosen: ExceptionFilter,
+    now: dt.datetime,
+    cursor: int,
+    descending: bool,
+) -> bool:
+    """Whether any row passing ``chosen`` comes at or before ``cursor`` in the order."""
+    key = ExceptionEvent.recon_exception_id
+    if chosen.active:
+        query = _in_run(sa.select(key), run_id, listing).where(*conditions(chosen, now))
+        if chosen.search:
+            query = _with_references(query)
+    else:  # the event index alone
+        query = sa.select(key).where(
+            ExceptionEvent.recon_run_id == run_id, ExceptionEvent.action.in_(listing.actions)
+        )
+    query = query.where(key >= cursor if descending else key <= cursor).limit(1)
+    return session.execute(query).first() is not None
+
+
+def count_exceptions(
+    session: Session,
+    run_id: int,
+    *,
+    now: dt.datetime,
+    listing: Listing = Listing.SEEN,
+    chosen: ExceptionFilter = NO_FILTER,
+) -> int:
+    """How many of the run's exceptions of ``listing`` pass ``chosen``.
+
+    With no filter, the exceptions a run saw are the exception categories' counts of its
+    totals (the engine records one exception per finding of those categories): a few
+    rows, however many exceptions. Anything else is counted in SQL, from the event
+    index alone when nothing filters.
+    """
+    if listing is Listing.SEEN and not chosen.active:
+        query = sa.select(sa.func.coalesce(sa.func.sum(ReconTotal.count), 0)).where(
+            ReconTotal.recon_run_id == run_id,
+            ReconTotal.category.in_(EXCEPTION_CATEGORIES),
+        )
+        return int(session.execute(query).scalar_one())
+    if not chosen.active:
+        query = sa.select(sa.func.count()).where(
+            ExceptionEvent.recon_run_id == run_id,
+            ExceptionEvent.action.in_(listing.actions),
+        )
+        return int(session.execute(query).scalar_one())
+    query = _in_run(sa.select(sa.func.count()), run_id, listing).where(*conditions(chosen, now))
+    if chosen.search:
+        query = _with_references(query)
+    return int(session.execute(query).scalar_one())
+
+
+EXCEPTION_CATEGORIES = tuple(category.value for category in Category if category.is_exception)
+"""The categories that are exceptions (every one but matched and in flight)."""
+
+
+def aging_counts(
+    session: Session, run_id: int, *, now: dt.datetime
+) -> dict[Category, dict[str, int]]:
+    """The exceptions the run saw, counted per category and age group, in SQL.
+
+    Only categories with exceptions are keys; each has every group of
+    :data:`AGING_BUCKETS`, in order. One pass over the run's exceptions: its cost grows
+    with them, which is why the finance pages draw it as an image of its own.
+    """
+    first_seen = ReconException.first_seen_at
+    bucket = sa.case(
+        *(
+            (first_seen > now - dt.timedelta(days=end), index)
+            for index, end in enumerate(BUCKET_ENDS)
+        ),
+        else_=len(BUCKET_ENDS),
+    )
+    query = _in_run(
+        sa.select(ReconException.category, bucket, sa.func.count()), run_id, Listing.SEEN
+    ).group_by(ReconException.category, bucket)
+    counts: dict[Category, dict[str, int]] = {}
+    for category, index, count in session.execute(query):
+        per_bucket = counts.setdefault(Category(category), dict.fromkeys(AGING_BUCKETS, 0))
+        per_bucket[AGING_BUCKETS[int(index)]] += int(count)
+    return {category: counts[category] for category in Category if category in counts}
+
+
+def iter_exceptions(
+    source: Session | sessionmaker[Session],
+    run_id: int,
+    *,
+    now: dt.datetime,
+    listing: Listing = Listing.SEEN,
+    batch: int = EXPORT_BATCH,
+) -> Iterator[ExceptionRow]:
+    """Every exception of the run's ``listing``, oldest first, read ``batch`` at a time.
+
+    Args:
+        source: a session (every batch in its transaction), or a session factory: each
+            batch then reads in a short transaction of its own, so a long export holds
+            no snapshot (SQLite's WAL can be checkpointed meanwhile). Ids never change,
+            so no row is read twice or missed; a state shows as it was when its batch
+            was read.
+        run_id: the run.
+        now: the time ages are counted to.
+        listing: the exceptions the run saw, or those it closed.
+        batch: rows per query.
+    """
+    after: int | None = None
+    while True:
+        if isinstance(source, Session):
+            page = exception_page(
+                source, run_id, now=now, listing=listing, after=after, size=batch, look_back=False
+            )
+        else:
+            with source.begin() as session:
+                page = exception_page(
+                    session,
+                    run_id,
+                    now=now,
+                    listing=listing,
+                    after=after,
+                    size=batch,
+                    look_back=False,
+                )
+        yield from page.rows
+        if not page.more_after or not page.rows:
+            return
+        after = page.rows[-1].id
 
 
 def _exception_row(
-    exception: ReconException,
+    exception_id: int,
+    category_value: str,
+    state: str,
+    subject_key: str,
     shop_reference: str | None,
     order_id: str | None,
     venue_reference: str | None,
+    currency: str | None,
+    ledger: Decimal | None,
+    venue: Decimal | None,
+    details: dict[str, Any] | None,
+    first_seen_at: dt.datetime,
     *,
     now: dt.datetime,
 ) -> ExceptionRow:
-    category = Category(exception.category)
-    ledger, venue = exception.ledger_amount, exception.venue_amount
+    category = Category(category_value)
     difference = None
     # Amounts in two currencies have no difference worth printing.
     if ledger is not None and venue is not None and category is not Category.CURRENCY_MISMATCH:
         difference = venue - ledger
-    age = max((now - exception.first_seen_at).days, 0)
+    age = max((now - first_seen_at).days, 0)
     return ExceptionRow(
-        id=exception.id,
+        id=exception_id,
         category=category,
-        state=str(exception.state),
-        subject_key=exception.subject_key,
+        state=str(state),
+        subject_key=subject_key,
         shop_reference=shop_reference,
         order_id=order_id,
         buy_from_order_reference=venue_reference,
-        currency=exception.currency,
+        currency=currency,
         ledger_amount=ledger,
         venue_amount=venue,
         difference=difference,
         details={
             key: value
-            for key, value in (exception.details or {}).items()
+            for key, value in (details or {}).items()
             if key.lower() not in _PERSONAL_KEYS
         },
-        first_seen_at=exception.first_seen_at,
+        first_seen_at=first_seen_at,
         age_days=age,
         aging_bucket=aging_bucket(age),
     )
 
 
-def aging_bucket(age_days: int) -> str:
-    """The age group (one of :data:`AGING_BUCKETS`) of an exception ``age_days`` old."""
-    if age_days <= 1:
-        return AGING_BUCKETS[0]
-    if age_days <= 7:
-        return AGING_BUCKETS[1]
-    if age_days <= 30:
-        return AGING_BUCKETS[2]
-    return AGING_BUCKETS[3]
+# --- whole reports ---------------------------------------------------------------------
+
+
+def open_run_report(
+    sessions: sessionmaker[Session], run_id: int, *, now: dt.datetime, batch: int = EXPORT_BATCH
+) -> RunReport:
+    """A run's report whose exceptions stream: read ``batch`` at a time as they are used.
+
+    The run, its totals, the counts and the chart's figures are read now, in one
+    transaction; each pass over ``exceptions`` or ``closed`` reads them again, in short
+    transactions (:func:`iter_exceptions`).
+
+    Raises:
+        RunNotFound: no run has this id.
+    """
+    with sessions.begin() as session:
+        info = load_run(session, run_id)
+        totals = load_totals(session, run_id)
+        seen_count = count_exceptions(session, run_id, now=now)
+        closed_count = count_exceptions(session, run_id, now=now, listing=Listing.CLOSED)
+        aging = aging_counts(session, run_id, now=now) if seen_count else {}
+
+    def rows(listing: Listing) -> Callable[[], Iterator[ExceptionRow]]:
+        return lambda: iter_exceptions(sessions, run_id, now=now, listing=listing, batch=batch)
+
+    return RunReport(
+        run=info,
+        totals=totals,
+        exceptions=ExceptionRows(seen_count, rows(Listing.SEEN)),
+        closed=ExceptionRows(closed_count, rows(Listing.CLOSED)),
+        aging=aging,
+    )
+
+
+def load_run_report(session: Session, run_id: int, *, now: dt.datetime) -> RunReport:
+    """Read one run's whole report, its exceptions into lists: for small runs and tests.
+
+    Args:
+        session: a session; only read.
+        run_id: the run.
+        now: the time ages are counted to (aware).
+
+    Returns:
+        The report. Totals are ordered by currency then category; exceptions by id
+        (oldest first).
+
+    Raises:
+        RunNotFound: no run has this id.
+    """
+    info = load_run(session, run_id)
+    seen = list(iter_exceptions(session, run_id, now=now))
+    closed = list(iter_exceptions(session, run_id, now=now, listing=Listing.CLOSED))
+    return RunReport(
+        run=info,
+        totals=load_totals(session, run_id),
+        exceptions=ExceptionRows.of(seen),
+        closed=ExceptionRows.of(closed),
+        aging=_aging_of(seen),
+    )
+
+
+def _aging_of(rows: Iterable[ExceptionRow]) -> dict[Category, dict[str, int]]:
+    counts: dict[Category, dict[str, int]] = {}
+    for row in rows:
+        counts.setdefault(row.category, dict.fromkeys(AGING_BUCKETS, 0))[row.aging_bucket] += 1
+    return {category: counts[category] for category in Category if category in counts}

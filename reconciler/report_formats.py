@@ -1,16 +1,26 @@
 """A reconciliation run's report as a file: CSV, XLSX, HTML or JSON.
 
-:func:`render_report` turns a :class:`~reconciler.report.RunReport` (from
-:func:`~reconciler.report.load_run_report`) into the bytes of one of
-:data:`REPORT_FORMATS`; the ``otacm report`` command and the finance pages serve the
-same bytes, and the finance pages draw the same chart (:func:`chart_svg`). Amounts are
-written with their currency's decimals (:func:`money_text`).
+:func:`stream_report` turns a :class:`~reconciler.report.RunReport` into the bytes of one
+of :data:`REPORT_FORMATS`, a piece at a time: a report whose exceptions stream
+(:func:`~reconciler.report.open_run_report`) is written in memory that does not grow
+with them, whatever the format (XLSX in openpyxl's write-only mode, through a temporary
+file: a workbook is a zip archive, complete only once closed). :func:`render_report`
+gives the whole file at once, for small reports. The ``otacm report`` command and the
+finance pages serve the same bytes, and the finance pages draw the same chart
+(:func:`chart_svg`). Amounts are written with their currency's decimals
+(:func:`money_text`). Exceptions come in order of their id (oldest first), those the
+run saw, then those it closed.
+
+A file cut short on its way (a process killed, a connection lost) never looks whole:
+the CSV ends with a line of its own saying how many rows it holds, the JSON and the
+XLSX do not parse without their ends, and the HTML page's footer, last, counts its rows.
 
 The formats, for finance who open them in a spreadsheet or a browser:
 
 - ``csv``: the exception table alone (one row per exception, a header row and nothing
   before it), UTF-8 with a byte order mark so Excel reads accented references right.
-  The summary lives in the other formats. Every field is quoted, and a text cell that a
+  The summary lives in the other formats. The last line, one quoted field, is the end
+  marker ``# end of report: N rows``. Every field is quoted, and a text cell that a
   spreadsheet would run as a formula (starting with ``=``, ``+``, ``-``, ``@``, tab or
   carriage return) gets a leading apostrophe (OWASP's advice on CSV injection). So
   does such a character right after a separator inside a cell (``;=``, ``,+``, a tab
@@ -32,6 +42,8 @@ import datetime as dt
 import io
 import json
 import re
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from functools import cache
@@ -64,27 +76,52 @@ _FORMULA_START = re.compile("(?:^|(?<=[,;\t\r\n]))(?=[=+\\-@\t\r])")
 
 
 def render_report(report: RunReport, fmt: str) -> bytes:
-    """The report in one of :data:`REPORT_FORMATS`.
-
-    Args:
-        report: from :func:`~reconciler.report.load_run_report`.
-        fmt: ``"csv"``, ``"xlsx"``, ``"html"`` or ``"json"``.
-
-    Returns:
-        The file's bytes (text formats in UTF-8).
+    """The whole report in one of :data:`REPORT_FORMATS`, at once (see :func:`stream_report`).
 
     Raises:
         ValueError: ``fmt`` is not a report format.
     """
+    return b"".join(stream_report(report, fmt))
+
+
+def stream_report(
+    report: RunReport, fmt: str, *, progress: Callable[[], None] | None = None
+) -> Iterator[bytes]:
+    """The report in one of :data:`REPORT_FORMATS`, a piece at a time.
+
+    Args:
+        report: from :func:`~reconciler.report.open_run_report` (streamed) or
+            :func:`~reconciler.report.load_run_report`.
+        fmt: ``"csv"``, ``"xlsx"``, ``"html"`` or ``"json"``.
+        progress: called every :data:`PROGRESS_EVERY` rows written, to say the work
+            goes on (a web worker's liveness).
+
+    Returns:
+        The file's bytes in pieces (text formats in UTF-8).
+
+    Raises:
+        ValueError: ``fmt`` is not a report format (at once, before any piece).
+    """
+    tick = progress or _nothing
     if fmt == "csv":
-        return _render_csv(report)
+        return _stream_csv(report, tick)
     if fmt == "xlsx":
-        return _render_xlsx(report)
+        return _stream_xlsx(report, tick)
     if fmt == "html":
-        return _render_html(report)
+        return _stream_html(report, tick)
     if fmt == "json":
-        return _render_json(report)
+        return _stream_json(report, tick)
     raise ValueError(f"unknown report format {fmt!r}: use one of {', '.join(REPORT_FORMATS)}")
+
+
+PROGRESS_EVERY = 1000
+"""Rows between two calls of a stream's ``progress``."""
+
+_CHUNK = 64 * 1024  # bytes gathered before a piece of a text format is handed on
+
+
+def _nothing() -> None:
+    """No progress to tell."""
 
 
 def currency_places(currency: str | None) -> int:
@@ -110,12 +147,12 @@ def _iso(value: dt.datetime | None) -> str | None:
     return None if value is None else value.astimezone(dt.UTC).isoformat()
 
 
-def _details_text(details: dict[str, Any]) -> str:
+def details_text(details: dict[str, Any]) -> str:
+    """A details dict as one line of JSON (keys sorted); "" for none."""
     return json.dumps(details, sort_keys=True, ensure_ascii=False) if details else ""
 
 
-# The exception table's columns, shared by CSV and XLSX.
-_COLUMNS = (
+EXCEPTION_COLUMNS = (
     "id",
     "in_this_run",
     "category",
@@ -134,10 +171,27 @@ _COLUMNS = (
     "aging_bucket",
     "details",
 )
+"""The exception table's columns: the CSV's header, the XLSX's width."""
 
 
-def _tagged_rows(report: RunReport) -> list[tuple[str, ExceptionRow]]:
-    return [("seen", row) for row in report.exceptions] + [("closed", row) for row in report.closed]
+def tagged_rows(
+    report: RunReport, progress: Callable[[], None]
+) -> Iterator[tuple[str, ExceptionRow]]:
+    """Every row with the list it is in: the run saw it, or closed it."""
+    written = 0
+    for in_run, rows in (("seen", report.exceptions), ("closed", report.closed)):
+        for row in rows:
+            yield in_run, row
+            written += 1
+            if written % PROGRESS_EVERY == 0:
+                progress()
+
+
+def _ticking(rows: Iterable[ExceptionRow], progress: Callable[[], None]) -> Iterator[ExceptionRow]:
+    for written, row in enumerate(rows, start=1):
+        yield row
+        if written % PROGRESS_EVERY == 0:
+            progress()
 
 
 def _defused(text: str | None) -> str:
@@ -148,37 +202,51 @@ def _defused(text: str | None) -> str:
     return _FORMULA_START.sub("'", text)
 
 
-def _render_csv(report: RunReport) -> bytes:
+def _csv_row(in_run: str, row: ExceptionRow) -> list[str]:
+    return [
+        str(row.id),
+        in_run,
+        str(row.category),
+        _defused(row.category.label),
+        row.state,
+        _defused(row.subject_key),
+        _defused(row.shop_reference),
+        _defused(row.order_id),
+        _defused(row.buy_from_order_reference),
+        _defused(row.currency),
+        money_text(row.ledger_amount, row.currency),
+        money_text(row.venue_amount, row.currency),
+        money_text(row.difference, row.currency),
+        # ISO 8601 with a space: what Excel reads as a date and time.
+        row.first_seen_at.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S"),
+        str(row.age_days),
+        row.aging_bucket,
+        _defused(details_text(row.details)),
+    ]
+
+
+CSV_END_MARKER = "# end of report: {rows} rows"
+"""The CSV's last line (one field): a file without it was cut short."""
+
+
+def _stream_csv(report: RunReport, progress: Callable[[], None]) -> Iterator[bytes]:
     out = io.StringIO(newline="")
     # Quoted, a separator or line break inside a cell stays in it for readers that
     # split on the comma; _defused covers those that split on something else.
     writer = csv.writer(out, quoting=csv.QUOTE_ALL)
-    writer.writerow(_COLUMNS)
-    for in_run, row in _tagged_rows(report):
-        writer.writerow(
-            [
-                str(row.id),
-                in_run,
-                str(row.category),
-                _defused(row.category.label),
-                row.state,
-                _defused(row.subject_key),
-                _defused(row.shop_reference),
-                _defused(row.order_id),
-                _defused(row.buy_from_order_reference),
-                _defused(row.currency),
-                money_text(row.ledger_amount, row.currency),
-                money_text(row.venue_amount, row.currency),
-                money_text(row.difference, row.currency),
-                # ISO 8601 with a space: what Excel reads as a date and time.
-                row.first_seen_at.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S"),
-                str(row.age_days),
-                row.aging_bucket,
-                _defused(_details_text(row.details)),
-            ]
-        )
     # The byte order mark is how Excel knows the file is UTF-8.
-    return out.getvalue().encode("utf-8-sig")
+    out.write("\ufeff")
+    writer.writerow(EXCEPTION_COLUMNS)
+    rows = 0
+    for in_run, row in tagged_rows(report, progress):
+        writer.writerow(_csv_row(in_run, row))
+        rows += 1
+        if out.tell() >= _CHUNK:
+            yield out.getvalue().encode()
+            out.seek(0)
+            out.truncate()
+    writer.writerow([CSV_END_MARKER.format(rows=rows)])
+    yield out.getvalue().encode()
 
 
 def _json_row(row: ExceptionRow) -> dict[str, Any]:
@@ -202,8 +270,8 @@ def _json_row(row: ExceptionRow) -> dict[str, Any]:
     }
 
 
-def report_json(report: RunReport) -> dict[str, Any]:
-    """The report as JSON-ready data: amounts as strings, times as ISO 8601 (UTC)."""
+def _run_json(report: RunReport) -> dict[str, Any]:
+    """The report's head: the run, its totals and the age groups, JSON-ready."""
     run = report.run
     return {
         "run": {
@@ -231,159 +299,43 @@ def report_json(report: RunReport) -> dict[str, Any]:
             for total in report.totals
         ],
         "aging_buckets": list(AGING_BUCKETS),
-        "exceptions": [_json_row(row) for row in report.exceptions],
-        "closed": [_json_row(row) for row in report.closed],
     }
 
 
-def _render_json(report: RunReport) -> bytes:
-    return (json.dumps(report_json(report), indent=2, ensure_ascii=False) + "\n").encode()
+def _stream_json(report: RunReport, progress: Callable[[], None]) -> Iterator[bytes]:
+    """The head indented, then ``exceptions`` and ``closed`` one row per line: the same
+    document as one ``json.dumps`` would make, written a row at a time."""
+    head = json.dumps(_run_json(report), indent=2, ensure_ascii=False)
+    parts = [head.removesuffix("\n}")]
+    size = 0
+    for name, rows in (("exceptions", report.exceptions), ("closed", report.closed)):
+        parts.append(f',\n  "{name}": [')
+        separator = "\n    "
+        for row in _ticking(rows, progress):
+            text = json.dumps(_json_row(row), ensure_ascii=False)
+            parts.append(separator + text)
+            separator = ",\n    "
+            size += len(text)
+            if size >= _CHUNK:
+                yield "".join(parts).encode()
+                parts, size = [], 0
+        parts.append("]" if separator == "\n    " else "\n  ]")
+    parts.append("\n}\n")
+    yield "".join(parts).encode()
 
 
 # --- XLSX ------------------------------------------------------------------------------
 
 
-def _number_format(currency: str | None) -> str:
-    places = currency_places(currency)
-    pattern = "#,##0" + ("." + "0" * places if places else "")
-    # Negative amounts in red, as accountants expect.
-    return f"{pattern};[Red]-{pattern}"
+def _stream_xlsx(report: RunReport, progress: Callable[[], None]) -> Iterator[bytes]:
+    """The workbook, built in a temporary file, then read out of it."""
+    from reconciler.report_xlsx import write_xlsx  # it builds on this module
 
-
-def _excel_time(value: dt.datetime | None) -> dt.datetime | None:
-    # Excel has no time zones: UTC wall time, and the headers say UTC.
-    return None if value is None else value.astimezone(dt.UTC).replace(tzinfo=None)
-
-
-def _render_xlsx(report: RunReport) -> bytes:
-    from openpyxl import Workbook
-    from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
-    from openpyxl.styles import Alignment, Font, PatternFill
-    from openpyxl.utils import get_column_letter
-    from openpyxl.worksheet.worksheet import Worksheet
-
-    bold = Font(bold=True)
-    header_fill = PatternFill("solid", fgColor="E8EEF4")
-    time_format = "yyyy-mm-dd hh:mm:ss"
-
-    def put(sheet: Worksheet, row: int, column: int, value: Any, number_format: str = "") -> None:
-        cell = sheet.cell(row=row, column=column)
-        if isinstance(value, str):
-            cell.value = ILLEGAL_CHARACTERS_RE.sub("", value)
-            # openpyxl would store "=..." as a formula; a reference is text.
-            cell.data_type = "s"
-        else:
-            cell.value = value
-        if number_format:
-            cell.number_format = number_format
-
-    def header(sheet: Worksheet, row: int, titles: list[str]) -> None:
-        for column, title in enumerate(titles, start=1):
-            put(sheet, row, column, title)
-            cell = sheet.cell(row=row, column=column)
-            cell.font, cell.fill = bold, header_fill
-            cell.alignment = Alignment(vertical="center")
-
-    def widths(sheet: Worksheet, values: list[int]) -> None:
-        for column, width in enumerate(values, start=1):
-            sheet.column_dimensions[get_column_letter(column)].width = width
-
-    book = Workbook()
-    summary = book.active
-    assert summary is not None  # a new workbook has one sheet
-    summary.title = "Summary"
-    run = report.run
-    put(summary, 1, 1, f"Reconciliation run {run.id}")
-    summary.cell(row=1, column=1).font = Font(bold=True, size=14)
-    info: list[tuple[str, Any]] = [
-        ("Connection", run.connection),
-        ("Period from (UTC)", _excel_time(run.period_from)),
-        ("Period to (UTC)", _excel_time(run.period_to)),
-        ("Started (UTC)", _excel_time(run.started_at)),
-        ("Finished (UTC)", _excel_time(run.finished_at)),
-        ("Trigger", run.trigger),
-        ("Started by", run.actor or ""),
-        ("State", run.state),
-        ("Error", run.error or ""),
-    ]
-    for offset, (label, value) in enumerate(info, start=2):
-        put(summary, offset, 1, label)
-        summary.cell(row=offset, column=1).font = bold
-        put(summary, offset, 2, value, time_format if isinstance(value, dt.datetime) else "")
-    top = len(info) + 3
-    header(
-        summary,
-        top,
-        ["Currency", "Category", "Code", "Count", "Ledger amount", "Venue amount", "Difference"],
-    )
-    for offset, total in enumerate(report.totals, start=top + 1):
-        money = _number_format(total.currency)
-        put(summary, offset, 1, total.currency)
-        put(summary, offset, 2, total.category.label)
-        put(summary, offset, 3, str(total.category))
-        put(summary, offset, 4, total.count, "#,##0")
-        put(summary, offset, 5, total.ledger_amount, money)
-        put(summary, offset, 6, total.venue_amount, money)
-        put(summary, offset, 7, total.venue_amount - total.ledger_amount, money)
-    summary.freeze_panes = f"A{top + 1}"
-    widths(summary, [20, 44, 28, 10, 18, 18, 18])
-
-    sheet = book.create_sheet("Exceptions")
-    header(
-        sheet,
-        1,
-        [
-            "ID",
-            "In this run",
-            "Category",
-            "Code",
-            "State",
-            "Subject",
-            "Shop reference",
-            "Order ID",
-            "Venue reference",
-            "Currency",
-            "Ledger amount",
-            "Venue amount",
-            "Difference",
-            "First seen (UTC)",
-            "Age (days)",
-            "Aging",
-            "Details",
-        ],
-    )
-    tagged = _tagged_rows(report)
-    for number, (in_run, row) in enumerate(tagged, start=2):
-        money = _number_format(row.currency)
-        values: list[tuple[Any, str]] = [
-            (row.id, "0"),
-            (in_run, ""),
-            (row.category.label, ""),
-            (str(row.category), ""),
-            (row.state, ""),
-            (row.subject_key, ""),
-            (row.shop_reference, ""),
-            (row.order_id, ""),
-            (row.buy_from_order_reference, ""),
-            (row.currency, ""),
-            (row.ledger_amount, money),
-            (row.venue_amount, money),
-            (row.difference, money),
-            (_excel_time(row.first_seen_at), time_format),
-            (row.age_days, "0"),
-            (row.aging_bucket, ""),
-            (_details_text(row.details) or None, ""),
-        ]
-        for column, (value, number_format) in enumerate(values, start=1):
-            put(sheet, number, column, value, number_format)
-    last = get_column_letter(len(_COLUMNS))
-    sheet.auto_filter.ref = f"A1:{last}{len(tagged) + 1}"
-    sheet.freeze_panes = "A2"
-    widths(sheet, [8, 11, 30, 22, 10, 28, 22, 38, 22, 9, 15, 15, 15, 20, 10, 13, 50])
-
-    out = io.BytesIO()
-    book.save(out)
-    return out.getvalue()
+    with tempfile.TemporaryFile() as spool:
+        write_xlsx(report, spool, progress=progress)
+        spool.seek(0)
+        while piece := spool.read(_CHUNK):
+            yield piece
 
 
 # --- HTML ------------------------------------------------------------------------------
@@ -418,12 +370,14 @@ class _Chart:
     legend: list[tuple[str, str]]
 
 
-def _chart(exceptions: list[ExceptionRow]) -> _Chart | None:
-    """Bars of exceptions per category, stacked by age group; None when there are none."""
-    counts: dict[Category, dict[str, int]] = {}
-    for row in exceptions:
-        per_bucket = counts.setdefault(row.category, dict.fromkeys(AGING_BUCKETS, 0))
-        per_bucket[row.aging_bucket] += 1
+def _chart(counts: Mapping[Category, Mapping[str, int]]) -> _Chart | None:
+    """Bars of exceptions per category, stacked by age group; None when there are none.
+
+    ``counts`` is :attr:`RunReport.aging`: per category, the count of each age group.
+    """
+    counts = {
+        category: per_bucket for category, per_bucket in counts.items() if any(per_bucket.values())
+    }
     if not counts:
         return None
     label_width, bar_width, row_height, top = 300, 420, 30, 36
@@ -475,33 +429,42 @@ def _templates() -> Environment:
     )
     environment.filters["money"] = _html_money
     environment.filters["time"] = _html_time
-    environment.filters["details"] = _details_text
+    environment.filters["details"] = details_text
     return environment
 
 
-def chart_svg(exceptions: list[ExceptionRow]) -> Markup | None:
-    """The chart of exceptions per category, stacked by age, as inline SVG markup.
+def chart_svg(counts: Mapping[Category, Mapping[str, int]]) -> Markup | None:
+    """The chart of exceptions per category, stacked by age, as SVG markup.
 
-    The HTML report and the finance pages draw the same chart. ``None`` when there are
-    no exceptions to draw.
+    The HTML report and the finance pages draw the same chart from the same figures
+    (:attr:`RunReport.aging`). ``None`` when there are no exceptions to draw.
     """
-    chart = _chart(exceptions)
+    chart = _chart(counts)
     if chart is None:
         return None
     return Markup(_templates().get_template("chart.svg").render(chart=chart))  # noqa: S704
 
 
-def _render_html(report: RunReport) -> bytes:
+def _stream_html(report: RunReport, progress: Callable[[], None]) -> Iterator[bytes]:
     environment = _templates()
     exception_count = sum(total.count for total in report.totals if total.category.is_exception)
-    page = environment.get_template("report.html").render(
+    pieces = environment.get_template("report.html").generate(
         report=report,
-        chart=_chart(report.exceptions),
-        chart_svg=chart_svg(report.exceptions),
+        exceptions=_ticking(report.exceptions, progress),
+        closed=_ticking(report.closed, progress),
+        chart_svg=chart_svg(report.aging),
         exception_count=exception_count,
-        old_count=sum(row.aging_bucket == AGING_BUCKETS[-1] for row in report.exceptions),
+        old_count=sum(per_bucket[AGING_BUCKETS[-1]] for per_bucket in report.aging.values()),
         ledger_count=sum(
             total.count for total in report.totals if total.category is not Category.ORPHAN
         ),
     )
-    return page.encode()
+    parts: list[str] = []
+    size = 0
+    for piece in pieces:
+        parts.append(piece)
+        size += len(piece)
+        if size >= _CHUNK:
+            yield "".join(parts).encode()
+            parts, size = [], 0
+    yield "".join(parts).encode()

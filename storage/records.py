@@ -175,7 +175,11 @@ class ReconRun(Base):
     """One comparison of the ledger with the mirror over a period."""
 
     __tablename__ = "recon_run"
-    __table_args__ = (sa.Index(None, "connection_id", "started_at"),)
+    # started_at, id: the runs list pages newest first (keyset) over every connection.
+    __table_args__ = (
+        sa.Index(None, "connection_id", "started_at"),
+        sa.Index(None, "started_at", "id"),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     connection_id: Mapped[int] = mapped_column(sa.ForeignKey("venue_connection.id"))
@@ -270,7 +274,13 @@ class ExceptionEvent(Base):
     """One entry in an exception's history: what happened, who did it, and why."""
 
     __tablename__ = "exception_event"
-    __table_args__ = (sa.Index(None, "recon_exception_id", "at"),)
+    # recon_run_id, recon_exception_id, action: a run's exceptions in order of their id,
+    # read page by page (keyset) and counted from the index alone, however many events
+    # other runs wrote.
+    __table_args__ = (
+        sa.Index(None, "recon_exception_id", "at"),
+        sa.Index(None, "recon_run_id", "recon_exception_id", "action"),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     recon_exception_id: Mapped[int] = mapped_column(

@@ -132,11 +132,14 @@ REPORT_FORMAT_NAMES = ("csv", "xlsx", "html", "json")
 def report(cli: CliContext, run_id: int, fmt: str, output: Path | None) -> None:
     """Write the report of reconciliation run RUN: its totals and its exceptions.
 
-    Ages are counted to now. xlsx is binary: it goes to FILE, or to standard output
-    only when that is redirected. Exits 1 if no run has the id RUN.
+    Ages are counted to now. The report streams: its exceptions are read a batch at a
+    time, so memory does not grow with them. xlsx is binary: it goes to FILE, or to
+    standard output only when that is redirected. FILE is written beside itself first
+    and renamed once whole, so a failed report leaves no file that looks complete.
+    Exits 1 if no run has the id RUN.
     """
-    from reconciler.report import RunNotFound, load_run_report
-    from reconciler.report_formats import render_report
+    from reconciler.report import RunNotFound, open_run_report
+    from reconciler.report_formats import stream_report
     from storage.types import ID_MAX, utcnow
 
     if fmt == "xlsx" and output is None and sys.stdout.isatty():
@@ -145,18 +148,26 @@ def report(cli: CliContext, run_id: int, fmt: str, output: Path | None) -> None:
         raise click.ClickException(str(RunNotFound(run_id)))
     with open_sessions(cli, read_only=True) as sessions:
         try:
-            with sessions.begin() as session:
-                data = load_run_report(session, run_id, now=utcnow())
+            data = open_run_report(sessions, run_id, now=utcnow())
         except RunNotFound as exc:
             raise click.ClickException(str(exc)) from None
-    content = render_report(data, fmt)
-    if output is None:
-        click.echo(content, nl=False)  # bytes go to the binary stream as they are
-        return
-    try:
-        output.write_bytes(content)
-    except OSError as exc:  # a missing folder, no permission, a full disk
-        raise click.ClickException(f"cannot write {output}: {exc.strerror or exc}") from None
+        pieces = stream_report(data, fmt)
+        if output is None:
+            for piece in pieces:
+                click.echo(piece, nl=False)  # bytes go to the binary stream as they are
+            return
+        partial = output.with_name(f".{output.name}.part")
+        try:
+            with partial.open("wb") as target:
+                for piece in pieces:
+                    target.write(piece)
+            partial.replace(output)
+        except OSError as exc:  # a missing folder, no permission, a full disk
+            partial.unlink(missing_ok=True)
+            raise click.ClickException(f"cannot write {output}: {exc.strerror or exc}") from None
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
     click.echo(f"wrote the {fmt} report of run {run_id} to {output}", err=True)
 
 

@@ -1,28 +1,34 @@
 """The finance pages: runs, a run's report, an exception with its order's story.
 
-- ``/finance/``: the reconciliation runs, newest first (connection, period, trigger,
-  state, how many exceptions each found);
-- ``/finance/runs/<id>``: a run's totals per currency and category with their chart, the
-  exceptions it saw (filtered by category, state, aging bucket, currency, and a reference
-  search) and those it closed, and the report's downloads (every format of
-  :data:`reconciler.report_formats.REPORT_FORMATS`, at ``/finance/runs/<id>/report.<format>``);
+- ``/finance/``: the reconciliation runs, newest first, a page at a time (connection,
+  period, trigger, state, how many exceptions each found);
+- ``/finance/runs/<id>``: a run's totals per currency and category, its chart (an image
+  of its own, ``/finance/runs/<id>/chart.svg``: it counts every exception, the page only
+  one page of them), the exceptions it saw (filtered by category, state, aging bucket,
+  currency, and a reference search) or those it closed, a page at a time, and the
+  report's downloads (every format of :data:`reconciler.report_formats.REPORT_FORMATS`,
+  at ``/finance/runs/<id>/report.<format>``, streamed);
 - ``/finance/exceptions/<id>``: one exception, its history (who did what, when, with
   which note), the sale's ledger line and the venue order's full story
   (:func:`orders.story.order_story`: lines, wallets, every status change and where it
   came from), and the forms to resolve or accept it with a note, recorded under the
   signed-in user's name.
 
-Pages read through the app's read-only sessions; resolving writes in a transaction of
-its own. Customer names and e-mails are never shown: references identify an order.
+Lists page in SQL by keyset (:mod:`receiver.finance.paging`): a page after or before an
+id in the URL, never an offset, so the millionth row's page costs what the first's does,
+and each says "n of N", counted in SQL. Pages read through the app's read-only sessions;
+downloads read a batch per short transaction as they stream; resolving writes in a
+transaction of its own. Customer names and e-mails are never shown: references identify
+an order.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
 from decimal import Decimal
-from typing import Any
+from typing import Any, BinaryIO
 
 import sqlalchemy as sa
 from flask import (
@@ -37,35 +43,45 @@ from flask import (
     url_for,
 )
 from flask.typing import ResponseReturnValue
-from markupsafe import Markup
 from sqlalchemy.orm import Session
-from werkzeug.datastructures import MultiDict
 
 from orders.story import order_story
 from receiver.context import current_receiver
+from receiver.finance.paging import Cursor
+from receiver.finance.streaming import keep_alive
 from reconciler import report_formats
 from reconciler.categories import Category
 from reconciler.exceptions import (
     ExceptionNotFound,
     ExceptionNotOpen,
     NoteRequired,
+    RunsPage,
     TextRefused,
     accept,
-    list_runs,
+    count_runs,
     resolve,
+    runs_page,
 )
 from reconciler.report import (
     AGING_BUCKETS,
-    ExceptionRow,
+    DEFAULT_PAGE_SIZE,
+    PAGE_SIZES,
+    ExceptionFilter,
+    Listing,
     RunNotFound,
-    RunReport,
     TotalRow,
     aging_bucket,
-    load_run_report,
+    aging_counts,
+    count_exceptions,
+    exception_page,
+    load_run,
+    load_totals,
+    open_run_report,
 )
-from reconciler.report_formats import REPORT_FORMATS, money_text, render_report
+from reconciler.report_formats import REPORT_FORMATS, money_text, stream_report
+from reconciler.report_xlsx import write_xlsx
 from storage.models import LedgerLine, VenueConnection, VenueOrder
-from storage.records import ReconException, ReconTotal
+from storage.records import ExceptionState, ReconException, ReconTotal
 from storage.types import ID_MAX, utcnow
 
 bp = Blueprint("views", __name__)
@@ -96,117 +112,203 @@ def _utc(value: dt.datetime | None) -> str:
 REVIEW_ACTIONS = {"resolve": resolve, "accept": accept}
 """What a person can do with an exception from its page, by the form's ``action``."""
 EXCEPTION_CATEGORIES = [category.value for category in Category if category.is_exception]
-
-
-@dataclass(frozen=True)
-class ExceptionFilter:
-    """The filters of a run's exception list, as the query string gives them.
-
-    An empty field does not filter. ``search`` matches any part of the shop reference,
-    the venue's orderId or document number, or the subject key, in any case.
-    """
-
-    category: str = ""
-    state: str = ""
-    aging: str = ""
-    currency: str = ""
-    search: str = ""
-
-    @classmethod
-    def from_args(cls, args: MultiDict[str, str]) -> ExceptionFilter:
-        """The filter the query string ``args`` asks for."""
-        return cls(
-            category=args.get("category", "").strip(),
-            state=args.get("state", "").strip(),
-            aging=args.get("aging", "").strip(),
-            currency=args.get("currency", "").strip().upper(),
-            search=args.get("q", "").strip(),
-        )
-
-    @property
-    def active(self) -> bool:
-        """Whether any filter is set."""
-        return any((self.category, self.state, self.aging, self.currency, self.search))
-
-    def matches(self, row: ExceptionRow) -> bool:
-        """Whether ``row`` passes every filter set."""
-        if self.category and row.category.value != self.category:
-            return False
-        if self.state and row.state != self.state:
-            return False
-        if self.aging and row.aging_bucket != self.aging:
-            return False
-        if self.currency and (row.currency or "") != self.currency:
-            return False
-        if self.search:
-            wanted = self.search.casefold()
-            haystack = (
-                row.shop_reference,
-                row.order_id,
-                row.buy_from_order_reference,
-                row.subject_key,
-            )
-            if not any(wanted in value.casefold() for value in haystack if value):
-                return False
-        return True
+RUNS_PAGE_SIZE = 50
 
 
 @bp.route("/")
 def runs() -> ResponseReturnValue:
-    """The reconciliation runs, newest first; ``?connection=`` keeps one connection's."""
+    """The reconciliation runs, newest first, a page at a time; ``?connection=`` keeps one
+    connection's."""
     receiver = current_receiver()
     wanted = request.args.get("connection", "").strip()
+    cursor = Cursor.from_args(request.args, default_size=RUNS_PAGE_SIZE, ids="a run number")
     with receiver.read_sessions.begin() as session:
         names = dict(session.execute(sa.select(VenueConnection.id, VenueConnection.name)).all())
         connection_id = next((id_ for id_, name in names.items() if name == wanted), None)
         if wanted and connection_id is None:
-            found = []
+            found, total = RunsPage([], more_before=False, more_after=False), 0
         else:
-            found = list_runs(session, connection_id=connection_id, limit=100)
-        counts = _exception_counts(session, [run.id for run in found])
+            found = runs_page(
+                session,
+                connection_id=connection_id,
+                after=cursor.after,
+                before=cursor.before,
+                size=cursor.size,
+            )
+            total = count_runs(session, connection_id=connection_id)
+        counts = _exception_counts(session, [run.id for run in found.runs])
         rows = [
             {
                 "run": run,
                 "connection": names.get(run.connection_id, "?"),
                 "exceptions": counts.get(run.id, 0),
             }
-            for run in found
+            for run in found.runs
         ]
+    shown = cursor.shown(found.runs, more_before=found.more_before)
+    keep = {"connection": wanted} if wanted else {}
     return render_template(
-        "finance/runs.html", rows=rows, connections=sorted(names.values()), connection=wanted
+        "finance/runs.html",
+        rows=rows,
+        connections=sorted(names.values()),
+        connection=wanted,
+        total=total,
+        shown=shown,
+        previous=shown.previous_args(found.more_before, [run.id for run in found.runs], keep),
+        next=shown.next_args(found.more_after, [run.id for run in found.runs], keep),
+        first=shown.first_args(keep),
     )
 
 
 @bp.route("/runs/<int:run_id>")
 def run(run_id: int) -> ResponseReturnValue:
-    """A run's summary, its exceptions (filtered) and the ones it closed."""
-    report = _run_report(run_id)
+    """A run's summary, and a page of the exceptions it saw or closed (filtered)."""
+    _refuse_beyond_range(run_id, f"There is no reconciliation run {run_id}.")
     chosen = ExceptionFilter.from_args(request.args)
-    shown = [row for row in report.exceptions if chosen.matches(row)]
+    listing = _listing(request.args.get("list", ""))
+    newest_first = _newest_first(request.args.get("order", ""))
+    cursor = Cursor.from_args(
+        request.args, default_size=DEFAULT_PAGE_SIZE, ids="an exception number"
+    )
+    now = utcnow()
+    with current_receiver().read_sessions.begin() as session:
+        try:
+            info = load_run(session, run_id)
+        except RunNotFound:
+            abort(404, description=f"There is no reconciliation run {run_id}.")
+        totals = load_totals(session, run_id)
+        page = exception_page(
+            session,
+            run_id,
+            now=now,
+            listing=listing,
+            chosen=chosen,
+            after=cursor.after,
+            before=cursor.before,
+            newest_first=newest_first,
+            size=cursor.size,
+        )
+        seen = count_exceptions(session, run_id, now=now)
+        # Counted only when shown: a count of what a run closed walks its events.
+        closed = (
+            count_exceptions(session, run_id, now=now, listing=Listing.CLOSED)
+            if listing is Listing.CLOSED
+            else None
+        )
+        listed = seen if closed is None else closed
+        matching = (
+            count_exceptions(session, run_id, now=now, listing=listing, chosen=chosen)
+            if chosen.active
+            else listed
+        )
+    shown = cursor.shown(page.rows, more_before=page.more_before)
+    ids = [row.id for row in page.rows]
+    keep = {
+        **chosen.as_args(),
+        **({"list": listing.value} if listing is not Listing.SEEN else {}),
+        **({"order": "newest"} if newest_first else {}),
+    }
     return render_template(
         "finance/run.html",
-        report=report,
-        totals=_totals_by_currency(report.totals),
-        chart=_chart(report),
+        info=info,
+        totals=_totals_by_currency(totals),
+        has_chart=seen > 0,
         filter=chosen,
+        listing=listing.value,
+        newest_first=newest_first,
+        rows=page.rows,
         shown=shown,
-        options=_filter_options(report.exceptions),
+        matching=matching,
+        seen=seen,
+        closed=closed,
+        previous=shown.previous_args(page.more_before, ids, keep),
+        next=shown.next_args(page.more_after, ids, keep),
+        options=_filter_options(totals, chosen),
         formats=list(REPORT_FORMATS),
+        sizes=PAGE_SIZES,
+        size=cursor.size,
+        keep_args=keep,
     )
+
+
+@bp.route("/runs/<int:run_id>/chart.svg")
+def chart(run_id: int) -> ResponseReturnValue:
+    """The run's chart: the exceptions it saw per category, stacked by age, as an image.
+
+    Apart from the page because it counts every exception of the run (one pass in
+    SQL), where the page reads one page of them: the page shows at once, the chart as
+    soon as it is counted.
+    """
+    _refuse_beyond_range(run_id, f"There is no reconciliation run {run_id}.")
+    with current_receiver().read_sessions.begin() as session:
+        try:
+            load_run(session, run_id)
+        except RunNotFound:
+            abort(404, description=f"There is no reconciliation run {run_id}.")
+        counts = aging_counts(session, run_id, now=utcnow())
+    svg = report_formats.chart_svg(counts)
+    if svg is None:
+        abort(404, description=f"Reconciliation run {run_id} saw no exceptions to chart.")
+    return Response(str(svg), mimetype="image/svg+xml")
 
 
 @bp.route("/runs/<int:run_id>/report.<fmt>")
 def download(run_id: int, fmt: str) -> Response:
-    """The run's report as a file, in one of :data:`REPORT_FORMATS`."""
+    """The run's report as a file, in one of :data:`REPORT_FORMATS`, streamed.
+
+    CSV, JSON and HTML go out as they are written (chunked: no length is known before
+    the end). An XLSX archive is complete only once closed: it is written to a
+    temporary file first, then sent with its length. Either way the gunicorn worker is
+    told of the progress (:func:`receiver.finance.streaming.keep_alive`), so a long
+    report is not killed as a stuck request.
+    """
     if fmt not in REPORT_FORMATS:
         abort(404, description=f"Reports come as {', '.join(REPORT_FORMATS)}.")
-    report = _run_report(run_id)
-    body = render_report(report, fmt)
-    response = Response(body, mimetype=REPORT_FORMATS[fmt])
-    response.headers["Content-Disposition"] = (
-        f'attachment; filename="reconciliation-run-{run_id}.{fmt}"'
-    )
-    return response
+    _refuse_beyond_range(run_id, f"There is no reconciliation run {run_id}.")
+    try:
+        report = open_run_report(current_receiver().read_sessions, run_id, now=utcnow())
+    except RunNotFound:
+        abort(404, description=f"There is no reconciliation run {run_id}.")
+    headers = {"Content-Disposition": f'attachment; filename="reconciliation-run-{run_id}.{fmt}"'}
+    if fmt == "xlsx":
+        # Closed (and so removed) by _file_pieces once sent, or here on a failure.
+        spool = tempfile.TemporaryFile()  # noqa: SIM115
+        try:
+            write_xlsx(report, spool, progress=keep_alive)
+            size = spool.tell()
+            spool.seek(0)
+        except BaseException:
+            spool.close()
+            raise
+        body: Iterable[bytes] = _file_pieces(spool)
+        headers["Content-Length"] = str(size)
+    else:
+        body = stream_report(report, fmt, progress=keep_alive)
+    return Response(body, mimetype=REPORT_FORMATS[fmt], headers=headers)
+
+
+def _file_pieces(spool: BinaryIO, size: int = 64 * 1024) -> Iterator[bytes]:
+    """The file's bytes, a piece at a time; the file is closed (and gone) at the end."""
+    with spool:
+        while piece := spool.read(size):
+            yield piece
+            keep_alive()
+
+
+def _listing(value: str) -> Listing:
+    if value in ("", Listing.SEEN.value):
+        return Listing.SEEN
+    if value == Listing.CLOSED.value:
+        return Listing.CLOSED
+    abort(400, description=f"list is seen or closed, not {value!r}.")
+
+
+def _newest_first(value: str) -> bool:
+    if value in ("", "oldest"):
+        return False
+    if value == "newest":
+        return True
+    abort(400, description=f"order is oldest or newest, not {value!r}.")
 
 
 @bp.route("/exceptions/<int:exception_id>")
@@ -286,16 +388,6 @@ def _exception_page(
     return page, status
 
 
-def _run_report(run_id: int) -> RunReport:
-    """The report of run ``run_id``, or a 404 page."""
-    _refuse_beyond_range(run_id, f"There is no reconciliation run {run_id}.")
-    with current_receiver().read_sessions.begin() as session:
-        try:
-            return load_run_report(session, run_id, now=utcnow())
-        except RunNotFound:
-            abort(404, description=f"There is no reconciliation run {run_id}.")
-
-
 def _refuse_beyond_range(row_id: int, description: str) -> None:
     """A 404 page for an id no row can have (beyond a ``BIGINT``), before any query.
 
@@ -340,15 +432,20 @@ def _totals_by_currency(totals: Iterable[TotalRow]) -> list[dict[str, Any]]:
     ]
 
 
-def _filter_options(rows: Iterable[ExceptionRow]) -> dict[str, list[str]]:
-    listed = list(rows)
+def _filter_options(totals: Iterable[TotalRow], chosen: ExceptionFilter) -> dict[str, list[str]]:
+    """What each filter offers: the exception categories and currencies of the run's
+    totals (and the one chosen), every state and every age group."""
+    exceptional = [total for total in totals if total.category.is_exception]
+    categories = {total.category.value for total in exceptional}
+    if chosen.category in EXCEPTION_CATEGORIES:  # one the run has none of stays chosen
+        categories.add(chosen.category)
+    currencies = {total.currency for total in exceptional} | {chosen.currency} - {""}
+    order = {category.value: index for index, category in enumerate(Category)}
     return {
-        "category": sorted({row.category.value for row in listed}),
-        "state": sorted({row.state for row in listed}),
-        "aging": [
-            bucket for bucket in AGING_BUCKETS if any(r.aging_bucket == bucket for r in listed)
-        ],
-        "currency": sorted({row.currency for row in listed if row.currency}),
+        "category": sorted(categories, key=lambda value: order.get(value, len(order))),
+        "state": [state.value for state in ExceptionState],
+        "aging": list(AGING_BUCKETS),
+        "currency": sorted(currencies),
     }
 
 
@@ -382,8 +479,3 @@ def _safe_back(target: str | None) -> str | None:
     if target and target.startswith("/finance/") and not target.startswith("//"):
         return target
     return None
-
-
-def _chart(report: RunReport) -> Markup | None:
-    """The run's chart (exceptions per category, stacked by age), as the report draws it."""
-    return report_formats.chart_svg(report.exceptions)

@@ -274,3 +274,115 @@ def seed_run(sessions: sessionmaker[Session]) -> Seeded:
                 )
             )
         return Seeded(run.id, amount.id, gone.id)
+
+
+MANY_CATEGORIES = ("amount_mismatch", "missing_at_venue", "orphan")
+
+
+@dataclass(frozen=True)
+class Many:
+    """What :func:`seed_many` stored: the run and its exceptions' values by id."""
+
+    run_id: int
+    seen: dict[int, dict[str, Any]]  # id -> category, state, currency, first_seen_at, subject
+    closed: list[int]
+
+
+def seed_many(
+    sessions: sessionmaker[Session], count: int, *, closed: int = 0, runs: int = 0
+) -> Many:
+    """A finished run of ``venue-a`` that saw ``count`` exceptions and closed ``closed``,
+    with totals that agree (and ``runs`` other, empty runs before it), in bulk.
+
+    Exception ``i`` (from 0): category ``MANY_CATEGORIES[i % 3]``, currency EUR for even
+    ``i`` and USD for odd, first seen ``i % 40`` days ago, resolved when ``i % 7 == 0``
+    (open otherwise), subject ``ledger:p:REF-<i, five digits>``.
+    """
+    with sessions.begin() as session:
+        connection_id = ensure_connection(session, "venue-a")
+        for number in range(runs):
+            session.add(
+                ReconRun(
+                    connection_id=connection_id,
+                    started_at=NOW - dt.timedelta(days=runs + 1 - number),
+                    finished_at=NOW - dt.timedelta(days=runs + 1 - number),
+                    period_from=NOW - dt.timedelta(days=60),
+                    period_to=NOW,
+                    trigger=ReconTrigger.SCHEDULED,
+                    state=ReconRunState.FINISHED,
+                )
+            )
+        earlier = ReconRun(
+            connection_id=connection_id,
+            started_at=NOW - dt.timedelta(days=1, minutes=5),
+            finished_at=NOW - dt.timedelta(days=1),
+            period_from=NOW - dt.timedelta(days=60),
+            period_to=NOW,
+            trigger=ReconTrigger.SCHEDULED,
+            state=ReconRunState.FINISHED,
+        )
+        run = ReconRun(
+            connection_id=connection_id,
+            started_at=NOW - dt.timedelta(minutes=5),
+            finished_at=NOW - dt.timedelta(minutes=4),
+            period_from=NOW - dt.timedelta(days=60),
+            period_to=NOW,
+            trigger=ReconTrigger.MANUAL,
+            state=ReconRunState.FINISHED,
+            actor=USER,
+        )
+        session.add_all([earlier, run])
+        session.flush()
+        values: list[dict[str, Any]] = []
+        for index in range(count + closed):
+            gone = index >= count
+            values.append(
+                {
+                    "connection_id": connection_id,
+                    "category": MANY_CATEGORIES[index % 3],
+                    "subject_key": f"ledger:p:REF-{index:05d}",
+                    "currency": "EUR" if index % 2 == 0 else "USD",
+                    "ledger_amount": Decimal(100 + index),
+                    "venue_amount": Decimal(90 + index),
+                    "state": "closed" if gone else ("resolved" if index % 7 == 0 else "open"),
+                    "first_seen_run_id": earlier.id if gone else run.id,
+                    "last_seen_run_id": earlier.id if gone else run.id,
+                    "closed_run_id": run.id if gone else None,
+                    "first_seen_at": NOW - dt.timedelta(days=index % 40, minutes=1),
+                    "updated_at": NOW,
+                }
+            )
+        session.execute(sa.insert(ReconException), values)
+        rows = session.execute(
+            sa.select(ReconException.id, ReconException.subject_key).where(
+                ReconException.connection_id == connection_id,
+                ReconException.subject_key.like("ledger:p:REF-%"),
+            )
+        ).all()
+        ids = {subject: id_ for id_, subject in rows}
+        seen: dict[int, dict[str, Any]] = {}
+        closed_ids: list[int] = []
+        events = []
+        for index, value in enumerate(values):
+            exception_id = ids[value["subject_key"]]
+            if index >= count:
+                closed_ids.append(exception_id)
+                action = ExceptionAction.CLOSED
+            else:
+                seen[exception_id] = value
+                action = ExceptionAction.OPENED
+            events.append(
+                {"recon_exception_id": exception_id, "recon_run_id": run.id, "action": action,
+                 "at": NOW - dt.timedelta(minutes=4)}
+            )  # fmt: skip
+        session.execute(sa.insert(ExceptionEvent), events)
+        totals: dict[tuple[str, str], int] = {}
+        for value in seen.values():
+            key = (value["currency"], value["category"])
+            totals[key] = totals.get(key, 0) + 1
+        session.add_all(
+            ReconTotal(run=run, currency=currency, category=category, count=number,
+                       ledger_amount=Decimal(0), venue_amount=Decimal(0))
+            for (currency, category), number in totals.items()
+        )  # fmt: skip
+        return Many(run.id, seen, sorted(closed_ids))

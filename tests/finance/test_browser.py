@@ -16,6 +16,7 @@ from openpyxl import load_workbook
 from receiver.testing import served
 from tests.finance.conftest import PASSWORD, USER, seed_run
 
+DASH = "\u2013"  # between the first and last row a page shows
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 pytestmark = [
@@ -118,3 +119,55 @@ def test_finance_review_in_a_browser(browser_page, base_url, sessions):
     # The check above can fail: an inline style attribute is reported.
     with page.expect_console_message(lambda message: "csp-violation" in message.text):
         page.evaluate("document.body.setAttribute('style', 'color: red')")
+
+
+def test_paging_thousands_of_exceptions_in_a_browser(browser_page, base_url, sessions):
+    """A run of 3,000 exceptions: the page shows 100 of them, "1-100 of 3,000" (with an
+    en dash), Next and Previous walk by keyset, a filter narrows and recounts, the chart
+    image loads, and the content policy holds throughout."""
+    from tests.finance.conftest import seed_many
+
+    many = seed_many(sessions, 3000)
+    page = browser_page
+    page.add_init_script(REPORT_VIOLATIONS)
+    console: list[str] = []
+    page.on("console", lambda message: console.append(message.text))
+    page.goto(f"{base_url}/finance/sign-in")
+    page.fill("#name", USER)
+    page.fill("#password", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url("**/finance/")
+    page.goto(f"{base_url}/finance/runs/{many.run_id}?size=100")
+
+    def shown() -> tuple[str, list[int]]:
+        ids = page.locator("table.exceptions tbody tr td:first-child a").all_inner_texts()
+        return page.locator(".pager .count").inner_text().strip(), [int(i) for i in ids]
+
+    ordered = sorted(many.seen)
+    assert shown() == (f"1{DASH}100 of 3,000", ordered[:100])
+    page.click("a[rel=next]")
+    page.wait_for_url("**after=**")
+    assert shown() == (f"101{DASH}200 of 3,000", ordered[100:200])
+    page.click("a[rel=next]")
+    page.wait_for_url(f"**after={ordered[199]}**")
+    assert shown() == (f"201{DASH}300 of 3,000", ordered[200:300])
+    page.click("a[rel=prev]")
+    page.wait_for_url("**before=**")
+    assert shown() == (f"101{DASH}200 of 3,000", ordered[100:200])
+
+    page.select_option("select[name=state]", "resolved")
+    page.click("text=Filter")
+    page.wait_for_url("**state=resolved**")
+    resolved = sorted(i for i, value in many.seen.items() if value["state"] == "resolved")
+    count, ids = shown()
+    assert count == f"1{DASH}{min(len(resolved), 100)} of {len(resolved)} matching (3,000 in all)"
+    assert ids == resolved[:100]
+
+    chart = page.locator("img.chart")
+    chart.scroll_into_view_if_needed()
+    page.wait_for_function("document.querySelector('img.chart').complete")
+    assert chart.evaluate("image => image.naturalWidth") > 0, "the chart image loaded"
+    violations = [
+        text for text in console if "csp-violation" in text or "Content Security Policy" in text
+    ]
+    assert violations == []

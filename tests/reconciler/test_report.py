@@ -305,11 +305,11 @@ def test_load_reads_the_run_its_totals_and_the_exceptions_it_saw_and_closed(
 
     by_id = {row.id: row for row in report.exceptions}
     assert list(by_id) == [
+        built.ids["amount"],
         built.ids["missing"],
         built.ids["orphan"],
         built.ids["quantity"],
-        built.ids["amount"],
-    ], "in category order"
+    ], "in order of their id: oldest first"
     amount = by_id[built.ids["amount"]]
     assert (amount.shop_reference, amount.order_id, amount.buy_from_order_reference) == (
         "SHOP-1",
@@ -329,6 +329,12 @@ def test_load_reads_the_run_its_totals_and_the_exceptions_it_saw_and_closed(
     assert by_id[built.ids["quantity"]].difference == Decimal(0)
 
     assert [(row.id, row.state) for row in report.closed] == [(built.ids["closed"], "closed")]
+    assert report.aging == {
+        Category.AMOUNT_MISMATCH: {**dict.fromkeys(AGING_BUCKETS, 0), "over 30 days": 1},
+        Category.MISSING_AT_VENUE: {**dict.fromkeys(AGING_BUCKETS, 0), "2-7 days": 1},
+        Category.ORPHAN: {**dict.fromkeys(AGING_BUCKETS, 0), "0-1 days": 1},
+        Category.QUANTITY_MISMATCH: {**dict.fromkeys(AGING_BUCKETS, 0), "8-30 days": 1},
+    }
 
 
 def test_load_of_an_unknown_run_raises_run_not_found(
@@ -348,7 +354,7 @@ def test_an_earlier_run_reports_what_it_saw_then(
     assert {row.id for row in report.exceptions} == {
         built.ids[name] for name in ("amount", "quantity", "closed", "elsewhere")
     }
-    assert report.totals == [] and report.closed == []
+    assert report.totals == [] and list(report.closed) == [] and not report.closed
 
 
 @pytest.mark.parametrize(
@@ -389,6 +395,9 @@ def test_csv_is_the_exception_table_with_defused_formulas(
         "aging_bucket", "details",
     ]  # fmt: skip
     assert rows[1:] == [
+        [str(built.ids["amount"]), "seen", "amount_mismatch", "Amount differs", "open",
+         "SHOP-1", "SHOP-1", built.order_ids["amount"], "V-1", "DKK", "1200.00", "1180.00",
+         "-20.00", "2024-05-21 12:00:00", "40", "over 30 days", ""],
         [str(built.ids["missing"]), "seen", "missing_at_venue", "Missing at the venue", "open",
          XSS.upper(), XSS, "", "", "EUR", "99.50", "", "", "2024-06-27 12:00:00", "3",
          "2-7 days", ""],
@@ -399,12 +408,10 @@ def test_csv_is_the_exception_table_with_defused_formulas(
          "open", "SHOP-4", "SHOP-4", "0b8f2f8e-4444-4c7e-9d55-3f1e2a9b0004", "V-4", "JPY",
          "1500", "1500", "0", "2024-06-20 12:00:00", "10", "8-30 days",
          '{"ledger_quantity": 2, "venue_quantity": 3}'],
-        [str(built.ids["amount"]), "seen", "amount_mismatch", "Amount differs", "open",
-         "SHOP-1", "SHOP-1", built.order_ids["amount"], "V-1", "DKK", "1200.00", "1180.00",
-         "-20.00", "2024-05-21 12:00:00", "40", "over 30 days", ""],
         [str(built.ids["closed"]), "closed", "stuck_in_flight", "Stuck in flight", "closed",
          "SHOP-5", "SHOP-5", "", "", "DKK", "10.00", "", "", "2024-05-21 12:00:00", "40",
          "over 30 days", ""],
+        ["# end of report: 5 rows"],
     ]  # fmt: skip
 
 
@@ -562,9 +569,9 @@ def test_json_holds_the_same_data_with_amounts_as_strings(
     }
     assert data["aging_buckets"] == list(AGING_BUCKETS)
     assert [row["id"] for row in data["exceptions"]] == [
-        built.ids[name] for name in ("missing", "orphan", "quantity", "amount")
+        built.ids[name] for name in ("amount", "missing", "orphan", "quantity")
     ]
-    assert data["exceptions"][3] == {
+    assert data["exceptions"][0] == {
         "id": built.ids["amount"],
         "category": "amount_mismatch",
         "category_label": "Amount differs",
@@ -582,7 +589,7 @@ def test_json_holds_the_same_data_with_amounts_as_strings(
         "age_days": 40,
         "aging_bucket": "over 30 days",
     }
-    assert data["exceptions"][1]["shop_reference"] == FORMULA, "JSON is not for spreadsheets"
+    assert data["exceptions"][2]["shop_reference"] == FORMULA, "JSON is not for spreadsheets"
     assert [row["id"] for row in data["closed"]] == [built.ids["closed"]]
 
 
@@ -622,18 +629,18 @@ def test_xlsx_has_a_summary_and_an_exception_sheet_with_real_numbers_and_dates(
     assert all(cell.font.b for cell in sheet[1])
     rows = [[c.value for c in row] for row in sheet.iter_rows(min_row=2)]
     assert [row[0] for row in rows] == [
-        built.ids[name] for name in ("missing", "orphan", "quantity", "amount", "closed")
+        built.ids[name] for name in ("amount", "missing", "orphan", "quantity", "closed")
     ]
-    amount = rows[3]
+    amount = rows[0]
     assert amount[:10] == [
         built.ids["amount"], "seen", "Amount differs", "amount_mismatch", "open", "SHOP-1",
         "SHOP-1", built.order_ids["amount"], "V-1", "DKK",
     ]  # fmt: skip
     assert amount[10:16] == [1200, 1180, -20, dt.datetime(2024, 5, 21, 12), 40, "over 30 days"]
-    assert sheet.cell(row=5, column=14).is_date
-    orphan = sheet.cell(row=3, column=7)
+    assert sheet.cell(row=2, column=14).is_date
+    orphan = sheet.cell(row=4, column=7)
     assert (orphan.value, orphan.data_type) == (FORMULA, "s"), "a reference, not a formula"
-    assert rows[1][16] == '{"status": "Issued"}'
+    assert rows[2][16] == '{"status": "Issued"}'
     assert rows[4][1] == "closed"
     for worksheet in book.worksheets:
         for row in worksheet.iter_rows(values_only=True):
@@ -686,11 +693,14 @@ def test_a_run_without_exceptions_renders_every_format(
         run_id = run.id
     with sessions() as session:
         report = load_run_report(session, run_id, now=NOW)
-    assert report.exceptions == report.closed == report.totals == []
+    assert list(report.exceptions) == list(report.closed) == report.totals == []
+    assert report.aging == {}
     page = render_report(report, "html").decode()
     assert "<svg" not in page and "This run saw no exceptions." in page
     assert "database went away" in page
-    assert render_report(report, "csv").decode("utf-8-sig").count("\r\n") == 1
+    assert render_report(report, "csv").decode("utf-8-sig").splitlines()[1:] == [
+        '"# end of report: 0 rows"'
+    ]
     assert json.loads(render_report(report, "json"))["run"]["error"] == "database went away"
     book = load_workbook(io.BytesIO(render_report(report, "xlsx")))
     assert book["Exceptions"].max_row == 1
@@ -757,3 +767,25 @@ def test_report_command_of_an_unknown_run_exits_1(built: Built, database_url: st
     assert code == 1
     assert out == b""
     assert "no reconciliation run 999" in err
+
+
+def test_report_command_cut_short_leaves_no_file(
+    built: Built, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A report that fails part-way leaves no file at -o FILE (nor its part), and exits
+    non-zero: nothing that looks like a whole report."""
+    from reconciler import report_formats
+
+    def broken(report: object, fmt: str, progress: object = None) -> object:
+        yield b'"id","in_this_run"\r\n'
+        raise RuntimeError("connection lost")
+
+    monkeypatch.setattr(report_formats, "stream_report", broken)
+    target = tmp_path / "run.csv"
+    result = CliRunner().invoke(
+        main, ["report", str(built.run_id), "-o", str(target)],
+        env={"OTACM_DATABASE_URL": database_url},
+    )  # fmt: skip
+    assert result.exit_code != 0
+    assert not target.exists()
+    assert not (tmp_path / ".run.csv.part").exists()
