@@ -249,7 +249,8 @@ def _stream_csv(report: RunReport, progress: Callable[[], None]) -> Iterator[byt
     yield out.getvalue().encode()
 
 
-def _json_row(row: ExceptionRow) -> dict[str, Any]:
+def exception_json(row: ExceptionRow) -> dict[str, Any]:
+    """One exception as the JSON report and ``otacm exceptions list --json`` write it."""
     return {
         "id": row.id,
         "category": str(row.category),
@@ -312,7 +313,7 @@ def _stream_json(report: RunReport, progress: Callable[[], None]) -> Iterator[by
         parts.append(f',\n  "{name}": [')
         separator = "\n    "
         for row in _ticking(rows, progress):
-            text = json.dumps(_json_row(row), ensure_ascii=False)
+            text = json.dumps(exception_json(row), ensure_ascii=False)
             parts.append(separator + text)
             separator = ",\n    "
             size += len(text)

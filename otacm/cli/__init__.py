@@ -18,9 +18,10 @@ lives in :mod:`otacm.cli.context`, below all of them, so every import points one
 - :mod:`otacm.cli.roles`: the processes ``web``, ``worker``, ``scheduler``, ``serve``;
   ``poll`` and ``health``.
 - :mod:`otacm.cli.orders`: ``submit``, ``subscribe``, ``orders show``, ``replace``,
-  ``cancel``, ``errors``, and ``inbox replay``.
-- :mod:`otacm.cli.finance`: ``ledger import``, ``reconcile``, ``report``,
-  ``exceptions``, and the finance pages' users (``finance``).
+  ``cancel``, ``errors``, and ``inbox list`` and ``replay``.
+- :mod:`otacm.cli.finance`: ``ledger import``, ``reconcile``, ``report``, ``runs list``,
+  ``exceptions list``, ``resolve`` and ``accept``, and the finance pages' users
+  (``finance``).
 - :mod:`otacm.cli.privacy`: ``privacy erase``.
 
 ``sandbox`` comes from :mod:`sandbox.cli`, the simulated venue's own package.
@@ -116,6 +117,7 @@ for _command in (
     finance.finance,
     finance.reconcile_command,
     finance.exceptions,
+    finance.runs,
     privacy.privacy,
 ):
     main.add_command(_command)

@@ -369,8 +369,176 @@ def reconcile_command(
 
 
 @click.group()
+def runs() -> None:
+    """Reconciliation runs: list them."""
+
+
+def _connection_id(cli: CliContext, session: Any, name: str | None) -> int | None:
+    """The stored id of connection ``name`` (None: every connection; -1: none stored)."""
+    import sqlalchemy as sa
+
+    from storage.models import VenueConnection
+
+    if name is None:
+        return None
+    try:
+        cli.settings.connection(name)
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+    found = session.scalar(sa.select(VenueConnection.id).where(VenueConnection.name == name))
+    return -1 if found is None else int(found)
+
+
+@runs.command("list")
+@click.option("--connection", default=None, help="Only this venue connection's runs.")
+@click.option(
+    "--limit", type=click.IntRange(1, 1000), default=20, show_default=True, help="Runs shown."
+)
+@click.option("--after", type=click.IntRange(1), default=None, help="Runs older than this one.")
+@click.option("--json", "as_json", is_flag=True, help="Print the runs as JSON.")
+@pass_cli
+def runs_list(
+    cli: CliContext, connection: str | None, limit: int, after: int | None, as_json: bool
+) -> None:
+    """List reconciliation runs, newest first: period, trigger, state, and how many of
+    all there are; --after ID pages on from a listed run."""
+    from reconciler.exceptions import count_runs, runs_page
+    from storage.models import VenueConnection
+    from storage.types import ID_MAX
+
+    with open_sessions(cli) as sessions, sessions() as session:
+        connection_id = _connection_id(cli, session, connection)
+        if after is not None and after > ID_MAX:
+            raise click.ClickException(f"--after {after}: no run has that id")
+        page = runs_page(session, connection_id=connection_id, after=after, size=limit)
+        total = count_runs(session, connection_id)
+        names = {c.id: c.name for c in session.query(VenueConnection)}
+    listed: list[dict[str, Any]] = [
+        {
+            "id": run.id,
+            "connection": names.get(run.connection_id, "?"),
+            "period_from": run.period_from.isoformat(),
+            "period_to": run.period_to.isoformat(),
+            "started_at": run.started_at.isoformat(),
+            "finished_at": None if run.finished_at is None else run.finished_at.isoformat(),
+            "trigger": str(run.trigger),
+            "actor": run.actor,
+            "state": str(run.state),
+            "error": run.error,
+        }
+        for run in page.runs
+    ]
+    if as_json:
+        echo_json({"runs": listed, "total": total, "more": page.more_after})
+        return
+    for entry in listed:
+        click.echo(
+            f"{entry['id']}  {entry['connection']}  {entry['period_from'][:10]} to "
+            f"{entry['period_to'][:10]}  {entry['trigger']}  {entry['state']}  "
+            f"started {entry['started_at'][:19]}"
+            + (f"  {entry['error']}" if entry["error"] else "")
+        )
+    click.echo(
+        f"{len(listed)} of {total} run(s)"
+        + (f"; more: --after {listed[-1]['id']}" if page.more_after else "")
+    )
+
+
+@click.group()
 def exceptions() -> None:
     """Reconciliation exceptions: resolve or accept them, with a note."""
+
+
+@exceptions.command("list")
+@click.option(
+    "--run", "run_id", type=click.IntRange(1), default=None, help="The run (default: the latest)."
+)
+@click.option("--state", default=None, help="Only exceptions in this state (open, resolved...).")
+@click.option("--category", default=None, help="Only exceptions of this category.")
+@click.option("--closed", is_flag=True, help="The exceptions the run closed, not those it saw.")
+@click.option(
+    "--limit", type=click.IntRange(1, 1000), default=50, show_default=True, help="Rows shown."
+)
+@click.option("--after", type=click.IntRange(1), default=None, help="Exceptions after this id.")
+@click.option("--json", "as_json", is_flag=True, help="Print the exceptions as JSON.")
+@pass_cli
+def exceptions_list(
+    cli: CliContext,
+    run_id: int | None,
+    state: str | None,
+    category: str | None,
+    closed: bool,
+    limit: int,
+    after: int | None,
+    as_json: bool,
+) -> None:
+    """List a reconciliation run's exceptions (the latest run's by default), oldest
+    first, filtered by state or category, with "n of N"; --after ID pages on."""
+    import sqlalchemy as sa
+
+    from reconciler.categories import Category
+    from reconciler.report import Listing, RunNotFound, count_exceptions, exception_page, load_run
+    from reconciler.report_filter import ExceptionFilter
+    from reconciler.report_formats import exception_json
+    from storage.records import ExceptionState, ReconRun
+    from storage.types import ID_MAX, utcnow
+
+    if state is not None and state not in {s.value for s in ExceptionState}:
+        known = ", ".join(s.value for s in ExceptionState)
+        raise click.ClickException(f"--state {state!r}: one of {known}")
+    if category is not None and category not in {c.value for c in Category}:
+        known = ", ".join(c.value for c in Category)
+        raise click.ClickException(f"--category {category!r}: one of {known}")
+    chosen = ExceptionFilter(category=category or "", state=state or "")
+    listing = Listing.CLOSED if closed else Listing.SEEN
+    now = utcnow()
+    with open_sessions(cli) as sessions, sessions() as session:
+        if run_id is None:
+            run_id = session.scalar(
+                sa.select(ReconRun.id).order_by(ReconRun.started_at.desc(), ReconRun.id.desc())
+            )
+            if run_id is None:
+                raise click.ClickException("no reconciliation run yet: run `otacm reconcile`")
+        try:
+            if run_id > ID_MAX:
+                raise RunNotFound(run_id)
+            run = load_run(session, run_id)
+        except RunNotFound as exc:
+            raise click.ClickException(str(exc)) from None
+        page = exception_page(
+            session,
+            run_id,
+            now=now,
+            listing=listing,
+            chosen=chosen,
+            after=None if after is None else min(after, ID_MAX),
+            size=limit,
+            look_back=False,
+        )
+        total = count_exceptions(session, run_id, now=now, listing=listing, chosen=chosen)
+    if as_json:
+        echo_json(
+            {
+                "run": run.id,
+                "connection": run.connection,
+                "exceptions": [exception_json(row) for row in page.rows],
+                "total": total,
+                "more": page.more_after,
+            }
+        )
+        return
+    for row in page.rows:
+        reference = row.shop_reference or row.order_id or row.subject_key
+        click.echo(
+            f"{row.id}  {row.category}  {row.state}  {reference}  "
+            f"{row.currency or ''} ledger {row.ledger_amount} venue {row.venue_amount}  "
+            f"{row.age_days} day(s)"
+        )
+    more = f"; more: --after {page.rows[-1].id}" if page.more_after and page.rows else ""
+    what = "closed by" if closed else "seen by"
+    click.echo(
+        f"{len(page.rows)} of {total} exception(s) {what} run {run.id} ({run.connection}){more}"
+    )
 
 
 def _exception_action(

@@ -134,6 +134,31 @@ class Inputs:
             args.append("--json")
         return args
 
+    def runs_list(self) -> list[str]:
+        args = ["runs", "list"]
+        for option in ("--after", "--limit"):
+            if self.rng.random() < 0.5:
+                args += [option, self.pick(HOSTILE_IDS)]
+        if self.rng.random() < 0.3:
+            args += ["--connection", self.pick(HOSTILE_TEXTS)]
+        if self.rng.random() < 0.5:
+            args.append("--json")
+        return args
+
+    def exceptions_list(self) -> list[str]:
+        args = ["exceptions", "list"]
+        for option in ("--run", "--after", "--limit"):
+            if self.rng.random() < 0.5:
+                args += [option, self.pick(HOSTILE_IDS)]
+        for option in ("--state", "--category"):
+            if self.rng.random() < 0.4:
+                args += [option, self.pick([*HOSTILE_TEXTS, "open", "orphan"])]
+        if self.rng.random() < 0.3:
+            args.append("--closed")
+        if self.rng.random() < 0.5:
+            args.append("--json")
+        return args
+
     def reconcile(self) -> list[str]:
         args = ["reconcile"]
         if self.rng.random() < 0.7:
@@ -239,6 +264,8 @@ COMMANDS: dict[str, Callable[[Inputs], list[str]]] = {
     "exceptions": Inputs.exception_action,
     "inbox replay": Inputs.inbox_replay,
     "inbox list": Inputs.inbox_list,
+    "runs list": Inputs.runs_list,
+    "exceptions list": Inputs.exceptions_list,
     "reconcile": Inputs.reconcile,
     "ledger import": Inputs.ledger_import,
     "submit": Inputs.submit,
@@ -422,6 +449,8 @@ UNMIGRATED_CASES: list[tuple[str, ...]] = [
     ("exceptions", "resolve", "1", "--note", "x"),
     ("inbox", "replay"),
     ("inbox", "list"),
+    ("runs", "list"),
+    ("exceptions", "list", "--run", "1"),
 ]
 
 

@@ -789,3 +789,51 @@ def test_report_command_cut_short_leaves_no_file(
     assert result.exit_code != 0
     assert not target.exists()
     assert not (tmp_path / ".run.csv.part").exists()
+
+
+def test_runs_list_newest_first_with_its_count(built: Built, database_url: str) -> None:
+    """`otacm runs list`: the newest run first, "n of N", paging with --after, JSON."""
+    code, out, _ = run_cli(["runs", "list"], database_url)
+    assert code == 0
+    lines = out.decode().splitlines()
+    assert [line.split()[0] for line in lines[:-1]] == [
+        str(built.run_id),
+        str(built.earlier_run_id),
+    ]
+    assert lines[-1] == "2 of 2 run(s)"
+    code, out, _ = run_cli(["runs", "list", "--limit", "1", "--json"], database_url)
+    listed = json.loads(out)
+    assert ([r["id"] for r in listed["runs"]], listed["total"], listed["more"]) == (
+        [built.run_id],
+        2,
+        True,
+    )
+    code, out, _ = run_cli(["runs", "list", "--after", str(built.run_id)], database_url)
+    assert out.decode().splitlines()[0].split()[0] == str(built.earlier_run_id)
+
+
+def test_exceptions_list_of_a_run_filters_and_pages(built: Built, database_url: str) -> None:
+    """`otacm exceptions list`: the latest run's by default, oldest first, with filters,
+    --closed, paging and "n of N"; a bad state or an unknown run is one line, exit 1."""
+    code, out, _ = run_cli(["exceptions", "list"], database_url)
+    assert code == 0
+    lines = out.decode().splitlines()
+    seen = sorted(built.ids[name] for name in ("amount", "missing", "orphan", "quantity"))
+    assert [int(line.split()[0]) for line in lines[:-1]] == seen
+    assert lines[-1] == f"4 of 4 exception(s) seen by run {built.run_id} (shop-dk)"
+    code, out, _ = run_cli(["exceptions", "list", "--category", "orphan", "--json"], database_url)
+    listed = json.loads(out)
+    assert [row["id"] for row in listed["exceptions"]] == [built.ids["orphan"]]
+    assert listed["total"] == 1
+    code, out, _ = run_cli(["exceptions", "list", "--limit", "2"], database_url)
+    assert out.decode().splitlines()[-1].endswith(f"; more: --after {seen[1]}")
+    code, out, _ = run_cli(["exceptions", "list", "--after", str(seen[1])], database_url)
+    assert [int(line.split()[0]) for line in out.decode().splitlines()[:-1]] == seen[2:]
+    code, out, _ = run_cli(["exceptions", "list", "--closed"], database_url)
+    assert [int(line.split()[0]) for line in out.decode().splitlines()[:-1]] == [
+        built.ids["closed"]
+    ]
+    code, _, err = run_cli(["exceptions", "list", "--state", "gone"], database_url)
+    assert (code, "--state 'gone': one of open" in err) == (1, True)
+    code, _, err = run_cli(["exceptions", "list", "--run", "999"], database_url)
+    assert (code, "no reconciliation run 999" in err) == (1, True)
