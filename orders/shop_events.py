@@ -106,7 +106,10 @@ def record_order_event(
         sa.select(sa.func.max(ShopEvent.order_seq)).where(ShopEvent.venue_order_id == order.id)
     )
     connection = _connection_name(session, order.connection_id)
-    payload = shop_order(order, connection).model_dump(mode="json", by_alias=True)
+    # This change is the order's latest: the commit stamps ``changed_at`` only after the
+    # payload is built, so the payload says it, not the change before.
+    view = shop_order(order, connection).model_copy(update={"changed_at": now})
+    payload = view.model_dump(mode="json", by_alias=True)
     return _record(
         session,
         connection_id=order.connection_id,

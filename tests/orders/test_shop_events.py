@@ -232,6 +232,9 @@ def test_an_order_entering_a_status_the_shop_is_told_of_records_one_event_per_ch
     assert [step["status"] for step in issued_payload["timeline"]] == ["Submitted", "Issued"]
     assert issued_payload["removedAt"] is None
     assert removed_payload["removedAt"] is not None
+    # Each payload says when this change was made, not the one before it.
+    assert dt.datetime.fromisoformat(issued_payload["changedAt"]) == T0 + MINUTE
+    assert dt.datetime.fromisoformat(removed_payload["changedAt"]) == T0 + 3 * MINUTE
     assert sorted((d.endpoint, d.order_seq, d.state) for d in deliveries(sessions)) == [
         ("crm", 1, DeliveryState.PENDING),
         ("crm", 2, DeliveryState.PENDING),
