@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from decimal import Decimal
 
 import sqlalchemy as sa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 from sqlalchemy.orm import Session, selectinload
 
@@ -45,7 +45,11 @@ PAGE_SIZE_MAX = 500
 
 
 class _Shop(BaseModel):
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, frozen=True)
+    # from_attributes: lines, wallets and assets are read straight from the mirror's rows,
+    # whose columns have these fields' names.
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, frozen=True, from_attributes=True
+    )
 
 
 class ShopAsset(_Shop):
@@ -90,6 +94,12 @@ class ShopItem(_Shop):
     visit_time: str | None = Field(
         pattern=r"^\d{2}:\d{2}:\d{2}$", description="The venue's local time, HH:MM:SS."
     )
+
+    @field_validator("visit_time", mode="before")
+    @classmethod
+    def _time_text(cls, value: object) -> object:
+        return value.isoformat("seconds") if isinstance(value, dt.time) else value
+
     wallets: list[ShopWallet]
 
 
@@ -248,47 +258,9 @@ def shop_order(order: VenueOrder, connection: str) -> ShopOrder:
         payment_reference=order.payment_reference,
         job_id=order.job_id,
         manifest_url=order.manifest_url,
-        items=[_item(item) for item in order.items],
+        items=[ShopItem.model_validate(item) for item in order.items],
         timeline=[_step(change) for change in order.status_changes],
         changed_at=order.changed_at,
-    )
-
-
-def _item(item: OrderItem) -> ShopItem:
-    return ShopItem(
-        line_no=item.line_no,
-        item_number=item.item_number,
-        description=item.description,
-        is_package=item.is_package,
-        quantity=item.quantity,
-        visit_date=item.visit_date,
-        visit_time=None if item.visit_time is None else item.visit_time.isoformat("seconds"),
-        wallets=[_wallet(wallet) for wallet in item.wallets],
-    )
-
-
-def _wallet(wallet: Wallet) -> ShopWallet:
-    return ShopWallet(
-        seq_no=wallet.seq_no,
-        wallet_id=wallet.wallet_id,
-        wallet_reference_number=wallet.wallet_reference_number,
-        external_reference_number=wallet.external_reference_number,
-        name=wallet.name,
-        issued_at=wallet.issued_at,
-        unit_price_excl_vat=wallet.unit_price_excl_vat,
-        unit_price_incl_vat=wallet.unit_price_incl_vat,
-        currency_code=wallet.currency_code,
-        manifest_url=wallet.manifest_url,
-        assets=[
-            ShopAsset(
-                type=asset.type,
-                asset_id=asset.asset_id,
-                reference_number=asset.reference_number,
-                item_number=asset.item_number,
-                description=asset.description,
-            )
-            for asset in wallet.assets
-        ],
     )
 
 
