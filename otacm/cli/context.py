@@ -145,6 +145,30 @@ def open_sessions(cli: CliContext, *, read_only: bool = False) -> Iterator[sessi
         yield sessions
 
 
+def stored_connection_id(cli: CliContext, session: Session, name: str | None) -> int | None:
+    """The stored id of the configured venue connection ``name``, for a list's filter.
+
+    Returns:
+        None when no name is given (every connection); -1 for a configured connection
+        nothing is stored for yet (it matches no row).
+
+    Raises:
+        click.ClickException: no configured connection has that name.
+    """
+    import sqlalchemy as sa
+
+    from storage.models import VenueConnection
+
+    if name is None:
+        return None
+    try:
+        cli.settings.connection(name)
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+    found = session.scalar(sa.select(VenueConnection.id).where(VenueConnection.name == name))
+    return -1 if found is None else int(found)
+
+
 def fail(cli: CliContext, message: str) -> NoReturn:
     """End the command with ``message``: click's ``Error:`` line, or, when the logs are
     JSON, a log record, so that a role's standard error stays one JSON object per line.

@@ -17,6 +17,7 @@ from otacm.cli.context import (
     echo_json,
     open_sessions,
     pass_cli,
+    stored_connection_id,
 )
 from venue.connection import SettingsError
 
@@ -373,22 +374,6 @@ def runs() -> None:
     """Reconciliation runs: list them."""
 
 
-def _connection_id(cli: CliContext, session: Any, name: str | None) -> int | None:
-    """The stored id of connection ``name`` (None: every connection; -1: none stored)."""
-    import sqlalchemy as sa
-
-    from storage.models import VenueConnection
-
-    if name is None:
-        return None
-    try:
-        cli.settings.connection(name)
-    except SettingsError as exc:
-        raise click.ClickException(str(exc)) from None
-    found = session.scalar(sa.select(VenueConnection.id).where(VenueConnection.name == name))
-    return -1 if found is None else int(found)
-
-
 @runs.command("list")
 @click.option("--connection", default=None, help="Only this venue connection's runs.")
 @click.option(
@@ -407,7 +392,7 @@ def runs_list(
     from storage.types import ID_MAX
 
     with open_sessions(cli) as sessions, sessions() as session:
-        connection_id = _connection_id(cli, session, connection)
+        connection_id = stored_connection_id(cli, session, connection)
         if after is not None and after > ID_MAX:
             raise click.ClickException(f"--after {after}: no run has that id")
         page = runs_page(session, connection_id=connection_id, after=after, size=limit)

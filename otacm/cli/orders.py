@@ -16,6 +16,7 @@ from otacm.cli.context import (
     echo_json,
     open_sessions,
     pass_cli,
+    stored_connection_id,
 )
 from venue.connection import SettingsError
 
@@ -370,16 +371,11 @@ def inbox_list(
     wanted = InboxState.DEAD if dead else (InboxState(state) if state else None)
     if dead and state not in (None, "dead"):
         raise click.ClickException("--dead and --state name different states")
-    if connection is not None:
-        try:
-            cli.settings.connection(connection)
-        except SettingsError as exc:
-            raise click.ClickException(str(exc)) from None
     with open_sessions(cli) as sessions, sessions() as session:
+        connection_id = stored_connection_id(cli, session, connection)
         names = {c.id: c.name for c in session.scalars(sa.select(VenueConnection))}
-        connection_id = next((i for i, n in names.items() if n == connection), None)
         total: int | None = None
-        if connection is not None and connection_id is None:
+        if connection_id == -1:
             rows = []  # configured, but nothing stored for it yet
         else:
             after = None
