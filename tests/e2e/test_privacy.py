@@ -42,6 +42,8 @@ ERASABLE = {
     # lose the link to them.
     "inbox": "all",
     "status_change": {"inbox_id"},
+    # An event for the shop carries the order as it was, holders' names included.
+    "shop_event": {"payload"},
     "privacy_erasure": "all",
     # Reconciliation runs are compared by what they find (:func:`reconciled`).
     "recon_run": "all",
