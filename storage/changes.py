@@ -135,7 +135,7 @@ def next_change_number(session: Session) -> int:
     )
     seq = session.execute(bump, execution_options={"synchronize_session": False}).scalar()
     if seq is None:
-        # A database made before the counter's row existed: create it, once, then bump.
+        # The first numbered commit of this database: create the row, once, then bump.
         insert = (
             postgresql.insert(ChangeCounter)
             if session.get_bind().dialect.name == "postgresql"

@@ -72,6 +72,17 @@ def test_each_commit_numbers_the_orders_it_changed(
     assert changed_at is not None
 
 
+def test_a_new_database_has_no_counter_row_until_a_commit_needs_it(
+    sessions: sessionmaker[Session], connection_id: int
+) -> None:
+    """A migrated database holds no row of the counter (``otacm db restore`` takes only a
+    bare schema); the first numbered commit creates it."""
+    with sessions() as session:
+        assert session.scalars(sa.select(ChangeCounter)).all() == []
+    store(sessions, connection_id, order())
+    assert counter(sessions) == 1
+
+
 def test_a_rolled_back_change_numbers_nothing(
     sessions: sessionmaker[Session], connection_id: int
 ) -> None:
@@ -93,6 +104,7 @@ def test_a_savepoint_rolled_back_keeps_the_changes_before_it(
     sessions: sessionmaker[Session], connection_id: int
 ) -> None:
     """An order stored, then a savepoint that failed: the order is numbered at commit."""
+    store(sessions, connection_id, order(order_id=OTHER_ORDER_ID, reference="SHOP-1002"))
     with sessions.begin() as session:
         upsert_order(session, connection_id, order(), source=ChangeSource.WEBHOOK, observed_at=T0)
         try:
@@ -101,7 +113,7 @@ def test_a_savepoint_rolled_back_keeps_the_changes_before_it(
                 session.flush()
         except sa.exc.IntegrityError:
             pass
-    assert numbers(sessions) == {ORDER_ID: 1}
+    assert numbers(sessions) == {OTHER_ORDER_ID: 1, ORDER_ID: 2}
 
 
 def test_numbers_follow_commit_order_not_start_order(

@@ -2,8 +2,9 @@
 
 ``venue_order`` gains ``change_seq`` (0 for the orders already stored: they come first in
 the feed) and ``changed_at``, with an index on ``(change_seq, id)`` that the shop's
-keyset paging reads; ``change_counter`` holds the counter that numbers the commits, its
-row ``mirror`` created at 0 (``storage.changes``). The downgrade drops them.
+keyset paging reads; ``change_counter`` holds the counter that numbers the commits (its
+row ``mirror`` is made by the first commit that needs it, so a new database stays
+empty: ``otacm db restore`` takes a bare schema only). The downgrade drops them.
 
 Revision ID: 0017
 Revises: 0016
@@ -33,13 +34,12 @@ def upgrade() -> None:
         )
         batch.add_column(sa.Column("changed_at", UTCDateTime(), nullable=True))
     op.create_index("ix_venue_order_change", "venue_order", ["change_seq", "id"])
-    counter = op.create_table(
+    op.create_table(
         "change_counter",
         sa.Column("name", sa.String(32), nullable=False),
         sa.Column("value", sa.BigInteger(), nullable=False),
         sa.PrimaryKeyConstraint("name", name=op.f("pk_change_counter")),
     )
-    op.bulk_insert(counter, [{"name": "mirror", "value": 0}])
 
 
 def downgrade() -> None:
