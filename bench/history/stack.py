@@ -373,17 +373,34 @@ def run_command(
             stderr=subprocess.STDOUT,
         )
     killed = False
+    peak = 0
     while True:
-        # wait4 gives this child's own resource use, its peak RSS among it.
-        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        # The peak is the kernel's high-water mark of the command's own memory (VmHWM),
+        # read as it runs. Not wait4's ru_maxrss: on Linux that starts from the memory of
+        # the process it was forked from (this one, which may have worked on a big
+        # history), carried across exec.
+        peak = max(peak, _high_water_mark(process.pid))
+        pid, status, _ = os.wait4(process.pid, os.WNOHANG)
         if pid:
             process.returncode = os.waitstatus_to_exitcode(status)
             code = None if killed else process.returncode
-            return code, time.perf_counter() - started, usage.ru_maxrss * 1024
+            return code, time.perf_counter() - started, peak
         if not killed and time.perf_counter() > started + timeout:
             process.kill()
             killed = True
         time.sleep(0.02)
+
+
+def _high_water_mark(pid: int) -> int:
+    """A running process's peak resident memory in bytes (0 once it is gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def utc_text(moment: dt.datetime) -> str:
