@@ -264,7 +264,12 @@ class Send:
                         )
                     elif order is not None:
                         upsert_order(
-                            session, claim.connection_id, order, source=source, observed_at=now
+                            session,
+                            claim.connection_id,
+                            order,
+                            source=source,
+                            observed_at=now,
+                            creation=claim.operation is OutboxOperation.CREATE and not resolved,
                         )
                     if replacement is not None and claim.ledger_line_id is not None:
                         apply_replacement(session, claim.ledger_line_id, replacement)

@@ -61,11 +61,19 @@ def upsert_order(
     source: ChangeSource,
     observed_at: dt.datetime,
     inbox_id: int | None = None,
+    creation: bool = False,
 ) -> VenueOrder:
     """Store a full order as the venue returned it: header, items, wallets, assets.
 
     The venue's answer is the truth: the header is overwritten and the items (with their
-    wallets and assets) are replaced wholesale when they differ from those stored. A
+    wallets and assets) are replaced wholesale when they differ from those stored —
+    except by the answer of the createOrder that made the order (``creation``), once the
+    mirror holds the order. Every other sight of an order (a webhook's getOrder, the
+    change feed) comes after its creation, so what the mirror holds is at least as
+    recent; and answers reach the database in no fixed order: a create's ``Submitted``
+    applied while its sender waited for the write lock would otherwise overwrite the
+    ``Issued`` a webhook's getOrder stored meanwhile, sending the order back in flight
+    (and settling it twice for the shop). A
     :class:`StatusChange` is appended when the order is new, was marked removed, or its
     status or status message changed. The order row is locked (``FOR UPDATE`` on
     PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` already serializes writers), so concurrent
@@ -78,12 +86,16 @@ def upsert_order(
         source: where the order came from, recorded on the status change.
         observed_at: when the venue gave this answer (aware).
         inbox_id: the inbox row being processed, if any.
+        creation: ``order`` is the answer of the createOrder that made it.
 
     Returns:
-        The stored order.
+        The stored order (as it was, for a creation's answer of an order already held).
     """
     order_id = order.order_id
     row = _locked_order(session, connection_id, order_id)
+    if row is not None and creation:
+        logger.info("order %s: mirrored before its createOrder answer; kept as it is", order_id)
+        return row
     is_new = row is None
     if row is None:
         row = VenueOrder(

@@ -170,11 +170,10 @@ def test_demo_settles_every_order_in_the_local_mirror(tmp_path: Path) -> None:
     assert sum(statuses.values()) == 8, result.stdout
     assert statuses["Error"] == 1
     assert "The capacity for 31099 has been exceeded" in result.stdout
-    # One getOrder an order; on a loaded machine a run now and then counts one more
-    # (seen in two CI runs, its cause not yet pinned: a feed pass reading an order
-    # settled while its webhook's fetch is in flight, or a call the sandbox's gateway
-    # refused with 429). The exact count is held where the timing is controlled:
-    # tests/e2e/test_delivery.py.
-    per_order = float(result.stdout.split("getOrder calls per order: ")[1].split()[0])
-    assert 1.0 <= per_order <= 1.25, result.stdout
+    # One getOrder an order, however the machine's load shifts the timing: a create's
+    # answer applied after the webhook's fetch no longer sends the order back in flight
+    # for the change feed to fetch again (tests/e2e/test_answer_order.py).
+    assert "getOrder calls per order: 1.00" in result.stdout, result.stdout
+    # ...and one event an order for the shop: each settled once.
+    assert "the shop's endpoint received 8 events" in result.stdout, result.stdout
     assert (tmp_path / "var" / "demo.sqlite3").exists()
