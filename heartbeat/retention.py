@@ -1,6 +1,7 @@
-"""Retention: processed notifications, sent calls and old status changes are pruned.
+"""Retention: processed notifications, sent calls, old status changes and the shop's
+delivered events are pruned.
 
-Three tables grow with every order and hold nothing a later step needs once their rows
+These tables grow with every order and hold nothing a later step needs once their rows
 are old; :func:`prune` (the scheduled job ``prune``, and ``otacm db prune``) deletes
 those past their retention (:class:`Retention`, days; 0 keeps a table whole):
 
@@ -26,6 +27,10 @@ those past their retention (:class:`Retention`, days; 0 keeps a table whole):
   retention, go. The timeline of an order with an exception not closed is kept whole:
   finance drills down from it to the order's story (it is cut at the order's next
   change past the retention, once no exception is open on it).
+- **shop_delivery** and **shop_event** (``OTACM_RETAIN_SHOP_EVENTS_DAYS``): deliveries
+  delivered that long ago, and events recorded that long ago with no delivery left but
+  each order's newest (the next event's number counts from it); pending, leased and
+  dead deliveries and their events stay (:mod:`heartbeat.shop_retention`).
 
 A reconciliation reads none of these tables (sales and orders only, and each order's
 own status and totals), so pruning changes no run's result, of any period.
@@ -54,6 +59,7 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
+from heartbeat import shop_retention
 from heartbeat.metric_figures import SETTLED_STATUSES
 from reconciler.ledger import _sqlite_pause
 from storage.models import (
@@ -79,7 +85,7 @@ MAX_BATCHES = 1000
 """Batches of each table one scheduled run prunes at most; the next run goes on (a first
 run over a long history is spread over a few runs rather than holding the scheduler)."""
 
-TABLES = ("inbox", "outbox", "status_change")
+TABLES = ("inbox", "outbox", "status_change", "shop_delivery", "shop_event")
 """The tables pruned, in the order they are."""
 
 JOB = "prune"
@@ -98,6 +104,9 @@ class RetentionSettings(Protocol):
     @property
     def retain_status_changes_days(self) -> int: ...
 
+    @property
+    def retain_shop_events_days(self) -> int: ...
+
 
 @dataclass(frozen=True)
 class Retention:
@@ -108,11 +117,14 @@ class Retention:
         outbox_days: sent confirm, replace and delete calls.
         status_change_days: status changes (an order's latest before the cutoff and
             its first settlement stay).
+        shop_event_days: delivered shop deliveries and the events they leave (an
+            order's newest event stays).
     """
 
     inbox_days: int
     outbox_days: int
     status_change_days: int
+    shop_event_days: int = 0
 
     @classmethod
     def of(cls, settings: RetentionSettings) -> Retention:
@@ -121,6 +133,7 @@ class Retention:
             inbox_days=settings.retain_inbox_days,
             outbox_days=settings.retain_outbox_days,
             status_change_days=settings.retain_status_changes_days,
+            shop_event_days=settings.retain_shop_events_days,
         )
 
     def cutoff(self, table: str, now: dt.datetime) -> dt.datetime | None:
@@ -129,6 +142,8 @@ class Retention:
             "inbox": self.inbox_days,
             "outbox": self.outbox_days,
             "status_change": self.status_change_days,
+            "shop_delivery": self.shop_event_days,
+            "shop_event": self.shop_event_days,
         }[table]
         return None if days <= 0 else now - dt.timedelta(days=days)
 
@@ -200,15 +215,22 @@ def prune(
         Per table: how many rows went (or would), and before which time.
     """
     report = PruneReport(dry_run=dry_run)
+    report.tables = [TablePruning(table, retention.cutoff(table, now)) for table in TABLES]
+    by_table = {pruning.table: pruning for pruning in report.tables}
     engine: sa.Engine = sessions.kw["bind"]
     sqlite = engine.dialect.name == "sqlite"
-    for table in TABLES:
-        pruning = TablePruning(table, retention.cutoff(table, now))
-        report.tables.append(pruning)
+    for pruning in report.tables:
+        table = pruning.table
         if pruning.before is None:
             continue
         if dry_run:
-            pruning.rows = _count(sessions, table, pruning.before, batch_size)
+            if table == "shop_delivery":
+                # The events that go with the deliveries are counted with them.
+                with sessions() as session:
+                    counts = shop_retention.count_due(session, pruning.before, batch_size)
+                pruning.rows, by_table["shop_event"].rows = counts
+            elif table != "shop_event":
+                pruning.rows = _count(sessions, table, pruning.before, batch_size)
             continue
         for number in itertools.count():
             if max_batches is not None and number >= max_batches:
@@ -218,6 +240,16 @@ def prune(
             with sessions.begin() as session:
                 if table == "status_change":
                     deleted, more = _prune_changes(session, pruning.before, batch_size)
+                elif table in (shop_retention.DELIVERY_TABLE, shop_retention.EVENT_TABLE):
+                    step = (
+                        shop_retention.prune_delivered
+                        if table == shop_retention.DELIVERY_TABLE
+                        else shop_retention.prune_events
+                    )
+                    going, more = step(session, pruning.before, batch_size)
+                    deleted = 0  # both tables' rows are counted here
+                    by_table["shop_delivery"].rows += len(going.deliveries)
+                    by_table["shop_event"].rows += len(going.events)
                 else:
                     deleted = _delete_queue_rows(session, table, pruning.before, batch_size)
                     more = deleted == batch_size
