@@ -357,13 +357,17 @@ def test_a_dry_run_changes_nothing_and_counts_what_a_run_then_deletes(
     none_kept = Retention(inbox_days=0, outbox_days=0, status_change_days=0)
     off = prune(sessions, now=NOW + dt.timedelta(days=3650), retention=none_kept)
 
-    assert _rows(dry) == _rows(real) == {
-        "inbox": 7,
-        "outbox": 7,
-        "status_change": 14,
-        "shop_delivery": 0,
-        "shop_event": 0,
-    }
+    assert (
+        _rows(dry)
+        == _rows(real)
+        == {
+            "inbox": 7,
+            "outbox": 7,
+            "status_change": 14,
+            "shop_delivery": 0,
+            "shop_event": 0,
+        }
+    )
     assert all(table.done for table in real.tables)
     assert all(rows == 0 for rows in _rows(off).values())
     assert [table.before for table in off.tables] == [None] * 5
