@@ -14,8 +14,8 @@ Two kinds, as for the venue's calls and the inbox (:mod:`receiver.metrics`):
 - **What waits** (:func:`read_backlog`), read from the database at each scrape, like the
   inbox's depth: ``otacm_shop_deliveries{connection,endpoint,state}`` for pending,
   leased and dead, and ``otacm_shop_delivery_oldest_undelivered_age_seconds{connection,
-  endpoint}``. Only the rows that are still work are read (the in-flight partial index;
-  dead ones by ``(state, endpoint)``): delivered history does not make a scrape slower.
+  endpoint}``. Only the rows that are still work are read (searches of an index of the
+  in-flight rows or led by the state): delivered history does not make a scrape slower.
 """
 
 from __future__ import annotations
@@ -170,9 +170,9 @@ class EndpointBacklog:
 def read_backlog(session: Session) -> dict[tuple[str, str], EndpointBacklog]:
     """The deliveries still to be sent, or given up, by connection name and endpoint.
 
-    Two grouped reads of the rows that are work: the in-flight ones through the partial
-    index's condition (the literal text, which SQLite needs to use it), the dead ones
-    through ``(state, endpoint)``. The oldest is by ``retry_from``: when the delivery was
+    Two grouped reads of the rows that are work, each a search of an index of the
+    in-flight rows (its condition as the literal text, which SQLite needs to use it) or
+    led by the state, as the planner picks. The oldest is by ``retry_from``: when the delivery was
     recorded, or replayed (a replay starts its wait again, as it starts its horizon).
     """
     d = ShopDelivery

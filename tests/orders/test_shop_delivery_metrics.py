@@ -4,16 +4,28 @@ of what waits read from the database, on SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import datetime as dt
+import os
+import re
+import subprocess
+import sys
+import textwrap
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
+import pytest
 import sqlalchemy as sa
 from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.orm import Session, sessionmaker
 
 from orders.shop_delivery import replay
+from orders.shop_delivery_metrics import read_backlog
 from orders.shop_events import deliver_to
 from receiver.database_metrics import DatabaseCollector
-from storage.records import DeliveryState, ShopDelivery
+from storage.migrate import upgrade
+from storage.records import DeliveryState, ShopDelivery, ShopEvent
+from tests.heartbeat.test_retention import INDEX_READ, _plan
 from tests.orders.test_shop_events import (
     Clock,
     Shop,
@@ -195,3 +207,176 @@ def test_a_leased_delivery_counts_as_leased_and_undelivered(
     assert found[key("otacm_shop_deliveries", **labels, state="leased")] == 1
     assert found[key("otacm_shop_deliveries", **labels, state="pending")] == 0
     assert found[key("otacm_shop_delivery_oldest_undelivered_age_seconds", **labels)] == 90
+
+
+# --- across processes -----------------------------------------------------------------------
+
+_SENDING_PROCESS = textwrap.dedent(
+    """
+    import sys
+    from orders.shop_delivery import Endpoint, EndpointSender
+    from orders.shop_events import deliver_to
+    from storage.engine import make_engine, make_sessions
+    from storage.models import ensure_connection
+    from tests.orders.test_shop_events import mirror
+    from tests.storage.test_models import T0
+
+    url, shop_url, secret = sys.argv[1:]
+    engine = make_engine(url)
+    sessions = make_sessions(engine)
+    deliver_to(sessions, {"venue-a": ["shop"]})
+    with sessions.begin() as session:
+        connection_id = ensure_connection(session, "venue-a")
+    mirror(sessions, connection_id, 1, "Issued", T0)
+    sender = EndpointSender(
+        Endpoint("shop", shop_url, (secret,)),
+        sessions,
+        make_sessions(engine, read_only=True),
+        "worker-1",
+        horizon=dt.timedelta(days=3),
+        timeout=5.0,
+        clock=lambda: T0 + dt.timedelta(seconds=2),
+    )
+    assert sender.run_once().delivered == 1
+    sender.close()
+    engine.dispose()
+    """
+).replace("import sys", "import datetime as dt\nimport sys", 1)
+
+_SCRAPING_PROCESS = textwrap.dedent(
+    """
+    import sys
+    from otacm.settings import Settings
+    from receiver import create_app
+    from tests.receiver.conftest import venue_connection
+    from tests.receiver.notifications import STATE_A
+
+    url, shop_url, secret = sys.argv[1:]
+    app = create_app(Settings(
+        database_url=url,
+        connections=[venue_connection("venue-a", STATE_A)],
+        shop_endpoints=[{"name": "shop", "url": shop_url, "secrets": [secret]}],
+    ))
+    sys.stdout.write(app.test_client().get("/metrics").get_data(as_text=True))
+    app.extensions["otacm"].close()
+    """
+)
+
+
+@pytest.mark.process
+def test_the_senders_counts_reach_the_web_roles_metrics_through_the_shared_directory(
+    tmp_path: Path, serve: Callable[[Shop], Shop]
+) -> None:
+    """A worker process's sender counts its delivery; a web process sharing its
+    PROMETHEUS_MULTIPROC_DIR shows the count, the latency and nothing left waiting."""
+    url = f"sqlite:///{tmp_path / 'otacm.sqlite3'}"
+    upgrade(url)
+    directory = tmp_path / "prometheus"
+    directory.mkdir()
+    environment = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("OTACM_")},
+        "PROMETHEUS_MULTIPROC_DIR": str(directory),
+    }
+    secret = new_secret()
+    shop = serve(Shop([secret]))
+    root = Path(__file__).resolve().parents[2]
+
+    outputs = [
+        subprocess.run(
+            [sys.executable, "-c", script, url, shop.url, secret],
+            cwd=root,
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+        for script in (_SENDING_PROCESS, _SCRAPING_PROCESS)
+    ]
+
+    samples = {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(outputs[1])
+        for sample in family.samples
+    }
+    labels = {"connection": "venue-a", "endpoint": "shop"}
+    assert [r.body["type"] for r in shop.accepted()] == ["order.issued"]
+    assert samples[key(ATTEMPTS, **labels, outcome="delivered")] == 1
+    assert samples[key(LATENCY + "_count", **labels)] == 1
+    assert samples[key(LATENCY + "_sum", **labels)] == 2
+    assert samples[key("otacm_shop_deliveries", **labels, state="pending")] == 0
+
+
+def test_the_scrape_reads_only_the_deliveries_still_to_send_or_given_up(
+    sessions: sessionmaker[Session], migrated_engine: sa.Engine, connection_id: int
+) -> None:
+    """Over 3,000 delivered deliveries (history), the scrape's reads are searches of an
+    index of the in-flight rows or led by the state, never a scan of the table."""
+    with sessions.begin() as session:
+        events = session.scalars(
+            sa.insert(ShopEvent).returning(ShopEvent.id),
+            [
+                {
+                    "event_id": f"msg_{n:032x}",
+                    "connection_id": connection_id,
+                    "venue_order_id": None,
+                    "order_seq": 1,
+                    "type": "order.submission_failed",
+                    "payload": {},
+                    "created_at": T0,
+                }
+                for n in range(3010)
+            ],
+        ).all()
+        states = ["delivered"] * 3000 + ["pending"] * 5 + ["leased"] * 3 + ["dead"] * 2
+        session.execute(
+            sa.insert(ShopDelivery),
+            [
+                {
+                    "shop_event_id": event,
+                    "connection_id": connection_id,
+                    "endpoint": "shop",
+                    "order_seq": 1,
+                    "state": state,
+                    "attempts": 1,
+                    "next_attempt_at": T0,
+                    "retry_from": T0,
+                }
+                for event, state in zip(events, states, strict=True)
+            ],
+        )
+    if migrated_engine.dialect.name == "postgresql":
+        with migrated_engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.exec_driver_sql("ANALYZE")
+    sent: list[tuple[str, Any]] = []
+
+    def capture(conn: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
+        sent.append((statement, parameters))
+
+    sa.event.listen(migrated_engine, "before_cursor_execute", capture)
+    try:
+        with sessions() as session:
+            found = read_backlog(session)
+    finally:
+        sa.event.remove(migrated_engine, "before_cursor_execute", capture)
+
+    backlog = found[("default", "shop")]
+    assert backlog.counts == {
+        DeliveryState.PENDING: 5,
+        DeliveryState.LEASED: 3,
+        DeliveryState.DEAD: 2,
+    }
+    reads = [(s, p) for s, p in sent if "FROM shop_delivery" in s]
+    assert len(reads) == 2
+    # Indexes holding only the rows in flight, or led by the state: a search of them
+    # reads the rows that are work, whatever the history.
+    by_state = {
+        "ix_shop_delivery_in_flight",
+        "ix_shop_delivery_in_flight_order",
+        "ix_shop_delivery_state_endpoint",
+        "ix_shop_delivery_state_delivered_at",
+    }
+    for statement, parameters in reads:
+        plan = _plan(migrated_engine, statement, parameters)
+        assert not re.search(r"\bSCAN shop_delivery\b(?! USING)|Seq Scan on shop_delivery", plan)
+        assert set(INDEX_READ.findall(plan)) & by_state, plan
