@@ -39,10 +39,11 @@ Each table is pruned in batches of :data:`BATCH` rows, each its own short transa
 (on SQLite, the write lock is then left free for as long as a waiting writer sleeps,
 as the ledger import does), oldest first, read from an index by time: the inbox's
 ``(state, next_attempt_at)``, the outbox's calls but creates by ``(state, sent_at)``
-(partial: the creates it keeps are never walked), ``status_change.observed_at``. The status
-changes are walked once: :class:`~storage.records.PruneMark` keeps how far, so a run
-reads what became due since the last one, not the changes it kept. A dry run counts
-what would go and changes nothing.
+(partial: the creates it keeps are never walked), ``status_change.observed_at``, the
+shop's deliveries by ``(state, delivered_at)`` and its events by ``created_at``. The
+status changes and the shop's events are walked once: :class:`~storage.records.PruneMark`
+keeps how far, so a run reads what became due since the last one, not the rows it kept.
+A dry run counts what would go and changes nothing.
 """
 
 from __future__ import annotations
@@ -238,22 +239,9 @@ def prune(
                 break
             started = time.monotonic()
             with sessions.begin() as session:
-                if table == "status_change":
-                    deleted, more = _prune_changes(session, pruning.before, batch_size)
-                elif table in (shop_retention.DELIVERY_TABLE, shop_retention.EVENT_TABLE):
-                    step = (
-                        shop_retention.prune_delivered
-                        if table == shop_retention.DELIVERY_TABLE
-                        else shop_retention.prune_events
-                    )
-                    going, more = step(session, pruning.before, batch_size)
-                    deleted = 0  # both tables' rows are counted here
-                    by_table["shop_delivery"].rows += len(going.deliveries)
-                    by_table["shop_event"].rows += len(going.events)
-                else:
-                    deleted = _delete_queue_rows(session, table, pruning.before, batch_size)
-                    more = deleted == batch_size
-            pruning.rows += deleted
+                deleted, more = _prune_batch(session, table, pruning.before, batch_size)
+            for name, rows in deleted.items():
+                by_table[name].rows += rows
             if not more:
                 break
             if sqlite:
@@ -263,6 +251,32 @@ def prune(
     if not dry_run and report.rows:
         logger.info("pruned past retention: %s", report.as_dict())
     return report
+
+
+def _prune_batch(
+    session: Session, table: str, before: dt.datetime, size: int
+) -> tuple[dict[str, int], bool]:
+    """One batch of ``table``'s pruning, in the caller's transaction.
+
+    Returns:
+        The rows deleted, per table (a batch of the shop's deliveries or events deletes
+        from both), and whether more may be due.
+    """
+    if table == "status_change":
+        changes, walked = _prune_changes(session, before, size)
+        return {table: changes}, walked
+    if table == shop_retention.DELIVERY_TABLE:
+        going, more = shop_retention.prune_delivered(session, before, size)
+    elif table == shop_retention.EVENT_TABLE:
+        going, more = shop_retention.prune_events(session, before, size)
+    else:
+        deleted = _delete_queue_rows(session, table, before, size)
+        return {table: deleted}, deleted == size
+    counts = {
+        shop_retention.DELIVERY_TABLE: len(going.deliveries),
+        shop_retention.EVENT_TABLE: len(going.events),
+    }
+    return counts, more
 
 
 # --- the queues ------------------------------------------------------------------------
