@@ -1,6 +1,7 @@
-"""Retention: processed notifications, sent calls and old status changes are pruned.
+"""Retention: processed notifications, sent calls, old status changes and the shop's
+delivered events are pruned.
 
-Three tables grow with every order and hold nothing a later step needs once their rows
+These tables grow with every order and hold nothing a later step needs once their rows
 are old; :func:`prune` (the scheduled job ``prune``, and ``otacm db prune``) deletes
 those past their retention (:class:`Retention`, days; 0 keeps a table whole):
 
@@ -26,6 +27,10 @@ those past their retention (:class:`Retention`, days; 0 keeps a table whole):
   retention, go. The timeline of an order with an exception not closed is kept whole:
   finance drills down from it to the order's story (it is cut at the order's next
   change past the retention, once no exception is open on it).
+- **shop_delivery** and **shop_event** (``OTACM_RETAIN_SHOP_EVENTS_DAYS``): deliveries
+  delivered that long ago, and events recorded that long ago with no delivery left but
+  each order's newest (the next event's number counts from it); pending, leased and
+  dead deliveries and their events stay (:mod:`heartbeat.shop_retention`).
 
 A reconciliation reads none of these tables (sales and orders only, and each order's
 own status and totals), so pruning changes no run's result, of any period.
@@ -34,10 +39,11 @@ Each table is pruned in batches of :data:`BATCH` rows, each its own short transa
 (on SQLite, the write lock is then left free for as long as a waiting writer sleeps,
 as the ledger import does), oldest first, read from an index by time: the inbox's
 ``(state, next_attempt_at)``, the outbox's calls but creates by ``(state, sent_at)``
-(partial: the creates it keeps are never walked), ``status_change.observed_at``. The status
-changes are walked once: :class:`~storage.records.PruneMark` keeps how far, so a run
-reads what became due since the last one, not the changes it kept. A dry run counts
-what would go and changes nothing.
+(partial: the creates it keeps are never walked), ``status_change.observed_at``, the
+shop's deliveries by ``(state, delivered_at)`` and its events by ``created_at``. The
+status changes and the shop's events are walked once: :class:`~storage.records.PruneMark`
+keeps how far, so a run reads what became due since the last one, not the rows it kept.
+A dry run counts what would go and changes nothing.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
+from heartbeat import shop_retention
 from heartbeat.metric_figures import SETTLED_STATUSES
 from reconciler.ledger import _sqlite_pause
 from storage.models import (
@@ -79,7 +86,7 @@ MAX_BATCHES = 1000
 """Batches of each table one scheduled run prunes at most; the next run goes on (a first
 run over a long history is spread over a few runs rather than holding the scheduler)."""
 
-TABLES = ("inbox", "outbox", "status_change")
+TABLES = ("inbox", "outbox", "status_change", "shop_delivery", "shop_event")
 """The tables pruned, in the order they are."""
 
 JOB = "prune"
@@ -98,6 +105,9 @@ class RetentionSettings(Protocol):
     @property
     def retain_status_changes_days(self) -> int: ...
 
+    @property
+    def retain_shop_events_days(self) -> int: ...
+
 
 @dataclass(frozen=True)
 class Retention:
@@ -108,11 +118,14 @@ class Retention:
         outbox_days: sent confirm, replace and delete calls.
         status_change_days: status changes (an order's latest before the cutoff and
             its first settlement stay).
+        shop_event_days: delivered shop deliveries and the events they leave (an
+            order's newest event stays).
     """
 
     inbox_days: int
     outbox_days: int
     status_change_days: int
+    shop_event_days: int = 0
 
     @classmethod
     def of(cls, settings: RetentionSettings) -> Retention:
@@ -121,6 +134,7 @@ class Retention:
             inbox_days=settings.retain_inbox_days,
             outbox_days=settings.retain_outbox_days,
             status_change_days=settings.retain_status_changes_days,
+            shop_event_days=settings.retain_shop_events_days,
         )
 
     def cutoff(self, table: str, now: dt.datetime) -> dt.datetime | None:
@@ -129,6 +143,8 @@ class Retention:
             "inbox": self.inbox_days,
             "outbox": self.outbox_days,
             "status_change": self.status_change_days,
+            "shop_delivery": self.shop_event_days,
+            "shop_event": self.shop_event_days,
         }[table]
         return None if days <= 0 else now - dt.timedelta(days=days)
 
@@ -200,15 +216,22 @@ def prune(
         Per table: how many rows went (or would), and before which time.
     """
     report = PruneReport(dry_run=dry_run)
+    report.tables = [TablePruning(table, retention.cutoff(table, now)) for table in TABLES]
+    by_table = {pruning.table: pruning for pruning in report.tables}
     engine: sa.Engine = sessions.kw["bind"]
     sqlite = engine.dialect.name == "sqlite"
-    for table in TABLES:
-        pruning = TablePruning(table, retention.cutoff(table, now))
-        report.tables.append(pruning)
+    for pruning in report.tables:
+        table = pruning.table
         if pruning.before is None:
             continue
         if dry_run:
-            pruning.rows = _count(sessions, table, pruning.before, batch_size)
+            if table == "shop_delivery":
+                # The events that go with the deliveries are counted with them.
+                with sessions() as session:
+                    counts = shop_retention.count_due(session, pruning.before, batch_size)
+                pruning.rows, by_table["shop_event"].rows = counts
+            elif table != "shop_event":
+                pruning.rows = _count(sessions, table, pruning.before, batch_size)
             continue
         for number in itertools.count():
             if max_batches is not None and number >= max_batches:
@@ -216,12 +239,9 @@ def prune(
                 break
             started = time.monotonic()
             with sessions.begin() as session:
-                if table == "status_change":
-                    deleted, more = _prune_changes(session, pruning.before, batch_size)
-                else:
-                    deleted = _delete_queue_rows(session, table, pruning.before, batch_size)
-                    more = deleted == batch_size
-            pruning.rows += deleted
+                deleted, more = _prune_batch(session, table, pruning.before, batch_size)
+            for name, rows in deleted.items():
+                by_table[name].rows += rows
             if not more:
                 break
             if sqlite:
@@ -231,6 +251,32 @@ def prune(
     if not dry_run and report.rows:
         logger.info("pruned past retention: %s", report.as_dict())
     return report
+
+
+def _prune_batch(
+    session: Session, table: str, before: dt.datetime, size: int
+) -> tuple[dict[str, int], bool]:
+    """One batch of ``table``'s pruning, in the caller's transaction.
+
+    Returns:
+        The rows deleted, per table (a batch of the shop's deliveries or events deletes
+        from both), and whether more may be due.
+    """
+    if table == "status_change":
+        changes, walked = _prune_changes(session, before, size)
+        return {table: changes}, walked
+    if table == shop_retention.DELIVERY_TABLE:
+        going, more = shop_retention.prune_delivered(session, before, size)
+    elif table == shop_retention.EVENT_TABLE:
+        going, more = shop_retention.prune_events(session, before, size)
+    else:
+        deleted = _delete_queue_rows(session, table, before, size)
+        return {table: deleted}, deleted == size
+    counts = {
+        shop_retention.DELIVERY_TABLE: len(going.deliveries),
+        shop_retention.EVENT_TABLE: len(going.events),
+    }
+    return counts, more
 
 
 # --- the queues ------------------------------------------------------------------------

@@ -42,6 +42,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, aliased, sessionmaker
 from standardwebhooks.webhooks import Webhook
 
+from orders.shop_delivery_metrics import count_settled
 from storage.lease import LAST_ERROR_MAX_CHARS, NO_SYNC, LeasedQueue, backoff
 from storage.models import IN_FLIGHT
 from storage.records import DeliveryState, ShopDelivery, ShopEvent
@@ -366,6 +367,7 @@ class EndpointSender:
         for attempt in attempts:
             values = self._outcome(attempt, now)
             alike.setdefault(tuple(sorted(values.items())), []).append(attempt)
+        counted: list[tuple[DeliveryState, list[DeliveryClaim]]] = []
         with self.sessions.begin() as session:
             for key, group in alike.items():
                 values = dict(key)
@@ -373,6 +375,7 @@ class EndpointSender:
                 settled = set(DELIVERY_QUEUE.settle(session, ids, owner=self.owner, **values))
                 report.lease_lost += len(ids) - len(settled)
                 state = values["state"]
+                counted.append((state, [a.claim for a in group if a.claim.id in settled]))
                 if state is DeliveryState.DELIVERED:
                     report.delivered += len(settled)
                 elif state is DeliveryState.PENDING:
@@ -382,6 +385,7 @@ class EndpointSender:
                     for attempt in group:
                         if attempt.claim.id in settled:
                             self._log_given_up(attempt)
+        count_settled(self.endpoint.name, counted, now)  # once committed
 
     def _outcome(self, attempt: Attempt, now: dt.datetime) -> dict[str, Any]:
         """The columns a delivery's attempt leaves it with."""

@@ -215,6 +215,9 @@ class Settings(BaseSettings):
     retain_inbox_days: int = Field(default=30, ge=0, le=36500)
     retain_outbox_days: int = Field(default=90, ge=0, le=36500)
     retain_status_changes_days: int = Field(default=180, ge=0, le=36500)
+    # Shop deliveries delivered this long ago and the events they leave (but each
+    # order's newest) are pruned too (heartbeat.shop_retention). 0 keeps them all.
+    retain_shop_events_days: int = Field(default=30, ge=0, le=36500)
     # The shop's JSON API (/api/) creates orders with the venue's key: it answers only
     # requests bearing one of these tokens, and is closed while none is configured.
     api_tokens: SecretCommaList = Field(default_factory=list)

@@ -66,7 +66,11 @@ def create_app(settings: Settings | None = None) -> Flask:
             engine=engine,
             sessions=sessions,
             read_sessions=read_sessions,
-            metrics=metrics.Metrics(read_sessions, [c.name for c in settings.connections]),
+            metrics=metrics.Metrics(
+                read_sessions,
+                [c.name for c in settings.connections],
+                settings.shop_endpoint_names(),
+            ),
         )
     except BaseException:
         engine.dispose()

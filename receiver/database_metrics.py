@@ -33,6 +33,10 @@ the handful of job and subscription rows, and the figures the scheduler computed
 - the webhook subscription, as the scheduled check last found it
   (``subscription_check``): ``otacm_subscription_usable{connection}`` and
   ``otacm_subscription_recreated_timestamp_seconds{connection}``;
+- the shop's deliveries that are still work (:mod:`orders.shop_delivery_metrics`):
+  ``otacm_shop_deliveries{connection,endpoint,state}`` (pending, leased, dead) and
+  ``otacm_shop_delivery_oldest_undelivered_age_seconds{connection,endpoint}``, for every
+  configured endpoint of each connection (zeros when nothing waits);
 - ``otacm_database_up`` (0 when the queries failed; the other gauges are then absent,
   not zero).
 """
@@ -41,7 +45,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -55,6 +59,7 @@ from heartbeat.metric_figures import (
     ConnectionFigures,
     read_figures,
 )
+from orders.shop_delivery_metrics import BACKLOG_STATES, EndpointBacklog, read_backlog
 from receiver.errors import DATABASE_UNAVAILABLE, describe_database_error
 from storage.models import (
     ChangeSource,
@@ -88,6 +93,8 @@ class DatabaseCollector(Collector):
         connection_names: the configured connections, reported (as zeros) even when
             they have no rows, so that alerts see a series rather than its absence.
         clock: the current time, aware UTC.
+        shop_endpoints: per connection's name, the shop endpoints configured for it,
+            reported (as zeros) likewise.
     """
 
     def __init__(
@@ -96,10 +103,16 @@ class DatabaseCollector(Collector):
         connection_names: Sequence[str],
         *,
         clock: Callable[[], dt.datetime] = utcnow,
+        shop_endpoints: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         self._read_sessions = read_sessions
         self._connection_names = tuple(connection_names)
         self._clock = clock
+        self._shop_endpoints = {
+            (name, endpoint)
+            for name, endpoints in (shop_endpoints or {}).items()
+            for endpoint in endpoints
+        }
 
     def describe(self) -> Iterable[Metric]:
         """The families this collector yields, without samples (and without a query)."""
@@ -117,6 +130,7 @@ class DatabaseCollector(Collector):
                 stored = read_figures(session)
                 jobs = _read_jobs(session)
                 subscriptions = _read_subscriptions(session)
+                shop_backlog = read_backlog(session)
         except DATABASE_UNAVAILABLE as exc:
             # The database's trouble, not a bug: report it as a value, not a failed scrape.
             logger.warning("metrics: cannot read the database: %s", describe_database_error(exc))
@@ -149,6 +163,7 @@ class DatabaseCollector(Collector):
                 families["subscription_recreated"].add_metric(
                     [name], check.recreated_at.timestamp()
                 )
+        _add_shop_backlog(families, shop_backlog, self._shop_endpoints, now)
         up.add_metric([], 1)
         yield from families.values()
         yield lag
@@ -209,6 +224,21 @@ def _add_inbox(
     families["age"].add_metric([name], age)
     families["dead"].add_metric([name, "inbox"], inbox.depth.get((name, InboxState.DEAD), 0))
     families["dead"].add_metric([name, "outbox"], inbox.outbox_dead.get(name, 0))
+
+
+def _add_shop_backlog(
+    families: dict[str, GaugeMetricFamily],
+    backlog: Mapping[tuple[str, str], EndpointBacklog],
+    configured: set[tuple[str, str]],
+    now: dt.datetime,
+) -> None:
+    for name, endpoint in sorted({*configured, *backlog}):
+        found = backlog.get((name, endpoint), EndpointBacklog())
+        for state in BACKLOG_STATES:
+            families["shop_deliveries"].add_metric(
+                [name, endpoint, state.value], found.counts.get(state, 0)
+            )
+        families["shop_oldest"].add_metric([name, endpoint], found.oldest_age(now))
 
 
 # --- the figures the scheduler computes -----------------------------------------------
@@ -360,6 +390,18 @@ def _families() -> dict[str, GaugeMetricFamily]:
             "otacm_metric_figures_age_seconds",
             "Seconds since the scheduler computed delivery health, stuck and Error orders "
             "and open exceptions (absent until it first did).",
+        ),
+        "shop_deliveries": GaugeMetricFamily(
+            "otacm_shop_deliveries",
+            "Events to the shop still to be delivered (pending, leased) or given up "
+            "(dead, waiting for a replay), by venue connection, shop endpoint and state.",
+            labels=["connection", "endpoint", "state"],
+        ),
+        "shop_oldest": GaugeMetricFamily(
+            "otacm_shop_delivery_oldest_undelivered_age_seconds",
+            "Seconds since the oldest pending or leased delivery to a shop endpoint was "
+            "recorded or replayed (0 when none).",
+            labels=["connection", "endpoint"],
         ),
         "up": GaugeMetricFamily(
             "otacm_database_up",

@@ -31,11 +31,15 @@ Two kinds of metric, because a receiver runs as several gunicorn worker processe
   (``getOrder``), never by path. The worker and scheduler are other processes: their
   calls reach this endpoint when they share its ``PROMETHEUS_MULTIPROC_DIR`` (``otacm
   serve`` gives all three one directory; on a scaled node, give every role the same one).
+- **Shop deliveries** (:class:`~orders.shop_delivery_metrics.DeliveryCounters`), counted
+  by the worker's senders and reaching this endpoint the same way:
+  ``otacm_shop_delivery_attempts_total{connection,endpoint,outcome}`` and
+  ``otacm_shop_delivery_latency_seconds{connection,endpoint}``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from flask import Blueprint, Response, request
 from prometheus_client import (
@@ -50,6 +54,7 @@ from prometheus_client import values as prometheus_values
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from sqlalchemy.orm import Session, sessionmaker
 
+from orders.shop_delivery_metrics import DeliveryCounters
 from receiver.context import current_receiver
 from receiver.database_metrics import DatabaseCollector
 
@@ -149,19 +154,25 @@ class Metrics:
     Args:
         read_sessions: for :class:`DatabaseCollector`.
         connection_names: the configured venue connections.
+        shop_endpoints: per connection's name, its shop endpoints' names.
     """
 
     def __init__(
         self,
         read_sessions: sessionmaker[Session],
         connection_names: Sequence[str],
+        shop_endpoints: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
         """Where this process's metrics are registered; other parts may add theirs."""
         self.webhook = WebhookCounters(self.registry)
         self.http = HttpAnswers(self.registry)
         self.venue_calls = VenueCallMetrics(self.registry)
-        self.database = DatabaseCollector(read_sessions, connection_names)
+        # The worker's senders count into their process's own; these expose the families.
+        self.shop_deliveries = DeliveryCounters(self.registry)
+        self.database = DatabaseCollector(
+            read_sessions, connection_names, shop_endpoints=shop_endpoints
+        )
         self.registry.register(self.database)
         if multiprocess_mode():
             # The counters of every process are in the directory's files; exposing

@@ -474,6 +474,8 @@ class ShopDelivery(Base):
             sqlite_where=IN_FLIGHT,
         ),
         sa.Index(None, "state", "endpoint"),
+        # What retention prunes, oldest first (heartbeat.shop_retention).
+        sa.Index(None, "state", "delivered_at"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)

@@ -105,7 +105,8 @@ def db_restore(cli: CliContext, file: Path, force: bool) -> None:
 @pass_cli
 def db_prune(cli: CliContext, dry_run: bool, as_json: bool) -> None:
     """Delete the rows past their retention now: processed notifications, sent calls,
-    old status changes (OTACM_RETAIN_*_DAYS; README: Retention).
+    old status changes, delivered events to the shop (OTACM_RETAIN_*_DAYS; README:
+    Retention).
 
     Per table, how many rows went (or, with --dry-run, would go) and before which time.
     Runs until every due row is gone, in short transactions; refused while the

@@ -357,10 +357,20 @@ def test_a_dry_run_changes_nothing_and_counts_what_a_run_then_deletes(
     none_kept = Retention(inbox_days=0, outbox_days=0, status_change_days=0)
     off = prune(sessions, now=NOW + dt.timedelta(days=3650), retention=none_kept)
 
-    assert _rows(dry) == _rows(real) == {"inbox": 7, "outbox": 7, "status_change": 14}
+    assert (
+        _rows(dry)
+        == _rows(real)
+        == {
+            "inbox": 7,
+            "outbox": 7,
+            "status_change": 14,
+            "shop_delivery": 0,
+            "shop_event": 0,
+        }
+    )
     assert all(table.done for table in real.tables)
-    assert _rows(off) == {"inbox": 0, "outbox": 0, "status_change": 0}
-    assert [table.before for table in off.tables] == [None, None, None]
+    assert all(rows == 0 for rows in _rows(off).values())
+    assert [table.before for table in off.tables] == [None] * 5
 
 
 def test_a_bounded_run_says_more_is_left_and_the_next_goes_on(
@@ -530,6 +540,8 @@ def test_otacm_db_prune_says_per_table_what_would_go_then_what_went(
         ("inbox", 1),
         ("outbox", 0),
         ("status_change", 0),
+        ("shop_delivery", 0),
+        ("shop_event", 0),
     ]
     cutoff = dt.datetime.fromisoformat(shown["tables"][0]["before"])
     assert now - dt.timedelta(days=30, minutes=5) < cutoff < now - dt.timedelta(days=29)
@@ -561,7 +573,7 @@ def test_otacm_db_prune_is_refused_while_the_job_runs(
     assert dry.exit_code == 0, dry.output
 
 
-@pytest.mark.parametrize("name", ["INBOX", "OUTBOX", "STATUS_CHANGES"])
+@pytest.mark.parametrize("name", ["INBOX", "OUTBOX", "STATUS_CHANGES", "SHOP_EVENTS"])
 def test_a_retention_is_a_number_of_days_not_below_zero(
     monkeypatch: pytest.MonkeyPatch, name: str
 ) -> None:
@@ -609,7 +621,13 @@ def test_pruning_reads_each_table_through_an_index_by_time(
     finally:
         sa.event.remove(migrated_engine, "before_cursor_execute", capture)
 
-    assert _rows(report) == {"inbox": 1, "outbox": 1, "status_change": 1}
+    assert _rows(report) == {
+        "inbox": 1,
+        "outbox": 1,
+        "status_change": 1,
+        "shop_delivery": 0,
+        "shop_event": 0,
+    }
     first_reads = {}
     for table in ("inbox", "outbox", "status_change"):
         statement, parameters = next((s, p) for s, p in sent if re.search(rf"\bFROM {table}\b", s))

@@ -10,6 +10,7 @@ exposes on a database with data, on SQLite and PostgreSQL.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import json
 import re
@@ -47,6 +48,8 @@ PROMETHEUS = ROOT / "deploy" / "prometheus"
 RULES = PROMETHEUS / "otacm-alerts.yml"
 RULE_TESTS = sorted((PROMETHEUS / "tests").glob("*.yml"))
 DASHBOARD = ROOT / "deploy" / "grafana" / "otacm.json"
+
+SHOP_SECRET = "whsec_" + base64.b64encode(b"s" * 32).decode()
 
 METRIC_NAME = re.compile(r"\botacm_[a-z0-9_]*[a-z0-9]\b")
 """A metric of otacm's, wherever it is named (every one starts so; settings are upper case;
@@ -219,8 +222,10 @@ NOW = dt.datetime.now(dt.UTC)
 
 @pytest.fixture
 def app(migrated_engine: sa.Engine) -> Iterator[Flask]:
-    """A receiver app on the migrated test database with the receiver tests' connections."""
-    app = create_app(settings_for(migrated_engine))
+    """A receiver app on the migrated test database with the receiver tests' connections
+    and a shop endpoint."""
+    shop = {"name": "shop", "url": "https://shop.example/events", "secrets": [SHOP_SECRET]}
+    app = create_app(settings_for(migrated_engine, shop_endpoints=[shop]))
     try:
         yield app
     finally:
@@ -322,6 +327,8 @@ def test_the_rules_and_the_dashboard_name_only_exposed_metrics(
         "otacm_orders_stuck",
         "otacm_dead_letters",
         "otacm_http_responses_total",
+        "otacm_shop_deliveries",
+        "otacm_shop_delivery_oldest_undelivered_age_seconds",
     ):
         assert re.search(rf"^{name}{{", text, flags=re.MULTILINE), name
 
