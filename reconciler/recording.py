@@ -89,19 +89,12 @@ _RECORD_TOTALS_SQL = f"""
 _IN_BATCH = "AND f.rowid > :after AND f.rowid <= :upto"
 """The findings of one batch: a range of the temporary table's rowids (SQLite)."""
 
-_CLOSING_IN_BATCH = (
-    f"AND id IN (SELECT id FROM temp.{CLOSING} WHERE rowid > :after AND rowid <= :upto)"
-)
-"""The exceptions to close of one batch (SQLite)."""
-
 
 def record_at_once(connection: sa.Connection, params: dict[str, Any]) -> None:
     """PostgreSQL: write the run's totals and merge every exception in the caller's
     transaction."""
     execute(connection, _RECORD_TOTALS_SQL, params)
-    for sql in _merge_statements(postgresql=True, batch=""):
-        execute(connection, sql, params)
-    for sql in _close_statements(batch=""):
+    for sql in (*_merge_statements(postgresql=True), *_close_statements(postgresql=True)):
         execute(connection, sql, params)
 
 
@@ -159,8 +152,8 @@ def record_in_steps(
     """
     most = BATCH_ROWS if batch_rows is None else max(batch_rows, 1)
     steps = (
-        (EXCEPTION_FINDINGS, _merge_statements(postgresql=False, batch=_IN_BATCH)),
-        (CLOSING, _close_statements(batch=_CLOSING_IN_BATCH)),
+        (EXCEPTION_FINDINGS, _merge_statements(postgresql=False)),
+        (CLOSING, _close_statements(postgresql=False)),
     )
     with connection.begin():
         fail_interrupted(connection, params)
@@ -227,8 +220,13 @@ def fail_interrupted(connection: sa.Connection, params: dict[str, Any]) -> None:
         logger.warning("reconciliation run %s %s", run_id, INTERRUPTED)
 
 
-def _merge_statements(*, postgresql: bool, batch: str) -> list[str]:
-    """Open, see and reopen the exceptions of the exception findings (of ``batch``)."""
+def _merge_statements(*, postgresql: bool) -> list[str]:
+    """Open, see and reopen the exceptions of the exception findings.
+
+    On SQLite, of one batch of findings (``:after``, ``:upto``), each statement driven by
+    the batch: ``CROSS JOIN`` keeps SQLite's planner from walking every exception of
+    the connection (through its index) for each batch's few rows.
+    """
     json_object = "json_build_object" if postgresql else "json_object"
     details = f"""{json_object}(
         'shop_reference', f.shop_reference, 'order_id', f.order_guid,
@@ -240,19 +238,11 @@ def _merge_statements(*, postgresql: bool, batch: str) -> list[str]:
         "e.connection_id = :connection_id AND e.category = f.category "
         "AND e.subject_key = f.subject_key"
     )
-    return [
-        # Known exceptions found again: the event first, while the old state is there.
-        f"""
-        INSERT INTO exception_event (recon_exception_id, recon_run_id, action, actor, note, at)
-        SELECT e.id, :run_id,
-               CASE WHEN e.state = 'closed' THEN 'reopened' ELSE 'seen' END,
-               :actor, NULL, :now
-        FROM {EXCEPTION_FINDINGS} f JOIN recon_exception e ON {same}
-        WHERE 1 = 1 {batch}
-        """,
-        f"""
-        UPDATE recon_exception
-        SET state = CASE WHEN state = 'closed' THEN 'open' ELSE state END,
+    batch = "" if postgresql else _IN_BATCH
+    join = "JOIN" if postgresql else "CROSS JOIN"
+    found = f"{EXCEPTION_FINDINGS} f {join} recon_exception e ON {same}"
+    refreshed = f"""
+            state = CASE WHEN state = 'closed' THEN 'open' ELSE state END,
             closed_run_id = NULL,
             last_seen_run_id = :run_id,
             ledger_line_id = f.line_id,
@@ -262,12 +252,36 @@ def _merge_statements(*, postgresql: bool, batch: str) -> list[str]:
             venue_amount = f.venue_amount,
             details = {details},
             subject_at = f.subject_at,
-            updated_at = :now
+            updated_at = :now"""
+    if postgresql:
+        update = f"""
+        UPDATE recon_exception SET {refreshed}
         FROM {EXCEPTION_FINDINGS} f
         WHERE recon_exception.connection_id = :connection_id
           AND recon_exception.category = f.category
-          AND recon_exception.subject_key = f.subject_key {batch}
+          AND recon_exception.subject_key = f.subject_key
+        """
+    else:
+        # The batch's findings with their exceptions' ids, materialized first: from a
+        # flattened subquery SQLite's planner would walk the table for each finding.
+        update = f"""
+        WITH f AS MATERIALIZED (
+            SELECT f.*, e.id AS exception_id FROM {found} WHERE 1 = 1 {batch}
+        )
+        UPDATE recon_exception SET {refreshed}
+        FROM f WHERE recon_exception.id = f.exception_id
+        """
+    return [
+        # Known exceptions found again: the event first, while the old state is there.
+        f"""
+        INSERT INTO exception_event (recon_exception_id, recon_run_id, action, actor, note, at)
+        SELECT e.id, :run_id,
+               CASE WHEN e.state = 'closed' THEN 'reopened' ELSE 'seen' END,
+               :actor, NULL, :now
+        FROM {found}
+        WHERE 1 = 1 {batch}
         """,
+        update,
         f"""
         INSERT INTO recon_exception (
             connection_id, category, subject_key, ledger_line_id, venue_order_id, currency,
@@ -283,28 +297,44 @@ def _merge_statements(*, postgresql: bool, batch: str) -> list[str]:
         f"""
         INSERT INTO exception_event (recon_exception_id, recon_run_id, action, actor, note, at)
         SELECT e.id, :run_id, 'opened', :actor, NULL, :now
-        FROM {EXCEPTION_FINDINGS} f JOIN recon_exception e ON {same}
+        FROM {found}
         WHERE e.first_seen_run_id = :run_id {batch}
         """,
     ]
 
 
-def _close_statements(*, batch: str) -> list[str]:
-    """Close the exceptions of the period the run did not find again (of ``batch``)."""
-    stale = f"""
-        connection_id = :connection_id AND state IN ({_ACTIVE})
-        AND subject_at >= :period_from AND subject_at < :period_to
-        AND last_seen_run_id <> :run_id {batch}
+def _close_statements(*, postgresql: bool) -> list[str]:
+    """Close the exceptions of the period the run did not find again.
+
+    On PostgreSQL, found by those conditions; on SQLite, one batch of :data:`CLOSING`
+    (``:after``, ``:upto``), looked up by id (the conditions checked again on each row,
+    their ``+`` keeping SQLite's planner from the connection's index instead).
     """
+    if postgresql:
+        stale = f"""
+            connection_id = :connection_id AND state IN ({_ACTIVE})
+            AND subject_at >= :period_from AND subject_at < :period_to
+            AND last_seen_run_id <> :run_id"""
+        closing = f"FROM recon_exception WHERE {stale}"
+        where = stale
+    else:
+        stale = f"""
+            +connection_id = :connection_id AND +state IN ({_ACTIVE})
+            AND +subject_at >= :period_from AND +subject_at < :period_to
+            AND +last_seen_run_id <> :run_id"""
+        closing = f"""FROM temp.{CLOSING} c CROSS JOIN recon_exception ON recon_exception.id = c.id
+        WHERE c.rowid > :after AND c.rowid <= :upto AND {stale}"""
+        where = f"""id IN (SELECT id FROM temp.{CLOSING} WHERE rowid > :after AND rowid <= :upto)
+            AND {stale}"""
     return [
         f"""
         INSERT INTO exception_event (recon_exception_id, recon_run_id, action, actor, note, at)
-        SELECT id, :run_id, 'closed', :actor, NULL, :now
-        FROM recon_exception WHERE {stale}
+        SELECT recon_exception.id, :run_id, 'closed', :actor, NULL, :now
+        {closing}
         """,
         f"""
         UPDATE recon_exception
         SET state = 'closed', closed_run_id = :run_id, updated_at = :now
-        WHERE {stale}
+        WHERE {where}
         """,
     ]
