@@ -130,8 +130,6 @@ def record_in_steps(
     connection: sa.Connection,
     params: dict[str, Any],
     finish: Callable[[sa.Connection], object],
-    *,
-    batch_rows: int | None = None,
 ) -> int:
     """SQLite: record the run's results in short write transactions, then finish it.
 
@@ -145,12 +143,11 @@ def record_in_steps(
         connection: the run's connection, holding its temporary tables.
         params: the run's bind parameters.
         finish: writes the run's end, in the last transaction.
-        batch_rows: the most rows a batch takes (default :data:`BATCH_ROWS`).
 
     Returns:
         How many write transactions recorded the run.
     """
-    most = BATCH_ROWS if batch_rows is None else max(batch_rows, 1)
+    most = max(BATCH_ROWS, 1)
     steps = (
         (EXCEPTION_FINDINGS, _merge_statements(postgresql=False)),
         (CLOSING, _close_statements(postgresql=False)),
