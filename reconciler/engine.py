@@ -76,17 +76,16 @@ turns (PostgreSQL: an advisory lock on the connection's key; SQLite: a lock file
 the database), a lock that blocks nothing but another run of the connection: never the
 receiver, the worker or an import storing the connection's orders and ledger lines, as
 a lock on the connection's row did. PostgreSQL then finds and records in one
-transaction, which also finishes the run. SQLite finds in a read transaction (into
-TEMP tables, which take no lock on the database's file) and records in one short write
-transaction that also finishes the run: SQLite's single write lock is held only while
-a few rows per exception are written. Either way readers see a run ``running`` with no
-results, or finished with all of them. On a failure the work is rolled back and the run
-is recorded ``failed`` with the error, then :class:`ReconRunFailed` is raised.
+transaction, which also finishes the run: readers see a run ``running`` with no
+results, or finished with all of them. SQLite finds in a read transaction (into TEMP
+tables, which take no lock on the database's file) and records in short write
+transactions, a batch of exceptions each, the totals and the run's end last
+(:mod:`reconciler.recording` says why, and what readers see meanwhile): SQLite's single
+write lock, which every webhook needs, is never held for long, however many exceptions
+a run opens or closes. On a failure the run is recorded ``failed`` with the error, then
+:class:`ReconRunFailed` is raised: nothing of it is stored on PostgreSQL; on SQLite the
+batches it committed stay, each whole, and the next run of its period completes them.
 """
-
-# The SQL below is assembled from this module's constants (table names, category values,
-# dialect spellings), never from data: every value goes through a bind parameter.
-# ruff: noqa: S608
 
 from __future__ import annotations
 
@@ -101,7 +100,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from reconciler.findings import EXCEPTION_FINDINGS, TABLES, TOTALS, execute, find
+from reconciler.findings import TABLES, find
+from reconciler.recording import CLOSING, plan_closing, record_at_once, record_in_steps
 from reconciler.turns import take_turn_postgresql, take_turn_sqlite
 from storage.engine import SQLITE_BEGIN_OPTION
 from storage.records import ReconRun, ReconRunState, ReconTrigger
@@ -114,7 +114,8 @@ MAX_ERROR_LENGTH = 500
 
 
 class ReconRunFailed(RuntimeError):
-    """A run failed; its work was rolled back and its row records the error.
+    """A run failed; its row records the error, and its work was rolled back (SQLite:
+    its unfinished batch; those committed stay, :mod:`reconciler.recording`).
 
     Attributes:
         run_id: the failed run's id.
@@ -212,32 +213,34 @@ def reconcile(
             with engine.begin() as connection:
                 take_turn_postgresql(connection, connection_id, run_id)
                 find(connection, params, postgresql=True)
-                _record(connection, params, postgresql=True)
+                record_at_once(connection, params)
                 connection.execute(finish, {"finished_at": _finished(now, started)})
         else:
             with take_turn_sqlite(engine, connection_id, run_id), engine.connect() as connection:
                 # The findings are computed in a read transaction into TEMP tables, which
                 # live in the connection's own temporary database: no write lock on the
-                # database's file. Only the writes (totals, exceptions, the run's end: a
-                # few rows per exception) take it, in one short transaction, so readers
-                # see the run finished with all of its results, or running with none.
+                # database's file. Only the writes take it, in short transactions
+                # (reconciler.recording), so a webhook waits for one batch at most.
                 connection.execution_options(**{SQLITE_BEGIN_OPTION: "DEFERRED"})
                 try:
                     with connection.begin():
                         find(connection, params, postgresql=False)
+                        plan_closing(connection, params)
                     # The long read kept the WAL from being checkpointed; catch up here
                     # (PASSIVE: writers go on), not in the next webhook's commit.
                     driver = connection.connection.driver_connection
                     driver.execute("PRAGMA wal_checkpoint(PASSIVE)")  # type: ignore[union-attr]
                     connection.execution_options(**{SQLITE_BEGIN_OPTION: "IMMEDIATE"})
-                    with connection.begin():
-                        _record(connection, params, postgresql=False)
-                        connection.execute(finish, {"finished_at": _finished(now, started)})
+                    record_in_steps(
+                        connection,
+                        params,
+                        lambda c: c.execute(finish, {"finished_at": _finished(now, started)}),
+                    )
                 finally:
                     # The pooled connection keeps its TEMP tables until they are dropped.
                     connection.execution_options(**{SQLITE_BEGIN_OPTION: "DEFERRED"})
                     with connection.begin():
-                        for table in TABLES:
+                        for table in (*TABLES, CLOSING):
                             connection.exec_driver_sql(f"DROP TABLE IF EXISTS temp.{table}")
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}".strip()[:MAX_ERROR_LENGTH]
@@ -258,121 +261,6 @@ def reconcile(
 def _finished(now: dt.datetime, started: float) -> dt.datetime:
     # On the run's own clock: ``now`` plus the time the run took.
     return now + dt.timedelta(seconds=time.monotonic() - started)
-
-
-def _record(connection: sa.Connection, params: dict[str, Any], *, postgresql: bool) -> None:
-    """Write the run's totals and merge its exceptions, from what :func:`find` found."""
-    execute(connection, _RECORD_TOTALS_SQL, params)
-    _merge_exceptions(connection, params, postgresql)
-
-
-_ACTIVE = "'open', 'resolved', 'accepted'"
-
-_RECORD_TOTALS_SQL = f"""
-    INSERT INTO recon_total (
-        recon_run_id, currency, category, count, ledger_amount, venue_amount
-    )
-    SELECT :run_id, currency, category, count, ledger_amount, venue_amount
-    FROM {TOTALS}
-"""
-
-
-def _merge_exceptions(connection: sa.Connection, params: dict[str, Any], postgresql: bool) -> None:
-    """Open, see, reopen and close the connection's exceptions from the exception findings."""
-    json_object = "json_build_object" if postgresql else "json_object"
-    details = f"""{json_object}(
-        'shop_reference', f.shop_reference, 'order_id', f.order_guid,
-        'order_count', f.order_count, 'status', f.status, 'ledger_state', f.ledger_state,
-        'quantity', f.ledger_quantity, 'venue_quantity', f.venue_quantity,
-        'venue_currency', f.venue_currency, 'venue_reference', f.venue_reference,
-        'buy_from_order_reference', f.buy_from_order_reference)"""
-    same = (
-        "e.connection_id = :connection_id AND e.category = f.category "
-        "AND e.subject_key = f.subject_key"
-    )
-    # Known exceptions found again: the event first, while the old state is still there.
-    execute(
-        connection,
-        f"""
-        INSERT INTO exception_event (recon_exception_id, recon_run_id, action, actor, note, at)
-        SELECT e.id, :run_id,
-               CASE WHEN e.state = 'closed' THEN 'reopened' ELSE 'seen' END,
-               :actor, NULL, :now
-        FROM {EXCEPTION_FINDINGS} f JOIN recon_exception e ON {same}
-        """,
-        params,
-    )
-    execute(
-        connection,
-        f"""
-        UPDATE recon_exception
-        SET state = CASE WHEN state = 'closed' THEN 'open' ELSE state END,
-            closed_run_id = NULL,
-            last_seen_run_id = :run_id,
-            ledger_line_id = f.line_id,
-            venue_order_id = f.order_pk,
-            currency = f.currency,
-            ledger_amount = f.ledger_amount,
-            venue_amount = f.venue_amount,
-            details = {details},
-            subject_at = f.subject_at,
-            updated_at = :now
-        FROM {EXCEPTION_FINDINGS} f
-        WHERE recon_exception.connection_id = :connection_id
-          AND recon_exception.category = f.category
-          AND recon_exception.subject_key = f.subject_key
-        """,
-        params,
-    )
-    execute(
-        connection,
-        f"""
-        INSERT INTO recon_exception (
-            connection_id, category, subject_key, ledger_line_id, venue_order_id, currency,
-            ledger_amount, venue_amount, details, subject_at, state, first_seen_run_id,
-            last_seen_run_id, closed_run_id, first_seen_at, updated_at
-        )
-        SELECT :connection_id, f.category, f.subject_key, f.line_id, f.order_pk, f.currency,
-               f.ledger_amount, f.venue_amount, {details}, f.subject_at, 'open', :run_id,
-               :run_id, NULL, :now, :now
-        FROM {EXCEPTION_FINDINGS} f
-        WHERE NOT EXISTS (SELECT 1 FROM recon_exception e WHERE {same})
-        """,
-        params,
-    )
-    execute(
-        connection,
-        """
-        INSERT INTO exception_event (recon_exception_id, recon_run_id, action, actor, note, at)
-        SELECT e.id, :run_id, 'opened', :actor, NULL, :now
-        FROM recon_exception e
-        WHERE e.connection_id = :connection_id AND e.first_seen_run_id = :run_id
-        """,
-        params,
-    )
-    stale = f"""
-        connection_id = :connection_id AND state IN ({_ACTIVE})
-        AND subject_at >= :period_from AND subject_at < :period_to
-        AND last_seen_run_id <> :run_id
-    """
-    execute(
-        connection,
-        f"""
-        INSERT INTO exception_event (recon_exception_id, recon_run_id, action, actor, note, at)
-        SELECT id, :run_id, 'closed', :actor, NULL, :now
-        FROM recon_exception WHERE {stale}
-        """,
-        params,
-    )
-    execute(
-        connection,
-        f"""
-        UPDATE recon_exception
-        SET state = 'closed', closed_run_id = :run_id, updated_at = :now
-        WHERE {stale}
-        """,
-        params,
-    )
 
 
 @dataclass(frozen=True)

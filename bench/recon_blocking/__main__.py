@@ -1,12 +1,15 @@
 """bench/recon_blocking: how long the connection's new orders and sales wait during a run.
 
 Run it as ``.venv/bin/python bench/recon_blocking [--db sqlite|postgresql|both]
-[--lines N] [--quick] [--out results.json]`` from the repository (``bench/README.md``).
+[--lines N] [--stale N] [--quick] [--out results.json]`` from the repository
+(``bench/README.md``).
 It is a benchmark, not a test: it measures and prints.
 
 For each database (a fresh SQLite file; a throwaway PostgreSQL server,
 ``bench/ingest/servers.py``), the seeded ledger and mirror of ``bench/reconcile``
-(:mod:`dataset`) is loaded (not measured), then:
+(:mod:`dataset`) is loaded (not measured), with ``--stale`` open exceptions of the
+period that the run will not find again, so that it closes them all (as a year's first
+run after a long outage would: its write grows with them), then:
 
 1. **idle**: a prober stores :data:`IDLE_PROBES` mirrored orders and ledger lines of the
    connection, each in a transaction of its own, with nothing else running: the baseline.
@@ -58,7 +61,8 @@ from reconciler.engine import reconcile  # noqa: E402
 from storage.engine import SQLITE_BEGIN_OPTION, make_engine, make_sessions  # noqa: E402
 from storage.migrate import upgrade  # noqa: E402
 from storage.models import LedgerLine, LedgerSource, LedgerState, VenueOrder  # noqa: E402
-from storage.records import ReconTrigger  # noqa: E402
+from storage.records import ReconRun, ReconRunState, ReconTrigger  # noqa: E402
+from storage.types import UTCDateTime  # noqa: E402
 from venue.models import OrderStatus  # noqa: E402
 
 DATABASES = ("sqlite", "postgresql")
@@ -163,7 +167,47 @@ class Prober:
         into.seconds.append(waited)
 
 
-def bench_database(kind: str, plan: Plan, scratch: Path) -> Result:
+def plant_stale(engine: sa.Engine, connection_id: int, plan: Plan, count: int) -> None:
+    """``count`` open exceptions of the period, of an earlier run, that no sale has."""
+    if count <= 0:
+        return
+    with engine.begin() as connection:
+        run_id = connection.execute(
+            sa.insert(ReconRun)
+            .values(
+                connection_id=connection_id,
+                started_at=plan.period_from,
+                finished_at=plan.period_from,
+                period_from=plan.period_from,
+                period_to=plan.period_to,
+                trigger=ReconTrigger.MANUAL,
+                state=ReconRunState.FINISHED,
+            )
+            .returning(ReconRun.id)
+        ).scalar_one()
+        connection.execute(
+            sa.text(
+                """
+                WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < :count)
+                INSERT INTO recon_exception (
+                    connection_id, category, subject_key, subject_at, currency, state,
+                    first_seen_run_id, last_seen_run_id, first_seen_at, updated_at
+                )
+                SELECT :connection_id, 'missing_at_venue', 'ledger:stale:' || CAST(i AS TEXT),
+                       :at, 'EUR', 'open', :run_id, :run_id, :at, :at
+                FROM n
+                """
+            ).bindparams(sa.bindparam("at", type_=UTCDateTime())),
+            {
+                "count": count,
+                "connection_id": connection_id,
+                "run_id": run_id,
+                "at": plan.period_from + (plan.period_to - plan.period_from) / 2,
+            },
+        )
+
+
+def bench_database(kind: str, plan: Plan, scratch: Path, stale: int = 0) -> Result:
     """Load, probe idle, then probe during one reconciliation."""
     result = Result(kind)
     try:
@@ -175,6 +219,7 @@ def bench_database(kind: str, plan: Plan, scratch: Path) -> Result:
             engine = make_engine(url)
             try:
                 loaded = load(engine, plan)
+                plant_stale(engine, loaded.connection_id, plan, stale)
                 sessions = make_sessions(engine)
                 prober = Prober(sessions, loaded.connection_id)
                 for _ in range(WARM_UP):  # the pool's first connections, the ORM's caches
@@ -313,19 +358,23 @@ def main() -> int:
     )
     parser.add_argument("--db", choices=(*DATABASES, "both"), default="both")
     parser.add_argument("--lines", type=int, default=None, help=f"default {LINES:,}")
+    parser.add_argument(
+        "--stale", type=int, default=0, help="open exceptions the run closes (default 0)"
+    )
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_LINES:,} lines")
     parser.add_argument("--out", type=Path, help="write the results as JSON too")
     args = parser.parse_args()
     lines = args.lines or (QUICK_LINES if args.quick else LINES)
     plan = Plan(lines, PER_CATEGORY, SEED, NOW, NOW - PERIOD)
     print(
-        f"bench/recon_blocking: {lines:,} ledger lines; {platform.system()} "
+        f"bench/recon_blocking: {lines:,} ledger lines, {args.stale:,} stale exceptions; "
+        f"{platform.system()} "
         f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
         flush=True,
     )
     kinds = DATABASES if args.db == "both" else (args.db,)
     with tempfile.TemporaryDirectory(prefix="otacm-bench-recon-blocking-") as scratch:
-        results = [bench_database(kind, plan, Path(scratch)) for kind in kinds]
+        results = [bench_database(kind, plan, Path(scratch), args.stale) for kind in kinds]
     print()
     for result in results:
         print("\n".join(report(result)))

@@ -24,6 +24,7 @@ from reconciler.engine import reconcile
 from reconciler.findings import FINDINGS
 from storage.models import LedgerLine, VenueOrder, ensure_connection
 from storage.records import ReconTotal, ReconTrigger
+from tests.reconciler.test_engine import plant_every_case
 
 PARTNER = "7d1c2f3a-0000-4000-8000-000000000001"
 PERIOD_FROM = dt.datetime(2026, 5, 1, tzinfo=dt.UTC)
@@ -198,3 +199,62 @@ def test_a_run_reads_its_period_through_the_indexes_by_time(
             )
         }
     assert totals == {"matched": IN_PERIOD + 1, "orphan": 3}
+
+
+BATCH_STEP = re.compile(
+    r"SEARCH (?:f|c|temp\.recon_closing) USING INTEGER PRIMARY KEY \(rowid>\? AND rowid<\?\)"
+)
+"""SQLite's step reading a batch's own rows, by their rowids."""
+
+EXCEPTIONS_WALKED = re.compile(
+    r"SCAN (?:recon_exception|e)\b|(?:recon_exception|\be) USING (?:COVERING )?INDEX ix_"
+)
+"""A step walking the connection's exceptions: a scan, or an index by connection."""
+
+
+@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
+def test_each_batch_of_a_runs_writes_reads_its_own_rows_only(
+    sessions: sessionmaker[Session], migrated_engine: sa.Engine
+) -> None:
+    """SQLite: every statement of a write batch starts from the batch's findings (or
+    exceptions to close) by rowid and looks each exception up by its key or id, so a
+    batch costs what its rows do, never what the connection's exceptions do."""
+    planted = plant_every_case(sessions)
+    plans: dict[str, str] = {}
+
+    def explain(
+        conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool
+    ) -> None:
+        if "rowid > ?" in statement:
+            rows = cursor.connection.execute("EXPLAIN QUERY PLAN " + statement, parameters)
+            plans[" ".join(statement.split())] = "\n".join(str(row[-1]) for row in rows)
+
+    sa.event.listen(migrated_engine, "before_cursor_execute", explain)
+    try:
+        for round_no in (1, 2):
+            if round_no == 2:
+                with sessions.begin() as session:  # the orphan goes: this run closes it
+                    session.execute(
+                        sa.update(VenueOrder)
+                        .where(VenueOrder.order_id == planted.orphan_key.removeprefix("order:"))
+                        .values(removed_at=NOW)
+                    )
+            reconcile(
+                sessions,
+                connection_id=planted.connection_id,
+                period_from=PERIOD_FROM,
+                period_to=PERIOD_TO,
+                now=NOW,
+                trigger=ReconTrigger.MANUAL,
+                actor="test",
+                grace=dt.timedelta(hours=1),
+                tolerance=Decimal("0.01"),
+            )
+    finally:
+        sa.event.remove(migrated_engine, "before_cursor_execute", explain)
+    # Four statements per batch of findings, two per batch of exceptions closed.
+    assert len(plans) == 6, list(plans)
+    assert any("'closed'" in statement for statement in plans)
+    for statement, plan in plans.items():
+        assert BATCH_STEP.search(plan), (statement, plan)
+        assert not EXCEPTIONS_WALKED.search(plan), (statement, plan)
