@@ -62,7 +62,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from heartbeat import shop_retention
 from heartbeat.metric_figures import SETTLED_STATUSES
-from reconciler.ledger import _sqlite_pause
 from storage.models import (
     NOT_CREATE,
     Inbox,
@@ -73,6 +72,7 @@ from storage.models import (
     StatusChange,
     VenueOrder,
 )
+from storage.pacing import sqlite_pause
 from storage.records import ExceptionState, PruneMark, ReconException
 
 logger = logging.getLogger(__name__)
@@ -247,7 +247,7 @@ def prune(
             if sqlite:
                 # Let other writers in: a webhook waiting for the lock would miss a gap
                 # of microseconds between two batches.
-                time.sleep(_sqlite_pause(time.monotonic() - started))
+                time.sleep(sqlite_pause(time.monotonic() - started))
     if not dry_run and report.rows:
         logger.info("pruned past retention: %s", report.as_dict())
     return report

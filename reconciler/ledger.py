@@ -12,8 +12,8 @@ itself are a :class:`LedgerFileError`.
 
 The checked rows wait in a temporary table of the import's own connection (``COPY`` on
 PostgreSQL; on SQLite a temporary table takes no lock on the database), and go into the
-ledger in batches of about :data:`BATCH_SECONDS` each (at most :data:`BATCH_SIZE` rows),
-each committed on its own: one
+ledger in batches of about :data:`~storage.pacing.BATCH_SECONDS` each (at most
+:data:`BATCH_SIZE` rows), each committed on its own: one
 ``INSERT … SELECT … ON CONFLICT DO UPDATE … WHERE <something differs>`` per batch, on
 SQLite and PostgreSQL alike. So no write transaction holds SQLite's one write lock for
 long (a webhook waits for one batch at most, not for the file), the driver never sees a
@@ -56,32 +56,17 @@ from reconciler.ledger_file import (
 )
 from storage.engine import SQLITE_BEGIN_OPTION, database_error_reason, driver_statements
 from storage.models import LedgerLine, LedgerSource, ensure_connection
+from storage.pacing import next_batch_size, sqlite_pause
 from venue.values import reference_set_key
 
 logger = logging.getLogger(__name__)
 
 BATCH_SIZE = 5000
 """The most rows a write transaction takes; fewer when the machine is slow (see
-:data:`BATCH_SECONDS`)."""
-
-BATCH_SECONDS = 0.05
-"""How long a write transaction should take: each batch's size is set from how long the
-previous one took, so that on a loaded machine too a batch holds SQLite's write lock
-for about this long (``bench/ledger_import`` measured 2,000-row batches at 40-100 ms on
-this 2-core machine, and up to 306 ms when seven people shared it), far from the
-200 ms a webhook beside the import may wait."""
+:data:`storage.pacing.BATCH_SECONDS`)."""
 
 FIRST_BATCH_ROWS = 500
 """The first batch's size, before any has been timed."""
-
-MIN_BATCH_ROWS = 100
-"""The fewest rows a batch takes however slow the machine (unless ``batch_size`` is
-smaller): below that, each transaction's own cost would dominate."""
-
-SQLITE_BUSY_SLEEPS = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.025, 0.025, 0.05, 0.05)
-"""How a writer waits for SQLite's write lock (its default busy handler, which every
-connection of otacm uses through its busy timeout): it tries, then sleeps these many
-seconds between tries, then 0.1 s at a time."""
 
 STAGE_ROWS = 5000
 """Checked rows sent to the temporary table at once."""
@@ -240,7 +225,7 @@ def import_ledger(
         fmt: ``csv`` or ``jsonl``; by default from the extension.
         skip_bad: import the good rows even when some are bad.
         batch_size: the most rows per write transaction (each batch's size follows how
-            long the previous one took: :data:`BATCH_SECONDS`).
+            long the previous one took: :data:`storage.pacing.BATCH_SECONDS`).
 
     Returns:
         The counts (all 0 when nothing was written), and the bad rows.
@@ -289,10 +274,10 @@ def import_ledger(
             counts.written = True
             stored_through = batch[-1]
             first += len(batch)
-            size = _next_batch_size(len(batch), held, batch_size)
+            size = next_batch_size(len(batch), held, batch_size)
             if sqlite and first < len(lines):
                 # Let other writers in: they would miss a gap of microseconds.
-                time.sleep(_sqlite_pause(held))
+                time.sleep(sqlite_pause(held))
     counts.written = True
     logger.info(
         "ledger imported: %d inserted, %d updated, %d unchanged, %d bad",
@@ -372,31 +357,6 @@ class _Stage:
     def _load(self, rows: list[list[Any]]) -> None:
         with _begin(self.connection), driver_statements(self.connection) as driver:
             driver.load(self.name, ("seq", "line", *_STAGED), rows)
-
-
-def _next_batch_size(size: int, held: float, most: int) -> int:
-    """The next batch's rows: ``size`` rows held the transaction ``held`` seconds.
-
-    Scaled toward :data:`BATCH_SECONDS`, at most doubling at a time (one quick batch is
-    no promise), within :data:`MIN_BATCH_ROWS` (or ``most`` if smaller) and ``most``.
-    """
-    wanted = size * BATCH_SECONDS / max(held, 1e-6)
-    return max(min(most, MIN_BATCH_ROWS), min(most, 2 * size, int(wanted)))
-
-
-def _sqlite_pause(held: float) -> float:
-    """How long to leave SQLite's write lock free after a batch held it ``held`` seconds.
-
-    As long as the sleep of a writer that began waiting when the batch began (the
-    longest any waiter is in: the sleeps grow with the wait), so that every waiter tries
-    again while the lock is free: about 20 ms after a batch of 50 ms.
-    """
-    waited = 0.0
-    for sleep in SQLITE_BUSY_SLEEPS:
-        waited += sleep
-        if waited > held:
-            return sleep
-    return 0.1
 
 
 def _begin(connection: sa.Connection, sqlite_mode: str = "DEFERRED") -> sa.RootTransaction:

@@ -55,14 +55,14 @@ from typing import Any
 import sqlalchemy as sa
 
 from reconciler.findings import EXCEPTION_FINDINGS, TOTALS, execute
-from reconciler.ledger import _next_batch_size, _sqlite_pause
+from storage.pacing import next_batch_size, sqlite_pause
 
 logger = logging.getLogger(__name__)
 
 BATCH_ROWS = 5000
 """The most findings (or exceptions to close) one SQLite write transaction records;
 fewer when the machine is slow: each batch is sized from how long the previous one
-took, toward the ledger import's :data:`~reconciler.ledger.BATCH_SECONDS`."""
+took, toward the ledger import's :data:`~storage.pacing.BATCH_SECONDS`."""
 
 FIRST_BATCH_ROWS = 500
 """The first batch's size, before any has been timed."""
@@ -188,10 +188,10 @@ def _in_batches(
         batches += 1
         logger.debug("run %s: %s rows %s..%s in %.3fs", params["run_id"], table, after, upto, held)
         after = upto
-        size = _next_batch_size(size, held, most)
+        size = next_batch_size(size, held, most)
         if after < last:
             # Leave the lock free long enough for every writer that waited meanwhile.
-            time.sleep(_sqlite_pause(held))
+            time.sleep(sqlite_pause(held))
     return batches
 
 
