@@ -11,11 +11,11 @@ The workbook is a zip archive of XML parts. Its rows are formatted here, a row p
 string, and compressed into the archive as they come: the archive's bytes leave as
 they are made (its members sized by data descriptors, as a zip written to a pipe), so a
 download starts at once, nothing waits in a temporary file, and memory does not grow
-with the exceptions. A general-purpose writer (openpyxl's write-only mode, XlsxWriter's
-constant memory) builds an object per cell: 2,600 rows a second, a million rows in
-six minutes; this writes the same sheets tens of times faster. The parts naming the
-sheets come last, once their number is known, so an archive cut short has no central
-directory and no reader takes it for whole.
+with the exceptions. A general-purpose writer builds an object per cell: on 100k
+exceptions openpyxl's write-only mode took 89 s, XlsxWriter's constant-memory mode about
+half that, this writer 12 s (reading the rows aside). The parts naming the sheets come
+last, once their number is known, so an archive cut short has no central directory and
+no reader takes it for whole.
 """
 
 from __future__ import annotations
