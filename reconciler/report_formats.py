@@ -3,8 +3,8 @@
 :func:`stream_report` turns a :class:`~reconciler.report.RunReport` into the bytes of one
 of :data:`REPORT_FORMATS`, a piece at a time: a report whose exceptions stream
 (:func:`~reconciler.report.open_run_report`) is written in memory that does not grow
-with them, whatever the format (XLSX in openpyxl's write-only mode, through a temporary
-file: a workbook is a zip archive, complete only once closed). :func:`render_report`
+with them, whatever the format (XLSX too: :mod:`reconciler.report_xlsx` compresses its
+rows into the archive as they come). :func:`render_report`
 gives the whole file at once, for small reports. The ``otacm report`` command and the
 finance pages serve the same bytes, and the finance pages draw the same chart
 (:func:`chart_svg`). Amounts are written with their currency's decimals
@@ -29,7 +29,8 @@ The formats, for finance who open them in a spreadsheet or a browser:
   Amounts are written by us and are plain numbers.
 - ``xlsx``: a "Summary" sheet (the run, then totals per currency and category) and an
   "Exceptions" sheet (one row per exception with a filter), numbers as numbers in the
-  currency's format and times as real dates (UTC).
+  currency's format and times as real dates (UTC); past a sheet's 1,048,576 rows the
+  exceptions go on in "Exceptions 2" and so on.
 - ``html``: one self-contained page (inline CSS and SVG, no scripts, no fonts): the
   summary, a chart of exceptions by category stacked by age, and the exception tables.
 - ``json``: the same data, amounts as strings, times as ISO 8601.
@@ -42,7 +43,6 @@ import datetime as dt
 import io
 import json
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
@@ -329,14 +329,10 @@ def _stream_json(report: RunReport, progress: Callable[[], None]) -> Iterator[by
 
 
 def _stream_xlsx(report: RunReport, progress: Callable[[], None]) -> Iterator[bytes]:
-    """The workbook, built in a temporary file, then read out of it."""
-    from reconciler.report_xlsx import write_xlsx  # it builds on this module
+    """The workbook, its archive's bytes as they are made."""
+    from reconciler.report_xlsx import stream_xlsx  # it builds on this module
 
-    with tempfile.TemporaryFile() as spool:
-        write_xlsx(report, spool, progress=progress)
-        spool.seek(0)
-        while piece := spool.read(_CHUNK):
-            yield piece
+    yield from stream_xlsx(report, progress)
 
 
 # --- HTML ------------------------------------------------------------------------------

@@ -1,8 +1,11 @@
 """The history ``bench/history`` measures over: a year of one venue connection's orders.
 
-:func:`build` fills a freshly migrated database with N orders spread evenly over the year
-before :data:`NOW` (order ``i``, ``1 <= i <= N``, is the ``i``-th oldest), each with what
-otacm keeps of it, written the way a year of running would have left it:
+:func:`build` fills a freshly migrated database with N orders over the year before
+:data:`NOW` (order ``i``, ``1 <= i <= N``, is the ``i``-th oldest), each with what otacm
+keeps of it, written the way a year of running would have left it. The last week holds
+the same orders whatever N (:data:`WEEK_ORDERS`, evenly spread), the rest are spread
+evenly over the 358 days before it: the week's reconciliation reads the same sales at
+every size, and only the history before it grows. Per order:
 
 - the mirror: the order (Issued; every 50th Draft, every 97th Error, the newest few still
   Processing), one item of 1-3 admissions, a wallet per admission, and three status
@@ -12,13 +15,16 @@ otacm keeps of it, written the way a year of running would have left it:
   orders still to fetch (a normal backlog);
 - the ledger: the order's sale, equal to the order (every 200th off by 1.00), except
   every 50th-plus-7 order, which the shop never recorded (an orphan); and N/100 sales
-  the venue never got (missing at the venue);
+  the venue never got (missing at the venue; in the last week a hundredth of its
+  orders' worth, in the year before it the rest);
 - the outbox: the create of each recorded sale, ``sent``; a confirm of each recent paid
   Draft order, pending;
 - reconciliation: a scheduled run a day (365), each with its totals, the exceptions it
   found (an order's mismatch is opened by the run of its day, seen by the next six, then
   closed) and their events; and one run per entry of :data:`EXCEPTION_RUNS` no larger
-  than N, holding exactly that many open exceptions, for the finance pages and exports.
+  than N, holding exactly that many open exceptions, for the finance pages and exports,
+  whose subjects lie in the days before the history's year: outside every period the
+  benchmark reconciles (the year, the week), so no measured run reads or closes them.
 
 Every table is one ``INSERT ... SELECT`` over generated row numbers (a recursive CTE on
 SQLite, ``generate_series`` on PostgreSQL): the rows never pass through Python, so 1M
@@ -59,10 +65,14 @@ PARTNERS = (
 """The sandbox's two active partners (``sandbox.config.DEFAULT_PARTNERS``): the history's
 orders are theirs, so the feed and the worker against the sandbox find the same ones."""
 
+WEEK = 7 * 86_400
+WEEK_ORDERS = 2_000
+"""Orders in the history's last week, whatever its size (a fifth of it when smaller)."""
+
 EXCEPTION_RUNS = (100, 100_000, 1_000_000)
 """Exceptions of the runs the finance pages and exports are measured on."""
 
-VERSION = 1
+VERSION = 2
 """The builder's version, kept with a cached history: a history built by another
 version is built again."""
 
@@ -111,6 +121,23 @@ class History:
         )
 
 
+def week_orders(orders: int) -> int:
+    """The orders of a history of ``orders`` that lie in its last week."""
+    return min(WEEK_ORDERS, orders // 5)
+
+
+def spread(index: str, count: int, recent: int) -> str:
+    """SQL for the age in seconds of item ``index`` (1 the oldest) of ``count`` items of
+    which the last ``recent`` are evenly spread over the last week, the others over the
+    rest of the year."""
+    older = max(count - recent, 1)
+    return (
+        f"(CASE WHEN {index} > {count - recent} "
+        f"THEN ({count} + 1 - {index}) * {WEEK} / {max(recent, 1)} "
+        f"ELSE {WEEK} + ({count - recent} + 1 - {index}) * {SPAN - WEEK} / {older} END)"
+    )
+
+
 def pending_inbox(orders: int) -> int:
     """Due inbox rows beside a history of ``orders``: room for the timed claims."""
     return min(2_000, max(orders // 5, 100))
@@ -124,9 +151,11 @@ class _Sql:
         self.dialect = dialect
         self.n = orders
         self.epoch = int(NOW.timestamp())
-        # Seconds before NOW that order i was received; integer arithmetic, the same on
-        # both databases.
-        self.age = f"(({orders} + 1 - i) * {SPAN} / {orders})"
+        self.week = week_orders(orders)
+        # Seconds before NOW that order i was received: the last orders over the week,
+        # the others over the year before it; integer arithmetic, the same on both
+        # databases.
+        self.age = spread("i", orders, self.week)
 
     def numbers(self, last: int | str) -> str:
         return _NUMBERS[self.dialect].format(last=last)
@@ -190,6 +219,7 @@ def _statements(sql: _Sql, connection_id: int, runs: dict[int, int]) -> list[tup
     final_source = "(CASE WHEN i % 5 = 0 THEN 'feed' ELSE 'webhook' END)"
     pending = pending_inbox(n)
     missing = n // 100
+    missing_age = spread("i", missing, min(sql.week // 100, missing))
     recorded = "i % 50 <> 7"
     daily = f"""
         SELECT r, {sql.at(f"(({SPAN_DAYS} - r) * 86400)")} AS day_at,
@@ -289,10 +319,8 @@ def _statements(sql: _Sql, connection_id: int, runs: dict[int, int]) -> list[tup
                 reference_key, sold_at, quantity, amount, currency, amount_includes_vat,
                 state, source, created_at, updated_at)
             SELECT {n} + i, {connection_id}, {sql.partner()}, 'l-' || {sql.pad8("i")},
-                'L-' || {sql.pad8("i")}, {sql.at(f"((({missing} + 1 - i) * {SPAN}) / {missing})")},
-                1, 250000000, 'EUR', {yes}, 'active', 'import',
-                {sql.at(f"((({missing} + 1 - i) * {SPAN}) / {missing})")},
-                {sql.at(f"((({missing} + 1 - i) * {SPAN}) / {missing})")}
+                'L-' || {sql.pad8("i")}, {sql.at(missing_age)}, 1, 250000000, 'EUR', {yes},
+                'active', 'import', {sql.at(missing_age)}, {sql.at(missing_age)}
             FROM n WHERE i <= {missing}""",
         ),
         (
@@ -393,7 +421,8 @@ def _statements(sql: _Sql, connection_id: int, runs: dict[int, int]) -> list[tup
                     subject_at, venue_order_id, currency, ledger_amount, venue_amount, details,
                     state, first_seen_run_id, last_seen_run_id, first_seen_at, updated_at)
                 SELECT {next_id} + i, {connection_id}, 'amount_mismatch',
-                    'bench:{count}:' || i, {sql.at(f"(i % {SPAN})")}, (i - 1) % {n} + 1, 'EUR',
+                    'bench:{count}:' || i, {sql.at(f"({SPAN} + 86400 + i % 86400)")},
+                    (i - 1) % {n} + 1, 'EUR',
                     10000000, 9000000, '{{"note":"planted"}}', 'open', {run_id}, {run_id},
                     {sql.at("((i % 40) * 86400)")}, {sql.at("3000")}
                 FROM n""",

@@ -5,8 +5,8 @@ seconds (30), and a sync worker tells it only between requests: a report of a mi
 exceptions, which takes minutes, would be killed mid-stream. gunicorn's
 ``post_worker_init`` hook (:func:`remember_worker`, set by
 :func:`otacm.processes.gunicorn_options`) keeps the worker at hand, and a report's
-``progress`` (:func:`keep_alive`, called every thousand rows and every megabyte of an
-XLSX archive written) tells the master the worker lives. A report that stops making
+``progress`` (:func:`keep_alive`, called every thousand rows) tells the master the
+worker lives. A report that stops making
 progress (a database that no longer answers) is still killed after ``timeout``. Outside
 gunicorn (tests, ``flask run``) there is no worker and :func:`keep_alive` does nothing.
 """
