@@ -28,12 +28,10 @@ from orders.shop_delivery import (
     BATCH_SIZE,
     Endpoint,
     EndpointSender,
-    ReplayRefused,
     claim_deliveries,
-    list_deliveries,
-    replay,
     start_senders,
 )
+from orders.shop_replay import ReplayRefused, list_deliveries, replay
 from orders.shop_events import deliver_to
 from orders.submit import SubmitStatus
 from storage.engine import make_sessions
@@ -66,13 +64,17 @@ class Request:
 class Shop:
     """A shop endpoint over real HTTP: verifies each signature with every secret it knows.
 
-    ``answer`` chooses each request's status from its event id; ``hold``, when given,
-    keeps every request waiting until it is set (a slow endpoint).
+    ``answer`` chooses each request's status from its event id, ``retry_after`` its
+    ``Retry-After`` header (none when it gives ``None``); ``hold``, when given, keeps
+    every request waiting until it is set (a slow endpoint), ``arrived`` being set as
+    each comes.
     """
 
     secrets: list[str]
     answer: Callable[[str], int] = lambda event_id: 200
+    retry_after: Callable[[str], str | None] = lambda event_id: None
     hold: threading.Event | None = None
+    arrived: threading.Event = field(default_factory=threading.Event)
     requests: list[Request] = field(default_factory=list)
     unverified: int = 0
     url: str = ""
@@ -103,13 +105,17 @@ def serve() -> Iterator[Callable[[Shop], Shop]]:
                     self.send_response(401)
                     self.end_headers()
                     return
+                shop.arrived.set()
                 if shop.hold is not None:
                     shop.hold.wait()
                 event_id = headers["webhook-id"]
                 status = shop.answer(event_id)
+                retry_after = shop.retry_after(event_id)
                 with lock:
                     shop.requests.append(Request(event_id, json.loads(body), status))
                 self.send_response(status)
+                if retry_after is not None:
+                    self.send_header("retry-after", retry_after)
                 self.send_header("content-length", "0")
                 self.end_headers()
 
