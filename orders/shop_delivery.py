@@ -42,6 +42,7 @@ import datetime as dt
 import email.utils
 import json
 import logging
+import queue
 import re
 import threading
 import time
@@ -52,12 +53,13 @@ from typing import Any
 
 import httpx
 import sqlalchemy as sa
-from sqlalchemy.orm import Session, aliased, sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 from standardwebhooks.webhooks import Webhook
 
-from storage.lease import LAST_ERROR_MAX_CHARS, NO_SYNC, LeasedQueue, backoff
+from orders.shop_leases import DeliveryClaim, Leases, RowLeases, SoleSender
+from storage.lease import LAST_ERROR_MAX_CHARS, NO_SYNC, backoff
 from storage.models import IN_FLIGHT
-from storage.records import DeliveryState, ShopDelivery, ShopEvent
+from storage.records import DeliveryState, ShopDelivery
 from storage.types import utcnow
 
 logger = logging.getLogger(__name__)
@@ -86,24 +88,13 @@ RETRY_AFTER_STATUSES = frozenset({429, 503})
 STOP_POLL_SECONDS = 0.2
 """How often a pass waiting for its POSTs looks whether the sender was told to stop."""
 
+UNSETTLED_MAX = 4 * BATCH_SIZE
+"""Deliveries sent whose settlement may wait behind the database's write lock while the
+sender goes on (:meth:`EndpointSender.run_forever`); beyond it the sender waits."""
+
 SETTLE_SECONDS = 10.0
 """What a stopping sender may spend settling its last pass (the database's lock wait
 included), beyond its stop grace: :func:`join_senders` waits that long on top."""
-
-DELIVERY_QUEUE = LeasedQueue(
-    model=ShopDelivery,
-    pending=DeliveryState.PENDING,
-    leased=DeliveryState.LEASED,
-    dead=DeliveryState.DEAD,
-    holder="sender",
-    gave_up="given up",
-    logger=logger,
-)
-"""The deliveries as a leased queue. Its :meth:`~storage.lease.LeasedQueue.settle` ends
-a lease; claims are :func:`claim_deliveries`'s own: they read the in-flight rows of one
-endpoint by due time (one index range, however many wait in backoff behind a dead
-endpoint) and pass over a delivery whose order has an earlier one in flight, where
-:meth:`~storage.lease.LeasedQueue.claim` walks a connection's rows in id order."""
 
 Clock = Callable[[], dt.datetime]
 
@@ -121,20 +112,6 @@ class Endpoint:
     name: str
     url: str
     secrets: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class DeliveryClaim:
-    """A delivery leased to one sender: what sending it needs, not the ORM object."""
-
-    id: int
-    event_id: str
-    type: str
-    order_seq: int
-    payload: dict[str, Any]
-    created_at: dt.datetime
-    retry_from: dt.datetime
-    attempts: int
 
 
 class Outcome:
@@ -170,104 +147,6 @@ class PassReport:
     dead: int = 0
     released: int = 0
     lease_lost: int = 0
-
-
-def _due(now: dt.datetime, endpoint: str) -> list[sa.ColumnElement[bool] | sa.TextClause]:
-    d = ShopDelivery
-    earlier = aliased(ShopDelivery)
-    # The literal IN_FLIGHT (unqualified ``state``) names the innermost table in the
-    # subquery: the partial index by (endpoint, order, seq) answers it.
-    blocked = (
-        sa.select(sa.literal(1))
-        .select_from(earlier)
-        .where(
-            earlier.endpoint == d.endpoint,
-            earlier.venue_order_id == d.venue_order_id,
-            earlier.order_seq < d.order_seq,
-            IN_FLIGHT,
-        )
-        .exists()
-    )
-    return [
-        d.endpoint == endpoint,
-        IN_FLIGHT,
-        d.next_attempt_at <= now,
-        sa.or_(d.state == DeliveryState.PENDING, d.lease_expires_at < now),
-        ~blocked,
-    ]
-
-
-def any_due(read_sessions: sessionmaker[Session], endpoint: str, now: dt.datetime) -> bool:
-    """Whether a delivery to ``endpoint`` is due, read without taking a write lock."""
-    with read_sessions() as session:
-        found = session.scalar(sa.select(ShopDelivery.id).where(*_due(now, endpoint)).limit(1))
-    return found is not None
-
-
-def claim_deliveries(
-    sessions: sessionmaker[Session],
-    endpoint: str,
-    *,
-    owner: str,
-    now: dt.datetime,
-    limit: int,
-    lease_seconds: float,
-) -> list[DeliveryClaim]:
-    """Lease up to ``limit`` due deliveries to ``endpoint`` to ``owner``, soonest due first.
-
-    Due: pending with ``next_attempt_at`` come, or leased with the lease expired, and no
-    earlier event of the same order in flight to the same endpoint (so at most one of an
-    order's events per claim). PostgreSQL selects them ``FOR UPDATE SKIP LOCKED``;
-    SQLite's writers take turns. A claimed row's ``next_attempt_at`` becomes its lease's
-    end, when it is due again should its sender die.
-    """
-    d = ShopDelivery
-    query = (
-        sa.select(
-            d.id,
-            d.attempts,
-            d.retry_from,
-            d.order_seq,
-            ShopEvent.event_id,
-            ShopEvent.type,
-            ShopEvent.payload,
-            ShopEvent.created_at,
-        )
-        .join(ShopEvent, ShopEvent.id == d.shop_event_id)
-        .where(*_due(now, endpoint))
-        .order_by(d.next_attempt_at, d.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True, of=d)
-    )
-    expires = now + dt.timedelta(seconds=lease_seconds)
-    with sessions.begin() as session:
-        rows = session.execute(query).all()
-        if rows:
-            session.execute(
-                sa.update(d)
-                .where(d.id.in_([row.id for row in rows]))
-                .values(
-                    state=DeliveryState.LEASED,
-                    lease_owner=owner,
-                    lease_expires_at=expires,
-                    next_attempt_at=expires,
-                    attempts=d.attempts + 1,
-                )
-                .execution_options(**NO_SYNC)
-            )
-    return [
-        DeliveryClaim(
-            id=row.id,
-            event_id=row.event_id,
-            type=str(row.type),
-            order_seq=row.order_seq,
-            payload=row.payload,
-            created_at=row.created_at,
-            retry_from=row.retry_from,
-            attempts=row.attempts + 1,
-        )
-        for row in rows
-    ]
 
 
 def event_body(claim: DeliveryClaim) -> bytes:
@@ -365,6 +244,11 @@ class EndpointSender:
     _hold_lock: threading.Lock = field(init=False, default_factory=threading.Lock)
     _held_until: dt.datetime | None = field(init=False, default=None)
     _hold_unrecorded: bool = field(init=False, default=False)
+    _leases: Leases = field(init=False)
+    _settles: queue.Queue[list[Attempt] | None] = field(init=False, default_factory=queue.Queue)
+    _unsettled: set[int] = field(init=False, default_factory=set)
+    _settled: list[int] = field(init=False, default_factory=list)
+    _settled_lock: threading.Condition = field(init=False, default_factory=threading.Condition)
 
     def __post_init__(self) -> None:
         self._signers = [Webhook(secret) for secret in self.endpoint.secrets]
@@ -380,6 +264,13 @@ class EndpointSender:
             self.lease_seconds = rounds * self.timeout + 30.0
         if self.stop_grace <= 0:
             self.stop_grace = self.timeout + 1.0
+        name = self.endpoint.name
+        if self.sessions.kw["bind"].dialect.name == "sqlite":
+            self._leases = SoleSender.for_endpoint(self.read_sessions, name)
+        else:
+            self._leases = RowLeases(
+                self.sessions, self.read_sessions, name, self.owner, self.lease_seconds
+            )
 
     def close(self, *, wait: bool = True) -> None:
         """Release the HTTP connections and the POSTing threads.
@@ -390,6 +281,7 @@ class EndpointSender:
         """
         self._pool.shutdown(wait=wait, cancel_futures=True)
         self._client.close()
+        self._leases.close()
 
     def held_until(self) -> dt.datetime | None:
         """Until when the endpoint asked, by ``Retry-After``, not to be sent to; or ``None``."""
@@ -425,23 +317,31 @@ class EndpointSender:
                 flight get :attr:`stop_grace` to answer, and the pass settles what it has.
         """
         report = PassReport()
-        name = self.endpoint.name
+        attempts = self._claim_and_send(report, look_first=look_first, stop=stop)
+        if attempts:
+            self._settle(attempts, report)
+        return report
+
+    def _claim_and_send(
+        self, report: PassReport, *, look_first: bool, stop: threading.Event | None
+    ) -> list[Attempt]:
         if self.held_until() is not None:
-            return report
-        if look_first and not any_due(self.read_sessions, name, self.clock()):
-            return report
-        claims = claim_deliveries(
-            self.sessions,
-            name,
-            owner=self.owner,
-            now=self.clock(),
-            limit=BATCH_SIZE,
-            lease_seconds=self.lease_seconds,
+            return []
+        with self._settled_lock:
+            while True:
+                # Settled in a transaction that committed before this claim's reads
+                # begin: they see it, so these rows need no more passing over.
+                self._unsettled.difference_update(self._settled)
+                self._settled.clear()
+                if len(self._unsettled) < UNSETTLED_MAX or (stop is not None and stop.is_set()):
+                    break
+                self._settled_lock.wait(1.0)  # enough waits to be settled
+            unsettled = frozenset(self._unsettled)
+        claims = self._leases.claim(
+            self.clock(), BATCH_SIZE, exclude=unsettled, look_first=look_first
         )
         report.claimed = len(claims)
-        if claims:
-            self._settle(self._send(claims, stop), report)
-        return report
+        return self._send(claims, stop) if claims else []
 
     def _send(self, claims: Sequence[DeliveryClaim], stop: threading.Event | None) -> list[Attempt]:
         """POST ``claims``, :data:`POOL_SIZE` at a time; those unanswered when a stop's
@@ -507,7 +407,8 @@ class EndpointSender:
             for key, group in alike.items():
                 values = dict(key)
                 ids = [attempt.claim.id for attempt in group]
-                settled = set(DELIVERY_QUEUE.settle(session, ids, owner=self.owner, **values))
+                counted = group[0].outcome != Outcome.UNSENT
+                settled = set(self._leases.settle(session, ids, counted=counted, values=values))
                 report.lease_lost += len(ids) - len(settled)
                 state = values["state"]
                 if state is DeliveryState.DELIVERED:
@@ -548,12 +449,8 @@ class EndpointSender:
         """The columns a delivery's attempt leaves it with."""
         claim = attempt.claim
         if attempt.outcome == Outcome.UNSENT:
-            # Not sent: as it was before the claim, due when the hold ends (or now).
-            return {
-                "state": DeliveryState.PENDING,
-                "next_attempt_at": self.held_until() or now,
-                "attempts": claim.attempts - 1,
-            }
+            # Not sent (no attempt counted): due when the hold ends, or now.
+            return {"state": DeliveryState.PENDING, "next_attempt_at": self.held_until() or now}
         values: dict[str, Any] = {"last_status": attempt.status, "last_error": attempt.error}
         deadline = claim.retry_from + self.horizon
         if attempt.outcome == Outcome.DELIVERED:
@@ -591,27 +488,89 @@ class EndpointSender:
     def run_forever(self, stop: threading.Event, idle: float = IDLE_SECONDS) -> None:
         """Pass after pass until ``stop`` is set; a pass that found nothing waits ``idle``.
 
+        Each pass's answers are settled by a thread of its own (:meth:`_settle_forever`),
+        so the next pass does not wait for the database's write lock first; claims pass
+        over the rows whose settlement has not committed yet, and while
+        :data:`UNSETTLED_MAX` of them wait, the sender waits for the settler.
         A failing pass (the database away, a bug) is logged and tried again a second
-        later; what it had claimed stays leased until its lease expires.
+        later; what it had claimed stays leased until its lease expires. Told to stop,
+        the last pass is settled before the sender ends.
         """
-        logger.info("shop event sender for %s started", self.endpoint.name)
+        name = self.endpoint.name
+        logger.info("shop event sender for %s started", name)
+        settler = threading.Thread(
+            target=self._settle_forever,
+            args=(stop,),
+            name=f"{threading.current_thread().name}-settle",
+            daemon=True,
+        )
+        settler.start()
         busy = False
         try:
             while not stop.is_set():
+                report = PassReport()
                 try:
-                    report = self.run_once(look_first=not busy, stop=stop)
+                    attempts = self._claim_and_send(report, look_first=not busy, stop=stop)
                 except Exception:
-                    logger.exception("shop event sender for %s: pass failed", self.endpoint.name)
+                    logger.exception("shop event sender for %s: pass failed", name)
                     busy = False
                     stop.wait(1.0)
                     continue
+                if attempts:
+                    with self._settled_lock:
+                        self._unsettled.update(attempt.claim.id for attempt in attempts)
+                    self._settles.put(attempts)
                 busy = report.claimed > 0
                 if not busy:
                     stop.wait(idle)
         finally:
+            self._settles.put(None)
+            settler.join()
             # POSTs abandoned at the stop are settled pending already: not waited for.
             self.close(wait=False)
-            logger.info("shop event sender for %s stopped", self.endpoint.name)
+            logger.info("shop event sender for %s stopped", name)
+
+    def _settle_forever(self, stop: threading.Event) -> None:
+        """Settle the passes :meth:`run_forever` queues, as many as wait in one transaction,
+        until it queues ``None``."""
+        while True:
+            batch = self._settles.get()
+            ending = batch is None
+            attempts = list(batch or ())
+            while not ending:
+                try:
+                    more = self._settles.get_nowait()
+                except queue.Empty:
+                    break
+                ending = more is None
+                attempts.extend(more or ())
+            if attempts:
+                self._settle_retrying(attempts, stop)
+            if ending:
+                return
+
+    def _settle_retrying(self, attempts: list[Attempt], stop: threading.Event) -> None:
+        """Settle ``attempts``, trying again a second later while the database fails; once
+        stopping, three tries, then they are left (sent again later, the same events)."""
+        tries = 0
+        while True:
+            try:
+                self._settle(attempts, PassReport())
+            except Exception:
+                tries += 1
+                logger.exception(
+                    "shop event sender for %s: settling %d deliveries failed",
+                    self.endpoint.name,
+                    len(attempts),
+                )
+                if stop.is_set() and tries >= 3:
+                    return
+                time.sleep(1.0)
+                continue
+            with self._settled_lock:
+                self._settled.extend(attempt.claim.id for attempt in attempts)
+                self._settled_lock.notify_all()
+            return
 
 
 def start_senders(

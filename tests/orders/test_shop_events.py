@@ -28,11 +28,11 @@ from orders.shop_delivery import (
     BATCH_SIZE,
     Endpoint,
     EndpointSender,
-    claim_deliveries,
     start_senders,
 )
-from orders.shop_replay import ReplayRefused, list_deliveries, replay
 from orders.shop_events import deliver_to
+from orders.shop_leases import claim_deliveries
+from orders.shop_replay import ReplayRefused, list_deliveries, replay
 from orders.submit import SubmitStatus
 from storage.engine import make_sessions
 from storage.models import ChangeSource, VenueOrder
