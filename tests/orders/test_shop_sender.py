@@ -313,3 +313,94 @@ def test_start_senders_threads_end_when_stopped_and_joined(
     stop.set()
     assert join_senders(threads, timeout=5.0) == []
     assert not any(thread.is_alive() for thread in threads)
+
+
+# --- who sends: row leases (PostgreSQL), one sender per endpoint (SQLite) ---------------
+
+
+def test_two_senders_of_one_endpoint_send_each_event_once(
+    sessions: sessionmaker[Session], connection_id: int, serve: Callable[[Shop], Shop]
+) -> None:
+    """Two senders of the same endpoint running at once (two worker processes): each
+    event is POSTed once, by one of them; on PostgreSQL their row leases share the
+    deliveries out, on SQLite the one holding the endpoint's file lock sends them all."""
+    deliver_to(sessions, {"default": ["shop"]})
+    shop = serve(Shop([new_secret()]))
+    stop = threading.Event()
+    senders = [sender(sessions, shop, clock=lambda: dt.datetime.now(dt.UTC)) for _ in "ab"]
+    threads = [run_in_thread(send, stop) for send in senders]
+    try:
+        for n in range(1, 31):
+            mirror(sessions, connection_id, n, "Issued", dt.datetime.now(dt.UTC))
+        wait_until(
+            lambda: {d.state for d in deliveries(sessions)} == {DeliveryState.DELIVERED},
+            60,
+            what="every delivery delivered",
+        )
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+
+    assert len(shop.requests) == 30
+    assert len({r.event_id for r in shop.requests}) == 30
+    assert {d.attempts for d in deliveries(sessions)} == {1}
+
+
+def test_on_sqlite_the_endpoint_passes_to_the_next_sender_when_its_holder_ends(
+    sessions: sessionmaker[Session], connection_id: int, serve: Callable[[Shop], Shop]
+) -> None:
+    """While one sender holds the endpoint another claims nothing; once the holder is
+    closed (its process ended), the other sends."""
+    if sessions.kw["bind"].dialect.name != "sqlite":
+        pytest.skip("PostgreSQL's senders share an endpoint by row leases")
+    deliver_to(sessions, {"default": ["shop"]})
+    shop = serve(Shop([new_secret()]))
+    holder, waiting = sender(sessions, shop), sender(sessions, shop)
+    mirror(sessions, connection_id, 1, "Issued", T0)
+    assert holder.run_once(look_first=False).delivered == 1
+    mirror(sessions, connection_id, 2, "Issued", T0)
+
+    assert waiting.run_once().claimed == 0
+    holder.close()
+    assert waiting.run_once().delivered == 1
+    assert [r.body["data"]["sellToOrderReference"] for r in shop.requests] == [
+        "SHOP-1",
+        "SHOP-2",
+    ]
+
+
+def test_on_sqlite_events_go_out_while_another_holds_the_write_lock(
+    sessions: sessionmaker[Session], connection_id: int, serve: Callable[[Shop], Shop]
+) -> None:
+    """SQLite's write lock held by another connection (the worker's mirror, under load):
+    the sender still claims and POSTs every due event; their settlement waits for the
+    lock, and meanwhile the sender's passes do not send them again."""
+    engine = sessions.kw["bind"]
+    if engine.dialect.name != "sqlite":
+        pytest.skip("PostgreSQL has no database-wide write lock")
+    deliver_to(sessions, {"default": ["shop"]})
+    shop = serve(Shop([new_secret()]))
+    for n in (1, 2, 3):
+        mirror(sessions, connection_id, n, "Issued", T0)
+    stop = threading.Event()
+    send = sender(sessions, shop, clock=Clock(T0 + MINUTE))
+    with engine.connect() as writer:  # BEGIN IMMEDIATE: the write lock, until the block ends
+        writer.exec_driver_sql("SELECT 1")
+        thread = run_in_thread(send, stop)
+        try:
+            wait_until(lambda: len(shop.accepted()) == 3, 30, what="the three events")
+            # Passes go on every 0.1 s while the settlement waits: none sends again.
+            stop.wait(0.5)
+            reads = make_sessions(engine, read_only=True)  # a read waits for no lock
+            assert {d.state for d in deliveries(reads)} == {DeliveryState.PENDING}
+        finally:
+            writer.rollback()
+        wait_until(
+            lambda: {d.state for d in deliveries(sessions)} == {DeliveryState.DELIVERED},
+            30,
+            what="the settlement, once the lock is free",
+        )
+    stop.set()
+    thread.join(30)
+    assert len(shop.requests) == 3
