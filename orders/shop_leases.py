@@ -79,7 +79,11 @@ def _due(
     d = ShopDelivery
     earlier = aliased(ShopDelivery)
     # The literal IN_FLIGHT (unqualified ``state``) names the innermost table in the
-    # subquery: the partial index by (endpoint, order, seq) answers it.
+    # subquery: the partial index by (endpoint, order, seq) answers it, one probe per
+    # candidate row. OFFSET 0 keeps PostgreSQL from turning the NOT EXISTS into an anti
+    # join, which on a table whose statistics lag its in-flight rows (a backlog that
+    # arrived since the last ANALYZE) it planned as a loop scanning the endpoint's every
+    # in-flight row for each candidate: a 64-row claim of 1,000 waiting took 1.3 s.
     blocked = (
         sa.select(sa.literal(1))
         .select_from(earlier)
@@ -89,6 +93,7 @@ def _due(
             earlier.order_seq < d.order_seq,
             IN_FLIGHT,
         )
+        .offset(0)
         .exists()
     )
     return [
