@@ -4,21 +4,25 @@ Each configured shop endpoint has its own :class:`EndpointSender` (a thread of t
 role, :func:`start_senders`), so a slow or dead endpoint delays only its own deliveries:
 never another endpoint's, the worker's getOrder loop, or the webhook. A pass:
 
-1. looks, in a read-only transaction, whether a delivery of its endpoint is due (on
-   SQLite an idle pass so never takes the write lock), and if so claims up to
-   :data:`BATCH_SIZE` of them in one short transaction (:func:`claim_deliveries`): due,
-   and no earlier event of the same order in flight to the same endpoint, so an order's
-   events arrive in their sequence; a claim holds each row under a lease;
+1. claims up to :data:`BATCH_SIZE` due deliveries of its endpoint
+   (:mod:`orders.shop_leases`): due, and no earlier event of the same order in flight
+   to the same endpoint, so an order's events arrive in their sequence. On PostgreSQL
+   a claim leases the rows in one short transaction, after a read-only look found one
+   due; on SQLite the endpoint's one sender (a file lock) claims by reading, and takes
+   no write lock for it;
 2. POSTs them at once, a few at a time (:data:`POOL_SIZE`), with no transaction open:
    the body is the event (``type``, ``timestamp``, ``sequence``, ``data``: the order),
    signed per the Standard Webhooks specification with the ``standardwebhooks`` library
    by every secret the endpoint has (several signatures during a change-over), with
    ``webhook-id`` the event's id, the same on every attempt;
-3. settles them in one transaction, each only while still leased by this sender: a 2xx
-   answer is ``delivered``; 408, 429, a 5xx, a timeout or a connection that failed is
-   tried again after an exponential backoff with jitter (:func:`storage.lease.backoff`,
-   5 s doubling up to an hour), until the retry horizon (3 days by default) has passed,
-   then ``dead``; any other answer is ``dead`` at once (the shop refused the event).
+3. settles them, each only while still the sender's: a 2xx answer is ``delivered``;
+   408, 429, a 5xx, a timeout or a connection that failed is tried again after an
+   exponential backoff with jitter (:func:`storage.lease.backoff`, 5 s doubling up to
+   an hour), until the retry horizon (3 days by default) has passed, then ``dead``; any
+   other answer is ``dead`` at once (the shop refused the event). In the worker
+   (:meth:`EndpointSender.run_forever`) a thread of the sender's own settles, as many
+   passes in one transaction as have waited, while the next pass claims and POSTs, so
+   the path from a commit to the shop never waits for SQLite's write lock.
 
 A 429 or 503 with a ``Retry-After`` (seconds or an HTTP-date; at most
 :data:`RETRY_CAP_SECONDS`) holds the whole endpoint: the pass starts no further POST, the
@@ -30,8 +34,9 @@ Told to stop (SIGTERM), a sender starts no further POST, gives those in flight u
 :attr:`EndpointSender.stop_grace` to answer, settles the pass (the unsent and unanswered
 back to pending) and ends; the worker joins it (:func:`join_senders`) before it exits,
 so a stop leaves no delivered event leased, to be sent again. A sender that dies
-mid-pass loses nothing: its leases expire and the deliveries are claimed again; the
-shop may then receive an event twice, with the same ``webhook-id``.
+mid-pass loses nothing: its leases expire (on SQLite: its file lock goes) and the
+deliveries are claimed again; the shop may then receive an event twice, with the same
+``webhook-id``.
 ``otacm deliveries list`` and ``replay`` (:mod:`orders.shop_replay`) show
 them and put dead ones back.
 """
@@ -217,8 +222,9 @@ class EndpointSender:
 
     Attributes:
         endpoint: where and how to send.
-        sessions: the session factory (claims and settlements).
-        read_sessions: a read-only factory (the idle look), the same database.
+        sessions: the session factory (settlements; on PostgreSQL claims).
+        read_sessions: a read-only factory, the same database (the idle look; on
+            SQLite claims).
         owner: the lease owner name (:func:`storage.lease.new_owner`).
         horizon: how long after it was recorded (or replayed) a delivery is retried.
         timeout: seconds one POST may take.
