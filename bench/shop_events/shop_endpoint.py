@@ -28,7 +28,11 @@ def serve_shop(secret: str, port: Any, receipts: Any) -> None:
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    class Server(ThreadingHTTPServer):
+        # A sender opens up to 16 connections at once; the default queue of 5 resets some.
+        request_queue_size = 64
+
+    server = Server(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
     port.put(server.server_address[1])
     server.serve_forever()
