@@ -1,8 +1,10 @@
 """The shop's event senders of the worker role, built from the settings.
 
 One thread per configured shop endpoint (:class:`orders.shop_delivery.EndpointSender`),
-in every worker process: their claims share the deliveries out, and a slow or dead
-endpoint holds only its own thread, never the worker's getOrder loop. In the worker role
+in every worker process: on PostgreSQL their claims share the deliveries out, on SQLite
+one of them sends and the others stand by (:mod:`orders.shop_leases`); a slow or dead
+endpoint holds only its own thread, never the worker's getOrder loop. A stopping worker
+joins them before it closes the database, so their last answers are recorded. In the worker role
 rather than a role of its own, since a deployment already runs and watches workers, and
 the senders need what a worker has (the database, the settings), not the venue.
 """
