@@ -4,48 +4,68 @@ Each configured shop endpoint has its own :class:`EndpointSender` (a thread of t
 role, :func:`start_senders`), so a slow or dead endpoint delays only its own deliveries:
 never another endpoint's, the worker's getOrder loop, or the webhook. A pass:
 
-1. looks, in a read-only transaction, whether a delivery of its endpoint is due (on
-   SQLite an idle pass so never takes the write lock), and if so claims up to
-   :data:`BATCH_SIZE` of them in one short transaction (:func:`claim_deliveries`): due,
-   and no earlier event of the same order in flight to the same endpoint, so an order's
-   events arrive in their sequence; a claim holds each row under a lease;
+1. claims up to :data:`BATCH_SIZE` due deliveries of its endpoint
+   (:mod:`orders.shop_leases`): due, and no earlier event of the same order in flight
+   to the same endpoint, so an order's events arrive in their sequence. On PostgreSQL
+   a claim leases the rows in one short transaction, after a read-only look found one
+   due; on SQLite the endpoint's one sender (a file lock) claims by reading, and takes
+   no write lock for it;
 2. POSTs them at once, a few at a time (:data:`POOL_SIZE`), with no transaction open:
    the body is the event (``type``, ``timestamp``, ``sequence``, ``data``: the order),
    signed per the Standard Webhooks specification with the ``standardwebhooks`` library
    by every secret the endpoint has (several signatures during a change-over), with
    ``webhook-id`` the event's id, the same on every attempt;
-3. settles them in one transaction, each only while still leased by this sender: a 2xx
-   answer is ``delivered``; 408, 429, a 5xx, a timeout or a connection that failed is
-   tried again after an exponential backoff with jitter (:func:`storage.lease.backoff`,
-   5 s doubling up to an hour), until the retry horizon (3 days by default) has passed,
-   then ``dead``; any other answer is ``dead`` at once (the shop refused the event).
+3. settles them, each only while still the sender's: a 2xx answer is ``delivered``;
+   408, 429, a 5xx, a timeout or a connection that failed is tried again after an
+   exponential backoff with jitter (:func:`storage.lease.backoff`, 5 s doubling up to
+   an hour), until the retry horizon (3 days by default) has passed, then ``dead``; any
+   other answer is ``dead`` at once (the shop refused the event). In the worker
+   (:meth:`EndpointSender.run_forever`) a thread of the sender's own settles, as many
+   passes in one transaction as have waited, while the next pass claims and POSTs, so
+   the path from a commit to the shop never waits for SQLite's write lock.
 
-A sender that dies mid-pass loses nothing: its leases expire and the deliveries are
-claimed again; the shop may then receive an event twice, with the same ``webhook-id``.
-``otacm deliveries list`` and ``replay`` (:func:`list_deliveries`, :func:`replay`) show
+A 429 or 503 with a ``Retry-After`` (seconds or an HTTP-date; at most
+:data:`RETRY_CAP_SECONDS`) holds the whole endpoint: the pass starts no further POST, the
+delivery waits at least that long (dead if that is past its retry horizon), the
+endpoint's other pending deliveries are moved to the hold's end, and the sender claims
+nothing until then; a malformed one leaves the delivery to the backoff.
+
+Told to stop (SIGTERM), a sender starts no further POST, gives those in flight up to
+:attr:`EndpointSender.stop_grace` to answer, settles the pass (the unsent and unanswered
+back to pending) and ends; the worker joins it (:func:`join_senders`) before it exits,
+so a stop leaves no delivered event leased, to be sent again. A sender that dies
+mid-pass loses nothing: its leases expire (on SQLite: its file lock goes) and the
+deliveries are claimed again; the shop may then receive an event twice, with the same
+``webhook-id``.
+``otacm deliveries list`` and ``replay`` (:mod:`orders.shop_replay`) show
 them and put dead ones back.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import email.utils
 import json
 import logging
+import queue
+import re
 import threading
+import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import sqlalchemy as sa
-from sqlalchemy.orm import Session, aliased, sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 from standardwebhooks.webhooks import Webhook
 
 from orders.shop_delivery_metrics import count_settled
-from storage.lease import LAST_ERROR_MAX_CHARS, NO_SYNC, LeasedQueue, backoff
+from orders.shop_leases import DeliveryClaim, Leases, RowLeases, SoleSender
+from storage.lease import LAST_ERROR_MAX_CHARS, NO_SYNC, backoff
 from storage.models import IN_FLIGHT
-from storage.records import DeliveryState, ShopDelivery, ShopEvent
+from storage.records import DeliveryState, ShopDelivery
 from storage.types import utcnow
 
 logger = logging.getLogger(__name__)
@@ -65,22 +85,22 @@ RETRY_BASE_SECONDS = 5.0
 """The delay before a failed delivery's second attempt; it doubles with each failure..."""
 
 RETRY_CAP_SECONDS = 3600.0
-"""...up to an hour between attempts."""
+"""...up to an hour between attempts; and the longest ``Retry-After`` an endpoint is
+taken at its word for."""
 
-DELIVERY_QUEUE = LeasedQueue(
-    model=ShopDelivery,
-    pending=DeliveryState.PENDING,
-    leased=DeliveryState.LEASED,
-    dead=DeliveryState.DEAD,
-    holder="sender",
-    gave_up="given up",
-    logger=logger,
-)
-"""The deliveries as a leased queue. Its :meth:`~storage.lease.LeasedQueue.settle` ends
-a lease; claims are :func:`claim_deliveries`'s own: they read the in-flight rows of one
-endpoint by due time (one index range, however many wait in backoff behind a dead
-endpoint) and pass over a delivery whose order has an earlier one in flight, where
-:meth:`~storage.lease.LeasedQueue.claim` walks a connection's rows in id order."""
+RETRY_AFTER_STATUSES = frozenset({429, 503})
+"""The answers whose ``Retry-After`` header the sender honours (RFC 9110, RFC 6585)."""
+
+STOP_POLL_SECONDS = 0.2
+"""How often a pass waiting for its POSTs looks whether the sender was told to stop."""
+
+UNSETTLED_MAX = 4 * BATCH_SIZE
+"""Deliveries sent whose settlement may wait behind the database's write lock while the
+sender goes on (:meth:`EndpointSender.run_forever`); beyond it the sender waits."""
+
+SETTLE_SECONDS = 10.0
+"""What a stopping sender may spend settling its last pass (the database's lock wait
+included), beyond its stop grace: :func:`join_senders` waits that long on top."""
 
 Clock = Callable[[], dt.datetime]
 
@@ -100,26 +120,16 @@ class Endpoint:
     secrets: tuple[str, ...]
 
 
-@dataclass(frozen=True)
-class DeliveryClaim:
-    """A delivery leased to one sender: what sending it needs, not the ORM object."""
-
-    id: int
-    event_id: str
-    type: str
-    order_seq: int
-    payload: dict[str, Any]
-    created_at: dt.datetime
-    retry_from: dt.datetime
-    attempts: int
-
-
 class Outcome:
     """What one POST came to, as :func:`classify` reads it."""
 
     DELIVERED = "delivered"
     RETRY = "retry"
     REFUSED = "refused"
+    UNSENT = "unsent"
+    """Not POSTed: the endpoint asked to wait, or the sender is stopping."""
+    ABANDONED = "abandoned"
+    """POSTed, and no answer before the stopping sender's grace ran out."""
 
 
 @dataclass(frozen=True)
@@ -130,6 +140,7 @@ class Attempt:
     outcome: str
     status: int | None
     error: str | None
+    retry_after: dt.timedelta | None = None
 
 
 @dataclass
@@ -140,105 +151,8 @@ class PassReport:
     delivered: int = 0
     retrying: int = 0
     dead: int = 0
+    released: int = 0
     lease_lost: int = 0
-
-
-def _due(now: dt.datetime, endpoint: str) -> list[sa.ColumnElement[bool] | sa.TextClause]:
-    d = ShopDelivery
-    earlier = aliased(ShopDelivery)
-    # The literal IN_FLIGHT (unqualified ``state``) names the innermost table in the
-    # subquery: the partial index by (endpoint, order, seq) answers it.
-    blocked = (
-        sa.select(sa.literal(1))
-        .select_from(earlier)
-        .where(
-            earlier.endpoint == d.endpoint,
-            earlier.venue_order_id == d.venue_order_id,
-            earlier.order_seq < d.order_seq,
-            IN_FLIGHT,
-        )
-        .exists()
-    )
-    return [
-        d.endpoint == endpoint,
-        IN_FLIGHT,
-        d.next_attempt_at <= now,
-        sa.or_(d.state == DeliveryState.PENDING, d.lease_expires_at < now),
-        ~blocked,
-    ]
-
-
-def any_due(read_sessions: sessionmaker[Session], endpoint: str, now: dt.datetime) -> bool:
-    """Whether a delivery to ``endpoint`` is due, read without taking a write lock."""
-    with read_sessions() as session:
-        found = session.scalar(sa.select(ShopDelivery.id).where(*_due(now, endpoint)).limit(1))
-    return found is not None
-
-
-def claim_deliveries(
-    sessions: sessionmaker[Session],
-    endpoint: str,
-    *,
-    owner: str,
-    now: dt.datetime,
-    limit: int,
-    lease_seconds: float,
-) -> list[DeliveryClaim]:
-    """Lease up to ``limit`` due deliveries to ``endpoint`` to ``owner``, soonest due first.
-
-    Due: pending with ``next_attempt_at`` come, or leased with the lease expired, and no
-    earlier event of the same order in flight to the same endpoint (so at most one of an
-    order's events per claim). PostgreSQL selects them ``FOR UPDATE SKIP LOCKED``;
-    SQLite's writers take turns. A claimed row's ``next_attempt_at`` becomes its lease's
-    end, when it is due again should its sender die.
-    """
-    d = ShopDelivery
-    query = (
-        sa.select(
-            d.id,
-            d.attempts,
-            d.retry_from,
-            d.order_seq,
-            ShopEvent.event_id,
-            ShopEvent.type,
-            ShopEvent.payload,
-            ShopEvent.created_at,
-        )
-        .join(ShopEvent, ShopEvent.id == d.shop_event_id)
-        .where(*_due(now, endpoint))
-        .order_by(d.next_attempt_at, d.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True, of=d)
-    )
-    expires = now + dt.timedelta(seconds=lease_seconds)
-    with sessions.begin() as session:
-        rows = session.execute(query).all()
-        if rows:
-            session.execute(
-                sa.update(d)
-                .where(d.id.in_([row.id for row in rows]))
-                .values(
-                    state=DeliveryState.LEASED,
-                    lease_owner=owner,
-                    lease_expires_at=expires,
-                    next_attempt_at=expires,
-                    attempts=d.attempts + 1,
-                )
-                .execution_options(**NO_SYNC)
-            )
-    return [
-        DeliveryClaim(
-            id=row.id,
-            event_id=row.event_id,
-            type=str(row.type),
-            order_seq=row.order_seq,
-            payload=row.payload,
-            created_at=row.created_at,
-            retry_from=row.retry_from,
-            attempts=row.attempts + 1,
-        )
-        for row in rows
-    ]
 
 
 def event_body(claim: DeliveryClaim) -> bytes:
@@ -265,6 +179,35 @@ def signed_headers(
     }
 
 
+def parse_retry_after(value: str | None, now: dt.datetime) -> dt.timedelta | None:
+    """How long a ``Retry-After`` header asks to wait, at most :data:`RETRY_CAP_SECONDS`.
+
+    Args:
+        value: the header: delay-seconds (``120``) or an HTTP-date
+            (``Wed, 21 Oct 2026 07:28:00 GMT``); ``None`` when absent.
+        now: the real time the answer came, against which a date is read.
+
+    Returns:
+        The wait (zero for a date already past), or ``None`` for an absent or malformed
+        header, which leaves the delivery to the backoff.
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    if re.fullmatch(r"[0-9]+", text):
+        # Digits beyond the cap's are the cap (int() refuses very long ones).
+        seconds = float(text) if len(text) <= 12 else RETRY_CAP_SECONDS
+    else:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:  # "-0000": an HTTP-date is GMT anyway
+            when = when.replace(tzinfo=dt.UTC)
+        seconds = max(0.0, (when - now).total_seconds())
+    return dt.timedelta(seconds=min(seconds, RETRY_CAP_SECONDS))
+
+
 def classify(status: int) -> str:
     """What an endpoint's answer means: received, worth another try, or refused."""
     if 200 <= status < 300:
@@ -280,14 +223,17 @@ class EndpointSender:
 
     Attributes:
         endpoint: where and how to send.
-        sessions: the session factory (claims and settlements).
-        read_sessions: a read-only factory (the idle look), the same database.
+        sessions: the session factory (settlements; on PostgreSQL claims).
+        read_sessions: a read-only factory, the same database (the idle look; on
+            SQLite claims).
         owner: the lease owner name (:func:`storage.lease.new_owner`).
         horizon: how long after it was recorded (or replayed) a delivery is retried.
         timeout: seconds one POST may take.
         clock: the current time for claims, backoff and the horizon (tests move it);
             the signatures' timestamps are always the real time.
         lease_seconds: how long a claim holds its rows: longer than a pass can take.
+        stop_grace: how long, once told to stop, a pass waits for the answers of POSTs
+            in flight (0: the timeout and a second) before it puts them back to pending.
     """
 
     endpoint: Endpoint
@@ -298,9 +244,18 @@ class EndpointSender:
     timeout: float
     clock: Clock = utcnow
     lease_seconds: float = 0.0
+    stop_grace: float = 0.0
     _signers: list[Webhook] = field(init=False)
     _client: httpx.Client = field(init=False)
     _pool: ThreadPoolExecutor = field(init=False)
+    _hold_lock: threading.Lock = field(init=False, default_factory=threading.Lock)
+    _held_until: dt.datetime | None = field(init=False, default=None)
+    _hold_unrecorded: bool = field(init=False, default=False)
+    _leases: Leases = field(init=False)
+    _settles: queue.Queue[list[Attempt] | None] = field(init=False, default_factory=queue.Queue)
+    _unsettled: set[int] = field(init=False, default_factory=set)
+    _settled: list[int] = field(init=False, default_factory=list)
+    _settled_lock: threading.Condition = field(init=False, default_factory=threading.Condition)
 
     def __post_init__(self) -> None:
         self._signers = [Webhook(secret) for secret in self.endpoint.secrets]
@@ -314,38 +269,117 @@ class EndpointSender:
             # A pass sends BATCH_SIZE deliveries POOL_SIZE at a time, each within timeout.
             rounds = -(-BATCH_SIZE // POOL_SIZE)
             self.lease_seconds = rounds * self.timeout + 30.0
+        if self.stop_grace <= 0:
+            self.stop_grace = self.timeout + 1.0
+        name = self.endpoint.name
+        if self.sessions.kw["bind"].dialect.name == "sqlite":
+            self._leases = SoleSender.for_endpoint(self.read_sessions, name)
+        else:
+            self._leases = RowLeases(
+                self.sessions, self.read_sessions, name, self.owner, self.lease_seconds
+            )
 
-    def close(self) -> None:
-        """Release the HTTP connections and the POSTing threads."""
-        self._pool.shutdown(wait=True)
+    def close(self, *, wait: bool = True) -> None:
+        """Release the HTTP connections and the POSTing threads.
+
+        Args:
+            wait: wait for POSTs still running; a stopped sender does not wait for those
+                it abandoned (their rows are pending again already).
+        """
+        self._pool.shutdown(wait=wait, cancel_futures=True)
         self._client.close()
+        self._leases.close()
 
-    def run_once(self, *, look_first: bool = True) -> PassReport:
+    def held_until(self) -> dt.datetime | None:
+        """Until when the endpoint asked, by ``Retry-After``, not to be sent to; or ``None``."""
+        with self._hold_lock:
+            if self._held_until is not None and self.clock() < self._held_until:
+                return self._held_until
+            return None
+
+    def _hold(self, wait: dt.timedelta) -> None:
+        until = self.clock() + wait
+        with self._hold_lock:
+            if self._held_until is None or until > self._held_until:
+                self._held_until = until
+                self._hold_unrecorded = True
+        logger.info(
+            "shop endpoint %s asked to wait %.0f s (Retry-After): nothing sent to it before %s",
+            self.endpoint.name,
+            wait.total_seconds(),
+            until.isoformat(),
+        )
+
+    def run_once(
+        self, *, look_first: bool = True, stop: threading.Event | None = None
+    ) -> PassReport:
         """One pass: claim what is due, POST it, settle it (module docstring).
+
+        Nothing is claimed while the endpoint asked to wait (:meth:`held_until`).
 
         Args:
             look_first: look whether anything is due, read-only, before claiming; a
                 pass right after a busy one skips the look (a backlog is likely).
+            stop: once set, POSTs of the pass not yet started are not started, those in
+                flight get :attr:`stop_grace` to answer, and the pass settles what it has.
         """
         report = PassReport()
-        name = self.endpoint.name
-        if look_first and not any_due(self.read_sessions, name, self.clock()):
-            return report
-        claims = claim_deliveries(
-            self.sessions,
-            name,
-            owner=self.owner,
-            now=self.clock(),
-            limit=BATCH_SIZE,
-            lease_seconds=self.lease_seconds,
-        )
-        report.claimed = len(claims)
-        if claims:
-            attempts = list(self._pool.map(self._post, claims))
+        attempts = self._claim_and_send(report, look_first=look_first, stop=stop)
+        if attempts:
             self._settle(attempts, report)
         return report
 
-    def _post(self, claim: DeliveryClaim) -> Attempt:
+    def _claim_and_send(
+        self, report: PassReport, *, look_first: bool, stop: threading.Event | None
+    ) -> list[Attempt]:
+        if self.held_until() is not None:
+            return []
+        with self._settled_lock:
+            while True:
+                # Settled in a transaction that committed before this claim's reads
+                # begin: they see it, so these rows need no more passing over.
+                self._unsettled.difference_update(self._settled)
+                self._settled.clear()
+                if len(self._unsettled) < UNSETTLED_MAX or (stop is not None and stop.is_set()):
+                    break
+                self._settled_lock.wait(1.0)  # enough waits to be settled
+            unsettled = frozenset(self._unsettled)
+        claims = self._leases.claim(
+            self.clock(), BATCH_SIZE, exclude=unsettled, look_first=look_first
+        )
+        report.claimed = len(claims)
+        return self._send(claims, stop) if claims else []
+
+    def _send(self, claims: Sequence[DeliveryClaim], stop: threading.Event | None) -> list[Attempt]:
+        """POST ``claims``, :data:`POOL_SIZE` at a time; those unanswered when a stop's
+        grace runs out are :attr:`Outcome.ABANDONED`."""
+        futures: dict[Future[Attempt], DeliveryClaim] = {
+            self._pool.submit(self._post, claim, stop): claim for claim in claims
+        }
+        remaining = set(futures)
+        deadline: float | None = None
+        while remaining:
+            _, remaining = wait(remaining, timeout=None if stop is None else STOP_POLL_SECONDS)
+            if remaining and stop is not None and stop.is_set():
+                if deadline is None:
+                    deadline = time.monotonic() + self.stop_grace
+                elif time.monotonic() >= deadline:
+                    break
+        attempts = []
+        for future, claim in futures.items():
+            if future.done():
+                attempts.append(future.result())
+            else:
+                future.cancel()
+                message = f"the sender stopped after {self.stop_grace:g} s without an answer"
+                attempts.append(Attempt(claim, Outcome.ABANDONED, None, message))
+        return attempts
+
+    def _post(self, claim: DeliveryClaim, stop: threading.Event | None = None) -> Attempt:
+        # Checked before each POST, so that a Retry-After or a stop arriving mid-pass
+        # keeps the pass's later POSTs from being sent.
+        if (stop is not None and stop.is_set()) or self.held_until() is not None:
+            return Attempt(claim, Outcome.UNSENT, None, None)
         body = event_body(claim)
         headers = signed_headers(self._signers, claim.event_id, body, dt.datetime.now(dt.UTC))
         try:
@@ -358,7 +392,16 @@ class EndpointSender:
             return Attempt(claim, Outcome.RETRY, None, failure)
         outcome = classify(answer.status_code)
         error = None if outcome == Outcome.DELIVERED else f"HTTP {answer.status_code}"
-        return Attempt(claim, outcome, answer.status_code, error)
+        retry_after = None
+        if answer.status_code in RETRY_AFTER_STATUSES:
+            header = answer.headers.get("retry-after")
+            retry_after = parse_retry_after(header, dt.datetime.now(dt.UTC))
+            if retry_after is not None:
+                # It speaks of the endpoint, not of this event: hold every delivery.
+                self._hold(retry_after)
+            elif header is not None:
+                error = f"HTTP {answer.status_code}, Retry-After not understood"
+        return Attempt(claim, outcome, answer.status_code, error, retry_after)
 
     def _settle(self, attempts: Sequence[Attempt], report: PassReport) -> None:
         now = self.clock()
@@ -367,17 +410,21 @@ class EndpointSender:
         for attempt in attempts:
             values = self._outcome(attempt, now)
             alike.setdefault(tuple(sorted(values.items())), []).append(attempt)
-        counted: list[tuple[DeliveryState, list[DeliveryClaim]]] = []
+        finished: list[tuple[DeliveryState, list[DeliveryClaim]]] = []
         with self.sessions.begin() as session:
             for key, group in alike.items():
                 values = dict(key)
                 ids = [attempt.claim.id for attempt in group]
-                settled = set(DELIVERY_QUEUE.settle(session, ids, owner=self.owner, **values))
+                counted = group[0].outcome != Outcome.UNSENT
+                settled = set(self._leases.settle(session, ids, counted=counted, values=values))
                 report.lease_lost += len(ids) - len(settled)
                 state = values["state"]
-                counted.append((state, [a.claim for a in group if a.claim.id in settled]))
+                if counted:
+                    finished.append((state, [a.claim for a in group if a.claim.id in settled]))
                 if state is DeliveryState.DELIVERED:
                     report.delivered += len(settled)
+                elif group[0].outcome in (Outcome.UNSENT, Outcome.ABANDONED):
+                    report.released += len(settled)
                 elif state is DeliveryState.PENDING:
                     report.retrying += len(settled)
                 else:
@@ -385,17 +432,54 @@ class EndpointSender:
                     for attempt in group:
                         if attempt.claim.id in settled:
                             self._log_given_up(attempt)
-        count_settled(self.endpoint.name, counted, now)  # once committed
+            self._record_hold(session)
+        count_settled(self.endpoint.name, finished, now)  # once committed
+
+    def _record_hold(self, session: Session) -> None:
+        """Move the endpoint's pending deliveries to the end of a new ``Retry-After`` hold,
+        so that the other processes' senders, and this one after a restart, keep it too."""
+        with self._hold_lock:
+            until = self._held_until if self._hold_unrecorded else None
+            self._hold_unrecorded = False
+        if until is None:
+            return
+        d = ShopDelivery
+        session.execute(
+            sa.update(d)
+            .where(
+                d.endpoint == self.endpoint.name,
+                IN_FLIGHT,
+                d.state == DeliveryState.PENDING,
+                d.next_attempt_at < until,
+            )
+            .values(next_attempt_at=until)
+            .execution_options(**NO_SYNC)
+        )
 
     def _outcome(self, attempt: Attempt, now: dt.datetime) -> dict[str, Any]:
         """The columns a delivery's attempt leaves it with."""
         claim = attempt.claim
+        if attempt.outcome == Outcome.UNSENT:
+            # Not sent (no attempt counted): due when the hold ends, or now.
+            return {"state": DeliveryState.PENDING, "next_attempt_at": self.held_until() or now}
         values: dict[str, Any] = {"last_status": attempt.status, "last_error": attempt.error}
         deadline = claim.retry_from + self.horizon
         if attempt.outcome == Outcome.DELIVERED:
             values.update(state=DeliveryState.DELIVERED, delivered_at=now)
+        elif attempt.outcome == Outcome.ABANDONED:
+            # The shop may have it: sent again (same webhook-id) by the next sender.
+            values.update(state=DeliveryState.PENDING, next_attempt_at=now)
         elif attempt.outcome == Outcome.RETRY and now < deadline:
             wait = backoff(claim.attempts, base=RETRY_BASE_SECONDS, cap=RETRY_CAP_SECONDS)
+            if attempt.retry_after is not None:
+                if now + attempt.retry_after > deadline:
+                    values.update(
+                        state=DeliveryState.DEAD,
+                        last_error=f"{attempt.error}; its Retry-After ends past the retry horizon",
+                    )
+                    return values
+                # No earlier than the endpoint asked; later if the backoff says so.
+                wait = max(wait, attempt.retry_after)
             values.update(state=DeliveryState.PENDING, next_attempt_at=min(now + wait, deadline))
         else:
             values.update(state=DeliveryState.DEAD)
@@ -415,25 +499,89 @@ class EndpointSender:
     def run_forever(self, stop: threading.Event, idle: float = IDLE_SECONDS) -> None:
         """Pass after pass until ``stop`` is set; a pass that found nothing waits ``idle``.
 
+        Each pass's answers are settled by a thread of its own (:meth:`_settle_forever`),
+        so the next pass does not wait for the database's write lock first; claims pass
+        over the rows whose settlement has not committed yet, and while
+        :data:`UNSETTLED_MAX` of them wait, the sender waits for the settler.
         A failing pass (the database away, a bug) is logged and tried again a second
-        later; what it had claimed stays leased until its lease expires.
+        later; what it had claimed stays leased until its lease expires. Told to stop,
+        the last pass is settled before the sender ends.
         """
-        logger.info("shop event sender for %s started", self.endpoint.name)
+        name = self.endpoint.name
+        logger.info("shop event sender for %s started", name)
+        settler = threading.Thread(
+            target=self._settle_forever,
+            args=(stop,),
+            name=f"{threading.current_thread().name}-settle",
+            daemon=True,
+        )
+        settler.start()
         busy = False
         try:
             while not stop.is_set():
+                report = PassReport()
                 try:
-                    report = self.run_once(look_first=not busy)
+                    attempts = self._claim_and_send(report, look_first=not busy, stop=stop)
                 except Exception:
-                    logger.exception("shop event sender for %s: pass failed", self.endpoint.name)
+                    logger.exception("shop event sender for %s: pass failed", name)
                     busy = False
                     stop.wait(1.0)
                     continue
+                if attempts:
+                    with self._settled_lock:
+                        self._unsettled.update(attempt.claim.id for attempt in attempts)
+                    self._settles.put(attempts)
                 busy = report.claimed > 0
                 if not busy:
                     stop.wait(idle)
         finally:
-            self.close()
+            self._settles.put(None)
+            settler.join()
+            # POSTs abandoned at the stop are settled pending already: not waited for.
+            self.close(wait=False)
+            logger.info("shop event sender for %s stopped", name)
+
+    def _settle_forever(self, stop: threading.Event) -> None:
+        """Settle the passes :meth:`run_forever` queues, as many as wait in one transaction,
+        until it queues ``None``."""
+        while True:
+            batch = self._settles.get()
+            ending = batch is None
+            attempts = list(batch or ())
+            while not ending:
+                try:
+                    more = self._settles.get_nowait()
+                except queue.Empty:
+                    break
+                ending = more is None
+                attempts.extend(more or ())
+            if attempts:
+                self._settle_retrying(attempts, stop)
+            if ending:
+                return
+
+    def _settle_retrying(self, attempts: list[Attempt], stop: threading.Event) -> None:
+        """Settle ``attempts``, trying again a second later while the database fails; once
+        stopping, three tries, then they are left (sent again later, the same events)."""
+        tries = 0
+        while True:
+            try:
+                self._settle(attempts, PassReport())
+            except Exception:
+                tries += 1
+                logger.exception(
+                    "shop event sender for %s: settling %d deliveries failed",
+                    self.endpoint.name,
+                    len(attempts),
+                )
+                if stop.is_set() and tries >= 3:
+                    return
+                time.sleep(1.0)
+                continue
+            with self._settled_lock:
+                self._settled.extend(attempt.claim.id for attempt in attempts)
+                self._settled_lock.notify_all()
+            return
 
 
 def start_senders(
@@ -446,7 +594,11 @@ def start_senders(
     horizon: dt.timedelta,
     timeout: float,
 ) -> list[threading.Thread]:
-    """Start one daemon thread per endpoint running its :class:`EndpointSender`."""
+    """Start one daemon thread per endpoint running its :class:`EndpointSender`.
+
+    Set ``stop``, then :func:`join_senders`, before the database goes: a sender settles
+    its last pass on the way out.
+    """
     threads = []
     for endpoint in endpoints:
         sender = EndpointSender(
@@ -456,6 +608,8 @@ def start_senders(
             target=sender.run_forever,
             args=(stop,),
             name=f"shop-sender-{endpoint.name}",
+            # Daemon only so that a sender stuck past join_senders' wait cannot keep the
+            # process alive; a stop joins them first.
             daemon=True,
         )
         thread.start()
@@ -463,121 +617,14 @@ def start_senders(
     return threads
 
 
-# --- for people: list and replay --------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DeliveryRow:
-    """A delivery as ``otacm deliveries list`` shows it."""
-
-    id: int
-    endpoint: str
-    state: str
-    type: str
-    event_id: str
-    order_id: str | None
-    reference: str | None
-    order_seq: int
-    attempts: int
-    next_attempt_at: dt.datetime
-    last_status: int | None
-    last_error: str | None
-    created_at: dt.datetime
-    delivered_at: dt.datetime | None
-
-    def as_dict(self) -> dict[str, Any]:
-        """The row as JSON values."""
-        return {
-            key: value.isoformat() if isinstance(value, dt.datetime) else value
-            for key, value in self.__dict__.items()
-        }
-
-
-def list_deliveries(
-    session: Session,
-    *,
-    state: DeliveryState | None = None,
-    endpoint: str | None = None,
-    limit: int = 100,
-) -> list[DeliveryRow]:
-    """The newest deliveries first, ``limit`` of them, filtered by state and endpoint."""
-    d = ShopDelivery
-    query = sa.select(d, ShopEvent).join(ShopEvent, ShopEvent.id == d.shop_event_id)
-    if state is not None:
-        query = query.where(d.state == state)
-    if endpoint is not None:
-        query = query.where(d.endpoint == endpoint)
-    query = query.order_by(d.id.desc()).limit(limit)
-    rows = []
-    for delivery, event in session.execute(query).all():
-        payload = event.payload if isinstance(event.payload, dict) else {}
-        rows.append(
-            DeliveryRow(
-                id=delivery.id,
-                endpoint=delivery.endpoint,
-                state=delivery.state.value,
-                type=event.type.value,
-                event_id=event.event_id,
-                order_id=_text(payload.get("orderId")),
-                reference=_text(payload.get("sellToOrderReference")),
-                order_seq=delivery.order_seq,
-                attempts=delivery.attempts,
-                next_attempt_at=delivery.next_attempt_at,
-                last_status=delivery.last_status,
-                last_error=delivery.last_error,
-                created_at=event.created_at,
-                delivered_at=delivery.delivered_at,
-            )
-        )
-    return rows
-
-
-class ReplayRefused(ValueError):
-    """A replay names a delivery that does not exist or is not dead."""
-
-
-def replay(
-    session: Session,
-    *,
-    delivery_id: int | None = None,
-    endpoint: str | None = None,
-    now: dt.datetime,
-) -> list[int]:
-    """Put dead deliveries back in the queue: one by id, or every dead one (of an endpoint).
-
-    Each is pending at once, with the same event (id, sequence, payload), its retry
-    horizon starting again now.
-
-    Raises:
-        ReplayRefused: ``delivery_id`` names no delivery, or one not dead.
-
-    Returns:
-        The deliveries replayed, by id.
-    """
-    d = ShopDelivery
-    query = sa.update(d).where(d.state == DeliveryState.DEAD)
-    if delivery_id is not None:
-        found = session.get(ShopDelivery, delivery_id)
-        if found is None:
-            raise ReplayRefused(f"no shop delivery {delivery_id}")
-        if found.state is not DeliveryState.DEAD:
-            raise ReplayRefused(f"shop delivery {delivery_id} is {found.state}, not dead")
-        query = query.where(d.id == delivery_id)
-    if endpoint is not None:
-        query = query.where(d.endpoint == endpoint)
-    statement = (
-        query.values(
-            state=DeliveryState.PENDING,
-            next_attempt_at=now,
-            retry_from=now,
-            lease_owner=None,
-            lease_expires_at=None,
-        )
-        .returning(d.id)
-        .execution_options(**NO_SYNC)
-    )
-    return sorted(session.scalars(statement).all())
-
-
-def _text(value: object) -> str | None:
-    return value if isinstance(value, str) else None
+def join_senders(threads: Sequence[threading.Thread], *, timeout: float) -> list[str]:
+    """Wait for stopped senders to settle their last pass and end; the names of any not
+    ended after their stop grace (the request ``timeout`` and a second) and
+    :data:`SETTLE_SECONDS` more, which are logged and left."""
+    deadline = time.monotonic() + timeout + 1.0 + SETTLE_SECONDS
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    lingering = [thread.name for thread in threads if thread.is_alive()]
+    for name in lingering:
+        logger.error("%s did not stop in time: its deliveries in flight wait for their lease", name)
+    return lingering

@@ -169,14 +169,17 @@ def run_worker(settings: Settings, stop: threading.Event) -> None:
     """
     from orders.worker import run_forever
     from otacm.liveness import beater
-    from otacm.shop_senders import start_shop_senders
+    from otacm.shop_senders import shop_senders
     from storage.engine import WaitStopped
     from storage.lease import new_owner
 
     beat = beater(settings.liveness_dir, "worker")
     try:
-        with open_runtime(settings, stop=stop, role="worker") as runtime:
-            start_shop_senders(settings, runtime.engine, runtime.sessions, stop)
+        with (
+            open_runtime(settings, stop=stop, role="worker") as runtime,
+            # Left before the runtime: the senders settle their last POSTs on the way out.
+            shop_senders(settings, runtime.engine, runtime.sessions, stop),
+        ):
             run_forever(
                 runtime.sessions,
                 runtime.clients,

@@ -1,8 +1,10 @@
 """The shop's event senders of the worker role, built from the settings.
 
 One thread per configured shop endpoint (:class:`orders.shop_delivery.EndpointSender`),
-in every worker process: their claims share the deliveries out, and a slow or dead
-endpoint holds only its own thread, never the worker's getOrder loop. In the worker role
+in every worker process: on PostgreSQL their claims share the deliveries out, on SQLite
+one of them sends and the others stand by (:mod:`orders.shop_leases`); a slow or dead
+endpoint holds only its own thread, never the worker's getOrder loop. A stopping worker
+joins them before it closes the database, so their last answers are recorded. In the worker role
 rather than a role of its own, since a deployment already runs and watches workers, and
 the senders need what a worker has (the database, the settings), not the venue.
 """
@@ -11,11 +13,13 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from orders.shop_delivery import Endpoint, start_senders
+from orders.shop_delivery import Endpoint, join_senders, start_senders
 from otacm.settings import Settings
 from storage.engine import make_sessions
 from storage.lease import new_owner
@@ -29,11 +33,16 @@ def shop_endpoints(settings: Settings) -> list[Endpoint]:
     ]
 
 
-def start_shop_senders(
+@contextmanager
+def shop_senders(
     settings: Settings, engine: Engine, sessions: sessionmaker[Session], stop: threading.Event
-) -> list[threading.Thread]:
-    """Start a sender thread per shop endpoint, running until ``stop`` is set."""
-    return start_senders(
+) -> Iterator[list[threading.Thread]]:
+    """A sender thread per shop endpoint, running until ``stop`` is set or the block ends.
+
+    On the way out ``stop`` is set and the threads are joined (:func:`join_senders`), so
+    they settle the POSTs they have in flight while the database is still open.
+    """
+    threads = start_senders(
         shop_endpoints(settings),
         sessions,
         make_sessions(engine, read_only=True),
@@ -42,3 +51,8 @@ def start_shop_senders(
         horizon=dt.timedelta(days=settings.shop_retry_horizon_days),
         timeout=settings.shop_request_timeout,
     )
+    try:
+        yield threads
+    finally:
+        stop.set()
+        join_senders(threads, timeout=settings.shop_request_timeout)

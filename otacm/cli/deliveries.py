@@ -36,7 +36,7 @@ def deliveries_list(
     cli: CliContext, state: str | None, endpoint: str | None, limit: int, as_json: bool
 ) -> None:
     """The deliveries of events to the shop, newest first."""
-    from orders.shop_delivery import list_deliveries
+    from orders.shop_replay import list_deliveries
 
     with open_sessions(cli, read_only=True) as sessions, sessions() as session:
         rows = list_deliveries(
@@ -69,7 +69,7 @@ def deliveries_replay(
     cli: CliContext, delivery_id: int | None, all_dead: bool, endpoint: str | None, as_json: bool
 ) -> None:
     """Send dead deliveries again: one by ID, or every one with --dead (same event id)."""
-    from orders.shop_delivery import ReplayRefused, replay
+    from orders.shop_replay import ReplayRefused, replay
     from storage.types import ID_MAX, utcnow
 
     if (delivery_id is None) == (not all_dead):

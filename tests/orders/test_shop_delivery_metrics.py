@@ -19,9 +19,9 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.orm import Session, sessionmaker
 
-from orders.shop_delivery import replay
 from orders.shop_delivery_metrics import read_backlog
 from orders.shop_events import deliver_to
+from orders.shop_replay import replay
 from receiver.database_metrics import DatabaseCollector
 from storage.migrate import upgrade
 from storage.records import DeliveryState, ShopDelivery, ShopEvent
@@ -94,6 +94,8 @@ def test_an_attempt_whose_lease_was_lost_is_not_counted(
 ) -> None:
     """Only the sender that settles a delivery counts it: one whose lease another sender
     took over while its POST was in flight counts nothing."""
+    if sessions.kw["bind"].dialect.name == "sqlite":
+        pytest.skip("on SQLite one sender holds the endpoint: no other can take a lease over")
     endpoint = f"lost-{sessions.kw['bind'].dialect.name}"
     deliver_to(sessions, {"default": [endpoint]})
 

@@ -28,13 +28,11 @@ from orders.shop_delivery import (
     BATCH_SIZE,
     Endpoint,
     EndpointSender,
-    ReplayRefused,
-    claim_deliveries,
-    list_deliveries,
-    replay,
     start_senders,
 )
 from orders.shop_events import deliver_to
+from orders.shop_leases import claim_deliveries
+from orders.shop_replay import ReplayRefused, list_deliveries, replay
 from orders.submit import SubmitStatus
 from storage.engine import make_sessions
 from storage.models import ChangeSource, VenueOrder
@@ -66,13 +64,17 @@ class Request:
 class Shop:
     """A shop endpoint over real HTTP: verifies each signature with every secret it knows.
 
-    ``answer`` chooses each request's status from its event id; ``hold``, when given,
-    keeps every request waiting until it is set (a slow endpoint).
+    ``answer`` chooses each request's status from its event id, ``retry_after`` its
+    ``Retry-After`` header (none when it gives ``None``); ``hold``, when given, keeps
+    every request waiting until it is set (a slow endpoint), ``arrived`` being set as
+    each comes.
     """
 
     secrets: list[str]
     answer: Callable[[str], int] = lambda event_id: 200
+    retry_after: Callable[[str], str | None] = lambda event_id: None
     hold: threading.Event | None = None
+    arrived: threading.Event = field(default_factory=threading.Event)
     requests: list[Request] = field(default_factory=list)
     unverified: int = 0
     url: str = ""
@@ -80,6 +82,13 @@ class Shop:
     def accepted(self) -> list[Request]:
         """The requests answered 2xx, in the order they came."""
         return [r for r in self.requests if 200 <= r.status < 300]
+
+
+class ShopServer(ThreadingHTTPServer):
+    """A threaded server whose listen queue takes a sender's every connection at once
+    (the default, 5, refuses some of 16 under load: not what a test is about)."""
+
+    request_queue_size = 64
 
 
 @pytest.fixture
@@ -103,20 +112,24 @@ def serve() -> Iterator[Callable[[Shop], Shop]]:
                     self.send_response(401)
                     self.end_headers()
                     return
+                shop.arrived.set()
                 if shop.hold is not None:
                     shop.hold.wait()
                 event_id = headers["webhook-id"]
                 status = shop.answer(event_id)
+                retry_after = shop.retry_after(event_id)
                 with lock:
                     shop.requests.append(Request(event_id, json.loads(body), status))
                 self.send_response(status)
+                if retry_after is not None:
+                    self.send_header("retry-after", retry_after)
                 self.send_header("content-length", "0")
                 self.end_headers()
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server = ShopServer(("127.0.0.1", 0), Handler)
         server.daemon_threads = True
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
