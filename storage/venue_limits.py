@@ -18,30 +18,34 @@ its hold-off (a ``Retry-After``). Both are kept beside the data otacm already sh
   database, whose single write lock the webhooks need.
 
 **Waiting for a place** blocks until a release wakes the waiter; nothing polls at the
-pace of the requests. On PostgreSQL every taker queues on one more advisory lock, the
-identity's *turnstile*, in a blocking ``pg_advisory_lock`` bounded by ``lock_timeout``
-(the caller's longest wait). The server grants it in the order asked, so processes and
-nodes take places first come, first served, and a process that has just freed a place
-queues behind those already waiting instead of taking it back. The turnstile's holder
-tries the place keys; finding none free, it ``LISTEN``-s on the identity's channel,
-which every release ``NOTIFY``-s in the statement that unlocks, and takes the place as
-soon as it is woken. Weighed against the alternatives: blocking in ``pg_advisory_lock``
-on one place key the waiter picks leaves a place idle while its waiters queue on another
-still held (a slow request stalls everyone behind its key); ``LISTEN``/``NOTIFY`` alone
-wakes every waiter on each release, to race for one place, in no order. Only the
-turnstile's holder listens, so a release wakes one waiter. A holder that dies sends no
-``NOTIFY``: the server frees its place, and the listener sees it at its next look,
-:data:`DEAD_HOLDER_LOOK` seconds at most after it. A waiter holds one connection of the
-throttle's pool, and a process has at most ``max_in_flight`` threads waiting or holding
-(the in-process semaphore), within the pool's size. A waiter whose process closes the
-throttle (:func:`close_shared_throttles`) is cancelled at once; one whose process dies
-leaves the queue with its connection.
+pace of the requests. On PostgreSQL a taker first takes one more advisory lock, the
+identity's *turnstile*: at once when nobody holds it, else queued behind those who asked
+before, in a blocking ``pg_advisory_lock`` bounded by ``lock_timeout`` (the caller's
+longest wait). The server grants it in the order asked, so processes and nodes take
+places first come, first served, and a thread that has just freed a place queues behind
+those already waiting instead of taking it back. Holding the turnstile, the taker tries
+the place keys; finding none free, it ``LISTEN``-s on the identity's channel, which
+every release ``NOTIFY``-s in the statement that unlocks, takes the place as soon as it
+is woken, and lets the turnstile go to the next. Weighed against the alternatives:
+blocking in ``pg_advisory_lock`` on one place key the waiter picks leaves a place idle
+while its waiters queue on another still held (a slow request stalls everyone behind its
+key); ``LISTEN``/``NOTIFY`` alone wakes every waiter on each release, to race for one
+place, in no order. Here only the turnstile's holder listens, so a release wakes one
+waiter. A holder that dies sends no ``NOTIFY``: the server frees its place, and the
+listener sees it at its next look, :data:`DEAD_HOLDER_LOOK` seconds at most after. A
+waiter holds one connection of the throttle's pool, and a process has at most
+``max_in_flight`` threads waiting or holding (the in-process semaphore), within the
+pool's size. Closing the throttle (:func:`close_shared_throttles`) cancels its waiters
+at once; a process that dies leaves the queue with its connection.
 
 On SQLite the places are files, which cannot be waited for with a time limit nor in a
 queue: a waiter tries them, and when none is free waits on the identity's *doorbell*, a
 named pipe in the lock directory that every release writes a byte to; ``select`` wakes
-the waiters, which try the files again. A dead holder rings no bell: the waiters look
-again every :data:`DEAD_HOLDER_LOOK` seconds.
+the waiters, which try the files again. A taker that finds someone waiting (the pipe has
+a reader) waits for the next ring with them rather than take a place just rung for, so
+a thread that has just freed a place does not take it back ahead of the waiters; among
+those woken, the quickest wins. A dead holder rings no bell: the waiters look again
+every :data:`DEAD_HOLDER_LOOK` seconds.
 
 Rows and files are named by :func:`venue.throttle.identity_key`, never by the key.
 """
@@ -132,8 +136,9 @@ _TAKE_PLACE = sa.text(
 # after the place is free, so the waiter it wakes finds it free.
 _RELEASE = sa.text("SELECT pg_advisory_unlock_all(), pg_notify(:channel, '')")
 _LOCK_TIMEOUT = sa.text("SELECT set_config('lock_timeout', :value, false)")
+_TRY_TURN = sa.text("SELECT pg_try_advisory_lock(:turnstile)")
 _QUEUE = sa.text("SELECT pg_advisory_lock(:turnstile)")
-_LEAVE_QUEUE = sa.text("SELECT pg_advisory_unlock(:turnstile)")
+_LEAVE_TURN = sa.text("SELECT pg_advisory_unlock(:turnstile)")
 
 
 class PostgresThrottle(SharedThrottle):
@@ -176,29 +181,39 @@ class PostgresThrottle(SharedThrottle):
         deadline = time.monotonic() + timeout
         connection = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
         try:
-            if self._take_key(connection) or (
-                timeout > 0 and not self._closing.is_set() and self._queue(connection, deadline)
-            ):
-                return self._hold_place(connection)
-        except sa.exc.DBAPIError as exc:
-            if exc.connection_invalidated:
-                connection.invalidate()
-            connection.close()
-            raise
+            taken = self._take_in_turn(connection, deadline)
         except BaseException:
+            # Whatever failed (a cancel, a broken connection, an interrupt), the session may
+            # still hold the turnstile or a place: it ends, and the server frees them.
+            connection.invalidate()
             connection.close()
             raise
+        if taken:
+            return self._hold_place(connection)
         connection.close()
         return None
+
+    def _take_in_turn(self, connection: sa.Connection, deadline: float) -> bool:
+        """Take the turnstile, at once when nobody holds it, else queued; then, holding it,
+        a place: a free one, or the first to be freed before ``deadline``."""
+        turnstile = {"turnstile": self._turnstile}
+        if not connection.execute(_TRY_TURN, turnstile).scalar_one() and not self._queue(
+            connection, deadline
+        ):
+            return False
+        try:
+            return self._take_first_freed(connection, deadline)
+        finally:
+            connection.execute(_LEAVE_TURN, turnstile)
 
     def _take_key(self, connection: sa.Connection) -> bool:
         return connection.execute(_TAKE_PLACE, {"keys": self._keys}).first() is not None
 
     def _queue(self, connection: sa.Connection, deadline: float) -> bool:
-        """Queue on the turnstile, then, holding it, take the first place that frees; False
-        when ``deadline`` (``time.monotonic``) passed or the throttle is closing first."""
+        """Wait for the turnstile behind those who asked before; False when ``deadline``
+        (``time.monotonic``) passed or the throttle is closing first."""
         remaining = deadline - time.monotonic()
-        if remaining <= 0:
+        if remaining <= 0 or self._closing.is_set():
             return False
         # lock_timeout 0 is no limit; any other value is at least a millisecond.
         limit = "0" if math.isinf(remaining) else f"{max(1, math.ceil(remaining * 1000))}ms"
@@ -220,14 +235,15 @@ class PostgresThrottle(SharedThrottle):
             with self._waiting_lock:
                 self._waiting.discard(driver)
             connection.exec_driver_sql("RESET lock_timeout")
-        try:
-            return self._take_first_freed(connection, driver, deadline)
-        finally:
-            connection.execute(_LEAVE_QUEUE, {"turnstile": self._turnstile})
+        return True
 
-    def _take_first_freed(self, connection: sa.Connection, driver: Any, deadline: float) -> bool:
+    def _take_first_freed(self, connection: sa.Connection, deadline: float) -> bool:
         if self._take_key(connection):
             return True
+        if deadline <= time.monotonic() or self._closing.is_set():
+            return False
+        driver = connection.connection.driver_connection
+        assert isinstance(driver, psycopg.Connection)  # the engine's driver is psycopg 3
         connection.exec_driver_sql(f'LISTEN "{self._channel}"')
         try:
             # Listening before this look: a place freed after it wakes the wait below.
