@@ -24,12 +24,14 @@ before, in a blocking ``pg_advisory_lock`` bounded by ``lock_timeout`` (the call
 longest wait). The server grants it in the order asked, so processes and nodes take
 places first come, first served, and a thread that has just freed a place queues behind
 those already waiting instead of taking it back. Holding the turnstile, the taker tries
-the place keys; finding none free, it ``LISTEN``-s on the identity's channel, which
-every release ``NOTIFY``-s in the statement that unlocks, takes the place as soon as it
-is woken, and lets the turnstile go to the next. Weighed against the alternatives:
-blocking in ``pg_advisory_lock`` on one place key the waiter picks leaves a place idle
-while its waiters queue on another still held (a slow request stalls everyone behind its
-key); ``LISTEN``/``NOTIFY`` alone wakes every waiter on each release, to race for one
+the place keys; finding none free, it ``LISTEN``-s on the identity's channel, takes the
+place as soon as it is woken, and lets the turnstile go to the next. A release unlocks
+its place, then ``NOTIFY``-s the channel if the turnstile is held (someone may wait;
+with nobody waiting a release writes nothing). When nobody waits, a take and a release
+are one statement each, as they were before there was a turnstile. Weighed against the
+alternatives: blocking in ``pg_advisory_lock`` on one place key the waiter picks leaves
+a place idle while its waiters queue on another still held (a slow request stalls
+everyone behind its key); ``LISTEN``/``NOTIFY`` alone wakes every waiter on each release, to race for one
 place, in no order. Here only the turnstile's holder listens, so a release wakes one
 waiter. A holder that dies sends no ``NOTIFY``: the server frees its place, and the
 listener sees it at its next look, :data:`DEAD_HOLDER_LOOK` seconds at most after. A
@@ -132,11 +134,43 @@ again anyway: how soon a place whose holder died (and so sent no wake-up) is tak
 _TAKE_PLACE = sa.text(
     "SELECT key FROM unnest(CAST(:keys AS bigint[])) AS key WHERE pg_try_advisory_lock(key) LIMIT 1"
 )
-# The unlock and the wake-up in one statement: the NOTIFY is delivered when it commits,
-# after the place is free, so the waiter it wakes finds it free.
-_RELEASE = sa.text("SELECT pg_advisory_unlock_all(), pg_notify(:channel, '')")
+# One round trip each for the common case, nobody waiting; their steps must run in order,
+# which the rows flowing from one MATERIALIZED CTE into the next guarantee (and CASE,
+# that a branch not taken is not evaluated).
+# The fast take: the turnstile if nobody holds it, then, holding it, a free place, then
+# the turnstile let go if a place was taken. (mine, NULL): the turnstile is held and every
+# place taken; (false, NULL): someone else holds the turnstile.
+_TAKE_IN_TURN = sa.text(
+    """
+    WITH turn AS MATERIALIZED (SELECT pg_try_advisory_lock(:turnstile) AS mine),
+    place AS MATERIALIZED (
+        SELECT turn.mine, CASE WHEN turn.mine THEN (
+            SELECT key FROM unnest(CAST(:keys AS bigint[])) AS key
+            WHERE pg_try_advisory_lock(key) LIMIT 1
+        ) END AS key
+        FROM turn
+    )
+    SELECT mine, key, CASE WHEN key IS NOT NULL THEN pg_advisory_unlock(:turnstile) END
+    FROM place
+    """
+)
+# The release: every lock of the connection let go, then, if the turnstile is held
+# (someone may wait: only its holder does), a NOTIFY to wake it. A NOTIFY gives its
+# transaction an id and its commit a WAL record; nothing is lost if that record is not on
+# disk yet when the waiter wakes, so that one commit does not wait for the disk. With
+# nobody waiting the release writes nothing.
+_RELEASE = sa.text(
+    """
+    WITH freed AS MATERIALIZED (SELECT pg_advisory_unlock_all() AS done),
+    turn AS MATERIALIZED (SELECT pg_try_advisory_lock(:turnstile) AS free FROM freed)
+    SELECT
+        CASE WHEN free THEN pg_advisory_unlock(:turnstile) END,
+        CASE WHEN NOT free THEN set_config('synchronous_commit', 'off', true) END,
+        CASE WHEN NOT free THEN pg_notify(:channel, '') END
+    FROM turn
+    """
+)
 _LOCK_TIMEOUT = sa.text("SELECT set_config('lock_timeout', :value, false)")
-_TRY_TURN = sa.text("SELECT pg_try_advisory_lock(:turnstile)")
 _QUEUE = sa.text("SELECT pg_advisory_lock(:turnstile)")
 _LEAVE_TURN = sa.text("SELECT pg_advisory_unlock(:turnstile)")
 
@@ -171,7 +205,9 @@ class PostgresThrottle(SharedThrottle):
             yield
         finally:
             try:
-                connection.execute(_RELEASE, {"channel": self._channel})
+                connection.execute(
+                    _RELEASE, {"turnstile": self._turnstile, "channel": self._channel}
+                )
             except sa.exc.DBAPIError:
                 # The connection is broken: its session, and with it the lock, is gone.
                 connection.invalidate()
@@ -197,9 +233,10 @@ class PostgresThrottle(SharedThrottle):
         """Take the turnstile, at once when nobody holds it, else queued; then, holding it,
         a place: a free one, or the first to be freed before ``deadline``."""
         turnstile = {"turnstile": self._turnstile}
-        if not connection.execute(_TRY_TURN, turnstile).scalar_one() and not self._queue(
-            connection, deadline
-        ):
+        mine, key, _ = connection.execute(_TAKE_IN_TURN, {**turnstile, "keys": self._keys}).one()
+        if key is not None:
+            return True
+        if not mine and not self._queue(connection, deadline):
             return False
         try:
             return self._take_first_freed(connection, deadline)
@@ -327,7 +364,10 @@ class FileThrottle(SharedThrottle):
             yield
         finally:
             os.close(descriptor)  # the lock goes with the descriptor
-            self._ring()
+            # The call is over, whatever its outcome: a bell that cannot be rung must not
+            # fail it. The waiters then take the place at their next look.
+            with suppress(OSError):
+                self._ring()
 
     def _ring(self, *, probe: bool = False) -> bool:
         """Wake whoever waits for a place: a byte into the doorbell, if anyone has it open.
