@@ -31,14 +31,14 @@ with nobody waiting a release writes nothing). When nobody waits, a take and a r
 are one statement each, as they were before there was a turnstile. Weighed against the
 alternatives: blocking in ``pg_advisory_lock`` on one place key the waiter picks leaves
 a place idle while its waiters queue on another still held (a slow request stalls
-everyone behind its key); ``LISTEN``/``NOTIFY`` alone wakes every waiter on each release, to race for one
-place, in no order. Here only the turnstile's holder listens, so a release wakes one
-waiter. A holder that dies sends no ``NOTIFY``: the server frees its place, and the
-listener sees it at its next look, :data:`DEAD_HOLDER_LOOK` seconds at most after. A
-waiter holds one connection of the throttle's pool, and a process has at most
-``max_in_flight`` threads waiting or holding (the in-process semaphore), within the
-pool's size. Closing the throttle (:func:`close_shared_throttles`) cancels its waiters
-at once; a process that dies leaves the queue with its connection.
+everyone behind its key); ``LISTEN``/``NOTIFY`` alone wakes every waiter on each
+release, to race for one place, in no order. Here only the turnstile's holder listens,
+so a release wakes one waiter. A holder that dies sends no ``NOTIFY``: the server frees
+its place, and the listener sees it at its next look, :data:`DEAD_HOLDER_LOOK` seconds
+at most after. A waiter holds one connection of the throttle's pool, and a process has
+at most ``max_in_flight`` threads waiting or holding (the in-process semaphore), within
+the pool's size. Closing the throttle (:func:`close_shared_throttles`) cancels its
+waiters at once; a process that dies leaves the queue with its connection.
 
 On SQLite the places are files, which cannot be waited for with a time limit nor in a
 queue: a waiter tries them, and when none is free waits on the identity's *doorbell*, a
@@ -128,11 +128,21 @@ DEAD_HOLDER_LOOK = 0.25
 """Seconds a waiter for a place waits for a release's wake-up before it looks at the places
 again anyway: how soon a place whose holder died (and so sent no wake-up) is taken."""
 
-# Tries the keys in turn and stops at the first it locks. Should the plan ever lock more
+# A place: the keys tried in turn up to the first locked. Should the plan ever lock more
 # than one, the place releases every lock of its connection (pg_advisory_unlock_all):
 # this connection is the throttle's own, so nothing else of its locks is lost.
-_TAKE_PLACE = sa.text(
-    "SELECT key FROM unnest(CAST(:keys AS bigint[])) AS key WHERE pg_try_advisory_lock(key) LIMIT 1"
+# The turnstile's holder: a free place, and the turnstile let go at once if one was
+# taken, so the next waiter goes on while this one starts its call.
+_TAKE_AND_LEAVE = sa.text(
+    """
+    WITH place AS MATERIALIZED (
+        SELECT (
+            SELECT key FROM unnest(CAST(:keys AS bigint[])) AS key
+            WHERE pg_try_advisory_lock(key) LIMIT 1
+        ) AS key
+    )
+    SELECT key, CASE WHEN key IS NOT NULL THEN pg_advisory_unlock(:turnstile) END FROM place
+    """
 )
 # One round trip each for the common case, nobody waiting; their steps must run in order,
 # which the rows flowing from one MATERIALIZED CTE into the next guarantee (and CASE,
@@ -238,13 +248,18 @@ class PostgresThrottle(SharedThrottle):
             return True
         if not mine and not self._queue(connection, deadline):
             return False
+        taken = False
         try:
-            return self._take_first_freed(connection, deadline)
+            taken = self._take_first_freed(connection, deadline)
+            return taken
         finally:
-            connection.execute(_LEAVE_TURN, turnstile)
+            if not taken:  # a place taken let the turnstile go in the same statement
+                connection.execute(_LEAVE_TURN, turnstile)
 
     def _take_key(self, connection: sa.Connection) -> bool:
-        return connection.execute(_TAKE_PLACE, {"keys": self._keys}).first() is not None
+        """A free place, the turnstile let go with it (the caller holds the turnstile)."""
+        arguments = {"keys": self._keys, "turnstile": self._turnstile}
+        return connection.execute(_TAKE_AND_LEAVE, arguments).one()[0] is not None
 
     def _queue(self, connection: sa.Connection, deadline: float) -> bool:
         """Wait for the turnstile behind those who asked before; False when ``deadline``

@@ -69,6 +69,7 @@ def _caller(url: str, connection: VenueConnection, **arguments: Any) -> subproce
         [sys.executable, "-m", "tests.storage.venue_limits_caller", payload],
         cwd=ROOT,
         env=environment,
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -364,7 +365,16 @@ def test_waiters_of_two_processes_take_turns_at_one_place(migrated_engine: sa.En
     url = _url(migrated_engine)
     with SandboxServer(_gateway(1, 1000, 1.0, latency_ms=50)) as server:
         connection = _connection(server, limits)
-        callers = [_caller(url, connection, calls=12, threads=3, stamps=True) for _ in range(2)]
+        callers = [
+            _caller(url, connection, calls=12, threads=3, stamps=True, together=True)
+            for _ in range(2)
+        ]
+        for caller in callers:
+            assert _line(caller) == "ready"
+        for caller in callers:  # both start calling at once
+            assert caller.stdin is not None
+            caller.stdin.write("go\n")
+            caller.stdin.flush()
         ended = []
         for caller in callers:
             out, err = caller.communicate(timeout=120)

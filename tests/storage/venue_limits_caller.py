@@ -5,7 +5,8 @@ database (``url``), the venue connection's fields (``connection``) and the ``mod
 
 - ``calls``: ``calls`` listOrdersByPartner pages from ``threads`` threads at once; prints
   ``done`` and how many failed; with ``stamps``, first the wall-clock time each call
-  ended at, as a JSON list;
+  ended at, as a JSON list; with ``together``, first prints ``ready`` and waits for a
+  line on its standard input;
 - ``hold``: takes one place in flight, prints ``held`` and waits to be killed;
 - ``wait``: prints ``waiting``, then waits up to ``max_wait`` seconds for a place in
   flight and prints ``got`` once it has one, or ``gave up`` (then holds nothing);
@@ -74,6 +75,10 @@ def main(arguments: dict[str, Any]) -> None:
                 outcome["sent"] = not isinstance(exc.__cause__, HeldOff)
             say(json.dumps(outcome))
             return
+    if arguments.get("together"):
+        # Started with others: none calls before every one is ready.
+        say("ready")
+        sys.stdin.readline()
     failures = 0
     ended: list[float] = []
     lock = threading.Lock()
