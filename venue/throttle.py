@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import random
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -48,6 +47,10 @@ request the client gave up on (its read timeout) may still be in process at the 
 which queues calls up to 8 minutes, and tools that do not share the limit (``otacm
 doctor``, a person's ``curl``) spend the same key; the margin leaves room for both."""
 
+CLOSE_WAIT = 10.0
+"""The longest :meth:`SharedThrottle.close` waits for the threads waiting for a place to
+end (each is woken, so it should not need more than a moment)."""
+
 MAX_HOLD = 3600.0
 """The longest a ``Retry-After`` holds calls back; a longer one (or a clock that jumped)
 is cut to this."""
@@ -57,9 +60,19 @@ class HeldOff(Exception):
     """The venue's ``Retry-After`` holds every call of this identity for ``seconds`` more,
     longer than the caller would wait: the call was not sent."""
 
-    def __init__(self, seconds: float) -> None:
-        super().__init__(f"the venue asked to wait {seconds:.0f} s before the next call")
+    def __init__(self, seconds: float, message: str | None = None) -> None:
+        super().__init__(message or f"the venue asked to wait {seconds:.0f} s before the next call")
         self.seconds = seconds
+
+
+class NoPlaceFree(HeldOff):
+    """Every place in flight of the identity stayed taken (by other processes) for as long
+    as the caller would wait: the call was not sent, and may be tried again at once
+    (``seconds`` is 0), like any call the venue's limit held back."""
+
+    def __init__(self, waited: float) -> None:
+        super().__init__(0.0, f"no place in flight of this API key came free within {waited:.1f} s")
+        self.waited = waited
 
 
 @dataclass(frozen=True)
@@ -155,14 +168,16 @@ class Throttle:
         """Hold one of the in-flight places for one request, started within the rate.
 
         Args:
-            max_hold: the longest the caller waits for a ``Retry-After`` to pass.
+            max_hold: the longest the caller waits for a ``Retry-After`` to pass, and (for
+                a shared throttle) for a place in flight that other processes hold.
 
         Raises:
             HeldOff: a ``Retry-After`` holds calls longer than ``max_hold``; nothing waited.
+            NoPlaceFree: no place in flight came free within ``max_hold``.
         """
         # The in-flight place first: a request waiting for the rate must not start late
         # in a burst with others released by the semaphore.
-        with self._in_flight, self._place():
+        with self._in_flight, self._place(max_hold):
             self._wait_to_start(max_hold)
             yield
 
@@ -172,7 +187,7 @@ class Throttle:
             until = self._clock() + min(max(seconds, 0.0), MAX_HOLD)
             self._hold_until = max(self._hold_until, until)
 
-    def _place(self) -> AbstractContextManager[None]:
+    def _place(self, max_wait: float) -> AbstractContextManager[None]:
         """The place in flight beyond this process; here, none is needed."""
         return _nothing()
 
@@ -210,15 +225,15 @@ class SharedThrottle(Throttle, ABC):
     the identity, wherever the subclass keeps them.
 
     The in-process semaphore still comes first, so a process never asks the shared store
-    for more places than ``max_in_flight``. A subclass provides :meth:`_take_place` (a
-    place in flight that is freed when its holder dies), :meth:`_take_start` (one
+    for more places than ``max_in_flight``. A subclass provides :meth:`_wait_for_place`
+    (a place in flight that is freed when its holder dies, waited for until one frees:
+    the waiter is woken by the release, it does not poll), :meth:`_take_start` (one
     atomic step of :func:`next_start` against the stored arrival time and hold-off) and
     :meth:`_store_hold`.
 
     Args:
         limits: the identity's limits.
         sleep: how to wait (tests pass a fake).
-        poll: the longest wait between two tries for a place, when all are taken.
     """
 
     def __init__(
@@ -226,7 +241,6 @@ class SharedThrottle(Throttle, ABC):
         limits: Limits,
         *,
         sleep: Callable[[float], None] = time.sleep,
-        poll: float = 0.05,
     ) -> None:
         super().__init__(
             max_in_flight=limits.max_in_flight,
@@ -235,17 +249,23 @@ class SharedThrottle(Throttle, ABC):
             sleep=sleep,
         )
         self.limits = limits
-        self._poll = poll
-        # Not for secrets: spreads the tries of processes that wait for a place.
-        self._jitter = random.Random()  # noqa: S311
+        self._closing = threading.Event()
+        self._waits = 0
+        self._waits_changed = threading.Condition()
 
     @contextmanager
-    def _place(self) -> Iterator[None]:
-        while True:
-            place = self._take_place()
-            if place is not None:
-                break
-            self._sleep(self._poll * (0.5 + self._jitter.random() / 2))
+    def _place(self, max_wait: float) -> Iterator[None]:
+        started = time.monotonic()
+        with self._waits_changed:
+            self._waits += 1
+        try:
+            place = None if self._closing.is_set() else self._wait_for_place(max_wait)
+        finally:
+            with self._waits_changed:
+                self._waits -= 1
+                self._waits_changed.notify_all()
+        if place is None:
+            raise NoPlaceFree(time.monotonic() - started)
         with place:
             yield
 
@@ -257,8 +277,11 @@ class SharedThrottle(Throttle, ABC):
         return self._take_start()
 
     @abstractmethod
-    def _take_place(self) -> AbstractContextManager[None] | None:
-        """A free place in flight, held until the context exits; ``None`` if all are taken."""
+    def _wait_for_place(self, timeout: float) -> AbstractContextManager[None] | None:
+        """A place in flight, held until the context exits, waited for up to ``timeout``
+        seconds (``math.inf``: no limit; 0: only a free one); ``None`` if none came free
+        in time, or the throttle is closing (a waiter looks at ``_closing`` at least every
+        second, or is woken by :meth:`_wake_waiters`)."""
 
     @abstractmethod
     def _take_start(self) -> tuple[float, bool]:
@@ -270,7 +293,23 @@ class SharedThrottle(Throttle, ABC):
         """Make the identity's hold-off end no earlier than ``seconds`` from now."""
 
     def close(self) -> None:
-        """Release what the store holds (connections, files)."""
+        """End every wait for a place (each raises :class:`NoPlaceFree`), then release what
+        the store holds (connections, files). Places held stay held until released."""
+        self._closing.set()
+        deadline = time.monotonic() + CLOSE_WAIT
+        with self._waits_changed:
+            # Woken again and again: a waiter about to block when it was woken blocks
+            # on, and the next wake-up ends it.
+            while self._waits and (remaining := deadline - time.monotonic()) > 0:
+                self._wake_waiters()
+                self._waits_changed.wait(min(remaining, 0.5))
+        self._release_store()
+
+    def _wake_waiters(self) -> None:
+        """Wake the threads waiting for a place, so they see the throttle is closing."""
+
+    def _release_store(self) -> None:
+        """Release what the store holds, once no thread waits for a place."""
 
 
 _registry: dict[Hashable, Throttle] = {}

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +29,9 @@ from sandbox.limits import identity_label
 from storage.venue_limits import close_shared_throttles, shared_throttle
 from venue.client import open_client
 from venue.connection import VenueConnection
+from venue.errors import VenueRateLimited
 from venue.retry import RetryPolicy
-from venue.throttle import HeldOff, Limits, next_start
+from venue.throttle import HeldOff, Limits, NoPlaceFree, next_start
 
 ROOT = Path(__file__).resolve().parents[2]
 PARTNER = DEFAULT_PARTNERS[0].id
@@ -67,6 +69,7 @@ def _caller(url: str, connection: VenueConnection, **arguments: Any) -> subproce
         [sys.executable, "-m", "tests.storage.venue_limits_caller", payload],
         cwd=ROOT,
         env=environment,
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -208,7 +211,26 @@ def test_the_identity_is_stored_under_a_hash_never_the_key(migrated_engine: sa.E
         directory = Path(str(migrated_engine.url.database) + ".locks")
         names = [path.name for path in directory.iterdir()]
         assert names and not any(key in name for name in names)
-        assert not any(key.encode() in path.read_bytes() for path in directory.iterdir())
+        files = [path for path in directory.iterdir() if path.is_file()]
+        assert not any(key.encode() in path.read_bytes() for path in files)
+
+
+@contextmanager
+def _holder(url: str, connection: VenueConnection) -> Iterator[subprocess.Popen[str]]:
+    """A process holding one place in flight of ``connection``'s key until it is killed."""
+    holder = _caller(url, connection, mode="hold")
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "held", holder.stderr
+        yield holder
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.communicate(timeout=30)
+
+
+def _line(process: subprocess.Popen[str]) -> str:
+    assert process.stdout is not None
+    return process.stdout.readline().strip()
 
 
 @pytest.mark.process
@@ -217,24 +239,158 @@ def test_a_holder_killed_mid_request_frees_its_place(migrated_engine: sa.Engine)
     limits = Limits(max_in_flight=1, rate=100, period=1.0)
     with SandboxServer(SandboxConfig(pickup_interval=0)) as server:
         connection = _connection(server, limits)
-        holder = _caller(_url(migrated_engine), connection, mode="hold")
-        try:
-            assert holder.stdout is not None
-            assert holder.stdout.readline().strip() == "held"
-            throttle = shared_throttle(migrated_engine, connection)
-            assert throttle._take_place() is None  # the only place is the holder's
-        finally:
-            holder.send_signal(signal.SIGKILL)
-            holder.communicate(timeout=30)
-
-        deadline = time.monotonic() + 30
-        place = throttle._take_place()
-        while place is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-            place = throttle._take_place()
+        throttle = shared_throttle(migrated_engine, connection)
+        with _holder(_url(migrated_engine), connection):
+            assert throttle._wait_for_place(0) is None  # the only place is the holder's
+        place = throttle._wait_for_place(30)
         assert place is not None
         with place:
             pass
+
+
+@pytest.mark.process
+def test_a_waiter_gets_the_place_of_a_holder_killed_while_it_waited(
+    migrated_engine: sa.Engine,
+) -> None:
+    """A process waiting for the only place, held by another that is then killed: no
+    release wakes it, yet it gets the place well within its minute of waiting."""
+    limits = Limits(max_in_flight=1, rate=100, period=1.0)
+    url = _url(migrated_engine)
+    with SandboxServer(SandboxConfig(pickup_interval=0)) as server:
+        connection = _connection(server, limits)
+        with _holder(url, connection) as holder:
+            waiter = _caller(url, connection, mode="wait", max_wait=60)
+            assert _line(waiter) == "waiting", waiter.stderr
+            time.sleep(1)  # let it queue; were it slower, the test would only prove less
+            assert waiter.poll() is None  # still waiting: the place is held
+            holder.send_signal(signal.SIGKILL)
+            out, err = waiter.communicate(timeout=30)
+
+    assert out.strip() == "got", err
+
+
+def test_a_waiter_is_woken_when_a_place_frees(migrated_engine: sa.Engine) -> None:
+    """A thread waiting (without a limit) for the only place gets it once its holder, in
+    another throttle as another process would have, lets it go."""
+    from storage.locks import default_lock_dir
+    from storage.venue_limits import FileThrottle, PostgresThrottle
+
+    limits = Limits(max_in_flight=1, rate=10_000, period=1.0)
+    identity = "b" * 64
+
+    def make() -> Any:
+        if migrated_engine.dialect.name == "postgresql":
+            return PostgresThrottle(migrated_engine.url, identity, limits)
+        return FileThrottle(default_lock_dir(migrated_engine), identity, limits)
+
+    holder, waiter = make(), make()
+    got = threading.Event()
+
+    def wait() -> None:
+        with waiter.slot():
+            got.set()
+
+    try:
+        with holder.slot():
+            thread = threading.Thread(target=wait)
+            thread.start()
+            assert not got.wait(0.5)  # the place is held: the waiter waits
+        assert got.wait(30)
+        thread.join(30)
+    finally:
+        holder.close()
+        waiter.close()
+
+
+@pytest.mark.process
+def test_a_waiter_gives_up_after_its_longest_wait_as_rate_limited(
+    migrated_engine: sa.Engine,
+) -> None:
+    """The only place held by another process for longer than the call would wait: the
+    call is not sent and fails as rate limited, naming why, after the policy's wait."""
+    limits = Limits(max_in_flight=1, rate=100, period=1.0)
+    once = RetryPolicy(attempts=1, deadline=30.0, wait_initial=0.0, wait_max=1.0, wait_jitter=0.0)
+    with SandboxServer(SandboxConfig(pickup_interval=0)) as server:
+        connection = _connection(server, limits)
+        throttle = shared_throttle(migrated_engine, connection)
+        with open_client(connection, throttle=throttle, retry=once) as client:
+            with _holder(_url(migrated_engine), connection):
+                with pytest.raises(VenueRateLimited) as limited:
+                    client.orders_page(PARTNER, page_size=1)
+                calls = server.runtime.stats.snapshot()["calls"]
+            # Once the holder is gone, the same client's call goes through.
+            page = client.orders_page(PARTNER, page_size=1)
+
+    assert isinstance(limited.value.__cause__, NoPlaceFree)
+    assert "no place in flight" in str(limited.value)
+    assert calls == {}
+    assert page.data == []
+
+
+@pytest.mark.process
+def test_closing_the_throttle_ends_a_wait_at_once(migrated_engine: sa.Engine) -> None:
+    """A thread waiting (without a limit) for a place another process holds ends with
+    NoPlaceFree when its process closes the throttle, as it does when it stops."""
+    limits = Limits(max_in_flight=1, rate=100, period=1.0)
+    with SandboxServer(SandboxConfig(pickup_interval=0)) as server:
+        connection = _connection(server, limits)
+        throttle = shared_throttle(migrated_engine, connection)
+        outcome: list[BaseException] = []
+
+        def wait() -> None:
+            try:
+                with throttle.slot():
+                    pass  # pragma: no cover - the place stays held
+            except NoPlaceFree as exc:
+                outcome.append(exc)
+
+        with _holder(_url(migrated_engine), connection):
+            thread = threading.Thread(target=wait)
+            thread.start()
+            thread.join(0.5)
+            assert thread.is_alive()  # waiting: the place is held
+            close_shared_throttles()
+            thread.join(30)
+            assert not thread.is_alive()
+
+    assert len(outcome) == 1
+
+
+@pytest.mark.process
+def test_waiters_of_two_processes_take_turns_at_one_place(migrated_engine: sa.Engine) -> None:
+    """Two processes of three threads each, one place in flight between them: every call
+    waits its turn and goes (none gives up, none refused), the gateway never sees two at
+    once, and neither process is kept waiting while the other makes all its calls."""
+    limits = Limits(max_in_flight=1, rate=1000, period=1.0)
+    url = _url(migrated_engine)
+    with SandboxServer(_gateway(1, 1000, 1.0, latency_ms=50)) as server:
+        connection = _connection(server, limits)
+        callers = [
+            _caller(url, connection, calls=12, threads=3, stamps=True, together=True)
+            for _ in range(2)
+        ]
+        for caller in callers:
+            assert _line(caller) == "ready"
+        for caller in callers:  # both start calling at once
+            assert caller.stdin is not None
+            caller.stdin.write("go\n")
+            caller.stdin.flush()
+        ended = []
+        for caller in callers:
+            out, err = caller.communicate(timeout=120)
+            assert caller.returncode == 0, err
+            stamps, done = out.strip().splitlines()
+            assert done == "done 0 failed", out + err
+            ended.append(json.loads(stamps))
+        counters = _counters(server)
+
+    assert counters["requests"] == 24
+    assert counters["throttled"] == 0
+    assert counters["maxInFlight"] == 1
+    # Both were waiting from the start: the one that finished first did not make all
+    # its calls before the other made any.
+    first, second = sorted(ended, key=lambda stamps: stamps[-1])
+    assert second[0] < first[-1]
 
 
 def test_the_rate_keeps_every_window_within_the_limit() -> None:

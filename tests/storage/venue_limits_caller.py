@@ -4,8 +4,12 @@ Run as ``python -m tests.storage.venue_limits_caller '<json>'``; the JSON names 
 database (``url``), the venue connection's fields (``connection``) and the ``mode``:
 
 - ``calls``: ``calls`` listOrdersByPartner pages from ``threads`` threads at once; prints
-  ``done`` and how many failed;
+  ``done`` and how many failed; with ``stamps``, first the wall-clock time each call
+  ended at, as a JSON list; with ``together``, first prints ``ready`` and waits for a
+  line on its standard input;
 - ``hold``: takes one place in flight, prints ``held`` and waits to be killed;
+- ``wait``: prints ``waiting``, then waits up to ``max_wait`` seconds for a place in
+  flight and prints ``got`` once it has one, or ``gave up`` (then holds nothing);
 - ``once``: one call with a single attempt; prints its outcome as JSON (``status``,
   ``retry_after``, ``sent``: whether the venue saw it).
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -24,7 +29,7 @@ from venue.client import open_client
 from venue.connection import VenueConnection
 from venue.errors import VenueError
 from venue.retry import RetryPolicy
-from venue.throttle import HeldOff, throttle_for
+from venue.throttle import HeldOff, NoPlaceFree, throttle_for
 
 ONCE = RetryPolicy(attempts=1, deadline=5.0, wait_initial=0.0, wait_max=5.0, wait_jitter=0.0)
 
@@ -51,6 +56,14 @@ def main(arguments: dict[str, Any]) -> None:
         with throttle.slot():
             say("held")
             threading.Event().wait()
+    if mode == "wait":
+        say("waiting")
+        try:
+            with throttle.slot(max_hold=arguments["max_wait"]):
+                say("got")
+        except NoPlaceFree:
+            say("gave up")
+        return
     if mode == "once":
         with open_client(connection, throttle=throttle, retry=ONCE) as client:
             outcome: dict[str, Any] = {"status": 200, "retry_after": None, "sent": True}
@@ -62,7 +75,12 @@ def main(arguments: dict[str, Any]) -> None:
                 outcome["sent"] = not isinstance(exc.__cause__, HeldOff)
             say(json.dumps(outcome))
             return
+    if arguments.get("together"):
+        # Started with others: none calls before every one is ready.
+        say("ready")
+        sys.stdin.readline()
     failures = 0
+    ended: list[float] = []
     lock = threading.Lock()
     with open_client(connection, throttle=throttle) as client:
 
@@ -73,9 +91,13 @@ def main(arguments: dict[str, Any]) -> None:
             except VenueError:
                 with lock:
                     failures += 1
+            with lock:
+                ended.append(time.time())
 
         with ThreadPoolExecutor(max_workers=arguments["threads"]) as pool:
             list(pool.map(call, range(arguments["calls"])))
+    if arguments.get("stamps"):
+        say(json.dumps(sorted(ended)))
     say(f"done {failures} failed")
 
 
