@@ -27,8 +27,10 @@ never another endpoint's, the worker's getOrder loop, or the webhook. A pass:
 A 429 or 503 with a ``Retry-After`` (seconds or an HTTP-date; at most
 :data:`RETRY_CAP_SECONDS`) holds the whole endpoint: the pass starts no further POST, the
 delivery waits at least that long (dead if that is past its retry horizon), the
-endpoint's other pending deliveries are moved to the hold's end, and the sender claims
-nothing until then; a malformed one leaves the delivery to the backoff.
+endpoint's other pending deliveries are moved to the hold's end, and no sender claims
+until then: the hold is stored with the answer (``shop_endpoint_hold``) and every sender
+of the endpoint, in any process or started later, reads it before it claims. A malformed
+one leaves the delivery to the backoff.
 
 Told to stop (SIGTERM), a sender starts no further POST, gives those in flight up to
 :attr:`EndpointSender.stop_grace` to answer, settles the pass (the unsent and unanswered
@@ -58,6 +60,7 @@ from typing import Any
 
 import httpx
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 from standardwebhooks.webhooks import Webhook
 
@@ -65,7 +68,7 @@ from orders.shop_delivery_metrics import count_settled
 from orders.shop_leases import DeliveryClaim, Leases, RowLeases, SoleSender
 from storage.lease import LAST_ERROR_MAX_CHARS, NO_SYNC, backoff
 from storage.models import IN_FLIGHT
-from storage.records import DeliveryState, ShopDelivery
+from storage.records import DeliveryState, ShopDelivery, ShopEndpointHold
 from storage.types import utcnow
 
 logger = logging.getLogger(__name__)
@@ -332,7 +335,7 @@ class EndpointSender:
     def _claim_and_send(
         self, report: PassReport, *, look_first: bool, stop: threading.Event | None
     ) -> list[Attempt]:
-        if self.held_until() is not None:
+        if self.held_until() is not None or self._stored_hold():
             return []
         with self._settled_lock:
             while True:
@@ -455,6 +458,37 @@ class EndpointSender:
             .values(next_attempt_at=until)
             .execution_options(**NO_SYNC)
         )
+        # Deliveries recorded during the hold are due at once: the hold itself is stored,
+        # for every sender to read before it claims (:meth:`_stored_hold`).
+        insert = (
+            postgresql.insert(ShopEndpointHold)
+            if session.get_bind().dialect.name == "postgresql"
+            else sqlite.insert(ShopEndpointHold)
+        )
+        statement = insert.values(endpoint=self.endpoint.name, hold_until=until)
+        session.execute(
+            statement.on_conflict_do_update(
+                index_elements=[ShopEndpointHold.endpoint],
+                set_={"hold_until": statement.excluded.hold_until},
+                where=ShopEndpointHold.hold_until < statement.excluded.hold_until,
+            )
+        )
+
+    def _stored_hold(self) -> bool:
+        """Whether a sender of the endpoint (this one before a restart, or another
+        process's) stored a hold that still runs; if so it is this sender's too."""
+        with self.read_sessions() as session:
+            until = session.scalar(
+                sa.select(ShopEndpointHold.hold_until).where(
+                    ShopEndpointHold.endpoint == self.endpoint.name
+                )
+            )
+        if until is None or until <= self.clock():
+            return False
+        with self._hold_lock:
+            if self._held_until is None or until > self._held_until:
+                self._held_until = until
+        return True
 
     def _outcome(self, attempt: Attempt, now: dt.datetime) -> dict[str, Any]:
         """The columns a delivery's attempt leaves it with."""

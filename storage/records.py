@@ -501,6 +501,20 @@ class ShopDelivery(Base):
     event: Mapped[ShopEvent] = relationship(back_populates="deliveries")
 
 
+class ShopEndpointHold(Base):
+    """Until when a shop endpoint asked, by ``Retry-After``, not to be sent to.
+
+    Every sender of the endpoint (any process, and one started after the answer) reads it
+    before it claims: the deliveries pending at the answer are moved past the hold too,
+    but one recorded during it would otherwise go out early.
+    """
+
+    __tablename__ = "shop_endpoint_hold"
+
+    endpoint: Mapped[str] = mapped_column(SHOP_ENDPOINT, primary_key=True)
+    hold_until: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+
 class PruneMark(Base):
     """How far the pruning of a table has gone (:mod:`heartbeat.retention`).
 

@@ -76,8 +76,9 @@ def test_a_429_with_retry_after_holds_the_whole_endpoint_until_then(
     sessions: sessionmaker[Session], connection_id: int, serve: Callable[[Shop], Shop]
 ) -> None:
     """429 and Retry-After: 120: no delivery of the endpoint is POSTed before two minutes
-    have passed (by this sender, or by another one claiming the endpoint's deliveries),
-    then every one is delivered."""
+    have passed (by this sender, by another one claiming the endpoint's deliveries, or by
+    one started after the answer; one recorded during the hold waits too), then every one
+    is delivered."""
     deliver_to(sessions, {"default": ["shop"]})
     clock = Clock(T0)
     until = T0 + 2 * MINUTE
@@ -104,15 +105,23 @@ def test_a_429_with_retry_after_holds_the_whole_endpoint_until_then(
     assert sorted(d.attempts for d in rows) == sorted([1] * refused + [0] * (3 - refused))
     assert {d.last_status for d in rows if d.attempts} == {429}
 
-    for seconds in (1, 30, 90, 119):
+    for seconds in (1, 30, 90):
         clock.now = T0 + dt.timedelta(seconds=seconds)
         assert send.run_once().claimed == 0
         assert other.run_once().claimed == 0
+    # An event recorded during the hold, and the worker restarted (its sender knows of
+    # no hold): the stored hold still keeps every sender from the endpoint.
+    clock.now = T0 + dt.timedelta(seconds=119)
+    mirror(sessions, connection_id, 4, "Issued", clock.now)
+    send.close()
+    restarted = sender(sessions, shop, clock=clock)
+    assert restarted.run_once().claimed == 0
+    assert other.run_once().claimed == 0
     assert len(shop.requests) == refused
 
     clock.now = until
-    assert send.run_once().delivered == 3
-    assert [r.status for r in shop.requests[refused:]] == [200, 200, 200]
+    assert restarted.run_once().delivered == 4
+    assert [r.status for r in shop.requests[refused:]] == [200] * 4
     assert {d.state for d in deliveries(sessions)} == {DeliveryState.DELIVERED}
     assert shop.unverified == 0
 
