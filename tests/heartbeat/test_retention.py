@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from sqlalchemy.orm import Session, sessionmaker
 
 from heartbeat.coordination import job_lock
-from heartbeat.retention import JOB, Retention, prune
+from heartbeat.retention import JOB, PruneReport, Retention, prune
 from orders.story import order_story
 from otacm.cli import main
 from otacm.settings import Settings
@@ -609,17 +609,7 @@ def test_pruning_reads_each_table_through_an_index_by_time(
     if migrated_engine.dialect.name == "postgresql":
         with migrated_engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             conn.exec_driver_sql("ANALYZE")
-    sent: list[tuple[str, Any]] = []
-
-    def capture(conn: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
-        if statement.lstrip().upper().startswith("SELECT"):
-            sent.append((statement, parameters))
-
-    sa.event.listen(migrated_engine, "before_cursor_execute", capture)
-    try:
-        report = prune(sessions, now=NOW, retention=RETENTION)
-    finally:
-        sa.event.remove(migrated_engine, "before_cursor_execute", capture)
+    report, sent = pruned_reading(migrated_engine, sessions)
 
     assert _rows(report) == {
         "inbox": 1,
@@ -637,6 +627,27 @@ def test_pruning_reads_each_table_through_an_index_by_time(
     assert INDEX_READ.findall(first_reads["status_change"])[0] == "ix_status_change_observed_at"
     for table, plan in first_reads.items():
         assert not re.search(rf"\bSCAN {table}\b|Seq Scan", plan), plan
+
+
+def pruned_reading(
+    engine: sa.Engine,
+    sessions: sessionmaker[Session],
+    *,
+    now: dt.datetime = NOW,
+    retention: Retention = RETENTION,
+) -> tuple[PruneReport, list[tuple[str, Any]]]:
+    """A prune at ``now`` with ``retention``, and the SELECTs it sent, in order."""
+    sent: list[tuple[str, Any]] = []
+
+    def capture(conn: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT"):
+            sent.append((statement, parameters))
+
+    sa.event.listen(engine, "before_cursor_execute", capture)
+    try:
+        return prune(sessions, now=now, retention=retention), sent
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", capture)
 
 
 def _plan(engine: sa.Engine, statement: str, parameters: Any) -> str:

@@ -22,7 +22,7 @@ from orders.shop_events import deliver_to, record_submission_failed
 from otacm.cli import main
 from storage.models import ChangeSource, VenueOrder, ensure_connection
 from storage.records import DeliveryState, PruneMark, ShopDelivery, ShopEvent
-from tests.heartbeat.test_retention import INDEX_READ, _plan
+from tests.heartbeat.test_retention import INDEX_READ, _plan, pruned_reading
 from tests.orders.test_shop_events import order
 
 NOW = dt.datetime(2027, 6, 1, 12, 0, tzinfo=dt.UTC)
@@ -346,17 +346,7 @@ def test_pruning_reads_the_deliveries_and_the_events_through_an_index_by_time(
     if migrated_engine.dialect.name == "postgresql":
         with migrated_engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             conn.exec_driver_sql("ANALYZE")
-    sent: list[tuple[str, Any]] = []
-
-    def capture(conn: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
-        if statement.lstrip().upper().startswith("SELECT"):
-            sent.append((statement, parameters))
-
-    sa.event.listen(migrated_engine, "before_cursor_execute", capture)
-    try:
-        report = prune(sessions, now=NOW, retention=RETENTION)
-    finally:
-        sa.event.remove(migrated_engine, "before_cursor_execute", capture)
+    report, sent = pruned_reading(migrated_engine, sessions, now=NOW, retention=RETENTION)
 
     assert rows(report) == {"shop_delivery": 2, "shop_event": 1}
     delivered = next(
