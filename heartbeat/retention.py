@@ -72,8 +72,9 @@ from storage.models import (
     StatusChange,
     VenueOrder,
 )
-from storage.pacing import sqlite_pause
+from storage.pacing import SQLITE_PAUSE
 from storage.records import ExceptionState, PruneMark, ReconException
+from storage.sqlite_writes import SQLITE_BULK_OPTION
 
 logger = logging.getLogger(__name__)
 
@@ -220,6 +221,8 @@ def prune(
     by_table = {pruning.table: pruning for pruning in report.tables}
     engine: sa.Engine = sessions.kw["bind"]
     sqlite = engine.dialect.name == "sqlite"
+    # Each batch is bulk work: on SQLite a webhook waiting for the lock goes first.
+    bulk = engine.execution_options(**{SQLITE_BULK_OPTION: True})
     for pruning in report.tables:
         table = pruning.table
         if pruning.before is None:
@@ -237,8 +240,7 @@ def prune(
             if max_batches is not None and number >= max_batches:
                 pruning.done = False
                 break
-            started = time.monotonic()
-            with sessions.begin() as session:
+            with sessions(bind=bulk) as session, session.begin():
                 deleted, more = _prune_batch(session, table, pruning.before, batch_size)
             for name, rows in deleted.items():
                 by_table[name].rows += rows
@@ -247,7 +249,7 @@ def prune(
             if sqlite:
                 # Let other writers in: a webhook waiting for the lock would miss a gap
                 # of microseconds between two batches.
-                time.sleep(sqlite_pause(time.monotonic() - started))
+                time.sleep(SQLITE_PAUSE)
     if not dry_run and report.rows:
         logger.info("pruned past retention: %s", report.as_dict())
     return report

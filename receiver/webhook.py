@@ -171,10 +171,8 @@ def _receive(receiver: Receiver, request: Request) -> StoreResult:
     if not rows:
         return StoreResult(stored=0, duplicates=0, ids=())
     try:
-        # One INSERT on a driver connection, without BEGIN IMMEDIATE on SQLite: the INSERT
-        # itself takes the write lock (waiting for it up to the lock timeout, as BEGIN
-        # IMMEDIATE would) after its parameters are prepared, so the lock every writer
-        # queues for is held for less time.
+        # One INSERT on a driver connection; on SQLite its transaction takes the write
+        # lock ahead of bulk work (storage.sqlite_writes), waiting up to the lock timeout.
         result = store_notifications(receiver.engine, rows)
     except DATABASE_UNAVAILABLE as exc:
         reason = describe_database_error(exc)

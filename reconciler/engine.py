@@ -105,6 +105,7 @@ from reconciler.recording import CLOSING, plan_closing, record_at_once, record_i
 from reconciler.turns import take_turn_postgresql, take_turn_sqlite
 from storage.engine import SQLITE_BEGIN_OPTION
 from storage.records import ReconRun, ReconRunState, ReconTrigger
+from storage.sqlite_writes import SQLITE_BULK_OPTION
 from storage.types import to_micros
 
 logger = logging.getLogger(__name__)
@@ -230,7 +231,10 @@ def reconcile(
                     # (PASSIVE: writers go on), not in the next webhook's commit.
                     driver = connection.connection.driver_connection
                     driver.execute("PRAGMA wal_checkpoint(PASSIVE)")  # type: ignore[union-attr]
-                    connection.execution_options(**{SQLITE_BEGIN_OPTION: "IMMEDIATE"})
+                    # Bulk work: a webhook waiting for the lock goes before each batch.
+                    connection.execution_options(
+                        **{SQLITE_BEGIN_OPTION: "IMMEDIATE", SQLITE_BULK_OPTION: True}
+                    )
                     record_in_steps(
                         connection,
                         params,

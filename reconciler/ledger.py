@@ -56,7 +56,8 @@ from reconciler.ledger_file import (
 )
 from storage.engine import SQLITE_BEGIN_OPTION, database_error_reason, driver_statements
 from storage.models import LedgerLine, LedgerSource, ensure_connection
-from storage.pacing import next_batch_size, sqlite_pause
+from storage.pacing import SQLITE_PAUSE, next_batch_size
+from storage.sqlite_writes import SQLITE_BULK_OPTION
 from venue.values import reference_set_key
 
 logger = logging.getLogger(__name__)
@@ -277,7 +278,7 @@ def import_ledger(
             size = next_batch_size(len(batch), held, batch_size)
             if sqlite and first < len(lines):
                 # Let other writers in: they would miss a gap of microseconds.
-                time.sleep(sqlite_pause(held))
+                time.sleep(SQLITE_PAUSE)
     counts.written = True
     logger.info(
         "ledger imported: %d inserted, %d updated, %d unchanged, %d bad",
@@ -365,7 +366,8 @@ def _begin(connection: sa.Connection, sqlite_mode: str = "DEFERRED") -> sa.RootT
     The stage's own work is ``DEFERRED``: it writes only the connection's temporary
     table, so on SQLite it never takes (nor waits for) the database's write lock.
     """
-    connection.execution_options(**{SQLITE_BEGIN_OPTION: sqlite_mode})
+    # Every batch is bulk work: a webhook waiting for SQLite's write lock goes first.
+    connection.execution_options(**{SQLITE_BEGIN_OPTION: sqlite_mode, SQLITE_BULK_OPTION: True})
     return connection.begin()
 
 

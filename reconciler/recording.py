@@ -55,7 +55,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from reconciler.findings import EXCEPTION_FINDINGS, TOTALS, execute
-from storage.pacing import next_batch_size, sqlite_pause
+from storage.pacing import SQLITE_PAUSE, next_batch_size
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ def _in_batches(
         size = next_batch_size(size, held, most)
         if after < last:
             # Leave the lock free long enough for every writer that waited meanwhile.
-            time.sleep(sqlite_pause(held))
+            time.sleep(SQLITE_PAUSE)
     return batches
 
 

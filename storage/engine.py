@@ -9,8 +9,10 @@ mode (readers never block the writer, nor the writer readers), with
 ``synchronous=NORMAL`` (durable at checkpoints, safe with WAL), foreign keys enforced and
 a busy timeout of :data:`SQLITE_BUSY_TIMEOUT_MS` (or ``lock_timeout``). Transactions: the
 ``sqlite3`` driver's own transaction handling is turned off (it skips ``BEGIN`` before
-SELECTs and DDL, which breaks savepoints and transactional DDL) and SQLAlchemy emits
-``BEGIN IMMEDIATE`` itself.
+SELECTs and DDL, which breaks savepoints and transactional DDL) and otacm emits
+``BEGIN IMMEDIATE`` itself, waiting for the lock promptly and ahead of bulk work
+(:class:`storage.sqlite_writes.WriteLock`; bulk work sets
+:data:`~storage.sqlite_writes.SQLITE_BULK_OPTION`).
 ``IMMEDIATE`` takes SQLite's single write lock when the transaction starts, so:
 
 - a transaction that reads and then writes (claiming an inbox row, a lease, an upsert)
@@ -43,9 +45,10 @@ is back, one log line per attempt: the roles wait for their database rather than
 
 :func:`driver_transaction` is for the one hot path where SQLAlchemy's own ``Connection``
 costs more CPU than the database's work (the webhook's single INSERT): a pooled driver
-connection in one transaction (``BEGIN DEFERRED`` on SQLite, the driver's implicit
-``BEGIN`` on PostgreSQL; or, for a caller that sends one statement, that statement alone
-in autocommit mode, which spares PostgreSQL's ``BEGIN`` and ``COMMIT`` round trips),
+connection in one transaction (``BEGIN IMMEDIATE`` through the write lock on SQLite,
+the driver's implicit ``BEGIN`` on PostgreSQL; or, on PostgreSQL, for a caller that sends
+one statement, that statement alone in autocommit mode, which spares the ``BEGIN`` and
+``COMMIT`` round trips),
 whose errors are raised as SQLAlchemy's exception classes, so callers handle them as
 they would anywhere else. :func:`driver_statements` gives the same interface inside a
 SQLAlchemy ``Connection``'s transaction; its ``load`` appends many rows to a table at
@@ -78,6 +81,8 @@ from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
 from storage.changes import register_change_hooks
 from storage.flush import register_flush_hooks
+from storage.locks import default_lock_dir
+from storage.sqlite_writes import SQLITE_BULK_OPTION, WriteLock
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 """How long a SQLite connection waits for the write lock before ``database is locked``."""
@@ -110,6 +115,8 @@ T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
 _SQLITE_BEGIN_MODES = frozenset({"DEFERRED", "IMMEDIATE", "EXCLUSIVE"})
+_WRITE_LOCK = "otacm_write_lock"
+"""Where a pooled SQLite connection's ``info`` keeps its database's :class:`WriteLock`."""
 _POSTGRESQL_DRIVERS = {"postgres": "postgresql+psycopg", "postgresql": "postgresql+psycopg"}
 
 
@@ -338,14 +345,19 @@ def _sqlite_engine(url: URL, *, busy_timeout_ms: int) -> Engine:
             ) from exc
     # The driver's own timeout covers opening the file, before the pragma below is set.
     engine = create_engine(url, connect_args={"timeout": busy_timeout_ms / 1000})
-    event.listen(engine, "connect", partial(_configure_sqlite_connection, busy_timeout_ms))
+    write_lock = WriteLock(default_lock_dir(engine), busy_timeout_ms)
+    event.listen(engine, "connect", partial(_configure_sqlite_connection, write_lock))
     event.listen(engine, "begin", _begin_sqlite_transaction)
     return engine
 
 
 def _configure_sqlite_connection(
-    busy_timeout_ms: int, dbapi_connection: Any, record: ConnectionPoolEntry
+    write_lock: WriteLock, dbapi_connection: Any, record: ConnectionPoolEntry
 ) -> None:
+    busy_timeout_ms = write_lock.busy_timeout_ms
+    # Every transaction that writes takes the lock through it (_begin_sqlite_transaction,
+    # driver_transaction).
+    record.info[_WRITE_LOCK] = write_lock
     # Hand transaction control to SQLAlchemy (see _begin_sqlite_transaction): the driver's
     # legacy mode would start transactions only before INSERT/UPDATE/DELETE.
     dbapi_connection.isolation_level = None
@@ -361,10 +373,21 @@ def _configure_sqlite_connection(
 
 
 def _begin_sqlite_transaction(connection: Connection) -> None:
-    mode = str(connection.get_execution_options().get(SQLITE_BEGIN_OPTION, "IMMEDIATE"))
-    if mode.upper() not in _SQLITE_BEGIN_MODES:
+    options = connection.get_execution_options()
+    mode = str(options.get(SQLITE_BEGIN_OPTION, "IMMEDIATE")).upper()
+    if mode not in _SQLITE_BEGIN_MODES:
         raise ValueError(f"{SQLITE_BEGIN_OPTION} must be one of {sorted(_SQLITE_BEGIN_MODES)}")
-    connection.exec_driver_sql(f"BEGIN {mode.upper()}")
+    bulk = bool(options.get(SQLITE_BULK_OPTION))
+    _sqlite_begin(connection.dialect, connection.connection, mode, bulk=bulk)
+
+
+def _sqlite_begin(
+    dialect: Dialect, pooled: PoolProxiedConnection, mode: str, *, bulk: bool = False
+) -> None:
+    """``BEGIN <mode>`` on a pooled SQLite connection, through its database's write lock."""
+    write_lock: WriteLock = pooled.info[_WRITE_LOCK]
+    with _driver_errors(dialect, f"BEGIN {mode}"):
+        write_lock.begin(pooled.driver_connection, mode, bulk=bulk)  # type: ignore[arg-type]
 
 
 def native_placeholders(dialect: Dialect, count: int) -> list[str]:
@@ -441,9 +464,9 @@ def driver_transaction(
 
     Args:
         engine: whose pool lends the connection.
-        one_statement: the caller sends a single statement, which is atomic by itself:
-            it runs in the driver's autocommit mode, without ``BEGIN`` and ``COMMIT``
-            (two round trips fewer on PostgreSQL), and a second one is refused.
+        one_statement: the caller sends a single statement, which is atomic by itself,
+            and a second one is refused: on PostgreSQL it runs in the driver's
+            autocommit mode, without ``BEGIN`` and ``COMMIT`` (two round trips fewer).
 
     Raises:
         sqlalchemy.exc.DBAPIError: the driver failed to connect, begin or commit.
@@ -460,11 +483,10 @@ def driver_transaction(
         try:
             if autocommit:
                 driver.autocommit = True  # type: ignore[union-attr]
-            elif dialect.name == "sqlite" and not one_statement:
-                # Deferred, so the write lock is taken by the first write, as the
-                # receiver wants.
-                with _driver_errors(dialect, "BEGIN DEFERRED"):
-                    cursor.execute("BEGIN DEFERRED")
+            elif dialect.name == "sqlite":
+                # The write lock taken promptly and ahead of bulk work (WriteLock), which
+                # a statement left to SQLite's own busy handler would not be.
+                _sqlite_begin(dialect, connection, "IMMEDIATE")
             yield DriverTransaction(dialect, cursor, one_statement=one_statement)
             with _driver_errors(dialect, "COMMIT"):
                 connection.commit()

@@ -255,8 +255,11 @@ def test_driver_transaction_rolls_back_and_raises_sqlalchemy_errors(engine: sa.E
 def test_a_one_statement_transaction_commits_its_statement_and_refuses_a_second(
     engine: sa.Engine,
 ) -> None:
-    """One statement, sent alone (autocommit), is committed; a second is never sent; the
-    pooled connection lends transactions again afterwards, failed statement or not."""
+    """One statement is committed; a second is never sent; the pooled connection lends
+    transactions again afterwards, failed statement or not. PostgreSQL sends the one
+    statement alone (autocommit), so it stays committed when a second is refused; SQLite
+    takes its write lock in a transaction of its own (storage.sqlite_writes), which the
+    refusal rolls back."""
     scratch.create_all(engine)
     with engine.begin() as connection:
         connection.execute(note.insert(), {"text": "taken"})
@@ -277,8 +280,13 @@ def test_a_one_statement_transaction_commits_its_statement_and_refuses_a_second(
     with pytest.raises(IntegrityError), driver_transaction(engine) as transaction:
         transaction.returning(_insert_note(engine, "undone"), ("undone",))
         transaction.returning(_insert_note(engine, "taken"), ("taken",))
+    autocommitted = ["a"] if engine.dialect.name == "postgresql" else []
     with engine.connect() as connection:
-        assert sorted(connection.scalars(sa.select(note.c.text))) == ["a", "taken"]
+        assert sorted(connection.scalars(sa.select(note.c.text))) == [*autocommitted, "taken"]
+    with driver_transaction(engine, one_statement=True) as transaction:
+        transaction.returning(_insert_note(engine, "alone"), ("alone",))
+    with engine.connect() as connection:
+        assert "alone" in connection.scalars(sa.select(note.c.text)).all()
 
 
 def test_driver_statements_run_in_the_connections_transaction(engine: sa.Engine) -> None:
