@@ -63,7 +63,7 @@ import stat
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -527,9 +527,19 @@ def shared_throttle(engine: sa.Engine, connection: VenueConnection) -> SharedThr
         return throttle
 
 
-def close_shared_throttles() -> None:
-    """Close and forget every throttle :func:`shared_throttle` made in this process."""
+def close_shared_throttles(throttles: Iterable[SharedThrottle] | None = None) -> None:
+    """Close and forget throttles :func:`shared_throttle` made in this process: their waits
+    for a place end at once (:meth:`~venue.throttle.SharedThrottle.close`), and a later
+    :func:`shared_throttle` makes a new one.
+
+    Args:
+        throttles: the ones to close (those a role used); every one when not given.
+    """
     with _throttles_lock:
-        for throttle in _throttles.values():
-            throttle.close()
-        _throttles.clear()
+        chosen = list(_throttles.values()) if throttles is None else list(throttles)
+        for key in [key for key, throttle in _throttles.items() if throttle in chosen]:
+            del _throttles[key]
+    # Closed outside the lock: a close waits for its waiters, which must not keep another
+    # thread from its own throttle meanwhile.
+    for throttle in chosen:
+        throttle.close()

@@ -70,9 +70,20 @@ class NoPlaceFree(HeldOff):
     as the caller would wait: the call was not sent, and may be tried again at once
     (``seconds`` is 0), like any call the venue's limit held back."""
 
-    def __init__(self, waited: float) -> None:
-        super().__init__(0.0, f"no place in flight of this API key came free within {waited:.1f} s")
+    def __init__(self, waited: float, message: str | None = None) -> None:
+        super().__init__(
+            0.0, message or f"no place in flight of this API key came free within {waited:.1f} s"
+        )
         self.waited = waited
+
+
+class ThrottleClosed(NoPlaceFree):
+    """The throttle was closed while the call waited for a place or its start (its process
+    is stopping: :meth:`SharedThrottle.close`): the call was not sent, through no fault of
+    the venue's or the caller's, and is for another process, or a later one, to make."""
+
+    def __init__(self, waited: float) -> None:
+        super().__init__(waited, "the venue's limit was closed: this process is stopping")
 
 
 @dataclass(frozen=True)
@@ -174,6 +185,7 @@ class Throttle:
         Raises:
             HeldOff: a ``Retry-After`` holds calls longer than ``max_hold``; nothing waited.
             NoPlaceFree: no place in flight came free within ``max_hold``.
+            ThrottleClosed: a shared throttle closed while the call waited.
         """
         # The in-flight place first: a request waiting for the rate must not start late
         # in a burst with others released by the semaphore.
@@ -233,20 +245,21 @@ class SharedThrottle(Throttle, ABC):
 
     Args:
         limits: the identity's limits.
-        sleep: how to wait (tests pass a fake).
+        sleep: how to wait for the rate or a ``Retry-After`` (tests pass a fake); by
+            default on the throttle's closing, which ends the wait.
     """
 
     def __init__(
         self,
         limits: Limits,
         *,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] | None = None,
     ) -> None:
         super().__init__(
             max_in_flight=limits.max_in_flight,
             rate=limits.rate,
             period=limits.period,
-            sleep=sleep,
+            sleep=sleep or self._sleep_unless_closed,
         )
         self.limits = limits
         self._closing = threading.Event()
@@ -265,9 +278,20 @@ class SharedThrottle(Throttle, ABC):
                 self._waits -= 1
                 self._waits_changed.notify_all()
         if place is None:
-            raise NoPlaceFree(time.monotonic() - started)
+            waited = time.monotonic() - started
+            raise ThrottleClosed(waited) if self._closing.is_set() else NoPlaceFree(waited)
         with place:
             yield
+
+    def _sleep_unless_closed(self, seconds: float) -> None:
+        """Wait for the rate or a ``Retry-After``, unless the throttle closes first.
+
+        Raises:
+            ThrottleClosed: it closed (the call's place is let go on the way out).
+        """
+        started = time.monotonic()
+        if self._closing.wait(seconds):
+            raise ThrottleClosed(time.monotonic() - started)
 
     def hold_off(self, seconds: float) -> None:
         """No call of this identity, in any process, starts for ``seconds``."""
@@ -293,8 +317,9 @@ class SharedThrottle(Throttle, ABC):
         """Make the identity's hold-off end no earlier than ``seconds`` from now."""
 
     def close(self) -> None:
-        """End every wait for a place (each raises :class:`NoPlaceFree`), then release what
-        the store holds (connections, files). Places held stay held until released."""
+        """End every wait for a place or a start (each raises :class:`ThrottleClosed`), then
+        release what the store holds (connections, files). Places held stay held until
+        released; calls made after this raise :class:`ThrottleClosed` at once."""
         self._closing.set()
         deadline = time.monotonic() + CLOSE_WAIT
         with self._waits_changed:
