@@ -48,7 +48,7 @@ which queues calls up to 8 minutes, and tools that do not share the limit (``ota
 doctor``, a person's ``curl``) spend the same key; the margin leaves room for both."""
 
 CLOSE_WAIT = 10.0
-"""The longest :meth:`SharedThrottle.close` waits for the threads waiting for a place to
+"""The longest :meth:`SharedThrottle.cancel` waits for the threads waiting for a place to
 end (each is woken, so it should not need more than a moment)."""
 
 MAX_HOLD = 3600.0
@@ -78,9 +78,10 @@ class NoPlaceFree(HeldOff):
 
 
 class ThrottleClosed(NoPlaceFree):
-    """The throttle was closed while the call waited for a place or its start (its process
-    is stopping: :meth:`SharedThrottle.close`): the call was not sent, through no fault of
-    the venue's or the caller's, and is for another process, or a later one, to make."""
+    """The throttle was cancelled while the call waited for a place or its start (its
+    process is stopping: :meth:`SharedThrottle.cancel`): the call was not sent, through no
+    fault of the venue's or the caller's, and is for another process, or a later one, to
+    make."""
 
     def __init__(self, waited: float) -> None:
         super().__init__(waited, "the venue's limit was closed: this process is stopping")
@@ -316,10 +317,10 @@ class SharedThrottle(Throttle, ABC):
     def _store_hold(self, seconds: float) -> None:
         """Make the identity's hold-off end no earlier than ``seconds`` from now."""
 
-    def close(self) -> None:
-        """End every wait for a place or a start (each raises :class:`ThrottleClosed`), then
-        release what the store holds (connections, files). Places held stay held until
-        released; calls made after this raise :class:`ThrottleClosed` at once."""
+    def cancel(self) -> None:
+        """End every wait for a place or a start (each raises :class:`ThrottleClosed`); calls
+        made after this raise it at once. Places held stay held until released, and what
+        the store holds stays open for them until :meth:`close`."""
         self._closing.set()
         deadline = time.monotonic() + CLOSE_WAIT
         with self._waits_changed:
@@ -328,6 +329,11 @@ class SharedThrottle(Throttle, ABC):
             while self._waits and (remaining := deadline - time.monotonic()) > 0:
                 self._wake_waiters()
                 self._waits_changed.wait(min(remaining, 0.5))
+
+    def close(self) -> None:
+        """:meth:`cancel`, then release what the store holds (connections, files): once the
+        calls that held places have ended, or they may not release them cleanly."""
+        self.cancel()
         self._release_store()
 
     def _wake_waiters(self) -> None:
