@@ -144,14 +144,15 @@ def open_runtime(
             return ids
 
         ids = prepare() if stop is None else retry_while_unavailable(prepare, stop=stop, what=role)
-        # The keys' limits, kept with every other process and node (storage.venue_limits);
-        # released when the runtime exits, after the clients, and closed at once on stop.
+        # The keys' limits, kept with every other process and node (storage.venue_limits):
+        # their waits cancelled at once on stop, their store released when the runtime
+        # exits, after the clients (by then no call holds a place).
         throttles = {
             connection.name: limit(engine, connection) for connection in settings.connections
         }
         stack.callback(close_shared_throttles, throttles.values())
         if stop is not None:
-            stack.enter_context(_closing_on(stop, throttles.values()))
+            stack.enter_context(_cancelling_on(stop, throttles.values()))
         clients: dict[int, VenueClient] = {}
         for connection in settings.connections:
             throttle = throttles[connection.name]
@@ -172,14 +173,15 @@ being stopped (an error), so that its thread ends with it."""
 
 
 @contextmanager
-def _closing_on(stop: threading.Event, throttles: Iterable[SharedThrottle]) -> Iterator[None]:
-    """Close ``throttles`` as soon as ``stop`` is set, while the context lasts.
+def _cancelling_on(stop: threading.Event, throttles: Iterable[SharedThrottle]) -> Iterator[None]:
+    """Cancel ``throttles`` as soon as ``stop`` is set, while the context lasts.
 
     A call waiting for a place of the venue's key that another process holds (or for the
-    rate, or a ``Retry-After``) then ends at once (:class:`venue.throttle.ThrottleClosed`)
-    instead of waiting its longest wait, so a stopping worker or scheduler exits promptly.
+    rate, or a ``Retry-After``) then ends at once, unsent
+    (:class:`venue.throttle.ThrottleClosed`), instead of waiting its longest wait, so a
+    stopping worker or scheduler exits promptly.
     """
-    from storage.venue_limits import close_shared_throttles
+    from storage.venue_limits import cancel_shared_throttles
 
     exited = threading.Event()
 
@@ -188,10 +190,10 @@ def _closing_on(stop: threading.Event, throttles: Iterable[SharedThrottle]) -> I
         # when that exits on an error: a stop is seen at once.
         while not exited.is_set():
             if stop.wait(STOP_LOOK):
-                close_shared_throttles(throttles)
+                cancel_shared_throttles(throttles)
                 return
 
-    watcher = threading.Thread(target=watch, name="venue-limit-closer", daemon=True)
+    watcher = threading.Thread(target=watch, name="venue-limit-stop", daemon=True)
     watcher.start()
     try:
         yield
