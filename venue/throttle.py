@@ -186,7 +186,7 @@ class Throttle:
         Raises:
             HeldOff: a ``Retry-After`` holds calls longer than ``max_hold``; nothing waited.
             NoPlaceFree: no place in flight came free within ``max_hold``.
-            ThrottleClosed: a shared throttle closed while the call waited.
+            ThrottleClosed: a shared throttle was cancelled while the call waited.
         """
         # The in-flight place first: a request waiting for the rate must not start late
         # in a burst with others released by the semaphore.
