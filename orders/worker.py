@@ -49,6 +49,7 @@ from storage.types import utcnow
 from venue.client import VenueClient
 from venue.errors import VenueUnavailable, describe_venue_error
 from venue.models import Order, OrderStatus
+from venue.throttle import ThrottleClosed
 from venue.values import canonical_guid
 
 logger = logging.getLogger(__name__)
@@ -446,6 +447,13 @@ def _settle(
     """
     if fetched.failure is not None:
         exc = fetched.failure
+        if isinstance(exc.__cause__, ThrottleClosed):
+            # Never sent, the worker is stopping: due again now, this attempt not counted.
+            logger.info("order %s: getOrder not sent, stopping (inbox %s)", order_id, _ids(group))
+            with sessions.begin() as session:
+                back = {"state": InboxState.PENDING, "attempts": Inbox.attempts - 1}
+                _QUEUE.settle(session, _ids(group), owner=settling["owner"], **back)
+            return
         logger.warning("order %s: getOrder failed: %s (inbox %s)", order_id, exc, _ids(group))
         # A Retry-After is the earliest the venue wants to see the order asked for again.
         asked = exc.retry_after if isinstance(exc, VenueUnavailable) else None

@@ -27,7 +27,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +47,7 @@ from heartbeat.split_jobs import SplitJob
 from otacm.settings import Settings
 from venue.client import VenueClient
 from venue.connection import VenueConnection
+from venue.throttle import SharedThrottle
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ def open_runtime(
     from storage.migrate import is_current
     from storage.models import ensure_connection
     from storage.types import utcnow
+    from storage.venue_limits import close_shared_throttles
     from storage.venue_limits import shared_throttle as limit
     from venue.client import open_client
 
@@ -142,10 +144,18 @@ def open_runtime(
             return ids
 
         ids = prepare() if stop is None else retry_while_unavailable(prepare, stop=stop, what=role)
+        # The keys' limits, kept with every other process and node (storage.venue_limits):
+        # their waits cancelled at once on stop, their store released when the runtime
+        # exits, after the clients (by then no call holds a place).
+        throttles = {
+            connection.name: limit(engine, connection) for connection in settings.connections
+        }
+        stack.callback(close_shared_throttles, throttles.values())
+        if stop is not None:
+            stack.enter_context(_cancelling_on(stop, throttles.values()))
         clients: dict[int, VenueClient] = {}
         for connection in settings.connections:
-            # The key's limit, kept with every other process and node (storage.venue_limits).
-            throttle = limit(engine, connection)
+            throttle = throttles[connection.name]
             clients[ids[connection.name]] = stack.enter_context(
                 open_client(connection, observer=venue_calls.observe, throttle=throttle)
             )
@@ -155,6 +165,41 @@ def open_runtime(
             clients=clients,
             connections={ids[c.name]: c for c in settings.connections},
         )
+
+
+STOP_LOOK = 0.5
+"""How often the watcher of a runtime's stop looks whether the runtime has exited without
+being stopped (an error), so that its thread ends with it."""
+
+
+@contextmanager
+def _cancelling_on(stop: threading.Event, throttles: Iterable[SharedThrottle]) -> Iterator[None]:
+    """Cancel ``throttles`` as soon as ``stop`` is set, while the context lasts.
+
+    A call waiting for a place of the venue's key that another process holds (or for the
+    rate, or a ``Retry-After``) then ends at once, unsent
+    (:class:`venue.throttle.ThrottleClosed`), instead of waiting its longest wait, so a
+    stopping worker or scheduler exits promptly.
+    """
+    from storage.venue_limits import cancel_shared_throttles
+
+    exited = threading.Event()
+
+    def watch() -> None:
+        # The stop is waited for in slices only so that the thread ends with the runtime
+        # when that exits on an error: a stop is seen at once.
+        while not exited.is_set():
+            if stop.wait(STOP_LOOK):
+                cancel_shared_throttles(throttles)
+                return
+
+    watcher = threading.Thread(target=watch, name="venue-limit-stop", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        exited.set()
+        watcher.join()
 
 
 class SchemaNotCurrentError(RuntimeError):

@@ -37,8 +37,8 @@ so a release wakes one waiter. A holder that dies sends no ``NOTIFY``: the serve
 its place, and the listener sees it at its next look, :data:`DEAD_HOLDER_LOOK` seconds
 at most after. A waiter holds one connection of the throttle's pool, and a process has
 at most ``max_in_flight`` threads waiting or holding (the in-process semaphore), within
-the pool's size. Closing the throttle (:func:`close_shared_throttles`) cancels its
-waiters at once; a process that dies leaves the queue with its connection.
+the pool's size. Cancelling the throttle (:func:`cancel_shared_throttles`, as a stopping
+role does) ends its waits at once; a process that dies leaves the queue with its connection.
 
 On SQLite the places are files, which cannot be waited for with a time limit nor in a
 queue: a waiter tries them, and when none is free waits on the identity's *doorbell*, a
@@ -63,7 +63,7 @@ import stat
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -527,9 +527,35 @@ def shared_throttle(engine: sa.Engine, connection: VenueConnection) -> SharedThr
         return throttle
 
 
-def close_shared_throttles() -> None:
-    """Close and forget every throttle :func:`shared_throttle` made in this process."""
+def cancel_shared_throttles(throttles: Iterable[SharedThrottle]) -> None:
+    """End every wait for a place of ``throttles`` at once, and forget them: a later
+    :func:`shared_throttle` makes a new one (:meth:`~venue.throttle.SharedThrottle.cancel`).
+
+    What their store holds stays open for the calls in flight: close them
+    (:func:`close_shared_throttles`) once those have ended.
+    """
+    for throttle in _forget(throttles):
+        throttle.cancel()
+
+
+def close_shared_throttles(throttles: Iterable[SharedThrottle] | None = None) -> None:
+    """Close and forget throttles :func:`shared_throttle` made in this process.
+
+    Args:
+        throttles: the ones to close (those a role used); every one when not given.
+    """
+    for throttle in _forget(throttles):
+        throttle.close()
+
+
+def _forget(throttles: Iterable[SharedThrottle] | None) -> list[SharedThrottle]:
+    """Take ``throttles`` (every one when ``None``) out of the registry; them, as a list.
+
+    They are closed or cancelled outside the registry's lock: that waits for their
+    waiters, which must not keep another thread from its own throttle meanwhile.
+    """
     with _throttles_lock:
-        for throttle in _throttles.values():
-            throttle.close()
-        _throttles.clear()
+        chosen = list(_throttles.values()) if throttles is None else list(throttles)
+        for key in [key for key, throttle in _throttles.items() if throttle in chosen]:
+            del _throttles[key]
+    return chosen

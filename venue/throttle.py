@@ -48,7 +48,7 @@ which queues calls up to 8 minutes, and tools that do not share the limit (``ota
 doctor``, a person's ``curl``) spend the same key; the margin leaves room for both."""
 
 CLOSE_WAIT = 10.0
-"""The longest :meth:`SharedThrottle.close` waits for the threads waiting for a place to
+"""The longest :meth:`SharedThrottle.cancel` waits for the threads waiting for a place to
 end (each is woken, so it should not need more than a moment)."""
 
 MAX_HOLD = 3600.0
@@ -70,9 +70,21 @@ class NoPlaceFree(HeldOff):
     as the caller would wait: the call was not sent, and may be tried again at once
     (``seconds`` is 0), like any call the venue's limit held back."""
 
-    def __init__(self, waited: float) -> None:
-        super().__init__(0.0, f"no place in flight of this API key came free within {waited:.1f} s")
+    def __init__(self, waited: float, message: str | None = None) -> None:
+        super().__init__(
+            0.0, message or f"no place in flight of this API key came free within {waited:.1f} s"
+        )
         self.waited = waited
+
+
+class ThrottleClosed(NoPlaceFree):
+    """The throttle was cancelled while the call waited for a place or its start (its
+    process is stopping: :meth:`SharedThrottle.cancel`): the call was not sent, through no
+    fault of the venue's or the caller's, and is for another process, or a later one, to
+    make."""
+
+    def __init__(self, waited: float) -> None:
+        super().__init__(waited, "the venue's limit was closed: this process is stopping")
 
 
 @dataclass(frozen=True)
@@ -174,6 +186,7 @@ class Throttle:
         Raises:
             HeldOff: a ``Retry-After`` holds calls longer than ``max_hold``; nothing waited.
             NoPlaceFree: no place in flight came free within ``max_hold``.
+            ThrottleClosed: a shared throttle was cancelled while the call waited.
         """
         # The in-flight place first: a request waiting for the rate must not start late
         # in a burst with others released by the semaphore.
@@ -233,20 +246,21 @@ class SharedThrottle(Throttle, ABC):
 
     Args:
         limits: the identity's limits.
-        sleep: how to wait (tests pass a fake).
+        sleep: how to wait for the rate or a ``Retry-After`` (tests pass a fake); by
+            default on the throttle's closing, which ends the wait.
     """
 
     def __init__(
         self,
         limits: Limits,
         *,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] | None = None,
     ) -> None:
         super().__init__(
             max_in_flight=limits.max_in_flight,
             rate=limits.rate,
             period=limits.period,
-            sleep=sleep,
+            sleep=sleep or self._sleep_unless_closed,
         )
         self.limits = limits
         self._closing = threading.Event()
@@ -265,9 +279,20 @@ class SharedThrottle(Throttle, ABC):
                 self._waits -= 1
                 self._waits_changed.notify_all()
         if place is None:
-            raise NoPlaceFree(time.monotonic() - started)
+            waited = time.monotonic() - started
+            raise ThrottleClosed(waited) if self._closing.is_set() else NoPlaceFree(waited)
         with place:
             yield
+
+    def _sleep_unless_closed(self, seconds: float) -> None:
+        """Wait for the rate or a ``Retry-After``, unless the throttle closes first.
+
+        Raises:
+            ThrottleClosed: it closed (the call's place is let go on the way out).
+        """
+        started = time.monotonic()
+        if self._closing.wait(seconds):
+            raise ThrottleClosed(time.monotonic() - started)
 
     def hold_off(self, seconds: float) -> None:
         """No call of this identity, in any process, starts for ``seconds``."""
@@ -292,9 +317,10 @@ class SharedThrottle(Throttle, ABC):
     def _store_hold(self, seconds: float) -> None:
         """Make the identity's hold-off end no earlier than ``seconds`` from now."""
 
-    def close(self) -> None:
-        """End every wait for a place (each raises :class:`NoPlaceFree`), then release what
-        the store holds (connections, files). Places held stay held until released."""
+    def cancel(self) -> None:
+        """End every wait for a place or a start (each raises :class:`ThrottleClosed`); calls
+        made after this raise it at once. Places held stay held until released, and what
+        the store holds stays open for them until :meth:`close`."""
         self._closing.set()
         deadline = time.monotonic() + CLOSE_WAIT
         with self._waits_changed:
@@ -303,6 +329,11 @@ class SharedThrottle(Throttle, ABC):
             while self._waits and (remaining := deadline - time.monotonic()) > 0:
                 self._wake_waiters()
                 self._waits_changed.wait(min(remaining, 0.5))
+
+    def close(self) -> None:
+        """:meth:`cancel`, then release what the store holds (connections, files): once the
+        calls that held places have ended, or they may not release them cleanly."""
+        self.cancel()
         self._release_store()
 
     def _wake_waiters(self) -> None:
