@@ -49,7 +49,7 @@ from venue.errors import (
 )
 from venue.models import ConfirmRequest, Order, OrderRequest, OrderStatus, OrderSummary, Page
 from venue.retry import RetryPolicy, retry_after_seconds, retryable, retryable_unsent
-from venue.throttle import HeldOff, Throttle, throttle_for
+from venue.throttle import HeldOff, Throttle, ThrottleClosed, throttle_for
 from venue.values import normalize_reference, parse_guid
 from venue.webhooks import ORDER_PROCESSED_EVENT, Subscription, SubscriptionRequest
 
@@ -445,7 +445,8 @@ class VenueClient:
             # A Retry-After is waited out in full: within the policy's longest wait the
             # retry comes then, beyond it the call gives up at once, and the caller's
             # own backoff (the outbox's, the inbox's) takes over.
-            if not retry_on(exc):
+            if not retry_on(exc) or isinstance(exc.__cause__, ThrottleClosed):
+                # A closed limit is a process stopping: trying again cannot help.
                 return False
             asked = exc.retry_after if isinstance(exc, VenueUnavailable) else None
             if asked is None:

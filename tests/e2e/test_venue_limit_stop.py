@@ -12,6 +12,7 @@ leaves no thread behind. On SQLite and PostgreSQL (``migrated_engine``).
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import threading
 import time
@@ -173,7 +174,7 @@ def test_a_scheduler_stopped_while_its_change_feed_waits_for_a_venue_place_exits
 
 
 def test_a_runtime_cancels_its_venue_limit_on_stop_and_leaves_no_thread(
-    e2e: E2E, settings: Settings, monkeypatch: pytest.MonkeyPatch
+    e2e: E2E, settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """In one process: once ``stop`` is set, the runtime's calls end unsent at once and
     a new throttle replaces the cancelled one; its watcher ends with the runtime, stopped
@@ -209,9 +210,12 @@ def test_a_runtime_cancels_its_venue_limit_on_stop_and_leaves_no_thread(
                 return True
 
         wait_until(is_cancelled, 10, what="the runtime's venue limit cancelled")
-        with pytest.raises(VenueRateLimited) as held:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING), pytest.raises(VenueRateLimited) as held:
             client.get_order(order_id)
         assert isinstance(held.value.__cause__, ThrottleClosed)
+        # Not tried again: a stopping process's closed limit stays closed.
+        assert "gave up after 1 attempts" in caplog.text
         assert shared_throttle(runtime.engine, connection) is not cancelled
     assert watchers() == []
     assert e2e.calls("getOrder") == calls + 1  # the call before the stop alone
