@@ -280,7 +280,7 @@ def forget_foreign_orders(
         # No partner configured is a setting missing, not a decision to erase the whole
         # mirror; nothing new is mirrored for the connection meanwhile.
         return 0
-    foreign = [p for p in _mirrored_partners(session, connection_id) if p not in partner_ids]
+    foreign = foreign_partners(session, connection_id, partner_ids)
     query = sa.select(VenueOrder.id, VenueOrder.order_id, VenueOrder.partner_id).where(
         VenueOrder.connection_id == connection_id, VenueOrder.partner_id.in_(foreign)
     )
@@ -302,13 +302,19 @@ def forget_foreign_orders(
     return len(found)
 
 
-def _mirrored_partners(session: Session, connection_id: int) -> Iterator[str]:
-    """The partners the connection's mirror holds orders of, one index seek each.
+def foreign_partners(
+    session: Session, connection_id: int, partner_ids: Collection[str]
+) -> list[str]:
+    """The partners not in ``partner_ids`` that the connection's mirror holds orders of.
 
-    Every role runs :func:`forget_foreign_orders` at its start, in a write transaction:
-    a ``NOT IN`` over a year of orders read every one of them (a second at a million,
-    with SQLite's write lock held and the webhooks waiting). The partners are few.
+    One index seek per partner the mirror holds (they are few): a ``NOT IN`` over a year
+    of orders read every one of them, a second at a million, at every role's start.
     """
+    return [p for p in _mirrored_partners(session, connection_id) if p not in partner_ids]
+
+
+def _mirrored_partners(session: Session, connection_id: int) -> Iterator[str]:
+    """The partners the connection's mirror holds orders of, in order."""
     after = ""
     while True:
         partner = session.scalar(

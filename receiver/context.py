@@ -3,7 +3,7 @@
 :class:`Receiver` carries the engine the app owns, its session factories, the metrics,
 and the venue connections: which ``clientState`` belongs to which connection (compared
 in constant time), and each connection's row id, resolved once with
-:func:`storage.models.ensure_connection`. Views reach it with :func:`current_receiver`.
+:func:`storage.connections.connection_ids`. Views reach it with :func:`current_receiver`.
 
 A connection's states are :meth:`venue.connection.VenueConnection.client_states`: the
 configured ones and those ``otacm subscribe`` (or the scheduler's subscription check)
@@ -41,8 +41,8 @@ from receiver.errors import (
     Unavailable,
     describe_database_error,
 )
+from storage.connections import connection_ids
 from storage.migrate import is_current
-from storage.models import ensure_connection
 from venue.connection import SettingsError
 
 if TYPE_CHECKING:
@@ -166,11 +166,7 @@ class Receiver:
         try:
             if not is_current(self.engine):
                 raise SchemaNotCurrent()
-            with self.sessions.begin() as session:
-                ids = {
-                    venue.name: ensure_connection(session, venue.name)
-                    for venue in self.settings.connections
-                }
+            ids = connection_ids(self.sessions, (venue.name for venue in self.settings.connections))
         except DATABASE_UNAVAILABLE as exc:
             raise DatabaseUnavailable(describe_database_error(exc)) from exc
         logger.info("receiver ready for %d venue connection(s)", len(ids))

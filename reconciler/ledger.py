@@ -55,7 +55,7 @@ from reconciler.ledger_file import (
     read_ledger,
 )
 from storage.engine import SQLITE_BEGIN_OPTION, database_error_reason, driver_statements
-from storage.models import LedgerLine, LedgerSource, ensure_connection
+from storage.models import LedgerLine, LedgerSource, VenueConnection, ensure_connection
 from storage.pacing import SQLITE_PAUSE, next_batch_size
 from storage.sqlite_writes import SQLITE_BULK_OPTION
 from venue.values import reference_set_key
@@ -250,6 +250,13 @@ def import_ledger(
         if counts.bad and not skip_bad:
             logger.info("ledger file refused: %d bad row(s), nothing written", counts.bad)
             return counts.result()
+        if connection_id is None and lines:
+            # Most files are for a connection already stored: found without the write
+            # lock, which the first batch then holds for its own rows only.
+            with _begin(connection):
+                connection_id = connection.scalar(
+                    sa.select(VenueConnection.id).where(VenueConnection.name == connection_name)
+                )
         upsert = _upsert_statement(connection.dialect.name)
         sqlite = connection.dialect.name == "sqlite"
         stored_through, first, size = 0, 0, min(batch_size, FIRST_BATCH_ROWS)
