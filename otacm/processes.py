@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import random
 import signal
 import subprocess
@@ -45,6 +44,7 @@ from heartbeat.coordination import (
     run_job,
 )
 from heartbeat.split_jobs import SplitJob
+from otacm.batch import as_batch_work
 from otacm.settings import Settings
 from venue.client import VenueClient
 from venue.connection import VenueConnection
@@ -407,24 +407,6 @@ def run_scheduled(
     return outcome, report
 
 
-def as_batch_work(settings: Settings) -> None:
-    """Lower this process's CPU priority by ``OTACM_BATCH_NICE``; once, at its start.
-
-    For the scheduler and the batch commands (reconcile, ledger import, report, db
-    prune): on a box whose cores they keep busy, the web role's answers (the venue's
-    webhooks) would otherwise wait for a CPU behind their computing. Measured on two
-    cores with a reconciliation of a year, an import and the worker beside the
-    receiver: the webhooks' p99 fell from 145-266 ms to 60 ms (bench/history). Their
-    writes stay short (storage.pacing), so a lowered process holds SQLite's lock for
-    little longer.
-    """
-    if settings.batch_nice:
-        try:
-            os.nice(settings.batch_nice)
-        except OSError as exc:  # a platform or a sandbox without priorities: run as is
-            logger.debug("CPU priority not lowered: %s", exc)
-
-
 def run_scheduler(settings: Settings, stop: threading.Event) -> None:
     """APScheduler in this process, running :func:`scheduled_jobs` until ``stop``.
 
@@ -439,7 +421,7 @@ def run_scheduler(settings: Settings, stop: threading.Event) -> None:
     from storage.engine import WaitStopped
     from storage.lease import new_owner
 
-    as_batch_work(settings)
+    as_batch_work(settings.batch_nice)
 
     owner = new_owner()
     beat = beater(settings.liveness_dir, "scheduler")

@@ -112,13 +112,14 @@ def db_prune(cli: CliContext, dry_run: bool, as_json: bool) -> None:
     Runs until every due row is gone, in short transactions; refused while the
     scheduler's prune job runs.
     """
+    from otacm.batch import as_batch_work
+
+    as_batch_work(cli.settings.batch_nice)
     from heartbeat.coordination import job_lock
     from heartbeat.retention import JOB, Retention, describe, prune
-    from otacm.processes import as_batch_work
     from storage.engine import make_sessions
     from storage.types import utcnow
 
-    as_batch_work(cli.settings)
     retention = Retention.of(cli.settings)
     with open_database(cli) as engine:
         sessions = make_sessions(engine)

@@ -63,13 +63,14 @@ def ledger_import(
     through which line; with --json the counts come with ``interrupted``); importing the
     file again finishes it.
     """
-    from otacm.processes import as_batch_work
+    from otacm.batch import as_batch_work
+
+    as_batch_work(cli.settings.batch_nice)
     from reconciler.ledger import ImportInterrupted, import_ledger
     from reconciler.ledger_file import LedgerFileError
     from storage.types import utcnow
 
     settings = cli.settings
-    as_batch_work(settings)
     try:
         name = settings.one_connection(connection).name
     except SettingsError as exc:
@@ -141,12 +142,12 @@ def report(cli: CliContext, run_id: int, fmt: str, output: Path | None) -> None:
     and renamed once whole, so a failed report leaves no file that looks complete.
     Exits 1 if no run has the id RUN.
     """
-    from otacm.processes import as_batch_work
+    from otacm.batch import as_batch_work
+
+    as_batch_work(cli.settings.batch_nice)
     from reconciler.report import RunNotFound, open_run_report
     from reconciler.report_formats import stream_report
     from storage.types import ID_MAX, utcnow
-
-    as_batch_work(cli.settings)
 
     if fmt == "xlsx" and output is None and sys.stdout.isatty():
         raise click.UsageError("xlsx is a binary file: name it with -o FILE, or redirect stdout")
@@ -279,12 +280,14 @@ def reconcile_command(
     The period defaults to the last OTACM_RECON_LOOKBACK_DAYS days ending now. Each
     connection gets a run; re-running a period is safe. Exits 1 if a run failed.
     """
+    from otacm.batch import as_batch_work
+
+    as_batch_work(cli.settings.batch_nice)
     import datetime as dt
     import getpass
 
     import sqlalchemy as sa
 
-    from otacm.processes import as_batch_work
     from reconciler.engine import reconcile_connections
     from storage.connections import connection_ids
     from storage.records import ReconRun, ReconTotal, ReconTrigger
@@ -308,7 +311,6 @@ def reconcile_command(
         ) from None
     if start >= end:
         raise click.BadParameter("--from must be before --to", param_hint="--from")
-    as_batch_work(settings)
     with open_sessions(cli) as sessions:
         picked = [c for c in settings.connections if names is None or c.name in names]
         found = connection_ids(sessions, (c.name for c in picked))
