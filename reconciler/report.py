@@ -14,7 +14,10 @@ match (the run's totals when nothing filters, one count in SQL otherwise);
 :func:`aging_counts` groups them by category and age for the chart;
 :func:`iter_exceptions` streams them all in batches, each batch in a short transaction
 of its own when given a session factory, so an export of a million rows holds neither
-memory nor a long read.
+memory nor a long read. Rows are read as the driver returns them (amounts in
+micro-units, details as JSON text) and converted here once, what rows share (a
+category, an age group, a details document) worked out once per stream: an export's
+reading is then a third of what the column types' row-by-row conversions cost.
 
 :func:`open_run_report` gives a :class:`RunReport` whose exceptions stream;
 :func:`load_run_report` one whose exceptions are read into lists, for small runs and
@@ -26,7 +29,8 @@ and e-mails are never read, so no report can carry them.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Iterable, Iterator
+import json
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from enum import StrEnum
@@ -48,6 +52,7 @@ from storage.records import (
     ReconRun,
     ReconTotal,
 )
+from storage.types import from_micros
 
 PAGE_SIZES = (25, 50, 100, 200)
 """The page sizes a list of exceptions offers; anything else is the default."""
@@ -241,18 +246,21 @@ def load_totals(session: Session, run_id: int) -> list[TotalRow]:
 
 # --- exceptions ------------------------------------------------------------------------
 
-_ROW_COLUMNS = (
+# A row's columns as the driver returns them: the amounts as micro-units, the details as
+# JSON text. :class:`_RowMaker` converts them; SQLAlchemy's processing of each Money, JSON
+# and enum value, row by row, cost more than the rest of an export's reading together.
+_ROW_COLUMNS: tuple[Any, ...] = (
     ReconException.id,
     ReconException.category,
-    ReconException.state,
+    sa.type_coerce(ReconException.state, sa.String),
     ReconException.subject_key,
     SHOP_REFERENCE,
     VenueOrder.order_id,
     VenueOrder.buy_from_order_reference,
     ReconException.currency,
-    ReconException.ledger_amount,
-    ReconException.venue_amount,
-    ReconException.details,
+    sa.type_coerce(ReconException.ledger_amount, sa.BigInteger),
+    sa.type_coerce(ReconException.venue_amount, sa.BigInteger),
+    sa.cast(ReconException.details, sa.Text),
     ReconException.first_seen_at,
 )
 
@@ -276,6 +284,38 @@ def _in_run(query: sa.Select[Any], run_id: int, listing: Listing) -> sa.Select[A
 def _with_references(query: sa.Select[Any]) -> sa.Select[Any]:
     return query.outerjoin(LedgerLine, LedgerLine.id == ReconException.ledger_line_id).outerjoin(
         VenueOrder, VenueOrder.id == ReconException.venue_order_id
+    )
+
+
+def _id_page(
+    run_id: int, listing: Listing, *, after: int | None, size: int, descending: bool = False
+) -> sa.Select[Any]:
+    """The rows of the run's next ``size`` exceptions of ``listing`` after the id ``after``
+    (before it, ``descending``), unfiltered: their ids first, from the event index alone,
+    then their rows by primary key; however the planner would join, a page reads a page
+    of rows."""
+    key = ExceptionEvent.recon_exception_id
+    beside = [] if after is None else [key < after if descending else key > after]
+    page = (
+        sa.select(key.label("exception_id"))
+        .where(
+            ExceptionEvent.recon_run_id == run_id,
+            ExceptionEvent.action.in_(listing.actions),
+            *beside,
+        )
+        .order_by(key.desc() if descending else key.asc())
+        .limit(size)
+        .subquery()
+    )
+    ordered = page.c.exception_id
+    return (
+        _with_references(
+            sa.select(*_ROW_COLUMNS)
+            .select_from(page)
+            .join(ReconException, ReconException.id == page.c.exception_id)
+        )
+        .order_by(ordered.desc() if descending else ordered.asc())
+        .limit(size)
     )
 
 
@@ -317,43 +357,22 @@ def exception_page(
     descending = newest_first != backwards
     key = ExceptionEvent.recon_exception_id
     cursor = after if not backwards else before
-    beside: list[sa.ColumnElement[bool]] = []
-    if cursor is not None:
-        beside.append(key < cursor if descending else key > cursor)
     if chosen.active:
         # Filtered: the run's events joined to their exceptions, walked until a page
         # passes (the exception's own id bounded too, so PostgreSQL's merge join starts
         # at the cursor rather than at the first exception).
+        beside: list[sa.ColumnElement[bool]] = []
         if cursor is not None:
             mine = ReconException.id
-            beside.append(mine < cursor if descending else mine > cursor)
+            beside += [key < cursor, mine < cursor] if descending else [key > cursor, mine > cursor]
         query = _with_references(_in_run(sa.select(*_ROW_COLUMNS), run_id, listing))
         query = query.where(*conditions(chosen, now), *beside)
-        ordered: Any = key  # a column attribute here, a subquery's column below
+        query = query.order_by(key.desc() if descending else key.asc()).limit(size + 1)
     else:
-        # Unfiltered: the page's ids first, from the index alone, then their rows by
-        # primary key; however the planner would join, a page reads a page of rows.
-        page = (
-            sa.select(key.label("exception_id"))
-            .where(
-                ExceptionEvent.recon_run_id == run_id,
-                ExceptionEvent.action.in_(listing.actions),
-                *beside,
-            )
-            .order_by(key.desc() if descending else key.asc())
-            .limit(size + 1)
-            .subquery()
-        )
-        query = _with_references(
-            sa.select(*_ROW_COLUMNS)
-            .select_from(page)
-            .join(ReconException, ReconException.id == page.c.exception_id)
-        )
-        ordered = page.c.exception_id
-    query = query.order_by(ordered.desc() if descending else ordered.asc()).limit(size + 1)
-    found = list(session.execute(query))
+        query = _id_page(run_id, listing, after=cursor, size=size + 1, descending=descending)
+    found = session.connection().execute(query).all()
     beyond = len(found) > size
-    rows = [_exception_row(*values, now=now) for values in found[:size]]
+    rows = list(map(_RowMaker(now).row, found[:size]))
     if backwards:
         rows.reverse()
         return ExceptionPage(rows, more_before=beyond, more_after=True)
@@ -462,6 +481,10 @@ def iter_exceptions(
 ) -> Iterator[ExceptionRow]:
     """Every exception of the run's ``listing``, oldest first, read ``batch`` at a time.
 
+    Each batch is one query: the next ``batch`` ids after the last one read, from the
+    event index alone (keyset: the millionth row costs what the first does), joined to
+    their rows and references by primary key.
+
     Args:
         source: a session (every batch in its transaction), or a session factory: each
             batch then reads in a short transaction of its own, so a long export holds
@@ -471,74 +494,91 @@ def iter_exceptions(
         run_id: the run.
         now: the time ages are counted to.
         listing: the exceptions the run saw, or those it closed.
-        batch: rows per query.
+        batch: rows per query (at least one).
     """
+    batch = max(batch, 1)
+    make = _RowMaker(now)  # one for the stream: what it remembers serves every batch
     after: int | None = None
     while True:
+        query = _id_page(run_id, listing, after=after, size=batch)
         if isinstance(source, Session):
-            page = exception_page(
-                source, run_id, now=now, listing=listing, after=after, size=batch, look_back=False
-            )
+            found = source.connection().execute(query).all()
         else:
             with source.begin() as session:
-                page = exception_page(
-                    session,
-                    run_id,
-                    now=now,
-                    listing=listing,
-                    after=after,
-                    size=batch,
-                    look_back=False,
-                )
-        yield from page.rows
-        if not page.more_after or not page.rows:
+                found = session.connection().execute(query).all()
+        yield from map(make.row, found)
+        if len(found) < batch:
             return
-        after = page.rows[-1].id
+        after = found[-1][0]
 
 
-def _exception_row(
-    exception_id: int,
-    category_value: str,
-    state: str,
-    subject_key: str,
-    shop_reference: str | None,
-    order_id: str | None,
-    venue_reference: str | None,
-    currency: str | None,
-    ledger: Decimal | None,
-    venue: Decimal | None,
-    details: dict[str, Any] | None,
-    first_seen_at: dt.datetime,
-    *,
-    now: dt.datetime,
-) -> ExceptionRow:
-    category = Category(category_value)
-    difference = None
-    # Amounts in two currencies have no difference worth printing.
-    if ledger is not None and venue is not None and category is not Category.CURRENCY_MISMATCH:
-        difference = venue - ledger
-    age = max((now - first_seen_at).days, 0)
-    return ExceptionRow(
-        id=exception_id,
-        category=category,
-        state=str(state),
-        subject_key=subject_key,
-        shop_reference=shop_reference,
-        order_id=order_id,
-        buy_from_order_reference=venue_reference,
-        currency=currency,
-        ledger_amount=ledger,
-        venue_amount=venue,
-        difference=difference,
-        details={
+class _RowMaker:
+    """Turns rows of :data:`_ROW_COLUMNS` into :class:`ExceptionRow`\\s, ages counted to
+    ``now``.
+
+    What many rows share is worked out once: a category, an age's group, and a details
+    document (most rows of a run carry one of a few): its JSON is parsed and stripped
+    of personal keys once, and the rows that carry the same text share the result,
+    which nothing changes (a row is frozen, and every reader of ``details`` only reads).
+    """
+
+    _DETAILS_KEPT = 4096  # distinct details texts remembered at most (then forgotten)
+
+    def __init__(self, now: dt.datetime) -> None:
+        self._now = now
+        self._categories = {category.value: category for category in Category}
+        self._buckets: dict[int, str] = {}
+        self._details: dict[str | None, dict[str, Any]] = {}
+
+    def row(self, values: Sequence[Any]) -> ExceptionRow:
+        """One row of :data:`_ROW_COLUMNS` as an :class:`ExceptionRow`."""
+        (exception_id, category_value, state, subject_key, shop_reference, order_id,
+         venue_reference, currency, ledger_micros, venue_micros, details_text,
+         first_seen_at) = values  # fmt: skip
+        category = self._categories[category_value]
+        ledger = None if ledger_micros is None else from_micros(ledger_micros)
+        venue = None if venue_micros is None else from_micros(venue_micros)
+        difference = None
+        # Amounts in two currencies have no difference worth printing.
+        if ledger is not None and venue is not None and category is not Category.CURRENCY_MISMATCH:
+            difference = venue - ledger
+        age = max((self._now - first_seen_at).days, 0)
+        bucket = self._buckets.get(age)
+        if bucket is None:
+            bucket = self._buckets[age] = aging_bucket(age)
+        details = self._details.get(details_text)
+        if details is None:
+            details = self._parsed(details_text)
+        return ExceptionRow(
+            id=exception_id,
+            category=category,
+            state=state,
+            subject_key=subject_key,
+            shop_reference=shop_reference,
+            order_id=order_id,
+            buy_from_order_reference=venue_reference,
+            currency=currency,
+            ledger_amount=ledger,
+            venue_amount=venue,
+            difference=difference,
+            details=details,
+            first_seen_at=first_seen_at,
+            age_days=age,
+            aging_bucket=bucket,
+        )
+
+    def _parsed(self, text: str | None) -> dict[str, Any]:
+        """A details document without personal keys ({} for none), remembered."""
+        document = json.loads(text) if text is not None else None
+        details = {
             key: value
-            for key, value in (details or {}).items()
+            for key, value in (document or {}).items()
             if key.lower() not in _PERSONAL_KEYS
-        },
-        first_seen_at=first_seen_at,
-        age_days=age,
-        aging_bucket=aging_bucket(age),
-    )
+        }
+        if len(self._details) >= self._DETAILS_KEPT:
+            self._details.clear()  # a run whose details are all different: no reuse
+        self._details[text] = details
+        return details
 
 
 # --- whole reports ---------------------------------------------------------------------
