@@ -16,8 +16,8 @@ match (the run's totals when nothing filters, one count in SQL otherwise);
 of its own when given a session factory, so an export of a million rows holds neither
 memory nor a long read. Rows are read as the driver returns them (amounts in
 micro-units, details as JSON text) and converted here once, what rows share (a
-category, an age group, a details document) worked out once per stream: an export's
-reading is then a third of what the column types' row-by-row conversions cost.
+category, an age group, a details document) worked out once per stream, rather than
+each value by its column type (``bench/finance --exports`` times both).
 
 :func:`open_run_report` gives a :class:`RunReport` whose exceptions stream;
 :func:`load_run_report` one whose exceptions are read into lists, for small runs and
