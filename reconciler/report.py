@@ -14,10 +14,8 @@ match (the run's totals when nothing filters, one count in SQL otherwise);
 :func:`aging_counts` groups them by category and age for the chart;
 :func:`iter_exceptions` streams them all in batches, each batch in a short transaction
 of its own when given a session factory, so an export of a million rows holds neither
-memory nor a long read. Rows are read as the driver returns them (amounts in
-micro-units, details as JSON text) and converted here once, what rows share (a
-category, an age group, a details document) worked out once per stream, rather than
-each value by its column type (``bench/finance --exports`` times both).
+memory nor a long read; its rows are read and made as :mod:`reconciler.report_rows`
+says.
 
 :func:`open_run_report` gives a :class:`RunReport` whose exceptions stream;
 :func:`load_run_report` one whose exceptions are read into lists, for small runs and
@@ -29,8 +27,7 @@ and e-mails are never read, so no report can carry them.
 from __future__ import annotations
 
 import datetime as dt
-import json
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from enum import StrEnum
@@ -41,9 +38,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from reconciler.categories import Category
 from reconciler.report_filter import AGING_BUCKETS as AGING_BUCKETS
-from reconciler.report_filter import BUCKET_ENDS, SHOP_REFERENCE, conditions
+from reconciler.report_filter import BUCKET_ENDS, conditions
 from reconciler.report_filter import ExceptionFilter as ExceptionFilter
 from reconciler.report_filter import aging_bucket as aging_bucket
+from reconciler.report_rows import ROW_COLUMNS, RowMaker
+from reconciler.report_rows import ExceptionRow as ExceptionRow
 from storage.models import LedgerLine, VenueConnection, VenueOrder
 from storage.records import (
     ExceptionAction,
@@ -52,7 +51,6 @@ from storage.records import (
     ReconRun,
     ReconTotal,
 )
-from storage.types import from_micros
 
 PAGE_SIZES = (25, 50, 100, 200)
 """The page sizes a list of exceptions offers; anything else is the default."""
@@ -62,11 +60,6 @@ NO_FILTER = ExceptionFilter()
 
 EXPORT_BATCH = 1000
 """Rows read per query (and per transaction) when a report streams its exceptions."""
-
-# Keys a details dict must never carry into a report (customers' personal data).
-_PERSONAL_KEYS = frozenset(
-    {"name", "email", "selltoname", "selltoemail", "sell_to_name", "sell_to_email"}
-)
 
 
 class RunNotFound(LookupError):
@@ -119,31 +112,6 @@ class TotalRow:
 
 
 @dataclass(frozen=True)
-class ExceptionRow:
-    """One exception in a report, with the references finance looks it up by.
-
-    ``difference`` is the venue's amount minus the ledger's, when both are known in one
-    currency. ``age_days`` counts whole days from ``first_seen_at`` to the report's time.
-    """
-
-    id: int
-    category: Category
-    state: str
-    subject_key: str
-    shop_reference: str | None
-    order_id: str | None
-    buy_from_order_reference: str | None
-    currency: str | None
-    ledger_amount: Decimal | None
-    venue_amount: Decimal | None
-    difference: Decimal | None
-    details: dict[str, Any]
-    first_seen_at: dt.datetime
-    age_days: int
-    aging_bucket: str
-
-
-@dataclass(frozen=True)
 class ExceptionPage:
     """One page of a run's exceptions, and whether others lie on either side of it."""
 
@@ -190,7 +158,33 @@ class RunReport:
     totals: list[TotalRow]
     exceptions: ExceptionRows  # those the run saw (opened, seen or reopened by it)
     closed: ExceptionRows  # those the run closed
-    aging: dict[Category, dict[str, int]]
+    aging: Mapping[Category, dict[str, int]]
+
+
+class _CountedWhenRead(Mapping[Category, dict[str, int]]):
+    """A streamed report's age groups, counted the first time they are read.
+
+    Counting is a pass over the run's exceptions (3.5 s at a million on SQLite), and only
+    the HTML report draws the chart: a CSV, JSON or XLSX never pays for it.
+    """
+
+    def __init__(self, count: Callable[[], dict[Category, dict[str, int]]]) -> None:
+        self._count = count
+        self._counts: dict[Category, dict[str, int]] | None = None
+
+    def _read(self) -> dict[Category, dict[str, int]]:
+        if self._counts is None:
+            self._counts = self._count()
+        return self._counts
+
+    def __getitem__(self, category: Category) -> dict[str, int]:
+        return self._read()[category]
+
+    def __iter__(self) -> Iterator[Category]:
+        return iter(self._read())
+
+    def __len__(self) -> int:
+        return len(self._read())
 
 
 # --- the run and its totals ------------------------------------------------------------
@@ -246,24 +240,6 @@ def load_totals(session: Session, run_id: int) -> list[TotalRow]:
 
 # --- exceptions ------------------------------------------------------------------------
 
-# A row's columns as the driver returns them: the amounts as micro-units, the details as
-# JSON text. :class:`_RowMaker` converts them; SQLAlchemy's processing of each Money, JSON
-# and enum value, row by row, cost more than the rest of an export's reading together.
-_ROW_COLUMNS: tuple[Any, ...] = (
-    ReconException.id,
-    ReconException.category,
-    sa.type_coerce(ReconException.state, sa.String),
-    ReconException.subject_key,
-    SHOP_REFERENCE,
-    VenueOrder.order_id,
-    VenueOrder.buy_from_order_reference,
-    ReconException.currency,
-    sa.type_coerce(ReconException.ledger_amount, sa.BigInteger),
-    sa.type_coerce(ReconException.venue_amount, sa.BigInteger),
-    sa.cast(ReconException.details, sa.Text),
-    ReconException.first_seen_at,
-)
-
 
 def _in_run(query: sa.Select[Any], run_id: int, listing: Listing) -> sa.Select[Any]:
     """``query`` over the run's events of ``listing``, joined to their exceptions.
@@ -310,7 +286,7 @@ def _id_page(
     ordered = page.c.exception_id
     return (
         _with_references(
-            sa.select(*_ROW_COLUMNS)
+            sa.select(*ROW_COLUMNS)
             .select_from(page)
             .join(ReconException, ReconException.id == page.c.exception_id)
         )
@@ -365,14 +341,14 @@ def exception_page(
         if cursor is not None:
             mine = ReconException.id
             beside += [key < cursor, mine < cursor] if descending else [key > cursor, mine > cursor]
-        query = _with_references(_in_run(sa.select(*_ROW_COLUMNS), run_id, listing))
+        query = _with_references(_in_run(sa.select(*ROW_COLUMNS), run_id, listing))
         query = query.where(*conditions(chosen, now), *beside)
         query = query.order_by(key.desc() if descending else key.asc()).limit(size + 1)
     else:
         query = _id_page(run_id, listing, after=cursor, size=size + 1, descending=descending)
     found = session.connection().execute(query).all()
     beyond = len(found) > size
-    rows = list(map(_RowMaker(now).row, found[:size]))
+    rows = list(map(RowMaker(now).row, found[:size]))
     if backwards:
         rows.reverse()
         return ExceptionPage(rows, more_before=beyond, more_after=True)
@@ -497,7 +473,7 @@ def iter_exceptions(
         batch: rows per query (at least one).
     """
     batch = max(batch, 1)
-    make = _RowMaker(now)  # one for the stream: what it remembers serves every batch
+    make = RowMaker(now)  # one for the stream: what it remembers serves every batch
     after: int | None = None
     while True:
         query = _id_page(run_id, listing, after=after, size=batch)
@@ -523,75 +499,6 @@ def iter_exceptions(
 _LOOKUPS_ONLY = "SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off"
 
 
-class _RowMaker:
-    """Turns rows of :data:`_ROW_COLUMNS` into :class:`ExceptionRow`\\s, ages counted to
-    ``now``.
-
-    What many rows share is worked out once: a category, an age's group, and a details
-    document (most rows of a run carry one of a few): its JSON is parsed and stripped
-    of personal keys once, and the rows that carry the same text share the result,
-    which nothing changes (a row is frozen, and every reader of ``details`` only reads).
-    """
-
-    _DETAILS_KEPT = 4096  # distinct details texts remembered at most (then forgotten)
-
-    def __init__(self, now: dt.datetime) -> None:
-        self._now = now
-        self._categories = {category.value: category for category in Category}
-        self._buckets: dict[int, str] = {}
-        self._details: dict[str | None, dict[str, Any]] = {}
-
-    def row(self, values: Sequence[Any]) -> ExceptionRow:
-        """One row of :data:`_ROW_COLUMNS` as an :class:`ExceptionRow`."""
-        (exception_id, category_value, state, subject_key, shop_reference, order_id,
-         venue_reference, currency, ledger_micros, venue_micros, details_text,
-         first_seen_at) = values  # fmt: skip
-        category = self._categories[category_value]
-        ledger = None if ledger_micros is None else from_micros(ledger_micros)
-        venue = None if venue_micros is None else from_micros(venue_micros)
-        difference = None
-        # Amounts in two currencies have no difference worth printing.
-        if ledger is not None and venue is not None and category is not Category.CURRENCY_MISMATCH:
-            difference = venue - ledger
-        age = max((self._now - first_seen_at).days, 0)
-        bucket = self._buckets.get(age)
-        if bucket is None:
-            bucket = self._buckets[age] = aging_bucket(age)
-        details = self._details.get(details_text)
-        if details is None:
-            details = self._parsed(details_text)
-        return ExceptionRow(
-            id=exception_id,
-            category=category,
-            state=state,
-            subject_key=subject_key,
-            shop_reference=shop_reference,
-            order_id=order_id,
-            buy_from_order_reference=venue_reference,
-            currency=currency,
-            ledger_amount=ledger,
-            venue_amount=venue,
-            difference=difference,
-            details=details,
-            first_seen_at=first_seen_at,
-            age_days=age,
-            aging_bucket=bucket,
-        )
-
-    def _parsed(self, text: str | None) -> dict[str, Any]:
-        """A details document without personal keys ({} for none), remembered."""
-        document = json.loads(text) if text is not None else None
-        details = {
-            key: value
-            for key, value in (document or {}).items()
-            if key.lower() not in _PERSONAL_KEYS
-        }
-        if len(self._details) >= self._DETAILS_KEPT:
-            self._details.clear()  # a run whose details are all different: no reuse
-        self._details[text] = details
-        return details
-
-
 # --- whole reports ---------------------------------------------------------------------
 
 
@@ -600,9 +507,10 @@ def open_run_report(
 ) -> RunReport:
     """A run's report whose exceptions stream: read ``batch`` at a time as they are used.
 
-    The run, its totals, the counts and the chart's figures are read now, in one
-    transaction; each pass over ``exceptions`` or ``closed`` reads them again, in short
-    transactions (:func:`iter_exceptions`).
+    The run, its totals and the counts are read now, in one transaction; the chart's
+    figures (``aging``) when first used, in a transaction of their own; each pass over
+    ``exceptions`` or ``closed`` reads them again, in short transactions
+    (:func:`iter_exceptions`).
 
     Raises:
         RunNotFound: no run has this id.
@@ -612,7 +520,12 @@ def open_run_report(
         totals = load_totals(session, run_id)
         seen_count = count_exceptions(session, run_id, now=now)
         closed_count = count_exceptions(session, run_id, now=now, listing=Listing.CLOSED)
-        aging = aging_counts(session, run_id, now=now) if seen_count else {}
+
+    def count_aging() -> dict[Category, dict[str, int]]:
+        if not seen_count:
+            return {}
+        with sessions.begin() as session:
+            return aging_counts(session, run_id, now=now)
 
     def rows(listing: Listing) -> Callable[[], Iterator[ExceptionRow]]:
         return lambda: iter_exceptions(sessions, run_id, now=now, listing=listing, batch=batch)
@@ -622,7 +535,7 @@ def open_run_report(
         totals=totals,
         exceptions=ExceptionRows(seen_count, rows(Listing.SEEN)),
         closed=ExceptionRows(closed_count, rows(Listing.CLOSED)),
-        aging=aging,
+        aging=_CountedWhenRead(count_aging),
     )
 
 

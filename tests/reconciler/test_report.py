@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from openpyxl import load_workbook
-from sqlalchemy import select
+from sqlalchemy import event, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from otacm.cli import main
@@ -32,6 +32,7 @@ from reconciler.report import (
     aging_bucket,
     iter_exceptions,
     load_run_report,
+    open_run_report,
 )
 from reconciler.report_formats import REPORT_FORMATS, render_report
 from storage.models import LedgerLine, LedgerSource, VenueOrder, ensure_connection
@@ -443,6 +444,34 @@ def test_a_stream_carries_what_the_orm_reads_for_each_exception(
     assert (
         again[added[0]].details == again[added[4]].details == {"status": "Issued", "lines": [1, 2]}
     )
+
+
+def test_a_streamed_report_counts_its_ages_only_when_they_are_read(
+    sessions: sessionmaker[Session], built: Built
+) -> None:
+    """A streamed report's CSV, JSON and XLSX never count the exceptions by age (a pass
+    over the run's exceptions that only the chart needs); the HTML counts them once, the
+    same counts as a loaded report's."""
+    statements: list[str] = []
+
+    def record(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        statements.append(statement)
+
+    engine = sessions.kw["bind"]
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        report = open_run_report(sessions, built.run_id, now=NOW)
+        for fmt in ("csv", "json", "xlsx"):
+            render_report(report, fmt)
+        assert not [statement for statement in statements if "GROUP BY" in statement]
+        render_report(report, "html")
+        render_report(report, "html")
+        assert len([statement for statement in statements if "GROUP BY" in statement]) == 1
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    with sessions() as session:
+        assert dict(report.aging) == load_run_report(session, built.run_id, now=NOW).aging
+    assert report.aging
 
 
 @pytest.mark.parametrize(
