@@ -268,8 +268,8 @@ def _id_page(
 ) -> sa.Select[Any]:
     """The rows of the run's next ``size`` exceptions of ``listing`` after the id ``after``
     (before it, ``descending``), unfiltered: their ids first, from the event index alone,
-    then their rows by primary key; however the planner would join, a page reads a page
-    of rows."""
+    then their rows by primary key (a stream's batches of a thousand also keep
+    PostgreSQL to lookups: :data:`_LOOKUPS_ONLY`)."""
     key = ExceptionEvent.recon_exception_id
     beside = [] if after is None else [key < after if descending else key > after]
     page = (
