@@ -73,6 +73,9 @@ _MINOR_UNITS = {
 # Where a spreadsheet would start a formula: a formula character (OWASP's CSV injection
 # list) at the start of a cell, or after a character some spreadsheet splits cells on.
 _FORMULA_START = re.compile("(?:^|(?<=[,;\t\r\n]))(?=[=+\\-@\t\r])")
+_FORMULA_CHARACTERS = "=+-@\t\r"
+# Without one of these, only the first character can start a formula: most cells.
+_SPLITTING = re.compile("[,;\t\r\n]")
 
 
 def render_report(report: RunReport, fmt: str) -> bytes:
@@ -129,14 +132,22 @@ def currency_places(currency: str | None) -> int:
     return _MINOR_UNITS.get((currency or "").upper(), 2)
 
 
+# The smallest amount shown, per number of decimal places.
+_QUANTA = {places: Decimal(1).scaleb(-places) for places in {2, *_MINOR_UNITS.values()}}
+
+
 def money_text(amount: Decimal | None, currency: str | None) -> str:
     """An amount as plain text with the currency's decimals: ``-20.00``; ``""`` for none.
 
     An amount finer than the currency's decimals keeps its digits, so nothing is hidden.
     """
+    return _money_text(amount, _QUANTA[currency_places(currency)])
+
+
+def _money_text(amount: Decimal | None, quantum: Decimal) -> str:
+    """:func:`money_text` with the currency's :data:`_QUANTA` known (a row's amounts share it)."""
     if amount is None:
         return ""
-    quantum = Decimal(1).scaleb(-currency_places(currency))
     rounded = amount.quantize(quantum)
     if rounded != amount:
         return format(amount.normalize(), "f")
@@ -144,12 +155,50 @@ def money_text(amount: Decimal | None, currency: str | None) -> str:
 
 
 def _iso(value: dt.datetime | None) -> str | None:
-    return None if value is None else value.astimezone(dt.UTC).isoformat()
+    if value is None:
+        return None
+    return (value if value.tzinfo is dt.UTC else value.astimezone(dt.UTC)).isoformat()
+
+
+def _sheet_time(value: dt.datetime) -> str:
+    """A time as ``2026-12-07 12:00:00`` in UTC: ISO 8601 with a space, which Excel reads
+    as a date and time."""
+    if value.tzinfo is not dt.UTC:
+        value = value.astimezone(dt.UTC)
+    if value.year < 1000:  # isoformat pads the year to four digits, strftime does not
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+    return value.isoformat(" ", "seconds")[:19]  # without the offset: UTC is said
 
 
 def details_text(details: dict[str, Any]) -> str:
     """A details dict as one line of JSON (keys sorted); "" for none."""
     return json.dumps(details, sort_keys=True, ensure_ascii=False) if details else ""
+
+
+class _DetailsTexts:
+    """A stream's texts of its rows' details, each dict's worked out once.
+
+    The rows of one stream share one dict per distinct details document
+    (:func:`reconciler.report.iter_exceptions`), so most rows find their text here. A
+    dict is known by its identity, and kept while its text is, so that no other dict
+    can take its id meanwhile.
+    """
+
+    _KEPT = 4096  # dicts remembered at most (then forgotten: a run of unique details)
+
+    def __init__(self, text: Callable[[dict[str, Any]], str]) -> None:
+        self._text = text
+        self._known: dict[int, tuple[dict[str, Any], str]] = {}
+
+    def __call__(self, details: dict[str, Any]) -> str:
+        known = self._known.get(id(details))
+        if known is not None and known[0] is details:
+            return known[1]
+        text = self._text(details)
+        if len(self._known) >= self._KEPT:
+            self._known.clear()
+        self._known[id(details)] = (details, text)
+        return text
 
 
 EXCEPTION_COLUMNS = (
@@ -199,14 +248,21 @@ def _defused(text: str | None) -> str:
     each formula character that would start a cell (see :data:`_FORMULA_START`)."""
     if not text:
         return ""
-    return _FORMULA_START.sub("'", text)
+    if text[0] in _FORMULA_CHARACTERS or _SPLITTING.search(text):
+        return _FORMULA_START.sub("'", text)
+    return text
 
 
-def _csv_row(in_run: str, row: ExceptionRow) -> list[str]:
+def _defused_details(details: dict[str, Any]) -> str:
+    return _defused(details_text(details))
+
+
+def _csv_row(in_run: str, row: ExceptionRow, details: Callable[[dict[str, Any]], str]) -> list[str]:
+    quantum = _QUANTA[currency_places(row.currency)]
     return [
         str(row.id),
         in_run,
-        str(row.category),
+        row.category.value,
         _defused(row.category.label),
         row.state,
         _defused(row.subject_key),
@@ -214,14 +270,13 @@ def _csv_row(in_run: str, row: ExceptionRow) -> list[str]:
         _defused(row.order_id),
         _defused(row.buy_from_order_reference),
         _defused(row.currency),
-        money_text(row.ledger_amount, row.currency),
-        money_text(row.venue_amount, row.currency),
-        money_text(row.difference, row.currency),
-        # ISO 8601 with a space: what Excel reads as a date and time.
-        row.first_seen_at.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S"),
+        _money_text(row.ledger_amount, quantum),
+        _money_text(row.venue_amount, quantum),
+        _money_text(row.difference, quantum),
+        _sheet_time(row.first_seen_at),
         str(row.age_days),
         row.aging_bucket,
-        _defused(details_text(row.details)),
+        details(row.details),
     ]
 
 
@@ -238,8 +293,9 @@ def _stream_csv(report: RunReport, progress: Callable[[], None]) -> Iterator[byt
     out.write("\ufeff")
     writer.writerow(EXCEPTION_COLUMNS)
     rows = 0
+    details = _DetailsTexts(_defused_details)
     for in_run, row in tagged_rows(report, progress):
-        writer.writerow(_csv_row(in_run, row))
+        writer.writerow(_csv_row(in_run, row, details))
         rows += 1
         if out.tell() >= _CHUNK:
             yield out.getvalue().encode()
@@ -251,6 +307,7 @@ def _stream_csv(report: RunReport, progress: Callable[[], None]) -> Iterator[byt
 
 def exception_json(row: ExceptionRow) -> dict[str, Any]:
     """One exception as the JSON report and ``otacm exceptions list --json`` write it."""
+    quantum = _QUANTA[currency_places(row.currency)]
     return {
         "id": row.id,
         "category": str(row.category),
@@ -261,9 +318,9 @@ def exception_json(row: ExceptionRow) -> dict[str, Any]:
         "order_id": row.order_id,
         "buy_from_order_reference": row.buy_from_order_reference,
         "currency": row.currency,
-        "ledger_amount": money_text(row.ledger_amount, row.currency) or None,
-        "venue_amount": money_text(row.venue_amount, row.currency) or None,
-        "difference": money_text(row.difference, row.currency) or None,
+        "ledger_amount": _money_text(row.ledger_amount, quantum) or None,
+        "venue_amount": _money_text(row.venue_amount, quantum) or None,
+        "difference": _money_text(row.difference, quantum) or None,
         "details": row.details,
         "first_seen_at": _iso(row.first_seen_at),
         "age_days": row.age_days,
@@ -303,6 +360,10 @@ def _run_json(report: RunReport) -> dict[str, Any]:
     }
 
 
+# json.dumps with an option builds an encoder per call: one serves every row.
+_encode_row = json.JSONEncoder(ensure_ascii=False).encode
+
+
 def _stream_json(report: RunReport, progress: Callable[[], None]) -> Iterator[bytes]:
     """The head indented, then ``exceptions`` and ``closed`` one row per line: the same
     document as one ``json.dumps`` would make, written a row at a time."""
@@ -313,7 +374,7 @@ def _stream_json(report: RunReport, progress: Callable[[], None]) -> Iterator[by
         parts.append(f',\n  "{name}": [')
         separator = "\n    "
         for row in _ticking(rows, progress):
-            text = json.dumps(exception_json(row), ensure_ascii=False)
+            text = _encode_row(exception_json(row))
             parts.append(separator + text)
             separator = ",\n    "
             size += len(text)

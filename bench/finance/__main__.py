@@ -53,7 +53,9 @@ REPOSITORY = HERE.parents[1]
 # The PostgreSQL starter and the process helpers are the ingest benchmark's.
 sys.path.insert(1, str(HERE.parent / "ingest"))
 sys.path.insert(1, str(REPOSITORY))
+sys.path.insert(1, str(HERE))  # exports.py, when this file is imported rather than run
 
+import exports  # noqa: E402
 import httpx  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
 from servers import (  # noqa: E402
@@ -397,15 +399,10 @@ def check_xlsx(expected: int) -> Callable[[bytes, Path], str]:
     return check
 
 
-def measure(
-    database: str,
-    url: str,
-    directory: Path,
-    sizes: tuple[int, ...],
-    pages: int,
-    formats: tuple[str, ...],
-) -> Iterator[Figure]:
-    """Fill one database with a run per size, serve it, and measure each run."""
+def fill(
+    database: str, url: str, directory: Path, sizes: tuple[int, ...]
+) -> dict[int, tuple[int, int]]:
+    """One database with a run per size: each run's id and its middle exception's."""
     log = directory / f"otacm-{database}.log"
     env = otacm_environment(url, directory)
     run_checked([sys.executable, "-m", "otacm", "db", "upgrade"], env=env, log=log)
@@ -426,6 +423,21 @@ def measure(
         }
     finally:
         engine.dispose()
+    return runs
+
+
+def measure(
+    database: str,
+    url: str,
+    directory: Path,
+    sizes: tuple[int, ...],
+    pages: int,
+    formats: tuple[str, ...],
+) -> Iterator[Figure]:
+    """Fill one database with a run per size, serve it, and measure each run."""
+    runs = fill(database, url, directory, sizes)
+    log = directory / f"otacm-{database}.log"
+    env = otacm_environment(url, directory)
     port = free_port()
     command = [
         sys.executable,
@@ -513,7 +525,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pages", type=int, default=PAGES, help="timed requests per page")
     parser.add_argument("--no-exports", action="store_true", help="pages only")
     parser.add_argument(
-        "--formats", default="csv,json,html,xlsx", help="the downloads to time (comma-separated)"
+        "--formats", help="the downloads to time (comma-separated; default csv,json,html,xlsx)"
+    )
+    parser.add_argument(
+        "--exports",
+        action="store_true",
+        help="instead of the pages: each export in a process of its own, this code against "
+        "--baseline, in rows/s (formats read,csv,json,xlsx unless --formats)",
+    )
+    parser.add_argument(
+        "--baseline", default=exports.BASELINE, help="the commit --exports compares against"
     )
     arguments = parser.parse_args(argv)
     if arguments.sizes:
@@ -521,26 +542,38 @@ def main(argv: list[str] | None = None) -> int:
     else:
         sizes = QUICK_SIZES if arguments.quick else SIZES
     databases = DATABASES if arguments.db == "both" else (arguments.db,)
+    default_formats = exports.FORMATS if arguments.exports else ("csv", "json", "html", "xlsx")
+    formats = tuple(arguments.formats.split(",")) if arguments.formats else default_formats
     figures: list[Figure] = []
     try:
         with ExitStack() as stack:
             directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="finance-")))
+            baseline = exports.unpack(arguments.baseline, directory) if arguments.exports else None
             for database in databases:
                 server = stack.enter_context(postgresql_server()) if database != "sqlite" else None
                 factory = DatabaseFactory(database, directory, server)
                 url = factory.new("bench_finance")
+                if baseline is not None:
+                    runs = {
+                        size: run
+                        for size, (run, _) in fill(database, url, directory, sizes).items()
+                    }
+                    compared = list(exports.compare(url, runs, formats, baseline, directory))
+                    exports.print_table(database, compared, sizes)
+                    continue
                 figures += measure(
                     database,
                     url,
                     directory,
                     sizes,
                     arguments.pages,
-                    () if arguments.no_exports else tuple(arguments.formats.split(",")),
+                    () if arguments.no_exports else formats,
                 )
     except BenchSetupError as exc:
         print(f"bench/finance: {exc}", file=sys.stderr)
         return 1
-    print_table(figures, sizes)
+    if figures:
+        print_table(figures, sizes)
     return 0
 
 

@@ -20,12 +20,20 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from openpyxl import load_workbook
+from sqlalchemy import event, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from otacm.cli import main
 from otacm.cli.finance import REPORT_FORMAT_NAMES
 from reconciler.categories import Category
-from reconciler.report import AGING_BUCKETS, RunNotFound, aging_bucket, load_run_report
+from reconciler.report import (
+    AGING_BUCKETS,
+    RunNotFound,
+    aging_bucket,
+    iter_exceptions,
+    load_run_report,
+    open_run_report,
+)
 from reconciler.report_formats import REPORT_FORMATS, render_report
 from storage.models import LedgerLine, LedgerSource, VenueOrder, ensure_connection
 from storage.records import (
@@ -355,6 +363,115 @@ def test_an_earlier_run_reports_what_it_saw_then(
         built.ids[name] for name in ("amount", "quantity", "closed", "elsewhere")
     }
     assert report.totals == [] and list(report.closed) == [] and not report.closed
+
+
+def test_a_stream_carries_what_the_orm_reads_for_each_exception(
+    sessions: sessionmaker[Session], built: Built
+) -> None:
+    """Streamed a row per batch, each exception carries the amounts (exact, to the
+    micro-unit), first sighting, state and details the ORM reads for it; rows whose
+    details are one document show it alike, personal keys removed from every one, and a
+    document changed in between shows as it now is."""
+    shared = {"status": "Issued", "sellToName": CUSTOMER_NAME, "lines": [1, 2]}
+    with sessions.begin() as session:
+        connection = ensure_connection(session, "shop-dk")
+        added = []
+        for index, (details, ledger_amount, venue_amount) in enumerate(
+            [
+                (shared, "0.000001", "-123456789.123456"),
+                ({"note": "other"}, "12.3", None),
+                (shared, "1000000", "999999.99"),
+                (None, None, "7"),
+                (shared, "-0.5", "0.50"),
+            ]
+        ):
+            row = ReconException(
+                connection_id=connection,
+                category=Category.AMOUNT_MISMATCH,
+                subject_key=f"stream-{index}",
+                currency="BHD",
+                ledger_amount=None if ledger_amount is None else Decimal(ledger_amount),
+                venue_amount=None if venue_amount is None else Decimal(venue_amount),
+                details=details,
+                state=ExceptionState.ACCEPTED,
+                first_seen_run_id=built.run_id,
+                last_seen_run_id=built.run_id,
+                first_seen_at=days_ago(index * 1.7),
+            )
+            session.add(row)
+            session.flush()
+            session.add(
+                ExceptionEvent(
+                    recon_exception_id=row.id,
+                    recon_run_id=built.run_id,
+                    action=ExceptionAction.OPENED,
+                    at=NOW,
+                )
+            )
+            added.append(row.id)
+    streamed = {row.id: row for row in iter_exceptions(sessions, built.run_id, now=NOW, batch=1)}
+    assert list(streamed) == sorted(streamed)
+    with sessions() as session:
+        for exception in session.scalars(
+            select(ReconException).where(ReconException.id.in_(streamed))
+        ):
+            row = streamed[exception.id]
+            assert (row.ledger_amount, row.venue_amount) == (
+                exception.ledger_amount,
+                exception.venue_amount,
+            )
+            assert str(row.ledger_amount) == str(exception.ledger_amount)
+            assert str(row.venue_amount) == str(exception.venue_amount)
+            assert row.first_seen_at == exception.first_seen_at
+            assert row.first_seen_at.tzinfo is dt.UTC
+            assert row.state == exception.state.value and type(row.state) is str
+            assert row.category is Category(exception.category)
+            expected = {
+                key: value
+                for key, value in (exception.details or {}).items()
+                if key not in ("sellToName", "name", "sellToEmail")
+            }
+            assert row.details == expected
+    assert [streamed[added[index]].details for index in (0, 2, 4)] == [
+        {"status": "Issued", "lines": [1, 2]}
+    ] * 3
+    assert streamed[added[1]].details == {"note": "other"} and streamed[added[3]].details == {}
+    assert streamed[added[2]].difference == Decimal("-0.01")
+    with sessions.begin() as session:
+        session.get_one(ReconException, added[2]).details = {"note": "changed"}
+    again = {row.id: row for row in iter_exceptions(sessions, built.run_id, now=NOW, batch=2)}
+    assert again[added[2]].details == {"note": "changed"}
+    assert (
+        again[added[0]].details == again[added[4]].details == {"status": "Issued", "lines": [1, 2]}
+    )
+
+
+def test_a_streamed_report_counts_its_ages_only_when_they_are_read(
+    sessions: sessionmaker[Session], built: Built
+) -> None:
+    """A streamed report's CSV, JSON and XLSX never count the exceptions by age (a pass
+    over the run's exceptions that only the chart needs); the HTML counts them once, the
+    same counts as a loaded report's."""
+    statements: list[str] = []
+
+    def record(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        statements.append(statement)
+
+    engine = sessions.kw["bind"]
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        report = open_run_report(sessions, built.run_id, now=NOW)
+        for fmt in ("csv", "json", "xlsx"):
+            render_report(report, fmt)
+        assert not [statement for statement in statements if "GROUP BY" in statement]
+        render_report(report, "html")
+        render_report(report, "html")
+        assert len([statement for statement in statements if "GROUP BY" in statement]) == 1
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    with sessions() as session:
+        assert dict(report.aging) == load_run_report(session, built.run_id, now=NOW).aging
+    assert report.aging
 
 
 @pytest.mark.parametrize(
