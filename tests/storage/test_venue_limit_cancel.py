@@ -17,7 +17,7 @@ from pydantic import SecretStr
 
 from storage.venue_limits import cancel_shared_throttles, close_shared_throttles, shared_throttle
 from venue.connection import VenueConnection
-from venue.throttle import HeldOff, ThrottleClosed
+from venue.throttle import HeldOff, SharedThrottle, ThrottleClosed
 
 HOLD = 600.0
 """The ``Retry-After`` the call waits out: far longer than the test waits for it to end."""
@@ -51,6 +51,17 @@ def test_a_wait_for_a_retry_after_ends_when_the_limit_is_cancelled(
     waits the hold out (the hold is the key's, not the cancelled throttle's)."""
     connection = _connection()
     throttle = shared_throttle(migrated_engine, connection)
+    try:
+        _cancel_while_waiting_out_a_hold(migrated_engine, connection, throttle)
+    finally:
+        # Cancelled, it is no longer the registry's: closed here, or its pool's
+        # connections would be collected open, in whatever test runs then.
+        close_shared_throttles([throttle])
+
+
+def _cancel_while_waiting_out_a_hold(
+    migrated_engine: sa.Engine, connection: VenueConnection, throttle: SharedThrottle
+) -> None:
     throttle.hold_off(HOLD)
     outcome: list[BaseException] = []
     started = threading.Event()
