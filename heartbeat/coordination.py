@@ -77,6 +77,9 @@ class JobOutcome(StrEnum):
     """Another process holds the job's lock: it is running right now."""
     FAILED = "failed"
     """The job (or its bookkeeping) raised; recorded and logged."""
+    STOPPED = "stopped"
+    """The process's stop ended the run (its venue calls were cancelled): recorded as
+    ended, neither a failure nor a success, and due again at once."""
 
 
 @dataclass(frozen=True)
@@ -233,9 +236,14 @@ def run_job(
             try:
                 report = job.run(now)
             except Exception as exc:
+                elapsed = time.monotonic() - began
+                if ended_by_stop(exc):
+                    logger.info("job %s: ended by the process's stop; due again", job.name)
+                    _finish(sessions, job, now=now, elapsed=elapsed, error=exc, stopped=True)
+                    return JobOutcome.STOPPED, exc
                 if not isinstance(exc, JobFailed):
                     log_failure(exc, job.name, "failed")
-                _finish(sessions, job, now=now, elapsed=time.monotonic() - began, error=exc)
+                _finish(sessions, job, now=now, elapsed=elapsed, error=exc)
                 return JobOutcome.FAILED, exc
             _finish(sessions, job, now=now, elapsed=time.monotonic() - began, error=None)
             return JobOutcome.RAN, report
@@ -295,8 +303,11 @@ def _finish(
     now: dt.datetime,
     elapsed: float,
     error: Exception | None,
+    stopped: bool = False,
 ) -> None:
-    """Record the end of a run, successful when ``error`` is ``None``."""
+    """Record the end of a run, successful when ``error`` is ``None``; ``stopped``: ended
+    by the process's stop, which is no failure of the job (its last error stays), and
+    due again at once."""
     with sessions.begin() as session:
         record = session.get(JobRun, job.name)
         if record is None:  # removed under us (an operator's reset): nothing to record
@@ -304,12 +315,30 @@ def _finish(
         # Measured on the monotonic clock from the tick's "now", so that a run's end is
         # never before its start, whatever clock the caller's "now" comes from.
         record.finished_at = now + dt.timedelta(seconds=elapsed)
+        if stopped:
+            record.next_due_at = now
+            return
         if error is None:
             record.failures = 0
             record.last_success_at = record.finished_at
             return
         record.failures += 1
         record.last_error = describe_error(error)
+
+
+def ended_by_stop(error: BaseException) -> bool:
+    """Whether ``error`` came of the process's stop: somewhere in its causes, a venue
+    limit closed because the role is stopping (:class:`venue.throttle.ThrottleClosed`)."""
+    from venue.throttle import ThrottleClosed
+
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, ThrottleClosed):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def describe_error(error: BaseException) -> str:

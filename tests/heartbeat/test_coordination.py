@@ -33,6 +33,8 @@ from storage.records import JobRun
 from tests.heartbeat.job_competitor import JOB_NAME, marker, marker_metadata
 from tests.support.processes import ROOT
 from tests.support.stack import wait_until
+from venue.errors import VenueRateLimited
+from venue.throttle import ThrottleClosed
 
 T0 = dt.datetime(2026, 5, 27, 12, 0, tzinfo=dt.UTC)
 INTERVAL = 60.0
@@ -207,6 +209,35 @@ def test_a_failing_job_is_recorded_and_runs_again_next_time(
     assert job.calls == [T0, next_time]
     record = job_run(sessions, "feed")
     assert record is not None and (record.runs, record.failures) == (2, 0)
+
+
+def test_a_run_ended_by_the_stop_is_no_failure_and_is_due_again(
+    migrated_engine: sa.Engine, sessions: sessionmaker[Session]
+) -> None:
+    """A job whose venue call a stopping process cancelled (ThrottleClosed among its
+    causes) is STOPPED: ended, the failure count and last error of the run before kept,
+    and due again at once, for the next start."""
+    scheduled = ScheduledJob("feed", INTERVAL, CountingJob(error=ConnectionError("down")))
+    run_job(migrated_engine, sessions, scheduled, owner="a", now=T0)
+    later = T0 + dt.timedelta(seconds=INTERVAL)
+    try:
+        try:
+            raise ThrottleClosed(0.0)
+        except ThrottleClosed as closed:
+            raise VenueRateLimited("GET", "/orders", reason=str(closed)) from closed
+    except VenueRateLimited as exc:
+        cancelled = exc
+    scheduled = ScheduledJob("feed", INTERVAL, CountingJob(error=cancelled))
+
+    outcome, error = run_job(migrated_engine, sessions, scheduled, owner="a", now=later)
+
+    assert (outcome, error) == (JobOutcome.STOPPED, cancelled)
+    record = job_run(sessions, "feed")
+    assert record is not None and record.finished_at is not None
+    assert (record.runs, record.failures, record.last_error) == (2, 1, "ConnectionError: down")
+    assert record.next_due_at == later
+    again, _ = run_job(migrated_engine, sessions, scheduled, owner="b", now=later)
+    assert again is JobOutcome.STOPPED  # due at once: run again, not skipped as not due
 
 
 def test_a_busy_job_is_not_run(

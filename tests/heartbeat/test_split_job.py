@@ -166,6 +166,7 @@ def test_a_failing_unit_fails_only_its_own_record(
         "not_due": 0,
         "busy": 0,
         "failed": 1,
+        "stopped": 0,
         "done": 3,
     }
     runs = records(sessions)
