@@ -50,23 +50,20 @@ sys.path.insert(1, str(HERE.parent / "ingest"))
 sys.path.insert(1, str(REPOSITORY))
 
 import httpx  # noqa: E402
-from producer import order, produce  # noqa: E402
+from producer import commit, produce, shop_sessions  # noqa: E402
 from servers import BenchSetupError, DatabaseFactory, postgresql_server  # noqa: E402
 from shop_endpoint import serve_shop  # noqa: E402
 from standardwebhooks.webhooks import Webhook  # noqa: E402
 
-from orders.mirror import upsert_order  # noqa: E402
 from orders.shop_delivery import (  # noqa: E402
     Endpoint,
     EndpointSender,
     event_body,
     signed_headers,
 )
-from orders.shop_events import deliver_to  # noqa: E402
 from orders.shop_leases import DeliveryClaim  # noqa: E402
 from storage.engine import make_engine, make_sessions  # noqa: E402
 from storage.migrate import upgrade  # noqa: E402
-from storage.models import ChangeSource, ensure_connection  # noqa: E402
 
 DATABASES = ("sqlite", "postgresql")
 SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()
@@ -155,21 +152,7 @@ def run(
     shop = Shop()
     try:
         upgrade(engine)
-        sessions = make_sessions(engine)
-        deliver_to(sessions, {"default": ["shop"]})
-        with sessions.begin() as session:
-            connection_id = ensure_connection(session, "default")
-
-        def commit(n: int) -> float:
-            with sessions.begin() as session:
-                upsert_order(
-                    session,
-                    connection_id,
-                    order(n),
-                    source=ChangeSource.WEBHOOK,
-                    observed_at=dt.datetime.now(dt.UTC),
-                )
-            return time.monotonic()
+        sessions, connection_id = shop_sessions(engine)
 
         def sender() -> EndpointSender:
             return EndpointSender(
@@ -226,7 +209,7 @@ def run(
         # Throughput: a backlog drained by one sender.
         shop.clear()
         for n in range(total, total + backlog):
-            commit(n)
+            commit(sessions, connection_id, n)
         drain = sender()
         stop = threading.Event()
         thread = threading.Thread(target=drain.run_forever, args=(stop,), daemon=True)

@@ -10,6 +10,9 @@ import datetime as dt
 import time
 from typing import Any
 
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
 from orders.mirror import upsert_order
 from orders.shop_events import deliver_to
 from storage.engine import make_engine, make_sessions
@@ -56,27 +59,37 @@ def order(n: int) -> Order:
     )
 
 
+def shop_sessions(engine: Engine) -> tuple[sessionmaker[Session], int]:
+    """Sessions on ``engine`` that record the shop's events, and the bench connection's id."""
+    sessions = make_sessions(engine)
+    deliver_to(sessions, {"default": ["shop"]})
+    with sessions.begin() as session:
+        return sessions, ensure_connection(session, "default")
+
+
+def commit(sessions: sessionmaker[Session], connection_id: int, n: int) -> float:
+    """Mirror order ``n`` in a transaction of its own; when it committed (``monotonic``)."""
+    with sessions.begin() as session:
+        upsert_order(
+            session,
+            connection_id,
+            order(n),
+            source=ChangeSource.WEBHOOK,
+            observed_at=dt.datetime.now(dt.UTC),
+        )
+    return time.monotonic()
+
+
 def produce(url: str, numbers: range, start: float, rate: float, done: Any) -> None:
     """Commit order ``n`` of ``numbers`` at ``start + n / rate`` (``time.monotonic()``,
     the system-wide clock); put ``{orderId: commit's return}`` on ``done``."""
     engine = make_engine(url)
-    sessions = make_sessions(engine)
-    deliver_to(sessions, {"default": ["shop"]})
-    with sessions.begin() as session:
-        connection_id = ensure_connection(session, "default")
+    sessions, connection_id = shop_sessions(engine)
     committed: dict[str, float] = {}
     try:
         for n in numbers:
             time.sleep(max(0.0, start + n / rate - time.monotonic()))
-            with sessions.begin() as session:
-                upsert_order(
-                    session,
-                    connection_id,
-                    order(n),
-                    source=ChangeSource.WEBHOOK,
-                    observed_at=dt.datetime.now(dt.UTC),
-                )
-            committed[order(n).order_id] = time.monotonic()
+            committed[order(n).order_id] = commit(sessions, connection_id, n)
     finally:
         engine.dispose()
         done.put(committed)
