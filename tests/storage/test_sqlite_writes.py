@@ -6,7 +6,7 @@ import fcntl
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +16,7 @@ from sqlalchemy.exc import OperationalError
 from storage.engine import driver_transaction, make_engine
 from storage.locks import default_lock_dir
 from storage.sqlite_writes import SQLITE_BULK_OPTION, WAITING_FILE
+from tests.support.stack import wait_until
 
 scratch = sa.MetaData()
 entry = sa.Table(
@@ -52,13 +53,6 @@ def _someone_waits(engine: sa.Engine) -> bool:
     return False
 
 
-def _until(check: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + 10
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.001)
-
-
 def test_a_waiting_writer_goes_before_the_next_batch_of_bulk_work(engine: sa.Engine) -> None:
     """A lock held; a writer waits for it, then a bulk batch asks too: when the lock is let
     go, the writer commits first, every time (without the priority it is a coin toss)."""
@@ -79,10 +73,10 @@ def test_a_waiting_writer_goes_before_the_next_batch_of_bulk_work(engine: sa.Eng
                 target=write, args=(engine, "webhook", order, threading.Event())
             )
             webhook.start()
-            _until(lambda: _someone_waits(engine))
+            wait_until(lambda: _someone_waits(engine), what="the writer waiting")
             bulk = threading.Thread(target=write, args=(bulk_engine, "bulk", order, bulk_waiting))
             bulk.start()
-            _until(bulk_waiting.is_set)
+            wait_until(bulk_waiting.is_set, what="the bulk batch begun")
             time.sleep(0.02)  # the bulk batch is at its BEGIN by now
         webhook.join(10)
         bulk.join(10)
