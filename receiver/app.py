@@ -55,7 +55,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     if settings is None:
         settings = Settings.load()
     app = Flask(__name__)
-    engine = make_engine(settings.database_url, lock_timeout=settings.db_lock_timeout)
+    engine = make_engine(
+        settings.database_url, lock_timeout=settings.db_lock_timeout, checkpoint_late=True
+    )
     try:
         read_sessions = make_sessions(engine, read_only=True)
         sessions = make_sessions(engine)

@@ -34,7 +34,12 @@ reconnection, not an error. Transactions run at PostgreSQL's default READ COMMIT
 
 ``make_engine(url, lock_timeout=seconds)`` bounds how long a statement waits for a lock
 on either database, for callers that must answer in time (the webhook receiver answers
-503 rather than keep the venue waiting).
+503 rather than keep the venue waiting). Such callers also pass ``checkpoint_late=True``:
+on SQLite the commit that takes the WAL past its checkpoint threshold copies the WAL into
+the database before it returns (a second, or more on a busy disk, at the WAL's default
+1,000 pages), and a webhook's answer should not pay for it. Their connections checkpoint
+only at :data:`SQLITE_LATE_CHECKPOINT_PAGES`, so the worker's and the scheduler's commits,
+at SQLite's default, run the checkpoints while they run at all.
 
 A database that is away (a PostgreSQL server restarting or unreachable, a SQLite lock held
 too long) raises one of :data:`DATABASE_UNAVAILABLE`; :func:`waiting_helps` tells those
@@ -87,6 +92,13 @@ from storage.sqlite_writes import SQLITE_BULK_OPTION, WriteLock
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 """How long a SQLite connection waits for the write lock before ``database is locked``."""
 
+SQLITE_CHECKPOINT_PAGES = 1_000
+"""SQLite's default WAL size, in pages, at which a commit checkpoints the WAL into the database."""
+
+SQLITE_LATE_CHECKPOINT_PAGES = 10 * SQLITE_CHECKPOINT_PAGES
+"""The WAL size at which ``checkpoint_late`` connections checkpoint: late, yet bounded, so
+that a receiver running alone (its worker stopped) still keeps the WAL in check."""
+
 SQLITE_BEGIN_OPTION = "sqlite_begin"
 """Execution option naming the ``BEGIN`` mode on SQLite: ``IMMEDIATE`` (default),
 ``DEFERRED`` (read-only work) or ``EXCLUSIVE``."""
@@ -120,7 +132,9 @@ _WRITE_LOCK = "otacm_write_lock"
 _POSTGRESQL_DRIVERS = {"postgres": "postgresql+psycopg", "postgresql": "postgresql+psycopg"}
 
 
-def make_engine(url: str, *, lock_timeout: float | None = None) -> Engine:
+def make_engine(
+    url: str, *, lock_timeout: float | None = None, checkpoint_late: bool = False
+) -> Engine:
     """An engine for ``url``, configured for its database (see the module docstring).
 
     The caller owns the engine and disposes of it (``engine.dispose()``) when done.
@@ -134,6 +148,9 @@ def make_engine(url: str, *, lock_timeout: float | None = None) -> Engine:
             :data:`SQLITE_BUSY_TIMEOUT_MS`). PostgreSQL: the session's ``lock_timeout``
             and ``statement_timeout``, and the waits for a new connection and for a
             pooled one (default: no limit but the server's).
+        checkpoint_late: SQLite: leave the WAL's checkpoints to other processes'
+            connections up to :data:`SQLITE_LATE_CHECKPOINT_PAGES` (for the webhook
+            receiver; see the module docstring). PostgreSQL: no effect.
 
     Returns:
         A new engine; no connection is opened until it is first used.
@@ -143,7 +160,12 @@ def make_engine(url: str, *, lock_timeout: float | None = None) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         busy_ms = SQLITE_BUSY_TIMEOUT_MS if lock_timeout is None else round(lock_timeout * 1000)
-        return _sqlite_engine(parsed, busy_timeout_ms=max(busy_ms, 1))
+        checkpoint_pages = (
+            SQLITE_LATE_CHECKPOINT_PAGES if checkpoint_late else SQLITE_CHECKPOINT_PAGES
+        )
+        return _sqlite_engine(
+            parsed, busy_timeout_ms=max(busy_ms, 1), checkpoint_pages=checkpoint_pages
+        )
     if parsed.drivername in _POSTGRESQL_DRIVERS:
         parsed = parsed.set(drivername=_POSTGRESQL_DRIVERS[parsed.drivername])
     if parsed.get_backend_name() == "postgresql":
@@ -332,7 +354,7 @@ def make_sessions(engine: Engine, *, read_only: bool = False) -> sessionmaker[Se
     return sessions
 
 
-def _sqlite_engine(url: URL, *, busy_timeout_ms: int) -> Engine:
+def _sqlite_engine(url: URL, *, busy_timeout_ms: int, checkpoint_pages: int) -> Engine:
     database = url.database or ""
     in_memory = database in ("", ":memory:") or "mode=memory" in database
     if not in_memory and not url.query.get("uri"):
@@ -346,13 +368,18 @@ def _sqlite_engine(url: URL, *, busy_timeout_ms: int) -> Engine:
     # The driver's own timeout covers opening the file, before the pragma below is set.
     engine = create_engine(url, connect_args={"timeout": busy_timeout_ms / 1000})
     write_lock = WriteLock(default_lock_dir(engine), busy_timeout_ms)
-    event.listen(engine, "connect", partial(_configure_sqlite_connection, write_lock))
+    event.listen(
+        engine, "connect", partial(_configure_sqlite_connection, write_lock, checkpoint_pages)
+    )
     event.listen(engine, "begin", _begin_sqlite_transaction)
     return engine
 
 
 def _configure_sqlite_connection(
-    write_lock: WriteLock, dbapi_connection: Any, record: ConnectionPoolEntry
+    write_lock: WriteLock,
+    checkpoint_pages: int,
+    dbapi_connection: Any,
+    record: ConnectionPoolEntry,
 ) -> None:
     busy_timeout_ms = write_lock.busy_timeout_ms
     # Every transaction that writes takes the lock through it (_begin_sqlite_transaction,
@@ -367,6 +394,7 @@ def _configure_sqlite_connection(
         cursor.execute(f"PRAGMA busy_timeout = {busy_timeout_ms:d}")
         cursor.execute("PRAGMA journal_mode = WAL")
         cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.execute(f"PRAGMA wal_autocheckpoint = {checkpoint_pages:d}")
         cursor.execute("PRAGMA foreign_keys = ON")
     finally:
         cursor.close()

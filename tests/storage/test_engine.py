@@ -14,6 +14,8 @@ from sqlalchemy.exc import IntegrityError, InternalError, OperationalError
 from storage.engine import (
     SQLITE_BEGIN_OPTION,
     SQLITE_BUSY_TIMEOUT_MS,
+    SQLITE_CHECKPOINT_PAGES,
+    SQLITE_LATE_CHECKPOINT_PAGES,
     driver_statements,
     driver_transaction,
     make_engine,
@@ -43,7 +45,13 @@ def test_sqlite_creates_directory_and_sets_pragmas(sqlite_file: Path) -> None:
         with engine.connect() as connection:
             pragmas = {
                 name: connection.exec_driver_sql(f"PRAGMA {name}").scalar()
-                for name in ("journal_mode", "synchronous", "foreign_keys", "busy_timeout")
+                for name in (
+                    "journal_mode",
+                    "synchronous",
+                    "foreign_keys",
+                    "busy_timeout",
+                    "wal_autocheckpoint",
+                )
             }
     finally:
         engine.dispose()
@@ -54,7 +62,47 @@ def test_sqlite_creates_directory_and_sets_pragmas(sqlite_file: Path) -> None:
         "synchronous": 1,
         "foreign_keys": 1,
         "busy_timeout": SQLITE_BUSY_TIMEOUT_MS,
+        "wal_autocheckpoint": SQLITE_CHECKPOINT_PAGES,
     }
+
+
+@pytest.mark.parametrize("checkpoint_late", [True, False])
+def test_late_checkpointing_connections_leave_the_wal_to_the_others(
+    sqlite_file: Path, checkpoint_late: bool
+) -> None:
+    """Past the default threshold, a receiver's commits leave their pages in the WAL; the next
+    commit of an ordinary connection checkpoints it (the database file takes the rows)."""
+    others = make_engine(f"sqlite:///{sqlite_file}")
+    receiver = make_engine(
+        f"sqlite:///{sqlite_file}", lock_timeout=5, checkpoint_late=checkpoint_late
+    )
+    blob = sa.table("blob", sa.column("data"))
+    try:
+        with others.begin() as connection:
+            connection.exec_driver_sql("CREATE TABLE blob (id INTEGER PRIMARY KEY, data BLOB)")
+            page_size = int(connection.exec_driver_sql("PRAGMA page_size").scalar_one())
+        with receiver.connect() as connection:
+            threshold = connection.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar_one()
+        # Three times the default threshold, in commits of a hundred pages each.
+        for _ in range(3 * SQLITE_CHECKPOINT_PAGES // 100):
+            with receiver.begin() as connection:
+                connection.execute(sa.insert(blob).values(data=b"x" * (100 * page_size)))
+        written_by_receiver = sqlite_file.stat().st_size
+        with others.begin() as connection:
+            connection.execute(sa.insert(blob).values(data=b"y"))
+        written_after_others = sqlite_file.stat().st_size
+    finally:
+        receiver.dispose()
+        others.dispose()
+
+    rows_bytes = 3 * SQLITE_CHECKPOINT_PAGES * page_size
+    if checkpoint_late:
+        assert threshold == SQLITE_LATE_CHECKPOINT_PAGES
+        assert written_by_receiver < SQLITE_CHECKPOINT_PAGES * page_size
+    else:
+        assert threshold == SQLITE_CHECKPOINT_PAGES
+        assert written_by_receiver >= 2 * SQLITE_CHECKPOINT_PAGES * page_size
+    assert written_after_others >= rows_bytes
 
 
 def test_sqlite_transaction_holds_the_write_lock_from_begin(sqlite_file: Path) -> None:
