@@ -14,6 +14,7 @@ import sys
 import threading
 import zipfile
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -97,15 +98,16 @@ def test_the_report_is_made_at_the_batch_priority_and_the_caller_keeps_its_own(
     before = _thread_nice(threading.get_native_id())
 
     stream = at_batch_priority(lambda tell: stream_report(report, "csv", progress=tell), NICE)
-    first = next(stream)
-    # More pieces than the handover holds: the thread waits to hand the next one over.
-    assert len(expected) > (HANDOVER_PIECES + 2) * 64 * 1024
-    [thread] = _download_threads()
-    assert thread.native_id is not None
-    assert _thread_nice(thread.native_id) == min(before + NICE, 19)
-    assert _thread_nice(threading.get_native_id()) == before
+    with closing(cast(Any, stream)):
+        first = next(stream)
+        # More pieces than the handover holds: the thread waits to hand the next one over.
+        assert len(expected) > (HANDOVER_PIECES + 2) * 64 * 1024
+        [thread] = _download_threads()
+        assert thread.native_id is not None
+        assert _thread_nice(thread.native_id) == min(before + NICE, 19)
+        assert _thread_nice(threading.get_native_id()) == before
 
-    assert first + b"".join(stream) == expected
+        assert first + b"".join(stream) == expected
     assert not thread.is_alive() and _download_threads() == []
     assert migrated_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
     assert _thread_nice(threading.get_native_id()) == before
@@ -182,7 +184,7 @@ def test_progress_is_told_from_the_readers_thread(
     assert set(told) == {threading.get_native_id()}
 
 
-def test_a_slow_reader_holds_the_thread_back() -> None:
+def test_a_slow_reader_holds_the_thread_back(request: pytest.FixtureRequest) -> None:
     """A long body read one piece at a time: the thread stops at a few pieces ahead,
     waiting to hand the next over, rather than gathering the body in memory; closed, it
     ends."""
@@ -196,6 +198,7 @@ def test_a_slow_reader_holds_the_thread_back() -> None:
     stream = at_batch_priority(long, NICE)
     assert next(stream) == b"0"
     [thread] = _download_threads()
+    request.addfinalizer(cast(Any, stream).close)  # a failure below leaves no thread behind
 
     def waiting_to_hand_over() -> bool:
         frame = sys._current_frames().get(thread.ident or 0)
@@ -266,7 +269,9 @@ def test_a_download_under_gunicorn_runs_in_a_lowered_task_of_its_worker(
     """Under ``otacm web`` (one sync worker, ``OTACM_BATCH_NICE=10``), a CSV of 60,000
     rows read slowly: while it streams, one task of the serving worker runs at the batch
     priority and its main task at its own; read whole, the report is whole, no task of
-    the worker is left lowered, and the same worker answers /healthz."""
+    the worker is left lowered, and the same worker answers /healthz. A second download
+    left after its first piece (the client goes away) leaves no task lowered either; a
+    third, whose rows the database stops giving, ends cut short and is logged."""
     many = seed_many(sessions, ROWS)
     environment = {
         name: value
@@ -330,6 +335,30 @@ def test_a_download_under_gunicorn_runs_in_a_lowered_task_of_its_worker(
             assert text.rstrip().endswith(f'"# end of report: {ROWS} rows"')
             wait_until(lambda: lowered not in nices().values(), 30, what="the thread ended")
             assert nices()[worker] == base
+            assert client.get("/healthz").status_code == 200
+
+            # A client that goes away mid-download: the worker, told as it writes, closes
+            # the stream, and the thread ends with it.
+            with client.stream("GET", f"/finance/runs/{many.run_id}/report.csv") as response:
+                assert next(response.iter_raw(64 * 1024))
+                wait_until(lowered_task, 30, what="the second download's thread")
+            wait_until(lambda: lowered not in nices().values(), 30, what="the thread ended")
+            assert client.get("/healthz").status_code == 200
+            assert set(nices().values()) == {base}
+
+            # The database fails mid-download: the stream ends cut short (no last chunk),
+            # the worker logs why, and goes on serving.
+            with client.stream("GET", f"/finance/runs/{many.run_id}/report.csv") as response:
+                pieces = response.iter_raw(64 * 1024)
+                assert next(pieces)
+                with migrated_engine.begin() as connection:
+                    connection.exec_driver_sql("ALTER TABLE exception_event RENAME TO gone")
+                with pytest.raises(httpx.RemoteProtocolError):
+                    for _ in pieces:
+                        pass
+            wait_until(lambda: lowered not in nices().values(), 30, what="the thread ended")
+            assert "Error handling request" in process.output()
+            assert "no such table: exception_event" in process.output()
             assert client.get("/healthz").status_code == 200
         assert _worker_of(process.popen.pid) == worker, "the worker was replaced"
     finally:
