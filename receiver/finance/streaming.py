@@ -15,12 +15,15 @@ A report is also a minute of CPU, in the process that answers the venue's webhoo
 ``batch_nice`` (as the scheduler and the batch commands lower themselves), so that on a
 busy box the webhooks do not wait for a CPU behind it. Only that thread is lowered: an
 unprivileged process cannot raise its priority back, and the worker's own thread goes
-on to serve webhooks after the download. The thread hands its pieces over a handover of
-a few pieces to the response's iterator in the worker's thread (a slow client holds the
-report back rather than have it gather in memory), which tells gunicorn of the progress
-(its liveness is the worker thread's business) and raises the thread's error, if any,
-as the report would have itself (the stream ends cut short, gunicorn logs it). A client
-that goes away (gunicorn closes the iterator) ends the thread at its next piece.
+on to serve webhooks after the download (measured on one core beside an XLSX of 200k
+exceptions: the webhooks' median answer 6.4-8.6 ms as is, 3.7-5.5 ms so, 4.9 ms idle).
+The thread runs at most :data:`HANDOVER_PIECES` pieces ahead of the response's iterator
+in the worker's thread (a slow client holds the report back rather than have it gather
+in memory). The iterator tells gunicorn of the progress (the worker's liveness is its
+own thread's business) and raises the thread's error, if any, as the report would have
+itself (the stream ends cut short, gunicorn logs it). A client that goes away (gunicorn
+closes the iterator) ends the thread at its next piece. The report holds no session
+across threads: each batch of its rows opens its own, in the thread.
 """
 
 from __future__ import annotations
