@@ -1,4 +1,10 @@
-"""Batch work runs at a lower CPU priority: :func:`as_batch_work`."""
+"""Batch work runs at a lower CPU priority: :func:`as_batch_work`.
+
+A whole process lowers itself here. The web role cannot: its workers answer the webhooks
+and an unprivileged process cannot raise its priority back, so a report download lowers
+only the thread that computes it (:func:`receiver.finance.streaming.at_batch_priority`,
+by the same ``batch_nice``).
+"""
 
 from __future__ import annotations
 

@@ -47,7 +47,7 @@ from sqlalchemy.orm import Session
 from orders.story import order_story
 from receiver.context import current_receiver
 from receiver.finance.paging import Cursor
-from receiver.finance.streaming import keep_alive
+from receiver.finance.streaming import at_batch_priority
 from reconciler import report_formats
 from reconciler.categories import Category
 from reconciler.exceptions import (
@@ -259,17 +259,24 @@ def download(run_id: int, fmt: str) -> Response:
     once, so neither the client nor a proxy between waits in silence for a long report.
     The gunicorn worker is told of the progress
     (:func:`receiver.finance.streaming.keep_alive`), so a long report is not killed as a
-    stuck request.
+    stuck request, and the report is computed at the batch priority (``batch_nice``: a
+    thread of its own, :func:`receiver.finance.streaming.at_batch_priority`), so the
+    webhooks the worker answers do not wait for a CPU behind it.
     """
     if fmt not in REPORT_FORMATS:
         abort(404, description=f"Reports come as {', '.join(REPORT_FORMATS)}.")
     _refuse_beyond_range(run_id, f"There is no reconciliation run {run_id}.")
+    receiver = current_receiver()
     try:
-        report = open_run_report(current_receiver().read_sessions, run_id, now=utcnow())
+        report = open_run_report(receiver.read_sessions, run_id, now=utcnow())
     except RunNotFound:
         abort(404, description=f"There is no reconciliation run {run_id}.")
     headers = {"Content-Disposition": f'attachment; filename="reconciliation-run-{run_id}.{fmt}"'}
-    body = stream_report(report, fmt, progress=keep_alive)
+    # The report holds no session: each batch of its rows opens its own, in the thread.
+    body = at_batch_priority(
+        lambda progress: stream_report(report, fmt, progress=progress),
+        receiver.settings.batch_nice,
+    )
     return Response(body, mimetype=REPORT_FORMATS[fmt], headers=headers)
 
 
