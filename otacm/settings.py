@@ -219,8 +219,9 @@ class Settings(BaseSettings):
     # order's newest) are pruned too (heartbeat.shop_retention). 0 keeps them all.
     retain_shop_events_days: int = Field(default=30, ge=0, le=36500)
     # How much the scheduler and the batch commands (reconcile, ledger import, report,
-    # db prune) lower their CPU priority (nice), so that on a busy box the receiver's
-    # answers do not wait for the CPU behind them (otacm.processes.as_batch_work).
+    # db prune) lower their CPU priority (nice), and the web role the thread computing a
+    # report download, so that on a busy box the receiver's answers do not wait for the
+    # CPU behind them (otacm.batch, receiver.finance.streaming.at_batch_priority).
     batch_nice: int = Field(default=10, ge=0, le=19)
     # The shop's JSON API (/api/) creates orders with the venue's key: it answers only
     # requests bearing one of these tokens, and is closed while none is configured.
