@@ -18,6 +18,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import sqlalchemy as sa
 from flask import Flask
@@ -48,6 +49,7 @@ from storage.records import (
     ReconTotal,
     ReconTrigger,
 )
+from tests.support.processes import foreign_environment
 from venue.connection import VenueConnection
 from venue.models import OrderStatus
 
@@ -81,6 +83,21 @@ def finance_settings(engine: sa.Engine, secrets_dir: Path, **overrides: Any) -> 
         "secrets_dir": secrets_dir,
     }
     return Settings(**{**values, **overrides})
+
+
+def web_environment(
+    engine: sa.Engine, user_entry: str, tmp_path: Path, **extra: str
+) -> dict[str, str]:
+    """The environment of an ``otacm web`` serving the finance pages of ``engine``'s
+    database to ``user_entry``, plus ``extra`` (``OTACM_*`` or gunicorn's own)."""
+    environment = foreign_environment()
+    environment.update(
+        OTACM_DATABASE_URL=engine.url.render_as_string(hide_password=False),
+        OTACM_FINANCE_USERS=user_entry,
+        OTACM_SECRETS_DIR=str(tmp_path / "secrets"),
+        **extra,
+    )
+    return environment
 
 
 @pytest.fixture
@@ -127,12 +144,14 @@ def csrf_token(page: bytes | str) -> str:
     return found.group(1)
 
 
-def sign_in(client: FlaskClient, name: str = USER, password: str = PASSWORD) -> Any:
-    """Sign in through the form, as a browser does; the sign-in POST's response."""
+def sign_in(client: FlaskClient | httpx.Client, name: str = USER, password: str = PASSWORD) -> Any:
+    """Sign in through the form, as a browser does (the app's test client, or over HTTP
+    to a running ``otacm web``); the sign-in POST's response."""
     page = client.get("/finance/sign-in")
+    body = page.content if isinstance(page, httpx.Response) else page.data
     return client.post(
         "/finance/sign-in",
-        data={"name": name, "password": password, "csrf_token": csrf_token(page.data)},
+        data={"name": name, "password": password, "csrf_token": csrf_token(body)},
     )
 
 

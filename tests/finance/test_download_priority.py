@@ -31,7 +31,12 @@ from reconciler.report import open_run_report
 from reconciler.report_formats import REPORT_FORMATS, stream_report
 from storage.testing import free_port
 from storage.types import utcnow
-from tests.finance.conftest import CSRF_FIELD, PASSWORD, USER, Many, seed_many, sign_in
+from tests.finance.conftest import (
+    Many,
+    seed_many,
+    sign_in,
+    web_environment,
+)
 from tests.finance.test_downloads import Broken, _cut_short, _up, _worker_of
 from tests.support.processes import OtacmProcess
 from tests.support.stack import wait_until
@@ -273,17 +278,7 @@ def test_a_download_under_gunicorn_runs_in_a_lowered_task_of_its_worker(
     left after its first piece (the client goes away) leaves no task lowered either; a
     third, whose rows the database stops giving, ends cut short and is logged."""
     many = seed_many(sessions, ROWS)
-    environment = {
-        name: value
-        for name, value in os.environ.items()
-        if not name.startswith("OTACM_") and name != "PROMETHEUS_MULTIPROC_DIR"
-    }
-    environment.update(
-        OTACM_DATABASE_URL=migrated_engine.url.render_as_string(hide_password=False),
-        OTACM_FINANCE_USERS=user_entry,
-        OTACM_SECRETS_DIR=str(tmp_path / "secrets"),
-        OTACM_BATCH_NICE=str(NICE),
-    )
+    environment = web_environment(migrated_engine, user_entry, tmp_path, OTACM_BATCH_NICE=str(NICE))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     process = OtacmProcess(
@@ -307,13 +302,7 @@ def test_a_download_under_gunicorn_runs_in_a_lowered_task_of_its_worker(
 
         assert set(nices().values()) == {base}
         with httpx.Client(base_url=url, timeout=300) as client:
-            page = client.get("/finance/sign-in")
-            token = CSRF_FIELD.search(page.text)
-            assert token
-            signed = client.post(
-                "/finance/sign-in",
-                data={"name": USER, "password": PASSWORD, "csrf_token": token.group(1)},
-            )
+            signed = sign_in(client)
             assert signed.status_code == 302
             with client.stream("GET", f"/finance/runs/{many.run_id}/report.csv") as response:
                 assert response.status_code == 200

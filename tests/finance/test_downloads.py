@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import re
 import sys
 import time
@@ -29,7 +28,12 @@ from reconciler.report_formats import PROGRESS_EVERY, stream_report
 from reconciler.report_xlsx import write_xlsx
 from storage.testing import free_port
 from storage.types import utcnow
-from tests.finance.conftest import CSRF_FIELD, PASSWORD, USER, Many, seed_many
+from tests.finance.conftest import (
+    Many,
+    seed_many,
+    sign_in,
+    web_environment,
+)
 from tests.support.processes import OtacmProcess
 from tests.support.stack import wait_until
 
@@ -178,16 +182,8 @@ def test_a_download_longer_than_the_worker_timeout_keeps_its_worker(
     write) starts at once and arrives whole, from the worker that began it: the report
     tells the master the worker lives as it progresses."""
     many = seed_many(sessions, ROWS)
-    environment = {
-        name: value
-        for name, value in os.environ.items()
-        if not name.startswith("OTACM_") and name != "PROMETHEUS_MULTIPROC_DIR"
-    }
-    environment.update(
-        OTACM_DATABASE_URL=migrated_engine.url.render_as_string(hide_password=False),
-        OTACM_FINANCE_USERS=user_entry,
-        OTACM_SECRETS_DIR=str(tmp_path / "secrets"),
-        GUNICORN_CMD_ARGS=f"--timeout {TIMEOUT}",
+    environment = web_environment(
+        migrated_engine, user_entry, tmp_path, GUNICORN_CMD_ARGS=f"--timeout {TIMEOUT}"
     )
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -198,13 +194,7 @@ def test_a_download_longer_than_the_worker_timeout_keeps_its_worker(
         wait_until(lambda: _up(url, process), 60, what=url)
         worker = _worker_of(process.popen.pid)
         with httpx.Client(base_url=url, timeout=300) as client:
-            page = client.get("/finance/sign-in")
-            found = CSRF_FIELD.search(page.text)
-            assert found
-            signed = client.post(
-                "/finance/sign-in",
-                data={"name": USER, "password": PASSWORD, "csrf_token": found.group(1)},
-            )
+            signed = sign_in(client)
             assert signed.status_code == 302
             started = time.monotonic()
             with client.stream("GET", f"/finance/runs/{many.run_id}/report.xlsx") as response:

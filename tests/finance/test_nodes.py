@@ -4,7 +4,6 @@ sign-in on the other, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 from storage.testing import free_port
-from tests.finance.conftest import CSRF_FIELD, PASSWORD, USER
+from tests.finance.conftest import CSRF_FIELD, PASSWORD, USER, web_environment
 from tests.support.processes import OtacmProcess
 from tests.support.stack import wait_until
 
@@ -24,16 +23,7 @@ pytestmark = pytest.mark.process
 @pytest.fixture
 def nodes(migrated_engine: sa.Engine, tmp_path: Path, user_entry: str) -> Iterator[list[str]]:
     """Two ``otacm web`` nodes sharing the database and the secrets folder; their URLs."""
-    environment = {
-        name: value
-        for name, value in os.environ.items()
-        if not name.startswith("OTACM_") and name != "PROMETHEUS_MULTIPROC_DIR"
-    }
-    environment.update(
-        OTACM_DATABASE_URL=migrated_engine.url.render_as_string(hide_password=False),
-        OTACM_FINANCE_USERS=user_entry,
-        OTACM_SECRETS_DIR=str(tmp_path / "secrets"),
-    )
+    environment = web_environment(migrated_engine, user_entry, tmp_path)
     started: list[OtacmProcess] = []
     urls = []
     try:

@@ -19,14 +19,20 @@ ROOT = Path(__file__).resolve().parents[2]
 """The repository: the processes' working directory."""
 
 
-def otacm_environment(settings: Settings, **extra: str) -> dict[str, str]:
-    """This process's environment without ``OTACM_*``, plus ``settings`` as ``OTACM_*``."""
-    (venue,) = settings.connections
-    environment = {
+def foreign_environment() -> dict[str, str]:
+    """This process's environment without ``OTACM_*`` (nor the metrics directory a test
+    may have set): what a process's own configuration is added to."""
+    return {
         name: value
         for name, value in os.environ.items()
         if not name.startswith("OTACM_") and name != "PROMETHEUS_MULTIPROC_DIR"
     }
+
+
+def otacm_environment(settings: Settings, **extra: str) -> dict[str, str]:
+    """This process's environment without ``OTACM_*``, plus ``settings`` as ``OTACM_*``."""
+    (venue,) = settings.connections
+    environment = foreign_environment()
     environment.update(
         {
             "OTACM_DATABASE_URL": settings.database_url,
