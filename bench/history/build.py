@@ -31,8 +31,8 @@ SQLite, ``generate_series`` on PostgreSQL): the rows never pass through Python, 
 orders (about 12M rows) take a minute or two rather than the hour an ORM would. SQLite's
 write is one transaction with the WAL folded in after. PostgreSQL's is one transaction
 too, with the secondary indexes, unique constraints and foreign keys dropped before the
-rows and made again after, exactly as migrated (:mod:`bulk`); then its sequences are
-moved past the ids written and every table ``VACUUM ANALYZE``\\d, as autovacuum would. Nothing
+rows and made again after, exactly as migrated (:mod:`bulk`); then its sequences are moved
+past the ids written and every table ``VACUUM ANALYZE``\\d, as autovacuum would. Nothing
 here is random: a size builds the same rows on either database, every time.
 """
 

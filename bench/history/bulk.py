@@ -2,19 +2,19 @@
 made again exactly as the migrations made them.
 
 Every row written into a table with live indexes updates each of them, one entry at a
-time, in B-trees soon larger than the server's cache: at a million orders (about 12M
-rows) that was most of a ten-minute build. An index built over the loaded table sorts its
-entries once. So, in the load's own transaction: the schema's secondary indexes, unique
-and exclusion constraints and foreign keys are read from the catalog
-(``pg_get_indexdef``, ``pg_get_constraintdef``) and dropped; the rows come; then they are
-made again from those definitions, under the same names, with room to sort
+time, in B-trees soon larger than the server's cache; an index built over the loaded table
+sorts its entries once. A million orders (about 12M rows) took 236 s to build with every
+index live, 89 s this way; 10M, 852 s. So, in the load's own transaction: the schema's
+secondary indexes, unique and exclusion constraints and foreign keys are read from the
+catalog (``pg_get_indexdef``, ``pg_get_constraintdef``) and dropped; the rows come; then
+they are made again from those definitions, under the same names, with room to sort
 (``maintenance_work_mem``). Primary keys stay (the load reads rows by id), and so do
 partial indexes: the load writes few rows into them (they hold the queues' in-flight
 rows), and their predicate would not come back the same (PostgreSQL prints ``state IN
-(...)`` over a ``varchar`` as an array cast that it then reads as another expression,
-which the planner may no longer match with the claim's ``IN``). What the
-catalog says afterwards is compared with what it said before: a difference fails the
-build, so the measured schema is always the migrated one.
+(...)`` over a ``varchar`` as an array cast that it then reads as another expression: the
+claim's plan still uses the index, but the schema would no longer be the migrated one).
+What the catalog says afterwards is compared with what it said before: a difference fails
+the build, so the measured schema is always the migrated one.
 """
 
 from __future__ import annotations
