@@ -240,9 +240,10 @@ def _read_settlements(
 
 
 def _read_orders(session: Session, figures: Figures, *, stuck_since: dt.datetime) -> None:
-    # In-flight and Error orders are few. Counted per connection, so that each count is
-    # a search of the (connection_id, status) index: grouped over the whole table, the
-    # planners scan it.
+    # Counted per connection, so that each count is a search of the (connection_id, status,
+    # removed_at) index: grouped over the whole table, the planners scan it. The Error
+    # orders are counted from the index alone: they stay as the history grows (101k at
+    # 10M orders, 0.5-2.7 s when each row was read for its removed_at).
     def count(condition: sa.ColumnElement[bool]) -> sa.ScalarSelect[int]:
         return (
             sa.select(sa.func.count())
@@ -262,19 +263,19 @@ def _read_orders(session: Session, figures: Figures, *, stuck_since: dt.datetime
 def _read_open_exceptions(session: Session, connection_id: int) -> dict[str, int]:
     """A connection's open reconciliation exceptions by category.
 
-    A search of the ``(connection_id, state)`` index, and the rows (the open exceptions:
-    finance's backlog, not history) counted here. Grouped in SQL, SQLite's planner
-    prefers the unique ``(connection_id, category, ...)`` index, which reads every
-    exception of the connection, closed ones too.
+    Counted from the ``(connection_id, state, category)`` index alone, in category order:
+    finance's backlog may be large (a million open exceptions took 1.4-2.1 s fetched and
+    counted here on PostgreSQL).
     """
-    counts: dict[str, int] = {}
-    query = sa.select(ReconException.category).where(
-        ReconException.connection_id == connection_id,
-        ReconException.state == ExceptionState.OPEN,
+    query = (
+        sa.select(ReconException.category, sa.func.count())
+        .where(
+            ReconException.connection_id == connection_id,
+            ReconException.state == ExceptionState.OPEN,
+        )
+        .group_by(ReconException.category)
     )
-    for category in session.scalars(query):
-        counts[category] = counts.get(category, 0) + 1
-    return counts
+    return {category: count for category, count in session.execute(query)}
 
 
 def refresh_figures(

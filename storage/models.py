@@ -286,7 +286,8 @@ class VenueOrder(Base):
         sa.UniqueConstraint("connection_id", "order_id"),
         sa.Index(None, "connection_id", "partner_id", "reference_key"),
         sa.Index(None, "connection_id", "buy_from_order_reference"),
-        sa.Index(None, "connection_id", "status"),
+        # Also the orders in Error the venue still holds (/metrics), from the index alone.
+        sa.Index(None, "connection_id", "status", "removed_at"),
         _not_erased_index(),
         sa.Index("ix_venue_order_change", "change_seq", "id"),
         # A reconciliation's orphans: the orders of its period, by their time

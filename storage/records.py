@@ -231,7 +231,8 @@ class ReconException(Base):
     __tablename__ = "recon_exception"
     __table_args__ = (
         sa.UniqueConstraint("connection_id", "category", "subject_key"),
-        sa.Index(None, "connection_id", "state"),
+        # Also finance's backlog by category (/metrics), read from the index alone.
+        sa.Index(None, "connection_id", "state", "category"),
         sa.Index(None, "connection_id", "subject_at"),
         # The exceptions on an order: pruning keeps its story whole while one is not closed.
         sa.Index(None, "venue_order_id"),
