@@ -36,12 +36,12 @@ reconnection, not an error. Transactions run at PostgreSQL's default READ COMMIT
 on either database, for callers that must answer in time (the webhook receiver answers
 503 rather than keep the venue waiting). Such callers also pass ``checkpoint_late=True``:
 on SQLite the commit that takes the WAL past its checkpoint threshold copies the WAL into
-the database and syncs it before it returns, and waits behind whatever else the disk is
-writing (``bench/checkpoint``: with another process syncing its writes, the receiver's
-commit p99 was 44-64 ms at SQLite's default, 3-4 ms so); a webhook's answer should not
-pay for it. Their connections checkpoint
+the database and syncs it before it returns, waiting behind whatever else the disk is
+writing, and a webhook's answer should not pay for that. Their connections checkpoint
 only at :data:`SQLITE_LATE_CHECKPOINT_PAGES`, so the worker's and the scheduler's commits,
-at SQLite's default, run the checkpoints while they run at all.
+at SQLite's default, run the checkpoints while they run at all (``bench/checkpoint``: with
+another process syncing its writes, the receiver's commit p99 was 15-64 ms checkpointing
+at the default, 3-5 ms so).
 
 A database that is away (a PostgreSQL server restarting or unreachable, a SQLite lock held
 too long) raises one of :data:`DATABASE_UNAVAILABLE`; :func:`waiting_helps` tells those
