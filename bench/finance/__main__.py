@@ -2,9 +2,11 @@
 
 Run it as ``.venv/bin/python bench/finance [--db sqlite|postgresql|both] [--sizes
 100,100000,1000000] [--quick] [--pages K] [--no-exports] [--formats csv,json,html,xlsx]``
-from the repository (``bench/README.md``). It is a benchmark, not a test: it measures and
-prints; the goals are a run page at 1M exceptions within twice the time of one at 100,
-and every download at 1M finishing whole with the serving process under 200 MiB.
+from the repository (``bench/README.md``); ``--exports`` and ``--beside-download N``
+measure other things instead (``exports.py``, ``beside.py``). It is a benchmark, not a
+test: it measures and prints; the goals are a run page at 1M exceptions within twice the
+time of one at 100, and every download at 1M finishing whole with the serving process
+under 200 MiB.
 
 One database per kind (a SQLite file; a throwaway PostgreSQL server with production's
 durability, ``bench/ingest/servers.py``) holds one finished run per size, filled in bulk
@@ -55,6 +57,7 @@ sys.path.insert(1, str(HERE.parent / "ingest"))
 sys.path.insert(1, str(REPOSITORY))
 sys.path.insert(1, str(HERE))  # exports.py, when this file is imported rather than run
 
+import beside  # noqa: E402
 import exports  # noqa: E402
 import httpx  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
@@ -536,6 +539,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--baseline", default=exports.BASELINE, help="the commit --exports compares against"
     )
+    parser.add_argument(
+        "--beside-download",
+        type=int,
+        metavar="EXCEPTIONS",
+        help="instead of the pages: webhooks alone and beside an XLSX download of a run of "
+        "EXCEPTIONS, OTACM_BATCH_NICE 0 against 10 (bench/finance/beside.py)",
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="--beside-download's rounds (2)")
     arguments = parser.parse_args(argv)
     if arguments.sizes:
         sizes = tuple(int(size.replace("_", "")) for size in arguments.sizes.split(","))
@@ -553,6 +564,19 @@ def main(argv: list[str] | None = None) -> int:
                 server = stack.enter_context(postgresql_server()) if database != "sqlite" else None
                 factory = DatabaseFactory(database, directory, server)
                 url = factory.new("bench_finance")
+                if arguments.beside_download:
+                    size = arguments.beside_download
+                    ((run_id, _),) = fill(database, url, directory, (size,)).values()
+                    print(f"{database}: webhooks beside an XLSX of {size:,} exceptions")
+                    beside.measure(
+                        otacm_environment(url, directory),
+                        directory,
+                        free_port,
+                        run_id,
+                        signed_in,
+                        arguments.rounds,
+                    )
+                    continue
                 if baseline is not None:
                     runs = {
                         size: run
