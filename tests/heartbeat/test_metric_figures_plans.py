@@ -15,8 +15,6 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import sqlalchemy as sa
@@ -25,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from heartbeat.metric_figures import compute_figures
 from storage.models import VenueOrder, ensure_connection
 from tests.finance.conftest import MANY_CATEGORIES, seed_many
+from tests.support.plans import query_plan, sent_statements
 from venue.models import OrderStatus
 
 NOW = dt.datetime.now(dt.UTC)
@@ -54,34 +53,6 @@ def _orders(connection_id: int) -> list[dict[str, Any]]:
     return rows
 
 
-@contextmanager
-def _selects(engine: sa.Engine) -> Iterator[list[tuple[str, Any]]]:
-    """The SELECT statements sent to the driver in the block, with their parameters."""
-    sent: list[tuple[str, Any]] = []
-
-    def capture(
-        conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool
-    ) -> None:
-        if statement.lstrip().upper().startswith("SELECT"):
-            sent.append((statement, parameters))
-
-    sa.event.listen(engine, "before_cursor_execute", capture)
-    try:
-        yield sent
-    finally:
-        sa.event.remove(engine, "before_cursor_execute", capture)
-
-
-def _plan(engine: sa.Engine, statement: str, parameters: Any) -> str:
-    """The database's plan of ``statement``, one line per step."""
-    sqlite = engine.dialect.name == "sqlite"
-    explain = "EXPLAIN QUERY PLAN " if sqlite else "EXPLAIN "
-    with engine.connect() as connection:
-        rows = connection.exec_driver_sql(explain + statement, parameters).all()
-        connection.rollback()
-    return "\n".join(str(row[-1] if sqlite else row[0]) for row in rows)
-
-
 def test_the_backlogs_are_counted_from_their_indexes(
     sessions: sessionmaker[Session], migrated_engine: sa.Engine
 ) -> None:
@@ -98,7 +69,7 @@ def test_the_backlogs_are_counted_from_their_indexes(
         with migrated_engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
             c.exec_driver_sql("VACUUM ANALYZE")
 
-    with _selects(migrated_engine) as sent, sessions.begin() as session:
+    with sent_statements(migrated_engine, "SELECT") as sent, sessions.begin() as session:
         figures = compute_figures(session, now=NOW, stuck_after=dt.timedelta(hours=1))
 
     found = figures.connections["venue-a"]
@@ -111,8 +82,8 @@ def test_the_backlogs_are_counted_from_their_indexes(
 
     (orders,) = [(s, p) for s, p in sent if "removed_at IS NULL" in s]
     (exceptions,) = [(s, p) for s, p in sent if "FROM recon_exception" in s]
-    orders_plan = _plan(migrated_engine, *orders)
-    exceptions_plan = _plan(migrated_engine, *exceptions)
+    orders_plan = query_plan(migrated_engine, *orders)
+    exceptions_plan = query_plan(migrated_engine, *exceptions)
     orders_index = "ix_venue_order_connection_id_status_removed_at"
     exceptions_index = "ix_recon_exception_connection_id_state_category"
     if sqlite:

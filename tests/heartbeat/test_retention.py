@@ -46,6 +46,7 @@ from storage.records import (
     ReconTotal,
     ReconTrigger,
 )
+from tests.support.plans import query_plan
 from venue.connection import SettingsError
 from venue.models import OrderStatus
 
@@ -621,7 +622,7 @@ def test_pruning_reads_each_table_through_an_index_by_time(
     first_reads = {}
     for table in ("inbox", "outbox", "status_change"):
         statement, parameters = next((s, p) for s, p in sent if re.search(rf"\bFROM {table}\b", s))
-        first_reads[table] = _plan(migrated_engine, statement, parameters)
+        first_reads[table] = query_plan(migrated_engine, statement, parameters)
     assert INDEX_READ.findall(first_reads["inbox"])[0] == "ix_inbox_state_next_attempt_at"
     assert INDEX_READ.findall(first_reads["outbox"])[0] == "ix_outbox_state_sent_at"
     assert INDEX_READ.findall(first_reads["status_change"])[0] == "ix_status_change_observed_at"
@@ -648,13 +649,3 @@ def pruned_reading(
         return prune(sessions, now=now, retention=retention), sent
     finally:
         sa.event.remove(engine, "before_cursor_execute", capture)
-
-
-def _plan(engine: sa.Engine, statement: str, parameters: Any) -> str:
-    """The database's plan of ``statement``, one line per step."""
-    sqlite = engine.dialect.name == "sqlite"
-    explain = "EXPLAIN QUERY PLAN " if sqlite else "EXPLAIN "
-    with engine.connect() as connection:
-        rows = connection.exec_driver_sql(explain + statement, parameters).all()
-        connection.rollback()
-    return "\n".join(str(row[-1] if sqlite else row[0]) for row in rows)

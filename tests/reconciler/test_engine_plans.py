@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from decimal import Decimal
 from typing import Any
 
@@ -25,6 +23,7 @@ from reconciler.findings import FINDINGS
 from storage.models import LedgerLine, VenueOrder, ensure_connection
 from storage.records import ReconTotal, ReconTrigger
 from tests.reconciler.test_engine import plant_every_case
+from tests.support.plans import query_plan, sent_statements
 
 PARTNER = "7d1c2f3a-0000-4000-8000-000000000001"
 PERIOD_FROM = dt.datetime(2026, 5, 1, tzinfo=dt.UTC)
@@ -118,35 +117,6 @@ def _fill(sessions: sessionmaker[Session]) -> int:
     return connection_id
 
 
-@contextmanager
-def _finding_statements(engine: sa.Engine) -> Iterator[list[tuple[str, Any]]]:
-    """The statements that find into the run's findings, with their parameters."""
-    sent: list[tuple[str, Any]] = []
-
-    def capture(
-        conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool
-    ) -> None:
-        if statement.lstrip().startswith(f"INSERT INTO {FINDINGS} "):
-            sent.append((statement, parameters))
-
-    sa.event.listen(engine, "before_cursor_execute", capture)
-    try:
-        yield sent
-    finally:
-        sa.event.remove(engine, "before_cursor_execute", capture)
-
-
-def _plan(engine: sa.Engine, statement: str, parameters: Any) -> str:
-    """The database's plan of the SELECT of ``statement``, one line per step."""
-    sqlite = engine.dialect.name == "sqlite"
-    select = statement[statement.index("SELECT") :]
-    explain = "EXPLAIN QUERY PLAN " if sqlite else "EXPLAIN "
-    with engine.connect() as connection:
-        rows = connection.exec_driver_sql(explain + select, parameters).all()
-        connection.rollback()
-    return "\n".join(str(row[-1] if sqlite else row[0]) for row in rows)
-
-
 @pytest.mark.parametrize("partners", [None, [PARTNER]], ids=["every-partner", "configured"])
 def test_a_run_reads_its_period_through_the_indexes_by_time(
     sessions: sessionmaker[Session], migrated_engine: sa.Engine, partners: list[str] | None
@@ -162,7 +132,7 @@ def test_a_run_reads_its_period_through_the_indexes_by_time(
             conn.exec_driver_sql("ANALYZE ledger_line")
             conn.exec_driver_sql("ANALYZE venue_order")
 
-    with _finding_statements(migrated_engine) as sent:
+    with sent_statements(migrated_engine, f"INSERT INTO {FINDINGS} ") as sent:
         run_id = reconcile(
             sessions,
             connection_id=connection_id,
@@ -175,7 +145,10 @@ def test_a_run_reads_its_period_through_the_indexes_by_time(
             tolerance=Decimal("0.01"),
             partner_ids=partners,
         )
-    sales, received, unreceived = (_plan(migrated_engine, *each) for each in sent)
+    sales, received, unreceived = (
+        query_plan(migrated_engine, statement[statement.index("SELECT") :], parameters)
+        for statement, parameters in sent
+    )
 
     assert INDEX_READ.findall(sales) == [
         "ix_ledger_line_connection_id_sold_at",

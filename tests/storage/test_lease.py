@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from orders.outbox import claim_outbox
 from orders.worker import claim_batch
 from storage.models import Inbox, InboxState, Outbox, OutboxState, ensure_connection
+from tests.support.plans import query_plan, sent_statements
 
 T0 = dt.datetime(2026, 12, 7, 12, 0, tzinfo=dt.UTC)
 LEASE = 600.0
@@ -122,34 +122,6 @@ def _fill(sessions: sessionmaker[Session], queue: Queue, *, finished: int, pendi
     return a
 
 
-@contextmanager
-def _selects(engine: sa.Engine) -> Iterator[list[tuple[str, Any]]]:
-    """The SELECT statements sent to the driver in the block, with their parameters."""
-    sent: list[tuple[str, Any]] = []
-
-    def capture(
-        conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool
-    ) -> None:
-        if statement.lstrip().upper().startswith("SELECT"):
-            sent.append((statement, parameters))
-
-    sa.event.listen(engine, "before_cursor_execute", capture)
-    try:
-        yield sent
-    finally:
-        sa.event.remove(engine, "before_cursor_execute", capture)
-
-
-def _plan(engine: sa.Engine, statement: str, parameters: Any) -> str:
-    """The database's plan of ``statement``, one line per step."""
-    sqlite = engine.dialect.name == "sqlite"
-    explain = "EXPLAIN QUERY PLAN " if sqlite else "EXPLAIN "
-    with engine.connect() as connection:
-        rows = connection.exec_driver_sql(explain + statement, parameters).all()
-        connection.rollback()
-    return "\n".join(str(row[-1] if sqlite else row[0]) for row in rows)
-
-
 @pytest.mark.parametrize("name", sorted(QUEUES))
 @pytest.mark.parametrize(
     ("finished", "pending", "may_sort"),
@@ -176,12 +148,12 @@ def test_a_claim_reads_the_partial_index_of_in_flight_rows(
         with migrated_engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             conn.exec_driver_sql(f"ANALYZE {name}")
 
-    with _selects(migrated_engine) as sent:
+    with sent_statements(migrated_engine, "SELECT") as sent:
         claims = queue.claim(
             sessions, owner="w", now=T0, limit=50, lease_seconds=LEASE, connection_ids=[a]
         )
     [(statement, parameters)] = sent
-    plan = _plan(migrated_engine, statement, parameters)
+    plan = query_plan(migrated_engine, statement, parameters)
 
     assert len(claims) == 50
     assert INDEX_READ.findall(plan)[0] == queue.in_flight_index, plan
