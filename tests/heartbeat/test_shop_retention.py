@@ -22,8 +22,9 @@ from orders.shop_events import deliver_to, record_submission_failed
 from otacm.cli import main
 from storage.models import ChangeSource, VenueOrder, ensure_connection
 from storage.records import DeliveryState, PruneMark, ShopDelivery, ShopEvent
-from tests.heartbeat.test_retention import INDEX_READ, _plan, pruned_reading
+from tests.heartbeat.test_retention import INDEX_READ, pruned_reading
 from tests.orders.test_shop_events import order
+from tests.support.plans import query_plan
 
 NOW = dt.datetime(2027, 6, 1, 12, 0, tzinfo=dt.UTC)
 RETENTION = Retention(inbox_days=0, outbox_days=0, status_change_days=0, shop_event_days=30)
@@ -357,6 +358,6 @@ def test_pruning_reads_the_deliveries_and_the_events_through_an_index_by_time(
         (delivered, "ix_shop_delivery_state_delivered_at"),
         (walked, "ix_shop_event_created_at"),
     ):
-        plan = _plan(migrated_engine, statement, parameters)
+        plan = query_plan(migrated_engine, statement, parameters)
         assert INDEX_READ.findall(plan)[0] == index, plan
         assert not re.search(r"\bSCAN shop_\w+\b(?! USING)|Seq Scan", plan), plan

@@ -25,7 +25,7 @@ from orders.shop_replay import replay
 from receiver.database_metrics import DatabaseCollector
 from storage.migrate import upgrade
 from storage.records import DeliveryState, ShopDelivery, ShopEvent
-from tests.heartbeat.test_retention import INDEX_READ, _plan
+from tests.heartbeat.test_retention import INDEX_READ
 from tests.orders.test_shop_events import (
     Clock,
     Shop,
@@ -36,6 +36,7 @@ from tests.orders.test_shop_events import (
     serve,
 )
 from tests.storage.test_models import T0, connection_id
+from tests.support.plans import query_plan
 
 __all__ = ["connection_id", "serve"]  # fixtures, used by name
 
@@ -377,6 +378,6 @@ def test_the_scrape_reads_only_the_deliveries_still_to_send_or_given_up(
         "ix_shop_delivery_state_delivered_at",
     }
     for statement, parameters in reads:
-        plan = _plan(migrated_engine, statement, parameters)
+        plan = query_plan(migrated_engine, statement, parameters)
         assert not re.search(r"\bSCAN shop_delivery\b(?! USING)|Seq Scan on shop_delivery", plan)
         assert set(INDEX_READ.findall(plan)) & by_state, plan
