@@ -68,6 +68,18 @@ def days_ago(days: float) -> dt.datetime:
     return NOW - dt.timedelta(days=days)
 
 
+def add_opened(session: Session, row: ReconException, run_id: int) -> int:
+    """Store ``row`` with the event of run ``run_id`` opening it; its id."""
+    session.add(row)
+    session.flush()
+    session.add(
+        ExceptionEvent(
+            recon_exception_id=row.id, recon_run_id=run_id, action=ExceptionAction.OPENED, at=NOW
+        )
+    )
+    return row.id
+
+
 def build(sessions: sessionmaker[Session]) -> Built:
     """Two runs of one connection; the second saw four exceptions and closed one."""
     with sessions.begin() as session:
@@ -398,17 +410,7 @@ def test_a_stream_carries_what_the_orm_reads_for_each_exception(
                 last_seen_run_id=built.run_id,
                 first_seen_at=days_ago(index * 1.7),
             )
-            session.add(row)
-            session.flush()
-            session.add(
-                ExceptionEvent(
-                    recon_exception_id=row.id,
-                    recon_run_id=built.run_id,
-                    action=ExceptionAction.OPENED,
-                    at=NOW,
-                )
-            )
-            added.append(row.id)
+            added.append(add_opened(session, row, built.run_id))
     streamed = {row.id: row for row in iter_exceptions(sessions, built.run_id, now=NOW, batch=1)}
     assert list(streamed) == sorted(streamed)
     with sessions() as session:
@@ -581,17 +583,7 @@ def add_hostile_exception(sessions: sessionmaker[Session], built: Built) -> int:
             last_seen_run_id=built.run_id,
             first_seen_at=days_ago(2),
         )
-        session.add(row)
-        session.flush()
-        session.add(
-            ExceptionEvent(
-                recon_exception_id=row.id,
-                recon_run_id=built.run_id,
-                action=ExceptionAction.OPENED,
-                at=NOW,
-            )
-        )
-        return row.id
+        return add_opened(session, row, built.run_id)
 
 
 def _is_number(text: str) -> bool:
