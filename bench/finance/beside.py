@@ -16,71 +16,26 @@ the p99's ratio, lowered against as before, measured in the same run.
 
 from __future__ import annotations
 
-import json
-import statistics
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import closing, contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 
 import httpx
 from bodies import CLIENT_STATE, WEBHOOK_PATH
 from servers import BenchSetupError, http_server
 
-PROBER = Path(__file__).resolve().parents[1] / "history" / "prober.py"
+sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "history"))
+from prober import Prober
+
 RATE = 50.0
 IDLE_SECONDS = 5.0
 NICES = (0, 10)
 
 
-@dataclass
-class Probed:
-    """Webhook latencies (seconds) and the answers other than 200."""
-
-    latencies: list[float] = field(default_factory=list)
-    failed: int = 0
-    downloads: list[float] = field(default_factory=list)
-
-    def add(self, other: Probed) -> None:
-        self.latencies += other.latencies
-        self.failed += other.failed
-
-    def summary(self) -> str:
-        return f"median {statistics.median(self.latencies) * 1000:.1f} ms, p99 {self.p99:.1f} ms"
-
-    @property
-    def p99(self) -> float:
-        """The 99th percentile, in ms."""
-        ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000
-
-
-@contextmanager
-def probing(url: str) -> Iterator[Probed]:
-    """Webhooks POSTed to ``url`` while the block runs; their latencies once it ends."""
-    process = subprocess.Popen(
-        [sys.executable, str(PROBER), url, str(RATE)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stdin is not None and process.stdout is not None
-    found = Probed()
-    try:
-        if process.stdout.readline().strip() != "ready":
-            raise BenchSetupError("the webhook prober did not start")
-        yield found
-    finally:
-        process.stdin.close()
-        line = process.stdout.readline()
-        process.wait(timeout=120)
-    if not line:
-        raise BenchSetupError("the webhook prober gave no result")
-    data = json.loads(line)
-    found.latencies, found.failed = data["latencies"], data["failed"]
+def _summary(prober: Prober) -> str:
+    return f"median {prober.median_ms:.1f} ms, p99 {prober.p99_ms:.1f} ms"
 
 
 def one_round(
@@ -89,22 +44,21 @@ def one_round(
     port: int,
     run_id: int,
     sign_in: Callable[[str], httpx.Client],
-) -> tuple[Probed, Probed, float]:
+) -> tuple[Prober, Prober, float]:
     """``otacm web`` (``env`` says at which nice), its webhooks timed alone and beside
     one XLSX download: alone, beside, the download's seconds."""
     base = f"http://127.0.0.1:{port}"
     command = ["taskset", "-c", "0", sys.executable, "-m", "otacm", "web", "--bind",
                f"127.0.0.1:{port}", "--workers", "2"]  # fmt: skip
     env = {**env, "OTACM_WEBHOOK_CLIENT_STATES": CLIENT_STATE}
+    alone, beside = Prober(base + WEBHOOK_PATH, RATE), Prober(base + WEBHOOK_PATH, RATE)
     with (
         http_server(command, env=env, port=port, ready_path="/readyz", log=log),
         closing(sign_in(base)) as client,
     ):
-        with probing(base + WEBHOOK_PATH):
-            time.sleep(1.0)  # each worker's first requests: not timed
-        with probing(base + WEBHOOK_PATH) as alone:
-            time.sleep(IDLE_SECONDS)
-        with probing(base + WEBHOOK_PATH) as beside:
+        Prober(base + WEBHOOK_PATH, RATE).run_for(1.0)  # each worker's first requests
+        alone.run_for(IDLE_SECONDS)
+        with beside.running():
             started = time.perf_counter()
             with client.stream("GET", f"/finance/runs/{run_id}/report.xlsx") as answer:
                 if answer.status_code != 200:
@@ -124,25 +78,29 @@ def measure(
     rounds: int,
 ) -> None:
     """Every round of every setting, in turns; then the table."""
-    alone = {nice: Probed() for nice in NICES}
-    beside = {nice: Probed() for nice in NICES}
+    alone: dict[int, list[Prober]] = {nice: [] for nice in NICES}
+    beside: dict[int, list[Prober]] = {nice: [] for nice in NICES}
+    downloads: dict[int, list[float]] = {nice: [] for nice in NICES}
     for number in range(rounds):
         for nice in NICES:
             log = directory / f"web-beside-{nice}.log"
             found_alone, found_beside, took = one_round(
                 {**env, "OTACM_BATCH_NICE": str(nice)}, log, port(), run_id, sign_in
             )
-            alone[nice].add(found_alone)
-            beside[nice].add(found_beside)
-            beside[nice].downloads.append(took)
+            alone[nice].append(found_alone)
+            beside[nice].append(found_beside)
+            downloads[nice].append(took)
             print(f"  round {number + 1}, OTACM_BATCH_NICE={nice}: webhooks alone "
-                  f"{found_alone.summary()}; beside the download {found_beside.summary()} "
+                  f"{_summary(found_alone)}; beside the download {_summary(found_beside)} "
                   f"(download {took:.1f} s)", flush=True)  # fmt: skip
     print(f"\n{'OTACM_BATCH_NICE':18} {'alone':>28} {'beside the download':>30} "
           f"{'download s':>12} {'not 200':>8}")  # fmt: skip
+    p99: dict[int, float] = {}
     for nice in NICES:
-        downloads = ", ".join(f"{took:.1f}" for took in beside[nice].downloads)
-        print(f"{nice:<18} {alone[nice].summary():>28} {beside[nice].summary():>30} "
-              f"{downloads:>12} {alone[nice].failed + beside[nice].failed:>8}")  # fmt: skip
-    lowered, before = beside[NICES[-1]].p99, beside[NICES[0]].p99
+        pooled_alone, pooled_beside = Prober.pooled(alone[nice]), Prober.pooled(beside[nice])
+        p99[nice] = pooled_beside.p99_ms
+        took = ", ".join(f"{seconds:.1f}" for seconds in downloads[nice])
+        print(f"{nice:<18} {_summary(pooled_alone):>28} {_summary(pooled_beside):>30} "
+              f"{took:>12} {pooled_alone.failed + pooled_beside.failed:>8}")  # fmt: skip
+    lowered, before = p99[NICES[-1]], p99[NICES[0]]
     print(f"p99 beside the download, {NICES[-1]} against {NICES[0]}: {lowered / before:.2f}")

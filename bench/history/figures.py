@@ -32,8 +32,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, closing, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +46,7 @@ for entry in (HERE.parents[1], HERE, HERE.parent / "ingest"):
 import httpx  # noqa: E402
 from bodies import WEBHOOK_PATH  # noqa: E402
 from build import NOW, PARTNERS, SPAN, History  # noqa: E402
+from prober import Prober  # noqa: E402
 from stack import (  # noqa: E402
     otacm_environment,
     otacm_settings,
@@ -209,8 +210,10 @@ def measure(
             record("reconcile 7 days s", seconds, f"{seconds:.2f} s")
         if "webhook" in only:
             base = stack.enter_context(web(environment, directory / "web-webhooks.log"))
-            Prober(base).run_for(1.0)  # each gunicorn worker's first requests: not timed
-            idle = Prober(base)
+            url = base + WEBHOOK_PATH
+            # Each gunicorn worker's first requests: not timed.
+            Prober(url, WEBHOOK_RATE).run_for(1.0)
+            idle = Prober(url, WEBHOOK_RATE)
             idle.run_for(IDLE_SECONDS)
             record("webhook p99 idle ms", idle.p99_ms, idle.summary())
             busy, load = beside_load(base, environment, directory, import_lines)
@@ -363,62 +366,6 @@ def settle_orders(server: SandboxServer, count: int) -> None:
 # --- webhooks beside the work -------------------------------------------------------------------
 
 
-class Prober:
-    """Webhooks POSTed at a steady rate by a process of its own (``prober.py``), each timed
-    from when it was due."""
-
-    def __init__(self, base: str, rate: float = WEBHOOK_RATE) -> None:
-        self.url = base + WEBHOOK_PATH
-        self.rate = rate
-        self.latencies: list[float] = []
-        self.failed = 0
-
-    def run_for(self, seconds: float) -> None:
-        """Probe for ``seconds``."""
-        with self.running():
-            time.sleep(seconds)
-
-    @contextmanager
-    def running(self) -> Iterator[None]:
-        """Probing while the block runs; the latencies are this prober's once it ends."""
-        process = subprocess.Popen(
-            [sys.executable, str(HERE / "prober.py"), self.url, str(self.rate)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert process.stdin is not None and process.stdout is not None
-        try:
-            if process.stdout.readline().strip() != "ready":
-                raise RuntimeError("the webhook prober did not start")
-            yield
-        finally:
-            process.stdin.close()
-            result = process.stdout.readline()
-            process.wait(timeout=120)
-        if not result:
-            raise RuntimeError(f"the webhook prober ended {process.returncode} with no result")
-        data = json.loads(result)
-        self.latencies.extend(data["latencies"])
-        self.failed += data["failed"]
-
-    @property
-    def p99_ms(self) -> float:
-        ordered = sorted(self.latencies)
-        if not ordered:
-            return float("nan")
-        return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000
-
-    def summary(self) -> str:
-        ordered = sorted(self.latencies)
-        median = statistics.median(ordered) * 1000 if ordered else float("nan")
-        longest = ordered[-1] * 1000 if ordered else float("nan")
-        return (
-            f"p99 {self.p99_ms:.1f} ms (median {median:.1f}, max {longest:.1f}; "
-            f"{len(ordered)} POSTs, {self.failed} not 200)"
-        )
-
-
 def write_import(path: Path, lines: int, revision: int = 0) -> None:
     """A CSV export of ``lines`` new sales of the history's partners, in its last week;
     each ``revision`` the same sales at other amounts (an import that updates them all)."""
@@ -458,7 +405,7 @@ def beside_load(
         if status != 0:
             failures.append(f"{name} ended {status}")
 
-    prober = Prober(base)
+    prober = Prober(base + WEBHOOK_PATH, WEBHOOK_RATE)
     rounds = 0
     with role(["worker"], environment, directory / "worker.log"):
         time.sleep(2)  # the worker's first claims, of the history's backlog

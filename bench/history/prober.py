@@ -8,17 +8,19 @@ here it is otacm's answer and the machine's, as the venue would see them.
 ``python prober.py URL RATE``: prints ``ready`` once its clients are made, POSTs until its
 standard input closes, then prints one JSON object: ``latencies`` (seconds, each from when
 its POST was due, so that a stall shows in full) and ``failed`` (not answered 200).
-Driven by :class:`figures.Prober`.
+Driven by :class:`Prober` (``bench/history``, ``bench/finance --beside-download``).
 """
 
 from __future__ import annotations
 
 import json
+import statistics
+import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -33,6 +35,77 @@ THREADS = 4
 """POSTs in flight at most: a stalled answer does not delay the next ones' sending."""
 
 _JSON = {"Content-Type": "application/json"}
+
+
+class Prober:
+    """Webhooks POSTed to ``url`` at ``rate`` a second by this file run as a process of its
+    own; the latencies of every time it probed."""
+
+    def __init__(self, url: str, rate: float) -> None:
+        self.url = url
+        self.rate = rate
+        self.latencies: list[float] = []
+        self.failed = 0
+
+    @classmethod
+    def pooled(cls, probers: Iterable[Prober]) -> Prober:
+        """One prober holding what ``probers`` (of one URL and rate) timed."""
+        probers = list(probers)
+        pooled = cls(probers[0].url, probers[0].rate)
+        for prober in probers:
+            pooled.latencies += prober.latencies
+            pooled.failed += prober.failed
+        return pooled
+
+    def run_for(self, seconds: float) -> None:
+        """Probe for ``seconds``."""
+        with self.running():
+            time.sleep(seconds)
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        """Probing while the block runs; the latencies are this prober's once it ends."""
+        process = subprocess.Popen(
+            [sys.executable, __file__, self.url, str(self.rate)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert process.stdin is not None and process.stdout is not None
+        try:
+            if process.stdout.readline().strip() != "ready":
+                raise RuntimeError("the webhook prober did not start")
+            yield
+        finally:
+            process.stdin.close()
+            result = process.stdout.readline()
+            process.wait(timeout=120)
+        if not result:
+            raise RuntimeError(f"the webhook prober ended {process.returncode} with no result")
+        data = json.loads(result)
+        self.latencies.extend(data["latencies"])
+        self.failed += data["failed"]
+
+    @property
+    def p99_ms(self) -> float:
+        """The 99th percentile, in ms (``nan`` when nothing was timed)."""
+        ordered = sorted(self.latencies)
+        if not ordered:
+            return float("nan")
+        return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000
+
+    @property
+    def median_ms(self) -> float:
+        """The median, in ms (``nan`` when nothing was timed)."""
+        return statistics.median(self.latencies) * 1000 if self.latencies else float("nan")
+
+    def summary(self) -> str:
+        """p99, median, longest, how many POSTs and how many not answered 200."""
+        longest = max(self.latencies) * 1000 if self.latencies else float("nan")
+        return (
+            f"p99 {self.p99_ms:.1f} ms (median {self.median_ms:.1f}, max {longest:.1f}; "
+            f"{len(self.latencies)} POSTs, {self.failed} not 200)"
+        )
 
 
 class _Loop:
